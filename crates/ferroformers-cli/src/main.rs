@@ -1,0 +1,221 @@
+//! The `ferroformers` binary: parses arguments, calls the library, prints one JSON per input.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use ferroformers::{DType, Device, Input, Params, PipelineOptions};
+use serde_json::Value;
+
+const USAGE: &str = "\
+usage:
+  ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
+                        [--param KEY=VALUE]... [--batch-size N] [--threads N]
+                        [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
+                        [--input FILE.jsonl | --input - | TEXT...]
+  ferroformers tasks
+  ferroformers --help | --version
+
+`run` prints one JSON value per input, one per line, in Hugging Face's output shape.
+An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair\":..}).
+A --param VALUE is parsed as JSON when it parses (top_k=3, top_k=null, targets=[\"a\",\"b\"]),
+else taken as a string.";
+
+struct RunArgs {
+    task: String,
+    opts: PipelineOptions,
+    params: Params,
+    input_file: Option<String>,
+    texts: Vec<String>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> String {
+    msg.to_string()
+}
+
+fn parse_run(args: &[String]) -> Result<RunArgs, String> {
+    let mut it = args.iter();
+    let task = it
+        .next()
+        .filter(|t| !t.starts_with("--"))
+        .ok_or_else(|| fail("`run` needs a TASK (see `ferroformers tasks`)"))?
+        .clone();
+    let mut opts = PipelineOptions::default();
+    let mut params = Params::new();
+    let mut input_file = None;
+    let mut texts = Vec::new();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| fail(format!("`{name}` needs a value")))
+        };
+        match a.as_str() {
+            "--model" => opts.model = Some(value("--model")?),
+            "--tokenizer" => opts.tokenizer = Some(value("--tokenizer")?),
+            "--revision" => opts.revision = Some(value("--revision")?),
+            "--batch-size" => {
+                let v = value("--batch-size")?;
+                opts.batch_size =
+                    v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        fail(format!("--batch-size `{v}`: expected an integer >= 1"))
+                    })?;
+            }
+            "--threads" => {
+                let v = value("--threads")?;
+                let n: usize =
+                    v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        fail(format!("--threads `{v}`: expected an integer >= 1"))
+                    })?;
+                // Read by candle's CPU kernels and rayon when their pools start.
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            "--device" => {
+                let v = value("--device")?;
+                opts.device = parse_device(&v)?;
+            }
+            "--dtype" => {
+                let v = value("--dtype")?;
+                opts.dtype = match v.as_str() {
+                    "f32" | "float32" => DType::F32,
+                    "f16" | "float16" => DType::F16,
+                    "bf16" | "bfloat16" => DType::BF16,
+                    _ => return Err(fail(format!("--dtype `{v}`: expected f32, f16 or bf16"))),
+                };
+            }
+            "--param" => {
+                let v = value("--param")?;
+                let (k, raw) = v
+                    .split_once('=')
+                    .ok_or_else(|| fail(format!("--param `{v}`: expected KEY=VALUE")))?;
+                let parsed = serde_json::from_str(raw).unwrap_or(Value::String(raw.to_string()));
+                params.insert(k.to_string(), parsed);
+            }
+            "--input" => input_file = Some(value("--input")?),
+            s if s.starts_with("--") => return Err(fail(format!("unknown option `{s}`\n{USAGE}"))),
+            s => texts.push(s.to_string()),
+        }
+    }
+    if input_file.is_some() && !texts.is_empty() {
+        return Err(fail("give either --input FILE or TEXT arguments, not both"));
+    }
+    if input_file.is_none() && texts.is_empty() {
+        return Err(fail("no input: give TEXT arguments or --input FILE.jsonl"));
+    }
+    Ok(RunArgs {
+        task,
+        opts,
+        params,
+        input_file,
+        texts,
+    })
+}
+
+fn parse_device(v: &str) -> Result<Device, String> {
+    match v {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .map_err(|_| fail(format!("--device `{s}`: expected cuda or cuda:N")))?
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).map_err(|e| fail(format!("--device `{s}`: {e}")))
+        }
+        _ => Err(fail(format!("--device `{v}`: expected cpu or cuda[:N]"))),
+    }
+}
+
+fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
+    let Some(file) = &args.input_file else {
+        return Ok(args.texts.iter().map(|t| Input::from(t.as_str())).collect());
+    };
+    let reader: Box<dyn BufRead> = if file == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f =
+            std::fs::File::open(file).map_err(|e| fail(format!("cannot open `{file}`: {e}")))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut inputs = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| fail(format!("reading `{file}`: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| fail(format!("`{file}` line {}: not JSON ({e})", n + 1)))?;
+        inputs.push(
+            Input::from_json(&v, inputs.len())
+                .map_err(|e| fail(format!("`{file}` line {}: {e}", n + 1)))?,
+        );
+    }
+    if inputs.is_empty() {
+        return Err(fail(format!("`{file}` holds no inputs")));
+    }
+    Ok(inputs)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let args = parse_run(args)?;
+    let inputs = read_inputs(&args)?;
+    let batch = args.opts.batch_size;
+    let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    // Print each batch as soon as it is done.
+    for chunk in inputs.chunks(batch) {
+        let results = pipe.run(chunk, &args.params).map_err(fail)?;
+        for r in results {
+            let line = serde_json::to_string(&r).map_err(fail)?;
+            writeln!(out, "{line}").map_err(fail)?;
+        }
+        out.flush().map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn tasks() {
+    println!(
+        "{:<26} {:<22} {:<58} status",
+        "task", "aliases", "default model"
+    );
+    for t in ferroformers::TASKS {
+        let cached = ferroformers::hub::resolve(t.default_model, None).is_ok();
+        println!(
+            "{:<26} {:<22} {:<58} {}{}",
+            t.name,
+            t.aliases.join(","),
+            t.default_model,
+            if t.implemented { "ready" } else { "planned" },
+            if cached { ", cached" } else { "" }
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("tasks") => {
+            tasks();
+            Ok(())
+        }
+        Some("--version") | Some("-V") => {
+            println!("ferroformers {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Some("--help") | Some("-h") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

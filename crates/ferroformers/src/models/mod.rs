@@ -1,0 +1,91 @@
+//! AutoModel: `config.model_type` + the head a task needs -> a model.
+
+pub mod bert;
+pub mod distilbert;
+pub mod layers;
+pub mod roberta;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// Which head to put on the base model; chosen by the task, as HF's `AutoModelForX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The bare model: last hidden state `[b, s, h]`.
+    Base,
+    /// `[b, num_labels]`
+    SequenceClassification,
+    /// `[b, s, num_labels]`
+    TokenClassification,
+    /// `[b, s, 2]`: start and end logits.
+    QuestionAnswering,
+    /// `[b, s, vocab]`
+    MaskedLm,
+}
+
+/// An encoder with a head: padded batch in, head output out.
+pub trait EncoderModel: Send + Sync {
+    /// `input_ids`, `token_type_ids`: `[b, s]` u32; `attention_mask`: `[b, s]` 0/1 (any dtype).
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+pub const ENCODER_TYPES: &[&str] = &["bert", "distilbert", "roberta", "xlm-roberta"];
+
+/// The longest input (in tokens, special tokens included) the model's positions allow.
+pub fn max_positions(config: &ModelConfig) -> Option<usize> {
+    let n = config.get_usize("max_position_embeddings")?;
+    Some(match config.model_type.as_str() {
+        // Positions start after the padding index.
+        "roberta" | "xlm-roberta" | "camembert" => {
+            n.saturating_sub(config.get_usize("pad_token_id").unwrap_or(1) + 1)
+        }
+        _ => n,
+    })
+}
+
+pub fn load_encoder(
+    dir: &Path,
+    config: &ModelConfig,
+    head: Head,
+    device: &Device,
+    dtype: DType,
+    task: &str,
+) -> Result<Box<dyn EncoderModel>> {
+    let model_type = config.model_type.as_str();
+    if !ENCODER_TYPES.contains(&model_type) {
+        return Err(Error::UnsupportedModel {
+            model_type: model_type.to_string(),
+            task: task.to_string(),
+            supported: ENCODER_TYPES.join(", "),
+        });
+    }
+    let weights = Weights::from_dir(dir)?;
+    let path = weights.path().to_path_buf();
+    let vb = weights.into_var_builder(dtype, device);
+    let n = config.num_labels();
+    let wrap = |e: candle_core::Error| Error::Weights {
+        path: path.clone(),
+        detail: e.to_string(),
+    };
+    let model: Box<dyn EncoderModel> = match model_type {
+        "bert" => Box::new(bert::Bert::load(&config.parse()?, vb, head, n).map_err(wrap)?),
+        "roberta" | "xlm-roberta" => {
+            Box::new(roberta::Roberta::load(&config.parse()?, vb, head, n).map_err(wrap)?)
+        }
+        "distilbert" => {
+            Box::new(distilbert::DistilBert::load(&config.parse()?, vb, head, n).map_err(wrap)?)
+        }
+        _ => unreachable!("checked against ENCODER_TYPES"),
+    };
+    Ok(model)
+}

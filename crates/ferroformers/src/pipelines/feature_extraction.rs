@@ -1,0 +1,214 @@
+//! `feature-extraction` (per-token hidden states, HF's nested shape) and sentence embeddings
+//! (`pooling` + `normalize`, honouring a sentence-transformers folder's `1_Pooling/config.json`,
+//! `modules.json` and `sentence_bert_config.json`). Task `sentence-embeddings` is
+//! feature-extraction with `pooling="auto"`.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use super::{param, EncoderRunner, Input, Output, Params, PipelineOptions, Task};
+use crate::config::read_json;
+use crate::error::{Error, Result};
+use crate::models::Head;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+    /// Mean times sqrt(length), sentence-transformers' `mean_sqrt_len_tokens`.
+    MeanSqrtLen,
+}
+
+impl Pooling {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Self::Mean),
+            "cls" => Ok(Self::Cls),
+            "max" => Ok(Self::Max),
+            "mean_sqrt_len" => Ok(Self::MeanSqrtLen),
+            _ => Err(Error::param(
+                "pooling",
+                format!("`{s}` is not one of mean, cls, max, mean_sqrt_len, auto"),
+            )),
+        }
+    }
+
+    /// Pool one sequence's hidden states `[s, h]` (padding already removed).
+    pub fn apply(self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let n = hidden.dim(0)? as f64;
+        let v = match self {
+            Pooling::Cls => hidden.get(0)?,
+            Pooling::Mean => (hidden.sum(0)? / n)?,
+            Pooling::MeanSqrtLen => (hidden.sum(0)? / n.sqrt())?,
+            Pooling::Max => hidden.max(0)?,
+        };
+        Ok(v.to_vec1()?)
+    }
+}
+
+pub fn l2_normalize(v: &mut [f32]) {
+    // torch.nn.functional.normalize: x / max(||x||, eps)
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+/// What a sentence-transformers folder says about pooling.
+#[derive(Debug, Clone, Default)]
+pub struct SentenceTransformerConfig {
+    pub pooling: Option<Pooling>,
+    pub normalize: bool,
+    pub max_seq_length: Option<usize>,
+}
+
+impl SentenceTransformerConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut cfg = Self::default();
+        let modules = dir.join("modules.json");
+        let mut pooling_dir = dir.join("1_Pooling");
+        if modules.is_file() {
+            if let Value::Array(mods) = read_json(&modules)? {
+                for m in mods {
+                    let ty = m.get("type").and_then(Value::as_str).unwrap_or("");
+                    let path = m.get("path").and_then(Value::as_str).unwrap_or("");
+                    if ty.ends_with(".Normalize") {
+                        cfg.normalize = true;
+                    } else if ty.ends_with(".Pooling") {
+                        pooling_dir = dir.join(path);
+                    }
+                }
+            }
+        }
+        let pooling_cfg = pooling_dir.join("config.json");
+        if pooling_cfg.is_file() {
+            let v = read_json(&pooling_cfg)?;
+            let on = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+            cfg.pooling = if on("pooling_mode_cls_token") {
+                Some(Pooling::Cls)
+            } else if on("pooling_mode_max_tokens") {
+                Some(Pooling::Max)
+            } else if on("pooling_mode_mean_sqrt_len_tokens") {
+                Some(Pooling::MeanSqrtLen)
+            } else if on("pooling_mode_mean_tokens") {
+                Some(Pooling::Mean)
+            } else {
+                None
+            };
+        }
+        let sbert = dir.join("sentence_bert_config.json");
+        if sbert.is_file() {
+            cfg.max_seq_length = read_json(&sbert)?
+                .get("max_seq_length")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize);
+        }
+        Ok(cfg)
+    }
+}
+
+pub(crate) struct FeatureExtraction {
+    runner: EncoderRunner,
+    st: SentenceTransformerConfig,
+    /// The tokenizer truncating at sentence-transformers' `max_seq_length`, for pooled output.
+    st_tokenizer: Option<Tokenizer>,
+    default_pooling: bool,
+}
+
+impl FeatureExtraction {
+    pub fn load(opts: &PipelineOptions, model: &str, default_pooling: bool) -> Result<Self> {
+        let runner = EncoderRunner::load(opts, model, Head::Base, "feature-extraction")?;
+        let dir = runner.config.path.parent().unwrap_or(Path::new("."));
+        let st = SentenceTransformerConfig::from_dir(dir)?;
+        let st_tokenizer = match st.max_seq_length {
+            Some(n) if n < runner.tokenizer.max_length => {
+                let mut t = runner.tokenizer.clone();
+                t.set_max_length(n)?;
+                Some(t)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            runner,
+            st,
+            st_tokenizer,
+            default_pooling,
+        })
+    }
+}
+
+impl Task for FeatureExtraction {
+    fn accepted_params(&self) -> &'static [&'static str] {
+        &["pooling", "normalize", "truncation"]
+    }
+
+    fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        let pooling = match param::opt_str(params, "pooling")? {
+            Some("auto") => Some(self.st.pooling.unwrap_or(Pooling::Mean)),
+            Some("none") => None,
+            Some(s) => Some(Pooling::parse(s)?),
+            None if self.default_pooling => Some(self.st.pooling.unwrap_or(Pooling::Mean)),
+            None => None,
+        };
+        let normalize = param::opt_bool(params, "normalize")?.unwrap_or(self.st.normalize);
+        if normalize && pooling.is_none() {
+            return Err(Error::param(
+                "normalize",
+                "normalize applies to pooled sentence embeddings; also pass pooling",
+            ));
+        }
+        if param::opt_bool(params, "truncation")? == Some(false) {
+            return Err(Error::param(
+                "truncation",
+                "inputs are always truncated to the model's maximum length",
+            ));
+        }
+        let tokenizer = match (pooling, &self.st_tokenizer) {
+            (Some(_), Some(t)) => t,
+            _ => &self.runner.tokenizer,
+        };
+        let encs = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| {
+                let (t, p) = inp.text_and_pair(i)?;
+                tokenizer.encode(t, p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs = Vec::with_capacity(inputs.len());
+        self.runner.run(&encs, batch_size, |_, hidden| {
+            outs.push(match pooling {
+                Some(p) => {
+                    let mut v = p.apply(&hidden)?;
+                    if normalize {
+                        l2_normalize(&mut v);
+                    }
+                    Output::Embedding(v)
+                }
+                None => Output::Features(vec![hidden.to_vec2()?]),
+            });
+            Ok(())
+        })?;
+        Ok(outs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn pooling_modes() {
+        let h = Tensor::new(&[[1f32, 4.0], [3.0, 2.0]], &Device::Cpu).unwrap();
+        assert_eq!(Pooling::Mean.apply(&h).unwrap(), vec![2.0, 3.0]);
+        assert_eq!(Pooling::Cls.apply(&h).unwrap(), vec![1.0, 4.0]);
+        assert_eq!(Pooling::Max.apply(&h).unwrap(), vec![3.0, 4.0]);
+        let mut v = vec![3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+        assert!(Pooling::parse("median").is_err());
+    }
+}

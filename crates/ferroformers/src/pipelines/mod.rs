@@ -1,0 +1,385 @@
+//! Pipelines: `preprocess` (tokenize, pad) -> `forward` (batched) -> `postprocess` (pure
+//! functions on the outputs). One file per task; [`registry`] knows the task names.
+
+pub mod feature_extraction;
+pub mod fill_mask;
+pub mod registry;
+pub mod text_classification;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::models::{self, EncoderModel, Head};
+use crate::tokenizer::{Encoded, Tokenizer};
+
+pub use feature_extraction::Pooling;
+pub use fill_mask::FillMaskToken;
+pub use text_classification::LabelScore;
+
+/// Call parameters, by HF's names (`top_k`, `function_to_apply`, ...).
+pub type Params = Map<String, Value>;
+
+/// One pipeline input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Text(String),
+    /// `{"text": .., "text_pair": ..}`
+    TextPair {
+        text: String,
+        text_pair: String,
+    },
+}
+
+impl From<&str> for Input {
+    fn from(s: &str) -> Self {
+        Input::Text(s.to_string())
+    }
+}
+
+impl From<String> for Input {
+    fn from(s: String) -> Self {
+        Input::Text(s)
+    }
+}
+
+impl Input {
+    /// Parse a JSON input line: a string, or an object such as `{"text":..,"text_pair":..}`.
+    pub fn from_json(v: &Value, index: usize) -> Result<Self> {
+        match v {
+            Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Object(o) => {
+                let text = o.get("text").and_then(Value::as_str);
+                let pair = o.get("text_pair").and_then(Value::as_str);
+                for k in o.keys() {
+                    if k != "text" && k != "text_pair" {
+                        return Err(Error::input(
+                            index,
+                            format!("unexpected key `{k}` (expected `text` and `text_pair`)"),
+                        ));
+                    }
+                }
+                match (text, pair) {
+                    (Some(t), Some(p)) => Ok(Input::TextPair {
+                        text: t.to_string(),
+                        text_pair: p.to_string(),
+                    }),
+                    (Some(t), None) => Ok(Input::Text(t.to_string())),
+                    _ => Err(Error::input(index, "an object input needs a string `text`")),
+                }
+            }
+            other => Err(Error::input(
+                index,
+                format!("expected a string or an object, got `{other}`"),
+            )),
+        }
+    }
+
+    /// The text (and pair), refusing empty text with a clear error.
+    pub(crate) fn text_and_pair(&self, index: usize) -> Result<(&str, Option<&str>)> {
+        let (t, p) = match self {
+            Input::Text(t) => (t.as_str(), None),
+            Input::TextPair { text, text_pair } => (text.as_str(), Some(text_pair.as_str())),
+        };
+        if t.trim().is_empty() {
+            return Err(Error::input(index, "the text is empty"));
+        }
+        if let Some(p) = p {
+            if p.trim().is_empty() {
+                return Err(Error::input(index, "`text_pair` is empty"));
+            }
+        }
+        Ok((t, p))
+    }
+}
+
+/// A pipeline result for one input, serializing to HF's JSON shape.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Output {
+    /// text-classification without `top_k`: `{"label", "score"}`.
+    Label(LabelScore),
+    /// text-classification with `top_k`: a sorted list.
+    Labels(Vec<LabelScore>),
+    /// fill-mask with one mask.
+    FillMask(Vec<FillMaskToken>),
+    /// fill-mask with several masks: one list per mask.
+    FillMaskMulti(Vec<Vec<FillMaskToken>>),
+    /// feature-extraction: `[1, tokens, hidden]`, as HF returns it.
+    Features(Vec<Vec<Vec<f32>>>),
+    /// A pooled sentence embedding.
+    Embedding(Vec<f32>),
+}
+
+/// Where the model comes from and how it runs.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Local folder or hub id; the task's default model when `None`.
+    pub model: Option<String>,
+    /// Local folder or hub id of the tokenizer; the model's when `None`.
+    pub tokenizer: Option<String>,
+    pub revision: Option<String>,
+    pub device: Device,
+    pub dtype: DType,
+    pub batch_size: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            model: None,
+            tokenizer: None,
+            revision: None,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            batch_size: 1,
+        }
+    }
+}
+
+/// What every task implements.
+pub(crate) trait Task: Send + Sync {
+    fn accepted_params(&self) -> &'static [&'static str];
+    fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
+}
+
+/// A loaded pipeline: `run` it on inputs with HF's parameters.
+pub struct Pipeline {
+    task: String,
+    batch_size: usize,
+    inner: Box<dyn Task>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("task", &self.task)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    pub(crate) fn new(task: &str, batch_size: usize, inner: Box<dyn Task>) -> Self {
+        Self {
+            task: task.to_string(),
+            batch_size: batch_size.max(1),
+            inner,
+        }
+    }
+
+    /// The canonical task name.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// Run on `inputs`; one output per input, in input order. A `batch_size` key in `params`
+    /// overrides the pipeline's.
+    pub fn run(&self, inputs: &[Input], params: &Params) -> Result<Vec<Output>> {
+        let mut params = params.clone();
+        let batch_size = match params.remove("batch_size") {
+            None => self.batch_size,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| Error::param("batch_size", "expected an integer >= 1"))?
+                as usize,
+        };
+        let accepted = self.inner.accepted_params();
+        for k in params.keys() {
+            if !accepted.contains(&k.as_str()) {
+                return Err(Error::UnknownParameter {
+                    task: self.task.clone(),
+                    name: k.clone(),
+                    accepted: accepted.join(", "),
+                });
+            }
+        }
+        self.inner.run(inputs, &params, batch_size)
+    }
+
+    /// Run on one text with default parameters.
+    pub fn run_one(&self, input: impl Into<Input>) -> Result<Output> {
+        let out = self.run(&[input.into()], &Params::new())?;
+        out.into_iter()
+            .next()
+            .ok_or_else(|| Error::Tokenizer("no output".into()))
+    }
+}
+
+/// Typed readers for parameters: absent -> `None`; present -> checked value.
+pub(crate) mod param {
+    use super::*;
+
+    /// `Some(None)` for an explicit `null`.
+    pub fn opt_usize(p: &Params, name: &str) -> Result<Option<Option<usize>>> {
+        match p.get(name) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(Some(n as usize)))
+                .ok_or_else(|| Error::param(name, format!("expected an integer or null, got {v}"))),
+        }
+    }
+
+    pub fn opt_bool(p: &Params, name: &str) -> Result<Option<bool>> {
+        match p.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(Error::param(
+                name,
+                format!("expected true or false, got {v}"),
+            )),
+        }
+    }
+
+    pub fn opt_str<'a>(p: &'a Params, name: &str) -> Result<Option<&'a str>> {
+        match p.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(Error::param(name, format!("expected a string, got {v}"))),
+        }
+    }
+
+    /// A string or a list of strings.
+    pub fn opt_str_list(p: &Params, name: &str) -> Result<Option<Vec<String>>> {
+        match p.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::param(name, format!("expected a list of strings, found {v}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(Error::param(
+                name,
+                format!("expected a string or a list of strings, got {v}"),
+            )),
+        }
+    }
+}
+
+/// Resolved model folder + tokenizer folder + config.
+pub(crate) struct Loaded {
+    pub model_dir: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+}
+
+pub(crate) fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
+    let model_dir = crate::hub::resolve(model, opts.revision.as_deref())?;
+    if !model_dir.is_dir() {
+        return Err(Error::InvalidFile {
+            path: model_dir,
+            detail: "expected a model folder (with config.json)".into(),
+        });
+    }
+    let config = ModelConfig::from_dir(&model_dir)?;
+    let tok_dir = match &opts.tokenizer {
+        Some(t) => crate::hub::resolve(t, opts.revision.as_deref())?,
+        None => model_dir.clone(),
+    };
+    let tokenizer =
+        Tokenizer::from_dir(&tok_dir, &config.model_type, models::max_positions(&config))?;
+    Ok(Loaded {
+        model_dir,
+        config,
+        tokenizer,
+    })
+}
+
+/// An encoder model with its tokenizer: pads batches and runs them.
+pub(crate) struct EncoderRunner {
+    pub model: Box<dyn EncoderModel>,
+    pub tokenizer: Tokenizer,
+    pub config: ModelConfig,
+    pub device: Device,
+}
+
+impl EncoderRunner {
+    pub fn load(opts: &PipelineOptions, model: &str, head: Head, task: &str) -> Result<Self> {
+        let loaded = load_common(opts, model)?;
+        let enc = models::load_encoder(
+            &loaded.model_dir,
+            &loaded.config,
+            head,
+            &opts.device,
+            opts.dtype,
+            task,
+        )?;
+        Ok(Self {
+            model: enc,
+            tokenizer: loaded.tokenizer,
+            config: loaded.config,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// Forward a padded batch; returns the head output `[b, ...]` as f32.
+    pub fn forward_padded(&self, encs: &[&Encoded]) -> Result<Tensor> {
+        let max_len = encs.iter().map(|e| e.len()).max().unwrap_or(0);
+        let b = encs.len();
+        let mut ids = Vec::with_capacity(b * max_len);
+        let mut types = Vec::with_capacity(b * max_len);
+        let mut mask = Vec::with_capacity(b * max_len);
+        for e in encs {
+            let pad = max_len - e.len();
+            ids.extend_from_slice(&e.ids);
+            ids.extend(std::iter::repeat_n(self.tokenizer.pad_id, pad));
+            types.extend_from_slice(&e.type_ids);
+            types.extend(std::iter::repeat_n(0u32, pad));
+            mask.extend(std::iter::repeat_n(1f32, e.len()));
+            mask.extend(std::iter::repeat_n(0f32, pad));
+        }
+        let ids = Tensor::from_vec(ids, (b, max_len), &self.device)?;
+        let types = Tensor::from_vec(types, (b, max_len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, max_len), &self.device)?;
+        Ok(self
+            .model
+            .forward(&ids, &types, &mask)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Run all encodings in batches of `batch_size` (padded to the longest in each batch) and
+    /// hand each item's own output, with padding rows removed, to `f` in input order.
+    pub fn run<F>(&self, encs: &[Encoded], batch_size: usize, mut f: F) -> Result<()>
+    where
+        F: FnMut(usize, Tensor) -> Result<()>,
+    {
+        let mut index = 0;
+        for chunk in encs.chunks(batch_size.max(1)) {
+            let refs: Vec<&Encoded> = chunk.iter().collect();
+            let out = self.forward_padded(&refs)?;
+            for (i, e) in chunk.iter().enumerate() {
+                let mut row = out.get(i)?;
+                if row.rank() >= 2 {
+                    row = row.narrow(0, 0, e.len())?;
+                }
+                f(index, row)?;
+                index += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokenize every input, refusing empty ones.
+    pub fn encode_all(&self, inputs: &[Input]) -> Result<Vec<Encoded>> {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| {
+                let (t, p) = inp.text_and_pair(i)?;
+                self.tokenizer.encode(t, p)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,155 @@
+//! Task names, aliases and default models (Hugging Face transformers v4.5x defaults).
+
+use super::feature_extraction::FeatureExtraction;
+use super::fill_mask::FillMask;
+use super::text_classification::TextClassification;
+use super::{Pipeline, PipelineOptions, Task};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy)]
+pub struct TaskInfo {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub default_model: &'static str,
+    /// The revision HF pins for its default.
+    pub default_revision: &'static str,
+    pub implemented: bool,
+}
+
+pub const TASKS: &[TaskInfo] = &[
+    TaskInfo {
+        name: "text-classification",
+        aliases: &["sentiment-analysis"],
+        default_model: "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        default_revision: "714eb0f",
+        implemented: true,
+    },
+    TaskInfo {
+        name: "fill-mask",
+        aliases: &[],
+        default_model: "distilbert/distilroberta-base",
+        default_revision: "fb53ab8",
+        implemented: true,
+    },
+    TaskInfo {
+        name: "feature-extraction",
+        aliases: &[],
+        default_model: "distilbert/distilbert-base-cased",
+        default_revision: "6ea8117",
+        implemented: true,
+    },
+    TaskInfo {
+        name: "sentence-embeddings",
+        aliases: &["sentence-similarity"],
+        default_model: "sentence-transformers/all-MiniLM-L6-v2",
+        default_revision: "main",
+        implemented: true,
+    },
+    TaskInfo {
+        name: "token-classification",
+        aliases: &["ner"],
+        default_model: "dbmdz/bert-large-cased-finetuned-conll03-english",
+        default_revision: "4c53496",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "question-answering",
+        aliases: &[],
+        default_model: "distilbert/distilbert-base-cased-distilled-squad",
+        default_revision: "564e9b5",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "text-generation",
+        aliases: &[],
+        default_model: "openai-community/gpt2",
+        default_revision: "607a30d",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "text2text-generation",
+        aliases: &[],
+        default_model: "google-t5/t5-base",
+        default_revision: "686f1db",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "summarization",
+        aliases: &[],
+        default_model: "sshleifer/distilbart-cnn-12-6",
+        default_revision: "a4f8f3e",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "translation",
+        aliases: &[],
+        default_model: "google-t5/t5-base",
+        default_revision: "686f1db",
+        implemented: false,
+    },
+    TaskInfo {
+        name: "zero-shot-classification",
+        aliases: &[],
+        default_model: "facebook/bart-large-mnli",
+        default_revision: "d7645e1",
+        implemented: false,
+    },
+];
+
+/// Find a task by name or alias.
+pub fn lookup(task: &str) -> Result<&'static TaskInfo> {
+    TASKS
+        .iter()
+        .find(|t| t.name == task || t.aliases.contains(&task))
+        .ok_or_else(|| Error::UnknownTask {
+            task: task.to_string(),
+            known: TASKS
+                .iter()
+                .filter(|t| t.implemented)
+                .flat_map(|t| std::iter::once(t.name).chain(t.aliases.iter().copied()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Build the pipeline for `task` with `opts`.
+pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
+    let info = lookup(task)?;
+    if !info.implemented {
+        return Err(Error::UnknownTask {
+            task: format!("{task} (known to HF, not implemented in ferroformers yet)"),
+            known: TASKS
+                .iter()
+                .filter(|t| t.implemented)
+                .map(|t| t.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let model = opts.model.as_deref().unwrap_or(info.default_model);
+    let inner: Box<dyn Task> = match info.name {
+        "text-classification" => Box::new(TextClassification::load(opts, model)?),
+        "fill-mask" => Box::new(FillMask::load(opts, model)?),
+        "feature-extraction" => Box::new(FeatureExtraction::load(opts, model, false)?),
+        "sentence-embeddings" => Box::new(FeatureExtraction::load(opts, model, true)?),
+        other => unreachable!("task `{other}` is marked implemented but has no builder"),
+    };
+    Ok(Pipeline::new(info.name, opts.batch_size, inner))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_aliases_resolve() {
+        for t in TASKS {
+            assert_eq!(lookup(t.name).unwrap().name, t.name);
+            for a in t.aliases {
+                assert_eq!(lookup(a).unwrap().name, t.name);
+            }
+        }
+        let err = lookup("sentiment").unwrap_err().to_string();
+        assert!(err.contains("unknown task `sentiment`"), "{err}");
+    }
+}
