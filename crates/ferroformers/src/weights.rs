@@ -70,12 +70,12 @@ impl Weights {
         let bin = dir.join("pytorch_model.bin");
         let bin_index = dir.join("pytorch_model.bin.index.json");
         if single.is_file() {
-            Self::from_safetensors(&[single.clone()], single)
+            Self::from_safetensors(std::slice::from_ref(&single), single.clone())
         } else if index.is_file() {
             let files = shard_files(&index)?;
             Self::from_safetensors(&files, index)
         } else if bin.is_file() {
-            Self::from_pth(&[bin.clone()], bin)
+            Self::from_pth(std::slice::from_ref(&bin), bin.clone())
         } else if bin_index.is_file() {
             let files = shard_files(&bin_index)?;
             Self::from_pth(&files, bin_index)

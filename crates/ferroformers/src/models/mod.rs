@@ -28,6 +28,24 @@ pub enum Head {
     MaskedLm,
 }
 
+impl Head {
+    /// The head a checkpoint was saved with, from `config.architectures` (`BertForMaskedLM` ...).
+    pub fn from_architectures(architectures: &[String]) -> Head {
+        let a = architectures.first().map(String::as_str).unwrap_or("");
+        if a.ends_with("ForSequenceClassification") {
+            Head::SequenceClassification
+        } else if a.ends_with("ForTokenClassification") {
+            Head::TokenClassification
+        } else if a.ends_with("ForQuestionAnswering") {
+            Head::QuestionAnswering
+        } else if a.ends_with("ForMaskedLM") || a.ends_with("ForPreTraining") {
+            Head::MaskedLm
+        } else {
+            Head::Base
+        }
+    }
+}
+
 /// An encoder with a head: padded batch in, head output out.
 pub trait EncoderModel: Send + Sync {
     /// `input_ids`, `token_type_ids`: `[b, s]` u32; `attention_mask`: `[b, s]` 0/1 (any dtype).

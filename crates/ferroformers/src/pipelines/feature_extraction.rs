@@ -152,19 +152,15 @@ impl Task for FeatureExtraction {
             None if self.default_pooling => Some(self.st.pooling.unwrap_or(Pooling::Mean)),
             None => None,
         };
-        let normalize = param::opt_bool(params, "normalize")?.unwrap_or(self.st.normalize);
+        let normalize =
+            param::opt_bool(params, "normalize")?.unwrap_or(pooling.is_some() && self.st.normalize);
         if normalize && pooling.is_none() {
             return Err(Error::param(
                 "normalize",
                 "normalize applies to pooled sentence embeddings; also pass pooling",
             ));
         }
-        if param::opt_bool(params, "truncation")? == Some(false) {
-            return Err(Error::param(
-                "truncation",
-                "inputs are always truncated to the model's maximum length",
-            ));
-        }
+        param::check_truncation(params)?;
         let tokenizer = match (pooling, &self.st_tokenizer) {
             (Some(_), Some(t)) => t,
             _ => &self.runner.tokenizer,

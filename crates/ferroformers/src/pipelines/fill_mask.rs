@@ -117,10 +117,11 @@ impl FillMask {
 
 impl Task for FillMask {
     fn accepted_params(&self) -> &'static [&'static str] {
-        &["top_k", "targets"]
+        &["top_k", "targets", "truncation"]
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        param::check_truncation(params)?;
         let top_k = match param::opt_usize(params, "top_k")? {
             None => 5,
             Some(Some(k)) if k >= 1 => k,

@@ -246,6 +246,18 @@ pub(crate) mod param {
         }
     }
 
+    /// `truncation`: inputs are always truncated to the model's limit (HF's `truncation=True`);
+    /// `false` would let a long input overflow the position embeddings, so it is refused.
+    pub fn check_truncation(p: &Params) -> Result<()> {
+        if opt_bool(p, "truncation")? == Some(false) {
+            return Err(Error::param(
+                "truncation",
+                "inputs are always truncated to the model's maximum length; `false` is not supported",
+            ));
+        }
+        Ok(())
+    }
+
     /// A string or a list of strings.
     pub fn opt_str_list(p: &Params, name: &str) -> Result<Option<Vec<String>>> {
         match p.get(name) {
@@ -269,13 +281,13 @@ pub(crate) mod param {
 }
 
 /// Resolved model folder + tokenizer folder + config.
-pub(crate) struct Loaded {
+pub struct Loaded {
     pub model_dir: PathBuf,
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
 }
 
-pub(crate) fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
+pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
     let model_dir = crate::hub::resolve(model, opts.revision.as_deref())?;
     if !model_dir.is_dir() {
         return Err(Error::InvalidFile {
@@ -297,8 +309,9 @@ pub(crate) fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded>
     })
 }
 
-/// An encoder model with its tokenizer: pads batches and runs them.
-pub(crate) struct EncoderRunner {
+/// An encoder model with its tokenizer: pads batches and runs them. Public so tests and
+/// tools can reach raw head outputs.
+pub struct EncoderRunner {
     pub model: Box<dyn EncoderModel>,
     pub tokenizer: Tokenizer,
     pub config: ModelConfig,

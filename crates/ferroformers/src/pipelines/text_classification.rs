@@ -121,10 +121,11 @@ impl TextClassification {
 
 impl Task for TextClassification {
     fn accepted_params(&self) -> &'static [&'static str] {
-        &["top_k", "function_to_apply"]
+        &["top_k", "function_to_apply", "truncation"]
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        param::check_truncation(params)?;
         let top_k = param::opt_usize(params, "top_k")?;
         let cfg = &self.runner.config;
         let function = match param::opt_str(params, "function_to_apply")? {

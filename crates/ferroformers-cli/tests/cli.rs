@@ -1,0 +1,168 @@
+//! End-to-end: the `ferroformers` binary on fixture models.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn ff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn lines(o: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn text_classification_one_line_per_input() {
+    let m = fixture("bert-seqcls");
+    let o = ff(&[
+        "run",
+        "sentiment-analysis",
+        "--model",
+        &m,
+        "Hi",
+        "Hello there",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = lines(&o);
+    assert_eq!(out.len(), 2);
+    assert!(out[0]["label"].is_string() && out[0]["score"].is_number());
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--param",
+        "top_k=null",
+        "Hi",
+    ]);
+    let out = lines(&o);
+    assert_eq!(out[0].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn jsonl_input_with_pairs_and_batches() {
+    let dir = std::env::temp_dir().join(format!("ff-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("in.jsonl");
+    std::fs::write(
+        &file,
+        "\"Hi\"\n{\"text\":\"How old are you?\",\"text_pair\":\"I am 24.\"}\n\"A longer sentence here.\"\n",
+    )
+    .unwrap();
+    let m = fixture("bert-seqcls");
+    let f = file.to_str().unwrap();
+    let a = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--input",
+        f,
+        "--batch-size",
+        "2",
+    ]);
+    let b = ff(&["run", "text-classification", "--model", &m, "--input", f]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let (a, b) = (lines(&a), lines(&b));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["label"], y["label"]);
+        assert!((x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fill_mask_targets_param_parsed_as_json() {
+    let m = fixture("bert-mlm");
+    let o = ff(&[
+        "run",
+        "fill-mask",
+        "--model",
+        &m,
+        "--param",
+        "targets=[\"paris\",\"is\"]",
+        "The capital of France is [MASK].",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = lines(&o);
+    let strs: Vec<&str> = out[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["token_str"].as_str().unwrap())
+        .collect();
+    assert_eq!(strs.len(), 2);
+    assert!(strs.contains(&"paris") && strs.contains(&"is"));
+}
+
+#[test]
+fn errors_go_to_stderr_with_nonzero_exit() {
+    let m = fixture("bert-mlm");
+    for args in [
+        vec!["run", "no-such-task", "--model", &m, "x"],
+        vec!["run", "fill-mask", "--model", &m, "no mask"],
+        vec![
+            "run",
+            "fill-mask",
+            "--model",
+            &m,
+            "--param",
+            "top_k=-1",
+            "a [MASK]",
+        ],
+        vec![
+            "run",
+            "fill-mask",
+            "--model",
+            "/nonexistent/model",
+            "a [MASK]",
+        ],
+        vec!["run", "fill-mask", "--model", &m],
+        vec!["frobnicate"],
+    ] {
+        let o = ff(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(o.stdout.is_empty(), "{args:?} printed to stdout");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn tasks_lists_every_task() {
+    let o = ff(&["tasks"]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    for t in ferroformers_tasks() {
+        assert!(s.contains(t), "missing {t}");
+    }
+}
+
+fn ferroformers_tasks() -> Vec<&'static str> {
+    vec![
+        "text-classification",
+        "sentiment-analysis",
+        "fill-mask",
+        "feature-extraction",
+        "sentence-embeddings",
+    ]
+}

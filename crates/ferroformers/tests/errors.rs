@@ -1,0 +1,146 @@
+//! Bad inputs give typed errors that name the problem; nothing panics.
+
+mod common;
+
+use common::model_dir;
+use ferroformers::{Error, Input, Params, PipelineOptions};
+use serde_json::json;
+
+fn opts(model: &str) -> PipelineOptions {
+    PipelineOptions {
+        model: Some(model_dir(model).to_str().unwrap().to_string()),
+        ..Default::default()
+    }
+}
+
+fn params(v: serde_json::Value) -> Params {
+    v.as_object().unwrap().clone()
+}
+
+#[test]
+fn unknown_task() {
+    let err = ferroformers::pipeline_with("sentiment", opts("bert-seqcls")).unwrap_err();
+    assert!(matches!(err, Error::UnknownTask { .. }), "{err}");
+    assert!(err.to_string().contains("text-classification"), "{err}");
+}
+
+#[test]
+fn empty_text() {
+    let p = ferroformers::pipeline_with("text-classification", opts("bert-seqcls")).unwrap();
+    let err = p.run(&["".into()], &Params::new()).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { index: 0, .. }), "{err}");
+    let err = p
+        .run(&["fine".into(), "   ".into()], &Params::new())
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { index: 1, .. }), "{err}");
+}
+
+#[test]
+fn unknown_and_mistyped_parameters() {
+    let p = ferroformers::pipeline_with("text-classification", opts("bert-seqcls")).unwrap();
+    let err = p
+        .run(&["hi".into()], &params(json!({"topk": 2})))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownParameter { ref name, .. } if name == "topk"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("top_k"),
+        "lists accepted names: {err}"
+    );
+    let err = p
+        .run(&["hi".into()], &params(json!({"top_k": "two"})))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidParameter { ref name, .. } if name == "top_k"),
+        "{err}"
+    );
+    let err = p
+        .run(
+            &["hi".into()],
+            &params(json!({"function_to_apply": "relu"})),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("function_to_apply"), "{err}");
+    let f = ferroformers::pipeline_with("feature-extraction", opts("bert-base")).unwrap();
+    let err = f
+        .run(&["hi".into()], &params(json!({"pooling": "median"})))
+        .unwrap_err();
+    assert!(err.to_string().contains("pooling"), "{err}");
+}
+
+#[test]
+fn folder_without_config() {
+    let err = ferroformers::pipeline_with("text-classification", opts("no-config")).unwrap_err();
+    assert!(matches!(err, Error::MissingFile { .. }), "{err}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[test]
+fn corrupt_safetensors() {
+    let mut o = opts("corrupt");
+    o.tokenizer = Some(model_dir("bert-base").to_str().unwrap().to_string());
+    let err = ferroformers::pipeline_with("text-classification", o).unwrap_err();
+    assert!(matches!(err, Error::Weights { .. }), "{err}");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn missing_model_names_where_it_looked() {
+    let o = PipelineOptions {
+        model: Some("no-such-org/no-such-model".into()),
+        ..Default::default()
+    };
+    let err = ferroformers::pipeline_with("text-classification", o).unwrap_err();
+    assert!(matches!(err, Error::ModelNotFound { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("models--no-such-org--no-such-model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_head_tensor_is_named() {
+    // A bare model has no classifier: an error naming the tensor, not random weights.
+    let err = ferroformers::pipeline_with("text-classification", opts("bert-base")).unwrap_err();
+    assert!(
+        err.to_string().contains("pooler.dense.weight") || err.to_string().contains("classifier"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fill_mask_without_mask() {
+    let p = ferroformers::pipeline_with("fill-mask", opts("bert-mlm")).unwrap();
+    let err = p.run(&["no mask here".into()], &Params::new()).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    assert!(err.to_string().contains("[MASK]"), "{err}");
+    let err = p
+        .run(&["a [MASK]".into()], &params(json!({"targets": []})))
+        .unwrap_err();
+    assert!(err.to_string().contains("targets"), "{err}");
+}
+
+#[test]
+fn long_input_is_truncated_not_a_crash() {
+    let p = ferroformers::pipeline_with("text-classification", opts("roberta-seqcls")).unwrap();
+    let long = "word ".repeat(2000);
+    let out = p
+        .run(&[Input::from(long.as_str())], &Params::new())
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    let err = p
+        .run(&["x".into()], &params(json!({"truncation": false})))
+        .unwrap_err();
+    assert!(err.to_string().contains("truncation"), "{err}");
+}
+
+#[test]
+fn bad_input_json() {
+    let err = Input::from_json(&json!(3), 4).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { index: 4, .. }), "{err}");
+    let err = Input::from_json(&json!({"txt": "a"}), 0).unwrap_err();
+    assert!(err.to_string().contains("txt"), "{err}");
+}

@@ -1,0 +1,71 @@
+//! The real sentence-transformers/all-MiniLM-L6-v2 (put in the HF cache by
+//! scripts/fetch-models.sh) against embeddings computed once with Python sentence-transformers
+//! (scripts/ref_minilm.py -> tests/fixtures/expected/all-minilm-l6-v2.json).
+//!
+//! Set FERROFORMERS_SKIP_REAL_MODELS=1 to skip where the model cannot be fetched; CI fetches it.
+
+mod common;
+
+use ferroformers::{Input, Params, PipelineOptions};
+
+fn skip() -> bool {
+    std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    if skip() {
+        eprintln!("skipped: FERROFORMERS_SKIP_REAL_MODELS=1");
+        return;
+    }
+    let exp = common::expected("all-minilm-l6-v2");
+    let model = exp["model"].as_str().unwrap();
+    let pipe = ferroformers::pipeline_with(
+        "sentence-embeddings",
+        PipelineOptions {
+            model: Some(model.to_string()),
+            batch_size: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n(run scripts/fetch-models.sh minilm first)"));
+    let texts: Vec<Input> = exp["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| Input::from(t.as_str().unwrap()))
+        .collect();
+    let outs = pipe.run(&texts, &Params::new()).unwrap();
+    let ours = serde_json::to_value(&outs).unwrap();
+    common::compare(&ours, &exp["embeddings"], 1e-4, "embeddings").unwrap();
+
+    // Cosine similarity of the paraphrase pair, from normalised embeddings.
+    let a: Vec<f64> = serde_json::from_value(ours[0].clone()).unwrap();
+    let b: Vec<f64> = serde_json::from_value(ours[1].clone()).unwrap();
+    let sim: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let want = exp["similarity_0_1"].as_f64().unwrap();
+    assert!((sim - want).abs() < 1e-4, "similarity {sim} vs {want}");
+}
+
+#[test]
+fn minilm_token_ids_match_python() {
+    if skip() {
+        return;
+    }
+    let exp = common::expected("all-minilm-l6-v2");
+    let dir = ferroformers::hub::resolve(exp["model"].as_str().unwrap(), None).unwrap();
+    let cfg = ferroformers::config::ModelConfig::from_dir(&dir).unwrap();
+    let mut tok = ferroformers::tokenizer::Tokenizer::from_dir(
+        &dir,
+        &cfg.model_type,
+        ferroformers::models::max_positions(&cfg),
+    )
+    .unwrap();
+    tok.set_max_length(exp["st_max_seq_length"].as_u64().unwrap() as usize)
+        .unwrap();
+    for (i, t) in exp["texts"].as_array().unwrap().iter().enumerate() {
+        let enc = tok.encode(t.as_str().unwrap(), None).unwrap();
+        let want: Vec<u32> = serde_json::from_value(exp["input_ids"][i].clone()).unwrap();
+        assert_eq!(enc.ids, want, "text #{i}");
+    }
+}
