@@ -6,19 +6,22 @@ use std::process::ExitCode;
 use ferroformers::{DType, Device, Input, Params, PipelineOptions};
 use serde_json::Value;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage:
   ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
                         [--param KEY=VALUE]... [--batch-size N] [--threads N]
                         [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
-                        [--input FILE.jsonl | --input - | TEXT...]
+                        [--input FILE.jsonl | --input - | TEXT...] [--timing]
   ferroformers tasks
   ferroformers --help | --version
 
 `run` prints one JSON value per input, one per line, in Hugging Face's output shape.
 An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair\":..}).
 A --param VALUE is parsed as JSON when it parses (top_k=3, top_k=null, targets=[\"a\",\"b\"]),
-else taken as a string.";
+else taken as a string. --timing prints load and run seconds as JSON on stderr.";
 
 struct RunArgs {
     task: String,
@@ -26,6 +29,7 @@ struct RunArgs {
     params: Params,
     input_file: Option<String>,
     texts: Vec<String>,
+    timing: bool,
 }
 
 fn fail(msg: impl std::fmt::Display) -> String {
@@ -43,6 +47,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut params = Params::new();
     let mut input_file = None;
     let mut texts = Vec::new();
+    let mut timing = false;
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
             it.next()
@@ -91,6 +96,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
                 params.insert(k.to_string(), parsed);
             }
             "--input" => input_file = Some(value("--input")?),
+            "--timing" => timing = true,
             s if s.starts_with("--") => return Err(fail(format!("unknown option `{s}`\n{USAGE}"))),
             s => texts.push(s.to_string()),
         }
@@ -107,6 +113,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         params,
         input_file,
         texts,
+        timing,
     })
 }
 
@@ -156,11 +163,13 @@ fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
     Ok(inputs)
 }
 
-fn run(args: &[String]) -> Result<(), String> {
+fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
     let args = parse_run(args)?;
     let inputs = read_inputs(&args)?;
     let batch = args.opts.batch_size;
     let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
+    let loaded = start.elapsed().as_secs_f64();
+    let mut first = None;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // Print each batch as soon as it is done.
@@ -171,6 +180,19 @@ fn run(args: &[String]) -> Result<(), String> {
             writeln!(out, "{line}").map_err(fail)?;
         }
         out.flush().map_err(fail)?;
+        first.get_or_insert(start.elapsed().as_secs_f64());
+    }
+    if args.timing {
+        let end = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "load_s": loaded,
+                "run_s": end - loaded,
+                "first_result_s": first,
+                "inputs": inputs.len(),
+            })
+        );
     }
     Ok(())
 }
@@ -194,9 +216,10 @@ fn tasks() {
 }
 
 fn main() -> ExitCode {
+    let start = std::time::Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("run") => run(&args[1..]),
+        Some("run") => run(&args[1..], start),
         Some("tasks") => {
             tasks();
             Ok(())

@@ -14,7 +14,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{
-    AddedToken, EncodeInput, TruncationDirection, TruncationParams, TruncationStrategy,
+    truncate_encodings, AddedToken, Decoder, EncodeInput, ModelWrapper, PostProcessor,
+    PostProcessorWrapper, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 use crate::config::TokenizerConfig;
@@ -52,6 +53,12 @@ pub struct Tokenizer {
     pub mask_token: Option<String>,
     pub mask_id: Option<u32>,
     pub clean_up_tokenization_spaces: bool,
+    /// `unk_token_id` / `cls_token_id` as HF's tokenizer reports them (from the special tokens).
+    pub unk_id: Option<u32>,
+    pub cls_id: Option<u32>,
+    /// The same tokenizer without truncation nor post-processor, made on first use by
+    /// `encode_windows`.
+    untruncated: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -110,6 +117,12 @@ impl Tokenizer {
             .and_then(|t| inner.token_to_id(t))
             .unwrap_or(0);
         let mask_id = cfg.mask_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let special_id = |tok: &Option<String>, defaults: &[&str]| match tok {
+            Some(t) => inner.token_to_id(t),
+            None => defaults.iter().find_map(|t| inner.token_to_id(t)),
+        };
+        let unk_id = special_id(&cfg.unk_token, &["[UNK]", "<unk>"]);
+        let cls_id = special_id(&cfg.cls_token, &["[CLS]", "<s>"]);
         Ok(Self {
             inner,
             max_length,
@@ -118,6 +131,9 @@ impl Tokenizer {
             mask_id,
             // Legacy BERT/RoBERTa tokenizers clean up by default; saved configs say so explicitly.
             clean_up_tokenization_spaces: cfg.clean_up_tokenization_spaces.unwrap_or(legacy),
+            unk_id,
+            cls_id,
+            untruncated: std::sync::OnceLock::new(),
         })
     }
 
@@ -140,15 +156,138 @@ impl Tokenizer {
             .inner
             .encode_char_offsets(input, add_special_tokens)
             .map_err(tok_err)?;
-        let n = enc.get_ids().len();
-        Ok(Encoded {
-            ids: enc.get_ids().to_vec(),
-            type_ids: enc.get_type_ids().to_vec(),
-            offsets: enc.get_offsets().to_vec(),
-            special_tokens_mask: enc.get_special_tokens_mask().to_vec(),
-            word_ids: enc.get_word_ids().to_vec(),
-            sequence_ids: (0..n).map(|i| enc.get_sequence_ids()[i]).collect(),
-        })
+        Ok(to_encoded(&enc))
+    }
+
+    /// Tokenize with special tokens into overlapping windows of at most `max_length` tokens, as
+    /// HF's fast tokenizer does with `truncation=.., max_length, stride, return_overflowing_tokens`:
+    /// the first window, then its overflows (flattened one level, as `transformers` does).
+    /// `only_second` truncates only `pair` (QA's `truncation="only_second"`), else the single
+    /// text is cut. Settings `tokenizers` would reject or panic on are returned as errors.
+    pub fn encode_windows(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        max_length: usize,
+        stride: usize,
+        only_second: bool,
+    ) -> Result<Vec<Encoded>> {
+        if only_second != pair.is_some() {
+            return Err(Error::Tokenizer(
+                "windows are made over a single text, or over the second text of a pair".into(),
+            ));
+        }
+        let stride_name = if only_second { "doc_stride" } else { "stride" };
+        let processor = self.inner.get_post_processor();
+        let added = |is_pair| processor.map_or(0, |p| p.added_tokens(is_pair));
+        // What `tokenizers` checks when truncation with a stride is set.
+        if max_length < added(false) || stride > max_length - added(false) {
+            return Err(Error::param(
+                stride_name,
+                format!(
+                    "the stride ({stride}) must be smaller than the maximum length ({max_length}) \
+                     minus the {} special tokens",
+                    added(false)
+                ),
+            ));
+        }
+        // Tokenize untruncated and cut here: with truncation set, `tokenizers` 0.23 stops
+        // tokenizing at `max_length` tokens and so loses the overflow the windows need. The
+        // post-processor runs once, below (it also trims offsets, so it must not run twice).
+        let untruncated = self.untruncated.get_or_init(|| {
+            let mut t = self.inner.clone();
+            // Only `Some` parameters are checked: disabling cannot fail.
+            let _ = t.with_truncation(None);
+            t.with_post_processor(None::<PostProcessorWrapper>);
+            t
+        });
+        let raw = |t: &str| untruncated.encode_char_offsets(t, false).map_err(tok_err);
+        let first = raw(text)?;
+        let second = match pair {
+            Some(p) => {
+                // As `encode` does for a pair: the second sequence is type 1 (post-processors
+                // keep that for overflowing windows).
+                let mut e = raw(p)?;
+                e.set_type_ids(vec![1; e.len()]);
+                Some(e)
+            }
+            None => None,
+        };
+        let budget = max_length.saturating_sub(added(pair.is_some()));
+        let total = first.len() + second.as_ref().map_or(0, |e| e.len());
+        if total > budget {
+            // `Encoding::truncate` asserts `stride < window`.
+            let window = if only_second {
+                budget.saturating_sub(first.len())
+            } else {
+                budget
+            };
+            if window == 0 {
+                return Err(Error::param(
+                    "max_seq_len",
+                    format!(
+                        "the question ({} tokens) leaves no room for the context in {max_length} \
+                         tokens",
+                        first.len()
+                    ),
+                ));
+            }
+            if stride >= window {
+                return Err(Error::param(
+                    stride_name,
+                    format!(
+                        "the stride ({stride}) must be smaller than the window it overlaps \
+                         ({window} tokens)"
+                    ),
+                ));
+            }
+        }
+        let params = TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: budget,
+            strategy: if only_second {
+                TruncationStrategy::OnlySecond
+            } else {
+                TruncationStrategy::LongestFirst
+            },
+            stride,
+        };
+        let (first, second) = truncate_encodings(first, second, &params).map_err(tok_err)?;
+        let enc = match processor {
+            Some(p) => p.process(first, second, true).map_err(tok_err)?,
+            None => {
+                let parts = std::iter::once(first).chain(second).collect();
+                <dyn PostProcessor>::default_process(parts, true)
+                    .map_err(tok_err)?
+                    .pop()
+                    .ok_or_else(|| Error::Tokenizer("empty encoding".into()))?
+            }
+        };
+        let mut out = vec![to_encoded(&enc)];
+        out.extend(enc.get_overflowing().iter().map(to_encoded));
+        Ok(out)
+    }
+
+    /// `convert_tokens_to_string` of HF's fast tokenizers: the backend decoder on token strings
+    /// (no extra clean-up), or the tokens joined by spaces when there is no decoder.
+    pub fn convert_tokens_to_string(&self, tokens: &[String]) -> Result<String> {
+        match self.inner.get_decoder() {
+            Some(d) => d.decode(tokens.to_vec()).map_err(tok_err),
+            None => Ok(tokens.join(" ")),
+        }
+    }
+
+    /// Whether the model marks word continuations (WordPiece's `##`, a BPE
+    /// `continuing_subword_prefix`): HF then tells subwords by token length, not by spaces.
+    pub fn has_subword_prefix(&self) -> bool {
+        match self.inner.get_model() {
+            ModelWrapper::WordPiece(m) => !m.continuing_subword_prefix.is_empty(),
+            ModelWrapper::BPE(m) => m
+                .get_continuing_subword_prefix()
+                .as_deref()
+                .is_some_and(|p| !p.is_empty()),
+            _ => false,
+        }
     }
 
     /// Decode ids to text the way `tokenizer.decode` does in Python (including the optional
@@ -193,6 +332,17 @@ impl Tokenizer {
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+fn to_encoded(enc: &tokenizers::Encoding) -> Encoded {
+    Encoded {
+        ids: enc.get_ids().to_vec(),
+        type_ids: enc.get_type_ids().to_vec(),
+        offsets: enc.get_offsets().to_vec(),
+        special_tokens_mask: enc.get_special_tokens_mask().to_vec(),
+        word_ids: enc.get_word_ids().to_vec(),
+        sequence_ids: enc.get_sequence_ids(),
     }
 }
 

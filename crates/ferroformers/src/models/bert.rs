@@ -2,10 +2,10 @@
 //! and the task heads. RoBERTa reuses the encoder stack from here (see `roberta.rs`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{attention, attention_bias, first_token, Activation};
+use super::layers::{attention, attention_bias, first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 fn default_type_vocab() -> usize {
@@ -237,7 +237,7 @@ pub(crate) fn tied_decoder(
         Some(b) => b,
         None => vb.get(v, bias_names[0])?, // errors naming the tensor
     };
-    Ok(Linear::new(weight, Some(bias)))
+    Linear::new(weight, Some(bias))
 }
 
 impl Bert {

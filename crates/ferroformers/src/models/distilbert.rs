@@ -2,11 +2,11 @@
 //! pooler, six post-LN layers with `q_lin/k_lin/v_lin/out_lin`, and its heads.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::bert::base_vb;
-use super::layers::{attention, attention_bias, first_token, Activation};
+use super::layers::{attention, attention_bias, first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,7 +137,7 @@ impl DistilBert {
                     } else {
                         word.embeddings().clone()
                     };
-                    Linear::new(w, Some(vb.get(cfg.vocab_size, "vocab_projector.bias")?))
+                    Linear::new(w, Some(vb.get(cfg.vocab_size, "vocab_projector.bias")?))?
                 },
             },
         };

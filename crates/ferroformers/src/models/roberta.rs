@@ -2,10 +2,10 @@
 //! positions counted from the padding index, no token types in practice, and its own heads.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::bert::{base_vb, tied_decoder, BertConfig, BertEmbeddings, BertEncoder};
-use super::layers::{first_token, Activation};
+use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 /// `create_position_ids_from_input_ids`: real tokens get `padding_idx + 1, +2, ...`, padding

@@ -3,8 +3,10 @@
 
 pub mod feature_extraction;
 pub mod fill_mask;
+pub mod question_answering;
 pub mod registry;
 pub mod text_classification;
+pub mod token_classification;
 
 use std::path::PathBuf;
 
@@ -19,7 +21,9 @@ use crate::tokenizer::{Encoded, Tokenizer};
 
 pub use feature_extraction::Pooling;
 pub use fill_mask::FillMaskToken;
+pub use question_answering::Answer;
 pub use text_classification::LabelScore;
+pub use token_classification::TokenEntity;
 
 /// Call parameters, by HF's names (`top_k`, `function_to_apply`, ...).
 pub type Params = Map<String, Value>;
@@ -32,6 +36,11 @@ pub enum Input {
     TextPair {
         text: String,
         text_pair: String,
+    },
+    /// `{"question": .., "context": ..}` (question-answering).
+    Question {
+        question: String,
+        context: String,
     },
 }
 
@@ -48,10 +57,22 @@ impl From<String> for Input {
 }
 
 impl Input {
-    /// Parse a JSON input line: a string, or an object such as `{"text":..,"text_pair":..}`.
+    /// A question-answering input.
+    pub fn question(question: impl Into<String>, context: impl Into<String>) -> Self {
+        Input::Question {
+            question: question.into(),
+            context: context.into(),
+        }
+    }
+
+    /// Parse a JSON input line: a string, or an object such as `{"text":..,"text_pair":..}` or
+    /// `{"question":..,"context":..}`.
     pub fn from_json(v: &Value, index: usize) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Object(o) if o.contains_key("question") || o.contains_key("context") => {
+                question_answering::input_from_json(o, index)
+            }
             Value::Object(o) => {
                 let text = o.get("text").and_then(Value::as_str);
                 let pair = o.get("text_pair").and_then(Value::as_str);
@@ -84,6 +105,12 @@ impl Input {
         let (t, p) = match self {
             Input::Text(t) => (t.as_str(), None),
             Input::TextPair { text, text_pair } => (text.as_str(), Some(text_pair.as_str())),
+            Input::Question { .. } => {
+                return Err(Error::input(
+                    index,
+                    "a `{question, context}` input is for question-answering, not this task",
+                ))
+            }
         };
         if t.trim().is_empty() {
             return Err(Error::input(index, "the text is empty"));
@@ -113,6 +140,12 @@ pub enum Output {
     Features(Vec<Vec<Vec<f32>>>),
     /// A pooled sentence embedding.
     Embedding(Vec<f32>),
+    /// token-classification: tokens (`aggregation_strategy` none) or grouped entities.
+    Entities(Vec<TokenEntity>),
+    /// question-answering with exactly one answer: `{score, start, end, answer}`.
+    Answer(Answer),
+    /// question-answering with several (or no) answers.
+    Answers(Vec<Answer>),
 }
 
 /// Where the model comes from and how it runs.

@@ -2,7 +2,9 @@
 
 use super::feature_extraction::FeatureExtraction;
 use super::fill_mask::FillMask;
+use super::question_answering::QuestionAnswering;
 use super::text_classification::TextClassification;
+use super::token_classification::TokenClassification;
 use super::{Pipeline, PipelineOptions, Task};
 use crate::error::{Error, Result};
 
@@ -50,14 +52,14 @@ pub const TASKS: &[TaskInfo] = &[
         aliases: &["ner"],
         default_model: "dbmdz/bert-large-cased-finetuned-conll03-english",
         default_revision: "4c53496",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "question-answering",
         aliases: &[],
         default_model: "distilbert/distilbert-base-cased-distilled-squad",
         default_revision: "564e9b5",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "text-generation",
@@ -132,6 +134,8 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
         "fill-mask" => Box::new(FillMask::load(opts, model)?),
         "feature-extraction" => Box::new(FeatureExtraction::load(opts, model, false)?),
         "sentence-embeddings" => Box::new(FeatureExtraction::load(opts, model, true)?),
+        "token-classification" => Box::new(TokenClassification::load(opts, model)?),
+        "question-answering" => Box::new(QuestionAnswering::load(opts, model)?),
         other => unreachable!("task `{other}` is marked implemented but has no builder"),
     };
     Ok(Pipeline::new(info.name, opts.batch_size, inner))
