@@ -1,5 +1,7 @@
 //! The `ferroformers` binary: parses arguments, calls the library, prints one JSON per input.
 
+mod hub_cmd;
+
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
@@ -14,14 +16,18 @@ usage:
   ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
                         [--param KEY=VALUE]... [--batch-size N] [--threads N]
                         [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
-                        [--input FILE.jsonl | --input - | TEXT...] [--timing]
+                        [--input FILE.jsonl | --input - | TEXT...] [--timing] [--stream]
   ferroformers tasks
+  ferroformers download MODEL [--revision REV] [--file FILE]...
+  ferroformers cache
   ferroformers --help | --version
 
 `run` prints one JSON value per input, one per line, in Hugging Face's output shape.
 An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair\":..}).
 A --param VALUE is parsed as JSON when it parses (top_k=3, top_k=null, targets=[\"a\",\"b\"]),
-else taken as a string. --timing prints load and run seconds as JSON on stderr.";
+else taken as a string. --timing prints load and run seconds as JSON on stderr.
+A hub id missing from the cache is downloaded (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE honoured)
+unless HF_HUB_OFFLINE=1; `download` pre-fetches one and prints its folder, `cache` lists them.";
 
 struct RunArgs {
     task: String,
@@ -30,6 +36,8 @@ struct RunArgs {
     input_file: Option<String>,
     texts: Vec<String>,
     timing: bool,
+    /// text-generation: print text as it is generated.
+    stream: bool,
 }
 
 fn fail(msg: impl std::fmt::Display) -> String {
@@ -48,6 +56,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut input_file = None;
     let mut texts = Vec::new();
     let mut timing = false;
+    let mut stream = false;
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
             it.next()
@@ -97,6 +106,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             }
             "--input" => input_file = Some(value("--input")?),
             "--timing" => timing = true,
+            "--stream" => stream = true,
             s if s.starts_with("--") => return Err(fail(format!("unknown option `{s}`\n{USAGE}"))),
             s => texts.push(s.to_string()),
         }
@@ -114,7 +124,35 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         input_file,
         texts,
         timing,
+        stream,
     })
+}
+
+/// `--stream`: text-generation printing text deltas as they are generated, one line per input.
+fn run_stream(args: &RunArgs, inputs: &[Input]) -> Result<(), String> {
+    let info = ferroformers::pipelines::registry::lookup(&args.task).map_err(fail)?;
+    if info.name != "text-generation" {
+        return Err(fail("--stream is for the text-generation task"));
+    }
+    let model = args.opts.model.as_deref().unwrap_or(info.default_model);
+    let pipe = ferroformers::pipelines::text_generation::TextGeneration::load(&args.opts, model)
+        .map_err(fail)?;
+    let stdout = std::io::stdout();
+    for input in inputs {
+        let mut out = stdout.lock();
+        let mut io_err = None;
+        pipe.run_streaming(input, &args.params, &mut |delta| {
+            if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
+                io_err.get_or_insert(e);
+            }
+        })
+        .map_err(fail)?;
+        if let Some(e) = io_err {
+            return Err(fail(e));
+        }
+        writeln!(out).map_err(fail)?;
+    }
+    Ok(())
 }
 
 fn parse_device(v: &str) -> Result<Device, String> {
@@ -166,6 +204,9 @@ fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
 fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
     let args = parse_run(args)?;
     let inputs = read_inputs(&args)?;
+    if args.stream {
+        return run_stream(&args, &inputs);
+    }
     let batch = args.opts.batch_size;
     let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
     let loaded = start.elapsed().as_secs_f64();
@@ -203,7 +244,7 @@ fn tasks() {
         "task", "aliases", "default model"
     );
     for t in ferroformers::TASKS {
-        let cached = ferroformers::hub::resolve(t.default_model, None).is_ok();
+        let cached = ferroformers::hub::resolve(t.default_model, Some(t.default_revision)).is_ok();
         println!(
             "{:<26} {:<22} {:<58} {}{}",
             t.name,
@@ -220,6 +261,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..], start),
+        Some("download") => hub_cmd::download(&args[1..]),
+        Some("cache") => hub_cmd::cache(&args[1..]),
         Some("tasks") => {
             tasks();
             Ok(())

@@ -12,6 +12,13 @@ pub enum Error {
     #[error("model `{model}` not found: looked for {looked_for}")]
     ModelNotFound { model: String, looked_for: String },
 
+    #[error("cannot download `{model}` from {endpoint}: {detail}")]
+    Download {
+        model: String,
+        endpoint: String,
+        detail: String,
+    },
+
     #[error("`{path}` is missing: {what}")]
     MissingFile { path: PathBuf, what: String },
 

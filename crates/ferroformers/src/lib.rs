@@ -9,9 +9,11 @@
 
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod hub;
 pub mod models;
 pub mod pipelines;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 

@@ -79,11 +79,21 @@ impl Tokenizer {
             (build_wordpiece(dir, &cfg)?, true)
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             (build_byte_level_bpe(dir, &cfg, model_type)?, true)
+        } else if let Some(t) = {
+            let raw = dir.join("tokenizer_config.json");
+            let raw = if raw.is_file() {
+                crate::config::read_json(&raw)?
+            } else {
+                serde_json::Value::Object(Default::default())
+            };
+            crate::sentencepiece::from_dir(dir, &raw)?
+        } {
+            (t, false)
         } else {
             return Err(Error::MissingFile {
                 path: dir.join("tokenizer.json"),
-                what: "no tokenizer found: expected tokenizer.json, vocab.txt, or vocab.json + \
-                       merges.txt"
+                what: "no tokenizer found: expected tokenizer.json, vocab.txt, vocab.json + \
+                       merges.txt, or a SentencePiece model (spiece.model, source.spm)"
                     .into(),
             });
         };
@@ -135,6 +145,16 @@ impl Tokenizer {
             cls_id,
             untruncated: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A tokenizer built in code (e.g. from a GGUF file's vocabulary and merges), with the
+    /// special tokens and limits of `cfg`.
+    pub fn from_tokenizer(
+        inner: tokenizers::Tokenizer,
+        cfg: &TokenizerConfig,
+        model_limit: Option<usize>,
+    ) -> Result<Self> {
+        Self::from_parts(inner, cfg, false, model_limit)
     }
 
     /// Tokenize one text (or text pair) with special tokens, truncated to `max_length`.
@@ -315,6 +335,20 @@ impl Tokenizer {
             }))
             .map_err(tok_err)?;
         self.max_length = max_length;
+        Ok(())
+    }
+
+    /// Truncate only the first text of a pair (HF's `truncation="only_first"`, as zero-shot
+    /// classification does: the hypothesis is kept whole).
+    pub fn set_truncation_only_first(&mut self) -> Result<()> {
+        self.inner
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length: self.max_length,
+                strategy: TruncationStrategy::OnlyFirst,
+                stride: 0,
+            }))
+            .map_err(tok_err)?;
         Ok(())
     }
 

@@ -88,6 +88,9 @@ fn corrupt_safetensors() {
 
 #[test]
 fn missing_model_names_where_it_looked() {
+    // A hub id not in the cache would be downloaded: stay off the network (tests only ever
+    // talk to 127.0.0.1); the offline error still says where it looked.
+    std::env::set_var("HF_HUB_OFFLINE", "1");
     let o = PipelineOptions {
         model: Some("no-such-org/no-such-model".into()),
         ..Default::default()

@@ -69,3 +69,31 @@ fn minilm_token_ids_match_python() {
         assert_eq!(enc.ids, want, "text #{i}");
     }
 }
+
+#[test]
+fn minilm_sentence_similarity_task() {
+    if skip() {
+        return;
+    }
+    let exp = common::expected("all-minilm-l6-v2");
+    let pipe = ferroformers::pipeline_with(
+        "sentence-similarity",
+        PipelineOptions {
+            model: Some(exp["model"].as_str().unwrap().to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let input = Input::from_json(
+        &serde_json::json!({
+            "source_sentence": exp["texts"][0],
+            "sentences": [exp["texts"][1], exp["texts"][0]],
+        }),
+        0,
+    )
+    .unwrap();
+    let out = serde_json::to_value(pipe.run(&[input], &Params::new()).unwrap()).unwrap();
+    let want = exp["similarity_0_1"].as_f64().unwrap();
+    assert!((out[0][0].as_f64().unwrap() - want).abs() < 1e-4, "{out}");
+    assert!((out[0][1].as_f64().unwrap() - 1.0).abs() < 1e-5, "{out}");
+}

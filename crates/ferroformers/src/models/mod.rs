@@ -1,9 +1,16 @@
 //! AutoModel: `config.model_type` + the head a task needs -> a model.
 
+pub mod bart;
 pub mod bert;
+pub mod causal_lm;
 pub mod distilbert;
+pub mod gguf;
+pub mod gpt2;
 pub mod layers;
+pub mod llama;
 pub mod roberta;
+pub mod seq2seq;
+pub mod t5;
 
 use std::path::Path;
 
@@ -80,7 +87,9 @@ pub fn load_encoder(
     task: &str,
 ) -> Result<Box<dyn EncoderModel>> {
     let model_type = config.model_type.as_str();
-    if !ENCODER_TYPES.contains(&model_type) {
+    // BART's classification head runs its encoder-decoder like an encoder.
+    let bart_cls = model_type == "bart" && head == Head::SequenceClassification;
+    if !ENCODER_TYPES.contains(&model_type) && !bart_cls {
         return Err(Error::UnsupportedModel {
             model_type: model_type.to_string(),
             task: task.to_string(),
@@ -103,6 +112,9 @@ pub fn load_encoder(
         "distilbert" => {
             Box::new(distilbert::DistilBert::load(&config.parse()?, vb, head, n).map_err(wrap)?)
         }
+        "bart" => Box::new(
+            bart::BartForSequenceClassification::load(&config.parse()?, vb, n).map_err(wrap)?,
+        ),
         _ => unreachable!("checked against ENCODER_TYPES"),
     };
     Ok(model)

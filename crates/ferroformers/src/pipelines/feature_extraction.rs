@@ -191,6 +191,91 @@ impl Task for FeatureExtraction {
     }
 }
 
+/// Parse `{"source_sentence": .., "sentences": [..]}`.
+pub(crate) fn similarity_from_json(
+    o: &serde_json::Map<String, Value>,
+    index: usize,
+) -> Result<Input> {
+    let source = o
+        .get("source_sentence")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::input(index, "`source_sentence` must be a string"))?;
+    let sentences = o
+        .get("sentences")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::input(index, "`sentences` must be a list of strings"))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::input(index, "`sentences` must be a list of strings"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if sentences.is_empty() {
+        return Err(Error::input(index, "`sentences` is empty"));
+    }
+    Ok(Input::Similarity {
+        source_sentence: source.to_string(),
+        sentences,
+    })
+}
+
+/// `sentence-similarity` (the sentence-transformers / Inference API task): cosine similarity of
+/// `source_sentence` to each of `sentences`, from normalised pooled embeddings.
+pub(crate) struct SentenceSimilarity {
+    inner: FeatureExtraction,
+}
+
+impl SentenceSimilarity {
+    pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
+        Ok(Self {
+            inner: FeatureExtraction::load(opts, model, true)?,
+        })
+    }
+}
+
+impl Task for SentenceSimilarity {
+    fn accepted_params(&self) -> &'static [&'static str] {
+        &["pooling", "truncation"]
+    }
+
+    fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        let mut params = params.clone();
+        params.insert("normalize".into(), Value::Bool(true));
+        let mut outs = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let Input::Similarity {
+                source_sentence,
+                sentences,
+            } = input
+            else {
+                return Err(Error::input(
+                    i,
+                    "sentence-similarity takes {\"source_sentence\": .., \"sentences\": [..]}",
+                ));
+            };
+            let texts: Vec<Input> = std::iter::once(source_sentence)
+                .chain(sentences)
+                .map(|t| Input::Text(t.clone()))
+                .collect();
+            let embs = self.inner.run(&texts, &params, batch_size)?;
+            let vecs: Vec<&Vec<f32>> = embs
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Embedding(v) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            let scores = vecs[1..]
+                .iter()
+                .map(|v| v.iter().zip(vecs[0]).map(|(a, b)| a * b).sum::<f32>() as f64)
+                .collect();
+            outs.push(Output::Scores(scores));
+        }
+        Ok(outs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,11 @@ pub mod feature_extraction;
 pub mod fill_mask;
 pub mod question_answering;
 pub mod registry;
+pub mod text2text;
 pub mod text_classification;
+pub mod text_generation;
 pub mod token_classification;
+pub mod zero_shot;
 
 use std::path::PathBuf;
 
@@ -24,6 +27,7 @@ pub use fill_mask::FillMaskToken;
 pub use question_answering::Answer;
 pub use text_classification::LabelScore;
 pub use token_classification::TokenEntity;
+pub use zero_shot::ZeroShotResult;
 
 /// Call parameters, by HF's names (`top_k`, `function_to_apply`, ...).
 pub type Params = Map<String, Value>;
@@ -41,6 +45,13 @@ pub enum Input {
     Question {
         question: String,
         context: String,
+    },
+    /// `{"messages": [{"role": .., "content": ..}, ..]}` (text-generation with a chat template).
+    Chat(Vec<crate::generation::Message>),
+    /// `{"source_sentence": .., "sentences": [..]}` (sentence-similarity).
+    Similarity {
+        source_sentence: String,
+        sentences: Vec<String>,
     },
 }
 
@@ -70,6 +81,12 @@ impl Input {
     pub fn from_json(v: &Value, index: usize) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Object(o) if o.contains_key("source_sentence") => {
+                feature_extraction::similarity_from_json(o, index)
+            }
+            Value::Object(o) if o.contains_key("messages") => {
+                text_generation::chat_from_json(o, index)
+            }
             Value::Object(o) if o.contains_key("question") || o.contains_key("context") => {
                 question_answering::input_from_json(o, index)
             }
@@ -111,6 +128,16 @@ impl Input {
                     "a `{question, context}` input is for question-answering, not this task",
                 ))
             }
+            Input::Chat(_) => {
+                return Err(Error::input(
+                    index,
+                    "a `{messages}` chat input is for text-generation, not this task",
+                ))
+            }
+            Input::Similarity { .. } => return Err(Error::input(
+                index,
+                "a `{source_sentence, sentences}` input is for sentence-similarity, not this task",
+            )),
         };
         if t.trim().is_empty() {
             return Err(Error::input(index, "the text is empty"));
@@ -140,12 +167,22 @@ pub enum Output {
     Features(Vec<Vec<Vec<f32>>>),
     /// A pooled sentence embedding.
     Embedding(Vec<f32>),
+    /// sentence-similarity: cosine similarity of the source sentence to each sentence.
+    Scores(Vec<f64>),
+    /// zero-shot-classification: `{sequence, labels, scores}`.
+    ZeroShot(ZeroShotResult),
     /// token-classification: tokens (`aggregation_strategy` none) or grouped entities.
     Entities(Vec<TokenEntity>),
     /// question-answering with exactly one answer: `{score, start, end, answer}`.
     Answer(Answer),
     /// question-answering with several (or no) answers.
     Answers(Vec<Answer>),
+    /// text-generation: one `{generated_text}` per returned sequence.
+    Generated(Vec<text_generation::GeneratedText>),
+    /// text2text-generation / summarization / translation: one `{generated_text}`,
+    /// `{summary_text}` or `{translation_text}` (`*_token_ids` with `return_tensors`) per returned
+    /// sequence.
+    Text2Text(Vec<Map<String, Value>>),
 }
 
 /// Where the model comes from and how it runs.
@@ -321,7 +358,7 @@ pub struct Loaded {
 }
 
 pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
-    let model_dir = crate::hub::resolve(model, opts.revision.as_deref())?;
+    let model_dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
     if !model_dir.is_dir() {
         return Err(Error::InvalidFile {
             path: model_dir,
@@ -330,7 +367,7 @@ pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
     }
     let config = ModelConfig::from_dir(&model_dir)?;
     let tok_dir = match &opts.tokenizer {
-        Some(t) => crate::hub::resolve(t, opts.revision.as_deref())?,
+        Some(t) => crate::hub::resolve_or_download(t, opts.revision.as_deref())?,
         None => model_dir.clone(),
     };
     let tokenizer =

@@ -4,6 +4,7 @@ use super::feature_extraction::FeatureExtraction;
 use super::fill_mask::FillMask;
 use super::question_answering::QuestionAnswering;
 use super::text_classification::TextClassification;
+use super::text_generation::TextGeneration;
 use super::token_classification::TokenClassification;
 use super::{Pipeline, PipelineOptions, Task};
 use crate::error::{Error, Result};
@@ -42,7 +43,14 @@ pub const TASKS: &[TaskInfo] = &[
     },
     TaskInfo {
         name: "sentence-embeddings",
-        aliases: &["sentence-similarity"],
+        aliases: &[],
+        default_model: "sentence-transformers/all-MiniLM-L6-v2",
+        default_revision: "main",
+        implemented: true,
+    },
+    TaskInfo {
+        name: "sentence-similarity",
+        aliases: &[],
         default_model: "sentence-transformers/all-MiniLM-L6-v2",
         default_revision: "main",
         implemented: true,
@@ -66,40 +74,46 @@ pub const TASKS: &[TaskInfo] = &[
         aliases: &[],
         default_model: "openai-community/gpt2",
         default_revision: "607a30d",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "text2text-generation",
         aliases: &[],
         default_model: "google-t5/t5-base",
         default_revision: "686f1db",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "summarization",
         aliases: &[],
         default_model: "sshleifer/distilbart-cnn-12-6",
         default_revision: "a4f8f3e",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "translation",
         aliases: &[],
         default_model: "google-t5/t5-base",
         default_revision: "686f1db",
-        implemented: false,
+        implemented: true,
     },
     TaskInfo {
         name: "zero-shot-classification",
         aliases: &[],
         default_model: "facebook/bart-large-mnli",
         default_revision: "d7645e1",
-        implemented: false,
+        implemented: true,
     },
 ];
 
 /// Find a task by name or alias.
 pub fn lookup(task: &str) -> Result<&'static TaskInfo> {
+    // `translation_XX_to_YY` is the translation task for one language pair.
+    let task = if super::text2text::translation_pair(task).is_some() {
+        "translation"
+    } else {
+        task
+    };
     TASKS
         .iter()
         .find(|t| t.name == task || t.aliases.contains(&task))
@@ -128,14 +142,40 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
                 .join(", "),
         });
     }
+    // The task default comes at the revision HF pins for it; a model given by the caller at
+    // the caller's revision (or `main`).
+    let pinned;
+    let opts = if opts.model.is_none() && opts.revision.is_none() {
+        pinned = PipelineOptions {
+            revision: Some(info.default_revision.to_string()),
+            ..opts.clone()
+        };
+        &pinned
+    } else {
+        opts
+    };
     let model = opts.model.as_deref().unwrap_or(info.default_model);
+    // `translation_XX_to_YY` keeps its language pair; aliases become the canonical name.
+    let task_name = if info.name == "translation" {
+        task
+    } else {
+        info.name
+    };
     let inner: Box<dyn Task> = match info.name {
         "text-classification" => Box::new(TextClassification::load(opts, model)?),
         "fill-mask" => Box::new(FillMask::load(opts, model)?),
         "feature-extraction" => Box::new(FeatureExtraction::load(opts, model, false)?),
         "sentence-embeddings" => Box::new(FeatureExtraction::load(opts, model, true)?),
+        "sentence-similarity" => Box::new(super::feature_extraction::SentenceSimilarity::load(
+            opts, model,
+        )?),
         "token-classification" => Box::new(TokenClassification::load(opts, model)?),
         "question-answering" => Box::new(QuestionAnswering::load(opts, model)?),
+        "zero-shot-classification" => Box::new(super::zero_shot::ZeroShot::load(opts, model)?),
+        "text-generation" => Box::new(TextGeneration::load(opts, model)?),
+        "text2text-generation" | "summarization" | "translation" => {
+            Box::new(super::text2text::Text2Text::load(opts, model, task_name)?)
+        }
         other => unreachable!("task `{other}` is marked implemented but has no builder"),
     };
     Ok(Pipeline::new(info.name, opts.batch_size, inner))

@@ -1,0 +1,98 @@
+//! `ferroformers download` and `ferroformers cache`: the hub cache from the command line.
+
+use ferroformers::hub::{self, HubOptions};
+
+/// `download MODEL [--revision R] [--file F]...`: fetch into the cache, print the snapshot path.
+pub fn download(args: &[String]) -> Result<(), String> {
+    let mut model = None;
+    let mut revision = None;
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("`{name}` needs a value"))
+        };
+        match a.as_str() {
+            "--revision" => revision = Some(value("--revision")?),
+            "--file" => files.push(value("--file")?),
+            s if s.starts_with("--") => return Err(format!("unknown option `{s}` for `download`")),
+            s if model.is_none() => model = Some(s.to_string()),
+            s => {
+                return Err(format!(
+                    "unexpected argument `{s}` (one MODEL per download)"
+                ))
+            }
+        }
+    }
+    let model = model.ok_or("`download` needs a MODEL (a hub id such as org/name)")?;
+    let files = (!files.is_empty()).then_some(files.as_slice());
+    let snap = hub::download(&model, revision.as_deref(), files, &HubOptions::from_env())
+        .map_err(|e| e.to_string())?;
+    println!("{}", snap.display());
+    Ok(())
+}
+
+/// `cache`: every cached model with its refs, size on disk and files.
+pub fn cache(args: &[String]) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!("unexpected argument `{a}` for `cache`"));
+    }
+    let root = hub::cache_dir();
+    let repos = hub::scan_cache(&root).map_err(|e| e.to_string())?;
+    println!("hub cache: {}", root.display());
+    if repos.is_empty() {
+        println!("(empty)");
+    }
+    for r in &repos {
+        let refs = if r.refs.is_empty() {
+            "no refs".to_string()
+        } else {
+            r.refs
+                .iter()
+                .map(|(name, commit)| format!("{name} -> {}", short(commit)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let partial = if r.incomplete_bytes > 0 {
+            format!(", {} in unfinished downloads", human(r.incomplete_bytes))
+        } else {
+            String::new()
+        };
+        println!(
+            "{}  {}  ({refs}{partial})",
+            r.repo_id,
+            human(r.size_on_disk)
+        );
+        for s in &r.snapshots {
+            println!(
+                "  {}  {} file{}: {}",
+                short(&s.commit),
+                s.files.len(),
+                if s.files.len() == 1 { "" } else { "s" },
+                s.files.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,417 @@
+//! `GenerationConfig`: HF's names and global defaults, read from `generation_config.json` (or
+//! `config.json`), merged with call parameters in HF's order of precedence.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// `early_stopping`: `true`, `false` or `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    True,
+    #[default]
+    False,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_length: usize,
+    pub max_new_tokens: Option<usize>,
+    pub min_length: usize,
+    pub min_new_tokens: Option<usize>,
+    pub do_sample: bool,
+    pub num_beams: usize,
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: f32,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: f32,
+    pub no_repeat_ngram_size: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    pub num_return_sequences: usize,
+    pub eos_token_id: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub stop_strings: Vec<String>,
+    /// Encoder-decoders: the first decoder token (HF falls back to `bos_token_id`, then the
+    /// model's own).
+    pub decoder_start_token_id: Option<u32>,
+    /// Forced as the first generated token (when the row holds exactly one token).
+    pub forced_bos_token_id: Option<u32>,
+    /// Forced when the sequence reaches `max_length - 1` tokens.
+    pub forced_eos_token_id: Vec<u32>,
+    /// Token sequences that may never be generated (`NoBadWordsLogitsProcessor`).
+    pub bad_words_ids: Vec<Vec<u32>>,
+    /// Ours (not HF's): seed of the sampling RNG; `None` draws one from the clock.
+    pub seed: Option<u64>,
+}
+
+impl Default for GenerationConfig {
+    /// `transformers.GenerationConfig()` defaults.
+    fn default() -> Self {
+        Self {
+            max_length: 20,
+            max_new_tokens: None,
+            min_length: 0,
+            min_new_tokens: None,
+            do_sample: false,
+            num_beams: 1,
+            temperature: 1.0,
+            top_k: Some(50),
+            top_p: 1.0,
+            min_p: None,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+            num_return_sequences: 1,
+            eos_token_id: Vec::new(),
+            pad_token_id: None,
+            bos_token_id: None,
+            stop_strings: Vec::new(),
+            decoder_start_token_id: None,
+            forced_bos_token_id: None,
+            forced_eos_token_id: Vec::new(),
+            bad_words_ids: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+/// The keys `apply` understands (generation parameters a pipeline accepts).
+pub const GENERATION_PARAMS: &[&str] = &[
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "stop_strings",
+    "seed",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "bad_words_ids",
+];
+
+fn bad(name: &str, v: &Value, want: &str) -> Error {
+    Error::param(name, format!("expected {want}, got {v}"))
+}
+
+fn as_usize(name: &str, v: &Value) -> Result<usize> {
+    v.as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| bad(name, v, "a non-negative integer"))
+}
+
+fn as_f32(name: &str, v: &Value) -> Result<f32> {
+    v.as_f64()
+        .map(|n| n as f32)
+        .ok_or_else(|| bad(name, v, "a number"))
+}
+
+fn as_ids(name: &str, v: &Value) -> Result<Vec<u32>> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Number(_) => Ok(vec![as_usize(name, v)? as u32]),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| as_usize(name, x).map(|n| n as u32))
+            .collect(),
+        _ => Err(bad(name, v, "a token id or a list of token ids")),
+    }
+}
+
+impl GenerationConfig {
+    /// The model's defaults: `generation_config.json` when present, else the generation keys of
+    /// `config.json` (HF's `GenerationConfig.from_model_config`).
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let mut cfg = Self::default();
+        let gen = dir.join("generation_config.json");
+        let path = if gen.is_file() {
+            gen
+        } else {
+            dir.join("config.json")
+        };
+        if path.is_file() {
+            let v = crate::config::read_json(&path)?;
+            if let Value::Object(map) = v {
+                cfg.apply_lenient(&map);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Apply the known keys of a saved config, skipping values of the wrong type (saved files
+    /// carry many keys we do not use).
+    pub fn apply_lenient(&mut self, map: &Map<String, Value>) {
+        for (k, v) in map {
+            if GENERATION_PARAMS.contains(&k.as_str()) {
+                let mut one = Map::new();
+                one.insert(k.clone(), v.clone());
+                let _ = self.apply(&one);
+            }
+        }
+    }
+
+    /// Apply call parameters (HF's names); unknown keys are ignored here (the pipeline checks
+    /// them), wrong types are errors.
+    pub fn apply(&mut self, p: &Map<String, Value>) -> Result<()> {
+        for (k, v) in p {
+            let name = k.as_str();
+            let opt_usize = |v: &Value| -> Result<Option<usize>> {
+                if v.is_null() {
+                    Ok(None)
+                } else {
+                    as_usize(name, v).map(Some)
+                }
+            };
+            match name {
+                "max_length" => self.max_length = as_usize(name, v)?,
+                "max_new_tokens" => self.max_new_tokens = opt_usize(v)?,
+                "min_length" => self.min_length = opt_usize(v)?.unwrap_or(0),
+                "min_new_tokens" => self.min_new_tokens = opt_usize(v)?,
+                "do_sample" => {
+                    self.do_sample = v.as_bool().ok_or_else(|| bad(name, v, "true or false"))?
+                }
+                "num_beams" => self.num_beams = as_usize(name, v)?,
+                "temperature" => self.temperature = as_f32(name, v)?,
+                "top_k" => self.top_k = opt_usize(v)?,
+                "top_p" => self.top_p = if v.is_null() { 1.0 } else { as_f32(name, v)? },
+                "min_p" => {
+                    self.min_p = if v.is_null() {
+                        None
+                    } else {
+                        Some(as_f32(name, v)?)
+                    }
+                }
+                "repetition_penalty" => {
+                    self.repetition_penalty = if v.is_null() { 1.0 } else { as_f32(name, v)? }
+                }
+                "no_repeat_ngram_size" => self.no_repeat_ngram_size = opt_usize(v)?.unwrap_or(0),
+                "length_penalty" => self.length_penalty = as_f32(name, v)?,
+                "early_stopping" => {
+                    self.early_stopping = match v {
+                        Value::Bool(true) => EarlyStopping::True,
+                        Value::Bool(false) | Value::Null => EarlyStopping::False,
+                        Value::String(s) if s == "never" => EarlyStopping::Never,
+                        _ => return Err(bad(name, v, "true, false or \"never\"")),
+                    }
+                }
+                "num_return_sequences" => self.num_return_sequences = as_usize(name, v)?,
+                "eos_token_id" => self.eos_token_id = as_ids(name, v)?,
+                "pad_token_id" => self.pad_token_id = opt_usize(v)?.map(|n| n as u32),
+                "bos_token_id" => self.bos_token_id = opt_usize(v)?.map(|n| n as u32),
+                "stop_strings" => {
+                    self.stop_strings = match v {
+                        Value::Null => Vec::new(),
+                        Value::String(s) => vec![s.clone()],
+                        Value::Array(a) => a
+                            .iter()
+                            .map(|x| {
+                                x.as_str()
+                                    .map(str::to_string)
+                                    .ok_or_else(|| bad(name, v, "a string or a list of strings"))
+                            })
+                            .collect::<Result<_>>()?,
+                        _ => return Err(bad(name, v, "a string or a list of strings")),
+                    }
+                }
+                "seed" => self.seed = opt_usize(v)?.map(|n| n as u64),
+                "decoder_start_token_id" => {
+                    self.decoder_start_token_id = opt_usize(v)?.map(|n| n as u32)
+                }
+                "forced_bos_token_id" => self.forced_bos_token_id = opt_usize(v)?.map(|n| n as u32),
+                "forced_eos_token_id" => self.forced_eos_token_id = as_ids(name, v)?,
+                "bad_words_ids" => {
+                    self.bad_words_ids = match v {
+                        Value::Null => Vec::new(),
+                        Value::Array(a) => {
+                            a.iter().map(|w| as_ids(name, w)).collect::<Result<_>>()?
+                        }
+                        _ => return Err(bad(name, v, "a list of lists of token ids")),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// HF's `_prepare_generation_config` with a caller's base config (a pipeline's defaults):
+    /// the base's non-default values win over the model's, the model's fill the rest.
+    pub fn merge_over_model(base: &Self, model: &Self) -> Self {
+        let d = Self::default();
+        let mut out = model.clone();
+        macro_rules! take {
+            ($($f:ident),*) => {$(
+                if base.$f != d.$f {
+                    out.$f = base.$f.clone();
+                }
+            )*};
+        }
+        take!(
+            max_length,
+            max_new_tokens,
+            min_length,
+            min_new_tokens,
+            do_sample,
+            num_beams,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            no_repeat_ngram_size,
+            length_penalty,
+            early_stopping,
+            num_return_sequences,
+            eos_token_id,
+            pad_token_id,
+            bos_token_id,
+            stop_strings,
+            seed,
+            decoder_start_token_id,
+            forced_bos_token_id,
+            forced_eos_token_id,
+            bad_words_ids
+        );
+        out
+    }
+
+    /// The text-generation pipeline's config: its defaults (`max_new_tokens=256`, sampling at
+    /// `temperature=0.7`) over the model's, then the model's `max_length` when it set one.
+    pub fn for_text_generation_pipeline(model: &Self) -> Self {
+        let base = Self {
+            max_new_tokens: Some(256),
+            do_sample: true,
+            temperature: 0.7,
+            ..Self::default()
+        };
+        let mut out = Self::merge_over_model(&base, model);
+        if out.max_new_tokens == Some(256) && out.max_length != 20 {
+            out.max_new_tokens = None;
+        }
+        out
+    }
+
+    /// The total length limit for prompts of `prompt_len` tokens.
+    pub fn max_total_length(&self, prompt_len: usize) -> usize {
+        match self.max_new_tokens {
+            Some(n) => prompt_len + n,
+            None => self.max_length,
+        }
+    }
+
+    /// Checks HF makes before generating, as typed errors.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_beams == 0 {
+            return Err(Error::param("num_beams", "must be at least 1"));
+        }
+        if self.num_return_sequences == 0 {
+            return Err(Error::param("num_return_sequences", "must be at least 1"));
+        }
+        if self.num_return_sequences > self.num_beams.max(1) && !self.do_sample {
+            return Err(Error::param(
+                "num_return_sequences",
+                format!(
+                    "greedy search and beam search return at most num_beams sequences \
+                     ({} > {}); set do_sample=true or raise num_beams",
+                    self.num_return_sequences, self.num_beams
+                ),
+            ));
+        }
+        if self.do_sample {
+            if !self.temperature.is_finite() || self.temperature <= 0.0 {
+                return Err(Error::param(
+                    "temperature",
+                    format!(
+                        "must be a strictly positive number when sampling, got {}",
+                        self.temperature
+                    ),
+                ));
+            }
+            if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+                return Err(Error::param("top_p", "must be in (0, 1]"));
+            }
+            if let Some(m) = self.min_p {
+                if !(0.0..=1.0).contains(&m) {
+                    return Err(Error::param("min_p", "must be in [0, 1]"));
+                }
+            }
+            if self.num_beams > 1 {
+                return Err(Error::param(
+                    "num_beams",
+                    "beam sampling (do_sample with num_beams > 1) is not supported",
+                ));
+            }
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err(Error::param(
+                "repetition_penalty",
+                "must be strictly positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pipeline_defaults_win_over_model_but_not_over_call() {
+        let mut model = GenerationConfig::default();
+        model.apply_lenient(
+            json!({"max_new_tokens": 7, "repetition_penalty": 1.3, "eos_token_id": 1})
+                .as_object()
+                .unwrap(),
+        );
+        let mut cfg = GenerationConfig::for_text_generation_pipeline(&model);
+        assert_eq!(cfg.max_new_tokens, Some(256));
+        assert!(cfg.do_sample);
+        assert_eq!(cfg.repetition_penalty, 1.3);
+        assert_eq!(cfg.eos_token_id, vec![1]);
+        cfg.apply(json!({"do_sample": false}).as_object().unwrap())
+            .unwrap();
+        assert!(!cfg.do_sample);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let mut c = GenerationConfig::default();
+        assert!(c
+            .apply(json!({"num_beams": "x"}).as_object().unwrap())
+            .is_err());
+        c.num_beams = 0;
+        assert!(c.validate().is_err());
+        let c = GenerationConfig {
+            do_sample: true,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+    }
+}

@@ -1,0 +1,391 @@
+//! Logits processors and warpers, as HF's `logits_process.py` (same order, same edge cases), the
+//! sampler, and the seeded RNG.
+
+use super::config::GenerationConfig;
+
+/// Everything that reshapes one row's next-token scores, built once per `generate` call.
+#[derive(Debug, Clone)]
+pub struct LogitsProcessor {
+    pub repetition_penalty: f32,
+    pub no_repeat_ngram_size: usize,
+    pub min_length: usize,
+    pub min_new_tokens: usize,
+    pub eos: Vec<u32>,
+    /// Encoder-decoder processors: forced first / last tokens and banned sequences.
+    pub forced_bos: Option<u32>,
+    pub forced_eos: Vec<u32>,
+    pub bad_words: Vec<Vec<u32>>,
+    /// `max_length`, and `max_new_tokens` that overrides it (for the forced eos position).
+    pub max_length: usize,
+    pub max_new_tokens: Option<usize>,
+    /// Warpers, applied only when sampling.
+    pub sampling: Option<Warpers>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Warpers {
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: f32,
+    pub min_p: Option<f32>,
+    pub min_tokens_to_keep: usize,
+}
+
+impl LogitsProcessor {
+    pub fn new(cfg: &GenerationConfig) -> Self {
+        Self {
+            repetition_penalty: cfg.repetition_penalty,
+            no_repeat_ngram_size: cfg.no_repeat_ngram_size,
+            min_length: cfg.min_length,
+            min_new_tokens: cfg.min_new_tokens.unwrap_or(0),
+            eos: cfg.eos_token_id.clone(),
+            forced_bos: cfg.forced_bos_token_id,
+            forced_eos: cfg.forced_eos_token_id.clone(),
+            // HF drops single-token bad words that are an eos token.
+            bad_words: cfg
+                .bad_words_ids
+                .iter()
+                .filter(|w| !(w.len() == 1 && cfg.eos_token_id.contains(&w[0])))
+                .cloned()
+                .collect(),
+            max_length: cfg.max_length,
+            max_new_tokens: cfg.max_new_tokens,
+            sampling: cfg.do_sample.then(|| Warpers {
+                temperature: cfg.temperature,
+                top_k: cfg.top_k.filter(|k| *k > 0),
+                top_p: cfg.top_p,
+                min_p: cfg.min_p,
+                min_tokens_to_keep: if cfg.num_beams > 1 {
+                    cfg.eos_token_id.len().max(1) + 1
+                } else {
+                    1
+                },
+            }),
+        }
+    }
+
+    /// `tokens`: the row so far (prompt with its padding, then generated tokens), as HF's
+    /// `input_ids`; `prompt_len`: the (padded) prompt length.
+    pub fn process(&self, tokens: &[u32], prompt_len: usize, scores: &mut [f32]) {
+        if self.repetition_penalty != 1.0 {
+            repetition_penalty(tokens, scores, self.repetition_penalty);
+        }
+        if self.no_repeat_ngram_size > 0 {
+            for t in banned_ngram_tokens(tokens, self.no_repeat_ngram_size) {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for word in &self.bad_words {
+            if let Some((&last, prefix)) = word.split_last() {
+                if tokens.ends_with(prefix) {
+                    if let Some(s) = scores.get_mut(last as usize) {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let suppress_eos = tokens.len() < self.min_length
+            || tokens.len().saturating_sub(prompt_len) < self.min_new_tokens;
+        if suppress_eos {
+            for &e in &self.eos {
+                if let Some(s) = scores.get_mut(e as usize) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let Some(bos) = self.forced_bos.filter(|_| tokens.len() == 1) {
+            force(scores, &[bos]);
+        }
+        let max_length = match self.max_new_tokens {
+            Some(n) => prompt_len + n,
+            None => self.max_length,
+        };
+        if !self.forced_eos.is_empty() && tokens.len() + 1 == max_length {
+            force(scores, &self.forced_eos);
+        }
+        if let Some(w) = &self.sampling {
+            if w.temperature != 1.0 {
+                for s in scores.iter_mut() {
+                    *s /= w.temperature;
+                }
+            }
+            if let Some(k) = w.top_k {
+                top_k_filter(scores, k.max(w.min_tokens_to_keep));
+            }
+            if w.top_p < 1.0 {
+                top_p_filter(scores, w.top_p, w.min_tokens_to_keep);
+            }
+            if let Some(m) = w.min_p {
+                min_p_filter(scores, m, w.min_tokens_to_keep);
+            }
+        }
+    }
+}
+
+/// `ForcedBOSTokenLogitsProcessor` / `ForcedEOSTokenLogitsProcessor`: every score -inf but the
+/// forced tokens', which are 0.
+fn force(scores: &mut [f32], tokens: &[u32]) {
+    for s in scores.iter_mut() {
+        *s = f32::NEG_INFINITY;
+    }
+    for &t in tokens {
+        if let Some(s) = scores.get_mut(t as usize) {
+            *s = 0.0;
+        }
+    }
+}
+
+/// `RepetitionPenaltyLogitsProcessor`: every token already in the row (prompt included) has its
+/// score divided by the penalty when positive, multiplied when negative.
+pub fn repetition_penalty(tokens: &[u32], scores: &mut [f32], penalty: f32) {
+    let mut seen = vec![false; scores.len()];
+    for &t in tokens {
+        let t = t as usize;
+        if t < scores.len() && !seen[t] {
+            seen[t] = true;
+            let s = scores[t];
+            scores[t] = if s < 0.0 { s * penalty } else { s / penalty };
+        }
+    }
+}
+
+/// `NoRepeatNGramLogitsProcessor`: tokens that would complete an n-gram already in the row.
+pub fn banned_ngram_tokens(tokens: &[u32], n: usize) -> Vec<u32> {
+    if n == 0 || tokens.len() + 1 < n {
+        return Vec::new();
+    }
+    let prefix = &tokens[tokens.len() + 1 - n..];
+    tokens
+        .windows(n)
+        .filter(|w| &w[..n - 1] == prefix)
+        .map(|w| w[n - 1])
+        .collect()
+}
+
+/// `TopKLogitsWarper`: keep scores >= the k-th largest.
+pub fn top_k_filter(scores: &mut [f32], k: usize) {
+    if k == 0 || k >= scores.len() {
+        return;
+    }
+    let mut sorted: Vec<f32> = scores.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let kth = sorted[k - 1];
+    for s in scores.iter_mut() {
+        if *s < kth {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return vec![0.0; scores.len()];
+    }
+    let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative probability is
+/// <= 1 - top_p (the least likely), always keeping `min_keep` of the most likely.
+pub fn top_p_filter(scores: &mut [f32], top_p: f32, min_keep: usize) {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Stable ascending sort, as torch.sort(descending=False).
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+    let probs = softmax(&sorted);
+    let n = scores.len();
+    let mut cum = 0f32;
+    let mut remove = Vec::new();
+    for (pos, p) in probs.iter().enumerate() {
+        cum += p;
+        if cum <= 1.0 - top_p && pos < n.saturating_sub(min_keep) {
+            remove.push(order[pos]);
+        }
+    }
+    for i in remove {
+        scores[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// `MinPLogitsWarper`: drop tokens whose probability is below `min_p` times the top one.
+pub fn min_p_filter(scores: &mut [f32], min_p: f32, min_keep: usize) {
+    let probs = softmax(scores);
+    let top = probs.iter().cloned().fold(0f32, f32::max);
+    let threshold = min_p * top;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Most likely first: the first `min_keep` are never removed.
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    for (rank, &i) in order.iter().enumerate() {
+        if rank >= min_keep && probs[i] < threshold {
+            scores[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The first index of the maximum (as `torch.argmax`).
+pub fn argmax(scores: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        if *s > scores[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax` in f32.
+pub fn log_softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+    let lse = max + sum.ln();
+    scores.iter().map(|s| s - lse).collect()
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and the same stream on every platform
+/// and version (sampling with a seed is reproducible).
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn from_entropy() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self::new(t ^ (std::process::id() as u64).rotate_left(32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Draw a token from softmax(scores) (filtered scores are -inf and never drawn).
+pub fn sample(scores: &[f32], rng: &mut Rng) -> u32 {
+    let probs = softmax(scores);
+    let total: f64 = probs.iter().map(|p| *p as f64).sum();
+    let mut u = rng.next_f64() * total;
+    let mut last = 0;
+    for (i, p) in probs.iter().enumerate() {
+        if *p > 0.0 {
+            last = i;
+            u -= *p as f64;
+            if u < 0.0 {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEG: f32 = f32::NEG_INFINITY;
+
+    #[test]
+    fn top_k_keeps_k_best_and_ties() {
+        let mut s = vec![1.0, 3.0, 2.0, 3.0, 0.5];
+        top_k_filter(&mut s, 2);
+        assert_eq!(s, vec![NEG, 3.0, NEG, 3.0, NEG]);
+        let mut s = vec![1.0, 3.0, 2.0];
+        top_k_filter(&mut s, 1);
+        assert_eq!(s, vec![NEG, 3.0, NEG]);
+    }
+
+    #[test]
+    fn top_p_matches_hf() {
+        // probs 0.5, 0.25, 0.125, 0.125 (ln-space logits).
+        let base: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125]
+            .iter()
+            .map(|p| p.ln())
+            .collect();
+        let mut s = base.clone();
+        top_p_filter(&mut s, 0.7, 1);
+        // ascending cumsum: .125, .25, .5, 1.0; remove where <= 0.3: the two 0.125s.
+        assert_eq!(s[2], NEG);
+        assert_eq!(s[3], NEG);
+        assert_eq!(&s[..2], &base[..2]);
+        let mut s = base.clone();
+        top_p_filter(&mut s, 0.1, 1);
+        assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 1);
+        assert!(s[0].is_finite());
+        let mut s = base.clone();
+        top_p_filter(&mut s, 0.1, 3);
+        assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 3);
+    }
+
+    #[test]
+    fn min_p_scales_with_top_probability() {
+        let base: Vec<f32> = [0.6f32, 0.3, 0.05, 0.05].iter().map(|p| p.ln()).collect();
+        let mut s = base.clone();
+        min_p_filter(&mut s, 0.2, 1); // threshold 0.12
+        assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 2);
+        let mut s = base.clone();
+        min_p_filter(&mut s, 0.9, 1);
+        assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 1);
+        let mut s = base;
+        min_p_filter(&mut s, 0.9, 3);
+        assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 3);
+    }
+
+    #[test]
+    fn repetition_and_ngrams() {
+        let mut s = vec![2.0, -2.0, 1.0];
+        repetition_penalty(&[0, 1, 1], &mut s, 2.0);
+        assert_eq!(s, vec![1.0, -4.0, 1.0]);
+        assert_eq!(banned_ngram_tokens(&[5, 6, 7, 5, 6], 3), vec![7]);
+        assert_eq!(banned_ngram_tokens(&[5, 6, 7, 5], 2), vec![6]);
+        assert!(banned_ngram_tokens(&[5], 3).is_empty());
+    }
+
+    #[test]
+    fn rng_is_deterministic_and_sampling_respects_filters() {
+        let mut a = Rng::new(42);
+        let mut b = Rng::new(42);
+        for _ in 0..10 {
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
+        let mut rng = Rng::new(1);
+        let s = vec![NEG, 0.0, NEG, 1.0];
+        for _ in 0..100 {
+            let t = sample(&s, &mut rng);
+            assert!(t == 1 || t == 3);
+        }
+    }
+}

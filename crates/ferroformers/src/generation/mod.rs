@@ -1,0 +1,246 @@
+//! Text generation: the search loop over any [`StepModel`] ([`search`]), logits processors and
+//! sampling ([`logits`]), `generation_config.json` merging ([`config`]), decoder-only sessions
+//! with KV cache and left padding ([`decoder`]), streaming ([`stream`]), chat templates
+//! ([`chat`]), and [`TextGenerator`], a causal LM with its tokenizer.
+
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod logits;
+pub mod search;
+pub mod stream;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{EarlyStopping, GenerationConfig};
+pub use decoder::{left_pad, DecoderSession};
+pub use search::{generate, Generated, Hooks, StepModel};
+pub use stream::TextStreamer;
+
+use crate::config::{ModelConfig, TokenizerConfig};
+use crate::error::{Error, Result};
+use crate::models::causal_lm::{load_causal_lm, CausalLm};
+use crate::tokenizer::Tokenizer;
+
+/// A causal language model with its tokenizer, generation defaults and chat template.
+pub struct TextGenerator {
+    pub model: Box<dyn CausalLm>,
+    pub tokenizer: Tokenizer,
+    /// The same tokenizer without truncation (prompts are checked against the context window
+    /// instead of being cut silently).
+    encoder: tokenizers::Tokenizer,
+    /// The model's defaults (`generation_config.json`, else `config.json`).
+    pub generation_config: GenerationConfig,
+    pub chat_template: Option<ChatTemplate>,
+    pub pad_token_id: u32,
+    pub path: PathBuf,
+}
+
+/// The `.gguf` file a path names: the file itself, or the only one in a folder without
+/// config.json.
+pub fn gguf_file(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return (path.extension()? == "gguf").then(|| path.to_path_buf());
+    }
+    if path.join("config.json").is_file() {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// `chat_template` from tokenizer_config.json (a string, or a list of named templates with a
+/// `default`), else a `chat_template.jinja` file.
+fn read_chat_template(dir: &Path) -> Result<Option<String>> {
+    let cfg = dir.join("tokenizer_config.json");
+    if cfg.is_file() {
+        let v = crate::config::read_json(&cfg)?;
+        match v.get("chat_template") {
+            Some(serde_json::Value::String(s)) => return Ok(Some(s.clone())),
+            Some(serde_json::Value::Array(list)) => {
+                let default = list
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .or(list.first());
+                if let Some(s) = default.and_then(|t| t["template"].as_str()) {
+                    return Ok(Some(s.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| Error::Io {
+                path: jinja,
+                source: e,
+            });
+    }
+    Ok(None)
+}
+
+impl TextGenerator {
+    /// Load from a model folder (config.json, weights, tokenizer) or a GGUF file.
+    pub fn load(
+        model: &str,
+        tokenizer: Option<&str>,
+        revision: Option<&str>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let path = crate::hub::resolve(model, revision)?;
+        if let Some(file) = gguf_file(&path) {
+            return crate::models::gguf::load_text_generator(&file, device);
+        }
+        let config = ModelConfig::from_dir(&path)?;
+        let lm = load_causal_lm(&path, Some(&config), device, dtype, "text-generation")?;
+        let tok_dir = match tokenizer {
+            Some(t) => crate::hub::resolve(t, revision)?,
+            None => path.clone(),
+        };
+        let tok = Tokenizer::from_dir(&tok_dir, &config.model_type, lm.max_positions())?;
+        let tcfg = TokenizerConfig::from_dir(&tok_dir)?;
+        let mut chat_template = match read_chat_template(&tok_dir)? {
+            Some(src) => Some(ChatTemplate::new(src)?),
+            None => None,
+        };
+        if let Some(t) = chat_template.as_mut() {
+            t.bos_token = tcfg.bos_token.clone();
+            t.eos_token = tcfg.eos_token.clone();
+            t.unk_token = tcfg.unk_token.clone();
+            t.pad_token = tcfg.pad_token.clone();
+        }
+        let generation_config = GenerationConfig::from_model_dir(&path)?;
+        let tok_pad = tcfg.pad_token.as_deref().and_then(|t| tok.token_to_id(t));
+        Self::assemble(lm, tok, generation_config, chat_template, tok_pad, path)
+    }
+
+    pub(crate) fn assemble(
+        model: Box<dyn CausalLm>,
+        tokenizer: Tokenizer,
+        generation_config: GenerationConfig,
+        chat_template: Option<ChatTemplate>,
+        tokenizer_pad: Option<u32>,
+        path: PathBuf,
+    ) -> Result<Self> {
+        let mut encoder = tokenizer.inner().clone();
+        encoder
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let pad_token_id = generation_config
+            .pad_token_id
+            .or(tokenizer_pad)
+            .or(generation_config.eos_token_id.first().copied())
+            .unwrap_or(0);
+        Ok(Self {
+            model,
+            tokenizer,
+            encoder,
+            generation_config,
+            chat_template,
+            pad_token_id,
+            path,
+        })
+    }
+
+    /// Token ids of `text` (untruncated).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .encoder
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// `tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool, clean_up: bool) -> Result<String> {
+        let text = self
+            .encoder
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(if clean_up {
+            crate::tokenizer::clean_up_tokenization(&text)
+        } else {
+            text
+        })
+    }
+
+    /// Render a chat with the model's template (`add_generation_prompt` unless continuing the
+    /// final message) and tokenize it without adding special tokens, as HF does.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        continue_final_message: bool,
+    ) -> Result<Vec<u32>> {
+        let tmpl = self.chat_template.as_ref().ok_or_else(|| {
+            Error::input(
+                0,
+                "this model has no chat template (tokenizer_config.json `chat_template`); pass \
+                 plain text instead",
+            )
+        })?;
+        let text = tmpl.render(messages, !continue_final_message, continue_final_message)?;
+        self.encode(&text, false)
+    }
+
+    /// Refuse prompts the model's positions cannot hold.
+    pub fn check_prompt_length(&self, len: usize) -> Result<()> {
+        if let Some(max) = self.model.max_positions() {
+            if len > max {
+                return Err(Error::InvalidInput {
+                    index: 0,
+                    detail: format!(
+                        "the prompt is {len} tokens, longer than the model's context window of \
+                         {max} tokens"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Generate from already tokenized prompts (left-padded together as one batch).
+    pub fn generate_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        hooks: &mut Hooks,
+    ) -> Result<Generated> {
+        for p in prompts {
+            self.check_prompt_length(p.len())?;
+        }
+        let pad = cfg.pad_token_id.unwrap_or(self.pad_token_id);
+        let (rows, mask) = left_pad(prompts, pad);
+        self.generate_padded(rows, mask, cfg, hooks)
+    }
+
+    /// Generate from rows padded by the caller, with their 0/1 attention mask.
+    pub fn generate_padded(
+        &self,
+        rows: Vec<Vec<u32>>,
+        mask: Vec<Vec<u8>>,
+        cfg: &GenerationConfig,
+        hooks: &mut Hooks,
+    ) -> Result<Generated> {
+        let mut session = DecoderSession::new(self.model.as_ref(), rows.clone(), mask)?;
+        generate(&mut session, &rows, cfg, hooks)
+    }
+
+    /// Full logits `[seq][vocab]` of one prompt.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let (rows, mask) = left_pad(&[ids.to_vec()], self.pad_token_id);
+        let mut session = DecoderSession::new(self.model.as_ref(), rows, mask)?;
+        Ok(session.prompt_logits()?.remove(0))
+    }
+}

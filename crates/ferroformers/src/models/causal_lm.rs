@@ -1,0 +1,246 @@
+//! What decoder-only language models share: the KV cache, the attention bias for left-padded
+//! batches, projections that are dense or quantized, and `load_causal_lm` (config.json or GGUF
+//! -> a model).
+
+use std::path::Path;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+use super::layers::Linear;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result as FfResult};
+use crate::weights::Weights;
+
+/// Keys and values of every layer for the tokens seen so far: `[rows, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Tokens already cached.
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Append this step's keys and values to `layer` and return everything cached for it.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match self.layers[layer].take() {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, k], 2)?.contiguous()?,
+                Tensor::cat(&[&pv, v], 2)?.contiguous()?,
+            ),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+
+    /// Keep (reorder, repeat or drop) rows: row `i` of the new cache is row `rows[i]` of the old.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::new(rows, k.device())?;
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// A decoder-only language model with a KV cache.
+pub trait CausalLm: Send + Sync {
+    /// `input_ids`, `position_ids`: `[b, s]` (u32); `bias`: `[b, 1, s, cached + s]` additive
+    /// attention bias (0 or a large negative number). Returns f32 logits `[b, s, vocab]`, or
+    /// `[b, 1, vocab]` for the last position only when `last_only`.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor>;
+
+    fn num_layers(&self) -> usize;
+
+    /// The longest sequence the positions allow (`n_positions`, `max_position_embeddings`).
+    fn max_positions(&self) -> Option<usize>;
+
+    /// Whether positions past `max_positions` would fail (learned position embeddings) rather
+    /// than merely degrade (RoPE).
+    fn hard_position_limit(&self) -> bool {
+        false
+    }
+
+    fn device(&self) -> &Device;
+}
+
+/// A projection `y = x W^T (+ b)`: dense (transposed, contiguous) or a quantized GGUF block
+/// matrix used as is.
+#[derive(Debug, Clone)]
+pub enum Proj {
+    Dense(Linear),
+    Quantized(QMatMul, Option<Tensor>),
+}
+
+impl Module for Proj {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => l.forward(xs),
+            Proj::Quantized(q, b) => {
+                let ys = q.forward(xs)?;
+                match b {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
+                }
+            }
+        }
+    }
+}
+
+/// `[b, s]` logits rows -> the last one, `[b, 1, ...]`.
+pub fn last_position(xs: &Tensor) -> Result<Tensor> {
+    let s = xs.dim(1)?;
+    xs.narrow(1, s - 1, 1)
+}
+
+/// Additive attention bias for `new` query tokens after `cached` ones: a query at absolute
+/// position `cached + i` sees keys `j <= cached + i` whose `mask[j]` is 1. `mask`: per row, 0/1
+/// over all `cached + new` tokens. Masked entries are one large negative value (never summed,
+/// so fully masked rows of left padding stay finite).
+pub fn causal_bias(mask: &[Vec<u8>], new: usize, device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let total = mask.first().map_or(0, Vec::len);
+    let cached = total - new;
+    let mut data = Vec::with_capacity(b * new * total);
+    for row in mask {
+        for i in 0..new {
+            for (j, &m) in row.iter().enumerate() {
+                data.push(if j <= cached + i && m != 0 {
+                    0f32
+                } else {
+                    f32::MIN
+                });
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, new, total), device)
+}
+
+/// Softmax attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv_h, t, d]` (grouped-query when
+/// `kv_h < h`) with additive `bias` `[b, 1, s, t]`. Returns `[b, s, h*d]`.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let kv_h = k.dim(1)?;
+    let t = k.dim(2)?;
+    let n_rep = h / kv_h;
+    // Group the query heads that share a kv head into the row dimension: no copy of k/v.
+    let q = (q.reshape((b, kv_h, n_rep * s, d))? * scale)?;
+    let k_t = k.transpose(2, 3)?.contiguous()?;
+    let scores = q.matmul(&k_t)?.reshape((b, h, s, t))?;
+    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.reshape((b, kv_h, n_rep * s, t))?.matmul(v)?;
+    out.reshape((b, h, s, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, h * d))
+}
+
+/// RMSNorm as HF computes it (in f32, then scaled).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+pub const CAUSAL_LM_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2"];
+
+/// Load a causal LM from a model folder (config.json + weights) or a `.gguf` file.
+pub fn load_causal_lm(
+    path: &Path,
+    config: Option<&ModelConfig>,
+    device: &Device,
+    dtype: DType,
+    task: &str,
+) -> FfResult<Box<dyn CausalLm>> {
+    let Some(config) = config else {
+        return Err(Error::InvalidFile {
+            path: path.to_path_buf(),
+            detail: "expected a model folder with config.json or a .gguf file".into(),
+        });
+    };
+    let model_type = config.model_type.as_str();
+    if !CAUSAL_LM_TYPES.contains(&model_type) {
+        return Err(Error::UnsupportedModel {
+            model_type: model_type.to_string(),
+            task: task.to_string(),
+            supported: CAUSAL_LM_TYPES.join(", "),
+        });
+    }
+    let weights = Weights::from_dir(path)?;
+    let wpath = weights.path().to_path_buf();
+    let wrap = |e: candle_core::Error| Error::Weights {
+        path: wpath.clone(),
+        detail: e.to_string(),
+    };
+    let has_transformer_prefix = weights.has_prefix("transformer");
+    let vb = weights.into_var_builder(dtype, device);
+    Ok(match model_type {
+        "gpt2" => {
+            let vb = if has_transformer_prefix {
+                vb.pp("transformer")
+            } else {
+                vb
+            };
+            Box::new(super::gpt2::Gpt2::load(&config.parse()?, vb).map_err(wrap)?)
+        }
+        _ => {
+            let cfg: super::llama::LlamaConfig = config.parse()?;
+            Box::new(super::llama::Llama::load(&cfg, vb).map_err(wrap)?)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_is_causal_and_masks_padding() {
+        let b = causal_bias(&[vec![0, 1, 1]], 3, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = b.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(v[0], [f32::MIN, f32::MIN, f32::MIN]);
+        assert_eq!(v[1], [f32::MIN, 0.0, f32::MIN]);
+        assert_eq!(v[2], [f32::MIN, 0.0, 0.0]);
+        let b = causal_bias(&[vec![0, 1, 1]], 1, &Device::Cpu).unwrap();
+        let v: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, [f32::MIN, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,397 @@
+//! GGUF (llama.cpp's format) for the Llama family: metadata -> config, the embedded vocabulary
+//! and merges -> tokenizer, the chat template, and the tensors kept quantized (`QMatMul` over
+//! the file's blocks: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... F16, F32).
+
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+use super::causal_lm::Proj;
+use super::layers::Linear;
+use super::llama::{Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
+use crate::config::TokenizerConfig;
+use crate::error::{Error, Result};
+use crate::generation::{ChatTemplate, GenerationConfig, TextGenerator};
+use crate::tokenizer::Tokenizer;
+
+/// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load. Quantized matmuls
+/// also quantize their input (to 8 bits, as llama.cpp does), so logits drift ~0.1 from
+/// transformers' GGUF loading (which dequantizes); dequantized, they agree to ~1e-3.
+fn dequantize() -> bool {
+    std::env::var("FERROFORMERS_GGUF_DEQUANTIZE").is_ok_and(|v| v == "1")
+}
+
+/// candle's CPU dot products for Q4_1, Q5_0 and Q5_1 blocks are scalar (6x slower than its
+/// SIMD Q8_0 kernel on a 135M model): re-block those as Q8_0 once at load. Q8_0 holds a 4/5-bit
+/// block exactly up to rounding of its scale, and stays 3.8x smaller than f32.
+fn fast_kernel(
+    w: candle_core::quantized::QTensor,
+    device: &Device,
+) -> Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    if !device.is_cpu()
+        || !matches!(
+            w.dtype(),
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        )
+    {
+        return Ok(w);
+    }
+    let conv = |e: candle_core::Error| Error::Weights {
+        path: "gguf".into(),
+        detail: e.to_string(),
+    };
+    let dense = w.dequantize(device).map_err(conv)?;
+    QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(conv)
+}
+
+/// An opened GGUF file: its metadata and tensor index.
+pub struct GgufFile {
+    pub content: gguf_file::Content,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| werr(path, format!("not a readable GGUF file ({e})")))?;
+        Ok(Self {
+            content,
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn get_usize(&self, key: &str) -> Option<usize> {
+        use gguf_file::Value as V;
+        Some(match self.meta(key)? {
+            V::U8(v) => *v as usize,
+            V::U16(v) => *v as usize,
+            V::U32(v) => *v as usize,
+            V::U64(v) => *v as usize,
+            V::I8(v) => (*v).max(0) as usize,
+            V::I16(v) => (*v).max(0) as usize,
+            V::I32(v) => (*v).max(0) as usize,
+            V::I64(v) => (*v).max(0) as usize,
+            _ => return None,
+        })
+    }
+
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        use gguf_file::Value as V;
+        Some(match self.meta(key)? {
+            V::F32(v) => *v as f64,
+            V::F64(v) => *v,
+            _ => self.get_usize(key)? as f64,
+        })
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.meta(key)?.to_string().ok().map(String::as_str)
+    }
+
+    fn require(&self, key: &str) -> Result<usize> {
+        self.get_usize(key)
+            .ok_or_else(|| werr(&self.path, format!("metadata `{key}` is missing")))
+    }
+
+    fn qtensor(&mut self, name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.file, name, device)
+            .map_err(|e| werr(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn proj(&mut self, name: &str, device: &Device) -> Result<Proj> {
+        let w = self.qtensor(&format!("{name}.weight"), device)?;
+        let bias_name = format!("{name}.bias");
+        let b = if self.has(&bias_name) {
+            Some(self.dense(&bias_name, device)?)
+        } else {
+            None
+        };
+        if dequantize() {
+            let d = w.dequantize(device).map_err(|e| werr(&self.path, e))?;
+            return Ok(Proj::Dense(
+                Linear::new(d, b).map_err(|e| werr(&self.path, e))?,
+            ));
+        }
+        let q = QMatMul::from_qtensor(fast_kernel(w, device)?).map_err(|e| werr(&self.path, e))?;
+        Ok(Proj::Quantized(q, b))
+    }
+
+    fn dense(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
+        self.qtensor(name, device)?
+            .dequantize(device)
+            .map_err(|e| werr(&self.path, e))
+    }
+
+    /// The model config from `<arch>.*` metadata.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self
+            .get_str("general.architecture")
+            .unwrap_or("llama")
+            .to_string();
+        if !["llama", "qwen2", "mistral"].contains(&arch.as_str()) {
+            return Err(Error::UnsupportedModel {
+                model_type: format!("{arch} (GGUF)"),
+                task: "text-generation".into(),
+                supported: "llama, mistral, qwen2".into(),
+            });
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = self.require(&k("embedding_length"))?;
+        let heads = self.require(&k("attention.head_count"))?;
+        let vocab = match self.meta("tokenizer.ggml.tokens") {
+            Some(v) => v.to_vec().map(Vec::len).unwrap_or(0),
+            None => 0,
+        };
+        let vocab = self.get_usize(&k("vocab_size")).unwrap_or(vocab);
+        let rope_scaling = match self.get_str(&k("rope.scaling.type")) {
+            Some("linear") => Some(RopeScaling {
+                rope_type: "linear".into(),
+                factor: self.get_f64(&k("rope.scaling.factor")),
+                low_freq_factor: None,
+                high_freq_factor: None,
+                original_max_position_embeddings: None,
+            }),
+            _ => None,
+        };
+        Ok(LlamaConfig {
+            model_type: arch.clone(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.require(&k("feed_forward_length"))?,
+            num_hidden_layers: self.require(&k("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.get_usize(&k("attention.head_count_kv")),
+            head_dim: self
+                .get_usize(&k("attention.key_length"))
+                .or(self.get_usize(&k("rope.dimension_count"))),
+            rms_norm_eps: self
+                .get_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            rope_theta: self.get_f64(&k("rope.freq_base")).unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: self.get_usize(&k("context_length")).unwrap_or(2048),
+            tie_word_embeddings: !self.has("output.weight"),
+            attention_bias: false,
+            // llama.cpp's converter permutes Llama's q/k for interleaved rotation; Qwen2 keeps
+            // HF's halves layout (NEOX rope).
+            rope_interleaved: arch == "llama",
+        })
+    }
+
+    /// The model, with quantized projections.
+    pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+        let embed = self.qtensor("token_embd.weight", device)?;
+        let embed_tokens = embed.dequantize(device).map_err(|e| werr(&self.path, e))?;
+        let lm_head = if self.has("output.weight") {
+            self.proj("output", device)?
+        } else if dequantize() {
+            Proj::Dense(Linear::new(embed_tokens.clone(), None).map_err(|e| werr(&self.path, e))?)
+        } else {
+            Proj::Quantized(
+                QMatMul::from_qtensor(fast_kernel(embed, device)?)
+                    .map_err(|e| werr(&self.path, e))?,
+                None,
+            )
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("blk.{i}");
+            layers.push(LlamaLayerParts {
+                input_layernorm: self.dense(&format!("{p}.attn_norm.weight"), device)?,
+                q_proj: self.proj(&format!("{p}.attn_q"), device)?,
+                k_proj: self.proj(&format!("{p}.attn_k"), device)?,
+                v_proj: self.proj(&format!("{p}.attn_v"), device)?,
+                o_proj: self.proj(&format!("{p}.attn_output"), device)?,
+                post_attention_layernorm: self.dense(&format!("{p}.ffn_norm.weight"), device)?,
+                gate_proj: self.proj(&format!("{p}.ffn_gate"), device)?,
+                up_proj: self.proj(&format!("{p}.ffn_up"), device)?,
+                down_proj: self.proj(&format!("{p}.ffn_down"), device)?,
+            });
+        }
+        let parts = LlamaParts {
+            embed_tokens,
+            layers,
+            norm: self.dense("output_norm.weight", device)?,
+            lm_head,
+        };
+        Llama::from_parts(cfg, parts, device, DType::F32).map_err(|e| werr(&self.path, e))
+    }
+
+    fn token_strings(&self) -> Result<Vec<String>> {
+        let v = self
+            .meta("tokenizer.ggml.tokens")
+            .ok_or_else(|| werr(&self.path, "no embedded vocabulary (tokenizer.ggml.tokens)"))?;
+        v.to_vec()
+            .map_err(|e| werr(&self.path, e))?
+            .iter()
+            .map(|t| t.to_string().cloned().map_err(|e| werr(&self.path, e)))
+            .collect()
+    }
+
+    /// The embedded byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`).
+    pub fn tokenizer(&self, model_limit: Option<usize>) -> Result<(Tokenizer, TokenizerConfig)> {
+        let model = self.get_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(werr(
+                &self.path,
+                format!(
+                    "embedded tokenizer `{model}` is not supported (byte-level BPE `gpt2` is); \
+                     pass --tokenizer with a tokenizer.json folder"
+                ),
+            ));
+        }
+        let tokens = self.token_strings()?;
+        let merges: Vec<(String, String)> = match self.meta("tokenizer.ggml.merges") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| werr(&self.path, e))?
+                .iter()
+                .filter_map(|m| {
+                    let s = m.to_string().ok()?;
+                    let (a, b) = s.split_once(' ')?;
+                    Some((a.to_string(), b.to_string()))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(false)
+            .build()
+            .map_err(|e| werr(&self.path, e))?;
+        let mut t = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre: PreTokenizerWrapper = match self.get_str("tokenizer.ggml.pre") {
+            // SmolLM and others split digits one by one before the GPT-2 regex.
+            Some("smollm") | Some("llama3") | Some("llama-bpe") | Some("qwen2") => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            _ => byte_level.into(),
+        };
+        t.with_pre_tokenizer(Some(pre));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control and user-defined tokens are matched whole, as added tokens.
+        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.to_i32().map(i64::from).unwrap_or(1))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let specials: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, ty)| **ty == 3 || **ty == 4)
+            .filter_map(|(i, _)| tokens.get(i))
+            .map(|s| AddedToken::from(s.clone(), true))
+            .collect();
+        t.add_special_tokens(specials)
+            .map_err(|e| werr(&self.path, e))?;
+        let name = |key: &str| self.get_usize(key).and_then(|i| tokens.get(i)).cloned();
+        let cfg = TokenizerConfig {
+            bos_token: name("tokenizer.ggml.bos_token_id"),
+            eos_token: name("tokenizer.ggml.eos_token_id"),
+            unk_token: name("tokenizer.ggml.unknown_token_id"),
+            pad_token: name("tokenizer.ggml.padding_token_id"),
+            model_max_length: model_limit,
+            ..Default::default()
+        };
+        let add_bos = matches!(
+            self.meta("tokenizer.ggml.add_bos_token"),
+            Some(gguf_file::Value::Bool(true))
+        );
+        if let (true, Some(bos), Some(id)) = (
+            add_bos,
+            cfg.bos_token.clone(),
+            self.get_usize("tokenizer.ggml.bos_token_id"),
+        ) {
+            let tp = TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .map_err(|e| werr(&self.path, e))?
+                .special_tokens(vec![(bos, id as u32)])
+                .build()
+                .map_err(|e| werr(&self.path, e))?;
+            t.with_post_processor(Some(tp));
+        }
+        Ok((Tokenizer::from_tokenizer(t, &cfg, model_limit)?, cfg))
+    }
+}
+
+/// Everything text generation needs from one GGUF file.
+pub fn load_text_generator(path: &Path, device: &Device) -> Result<TextGenerator> {
+    let mut f = GgufFile::open(path)?;
+    let cfg = f.llama_config()?;
+    let model = f.llama(&cfg, device)?;
+    let (tokenizer, tcfg) = f.tokenizer(Some(cfg.max_position_embeddings))?;
+    let chat_template = match f.get_str("tokenizer.chat_template") {
+        Some(src) => {
+            let mut t = ChatTemplate::new(src)?;
+            t.bos_token = tcfg.bos_token.clone();
+            t.eos_token = tcfg.eos_token.clone();
+            t.unk_token = tcfg.unk_token.clone();
+            t.pad_token = tcfg.pad_token.clone();
+            Some(t)
+        }
+        None => None,
+    };
+    let gen = GenerationConfig {
+        bos_token_id: f.get_usize("tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        eos_token_id: f
+            .get_usize("tokenizer.ggml.eos_token_id")
+            .map(|x| vec![x as u32])
+            .unwrap_or_default(),
+        pad_token_id: f
+            .get_usize("tokenizer.ggml.padding_token_id")
+            .map(|x| x as u32),
+        ..Default::default()
+    };
+    let pad = gen.pad_token_id;
+    TextGenerator::assemble(
+        Box::new(model),
+        tokenizer,
+        gen,
+        chat_template,
+        pad,
+        path.to_path_buf(),
+    )
+}

@@ -1,0 +1,414 @@
+//! The Llama family (Llama, Mistral, Qwen2, SmolLM), as `modeling_llama.py`: RMSNorm pre-norm
+//! layers, grouped-query attention with rotary position embeddings (`rope_theta`, `linear` and
+//! `llama3` scaling), a SwiGLU MLP, tied or untied output embeddings, and Qwen2's q/k/v biases.
+//! The same model is built from a GGUF file (see `gguf.rs`), with quantized projections.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use serde::Deserialize;
+
+use super::causal_lm::{last_position, sdpa, CausalLm, KvCache, Proj, RmsNorm};
+use super::layers::Linear;
+
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// `rope_scaling` in config.json.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama's switch for q/k/v/o biases; Qwen2 always has q/k/v biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// GGUF checkpoints store q/k rotated for interleaved (GPT-J style) RoPE.
+    #[serde(skip)]
+    pub rope_interleaved: bool,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// HF's `ROPE_INIT_FUNCTIONS`: the inverse frequencies, in f32 as torch computes them.
+    pub fn inv_freq(&self) -> candle_core::Result<Vec<f32>> {
+        let d = self.head_dim();
+        let base = self.rope_theta as f32;
+        let inv: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / d as f32))
+            .collect();
+        let Some(s) = &self.rope_scaling else {
+            return Ok(inv);
+        };
+        let factor = s.factor.unwrap_or(1.0) as f32;
+        match s.rope_type.as_str() {
+            "default" => Ok(inv),
+            "linear" => Ok(inv.iter().map(|f| f / factor).collect()),
+            "llama3" => {
+                let low = s.low_freq_factor.unwrap_or(1.0) as f32;
+                let high = s.high_freq_factor.unwrap_or(4.0) as f32;
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f32;
+                let low_wavelen = old / low;
+                let high_wavelen = old / high;
+                Ok(inv
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f / factor
+                        } else if wavelen < high_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            other => candle_core::bail!(
+                "rope_scaling type `{other}` is not supported (default, linear, llama3)"
+            ),
+        }
+    }
+}
+
+/// cos/sin tables `[b, s, head_dim/2]` for the given positions.
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    interleaved: bool,
+}
+
+impl Rotary {
+    fn new(cfg: &LlamaConfig) -> Result<Self> {
+        Ok(Self {
+            inv_freq: cfg.inv_freq()?,
+            interleaved: cfg.rope_interleaved,
+        })
+    }
+
+    fn cos_sin(&self, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, s) = position_ids.dims2()?;
+        let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * s * half);
+        let mut sin = Vec::with_capacity(b * s * half);
+        for p in pos {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let dev = position_ids.device();
+        Ok((
+            Tensor::from_vec(cos, (b, s, half), dev)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (b, s, half), dev)?.to_dtype(dtype)?,
+        ))
+    }
+
+    fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(xs, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(xs, cos, sin)
+        }
+    }
+}
+
+struct Attention {
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rotary: &Rotary,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(xs)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let q = rotary.apply(&q, cos, sin)?;
+        let k = rotary.apply(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let ctx = sdpa(&q, &k, &v, bias, scale)?;
+        self.o_proj.forward(&ctx)
+    }
+}
+
+struct Mlp {
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The parts of a Llama model, so that GGUF loading can assemble one from its own tensors.
+pub struct LlamaParts {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LlamaLayerParts>,
+    pub norm: Tensor,
+    pub lm_head: Proj,
+}
+
+pub struct LlamaLayerParts {
+    pub input_layernorm: Tensor,
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
+    pub post_attention_layernorm: Tensor,
+    pub gate_proj: Proj,
+    pub up_proj: Proj,
+    pub down_proj: Proj,
+}
+
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Proj,
+    rotary: Rotary,
+    max_positions: usize,
+    device: Device,
+    dtype: DType,
+}
+
+fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Proj::Dense(Linear::new(w, b)?))
+}
+
+impl Llama {
+    pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let qkv_bias = cfg.model_type == "qwen2" || cfg.attention_bias;
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let lb = m.pp("layers").pp(l);
+                let att = lb.pp("self_attn");
+                let mlp = lb.pp("mlp");
+                Ok(LlamaLayerParts {
+                    input_layernorm: lb.pp("input_layernorm").get(h, "weight")?,
+                    q_proj: dense(&att.pp("q_proj"), nh * hd, h, qkv_bias)?,
+                    k_proj: dense(&att.pp("k_proj"), nkv * hd, h, qkv_bias)?,
+                    v_proj: dense(&att.pp("v_proj"), nkv * hd, h, qkv_bias)?,
+                    o_proj: dense(&att.pp("o_proj"), h, nh * hd, cfg.attention_bias)?,
+                    post_attention_layernorm: lb.pp("post_attention_layernorm").get(h, "weight")?,
+                    gate_proj: dense(&mlp.pp("gate_proj"), i, h, false)?,
+                    up_proj: dense(&mlp.pp("up_proj"), i, h, false)?,
+                    down_proj: dense(&mlp.pp("down_proj"), h, i, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Proj::Dense(Linear::new(embed_tokens.clone(), None)?)
+        } else {
+            dense(&vb.pp("lm_head"), cfg.vocab_size, h, false)?
+        };
+        let parts = LlamaParts {
+            embed_tokens,
+            layers,
+            norm: m.pp("norm").get(h, "weight")?,
+            lm_head,
+        };
+        Self::from_parts(cfg, parts, vb.device(), vb.dtype())
+    }
+
+    pub fn from_parts(
+        cfg: &LlamaConfig,
+        p: LlamaParts,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let layers = p
+            .layers
+            .into_iter()
+            .map(|l| DecoderLayer {
+                input_layernorm: RmsNorm::new(l.input_layernorm, eps),
+                self_attn: Attention {
+                    q_proj: l.q_proj,
+                    k_proj: l.k_proj,
+                    v_proj: l.v_proj,
+                    o_proj: l.o_proj,
+                    num_heads: cfg.num_attention_heads,
+                    num_kv_heads: cfg.kv_heads(),
+                    head_dim: cfg.head_dim(),
+                },
+                post_attention_layernorm: RmsNorm::new(l.post_attention_layernorm, eps),
+                mlp: Mlp {
+                    gate_proj: l.gate_proj,
+                    up_proj: l.up_proj,
+                    down_proj: l.down_proj,
+                },
+            })
+            .collect();
+        Ok(Self {
+            embed_tokens: Embedding::new(p.embed_tokens, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::new(p.norm, eps),
+            lm_head: p.lm_head,
+            rotary: Rotary::new(cfg)?,
+            max_positions: cfg.max_position_embeddings,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &xs;
+            let h = layer.input_layernorm.forward(&xs)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &cos, &sin, &self.rotary, bias, cache, i)?;
+            let xs1 = (residual + h)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&xs1)?)?;
+            xs = (xs1 + h)?;
+        }
+        if last_only {
+            xs = last_position(&xs)?;
+        }
+        let xs = self.norm.forward(&xs)?;
+        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.max_positions)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_scales_low_frequencies() {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 10, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        }))
+        .unwrap();
+        let inv = cfg.inv_freq().unwrap();
+        // Wavelength 2*pi lies between 16/4 and 16/1: smoothed between scaled and kept.
+        let smooth = (16.0 / (2.0 * std::f32::consts::PI) - 1.0) / 3.0;
+        assert!(
+            (inv[0] - ((1.0 - smooth) / 8.0 + smooth)).abs() < 1e-6,
+            "{}",
+            inv[0]
+        );
+        // Wavelength beyond 16: scaled by the factor.
+        assert!((inv[3] - 1.0 / 10000f32.powf(0.75) / 8.0).abs() < 1e-9);
+    }
+}

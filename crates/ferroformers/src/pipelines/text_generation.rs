@@ -1,0 +1,335 @@
+//! `text-generation`, as HF's `TextGenerationPipeline` (4.57): a prompt (with an optional
+//! `prefix`) or a chat (`{"messages": [..]}` rendered with the model's chat template) is
+//! continued by `generate`; outputs are `{"generated_text": ..}` per returned sequence, the
+//! prompt included unless `return_full_text=false`, and for chats the message list with the new
+//! assistant message appended.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{param, Input, Output, Params, PipelineOptions, Task};
+use crate::error::{Error, Result};
+use crate::generation::config::GENERATION_PARAMS;
+use crate::generation::{GenerationConfig, Hooks, Message, TextGenerator, TextStreamer};
+
+/// One returned sequence: text, or the chat with the assistant's reply appended.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GeneratedText {
+    pub generated_text: Generation,
+}
+
+/// `generated_text`: a string, or (chat input) the messages in HF's key order.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Generation {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+impl Generation {
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Generation::Text(t) => Some(t),
+            Generation::Chat(_) => None,
+        }
+    }
+}
+
+/// Parse `{"messages": [{"role", "content"}, ..]}`.
+pub fn chat_from_json(o: &Map<String, Value>, index: usize) -> Result<Input> {
+    if let Some(k) = o.keys().find(|k| *k != "messages") {
+        return Err(Error::input(
+            index,
+            format!("unexpected key `{k}` next to `messages`"),
+        ));
+    }
+    let list = o["messages"]
+        .as_array()
+        .ok_or_else(|| Error::input(index, "`messages` must be a list"))?;
+    let messages = list
+        .iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str);
+            let content = m.get("content").and_then(Value::as_str);
+            match (role, content) {
+                (Some(r), Some(c)) => Ok(Message::new(r, c)),
+                _ => Err(Error::input(
+                    index,
+                    format!("each message needs string `role` and `content`, got {m}"),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if messages.is_empty() {
+        return Err(Error::input(index, "`messages` is empty"));
+    }
+    Ok(Input::Chat(messages))
+}
+
+const OWN_PARAMS: &[&str] = &[
+    "return_full_text",
+    "return_text",
+    "prefix",
+    "clean_up_tokenization_spaces",
+    "skip_special_tokens",
+    "continue_final_message",
+    "add_special_tokens",
+    "stop_sequence",
+];
+
+/// Pipeline parameters that are not generation parameters, resolved.
+#[derive(Debug, Clone)]
+struct Options {
+    return_full_text: bool,
+    prefix: String,
+    clean_up: bool,
+    skip_special_tokens: bool,
+    continue_final_message: Option<bool>,
+    add_special_tokens: bool,
+}
+
+pub struct TextGeneration {
+    pub generator: TextGenerator,
+    accepted: &'static [&'static str],
+}
+
+fn accepted_params() -> &'static [&'static str] {
+    static LIST: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let mut v: Vec<&'static str> = OWN_PARAMS.to_vec();
+        v.extend_from_slice(GENERATION_PARAMS);
+        v
+    })
+}
+
+impl TextGeneration {
+    pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
+        let generator = TextGenerator::load(
+            model,
+            opts.tokenizer.as_deref(),
+            opts.revision.as_deref(),
+            &opts.device,
+            opts.dtype,
+        )?;
+        Ok(Self {
+            generator,
+            accepted: accepted_params(),
+        })
+    }
+
+    /// The generation config of one call: the pipeline's defaults over the model's, then the
+    /// call's parameters (HF's precedence), with `prefix`'s tokens added to a length limit.
+    fn config(&self, params: &Params, prefix_len: usize) -> Result<GenerationConfig> {
+        let mut cfg =
+            GenerationConfig::for_text_generation_pipeline(&self.generator.generation_config);
+        cfg.apply(params)?;
+        if let Some(stop) = param::opt_str(params, "stop_sequence")? {
+            cfg.eos_token_id = self.generator.encode(stop, false)?;
+        }
+        if prefix_len > 0 {
+            if !params.contains_key("max_new_tokens") && cfg.max_new_tokens.is_none() {
+                cfg.max_length += prefix_len;
+            }
+            if !params.contains_key("min_new_tokens") && params.contains_key("min_length") {
+                cfg.min_length += prefix_len;
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn options(&self, params: &Params) -> Result<Options> {
+        let return_text = param::opt_bool(params, "return_text")?;
+        let full = param::opt_bool(params, "return_full_text")?;
+        if return_text.is_some() && full.is_some() {
+            return Err(Error::param(
+                "return_text",
+                "`return_text` is mutually exclusive with `return_full_text`",
+            ));
+        }
+        Ok(Options {
+            return_full_text: full.unwrap_or(true),
+            prefix: param::opt_str(params, "prefix")?.unwrap_or("").to_string(),
+            clean_up: param::opt_bool(params, "clean_up_tokenization_spaces")?.unwrap_or(true),
+            skip_special_tokens: param::opt_bool(params, "skip_special_tokens")?.unwrap_or(true),
+            continue_final_message: param::opt_bool(params, "continue_final_message")?,
+            add_special_tokens: param::opt_bool(params, "add_special_tokens")?.unwrap_or(true),
+        })
+    }
+
+    /// Prompt token ids of one input.
+    fn encode(&self, input: &Input, o: &Options, index: usize) -> Result<Vec<u32>> {
+        let ids = match input {
+            Input::Text(t) => {
+                let text = format!("{}{}", o.prefix, t);
+                self.generator.encode(&text, o.add_special_tokens)?
+            }
+            Input::Chat(messages) => {
+                let cont = o
+                    .continue_final_message
+                    .unwrap_or_else(|| messages.last().is_some_and(|m| m.role == "assistant"));
+                self.generator.encode_chat(messages, cont)?
+            }
+            _ => {
+                return Err(Error::input(
+                    index,
+                    "text-generation takes a string or a `{messages}` chat",
+                ))
+            }
+        };
+        if ids.is_empty() {
+            return Err(Error::input(index, "the prompt is empty"));
+        }
+        self.generator
+            .check_prompt_length(ids.len())
+            .map_err(|e| match e {
+                Error::InvalidInput { detail, .. } => Error::InvalidInput { index, detail },
+                e => e,
+            })?;
+        Ok(ids)
+    }
+
+    /// HF's `postprocess` for one returned sequence.
+    fn postprocess(
+        &self,
+        input: &Input,
+        prompt: &[u32],
+        new: &[u32],
+        o: &Options,
+    ) -> Result<GeneratedText> {
+        let mut all: Vec<u32> = prompt.to_vec();
+        all.extend_from_slice(new);
+        let text = self
+            .generator
+            .decode(&all, o.skip_special_tokens, o.clean_up)?;
+        let prompt_chars = self
+            .generator
+            .decode(prompt, o.skip_special_tokens, o.clean_up)?
+            .chars()
+            .count();
+        let new_text: String = text.chars().skip(prompt_chars).collect();
+        let value = match (o.return_full_text, input) {
+            (false, _) => Generation::Text(new_text),
+            (true, Input::Chat(messages)) => {
+                let cont = o
+                    .continue_final_message
+                    .unwrap_or_else(|| messages.last().is_some_and(|m| m.role == "assistant"));
+                let mut msgs = messages.clone();
+                if cont {
+                    if let Some(last) = msgs.last_mut() {
+                        last.content.push_str(&new_text);
+                    }
+                } else {
+                    msgs.push(Message::new("assistant", new_text));
+                }
+                Generation::Chat(msgs)
+            }
+            (true, Input::Text(t)) => Generation::Text(format!("{t}{new_text}")),
+            (true, _) => Generation::Text(new_text),
+        };
+        Ok(GeneratedText {
+            generated_text: value,
+        })
+    }
+
+    /// Generate for one input, calling `on_text` with each new piece of text as it is
+    /// produced (greedy search or sampling with one sequence).
+    pub fn run_streaming(
+        &self,
+        input: &Input,
+        params: &Params,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Output> {
+        for k in params.keys() {
+            if !self.accepted.contains(&k.as_str()) {
+                return Err(Error::UnknownParameter {
+                    task: "text-generation".into(),
+                    name: k.clone(),
+                    accepted: self.accepted.join(", "),
+                });
+            }
+        }
+        let o = self.options(params)?;
+        let prefix_len = if o.prefix.is_empty() {
+            0
+        } else {
+            self.generator.encode(&o.prefix, false)?.len()
+        };
+        let cfg = self.config(params, prefix_len)?;
+        if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
+            return Err(Error::param(
+                "num_beams",
+                "streaming supports one sequence (greedy search or sampling)",
+            ));
+        }
+        let prompt = self.encode(input, &o, 0)?;
+        let mut streamer = TextStreamer::new(&self.generator.tokenizer, o.skip_special_tokens);
+        let mut err = None;
+        let mut on_token = |_: usize, tok: u32| match streamer.push(tok) {
+            Ok(Some(delta)) => on_text(&delta),
+            Ok(None) => {}
+            Err(e) => err = Some(e),
+        };
+        let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
+        let mut hooks = Hooks {
+            on_token: Some(&mut on_token),
+            decode: Some(&decode),
+        };
+        let out = self
+            .generator
+            .generate_ids(std::slice::from_ref(&prompt), &cfg, &mut hooks)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if let Some(rest) = streamer.finish()? {
+            on_text(&rest);
+        }
+        let seqs = out.sequences.into_iter().next().unwrap_or_default();
+        let texts = seqs
+            .iter()
+            .map(|s| self.postprocess(input, &prompt, s, &o))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Output::Generated(texts))
+    }
+}
+
+impl Task for TextGeneration {
+    fn accepted_params(&self) -> &'static [&'static str] {
+        self.accepted
+    }
+
+    fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        let o = self.options(params)?;
+        let prefix_len = if o.prefix.is_empty() {
+            0
+        } else {
+            self.generator.encode(&o.prefix, false)?.len()
+        };
+        let cfg = self.config(params, prefix_len)?;
+        cfg.validate()?;
+        let prompts = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| self.encode(inp, &o, i))
+            .collect::<Result<Vec<_>>>()?;
+        let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
+        let mut outs = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        for chunk in prompts.chunks(batch_size.max(1)) {
+            let mut hooks = Hooks {
+                on_token: None,
+                decode: Some(&decode),
+            };
+            let gen = self.generator.generate_ids(chunk, &cfg, &mut hooks)?;
+            for (k, seqs) in gen.sequences.iter().enumerate() {
+                let i = start + k;
+                let texts = seqs
+                    .iter()
+                    .map(|s| self.postprocess(&inputs[i], &prompts[i], s, &o))
+                    .collect::<Result<Vec<_>>>()?;
+                outs.push(Output::Generated(texts));
+            }
+            start += chunk.len();
+        }
+        Ok(outs)
+    }
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Feature-extraction benchmark: ferroformers vs Python transformers (torch) vs ONNX Runtime.
+
+Embeds the same 256 short sentences (mean pooled, L2-normalised) with
+sentence-transformers/all-MiniLM-L6-v2 at batch 1 and batch 32, same thread count for every
+engine, alternating engines within each repetition so machine load hits all of them alike.
+
+  scripts/fetch-models.sh minilm onnx
+  pip install -r scripts/requirements-fixtures.txt -r scripts/requirements-bench.txt
+  cargo build --release -p ferroformers-cli
+  python3 scripts/bench.py [--reps 3] [--threads 2] [--engines ours,torch,onnx] [--batches 1,32]
+
+Per run it records:
+  sentences/s        n / seconds spent embedding (model already loaded), as each engine times it
+  first result (s)   process start -> first embedding available (includes imports and loading)
+  peak RSS (MB)      the child's maximum resident set size (/usr/bin/time %M)
+and prints medians over the repetitions, ratios against torch, and the load average seen.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def load_bench_python():
+    spec = importlib.util.spec_from_file_location("bench_python", ROOT / "scripts" / "bench-python.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_child(cmd, env):
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err.decode()}")
+    return out.decode(), err.decode(), wall
+
+
+def rss_of(cmd, env):
+    """Run cmd under /usr/bin/time to read the child's peak RSS (KB)."""
+    full = ["/usr/bin/time", "-f", "__RSS_KB__=%M"] + cmd
+    out, err, wall = run_child(full, env)
+    rss = next(int(l.split("=")[1]) for l in err.splitlines() if l.startswith("__RSS_KB__="))
+    return out, err, wall, rss / 1024
+
+
+def run_ours(binary, sentences_file, batch, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    cmd = [str(binary), "run", "feature-extraction", "--model", MODEL, "--param", "pooling=mean",
+           "--param", "normalize=true", "--batch-size", str(batch), "--threads", str(threads),
+           "--input", str(sentences_file), "--timing"]
+    out, err, wall, rss = rss_of(cmd, env)
+    timing = json.loads([l for l in err.splitlines() if l.startswith("{")][-1])
+    n = timing["inputs"]
+    assert len(out.splitlines()) == n
+    return {"sentences_per_s": n / timing["run_s"], "first_result_s": timing["first_result_s"],
+            "peak_rss_mb": rss}
+
+
+def run_python(engine, batch, threads, n):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench-python.py"), "--engine", engine,
+           "--batch-size", str(batch), "--threads", str(threads), "--n", str(n)]
+    out, err, wall, rss = rss_of(cmd, env)
+    r = json.loads(out.strip().splitlines()[-1])
+    return {"sentences_per_s": r["sentences_per_s"], "first_result_s": r["time_to_first_result_s"],
+            "peak_rss_mb": rss}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--engines", default="ours,torch,onnx")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "ferroformers"))
+    ap.add_argument("--json", type=Path, help="also write all raw results here")
+    args = ap.parse_args()
+
+    bp = load_bench_python()
+    sentences = bp.make_sentences(args.n)
+    tmp = Path(tempfile.mkdtemp())
+    sfile = tmp / "sentences.jsonl"
+    sfile.write_text("".join(json.dumps(s) + "\n" for s in sentences))
+
+    engines = args.engines.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {}
+    load_before = os.getloadavg()
+    for rep in range(args.reps):
+        order = engines if rep % 2 == 0 else list(reversed(engines))
+        for batch in batches:
+            for e in order:
+                r = (run_ours(args.binary, sfile, batch, args.threads) if e == "ours"
+                     else run_python(e, batch, args.threads, args.n))
+                results.setdefault((e, batch), []).append(r)
+                print(f"rep {rep} {e:5} batch {batch:2}: {r['sentences_per_s']:7.1f} sent/s, "
+                      f"first {r['first_result_s']:.3f} s, RSS {r['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr)
+    load_after = os.getloadavg()
+
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
+    print(f"\nall-MiniLM-L6-v2, {args.n} sentences, {args.threads} threads, "
+          f"median of {args.reps}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print("| engine | batch | sentences/s | vs torch | first result (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for batch in batches:
+        base = med.get(("torch", batch))
+        for e in engines:
+            m = med[(e, batch)]
+            ratio = f"{m['sentences_per_s'] / base['sentences_per_s']:.2f}x" if base else "-"
+            print(f"| {e} | {batch} | {m['sentences_per_s']:.1f} | {ratio} | "
+                  f"{m['first_result_s']:.3f} | {m['peak_rss_mb']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({f"{e}/{b}": v for (e, b), v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Question-answering benchmark: ferroformers vs Python transformers 4.57 on a BERT-base-sized
+random model (hidden 768, 12 layers, 12 heads), 64 (question, ~300-word context) pairs.
+
+  cargo build --release -p ferroformers-cli
+  python3 scripts/bench_qa.py [--reps 3] [--threads 2] [--batch-sizes 1,8]
+
+The model is generated (seeded) into bench-out/bert-base-qa/ with the fixture WordPiece
+tokenizer (tests/fixtures/models/bert-qa); the weights are random, so answers are meaningless,
+but the work (windows of 384 tokens, stride 128, span search) is the real pipeline's.
+Engines alternate within each repetition; medians are reported with the load average.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-out"
+MODEL = OUT / "bert-base-qa"
+
+
+def make_model():
+    if (MODEL / "model.safetensors").exists():
+        return
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    torch.manual_seed(0)
+    tok = BertTokenizerFast.from_pretrained(ROOT / "tests/fixtures/models/bert-qa")
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12,
+                     num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
+    model = BertForQuestionAnswering(cfg).eval()
+    MODEL.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(MODEL)
+    tok.model_max_length = 512
+    tok.save_pretrained(MODEL)
+
+
+def make_pairs(n=64):
+    words = (ROOT / "scripts/corpus.txt").read_text().split()
+    rng = random.Random(0)
+    pairs = []
+    for i in range(n):
+        ctx = " ".join(rng.choice(words) for _ in range(300))
+        q = " ".join(rng.choice(words) for _ in range(8)) + "?"
+        pairs.append({"question": q, "context": ctx})
+    return pairs
+
+
+PY_CHILD = r"""
+import time; T0 = time.perf_counter()
+import json, sys, torch
+from transformers import pipeline
+torch.set_num_threads(int(sys.argv[2]))
+pairs = [json.loads(l) for l in open(sys.argv[1])]
+qa = pipeline("question-answering", model=sys.argv[3], tokenizer=sys.argv[3])
+t1 = time.perf_counter()
+out = qa(pairs, batch_size=int(sys.argv[4]))
+t2 = time.perf_counter()
+print(json.dumps({"run_s": t2 - t1, "total_s": t2 - T0, "n": len(out)}))
+"""
+
+
+def timed(cmd, env):
+    full = ["/usr/bin/time", "-f", "__RSS_KB__=%M"] + cmd
+    p = subprocess.run(full, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
+    rss = next(int(l.split("=")[1]) for l in p.stderr.splitlines() if l.startswith("__RSS_KB__="))
+    return p, rss / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--binary", default=str(ROOT / "target/release/ferroformers"))
+    args = ap.parse_args()
+    make_model()
+    tmp = Path(tempfile.mkdtemp())
+    pairs_file = tmp / "pairs.jsonl"
+    pairs = make_pairs()
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    child = tmp / "child.py"
+    child.write_text(PY_CHILD)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
+               RAYON_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    res = {}
+    load0 = os.getloadavg()
+    for rep in range(args.reps):
+        engines = ["ours", "python"] if rep % 2 == 0 else ["python", "ours"]
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            for e in engines:
+                if e == "ours":
+                    p, rss = timed([args.binary, "run", "question-answering", "--model", str(MODEL),
+                                    "--batch-size", str(bs), "--threads", str(args.threads),
+                                    "--input", str(pairs_file), "--timing"], env)
+                    timing = [l for l in p.stderr.splitlines() if l.startswith("{")][-1]
+                    run_s = json.loads(timing)["run_s"]
+                else:
+                    p, rss = timed([sys.executable, str(child), str(pairs_file), str(args.threads),
+                                    str(MODEL), str(bs)], env)
+                    run_s = json.loads(p.stdout.strip().splitlines()[-1])["run_s"]
+                r = {"pairs_per_s": len(pairs) / run_s, "rss_mb": rss}
+                res.setdefault((e, bs), []).append(r)
+                print(f"rep {rep} {e:6} batch {bs}: {r['pairs_per_s']:.2f} pairs/s, RSS {rss:.0f} MB",
+                      file=sys.stderr)
+    load1 = os.getloadavg()
+    print(f"\nQA, BERT-base-sized random model, 64 pairs x ~300-word context, {args.threads} threads, "
+          f"median of {args.reps}; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    print("| engine | batch | pairs/s | vs python | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        py = statistics.median(r["pairs_per_s"] for r in res[("python", bs)])
+        for e in ["ours", "python"]:
+            v = statistics.median(r["pairs_per_s"] for r in res[(e, bs)])
+            rss = statistics.median(r["rss_mb"] for r in res[(e, bs)])
+            print(f"| {e} | {bs} | {v:.2f} | {v / py:.2f}x | {rss:.0f} |")
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
