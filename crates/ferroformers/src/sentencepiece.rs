@@ -214,12 +214,8 @@ fn find_files(dir: &Path) -> Option<(std::path::PathBuf, Option<std::path::PathB
     if source.is_file() && vocab.is_file() {
         return Some((source, Some(vocab)));
     }
-    for name in ["sentencepiece.bpe.model", "tokenizer.model"] {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Some((p, None));
-        }
-    }
+    // Other SentencePiece layouts (XLM-R's and mBART's fairseq id offsets, Llama's byte-fallback
+    // BPE) need their own converters: they are not guessed here.
     None
 }
 

@@ -310,3 +310,55 @@ fn translation_to_unknown_languages_is_an_error() {
         ferroformers::pipeline_with(task, opts).unwrap_or_else(|e| panic!("{name} {task}: {e}"));
     }
 }
+
+#[test]
+fn bad_inputs_and_parameters_are_errors() {
+    use ferroformers::Error;
+    let opts = PipelineOptions {
+        model: Some(model_dir("t5").to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    let p = ferroformers::pipeline_with("summarization", opts).unwrap();
+    let pair = Input::TextPair {
+        text: "a".into(),
+        text_pair: "b".into(),
+    };
+    let err = p.run(&[pair], &Params::new()).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    let with = |v: Value| -> Params { v.as_object().unwrap().clone() };
+    let text = [Input::Text("My name is Sarah.".into())];
+    let cases = [
+        serde_json::json!({"num_beams": 2, "num_return_sequences": 3}),
+        serde_json::json!({"src_lang": "en"}),
+        serde_json::json!({"max_new_tokens": "many"}),
+    ];
+    for params in cases {
+        let err = p.run(&text, &with(params.clone())).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidParameter { .. }),
+            "{params}: {err}"
+        );
+    }
+    let err = p
+        .run(&text, &with(serde_json::json!({"top_kk": 3})))
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownParameter { .. }), "{err}");
+    // BART's learned positions: an input longer than 64 tokens is refused unless truncated.
+    let opts = PipelineOptions {
+        model: Some(model_dir("bart").to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    let p = ferroformers::pipeline_with("summarization", opts).unwrap();
+    let long = [Input::Text("word ".repeat(100))];
+    let err = p
+        .run(&long, &with(serde_json::json!({"max_new_tokens": 2})))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    let ok = p
+        .run(
+            &long,
+            &with(serde_json::json!({"max_new_tokens": 2, "truncation": true})),
+        )
+        .unwrap();
+    assert_eq!(ok.len(), 1);
+}
