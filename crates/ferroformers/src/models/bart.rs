@@ -8,7 +8,8 @@ use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::causal_lm::KvCache;
-use super::layers::{attention_bias, linear, Activation, Linear};
+use super::layers::{attention_bias, linear, sdpa, Activation, Linear};
+use super::seq2seq::causal_bias;
 use super::EncoderModel;
 
 fn default_eps() -> f64 {
@@ -140,17 +141,8 @@ impl Attention {
 
     /// Attend from `xs` over keys/values `k`, `v` with additive `bias` `[b, 1, s|1, t]`.
     fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (b, s, d) = xs.dims3()?;
-        let q = (self.heads(&self.q.forward(xs)?)? * self.scale)?;
-        let k_t = k.transpose(2, 3)?.contiguous()?;
-        let scores = q.matmul(&k_t)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, d))?;
-        self.out.forward(&ctx)
+        let q = self.heads(&self.q.forward(xs)?)?;
+        self.out.forward(&sdpa(&q, k, v, bias, self.scale)?)
     }
 }
 
@@ -414,33 +406,6 @@ impl BartModel {
     }
 }
 
-/// Causal bias `[b, 1, s, s]` for a decoder run over `s` tokens from scratch.
-fn causal(b: usize, s: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-    let data: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { f32::MIN }))
-        .collect();
-    Tensor::from_vec(data, (1, 1, s, s), device)?
-        .to_dtype(dtype)?
-        .broadcast_as((b, 1, s, s))?
-        .contiguous()
-}
-
-/// `shift_tokens_right`: decoder inputs for teacher forcing.
-pub fn shift_tokens_right(ids: &Tensor, pad: u32, start: u32) -> Result<Tensor> {
-    let (b, s) = ids.dims2()?;
-    let rows: Vec<Vec<u32>> = ids.to_vec2()?;
-    let mut out = Vec::with_capacity(b * s);
-    for r in rows {
-        out.push(start);
-        out.extend(
-            r[..s - 1]
-                .iter()
-                .map(|&t| if t == u32::MAX { pad } else { t }),
-        );
-    }
-    Tensor::from_vec(out, (b, s), ids.device())
-}
-
 /// `BartForSequenceClassification`: the decoder's state at the last `</s>` of each row, through
 /// `classification_head` (dense, tanh, out_proj).
 pub struct BartForSequenceClassification {
@@ -448,7 +413,6 @@ pub struct BartForSequenceClassification {
     dense: Linear,
     out_proj: Linear,
     eos: u32,
-    pad: u32,
     start: u32,
 }
 
@@ -462,7 +426,6 @@ impl BartForSequenceClassification {
             dense: linear(d, d, h.pp("dense"))?,
             out_proj: linear(d, num_labels, h.pp("out_proj"))?,
             eos: cfg.eos_token_id.unwrap_or(2),
-            pad: cfg.pad_token_id.unwrap_or(1),
             start: cfg.decoder_start_token_id.unwrap_or(2),
         })
     }
@@ -472,15 +435,22 @@ impl EncoderModel for BartForSequenceClassification {
     fn forward(&self, input_ids: &Tensor, _types: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let enc = self.model.encode(input_ids, mask)?;
         let (b, s) = input_ids.dims2()?;
-        let dec_ids = shift_tokens_right(input_ids, self.pad, self.start)?;
+        let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
+        // `shift_tokens_right`: the start token, then each row without its last token.
+        let dec_ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(self.start).chain(r.iter().take(s.saturating_sub(1)).copied())
+            })
+            .collect();
+        let dec_ids = Tensor::from_vec(dec_ids, (b, s), input_ids.device())?;
         let mut cache = self.model.new_cache(&enc)?;
-        let self_bias = causal(b, s, input_ids.device(), enc.dtype())?;
+        let self_bias = causal_bias(s, 0, input_ids.device(), enc.dtype())?;
         let cross_bias = attention_bias(mask, enc.dtype())?;
         let hidden = self
             .model
             .decode(&dec_ids, &mut cache, &self_bias, &cross_bias)?;
         // The last eos of each row.
-        let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
         let mut picked = Vec::with_capacity(b);
         for (i, r) in rows.iter().enumerate() {
             let pos = r.iter().rposition(|&t| t == self.eos).ok_or_else(|| {

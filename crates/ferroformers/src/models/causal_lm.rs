@@ -137,26 +137,6 @@ pub fn causal_bias(mask: &[Vec<u8>], new: usize, device: &Device) -> Result<Tens
     Tensor::from_vec(data, (b, 1, new, total), device)
 }
 
-/// Softmax attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv_h, t, d]` (grouped-query when
-/// `kv_h < h`) with additive `bias` `[b, 1, s, t]`. Returns `[b, s, h*d]`.
-pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
-    let kv_h = k.dim(1)?;
-    let t = k.dim(2)?;
-    let n_rep = h / kv_h;
-    // Group the query heads that share a kv head into the row dimension: no copy of k/v.
-    let q = (q.reshape((b, kv_h, n_rep * s, d))? * scale)?;
-    let k_t = k.transpose(2, 3)?.contiguous()?;
-    let scores = q.matmul(&k_t)?.reshape((b, h, s, t))?;
-    let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.reshape((b, kv_h, n_rep * s, t))?.matmul(v)?;
-    out.reshape((b, h, s, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, s, h * d))
-}
-
 /// RMSNorm as HF computes it (in f32, then scaled).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {

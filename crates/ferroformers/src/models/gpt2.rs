@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::causal_lm::{last_position, sdpa, CausalLm, KvCache};
+use super::causal_lm::{last_position, CausalLm, KvCache};
+use super::layers::sdpa;
 use super::layers::{Activation, Linear};
 
 fn default_eps() -> f64 {

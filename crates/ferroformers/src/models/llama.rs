@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::causal_lm::{last_position, sdpa, CausalLm, KvCache, Proj, RmsNorm};
+use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
+use super::layers::sdpa;
 use super::layers::Linear;
 
 fn default_theta() -> f64 {
