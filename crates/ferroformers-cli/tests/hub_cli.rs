@@ -4,35 +4,12 @@
 #[path = "../../ferroformers/tests/support/fake_hub.rs"]
 mod fake_hub;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use fake_hub::{pattern, FakeHub, HubFile, Repo};
+use fake_hub::{pattern, FakeHub, HubFile, Repo, TempDir};
 
 const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ff-hub-cli-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The binary with a private cache and hub settings (nothing inherited from the caller's).
 fn ff(args: &[&str], cache: &Path, env: &[(&str, &str)]) -> Output {

@@ -8,36 +8,12 @@
 mod fake_hub;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use fake_hub::{pattern, FakeHub, HubFile, Repo};
+use fake_hub::{pattern, FakeHub, HubFile, Repo, TempDir};
 use ferroformers::hub::{self, HubOptions};
 use ferroformers::Error;
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-/// A fresh, empty cache folder, removed when dropped.
-struct TempCache(PathBuf);
-
-impl TempCache {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ff-hub-dl-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempCache {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn opts(endpoint: &str, cache: &Path) -> HubOptions {
     HubOptions {
@@ -156,7 +132,7 @@ fn download_writes_the_huggingface_hub_layout_and_second_resolve_is_offline() {
     let hub_srv = FakeHub::start();
     let files = st_repo();
     hub_srv.add("org/tiny", Repo::new(COMMIT, files.clone()));
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
 
     let dir = hub::resolve_or_download_with("org/tiny", None, &o).unwrap();
@@ -240,7 +216,7 @@ fn short_pinned_revision_is_downloaded_as_given_and_found_by_prefix() {
         HubFile::lfs("model.safetensors", pattern(5000, 7)),
     ];
     hub_srv.add("org/pinned", Repo::new(COMMIT, files.clone()));
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
     let dir = hub::resolve_or_download_with("org/pinned", Some("0123456"), &o).unwrap();
     let repo = cache.0.join("models--org--pinned");
@@ -289,7 +265,7 @@ fn sharded_safetensors_bring_their_shards() {
         HubFile::lfs("pytorch_model-00001-of-00002.bin", pattern(10, 6)),
     ];
     hub_srv.add("org/sharded", Repo::new(COMMIT, files.clone()));
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     hub::resolve_or_download_with("org/sharded", None, &opts(&hub_srv.url, &cache.0)).unwrap();
     assert_hf_layout(
         &cache.0,
@@ -311,7 +287,7 @@ fn without_the_file_list_api_files_are_probed() {
     let mut repo = Repo::new(COMMIT, files.clone());
     repo.api = false;
     hub_srv.add("org/probed", repo);
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     hub::resolve_or_download_with("org/probed", None, &opts(&hub_srv.url, &cache.0)).unwrap();
     assert_hf_layout(&cache.0, "org/probed", &files, ST_FETCHED);
     let log = hub_srv.log();
@@ -332,7 +308,7 @@ fn gated_repo_needs_the_token_and_gets_it_as_bearer() {
     let mut repo = Repo::new(COMMIT, files.clone());
     repo.gated_token = Some("hf_secret".into());
     hub_srv.add("org/gated", repo);
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let mut o = opts(&hub_srv.url, &cache.0);
 
     let err = hub::resolve_or_download_with("org/gated", None, &o).unwrap_err();
@@ -370,7 +346,7 @@ fn missing_repo_revision_and_file_are_404_errors() {
         "org/tiny",
         Repo::new(COMMIT, vec![HubFile::git("config.json", b"{}")]),
     );
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
 
     let err = hub::resolve_or_download_with("org/absent", None, &o).unwrap_err();
@@ -401,7 +377,7 @@ fn dropped_connection_resumes_with_range() {
     ];
     hub_srv.add("org/flaky", Repo::new(COMMIT, files.clone()));
     hub_srv.state.lock().unwrap().drops_left = 1;
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     hub::resolve_or_download_with("org/flaky", None, &opts(&hub_srv.url, &cache.0)).unwrap();
     assert_hf_layout(
         &cache.0,
@@ -426,7 +402,7 @@ fn an_unfinished_download_leaves_only_its_incomplete_blob_and_resumes_next_time(
     let files = vec![HubFile::git("config.json", b"{}"), big.clone()];
     hub_srv.add("org/flaky", Repo::new(COMMIT, files.clone()));
     hub_srv.state.lock().unwrap().drops_left = 1000;
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
 
     let err = hub::resolve_or_download_with("org/flaky", None, &o).unwrap_err();
@@ -482,7 +458,7 @@ fn a_corrupted_body_is_refused() {
         ),
     );
     hub_srv.state.lock().unwrap().corrupt = true;
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let msg = hub::resolve_or_download_with("org/bad", None, &opts(&hub_srv.url, &cache.0))
         .unwrap_err()
         .to_string();
@@ -495,7 +471,7 @@ fn a_corrupted_body_is_refused() {
 
 #[test]
 fn offline_or_unreachable_gives_one_clear_error_and_writes_nothing() {
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let mut o = opts("http://127.0.0.1:9", &cache.0);
     o.offline = true;
     let err = hub::resolve_or_download_with("org/model", None, &o).unwrap_err();
@@ -555,7 +531,7 @@ fn several_gguf_files_ask_which_one() {
             ],
         ),
     );
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
     let msg = hub::download("org/gguf", None, None, &o)
         .unwrap_err()
@@ -583,7 +559,7 @@ fn a_renamed_repo_is_followed_and_cached_under_the_asked_id() {
         .unwrap()
         .renamed
         .insert("org/old-name".into(), "org/new-name".into());
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let mut o = opts(&hub_srv.url, &cache.0);
     o.token = Some("hf_x".into());
     hub::resolve_or_download_with("org/old-name", None, &o).unwrap();
@@ -613,7 +589,7 @@ fn a_short_revision_the_api_refuses_is_probed_on_the_resolve_route() {
     let mut repo = Repo::new(COMMIT, files.clone());
     repo.api_full_revisions_only = true;
     hub_srv.add("org/short", repo);
-    let cache = TempCache::new();
+    let cache = TempDir::new();
     let o = opts(&hub_srv.url, &cache.0);
     let dir = hub::resolve_or_download_with("org/short", Some("0123456"), &o).unwrap();
     assert!(dir.ends_with(COMMIT));
