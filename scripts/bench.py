@@ -21,11 +21,11 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchlib import timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -38,33 +38,15 @@ def load_bench_python():
     return mod
 
 
-def run_child(cmd, env):
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{err.decode()}")
-    return out.decode(), err.decode(), wall
-
-
-def rss_of(cmd, env):
-    """Run cmd under /usr/bin/time to read the child's peak RSS (KB)."""
-    full = ["/usr/bin/time", "-f", "__RSS_KB__=%M"] + cmd
-    out, err, wall = run_child(full, env)
-    rss = next(int(l.split("=")[1]) for l in err.splitlines() if l.startswith("__RSS_KB__="))
-    return out, err, wall, rss / 1024
-
-
 def run_ours(binary, sentences_file, batch, threads):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [str(binary), "run", "feature-extraction", "--model", MODEL, "--param", "pooling=mean",
            "--param", "normalize=true", "--batch-size", str(batch), "--threads", str(threads),
            "--input", str(sentences_file), "--timing"]
-    out, err, wall, rss = rss_of(cmd, env)
-    timing = json.loads([l for l in err.splitlines() if l.startswith("{")][-1])
+    p, rss = timed(cmd, env)
+    timing = timing_line(p.stderr)
     n = timing["inputs"]
-    assert len(out.splitlines()) == n
+    assert len(p.stdout.splitlines()) == n
     return {"sentences_per_s": n / timing["run_s"], "first_result_s": timing["first_result_s"],
             "peak_rss_mb": rss}
 
@@ -73,8 +55,8 @@ def run_python(engine, batch, threads, n):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "bench-python.py"), "--engine", engine,
            "--batch-size", str(batch), "--threads", str(threads), "--n", str(n)]
-    out, err, wall, rss = rss_of(cmd, env)
-    r = json.loads(out.strip().splitlines()[-1])
+    p, rss = timed(cmd, env)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
     return {"sentences_per_s": r["sentences_per_s"], "first_result_s": r["time_to_first_result_s"],
             "peak_rss_mb": rss}
 

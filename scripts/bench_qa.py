@@ -16,11 +16,11 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchlib import timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
@@ -69,15 +69,6 @@ print(json.dumps({"run_s": t2 - t1, "total_s": t2 - T0, "n": len(out)}))
 """
 
 
-def timed(cmd, env):
-    full = ["/usr/bin/time", "-f", "__RSS_KB__=%M"] + cmd
-    p = subprocess.run(full, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
-    rss = next(int(l.split("=")[1]) for l in p.stderr.splitlines() if l.startswith("__RSS_KB__="))
-    return p, rss / 1024
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
@@ -104,8 +95,7 @@ def main():
                     p, rss = timed([args.binary, "run", "question-answering", "--model", str(MODEL),
                                     "--batch-size", str(bs), "--threads", str(args.threads),
                                     "--input", str(pairs_file), "--timing"], env)
-                    timing = [l for l in p.stderr.splitlines() if l.startswith("{")][-1]
-                    run_s = json.loads(timing)["run_s"]
+                    run_s = timing_line(p.stderr)["run_s"]
                 else:
                     p, rss = timed([sys.executable, str(child), str(pairs_file), str(args.threads),
                                     str(MODEL), str(bs)], env)

@@ -15,10 +15,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchlib import timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "bench-out" / "t5-small-random"
@@ -61,15 +62,6 @@ print(json.dumps({"run_s": time.perf_counter() - t1}))
 """
 
 
-def run(cmd, env):
-    p = subprocess.run(["/usr/bin/time", "-f", "__RSS_KB__=%M"] + cmd, capture_output=True,
-                       text=True, env=env)
-    if p.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    rss = next(int(l.split("=")[1]) for l in p.stderr.splitlines() if l.startswith("__RSS_KB__="))
-    return p, rss / 1024
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
@@ -99,10 +91,10 @@ def main():
                            "--threads", str(args.threads), "--input", str(f), "--timing"]
                     for k, v in params.items():
                         cmd += ["--param", f"{k}={json.dumps(v)}"]
-                    p, rss = run(cmd, env)
-                    run_s = json.loads([l for l in p.stderr.splitlines() if l.startswith("{")][-1])["run_s"]
+                    p, rss = timed(cmd, env)
+                    run_s = timing_line(p.stderr)["run_s"]
                 else:
-                    p, rss = run([sys.executable, str(child), str(f), str(args.threads), str(MODEL),
+                    p, rss = timed([sys.executable, str(child), str(f), str(args.threads), str(MODEL),
                                   json.dumps(params)], env)
                     run_s = json.loads(p.stdout.strip().splitlines()[-1])["run_s"]
                 r = {"texts_per_s": len(texts) / run_s, "rss_mb": rss}

@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmark scripts."""
+import subprocess
+import sys
+
+
+def timed(cmd, env):
+    """Run `cmd` under /usr/bin/time; return (completed process, peak RSS in MB). Exits on failure."""
+    full = ["/usr/bin/time", "-f", "__RSS_KB__=%M"] + [str(c) for c in cmd]
+    p = subprocess.run(full, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(str(c) for c in cmd)}\n{p.stderr[-3000:]}")
+    rss = next(int(l.split("=")[1]) for l in p.stderr.splitlines() if l.startswith("__RSS_KB__="))
+    return p, rss / 1024
+
+
+def timing_line(stderr):
+    """The JSON that `ferroformers run --timing` prints last on stderr."""
+    import json
+    return json.loads([l for l in stderr.splitlines() if l.startswith("{")][-1])
