@@ -14,6 +14,7 @@ pub mod hub;
 pub mod models;
 pub mod pipelines;
 pub mod sentencepiece;
+mod simd;
 pub mod tokenizer;
 pub mod weights;
 

@@ -302,9 +302,11 @@ fn bad_requests_are_typed_errors() {
     assert!(e.to_string().contains("positions"), "{e}");
 }
 
-/// The real SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-models.sh smollm2): greedy text
-/// names Paris, and a chat message gets an answer through the embedded template. Skipped when
-/// the file is not in the HF cache or FERROFORMERS_SKIP_REAL_MODELS=1.
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch-models.sh smollm2): greedy output
+/// equal to transformers 4.57.1 on the same file (`AutoModelForCausalLM.from_pretrained(dir,
+/// gguf_file=..)`, which dequantizes to f32; prompt ids without BOS, as the file's
+/// `add_bos_token=false` says), for plain text and for a chat message through the embedded
+/// template. Skipped when the file is not in the HF cache or FERROFORMERS_SKIP_REAL_MODELS=1.
 #[test]
 fn smollm2_gguf_generates() {
     const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
@@ -332,8 +334,10 @@ fn smollm2_gguf_generates() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(text.starts_with("The capital of France is"), "{text}");
-    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(
+        text, "The capital of France is Paris.\n\nThe answer is: 2018-01-22 ",
+        "transformers: ids 7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, .."
+    );
     let chat = Input::from_json(
         &serde_json::json!({"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
         0,
@@ -345,8 +349,5 @@ fn smollm2_gguf_generates() {
     let msgs = v[0]["generated_text"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{v}");
     assert_eq!(msgs[1]["role"], "assistant");
-    // Quantized matmuls make the first answer token a near tie here ("The" vs "L'"), so only
-    // check that an answer came back through the template.
-    let answer = msgs[1]["content"].as_str().unwrap();
-    assert!(answer.split_whitespace().count() >= 3, "{answer}");
+    assert_eq!(msgs[1]["content"], "The capital of France is Paris.");
 }

@@ -5,7 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{attention, attention_bias, first_token, linear, Activation, Linear};
+use super::encoder_stack::{PostLnLayer, PostLnStack};
+use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 fn default_type_vocab() -> usize {
@@ -82,74 +83,41 @@ impl BertEmbeddings {
     }
 }
 
-struct BertLayer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    act: Activation,
-    output: Linear,
-    out_norm: LayerNorm,
-    num_heads: usize,
-}
-
-impl BertLayer {
-    fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let att = vb.pp("attention");
-        Ok(Self {
-            query: linear(h, h, att.pp("self").pp("query"))?,
-            key: linear(h, h, att.pp("self").pp("key"))?,
-            value: linear(h, h, att.pp("self").pp("value"))?,
-            attn_out: linear(h, h, att.pp("output").pp("dense"))?,
-            attn_norm: layer_norm(h, cfg.layer_norm_eps, att.pp("output").pp("LayerNorm"))?,
-            intermediate: linear(h, i, vb.pp("intermediate").pp("dense"))?,
-            act: cfg.hidden_act,
-            output: linear(i, h, vb.pp("output").pp("dense"))?,
-            out_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
-            num_heads: cfg.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let ctx = attention(
-            &self.query.forward(xs)?,
-            &self.key.forward(xs)?,
-            &self.value.forward(xs)?,
-            bias,
-            self.num_heads,
-        )?;
-        let xs = self
-            .attn_norm
-            .forward(&(self.attn_out.forward(&ctx)? + xs)?)?;
-        let ff = self.act.forward(&self.intermediate.forward(&xs)?)?;
-        self.out_norm.forward(&(self.output.forward(&ff)? + xs)?)
-    }
+fn load_layer(cfg: &BertConfig, vb: VarBuilder) -> Result<PostLnLayer> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let att = vb.pp("attention");
+    Ok(PostLnLayer {
+        query: linear(h, h, att.pp("self").pp("query"))?,
+        key: linear(h, h, att.pp("self").pp("key"))?,
+        value: linear(h, h, att.pp("self").pp("value"))?,
+        attn_out: linear(h, h, att.pp("output").pp("dense"))?,
+        attn_norm: layer_norm(h, cfg.layer_norm_eps, att.pp("output").pp("LayerNorm"))?,
+        ff_in: linear(h, i, vb.pp("intermediate").pp("dense"))?,
+        act: cfg.hidden_act,
+        ff_out: linear(i, h, vb.pp("output").pp("dense"))?,
+        out_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+        num_heads: cfg.num_attention_heads,
+    })
 }
 
 /// The stack of post-LN transformer layers (`encoder.layer.N`).
 pub struct BertEncoder {
-    layers: Vec<BertLayer>,
+    stack: PostLnStack,
 }
 
 impl BertEncoder {
     pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::load(cfg, vb.pp("layer").pp(i)))
+            .map(|i| load_layer(cfg, vb.pp("layer").pp(i)))
             .collect::<Result<_>>()?;
-        Ok(Self { layers })
+        Ok(Self {
+            stack: PostLnStack::new(layers, vb.device(), vb.dtype())?,
+        })
     }
 
     /// `attention_mask` is the 0/1 `[b, s]` mask.
     pub fn forward(&self, xs: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let bias = attention_bias(attention_mask, xs.dtype())?;
-        let mut xs = xs.clone();
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &bias)?;
-        }
-        Ok(xs)
+        self.stack.forward(xs, attention_mask)
     }
 }
 

@@ -91,6 +91,8 @@ pub trait CausalLm: Send + Sync {
 pub enum Proj {
     Dense(Linear),
     Quantized(QMatMul, Option<Tensor>),
+    /// GGUF blocks with f32 activations (CPU).
+    Blocks(super::quantized::QuantLinear, Option<Tensor>),
 }
 
 impl Module for Proj {
@@ -98,6 +100,13 @@ impl Module for Proj {
         match self {
             Proj::Dense(l) => l.forward(xs),
             Proj::Quantized(q, b) => {
+                let ys = q.forward(xs)?;
+                match b {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
+                }
+            }
+            Proj::Blocks(q, b) => {
                 let ys = q.forward(xs)?;
                 match b {
                     Some(b) => ys.broadcast_add(b),

@@ -6,7 +6,8 @@ use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::bert::base_vb;
-use super::layers::{attention, attention_bias, first_token, linear, Activation, Linear};
+use super::encoder_stack::{PostLnLayer, PostLnStack};
+use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -23,51 +24,21 @@ pub struct DistilBertConfig {
 
 const EPS: f64 = 1e-12;
 
-struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    sa_norm: LayerNorm,
-    lin1: Linear,
-    lin2: Linear,
-    act: Activation,
-    out_norm: LayerNorm,
-    n_heads: usize,
-}
-
-impl Layer {
-    fn load(cfg: &DistilBertConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, h) = (cfg.dim, cfg.hidden_dim);
-        let a = vb.pp("attention");
-        Ok(Self {
-            q: linear(d, d, a.pp("q_lin"))?,
-            k: linear(d, d, a.pp("k_lin"))?,
-            v: linear(d, d, a.pp("v_lin"))?,
-            out: linear(d, d, a.pp("out_lin"))?,
-            sa_norm: layer_norm(d, EPS, vb.pp("sa_layer_norm"))?,
-            lin1: linear(d, h, vb.pp("ffn").pp("lin1"))?,
-            lin2: linear(h, d, vb.pp("ffn").pp("lin2"))?,
-            act: cfg.activation,
-            out_norm: layer_norm(d, EPS, vb.pp("output_layer_norm"))?,
-            n_heads: cfg.n_heads,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let ctx = attention(
-            &self.q.forward(xs)?,
-            &self.k.forward(xs)?,
-            &self.v.forward(xs)?,
-            bias,
-            self.n_heads,
-        )?;
-        let xs = self.sa_norm.forward(&(self.out.forward(&ctx)? + xs)?)?;
-        let ff = self
-            .lin2
-            .forward(&self.act.forward(&self.lin1.forward(&xs)?)?)?;
-        self.out_norm.forward(&(ff + xs)?)
-    }
+fn load_layer(cfg: &DistilBertConfig, vb: VarBuilder) -> Result<PostLnLayer> {
+    let (d, h) = (cfg.dim, cfg.hidden_dim);
+    let a = vb.pp("attention");
+    Ok(PostLnLayer {
+        query: linear(d, d, a.pp("q_lin"))?,
+        key: linear(d, d, a.pp("k_lin"))?,
+        value: linear(d, d, a.pp("v_lin"))?,
+        attn_out: linear(d, d, a.pp("out_lin"))?,
+        attn_norm: layer_norm(d, EPS, vb.pp("sa_layer_norm"))?,
+        ff_in: linear(d, h, vb.pp("ffn").pp("lin1"))?,
+        act: cfg.activation,
+        ff_out: linear(h, d, vb.pp("ffn").pp("lin2"))?,
+        out_norm: layer_norm(d, EPS, vb.pp("output_layer_norm"))?,
+        num_heads: cfg.n_heads,
+    })
 }
 
 enum DistilBertHead {
@@ -90,7 +61,7 @@ pub struct DistilBert {
     word: Embedding,
     position: Embedding,
     emb_norm: LayerNorm,
-    layers: Vec<Layer>,
+    layers: PostLnStack,
     head: DistilBertHead,
 }
 
@@ -110,8 +81,8 @@ impl DistilBert {
             e.pp("position_embeddings"),
         )?;
         let emb_norm = layer_norm(cfg.dim, EPS, e.pp("LayerNorm"))?;
-        let layers = (0..cfg.n_layers)
-            .map(|i| Layer::load(cfg, base.pp("transformer").pp("layer").pp(i)))
+        let layers: Vec<PostLnLayer> = (0..cfg.n_layers)
+            .map(|i| load_layer(cfg, base.pp("transformer").pp("layer").pp(i)))
             .collect::<Result<_>>()?;
         let d = cfg.dim;
         let head = match head {
@@ -145,7 +116,7 @@ impl DistilBert {
             word,
             position,
             emb_norm,
-            layers,
+            layers: PostLnStack::new(layers, vb.device(), vb.dtype())?,
             head,
         })
     }
@@ -164,11 +135,8 @@ impl EncoderModel for DistilBert {
             .word
             .forward(input_ids)?
             .broadcast_add(&self.position.forward(&pos)?)?;
-        let mut xs = self.emb_norm.forward(&xs)?;
-        let bias = attention_bias(attention_mask, xs.dtype())?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &bias)?;
-        }
+        let xs = self.emb_norm.forward(&xs)?;
+        let xs = self.layers.forward(&xs, attention_mask)?;
         match &self.head {
             DistilBertHead::Base => Ok(xs),
             DistilBertHead::SequenceClassification {

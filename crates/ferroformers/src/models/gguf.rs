@@ -16,41 +16,34 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use super::causal_lm::Proj;
 use super::layers::Linear;
-use super::llama::{Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
+use super::llama::{EmbedTable, Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
+use super::quantized::QuantLinear;
 use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
 use crate::generation::{ChatTemplate, GenerationConfig, TextGenerator};
 use crate::tokenizer::Tokenizer;
 
-/// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load. Quantized matmuls
-/// also quantize their input (to 8 bits, as llama.cpp does), so logits drift ~0.1 from
-/// transformers' GGUF loading (which dequantizes); dequantized, they agree to ~1e-3.
+/// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load (4-8x the memory,
+/// same numbers as the CPU block kernels, which keep f32 activations). candle's `QMatMul`
+/// (GPU, block types without a CPU kernel here) rounds its input to 8 bits as llama.cpp does,
+/// so its logits drift ~0.1 from transformers' GGUF loading (which dequantizes).
 fn dequantize() -> bool {
     std::env::var("FERROFORMERS_GGUF_DEQUANTIZE").is_ok_and(|v| v == "1")
 }
 
-/// candle's CPU dot products for Q4_1, Q5_0 and Q5_1 blocks are scalar (6x slower than its
-/// SIMD Q8_0 kernel on a 135M model): re-block those as Q8_0 once at load. Q8_0 holds a 4/5-bit
-/// block exactly up to rounding of its scale, and stays 3.8x smaller than f32.
-fn fast_kernel(
+/// The projection for a quantized weight: on CPU our row-expanding kernels (f32 activations,
+/// transformers' numbers), elsewhere candle's `QMatMul`.
+fn quantized_proj(
     w: candle_core::quantized::QTensor,
+    b: Option<candle_core::Tensor>,
     device: &Device,
-) -> Result<candle_core::quantized::QTensor> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    if !device.is_cpu()
-        || !matches!(
-            w.dtype(),
-            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-        )
-    {
-        return Ok(w);
+) -> candle_core::Result<Proj> {
+    if device.is_cpu() {
+        if let Some(q) = QuantLinear::new(&w)? {
+            return Ok(Proj::Blocks(q, b));
+        }
     }
-    let conv = |e: candle_core::Error| Error::Weights {
-        path: "gguf".into(),
-        detail: e.to_string(),
-    };
-    let dense = w.dequantize(device).map_err(conv)?;
-    QTensor::quantize(&dense, GgmlDType::Q8_0).map_err(conv)
+    Ok(Proj::Quantized(QMatMul::from_qtensor(w)?, b))
 }
 
 /// An opened GGUF file: its metadata and tensor index.
@@ -143,8 +136,7 @@ impl GgufFile {
                 Linear::new(d, b).map_err(|e| werr(&self.path, e))?,
             ));
         }
-        let q = QMatMul::from_qtensor(fast_kernel(w, device)?).map_err(|e| werr(&self.path, e))?;
-        Ok(Proj::Quantized(q, b))
+        quantized_proj(w, b, device).map_err(|e| werr(&self.path, e))
     }
 
     fn dense(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
@@ -212,17 +204,27 @@ impl GgufFile {
     /// The model, with quantized projections.
     pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
         let embed = self.qtensor("token_embd.weight", device)?;
-        let embed_tokens = embed.dequantize(device).map_err(|e| werr(&self.path, e))?;
+        let blocks = if device.is_cpu() && !dequantize() {
+            QuantLinear::new(&embed).map_err(|e| werr(&self.path, e))?
+        } else {
+            None
+        };
+        let (embed_tokens, tied_head) = match blocks {
+            Some(q) => (EmbedTable::Blocks(q.clone()), Proj::Blocks(q, None)),
+            None => {
+                let dense = embed.dequantize(device).map_err(|e| werr(&self.path, e))?;
+                let head = if dequantize() {
+                    Proj::Dense(Linear::new(dense.clone(), None).map_err(|e| werr(&self.path, e))?)
+                } else {
+                    quantized_proj(embed, None, device).map_err(|e| werr(&self.path, e))?
+                };
+                (EmbedTable::Dense(dense), head)
+            }
+        };
         let lm_head = if self.has("output.weight") {
             self.proj("output", device)?
-        } else if dequantize() {
-            Proj::Dense(Linear::new(embed_tokens.clone(), None).map_err(|e| werr(&self.path, e))?)
         } else {
-            Proj::Quantized(
-                QMatMul::from_qtensor(fast_kernel(embed, device)?)
-                    .map_err(|e| werr(&self.path, e))?,
-                None,
-            )
+            tied_head
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

@@ -173,6 +173,80 @@ pub fn sum_keepdim_last(xs: &Tensor) -> Result<Tensor> {
     xs.sum_keepdim(D::Minus1)
 }
 
+thread_local! {
+    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True inside [`as_worker`]: kernels run on the calling thread only.
+pub fn in_worker() -> bool {
+    IN_WORKER.with(|w| w.get())
+}
+
+/// Run `f` as one of several data-parallel workers: its matmuls stay on this thread instead of
+/// fanning out (the other cores are busy with the other workers' inputs).
+pub fn as_worker<R>(f: impl FnOnce() -> R) -> R {
+    let prev = IN_WORKER.with(|w| w.replace(true));
+    let r = f();
+    IN_WORKER.with(|w| w.set(prev));
+    r
+}
+
+/// `a [m, k] @ b [k, n]` (both contiguous f32 on CPU) on the calling thread; other cases go
+/// through candle's matmul.
+pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use candle_core::Storage;
+    let (m, k) = a.dims2()?;
+    let (k2, n) = b.dims2()?;
+    if k != k2 || !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return a.matmul(b);
+    }
+    let (Some((a0, a1)), Some((b0, b1))) = (
+        a.layout().contiguous_offsets(),
+        b.layout().contiguous_offsets(),
+    ) else {
+        return a.matmul(b);
+    };
+    let (sa, _) = a.storage_and_layout();
+    let (sb, _) = b.storage_and_layout();
+    let (
+        Storage::Cpu(candle_core::CpuStorage::F32(av)),
+        Storage::Cpu(candle_core::CpuStorage::F32(bv)),
+    ) = (&*sa, &*sb)
+    else {
+        return a.matmul(b);
+    };
+    let av = &av[a0..a1];
+    let bv = &bv[b0..b1];
+    let mut out = vec![0f32; m * n];
+    // SAFETY: slices are m*k, k*n and m*n long, row-major with the strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            av.as_ptr(),
+            1,
+            k as isize,
+            bv.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    drop(sa);
+    drop(sb);
+    Tensor::from_vec(out, (m, n), a.device())
+}
+
 /// A linear layer `y = x W^T + b` that keeps `W^T` contiguous (`[in, out]`).
 ///
 /// candle's CPU matmul is 4-7x slower on a transposed view than on a contiguous right-hand side
@@ -191,6 +265,15 @@ impl Linear {
             bias,
         })
     }
+
+    /// `W^T`, `[in, out]`.
+    pub fn weight_t(&self) -> &Tensor {
+        &self.weight_t
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
 impl Module for Linear {
@@ -198,7 +281,12 @@ impl Module for Linear {
         let dims = xs.dims().to_vec();
         let k = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let ys = xs.reshape((rows, k))?.matmul(&self.weight_t)?;
+        let xs2 = xs.reshape((rows, k))?;
+        let ys = if in_worker() {
+            serial_matmul(&xs2, &self.weight_t)?
+        } else {
+            xs2.matmul(&self.weight_t)?
+        };
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,

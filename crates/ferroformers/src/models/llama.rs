@@ -225,10 +225,34 @@ struct DecoderLayer {
 
 /// The parts of a Llama model, so that GGUF loading can assemble one from its own tensors.
 pub struct LlamaParts {
-    pub embed_tokens: Tensor,
+    pub embed_tokens: EmbedTable,
     pub layers: Vec<LlamaLayerParts>,
     pub norm: Tensor,
     pub lm_head: Proj,
+}
+
+/// The token embedding table: dense, or GGUF blocks expanded row by row on lookup (no f32
+/// copy of a 49k x 576 table kept in memory).
+pub enum EmbedTable {
+    Dense(Tensor),
+    Blocks(super::quantized::QuantLinear),
+}
+
+impl EmbedTable {
+    fn forward(&self, input_ids: &Tensor, hidden: usize, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Embedding::new(t.clone(), hidden).forward(input_ids),
+            Self::Blocks(q) => {
+                let dims = input_ids.dims().to_vec();
+                let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
+                let mut out_dims = dims;
+                out_dims.push(hidden);
+                q.embed(&ids, input_ids.device())?
+                    .to_dtype(dtype)?
+                    .reshape(out_dims)
+            }
+        }
+    }
 }
 
 pub struct LlamaLayerParts {
@@ -244,7 +268,8 @@ pub struct LlamaLayerParts {
 }
 
 pub struct Llama {
-    embed_tokens: Embedding,
+    embed_tokens: EmbedTable,
+    hidden: usize,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Proj,
@@ -295,7 +320,7 @@ impl Llama {
             dense(&vb.pp("lm_head"), cfg.vocab_size, h, false)?
         };
         let parts = LlamaParts {
-            embed_tokens,
+            embed_tokens: EmbedTable::Dense(embed_tokens),
             layers,
             norm: m.pp("norm").get(h, "weight")?,
             lm_head,
@@ -333,7 +358,8 @@ impl Llama {
             })
             .collect();
         Ok(Self {
-            embed_tokens: Embedding::new(p.embed_tokens, cfg.hidden_size),
+            embed_tokens: p.embed_tokens,
+            hidden: cfg.hidden_size,
             layers,
             norm: RmsNorm::new(p.norm, eps),
             lm_head: p.lm_head,
@@ -354,7 +380,9 @@ impl CausalLm for Llama {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
-        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let mut xs = self
+            .embed_tokens
+            .forward(input_ids, self.hidden, self.dtype)?;
         let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &xs;

@@ -438,17 +438,40 @@ impl EncoderRunner {
     where
         F: FnMut(usize, Tensor) -> Result<()>,
     {
+        use rayon::prelude::*;
+        let chunks: Vec<&[Encoded]> = encs.chunks(batch_size.max(1)).collect();
+        let workers = if self.device.is_cpu() {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
         let mut index = 0;
-        for chunk in encs.chunks(batch_size.max(1)) {
-            let refs: Vec<&Encoded> = chunk.iter().collect();
-            let out = self.forward_padded(&refs)?;
-            for (i, e) in chunk.iter().enumerate() {
-                let mut row = out.get(i)?;
-                if row.rank() >= 2 {
-                    row = row.narrow(0, 0, e.len())?;
+        // Batches are independent: on CPU, run one per core with serial kernels (no fan-out
+        // of small products), a wave at a time so memory stays bounded.
+        for wave in chunks.chunks(workers) {
+            let outs: Vec<Result<Tensor>> = if wave.len() > 1 {
+                wave.par_iter()
+                    .map(|chunk| {
+                        crate::models::layers::as_worker(|| {
+                            let refs: Vec<&Encoded> = chunk.iter().collect();
+                            self.forward_padded(&refs)
+                        })
+                    })
+                    .collect()
+            } else {
+                let refs: Vec<&Encoded> = wave[0].iter().collect();
+                vec![self.forward_padded(&refs)]
+            };
+            for (chunk, out) in wave.iter().zip(outs) {
+                let out = out?;
+                for (i, e) in chunk.iter().enumerate() {
+                    let mut row = out.get(i)?;
+                    if row.rank() >= 2 {
+                        row = row.narrow(0, 0, e.len())?;
+                    }
+                    f(index, row)?;
+                    index += 1;
                 }
-                f(index, row)?;
-                index += 1;
             }
         }
         Ok(())

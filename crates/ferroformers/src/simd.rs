@@ -1,0 +1,89 @@
+//! Run-time CPU feature dispatch for the hand-written f32 loops.
+//!
+//! The crate is built for the baseline x86-64 target (so the binary runs anywhere), where
+//! LLVM only vectorises to SSE2. `dispatch!` compiles a loop a second time with AVX2+FMA
+//! enabled and picks that copy when the CPU has them.
+
+/// `dispatch!(pub fn name(args); via generic)` defines `name`, which calls `generic` (an
+/// `#[inline(always)]` function with the same arguments) compiled with AVX2+FMA when the CPU
+/// has them, and the baseline copy otherwise.
+macro_rules! dispatch {
+    ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?; via $generic:path) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features just checked.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// Sum with 16 independent lanes (so the loop vectorises without reassociating floats).
+#[inline(always)]
+pub fn sum16(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    let mut s: f32 = chunks.remainder().iter().sum();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Dot product with 16 independent lanes.
+#[inline(always)]
+pub fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// Max with 16 independent lanes.
+#[inline(always)]
+pub fn max16(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in chunks.remainder().iter().chain(acc.iter()) {
+        m = m.max(v);
+    }
+    m
+}
