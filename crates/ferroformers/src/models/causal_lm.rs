@@ -117,6 +117,32 @@ impl Module for Proj {
     }
 }
 
+impl Proj {
+    /// Several projections of the same input as one (outputs side by side), when all are GGUF
+    /// blocks of one type with biases on all or none.
+    pub fn stack(parts: &[&Proj]) -> Result<Option<Proj>> {
+        let mut blocks = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p {
+                Proj::Blocks(q, b) => {
+                    blocks.push(q);
+                    biases.push(b.as_ref());
+                }
+                _ => return Ok(None),
+            }
+        }
+        let bias = if biases.iter().all(|b| b.is_none()) {
+            None
+        } else if let Some(bs) = biases.iter().copied().collect::<Option<Vec<&Tensor>>>() {
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            return Ok(None);
+        };
+        Ok(super::quantized::QuantLinear::stack(&blocks).map(|q| Proj::Blocks(q, bias)))
+    }
+}
+
 /// `[b, s]` logits rows -> the last one, `[b, 1, ...]`.
 pub fn last_position(xs: &Tensor) -> Result<Tensor> {
     let s = xs.dim(1)?;

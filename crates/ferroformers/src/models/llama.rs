@@ -3,7 +3,7 @@
 //! `llama3` scaling), a SwiGLU MLP, tied or untied output embeddings, and Qwen2's q/k/v biases.
 //! The same model is built from a GGUF file (see `gguf.rs`), with quantized projections.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -164,6 +164,8 @@ impl Rotary {
 }
 
 struct Attention {
+    /// q, k and v stacked, when they can be (GGUF blocks): one product instead of three.
+    qkv_proj: Option<Proj>,
     q_proj: Proj,
     k_proj: Proj,
     v_proj: Proj,
@@ -191,9 +193,28 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(self.q_proj.forward(xs)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let (q, k, v) = match &self.qkv_proj {
+            Some(p) => {
+                let y = p.forward(xs)?;
+                let (nq, nk) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                (
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nk)?,
+                    y.narrow(2, nq + nk, nk)?,
+                )
+            }
+            None => (
+                self.q_proj.forward(xs)?,
+                self.k_proj.forward(xs)?,
+                self.v_proj.forward(xs)?,
+            ),
+        };
+        let q = heads(q, self.num_heads)?;
+        let k = heads(k, self.num_kv_heads)?;
+        let v = heads(v, self.num_kv_heads)?;
         let q = rotary.apply(&q, cos, sin)?;
         let k = rotary.apply(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
@@ -204,6 +225,8 @@ impl Attention {
 }
 
 struct Mlp {
+    /// gate and up stacked, when they can be.
+    gate_up_proj: Option<Proj>,
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
@@ -211,8 +234,15 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let (gate, up) = match &self.gate_up_proj {
+            Some(p) => {
+                let y = p.forward(xs)?;
+                let i = y.dim(D::Minus1)? / 2;
+                (y.narrow(D::Minus1, 0, i)?, y.narrow(D::Minus1, i, i)?)
+            }
+            None => (self.gate_proj.forward(xs)?, self.up_proj.forward(xs)?),
+        };
+        self.down_proj.forward(&(gate.silu()? * up)?)
     }
 }
 
@@ -338,25 +368,29 @@ impl Llama {
         let layers = p
             .layers
             .into_iter()
-            .map(|l| DecoderLayer {
-                input_layernorm: RmsNorm::new(l.input_layernorm, eps),
-                self_attn: Attention {
-                    q_proj: l.q_proj,
-                    k_proj: l.k_proj,
-                    v_proj: l.v_proj,
-                    o_proj: l.o_proj,
-                    num_heads: cfg.num_attention_heads,
-                    num_kv_heads: cfg.kv_heads(),
-                    head_dim: cfg.head_dim(),
-                },
-                post_attention_layernorm: RmsNorm::new(l.post_attention_layernorm, eps),
-                mlp: Mlp {
-                    gate_proj: l.gate_proj,
-                    up_proj: l.up_proj,
-                    down_proj: l.down_proj,
-                },
+            .map(|l| -> Result<DecoderLayer> {
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::new(l.input_layernorm, eps),
+                    self_attn: Attention {
+                        qkv_proj: Proj::stack(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
+                        q_proj: l.q_proj,
+                        k_proj: l.k_proj,
+                        v_proj: l.v_proj,
+                        o_proj: l.o_proj,
+                        num_heads: cfg.num_attention_heads,
+                        num_kv_heads: cfg.kv_heads(),
+                        head_dim: cfg.head_dim(),
+                    },
+                    post_attention_layernorm: RmsNorm::new(l.post_attention_layernorm, eps),
+                    mlp: Mlp {
+                        gate_up_proj: Proj::stack(&[&l.gate_proj, &l.up_proj])?,
+                        gate_proj: l.gate_proj,
+                        up_proj: l.up_proj,
+                        down_proj: l.down_proj,
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: p.embed_tokens,
             hidden: cfg.hidden_size,

@@ -86,6 +86,38 @@ impl QuantLinear {
         self.n
     }
 
+    /// The rows of `parts` stacked into one matrix (same block type and input size), so that
+    /// q/k/v or gate/up run as one product: one pass over the activations, one thread fan-out.
+    pub fn stack(parts: &[&QuantLinear]) -> Option<QuantLinear> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.dtype != first.dtype || p.k != first.k)
+        {
+            return None;
+        }
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let mut data: Vec<u64> = Vec::with_capacity((n * first.row_bytes).div_ceil(8));
+        let mut bytes: Vec<u8> = Vec::with_capacity(n * first.row_bytes);
+        for p in parts {
+            for r in 0..p.n {
+                bytes.extend_from_slice(p.row(r));
+            }
+        }
+        data.resize(bytes.len().div_ceil(8), 0);
+        // SAFETY: data has at least bytes.len() bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.as_mut_ptr() as *mut u8, bytes.len())
+        };
+        Some(QuantLinear {
+            dtype: first.dtype,
+            n,
+            k: first.k,
+            row_bytes: first.row_bytes,
+            data: std::sync::Arc::new(data),
+        })
+    }
+
     fn row(&self, r: usize) -> &[u8] {
         // SAFETY: data holds n * row_bytes initialised bytes.
         let all = unsafe {

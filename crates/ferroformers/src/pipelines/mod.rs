@@ -379,6 +379,46 @@ pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
     })
 }
 
+/// Split `items` into batches of `batch_size`, `compute` each, and hand the results to
+/// `consume` in order. On CPU (`parallel`), batches are independent work: a wave of them runs
+/// at once, one per rayon thread, each with serial kernels (`models::layers::as_worker`), which
+/// keeps both cores busy without fanning tiny products out. A wave at a time keeps memory
+/// bounded.
+pub(crate) fn for_each_batch<T, R, C, F>(
+    items: &[T],
+    batch_size: usize,
+    parallel: bool,
+    compute: C,
+    mut consume: F,
+) -> Result<()>
+where
+    T: Sync,
+    R: Send,
+    C: Fn(&[T]) -> Result<R> + Sync,
+    F: FnMut(&[T], R) -> Result<()>,
+{
+    use rayon::prelude::*;
+    let chunks: Vec<&[T]> = items.chunks(batch_size.max(1)).collect();
+    let workers = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    for wave in chunks.chunks(workers) {
+        let outs: Vec<Result<R>> = if wave.len() > 1 {
+            wave.par_iter()
+                .map(|chunk| crate::models::layers::as_worker(|| compute(chunk)))
+                .collect()
+        } else {
+            vec![compute(wave[0])]
+        };
+        for (chunk, out) in wave.iter().zip(outs) {
+            consume(chunk, out?)?;
+        }
+    }
+    Ok(())
+}
+
 /// An encoder model with its tokenizer: pads batches and runs them. Public so tests and
 /// tools can reach raw head outputs.
 pub struct EncoderRunner {
@@ -438,32 +478,16 @@ impl EncoderRunner {
     where
         F: FnMut(usize, Tensor) -> Result<()>,
     {
-        use rayon::prelude::*;
-        let chunks: Vec<&[Encoded]> = encs.chunks(batch_size.max(1)).collect();
-        let workers = if self.device.is_cpu() {
-            rayon::current_num_threads().max(1)
-        } else {
-            1
-        };
         let mut index = 0;
-        // Batches are independent: on CPU, run one per core with serial kernels (no fan-out
-        // of small products), a wave at a time so memory stays bounded.
-        for wave in chunks.chunks(workers) {
-            let outs: Vec<Result<Tensor>> = if wave.len() > 1 {
-                wave.par_iter()
-                    .map(|chunk| {
-                        crate::models::layers::as_worker(|| {
-                            let refs: Vec<&Encoded> = chunk.iter().collect();
-                            self.forward_padded(&refs)
-                        })
-                    })
-                    .collect()
-            } else {
-                let refs: Vec<&Encoded> = wave[0].iter().collect();
-                vec![self.forward_padded(&refs)]
-            };
-            for (chunk, out) in wave.iter().zip(outs) {
-                let out = out?;
+        for_each_batch(
+            encs,
+            batch_size,
+            self.device.is_cpu(),
+            |chunk| {
+                let refs: Vec<&Encoded> = chunk.iter().collect();
+                self.forward_padded(&refs)
+            },
+            |chunk, out| {
                 for (i, e) in chunk.iter().enumerate() {
                     let mut row = out.get(i)?;
                     if row.rank() >= 2 {
@@ -472,9 +496,9 @@ impl EncoderRunner {
                     f(index, row)?;
                     index += 1;
                 }
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     /// Tokenize every input, refusing empty ones.

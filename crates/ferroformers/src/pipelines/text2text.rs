@@ -326,18 +326,21 @@ impl Task for Text2Text {
         let decode_hook = |ids: &[u32]| self.encoder.decode(ids, false).unwrap_or_default();
         let name = self.kind.return_name();
         let mut outs = Vec::with_capacity(inputs.len());
-        for chunk in encoded.chunks(batch_size.max(1)) {
+        let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
                 on_token: None,
                 decode: Some(&decode_hook),
             };
-            let gen = generate_seq2seq(
+            generate_seq2seq(
                 self.model.as_ref(),
                 chunk,
                 self.tokenizer.pad_id,
                 &cfg,
                 &mut hooks,
-            )?;
+            )
+        };
+        let cpu = self.model.device().is_cpu();
+        super::for_each_batch(&encoded, batch_size, cpu, compute, |_, gen| {
             // HF returns the chunk's sequences as one tensor: start token first, padded.
             let width = gen
                 .sequences
@@ -366,7 +369,8 @@ impl Task for Text2Text {
                 }
                 outs.push(Output::Text2Text(records));
             }
-        }
+            Ok(())
+        })?;
         Ok(outs)
     }
 }

@@ -314,12 +314,15 @@ impl Task for TextGeneration {
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
         let mut outs = Vec::with_capacity(inputs.len());
         let mut start = 0;
-        for chunk in prompts.chunks(batch_size.max(1)) {
+        let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
                 on_token: None,
                 decode: Some(&decode),
             };
-            let gen = self.generator.generate_ids(chunk, &cfg, &mut hooks)?;
+            self.generator.generate_ids(chunk, &cfg, &mut hooks)
+        };
+        let cpu = self.generator.model.device().is_cpu();
+        super::for_each_batch(&prompts, batch_size, cpu, compute, |chunk, gen| {
             for (k, seqs) in gen.sequences.iter().enumerate() {
                 let i = start + k;
                 let texts = seqs
@@ -329,7 +332,8 @@ impl Task for TextGeneration {
                 outs.push(Output::Generated(texts));
             }
             start += chunk.len();
-        }
+            Ok(())
+        })?;
         Ok(outs)
     }
 }
