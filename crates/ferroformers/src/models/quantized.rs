@@ -11,7 +11,6 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 use crate::simd::{dispatch, dot16};
 
@@ -179,7 +178,9 @@ impl QuantLinear {
         };
         let tasks = n.div_ceil(rows_per_task);
         if n * k * m >= 1 << 16 && !super::layers::in_worker() {
-            (0..tasks).into_par_iter().for_each(task);
+            // candle's barrier pool: its workers spin briefly between calls, so the ~120
+            // products of one decoding step do not pay a sleep/wake each (rayon did: ~15%).
+            candle_core::utils::barrier_pool().execute_chunked(tasks, |range| range.for_each(task));
         } else {
             (0..tasks).for_each(task);
         }
@@ -303,12 +304,13 @@ dispatch!(fn dot_blocks_auto(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f3
 /// of the instructions LLVM's 8-lane version needs), else the auto-vectorised loop.
 fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; row holds whole blocks matching x and xsum.
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU has AVX-512F and F16C; row holds whole blocks matching x.
         unsafe {
             return match dtype {
-                GgmlDType::Q4_1 => avx512::dot_q4(row, x, xsum, 20, false),
-                GgmlDType::Q4_0 => avx512::dot_q4(row, x, xsum, 18, true),
+                GgmlDType::Q4_1 => avx512::dot_q4(row, x, 20, false),
+                GgmlDType::Q4_0 => avx512::dot_q4(row, x, 18, true),
                 _ => avx512::dot_q8_0(row, x),
             };
         }
@@ -318,85 +320,77 @@ fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::f16_at;
     use std::arch::x86_64::*;
 
-    /// One Q4 block's `d * sum(q * x)` term added to `acc`; returns the block's constant term
-    /// (Q4_0: `-8 d sum(x)`, Q4_1: `m sum(x)`).
+    /// The block's leading f16 scale (and, for Q4_1, the minimum after it) as f32 lanes 0 and 1.
+    #[inline(always)]
+    unsafe fn scales(blk: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
+    }
+
+    /// One Q4 block: `acc += d * sum(q * x)` and, for Q4_1, `accm += m * sum(x)`, all in
+    /// vector registers (a scalar chain across blocks was the bottleneck).
     #[inline(always)]
     unsafe fn q4_block(
-        blk: &[u8],
+        blk: *const u8,
         xp: *const f32,
-        xs: f32,
         q4_0: bool,
         acc: __m512,
-    ) -> (__m512, f32) {
-        let d = f16_at(blk, 0);
-        let (qoff, extra) = if q4_0 {
-            (2, -8.0 * d * xs)
-        } else {
-            (4, f16_at(blk, 2) * xs)
-        };
-        let q32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(qoff) as *const __m128i));
-        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q32, _mm512_set1_epi32(0x0F)));
-        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q32));
+        accm: __m512,
+    ) -> (__m512, __m512) {
+        let dm = scales(blk);
+        let q32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            blk.add(if q4_0 { 2 } else { 4 }) as *const __m128i
+        ));
+        let mut lo = _mm512_and_si512(q32, _mm512_set1_epi32(0x0F));
+        let mut hi = _mm512_srli_epi32::<4>(q32);
+        if q4_0 {
+            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
+            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
+        }
+        let x0 = _mm512_loadu_ps(xp);
+        let x1 = _mm512_loadu_ps(xp.add(16));
         let t = _mm512_fmadd_ps(
-            hi,
-            _mm512_loadu_ps(xp.add(16)),
-            _mm512_mul_ps(lo, _mm512_loadu_ps(xp)),
+            _mm512_cvtepi32_ps(hi),
+            x1,
+            _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x0),
         );
-        (_mm512_fmadd_ps(_mm512_set1_ps(d), t, acc), extra)
+        let acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), t, acc);
+        let accm = if q4_0 {
+            accm
+        } else {
+            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+            _mm512_fmadd_ps(m, _mm512_add_ps(x0, x1), accm)
+        };
+        (acc, accm)
     }
 
     /// Q4_0 (`stride` 18, values q - 8) or Q4_1 (`stride` 20, values d * q + m) blocks.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_q4(row: &[u8], x: &[f32], xsum: &[f32], stride: usize, q4_0: bool) -> f32 {
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn dot_q4(row: &[u8], x: &[f32], stride: usize, q4_0: bool) -> f32 {
         let nb = row.len() / stride;
-        assert!(x.len() >= nb * 32 && xsum.len() >= nb);
-        // Two accumulators, two blocks per step: independent FMA chains.
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut e0, mut e1) = (0f32, 0f32);
+        assert!(x.len() >= nb * 32);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        // Two block streams with their own accumulators: independent FMA chains.
+        let z = _mm512_setzero_ps();
+        let (mut a0, mut m0, mut a1, mut m1) = (z, z, z, z);
         let mut b = 0;
         while b + 1 < nb {
-            let (a, e) = q4_block(
-                &row[b * stride..],
-                x.as_ptr().add(b * 32),
-                xsum[b],
-                q4_0,
-                acc0,
-            );
-            acc0 = a;
-            e0 += e;
-            let (a, e) = q4_block(
-                &row[(b + 1) * stride..],
-                x.as_ptr().add((b + 1) * 32),
-                xsum[b + 1],
-                q4_0,
-                acc1,
-            );
-            acc1 = a;
-            e1 += e;
+            (a0, m0) = q4_block(rp.add(b * stride), xp.add(b * 32), q4_0, a0, m0);
+            (a1, m1) = q4_block(rp.add((b + 1) * stride), xp.add((b + 1) * 32), q4_0, a1, m1);
             b += 2;
         }
         if b < nb {
-            let (a, e) = q4_block(
-                &row[b * stride..],
-                x.as_ptr().add(b * 32),
-                xsum[b],
-                q4_0,
-                acc0,
-            );
-            acc0 = a;
-            e0 += e;
+            (a0, m0) = q4_block(rp.add(b * stride), xp.add(b * 32), q4_0, a0, m0);
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (e0 + e1)
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(m0, m1)))
     }
 
     #[inline(always)]
-    unsafe fn q8_block(blk: &[u8], xp: *const f32, acc: __m512) -> __m512 {
-        let d = f16_at(blk, 0);
-        let q0 = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
-        let q1 = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
+    unsafe fn q8_block(blk: *const u8, xp: *const f32, acc: __m512) -> __m512 {
+        let d = _mm512_broadcastss_ps(scales(blk));
+        let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+        let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
         let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
         let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
         let t = _mm512_fmadd_ps(
@@ -404,22 +398,23 @@ mod avx512 {
             _mm512_loadu_ps(xp.add(16)),
             _mm512_mul_ps(w0, _mm512_loadu_ps(xp)),
         );
-        _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc)
+        _mm512_fmadd_ps(d, t, acc)
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
         let nb = row.len() / 34;
         assert!(x.len() >= nb * 32);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut b = 0;
         while b + 1 < nb {
-            acc0 = q8_block(&row[b * 34..], x.as_ptr().add(b * 32), acc0);
-            acc1 = q8_block(&row[(b + 1) * 34..], x.as_ptr().add((b + 1) * 32), acc1);
+            acc0 = q8_block(rp.add(b * 34), xp.add(b * 32), acc0);
+            acc1 = q8_block(rp.add((b + 1) * 34), xp.add((b + 1) * 32), acc1);
             b += 2;
         }
         if b < nb {
-            acc0 = q8_block(&row[b * 34..], x.as_ptr().add(b * 32), acc0);
+            acc0 = q8_block(rp.add(b * 34), xp.add(b * 32), acc0);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
