@@ -147,6 +147,17 @@ pub fn attention(
 /// `kv_h < h`) with additive `bias` `[b, 1, s, t]`. Returns `[b, s, h*d]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
+    if s <= 4
+        && q.device().is_cpu()
+        && [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
+            .iter()
+            .all(|t| *t == DType::F32)
+        && bias
+            .dims4()
+            .is_ok_and(|(bb, one, bs, _)| bb == b && one == 1 && bs == s)
+    {
+        return sdpa_few_queries(q, k, v, bias, scale);
+    }
     let kv_h = k.dim(1)?;
     let t = k.dim(2)?;
     let n_rep = h / kv_h;
@@ -161,6 +172,62 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Re
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, s, h * d))
+}
+
+/// [`sdpa`] for a few query rows (decoding steps, beams) on CPU f32: plain loops over the
+/// cached keys instead of a dozen candle ops (reshape, K^T copy, two matmuls, softmax) per
+/// layer, which cost more than the arithmetic here.
+fn sdpa_few_queries(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let (_, kv_h, t, _) = k.dims4()?;
+    let n_rep = h / kv_h;
+    let (q, k, v, bias) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        bias.contiguous()?,
+    );
+    let (qv, kv, vv, bv) = (cpu_f32(&q)?, cpu_f32(&k)?, cpu_f32(&v)?, cpu_f32(&bias)?);
+    let scale = scale as f32;
+    let mut out = vec![0f32; b * s * h * d];
+    let mut scores = vec![0f32; t];
+    for bi in 0..b {
+        for hh in 0..h {
+            let kh = hh / n_rep;
+            let kbase = (bi * kv_h + kh) * t * d;
+            for i in 0..s {
+                let qrow = &qv[((bi * h + hh) * s + i) * d..][..d];
+                let brow = &bv[(bi * s + i) * t..][..t];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = crate::simd::dot16(qrow, &kv[kbase + j * d..][..d]) * scale + brow[j];
+                }
+                let m = crate::simd::max16(&scores);
+                for sc in scores.iter_mut() {
+                    *sc = super::encoder_stack::fast_exp(*sc - m);
+                }
+                let inv = 1.0 / crate::simd::sum16(&scores);
+                let orow = &mut out[((bi * s + i) * h + hh) * d..][..d];
+                for (j, &p) in scores.iter().enumerate() {
+                    let p = p * inv;
+                    for (o, &x) in orow.iter_mut().zip(&vv[kbase + j * d..][..d]) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, s, h * d), q.device())
+}
+
+/// The f32 data of a contiguous CPU tensor (a copy: cheap next to a dozen tensor ops).
+fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1()
 }
 
 /// Row 0 of each sequence (`[b, s, h]` -> `[b, h]`): the `[CLS]`/`<s>` token.
