@@ -542,16 +542,7 @@ mod tests {
                 .unwrap()
                 .forward(&xs, &mask)
                 .unwrap();
-            let diff: f32 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = crate::models::max_abs_diff(&a, &b);
             assert!(diff < 1e-5, "{act:?}: {diff}");
         }
     }

@@ -532,27 +532,11 @@ mod tests {
             let got = ql.forward(&x6).unwrap();
             let got3 = ql.forward(&xt.narrow(0, 0, m).unwrap()).unwrap();
             let got = Tensor::cat(&[&got.narrow(0, 0, m).unwrap(), &got3], 0).unwrap();
-            let diff: f32 = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = crate::models::max_abs_diff(&want, &got);
             assert!(diff < 1e-4, "{dt:?}: {diff}");
             let emb = ql.embed(&[3, 0], &dev).unwrap();
             let want = dense.narrow(0, 3, 1).unwrap().squeeze(0).unwrap();
-            let d2: f32 = (emb.get(0).unwrap() - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d2 = crate::models::max_abs_diff(&emb.get(0).unwrap(), &want);
             assert_eq!(d2, 0.0, "{dt:?} embed");
         }
     }
