@@ -226,7 +226,7 @@ impl CpuLayer {
                 );
             }
             for row in scores.chunks_exact_mut(s) {
-                softmax_masked(row, keep);
+                simd::softmax_masked(row, keep);
             }
             let out = ctx_ptr;
             // SAFETY: destination rows bi*s.., columns hd*d..hd*d+d of ctx, row stride h;
@@ -351,10 +351,6 @@ fn activate(x: &mut [f32], act: Activation, par: bool) {
     } else {
         f(x);
     }
-}
-
-fn softmax_masked(row: &mut [f32], keep: &[f32]) {
-    simd::softmax_masked(row, keep)
 }
 
 /// exp for f32 in plain arithmetic (Cephes' polynomial, ~1 ulp on the reduced range) so that
@@ -494,7 +490,7 @@ mod tests {
     #[test]
     fn softmax_masks_and_normalises() {
         let mut row = vec![1.0, 2.0, 3.0, 100.0];
-        softmax_masked(&mut row, &[1.0, 1.0, 1.0, 0.0]);
+        simd::softmax_masked(&mut row, &[1.0, 1.0, 1.0, 0.0]);
         assert_eq!(row[3], 0.0);
         let e: Vec<f64> = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).collect();
         let s: f64 = e.iter().sum();

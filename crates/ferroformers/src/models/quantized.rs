@@ -63,21 +63,12 @@ impl QuantLinear {
         if bytes.len() != n * row_bytes {
             candle_core::bail!("quantized tensor: {} bytes for [{n}, {k}]", bytes.len());
         }
-        let mut data = vec![0u64; bytes.len().div_ceil(8)];
-        // SAFETY: data has at least bytes.len() bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                data.as_mut_ptr() as *mut u8,
-                bytes.len(),
-            );
-        }
         Ok(Some(Self {
             dtype,
             n,
             k,
             row_bytes,
-            data: std::sync::Arc::new(data),
+            data: std::sync::Arc::new(aligned_words(&[&bytes])),
         }))
     }
 
@@ -96,33 +87,26 @@ impl QuantLinear {
             return None;
         }
         let n: usize = parts.iter().map(|p| p.n).sum();
-        let mut data: Vec<u64> = Vec::with_capacity((n * first.row_bytes).div_ceil(8));
-        let mut bytes: Vec<u8> = Vec::with_capacity(n * first.row_bytes);
-        for p in parts {
-            for r in 0..p.n {
-                bytes.extend_from_slice(p.row(r));
-            }
-        }
-        data.resize(bytes.len().div_ceil(8), 0);
-        // SAFETY: data has at least bytes.len() bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data.as_mut_ptr() as *mut u8, bytes.len())
-        };
+        let blocks: Vec<&[u8]> = parts.iter().map(|p| p.bytes()).collect();
         Some(QuantLinear {
             dtype: first.dtype,
             n,
             k: first.k,
             row_bytes: first.row_bytes,
-            data: std::sync::Arc::new(data),
+            data: std::sync::Arc::new(aligned_words(&blocks)),
         })
     }
 
-    fn row(&self, r: usize) -> &[u8] {
+    /// All rows' blocks.
+    fn bytes(&self) -> &[u8] {
         // SAFETY: data holds n * row_bytes initialised bytes.
-        let all = unsafe {
+        unsafe {
             std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.n * self.row_bytes)
-        };
-        &all[r * self.row_bytes..(r + 1) * self.row_bytes]
+        }
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
     /// Row `r` as f32 (`out.len() == k`), exactly as the GGUF dequantization defines it.
@@ -144,7 +128,12 @@ impl QuantLinear {
                 self.dtype,
                 GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
             );
-        let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        // Per-block activation sums: only the portable Q4_1 dot reads them.
+        let xsum: Vec<f32> = if fused && self.dtype == GgmlDType::Q4_1 && !avx512() {
+            x.chunks_exact(32).map(|c| c.iter().sum()).collect()
+        } else {
+            Vec::new()
+        };
         let nb = k / 32;
         let task = |t: usize| {
             let r0 = t * rows_per_task;
@@ -158,7 +147,7 @@ impl QuantLinear {
                             self.dtype,
                             row,
                             &x[i * k..(i + 1) * k],
-                            &xsum[i * nb..(i + 1) * nb],
+                            xsum.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
                         );
                         // SAFETY: (i, r) is written by this task only; i < m, r < n.
                         unsafe { *o.0.add(i * n + r) = v };
@@ -221,6 +210,33 @@ impl QuantLinear {
             self.dequantize_row(id, row);
         }
         Tensor::from_vec(out, (ids.len(), self.k), device)
+    }
+}
+
+/// `parts` back to back in 8-byte aligned storage (block structs hold f16 fields).
+fn aligned_words(parts: &[&[u8]]) -> Vec<u64> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut data = vec![0u64; len.div_ceil(8)];
+    // SAFETY: data owns at least len bytes, and any byte pattern is a valid u64.
+    let dst = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, len) };
+    let mut off = 0;
+    for p in parts {
+        dst[off..off + p.len()].copy_from_slice(p);
+        off += p.len();
+    }
+    data
+}
+
+/// AVX-512F with F16C: the hand-written block dots.
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -304,8 +320,7 @@ dispatch!(fn dot_blocks_auto(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f3
 /// of the instructions LLVM's 8-lane version needs), else the auto-vectorised loop.
 fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
-    {
+    if avx512() {
         // SAFETY: the CPU has AVX-512F and F16C; row holds whole blocks matching x.
         unsafe {
             return match dtype {
