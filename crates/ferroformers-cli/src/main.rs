@@ -213,8 +213,10 @@ fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
     let mut first = None;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    // Print each batch as soon as it is done.
-    for chunk in inputs.chunks(batch) {
+    // Print results as they are done: a group of batches at a time, enough for the pipeline
+    // to run one batch per thread (and balance them) within each group.
+    let group = batch * ferroformers::num_threads() * 4;
+    for chunk in inputs.chunks(group) {
         let results = pipe.run(chunk, &args.params).map_err(fail)?;
         for r in results {
             let line = serde_json::to_string(&r).map_err(fail)?;

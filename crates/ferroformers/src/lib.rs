@@ -33,6 +33,12 @@ pub fn pipeline_with(task: &str, opts: PipelineOptions) -> Result<Pipeline> {
     pipelines::registry::build(task, &opts)
 }
 
+/// Threads the CPU kernels and batch scheduling use (rayon's pool: `RAYON_NUM_THREADS`, else
+/// one per core).
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 #[cfg(test)]
 mod tests {
     fn assert_send_sync<T: Send + Sync>() {}

@@ -391,7 +391,7 @@ fn act_one(x: f32, act: Activation) -> f32 {
 }
 
 /// Row kernels, compiled twice: for the baseline target and with AVX2+FMA (picked at run time).
-mod simd {
+pub(crate) mod simd {
     use super::{act_one, fast_exp, Activation};
     use crate::simd::{dispatch, max16, sum16};
 

@@ -14,25 +14,53 @@ use crate::generation::search::{generate, Generated, Hooks, StepModel};
 use crate::generation::GenerationConfig;
 use crate::weights::Weights;
 
-/// The decoder's state between steps: self-attention keys/values, the cross-attention
-/// keys/values of the encoder output, and the encoder padding bias `[rows, 1, 1, src]`.
-pub struct Seq2SeqCache {
-    pub dec: DecoderCache,
-    pub cross_bias: Tensor,
+/// The decoder's state between steps.
+pub enum Seq2SeqCache {
+    /// candle tensors: self-attention keys/values, the cross-attention keys/values of the
+    /// encoder output, and the encoder padding bias `[rows, 1, 1, src]`.
+    Tensors {
+        dec: DecoderCache,
+        cross_bias: Tensor,
+    },
+    /// Plain buffers of T5's CPU path.
+    T5Cpu(Box<super::t5::cpu::DecoderState>),
 }
 
 impl Seq2SeqCache {
+    pub fn tensors(dec: DecoderCache, cross_bias: Tensor) -> Self {
+        Self::Tensors { dec, cross_bias }
+    }
+
     /// Tokens the decoder has already seen.
     pub fn seq_len(&self) -> usize {
-        self.dec.self_kv.seq_len()
+        match self {
+            Self::Tensors { dec, .. } => dec.self_kv.seq_len(),
+            Self::T5Cpu(st) => st.seq_len(),
+        }
     }
 
     /// Keep rows (beams, samples): row `i` becomes old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        self.dec.select_rows(rows)?;
-        let idx = Tensor::new(rows, self.cross_bias.device())?;
-        self.cross_bias = self.cross_bias.index_select(&idx, 0)?;
-        Ok(())
+        match self {
+            Self::Tensors { dec, cross_bias } => {
+                dec.select_rows(rows)?;
+                let idx = Tensor::new(rows, cross_bias.device())?;
+                *cross_bias = cross_bias.index_select(&idx, 0)?;
+                Ok(())
+            }
+            Self::T5Cpu(st) => {
+                let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+                st.select_rows(&rows)
+            }
+        }
+    }
+
+    /// The tensor form, or an error for a cache made by another model's fast path.
+    pub fn as_tensors(&mut self) -> candle_core::Result<(&mut DecoderCache, &Tensor)> {
+        match self {
+            Self::Tensors { dec, cross_bias } => Ok((dec, cross_bias)),
+            Self::T5Cpu(_) => candle_core::bail!("this decoder cache belongs to T5's CPU path"),
+        }
     }
 }
 
@@ -94,20 +122,18 @@ impl Seq2SeqLm for BartForConditionalGeneration {
         encoder_hidden: &Tensor,
         mask: &Tensor,
     ) -> candle_core::Result<Seq2SeqCache> {
-        Ok(Seq2SeqCache {
-            dec: self.model.new_cache(encoder_hidden)?,
-            cross_bias: cross_bias(mask, encoder_hidden.dtype())?,
-        })
+        Ok(Seq2SeqCache::tensors(
+            self.model.new_cache(encoder_hidden)?,
+            cross_bias(mask, encoder_hidden.dtype())?,
+        ))
     }
 
     fn decode(&self, ids: &Tensor, cache: &mut Seq2SeqCache) -> candle_core::Result<Tensor> {
         let s = ids.dim(1)?;
         let past = cache.seq_len();
-        let dtype = cache.cross_bias.dtype();
-        let self_bias = causal_bias(s, past, ids.device(), dtype)?;
-        let hidden = self
-            .model
-            .decode(ids, &mut cache.dec, &self_bias, &cache.cross_bias)?;
+        let (dec, cross_bias) = cache.as_tensors()?;
+        let self_bias = causal_bias(s, past, ids.device(), cross_bias.dtype())?;
+        let hidden = self.model.decode(ids, dec, &self_bias, cross_bias)?;
         self.logits(&hidden)?.to_dtype(DType::F32)
     }
 

@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
+pub mod cpu;
+
 use super::bart::DecoderCache;
 use super::causal_lm::KvCache;
 use super::layers::{Activation, Linear};
@@ -109,7 +111,7 @@ fn no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
 }
 
 /// `_relative_position_bucket` (integer arithmetic with torch's f32 log for large distances).
-fn relative_bucket(
+pub(crate) fn relative_bucket(
     rel: i64,
     bidirectional: bool,
     num_buckets: usize,
@@ -293,7 +295,8 @@ struct DecoderBlock {
     ff_norm: RmsNorm,
 }
 
-pub struct T5ForConditionalGeneration {
+/// The candle layers (GPU, f16/bf16).
+struct CandleT5 {
     shared: Embedding,
     encoder: Vec<EncoderBlock>,
     encoder_norm: RmsNorm,
@@ -302,11 +305,48 @@ pub struct T5ForConditionalGeneration {
     lm_head: Linear,
     /// `d_model**-0.5` with tied embeddings, else 1.
     output_scale: f64,
+}
+
+enum Layers {
+    Candle(Box<CandleT5>),
+    /// f32 on CPU: plain buffers (`t5/cpu.rs`).
+    Cpu(Box<cpu::T5Cpu>),
+}
+
+pub struct T5ForConditionalGeneration {
+    layers: Layers,
+    device: Device,
     pub config: T5Config,
 }
 
 impl T5ForConditionalGeneration {
     pub fn load(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+        let device = vb.device().clone();
+        let layers = if device.is_cpu() && vb.dtype() == DType::F32 {
+            Layers::Cpu(Box::new(cpu::T5Cpu::load(cfg, &vb)?))
+        } else {
+            Layers::Candle(Box::new(CandleT5::load(cfg, vb)?))
+        };
+        Ok(Self {
+            layers,
+            device,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The candle layers even on CPU (to check the CPU path against them).
+    #[cfg(test)]
+    fn load_candle(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            device: vb.device().clone(),
+            layers: Layers::Candle(Box::new(CandleT5::load(cfg, vb)?)),
+            config: cfg.clone(),
+        })
+    }
+}
+
+impl CandleT5 {
+    fn load(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         let eps = cfg.layer_norm_epsilon;
         let shared = embedding(cfg.vocab_size, d, vb.pp("shared"))?;
@@ -353,12 +393,11 @@ impl T5ForConditionalGeneration {
             } else {
                 1.0
             },
-            config: cfg.clone(),
         })
     }
 }
 
-impl Seq2SeqLm for T5ForConditionalGeneration {
+impl CandleT5 {
     fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let s = ids.dim(1)?;
         let mut xs = self.shared.forward(ids)?;
@@ -385,18 +424,19 @@ impl Seq2SeqLm for T5ForConditionalGeneration {
             .iter()
             .map(|b| b.cross_attn.kv(encoder_hidden))
             .collect::<Result<_>>()?;
-        Ok(Seq2SeqCache {
-            dec: DecoderCache {
+        Ok(Seq2SeqCache::tensors(
+            DecoderCache {
                 self_kv: KvCache::new(self.decoder.len()),
                 cross_kv,
             },
-            cross_bias: cross_bias(mask, encoder_hidden.dtype())?,
-        })
+            cross_bias(mask, encoder_hidden.dtype())?,
+        ))
     }
 
     fn decode(&self, ids: &Tensor, cache: &mut Seq2SeqCache) -> Result<Tensor> {
         let s = ids.dim(1)?;
         let past = cache.seq_len();
+        let (dec, cross) = cache.as_tensors()?;
         let mut xs = self.shared.forward(ids)?;
         let dtype = xs.dtype();
         if let Some(first) = self.decoder.first() {
@@ -407,16 +447,63 @@ impl Seq2SeqLm for T5ForConditionalGeneration {
             for (i, b) in self.decoder.iter().enumerate() {
                 let h = b.self_norm.forward(&xs)?;
                 let (k, v) = b.self_attn.kv(&h)?;
-                let (k, v) = cache.dec.self_kv.append(i, &k, &v)?;
+                let (k, v) = dec.self_kv.append(i, &k, &v)?;
                 xs = (xs + b.self_attn.attend(&h, &k, &v, &bias)?)?;
                 let h = b.cross_norm.forward(&xs)?;
-                let (ck, cv) = &cache.dec.cross_kv[i];
-                xs = (&xs + b.cross_attn.attend(&h, ck, cv, &cache.cross_bias)?)?;
+                let (ck, cv) = &dec.cross_kv[i];
+                xs = (&xs + b.cross_attn.attend(&h, ck, cv, cross)?)?;
                 xs = (&xs + b.ff.forward(&b.ff_norm.forward(&xs)?)?)?;
             }
         }
         let xs = (self.decoder_norm.forward(&xs)? * self.output_scale)?;
         self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+    }
+}
+
+/// A 0/1 mask tensor `[b, s]` as f32 values.
+fn mask_values(mask: &Tensor) -> Result<Vec<f32>> {
+    mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+impl Seq2SeqLm for T5ForConditionalGeneration {
+    fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match &self.layers {
+            Layers::Candle(m) => m.encode(ids, mask),
+            Layers::Cpu(m) => {
+                let (b, s) = ids.dims2()?;
+                let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let x = m.encode(&ids_v, b, s, &mask_values(mask)?)?;
+                Tensor::from_vec(x, (b, s, m.hidden()), &self.device)
+            }
+        }
+    }
+
+    fn new_cache(&self, encoder_hidden: &Tensor, mask: &Tensor) -> Result<Seq2SeqCache> {
+        match &self.layers {
+            Layers::Candle(m) => m.new_cache(encoder_hidden, mask),
+            Layers::Cpu(m) => {
+                let (b, src, _) = encoder_hidden.dims3()?;
+                let enc: Vec<f32> = encoder_hidden
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let st = m.new_state(&enc, b, src, mask_values(mask)?);
+                Ok(Seq2SeqCache::T5Cpu(Box::new(st)))
+            }
+        }
+    }
+
+    fn decode(&self, ids: &Tensor, cache: &mut Seq2SeqCache) -> Result<Tensor> {
+        match (&self.layers, cache) {
+            (Layers::Candle(m), cache) => m.decode(ids, cache),
+            (Layers::Cpu(m), Seq2SeqCache::T5Cpu(st)) => {
+                let (b, s) = ids.dims2()?;
+                let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let logits = m.decode(&ids_v, s, st)?;
+                Tensor::from_vec(logits, (b, s, m.vocab()), &self.device)
+            }
+            (Layers::Cpu(_), _) => candle_core::bail!("T5's CPU path needs its own decoder cache"),
+        }
     }
 
     fn decoder_start_token_id(&self) -> u32 {
@@ -431,13 +518,84 @@ impl Seq2SeqLm for T5ForConditionalGeneration {
     }
 
     fn device(&self) -> &Device {
-        self.shared.embeddings().device()
+        &self.device
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::relative_bucket;
+    use super::*;
+    use crate::weights::Weights;
+
+    fn fixture(name: &str) -> (T5Config, std::path::PathBuf) {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/seq2seq/models")
+            .join(name);
+        let cfg: T5Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        (cfg, dir)
+    }
+
+    fn logits(model: &T5ForConditionalGeneration, ids: &[u32], cache: &mut Seq2SeqCache) -> Tensor {
+        let ids = Tensor::from_vec(ids.to_vec(), (ids.len(), 1), &Device::Cpu).unwrap();
+        model.decode(&ids, cache).unwrap()
+    }
+
+    /// The CPU path against the candle layers: a padded batch of two inputs, the decoder cache
+    /// growing past its first capacity, and rows reordered and repeated (beams) in between.
+    #[test]
+    fn cpu_path_matches_candle_layers() {
+        for name in ["t5", "t5-v1_1"] {
+            let (cfg, dir) = fixture(name);
+            let vb = || {
+                Weights::from_dir(&dir)
+                    .unwrap()
+                    .into_var_builder(DType::F32, &Device::Cpu)
+            };
+            let cpu = T5ForConditionalGeneration::load(&cfg, vb()).unwrap();
+            assert!(matches!(cpu.layers, Layers::Cpu(_)));
+            let reference = T5ForConditionalGeneration::load_candle(&cfg, vb()).unwrap();
+            let v = cfg.vocab_size as u32;
+            let rows: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % v).collect();
+            let ids = Tensor::from_vec(rows, (2, 7), &Device::Cpu).unwrap();
+            let mask = Tensor::from_vec(
+                vec![1u32, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                (2, 7),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (ha, hb) = (
+                cpu.encode(&ids, &mask).unwrap(),
+                reference.encode(&ids, &mask).unwrap(),
+            );
+            let d = crate::models::max_abs_diff(&ha, &hb);
+            assert!(d < 1e-5, "{name} encoder: {d}");
+            let mut ca = cpu.new_cache(&hb, &mask).unwrap();
+            let mut cb = reference.new_cache(&hb, &mask).unwrap();
+            let mut tokens = vec![0u32, 0];
+            for step in 0..20u32 {
+                if step == 3 {
+                    // Two inputs -> three rows: input 1 twice, then input 0.
+                    ca.select_rows(&[1, 1, 0]).unwrap();
+                    cb.select_rows(&[1, 1, 0]).unwrap();
+                    tokens = vec![tokens[1], tokens[1], tokens[0]];
+                }
+                let (la, lb) = (
+                    logits(&cpu, &tokens, &mut ca),
+                    logits(&reference, &tokens, &mut cb),
+                );
+                let d = crate::models::max_abs_diff(&la, &lb);
+                assert!(d < 1e-4, "{name} step {step}: {d}");
+                tokens = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| (step * 13 + i as u32 * 7 + 2) % v)
+                    .collect();
+            }
+            assert_eq!(ca.seq_len(), 20);
+        }
+    }
 
     #[test]
     fn buckets_match_hf() {

@@ -380,10 +380,11 @@ pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
 }
 
 /// Split `items` into batches of `batch_size`, `compute` each, and hand the results to
-/// `consume` in order. On CPU (`parallel`), batches are independent work: a wave of them runs
-/// at once, one per rayon thread, each with serial kernels (`models::layers::as_worker`), which
-/// keeps both cores busy without fanning tiny products out. A wave at a time keeps memory
-/// bounded.
+/// `consume` in order. On CPU (`parallel`), batches are independent work: they run at once,
+/// one per rayon thread, each with serial kernels (`models::layers::as_worker`), which keeps
+/// both cores busy without fanning tiny products out. A window of a few batches per thread
+/// is in flight at a time (rayon balances them, so one long batch does not idle the other
+/// threads), which keeps memory bounded.
 pub(crate) fn for_each_batch<T, R, C, F>(
     items: &[T],
     batch_size: usize,
@@ -399,14 +400,15 @@ where
 {
     use rayon::prelude::*;
     let chunks: Vec<&[T]> = items.chunks(batch_size.max(1)).collect();
-    let workers = if parallel {
-        rayon::current_num_threads().max(1)
+    let window = if parallel {
+        rayon::current_num_threads().max(1) * 4
     } else {
         1
     };
-    for wave in chunks.chunks(workers) {
+    for wave in chunks.chunks(window) {
         let outs: Vec<Result<R>> = if wave.len() > 1 {
             wave.par_iter()
+                .with_max_len(1)
                 .map(|chunk| crate::models::layers::as_worker(|| compute(chunk)))
                 .collect()
         } else {
