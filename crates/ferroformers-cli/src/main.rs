@@ -214,9 +214,11 @@ fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // Print results as they are done: a group of batches at a time, enough for the pipeline
-    // to run one batch per thread (and balance them) within each group.
-    let group = batch * ferroformers::num_threads() * 4;
-    for chunk in inputs.chunks(group) {
+    // to run one batch per thread (and balance them) within each group. The first group is one
+    // batch per thread, so that the first results come early.
+    let wave = batch * ferroformers::num_threads();
+    let (first_group, rest) = inputs.split_at(wave.min(inputs.len()));
+    for chunk in std::iter::once(first_group).chain(rest.chunks((wave * 4).max(64))) {
         let results = pipe.run(chunk, &args.params).map_err(fail)?;
         for r in results {
             let line = serde_json::to_string(&r).map_err(fail)?;

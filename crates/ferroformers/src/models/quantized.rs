@@ -337,6 +337,10 @@ fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// How far ahead (bytes) the block loops prefetch: ~5 rows of a 576-wide Q4_1 matrix
+    /// (1024 and 4096 were slower on SmolLM2).
+    const PREFETCH: usize = 2048;
+
     /// The block's leading f16 scale (and, for Q4_1, the minimum after it) as f32 lanes 0 and 1.
     #[inline(always)]
     unsafe fn scales(blk: *const u8) -> __m128 {
@@ -391,6 +395,9 @@ mod avx512 {
         let (mut a0, mut m0, mut a1, mut m1) = (z, z, z, z);
         let mut b = 0;
         while b + 1 < nb {
+            // The weights stream from L3 or memory: ask for them ahead of use (the loads after
+            // each block's fetch were where the time went). Prefetches never fault.
+            _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add(b * stride + PREFETCH) as *const i8);
             (a0, m0) = q4_block(rp.add(b * stride), xp.add(b * 32), q4_0, a0, m0);
             (a1, m1) = q4_block(rp.add((b + 1) * stride), xp.add((b + 1) * 32), q4_0, a1, m1);
             b += 2;
@@ -424,6 +431,7 @@ mod avx512 {
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut b = 0;
         while b + 1 < nb {
+            _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add(b * 34 + PREFETCH) as *const i8);
             acc0 = q8_block(rp.add(b * 34), xp.add(b * 32), acc0);
             acc1 = q8_block(rp.add((b + 1) * 34), xp.add((b + 1) * 32), acc1);
             b += 2;
