@@ -7,26 +7,33 @@ use std::path::Path;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use super::cpu_attention::KvBuffer;
 use super::layers::Linear;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result as FfResult};
 use crate::weights::Weights;
 
-/// Keys and values of every layer for the tokens seen so far: `[rows, kv_heads, seq, head_dim]`.
+/// Keys and values of every layer for the tokens seen so far: `[rows, kv_heads, seq, head_dim]`
+/// tensors, or plain buffers when a model's CPU path (`llama.rs`) fills it.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    cpu: Vec<KvBuffer>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            cpu: Vec::new(),
         }
     }
 
     /// Tokens already cached.
     pub fn seq_len(&self) -> usize {
+        if let Some(b) = self.cpu.first() {
+            return b.len();
+        }
         match self.layers.first() {
             Some(Some((k, _))) => k.dim(2).unwrap_or(0),
             _ => 0,
@@ -35,6 +42,9 @@ impl KvCache {
 
     /// Append this step's keys and values to `layer` and return everything cached for it.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if !self.cpu.is_empty() {
+            candle_core::bail!("this KV cache holds a CPU fast path's buffers");
+        }
         let kv = match self.layers[layer].take() {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (
@@ -46,12 +56,28 @@ impl KvCache {
         Ok(kv)
     }
 
+    /// The plain buffers of a CPU fast path: made empty (`rows` x `heads` x `dim` per layer)
+    /// on first use, an error if tensors were cached already.
+    pub fn buffers(&mut self, rows: usize, heads: usize, dim: usize) -> Result<&mut [KvBuffer]> {
+        if self.cpu.is_empty() {
+            if self.layers.iter().any(Option::is_some) {
+                candle_core::bail!("this KV cache already holds tensors");
+            }
+            self.cpu = vec![KvBuffer::new(rows, heads, dim); self.layers.len()];
+        }
+        Ok(&mut self.cpu)
+    }
+
     /// Keep (reorder, repeat or drop) rows: row `i` of the new cache is row `rows[i]` of the old.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {
             let idx = Tensor::new(rows, k.device())?;
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
+        }
+        let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+        for b in &mut self.cpu {
+            b.select_rows(&rows)?;
         }
         Ok(())
     }
@@ -118,6 +144,25 @@ impl Module for Proj {
 }
 
 impl Proj {
+    /// `x [rows, in] -> [rows, out]` on plain buffers (CPU f32). GGUF blocks use their own
+    /// kernels; other kinds go through a tensor.
+    pub fn forward_vec(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (mut y, bias) = match self {
+            Proj::Blocks(q, b) => (q.matmul(x, rows), b.as_ref()),
+            _ => {
+                let t = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
+                return self.forward(&t)?.flatten_all()?.to_vec1();
+            }
+        };
+        if let Some(b) = bias {
+            let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(y)
+    }
+
     /// Several projections of the same input as one (outputs side by side), when all are GGUF
     /// blocks of one type with biases on all or none.
     pub fn stack(parts: &[&Proj]) -> Result<Option<Proj>> {
@@ -182,6 +227,14 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self { weight, eps }
+    }
+
+    /// The weight as f32 values and epsilon, for the CPU paths.
+    pub fn parts(&self) -> Result<(Vec<f32>, f32)> {
+        Ok((
+            self.weight.to_dtype(DType::F32)?.to_vec1()?,
+            self.eps as f32,
+        ))
     }
 }
 

@@ -8,8 +8,11 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
+use super::cpu_attention::{attend_one, rms_norm_rows};
+use super::encoder_stack::fast_exp;
 use super::layers::sdpa;
 use super::layers::Linear;
+use crate::simd::dispatch;
 
 fn default_theta() -> f64 {
     10000.0
@@ -251,6 +254,8 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// Both norms' weights as f32, for the CPU path.
+    norms: (Vec<f32>, Vec<f32>),
 }
 
 /// The parts of a Llama model, so that GGUF loading can assemble one from its own tensors.
@@ -307,6 +312,9 @@ pub struct Llama {
     max_positions: usize,
     device: Device,
     dtype: DType,
+    /// The final norm's weight as f32 and the norms' epsilon, for the CPU path.
+    norm_f32: Vec<f32>,
+    eps: f32,
 }
 
 fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
@@ -369,8 +377,15 @@ impl Llama {
             .layers
             .into_iter()
             .map(|l| -> Result<DecoderLayer> {
+                let input_layernorm = RmsNorm::new(l.input_layernorm, eps);
+                let post_attention_layernorm = RmsNorm::new(l.post_attention_layernorm, eps);
+                let norms = (
+                    input_layernorm.parts()?.0,
+                    post_attention_layernorm.parts()?.0,
+                );
                 Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::new(l.input_layernorm, eps),
+                    norms,
+                    input_layernorm,
                     self_attn: Attention {
                         qkv_proj: Proj::stack(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
                         q_proj: l.q_proj,
@@ -381,7 +396,7 @@ impl Llama {
                         num_kv_heads: cfg.kv_heads(),
                         head_dim: cfg.head_dim(),
                     },
-                    post_attention_layernorm: RmsNorm::new(l.post_attention_layernorm, eps),
+                    post_attention_layernorm,
                     mlp: Mlp {
                         gate_up_proj: Proj::stack(&[&l.gate_proj, &l.up_proj])?,
                         gate_proj: l.gate_proj,
@@ -395,6 +410,8 @@ impl Llama {
             embed_tokens: p.embed_tokens,
             hidden: cfg.hidden_size,
             layers,
+            norm_f32: RmsNorm::new(p.norm.clone(), eps).parts()?.0,
+            eps: eps as f32,
             norm: RmsNorm::new(p.norm, eps),
             lm_head: p.lm_head,
             rotary: Rotary::new(cfg)?,
@@ -405,6 +422,190 @@ impl Llama {
     }
 }
 
+impl Rotary {
+    /// Rotate one head's `x` in place at the angles `pos * inv_freq` (`cos`, `sin`).
+    fn rotate(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        if self.interleaved {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        } else {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+impl Llama {
+    /// The forward pass over plain f32 buffers (CPU, f32 activations): the same arithmetic as
+    /// the candle path below without its ~25 small tensor ops (and their allocations) per layer,
+    /// and a KV cache that grows in place instead of being concatenated every step.
+    fn forward_cpu(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let n = b * s;
+        let h = self.hidden;
+        let Some(first) = self.layers.first() else {
+            candle_core::bail!("the model has no layers");
+        };
+        let (nh, nkv, hd) = (
+            first.self_attn.num_heads,
+            first.self_attn.num_kv_heads,
+            first.self_attn.head_dim,
+        );
+        let (q_w, kv_w) = (nh * hd, nkv * hd);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let total = bias.dim(3)?;
+        let past = total - s;
+        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
+        let half = self.rotary.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for &p in &pos {
+            for f in &self.rotary.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let mut x: Vec<f32> = self
+            .embed_tokens
+            .forward(input_ids, h, DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let bufs = cache.buffers(b, nkv, hd)?;
+        if bufs
+            .first()
+            .is_some_and(|kv| kv.len() != past || kv.rows() != b)
+        {
+            candle_core::bail!("the KV cache does not match the attention bias");
+        }
+        let mut scores = vec![0f32; total];
+        for (layer, kv) in self.layers.iter().zip(bufs.iter_mut()) {
+            let at = &layer.self_attn;
+            let hn = rms_norm_rows(&x, &layer.norms.0, self.eps);
+            let mut qkv = match &at.qkv_proj {
+                Some(p) => p.forward_vec(&hn, n)?,
+                None => {
+                    let (q, k, v) = (
+                        at.q_proj.forward_vec(&hn, n)?,
+                        at.k_proj.forward_vec(&hn, n)?,
+                        at.v_proj.forward_vec(&hn, n)?,
+                    );
+                    let mut out = Vec::with_capacity(n * (q_w + 2 * kv_w));
+                    for t in 0..n {
+                        out.extend_from_slice(&q[t * q_w..(t + 1) * q_w]);
+                        out.extend_from_slice(&k[t * kv_w..(t + 1) * kv_w]);
+                        out.extend_from_slice(&v[t * kv_w..(t + 1) * kv_w]);
+                    }
+                    out
+                }
+            };
+            let width = q_w + 2 * kv_w;
+            kv.reserve(s);
+            for t in 0..n {
+                let (c, sn) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
+                let row = &mut qkv[t * width..(t + 1) * width];
+                for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
+                    self.rotary.rotate(head, c, sn);
+                }
+                let (r, i) = (t / s, t % s);
+                for g in 0..nkv {
+                    let k = &row[q_w + g * hd..q_w + (g + 1) * hd];
+                    let v = &row[q_w + kv_w + g * hd..q_w + kv_w + (g + 1) * hd];
+                    kv.put(r, g, past + i, k, v);
+                }
+            }
+            kv.set_len(total);
+            let mut ctx = vec![0f32; n * q_w];
+            for t in 0..n {
+                let (r, i) = (t / s, t % s);
+                // Keys after this query's position are masked: skip them.
+                let keys = past + i + 1;
+                let brow = &bias[t * total..t * total + keys];
+                for head in 0..nh {
+                    let (ks, vs) = kv.get(r, head / group, keys);
+                    attend_one(
+                        &qkv[t * width + head * hd..t * width + (head + 1) * hd],
+                        ks,
+                        vs,
+                        scale,
+                        brow,
+                        &[],
+                        &mut scores[..keys],
+                        &mut ctx[t * q_w + head * hd..t * q_w + (head + 1) * hd],
+                    );
+                }
+            }
+            let o = at.o_proj.forward_vec(&ctx, n)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let hn = rms_norm_rows(&x, &layer.norms.1, self.eps);
+            let mlp = &layer.mlp;
+            let (gate, up, inter) = match &mlp.gate_up_proj {
+                Some(p) => {
+                    let gu = p.forward_vec(&hn, n)?;
+                    let inter = gu.len() / n / 2;
+                    let (mut g, mut u) =
+                        (Vec::with_capacity(n * inter), Vec::with_capacity(n * inter));
+                    for row in gu.chunks_exact(2 * inter) {
+                        g.extend_from_slice(&row[..inter]);
+                        u.extend_from_slice(&row[inter..]);
+                    }
+                    (g, u, inter)
+                }
+                None => {
+                    let g = mlp.gate_proj.forward_vec(&hn, n)?;
+                    let inter = g.len() / n;
+                    (g, mlp.up_proj.forward_vec(&hn, n)?, inter)
+                }
+            };
+            let mut act = gate;
+            silu_mul(&mut act, &up);
+            let down = mlp.down_proj.forward_vec(&act, n)?;
+            debug_assert_eq!(act.len(), n * inter);
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        let (x, rows_out) = if last_only {
+            let mut last = Vec::with_capacity(b * h);
+            for r in 0..b {
+                last.extend_from_slice(&x[((r + 1) * s - 1) * h..(r + 1) * s * h]);
+            }
+            (last, 1)
+        } else {
+            (x, s)
+        };
+        let y = rms_norm_rows(&x, &self.norm_f32, self.eps);
+        let logits = self.lm_head.forward_vec(&y, b * rows_out)?;
+        let vocab = logits.len() / (b * rows_out);
+        Tensor::from_vec(logits, (b, rows_out, vocab), &self.device)
+    }
+}
+
+/// `gate = silu(gate) * up`, in place.
+#[inline(always)]
+fn silu_mul_g(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + fast_exp(-*g)) * u;
+    }
+}
+dispatch!(fn silu_mul(gate: &mut [f32], up: &[f32]); via silu_mul_g);
+
 impl CausalLm for Llama {
     fn forward(
         &self,
@@ -414,6 +615,9 @@ impl CausalLm for Llama {
         cache: &mut KvCache,
         last_only: bool,
     ) -> Result<Tensor> {
+        if self.device.is_cpu() && self.dtype == DType::F32 {
+            return self.forward_cpu(input_ids, position_ids, bias, cache, last_only);
+        }
         let mut xs = self
             .embed_tokens
             .forward(input_ids, self.hidden, self.dtype)?;

@@ -3,6 +3,7 @@
 pub mod bart;
 pub mod bert;
 pub mod causal_lm;
+pub mod cpu_attention;
 pub mod cpu_linear;
 pub mod distilbert;
 pub mod encoder_stack;

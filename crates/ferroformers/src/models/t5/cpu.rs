@@ -1,5 +1,6 @@
 //! T5 on CPU in plain f32 buffers: the same arithmetic as the candle layers in `t5.rs`, without
 //! a dozen small tensor ops (and their allocations and copies) per layer and decoding step.
+//! Decoder attention and RMSNorm are `cpu_attention`'s.
 //!
 //! Matrices keep the checkpoint's `[out, in]` layout (`cpu_linear`); q/k/v, k/v and the gated
 //! feed-forward's `wi_0`/`wi_1` are stacked into one matrix each, and a tied LM head is the
@@ -12,10 +13,11 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::{relative_bucket, T5Config};
+use crate::models::cpu_attention::{attend_one, rms_norm_rows, KvBuffer};
 use crate::models::cpu_linear::{matmul, matmul_into};
-use crate::models::encoder_stack::{fast_exp, simd as rowops};
+use crate::models::encoder_stack::simd as rowops;
 use crate::models::layers::{in_worker, Activation};
-use crate::simd::{dispatch, dot16, max16, sum16};
+use crate::simd::dispatch;
 
 struct Cross {
     norm: Vec<f32>,
@@ -69,13 +71,9 @@ pub struct T5Cpu {
 /// The decoder's state between steps.
 pub struct DecoderState {
     len: usize,
-    cap: usize,
     rows: usize,
-    heads: usize,
-    d_kv: usize,
-    /// Per layer, `[rows, heads, cap, d_kv]`.
-    self_k: Vec<Vec<f32>>,
-    self_v: Vec<Vec<f32>>,
+    /// Per layer: self-attention keys and values of every row.
+    self_kv: Vec<KvBuffer>,
     /// Per layer, `[inputs, heads, src, d_kv]`.
     cross_k: Vec<Vec<f32>>,
     cross_v: Vec<Vec<f32>>,
@@ -97,40 +95,12 @@ impl DecoderState {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
             bail!("row {bad} is out of range ({} rows)", self.rows);
         }
-        let per_row = self.heads * self.cap * self.d_kv;
-        let used = self.len * self.d_kv;
-        for buf in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
-            let mut out = vec![0f32; rows.len() * per_row];
-            for (i, &r) in rows.iter().enumerate() {
-                for h in 0..self.heads {
-                    let from = r * per_row + h * self.cap * self.d_kv;
-                    let to = i * per_row + h * self.cap * self.d_kv;
-                    out[to..to + used].copy_from_slice(&buf[from..from + used]);
-                }
-            }
-            *buf = out;
+        for buf in &mut self.self_kv {
+            buf.select_rows(rows)?;
         }
         self.input_of = rows.iter().map(|&r| self.input_of[r]).collect();
         self.rows = rows.len();
         Ok(())
-    }
-
-    /// Room for `extra` more tokens.
-    fn reserve(&mut self, extra: usize) {
-        if self.len + extra <= self.cap {
-            return;
-        }
-        let cap = (self.len + extra).max(self.cap * 2).max(16);
-        let (old, dk) = (self.cap, self.d_kv);
-        for buf in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
-            let mut out = vec![0f32; self.rows * self.heads * cap * dk];
-            for rh in 0..self.rows * self.heads {
-                out[rh * cap * dk..rh * cap * dk + self.len * dk]
-                    .copy_from_slice(&buf[rh * old * dk..rh * old * dk + self.len * dk]);
-            }
-            *buf = out;
-        }
-        self.cap = cap;
     }
 }
 
@@ -314,11 +284,7 @@ impl T5Cpu {
     }
 
     fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let mut out = x.to_vec();
-        for row in out.chunks_exact_mut(self.d) {
-            rms_norm(row, w, self.eps);
-        }
-        out
+        rms_norm_rows(x, w, self.eps)
     }
 
     /// `x += FF(norm(x))`.
@@ -478,12 +444,8 @@ impl T5Cpu {
         }
         DecoderState {
             len: 0,
-            cap: 0,
             rows: b,
-            heads: h,
-            d_kv: dk,
-            self_k: vec![Vec::new(); self.dec.len()],
-            self_v: vec![Vec::new(); self.dec.len()],
+            self_kv: vec![KvBuffer::new(b, h, dk); self.dec.len()],
             cross_k,
             cross_v,
             keep,
@@ -504,40 +466,39 @@ impl T5Cpu {
         let n = rows * s;
         let mut x = self.embed(ids)?;
         let past = st.len;
-        st.reserve(s);
         let total = past + s;
-        let cap = st.cap;
         let bias = self.position_bias(&self.dec_rel, s, total, past, false);
         let mut scores = vec![0f32; total.max(st.src)];
         for (li, l) in self.dec.iter().enumerate() {
             // Self-attention: cache this step's keys and values, then attend causally.
             let hn = self.norm(&x, &l.attn_norm);
             let qkv = matmul(&hn, n, d, &l.qkv, 3 * inner, par);
-            let (ks, vs) = (&mut st.self_k[li], &mut st.self_v[li]);
+            let kv = &mut st.self_kv[li];
+            kv.reserve(s);
             for r in 0..rows {
                 for i in 0..s {
                     let row = &qkv[(r * s + i) * 3 * inner..(r * s + i + 1) * 3 * inner];
                     for hd in 0..h {
-                        let to = ((r * h + hd) * cap + past + i) * dk;
-                        ks[to..to + dk]
-                            .copy_from_slice(&row[inner + hd * dk..inner + (hd + 1) * dk]);
-                        vs[to..to + dk]
-                            .copy_from_slice(&row[2 * inner + hd * dk..2 * inner + (hd + 1) * dk]);
+                        let k = &row[inner + hd * dk..inner + (hd + 1) * dk];
+                        let v = &row[2 * inner + hd * dk..2 * inner + (hd + 1) * dk];
+                        kv.put(r, hd, past + i, k, v);
                     }
                 }
             }
+            kv.set_len(total);
             let mut ctx = vec![0f32; n * inner];
             for r in 0..rows {
                 for i in 0..s {
                     let keys = past + i + 1;
                     for hd in 0..h {
                         let q = &qkv[(r * s + i) * 3 * inner + hd * dk..][..dk];
-                        let kv0 = (r * h + hd) * cap * dk;
+                        let (ks, vs) = kv.get(r, hd, keys);
                         let b0 = (hd * s + i) * total;
                         attend_one(
                             q,
-                            &ks[kv0..kv0 + keys * dk],
-                            &vs[kv0..kv0 + keys * dk],
+                            ks,
+                            vs,
+                            1.0,
                             &bias[b0..b0 + keys],
                             &[],
                             &mut scores[..keys],
@@ -568,6 +529,7 @@ impl T5Cpu {
                             &q[(r * s + i) * inner + hd * dk..][..dk],
                             &ck[kv0..kv0 + src * dk],
                             &cv[kv0..kv0 + src * dk],
+                            1.0,
                             &[],
                             keep,
                             &mut scores[..src],
@@ -595,30 +557,6 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `T5LayerNorm` of one row: `w * (x / sqrt(mean(x^2) + eps))`.
-#[inline(always)]
-fn rms_norm_g(row: &mut [f32], w: &[f32], eps: f32) {
-    let ss = {
-        let mut acc = [0f32; 16];
-        let mut c = row.chunks_exact(16);
-        for ch in &mut c {
-            for j in 0..16 {
-                acc[j] += ch[j] * ch[j];
-            }
-        }
-        let mut s: f32 = c.remainder().iter().map(|v| v * v).sum();
-        for a in acc {
-            s += a;
-        }
-        s
-    };
-    let inv = 1.0 / (ss / row.len() as f32 + eps).sqrt();
-    for (v, &g) in row.iter_mut().zip(w) {
-        *v = g * (*v * inv);
-    }
-}
-dispatch!(fn rms_norm(row: &mut [f32], w: &[f32], eps: f32); via rms_norm_g);
-
 #[inline(always)]
 fn mul_in_place_g(a: &mut [f32], b: &[f32]) {
     for (x, &y) in a.iter_mut().zip(b) {
@@ -626,51 +564,3 @@ fn mul_in_place_g(a: &mut [f32], b: &[f32]) {
     }
 }
 dispatch!(fn mul_in_place(a: &mut [f32], b: &[f32]); via mul_in_place_g);
-
-/// One query row over `keys` keys (`k`, `v`: `[keys, d]`): scores `q . k_j` (no scaling, as
-/// T5) plus `bias` (when given), keys with `keep` 0 dropped (when given), softmax, and
-/// `out = sum_j p_j v_j`.
-#[inline(always)]
-fn attend_one_g(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: &[f32],
-    keep: &[f32],
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let dk = q.len();
-    for (j, sc) in scores.iter_mut().enumerate() {
-        *sc = dot16(q, &k[j * dk..(j + 1) * dk]);
-    }
-    if !bias.is_empty() {
-        for (sc, &b) in scores.iter_mut().zip(bias) {
-            *sc += b;
-        }
-    }
-    if !keep.is_empty() {
-        for (sc, &kp) in scores.iter_mut().zip(keep) {
-            if kp == 0.0 {
-                *sc = f32::NEG_INFINITY;
-            }
-        }
-    }
-    let m = max16(scores);
-    for sc in scores.iter_mut() {
-        *sc = if *sc == f32::NEG_INFINITY {
-            0.0
-        } else {
-            fast_exp(*sc - m)
-        };
-    }
-    let inv = 1.0 / sum16(scores);
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let p = p * inv;
-        for (o, &vv) in out.iter_mut().zip(&v[j * dk..(j + 1) * dk]) {
-            *o += p * vv;
-        }
-    }
-}
-dispatch!(fn attend_one(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: &[f32], scores: &mut [f32], out: &mut [f32]); via attend_one_g);

@@ -1,0 +1,248 @@
+//! Decoder attention over plain f32 buffers, shared by the CPU fast paths (T5, Llama): a
+//! key/value buffer per layer that grows by doubling, and one query row attending over it.
+
+use crate::models::encoder_stack::fast_exp;
+use crate::simd::{dispatch, dot16, max16, sum16};
+
+/// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
+#[derive(Debug, Clone)]
+pub struct KvBuffer {
+    rows: usize,
+    heads: usize,
+    dim: usize,
+    cap: usize,
+    len: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvBuffer {
+    pub fn new(rows: usize, heads: usize, dim: usize) -> Self {
+        Self {
+            rows,
+            heads,
+            dim,
+            cap: 0,
+            len: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Room for `extra` more positions.
+    pub fn reserve(&mut self, extra: usize) {
+        if self.len + extra <= self.cap {
+            return;
+        }
+        let cap = (self.len + extra).max(self.cap * 2).max(16);
+        let (old, d, used) = (self.cap, self.dim, self.len * self.dim);
+        for buf in [&mut self.k, &mut self.v] {
+            let mut out = vec![0f32; self.rows * self.heads * cap * d];
+            for rh in 0..self.rows * self.heads {
+                out[rh * cap * d..rh * cap * d + used]
+                    .copy_from_slice(&buf[rh * old * d..rh * old * d + used]);
+            }
+            *buf = out;
+        }
+        self.cap = cap;
+    }
+
+    /// Store the key and value of `row`, `head` at position `pos` (`< len + reserved`).
+    pub fn put(&mut self, row: usize, head: usize, pos: usize, k: &[f32], v: &[f32]) {
+        assert!(
+            pos < self.cap,
+            "position {pos} beyond the reserved {}",
+            self.cap
+        );
+        let at = ((row * self.heads + head) * self.cap + pos) * self.dim;
+        self.k[at..at + self.dim].copy_from_slice(k);
+        self.v[at..at + self.dim].copy_from_slice(v);
+    }
+
+    /// Positions `0..len` now hold data.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap);
+        self.len = len;
+    }
+
+    /// Keys and values of `row`, `head` at positions `0..n`.
+    pub fn get(&self, row: usize, head: usize, n: usize) -> (&[f32], &[f32]) {
+        let at = (row * self.heads + head) * self.cap * self.dim;
+        let n = n * self.dim;
+        (&self.k[at..at + n], &self.v[at..at + n])
+    }
+
+    /// Keep rows: row `i` afterwards is row `rows[i]` before.
+    pub fn select_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            candle_core::bail!("row {bad} is out of range ({} rows)", self.rows);
+        }
+        let per_row = self.heads * self.cap * self.dim;
+        let per_head = self.cap * self.dim;
+        let used = self.len * self.dim;
+        for buf in [&mut self.k, &mut self.v] {
+            let mut out = vec![0f32; rows.len() * per_row];
+            for (i, &r) in rows.iter().enumerate() {
+                for h in 0..self.heads {
+                    let (from, to) = (r * per_row + h * per_head, i * per_row + h * per_head);
+                    out[to..to + used].copy_from_slice(&buf[from..from + used]);
+                }
+            }
+            *buf = out;
+        }
+        self.rows = rows.len();
+        Ok(())
+    }
+}
+
+/// One query row over `k`, `v` (`[keys, d]`, `keys = scores.len()`): scores `scale * q . k_j`
+/// plus `bias` (when not empty), keys whose `keep` is 0 dropped (when not empty), softmax, and
+/// `out = sum_j p_j v_j`. Additive masks of `f32::MIN` (as HF's) come out as exactly 0 too.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_one_g(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    bias: &[f32],
+    keep: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let dk = q.len();
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = dot16(q, &k[j * dk..(j + 1) * dk]) * scale;
+    }
+    if !bias.is_empty() {
+        for (sc, &b) in scores.iter_mut().zip(bias) {
+            *sc += b;
+        }
+    }
+    if !keep.is_empty() {
+        for (sc, &kp) in scores.iter_mut().zip(keep) {
+            if kp == 0.0 {
+                *sc = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let m = max16(scores);
+    for sc in scores.iter_mut() {
+        *sc = if *sc == f32::NEG_INFINITY {
+            0.0
+        } else {
+            fast_exp(*sc - m)
+        };
+    }
+    let inv = 1.0 / sum16(scores);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let p = p * inv;
+        for (o, &vv) in out.iter_mut().zip(&v[j * dk..(j + 1) * dk]) {
+            *o += p * vv;
+        }
+    }
+}
+dispatch!(pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scale: f32, bias: &[f32], keep: &[f32], scores: &mut [f32], out: &mut [f32]); via attend_one_g);
+
+/// `RMSNorm` of one row as HF's Llama and T5 compute it: `w * (x / sqrt(mean(x^2) + eps))`.
+#[inline(always)]
+fn rms_norm_g(row: &mut [f32], w: &[f32], eps: f32) {
+    let mut acc = [0f32; 16];
+    let mut c = row.chunks_exact(16);
+    for ch in &mut c {
+        for j in 0..16 {
+            acc[j] += ch[j] * ch[j];
+        }
+    }
+    let mut ss: f32 = c.remainder().iter().map(|v| v * v).sum();
+    for a in acc {
+        ss += a;
+    }
+    let inv = 1.0 / (ss / row.len() as f32 + eps).sqrt();
+    for (v, &g) in row.iter_mut().zip(w) {
+        *v = g * (*v * inv);
+    }
+}
+dispatch!(pub fn rms_norm(row: &mut [f32], w: &[f32], eps: f32); via rms_norm_g);
+
+/// `rms_norm` of every `w.len()`-wide row of `x`, as a new buffer.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(w.len()) {
+        rms_norm(row, w, eps);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_grows_and_reorders_rows() {
+        let mut b = KvBuffer::new(2, 1, 2);
+        for pos in 0..20 {
+            b.reserve(1);
+            for row in 0..2 {
+                let x = (row * 100 + pos) as f32;
+                b.put(row, 0, pos, &[x, x], &[-x, -x]);
+            }
+            b.set_len(pos + 1);
+        }
+        b.select_rows(&[1, 1, 0]).unwrap();
+        assert_eq!(b.rows(), 3);
+        let (k, v) = b.get(1, 0, 20);
+        assert_eq!(k[38], 119.0);
+        assert_eq!(v[0], -100.0);
+        let (k, _) = b.get(2, 0, 3);
+        assert_eq!(k, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+        assert!(b.select_rows(&[3]).is_err());
+    }
+
+    #[test]
+    fn one_row_attention_masks_and_normalises() {
+        let q = [1.0, 0.0];
+        let k = [1.0, 0.0, 0.0, 1.0, 2.0, 0.0];
+        let v = [1.0, 0.0, 0.0, 1.0, 5.0, 5.0];
+        let mut scores = [0f32; 3];
+        let mut out = [0f32; 2];
+        // Third key dropped by bias f32::MIN, the rest: scores 1*0.5, 0 -> softmax.
+        attend_one(
+            &q,
+            &k,
+            &v,
+            0.5,
+            &[0.0, 0.0, f32::MIN],
+            &[],
+            &mut scores,
+            &mut out,
+        );
+        let p0 = 0.5f32.exp() / (0.5f32.exp() + 1.0);
+        assert!((out[0] - p0).abs() < 1e-6 && (out[1] - (1.0 - p0)).abs() < 1e-6);
+        attend_one(
+            &q,
+            &k,
+            &v,
+            1.0,
+            &[],
+            &[0.0, 1.0, 0.0],
+            &mut scores,
+            &mut out,
+        );
+        assert_eq!(out, [0.0, 1.0]);
+    }
+}
