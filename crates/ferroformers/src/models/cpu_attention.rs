@@ -1,8 +1,8 @@
 //! Decoder attention over plain f32 buffers, shared by the CPU fast paths (T5, Llama): a
 //! key/value buffer per layer that grows by doubling, and one query row attending over it.
 
-use crate::models::encoder_stack::fast_exp;
-use crate::simd::{dispatch, dot16, max16, sum16};
+use crate::models::encoder_stack::simd::softmax_masked_g;
+use crate::simd::{dispatch, dot16};
 
 /// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
 #[derive(Debug, Clone)]
@@ -132,25 +132,9 @@ fn attend_one_g(
             *sc += b;
         }
     }
-    if !keep.is_empty() {
-        for (sc, &kp) in scores.iter_mut().zip(keep) {
-            if kp == 0.0 {
-                *sc = f32::NEG_INFINITY;
-            }
-        }
-    }
-    let m = max16(scores);
-    for sc in scores.iter_mut() {
-        *sc = if *sc == f32::NEG_INFINITY {
-            0.0
-        } else {
-            fast_exp(*sc - m)
-        };
-    }
-    let inv = 1.0 / sum16(scores);
+    softmax_masked_g(scores, keep);
     out.fill(0.0);
     for (j, &p) in scores.iter().enumerate() {
-        let p = p * inv;
         for (o, &vv) in out.iter_mut().zip(&v[j * dk..(j + 1) * dk]) {
             *o += p * vv;
         }

@@ -442,10 +442,11 @@ pub(crate) mod simd {
     }
     dispatch!(pub fn activate(xs: &mut [f32], act: Activation); via activate_g);
 
-    /// Softmax over the entries whose `keep` is 1; the others become 0 (HF adds the dtype's
-    /// minimum to them, which underflows to exactly 0 after the exponential).
+    /// Softmax over the entries whose `keep` is 1 (all of them when `keep` is empty); the
+    /// others become 0 (HF adds the dtype's minimum to them, which underflows to exactly 0
+    /// after the exponential).
     #[inline(always)]
-    fn softmax_masked_g(row: &mut [f32], keep: &[f32]) {
+    pub(crate) fn softmax_masked_g(row: &mut [f32], keep: &[f32]) {
         let all = keep.iter().all(|&k| k != 0.0);
         if !all {
             for (v, &k) in row.iter_mut().zip(keep) {
