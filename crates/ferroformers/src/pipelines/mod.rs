@@ -476,31 +476,48 @@ impl EncoderRunner {
 
     /// Run all encodings in batches of `batch_size` (padded to the longest in each batch) and
     /// hand each item's own output, with padding rows removed, to `f` in input order.
+    ///
+    /// Batches are made from inputs of similar length (as sentence-transformers' `encode`
+    /// does): within each window of a few batches per thread, inputs are ordered by length
+    /// before they are cut into batches, so less of each batch is padding. Every item's output
+    /// is its own (padding is masked), so only the work changes, not the results.
     pub fn run<F>(&self, encs: &[Encoded], batch_size: usize, mut f: F) -> Result<()>
     where
         F: FnMut(usize, Tensor) -> Result<()>,
     {
-        let mut index = 0;
-        for_each_batch(
-            encs,
-            batch_size,
-            self.device.is_cpu(),
-            |chunk| {
-                let refs: Vec<&Encoded> = chunk.iter().collect();
-                self.forward_padded(&refs)
-            },
-            |chunk, out| {
-                for (i, e) in chunk.iter().enumerate() {
-                    let mut row = out.get(i)?;
-                    if row.rank() >= 2 {
-                        row = row.narrow(0, 0, e.len())?;
+        let batch_size = batch_size.max(1);
+        let window = batch_size * rayon::current_num_threads().max(1) * 4;
+        for (w, part) in encs.chunks(window).enumerate() {
+            let mut order: Vec<usize> = (0..part.len()).collect();
+            if batch_size > 1 {
+                order.sort_by_key(|&i| part[i].len());
+            }
+            let sorted: Vec<&Encoded> = order.iter().map(|&i| &part[i]).collect();
+            let mut rows: Vec<Option<Tensor>> = vec![None; part.len()];
+            let mut next = 0;
+            for_each_batch(
+                &sorted,
+                batch_size,
+                self.device.is_cpu(),
+                |chunk| self.forward_padded(chunk),
+                |chunk, out| {
+                    for (i, e) in chunk.iter().enumerate() {
+                        let mut row = out.get(i)?;
+                        if row.rank() >= 2 {
+                            row = row.narrow(0, 0, e.len())?;
+                        }
+                        rows[order[next]] = Some(row);
+                        next += 1;
                     }
-                    f(index, row)?;
-                    index += 1;
-                }
-                Ok(())
-            },
-        )
+                    Ok(())
+                },
+            )?;
+            for (i, row) in rows.into_iter().enumerate() {
+                let row = row.ok_or_else(|| Error::Tokenizer("a batch returned no row".into()))?;
+                f(w * window + i, row)?;
+            }
+        }
+        Ok(())
     }
 
     /// Tokenize every input, refusing empty ones.
