@@ -218,7 +218,8 @@ fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
     // batch per thread, so that the first results come early.
     let wave = batch * ferroformers::num_threads();
     let (first_group, rest) = inputs.split_at(wave.min(inputs.len()));
-    for chunk in std::iter::once(first_group).chain(rest.chunks((wave * 4).max(64))) {
+    let group = (batch * ferroformers::batches_in_flight()).max(64);
+    for chunk in std::iter::once(first_group).chain(rest.chunks(group)) {
         let results = pipe.run(chunk, &args.params).map_err(fail)?;
         for r in results {
             let line = serde_json::to_string(&r).map_err(fail)?;

@@ -21,7 +21,7 @@ pub mod weights;
 pub use candle_core::{DType, Device};
 pub use error::{Error, Result};
 pub use pipelines::registry::{TaskInfo, TASKS};
-pub use pipelines::{Input, Output, Params, Pipeline, PipelineOptions};
+pub use pipelines::{batches_in_flight, Input, Output, Params, Pipeline, PipelineOptions};
 
 /// The pipeline for `task` (a name or alias) with its default model.
 pub fn pipeline(task: &str) -> Result<Pipeline> {

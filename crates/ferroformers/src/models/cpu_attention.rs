@@ -1,7 +1,11 @@
-//! Decoder attention over plain f32 buffers, shared by the CPU fast paths (T5, Llama): a
-//! key/value buffer per layer that grows by doubling, and one query row attending over it.
+//! Attention over plain f32 buffers, shared by the CPU fast paths: whole sequences at once
+//! (BERT-family and T5 encoders), and for decoders (T5, Llama) a key/value buffer per layer
+//! that grows by doubling, with one query row attending over it.
 
-use crate::models::encoder_stack::simd::softmax_masked_g;
+use rayon::prelude::*;
+
+use crate::models::cpu_linear::SendPtr;
+use crate::models::encoder_stack::simd::{softmax_masked, softmax_masked_g};
 use crate::simd::{dispatch, dot16};
 
 /// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
@@ -106,6 +110,104 @@ impl KvBuffer {
         self.rows = rows.len();
         Ok(())
     }
+}
+
+/// Bidirectional attention per (sequence, head) over `qkv` `[b * s, 3 * heads * d]` (queries,
+/// keys and values side by side): scores `scale * q . k`, plus the head's `bias` `[heads, s, s]`
+/// when given (T5's position bias), keys whose `keep` `[b, s]` is 0 dropped, softmax, then the
+/// weighted values. Returns `[b * s, heads * d]`; `par` spreads the (sequence, head) pairs over
+/// rayon's threads.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_sequences(
+    qkv: &[f32],
+    b: usize,
+    s: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+    bias: Option<&[f32]>,
+    keep: &[f32],
+    par: bool,
+) -> Vec<f32> {
+    let inner = heads * d;
+    let stride = 3 * inner;
+    assert!(qkv.len() >= b * s * stride && keep.len() >= b * s);
+    assert!(bias.is_none_or(|t| t.len() >= heads * s * s));
+    let mut ctx = vec![0f32; b * s * inner];
+    // Each (sequence, head) writes its own columns of its own rows: disjoint.
+    let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+    let job = |(bi, hd): (usize, usize)| {
+        let keep = &keep[bi * s..(bi + 1) * s];
+        let base = bi * s * stride;
+        let q = &qkv[base + hd * d..];
+        let k = &qkv[base + inner + hd * d..];
+        let v = &qkv[base + 2 * inner + hd * d..];
+        let mut scores = match bias {
+            Some(t) => t[hd * s * s..(hd + 1) * s * s].to_vec(),
+            None => vec![0f32; s * s],
+        };
+        // SAFETY: q, k, v stay within qkv (rows bi*s.., the head's d columns, row stride
+        // `stride`); scores is s x s and, with a bias, starts as it (read_dst).
+        unsafe {
+            gemm::gemm(
+                s,
+                s,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                s as isize,
+                bias.is_some(),
+                q.as_ptr(),
+                1,
+                stride as isize,
+                k.as_ptr(),
+                stride as isize,
+                1,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for row in scores.chunks_exact_mut(s) {
+            softmax_masked(row, keep);
+        }
+        let out = ctx_ptr;
+        // SAFETY: rows bi*s.., columns hd*d..(hd+1)*d of ctx (row stride inner) belong to this
+        // job only.
+        unsafe {
+            gemm::gemm(
+                s,
+                d,
+                s,
+                out.0.add(bi * s * inner + hd * d),
+                1,
+                inner as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                s as isize,
+                v.as_ptr(),
+                1,
+                stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    let jobs = (0..b).flat_map(|bi| (0..heads).map(move |hd| (bi, hd)));
+    if par {
+        jobs.collect::<Vec<_>>().into_par_iter().for_each(job);
+    } else {
+        jobs.for_each(job);
+    }
+    ctx
 }
 
 /// One query row over `k`, `v` (`[keys, d]`, `keys = scores.len()`): scores `scale * q . k_j`

@@ -51,13 +51,46 @@ pub fn matmul_into(
         }
         return;
     }
+    gemm_into(x, rows, k, w, n, Layout::OutIn, out, accumulate, par);
+}
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[out, in]`, row-major (Hugging Face checkpoints).
+    OutIn,
+    /// `[in, out]`, row-major (`W^T`, as `layers::Linear` keeps it).
+    InOut,
+}
+
+/// `out [rows, n] += x [rows, k] @ W` (`=` when `accumulate` is false) through the `gemm`
+/// crate, `W` being `k x n` stored as `layout` says; split over rayon's threads when `par` and
+/// the product is large enough.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_into(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    layout: Layout,
+    out: &mut [f32],
+    accumulate: bool,
+    par: bool,
+) {
+    assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
+    let threads = rayon::current_num_threads();
     let parallelism = if par && threads > 1 && rows * n * k >= 1 << 18 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
-    // SAFETY: x is rows x k and out rows x n, row-major; w is n x k row-major, read as the
-    // k x n right-hand side with column stride k (bounds asserted above).
+    let (w_cs, w_rs) = match layout {
+        Layout::OutIn => (k as isize, 1),
+        Layout::InOut => (1, n as isize),
+    };
+    // SAFETY: x is rows x k and out rows x n, row-major; w holds k * n values, read as the
+    // k x n right-hand side with the layout's strides (bounds asserted above).
     unsafe {
         gemm::gemm(
             rows,
@@ -71,8 +104,8 @@ pub fn matmul_into(
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
-            1,
+            w_cs,
+            w_rs,
             1.0,
             1.0,
             false,
@@ -90,9 +123,10 @@ pub fn matmul(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, par: bool) 
     out
 }
 
+/// A buffer's base pointer handed to parallel jobs that each write their own disjoint part.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for writes to disjoint column ranges.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used for writes to disjoint parts of one buffer.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

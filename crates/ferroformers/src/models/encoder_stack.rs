@@ -11,9 +11,10 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::LayerNorm;
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cpu_attention::attend_sequences;
+use super::cpu_linear::{gemm_into, Layout};
 use super::layers::{attention, attention_bias, fast_erf, in_worker, Activation, Linear};
 
 /// One post-LN layer's weights, as candle modules.
@@ -187,89 +188,11 @@ impl CpuLayer {
 
     /// Softmax attention per (sequence, head) over `qkv` `[b * s, 3h]`; returns `[b * s, h]`.
     fn attend(&self, qkv: &[f32], b: usize, s: usize, mask: &[f32], par: bool) -> Vec<f32> {
-        let h = self.hidden;
-        let d = h / self.heads;
+        let d = self.hidden / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut ctx = vec![0f32; b * s * h];
-        // Each (sequence, head) writes its own columns of its own rows: disjoint.
-        let ctx_ptr = SendPtr(ctx.as_mut_ptr());
-        let job = |(bi, hd): (usize, usize)| {
-            let keep = &mask[bi * s..(bi + 1) * s];
-            let base = bi * s * 3 * h;
-            let q = &qkv[base + hd * d..];
-            let k = &qkv[base + h + hd * d..];
-            let v = &qkv[base + 2 * h + hd * d..];
-            let mut scores = vec![0f32; s * s];
-            // SAFETY: q, k, v stay within qkv (rows bi*s..bi*s+s, the head's d columns);
-            // scores is s x s.
-            unsafe {
-                gemm::gemm(
-                    s,
-                    s,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    s as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    3 * h as isize,
-                    k.as_ptr(),
-                    3 * h as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(s) {
-                simd::softmax_masked(row, keep);
-            }
-            let out = ctx_ptr;
-            // SAFETY: destination rows bi*s.., columns hd*d..hd*d+d of ctx, row stride h;
-            // no other job writes them.
-            unsafe {
-                gemm::gemm(
-                    s,
-                    d,
-                    s,
-                    out.0.add(bi * s * h + hd * d),
-                    1,
-                    h as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    s as isize,
-                    v.as_ptr(),
-                    1,
-                    3 * h as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-        };
-        let jobs = (0..b).flat_map(|bi| (0..self.heads).map(move |hd| (bi, hd)));
-        if par {
-            jobs.collect::<Vec<_>>().into_par_iter().for_each(job);
-        } else {
-            jobs.for_each(job);
-        }
-        ctx
+        attend_sequences(qkv, b, s, self.heads, d, scale, None, mask, par)
     }
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes from the attention jobs.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `x [rows, k] @ w [k, n] + bias (+ residual)`, as a new `[rows, n]` buffer.
 fn linear(
@@ -297,35 +220,7 @@ fn linear(
             }
         }
     }
-    let parallelism = if par && rows * n * k >= 1 << 18 {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: x is rows x k, w is k x n, out is rows x n, all row-major and contiguous.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm_into(x, rows, k, w, n, Layout::InOut, &mut out, true, par);
     out
 }
 

@@ -285,30 +285,17 @@ pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let av = &av[a0..a1];
     let bv = &bv[b0..b1];
     let mut out = vec![0f32; m * n];
-    // SAFETY: slices are m*k, k*n and m*n long, row-major with the strides given.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            av.as_ptr(),
-            1,
-            k as isize,
-            bv.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    super::cpu_linear::gemm_into(
+        av,
+        m,
+        k,
+        bv,
+        n,
+        super::cpu_linear::Layout::InOut,
+        &mut out,
+        false,
+        false,
+    );
     drop(sa);
     drop(sb);
     Tensor::from_vec(out, (m, n), a.device())

@@ -137,19 +137,25 @@ impl Rotary {
         })
     }
 
-    fn cos_sin(&self, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (b, s) = position_ids.dims2()?;
-        let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(b * s * half);
-        let mut sin = Vec::with_capacity(b * s * half);
-        for p in pos {
+    /// cos and sin of `pos * inv_freq` (f32, as torch), `[positions, head_dim/2]` each.
+    fn angles(&self, pos: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let n = pos.len() * self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &p in pos {
             for f in &self.inv_freq {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
         }
+        (cos, sin)
+    }
+
+    fn cos_sin(&self, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, s) = position_ids.dims2()?;
+        let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
+        let half = self.inv_freq.len();
+        let (cos, sin) = self.angles(&pos);
         let dev = position_ids.device();
         Ok((
             Tensor::from_vec(cos, (b, s, half), dev)?.to_dtype(dtype)?,
@@ -406,13 +412,14 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(p.norm, eps);
         Ok(Self {
             embed_tokens: p.embed_tokens,
             hidden: cfg.hidden_size,
             layers,
-            norm_f32: RmsNorm::new(p.norm.clone(), eps).parts()?.0,
+            norm_f32: norm.parts()?.0,
             eps: eps as f32,
-            norm: RmsNorm::new(p.norm, eps),
+            norm,
             lm_head: p.lm_head,
             rotary: Rotary::new(cfg)?,
             max_positions: cfg.max_position_embeddings,
@@ -473,14 +480,7 @@ impl Llama {
         let bias: Vec<f32> = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
         let half = self.rotary.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        for &p in &pos {
-            for f in &self.rotary.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = self.rotary.angles(&pos);
         let mut x: Vec<f32> = self
             .embed_tokens
             .forward(input_ids, h, DType::F32)?

@@ -12,6 +12,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
+use super::cpu_linear::SendPtr;
 use crate::simd::{dispatch, dot16};
 
 /// A `[n, k]` weight matrix kept in its GGUF blocks.
@@ -239,12 +240,6 @@ fn avx512() -> bool {
         false
     }
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 dispatch!(fn dot(a: &[f32], b: &[f32]) -> f32; via dot16);
 

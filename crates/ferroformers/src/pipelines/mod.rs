@@ -379,6 +379,12 @@ pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
     })
 }
 
+/// How many batches `for_each_batch` keeps in flight on CPU: a few per thread, so that rayon can
+/// balance batches of different cost while memory stays bounded.
+pub fn batches_in_flight() -> usize {
+    rayon::current_num_threads().max(1) * 4
+}
+
 /// Split `items` into batches of `batch_size`, `compute` each, and hand the results to
 /// `consume` in order. On CPU (`parallel`), batches are independent work: they run at once,
 /// one per rayon thread, each with serial kernels (`models::layers::as_worker`), which keeps
@@ -400,11 +406,7 @@ where
 {
     use rayon::prelude::*;
     let chunks: Vec<&[T]> = items.chunks(batch_size.max(1)).collect();
-    let window = if parallel {
-        rayon::current_num_threads().max(1) * 4
-    } else {
-        1
-    };
+    let window = if parallel { batches_in_flight() } else { 1 };
     for wave in chunks.chunks(window) {
         let outs: Vec<Result<R>> = if wave.len() > 1 {
             wave.par_iter()
@@ -486,7 +488,7 @@ impl EncoderRunner {
         F: FnMut(usize, Tensor) -> Result<()>,
     {
         let batch_size = batch_size.max(1);
-        let window = batch_size * rayon::current_num_threads().max(1) * 4;
+        let window = batch_size * batches_in_flight();
         for (w, part) in encs.chunks(window).enumerate() {
             let mut order: Vec<usize> = (0..part.len()).collect();
             if batch_size > 1 {

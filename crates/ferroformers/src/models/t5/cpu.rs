@@ -10,10 +10,9 @@
 
 use candle_core::{bail, DType, Result};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 use super::{relative_bucket, T5Config};
-use crate::models::cpu_attention::{attend_one, rms_norm_rows, KvBuffer};
+use crate::models::cpu_attention::{attend_one, attend_sequences, rms_norm_rows, KvBuffer};
 use crate::models::cpu_linear::{matmul, matmul_into};
 use crate::models::encoder_stack::simd as rowops;
 use crate::models::layers::{in_worker, Activation};
@@ -318,98 +317,21 @@ impl T5Cpu {
         for l in &self.enc {
             let h = self.norm(&x, &l.attn_norm);
             let qkv = matmul(&h, rows, d, &l.qkv, 3 * inner, par);
-            let ctx = self.attend_full(&qkv, b, s, &bias, keep, par);
+            let ctx = attend_sequences(
+                &qkv,
+                b,
+                s,
+                self.heads,
+                self.d_kv,
+                1.0,
+                Some(&bias),
+                keep,
+                par,
+            );
             matmul_into(&ctx, rows, inner, &l.o, d, &mut x, true, par);
             self.feed_forward(l, &mut x, rows, par);
         }
         Ok(self.norm(&x, &self.enc_norm))
-    }
-
-    /// Bidirectional attention per (sequence, head) over `qkv` `[b * s, 3 inner]` with
-    /// position `bias` `[heads, s, s]` and key mask `keep` `[b, s]`; returns `[b * s, inner]`.
-    fn attend_full(
-        &self,
-        qkv: &[f32],
-        b: usize,
-        s: usize,
-        bias: &[f32],
-        keep: &[f32],
-        par: bool,
-    ) -> Vec<f32> {
-        let dk = self.d_kv;
-        let inner = self.heads * dk;
-        let stride = 3 * inner;
-        let mut ctx = vec![0f32; b * s * inner];
-        let ctx_ptr = SendPtr(ctx.as_mut_ptr());
-        let job = |(bi, hd): (usize, usize)| {
-            let keep = &keep[bi * s..(bi + 1) * s];
-            let base = bi * s * stride;
-            let q = &qkv[base + hd * dk..];
-            let k = &qkv[base + inner + hd * dk..];
-            let v = &qkv[base + 2 * inner + hd * dk..];
-            let mut scores = bias[hd * s * s..(hd + 1) * s * s].to_vec();
-            // SAFETY: q, k, v stay within qkv (rows bi*s.., the head's dk columns); scores is
-            // s x s and starts as the position bias (read_dst).
-            unsafe {
-                gemm::gemm(
-                    s,
-                    s,
-                    dk,
-                    scores.as_mut_ptr(),
-                    1,
-                    s as isize,
-                    true,
-                    q.as_ptr(),
-                    1,
-                    stride as isize,
-                    k.as_ptr(),
-                    stride as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(s) {
-                rowops::softmax_masked(row, keep);
-            }
-            let out = ctx_ptr;
-            // SAFETY: rows bi*s.., columns hd*dk.. of ctx (row stride inner) belong to this
-            // job only.
-            unsafe {
-                gemm::gemm(
-                    s,
-                    dk,
-                    s,
-                    out.0.add(bi * s * inner + hd * dk),
-                    1,
-                    inner as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    s as isize,
-                    v.as_ptr(),
-                    1,
-                    stride as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        };
-        let jobs = (0..b).flat_map(|bi| (0..self.heads).map(move |hd| (bi, hd)));
-        if par {
-            jobs.collect::<Vec<_>>().into_par_iter().for_each(job);
-        } else {
-            jobs.for_each(job);
-        }
-        ctx
     }
 
     /// A decoder state over encoder states `[b * src, d]` with their 0/1 `keep` `[b, src]`;
@@ -550,12 +472,6 @@ impl T5Cpu {
         Ok(matmul(&y, n, d, head, self.vocab, par))
     }
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes from the attention jobs.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 #[inline(always)]
 fn mul_in_place_g(a: &mut [f32], b: &[f32]) {
