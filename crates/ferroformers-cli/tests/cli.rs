@@ -89,6 +89,58 @@ fn jsonl_input_with_pairs_and_batches() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Many inputs of different lengths go through the CLI in groups of batches (run side by side,
+/// batches built from inputs of similar length): every line still belongs to its own input, as
+/// the library gives it one input at a time.
+#[test]
+fn many_inputs_come_back_in_input_order() {
+    let dir = std::env::temp_dir().join(format!("ff-cli-many-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("in.jsonl");
+    let texts: Vec<String> = (0..150)
+        .map(|i| format!("{} number {i}", "very good movie ".repeat(i % 9)))
+        .collect();
+    let body: String = texts
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap() + "\n")
+        .collect();
+    std::fs::write(&file, body).unwrap();
+    let m = fixture("bert-seqcls");
+    let opts = ferroformers::PipelineOptions {
+        model: Some(m.clone()),
+        ..Default::default()
+    };
+    let pipe = ferroformers::pipeline_with("text-classification", opts).unwrap();
+    for batch in ["1", "4"] {
+        let o = ff(&[
+            "run",
+            "text-classification",
+            "--model",
+            &m,
+            "--input",
+            file.to_str().unwrap(),
+            "--batch-size",
+            batch,
+            "--threads",
+            "2",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = lines(&o);
+        assert_eq!(got.len(), texts.len());
+        for (i, (line, text)) in got.iter().zip(&texts).enumerate() {
+            let want = serde_json::to_value(pipe.run_one(text.as_str()).unwrap()).unwrap();
+            assert!(line["label"].is_string(), "batch {batch} input {i}: {line}");
+            assert_eq!(line["label"], want["label"], "batch {batch} input {i}");
+            let (a, b) = (
+                line["score"].as_f64().unwrap(),
+                want["score"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5, "batch {batch} input {i}: {a} vs {b}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn fill_mask_targets_param_parsed_as_json() {
     let m = fixture("bert-mlm");
