@@ -1,22 +1,31 @@
 //! Run-time CPU feature dispatch for the hand-written f32 loops.
 //!
 //! The crate is built for the baseline x86-64 target (so the binary runs anywhere), where
-//! LLVM only vectorises to SSE2. `dispatch!` compiles a loop a second time with AVX2+FMA
-//! enabled and picks that copy when the CPU has them.
+//! LLVM only vectorises to SSE2. `dispatch!` compiles a loop again with AVX-512 and with
+//! AVX2+FMA enabled and picks the best copy the CPU can run.
 
 /// `dispatch!(pub fn name(args); via generic)` defines `name`, which calls `generic` (an
-/// `#[inline(always)]` function with the same arguments) compiled with AVX2+FMA when the CPU
-/// has them, and the baseline copy otherwise.
+/// `#[inline(always)]` function with the same arguments) compiled with AVX-512F when the CPU
+/// has it, else with AVX2+FMA when it has them, else the baseline copy.
 macro_rules! dispatch {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?; via $generic:path) => {
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the feature just checked (and AVX2/FMA with it).
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")

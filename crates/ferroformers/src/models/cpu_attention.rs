@@ -138,6 +138,12 @@ pub fn attend_sequences(
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
     let job = |(bi, hd): (usize, usize)| {
         let keep = &keep[bi * s..(bi + 1) * s];
+        // No mask to apply when every key is kept (checked once, not per row).
+        let keep = if keep.iter().all(|&k| k != 0.0) {
+            &[][..]
+        } else {
+            keep
+        };
         let base = bi * s * stride;
         let q = &qkv[base + hd * d..];
         let k = &qkv[base + inner + hd * d..];

@@ -86,8 +86,9 @@ impl PostLnStack {
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1()?;
+                let mut scratch = Scratch::default();
                 for layer in layers {
-                    layer.forward(&mut x, b, s, &mask);
+                    layer.forward(&mut x, b, s, &mask, &mut scratch);
                 }
                 Tensor::from_vec(x, (b, s, h), xs.device())
             }
@@ -163,27 +164,21 @@ impl CpuLayer {
     }
 
     /// One layer over `x` (`[b * s, h]`, updated in place); `mask` is `[b, s]` 0/1.
-    fn forward(&self, x: &mut [f32], b: usize, s: usize, mask: &[f32]) {
+    fn forward(&self, x: &mut [f32], b: usize, s: usize, mask: &[f32], scratch: &mut Scratch) {
         let (h, rows) = (self.hidden, b * s);
         let par = !in_worker() && rayon::current_num_threads() > 1;
-        let qkv = linear(x, rows, h, &self.qkv_w, &self.qkv_b, None, par);
-        let ctx = self.attend(&qkv, b, s, mask, par);
+        let Scratch { qkv, y, ff } = scratch;
+        linear(x, rows, h, &self.qkv_w, &self.qkv_b, None, qkv, par);
+        let ctx = self.attend(qkv, b, s, mask, par);
         // attn_out(ctx) + x, then LayerNorm: x is the matmul's starting value.
-        let mut y = linear(&ctx, rows, h, &self.out_w, &self.out_b, Some(x), par);
-        layer_norm_rows(&mut y, h, &self.ln1, par);
-        let mut ff = linear(&y, rows, h, &self.ff_in_w, &self.ff_in_b, None, par);
-        activate(&mut ff, self.act, par);
-        let mut z = linear(
-            &ff,
-            rows,
-            self.inter,
-            &self.ff_out_w,
-            &self.ff_out_b,
-            Some(&y),
-            par,
-        );
-        layer_norm_rows(&mut z, h, &self.ln2, par);
-        x.copy_from_slice(&z);
+        linear(&ctx, rows, h, &self.out_w, &self.out_b, Some(x), y, par);
+        layer_norm_rows(y, h, &self.ln1, par);
+        linear(y, rows, h, &self.ff_in_w, &self.ff_in_b, None, ff, par);
+        activate(ff, self.act, par);
+        // ff_out(ff) + y, written over x.
+        let ff_out = (&self.ff_out_w[..], &self.ff_out_b[..]);
+        linear_into(ff, rows, self.inter, ff_out, Some(y), x, par);
+        layer_norm_rows(x, h, &self.ln2, par);
     }
 
     /// Softmax attention per (sequence, head) over `qkv` `[b * s, 3h]`; returns `[b * s, h]`.
@@ -194,7 +189,17 @@ impl CpuLayer {
     }
 }
 
-/// `x [rows, k] @ w [k, n] + bias (+ residual)`, as a new `[rows, n]` buffer.
+/// Buffers reused from layer to layer: the fused Q/K/V output, the attention block's output
+/// and the feed-forward's inner activations.
+#[derive(Default)]
+struct Scratch {
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    ff: Vec<f32>,
+}
+
+/// `out = x [rows, k] @ w [k, n] + bias (+ residual)`, `out` resized to `[rows, n]`.
+#[allow(clippy::too_many_arguments)]
 fn linear(
     x: &[f32],
     rows: usize,
@@ -202,26 +207,43 @@ fn linear(
     w: &[f32],
     bias: &[f32],
     residual: Option<&[f32]>,
+    out: &mut Vec<f32>,
     par: bool,
-) -> Vec<f32> {
+) {
+    out.resize(rows * bias.len(), 0.0);
+    linear_into(x, rows, k, (w, bias), residual, out, par);
+}
+
+/// `out [rows, n] = x [rows, k] @ w [k, n] + bias (+ residual)`; bias and residual are the
+/// matmul's starting value.
+fn linear_into(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    (w, bias): (&[f32], &[f32]),
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    par: bool,
+) {
     let n = bias.len();
     debug_assert_eq!(w.len(), k * n);
     debug_assert_eq!(x.len(), rows * k);
-    let mut out = Vec::with_capacity(rows * n);
+    let out = &mut out[..rows * n];
     match residual {
         Some(r) => {
-            for rrow in r.chunks_exact(n) {
-                out.extend(rrow.iter().zip(bias).map(|(a, b)| a + b));
+            for (orow, rrow) in out.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                for ((o, a), b) in orow.iter_mut().zip(rrow).zip(bias) {
+                    *o = a + b;
+                }
             }
         }
         None => {
-            for _ in 0..rows {
-                out.extend_from_slice(bias);
+            for orow in out.chunks_exact_mut(n) {
+                orow.copy_from_slice(bias);
             }
         }
     }
-    gemm_into(x, rows, k, w, n, Layout::InOut, &mut out, true, par);
-    out
+    gemm_into(x, rows, k, w, n, Layout::InOut, out, true, par);
 }
 
 /// Rows that are worth splitting across threads only when there is enough work.
@@ -288,7 +310,7 @@ fn act_one(x: f32, act: Activation) -> f32 {
 /// Row kernels, compiled twice: for the baseline target and with AVX2+FMA (picked at run time).
 pub(crate) mod simd {
     use super::{act_one, fast_exp, Activation};
-    use crate::simd::{dispatch, max16, sum16};
+    use crate::simd::{dispatch, sum16};
 
     #[inline(always)]
     fn layer_norm_g(row: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
@@ -350,17 +372,39 @@ pub(crate) mod simd {
                 }
             }
         }
-        let m = max16(row);
-        for v in row.iter_mut() {
-            *v = if *v == f32::NEG_INFINITY {
-                0.0
-            } else {
-                fast_exp(*v - m)
-            };
+        // Whole 16-lane chunks, the ragged end through a chunk padded with -inf (which
+        // comes out as 0), so no step runs scalar.
+        let full = row.len() / 16 * 16;
+        let mut tail = [f32::NEG_INFINITY; 16];
+        tail[..row.len() - full].copy_from_slice(&row[full..]);
+        let (body, _) = row.split_at_mut(full);
+        let mut mx = tail;
+        for c in body.chunks_exact(16) {
+            for j in 0..16 {
+                mx[j] = mx[j].max(c[j]);
+            }
         }
-        let inv = 1.0 / sum16(row);
-        for v in row.iter_mut() {
+        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut acc = [0f32; 16];
+        let exp_chunk = |c: &mut [f32], acc: &mut [f32; 16]| {
+            for j in 0..16 {
+                let e = fast_exp(c[j] - m);
+                let e = if c[j] == f32::NEG_INFINITY { 0.0 } else { e };
+                c[j] = e;
+                acc[j] += e;
+            }
+        };
+        for c in body.chunks_exact_mut(16) {
+            exp_chunk(c, &mut acc);
+        }
+        exp_chunk(&mut tail, &mut acc);
+        let inv = 1.0 / acc.iter().sum::<f32>();
+        for v in body.iter_mut() {
             *v *= inv;
+        }
+        let rest = row.len() - full;
+        for (v, t) in row[full..].iter_mut().zip(&tail[..rest]) {
+            *v = t * inv;
         }
     }
     dispatch!(pub fn softmax_masked(row: &mut [f32], keep: &[f32]); via softmax_masked_g);
@@ -392,6 +436,45 @@ mod tests {
         let s: f64 = e.iter().sum();
         for i in 0..3 {
             assert!((row[i] as f64 - e[i] / s).abs() < 1e-6);
+        }
+    }
+
+    /// Lengths around the 16-lane chunks (the ragged end goes through a padded chunk), with
+    /// and without a mask, against f64.
+    #[test]
+    fn softmax_matches_f64_at_every_length() {
+        for len in [1, 15, 16, 17, 37, 351] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 23) as f32 / 3.0 - 4.0)
+                .collect();
+            for masked in [false, true] {
+                let keep: Vec<f32> = if masked {
+                    (0..len)
+                        .map(|i| if i % 3 == 1 { 0.0 } else { 1.0 })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let kept = |i: usize| keep.is_empty() || keep[i] != 0.0;
+                let m = (0..len).filter(|&i| kept(i)).map(|i| x[i] as f64);
+                let m = m.fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = (0..len)
+                    .map(|i| {
+                        if kept(i) {
+                            (x[i] as f64 - m).exp()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let sum: f64 = e.iter().sum();
+                let mut row = x.clone();
+                simd::softmax_masked(&mut row, &keep);
+                for i in 0..len {
+                    let d = (row[i] as f64 - e[i] / sum).abs();
+                    assert!(d < 1e-6, "len {len} masked {masked} at {i}: {d}");
+                }
+            }
         }
     }
 

@@ -1,0 +1,85 @@
+//! Probe: the f32 FMA peak of this CPU, per core, from a loop of independent AVX-512 (or
+//! AVX2) FMAs on registers; one thread, then every core at once. The ceiling that any f32
+//! matrix product, ours or PyTorch's, runs under (see BENCHMARKS.md, question answering).
+//!
+//!   cargo run --release -p ferroformers --example fma_peak
+use std::hint::black_box;
+use std::time::Instant;
+
+#[cfg(target_arch = "x86_64")]
+fn rate(iters: usize) -> f64 {
+    use std::arch::x86_64::*;
+    /// 24 independent accumulators: enough to cover the FMA latency on two ports.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(iters: usize) -> (f32, usize) {
+        let mut c = [_mm512_set1_ps(black_box(0.5)); 24];
+        let a = _mm512_set1_ps(black_box(0.999));
+        let b = _mm512_set1_ps(black_box(0.001));
+        for _ in 0..iters {
+            for v in c.iter_mut() {
+                *v = _mm512_fmadd_ps(a, *v, b);
+            }
+        }
+        let s = c
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+        (_mm512_reduce_add_ps(s), 24 * 16 * 2)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(iters: usize) -> (f32, usize) {
+        let mut c = [_mm256_set1_ps(black_box(0.5)); 12];
+        let a = _mm256_set1_ps(black_box(0.999));
+        let b = _mm256_set1_ps(black_box(0.001));
+        for _ in 0..iters {
+            for v in c.iter_mut() {
+                *v = _mm256_fmadd_ps(a, *v, b);
+            }
+        }
+        let mut out = [0f32; 8];
+        let s = c
+            .iter()
+            .fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
+        _mm256_storeu_ps(out.as_mut_ptr(), s);
+        (out.iter().sum(), 12 * 8 * 2)
+    }
+    let t = Instant::now();
+    // SAFETY: each copy runs only on a CPU with its features.
+    let (v, flops) = unsafe {
+        if is_x86_feature_detected!("avx512f") {
+            avx512(iters)
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            avx2(iters * 2)
+        } else {
+            return 0.0;
+        }
+    };
+    black_box(v);
+    let iters = if is_x86_feature_detected!("avx512f") {
+        iters
+    } else {
+        iters * 2
+    };
+    (iters * flops) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn rate(_: usize) -> f64 {
+    0.0
+}
+
+fn main() {
+    let iters = 50_000_000;
+    let one = (0..3).map(|_| rate(iters)).fold(0f64, f64::max);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..cores).map(|_| s.spawn(|| rate(iters))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
+    });
+    println!(
+        "f32 FMA peak: {one:.1} GFLOP/s on one core; with all {cores} cores busy: {}",
+        all.iter()
+            .map(|r| format!("{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+}
