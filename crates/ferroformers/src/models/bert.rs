@@ -107,9 +107,7 @@ pub struct BertEncoder {
 
 impl BertEncoder {
     pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| load_layer(cfg, vb.pp("layer").pp(i)))
-            .collect::<Result<_>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| load_layer(cfg, vb.pp("layer").pp(i)));
         Ok(Self {
             stack: PostLnStack::new(layers, vb.device(), vb.dtype())?,
         })

@@ -81,9 +81,11 @@ impl DistilBert {
             e.pp("position_embeddings"),
         )?;
         let emb_norm = layer_norm(cfg.dim, EPS, e.pp("LayerNorm"))?;
-        let layers: Vec<PostLnLayer> = (0..cfg.n_layers)
-            .map(|i| load_layer(cfg, base.pp("transformer").pp("layer").pp(i)))
-            .collect::<Result<_>>()?;
+        let layers = PostLnStack::new(
+            (0..cfg.n_layers).map(|i| load_layer(cfg, base.pp("transformer").pp("layer").pp(i))),
+            vb.device(),
+            vb.dtype(),
+        )?;
         let d = cfg.dim;
         let head = match head {
             Head::Base => DistilBertHead::Base,
@@ -116,7 +118,7 @@ impl DistilBert {
             word,
             position,
             emb_norm,
-            layers: PostLnStack::new(layers, vb.device(), vb.dtype())?,
+            layers,
             head,
         })
     }

@@ -54,17 +54,23 @@ pub enum PostLnStack {
 }
 
 impl PostLnStack {
-    /// The CPU path for f32 on CPU, candle's otherwise.
-    pub fn new(layers: Vec<PostLnLayer>, device: &Device, dtype: DType) -> Result<Self> {
+    /// The CPU path for f32 on CPU, candle's otherwise. `layers` loads them one by one: on
+    /// the CPU path each layer is copied and dropped before the next loads, so the candle
+    /// copy of the whole stack never exists next to the CPU one.
+    pub fn new(
+        layers: impl IntoIterator<Item = Result<PostLnLayer>>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let layers = layers.into_iter();
         if device.is_cpu() && dtype == DType::F32 {
             Ok(Self::Cpu(
                 layers
-                    .iter()
-                    .map(CpuLayer::from_layer)
+                    .map(|l| CpuLayer::from_layer(&l?))
                     .collect::<Result<_>>()?,
             ))
         } else {
-            Ok(Self::Candle(layers))
+            Ok(Self::Candle(layers.collect::<Result<_>>()?))
         }
     }
 
@@ -513,7 +519,7 @@ mod tests {
             let a = PostLnStack::Candle(layers(act))
                 .forward(&xs, &mask)
                 .unwrap();
-            let b = PostLnStack::new(layers(act), &dev, DType::F32)
+            let b = PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32)
                 .unwrap()
                 .forward(&xs, &mask)
                 .unwrap();
