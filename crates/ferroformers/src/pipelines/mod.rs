@@ -390,7 +390,8 @@ pub fn batches_in_flight() -> usize {
 /// one per rayon thread, each with serial kernels (`models::layers::as_worker`), which keeps
 /// both cores busy without fanning tiny products out. A window of a few batches per thread
 /// is in flight at a time (rayon balances them, so one long batch does not idle the other
-/// threads), which keeps memory bounded.
+/// threads), which keeps memory bounded. A batch that would be left to run alone at the end
+/// of a window runs last with its products split over all threads.
 pub(crate) fn for_each_batch<T, R, C, F>(
     items: &[T],
     batch_size: usize,
@@ -407,15 +408,21 @@ where
     use rayon::prelude::*;
     let chunks: Vec<&[T]> = items.chunks(batch_size.max(1)).collect();
     let window = if parallel { batches_in_flight() } else { 1 };
+    let threads = rayon::current_num_threads();
     for wave in chunks.chunks(window) {
-        let outs: Vec<Result<R>> = if wave.len() > 1 {
-            wave.par_iter()
+        // A last batch that would run alone (3 windows of one question on 2 threads) instead
+        // runs after the others with its products split over every thread, so no core idles.
+        let lone = parallel && threads > 1 && wave.len() % threads == 1;
+        let (side, last) = wave.split_at(wave.len() - usize::from(lone));
+        let mut outs: Vec<Result<R>> = if side.len() > 1 {
+            side.par_iter()
                 .with_max_len(1)
                 .map(|chunk| crate::models::layers::as_worker(|| compute(chunk)))
                 .collect()
         } else {
-            vec![compute(wave[0])]
+            side.iter().map(|chunk| compute(chunk)).collect()
         };
+        outs.extend(last.iter().map(|chunk| compute(chunk)));
         for (chunk, out) in wave.iter().zip(outs) {
             consume(chunk, out?)?;
         }
@@ -532,5 +539,46 @@ impl EncoderRunner {
                 self.tokenizer.encode(t, p)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_batch;
+    use crate::models::layers::in_worker;
+
+    /// Results come back in order whatever the wave shape; batches that share a wave run with
+    /// serial kernels, and a lone last batch of a wave runs with parallel ones.
+    #[test]
+    fn batches_come_back_in_order_and_a_lone_last_batch_runs_wide() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for n in [1usize, 2, 3, 5, 8, 9, 17] {
+            let items: Vec<usize> = (0..n).collect();
+            let mut seen = Vec::new();
+            pool.install(|| {
+                for_each_batch(
+                    &items,
+                    1,
+                    true,
+                    |c| Ok((c[0] * 10, in_worker())),
+                    |c, (v, worker)| {
+                        assert_eq!(v, c[0] * 10);
+                        seen.push((c[0], worker));
+                        Ok(())
+                    },
+                )
+            })
+            .unwrap();
+            assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), items);
+            // Waves of 8 on 2 threads: a wave of odd length leaves its last batch alone.
+            for (i, worker) in seen {
+                let wave = &items[i / 8 * 8..(i / 8 * 8 + 8).min(n)];
+                let lone = wave.len() % 2 == 1 && i == *wave.last().unwrap();
+                assert_eq!(worker, !lone, "n {n}, batch {i}");
+            }
+        }
     }
 }
