@@ -7,36 +7,57 @@
 /// `dispatch!(pub fn name(args); via generic)` defines `name`, which calls `generic` (an
 /// `#[inline(always)]` function with the same arguments) compiled with AVX-512F when the CPU
 /// has it, else with AVX2+FMA when it has them, else the baseline copy.
+/// `dispatch!(unsafe fn ...)` does the same for an `unsafe` generic (one that writes through
+/// raw pointers, say), and `name` is `unsafe` with the generic's contract.
 macro_rules! dispatch {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?; via $generic:path) => {
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the feature just checked (and AVX2/FMA with it).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features just checked.
-                    return unsafe { avx2($($arg),*) };
-                }
+            // SAFETY: `generic` is safe; only the feature checks guard the copies.
+            #[allow(unused_unsafe)]
+            unsafe {
+                $crate::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
             }
-            $generic($($arg),*)
         }
     };
+    ($vis:vis unsafe fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?; via $generic:path) => {
+        /// # Safety
+        /// The contract of the generic this dispatches to.
+        #[allow(clippy::too_many_arguments)]
+        $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            // SAFETY: the caller upholds the generic's contract; the feature checks guard the
+            // copies.
+            #[allow(unused_unsafe)]
+            unsafe {
+                $crate::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
+            }
+        }
+    };
+    // The body: the copies, and the pick. Expands inside an `unsafe` block.
+    (@pick $generic:path; $($arg:ident : $ty:ty),*; $($ret:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            #[allow(clippy::too_many_arguments, unused_unsafe)]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                unsafe { $generic($($arg),*) }
+            }
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments, unused_unsafe)]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                unsafe { $generic($($arg),*) }
+            }
+            let avx2_fma = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
+                return avx512($($arg),*);
+            }
+            if avx2_fma {
+                return avx2($($arg),*);
+            }
+        }
+        $generic($($arg),*)
+    }};
 }
 pub(crate) use dispatch;
 

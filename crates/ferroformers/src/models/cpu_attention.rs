@@ -253,17 +253,7 @@ dispatch!(pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scale: f32, bias: &
 /// `RMSNorm` of one row as HF's Llama and T5 compute it: `w * (x / sqrt(mean(x^2) + eps))`.
 #[inline(always)]
 fn rms_norm_g(row: &mut [f32], w: &[f32], eps: f32) {
-    let mut acc = [0f32; 16];
-    let mut c = row.chunks_exact(16);
-    for ch in &mut c {
-        for j in 0..16 {
-            acc[j] += ch[j] * ch[j];
-        }
-    }
-    let mut ss: f32 = c.remainder().iter().map(|v| v * v).sum();
-    for a in acc {
-        ss += a;
-    }
+    let ss = dot16(row, row);
     let inv = 1.0 / (ss / row.len() as f32 + eps).sqrt();
     for (v, &g) in row.iter_mut().zip(w) {
         *v = g * (*v * inv);

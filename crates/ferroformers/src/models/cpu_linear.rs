@@ -178,40 +178,8 @@ unsafe fn few_rows_generic(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_portable(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    out: *mut f32,
-    j0: usize,
-    j1: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
-            x: &[f32],
-            rows: usize,
-            k: usize,
-            w: &[f32],
-            n: usize,
-            out: *mut f32,
-            j0: usize,
-            j1: usize,
-        ) {
-            few_rows_generic(x, rows, k, w, n, out, j0, j1)
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return avx2(x, rows, k, w, n, out, j0, j1);
-        }
-    }
-    few_rows_generic(x, rows, k, w, n, out, j0, j1)
-}
+// The loop above for CPUs without AVX-512 (AVX2+FMA copy, or the baseline one).
+crate::simd::dispatch!(unsafe fn few_rows_portable(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: *mut f32, j0: usize, j1: usize); via few_rows_generic);
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

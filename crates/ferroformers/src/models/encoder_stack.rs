@@ -313,10 +313,11 @@ fn act_one(x: f32, act: Activation) -> f32 {
     }
 }
 
-/// Row kernels, compiled twice: for the baseline target and with AVX2+FMA (picked at run time).
+/// Row kernels, compiled for the baseline target and again with AVX-512 and with AVX2+FMA
+/// (`dispatch!` picks at run time).
 pub(crate) mod simd {
     use super::{act_one, fast_exp, Activation};
-    use crate::simd::{dispatch, sum16};
+    use crate::simd::{dispatch, dot16, sum16};
 
     #[inline(always)]
     fn layer_norm_g(row: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
@@ -325,17 +326,7 @@ pub(crate) mod simd {
         for v in row.iter_mut() {
             *v -= mean;
         }
-        let mut acc = [0f32; 16];
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for j in 0..16 {
-                acc[j] += c[j] * c[j];
-            }
-        }
-        let mut var: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for a in acc {
-            var += a;
-        }
+        let var = dot16(row, row);
         let inv = 1.0 / (var / n + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(g).zip(b) {
             *v = *v * inv * g + b;
@@ -381,8 +372,9 @@ pub(crate) mod simd {
         // Whole 16-lane chunks, the ragged end through a chunk padded with -inf (which
         // comes out as 0), so no step runs scalar.
         let full = row.len() / 16 * 16;
+        let rest = row.len() - full;
         let mut tail = [f32::NEG_INFINITY; 16];
-        tail[..row.len() - full].copy_from_slice(&row[full..]);
+        tail[..rest].copy_from_slice(&row[full..]);
         let (body, _) = row.split_at_mut(full);
         let mut mx = tail;
         for c in body.chunks_exact(16) {
@@ -408,7 +400,6 @@ pub(crate) mod simd {
         for v in body.iter_mut() {
             *v *= inv;
         }
-        let rest = row.len() - full;
         for (v, t) in row[full..].iter_mut().zip(&tail[..rest]) {
             *v = t * inv;
         }
