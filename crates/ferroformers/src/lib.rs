@@ -11,10 +11,10 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod hub;
+pub mod kernels;
 pub mod models;
 pub mod pipelines;
 pub mod sentencepiece;
-mod simd;
 pub mod tokenizer;
 pub mod weights;
 

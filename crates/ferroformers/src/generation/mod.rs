@@ -100,7 +100,7 @@ impl TextGenerator {
     ) -> Result<Self> {
         let path = crate::hub::resolve(model, revision)?;
         if let Some(file) = gguf_file(&path) {
-            return crate::models::gguf::load_text_generator(&file, device);
+            return Self::from_gguf(&file, device);
         }
         let config = ModelConfig::from_dir(&path)?;
         let lm = load_causal_lm(&path, Some(&config), device, dtype, "text-generation")?;
@@ -125,7 +125,40 @@ impl TextGenerator {
         Self::assemble(lm, tok, generation_config, chat_template, tok_pad, path)
     }
 
-    pub(crate) fn assemble(
+    /// Load from one GGUF file: its model, embedded tokenizer, chat template and special ids
+    /// (`models::gguf` reads them; the generation defaults come from the ids).
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
+        let parts = crate::models::gguf::load_text_parts(path, device)?;
+        let tcfg = parts.tokenizer_config;
+        let chat_template = match parts.chat_template {
+            Some(src) => {
+                let mut t = ChatTemplate::new(src)?;
+                t.bos_token = tcfg.bos_token.clone();
+                t.eos_token = tcfg.eos_token.clone();
+                t.unk_token = tcfg.unk_token.clone();
+                t.pad_token = tcfg.pad_token.clone();
+                Some(t)
+            }
+            None => None,
+        };
+        let gen = GenerationConfig {
+            bos_token_id: parts.bos_token_id,
+            eos_token_id: parts.eos_token_id.map(|x| vec![x]).unwrap_or_default(),
+            pad_token_id: parts.pad_token_id,
+            ..Default::default()
+        };
+        let pad = gen.pad_token_id;
+        Self::assemble(
+            Box::new(parts.model),
+            parts.tokenizer,
+            gen,
+            chat_template,
+            pad,
+            path.to_path_buf(),
+        )
+    }
+
+    fn assemble(
         model: Box<dyn CausalLm>,
         tokenizer: Tokenizer,
         generation_config: GenerationConfig,

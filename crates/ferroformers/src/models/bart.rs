@@ -2,6 +2,9 @@
 //! `modeling_marian.py`: a post-LN encoder-decoder with learned (BART, offset 2) or sinusoidal
 //! (Marian) positions, optional `layernorm_embedding` and embedding scale, a tied LM head with
 //! `final_logits_bias`, and BART's sequence-classification head on the last `</s>`.
+//!
+//! Which path runs where: candle ops everywhere; on CPU f32, decoder attention for a few query
+//! rows (decoding steps, beams) is `layers::sdpa`'s plain loop (`kernels::cpu::attention`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};

@@ -1,5 +1,8 @@
 //! BERT (Devlin et al. 2018), as `modeling_bert.py`: embeddings, post-LN encoder layers, pooler,
 //! and the task heads. RoBERTa reuses the encoder stack from here (see `roberta.rs`).
+//!
+//! Which path runs where: the layers are `encoder_stack.rs`'s (f32 on CPU through
+//! `kernels::cpu`, candle ops otherwise); embeddings, pooler and heads are candle ops.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};

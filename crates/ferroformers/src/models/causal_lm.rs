@@ -7,10 +7,11 @@ use std::path::Path;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::cpu_attention::KvBuffer;
 use super::layers::Linear;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result as FfResult};
+use crate::kernels::cpu::attention::KvBuffer;
+use crate::kernels::cpu::quantized::QuantLinear;
 use crate::weights::Weights;
 
 /// Keys and values of every layer for the tokens seen so far: `[rows, kv_heads, seq, head_dim]`
@@ -118,7 +119,7 @@ pub enum Proj {
     Dense(Linear),
     Quantized(QMatMul, Option<Tensor>),
     /// GGUF blocks with f32 activations (CPU).
-    Blocks(super::quantized::QuantLinear, Option<Tensor>),
+    Blocks(QuantLinear, Option<Tensor>),
 }
 
 impl Module for Proj {
@@ -184,7 +185,7 @@ impl Proj {
         } else {
             return Ok(None);
         };
-        Ok(super::quantized::QuantLinear::stack(&blocks).map(|q| Proj::Blocks(q, bias)))
+        Ok(QuantLinear::stack(&blocks).map(|q| Proj::Blocks(q, bias)))
     }
 }
 

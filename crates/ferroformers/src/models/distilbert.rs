@@ -1,5 +1,8 @@
 //! DistilBERT (Sanh et al. 2019), as `modeling_distilbert.py`: BERT without token types and
 //! pooler, six post-LN layers with `q_lin/k_lin/v_lin/out_lin`, and its heads.
+//!
+//! Which path runs where: the layers are `encoder_stack.rs`'s (f32 on CPU through
+//! `kernels::cpu`, candle ops otherwise); embeddings and heads are candle ops.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};

@@ -1,6 +1,10 @@
 //! GGUF (llama.cpp's format) for the Llama family: metadata -> config, the embedded vocabulary
-//! and merges -> tokenizer, the chat template, and the tensors kept quantized (`QMatMul` over
-//! the file's blocks: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... F16, F32).
+//! and merges -> tokenizer, the chat template's source and special token ids, and the tensors
+//! kept quantized (on CPU our block kernels, `kernels::cpu::quantized`; elsewhere candle's
+//! `QMatMul` over the file's blocks: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... F16, F32).
+//!
+//! This file hands out pieces ([`load_text_parts`]); `generation::TextGenerator::from_gguf`
+//! assembles them into a text generator (models do not import generation here).
 
 use std::path::Path;
 
@@ -17,10 +21,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 use super::causal_lm::Proj;
 use super::layers::Linear;
 use super::llama::{EmbedTable, Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
-use super::quantized::QuantLinear;
 use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
-use crate::generation::{ChatTemplate, GenerationConfig, TextGenerator};
+use crate::kernels::cpu::quantized::QuantLinear;
 use crate::tokenizer::Tokenizer;
 
 /// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load (4-8x the memory,
@@ -359,41 +362,38 @@ impl GgufFile {
     }
 }
 
-/// Everything text generation needs from one GGUF file.
-pub fn load_text_generator(path: &Path, device: &Device) -> Result<TextGenerator> {
+/// Everything text generation needs from one GGUF file, as it stores it: the model, the
+/// embedded tokenizer and the metadata's chat template and special token ids.
+pub struct GgufTextParts {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    /// The special tokens by name (`bos_token`, `eos_token`, `unk_token`, `pad_token`).
+    pub tokenizer_config: TokenizerConfig,
+    /// `tokenizer.chat_template`: the Jinja source, not yet parsed.
+    pub chat_template: Option<String>,
+    /// `tokenizer.ggml.bos_token_id`
+    pub bos_token_id: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`
+    pub eos_token_id: Option<u32>,
+    /// `tokenizer.ggml.padding_token_id`
+    pub pad_token_id: Option<u32>,
+}
+
+/// Open `path` and read the model (quantized projections on `device`), the tokenizer (limited
+/// to the model's context window) and the chat template and special ids from its metadata.
+pub fn load_text_parts(path: &Path, device: &Device) -> Result<GgufTextParts> {
     let mut f = GgufFile::open(path)?;
     let cfg = f.llama_config()?;
     let model = f.llama(&cfg, device)?;
-    let (tokenizer, tcfg) = f.tokenizer(Some(cfg.max_position_embeddings))?;
-    let chat_template = match f.get_str("tokenizer.chat_template") {
-        Some(src) => {
-            let mut t = ChatTemplate::new(src)?;
-            t.bos_token = tcfg.bos_token.clone();
-            t.eos_token = tcfg.eos_token.clone();
-            t.unk_token = tcfg.unk_token.clone();
-            t.pad_token = tcfg.pad_token.clone();
-            Some(t)
-        }
-        None => None,
-    };
-    let gen = GenerationConfig {
-        bos_token_id: f.get_usize("tokenizer.ggml.bos_token_id").map(|x| x as u32),
-        eos_token_id: f
-            .get_usize("tokenizer.ggml.eos_token_id")
-            .map(|x| vec![x as u32])
-            .unwrap_or_default(),
-        pad_token_id: f
-            .get_usize("tokenizer.ggml.padding_token_id")
-            .map(|x| x as u32),
-        ..Default::default()
-    };
-    let pad = gen.pad_token_id;
-    TextGenerator::assemble(
-        Box::new(model),
+    let (tokenizer, tokenizer_config) = f.tokenizer(Some(cfg.max_position_embeddings))?;
+    let id = |key: &str| f.get_usize(key).map(|x| x as u32);
+    Ok(GgufTextParts {
+        chat_template: f.get_str("tokenizer.chat_template").map(str::to_string),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        pad_token_id: id("tokenizer.ggml.padding_token_id"),
+        model,
         tokenizer,
-        gen,
-        chat_template,
-        pad,
-        path.to_path_buf(),
-    )
+        tokenizer_config,
+    })
 }

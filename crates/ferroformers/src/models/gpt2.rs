@@ -2,6 +2,9 @@
 //! blocks, fused q/k/v, tanh-GELU MLP, LM head tied to the token embeddings. Also distilgpt2
 //! and DialoGPT checkpoints. Its `Conv1D` layers store weights as `[in, out]`: exactly the
 //! contiguous right-hand side our `Linear` keeps, so they are used as stored.
+//!
+//! Which path runs where: candle ops everywhere; on CPU f32, attention for a few query rows
+//! (decoding steps) is `layers::sdpa`'s plain loop (`kernels::cpu::attention`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};

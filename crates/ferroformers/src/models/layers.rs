@@ -1,25 +1,18 @@
 //! Blocks shared by two or more architectures: activations, masks, multi-head attention.
+//!
+//! These are candle ops; on CPU f32 some of them hand their loops to `kernels::cpu` (exact GELU,
+//! `sdpa` for a few query rows, `Linear` in worker mode). The tests at the end check each
+//! against the candle ops.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use serde::Deserialize;
 
-/// `config.hidden_act` / `activation`, with HF's names.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-pub enum Activation {
-    /// Exact (erf) GELU, HF's `gelu`.
-    #[default]
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// Tanh approximation.
-    #[serde(alias = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluNew,
-    #[serde(rename = "relu")]
-    Relu,
-    #[serde(alias = "silu", alias = "swish")]
-    Silu,
-    #[serde(rename = "tanh")]
-    Tanh,
-}
+use crate::kernels::cpu::attention::attend_few_queries;
+use crate::kernels::cpu::linear::{gemm_into, Layout};
+use crate::kernels::cpu::rowops::fast_erf;
+/// The activations' names and row loops are the kernels'; the candle ops are below.
+pub use crate::kernels::cpu::rowops::Activation;
+/// Worker mode lives with the kernels; re-exported for the models and pipelines that set it.
+pub use crate::kernels::cpu::threads::{as_worker, in_worker};
 
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -31,29 +24,6 @@ impl Module for Activation {
             Activation::Tanh => xs.tanh(),
         }
     }
-}
-
-/// erf for f32 as a rational polynomial on [-4, 4] (the form Eigen uses): a few ulp from the
-/// exact value, and plain arithmetic (no `mul_add`, which is a libm call without FMA enabled at
-/// build time), so the loop below vectorises (libm's scalar `erff` was a
-/// fifth of encoder time).
-#[inline(always)]
-pub fn fast_erf(x: f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = -2.726_142_3e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 + -2.101_024e-6;
-    p = p * x2 + -5.692_506_4e-5;
-    p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.9546e-3;
-    p = p * x2 + -1.609_603_3e-2;
-    let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 + -2.133_740_6e-4;
-    q = q * x2 + -1.682_827e-3;
-    q = q * x2 + -7.373_329e-3;
-    q = q * x2 + -1.426_474e-2;
-    x * p / q
 }
 
 struct GeluErf;
@@ -146,7 +116,7 @@ pub fn attention(
 /// Softmax attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv_h, t, d]` (grouped-query when
 /// `kv_h < h`) with additive `bias` `[b, 1, s, t]`. Returns `[b, s, h*d]`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
+    let (b, _, s, _) = q.dims4()?;
     if s <= 4
         && q.device().is_cpu()
         && [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
@@ -158,6 +128,12 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Re
     {
         return sdpa_few_queries(q, k, v, bias, scale);
     }
+    sdpa_candle(q, k, v, bias, scale)
+}
+
+/// [`sdpa`] in candle ops: GPU, other dtypes, and more than a few query rows.
+fn sdpa_candle(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
     let kv_h = k.dim(1)?;
     let t = k.dim(2)?;
     let n_rep = h / kv_h;
@@ -175,8 +151,8 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Re
 }
 
 /// [`sdpa`] for a few query rows (decoding steps, beams) on CPU f32: plain loops over the
-/// cached keys instead of a dozen candle ops (reshape, K^T copy, two matmuls, softmax) per
-/// layer, which cost more than the arithmetic here.
+/// cached keys ([`attend_few_queries`]) instead of a dozen candle ops (reshape, K^T copy, two
+/// matmuls, softmax) per layer, which cost more than the arithmetic here.
 fn sdpa_few_queries(
     q: &Tensor,
     k: &Tensor,
@@ -186,7 +162,6 @@ fn sdpa_few_queries(
 ) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let (_, kv_h, t, _) = k.dims4()?;
-    let n_rep = h / kv_h;
     let (q, k, v, bias) = (
         q.contiguous()?,
         k.contiguous()?,
@@ -194,34 +169,7 @@ fn sdpa_few_queries(
         bias.contiguous()?,
     );
     let (qv, kv, vv, bv) = (cpu_f32(&q)?, cpu_f32(&k)?, cpu_f32(&v)?, cpu_f32(&bias)?);
-    let scale = scale as f32;
-    let mut out = vec![0f32; b * s * h * d];
-    let mut scores = vec![0f32; t];
-    for bi in 0..b {
-        for hh in 0..h {
-            let kh = hh / n_rep;
-            let kbase = (bi * kv_h + kh) * t * d;
-            for i in 0..s {
-                let qrow = &qv[((bi * h + hh) * s + i) * d..][..d];
-                let brow = &bv[(bi * s + i) * t..][..t];
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    *sc = crate::simd::dot16(qrow, &kv[kbase + j * d..][..d]) * scale + brow[j];
-                }
-                let m = crate::simd::max16(&scores);
-                for sc in scores.iter_mut() {
-                    *sc = super::encoder_stack::fast_exp(*sc - m);
-                }
-                let inv = 1.0 / crate::simd::sum16(&scores);
-                let orow = &mut out[((bi * s + i) * h + hh) * d..][..d];
-                for (j, &p) in scores.iter().enumerate() {
-                    let p = p * inv;
-                    for (o, &x) in orow.iter_mut().zip(&vv[kbase + j * d..][..d]) {
-                        *o += p * x;
-                    }
-                }
-            }
-        }
-    }
+    let out = attend_few_queries(&qv, &kv, &vv, &bv, (b, h, s, d), (kv_h, t), scale as f32);
     Tensor::from_vec(out, (b, s, h * d), q.device())
 }
 
@@ -238,24 +186,6 @@ pub fn first_token(xs: &Tensor) -> Result<Tensor> {
 /// Mean over the last dim, kept (helper for pooling).
 pub fn sum_keepdim_last(xs: &Tensor) -> Result<Tensor> {
     xs.sum_keepdim(D::Minus1)
-}
-
-thread_local! {
-    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// True inside [`as_worker`]: kernels run on the calling thread only.
-pub fn in_worker() -> bool {
-    IN_WORKER.with(|w| w.get())
-}
-
-/// Run `f` as one of several data-parallel workers: its matmuls stay on this thread instead of
-/// fanning out (the other cores are busy with the other workers' inputs).
-pub fn as_worker<R>(f: impl FnOnce() -> R) -> R {
-    let prev = IN_WORKER.with(|w| w.replace(true));
-    let r = f();
-    IN_WORKER.with(|w| w.set(prev));
-    r
 }
 
 /// `a [m, k] @ b [k, n]` (both contiguous f32 on CPU) on the calling thread; other cases go
@@ -285,17 +215,7 @@ pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let av = &av[a0..a1];
     let bv = &bv[b0..b1];
     let mut out = vec![0f32; m * n];
-    super::cpu_linear::gemm_into(
-        av,
-        m,
-        k,
-        bv,
-        n,
-        super::cpu_linear::Layout::InOut,
-        &mut out,
-        false,
-        false,
-    );
+    gemm_into(av, m, k, bv, n, Layout::InOut, &mut out, false, false);
     drop(sa);
     drop(sb);
     Tensor::from_vec(out, (m, n), a.device())
@@ -363,36 +283,32 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Resul
 mod tests {
     use super::*;
 
+    /// `sdpa`'s loop for a few query rows against its candle ops: grouped-query heads, a
+    /// masked key per row, and every query count the loop takes.
     #[test]
-    fn fast_erf_is_accurate() {
-        let mut worst = 0f64;
-        for i in -6000..=6000 {
-            let x = i as f32 / 1000.0;
-            let err = (fast_erf(x) as f64 - libm_erf(x as f64)).abs();
-            worst = worst.max(err);
-        }
-        assert!(worst < 1e-6, "max |fast_erf - erf| = {worst}");
-    }
-
-    /// erf in f64 (Abramowitz-Stegun 7.1.28 is too coarse; use the series/continued fraction).
-    fn libm_erf(x: f64) -> f64 {
-        // Series for |x| < 3, asymptotic complement beyond.
-        if x.abs() < 3.0 {
-            let mut sum = x;
-            let mut term = x;
-            let x2 = x * x;
-            for n in 1..200 {
-                term *= -x2 / n as f64;
-                sum += term / (2 * n + 1) as f64;
-            }
-            sum * 2.0 / std::f64::consts::PI.sqrt()
-        } else {
-            // erfc(x) ~ exp(-x^2)/(x sqrt(pi)) * (1 - 1/(2x^2) + 3/(4x^4) - ...)
-            let a = x.abs();
-            let t = 1.0 / (2.0 * a * a);
-            let erfc = (-a * a).exp() / (a * std::f64::consts::PI.sqrt())
-                * (1.0 - t + 3.0 * t * t - 15.0 * t * t * t);
-            x.signum() * (1.0 - erfc)
+    fn few_queries_match_candle_ops() {
+        let dev = candle_core::Device::Cpu;
+        let mk = |seed: usize, shape: (usize, usize, usize, usize)| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            let v: Vec<f32> = (0..n)
+                .map(|j| ((j * 7919 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (b, h, kv_h, t, d) = (2, 4, 2, 9, 8);
+        for s in 1..=4 {
+            let q = mk(1, (b, h, s, d));
+            let k = mk(2, (b, kv_h, t, d));
+            let v = mk(3, (b, kv_h, t, d));
+            let bias: Vec<f32> = (0..b * s * t)
+                .map(|i| if i % t == (i / t) % t { f32::MIN } else { 0.0 })
+                .collect();
+            let bias = Tensor::from_vec(bias, (b, 1, s, t), &dev).unwrap();
+            let a = sdpa_few_queries(&q, &k, &v, &bias, 0.35).unwrap();
+            let c = sdpa_candle(&q, &k, &v, &bias, 0.35).unwrap();
+            assert_eq!(a.dims(), c.dims());
+            let diff = crate::models::max_abs_diff(&a, &c);
+            assert!(diff < 1e-5, "{s} queries: {diff}");
         }
     }
 

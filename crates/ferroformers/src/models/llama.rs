@@ -2,17 +2,23 @@
 //! layers, grouped-query attention with rotary position embeddings (`rope_theta`, `linear` and
 //! `llama3` scaling), a SwiGLU MLP, tied or untied output embeddings, and Qwen2's q/k/v biases.
 //! The same model is built from a GGUF file (see `gguf.rs`), with quantized projections.
+//!
+//! Which path runs where: f32 on CPU takes `forward_cpu`, over plain buffers through
+//! `kernels::cpu` (products, RMSNorm, one query row of attention over a growing KV buffer,
+//! SwiGLU); GPU and other dtypes take `forward_candle`. GGUF projections run on our block
+//! kernels (`kernels::cpu::quantized`) on CPU and on candle's `QMatMul` elsewhere. A test at
+//! the end checks that the two paths agree.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
-use super::cpu_attention::{attend_one, rms_norm_rows};
-use super::encoder_stack::fast_exp;
 use super::layers::sdpa;
 use super::layers::Linear;
-use crate::simd::dispatch;
+use crate::kernels::cpu::attention::{attend_one, rms_norm_rows};
+use crate::kernels::cpu::quantized::QuantLinear;
+use crate::kernels::cpu::rowops::silu_mul;
 
 fn default_theta() -> f64 {
     10000.0
@@ -276,7 +282,7 @@ pub struct LlamaParts {
 /// copy of a 49k x 576 table kept in memory).
 pub enum EmbedTable {
     Dense(Tensor),
-    Blocks(super::quantized::QuantLinear),
+    Blocks(QuantLinear),
 }
 
 impl EmbedTable {
@@ -451,8 +457,9 @@ impl Rotary {
 
 impl Llama {
     /// The forward pass over plain f32 buffers (CPU, f32 activations): the same arithmetic as
-    /// the candle path below without its ~25 small tensor ops (and their allocations) per layer,
-    /// and a KV cache that grows in place instead of being concatenated every step.
+    /// the candle path ([`Self::forward_candle`]) without its ~25 small tensor ops (and their
+    /// allocations) per layer, and a KV cache that grows in place instead of being concatenated
+    /// every step.
     fn forward_cpu(
         &self,
         input_ids: &Tensor,
@@ -597,15 +604,6 @@ impl Llama {
     }
 }
 
-/// `gate = silu(gate) * up`, in place.
-#[inline(always)]
-fn silu_mul_g(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + fast_exp(-*g)) * u;
-    }
-}
-dispatch!(fn silu_mul(gate: &mut [f32], up: &[f32]); via silu_mul_g);
-
 impl CausalLm for Llama {
     fn forward(
         &self,
@@ -618,6 +616,32 @@ impl CausalLm for Llama {
         if self.device.is_cpu() && self.dtype == DType::F32 {
             return self.forward_cpu(input_ids, position_ids, bias, cache, last_only);
         }
+        self.forward_candle(input_ids, position_ids, bias, cache, last_only)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.max_positions)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Llama {
+    /// The forward pass in candle ops: GPU, and dtypes other than f32.
+    fn forward_candle(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let mut xs = self
             .embed_tokens
             .forward(input_ids, self.hidden, self.dtype)?;
@@ -640,23 +664,103 @@ impl CausalLm for Llama {
         let xs = self.norm.forward(&xs)?;
         self.lm_head.forward(&xs)?.to_dtype(DType::F32)
     }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn max_positions(&self) -> Option<usize> {
-        Some(self.max_positions)
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::causal_lm::causal_bias;
+
+    /// Both paths over a left-padded batch of two prompts (the padded positions' own outputs
+    /// are left out), then decoding steps past the KV buffers' first capacity with the rows
+    /// reordered and repeated (beams) in between.
+    #[test]
+    fn cpu_path_matches_candle_path() {
+        let dev = Device::Cpu;
+        for name in ["llama", "llama3-rope", "qwen2"] {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/decoders/models")
+                .join(name);
+            let cfg: LlamaConfig = crate::config::ModelConfig::from_dir(&dir)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let vb = crate::weights::Weights::from_dir(&dir)
+                .unwrap()
+                .into_var_builder(DType::F32, &dev);
+            let model = Llama::load(&cfg, vb).unwrap();
+            let v = cfg.vocab_size as u32;
+            let mut mask = vec![vec![1u8; 6], vec![0, 0, 1, 1, 1, 1]];
+            let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % v).collect();
+            let ids = Tensor::from_vec(ids, (2, 6), &dev).unwrap();
+            // HF's positions: cumsum(mask) - 1, pads at 1.
+            let pos: Vec<u32> = mask
+                .iter()
+                .flat_map(|m| {
+                    let mut c = 0u32;
+                    m.iter()
+                        .map(|&x| {
+                            c += x as u32;
+                            if x == 0 {
+                                1
+                            } else {
+                                c - 1
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let pos = Tensor::from_vec(pos, (2, 6), &dev).unwrap();
+            let bias = causal_bias(&mask, 6, &dev).unwrap();
+            let (mut ca, mut cb) = (
+                KvCache::new(model.num_layers()),
+                KvCache::new(model.num_layers()),
+            );
+            let la = model
+                .forward_cpu(&ids, &pos, &bias, &mut ca, false)
+                .unwrap();
+            let lb = model
+                .forward_candle(&ids, &pos, &bias, &mut cb, false)
+                .unwrap();
+            // Positions that are padding attend to nothing (garbage either way): skip them.
+            for (row, pads) in [(0, 0), (1, 2)] {
+                let (a, b) = (
+                    la.get(row).unwrap().narrow(0, pads, 6 - pads).unwrap(),
+                    lb.get(row).unwrap().narrow(0, pads, 6 - pads).unwrap(),
+                );
+                let d = crate::models::max_abs_diff(&a, &b);
+                assert!(d < 1e-4, "{name} prompt row {row}: {d}");
+            }
+            let mut tokens = vec![3u32, 4];
+            for step in 0..20u32 {
+                if step == 3 {
+                    // Two rows -> three: row 1 twice, then row 0.
+                    ca.select_rows(&[1, 1, 0]).unwrap();
+                    cb.select_rows(&[1, 1, 0]).unwrap();
+                    mask = vec![mask[1].clone(), mask[1].clone(), mask[0].clone()];
+                    tokens = vec![tokens[1], tokens[1], tokens[0]];
+                }
+                let b = tokens.len();
+                let mut pos = Vec::with_capacity(b);
+                for m in mask.iter_mut() {
+                    m.push(1);
+                    pos.push(m.iter().map(|&x| x as u32).sum::<u32>() - 1);
+                }
+                let ids = Tensor::from_vec(tokens.clone(), (b, 1), &dev).unwrap();
+                let pos = Tensor::from_vec(pos, (b, 1), &dev).unwrap();
+                let bias = causal_bias(&mask, 1, &dev).unwrap();
+                let la = model.forward_cpu(&ids, &pos, &bias, &mut ca, true).unwrap();
+                let lb = model
+                    .forward_candle(&ids, &pos, &bias, &mut cb, true)
+                    .unwrap();
+                let d = crate::models::max_abs_diff(&la, &lb);
+                assert!(d < 1e-4, "{name} step {step}: {d}");
+                tokens = (0..b as u32).map(|i| (step * 13 + i * 7 + 2) % v).collect();
+            }
+            assert_eq!(ca.seq_len(), 26);
+            assert_eq!(cb.seq_len(), 26);
+        }
+    }
 
     #[test]
     fn llama3_scaling_keeps_high_and_scales_low_frequencies() {

@@ -1,5 +1,8 @@
 //! RoBERTa and XLM-RoBERTa (Liu et al. 2019), as `modeling_roberta.py`: BERT's encoder with
 //! positions counted from the padding index, no token types in practice, and its own heads.
+//!
+//! Which path runs where: the layers are `encoder_stack.rs`'s (f32 on CPU through
+//! `kernels::cpu`, candle ops otherwise); embeddings and heads are candle ops.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};

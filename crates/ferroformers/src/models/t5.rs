@@ -3,6 +3,9 @@
 //! first layer of each stack and shared by all its layers. v1.0 uses a ReLU feed-forward and ties
 //! the LM head to the embeddings (the decoder output is then scaled by `d_model**-0.5`); v1.1 and
 //! Flan use a gated-GELU feed-forward and a separate LM head.
+//!
+//! Which path runs where: f32 on CPU runs `t5/cpu.rs` (plain buffers through `kernels::cpu`);
+//! GPU and other dtypes run the candle layers here. A test at the end checks that they agree.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};

@@ -387,7 +387,7 @@ pub fn batches_in_flight() -> usize {
 
 /// Split `items` into batches of `batch_size`, `compute` each, and hand the results to
 /// `consume` in order. On CPU (`parallel`), batches are independent work: they run at once,
-/// one per rayon thread, each with serial kernels (`models::layers::as_worker`), which keeps
+/// one per rayon thread, each with serial kernels (`kernels::cpu::threads::as_worker`), which keeps
 /// both cores busy without fanning tiny products out. A window of a few batches per thread
 /// is in flight at a time (rayon balances them, so one long batch does not idle the other
 /// threads), which keeps memory bounded. A batch that would be left to run alone at the end
@@ -417,7 +417,7 @@ where
         let mut outs: Vec<Result<R>> = if side.len() > 1 {
             side.par_iter()
                 .with_max_len(1)
-                .map(|chunk| crate::models::layers::as_worker(|| compute(chunk)))
+                .map(|chunk| crate::kernels::cpu::threads::as_worker(|| compute(chunk)))
                 .collect()
         } else {
             side.iter().map(|chunk| compute(chunk)).collect()
@@ -545,7 +545,7 @@ impl EncoderRunner {
 #[cfg(test)]
 mod tests {
     use super::for_each_batch;
-    use crate::models::layers::in_worker;
+    use crate::kernels::cpu::threads::in_worker;
 
     /// Results come back in order whatever the wave shape; batches that share a wave run with
     /// serial kernels, and a lone last batch of a wave runs with parallel ones.

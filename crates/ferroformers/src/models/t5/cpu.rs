@@ -1,10 +1,10 @@
 //! T5 on CPU in plain f32 buffers: the same arithmetic as the candle layers in `t5.rs`, without
 //! a dozen small tensor ops (and their allocations and copies) per layer and decoding step.
-//! Decoder attention and RMSNorm are `cpu_attention`'s.
+//! Attention, RMSNorm, products and row loops are the kernels' (`kernels::cpu`).
 //!
-//! Matrices keep the checkpoint's `[out, in]` layout (`cpu_linear`); q/k/v, k/v and the gated
-//! feed-forward's `wi_0`/`wi_1` are stacked into one matrix each, and a tied LM head is the
-//! embedding table itself. The decoder keeps its self-attention keys/values in buffers that grow by
+//! Matrices keep the checkpoint's `[out, in]` layout (`kernels::cpu::linear`); q/k/v, k/v and
+//! the gated feed-forward's `wi_0`/`wi_1` are stacked into one matrix each, and a tied LM head
+//! is the embedding table itself. The decoder keeps its self-attention keys/values in buffers that grow by
 //! doubling; the cross-attention keys/values stay one copy per input, and beams (rows) point at
 //! their input, so reordering beams copies only the self-attention cache.
 
@@ -12,11 +12,11 @@ use candle_core::{bail, DType, Result};
 use candle_nn::VarBuilder;
 
 use super::{relative_bucket, T5Config};
-use crate::models::cpu_attention::{attend_one, attend_sequences, rms_norm_rows, KvBuffer};
-use crate::models::cpu_linear::{matmul, matmul_into};
-use crate::models::encoder_stack::simd as rowops;
-use crate::models::layers::{in_worker, Activation};
-use crate::simd::dispatch;
+use crate::kernels::cpu::attention::{attend_one, attend_sequences, rms_norm_rows, KvBuffer};
+use crate::kernels::cpu::linear::{matmul, matmul_into};
+use crate::kernels::cpu::rowops::{self, mul_in_place};
+use crate::kernels::cpu::threads::in_worker;
+use crate::models::layers::Activation;
 
 struct Cross {
     norm: Vec<f32>,
@@ -472,11 +472,3 @@ impl T5Cpu {
         Ok(matmul(&y, n, d, head, self.vocab, par))
     }
 }
-
-#[inline(always)]
-fn mul_in_place_g(a: &mut [f32], b: &[f32]) {
-    for (x, &y) in a.iter_mut().zip(b) {
-        *x *= y;
-    }
-}
-dispatch!(fn mul_in_place(a: &mut [f32], b: &[f32]); via mul_in_place_g);

@@ -1,12 +1,13 @@
 //! Attention over plain f32 buffers, shared by the CPU fast paths: whole sequences at once
 //! (BERT-family and T5 encoders), and for decoders (T5, Llama) a key/value buffer per layer
-//! that grows by doubling, with one query row attending over it.
+//! that grows by doubling, with one query row attending over it; and a few query rows over
+//! cached keys for the candle decoders' `sdpa` on CPU (GPT-2, BART).
 
 use rayon::prelude::*;
 
-use crate::models::cpu_linear::SendPtr;
-use crate::models::encoder_stack::simd::{softmax_masked, softmax_masked_g};
-use crate::simd::{dispatch, dot16};
+use super::rowops::{fast_exp, softmax_masked, softmax_masked_g};
+use super::simd::{dispatch, dot16, max16, sum16};
+use super::threads::SendPtr;
 
 /// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
 #[derive(Debug, Clone)]
@@ -249,6 +250,50 @@ fn attend_one_g(
     }
 }
 dispatch!(pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scale: f32, bias: &[f32], keep: &[f32], scores: &mut [f32], out: &mut [f32]); via attend_one_g);
+
+/// Softmax attention of a few query rows (decoding steps, beams): `q` `[b, h, s, d]` over `k`,
+/// `v` `[b, kv_h, t, d]` (grouped-query when `kv_h < h`: query head `hh` reads kv head
+/// `hh / (h / kv_h)`), scores `scale * q . k` plus the additive `bias` `[b, s, t]`. Plain loops
+/// over the cached keys; returns `[b, s, h * d]`.
+pub fn attend_few_queries(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: &[f32],
+    (b, h, s, d): (usize, usize, usize, usize),
+    (kv_h, t): (usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    let n_rep = h / kv_h;
+    let mut out = vec![0f32; b * s * h * d];
+    let mut scores = vec![0f32; t];
+    for bi in 0..b {
+        for hh in 0..h {
+            let kh = hh / n_rep;
+            let kbase = (bi * kv_h + kh) * t * d;
+            for i in 0..s {
+                let qrow = &q[((bi * h + hh) * s + i) * d..][..d];
+                let brow = &bias[(bi * s + i) * t..][..t];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = dot16(qrow, &k[kbase + j * d..][..d]) * scale + brow[j];
+                }
+                let m = max16(&scores);
+                for sc in scores.iter_mut() {
+                    *sc = fast_exp(*sc - m);
+                }
+                let inv = 1.0 / sum16(&scores);
+                let orow = &mut out[((bi * s + i) * h + hh) * d..][..d];
+                for (j, &p) in scores.iter().enumerate() {
+                    let p = p * inv;
+                    for (o, &x) in orow.iter_mut().zip(&v[kbase + j * d..][..d]) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
 
 /// `RMSNorm` of one row as HF's Llama and T5 compute it: `w * (x / sqrt(mean(x^2) + eps))`.
 #[inline(always)]

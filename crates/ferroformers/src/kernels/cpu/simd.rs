@@ -16,7 +16,7 @@ macro_rules! dispatch {
             // SAFETY: `generic` is safe; only the feature checks guard the copies.
             #[allow(unused_unsafe)]
             unsafe {
-                $crate::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
+                $crate::kernels::cpu::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
             }
         }
     };
@@ -29,7 +29,7 @@ macro_rules! dispatch {
             // copies.
             #[allow(unused_unsafe)]
             unsafe {
-                $crate::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
+                $crate::kernels::cpu::simd::dispatch!(@pick $generic; $($arg : $ty),*; $($ret)?)
             }
         }
     };

@@ -12,8 +12,8 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
-use super::cpu_linear::SendPtr;
-use crate::simd::{dispatch, dot16};
+use super::simd::{dispatch, dot16};
+use super::threads::{in_worker, SendPtr};
 
 /// A `[n, k]` weight matrix kept in its GGUF blocks.
 #[derive(Clone)]
@@ -167,7 +167,7 @@ impl QuantLinear {
             }
         };
         let tasks = n.div_ceil(rows_per_task);
-        if n * k * m >= 1 << 16 && !super::layers::in_worker() {
+        if n * k * m >= 1 << 16 && !in_worker() {
             // candle's barrier pool: its workers spin briefly between calls, so the ~120
             // products of one decoding step do not pay a sleep/wake each (rayon did: ~15%).
             candle_core::utils::barrier_pool().execute_chunked(tasks, |range| range.for_each(task));
@@ -519,6 +519,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("comparable f32 tensors")
+    }
+
     #[test]
     fn matches_candle_dequantize_then_matmul() {
         let dev = Device::Cpu;
@@ -550,11 +559,11 @@ mod tests {
             let got = ql.forward(&x6).unwrap();
             let got3 = ql.forward(&xt.narrow(0, 0, m).unwrap()).unwrap();
             let got = Tensor::cat(&[&got.narrow(0, 0, m).unwrap(), &got3], 0).unwrap();
-            let diff = crate::models::max_abs_diff(&want, &got);
+            let diff = max_abs_diff(&want, &got);
             assert!(diff < 1e-4, "{dt:?}: {diff}");
             let emb = ql.embed(&[3, 0], &dev).unwrap();
             let want = dense.narrow(0, 3, 1).unwrap().squeeze(0).unwrap();
-            let d2 = crate::models::max_abs_diff(&emb.get(0).unwrap(), &want);
+            let d2 = max_abs_diff(&emb.get(0).unwrap(), &want);
             assert_eq!(d2, 0.0, "{dt:?} embed");
         }
     }

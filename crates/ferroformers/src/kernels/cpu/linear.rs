@@ -6,9 +6,15 @@
 //! row, in memory order, dotting each row with every input: decoding is bound by reading the
 //! weights, and a sequential stream is what the hardware prefetchers read fastest. More rows
 //! go to the `gemm` crate, which packs `W` and is compute bound.
+//!
+//! [`gemm_into`] also takes `W^T` (`[in, out]`, [`Layout::InOut`]), and [`linear`] /
+//! [`linear_into`] add a bias and a residual on top of it (the encoder stack's products).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::simd::{dispatch, dot16};
+use super::threads::SendPtr;
 
 /// At most this many rows take the streaming kernel.
 const FEW_ROWS: usize = 4;
@@ -123,12 +129,54 @@ pub fn matmul(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, par: bool) 
     out
 }
 
-/// A buffer's base pointer handed to parallel jobs that each write their own disjoint part.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: only used for writes to disjoint parts of one buffer.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// `out = x [rows, k] @ w [k, n] + bias (+ residual)`, `out` resized to `[rows, n]`; `w` is
+/// `[in, out]` (`W^T`, as the encoder stack keeps it).
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    out: &mut Vec<f32>,
+    par: bool,
+) {
+    out.resize(rows * bias.len(), 0.0);
+    linear_into(x, rows, k, (w, bias), residual, out, par);
+}
+
+/// `out [rows, n] = x [rows, k] @ w [k, n] + bias (+ residual)`; bias and residual are the
+/// matmul's starting value.
+pub fn linear_into(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    (w, bias): (&[f32], &[f32]),
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    par: bool,
+) {
+    let n = bias.len();
+    debug_assert_eq!(w.len(), k * n);
+    debug_assert_eq!(x.len(), rows * k);
+    let out = &mut out[..rows * n];
+    match residual {
+        Some(r) => {
+            for (orow, rrow) in out.chunks_exact_mut(n).zip(r.chunks_exact(n)) {
+                for ((o, a), b) in orow.iter_mut().zip(rrow).zip(bias) {
+                    *o = a + b;
+                }
+            }
+        }
+        None => {
+            for orow in out.chunks_exact_mut(n) {
+                orow.copy_from_slice(bias);
+            }
+        }
+    }
+    gemm_into(x, rows, k, w, n, Layout::InOut, out, true, par);
+}
 
 /// Columns `j0..j1` of `out += x @ w^T` for `rows <= FEW_ROWS`.
 ///
@@ -173,13 +221,13 @@ unsafe fn few_rows_generic(
     for j in j0..j1 {
         let wr = &w[j * k..(j + 1) * k];
         for r in 0..rows {
-            *out.add(r * n + j) += crate::simd::dot16(&x[r * k..(r + 1) * k], wr);
+            *out.add(r * n + j) += dot16(&x[r * k..(r + 1) * k], wr);
         }
     }
 }
 
 // The loop above for CPUs without AVX-512 (AVX2+FMA copy, or the baseline one).
-crate::simd::dispatch!(unsafe fn few_rows_portable(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: *mut f32, j0: usize, j1: usize); via few_rows_generic);
+dispatch!(unsafe fn few_rows_portable(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: *mut f32, j0: usize, j1: usize); via few_rows_generic);
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {

@@ -1,0 +1,26 @@
+//! CPU kernels over plain f32 buffers (and GGUF's quantized blocks), for the models' CPU paths.
+//!
+//! - `simd`: `dispatch!`, which compiles a loop again for AVX-512 and AVX2+FMA and picks the
+//!   best copy at run time, and 16-lane sum/dot/max;
+//! - [`linear`]: `x @ W^T` (the streaming few-rows kernel, else the `gemm` crate), and the
+//!   bias + residual products of the encoder stack;
+//! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
+//! - [`attention`]: softmax attention over whole sequences, one query row over a key/value
+//!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
+//! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
+//!   vectorisable `exp`/`erf` behind them;
+//! - [`threads`]: worker mode (products stay on the calling thread when the pipeline already
+//!   runs one batch per core) and the pointer parallel jobs write through.
+//!
+//! Left with the models, in `models/layers.rs`: `serial_matmul` (reads a candle tensor's CPU
+//! storage and calls [`linear::gemm_into`]), the `GeluErf` custom op (candle op plumbing around
+//! [`rowops::fast_erf`]) and `sdpa`'s choice of the few-queries loop (tensor checks and copies
+//! around [`attention::attend_few_queries`]): the candle `Tensor` side stays with the models,
+//! the loops live here.
+
+pub mod attention;
+pub mod linear;
+pub mod quantized;
+pub mod rowops;
+pub(crate) mod simd;
+pub mod threads;
