@@ -16,6 +16,7 @@ usage:
   ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
                         [--param KEY=VALUE]... [--batch-size N] [--threads N]
                         [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
+                        [--gguf-math int8|exact]
                         [--input FILE.jsonl | --input - | TEXT...] [--timing] [--stream]
   ferroformers tasks
   ferroformers download MODEL [--revision REV] [--file FILE]...
@@ -27,7 +28,10 @@ An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair
 A --param VALUE is parsed as JSON when it parses (top_k=3, top_k=null, targets=[\"a\",\"b\"]),
 else taken as a string. --timing prints load and run seconds as JSON on stderr.
 A hub id missing from the cache is downloaded (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE honoured)
-unless HF_HUB_OFFLINE=1; `download` pre-fetches one and prints its folder, `cache` lists them.";
+unless HF_HUB_OFFLINE=1; `download` pre-fetches one and prints its folder, `cache` lists them.
+--gguf-math: GGUF models on CPU round activations to 8 bits per block with integer products as
+llama.cpp does (int8, the default; FERROFORMERS_GGUF_MATH sets it too), or keep them f32 for
+transformers' exact numbers (exact).";
 
 struct RunArgs {
     task: String,
@@ -95,6 +99,13 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
                     "bf16" | "bfloat16" => DType::BF16,
                     _ => return Err(fail(format!("--dtype `{v}`: expected f32, f16 or bf16"))),
                 };
+            }
+            "--gguf-math" => {
+                let v = value("--gguf-math")?;
+                opts.gguf_math =
+                    Some(ferroformers::QuantMath::parse(&v).ok_or_else(|| {
+                        fail(format!("--gguf-math `{v}`: expected int8 or exact"))
+                    })?);
             }
             "--param" => {
                 let v = value("--param")?;

@@ -20,6 +20,7 @@ pub mod weights;
 
 pub use candle_core::{DType, Device};
 pub use error::{Error, Result};
+pub use kernels::cpu::quantized::QuantMath;
 pub use pipelines::registry::{TaskInfo, TASKS};
 pub use pipelines::{batches_in_flight, Input, Output, Params, Pipeline, PipelineOptions};
 

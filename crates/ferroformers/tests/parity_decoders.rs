@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use ferroformers::generation::{DecoderSession, GenerationConfig, Hooks, StepModel, TextGenerator};
-use ferroformers::{Input, Params, PipelineOptions};
+use ferroformers::{Input, Params, PipelineOptions, QuantMath};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
@@ -32,7 +32,15 @@ fn expected(name: &str) -> Value {
 }
 
 fn load(name: &str) -> TextGenerator {
-    TextGenerator::load(&model_path(name), None, None, &Device::Cpu, DType::F32).unwrap()
+    TextGenerator::load(
+        &model_path(name),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+        None,
+    )
+    .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -320,6 +328,8 @@ fn smollm2_gguf_generates() {
         "text-generation",
         PipelineOptions {
             model: Some(ID.into()),
+            // transformers' numbers: f32 activations.
+            gguf_math: Some(QuantMath::Exact),
             ..Default::default()
         },
     )

@@ -22,6 +22,7 @@ pub use stream::TextStreamer;
 
 use crate::config::{ModelConfig, TokenizerConfig};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::quantized::QuantMath;
 use crate::models::causal_lm::{load_causal_lm, CausalLm};
 use crate::tokenizer::Tokenizer;
 
@@ -97,10 +98,11 @@ impl TextGenerator {
         revision: Option<&str>,
         device: &Device,
         dtype: DType,
+        gguf_math: Option<QuantMath>,
     ) -> Result<Self> {
         let path = crate::hub::resolve(model, revision)?;
         if let Some(file) = gguf_file(&path) {
-            return Self::from_gguf(&file, device);
+            return Self::from_gguf(&file, device, QuantMath::resolve(gguf_math));
         }
         let config = ModelConfig::from_dir(&path)?;
         let lm = load_causal_lm(&path, Some(&config), device, dtype, "text-generation")?;
@@ -127,8 +129,8 @@ impl TextGenerator {
 
     /// Load from one GGUF file: its model, embedded tokenizer, chat template and special ids
     /// (`models::gguf` reads them; the generation defaults come from the ids).
-    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
-        let parts = crate::models::gguf::load_text_parts(path, device)?;
+    pub fn from_gguf(path: &Path, device: &Device, math: QuantMath) -> Result<Self> {
+        let parts = crate::models::gguf::load_text_parts(path, device, math)?;
         let tcfg = parts.tokenizer_config;
         let chat_template = match parts.chat_template {
             Some(src) => {

@@ -23,7 +23,7 @@ use super::layers::Linear;
 use super::llama::{EmbedTable, Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
 use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
-use crate::kernels::cpu::quantized::QuantLinear;
+use crate::kernels::cpu::quantized::{QuantLinear, QuantMath};
 use crate::tokenizer::Tokenizer;
 
 /// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load (4-8x the memory,
@@ -40,10 +40,11 @@ fn quantized_proj(
     w: candle_core::quantized::QTensor,
     b: Option<candle_core::Tensor>,
     device: &Device,
+    math: QuantMath,
 ) -> candle_core::Result<Proj> {
     if device.is_cpu() {
         if let Some(q) = QuantLinear::new(&w)? {
-            return Ok(Proj::Blocks(q, b));
+            return Ok(Proj::Blocks(q.with_math(math), b));
         }
     }
     Ok(Proj::Quantized(QMatMul::from_qtensor(w)?, b))
@@ -54,6 +55,8 @@ pub struct GgufFile {
     pub content: gguf_file::Content,
     file: std::fs::File,
     path: std::path::PathBuf,
+    /// The arithmetic of the CPU block products.
+    pub math: QuantMath,
 }
 
 fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -75,6 +78,7 @@ impl GgufFile {
             content,
             file,
             path: path.to_path_buf(),
+            math: QuantMath::default(),
         })
     }
 
@@ -139,7 +143,7 @@ impl GgufFile {
                 Linear::new(d, b).map_err(|e| werr(&self.path, e))?,
             ));
         }
-        quantized_proj(w, b, device).map_err(|e| werr(&self.path, e))
+        quantized_proj(w, b, device, self.math).map_err(|e| werr(&self.path, e))
     }
 
     fn dense(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
@@ -208,7 +212,9 @@ impl GgufFile {
     pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
         let embed = self.qtensor("token_embd.weight", device)?;
         let blocks = if device.is_cpu() && !dequantize() {
-            QuantLinear::new(&embed).map_err(|e| werr(&self.path, e))?
+            QuantLinear::new(&embed)
+                .map_err(|e| werr(&self.path, e))?
+                .map(|q| q.with_math(self.math))
         } else {
             None
         };
@@ -219,7 +225,8 @@ impl GgufFile {
                 let head = if dequantize() {
                     Proj::Dense(Linear::new(dense.clone(), None).map_err(|e| werr(&self.path, e))?)
                 } else {
-                    quantized_proj(embed, None, device).map_err(|e| werr(&self.path, e))?
+                    quantized_proj(embed, None, device, self.math)
+                        .map_err(|e| werr(&self.path, e))?
                 };
                 (EmbedTable::Dense(dense), head)
             }
@@ -381,8 +388,9 @@ pub struct GgufTextParts {
 
 /// Open `path` and read the model (quantized projections on `device`), the tokenizer (limited
 /// to the model's context window) and the chat template and special ids from its metadata.
-pub fn load_text_parts(path: &Path, device: &Device) -> Result<GgufTextParts> {
+pub fn load_text_parts(path: &Path, device: &Device, math: QuantMath) -> Result<GgufTextParts> {
     let mut f = GgufFile::open(path)?;
+    f.math = math;
     let cfg = f.llama_config()?;
     let model = f.llama(&cfg, device)?;
     let (tokenizer, tokenizer_config) = f.tokenizer(Some(cfg.max_position_embeddings))?;

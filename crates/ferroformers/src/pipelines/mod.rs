@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::quantized::QuantMath;
 use crate::models::{self, EncoderModel, Head};
 use crate::tokenizer::{Encoded, Tokenizer};
 
@@ -196,6 +197,9 @@ pub struct PipelineOptions {
     pub device: Device,
     pub dtype: DType,
     pub batch_size: usize,
+    /// GGUF models on CPU: exact (f32 activations, transformers' numbers) or int8 (8-bit
+    /// activations, llama.cpp's arithmetic). `None`: `FERROFORMERS_GGUF_MATH`, else int8.
+    pub gguf_math: Option<QuantMath>,
 }
 
 impl Default for PipelineOptions {
@@ -207,6 +211,7 @@ impl Default for PipelineOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             batch_size: 1,
+            gguf_math: None,
         }
     }
 }

@@ -110,6 +110,7 @@ impl TextGeneration {
             opts.revision.as_deref(),
             &opts.device,
             opts.dtype,
+            opts.gguf_math,
         )?;
         Ok(Self {
             generator,

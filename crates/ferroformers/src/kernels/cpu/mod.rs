@@ -19,6 +19,7 @@
 //! the loops live here.
 
 pub mod attention;
+pub mod blocks;
 pub mod linear;
 pub mod quantized;
 pub mod rowops;

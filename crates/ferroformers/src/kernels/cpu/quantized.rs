@@ -1,19 +1,73 @@
-//! Matmuls over GGUF's quantized blocks on CPU, with f32 activations.
+//! Matmuls over GGUF's quantized blocks on CPU.
 //!
-//! Each weight row is expanded from its blocks into an f32 buffer (in L1) and dotted with the
-//! f32 activations. This gives the numbers transformers gives when it loads a GGUF file (it
-//! dequantizes every tensor to f32), unlike llama.cpp-style kernels that also round the
-//! activations to 8 bits and drift from it. The weights stay quantized in memory: decoding
-//! one token reads ~4x fewer bytes than f32 weights.
+//! The weights stay in their blocks (decoding one token reads ~4x fewer bytes than f32
+//! weights); each row is unpacked ([`super::blocks`]) right before use. Two kinds of
+//! arithmetic, chosen per model ([`QuantMath`]):
+//! - exact: f32 activations, the numbers transformers gives when it loads a GGUF file (it
+//!   dequantizes every tensor to f32);
+//! - int8: activations rounded to 8 bits per block and integer dot products, as llama.cpp
+//!   computes (its numbers, at a fraction of the arithmetic).
+//!
+//! Prompts and batches in exact mode dequantize a tile of weight rows once and multiply it by
+//! every activation row with `gemm`.
 
-use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, GgmlType,
-};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
 
 use super::simd::{dispatch, dot16};
 use super::threads::{in_worker, SendPtr};
+
+use super::blocks::{self, block_shape, f16_at, Unpacked};
+
+/// How products over GGUF blocks treat the activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantMath {
+    /// f32 activations: logits equal transformers' (which dequantizes GGUF weights to f32).
+    Exact,
+    /// Activations rounded to 8 bits per block (Q8_0/Q8_1/Q8_K) and integer dot products:
+    /// llama.cpp's arithmetic and speed.
+    #[default]
+    Int8,
+}
+
+impl QuantMath {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "exact" | "f32" => Some(QuantMath::Exact),
+            "int8" | "q8" => Some(QuantMath::Int8),
+            _ => None,
+        }
+    }
+
+    /// The explicit choice, else `FERROFORMERS_GGUF_MATH`, else the default.
+    pub fn resolve(explicit: Option<Self>) -> Self {
+        explicit.or_else(Self::from_env).unwrap_or_default()
+    }
+
+    /// `FERROFORMERS_GGUF_MATH=exact|int8`, when set to one of those.
+    pub fn from_env() -> Option<Self> {
+        std::env::var("FERROFORMERS_GGUF_MATH")
+            .ok()
+            .and_then(|v| Self::parse(&v))
+    }
+}
+
+/// Up to this many activation rows take the row-by-row kernels; more go to `gemm` tiles
+/// (exact mode).
+const FEW_ROWS: usize = 4;
+/// Weight rows per `gemm` tile: 16 rows of the widest input (4864) are 311 KB, in L2.
+const TILE_ROWS: usize = 16;
+
+/// Per-thread buffers: an unpacked row, a dequantized tile.
+#[derive(Default)]
+struct Scratch {
+    unpacked: Unpacked,
+    tile: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
 
 /// A `[n, k]` weight matrix kept in its GGUF blocks.
 #[derive(Clone)]
@@ -24,6 +78,7 @@ pub struct QuantLinear {
     row_bytes: usize,
     /// The raw blocks, 8-byte aligned (block structs hold f16 fields).
     data: std::sync::Arc<Vec<u64>>,
+    math: QuantMath,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -70,7 +125,18 @@ impl QuantLinear {
             k,
             row_bytes,
             data: std::sync::Arc::new(aligned_words(&[&bytes])),
+            math: QuantMath::Exact,
         }))
+    }
+
+    /// The same matrix computing with `math`.
+    pub fn with_math(mut self, math: QuantMath) -> Self {
+        self.math = math;
+        self
+    }
+
+    pub fn math(&self) -> QuantMath {
+        self.math
     }
 
     pub fn out_features(&self) -> usize {
@@ -83,7 +149,7 @@ impl QuantLinear {
         let first = parts.first()?;
         if parts
             .iter()
-            .any(|p| p.dtype != first.dtype || p.k != first.k)
+            .any(|p| p.dtype != first.dtype || p.k != first.k || p.math != first.math)
         {
             return None;
         }
@@ -95,6 +161,7 @@ impl QuantLinear {
             k: first.k,
             row_bytes: first.row_bytes,
             data: std::sync::Arc::new(aligned_words(&blocks)),
+            math: first.math,
         })
     }
 
@@ -112,7 +179,15 @@ impl QuantLinear {
 
     /// Row `r` as f32 (`out.len() == k`), exactly as the GGUF dequantization defines it.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        expand_row(self.dtype, self.row(r), out)
+        if block_shape(self.dtype).is_some() {
+            SCRATCH.with(|s| {
+                let u = &mut s.borrow_mut().unpacked;
+                u.unpack(self.dtype, self.row(r), self.k);
+                blocks::dequantize(u, out);
+            })
+        } else {
+            expand_row(self.dtype, self.row(r), out)
+        }
     }
 
     /// `x [m, k] @ W^T` -> `[m, n]`.
@@ -120,51 +195,99 @@ impl QuantLinear {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
         let mut out = vec![0f32; m * n];
-        let rows_per_task = 16usize;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        // Few activation rows (decoding): fused block dots. More rows (prompts, batches):
-        // expand each weight row once and reuse it for every activation row.
-        let fused = m <= 4
+        let blocky = block_shape(self.dtype).is_some();
+        let int8 = blocky && self.math == QuantMath::Int8;
+        // Few activation rows (decoding): each weight row is unpacked once and dotted with
+        // every activation row. More rows (prompts, batches): a tile of weight rows is
+        // dequantized once and multiplied by all activation rows with `gemm`.
+        let tiled = !int8 && m > FEW_ROWS;
+        let rows_per_task = if tiled { TILE_ROWS } else { 16 };
+        let fused512 = !int8
+            && !tiled
+            && avx512()
             && matches!(
                 self.dtype,
                 GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
             );
-        // Per-block activation sums: only the portable Q4_1 dot reads them.
-        let xsum: Vec<f32> = if fused && self.dtype == GgmlDType::Q4_1 && !avx512() {
-            x.chunks_exact(32).map(|c| c.iter().sum()).collect()
+        let xq = if int8 {
+            let (sb, _) = block_shape(self.dtype).unwrap_or((32, 0));
+            Some(blocks::QuantizedRows::quantize(x, k, sb))
         } else {
-            Vec::new()
+            None
         };
-        let nb = k / 32;
+        let mut xsum = Vec::new();
+        if blocky && !int8 && !tiled && !fused512 {
+            for i in 0..m {
+                let mut s = Vec::new();
+                blocks::group_sums(&x[i * k..(i + 1) * k], &mut s);
+                xsum.extend(s);
+            }
+        }
+        let groups = k / blocks::GROUP;
         let task = |t: usize| {
             let r0 = t * rows_per_task;
             let r1 = (r0 + rows_per_task).min(n);
             let o = out_ptr;
-            if fused {
+            SCRATCH.with(|s| {
+                let s = &mut *s.borrow_mut();
+                if tiled {
+                    s.tile.resize((r1 - r0) * k, 0.0);
+                    for r in r0..r1 {
+                        self.dequantize_into(r, &mut s.unpacked, &mut s.tile[(r - r0) * k..][..k]);
+                    }
+                    // SAFETY: columns r0..r1 of out are written by this task only.
+                    unsafe { gemm_tile(x, m, k, &s.tile, r1 - r0, o.0.add(r0), n) };
+                    return;
+                }
                 for r in r0..r1 {
                     let row = self.row(r);
+                    if fused512 {
+                        for i in 0..m {
+                            let v = dot_blocks(self.dtype, row, &x[i * k..(i + 1) * k]);
+                            // SAFETY: (i, r) is written by this task only; i < m, r < n.
+                            unsafe { *o.0.add(i * n + r) = v };
+                        }
+                        continue;
+                    }
+                    if !blocky {
+                        s.tile.resize(k, 0.0);
+                        expand_row(self.dtype, row, &mut s.tile);
+                        for i in 0..m {
+                            let v = dot(&s.tile, &x[i * k..(i + 1) * k]);
+                            // SAFETY: as above.
+                            unsafe { *o.0.add(i * n + r) = v };
+                        }
+                        continue;
+                    }
+                    if let Some(xq) = &xq {
+                        if let Some(v) = blocks::dot_int_blocks(self.dtype, row, xq.row(0)) {
+                            // SAFETY: as above.
+                            unsafe { *o.0.add(r) = v };
+                            for i in 1..m {
+                                let v = blocks::dot_int_blocks(self.dtype, row, xq.row(i))
+                                    .unwrap_or_default();
+                                // SAFETY: as above.
+                                unsafe { *o.0.add(i * n + r) = v };
+                            }
+                            continue;
+                        }
+                    }
+                    s.unpacked.unpack(self.dtype, row, k);
                     for i in 0..m {
-                        let v = dot_blocks(
-                            self.dtype,
-                            row,
-                            &x[i * k..(i + 1) * k],
-                            xsum.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
-                        );
-                        // SAFETY: (i, r) is written by this task only; i < m, r < n.
+                        let v = match &xq {
+                            Some(xq) => blocks::dot_int(&s.unpacked, xq.row(i)),
+                            None => blocks::dot_exact(
+                                &s.unpacked,
+                                &x[i * k..(i + 1) * k],
+                                &xsum[i * groups..(i + 1) * groups],
+                            ),
+                        };
+                        // SAFETY: as above.
                         unsafe { *o.0.add(i * n + r) = v };
                     }
                 }
-                return;
-            }
-            let mut buf = vec![0f32; k];
-            for r in r0..r1 {
-                self.dequantize_row(r, &mut buf);
-                for i in 0..m {
-                    let v = dot(&buf, &x[i * k..(i + 1) * k]);
-                    // SAFETY: (i, r) is written by this task only; i < m, r < n.
-                    unsafe { *o.0.add(i * n + r) = v };
-                }
-            }
+            })
         };
         let tasks = n.div_ceil(rows_per_task);
         if n * k * m >= 1 << 16 && !in_worker() {
@@ -175,6 +298,16 @@ impl QuantLinear {
             (0..tasks).for_each(task);
         }
         out
+    }
+
+    /// Row `r` as f32 through a caller's unpacking buffers.
+    fn dequantize_into(&self, r: usize, u: &mut Unpacked, out: &mut [f32]) {
+        if block_shape(self.dtype).is_some() {
+            u.unpack(self.dtype, self.row(r), self.k);
+            blocks::dequantize(u, out);
+        } else {
+            expand_row(self.dtype, self.row(r), out)
+        }
     }
 
     /// `xs [.., k]` -> `[.., n]` (f32 tensors on CPU).
@@ -243,89 +376,67 @@ fn avx512() -> bool {
 
 dispatch!(fn dot(a: &[f32], b: &[f32]) -> f32; via dot16);
 
-/// IEEE half -> f32, exact for every value (inlined: `half`'s conversion is an out-of-line
-/// call per block).
-#[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    let h = u16::from_le_bytes([b[i], b[i + 1]]) as u32;
-    let sign = (h & 0x8000) << 16;
-    let em = h & 0x7fff;
-    let v = if em >= 0x7c00 {
-        // inf / NaN
-        f32::from_bits((em << 13) | 0x7f80_0000)
-    } else {
-        // Normal and subnormal halves: the bits shifted into f32 place, times 2^112 (exact).
-        f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)
-    };
-    f32::from_bits(v.to_bits() | sign)
-}
-
-/// Fused block dot products for one weight row and one activation row: no expansion buffer.
-/// `xsum[b]` is the sum of activation block `b` (for Q4_1's per-block minimum).
-#[inline(always)]
-fn dot_blocks_g(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut extra = 0f32;
-    match dtype {
-        GgmlDType::Q4_1 => {
-            for ((blk, xb), xs) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(xsum) {
-                let d = f16_at(blk, 0);
-                let m = f16_at(blk, 2);
-                let qs = &blk[4..20];
-                for j in 0..16 {
-                    acc[j] +=
-                        d * ((qs[j] & 0x0F) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16]);
-                }
-                extra += m * xs;
-            }
-        }
-        GgmlDType::Q4_0 => {
-            for (blk, xb) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-                let d = f16_at(blk, 0);
-                let qs = &blk[2..18];
-                for j in 0..16 {
-                    let lo = ((qs[j] & 0x0F) as i32 - 8) as f32;
-                    let hi = ((qs[j] >> 4) as i32 - 8) as f32;
-                    acc[j] += d * (lo * xb[j] + hi * xb[j + 16]);
-                }
-            }
-        }
-        GgmlDType::Q8_0 => {
-            for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-                let d = f16_at(blk, 0);
-                let qs = &blk[2..34];
-                for j in 0..16 {
-                    acc[j] +=
-                        d * ((qs[j] as i8) as f32 * xb[j] + (qs[j + 16] as i8) as f32 * xb[j + 16]);
-                }
-            }
-        }
-        _ => unreachable!("fused dots exist for Q4_0, Q4_1 and Q8_0"),
-    }
-    let mut s = extra;
-    for a in acc {
-        s += a;
-    }
-    s
-}
-
-dispatch!(fn dot_blocks_auto(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32; via dot_blocks_g);
-
-/// The fused dot, with hand-written AVX-512 when the CPU has it (16 lanes, FMA: about a third
-/// of the instructions LLVM's 8-lane version needs), else the auto-vectorised loop.
-fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+/// The hand-written AVX-512 fused dots (Q4_0, Q4_1, Q8_0 with f32 activations: 16 lanes,
+/// FMA, no unpacking buffer). Callers check [`avx512`] first.
+fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F and F16C; row holds whole blocks matching x.
+    {
+        // SAFETY: callers checked AVX-512F and F16C; row holds whole blocks matching x.
         unsafe {
-            return match dtype {
+            match dtype {
                 GgmlDType::Q4_1 => avx512::dot_q4(row, x, 20, false),
                 GgmlDType::Q4_0 => avx512::dot_q4(row, x, 18, true),
                 _ => avx512::dot_q8_0(row, x),
-            };
+            }
         }
     }
-    dot_blocks_auto(dtype, row, x, xsum)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dtype, row, x);
+        unreachable!("the AVX-512 dots are only reached on x86_64")
+    }
+}
+
+/// `out[i * ldo + j] = x[i] . tile[j]` for `m` activation rows and `rows` dequantized weight
+/// rows (`tile` is `[rows, k]`), through `gemm` on this thread.
+///
+/// # Safety
+/// `out` must be valid for writes at `i * ldo + j` for `i < m`, `j < rows`.
+unsafe fn gemm_tile(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    tile: &[f32],
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    debug_assert!(x.len() >= m * k && tile.len() >= rows * k);
+    // SAFETY: x is m x k and tile rows x k, row-major; tile read as its transpose (k x rows);
+    // the caller vouches for out.
+    unsafe {
+        gemm::gemm(
+            m,
+            rows,
+            k,
+            out,
+            1,
+            ldo as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            tile.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -439,76 +550,22 @@ mod avx512 {
 }
 
 #[inline(always)]
-fn expand_q4_0(row: &[u8], out: &mut [f32]) {
-    for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
-        let d = f16_at(blk, 0);
-        let qs = &blk[2..18];
-        for j in 0..16 {
-            o[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
-            o[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
-        }
-    }
-}
-
-#[inline(always)]
-fn expand_q4_1(row: &[u8], out: &mut [f32]) {
-    for (blk, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-        let d = f16_at(blk, 0);
-        let m = f16_at(blk, 2);
-        let qs = &blk[4..20];
-        for j in 0..16 {
-            o[j] = (qs[j] & 0x0F) as f32 * d + m;
-            o[j + 16] = (qs[j] >> 4) as f32 * d + m;
-        }
-    }
-}
-
-#[inline(always)]
-fn expand_q8_0(row: &[u8], out: &mut [f32]) {
-    for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-        let d = f16_at(blk, 0);
-        for j in 0..32 {
-            o[j] = (blk[2 + j] as i8) as f32 * d;
-        }
-    }
-}
-
-#[inline(always)]
 fn expand_f16(row: &[u8], out: &mut [f32]) {
     for (b, o) in row.chunks_exact(2).zip(out.iter_mut()) {
         *o = f16_at(b, 0);
     }
 }
 
-fn expand_blocks<T: GgmlType>(row: &[u8], out: &mut [f32]) {
-    let n = row.len() / std::mem::size_of::<T>();
-    // SAFETY: row holds n whole blocks of T (a repr(C) struct of f16/u8 fields) and starts at
-    // an offset that is a multiple of the block size inside 8-byte aligned storage.
-    let blocks = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const T, n) };
-    T::to_float(blocks, out)
-}
-
+/// F16 and F32 rows as f32 (the block types go through [`blocks`]).
 #[inline(always)]
 fn expand_g(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
-    use GgmlDType as D;
     match dtype {
-        D::Q4_0 => expand_q4_0(row, out),
-        D::Q4_1 => expand_q4_1(row, out),
-        D::Q8_0 => expand_q8_0(row, out),
-        D::F16 => expand_f16(row, out),
-        D::F32 => {
+        GgmlDType::F16 => expand_f16(row, out),
+        _ => {
             for (b, o) in row.chunks_exact(4).zip(out.iter_mut()) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
-        D::Q5_0 => expand_blocks::<BlockQ5_0>(row, out),
-        D::Q5_1 => expand_blocks::<BlockQ5_1>(row, out),
-        D::Q2K => expand_blocks::<BlockQ2K>(row, out),
-        D::Q3K => expand_blocks::<BlockQ3K>(row, out),
-        D::Q4K => expand_blocks::<BlockQ4K>(row, out),
-        D::Q5K => expand_blocks::<BlockQ5K>(row, out),
-        D::Q6K => expand_blocks::<BlockQ6K>(row, out),
-        _ => unreachable!("QuantLinear::new admits only the types above"),
     }
 }
 
@@ -518,6 +575,21 @@ dispatch!(fn expand_row(dtype: GgmlDType, row: &[u8], out: &mut [f32]); via expa
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    const ALL: [GgmlDType; 12] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ];
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -540,20 +612,12 @@ mod tests {
             .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
             .collect();
         let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
-        for dt in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q5_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-            GgmlDType::F16,
-        ] {
+        for dt in ALL {
             let q = QTensor::quantize(&w, dt).unwrap();
             let dense = q.dequantize(&dev).unwrap();
             let want = xt.matmul(&dense.t().unwrap()).unwrap();
             let ql = QuantLinear::new(&q).unwrap().unwrap();
-            // 3 rows take the fused path, 6 the expanding one.
+            // 3 rows take the row-by-row path, 6 the gemm tiles.
             let x6 = Tensor::cat(&[&xt, &xt], 0).unwrap();
             let want = Tensor::cat(&[&want, &want], 0).unwrap();
             let got = ql.forward(&x6).unwrap();
@@ -565,6 +629,53 @@ mod tests {
             let want = dense.narrow(0, 3, 1).unwrap().squeeze(0).unwrap();
             let d2 = max_abs_diff(&emb.get(0).unwrap(), &want);
             assert_eq!(d2, 0.0, "{dt:?} embed");
+        }
+    }
+
+    /// Int8 mode: every row's product equals the integer dot of the unpacked row with the
+    /// activations rounded to 8 bits (llama.cpp's arithmetic), for one row (decoding) and a
+    /// batch (prompts), and stays within the rounding's reach of the exact product.
+    #[test]
+    fn int8_mode_rounds_activations_like_llama_cpp() {
+        let dev = Device::Cpu;
+        let (n, k, m) = (37usize, 512usize, 6usize);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
+            .collect();
+        for dt in ALL.into_iter().filter(|d| block_shape(*d).is_some()) {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let exact = QuantLinear::new(&q).unwrap().unwrap();
+            let int8 = exact.clone().with_math(QuantMath::Int8);
+            let (sb, _) = block_shape(dt).unwrap();
+            let xq = blocks::QuantizedRows::quantize(&x, k, sb);
+            let batch = int8.matmul(&x, m);
+            let want_exact = exact.matmul(&x, m);
+            let mut u = Unpacked::default();
+            for i in 0..m {
+                let one = int8.matmul(&x[i * k..(i + 1) * k], 1);
+                for r in 0..n {
+                    u.unpack(dt, exact.row(r), k);
+                    let want = blocks::dot_int(&u, xq.row(i));
+                    // Raw-block kernels sum in another order than the unpacked dot.
+                    let close = |a: f32| (a - want).abs() <= 1e-5 * (1.0 + want.abs());
+                    assert!(
+                        close(one[r]),
+                        "{dt:?} ({i}, {r}) one row: {} vs {want}",
+                        one[r]
+                    );
+                    assert!(close(batch[i * n + r]), "{dt:?} ({i}, {r}) batch");
+                    // 8-bit activations: within ~1% of the exact product's scale.
+                    let e = want_exact[i * n + r];
+                    assert!(
+                        (want - e).abs() < 0.05 + 0.02 * e.abs(),
+                        "{dt:?}: {want} vs {e}"
+                    );
+                }
+            }
         }
     }
 }

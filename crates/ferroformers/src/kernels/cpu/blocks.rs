@@ -1,0 +1,994 @@
+//! GGUF weight blocks unpacked to small integers, and the dot products over them.
+//!
+//! Every block type we load (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) has the same shape once
+//! unpacked: superblocks of `sb` values (32, or 256 for K-quants), each with a scale `d` and a
+//! minimum scale `dmin`, split into groups of 16 with small integer scales `sc[g]` and minimums
+//! `mn[g]`, and one small integer `q[l]` per value:
+//!
+//! ```text
+//! value(l) = (d * sc[g]) * q[l] - (dmin * mn[g])      (f32, in that order)
+//! ```
+//!
+//! which is GGUF's dequantization to the bit (Q4_1's `d * q + m` is `d * q - (-m)`). One
+//! unpacking per type then serves three consumers:
+//! - [`dequantize`]: rows as f32 (embeddings, prompt batches);
+//! - [`dot_exact`]: f32 activations, the numbers transformers gets from a dequantized model;
+//! - [`dot_int`]: activations rounded to 8 bits per block as llama.cpp does ([`QuantizedRows`]:
+//!   Q8_0/Q8_1 for the 32-value types, Q8_K for K-quants) and integer products, with AVX2 and a
+//!   portable copy chosen at run time.
+
+use candle_core::quantized::GgmlDType;
+
+use super::simd::dispatch;
+
+/// Values per scale group.
+pub const GROUP: usize = 16;
+
+/// Block types this module unpacks, with (values per block, bytes per block).
+pub fn block_shape(dtype: GgmlDType) -> Option<(usize, usize)> {
+    use GgmlDType as D;
+    Some(match dtype {
+        D::Q4_0 => (32, 18),
+        D::Q4_1 => (32, 20),
+        D::Q5_0 => (32, 22),
+        D::Q5_1 => (32, 24),
+        D::Q8_0 => (32, 34),
+        D::Q2K => (256, 84),
+        D::Q3K => (256, 110),
+        D::Q4K => (256, 144),
+        D::Q5K => (256, 176),
+        D::Q6K => (256, 210),
+        _ => return None,
+    })
+}
+
+/// One weight row unpacked (buffers reused from row to row).
+#[derive(Default, Clone)]
+pub struct Unpacked {
+    /// Values per superblock: 32 or 256.
+    pub sb: usize,
+    /// Whether `mn` is used (types with a minimum: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K).
+    pub has_min: bool,
+    pub q: Vec<i8>,
+    pub sc: Vec<i8>,
+    pub mn: Vec<i8>,
+    pub d: Vec<f32>,
+    pub dmin: Vec<f32>,
+}
+
+/// IEEE half -> f32, exact for every value.
+#[inline(always)]
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
+    let h = u16::from_le_bytes([b[i], b[i + 1]]) as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    let v = if em >= 0x7c00 {
+        f32::from_bits((em << 13) | 0x7f80_0000)
+    } else {
+        // Normal and subnormal halves: the bits shifted into f32 place, times 2^112 (exact).
+        f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)
+    };
+    f32::from_bits(v.to_bits() | sign)
+}
+
+/// ggml's `nearest_int`: round to nearest, ties to even (for |x| < 2^22).
+#[inline(always)]
+fn round_even(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml's K-quant 6-bit scale and minimum `j` (of 8) from the 12 packed bytes.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+impl Unpacked {
+    /// Unpack one row (`row` holds whole blocks of `dtype`; `k` values).
+    pub fn unpack(&mut self, dtype: GgmlDType, row: &[u8], k: usize) {
+        let (sb, _) = block_shape(dtype).expect("unpack: a block type from block_shape");
+        self.sb = sb;
+        self.q.resize(k, 0);
+        self.sc.resize(k / GROUP, 0);
+        self.mn.resize(k / GROUP, 0);
+        self.d.resize(k / sb, 0.0);
+        self.dmin.resize(k / sb, 0.0);
+        self.has_min = matches!(
+            dtype,
+            GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q4K | GgmlDType::Q5K
+        );
+        unpack_row(
+            dtype,
+            row,
+            &mut self.q,
+            &mut self.sc,
+            &mut self.mn,
+            &mut self.d,
+            &mut self.dmin,
+        );
+    }
+}
+
+#[inline(always)]
+fn unpack_g(
+    dtype: GgmlDType,
+    row: &[u8],
+    q: &mut [i8],
+    sc: &mut [i8],
+    mn: &mut [i8],
+    d: &mut [f32],
+    dmin: &mut [f32],
+) {
+    use GgmlDType as D;
+    match dtype {
+        D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1 | D::Q8_0 => {
+            let (_, bytes) = block_shape(dtype).unwrap_or((32, 18));
+            sc.fill(1);
+            let with_min = matches!(dtype, D::Q4_1 | D::Q5_1);
+            mn.fill(with_min as i8);
+            for (b, blk) in row.chunks_exact(bytes).enumerate() {
+                let o = &mut q[b * 32..b * 32 + 32];
+                d[b] = f16_at(blk, 0);
+                dmin[b] = if with_min { -f16_at(blk, 2) } else { 0.0 };
+                match dtype {
+                    D::Q4_0 => {
+                        let qs = &blk[2..18];
+                        for j in 0..16 {
+                            o[j] = (qs[j] & 0x0F) as i8 - 8;
+                            o[j + 16] = (qs[j] >> 4) as i8 - 8;
+                        }
+                    }
+                    D::Q4_1 => {
+                        let qs = &blk[4..20];
+                        for j in 0..16 {
+                            o[j] = (qs[j] & 0x0F) as i8;
+                            o[j + 16] = (qs[j] >> 4) as i8;
+                        }
+                    }
+                    D::Q5_0 | D::Q5_1 => {
+                        let off = if dtype == D::Q5_0 { 2 } else { 4 };
+                        let qh = u32::from_le_bytes([
+                            blk[off],
+                            blk[off + 1],
+                            blk[off + 2],
+                            blk[off + 3],
+                        ]);
+                        let qs = &blk[off + 4..off + 20];
+                        let bias = if dtype == D::Q5_0 { 16 } else { 0 };
+                        for j in 0..16 {
+                            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                            o[j] = ((qs[j] & 0x0F) | h0) as i8 - bias;
+                            o[j + 16] = ((qs[j] >> 4) | h1) as i8 - bias;
+                        }
+                    }
+                    _ => {
+                        for j in 0..32 {
+                            o[j] = blk[2 + j] as i8;
+                        }
+                    }
+                }
+            }
+        }
+        D::Q4K | D::Q5K => {
+            let bytes = if dtype == D::Q4K { 144 } else { 176 };
+            for (b, blk) in row.chunks_exact(bytes).enumerate() {
+                d[b] = f16_at(blk, 0);
+                dmin[b] = f16_at(blk, 2);
+                let scales = &blk[4..16];
+                let (qh, qs) = if dtype == D::Q4K {
+                    (&blk[0..0], &blk[16..144])
+                } else {
+                    (&blk[16..48], &blk[48..176])
+                };
+                let o = &mut q[b * 256..b * 256 + 256];
+                for j in 0..4 {
+                    let (s1, m1) = scale_min_k4(2 * j, scales);
+                    let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let g = b * 16 + 4 * j;
+                    sc[g] = s1 as i8;
+                    sc[g + 1] = s1 as i8;
+                    sc[g + 2] = s2 as i8;
+                    sc[g + 3] = s2 as i8;
+                    mn[g] = m1 as i8;
+                    mn[g + 1] = m1 as i8;
+                    mn[g + 2] = m2 as i8;
+                    mn[g + 3] = m2 as i8;
+                    let src = &qs[32 * j..32 * j + 32];
+                    let (lo, hi) = o[64 * j..64 * j + 64].split_at_mut(32);
+                    if dtype == D::Q4K {
+                        for l in 0..32 {
+                            lo[l] = (src[l] & 0x0F) as i8;
+                            hi[l] = (src[l] >> 4) as i8;
+                        }
+                    } else {
+                        let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+                        for l in 0..32 {
+                            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                            lo[l] = ((src[l] & 0x0F) + h1) as i8;
+                            hi[l] = ((src[l] >> 4) + h2) as i8;
+                        }
+                    }
+                }
+            }
+        }
+        D::Q6K => {
+            for (b, blk) in row.chunks_exact(210).enumerate() {
+                let (ql, qh) = (&blk[0..128], &blk[128..192]);
+                for g in 0..16 {
+                    sc[b * 16 + g] = blk[192 + g] as i8;
+                    mn[b * 16 + g] = 0;
+                }
+                d[b] = f16_at(blk, 208);
+                dmin[b] = 0.0;
+                for n in 0..2 {
+                    let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+                    let o = &mut q[b * 256 + 128 * n..b * 256 + 128 * n + 128];
+                    for l in 0..32 {
+                        o[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                        o[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                        o[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                        o[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    }
+                }
+            }
+        }
+        D::Q2K => {
+            for (b, blk) in row.chunks_exact(84).enumerate() {
+                let (scales, qs) = (&blk[0..16], &blk[16..80]);
+                d[b] = f16_at(blk, 80);
+                dmin[b] = f16_at(blk, 82);
+                for g in 0..16 {
+                    sc[b * 16 + g] = (scales[g] & 0xF) as i8;
+                    mn[b * 16 + g] = (scales[g] >> 4) as i8;
+                }
+                for n in 0..2 {
+                    let qs = &qs[32 * n..32 * n + 32];
+                    for gl in 0..8 {
+                        let shift = 2 * (gl / 2);
+                        let src = &qs[16 * (gl % 2)..16 * (gl % 2) + 16];
+                        let o = &mut q[b * 256 + 128 * n + 16 * gl..][..16];
+                        for l in 0..16 {
+                            o[l] = ((src[l] >> shift) & 3) as i8;
+                        }
+                    }
+                }
+            }
+        }
+        D::Q3K => {
+            for (b, blk) in row.chunks_exact(110).enumerate() {
+                let (hmask, qs, packed) = (&blk[0..32], &blk[32..96], &blk[96..108]);
+                d[b] = f16_at(blk, 108);
+                dmin[b] = 0.0;
+                let mut aux = [0u32; 4];
+                for (i, a) in aux.iter_mut().take(3).enumerate() {
+                    *a = u32::from_le_bytes([
+                        packed[4 * i],
+                        packed[4 * i + 1],
+                        packed[4 * i + 2],
+                        packed[4 * i + 3],
+                    ]);
+                }
+                const KMASK1: u32 = 0x0303_0303;
+                const KMASK2: u32 = 0x0f0f_0f0f;
+                let tmp = aux[2];
+                aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
+                aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
+                aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
+                aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
+                for g in 0..16 {
+                    let s = (aux[g / 4] >> (8 * (g % 4))) as u8 as i8;
+                    sc[b * 16 + g] = s - 32;
+                    mn[b * 16 + g] = 0;
+                }
+                let mut m = 1u8;
+                for n in 0..2 {
+                    let qs = &qs[32 * n..32 * n + 32];
+                    for c in 0..4 {
+                        let shift = 2 * c;
+                        for half in 0..2 {
+                            let o = &mut q[b * 256 + 128 * n + 32 * c + 16 * half..][..16];
+                            let (qs, hm) = (&qs[16 * half..16 * half + 16], &hmask[16 * half..]);
+                            for ((o, &q), &h) in o.iter_mut().zip(qs).zip(hm) {
+                                let low = ((q >> shift) & 3) as i8;
+                                *o = low - if h & m == 0 { 4 } else { 0 };
+                            }
+                        }
+                        m <<= 1;
+                    }
+                }
+            }
+        }
+        _ => unreachable!("unpack: {dtype:?} has no block layout here"),
+    }
+}
+
+dispatch!(fn unpack_row(dtype: GgmlDType, row: &[u8], q: &mut [i8], sc: &mut [i8], mn: &mut [i8], d: &mut [f32], dmin: &mut [f32]); via unpack_g);
+
+#[inline(always)]
+fn dequantize_g(u: &Unpacked, out: &mut [f32]) {
+    for (g, (o, q)) in out
+        .chunks_exact_mut(GROUP)
+        .zip(u.q.chunks_exact(GROUP))
+        .enumerate()
+    {
+        let s = g * GROUP / u.sb;
+        let a = u.d[s] * u.sc[g] as f32;
+        let b = u.dmin[s] * u.mn[g] as f32;
+        for l in 0..GROUP {
+            o[l] = a * q[l] as f32 - b;
+        }
+    }
+}
+
+dispatch!(fn dequantize_auto(u: &Unpacked, out: &mut [f32]); via dequantize_g);
+
+/// The unpacked row as f32: GGUF's dequantization, bit for bit.
+pub fn dequantize(u: &Unpacked, out: &mut [f32]) {
+    dequantize_auto(u, out)
+}
+
+/// Per-16 sums of an activation row (the minimum terms of [`dot_exact`]).
+pub fn group_sums(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.chunks_exact(GROUP).map(|c| {
+        let mut s = 0f32;
+        for v in c {
+            s += v;
+        }
+        s
+    }));
+}
+
+#[inline(always)]
+fn dot_exact_g(u: &Unpacked, x: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = [0f32; GROUP];
+    let mut mins = 0f32;
+    for (g, (q, xg)) in
+        u.q.chunks_exact(GROUP)
+            .zip(x.chunks_exact(GROUP))
+            .enumerate()
+    {
+        let s = g * GROUP / u.sb;
+        let a = u.d[s] * u.sc[g] as f32;
+        for l in 0..GROUP {
+            acc[l] += a * (q[l] as f32 * xg[l]);
+        }
+        if u.has_min {
+            mins += u.dmin[s] * u.mn[g] as f32 * xsum[g];
+        }
+    }
+    let mut s = 0f32;
+    for v in acc {
+        s += v;
+    }
+    s - mins
+}
+
+dispatch!(fn dot_exact_auto(u: &Unpacked, x: &[f32], xsum: &[f32]) -> f32; via dot_exact_g);
+
+/// `sum(value(l) * x[l])` with f32 activations; `xsum` from [`group_sums`] of `x`.
+pub fn dot_exact(u: &Unpacked, x: &[f32], xsum: &[f32]) -> f32 {
+    dot_exact_auto(u, x, xsum)
+}
+
+/// Activation rows rounded to 8 bits per block, as llama.cpp rounds them for its integer dots:
+/// blocks of 32 with an f16 scale (Q8_0; Q8_1 adds `s = d * sum(q)`) for the 32-value weight
+/// types, blocks of 256 with an f32 scale and per-16 sums (Q8_K) for K-quants.
+#[derive(Default, Clone)]
+pub struct QuantizedRows {
+    /// Values per block: 32 (Q8_0/Q8_1) or 256 (Q8_K).
+    pub block: usize,
+    pub k: usize,
+    pub q: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// Q8_1's `d * sum(q)` (f16-rounded) per block; Q8_K: unused.
+    pub s: Vec<f32>,
+    /// Sum of q per 16 values (Q8_K's bsums).
+    pub gsum: Vec<i32>,
+}
+
+impl QuantizedRows {
+    /// Quantize `m` rows of `k` values for weights whose superblock is `sb` values.
+    pub fn quantize(x: &[f32], k: usize, sb: usize) -> Self {
+        let m = x.len() / k;
+        let mut r = QuantizedRows {
+            block: sb,
+            k,
+            q: vec![0; m * k],
+            d: vec![0.0; m * k / sb],
+            s: vec![0.0; m * k / sb],
+            gsum: vec![0; m * k / GROUP],
+        };
+        for (b, xb) in x.chunks_exact(sb).enumerate() {
+            let qb = &mut r.q[b * sb..(b + 1) * sb];
+            if sb == 256 {
+                r.d[b] = quantize_q8k(xb, qb);
+            } else {
+                let (d, s) = quantize_q8_1(xb, qb);
+                r.d[b] = d;
+                r.s[b] = s;
+            }
+            for (g, c) in qb.chunks_exact(GROUP).enumerate() {
+                r.gsum[b * sb / GROUP + g] = c.iter().map(|&v| v as i32).sum();
+            }
+        }
+        r
+    }
+
+    pub fn row(&self, i: usize) -> QRow<'_> {
+        let k = self.k;
+        QRow {
+            q: &self.q[i * k..(i + 1) * k],
+            d: &self.d[i * k / self.block..(i + 1) * k / self.block],
+            s: &self.s[i * k / self.block..(i + 1) * k / self.block],
+            gsum: &self.gsum[i * k / GROUP..(i + 1) * k / GROUP],
+        }
+    }
+}
+
+/// One quantized activation row.
+#[derive(Clone, Copy)]
+pub struct QRow<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub gsum: &'a [i32],
+}
+
+/// ggml's `quantize_row_q8_K`: the largest-magnitude value maps to -127.
+fn quantize_q8k(x: &[f32], q: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = round_even(iscale * v).min(127) as i8;
+    }
+    1.0 / iscale
+}
+
+/// ggml's x86 `quantize_row_q8_1` (and Q8_0, which is the same without `s`): scale
+/// `amax / 127` stored as f16, values `round(x * 127 / amax)` (ties to even).
+fn quantize_q8_1(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let r = round_even(v * id) as i8;
+        *o = r;
+        sum += r as i32;
+    }
+    // Both stored as f16 (round to nearest even), as ggml stores them.
+    let dh = half::f16::from_f32(d).to_f32();
+    let s = half::f16::from_f32(d * sum as f32).to_f32();
+    (dh, s)
+}
+
+/// Integer dot of one unpacked weight row with one quantized activation row, portable.
+fn dot_int_portable(u: &Unpacked, x: QRow<'_>) -> f32 {
+    let mut total = 0f32;
+    let gps = u.sb / GROUP;
+    for s in 0..u.d.len() {
+        let (mut isum, mut imin) = (0i32, 0i32);
+        for g in s * gps..(s + 1) * gps {
+            let q = &u.q[g * GROUP..(g + 1) * GROUP];
+            let xq = &x.q[g * GROUP..(g + 1) * GROUP];
+            let p: i32 = q.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+            isum += u.sc[g] as i32 * p;
+            imin += u.mn[g] as i32 * x.gsum[g];
+        }
+        total += combine(u, x, s, isum, imin);
+    }
+    total
+}
+
+/// One superblock's share: `dx * d * isum - min term`. Q4_1/Q5_1 take their minimum term from
+/// Q8_1's `s` (as llama.cpp does); K-quants from the per-16 sums.
+#[inline(always)]
+fn combine(u: &Unpacked, x: QRow<'_>, s: usize, isum: i32, imin: i32) -> f32 {
+    let dx = x.d[s];
+    let mut v = (dx * u.d[s]) * isum as f32;
+    if u.has_min {
+        v -= if u.sb == 32 {
+            u.dmin[s] * x.s[s]
+        } else {
+            (dx * u.dmin[s]) * imin as f32
+        };
+    }
+    v
+}
+
+/// `sum(value(l) * xq(l))` with 8-bit activations (quantized for this row's superblock size).
+pub fn dot_int(u: &Unpacked, x: QRow<'_>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; u and x hold k values with matching blocks.
+        return unsafe { avx2::dot_int(u, x) };
+    }
+    dot_int_portable(u, x)
+}
+
+/// The integer dot straight from a row's raw blocks, without unpacking, for the 32-value types
+/// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), Q4_K and Q6_K on AVX2; `None` elsewhere (unpack and use [`dot_int`]).
+/// The same arithmetic as [`dot_int`] over the unpacked row.
+pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && f16c() {
+        use GgmlDType as D;
+        // SAFETY: the CPU has AVX2, FMA and F16C; row holds whole blocks matching x.
+        unsafe {
+            return match dtype {
+                D::Q8_0 => Some(avx2::dot_blocks::<0>(row, x)),
+                D::Q4_0 => Some(avx2::dot_blocks::<1>(row, x)),
+                D::Q4_1 => Some(avx2::dot_blocks::<2>(row, x)),
+                D::Q5_0 => Some(avx2::dot_blocks::<3>(row, x)),
+                D::Q5_1 => Some(avx2::dot_blocks::<4>(row, x)),
+                D::Q4K => Some(avx2::dot_q4k(row, x)),
+                D::Q6K => Some(avx2::dot_q6k(row, x)),
+                _ => None,
+            };
+        }
+    }
+    let _ = (dtype, row, x);
+    None
+}
+
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the integer dots run the AVX2 copy (false also when `FERROFORMERS_NO_SIMD=1`, so
+/// tests can force the portable copy).
+pub fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            !std::env::var("FERROFORMERS_NO_SIMD").is_ok_and(|v| v == "1")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{combine, QRow, Unpacked, GROUP};
+    use std::arch::x86_64::*;
+
+    /// 32 weights times 32 activations: `maddubs` takes unsigned times signed bytes, so the
+    /// weights' signs move onto the activations (|q| <= 127 and xq >= -127: no i16 overflow).
+    #[inline(always)]
+    unsafe fn pairs(q: *const i8, x: *const i8) -> __m256i {
+        let qv = _mm256_loadu_si256(q as *const __m256i);
+        let xv = _mm256_loadu_si256(x as *const __m256i);
+        _mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_int(u: &Unpacked, x: QRow<'_>) -> f32 {
+        let (qp, xp) = (u.q.as_ptr(), x.q.as_ptr());
+        let mut total = 0f32;
+        if u.sb == 32 {
+            // One scale per 32 values: i16 pairs -> i32 lanes -> f32, scaled per block.
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for b in 0..u.d.len() {
+                let p = _mm256_madd_epi16(pairs(qp.add(32 * b), xp.add(32 * b)), ones);
+                let scale = _mm256_set1_ps(x.d[b] * u.d[b]);
+                acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
+                if u.has_min {
+                    mins += u.dmin[b] * x.s[b];
+                }
+            }
+            return hsum(acc) - mins;
+        }
+        // K-quants: per-16 integer scales applied in i32 (madd with the scale pair), summed over
+        // the superblock, one float multiply per superblock.
+        for s in 0..u.d.len() {
+            let mut isum = _mm256_setzero_si256();
+            for c in 0..8 {
+                let g = s * 16 + 2 * c;
+                let sv = _mm256_set_m128i(
+                    _mm_set1_epi16(u.sc[g + 1] as i16),
+                    _mm_set1_epi16(u.sc[g] as i16),
+                );
+                let off = (s * 8 + c) * 32;
+                let p = _mm256_madd_epi16(pairs(qp.add(off), xp.add(off)), sv);
+                isum = _mm256_add_epi32(isum, p);
+            }
+            let mut imin = 0i32;
+            if u.has_min {
+                for g in s * 16..s * 16 + 16 {
+                    imin += u.mn[g] as i32 * x.gsum[g];
+                }
+            }
+            total += combine(u, x, s, hsum_i32(isum), imin);
+        }
+        let _ = GROUP;
+        total
+    }
+
+    /// How far ahead (bytes) the raw-block loops prefetch.
+    const PREFETCH: usize = 2048;
+
+    /// f16 at `p` as f32 (F16C).
+    #[inline(always)]
+    unsafe fn half(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    /// 0xFF in byte `i` where bit `i` of the 32 bits at `p` is set.
+    #[inline(always)]
+    unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+        let bits = (p as *const i32).read_unaligned();
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let probe = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        _mm256_cmpeq_epi8(probe, _mm256_set1_epi64x(-1))
+    }
+
+    /// 16 bytes of packed nibbles -> 32 bytes: low nibbles first, then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(b), b);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+
+    /// Integer dots over raw 32-value blocks. `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_blocks<const T: u8>(row: &[u8], x: QRow<'_>) -> f32 {
+        let bytes = [34usize, 18, 20, 22, 24][T as usize];
+        let nb = x.d.len();
+        assert!(row.len() >= nb * bytes && x.q.len() >= nb * 32 && x.s.len() >= nb);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let blk = rp.add(b * bytes);
+            if b % 2 == 0 {
+                // The weights stream from memory: ask for them ahead of use. Prefetches
+                // never fault.
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            }
+            let xv = _mm256_loadu_si256(xp.add(32 * b) as *const __m256i);
+            let d = half(blk);
+            // Signed weights go through the sign trick; unsigned ones (Q4_1, Q5_1) multiply
+            // the activations directly.
+            let p16 = match T {
+                0 => {
+                    let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q))
+                }
+                1 => {
+                    let q = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q))
+                }
+                2 => _mm256_maddubs_epi16(nibbles(blk.add(4)), xv),
+                3 => {
+                    // q = nibble | 0xF0 where the high bit is clear: nibble - 16 as i8.
+                    let hi =
+                        _mm256_andnot_si256(bytes_from_bits(blk.add(2)), _mm256_set1_epi8(-16));
+                    let q = _mm256_or_si256(nibbles(blk.add(6)), hi);
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q))
+                }
+                _ => {
+                    let hi = _mm256_and_si256(bytes_from_bits(blk.add(4)), _mm256_set1_epi8(16));
+                    _mm256_maddubs_epi16(_mm256_or_si256(nibbles(blk.add(8)), hi), xv)
+                }
+            };
+            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            let scale = _mm256_set1_ps(x.d[b] * d);
+            if b % 2 == 0 {
+                acc0 = _mm256_fmadd_ps(scale, p, acc0);
+            } else {
+                acc1 = _mm256_fmadd_ps(scale, p, acc1);
+            }
+            if T == 2 || T == 4 {
+                // value = d * q + m: the minimum times Q8_1's s.
+                mins += half(blk.add(2)) * x.s[b];
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + mins
+    }
+
+    /// i16 lanes 0..8 = `a`, 8..16 = `b`: the scales of two 16-value groups.
+    #[inline(always)]
+    unsafe fn scale_pair(a: i16, b: i16) -> __m256i {
+        _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a))
+    }
+
+    /// Q4_K (144-byte superblocks of 256) times Q8_K activations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 144 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let blk = rp.add(b * 144);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            let qs = blk.add(16);
+            let xb = xp.add(b * 256);
+            let mut isum = _mm256_setzero_si256();
+            let mut imin = 0i32;
+            for j in 0..4 {
+                let (s1, m1) = super::scale_min_k4(2 * j, scales);
+                let (s2, m2) = super::scale_min_k4(2 * j + 1, scales);
+                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                let lo = _mm256_and_si256(q, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                let x0 = _mm256_loadu_si256(xb.add(64 * j) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xb.add(64 * j + 32) as *const __m256i);
+                let p0 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(s1 as i16));
+                let p1 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(s2 as i16));
+                isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
+                let g = &x.gsum[b * 16 + 4 * j..];
+                imin += m1 as i32 * (g[0] + g[1]) + m2 as i32 * (g[2] + g[3]);
+            }
+            let dx = x.d[b];
+            let d = dx * half(blk);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+            mins += (dx * half(blk.add(2))) * imin as f32;
+        }
+        hsum(acc) - mins
+    }
+
+    /// Q6_K (210-byte superblocks of 256) times Q8_K activations. The 6-bit values are kept
+    /// unsigned (0..63) through `maddubs` and the offset of 32 taken off as `32 * xq`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 210 && x.q.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let low = _mm256_set1_epi8(0x0F);
+        let m32 = _mm256_set1_epi8(32);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 210);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let sc = blk.add(192) as *const i8;
+            let xb = xp.add(b * 256);
+            let mut isum = _mm256_setzero_si256();
+            for n in 0..2 {
+                let ql = blk.add(64 * n);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let h = |m: i8| _mm256_and_si256(qh, _mm256_set1_epi8(m));
+                let qv = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16::<4>(h(0x03))),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_slli_epi16::<2>(h(0x0C))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), h(0x30)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                        _mm256_srli_epi16::<2>(h(-0x40)),
+                    ),
+                ];
+                for (c, q) in qv.into_iter().enumerate() {
+                    let xv = _mm256_loadu_si256(xb.add(128 * n + 32 * c) as *const __m256i);
+                    let p16 = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(q, xv),
+                        _mm256_maddubs_epi16(m32, xv),
+                    );
+                    let g = 8 * n + 2 * c;
+                    let sv = scale_pair(*sc.add(g) as i16, *sc.add(g + 1) as i16);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, sv));
+                }
+            }
+            let d = x.d[b] * half(blk.add(208));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+        }
+        hsum(acc)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    const TYPES: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn quantized(dt: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let w = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dt).unwrap();
+        let dense: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (q.data().unwrap().to_vec(), dense)
+    }
+
+    #[test]
+    fn unpacking_dequantizes_bit_for_bit() {
+        for dt in TYPES {
+            let (n, k) = (3, 512);
+            let (bytes, dense) = quantized(dt, n, k, 7);
+            let (_, bb) = block_shape(dt).unwrap();
+            let (sb, _) = block_shape(dt).unwrap();
+            let row_bytes = k / sb * bb;
+            let mut u = Unpacked::default();
+            let mut out = vec![0f32; k];
+            for r in 0..n {
+                u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
+                dequantize(&u, &mut out);
+                for (i, (a, b)) in out.iter().zip(&dense[r * k..(r + 1) * k]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{dt:?} row {r} value {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_dot_matches_dequantized_dot() {
+        for dt in TYPES {
+            let (n, k) = (4, 768);
+            let (bytes, dense) = quantized(dt, n, k, 11);
+            let (sb, bb) = block_shape(dt).unwrap();
+            let row_bytes = k / sb * bb;
+            let x = lcg(3, k);
+            let mut xs = Vec::new();
+            group_sums(&x, &mut xs);
+            let mut u = Unpacked::default();
+            for r in 0..n {
+                u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
+                let got = dot_exact(&u, &x, &xs);
+                let want: f64 = dense[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!((got as f64 - want).abs() < 1e-4, "{dt:?}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// The integer dot against a plain reference: dequantized weights times dequantized 8-bit
+    /// activations, in f64. Odd block counts, both copies (AVX2 where the CPU has it).
+    #[test]
+    fn integer_dot_matches_reference() {
+        for dt in TYPES {
+            let (sb, bb) = block_shape(dt).unwrap();
+            for blocks in [1usize, 3] {
+                let k = sb * blocks * if sb == 32 { 5 } else { 1 };
+                let (bytes, dense) = quantized(dt, 2, k, 5);
+                let row_bytes = k / sb * bb;
+                let x = lcg(9, k);
+                let xq = QuantizedRows::quantize(&x, k, sb);
+                let row = xq.row(0);
+                // Dequantized activations: d * q per block (Q8_1's s is d * sum q, rounded).
+                let xd: Vec<f64> = (0..k)
+                    .map(|i| row.d[i / sb] as f64 * row.q[i] as f64)
+                    .collect();
+                let mut u = Unpacked::default();
+                for r in 0..2 {
+                    u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
+                    let want: f64 = dense[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(&xd)
+                        .map(|(a, b)| *a as f64 * b)
+                        .sum();
+                    if let Some(direct) =
+                        dot_int_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], row)
+                    {
+                        let want = dot_int(&u, row);
+                        assert!(
+                            (direct - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{dt:?} k={k}: raw blocks {direct} vs unpacked {want}"
+                        );
+                    }
+                    let fast = dot_int(&u, row);
+                    let portable = dot_int_portable(&u, row);
+                    // Q8_1's s is f16-rounded: the minimum term may move by ~1e-3 relative.
+                    let tol = 2e-3 * (1.0 + want.abs());
+                    assert!(
+                        (fast as f64 - want).abs() < tol,
+                        "{dt:?} k={k}: {fast} vs {want}"
+                    );
+                    assert!(
+                        (fast - portable).abs() <= 1e-4 * (1.0 + portable.abs()),
+                        "{dt:?} k={k}: simd {fast} vs portable {portable}"
+                    );
+                }
+                // The rounding itself: within half a step of x, plus the f16 rounding of the
+                // Q8_0/Q8_1 scale (2^-11 relative, times |q| <= 127).
+                for i in 0..k {
+                    let step = row.d[i / sb].abs().max(1e-12) as f64;
+                    let slack = if sb == 32 { 127.0 / 2048.0 } else { 1e-3 };
+                    assert!((xd[i] - x[i] as f64).abs() <= (0.5 + slack) * step);
+                }
+            }
+        }
+    }
+}
