@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
 """Text-generation benchmark: ferroformers vs Python transformers (torch) vs llama.cpp
-(llama-cpp-python), SmolLM2-135M-Instruct, all three reading the same GGUF file (Q4_1).
+(llama-cpp-python), all three reading the same GGUF file:
+  --model smollm2      SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB/SmolLM2-135M-Instruct-GGUF)
+  --model qwen25coder  Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF)
 
-  scripts/fetch-models.sh smollm2
-  pip install -r scripts/requirements-fixtures.txt -r scripts/requirements-bench.txt \
-      llama-cpp-python
+  scripts/fetch-models.sh smollm2 qwen25coder
+  python3 -m venv /work/venv/bench
+  /work/venv/bench/bin/pip install -r scripts/requirements-bench-generation.txt
   cargo build --release -p ferroformers-cli
-  python3 scripts/bench_generation.py [--reps 3] [--threads 2] \
-      [--engines ours,ours-f32,torch,llama.cpp]
+  /work/venv/bench/bin/python scripts/bench_generation.py [--model smollm2|qwen25coder] \
+      [--reps 3] [--threads 2] [--engines ours,ours-int8,ours-f32,torch,llama.cpp] \
+      [--runs stream,single,batch,prompt] [--prompt-lengths 16,128,512] [--warmup 1]
 
 Engines (each run is its own child process, so peak RSS is per engine and per run):
-  ours       the CLI on the GGUF as it loads by default (weights kept in their Q4_1/Q8_0 blocks,
-             f32 activations)
+  ours       the CLI on the GGUF as it loads by default (weights kept in their quantized blocks,
+             f32 activations), with FERROFORMERS_GGUF_MATH=exact set explicitly
+  ours-int8  the same with FERROFORMERS_GGUF_MATH=int8 (activations rounded to 8 bits, as
+             llama.cpp's kernels do; a binary that doesn't know the variable runs as `ours`)
   ours-f32   the CLI with FERROFORMERS_GGUF_DEQUANTIZE=1 (every matrix dequantized to f32 at load)
+  (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE from the caller's environment are
+  dropped; each ours-* engine sets its own.)
   torch      transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (dequantizes to
              f32), greedy model.generate, torch.set_num_threads(T)
   llama.cpp  llama_cpp.Llama(n_threads=T, n_threads_batch=T, n_ctx=512), temperature 0 (greedy);
@@ -25,13 +32,30 @@ completion_tokens are counted (with these prompts greedy decoding runs to 64 wit
 and a warning is printed when any engine's count is short. The prompt tokens are the same for all
 engines: the GGUF says tokenizer.ggml.add_bos_token = false, which ours and llama.cpp follow;
 transformers' GGUF tokenizer would prepend <|im_start|> anyway, so torch tokenizes with
-add_special_tokens=False.
+add_special_tokens=False. (Qwen2.5-Coder's GGUF: add_bos_token = false as well.)
 Prompts are plain text (no chat template).
 
-Three runs per engine and repetition, engines alternating order between repetitions:
+Runs (--runs; default stream,single,batch), per engine and repetition, engines alternating
+order between repetitions:
   stream  "The capital of France is", streamed: time to first token (TTFT)
   single  the same prompt, not streamed: tokens/s for one stream
   batch   8 different short prompts in one batch (left padded): tokens/s
+  prompt  prompt processing: for each of --prompt-lengths (16,128,512) tokens, one process per
+          engine and length generates 1 new token; prompt tokens/s = prompt tokens / generation
+          seconds (ours: `run_s` of --timing; Python children: the generate/create_completion
+          call). Prompts are scripts/corpus.txt repeated, tokenized with the GGUF's own tokenizer
+          (transformers' GGUF loader, the torch engine's) and cut to exactly N tokens at a point
+          where decoding and re-encoding gives the same N ids (checked against llama.cpp's
+          tokenizer too when llama-cpp-python is installed). torch gets those ids as input_ids,
+          llama.cpp gets them as a token list, ours gets the decoded text (its tokenizer is
+          held to transformers' by the parity tests). llama.cpp: n_ctx = n_batch = n_ubatch =
+          the next multiple of 256 above N + 1, so the whole prompt is one batch.
+Fairness: every engine runs in a fresh process per run, with the same threads (--threads; ours
+--threads, torch set_num_threads, llama.cpp n_threads = n_threads_batch), the same GGUF file and
+the same prompt tokens; --warmup N (default 1) runs every engine N times on the cheapest selected
+run first, unrecorded, so that the GGUF and Python's imports are in the page cache for all.
+Neither engine gets an in-process warm-up: the timed call is the first after load for all.
+The report names the CPU (lscpu "Model name") and the load averages (1/5/15 min) before and after.
 Reported (medians over repetitions):
   tokens/s              new tokens (all rows) / generation seconds; generation seconds run from
                         "model and tokenizer loaded" to "all texts decoded" (ours: `run_s` of
@@ -45,11 +69,15 @@ Reported (medians over repetitions):
                         prints no timing with --stream, so its stream step also runs the CLI once
                         with max_new_tokens=1 --timing and takes that run's `run_s`.
   peak RSS (MB)         the child's maximum resident set size (/usr/bin/time %M)
+  prompt tokens/s       (prompt run) prompt tokens / generation seconds with 1 new token
+Ratios: ours / torch ("vs torch") and ours / llama.cpp ("vs llama.cpp"), each engine's median
+against the baseline's median.
 """
 import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,8 +89,17 @@ from pathlib import Path
 from benchlib import timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
-HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CORPUS = ROOT / "scripts" / "corpus.txt"
+# --model key -> hub id, GGUF file in the hub repo, model name and quant type for the report.
+MODELS = {
+    "smollm2": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+                "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "name": "SmolLM2-135M-Instruct", "quant": "Q4_1"},
+    "qwen25coder": {"hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+                    "gguf": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                    "name": "Qwen2.5-Coder-0.5B-Instruct", "quant": "Q4_K_M"},
+}
+RUNS = ["stream", "single", "batch", "prompt"]
 PROMPT = "The capital of France is"
 BATCH_PROMPTS = [
     "The capital of France is",
@@ -74,35 +111,106 @@ BATCH_PROMPTS = [
     "A good night's sleep helps",
     "The ocean is home to",
 ]
-ENGINES = {
-    "ours": "ferroformers (Q4_1 blocks)",
-    "ours-f32": "ferroformers (f32)",
-    "torch": "transformers (torch, f32)",
-    "llama.cpp": "llama.cpp (Q4_1)",
+ENGINE_KEYS = ["ours", "ours-int8", "ours-f32", "torch", "llama.cpp"]
+# What each ours-* engine sets; these variables are dropped from the caller's environment first.
+OURS_ENV = {
+    "ours": {"FERROFORMERS_GGUF_MATH": "exact"},
+    "ours-int8": {"FERROFORMERS_GGUF_MATH": "int8"},
+    "ours-f32": {"FERROFORMERS_GGUF_DEQUANTIZE": "1"},
 }
 MARKER = "__FIRST_TOKEN__"
 
 
-def find_gguf():
+def engine_labels(quant):
+    return {
+        "ours": f"ferroformers ({quant} blocks, exact)",
+        "ours-int8": f"ferroformers ({quant} blocks, int8 activations)",
+        "ours-f32": "ferroformers (f32)",
+        "torch": "transformers (torch, f32)",
+        "llama.cpp": f"llama.cpp ({quant})",
+    }
+
+
+def find_gguf(model_key):
     """Same discovery as scripts/fetch-models.sh: HF_HUB_CACHE, else HF_HOME/hub, else
     ~/.cache/huggingface/hub; then refs/main -> snapshots/<commit>/<file>."""
+    m = MODELS[model_key]
     if os.environ.get("HF_HUB_CACHE"):
         root = Path(os.environ["HF_HUB_CACHE"]).expanduser()
     elif os.environ.get("HF_HOME"):
         root = Path(os.environ["HF_HOME"]).expanduser() / "hub"
     else:
         root = Path.home() / ".cache" / "huggingface" / "hub"
-    repo = root / ("models--" + HUB_ID.replace("/", "--"))
+    repo = root / ("models--" + m["hub_id"].replace("/", "--"))
     ref = repo / "refs" / "main"
-    path = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else "?") / GGUF_NAME
+    path = repo / "snapshots" / (ref.read_text().strip() if ref.is_file() else "?") / m["gguf"]
     if not path.is_file():
-        sys.exit(f"error: {path} not found; run scripts/fetch-models.sh smollm2")
+        sys.exit(f"error: {path} not found; run scripts/fetch-models.sh {model_key}")
     return path
+
+
+def llama_ctx(prompt_len, new_tokens):
+    """llama.cpp context (and batch) size for a prompt run: the whole prompt in one batch."""
+    return max(512, -(-(prompt_len + new_tokens) // 256) * 256)
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    for ln in out.splitlines():
+        if ln.startswith("Model name:"):
+            return ln.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
 # Child processes (Python engines). They print MARKER at the first new token when streaming and
 # one JSON line last on stdout.
+
+def child_tokenize(a):
+    """Prompt-run prompts: for each length N, scripts/corpus.txt (repeated) cut to exactly N
+    tokens of the GGUF's tokenizer, such that decode -> encode gives the same N ids. Prints
+    {"N": {"ids": [...], "text": "..."}} as JSON."""
+    from transformers import AutoTokenizer
+
+    d, name = os.path.split(a.gguf)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    lengths = [int(n) for n in a.prompt_lengths.split(",")]
+    corpus = CORPUS.read_text()
+    text = corpus
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+    while len(enc(text)) < max(lengths) + 64:
+        text += "\n" + corpus
+    ids = enc(text)
+    llama_tok = None
+    try:
+        from llama_cpp import Llama
+        llm = Llama(model_path=a.gguf, vocab_only=True, verbose=False)
+        # create_completion(str) tokenizes this way: add_bos per the GGUF, special tokens parsed.
+        llama_tok = lambda t: llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)
+    except ImportError:
+        pass
+    out = {}
+    for n in lengths:
+        found = None
+        # Cut at N tokens from a start that moves forward one token at a time (a cut can split a
+        # word whose pieces re-encode differently, or leave a partial UTF-8 character).
+        for start in range(0, 64):
+            cand = ids[start:start + n]
+            t = tok.decode(cand, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if "\ufffd" in t or enc(t) != cand:
+                continue
+            if llama_tok is not None and list(llama_tok(t)) != cand:
+                continue
+            found = {"ids": cand, "text": t}
+            break
+        if found is None:
+            sys.exit(f"no {n}-token cut of {CORPUS} re-encodes to itself")
+        out[str(n)] = found
+    sys.stdout.write(json.dumps({"prompts": out, "llama_checked": llama_tok is not None}) + "\n")
+
 
 def child_torch(a, prompts, stream):
     import torch
@@ -139,7 +247,11 @@ def child_torch(a, prompts, stream):
     streamer = FirstToken() if stream else None
     t1 = time.perf_counter()
     with torch.inference_mode():
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if a.mode == "prompt":   # the prompt's token ids as given, no padding
+            ids = torch.tensor([prompts], dtype=torch.long)
+            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
                              do_sample=False, pad_token_id=pad, streamer=streamer)
     new = out[:, enc["input_ids"].shape[1]:]
@@ -153,8 +265,15 @@ def child_torch(a, prompts, stream):
 def child_llama(a, prompts, stream):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=a.gguf, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=512,
-                verbose=False, seed=0)
+    if a.mode == "prompt":
+        # One prompt given as token ids; context and batch big enough for it in one batch.
+        n_ctx = llama_ctx(len(prompts), a.new_tokens)
+        llm = Llama(model_path=a.gguf, n_threads=a.threads, n_threads_batch=a.threads,
+                    n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, verbose=False, seed=0)
+        prompts = [prompts]
+    else:
+        llm = Llama(model_path=a.gguf, n_threads=a.threads, n_threads_batch=a.threads,
+                    n_ctx=512, verbose=False, seed=0)
     # No eos suppression (no min_tokens here; a Python logits processor would add a callback per
     # token): the actual number of new tokens is counted, and the parent warns when it is short.
     kw = dict(max_tokens=a.new_tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
@@ -190,7 +309,12 @@ def child_llama(a, prompts, stream):
 
 
 def child_main(a):
-    prompts = [PROMPT] if a.mode in ("stream", "single") else BATCH_PROMPTS
+    if a.child == "tokenize":
+        return child_tokenize(a)
+    if a.mode == "prompt":
+        prompts = json.loads(Path(a.prompt_ids).read_text())   # one prompt, as token ids
+    else:
+        prompts = [PROMPT] if a.mode in ("stream", "single") else BATCH_PROMPTS
     fn = child_torch if a.child == "torch" else child_llama
     r = fn(a, prompts, a.mode == "stream")
     sys.stdout.write("\n" + json.dumps(r) + "\n")
@@ -219,15 +343,15 @@ def timed_stream(cmd, env):
     return (first_chunk + rest).decode("utf-8", "replace"), stderr, rss / 1024, t_first
 
 
-def run_ours(a, engine, mode, files, env):
-    env = dict(env)
-    if engine == "ours-f32":
-        env["FERROFORMERS_GGUF_DEQUANTIZE"] = "1"
-    n = a.new_tokens
+def run_ours(a, engine, mode, files, env, prompt_len=None):
+    env = dict(env, **OURS_ENV[engine])
+    n = 1 if mode == "prompt" else a.new_tokens
+    inp = (files[f"prompt{prompt_len}"] if mode == "prompt"
+           else files["batch" if mode == "batch" else "single"])
     cmd = [a.binary, "run", "text-generation", "--model", a.gguf, "--threads", a.threads,
            "--param", f"max_new_tokens={n}", "--param", f"min_new_tokens={n}",
            "--param", "do_sample=false", "--param", "return_full_text=false",
-           "--input", files["batch" if mode == "batch" else "single"]]
+           "--input", inp]
     if mode == "stream":
         out, _, rss, t_first = timed_stream(cmd + ["--stream"], env)
         # --stream prints no timing, so "load -> 1st token" comes from a second process that
@@ -242,14 +366,20 @@ def run_ours(a, engine, mode, files, env):
     t = timing_line(p.stderr)
     texts = [json.loads(ln)[0]["generated_text"] for ln in p.stdout.splitlines() if ln.strip()]
     # The CLI prints text only: with min_new_tokens = max_new_tokens every row has n new tokens.
-    return {"load_s": t["load_s"], "gen_s": t["run_s"], "new_tokens": n * len(texts),
-            "rss_mb": rss, "texts": texts}
+    r = {"load_s": t["load_s"], "gen_s": t["run_s"], "new_tokens": n * len(texts),
+         "rss_mb": rss, "texts": texts}
+    if mode == "prompt":
+        r["prompt_tokens"] = [prompt_len]   # checked by the tokenize step, not reported by the CLI
+    return r
 
 
-def run_python(a, engine, mode, env):
+def run_python(a, engine, mode, env, files=None, prompt_len=None):
     t0 = time.time()
+    new = 1 if mode == "prompt" else a.new_tokens
     cmd = [sys.executable, __file__, "--child", engine, "--mode", mode, "--gguf", a.gguf,
-           "--threads", a.threads, "--new-tokens", a.new_tokens, "--t0", repr(t0)]
+           "--threads", a.threads, "--new-tokens", new, "--t0", repr(t0)]
+    if mode == "prompt":
+        cmd += ["--prompt-ids", files[f"prompt{prompt_len}-ids"]]
     if mode == "stream":
         out, _, rss, t_first = timed_stream(cmd, env)
     else:
@@ -264,7 +394,7 @@ def run_python(a, engine, mode, env):
 
 def versions():
     out = []
-    for pkg in ("torch", "transformers", "llama-cpp-python"):
+    for pkg in ("torch", "transformers", "gguf", "llama-cpp-python"):
         try:
             out.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
@@ -274,101 +404,203 @@ def versions():
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--engines", default="ours,ours-f32,torch,llama.cpp")
+    ap.add_argument("--engines", default="ours,ours-int8,ours-f32,torch,llama.cpp")
+    ap.add_argument("--runs", default="stream,single,batch",
+                    help=f"comma-separated, some of {','.join(RUNS)}")
+    ap.add_argument("--prompt-lengths", default="16,128,512",
+                    help="prompt run: prompt lengths in tokens")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="unrecorded runs per engine before the first repetition")
     ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "ferroformers"))
     ap.add_argument("--gguf",
-                    help="default: the hub-cache file that scripts/fetch-models.sh smollm2 puts")
+                    help="default: the hub-cache file that scripts/fetch-models.sh MODEL puts")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
     # child mode (internal)
-    ap.add_argument("--child", choices=["torch", "llama.cpp"], help=argparse.SUPPRESS)
-    ap.add_argument("--mode", choices=["stream", "single", "batch"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["torch", "llama.cpp", "tokenize"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=RUNS, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child_main(a)
 
+    model = MODELS[a.model]
+    labels = engine_labels(model["quant"])
     engines = a.engines.split(",")
     for e in engines:
-        if e not in ENGINES:
-            sys.exit(f"unknown engine {e!r} (expected some of {','.join(ENGINES)})")
-    a.gguf = str(Path(a.gguf) if a.gguf else find_gguf())
-    tmp = Path(tempfile.mkdtemp())
+        if e not in ENGINE_KEYS:
+            sys.exit(f"unknown engine {e!r} (expected some of {','.join(ENGINE_KEYS)})")
+    runs = a.runs.split(",")
+    for m in runs:
+        if m not in RUNS:
+            sys.exit(f"unknown run {m!r} (expected some of {','.join(RUNS)})")
+    runs = [m for m in RUNS if m in runs]   # stream first: as before, the order runs are made in
+    lengths = [int(n) for n in a.prompt_lengths.split(",")] if "prompt" in runs else []
+    if any(e.startswith("ours") for e in engines) and not os.access(a.binary, os.X_OK):
+        sys.exit(f"error: {a.binary} not found; cargo build --release -p ferroformers-cli")
+    a.gguf = str(Path(a.gguf) if a.gguf else find_gguf(a.model))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_generation."))
     files = {"single": tmp / "single.jsonl", "batch": tmp / "batch.jsonl"}
     files["single"].write_text(json.dumps(PROMPT) + "\n")
     files["batch"].write_text("".join(json.dumps(p) + "\n" for p in BATCH_PROMPTS))
     t = str(a.threads)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=t,
                MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false")
-    modes = ["stream", "single", "batch"]
-    res = {}  # (engine, mode) -> list of per-rep dicts
-    problems = []
+    for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE"):
+        env.pop(v, None)
+    prompts = {}
+    if lengths:
+        p, _ = timed([sys.executable, __file__, "--child", "tokenize", "--gguf", a.gguf,
+                      "--prompt-lengths", ",".join(map(str, lengths))], env)
+        tokenized = json.loads(p.stdout.strip().splitlines()[-1])
+        for n in lengths:
+            prompts[n] = tokenized["prompts"][str(n)]
+            files[f"prompt{n}"] = tmp / f"prompt{n}.jsonl"
+            files[f"prompt{n}"].write_text(json.dumps(prompts[n]["text"]) + "\n")
+            files[f"prompt{n}-ids"] = tmp / f"prompt{n}.ids.json"
+            files[f"prompt{n}-ids"].write_text(json.dumps(prompts[n]["ids"]))
+        print(f"prompt run: {len(lengths)} prompts of {','.join(map(str, lengths))} tokens "
+              f"(round trip checked with transformers"
+              f"{' and llama.cpp' if tokenized['llama_checked'] else ''})", file=sys.stderr)
+    sfiles = {k: str(v) for k, v in files.items()}
+
+    def run(e, mode, n=None):
+        if e.startswith("ours"):
+            return run_ours(a, e, mode, sfiles, env, prompt_len=n)
+        return run_python(a, e, mode, env, files=sfiles, prompt_len=n)
+
+    # (run, prompt length) in the order they are made; results keyed by (engine, run key).
+    steps = [(m, None) for m in runs if m != "prompt"] + [("prompt", n) for n in lengths]
+    key = lambda mode, n: f"prompt{n}" if mode == "prompt" else mode
+    cpu = cpu_model()
     load0 = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
+    # Warm-up: every engine once (or --warmup times) on the cheapest selected step, unrecorded.
+    warm = (("prompt", min(lengths)) if lengths
+            else ("stream", None) if "stream" in runs else steps[0])
+    for w in range(a.warmup):
+        for e in engines:
+            run(e, *warm)
+            print(f"warm-up {w} {e:9} {key(*warm)}", file=sys.stderr)
+    res = {}  # (engine, run key) -> list of per-rep dicts
+    problems = []
     for rep in range(a.reps):
         order = engines if rep % 2 == 0 else list(reversed(engines))
-        for mode in modes:
+        for mode, n in steps:
             for e in order:
-                r = (run_ours(a, e, mode, {k: str(v) for k, v in files.items()}, env)
-                     if e.startswith("ours") else run_python(a, e, mode, env))
-                res.setdefault((e, mode), []).append(r)
-                msg = f"rep {rep} {e:9} {mode:6}:"
-                if "gen_s" in r and mode != "stream":
+                r = run(e, mode, n)
+                res.setdefault((e, key(mode, n)), []).append(r)
+                msg = f"rep {rep} {e:9} {key(mode, n):9}:"
+                if mode == "prompt":
+                    msg += f" {n / r['gen_s']:7.1f} prompt tok/s, load {r['load_s']:.2f} s,"
+                elif "gen_s" in r and mode != "stream":
                     msg += f" {r['new_tokens'] / r['gen_s']:6.1f} tok/s, load {r['load_s']:.2f} s,"
                 if "start_first_s" in r:
                     msg += f" start->1st token {r['start_first_s']:.2f} s,"
                 print(f"{msg} RSS {r['rss_mb']:.0f} MB", file=sys.stderr)
     load1 = os.getloadavg()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     # sanity: token counts and the single-stream texts
-    for (e, mode), rs in res.items():
-        want = a.new_tokens * (len(BATCH_PROMPTS) if mode == "batch" else 1)
+    for (e, k), rs in res.items():
+        if k == "stream":
+            continue
+        if k.startswith("prompt"):
+            n = int(k[len("prompt"):])
+            for r in rs:
+                if r["new_tokens"] != 1:
+                    problems.append(f"{e} {k}: {r['new_tokens']} new tokens, expected 1")
+                if r.get("prompt_tokens") != [n]:
+                    problems.append(f"{e} {k}: prompt tokens {r.get('prompt_tokens')}, "
+                                    f"expected [{n}]")
+            continue
+        want = a.new_tokens * (len(BATCH_PROMPTS) if k == "batch" else 1)
         for r in rs:
-            if mode != "stream" and r["new_tokens"] != want:
-                problems.append(f"{e} {mode}: {r['new_tokens']} new tokens, expected {want}")
-    print("\nsingle-stream texts (first repetition):", file=sys.stderr)
-    for e in engines:
-        print(f"  {e:9} {res[(e, 'single')][0]['texts'][0][:100]!r}", file=sys.stderr)
+            if r["new_tokens"] != want:
+                problems.append(f"{e} {k}: {r['new_tokens']} new tokens, expected {want}")
+    if "single" in runs:
+        print("\nsingle-stream texts (first repetition):", file=sys.stderr)
+        for e in engines:
+            print(f"  {e:9} {res[(e, 'single')][0]['texts'][0][:100]!r}", file=sys.stderr)
+    if lengths:
+        print("prompt run, the one new token (first repetition):", file=sys.stderr)
+        for n in lengths:
+            got = "  ".join(f"{e} {res[(e, f'prompt{n}')][0]['texts'][0]!r}" for e in engines)
+            print(f"  {n:4} tokens: {got}", file=sys.stderr)
     for p in sorted(set(problems)):
         print(f"WARNING: {p}", file=sys.stderr)
 
-    def med(e, mode, key):
-        vals = [r[key] for r in res[(e, mode)] if r.get(key) is not None]
+    def med(e, k, key):
+        vals = [r[key] for r in res[(e, k)] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    def tps(e, mode):
-        return statistics.median(r["new_tokens"] / r["gen_s"] for r in res[(e, mode)])
+    def tps(e, k):
+        """Median tokens/s: new tokens, or prompt tokens for a prompt run."""
+        if k.startswith("prompt"):
+            n = int(k[len("prompt"):])
+            return statistics.median(n / r["gen_s"] for r in res[(e, k)])
+        return statistics.median(r["new_tokens"] / r["gen_s"] for r in res[(e, k)])
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    print(f"\ntext-generation, SmolLM2-135M-Instruct {GGUF_NAME}, {a.new_tokens} new tokens per "
-          f"prompt (greedy), {a.threads} threads, median of {a.reps}; "
-          f"{started:%Y-%m-%d %H:%M} UTC; load average before {load0[0]:.2f}, "
-          f"after {load1[0]:.2f}; "
+    def ratios(e, k):
+        """' | 1.23x | 0.98x' against torch and llama.cpp (or '-' when not run)."""
+        v, out = tps(e, k), ""
+        for b in ("torch", "llama.cpp"):
+            base = tps(b, k) if b in engines else None
+            out += f" | {fmt(base and v / base, '.2f')}{'x' if base else ''}"
+        return out
+
+    print(f"\ntext-generation, {model['name']} {model['gguf']} ({model['quant']}), "
+          f"{a.threads} threads, median of {a.reps}; {started:%Y-%m-%d %H:%M} UTC; CPU {cpu} "
+          f"({os.cpu_count()} logical CPUs); load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.2f}' for x in load0)}, after {'/'.join(f'{x:.2f}' for x in load1)}; "
           f"{versions()}")
-    print("| engine | run | new tokens | tokens/s | vs torch | vs llama.cpp | load (s) "
-          "| load -> 1st token (s) | start -> 1st token (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for mode in ["single", "batch"]:
-        base_t = tps("torch", mode) if "torch" in engines else None
-        base_l = tps("llama.cpp", mode) if "llama.cpp" in engines else None
+    gen_modes = [m for m in ("single", "batch") if m in runs]
+    if gen_modes or "stream" in runs:
+        print(f"\n{a.new_tokens} new tokens per prompt (greedy)")
+        print("| engine | run | new tokens | tokens/s | vs torch | vs llama.cpp | load (s) "
+              "| load -> 1st token (s) | start -> 1st token (s) | peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode in gen_modes:
         for e in engines:
-            v = tps(e, mode)
-            run = ("1 stream" if mode == "single"
-                   else "8 sequential" if e == "llama.cpp" else "batch 8")
-            stream = mode == "single"
-            print(f"| {ENGINES[e]} | {run} | {round(med(e, mode, 'new_tokens'))} | {v:.1f} "
-                  f"| {fmt(base_t and v / base_t, '.2f')}{'x' if base_t else ''} "
-                  f"| {fmt(base_l and v / base_l, '.2f')}{'x' if base_l else ''} "
+            run_name = ("1 stream" if mode == "single"
+                        else "8 sequential" if e == "llama.cpp" else "batch 8")
+            stream = mode == "single" and "stream" in runs
+            print(f"| {labels[e]} | {run_name} | {round(med(e, mode, 'new_tokens'))} "
+                  f"| {tps(e, mode):.1f}{ratios(e, mode)} "
                   f"| {med(e, mode, 'load_s'):.2f} "
                   f"| {fmt(med(e, 'stream', 'first_after_load_s') if stream else None, '.3f')} "
                   f"| {fmt(med(e, 'stream', 'start_first_s') if stream else None, '.2f')} "
                   f"| {med(e, mode, 'rss_mb'):.0f} |")
+    if "stream" in runs and "single" not in runs:   # else the 1-stream row holds these
+        for e in engines:
+            print(f"| {labels[e]} | stream | - | - | - | - | - "
+                  f"| {fmt(med(e, 'stream', 'first_after_load_s'), '.3f')} "
+                  f"| {fmt(med(e, 'stream', 'start_first_s'), '.2f')} "
+                  f"| {med(e, 'stream', 'rss_mb'):.0f} |")
+    if lengths:
+        print("\nprompt processing: 1 new token after a prompt of N tokens (the same ids for "
+              "every engine)")
+        print("| engine | prompt tokens | prompt tokens/s | vs torch | vs llama.cpp "
+              "| seconds | load (s) | peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n in lengths:
+            k = f"prompt{n}"
+            for e in engines:
+                print(f"| {labels[e]} | {n} | {tps(e, k):.1f}{ratios(e, k)} "
+                      f"| {med(e, k, 'gen_s'):.3f} | {med(e, k, 'load_s'):.2f} "
+                      f"| {med(e, k, 'rss_mb'):.0f} |")
     if a.json:
-        a.json.write_text(json.dumps({f"{e}/{m}": v for (e, m), v in res.items()}, indent=1))
+        a.json.write_text(json.dumps({"model": a.model, "cpu": cpu, "load_before": load0,
+                                      "load_after": load1,
+                                      "results": {f"{e}/{m}": v for (e, m), v in res.items()}},
+                                     indent=1))
 
 
 if __name__ == "__main__":
