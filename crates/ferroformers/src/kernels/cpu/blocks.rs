@@ -553,6 +553,28 @@ pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> 
     None
 }
 
+/// The exact (f32 activations) dot straight from a row's raw blocks for the 32-value types on
+/// AVX2; `None` elsewhere (unpack and use [`dot_exact`]).
+pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && f16c() {
+        use GgmlDType as D;
+        // SAFETY: the CPU has AVX2, FMA and F16C; row holds whole blocks matching x.
+        unsafe {
+            return match dtype {
+                D::Q8_0 => Some(avx2::dot_blocks_f32::<0>(row, x)),
+                D::Q4_0 => Some(avx2::dot_blocks_f32::<1>(row, x)),
+                D::Q4_1 => Some(avx2::dot_blocks_f32::<2>(row, x)),
+                D::Q5_0 => Some(avx2::dot_blocks_f32::<3>(row, x)),
+                D::Q5_1 => Some(avx2::dot_blocks_f32::<4>(row, x)),
+                _ => None,
+            };
+        }
+    }
+    let _ = (dtype, row, x);
+    None
+}
+
 fn f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -674,6 +696,67 @@ mod avx2 {
         let b = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16::<4>(b), b);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+
+    /// A raw 32-value block's values as 32 bytes (signed; Q4_1/Q5_1 unsigned, their minimum
+    /// apart). `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
+    #[inline(always)]
+    unsafe fn block_values<const T: u8>(blk: *const u8) -> __m256i {
+        match T {
+            0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+            1 => _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8)),
+            2 => nibbles(blk.add(4)),
+            3 => {
+                // q = nibble | 0xF0 where the high bit is clear: nibble - 16 as i8.
+                let hi = _mm256_andnot_si256(bytes_from_bits(blk.add(2)), _mm256_set1_epi8(-16));
+                _mm256_or_si256(nibbles(blk.add(6)), hi)
+            }
+            _ => {
+                let hi = _mm256_and_si256(bytes_from_bits(blk.add(4)), _mm256_set1_epi8(16));
+                _mm256_or_si256(nibbles(blk.add(8)), hi)
+            }
+        }
+    }
+
+    /// Exact dots over raw 32-value blocks: `d * sum(q * x)` per block in f32 (+ `m * sum(x)`
+    /// for Q4_1/Q5_1).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_blocks_f32<const T: u8>(row: &[u8], x: &[f32]) -> f32 {
+        let bytes = [34usize, 18, 20, 22, 24][T as usize];
+        let nb = row.len() / bytes;
+        assert!(x.len() >= nb * 32);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..nb {
+            let blk = rp.add(b * bytes);
+            if b % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            }
+            let q = block_values::<T>(blk);
+            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let wide = |v: __m128i| -> __m256 {
+                if T == 2 || T == 4 {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+                } else {
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+                }
+            };
+            let xb = xp.add(32 * b);
+            let x0 = _mm256_loadu_ps(xb);
+            let x1 = _mm256_loadu_ps(xb.add(8));
+            let x2 = _mm256_loadu_ps(xb.add(16));
+            let x3 = _mm256_loadu_ps(xb.add(24));
+            let mut t = _mm256_mul_ps(wide(lo), x0);
+            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(lo)), x1, t);
+            t = _mm256_fmadd_ps(wide(hi), x2, t);
+            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(hi)), x3, t);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk)), t, acc);
+            if T == 2 || T == 4 {
+                let xs = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+                accm = _mm256_fmadd_ps(_mm256_set1_ps(half(blk.add(2))), xs, accm);
+            }
+        }
+        hsum(_mm256_add_ps(acc, accm))
     }
 
     /// Integer dots over raw 32-value blocks. `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
@@ -924,6 +1007,19 @@ mod tests {
             for r in 0..n {
                 u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
                 let got = dot_exact(&u, &x, &xs);
+                if let Some(direct) =
+                    dot_exact_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], &x)
+                {
+                    let want: f64 = dense[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    assert!(
+                        (direct as f64 - want).abs() < 1e-4,
+                        "{dt:?} raw: {direct} vs {want}"
+                    );
+                }
                 let want: f64 = dense[r * k..(r + 1) * k]
                     .iter()
                     .zip(&x)

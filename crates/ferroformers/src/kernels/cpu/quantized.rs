@@ -273,6 +273,21 @@ impl QuantLinear {
                             continue;
                         }
                     }
+                    if xq.is_none() {
+                        let x0 = &x[..k];
+                        if let Some(v) = blocks::dot_exact_blocks(self.dtype, row, x0) {
+                            // SAFETY: as above.
+                            unsafe { *o.0.add(r) = v };
+                            for i in 1..m {
+                                let xi = &x[i * k..(i + 1) * k];
+                                let v = blocks::dot_exact_blocks(self.dtype, row, xi)
+                                    .unwrap_or_default();
+                                // SAFETY: as above.
+                                unsafe { *o.0.add(i * n + r) = v };
+                            }
+                            continue;
+                        }
+                    }
                     s.unpacked.unpack(self.dtype, row, k);
                     for i in 0..m {
                         let v = match &xq {
