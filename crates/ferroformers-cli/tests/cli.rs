@@ -189,6 +189,15 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         ],
         vec!["run", "fill-mask", "--model", &m],
         vec!["frobnicate"],
+        vec![
+            "run",
+            "fill-mask",
+            "--model",
+            &m,
+            "--gguf-math",
+            "int4",
+            "a [MASK]",
+        ],
     ] {
         let o = ff(&args);
         assert!(!o.status.success(), "{args:?} should fail");
@@ -196,6 +205,9 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        if args.contains(&"--gguf-math") {
+            assert!(err.contains("--gguf-math `int4`"), "{err}");
+        }
     }
 }
 
