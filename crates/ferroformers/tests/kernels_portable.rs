@@ -41,6 +41,7 @@ fn forced_portable_path_matches_reference() {
             .unwrap();
         let (sb, _) = block_shape(dt).unwrap();
         // No raw-block kernel without AVX2: the unpacked portable dot runs.
+        assert!(!blocks::raw_kernels(dt, true) && !blocks::raw_kernels(dt, false));
         assert!(
             blocks::dot_int_blocks(dt, &[], QuantizedRows::quantize(&x, k, sb).row(0)).is_none()
         );

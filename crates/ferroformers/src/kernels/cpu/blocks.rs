@@ -553,6 +553,19 @@ pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> 
     None
 }
 
+/// Whether [`dot_int_blocks`] (`int8`) or [`dot_exact_blocks`] has a raw-block kernel for
+/// `dtype` on this CPU.
+pub fn raw_kernels(dtype: GgmlDType, int8: bool) -> bool {
+    use GgmlDType as D;
+    avx2()
+        && f16c()
+        && match dtype {
+            D::Q8_0 | D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1 => true,
+            D::Q4K | D::Q6K => int8,
+            _ => false,
+        }
+}
+
 /// The exact (f32 activations) dot straight from a row's raw blocks for the 32-value types on
 /// AVX2; `None` elsewhere (unpack and use [`dot_exact`]).
 pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
@@ -1055,9 +1068,10 @@ mod tests {
                         .zip(&xd)
                         .map(|(a, b)| *a as f64 * b)
                         .sum();
-                    if let Some(direct) =
-                        dot_int_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], row)
-                    {
+                    let direct =
+                        dot_int_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], row);
+                    assert_eq!(direct.is_some(), raw_kernels(dt, true), "{dt:?}");
+                    if let Some(direct) = direct {
                         let want = dot_int(&u, row);
                         assert!(
                             (direct - want).abs() <= 1e-5 * (1.0 + want.abs()),

@@ -217,8 +217,11 @@ impl QuantLinear {
         } else {
             None
         };
+        // AVX2 kernels that read the raw blocks; other types unpack each row first.
+        let raw = blocky && !tiled && !fused512 && blocks::raw_kernels(self.dtype, int8);
+        let unpacked = blocky && !tiled && !fused512 && !raw;
         let mut xsum = Vec::new();
-        if blocky && !int8 && !tiled && !fused512 {
+        if unpacked && !int8 {
             for i in 0..m {
                 let mut s = Vec::new();
                 blocks::group_sums(&x[i * k..(i + 1) * k], &mut s);
@@ -247,63 +250,35 @@ impl QuantLinear {
                 }
                 for r in r0..r1 {
                     let row = self.row(r);
-                    if fused512 {
-                        for i in 0..m {
-                            let v = dot_blocks(self.dtype, row, &x[i * k..(i + 1) * k]);
-                            // SAFETY: (i, r) is written by this task only; i < m, r < n.
-                            unsafe { *o.0.add(i * n + r) = v };
-                        }
-                        continue;
-                    }
-                    if !blocky {
+                    if unpacked {
+                        s.unpacked.unpack(self.dtype, row, k);
+                    } else if !blocky {
                         s.tile.resize(k, 0.0);
                         expand_row(self.dtype, row, &mut s.tile);
-                        for i in 0..m {
-                            let v = dot(&s.tile, &x[i * k..(i + 1) * k]);
-                            // SAFETY: as above.
-                            unsafe { *o.0.add(i * n + r) = v };
-                        }
-                        continue;
                     }
-                    if let Some(&x0) = xrows.first() {
-                        if let Some(v) = blocks::dot_int_blocks(self.dtype, row, x0) {
-                            // SAFETY: as above.
-                            unsafe { *o.0.add(r) = v };
-                            for (i, &xi) in xrows.iter().enumerate().skip(1) {
-                                let v =
-                                    blocks::dot_int_blocks(self.dtype, row, xi).unwrap_or_default();
-                                // SAFETY: as above.
-                                unsafe { *o.0.add(i * n + r) = v };
-                            }
-                            continue;
-                        }
-                    }
-                    if xq.is_none() {
-                        let x0 = &x[..k];
-                        if let Some(v) = blocks::dot_exact_blocks(self.dtype, row, x0) {
-                            // SAFETY: as above.
-                            unsafe { *o.0.add(r) = v };
-                            for i in 1..m {
-                                let xi = &x[i * k..(i + 1) * k];
-                                let v = blocks::dot_exact_blocks(self.dtype, row, xi)
-                                    .unwrap_or_default();
-                                // SAFETY: as above.
-                                unsafe { *o.0.add(i * n + r) = v };
-                            }
-                            continue;
-                        }
-                    }
-                    s.unpacked.unpack(self.dtype, row, k);
                     for i in 0..m {
-                        let v = match xrows.get(i) {
-                            Some(&xi) => blocks::dot_int(&s.unpacked, xi),
-                            None => blocks::dot_exact(
-                                &s.unpacked,
-                                &x[i * k..(i + 1) * k],
-                                &xsum[i * groups..(i + 1) * groups],
-                            ),
+                        let xi = &x[i * k..(i + 1) * k];
+                        let v = if fused512 {
+                            dot_blocks(self.dtype, row, xi)
+                        } else if !blocky {
+                            dot(&s.tile, xi)
+                        } else if raw {
+                            match xrows.get(i) {
+                                Some(&q) => blocks::dot_int_blocks(self.dtype, row, q),
+                                None => blocks::dot_exact_blocks(self.dtype, row, xi),
+                            }
+                            .unwrap_or_default()
+                        } else {
+                            match xrows.get(i) {
+                                Some(&q) => blocks::dot_int(&s.unpacked, q),
+                                None => blocks::dot_exact(
+                                    &s.unpacked,
+                                    xi,
+                                    &xsum[i * groups..(i + 1) * groups],
+                                ),
+                            }
                         };
-                        // SAFETY: as above.
+                        // SAFETY: (i, r) is written by this task only; i < m, r < n.
                         unsafe { *o.0.add(i * n + r) = v };
                     }
                 }
