@@ -361,3 +361,42 @@ fn smollm2_gguf_generates() {
     assert_eq!(msgs[1]["role"], "assistant");
     assert_eq!(msgs[1]["content"], "The capital of France is Paris.");
 }
+
+/// The same SmolLM2 GGUF in int8 mode (the default: activations rounded to 8 bits per block,
+/// integer products): greedy text equal to llama.cpp's on the same file and prompt ids
+/// (llama-cpp-python 0.3.36, `temperature=0`; it rounds activations the same way). Where the
+/// two modes part, this also shows the int8 path is the one running.
+#[test]
+fn smollm2_gguf_int8_follows_llama_cpp() {
+    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+        || ferroformers::hub::resolve(ID, None).is_err()
+    {
+        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+        return;
+    }
+    let pipe = ferroformers::pipeline_with(
+        "text-generation",
+        PipelineOptions {
+            model: Some(ID.into()),
+            gguf_math: Some(QuantMath::Int8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut params = Params::new();
+    params.insert("max_new_tokens".into(), 20.into());
+    params.insert("do_sample".into(), false.into());
+    params.insert("return_full_text".into(), false.into());
+    let out = pipe
+        .run(&[Input::Text("The capital of France is".into())], &params)
+        .unwrap();
+    let text = serde_json::to_value(&out[0]).unwrap()[0]["generated_text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        text,
+        " Paris.\n\nThe United States has a population of approximately 311 million people.\n"
+    );
+}

@@ -426,6 +426,16 @@ impl QuantizedRows {
         r
     }
 
+    /// The rounded rows back as f32 (`d * q` per block): 8-bit activations for products that
+    /// run in f32 (`gemm` tiles for prompts).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.d[i / self.block] * q as f32)
+            .collect()
+    }
+
     pub fn row(&self, i: usize) -> QRow<'_> {
         let k = self.k;
         QRow {

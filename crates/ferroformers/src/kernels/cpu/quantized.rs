@@ -197,8 +197,18 @@ impl QuantLinear {
         let out_ptr = SendPtr(out.as_mut_ptr());
         let blocky = block_shape(self.dtype).is_some();
         // Int8 dots for decoding rows; prompts and batches take the gemm tiles in both modes (the
-        // row-by-row integer dots ran at a third of gemm's speed on 128-512 token prompts).
+        // row-by-row integer dots ran at a third of gemm's speed on 128-512 token prompts). In
+        // int8 mode the tiles multiply the activations rounded to 8 bits, so prompts see the
+        // same rounding as decoding (and as llama.cpp's prompt processing).
         let int8 = blocky && self.math == QuantMath::Int8 && m <= FEW_ROWS;
+        let rounded;
+        let x = if blocky && self.math == QuantMath::Int8 && m > FEW_ROWS {
+            let (sb, _) = block_shape(self.dtype).unwrap_or((32, 0));
+            rounded = blocks::QuantizedRows::quantize(x, k, sb).dequantize();
+            &rounded[..]
+        } else {
+            x
+        };
         // Few activation rows (decoding): each weight row is unpacked once and dotted with
         // every activation row. More rows (prompts, batches): a tile of weight rows is
         // dequantized once and multiplied by all activation rows with `gemm`.
@@ -630,7 +640,7 @@ mod tests {
     /// Int8 mode: every row's product equals the integer dot of the unpacked row with the
     /// activations rounded to 8 bits (llama.cpp's arithmetic), for one row and for 4 rows
     /// (decoding, beams), and stays within the rounding's reach of the exact product; more
-    /// rows (prompts) take the exact gemm tiles.
+    /// rows (prompts) take the gemm tiles over the rounded activations.
     #[test]
     fn int8_mode_rounds_activations_like_llama_cpp() {
         let dev = Device::Cpu;
@@ -650,10 +660,12 @@ mod tests {
             let xq = blocks::QuantizedRows::quantize(&x, k, sb);
             let batch = int8.matmul(&x[..4 * k], 4);
             let want_exact = exact.matmul(&x, m);
+            // Prompts: the gemm tiles, over the activations rounded to 8 bits.
+            let rounded = blocks::QuantizedRows::quantize(&x, k, sb).dequantize();
             assert_eq!(
                 int8.matmul(&x, m),
-                want_exact,
-                "{dt:?}: prompts take the gemm tiles"
+                exact.matmul(&rounded, m),
+                "{dt:?}: prompts"
             );
             let mut u = Unpacked::default();
             for i in 0..m {
