@@ -315,25 +315,30 @@ fn bad_requests_are_typed_errors() {
 /// gguf_file=..)`, which dequantizes to f32; prompt ids without BOS, as the file's
 /// `add_bos_token=false` says), for plain text and for a chat message through the embedded
 /// template. Skipped when the file is not in the HF cache or FERROFORMERS_SKIP_REAL_MODELS=1.
-#[test]
-fn smollm2_gguf_generates() {
+/// The real SmolLM2 GGUF pipeline computing with `math`; `None` (test skipped) when the file is
+/// not in the HF cache or FERROFORMERS_SKIP_REAL_MODELS=1.
+fn smollm2(math: QuantMath) -> Option<ferroformers::Pipeline> {
     const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
     if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
         || ferroformers::hub::resolve(ID, None).is_err()
     {
         eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
-        return;
+        return None;
     }
-    let pipe = ferroformers::pipeline_with(
-        "text-generation",
-        PipelineOptions {
-            model: Some(ID.into()),
-            // transformers' numbers: f32 activations.
-            gguf_math: Some(QuantMath::Exact),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let opts = PipelineOptions {
+        model: Some(ID.into()),
+        gguf_math: Some(math),
+        ..Default::default()
+    };
+    Some(ferroformers::pipeline_with("text-generation", opts).unwrap())
+}
+
+#[test]
+fn smollm2_gguf_generates() {
+    // transformers' numbers: f32 activations.
+    let Some(pipe) = smollm2(QuantMath::Exact) else {
+        return;
+    };
     let mut params = Params::new();
     params.insert("max_new_tokens".into(), 20.into());
     params.insert("do_sample".into(), false.into());
@@ -368,22 +373,9 @@ fn smollm2_gguf_generates() {
 /// two modes part, this also shows the int8 path is the one running.
 #[test]
 fn smollm2_gguf_int8_follows_llama_cpp() {
-    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
-    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
-        || ferroformers::hub::resolve(ID, None).is_err()
-    {
-        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+    let Some(pipe) = smollm2(QuantMath::Int8) else {
         return;
-    }
-    let pipe = ferroformers::pipeline_with(
-        "text-generation",
-        PipelineOptions {
-            model: Some(ID.into()),
-            gguf_math: Some(QuantMath::Int8),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    };
     let mut params = Params::new();
     params.insert("max_new_tokens".into(), 20.into());
     params.insert("do_sample".into(), false.into());

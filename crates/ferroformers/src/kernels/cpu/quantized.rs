@@ -605,17 +605,22 @@ mod tests {
             .expect("comparable f32 tensors")
     }
 
+    /// A `[n, k]` weight tensor and `m` activation rows of deterministic test values.
+    fn weights_and_inputs(n: usize, k: usize, m: usize) -> (Tensor, Vec<f32>) {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
+            .collect();
+        let x = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
+            .collect();
+        (Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), x)
+    }
+
     #[test]
     fn matches_candle_dequantize_then_matmul() {
         let dev = Device::Cpu;
         let (n, k, m) = (40usize, 256usize, 3usize);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
-            .collect();
-        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
-            .collect();
+        let (w, x) = weights_and_inputs(n, k, m);
         let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
         for dt in ALL {
             let q = QTensor::quantize(&w, dt).unwrap();
@@ -643,15 +648,8 @@ mod tests {
     /// rows (prompts) take the gemm tiles over the rounded activations.
     #[test]
     fn int8_mode_rounds_activations_like_llama_cpp() {
-        let dev = Device::Cpu;
         let (n, k, m) = (37usize, 512usize, 6usize);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
-            .collect();
-        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
-            .collect();
+        let (w, x) = weights_and_inputs(n, k, m);
         for dt in ALL.into_iter().filter(|d| block_shape(*d).is_some()) {
             let q = QTensor::quantize(&w, dt).unwrap();
             let exact = QuantLinear::new(&q).unwrap().unwrap();
