@@ -629,7 +629,7 @@ pub fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{combine, QRow, Unpacked, GROUP};
+    use super::{combine, QRow, Unpacked};
     use std::arch::x86_64::*;
 
     /// 32 weights times 32 activations: `maddubs` takes unsigned times signed bytes, so the
@@ -666,10 +666,7 @@ mod avx2 {
             let mut isum = _mm256_setzero_si256();
             for c in 0..8 {
                 let g = s * 16 + 2 * c;
-                let sv = _mm256_set_m128i(
-                    _mm_set1_epi16(u.sc[g + 1] as i16),
-                    _mm_set1_epi16(u.sc[g] as i16),
-                );
+                let sv = scale_pair(u.sc[g] as i16, u.sc[g + 1] as i16);
                 let off = (s * 8 + c) * 32;
                 let p = _mm256_madd_epi16(pairs(qp.add(off), xp.add(off)), sv);
                 isum = _mm256_add_epi32(isum, p);
@@ -682,7 +679,6 @@ mod avx2 {
             }
             total += combine(u, x, s, hsum_i32(isum), imin);
         }
-        let _ = GROUP;
         total
     }
 
