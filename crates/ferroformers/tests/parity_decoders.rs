@@ -333,6 +333,15 @@ fn smollm2(math: QuantMath) -> Option<ferroformers::Pipeline> {
     Some(ferroformers::pipeline_with("text-generation", opts).unwrap())
 }
 
+/// The one generated text for `prompt`.
+fn greedy_text(pipe: &ferroformers::Pipeline, prompt: &str, params: &Params) -> String {
+    let out = pipe.run(&[Input::Text(prompt.into())], params).unwrap();
+    serde_json::to_value(&out[0]).unwrap()[0]["generated_text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn smollm2_gguf_generates() {
     // transformers' numbers: f32 activations.
@@ -342,13 +351,7 @@ fn smollm2_gguf_generates() {
     let mut params = Params::new();
     params.insert("max_new_tokens".into(), 20.into());
     params.insert("do_sample".into(), false.into());
-    let out = pipe
-        .run(&[Input::Text("The capital of France is".into())], &params)
-        .unwrap();
-    let text = serde_json::to_value(&out[0]).unwrap()[0]["generated_text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = greedy_text(&pipe, "The capital of France is", &params);
     assert_eq!(
         text, "The capital of France is Paris.\n\nThe answer is: 2018-01-22 ",
         "transformers: ids 7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, .."
@@ -380,13 +383,7 @@ fn smollm2_gguf_int8_follows_llama_cpp() {
     params.insert("max_new_tokens".into(), 20.into());
     params.insert("do_sample".into(), false.into());
     params.insert("return_full_text".into(), false.into());
-    let out = pipe
-        .run(&[Input::Text("The capital of France is".into())], &params)
-        .unwrap();
-    let text = serde_json::to_value(&out[0]).unwrap()[0]["generated_text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = greedy_text(&pipe, "The capital of France is", &params);
     assert_eq!(
         text,
         " Paris.\n\nThe United States has a population of approximately 311 million people.\n"

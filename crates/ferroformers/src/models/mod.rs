@@ -127,13 +127,5 @@ pub fn load_encoder(
     Ok(model)
 }
 
-/// Largest absolute difference between two tensors of the same shape (unit tests).
 #[cfg(test)]
-pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("comparable f32 tensors")
-}
+pub(crate) use crate::kernels::cpu::max_abs_diff;

@@ -25,3 +25,15 @@ pub mod quantized;
 pub mod rowops;
 pub(crate) mod simd;
 pub mod threads;
+
+/// Largest absolute difference between two tensors of the same shape (unit tests, here and in
+/// `models`).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("comparable f32 tensors")
+}

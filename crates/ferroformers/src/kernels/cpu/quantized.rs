@@ -578,6 +578,7 @@ dispatch!(fn expand_row(dtype: GgmlDType, row: &[u8], out: &mut [f32]); via expa
 
 #[cfg(test)]
 mod tests {
+    use super::super::max_abs_diff;
     use super::*;
     use candle_core::Device;
 
@@ -595,15 +596,6 @@ mod tests {
         GgmlDType::F16,
         GgmlDType::F32,
     ];
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("comparable f32 tensors")
-    }
 
     /// A `[n, k]` weight tensor and `m` activation rows of deterministic test values.
     fn weights_and_inputs(n: usize, k: usize, m: usize) -> (Tensor, Vec<f32>) {
