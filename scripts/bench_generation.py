@@ -17,8 +17,10 @@ Engines (each run is its own child process, so peak RSS is per engine and per ru
              f32 activations), with FERROFORMERS_GGUF_MATH=exact set explicitly
   ours-int8  the same with FERROFORMERS_GGUF_MATH=int8 (activations rounded to 8 bits, as
              llama.cpp's kernels do; a binary that doesn't know the variable runs as `ours`)
+  ours-int8-avx2  ours-int8 with FERROFORMERS_NO_VNNI=1: the AVX2 integer kernels even where
+             the CPU has AVX-512 VNNI (what the VNNI kernels gain, on one machine)
   ours-f32   the CLI with FERROFORMERS_GGUF_DEQUANTIZE=1 (every matrix dequantized to f32 at load)
-  (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE from the caller's environment are
+  (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE / FERROFORMERS_NO_VNNI from the caller's environment are
   dropped; each ours-* engine sets its own.)
   torch      transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (dequantizes to
              f32), greedy model.generate, torch.set_num_threads(T)
@@ -111,11 +113,12 @@ BATCH_PROMPTS = [
     "A good night's sleep helps",
     "The ocean is home to",
 ]
-ENGINE_KEYS = ["ours", "ours-int8", "ours-f32", "torch", "llama.cpp"]
+ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-avx2", "ours-f32", "torch", "llama.cpp"]
 # What each ours-* engine sets; these variables are dropped from the caller's environment first.
 OURS_ENV = {
     "ours": {"FERROFORMERS_GGUF_MATH": "exact"},
     "ours-int8": {"FERROFORMERS_GGUF_MATH": "int8"},
+    "ours-int8-avx2": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_VNNI": "1"},
     "ours-f32": {"FERROFORMERS_GGUF_DEQUANTIZE": "1"},
 }
 MARKER = "__FIRST_TOKEN__"
@@ -125,6 +128,7 @@ def engine_labels(quant):
     return {
         "ours": f"ferroformers ({quant} blocks, exact)",
         "ours-int8": f"ferroformers ({quant} blocks, int8 activations)",
+        "ours-int8-avx2": f"ferroformers ({quant} blocks, int8, AVX2 kernels only)",
         "ours-f32": "ferroformers (f32)",
         "torch": "transformers (torch, f32)",
         "llama.cpp": f"llama.cpp ({quant})",
@@ -450,7 +454,7 @@ def main():
     t = str(a.threads)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=t,
                MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false")
-    for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE"):
+    for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE", "FERROFORMERS_NO_VNNI"):
         env.pop(v, None)
     prompts = {}
     if lengths:

@@ -371,9 +371,13 @@ fn smollm2_gguf_generates() {
 }
 
 /// The same SmolLM2 GGUF in int8 mode (the default: activations rounded to 8 bits per block,
-/// integer products): greedy text equal to llama.cpp's on the same file and prompt ids
-/// (llama-cpp-python 0.3.36, `temperature=0`; it rounds activations the same way). Where the
-/// two modes part, this also shows the int8 path is the one running.
+/// integer products). On an AMD EPYC (Zen 3, AVX2) the greedy text equals llama.cpp's on the same
+/// file and prompt ids (llama-cpp-python 0.3.36, `temperature=0`): the first text below. After
+/// " Paris.\n\nThe" the next token is a near tie that the f32 summation order of the prompt's
+/// products decides: on an Intel Xeon with AVX-512 (the `gemm` crate's 512-bit kernels) the int8
+/// text continues as transformers' does, the second text (llama.cpp's own kernels also differ
+/// per CPU; its AMX build crashed on that machine, so its text there is unknown). Either is
+/// accepted; anything else fails.
 #[test]
 fn smollm2_gguf_int8_follows_llama_cpp() {
     let Some(pipe) = smollm2(QuantMath::Int8) else {
@@ -384,8 +388,9 @@ fn smollm2_gguf_int8_follows_llama_cpp() {
     params.insert("do_sample".into(), false.into());
     params.insert("return_full_text".into(), false.into());
     let text = greedy_text(&pipe, "The capital of France is", &params);
-    assert_eq!(
-        text,
-        " Paris.\n\nThe United States has a population of approximately 311 million people.\n"
-    );
+    let seen = [
+        " Paris.\n\nThe United States has a population of approximately 311 million people.\n",
+        " Paris.\n\nThe answer is: 2018-01-22 ",
+    ];
+    assert!(seen.contains(&text.as_str()), "{text:?}");
 }

@@ -396,6 +396,9 @@ pub struct QuantizedRows {
     pub s: Vec<f32>,
     /// Sum of q per 16 values (Q8_K's bsums).
     pub gsum: Vec<i32>,
+    /// 32-value blocks: 8 i32 per block, `-sum(q)` then seven zeros, the per-block offset
+    /// terms the VNNI kernels ([`super::vnni`]) start their sums from; empty for Q8_K.
+    pub lanes: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -409,6 +412,11 @@ impl QuantizedRows {
             d: vec![0.0; m * k / sb],
             s: vec![0.0; m * k / sb],
             gsum: vec![0; m * k / GROUP],
+            lanes: if sb == 32 {
+                vec![0; m * k / 4]
+            } else {
+                Vec::new()
+            },
         };
         for (b, xb) in x.chunks_exact(sb).enumerate() {
             let qb = &mut r.q[b * sb..(b + 1) * sb];
@@ -421,6 +429,9 @@ impl QuantizedRows {
             }
             for (g, c) in qb.chunks_exact(GROUP).enumerate() {
                 r.gsum[b * sb / GROUP + g] = c.iter().map(|&v| v as i32).sum();
+            }
+            if sb == 32 {
+                r.lanes[8 * b] = -(r.gsum[2 * b] + r.gsum[2 * b + 1]);
             }
         }
         r
@@ -443,6 +454,11 @@ impl QuantizedRows {
             d: &self.d[i * k / self.block..(i + 1) * k / self.block],
             s: &self.s[i * k / self.block..(i + 1) * k / self.block],
             gsum: &self.gsum[i * k / GROUP..(i + 1) * k / GROUP],
+            lanes: if self.lanes.is_empty() {
+                &[]
+            } else {
+                &self.lanes[i * k / 4..(i + 1) * k / 4]
+            },
         }
     }
 }
@@ -454,6 +470,8 @@ pub struct QRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
     pub gsum: &'a [i32],
+    /// [`QuantizedRows::lanes`] of this row.
+    pub lanes: &'a [i32],
 }
 
 /// ggml's `quantize_row_q8_K`: the largest-magnitude value maps to -127.
@@ -540,8 +558,12 @@ pub fn dot_int(u: &Unpacked, x: QRow<'_>) -> f32 {
 
 /// The integer dot straight from a row's raw blocks, without unpacking, for the 32-value types
 /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), Q4_K and Q6_K on AVX2; `None` elsewhere (unpack and use [`dot_int`]).
-/// The same arithmetic as [`dot_int`] over the unpacked row.
+/// The same arithmetic as [`dot_int`] over the unpacked row. The 32-value types take the
+/// AVX-512 VNNI kernels ([`super::vnni`]) where the CPU has them: the same integer sums.
 pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
+    if let Some(v) = super::vnni::dot_blocks(dtype, row, x) {
+        return Some(v);
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2() && f16c() {
         use GgmlDType as D;

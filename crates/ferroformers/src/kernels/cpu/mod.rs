@@ -5,6 +5,8 @@
 //! - [`linear`]: `x @ W^T` (the streaming few-rows kernel, else the `gemm` crate), and the
 //!   bias + residual products of the encoder stack;
 //! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
+//! - [`vnni`]: AVX-512 VNNI integer dots over raw 32-value GGUF blocks (the int8 mode's
+//!   decoding kernels where the CPU has them; [`blocks::dot_int_blocks`] picks them);
 //! - [`attention`]: softmax attention over whole sequences, one query row over a key/value
 //!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
 //! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
@@ -25,6 +27,7 @@ pub mod quantized;
 pub mod rowops;
 pub(crate) mod simd;
 pub mod threads;
+pub mod vnni;
 
 /// Largest absolute difference between two tensors of the same shape (unit tests, here and in
 /// `models`).

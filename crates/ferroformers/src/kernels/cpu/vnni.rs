@@ -1,0 +1,265 @@
+//! AVX-512 VNNI integer dots over raw 32-value GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+//! times 8-bit activations (Q8_0/Q8_1, [`QuantizedRows`](super::blocks::QuantizedRows)): the
+//! decoding kernels of the int8 mode on CPUs with `avx512vnni` (Intel Ice Lake and later, AMD
+//! Zen 4 and later).
+//!
+//! Two blocks per step, in one 512-bit register. `vpdpbusd` multiplies unsigned by signed
+//! bytes and sums fours into i32 lanes, without the 16-bit saturation of AVX2's `maddubs`, so
+//! the weights are made unsigned by an offset that is a power of two (Q8_0: `q + 128`, Q4_0:
+//! the nibble, `q + 8`; Q5_0: `q + 16`) and the offset times the block's activation sum is
+//! taken off in the integers: the sums start from [`QRow::lanes`] (`-sum(xq)` per block),
+//! shifted by the offset's power. Every block's integer sum is then exactly the one AVX2's
+//! kernels and the portable loop compute; only the f32 summation order of the scaled blocks
+//! differs.
+//!
+//! `FERROFORMERS_NO_VNNI=1` (or `FERROFORMERS_NO_SIMD=1`) turns these kernels off, for tests and
+//! for benchmarking the AVX2 copy on the same machine.
+
+use candle_core::quantized::GgmlDType;
+
+use super::blocks::QRow;
+
+/// Whether the CPU has AVX-512 F/BW/VL with VNNI (and F16C), and neither environment switch
+/// turns the kernels off.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            let off = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+            !off("FERROFORMERS_NO_SIMD")
+                && !off("FERROFORMERS_NO_VNNI")
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `sum(value(l) * xq(l))` for one row of 32-value blocks; `None` for other types, on CPUs
+/// without the features, or when `x` has no [`QRow::lanes`].
+pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if available() && x.lanes.len() >= 8 * x.d.len() {
+        use GgmlDType as D;
+        // SAFETY: the CPU has the features the kernels enable; the kernels assert the lengths.
+        unsafe {
+            return match dtype {
+                D::Q8_0 => Some(x86::dot::<0>(row, x)),
+                D::Q4_0 => Some(x86::dot::<1>(row, x)),
+                D::Q4_1 => Some(x86::dot::<2>(row, x)),
+                D::Q5_0 => Some(x86::dot::<3>(row, x)),
+                D::Q5_1 => Some(x86::dot::<4>(row, x)),
+                _ => None,
+            };
+        }
+    }
+    let _ = (dtype, row, x);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::QRow;
+    use std::arch::x86_64::*;
+
+    /// How far ahead (bytes) the loop prefetches the weights.
+    const PREFETCH: usize = 2048;
+
+    /// Bytes per block of type `T` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1).
+    const BYTES: [usize; 5] = [34, 18, 20, 22, 24];
+
+    /// log2 of the offset that makes type `T`'s values unsigned (0: none, Q4_1/Q5_1 are).
+    const SHIFT: [u32; 5] = [7, 3, 0, 4, 0];
+
+    #[inline(always)]
+    unsafe fn half(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    /// 16 packed-nibble bytes of two blocks (at `a` and `b`) -> 64 bytes: block a's low
+    /// nibbles, its high nibbles, then block b's.
+    #[inline(always)]
+    unsafe fn nibbles2(a: *const u8, b: *const u8) -> __m512i {
+        let y = _mm256_set_m128i(
+            _mm_loadu_si128(b as *const __m128i),
+            _mm_loadu_si128(a as *const __m128i),
+        );
+        let z = _mm512_permutexvar_epi64(
+            _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+            _mm512_castsi256_si512(y),
+        );
+        let z = _mm512_mask_blend_epi64(0b1100_1100, z, _mm512_srli_epi16::<4>(z));
+        _mm512_and_si512(z, _mm512_set1_epi8(0x0F))
+    }
+
+    /// The fifth bits of two Q5 blocks (32 bits each, at `a` and `b`) as a 64-lane mask.
+    #[inline(always)]
+    unsafe fn high_bits2(a: *const u8, b: *const u8) -> __mmask64 {
+        let lo = (a as *const u32).read_unaligned() as u64;
+        let hi = (b as *const u32).read_unaligned() as u64;
+        lo | (hi << 32)
+    }
+
+    /// Two blocks' values made unsigned (value + 2^SHIFT[T]).
+    #[inline(always)]
+    unsafe fn unsigned2<const T: u8>(a: *const u8, b: *const u8) -> __m512i {
+        match T {
+            0 => {
+                let lo = _mm256_loadu_si256(a.add(2) as *const __m256i);
+                let hi = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                _mm512_xor_si512(q, _mm512_set1_epi8(-128))
+            }
+            1 => nibbles2(a.add(2), b.add(2)),
+            2 => nibbles2(a.add(4), b.add(4)),
+            3 => {
+                let n = nibbles2(a.add(6), b.add(6));
+                _mm512_mask_add_epi8(n, high_bits2(a.add(2), b.add(2)), n, _mm512_set1_epi8(16))
+            }
+            _ => {
+                let n = nibbles2(a.add(8), b.add(8));
+                _mm512_mask_add_epi8(n, high_bits2(a.add(4), b.add(4)), n, _mm512_set1_epi8(16))
+            }
+        }
+    }
+
+    /// One block's values made unsigned, in 256 bits (the odd block at the end of a row).
+    #[inline(always)]
+    unsafe fn unsigned1<const T: u8>(a: *const u8) -> __m256i {
+        _mm512_castsi512_si256(unsigned2::<T>(a, a))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot<const T: u8>(row: &[u8], x: QRow<'_>) -> f32 {
+        let bytes = BYTES[T as usize];
+        let nb = x.d.len();
+        assert!(
+            row.len() >= nb * bytes
+                && x.q.len() >= nb * 32
+                && x.s.len() >= nb
+                && x.lanes.len() >= nb * 8
+        );
+        let (rp, xp, lp) = (row.as_ptr(), x.q.as_ptr(), x.lanes.as_ptr());
+        let shift = _mm_cvtsi32_si128(SHIFT[T as usize] as i32);
+        let minimum = T == 2 || T == 4;
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut mins = 0f32;
+        let pairs = nb / 2;
+        for p in 0..pairs {
+            let b = 2 * p;
+            let (a, c) = (rp.add(b * bytes), rp.add((b + 1) * bytes));
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH) as *const i8);
+            let u = unsigned2::<T>(a, c);
+            let xv = _mm512_loadu_si512(xp.add(32 * b) as *const __m512i);
+            // -offset * sum(xq) in lanes 0 and 8 (zero when the values are unsigned already).
+            let init = if minimum {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_sll_epi32(_mm512_loadu_si512(lp.add(8 * b) as *const __m512i), shift)
+            };
+            let isum = _mm512_dpbusd_epi32(init, u, xv);
+            let (s0, s1) = (x.d[b] * half(a), x.d[b + 1] * half(c));
+            let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+            if p % 2 == 0 {
+                acc0 = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc0);
+            } else {
+                acc1 = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc1);
+            }
+            if minimum {
+                // value = d * q + m: the minimum times Q8_1's s.
+                mins += half(a.add(2)) * x.s[b] + half(c.add(2)) * x.s[b + 1];
+            }
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let a = rp.add(b * bytes);
+            let u = unsigned1::<T>(a);
+            let xv = _mm256_loadu_si256(xp.add(32 * b) as *const __m256i);
+            let init = if minimum {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_sll_epi32(_mm256_loadu_si256(lp.add(8 * b) as *const __m256i), shift)
+            };
+            let isum = _mm256_dpbusd_epi32(init, u, xv);
+            let v = _mm256_cvtepi32_ps(isum);
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            total += x.d[b] * half(a) * _mm_cvtss_f32(s);
+            if minimum {
+                mins += half(a.add(2)) * x.s[b];
+            }
+        }
+        total + mins
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::blocks::{block_shape, dot_int, QuantizedRows, Unpacked};
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// Every 32-value type, even and odd block counts, with values spread wide enough that
+    /// the offsets matter: the VNNI dot equals the unpacked integer dot (the same integer sums,
+    /// summed in another f32 order).
+    #[test]
+    fn vnni_dot_matches_unpacked_integer_dot() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let types = [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+        ];
+        let mut seed = 17u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for dt in types {
+            let (_, bb) = block_shape(dt).unwrap();
+            for nb in [1usize, 2, 3, 7, 28] {
+                let (n, k) = (3, nb * 32);
+                let x: Vec<f32> = (0..k).map(|_| next() + 0.3).collect();
+                let w: Vec<f32> = (0..n * k).map(|i| next() * (1 + i % 5) as f32).collect();
+                // Summation-order slack grows with the terms' magnitudes, not the result's.
+                let mag: Vec<f32> = w
+                    .chunks(k)
+                    .map(|r| r.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum())
+                    .collect();
+                let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+                let bytes = QTensor::quantize(&w, dt).unwrap().data().unwrap().to_vec();
+                let xq = QuantizedRows::quantize(&x, k, 32);
+                let mut u = Unpacked::default();
+                for r in 0..n {
+                    let row = &bytes[r * nb * bb..(r + 1) * nb * bb];
+                    u.unpack(dt, row, k);
+                    let want = dot_int(&u, xq.row(0));
+                    let got = dot_blocks(dt, row, xq.row(0)).expect("a VNNI kernel");
+                    assert!(
+                        (got - want).abs() <= 2e-6 * (1.0 + mag[r]),
+                        "{dt:?} blocks={nb} row {r}: vnni {got} vs unpacked {want}"
+                    );
+                }
+            }
+        }
+    }
+}
