@@ -397,7 +397,8 @@ pub struct QuantizedRows {
     /// Sum of q per 16 values (Q8_K's bsums).
     pub gsum: Vec<i32>,
     /// 32-value blocks: 8 i32 per block, `-sum(q)` then seven zeros, the per-block offset
-    /// terms the VNNI kernels ([`super::vnni`]) start their sums from; empty for Q8_K.
+    /// terms the VNNI kernels ([`super::vnni`]) start their sums from; empty for Q8_K and
+    /// where those kernels don't run.
     pub lanes: Vec<i32>,
 }
 
@@ -412,7 +413,8 @@ impl QuantizedRows {
             d: vec![0.0; m * k / sb],
             s: vec![0.0; m * k / sb],
             gsum: vec![0; m * k / GROUP],
-            lanes: if sb == 32 {
+            // Only the VNNI kernels read them.
+            lanes: if sb == 32 && super::vnni::available() {
                 vec![0; m * k / 4]
             } else {
                 Vec::new()
@@ -430,7 +432,7 @@ impl QuantizedRows {
             for (g, c) in qb.chunks_exact(GROUP).enumerate() {
                 r.gsum[b * sb / GROUP + g] = c.iter().map(|&v| v as i32).sum();
             }
-            if sb == 32 {
+            if !r.lanes.is_empty() {
                 r.lanes[8 * b] = -(r.gsum[2 * b] + r.gsum[2 * b + 1]);
             }
         }
@@ -650,7 +652,7 @@ pub fn avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{combine, QRow, Unpacked};
     use std::arch::x86_64::*;
 
@@ -709,7 +711,7 @@ mod avx2 {
 
     /// f16 at `p` as f32 (F16C).
     #[inline(always)]
-    unsafe fn half(p: *const u8) -> f32 {
+    pub(crate) unsafe fn half(p: *const u8) -> f32 {
         let h = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
@@ -954,7 +956,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));

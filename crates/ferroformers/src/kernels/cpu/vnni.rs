@@ -68,6 +68,7 @@ pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::QRow;
+    use crate::kernels::cpu::blocks::avx2::{half, hsum};
     use std::arch::x86_64::*;
 
     /// How far ahead (bytes) the loop prefetches the weights.
@@ -78,12 +79,6 @@ mod x86 {
 
     /// log2 of the offset that makes type `T`'s values unsigned (0: none, Q4_1/Q5_1 are).
     const SHIFT: [u32; 5] = [7, 3, 0, 4, 0];
-
-    #[inline(always)]
-    unsafe fn half(p: *const u8) -> f32 {
-        let h = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
 
     /// 16 packed-nibble bytes of two blocks (at `a` and `b`) -> 64 bytes: block a's low
     /// nibbles, its high nibbles, then block b's.
@@ -191,11 +186,7 @@ mod x86 {
                 _mm256_sll_epi32(_mm256_loadu_si256(lp.add(8 * b) as *const __m256i), shift)
             };
             let isum = _mm256_dpbusd_epi32(init, u, xv);
-            let v = _mm256_cvtepi32_ps(isum);
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            total += x.d[b] * half(a) * _mm_cvtss_f32(s);
+            total += x.d[b] * half(a) * hsum(_mm256_cvtepi32_ps(isum));
             if minimum {
                 mins += half(a.add(2)) * x.s[b];
             }
