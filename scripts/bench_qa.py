@@ -4,11 +4,14 @@ random model (hidden 768, 12 layers, 12 heads), 64 (question, ~300-word context)
 
   cargo build --release -p ferroformers-cli
   python3 scripts/bench_qa.py [--reps 3] [--threads 2] [--batch-sizes 1,8]
+                              [--engines ours,ours-int8,python]
 
 The model is generated (seeded) into bench-out/bert-base-qa/ with the fixture WordPiece
 tokenizer (tests/fixtures/models/bert-qa); the weights are random, so answers are meaningless,
 but the work (windows of 384 tokens, stride 128, span search) is the real pipeline's.
-Engines alternate within each repetition; medians are reported with the load average.
+Engines: ours (f32), ours-int8 (`--quantize int8`), python (transformers + torch, f32).
+Engines alternate within each repetition; medians are reported with the load average and the
+CPU model; ours-int8's answers are compared with ours' (same span for how many pairs).
 """
 import argparse
 import json
@@ -94,7 +97,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--binary", default=str(ROOT / "target/release/ferroformers"))
+    ap.add_argument("--engines", default="ours,ours-int8,python")
     args = ap.parse_args()
+    names = args.engines.split(",")
     make_model()
     tmp = Path(tempfile.mkdtemp())
     pairs_file = tmp / "pairs.jsonl"
@@ -105,16 +110,21 @@ def main():
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                RAYON_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     res = {}
+    answers = {}
     load0 = os.getloadavg()
     for rep in range(args.reps):
-        engines = ["ours", "python"] if rep % 2 == 0 else ["python", "ours"]
+        engines = names if rep % 2 == 0 else list(reversed(names))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             for e in engines:
-                if e == "ours":
-                    p, rss = timed([args.binary, "run", "question-answering", "--model", str(MODEL),
-                                    "--batch-size", str(bs), "--threads", str(args.threads),
-                                    "--input", str(pairs_file), "--timing"], env)
+                if e in ("ours", "ours-int8"):
+                    cmd = [args.binary, "run", "question-answering", "--model", str(MODEL),
+                           "--batch-size", str(bs), "--threads", str(args.threads),
+                           "--input", str(pairs_file), "--timing"]
+                    if e == "ours-int8":
+                        cmd += ["--quantize", "int8"]
+                    p, rss = timed(cmd, env)
                     run_s = timing_line(p.stderr)["run_s"]
+                    answers.setdefault(e, [json.loads(x) for x in p.stdout.splitlines()])
                 else:
                     p, rss = timed([sys.executable, str(child), str(pairs_file), str(args.threads),
                                     str(MODEL), str(bs)], env)
@@ -124,20 +134,29 @@ def main():
                 print(f"rep {rep} {e:6} batch {bs}: {r['pairs_per_s']:.2f} pairs/s, RSS {rss:.0f} MB",
                       file=sys.stderr)
     load1 = os.getloadavg()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown")
     print(f"\nQA, BERT-base-sized random model, 64 pairs x ~300-word context, {args.threads} threads, "
-          f"median of {args.reps}; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| engine | batch | pairs/s | vs python | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
+          f"median of {args.reps}; CPU {cpu}; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    print("| engine | batch | pairs/s | vs python | vs ours | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        py = statistics.median(r["pairs_per_s"] for r in res[("python", bs)])
-        for e in ["ours", "python"]:
-            v = statistics.median(r["pairs_per_s"] for r in res[(e, bs)])
+        med = {e: statistics.median(r["pairs_per_s"] for r in res[(e, bs)]) for e in names}
+        for e in names:
+            v = med[e]
             rss = statistics.median(r["rss_mb"] for r in res[(e, bs)])
-            print(f"| {e} | {bs} | {v:.2f} | {v / py:.2f}x | {rss:.0f} |")
+            py = f"{v / med['python']:.2f}x" if "python" in med else "-"
+            ours = f"{v / med['ours']:.2f}x" if "ours" in med else "-"
+            print(f"| {e} | {bs} | {v:.2f} | {py} | {ours} | {rss:.0f} |")
+    if "ours" in answers and "ours-int8" in answers:
+        same = sum(a.get("start") == b.get("start") and a.get("end") == b.get("end")
+                   for a, b in zip(answers["ours"], answers["ours-int8"]))
+        print(f"\nours-int8 gives ours' answer span for {same} of {len(answers['ours'])} pairs "
+              "(random weights: scores are near ties, so this is a worst case)")
     windows, gflop = work_gflop(pairs)
     print(f"\nWork at batch 1: {windows} windows, {gflop:.0f} GFLOP of products per run "
           f"(larger batches add padding). Achieved, per core ({args.threads} threads):")
-    for e in ["ours", "python"]:
+    for e in names:
         v = statistics.median(r["pairs_per_s"] for r in res[(e, 1)]) if (e, 1) in res else None
         if v:
             rate = gflop * v / len(pairs) / args.threads

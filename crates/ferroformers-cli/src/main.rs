@@ -16,7 +16,7 @@ usage:
   ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
                         [--param KEY=VALUE]... [--batch-size N] [--threads N]
                         [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
-                        [--gguf-math int8|exact]
+                        [--gguf-math int8|exact] [--quantize int8]
                         [--input FILE.jsonl | --input - | TEXT...] [--timing] [--stream]
   ferroformers tasks
   ferroformers download MODEL [--revision REV] [--file FILE]...
@@ -31,7 +31,11 @@ A hub id missing from the cache is downloaded (HF_ENDPOINT, HF_TOKEN, HF_HUB_CAC
 unless HF_HUB_OFFLINE=1; `download` pre-fetches one and prints its folder, `cache` lists them.
 --gguf-math: GGUF models on CPU round activations to 8 bits per block with integer products as
 llama.cpp does (int8, the default; FERROFORMERS_GGUF_MATH sets it too), or keep them f32 for
-transformers' exact numbers (exact).";
+transformers' exact numbers (exact).
+--quantize int8: encoder models (BERT, DistilBERT, RoBERTa, XLM-RoBERTa) on CPU run their layers'
+linear products in 8-bit integers (dynamic quantization as ONNX Runtime's quantize_dynamic does:
+weights per output column at load, activations per token at run time); faster, slightly
+different numbers.";
 
 struct RunArgs {
     task: String,
@@ -106,6 +110,13 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
                     Some(ferroformers::QuantMath::parse(&v).ok_or_else(|| {
                         fail(format!("--gguf-math `{v}`: expected int8 or exact"))
                     })?);
+            }
+            "--quantize" => {
+                let v = value("--quantize")?;
+                opts.quantize = Some(
+                    ferroformers::Quantize::parse(&v)
+                        .ok_or_else(|| fail(format!("--quantize `{v}`: expected int8")))?,
+                );
             }
             "--param" => {
                 let v = value("--param")?;

@@ -22,7 +22,9 @@ pub use candle_core::{DType, Device};
 pub use error::{Error, Result};
 pub use kernels::cpu::quantized::QuantMath;
 pub use pipelines::registry::{TaskInfo, TASKS};
-pub use pipelines::{batches_in_flight, Input, Output, Params, Pipeline, PipelineOptions};
+pub use pipelines::{
+    batches_in_flight, Input, Output, Params, Pipeline, PipelineOptions, Quantize,
+};
 
 /// The pipeline for `task` (a name or alias) with its default model.
 pub fn pipeline(task: &str) -> Result<Pipeline> {

@@ -147,3 +147,25 @@ fn bad_input_json() {
     let err = Input::from_json(&json!({"txt": "a"}), 0).unwrap_err();
     assert!(err.to_string().contains("txt"), "{err}");
 }
+
+#[test]
+fn quantize_int8_where_there_is_no_int8_path() {
+    let gpt2 = common::fixtures().join("decoders/models/gpt2");
+    let mut o = PipelineOptions {
+        model: Some(gpt2.to_str().unwrap().to_string()),
+        ..Default::default()
+    };
+    o.quantize = Some(ferroformers::Quantize::Int8);
+    let err = ferroformers::pipeline_with("text-generation", o).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidParameter { name, .. } if name == "quantize"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("encoder models"), "{err}");
+    // bf16 weights take candle's path, which has no int8 kernels.
+    let mut o = opts("bert-seqcls");
+    o.quantize = Some(ferroformers::Quantize::Int8);
+    o.dtype = ferroformers::DType::BF16;
+    let err = ferroformers::pipeline_with("text-classification", o).unwrap_err();
+    assert!(err.to_string().contains("f32"), "{err}");
+}

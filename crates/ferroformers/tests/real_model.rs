@@ -97,3 +97,50 @@ fn minilm_sentence_similarity_task() {
     assert!((out[0][0].as_f64().unwrap() - want).abs() < 1e-4, "{out}");
     assert!((out[0][1].as_f64().unwrap() - 1.0).abs() < 1e-5, "{out}");
 }
+
+/// `--quantize int8` keeps MiniLM's embeddings close to sentence-transformers' f32 ones
+/// (cosine per sentence) and its paraphrase similarity nearly unchanged.
+#[test]
+fn minilm_int8_embeddings_stay_close_to_f32() {
+    if skip() {
+        return;
+    }
+    let exp = common::expected("all-minilm-l6-v2");
+    let pipe = ferroformers::pipeline_with(
+        "sentence-embeddings",
+        PipelineOptions {
+            model: Some(exp["model"].as_str().unwrap().to_string()),
+            batch_size: 4,
+            quantize: Some(ferroformers::Quantize::Int8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let texts: Vec<Input> = exp["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| Input::from(t.as_str().unwrap()))
+        .collect();
+    let ours = serde_json::to_value(pipe.run(&texts, &Params::new()).unwrap()).unwrap();
+    let vec = |v: &serde_json::Value| -> Vec<f64> { serde_json::from_value(v.clone()).unwrap() };
+    let cos = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dot / (na * nb)
+    };
+    let mut sum = 0.0;
+    for i in 0..texts.len() {
+        let c = cos(&vec(&ours[i]), &vec(&exp["embeddings"][i]));
+        assert!(c > 0.995, "text #{i}: cosine {c} against f32");
+        // Not equal: the int8 path really ran.
+        assert!(c < 1.0 - 1e-9, "text #{i}: identical to f32");
+        sum += c;
+    }
+    let mean = sum / texts.len() as f64;
+    assert!(mean >= 0.999, "mean cosine {mean} against f32");
+    let sim = cos(&vec(&ours[0]), &vec(&ours[1]));
+    let want = exp["similarity_0_1"].as_f64().unwrap();
+    assert!((sim - want).abs() < 0.01, "similarity {sim} vs {want}");
+}

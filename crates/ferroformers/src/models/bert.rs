@@ -120,6 +120,10 @@ impl BertEncoder {
     pub fn forward(&self, xs: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.stack.forward(xs, attention_mask)
     }
+
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        self.stack.quantize_int8()
+    }
 }
 
 pub struct BertModel {
@@ -245,6 +249,10 @@ impl Bert {
 }
 
 impl EncoderModel for Bert {
+    fn quantize_int8(&mut self) -> Result<()> {
+        self.model.encoder.quantize_int8()
+    }
+
     fn forward(
         &self,
         input_ids: &Tensor,

@@ -128,6 +128,10 @@ impl DistilBert {
 }
 
 impl EncoderModel for DistilBert {
+    fn quantize_int8(&mut self) -> Result<()> {
+        self.layers.quantize_int8()
+    }
+
     fn forward(
         &self,
         input_ids: &Tensor,

@@ -18,7 +18,8 @@ use candle_nn::LayerNorm;
 
 use super::layers::{attention, attention_bias, Activation, Linear};
 use crate::kernels::cpu::attention::attend_sequences;
-use crate::kernels::cpu::linear::{linear, linear_into};
+use crate::kernels::cpu::int8::Int8Weights;
+use crate::kernels::cpu::linear::linear_into;
 use crate::kernels::cpu::rowops::{activate_par, layer_norm_rows};
 use crate::kernels::cpu::threads::in_worker;
 
@@ -79,6 +80,22 @@ impl PostLnStack {
         }
     }
 
+    /// Quantize every layer's linear products to int8 (dynamic: per-column weight scales now,
+    /// per-token activation scales at run time). Only the CPU f32 path has int8 kernels.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        match self {
+            Self::Cpu(layers) => {
+                for l in layers {
+                    l.quantize_int8();
+                }
+                Ok(())
+            }
+            Self::Candle(_) => candle_core::bail!(
+                "int8 quantization runs on the CPU with f32 weights (--device cpu --dtype f32)"
+            ),
+        }
+    }
+
     /// `xs` `[b, s, h]`, `attention_mask` the 0/1 `[b, s]` mask.
     pub fn forward(&self, xs: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         match self {
@@ -111,21 +128,54 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
-/// A post-LN layer's weights in plain f32 buffers; matrices stored `[in, out]` row-major.
+/// A linear layer's weight on the CPU path: f32 `[in, out]` row-major, or int8.
+enum Weight {
+    F32(Vec<f32>),
+    Int8(Int8Weights),
+}
+
+impl Weight {
+    /// `out = x [rows, k] @ W + bias (+ residual)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        bias: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+        par: bool,
+    ) {
+        out.resize(rows * bias.len(), 0.0);
+        match self {
+            Weight::F32(w) => linear_into(x, rows, k, (w, bias), residual, out, par),
+            Weight::Int8(w) => w.linear_into(x, rows, bias, residual, out, par),
+        }
+    }
+
+    fn quantize_int8(&mut self, k: usize, n: usize) {
+        if let Weight::F32(w) = self {
+            *self = Weight::Int8(Int8Weights::from_in_out(w, k, n));
+        }
+    }
+}
+
+/// A post-LN layer's weights in plain buffers; matrices stored `[in, out]` row-major.
 pub struct CpuLayer {
     hidden: usize,
     inter: usize,
     heads: usize,
     /// `[h, 3h]`: query, key and value projections side by side.
-    qkv_w: Vec<f32>,
+    qkv_w: Weight,
     qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
+    out_w: Weight,
     out_b: Vec<f32>,
     ln1: (Vec<f32>, Vec<f32>, f32),
-    ff_in_w: Vec<f32>,
+    ff_in_w: Weight,
     ff_in_b: Vec<f32>,
     act: Activation,
-    ff_out_w: Vec<f32>,
+    ff_out_w: Weight,
     ff_out_b: Vec<f32>,
     ln2: (Vec<f32>, Vec<f32>, f32),
 }
@@ -160,35 +210,46 @@ impl CpuLayer {
             hidden,
             inter,
             heads: l.num_heads,
-            qkv_w: vec_of(&qkv_w)?,
+            qkv_w: Weight::F32(vec_of(&qkv_w)?),
             qkv_b,
-            out_w: vec_of(l.attn_out.weight_t())?,
+            out_w: Weight::F32(vec_of(l.attn_out.weight_t())?),
             out_b: bias_of(&l.attn_out, hidden)?,
             ln1: norm_parts(&l.attn_norm)?,
-            ff_in_w: vec_of(l.ff_in.weight_t())?,
+            ff_in_w: Weight::F32(vec_of(l.ff_in.weight_t())?),
             ff_in_b: bias_of(&l.ff_in, inter)?,
             act: l.act,
-            ff_out_w: vec_of(l.ff_out.weight_t())?,
+            ff_out_w: Weight::F32(vec_of(l.ff_out.weight_t())?),
             ff_out_b: bias_of(&l.ff_out, hidden)?,
             ln2: norm_parts(&l.out_norm)?,
         })
     }
 
+    fn quantize_int8(&mut self) {
+        let (h, i) = (self.hidden, self.inter);
+        self.qkv_w.quantize_int8(h, 3 * h);
+        self.out_w.quantize_int8(h, h);
+        self.ff_in_w.quantize_int8(h, i);
+        self.ff_out_w.quantize_int8(i, h);
+    }
+
     /// One layer over `x` (`[b * s, h]`, updated in place); `mask` is `[b, s]` 0/1.
-    fn forward(&self, x: &mut [f32], b: usize, s: usize, mask: &[f32], scratch: &mut Scratch) {
+    fn forward(&self, x: &mut Vec<f32>, b: usize, s: usize, mask: &[f32], scratch: &mut Scratch) {
         let (h, rows) = (self.hidden, b * s);
         let par = !in_worker() && rayon::current_num_threads() > 1;
-        let Scratch { qkv, y, ff } = scratch;
-        linear(x, rows, h, &self.qkv_w, &self.qkv_b, None, qkv, par);
+        let Scratch { qkv, y, ff, z } = scratch;
+        self.qkv_w.linear(x, rows, h, &self.qkv_b, None, qkv, par);
         let ctx = self.attend(qkv, b, s, mask, par);
         // attn_out(ctx) + x, then LayerNorm: x is the matmul's starting value.
-        linear(&ctx, rows, h, &self.out_w, &self.out_b, Some(x), y, par);
+        self.out_w
+            .linear(&ctx, rows, h, &self.out_b, Some(x), y, par);
         layer_norm_rows(y, h, &self.ln1, par);
-        linear(y, rows, h, &self.ff_in_w, &self.ff_in_b, None, ff, par);
+        self.ff_in_w
+            .linear(y, rows, h, &self.ff_in_b, None, ff, par);
         activate_par(ff, self.act, par);
-        // ff_out(ff) + y, written over x.
-        let ff_out = (&self.ff_out_w[..], &self.ff_out_b[..]);
-        linear_into(ff, rows, self.inter, ff_out, Some(y), x, par);
+        // ff_out(ff) + y, then LayerNorm, back into x.
+        self.ff_out_w
+            .linear(ff, rows, self.inter, &self.ff_out_b, Some(y), z, par);
+        std::mem::swap(x, z);
         layer_norm_rows(x, h, &self.ln2, par);
     }
 
@@ -200,13 +261,14 @@ impl CpuLayer {
     }
 }
 
-/// Buffers reused from layer to layer: the fused Q/K/V output, the attention block's output
-/// and the feed-forward's inner activations.
+/// Buffers reused from layer to layer: the fused Q/K/V output, the attention block's output,
+/// the feed-forward's inner activations and its output (swapped with the layer's input).
 #[derive(Default)]
 struct Scratch {
     qkv: Vec<f32>,
     y: Vec<f32>,
     ff: Vec<f32>,
+    z: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -254,6 +316,17 @@ mod tests {
                 .unwrap();
             let diff = crate::models::max_abs_diff(&a, &b);
             assert!(diff < 1e-5, "{act:?}: {diff}");
+            // int8: close to f32 (LayerNorm outputs of size ~1), not equal.
+            let mut q =
+                PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32).unwrap();
+            q.quantize_int8().unwrap();
+            let c = q.forward(&xs, &mask).unwrap();
+            let diff = crate::models::max_abs_diff(&a, &c);
+            assert!(diff < 0.1 && diff > 0.0, "{act:?} int8: {diff}");
         }
+        // candle's path has no int8 kernels: a clear error.
+        let mut candle = PostLnStack::Candle(layers(Activation::Gelu));
+        let err = candle.quantize_int8().unwrap_err().to_string();
+        assert!(err.contains("f32"), "{err}");
     }
 }

@@ -69,6 +69,12 @@ pub trait EncoderModel: Send + Sync {
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor>;
+
+    /// Quantize the encoder layers' linear products to int8 (dynamic quantization: weights
+    /// now, activations per token at run time); embeddings and heads stay f32.
+    fn quantize_int8(&mut self) -> candle_core::Result<()> {
+        candle_core::bail!("this model has no int8 path")
+    }
 }
 
 pub const ENCODER_TYPES: &[&str] = &["bert", "distilbert", "roberta", "xlm-roberta"];

@@ -82,6 +82,10 @@ impl Roberta {
 }
 
 impl EncoderModel for Roberta {
+    fn quantize_int8(&mut self) -> Result<()> {
+        self.encoder.quantize_int8()
+    }
+
     fn forward(
         &self,
         input_ids: &Tensor,

@@ -200,6 +200,39 @@ pub struct PipelineOptions {
     /// GGUF models on CPU: exact (f32 activations, transformers' numbers) or int8 (8-bit
     /// activations, llama.cpp's arithmetic). `None`: `FERROFORMERS_GGUF_MATH`, else int8.
     pub gguf_math: Option<QuantMath>,
+    /// Encoder models on CPU: dynamic quantization of the encoder layers' linear products
+    /// (`--quantize int8`); `None` keeps f32.
+    pub quantize: Option<Quantize>,
+}
+
+/// Reduced-precision arithmetic for encoder models (dynamic quantization, as ONNX Runtime's
+/// `quantize_dynamic` and `torch.ao.quantization.quantize_dynamic` do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// Weights signed 8-bit per output column, activations 8-bit per token at run time,
+    /// exact i32 products.
+    Int8,
+}
+
+impl Quantize {
+    /// `int8` (the CLI's and the server's spelling).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "int8" | "qint8" => Some(Quantize::Int8),
+            _ => None,
+        }
+    }
+
+    /// The error for a model family without a quantized path.
+    pub(crate) fn unsupported(self, what: &str) -> Error {
+        Error::InvalidParameter {
+            name: "quantize".into(),
+            detail: format!(
+                "int8 quantization applies to encoder models (BERT, DistilBERT, RoBERTa, \
+                 XLM-RoBERTa) on the CPU; {what}"
+            ),
+        }
+    }
 }
 
 impl Default for PipelineOptions {
@@ -212,6 +245,7 @@ impl Default for PipelineOptions {
             dtype: DType::F32,
             batch_size: 1,
             gguf_math: None,
+            quantize: None,
         }
     }
 }
@@ -447,7 +481,7 @@ pub struct EncoderRunner {
 impl EncoderRunner {
     pub fn load(opts: &PipelineOptions, model: &str, head: Head, task: &str) -> Result<Self> {
         let loaded = load_common(opts, model)?;
-        let enc = models::load_encoder(
+        let mut enc = models::load_encoder(
             &loaded.model_dir,
             &loaded.config,
             head,
@@ -455,6 +489,10 @@ impl EncoderRunner {
             opts.dtype,
             task,
         )?;
+        if let Some(q) = opts.quantize {
+            enc.quantize_int8()
+                .map_err(|e| q.unsupported(&e.to_string()))?;
+        }
         Ok(Self {
             model: enc,
             tokenizer: loaded.tokenizer,

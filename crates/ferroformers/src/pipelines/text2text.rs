@@ -153,6 +153,9 @@ impl Text2Text {
     /// Load for `task`: `text2text-generation`, `summarization`, `translation` or
     /// `translation_XX_to_YY`.
     pub fn load(opts: &PipelineOptions, model: &str, task: &str) -> Result<Self> {
+        if let Some(q) = opts.quantize {
+            return Err(q.unsupported("sequence-to-sequence models have none yet"));
+        }
         let kind = match task {
             "text2text-generation" => Kind::Text2Text,
             "summarization" => Kind::Summarization,

@@ -104,6 +104,12 @@ fn accepted_params() -> &'static [&'static str] {
 
 impl TextGeneration {
     pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
+        if let Some(q) = opts.quantize {
+            return Err(q.unsupported(
+                "text generation models have none (GGUF files run quantized; --gguf-math int8 \
+                 rounds their activations)",
+            ));
+        }
         let generator = TextGenerator::load(
             model,
             opts.tokenizer.as_deref(),

@@ -7,6 +7,8 @@
 //! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
 //! - [`vnni`]: AVX-512 VNNI integer dots over raw 32-value GGUF blocks (the int8 mode's
 //!   decoding kernels where the CPU has them; [`blocks::dot_int_blocks`] picks them);
+//! - [`int8`]: dynamic int8 linear layers (`--quantize int8`): per-column 8-bit weights,
+//!   per-row 8-bit activations, exact i32 products (AVX-512 VNNI or the portable loop);
 //! - [`attention`]: softmax attention over whole sequences, one query row over a key/value
 //!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
 //! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
@@ -22,6 +24,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod int8;
 pub mod linear;
 pub mod quantized;
 pub mod rowops;

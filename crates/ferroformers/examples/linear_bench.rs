@@ -1,0 +1,81 @@
+//! Times the encoder's linear products: f32 (`gemm`) against int8 (`--quantize int8`), on
+//! MiniLM and BERT-base shapes, at one thread (a batch per core) and across rayon's pool.
+//!
+//!   cargo run --release -p ferroformers --example linear_bench [-- REPS]
+//!
+//! Prints GFLOP/s (2 * rows * k * n per product) per shape; the median of REPS (default 20).
+
+use std::time::Instant;
+
+use ferroformers::kernels::cpu::int8::{Int8Weights, Kernel};
+use ferroformers::kernels::cpu::linear::linear_into;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    println!(
+        "int8 kernel: {:?}; rayon threads: {}",
+        Kernel::best(),
+        rayon::current_num_threads()
+    );
+    println!("| shape (rows x k x n) | threads | f32 GFLOP/s | int8 GFLOP/s | int8 / f32 |");
+    println!("|---|---|---|---|---|");
+    for &(rows, k, n) in &[
+        (14, 384, 1152),
+        (448, 384, 1152),
+        (448, 384, 1536),
+        (448, 1536, 384),
+        (384, 768, 2304),
+        (384, 768, 3072),
+        (384, 3072, 768),
+    ] {
+        let w = values(k * n, 1);
+        let x = values(rows * k, 2);
+        let bias = values(n, 3);
+        let q = Int8Weights::from_in_out(&w, k, n);
+        let mut out = vec![0f32; rows * n];
+        for par in [false, true] {
+            let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+                f(&mut out);
+                median(
+                    (0..reps)
+                        .map(|_| {
+                            let t = Instant::now();
+                            f(&mut out);
+                            t.elapsed().as_secs_f64()
+                        })
+                        .collect(),
+                )
+            };
+            let f32_s = time(&mut |o| linear_into(&x, rows, k, (&w, &bias), None, o, par));
+            let i8_s = time(&mut |o| q.linear_into(&x, rows, &bias, None, o, par));
+            let flop = 2.0 * (rows * k * n) as f64 / 1e9;
+            let threads = if par { rayon::current_num_threads() } else { 1 };
+            println!(
+                "| {rows} x {k} x {n} | {threads} | {:.1} | {:.1} | {:.2}x |",
+                flop / f32_s,
+                flop / i8_s,
+                f32_s / i8_s
+            );
+        }
+    }
+}
