@@ -10,7 +10,7 @@ engine, alternating engines within each repetition so machine load hits all of t
   cargo build --release -p ferroformers-cli
   python3 scripts/bench.py [--reps 3] [--threads 2] [--engines ours,torch,onnx] [--batches 1,32]
 
-Engines: ours (f32), ours-int8 (`--quantize int8`), torch (transformers pipeline, f32), onnx
+Engines: ours (f32), ours-int8 (`--quantize int8`), ours-bf16 (`--dtype bf16`), torch (transformers pipeline, f32), onnx
 (ONNX Runtime f32), onnx-int8 (ONNX Runtime on `quantize_dynamic` of the same ONNX file).
 Every engine embeds the inputs in order of token length (as ours batches them), same threads,
 no warm-up pass for any.
@@ -45,13 +45,15 @@ def load_bench_python():
     return mod
 
 
-def run_ours(binary, sentences_file, batch, threads, int8=False):
+def run_ours(binary, sentences_file, batch, threads, mode="f32"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [str(binary), "run", "feature-extraction", "--model", MODEL, "--param", "pooling=mean",
            "--param", "normalize=true", "--batch-size", str(batch), "--threads", str(threads),
            "--input", str(sentences_file), "--timing"]
-    if int8:
+    if mode == "int8":
         cmd += ["--quantize", "int8"]
+    elif mode == "bf16":
+        cmd += ["--dtype", "bf16"]
     p, rss = timed(cmd, env)
     timing = timing_line(p.stderr)
     n = timing["inputs"]
@@ -113,8 +115,9 @@ def main():
         order = engines if rep % 2 == 0 else list(reversed(engines))
         for batch in batches:
             for e in order:
-                if e in ("ours", "ours-int8"):
-                    r, emb = run_ours(args.binary, sfile, batch, args.threads, e == "ours-int8")
+                if e in ("ours", "ours-int8", "ours-bf16"):
+                    mode = {"ours": "f32", "ours-int8": "int8", "ours-bf16": "bf16"}[e]
+                    r, emb = run_ours(args.binary, sfile, batch, args.threads, mode)
                 else:
                     r, emb = run_python(e, batch, args.threads, args.n, tmp / "emb.npy")
                 results.setdefault((e, batch), []).append(r)
@@ -138,7 +141,7 @@ def main():
             m = med[(e, batch)]
             ratio = f"{m['sentences_per_s'] / base['sentences_per_s']:.2f}x" if base else "-"
             vs_ours = f"{m['sentences_per_s'] / ours['sentences_per_s']:.2f}x" if ours else "-"
-            ref = {"ours-int8": "ours", "onnx-int8": "onnx"}.get(e)
+            ref = {"ours-int8": "ours", "ours-bf16": "ours", "onnx-int8": "onnx"}.get(e)
             cos = "-"
             if ref and (ref, batch) in embeddings:
                 mean, low = mean_cosine(embeddings[(e, batch)], embeddings[(ref, batch)])

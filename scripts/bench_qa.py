@@ -9,7 +9,7 @@ random model (hidden 768, 12 layers, 12 heads), 64 (question, ~300-word context)
 The model is generated (seeded) into bench-out/bert-base-qa/ with the fixture WordPiece
 tokenizer (tests/fixtures/models/bert-qa); the weights are random, so answers are meaningless,
 but the work (windows of 384 tokens, stride 128, span search) is the real pipeline's.
-Engines: ours (f32), ours-int8 (`--quantize int8`), python (transformers + torch, f32).
+Engines: ours (f32), ours-int8 (`--quantize int8`), ours-bf16 (`--dtype bf16`), python (transformers + torch, f32).
 Engines alternate within each repetition; medians are reported with the load average and the
 CPU model; ours-int8's answers are compared with ours' (same span for how many pairs).
 """
@@ -116,12 +116,14 @@ def main():
         engines = names if rep % 2 == 0 else list(reversed(names))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             for e in engines:
-                if e in ("ours", "ours-int8"):
+                if e in ("ours", "ours-int8", "ours-bf16"):
                     cmd = [args.binary, "run", "question-answering", "--model", str(MODEL),
                            "--batch-size", str(bs), "--threads", str(args.threads),
                            "--input", str(pairs_file), "--timing"]
                     if e == "ours-int8":
                         cmd += ["--quantize", "int8"]
+                    elif e == "ours-bf16":
+                        cmd += ["--dtype", "bf16"]
                     p, rss = timed(cmd, env)
                     run_s = timing_line(p.stderr)["run_s"]
                     answers.setdefault(e, [json.loads(x) for x in p.stdout.splitlines()])
@@ -148,11 +150,12 @@ def main():
             py = f"{v / med['python']:.2f}x" if "python" in med else "-"
             ours = f"{v / med['ours']:.2f}x" if "ours" in med else "-"
             print(f"| {e} | {bs} | {v:.2f} | {py} | {ours} | {rss:.0f} |")
-    if "ours" in answers and "ours-int8" in answers:
-        same = sum(a.get("start") == b.get("start") and a.get("end") == b.get("end")
-                   for a, b in zip(answers["ours"], answers["ours-int8"]))
-        print(f"\nours-int8 gives ours' answer span for {same} of {len(answers['ours'])} pairs "
-              "(random weights: scores are near ties, so this is a worst case)")
+    for e in ("ours-int8", "ours-bf16"):
+        if "ours" in answers and e in answers:
+            same = sum(a.get("start") == b.get("start") and a.get("end") == b.get("end")
+                       for a, b in zip(answers["ours"], answers[e]))
+            print(f"\n{e} gives ours' answer span for {same} of {len(answers['ours'])} pairs "
+                  "(random weights: scores are near ties, so this is a worst case)")
     windows, gflop = work_gflop(pairs)
     print(f"\nWork at batch 1: {windows} windows, {gflop:.0f} GFLOP of products per run "
           f"(larger batches add padding). Achieved, per core ({args.threads} threads):")

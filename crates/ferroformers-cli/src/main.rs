@@ -35,7 +35,9 @@ transformers' exact numbers (exact).
 --quantize int8: encoder models (BERT, DistilBERT, RoBERTa, XLM-RoBERTa) on CPU run their layers'
 linear products in 8-bit integers (dynamic quantization as ONNX Runtime's quantize_dynamic does:
 weights per output column at load, activations per token at run time); faster, slightly
-different numbers.";
+different numbers.
+--dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
+f32 with a warning on CPUs without it); other models take candle's bf16 path.";
 
 struct RunArgs {
     task: String,

@@ -144,3 +144,43 @@ fn minilm_int8_embeddings_stay_close_to_f32() {
     let want = exp["similarity_0_1"].as_f64().unwrap();
     assert!((sim - want).abs() < 0.01, "similarity {sim} vs {want}");
 }
+
+/// `--dtype bf16` on a CPU with AVX512-BF16: the layers' products in bf16, embeddings within
+/// a cosine of 1e-4 of sentence-transformers' f32 ones. Elsewhere it keeps f32 (with a
+/// warning), so the embeddings match f32's.
+#[test]
+fn minilm_bf16_embeddings_stay_close_to_f32() {
+    if skip() {
+        return;
+    }
+    let exp = common::expected("all-minilm-l6-v2");
+    let pipe = ferroformers::pipeline_with(
+        "sentence-embeddings",
+        PipelineOptions {
+            model: Some(exp["model"].as_str().unwrap().to_string()),
+            batch_size: 4,
+            dtype: ferroformers::DType::BF16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let texts: Vec<Input> = exp["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| Input::from(t.as_str().unwrap()))
+        .collect();
+    let ours = serde_json::to_value(pipe.run(&texts, &Params::new()).unwrap()).unwrap();
+    for i in 0..texts.len() {
+        let a: Vec<f64> = serde_json::from_value(ours[i].clone()).unwrap();
+        let b: Vec<f64> = serde_json::from_value(exp["embeddings"][i].clone()).unwrap();
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let n =
+            (a.iter().map(|x| x * x).sum::<f64>() * b.iter().map(|x| x * x).sum::<f64>()).sqrt();
+        let c = dot / n;
+        assert!(c > 0.9999, "text #{i}: cosine {c} against f32");
+        if ferroformers::kernels::cpu::bf16::available() {
+            assert!(c < 1.0 - 1e-10, "text #{i}: identical to f32");
+        }
+    }
+}

@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::encoder_stack::{PostLnLayer, PostLnStack};
+use super::encoder_stack::{PostLnLayer, PostLnStack, Products};
 use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
@@ -121,8 +121,8 @@ impl BertEncoder {
         self.stack.forward(xs, attention_mask)
     }
 
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        self.stack.quantize_int8()
+    pub fn reduce(&mut self, to: Products) -> Result<()> {
+        self.stack.reduce(to)
     }
 }
 
@@ -249,8 +249,8 @@ impl Bert {
 }
 
 impl EncoderModel for Bert {
-    fn quantize_int8(&mut self) -> Result<()> {
-        self.model.encoder.quantize_int8()
+    fn reduce(&mut self, to: Products) -> Result<()> {
+        self.model.encoder.reduce(to)
     }
 
     fn forward(

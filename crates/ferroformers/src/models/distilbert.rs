@@ -9,7 +9,7 @@ use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::bert::base_vb;
-use super::encoder_stack::{PostLnLayer, PostLnStack};
+use super::encoder_stack::{PostLnLayer, PostLnStack, Products};
 use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
@@ -128,8 +128,8 @@ impl DistilBert {
 }
 
 impl EncoderModel for DistilBert {
-    fn quantize_int8(&mut self) -> Result<()> {
-        self.layers.quantize_int8()
+    fn reduce(&mut self, to: Products) -> Result<()> {
+        self.layers.reduce(to)
     }
 
     fn forward(

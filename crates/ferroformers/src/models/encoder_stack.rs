@@ -18,6 +18,7 @@ use candle_nn::LayerNorm;
 
 use super::layers::{attention, attention_bias, Activation, Linear};
 use crate::kernels::cpu::attention::attend_sequences;
+use crate::kernels::cpu::bf16::Bf16Weights;
 use crate::kernels::cpu::int8::Int8Weights;
 use crate::kernels::cpu::linear::linear_into;
 use crate::kernels::cpu::rowops::{activate_par, layer_norm_rows};
@@ -80,13 +81,14 @@ impl PostLnStack {
         }
     }
 
-    /// Quantize every layer's linear products to int8 (dynamic: per-column weight scales now,
-    /// per-token activation scales at run time). Only the CPU f32 path has int8 kernels.
-    pub fn quantize_int8(&mut self) -> Result<()> {
+    /// Run every layer's linear products in reduced precision: int8 (dynamic: per-column
+    /// weight scales now, per-token activation scales at run time) or bf16. Only the CPU path
+    /// (loaded in f32) has these kernels.
+    pub fn reduce(&mut self, to: Products) -> Result<()> {
         match self {
             Self::Cpu(layers) => {
                 for l in layers {
-                    l.quantize_int8();
+                    l.reduce(to);
                 }
                 Ok(())
             }
@@ -128,10 +130,20 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
-/// A linear layer's weight on the CPU path: f32 `[in, out]` row-major, or int8.
+/// Reduced-precision products for the CPU path ([`PostLnStack::reduce`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// `kernels::cpu::int8`: int8 weights and activations, exact integer sums.
+    Int8,
+    /// `kernels::cpu::bf16`: bf16 weights and activations, f32 sums (needs AVX512-BF16).
+    Bf16,
+}
+
+/// A linear layer's weight on the CPU path: f32 `[in, out]` row-major, int8 or bf16.
 enum Weight {
     F32(Vec<f32>),
     Int8(Int8Weights),
+    Bf16(Bf16Weights),
 }
 
 impl Weight {
@@ -151,12 +163,16 @@ impl Weight {
         match self {
             Weight::F32(w) => linear_into(x, rows, k, (w, bias), residual, out, par),
             Weight::Int8(w) => w.linear_into(x, rows, bias, residual, out, par),
+            Weight::Bf16(w) => w.linear_into(x, rows, bias, residual, out, par),
         }
     }
 
-    fn quantize_int8(&mut self, k: usize, n: usize) {
+    fn reduce(&mut self, to: Products, k: usize, n: usize) {
         if let Weight::F32(w) = self {
-            *self = Weight::Int8(Int8Weights::from_in_out(w, k, n));
+            *self = match to {
+                Products::Int8 => Weight::Int8(Int8Weights::from_in_out(w, k, n)),
+                Products::Bf16 => Weight::Bf16(Bf16Weights::from_in_out(w, k, n)),
+            };
         }
     }
 }
@@ -224,12 +240,12 @@ impl CpuLayer {
         })
     }
 
-    fn quantize_int8(&mut self) {
+    fn reduce(&mut self, to: Products) {
         let (h, i) = (self.hidden, self.inter);
-        self.qkv_w.quantize_int8(h, 3 * h);
-        self.out_w.quantize_int8(h, h);
-        self.ff_in_w.quantize_int8(h, i);
-        self.ff_out_w.quantize_int8(i, h);
+        self.qkv_w.reduce(to, h, 3 * h);
+        self.out_w.reduce(to, h, h);
+        self.ff_in_w.reduce(to, h, i);
+        self.ff_out_w.reduce(to, i, h);
     }
 
     /// One layer over `x` (`[b * s, h]`, updated in place); `mask` is `[b, s]` 0/1.
@@ -316,17 +332,23 @@ mod tests {
                 .unwrap();
             let diff = crate::models::max_abs_diff(&a, &b);
             assert!(diff < 1e-5, "{act:?}: {diff}");
-            // int8: close to f32 (LayerNorm outputs of size ~1), not equal.
-            let mut q =
-                PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32).unwrap();
-            q.quantize_int8().unwrap();
-            let c = q.forward(&xs, &mask).unwrap();
-            let diff = crate::models::max_abs_diff(&a, &c);
-            assert!(diff < 0.1 && diff > 0.0, "{act:?} int8: {diff}");
+            // int8 and bf16: close to f32 (LayerNorm outputs of size ~1), not equal.
+            let mut to = vec![Products::Int8];
+            if crate::kernels::cpu::bf16::available() {
+                to.push(Products::Bf16);
+            }
+            for to in to {
+                let mut q =
+                    PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32).unwrap();
+                q.reduce(to).unwrap();
+                let c = q.forward(&xs, &mask).unwrap();
+                let diff = crate::models::max_abs_diff(&a, &c);
+                assert!(diff < 0.1 && diff > 0.0, "{act:?} {to:?}: {diff}");
+            }
         }
         // candle's path has no int8 kernels: a clear error.
         let mut candle = PostLnStack::Candle(layers(Activation::Gelu));
-        let err = candle.quantize_int8().unwrap_err().to_string();
+        let err = candle.reduce(Products::Int8).unwrap_err().to_string();
         assert!(err.contains("f32"), "{err}");
     }
 }

@@ -70,10 +70,10 @@ pub trait EncoderModel: Send + Sync {
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor>;
 
-    /// Quantize the encoder layers' linear products to int8 (dynamic quantization: weights
-    /// now, activations per token at run time); embeddings and heads stay f32.
-    fn quantize_int8(&mut self) -> candle_core::Result<()> {
-        candle_core::bail!("this model has no int8 path")
+    /// Run the encoder layers' linear products in int8 (dynamic quantization: weights now,
+    /// activations per token at run time) or bf16; embeddings and heads stay f32.
+    fn reduce(&mut self, to: encoder_stack::Products) -> candle_core::Result<()> {
+        candle_core::bail!("this model has no {to:?} path")
     }
 }
 
@@ -111,13 +111,18 @@ pub fn load_encoder(
     }
     let weights = Weights::from_dir(dir)?;
     let path = weights.path().to_path_buf();
-    let vb = weights.into_var_builder(dtype, device);
+    // bf16 on CPU: the layers' products through the AVX512-BF16 kernels (f32 sums), loaded
+    // in f32 (embeddings, attention, LayerNorm and heads stay f32); f32 where the CPU lacks
+    // the instructions. BART keeps candle's path.
+    let cpu_bf16 = device.is_cpu() && dtype == DType::BF16 && !bart_cls;
+    let load_dtype = if cpu_bf16 { DType::F32 } else { dtype };
+    let vb = weights.into_var_builder(load_dtype, device);
     let n = config.num_labels();
     let wrap = |e: candle_core::Error| Error::Weights {
         path: path.clone(),
         detail: e.to_string(),
     };
-    let model: Box<dyn EncoderModel> = match model_type {
+    let mut model: Box<dyn EncoderModel> = match model_type {
         "bert" => Box::new(bert::Bert::load(&config.parse()?, vb, head, n).map_err(wrap)?),
         "roberta" | "xlm-roberta" => {
             Box::new(roberta::Roberta::load(&config.parse()?, vb, head, n).map_err(wrap)?)
@@ -130,6 +135,16 @@ pub fn load_encoder(
         ),
         _ => unreachable!("checked against ENCODER_TYPES"),
     };
+    if cpu_bf16 {
+        if crate::kernels::cpu::bf16::available() {
+            model.reduce(encoder_stack::Products::Bf16).map_err(wrap)?;
+        } else {
+            eprintln!(
+                "warning: this CPU has no AVX512-BF16 instructions: --dtype bf16 runs the \
+                 encoder in f32"
+            );
+        }
+    }
     Ok(model)
 }
 

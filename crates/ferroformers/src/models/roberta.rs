@@ -82,8 +82,8 @@ impl Roberta {
 }
 
 impl EncoderModel for Roberta {
-    fn quantize_int8(&mut self) -> Result<()> {
-        self.encoder.quantize_int8()
+    fn reduce(&mut self, to: super::encoder_stack::Products) -> Result<()> {
+        self.encoder.reduce(to)
     }
 
     fn forward(

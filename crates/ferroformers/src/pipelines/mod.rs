@@ -490,8 +490,17 @@ impl EncoderRunner {
             task,
         )?;
         if let Some(q) = opts.quantize {
-            enc.quantize_int8()
+            if opts.dtype != DType::F32 {
+                return Err(q.unsupported("it runs with --dtype f32 only"));
+            }
+            enc.reduce(models::encoder_stack::Products::Int8)
                 .map_err(|e| q.unsupported(&e.to_string()))?;
+            if !crate::kernels::cpu::vnni::available() {
+                eprintln!(
+                    "warning: this CPU has no AVX-512 VNNI instructions: --quantize int8 runs \
+                     a portable integer loop, slower than f32"
+                );
+            }
         }
         Ok(Self {
             model: enc,

@@ -27,21 +27,15 @@
 
 use rayon::prelude::*;
 
+use super::panels::{drive, Call, Epi, MR, PANEL};
 use super::simd::dispatch;
-use super::threads::SendPtr;
 
-/// Columns per packed panel.
-pub const PANEL: usize = 32;
 /// Inputs per activation scale.
 pub const BLOCK: usize = 128;
 // A block's column sums fit in 16 bits (the VNNI kernel's zero-point correction needs it).
 const _: () = assert!(127 * BLOCK < i16::MAX as usize);
-/// Rows per kernel call.
-const MR: usize = 6;
 /// Blocks of inputs per pass over the weights (512 inputs: a panel's slice is 16 KiB).
 const KC_BLOCKS: usize = 4;
-/// Row blocks per job (48 rows).
-const RUN_BLOCKS: usize = 8;
 
 /// A weight matrix `W` (`x @ W`, `k` inputs, `n` outputs) quantized to signed 8 bits per
 /// output column and packed for the kernels.
@@ -181,88 +175,51 @@ impl Int8Weights {
         let mut owned = ACTS.take();
         owned.fill(x, rows, k, kp, par && rows >= 64);
         let nb = blocks_of(kp);
-        let panels = n.div_ceil(PANEL);
-        let row_blocks = rows.div_ceil(MR);
-        let row_runs = row_blocks.div_ceil(RUN_BLOCKS);
-        // Jobs: (run of RUN_BLOCKS row blocks, run of panels), each writing its own part of
-        // `out`; enough of them to balance the threads.
-        let p_per = if par {
-            panels.div_ceil((threads * 4).div_ceil(row_runs)).max(1)
-        } else {
-            panels
-        };
-        let p_runs = panels.div_ceil(p_per);
-        let ptr = SendPtr(out.as_mut_ptr());
         let acts = &owned;
-        let job = |i: usize| {
-            let out_ptr = ptr;
-            let (run, p_run) = (i / p_runs, i % p_runs);
-            let (rb0, rb1) = (run * RUN_BLOCKS, ((run + 1) * RUN_BLOCKS).min(row_blocks));
-            let (p0, p1) = (p_run * p_per, ((p_run + 1) * p_per).min(panels));
-            let (r0, r1) = (rb0 * MR, (rb1 * MR).min(rows));
-            // The job's f32 sums, [r1 - r0, (p1 - p0) * PANEL] (at most 48 rows: it stays in
-            // L2), built chunk by chunk of inputs: per chunk, each panel's slice of weights
-            // (KC_BLOCKS * BLOCK inputs x 32 columns, 16 KiB) stays in L1 while the run's
-            // row blocks pass over it. The first chunk starts the sums.
-            let width = (p1 - p0) * PANEL;
-            let mut tile = TILE.take();
-            if tile.len() < (r1 - r0) * width {
-                tile.resize((r1 - r0) * width, 0.0);
-            }
-            for b0 in (0..nb).step_by(KC_BLOCKS) {
-                let b1 = (b0 + KC_BLOCKS).min(nb);
-                for p in p0..p1 {
-                    let (j0, j1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-                    for rb in rb0..rb1 {
-                        let ra = rb * MR;
-                        let mr = MR.min(rows - ra);
-                        let at = (ra - r0) * width + (p - p0) * PANEL;
-                        // The last chunk writes `out` (scaled, plus bias and residual).
-                        let epi = (b1 == nb).then(|| Epi {
-                            sw: &self.scale[j0..j1],
-                            bias: &bias[j0..j1],
-                            res: residual.map(|r| &r[ra * n + j0..(ra + mr - 1) * n + j1]),
-                            // SAFETY: in bounds (rows ra..ra + mr of out, asserted above).
-                            out: unsafe { out_ptr.0.add(ra * n + j0) },
-                            ld: n,
-                        });
-                        // SAFETY: rows ra..ra + mr, columns j0..j1 of out belong to this job.
-                        unsafe {
-                            kernel.run(
-                                Rows {
-                                    q: &acts.q[ra * kp..(ra + mr) * kp],
-                                    scale: &acts.scale[ra * nb..(ra + mr) * nb],
-                                    zero: &acts.zero[ra * nb..(ra + mr) * nb],
-                                    mr,
-                                    kp,
-                                },
-                                (b0, b1),
-                                &self.packed[p * kp * PANEL..(p + 1) * kp * PANEL],
-                                &self.colsum[p * nb * PANEL..(p + 1) * nb * PANEL],
-                                &mut tile[at..],
-                                width,
-                                epi,
-                            )
-                        };
-                    }
-                }
-            }
-            TILE.set(tile);
+        let call = |c: Call<'_>| {
+            let (b0, b1) = (c.chunk * KC_BLOCKS, ((c.chunk + 1) * KC_BLOCKS).min(nb));
+            let (ra, mr, p) = (c.ra, c.mr, c.p);
+            // SAFETY: `drive` hands each call its own rows and columns of out.
+            unsafe {
+                kernel.run(
+                    Rows {
+                        q: &acts.q[ra * kp..(ra + mr) * kp],
+                        scale: &acts.scale[ra * nb..(ra + mr) * nb],
+                        zero: &acts.zero[ra * nb..(ra + mr) * nb],
+                        mr,
+                        kp,
+                    },
+                    (b0, b1),
+                    &self.packed[p * kp * PANEL..(p + 1) * kp * PANEL],
+                    &self.colsum[p * nb * PANEL..(p + 1) * nb * PANEL],
+                    c.tile,
+                    c.ld,
+                    c.epi,
+                )
+            };
         };
-        if par {
-            (0..row_runs * p_runs).into_par_iter().for_each(job);
-        } else {
-            (0..row_runs * p_runs).for_each(job);
-        }
+        let chunks = nb.div_ceil(KC_BLOCKS);
+        // SAFETY: the kernels write through `epi` only their call's rows and columns; sizes
+        // asserted above.
+        unsafe {
+            drive(
+                rows,
+                n,
+                chunks,
+                (&self.scale, bias, residual),
+                out,
+                par,
+                &call,
+            )
+        };
         ACTS.set(owned);
     }
 }
 
 thread_local! {
-    /// Per thread, reused from product to product (no page faults on fresh allocations): a
-    /// job's f32 sums, and the quantized activations of the products this thread calls.
-    /// Taken out while in use, so a nested call just allocates its own.
-    static TILE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Per thread, reused from product to product (no page faults on fresh allocations): the
+    /// quantized activations of the products this thread calls. Taken out while in use, so a
+    /// nested call just allocates its own.
     static ACTS: std::cell::Cell<QuantizedActs> = const {
         std::cell::Cell::new(QuantizedActs { q: Vec::new(), scale: Vec::new(), zero: Vec::new() })
     };
@@ -384,17 +341,6 @@ fn quantize_block_generic(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     (scale, zero as i32)
 }
 
-/// Where a kernel call's last chunk writes: `out = sums * sw + bias (+ residual)` for
-/// `sw.len()` columns of `mr` rows (row stride `ld` in `out` and `res`).
-#[derive(Clone, Copy)]
-struct Epi<'a> {
-    sw: &'a [f32],
-    bias: &'a [f32],
-    res: Option<&'a [f32]>,
-    out: *mut f32,
-    ld: usize,
-}
-
 /// A kernel call's quantized activation rows.
 #[derive(Clone, Copy)]
 struct Rows<'a> {
@@ -452,11 +398,7 @@ impl Kernel {
         assert!(panel.len() >= kp * PANEL && colsum.len() >= nb * PANEL);
         assert!(b0 <= b1 && b1 <= nb && ld >= PANEL && acc.len() >= (mr - 1) * ld + PANEL);
         if let Some(e) = &epi {
-            let cols = e.sw.len();
-            assert!(cols <= PANEL && e.bias.len() == cols && e.ld >= cols);
-            if let Some(r) = e.res {
-                assert!(r.len() >= (mr - 1) * e.ld + cols);
-            }
+            e.check(mr);
         }
         match self {
             #[cfg(target_arch = "x86_64")]
