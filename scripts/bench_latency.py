@@ -40,6 +40,7 @@ if engine.startswith("onnx"):
     snap = bp.snapshot_dir(bp.ONNX_ID, "onnx")
     tk = Tokenizer.from_file(str(snap / "tokenizer.json"))
     tk.enable_truncation(max_length=256)
+    tk.no_padding()  # tokenizer.json pads to a fixed 128: one sentence needs no padding
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -117,7 +117,7 @@ impl KvBuffer {
 /// keys and values side by side): scores `scale * q . k`, plus the head's `bias` `[heads, s, s]`
 /// when given (T5's position bias), keys whose `keep` `[b, s]` is 0 dropped, softmax, then the
 /// weighted values. Returns `[b * s, heads * d]`; `par` spreads the (sequence, head) pairs over
-/// rayon's threads.
+/// rayon's threads (when the work is large enough to pay for it).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_sequences(
     qkv: &[f32],
@@ -209,7 +209,9 @@ pub fn attend_sequences(
         }
     };
     let jobs = (0..b).flat_map(|bi| (0..heads).map(move |hd| (bi, hd)));
-    if par {
+    // A short input's attention (one sentence: ~100k products) is over before rayon's threads
+    // wake up: split only when there is real work.
+    if par && b * heads * s * s * d >= 1 << 20 {
         jobs.collect::<Vec<_>>().into_par_iter().for_each(job);
     } else {
         jobs.for_each(job);

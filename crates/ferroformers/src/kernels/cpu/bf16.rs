@@ -230,6 +230,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::panels::x86::{finish, start};
     use super::{Epi, MR, PANEL};
     use std::arch::x86_64::*;
 
@@ -271,13 +272,7 @@ mod x86 {
     ) {
         debug_assert!(R <= MR);
         unsafe {
-            let mut fa = [[_mm512_setzero_ps(); 2]; R];
-            if g0 > 0 {
-                for (r, fa) in fa.iter_mut().enumerate() {
-                    fa[0] = _mm512_loadu_ps(c.add(r * ld));
-                    fa[1] = _mm512_loadu_ps(c.add(r * ld + 16));
-                }
-            }
+            let mut fa = start::<R>(c, ld, g0 > 0);
             for g in g0..g1 {
                 let w0: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(g * 2 * PANEL) as *const _));
@@ -290,40 +285,7 @@ mod x86 {
                     fa[1] = _mm512_dpbf16_ps(fa[1], xv, w1);
                 }
             }
-            match epi {
-                None => {
-                    for (r, fa) in fa.iter().enumerate() {
-                        _mm512_storeu_ps(c.add(r * ld), fa[0]);
-                        _mm512_storeu_ps(c.add(r * ld + 16), fa[1]);
-                    }
-                }
-                Some(e) => {
-                    let cols = e.sw.len();
-                    let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
-                    let m1: __mmask16 = if cols >= 32 {
-                        0xffff
-                    } else if cols > 16 {
-                        (1 << (cols - 16)) - 1
-                    } else {
-                        0
-                    };
-                    let bias = e.bias.as_ptr();
-                    let bias0 = _mm512_maskz_loadu_ps(m0, bias);
-                    let bias1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
-                    for (r, fa) in fa.iter().enumerate() {
-                        let mut v0 = _mm512_add_ps(fa[0], bias0);
-                        let mut v1 = _mm512_add_ps(fa[1], bias1);
-                        if let Some(res) = e.res {
-                            let rp = res.as_ptr().add(r * e.ld);
-                            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rp));
-                            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rp.add(16)));
-                        }
-                        let o = e.out.add(r * e.ld);
-                        _mm512_mask_storeu_ps(o, m0, v0);
-                        _mm512_mask_storeu_ps(o.add(16), m1, v1);
-                    }
-                }
-            }
+            finish(&fa, c, ld, epi, false);
         }
     }
 }
@@ -331,18 +293,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64, spread: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
-            })
-            .collect()
-    }
+    use crate::kernels::cpu::test_values as values;
 
     #[test]
     fn rounding_to_bf16() {

@@ -496,6 +496,7 @@ fn portable_panel_generic(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::panels::x86::{finish, start};
     use super::{block_params, blocks_of, Epi, Rows, BLOCK, MR, PANEL};
     use std::arch::x86_64::*;
 
@@ -566,13 +567,7 @@ mod x86 {
         let nb = blocks_of(kp);
         let a = x.q.as_ptr();
         unsafe {
-            let mut fa = [[_mm512_setzero_ps(); 2]; R];
-            if b0 > 0 {
-                for (r, fa) in fa.iter_mut().enumerate() {
-                    fa[0] = _mm512_loadu_ps(c.add(r * ld));
-                    fa[1] = _mm512_loadu_ps(c.add(r * ld + 16));
-                }
-            }
+            let mut fa = start::<R>(c, ld, b0 > 0);
             for blk in b0..b1 {
                 let (g0, g1) = (blk * BLOCK / 4, ((blk + 1) * BLOCK).min(kp) / 4);
                 let mut acc = [[_mm512_setzero_si512(); 2]; R];
@@ -601,43 +596,7 @@ mod x86 {
                     fa[r][1] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(t1), fa[r][1]);
                 }
             }
-            match epi {
-                None => {
-                    for (r, fa) in fa.iter().enumerate() {
-                        let o = c.add(r * ld);
-                        _mm512_storeu_ps(o, fa[0]);
-                        _mm512_storeu_ps(o.add(16), fa[1]);
-                    }
-                }
-                Some(e) => {
-                    let cols = e.sw.len();
-                    let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
-                    let m1: __mmask16 = if cols >= 32 {
-                        0xffff
-                    } else if cols > 16 {
-                        (1 << (cols - 16)) - 1
-                    } else {
-                        0
-                    };
-                    let (sw, bias) = (e.sw.as_ptr(), e.bias.as_ptr());
-                    let sw0 = _mm512_maskz_loadu_ps(m0, sw);
-                    let sw1 = _mm512_maskz_loadu_ps(m1, sw.add(16));
-                    let bias0 = _mm512_maskz_loadu_ps(m0, bias);
-                    let bias1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
-                    for (r, fa) in fa.iter().enumerate() {
-                        let mut v0 = _mm512_add_ps(_mm512_mul_ps(fa[0], sw0), bias0);
-                        let mut v1 = _mm512_add_ps(_mm512_mul_ps(fa[1], sw1), bias1);
-                        if let Some(res) = e.res {
-                            let rp = res.as_ptr().add(r * e.ld);
-                            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rp));
-                            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rp.add(16)));
-                        }
-                        let o = e.out.add(r * e.ld);
-                        _mm512_mask_storeu_ps(o, m0, v0);
-                        _mm512_mask_storeu_ps(o.add(16), m1, v1);
-                    }
-                }
-            }
+            finish(&fa, c, ld, epi, true);
         }
     }
 }
@@ -645,20 +604,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64, spread: f32) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
-            })
-            .collect()
-    }
+    use crate::kernels::cpu::test_values as values;
 
     /// The plain reference: quantize per block, multiply in i64, scale per block (one fused
     /// multiply-add per block, as the kernels), then by the column's scale.

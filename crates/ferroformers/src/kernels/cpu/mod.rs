@@ -47,3 +47,17 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .and_then(|d| d.to_scalar::<f32>())
         .expect("comparable f32 tensors")
 }
+
+/// `n` pseudo-random values in `[-spread / 2, spread / 2)` from `seed` (kernel tests).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64, spread: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+        })
+        .collect()
+}

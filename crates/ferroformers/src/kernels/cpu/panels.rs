@@ -137,3 +137,93 @@ pub unsafe fn drive(
         (0..row_runs * p_runs).for_each(job);
     }
 }
+
+/// The x86 kernels' shared ends: loading a call's running sums, and writing them (to the
+/// tile, or through [`Epi`] to `out`).
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use super::Epi;
+    use std::arch::x86_64::*;
+
+    /// `R` rows x 32 columns of f32 sums: zero, or (`resume`) loaded from `c` (row stride
+    /// `ld`).
+    ///
+    /// # Safety
+    /// AVX-512F (the caller enables it); with `resume`, `c` holds `(R - 1) * ld + 32`.
+    #[inline(always)]
+    pub unsafe fn start<const R: usize>(
+        c: *const f32,
+        ld: usize,
+        resume: bool,
+    ) -> [[__m512; 2]; R] {
+        unsafe {
+            let mut fa = [[_mm512_setzero_ps(); 2]; R];
+            if resume {
+                for (r, fa) in fa.iter_mut().enumerate() {
+                    fa[0] = _mm512_loadu_ps(c.add(r * ld));
+                    fa[1] = _mm512_loadu_ps(c.add(r * ld + 16));
+                }
+            }
+            fa
+        }
+    }
+
+    /// Store the sums to `c` (row stride `ld`), or with `epi` write `sums (* sw when
+    /// `scaled`) + bias (+ residual)` to its `out`, masked to its columns: a multiply, then
+    /// adds, as the portable loops do.
+    ///
+    /// # Safety
+    /// AVX-512F (the caller enables it); `c` holds `(R - 1) * ld + 32`; `epi` checked
+    /// ([`Epi::check`]) and its `out` the call's own.
+    #[inline(always)]
+    pub unsafe fn finish<const R: usize>(
+        fa: &[[__m512; 2]; R],
+        c: *mut f32,
+        ld: usize,
+        epi: Option<Epi<'_>>,
+        scaled: bool,
+    ) {
+        unsafe {
+            let Some(e) = epi else {
+                for (r, fa) in fa.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(r * ld), fa[0]);
+                    _mm512_storeu_ps(c.add(r * ld + 16), fa[1]);
+                }
+                return;
+            };
+            let cols = e.sw.len();
+            let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
+            let m1: __mmask16 = if cols >= 32 {
+                0xffff
+            } else if cols > 16 {
+                (1 << (cols - 16)) - 1
+            } else {
+                0
+            };
+            let (sw, bias) = (e.sw.as_ptr(), e.bias.as_ptr());
+            let (sw0, sw1) = (
+                _mm512_maskz_loadu_ps(m0, sw),
+                _mm512_maskz_loadu_ps(m1, sw.add(16)),
+            );
+            let bias0 = _mm512_maskz_loadu_ps(m0, bias);
+            let bias1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
+            for (r, fa) in fa.iter().enumerate() {
+                let (mut v0, mut v1) = if scaled {
+                    (_mm512_mul_ps(fa[0], sw0), _mm512_mul_ps(fa[1], sw1))
+                } else {
+                    (fa[0], fa[1])
+                };
+                v0 = _mm512_add_ps(v0, bias0);
+                v1 = _mm512_add_ps(v1, bias1);
+                if let Some(res) = e.res {
+                    let rp = res.as_ptr().add(r * e.ld);
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rp));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rp.add(16)));
+                }
+                let o = e.out.add(r * e.ld);
+                _mm512_mask_storeu_ps(o, m0, v0);
+                _mm512_mask_storeu_ps(o.add(16), m1, v1);
+            }
+        }
+    }
+}
