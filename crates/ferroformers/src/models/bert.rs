@@ -109,20 +109,17 @@ pub struct BertEncoder {
 }
 
 impl BertEncoder {
-    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+    /// `reduce`: the layers' products in int8 or bf16 (CPU, f32 weights).
+    pub fn load(cfg: &BertConfig, vb: VarBuilder, reduce: Option<Products>) -> Result<Self> {
         let layers = (0..cfg.num_hidden_layers).map(|i| load_layer(cfg, vb.pp("layer").pp(i)));
         Ok(Self {
-            stack: PostLnStack::new(layers, vb.device(), vb.dtype())?,
+            stack: PostLnStack::new(layers, vb.device(), vb.dtype(), reduce)?,
         })
     }
 
     /// `attention_mask` is the 0/1 `[b, s]` mask.
     pub fn forward(&self, xs: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.stack.forward(xs, attention_mask)
-    }
-
-    pub fn reduce(&mut self, to: Products) -> Result<()> {
-        self.stack.reduce(to)
     }
 }
 
@@ -132,10 +129,10 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    pub fn load(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &BertConfig, vb: VarBuilder, reduce: Option<Products>) -> Result<Self> {
         Ok(Self {
             embeddings: BertEmbeddings::load(cfg, vb.pp("embeddings"))?,
-            encoder: BertEncoder::load(cfg, vb.pp("encoder"))?,
+            encoder: BertEncoder::load(cfg, vb.pp("encoder"), reduce)?,
         })
     }
 
@@ -214,9 +211,16 @@ pub(crate) fn tied_decoder(
 }
 
 impl Bert {
-    pub fn load(cfg: &BertConfig, vb: VarBuilder, head: Head, num_labels: usize) -> Result<Self> {
+    /// `reduce`: the encoder layers' products in int8 or bf16 (CPU, f32 weights).
+    pub fn load(
+        cfg: &BertConfig,
+        vb: VarBuilder,
+        head: Head,
+        num_labels: usize,
+        reduce: Option<Products>,
+    ) -> Result<Self> {
         let base = base_vb(&vb, "bert", "embeddings.word_embeddings.weight");
-        let model = BertModel::load(cfg, base.clone())?;
+        let model = BertModel::load(cfg, base.clone(), reduce)?;
         let h = cfg.hidden_size;
         let head = match head {
             Head::Base => BertHead::Base,
@@ -249,10 +253,6 @@ impl Bert {
 }
 
 impl EncoderModel for Bert {
-    fn reduce(&mut self, to: Products) -> Result<()> {
-        self.model.encoder.reduce(to)
-    }
-
     fn forward(
         &self,
         input_ids: &Tensor,

@@ -69,11 +69,13 @@ pub struct DistilBert {
 }
 
 impl DistilBert {
+    /// `reduce`: the layers' products in int8 or bf16 (CPU, f32 weights).
     pub fn load(
         cfg: &DistilBertConfig,
         vb: VarBuilder,
         head: Head,
         num_labels: usize,
+        reduce: Option<Products>,
     ) -> Result<Self> {
         let base = base_vb(&vb, "distilbert", "embeddings.word_embeddings.weight");
         let e = base.pp("embeddings");
@@ -88,6 +90,7 @@ impl DistilBert {
             (0..cfg.n_layers).map(|i| load_layer(cfg, base.pp("transformer").pp("layer").pp(i))),
             vb.device(),
             vb.dtype(),
+            reduce,
         )?;
         let d = cfg.dim;
         let head = match head {
@@ -128,10 +131,6 @@ impl DistilBert {
 }
 
 impl EncoderModel for DistilBert {
-    fn reduce(&mut self, to: Products) -> Result<()> {
-        self.layers.reduce(to)
-    }
-
     fn forward(
         &self,
         input_ids: &Tensor,

@@ -62,39 +62,34 @@ pub enum PostLnStack {
 
 impl PostLnStack {
     /// The CPU path for f32 on CPU, candle's otherwise. `layers` loads them one by one: on
-    /// the CPU path each layer is copied and dropped before the next loads, so the candle
-    /// copy of the whole stack never exists next to the CPU one.
+    /// the CPU path each layer is copied (and with `reduce`, converted to int8 or bf16) and
+    /// dropped before the next loads, so neither the candle copy of the whole stack nor its
+    /// f32 copy exists next to the one kept.
     pub fn new(
         layers: impl IntoIterator<Item = Result<PostLnLayer>>,
         device: &Device,
         dtype: DType,
+        reduce: Option<Products>,
     ) -> Result<Self> {
         let layers = layers.into_iter();
         if device.is_cpu() && dtype == DType::F32 {
             Ok(Self::Cpu(
                 layers
-                    .map(|l| CpuLayer::from_layer(&l?))
+                    .map(|l| {
+                        let mut layer = CpuLayer::from_layer(&l?)?;
+                        if let Some(to) = reduce {
+                            layer.reduce(to);
+                        }
+                        Ok(layer)
+                    })
                     .collect::<Result<_>>()?,
             ))
+        } else if reduce.is_some() {
+            candle_core::bail!(
+                "int8 quantization runs on the CPU with f32 weights (--device cpu --dtype f32)"
+            )
         } else {
             Ok(Self::Candle(layers.collect::<Result<_>>()?))
-        }
-    }
-
-    /// Run every layer's linear products in reduced precision: int8 (dynamic: per-column
-    /// weight scales now, per-token activation scales at run time) or bf16. Only the CPU path
-    /// (loaded in f32) has these kernels.
-    pub fn reduce(&mut self, to: Products) -> Result<()> {
-        match self {
-            Self::Cpu(layers) => {
-                for l in layers {
-                    l.reduce(to);
-                }
-                Ok(())
-            }
-            Self::Candle(_) => candle_core::bail!(
-                "int8 quantization runs on the CPU with f32 weights (--device cpu --dtype f32)"
-            ),
         }
     }
 
@@ -326,7 +321,7 @@ mod tests {
             let a = PostLnStack::Candle(layers(act))
                 .forward(&xs, &mask)
                 .unwrap();
-            let b = PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32)
+            let b = PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32, None)
                 .unwrap()
                 .forward(&xs, &mask)
                 .unwrap();
@@ -338,17 +333,18 @@ mod tests {
                 to.push(Products::Bf16);
             }
             for to in to {
-                let mut q =
-                    PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32).unwrap();
-                q.reduce(to).unwrap();
+                let q =
+                    PostLnStack::new(layers(act).into_iter().map(Ok), &dev, DType::F32, Some(to))
+                        .unwrap();
                 let c = q.forward(&xs, &mask).unwrap();
                 let diff = crate::models::max_abs_diff(&a, &c);
                 assert!(diff < 0.1 && diff > 0.0, "{act:?} {to:?}: {diff}");
             }
         }
         // candle's path has no int8 kernels: a clear error.
-        let mut candle = PostLnStack::Candle(layers(Activation::Gelu));
-        let err = candle.reduce(Products::Int8).unwrap_err().to_string();
+        let candle = layers(Activation::Gelu).into_iter().map(Ok);
+        let err = PostLnStack::new(candle, &dev, DType::F16, Some(Products::Int8));
+        let err = err.err().expect("an error").to_string();
         assert!(err.contains("f32"), "{err}");
     }
 }

@@ -69,12 +69,6 @@ pub trait EncoderModel: Send + Sync {
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor>;
-
-    /// Run the encoder layers' linear products in int8 (dynamic quantization: weights now,
-    /// activations per token at run time) or bf16; embeddings and heads stay f32.
-    fn reduce(&mut self, to: encoder_stack::Products) -> candle_core::Result<()> {
-        candle_core::bail!("this model has no {to:?} path")
-    }
 }
 
 pub const ENCODER_TYPES: &[&str] = &["bert", "distilbert", "roberta", "xlm-roberta"];
@@ -91,12 +85,16 @@ pub fn max_positions(config: &ModelConfig) -> Option<usize> {
     })
 }
 
+/// Load an encoder with its head. `int8`: the layers' products in int8 (CPU, f32); `dtype`
+/// bf16 on CPU: in bf16 where the CPU has AVX512-BF16 (f32 with a warning elsewhere).
+#[allow(clippy::too_many_arguments)]
 pub fn load_encoder(
     dir: &Path,
     config: &ModelConfig,
     head: Head,
     device: &Device,
     dtype: DType,
+    int8: bool,
     task: &str,
 ) -> Result<Box<dyn EncoderModel>> {
     let model_type = config.model_type.as_str();
@@ -116,35 +114,46 @@ pub fn load_encoder(
     // the instructions. BART keeps candle's path.
     let cpu_bf16 = device.is_cpu() && dtype == DType::BF16 && !bart_cls;
     let load_dtype = if cpu_bf16 { DType::F32 } else { dtype };
+    if int8 && (bart_cls || !device.is_cpu() || dtype != DType::F32) {
+        return Err(Error::InvalidParameter {
+            name: "quantize".into(),
+            detail: "int8 quantization applies to BERT, DistilBERT, RoBERTa and XLM-RoBERTa \
+                     encoders on the CPU with --dtype f32"
+                .into(),
+        });
+    }
+    let reduce = if int8 {
+        Some(encoder_stack::Products::Int8)
+    } else if cpu_bf16 && crate::kernels::cpu::bf16::available() {
+        Some(encoder_stack::Products::Bf16)
+    } else {
+        if cpu_bf16 {
+            eprintln!(
+                "warning: this CPU has no AVX512-BF16 instructions: --dtype bf16 runs the \
+                 encoder in f32"
+            );
+        }
+        None
+    };
     let vb = weights.into_var_builder(load_dtype, device);
     let n = config.num_labels();
     let wrap = |e: candle_core::Error| Error::Weights {
         path: path.clone(),
         detail: e.to_string(),
     };
-    let mut model: Box<dyn EncoderModel> = match model_type {
-        "bert" => Box::new(bert::Bert::load(&config.parse()?, vb, head, n).map_err(wrap)?),
+    let model: Box<dyn EncoderModel> = match model_type {
+        "bert" => Box::new(bert::Bert::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?),
         "roberta" | "xlm-roberta" => {
-            Box::new(roberta::Roberta::load(&config.parse()?, vb, head, n).map_err(wrap)?)
+            Box::new(roberta::Roberta::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?)
         }
-        "distilbert" => {
-            Box::new(distilbert::DistilBert::load(&config.parse()?, vb, head, n).map_err(wrap)?)
-        }
+        "distilbert" => Box::new(
+            distilbert::DistilBert::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?,
+        ),
         "bart" => Box::new(
             bart::BartForSequenceClassification::load(&config.parse()?, vb, n).map_err(wrap)?,
         ),
         _ => unreachable!("checked against ENCODER_TYPES"),
     };
-    if cpu_bf16 {
-        if crate::kernels::cpu::bf16::available() {
-            model.reduce(encoder_stack::Products::Bf16).map_err(wrap)?;
-        } else {
-            eprintln!(
-                "warning: this CPU has no AVX512-BF16 instructions: --dtype bf16 runs the \
-                 encoder in f32"
-            );
-        }
-    }
     Ok(model)
 }
 

@@ -8,6 +8,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::bert::{base_vb, tied_decoder, BertConfig, BertEmbeddings, BertEncoder};
+use super::encoder_stack::Products;
 use super::layers::{first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
@@ -42,10 +43,17 @@ pub struct Roberta {
 }
 
 impl Roberta {
-    pub fn load(cfg: &BertConfig, vb: VarBuilder, head: Head, num_labels: usize) -> Result<Self> {
+    /// `reduce`: the encoder layers' products in int8 or bf16 (CPU, f32 weights).
+    pub fn load(
+        cfg: &BertConfig,
+        vb: VarBuilder,
+        head: Head,
+        num_labels: usize,
+        reduce: Option<Products>,
+    ) -> Result<Self> {
         let base = base_vb(&vb, "roberta", "embeddings.word_embeddings.weight");
         let embeddings = BertEmbeddings::load(cfg, base.pp("embeddings"))?;
-        let encoder = BertEncoder::load(cfg, base.pp("encoder"))?;
+        let encoder = BertEncoder::load(cfg, base.pp("encoder"), reduce)?;
         let h = cfg.hidden_size;
         let head = match head {
             Head::Base => RobertaHead::Base,
@@ -82,10 +90,6 @@ impl Roberta {
 }
 
 impl EncoderModel for Roberta {
-    fn reduce(&mut self, to: super::encoder_stack::Products) -> Result<()> {
-        self.encoder.reduce(to)
-    }
-
     fn forward(
         &self,
         input_ids: &Tensor,

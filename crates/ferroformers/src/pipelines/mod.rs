@@ -481,26 +481,21 @@ pub struct EncoderRunner {
 impl EncoderRunner {
     pub fn load(opts: &PipelineOptions, model: &str, head: Head, task: &str) -> Result<Self> {
         let loaded = load_common(opts, model)?;
-        let mut enc = models::load_encoder(
+        let int8 = opts.quantize == Some(Quantize::Int8);
+        let enc = models::load_encoder(
             &loaded.model_dir,
             &loaded.config,
             head,
             &opts.device,
             opts.dtype,
+            int8,
             task,
         )?;
-        if let Some(q) = opts.quantize {
-            if opts.dtype != DType::F32 {
-                return Err(q.unsupported("it runs with --dtype f32 only"));
-            }
-            enc.reduce(models::encoder_stack::Products::Int8)
-                .map_err(|e| q.unsupported(&e.to_string()))?;
-            if !crate::kernels::cpu::vnni::available() {
-                eprintln!(
-                    "warning: this CPU has no AVX-512 VNNI instructions: --quantize int8 runs \
-                     a portable integer loop, slower than f32"
-                );
-            }
+        if int8 && !crate::kernels::cpu::vnni::available() {
+            eprintln!(
+                "warning: this CPU has no AVX-512 VNNI instructions: --quantize int8 runs a \
+                 portable integer loop, slower than f32"
+            );
         }
         Ok(Self {
             model: enc,
