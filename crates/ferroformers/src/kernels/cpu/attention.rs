@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::rowops::{fast_exp, softmax_masked, softmax_masked_g};
+use super::rowops::{fast_exp, softmax_masked_g, softmax_rows};
 use super::simd::{dispatch, dot16, max16, sum16};
 use super::threads::SendPtr;
 
@@ -178,9 +178,7 @@ pub fn attend_sequences(
                 gemm::Parallelism::None,
             );
         }
-        for row in scores.chunks_exact_mut(s) {
-            softmax_masked(row, keep);
-        }
+        softmax_rows(&mut scores, s, keep);
         let out = ctx_ptr;
         // SAFETY: rows bi*s.., columns hd*d..(hd+1)*d of ctx (row stride inner) belong to this
         // job only.

@@ -100,6 +100,15 @@ fn layer_norm_g(row: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
 }
 dispatch!(pub fn layer_norm(row: &mut [f32], g: &[f32], b: &[f32], eps: f32); via layer_norm_g);
 
+/// [`layer_norm`] on every `h`-wide row of `rows`, in one dispatched call.
+#[inline(always)]
+fn layer_norm_each_g(rows: &mut [f32], h: usize, g: &[f32], b: &[f32], eps: f32) {
+    for row in rows.chunks_exact_mut(h) {
+        layer_norm_g(row, g, b, eps);
+    }
+}
+dispatch!(fn layer_norm_each(rows: &mut [f32], h: usize, g: &[f32], b: &[f32], eps: f32); via layer_norm_each_g);
+
 #[inline(always)]
 fn activate_g(xs: &mut [f32], act: Activation) {
     match act {
@@ -172,6 +181,16 @@ pub(crate) fn softmax_masked_g(row: &mut [f32], keep: &[f32]) {
 }
 dispatch!(pub fn softmax_masked(row: &mut [f32], keep: &[f32]); via softmax_masked_g);
 
+/// [`softmax_masked`] on every `width`-wide row of `rows`, in one dispatched call (a short
+/// input's attention has many rows of a dozen scores: the per-call cost would dominate).
+#[inline(always)]
+fn softmax_rows_g(rows: &mut [f32], width: usize, keep: &[f32]) {
+    for row in rows.chunks_exact_mut(width) {
+        softmax_masked_g(row, keep);
+    }
+}
+dispatch!(pub fn softmax_rows(rows: &mut [f32], width: usize, keep: &[f32]); via softmax_rows_g);
+
 /// `gate = silu(gate) * up`, in place.
 #[inline(always)]
 fn silu_mul_g(gate: &mut [f32], up: &[f32]) {
@@ -190,13 +209,13 @@ fn mul_in_place_g(a: &mut [f32], b: &[f32]) {
 }
 dispatch!(pub fn mul_in_place(a: &mut [f32], b: &[f32]); via mul_in_place_g);
 
-/// Rows that are worth splitting across threads only when there is enough work.
+/// Rows that are worth splitting across threads only when there is enough work: `f` gets runs
+/// of whole rows.
 fn rows_par<F: Fn(&mut [f32]) + Sync + Send>(x: &mut [f32], width: usize, par: bool, f: F) {
     if par && x.len() >= 1 << 16 {
-        x.par_chunks_mut(width * 16)
-            .for_each(|c| c.chunks_exact_mut(width).for_each(&f));
+        x.par_chunks_mut(width * 16).for_each(&f);
     } else {
-        x.chunks_exact_mut(width).for_each(f);
+        f(x);
     }
 }
 
@@ -208,7 +227,7 @@ pub fn layer_norm_rows(
     (g, b, eps): &(Vec<f32>, Vec<f32>, f32),
     par: bool,
 ) {
-    rows_par(x, h, par, |row| layer_norm(row, g, b, *eps));
+    rows_par(x, h, par, |rows| layer_norm_each(rows, h, g, b, *eps));
 }
 
 /// [`activate`] over all of `x`, in chunks over rayon's threads when `par` and large enough.
