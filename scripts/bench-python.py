@@ -164,16 +164,18 @@ def quantized_onnx(src: Path) -> Path:
     return dst
 
 
-def run_onnx(sentences, batch_size, threads, sort=True, int8=False):
-    import numpy as np
+def onnx_setup(threads, int8=False):
+    """The MiniLM ONNX session (f32, or `quantize_dynamic`'d) with `threads` intra-op threads,
+    its tokenizer (truncation at 256, no padding) and its input names."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     snap = snapshot_dir(ONNX_ID, "onnx")
     tk = Tokenizer.from_file(str(snap / "tokenizer.json"))
-    # tokenizer.json carries truncation max_length=128; use the ST limit instead.
+    # tokenizer.json carries truncation max_length=128 and padding to a fixed 128; use the ST
+    # limit and no padding instead (batches pad to their longest: see run_onnx).
     tk.enable_truncation(max_length=256)
-    tk.enable_padding(pad_id=0, pad_token="[PAD]")
+    tk.no_padding()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -184,7 +186,14 @@ def run_onnx(sentences, batch_size, threads, sort=True, int8=False):
         path = quantized_onnx(path)
     sess = ort.InferenceSession(str(path), sess_options=so,
                                 providers=["CPUExecutionProvider"])
-    input_names = {i.name for i in sess.get_inputs()}
+    return tk, sess, {i.name for i in sess.get_inputs()}
+
+
+def run_onnx(sentences, batch_size, threads, sort=True, int8=False):
+    import numpy as np
+
+    tk, sess, input_names = onnx_setup(threads, int8)
+    tk.enable_padding(pad_id=0, pad_token="[PAD]")
     order = (length_order(sentences, lambda s: tk.encode(s).ids) if sort
              else list(range(len(sentences))))
     sentences = [sentences[i] for i in order]

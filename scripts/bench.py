@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import timed, timing_line
+from benchlib import OURS, cpu_model, timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -45,15 +45,12 @@ def load_bench_python():
     return mod
 
 
-def run_ours(binary, sentences_file, batch, threads, mode="f32"):
+def run_ours(binary, sentences_file, batch, threads, engine="ours"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [str(binary), "run", "feature-extraction", "--model", MODEL, "--param", "pooling=mean",
            "--param", "normalize=true", "--batch-size", str(batch), "--threads", str(threads),
            "--input", str(sentences_file), "--timing"]
-    if mode == "int8":
-        cmd += ["--quantize", "int8"]
-    elif mode == "bf16":
-        cmd += ["--dtype", "bf16"]
+    cmd += OURS[engine]
     p, rss = timed(cmd, env)
     timing = timing_line(p.stderr)
     n = timing["inputs"]
@@ -82,13 +79,6 @@ def mean_cosine(a, b):
     return float(cos.mean()), float(cos.min())
 
 
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
@@ -115,9 +105,8 @@ def main():
         order = engines if rep % 2 == 0 else list(reversed(engines))
         for batch in batches:
             for e in order:
-                if e in ("ours", "ours-int8", "ours-bf16"):
-                    mode = {"ours": "f32", "ours-int8": "int8", "ours-bf16": "bf16"}[e]
-                    r, emb = run_ours(args.binary, sfile, batch, args.threads, mode)
+                if e in OURS:
+                    r, emb = run_ours(args.binary, sfile, batch, args.threads, e)
                 else:
                     r, emb = run_python(e, batch, args.threads, args.n, tmp / "emb.npy")
                 results.setdefault((e, batch), []).append(r)

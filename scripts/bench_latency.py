@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchlib import OURS, cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCE = "A young engineer carefully repaired the broken window before dinner."
 
@@ -35,22 +37,7 @@ spec = importlib.util.spec_from_file_location("bp", os.path.join(sys.argv[6], "s
 bp = importlib.util.module_from_spec(spec); spec.loader.exec_module(bp)
 import numpy as np
 if engine.startswith("onnx"):
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-    snap = bp.snapshot_dir(bp.ONNX_ID, "onnx")
-    tk = Tokenizer.from_file(str(snap / "tokenizer.json"))
-    tk.enable_truncation(max_length=256)
-    tk.no_padding()  # tokenizer.json pads to a fixed 128: one sentence needs no padding
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    path = snap / "onnx" / "model.onnx"
-    if engine == "onnx-int8":
-        path = bp.quantized_onnx(path)
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
+    tk, sess, names = bp.onnx_setup(threads, int8=engine == "onnx-int8")
     def once():
         e = tk.encode(payload)
         ids = np.array([e.ids], dtype=np.int64)
@@ -96,7 +83,6 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--binary", default=str(ROOT / "target/release/examples/latency"))
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "scripts"))
     import bench_qa
     bench_qa.make_model()
     pair = bench_qa.make_pairs(1)[0]
@@ -112,16 +98,13 @@ def main():
         for what, (engines, payload) in cases.items():
             order = engines if rnd % 2 == 0 else list(reversed(engines))
             for e in order:
-                if e.startswith("ours"):
+                if e in OURS:
                     task, model = (("feature-extraction", "sentence-transformers/all-MiniLM-L6-v2")
                                    if what == "minilm" else ("question-answering", str(bench_qa.MODEL)))
                     cmd = [args.binary, task, model, json.dumps(payload), "--reps", str(args.reps)]
                     if what == "minilm":
                         cmd += ["--param", "pooling=mean", "--param", "normalize=true"]
-                    if e == "ours-int8":
-                        cmd += ["--quantize", "int8"]
-                    if e == "ours-bf16":
-                        cmd += ["--dtype", "bf16"]
+                    cmd += OURS[e]
                 else:
                     cmd = [sys.executable, "-c", PY_CHILD, e, what, str(args.threads), str(args.reps),
                            json.dumps(payload), str(ROOT), str(bench_qa.MODEL)]
@@ -132,8 +115,7 @@ def main():
                 res.setdefault((what, e), []).append(ms)
                 print(f"round {rnd} {what} {e}: {ms:.2f} ms", file=sys.stderr)
     load1 = os.getloadavg()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
+    cpu = cpu_model()
     print(f"\nOne request at a time, warm, {args.threads} threads, median of {args.reps} requests, "
           f"median of {args.rounds} rounds; CPU {cpu}; load average before {load0[0]:.2f}, "
           f"after {load1[0]:.2f}")

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import timed, timing_line
+from benchlib import OURS, cpu_model, timed, timing_line
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
@@ -116,14 +116,10 @@ def main():
         engines = names if rep % 2 == 0 else list(reversed(names))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             for e in engines:
-                if e in ("ours", "ours-int8", "ours-bf16"):
+                if e in OURS:
                     cmd = [args.binary, "run", "question-answering", "--model", str(MODEL),
                            "--batch-size", str(bs), "--threads", str(args.threads),
-                           "--input", str(pairs_file), "--timing"]
-                    if e == "ours-int8":
-                        cmd += ["--quantize", "int8"]
-                    elif e == "ours-bf16":
-                        cmd += ["--dtype", "bf16"]
+                           "--input", str(pairs_file), "--timing"] + OURS[e]
                     p, rss = timed(cmd, env)
                     run_s = timing_line(p.stderr)["run_s"]
                     answers.setdefault(e, [json.loads(x) for x in p.stdout.splitlines()])
@@ -136,8 +132,7 @@ def main():
                 print(f"rep {rep} {e:6} batch {bs}: {r['pairs_per_s']:.2f} pairs/s, RSS {rss:.0f} MB",
                       file=sys.stderr)
     load1 = os.getloadavg()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
+    cpu = cpu_model()
     print(f"\nQA, BERT-base-sized random model, 64 pairs x ~300-word context, {args.threads} threads, "
           f"median of {args.reps}; CPU {cpu}; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
     print("| engine | batch | pairs/s | vs python | vs ours | peak RSS (MB) |")

@@ -17,3 +17,16 @@ def timing_line(stderr):
     """The JSON that `ferroformers run --timing` prints last on stderr."""
     import json
     return json.loads([l for l in stderr.splitlines() if l.startswith("{")][-1])
+
+
+def cpu_model():
+    """lscpu's model name (from /proc/cpuinfo), recorded beside every figure."""
+    from pathlib import Path
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# Our engines' extra CLI flags: f32, int8 (`--quantize int8`), bf16 (`--dtype bf16`).
+OURS = {"ours": [], "ours-int8": ["--quantize", "int8"], "ours-bf16": ["--dtype", "bf16"]}

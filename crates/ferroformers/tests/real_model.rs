@@ -98,21 +98,16 @@ fn minilm_sentence_similarity_task() {
     assert!((out[0][1].as_f64().unwrap() - 1.0).abs() < 1e-5, "{out}");
 }
 
-/// `--quantize int8` keeps MiniLM's embeddings close to sentence-transformers' f32 ones
-/// (cosine per sentence) and its paraphrase similarity nearly unchanged.
-#[test]
-fn minilm_int8_embeddings_stay_close_to_f32() {
-    if skip() {
-        return;
-    }
+/// MiniLM's embeddings of the reference texts with `opts`, and each one's cosine with
+/// sentence-transformers' f32 embedding.
+fn minilm_cosines(opts: PipelineOptions) -> (Vec<Vec<f64>>, Vec<f64>) {
     let exp = common::expected("all-minilm-l6-v2");
     let pipe = ferroformers::pipeline_with(
         "sentence-embeddings",
         PipelineOptions {
             model: Some(exp["model"].as_str().unwrap().to_string()),
             batch_size: 4,
-            quantize: Some(ferroformers::Quantize::Int8),
-            ..Default::default()
+            ..opts
         },
     )
     .unwrap();
@@ -124,24 +119,44 @@ fn minilm_int8_embeddings_stay_close_to_f32() {
         .collect();
     let ours = serde_json::to_value(pipe.run(&texts, &Params::new()).unwrap()).unwrap();
     let vec = |v: &serde_json::Value| -> Vec<f64> { serde_json::from_value(v.clone()).unwrap() };
-    let cos = |a: &[f64], b: &[f64]| {
-        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-        dot / (na * nb)
-    };
-    let mut sum = 0.0;
-    for i in 0..texts.len() {
-        let c = cos(&vec(&ours[i]), &vec(&exp["embeddings"][i]));
+    let embs: Vec<Vec<f64>> = (0..texts.len()).map(|i| vec(&ours[i])).collect();
+    let cos = embs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| cosine(a, &vec(&exp["embeddings"][i])))
+        .collect();
+    (embs, cos)
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// `--quantize int8` keeps MiniLM's embeddings close to sentence-transformers' f32 ones
+/// (cosine per sentence) and its paraphrase similarity nearly unchanged.
+#[test]
+fn minilm_int8_embeddings_stay_close_to_f32() {
+    if skip() {
+        return;
+    }
+    let (embs, cos) = minilm_cosines(PipelineOptions {
+        quantize: Some(ferroformers::Quantize::Int8),
+        ..Default::default()
+    });
+    for (i, &c) in cos.iter().enumerate() {
         assert!(c > 0.995, "text #{i}: cosine {c} against f32");
         // Not equal: the int8 path really ran.
         assert!(c < 1.0 - 1e-9, "text #{i}: identical to f32");
-        sum += c;
     }
-    let mean = sum / texts.len() as f64;
+    let mean = cos.iter().sum::<f64>() / cos.len() as f64;
     assert!(mean >= 0.999, "mean cosine {mean} against f32");
-    let sim = cos(&vec(&ours[0]), &vec(&ours[1]));
-    let want = exp["similarity_0_1"].as_f64().unwrap();
+    let sim = cosine(&embs[0], &embs[1]);
+    let want = common::expected("all-minilm-l6-v2")["similarity_0_1"]
+        .as_f64()
+        .unwrap();
     assert!((sim - want).abs() < 0.01, "similarity {sim} vs {want}");
 }
 
@@ -153,31 +168,11 @@ fn minilm_bf16_embeddings_stay_close_to_f32() {
     if skip() {
         return;
     }
-    let exp = common::expected("all-minilm-l6-v2");
-    let pipe = ferroformers::pipeline_with(
-        "sentence-embeddings",
-        PipelineOptions {
-            model: Some(exp["model"].as_str().unwrap().to_string()),
-            batch_size: 4,
-            dtype: ferroformers::DType::BF16,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let texts: Vec<Input> = exp["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| Input::from(t.as_str().unwrap()))
-        .collect();
-    let ours = serde_json::to_value(pipe.run(&texts, &Params::new()).unwrap()).unwrap();
-    for i in 0..texts.len() {
-        let a: Vec<f64> = serde_json::from_value(ours[i].clone()).unwrap();
-        let b: Vec<f64> = serde_json::from_value(exp["embeddings"][i].clone()).unwrap();
-        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        let n =
-            (a.iter().map(|x| x * x).sum::<f64>() * b.iter().map(|x| x * x).sum::<f64>()).sqrt();
-        let c = dot / n;
+    let (_, cos) = minilm_cosines(PipelineOptions {
+        dtype: ferroformers::DType::BF16,
+        ..Default::default()
+    });
+    for (i, &c) in cos.iter().enumerate() {
         assert!(c > 0.9999, "text #{i}: cosine {c} against f32");
         if ferroformers::kernels::cpu::bf16::available() {
             assert!(c < 1.0 - 1e-10, "text #{i}: identical to f32");

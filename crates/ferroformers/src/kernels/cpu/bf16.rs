@@ -12,7 +12,7 @@
 //! columns x 2 inputs, as `vdpbf16ps` wants them. Inputs are padded to a multiple of 2 and
 //! columns to a multiple of 32 with zeros.
 
-use super::panels::{drive, Call, Epi, MR, PANEL};
+use super::panels::{drive, start, Call, Epi, MR, PANEL};
 
 /// Inputs per pass over the weights (a panel's slice is 16 KiB).
 const KC: usize = 256;
@@ -115,15 +115,9 @@ impl Bf16Weights {
         par: bool,
     ) {
         let (k, n, kp) = (self.k, self.n, self.kp);
-        assert!(x.len() >= rows * k && out.len() >= rows * n && bias.len() == n);
-        if let Some(r) = residual {
-            assert!(r.len() >= rows * n);
-        }
-        if rows == 0 || n == 0 {
+        let Some(par) = start(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
             return;
-        }
-        let threads = rayon::current_num_threads();
-        let par = par && threads > 1 && rows * n * k >= 1 << 23;
+        };
         let mut xb = vec![0u16; rows * kp];
         for (xr, br) in x.chunks_exact(k).zip(xb.chunks_exact_mut(kp)).take(rows) {
             round_row(xr, &mut br[..k]);

@@ -27,7 +27,7 @@
 
 use rayon::prelude::*;
 
-use super::panels::{drive, Call, Epi, MR, PANEL};
+use super::panels::{drive, start, Call, Epi, MR, PANEL};
 use super::simd::dispatch;
 
 /// Inputs per activation scale.
@@ -162,16 +162,10 @@ impl Int8Weights {
         kernel: Kernel,
     ) {
         let (k, n, kp) = (self.k, self.n, self.kp);
-        assert!(x.len() >= rows * k && out.len() >= rows * n && bias.len() == n);
-        if let Some(r) = residual {
-            assert!(r.len() >= rows * n);
-        }
-        if rows == 0 || n == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads();
         // Below ~8M products a split costs more than it saves (the kernels do ~30 per ns).
-        let par = par && threads > 1 && rows * n * k >= 1 << 23;
+        let Some(par) = start(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
+            return;
+        };
         let mut owned = ACTS.take();
         owned.fill(x, rows, k, kp, par && rows >= 64);
         let nb = blocks_of(kp);

@@ -47,6 +47,30 @@ impl Epi<'_> {
     }
 }
 
+/// The checks every packed product starts with: `x` `[rows, k]`, `out` `[rows, n]`, `bias`
+/// `n`, `residual` `[rows, n]`. Returns whether to split the work over rayon's threads
+/// (asked for, and at least `min_work` products), or `None` when there is nothing to do.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    x: &[f32],
+    rows: usize,
+    (k, n): (usize, usize),
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    out: &[f32],
+    par: bool,
+    min_work: usize,
+) -> Option<bool> {
+    assert!(x.len() >= rows * k && out.len() >= rows * n && bias.len() == n);
+    if let Some(r) = residual {
+        assert!(r.len() >= rows * n);
+    }
+    if rows == 0 || n == 0 {
+        return None;
+    }
+    Some(par && rayon::current_num_threads() > 1 && rows * n * k >= min_work)
+}
+
 /// One kernel call: rows `ra..ra + mr`, panel `p`, input chunk `chunk` (of `chunks`; the first
 /// starts the sums, the last writes `epi`), sums in `tile` at row stride `ld`.
 pub struct Call<'a> {
