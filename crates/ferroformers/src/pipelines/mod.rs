@@ -454,10 +454,17 @@ where
         let lone = parallel && threads > 1 && wave.len() % threads == 1;
         let (side, last) = wave.split_at(wave.len() - usize::from(lone));
         let mut outs: Vec<Result<R>> = if side.len() > 1 {
-            side.par_iter()
+            // Last batches first: encoder runs order each window by length, so the longest
+            // batches start first and the short ones fill in at the end (less idling at the
+            // window's end). Results go back in order.
+            let mut outs: Vec<Result<R>> = side
+                .par_iter()
+                .rev()
                 .with_max_len(1)
                 .map(|chunk| crate::kernels::cpu::threads::as_worker(|| compute(chunk)))
-                .collect()
+                .collect();
+            outs.reverse();
+            outs
         } else {
             side.iter().map(|chunk| compute(chunk)).collect()
         };
