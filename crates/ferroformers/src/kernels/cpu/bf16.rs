@@ -356,19 +356,11 @@ mod tests {
             println!("bf16 kernels off, portable loop checked");
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "kernels::cpu::bf16::tests::no_bf16_variable_turns_the_kernels_off",
-                "--exact",
-                "--nocapture",
-            ])
-            .env("FERROFORMERS_NO_BF16", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("portable loop checked"), "{text}");
+        crate::kernels::cpu::rerun_with(
+            "kernels::cpu::bf16::tests::no_bf16_variable_turns_the_kernels_off",
+            "FERROFORMERS_NO_BF16",
+            "portable loop checked",
+        );
     }
 
     #[test]

@@ -710,18 +710,10 @@ mod tests {
             println!("picked the portable kernel");
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "kernels::cpu::int8::tests::no_vnni_variable_picks_the_portable_kernel",
-                "--exact",
-                "--nocapture",
-            ])
-            .env("FERROFORMERS_NO_VNNI", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("picked the portable kernel"), "{text}");
+        crate::kernels::cpu::rerun_with(
+            "kernels::cpu::int8::tests::no_vnni_variable_picks_the_portable_kernel",
+            "FERROFORMERS_NO_VNNI",
+            "picked the portable kernel",
+        );
     }
 }

@@ -61,3 +61,18 @@ pub(crate) fn test_values(n: usize, seed: u64, spread: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Run the test `name` again in a child process with `var=1` set (the dispatch reads its
+/// switches once per process), and check it passed and printed `marker`.
+#[cfg(test)]
+pub(crate) fn rerun_with(name: &str, var: &str, marker: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture"])
+        .env(var, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(marker), "{text}");
+}
