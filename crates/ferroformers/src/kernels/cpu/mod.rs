@@ -7,10 +7,12 @@
 //! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
 //! - [`vnni`]: AVX-512 VNNI integer dots over raw 32-value GGUF blocks (the int8 mode's
 //!   decoding kernels where the CPU has them; [`blocks::dot_int_blocks`] picks them);
-//! - [`bf16`]: bf16 linear layers (`--dtype bf16` on CPU), AVX512-BF16 `vdpbf16ps` kernels;
-//! - `panels`: the blocking both share (panels of 32 columns, 6-row microkernels, jobs);
 //! - [`int8`]: dynamic int8 linear layers (`--quantize int8`): per-column 8-bit weights,
-//!   per-row 8-bit activations, exact i32 products (AVX-512 VNNI or the portable loop);
+//!   8-bit activations per token and 128-input block, exact i32 sums (AVX-512 VNNI or the
+//!   portable loop);
+//! - [`bf16`]: bf16 linear layers (`--dtype bf16` on CPU), AVX512-BF16 `vdpbf16ps` kernels;
+//! - `panels`: the blocking int8 and bf16 share (panels of 32 columns, 6-row microkernels,
+//!   jobs, the fused epilogue);
 //! - [`attention`]: softmax attention over whole sequences, one query row over a key/value
 //!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
 //! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
