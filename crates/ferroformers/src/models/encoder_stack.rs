@@ -11,7 +11,9 @@
 //!   ([`crate::kernels::cpu::threads::in_worker`]), else they fan out over rayon's pool.
 //!
 //! [`PostLnStack::new`] picks the CPU path for f32 on CPU, candle's otherwise; the test at the
-//! end checks that the two agree.
+//! end checks that the two agree. On the CPU path its `reduce` runs the four products in int8
+//! (`--quantize int8`, [`crate::kernels::cpu::int8`]) or bf16 (`--dtype bf16` on CPU,
+//! [`crate::kernels::cpu::bf16`]); attention, LayerNorm and activations stay f32.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::LayerNorm;
@@ -86,7 +88,7 @@ impl PostLnStack {
             ))
         } else if reduce.is_some() {
             candle_core::bail!(
-                "int8 quantization runs on the CPU with f32 weights (--device cpu --dtype f32)"
+                "int8 / bf16 products run on the CPU from f32 weights (--device cpu --dtype f32)"
             )
         } else {
             Ok(Self::Candle(layers.collect::<Result<_>>()?))
@@ -125,7 +127,7 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
-/// Reduced-precision products for the CPU path ([`PostLnStack::reduce`]).
+/// Reduced-precision products for the CPU path (`reduce` in [`PostLnStack::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Products {
     /// `kernels::cpu::int8`: int8 weights and activations, exact integer sums.

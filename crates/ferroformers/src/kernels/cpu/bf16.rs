@@ -7,7 +7,7 @@
 //! warn). The portable loop here does the same maths (the products of two bf16 are exact in
 //! f32) in its own order, for tests and odd callers.
 //!
-//! Packed weight layout: panels of [`PANEL`] columns; in each, for every pair of inputs, 32
+//! Packed weight layout: panels of 32 columns; in each, for every pair of inputs, 32
 //! columns x 2 values (the first 64 bytes hold columns 0..16), so one 512-bit load is 16
 //! columns x 2 inputs, as `vdpbf16ps` wants them. Inputs are padded to a multiple of 2 and
 //! columns to a multiple of 32 with zeros.

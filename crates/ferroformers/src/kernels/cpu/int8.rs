@@ -20,7 +20,7 @@
 //! multiply-add), so they give identical results; `FERROFORMERS_NO_VNNI=1` forces the portable
 //! one.
 //!
-//! Packed weight layout: panels of [`PANEL`] columns; in each, for every group of 4 inputs,
+//! Packed weight layout: panels of 32 columns; in each, for every group of 4 inputs,
 //! 32 columns x 4 bytes (the first 64 bytes hold columns 0..16, the next 64 columns 16..32), so
 //! one 512-bit load is 16 columns x 4 inputs, as `vpdpbusd` wants them. Inputs are padded to a
 //! multiple of 4 and columns to a multiple of 32 with zero weights.
