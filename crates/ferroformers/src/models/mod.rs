@@ -85,6 +85,17 @@ pub fn max_positions(config: &ModelConfig) -> Option<usize> {
     })
 }
 
+/// The error for `--quantize int8` where there is no int8 path (`what` says why).
+pub fn int8_unsupported(what: &str) -> Error {
+    Error::InvalidParameter {
+        name: "quantize".into(),
+        detail: format!(
+            "int8 quantization applies to encoder models (BERT, DistilBERT, RoBERTa, \
+             XLM-RoBERTa) on the CPU; {what}"
+        ),
+    }
+}
+
 /// Load an encoder with its head. `int8`: the layers' products in int8 (CPU, f32); `dtype`
 /// bf16 on CPU: in bf16 where the CPU has AVX512-BF16 (f32 with a warning elsewhere).
 #[allow(clippy::too_many_arguments)]
@@ -115,14 +126,15 @@ pub fn load_encoder(
     let cpu_bf16 = device.is_cpu() && dtype == DType::BF16 && !bart_cls;
     let load_dtype = if cpu_bf16 { DType::F32 } else { dtype };
     if int8 && (bart_cls || !device.is_cpu() || dtype != DType::F32) {
-        return Err(Error::InvalidParameter {
-            name: "quantize".into(),
-            detail: "int8 quantization applies to BERT, DistilBERT, RoBERTa and XLM-RoBERTa \
-                     encoders on the CPU with --dtype f32"
-                .into(),
-        });
+        return Err(int8_unsupported("it runs with --dtype f32 only"));
     }
     let reduce = if int8 {
+        if !crate::kernels::cpu::vnni::available() {
+            eprintln!(
+                "warning: this CPU has no AVX-512 VNNI instructions: --quantize int8 runs a \
+                 portable integer loop, slower than f32"
+            );
+        }
         Some(encoder_stack::Products::Int8)
     } else if cpu_bf16 && crate::kernels::cpu::bf16::available() {
         Some(encoder_stack::Products::Bf16)

@@ -225,12 +225,8 @@ impl Quantize {
 
     /// The error for a model family without a quantized path.
     pub(crate) fn unsupported(self, what: &str) -> Error {
-        Error::InvalidParameter {
-            name: "quantize".into(),
-            detail: format!(
-                "int8 quantization applies to encoder models (BERT, DistilBERT, RoBERTa, \
-                 XLM-RoBERTa) on the CPU; {what}"
-            ),
+        match self {
+            Quantize::Int8 => models::int8_unsupported(what),
         }
     }
 }
@@ -498,12 +494,6 @@ impl EncoderRunner {
             int8,
             task,
         )?;
-        if int8 && !crate::kernels::cpu::vnni::available() {
-            eprintln!(
-                "warning: this CPU has no AVX-512 VNNI instructions: --quantize int8 runs a \
-                 portable integer loop, slower than f32"
-            );
-        }
         Ok(Self {
             model: enc,
             tokenizer: loaded.tokenizer,

@@ -12,7 +12,7 @@
 //! columns x 2 inputs, as `vdpbf16ps` wants them. Inputs are padded to a multiple of 2 and
 //! columns to a multiple of 32 with zeros.
 
-use super::panels::{drive, start, Call, Epi, MR, PANEL};
+use super::panels::{by_rows, checked_par, drive, Call, Epi, MR, PANEL};
 
 /// Inputs per pass over the weights (a panel's slice is 16 KiB).
 const KC: usize = 256;
@@ -88,14 +88,6 @@ impl Bf16Weights {
         }
     }
 
-    pub fn inputs(&self) -> usize {
-        self.k
-    }
-
-    pub fn outputs(&self) -> usize {
-        self.n
-    }
-
     #[cfg(test)]
     fn weight(&self, t: usize, j: usize) -> f32 {
         let (p, c) = (j / PANEL, j % PANEL);
@@ -115,7 +107,7 @@ impl Bf16Weights {
         par: bool,
     ) {
         let (k, n, kp) = (self.k, self.n, self.kp);
-        let Some(par) = start(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
+        let Some(par) = checked_par(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
             return;
         };
         let mut xb = vec![0u16; rows * kp];
@@ -138,16 +130,7 @@ impl Bf16Weights {
                 let g = (t0 / 2, t1 / 2);
                 // SAFETY: the CPU has the features (checked); lengths asserted above; `drive`
                 // hands each call its own rows and columns of out.
-                unsafe {
-                    match mr {
-                        6 => x86::panel::<6>(a, kp, b, g, t, c.ld, c.epi),
-                        5 => x86::panel::<5>(a, kp, b, g, t, c.ld, c.epi),
-                        4 => x86::panel::<4>(a, kp, b, g, t, c.ld, c.epi),
-                        3 => x86::panel::<3>(a, kp, b, g, t, c.ld, c.epi),
-                        2 => x86::panel::<2>(a, kp, b, g, t, c.ld, c.epi),
-                        _ => x86::panel::<1>(a, kp, b, g, t, c.ld, c.epi),
-                    }
-                }
+                unsafe { by_rows!(mr, x86::panel, (a, kp, b, g, t, c.ld, c.epi)) }
                 return;
             }
             portable(a, mr, kp, panel, (t0, t1), c.tile, c.ld, c.epi);
@@ -224,7 +207,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::panels::x86::{finish, start};
+    use super::super::panels::x86::{finish, load_sums};
     use super::{Epi, MR, PANEL};
     use std::arch::x86_64::*;
 
@@ -266,7 +249,7 @@ mod x86 {
     ) {
         debug_assert!(R <= MR);
         unsafe {
-            let mut fa = start::<R>(c, ld, g0 > 0);
+            let mut fa = load_sums::<R>(c, ld, g0 > 0);
             for g in g0..g1 {
                 let w0: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(g * 2 * PANEL) as *const _));

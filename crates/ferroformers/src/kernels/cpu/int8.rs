@@ -27,7 +27,7 @@
 
 use rayon::prelude::*;
 
-use super::panels::{drive, start, Call, Epi, MR, PANEL};
+use super::panels::{by_rows, checked_par, drive, Call, Epi, MR, PANEL};
 use super::simd::dispatch;
 
 /// Inputs per activation scale.
@@ -111,16 +111,9 @@ impl Int8Weights {
         }
     }
 
-    pub fn inputs(&self) -> usize {
-        self.k
-    }
-
-    pub fn outputs(&self) -> usize {
-        self.n
-    }
-
     /// The weights as f32 again (`[k, n]`), what the products multiply by.
-    pub fn dequantize(&self) -> Vec<f32> {
+    #[cfg(test)]
+    fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.k * self.n];
         for t in 0..self.k {
             for j in 0..self.n {
@@ -130,6 +123,7 @@ impl Int8Weights {
         w
     }
 
+    #[cfg(test)]
     fn weight(&self, t: usize, j: usize) -> i8 {
         let (p, c) = (j / PANEL, j % PANEL);
         self.packed[p * self.kp * PANEL + (t / 4) * 4 * PANEL + c * 4 + t % 4]
@@ -163,7 +157,7 @@ impl Int8Weights {
     ) {
         let (k, n, kp) = (self.k, self.n, self.kp);
         // Below ~8M products a split costs more than it saves (the kernels do ~30 per ns).
-        let Some(par) = start(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
+        let Some(par) = checked_par(x, rows, (k, n), bias, residual, out, par, 1 << 23) else {
             return;
         };
         let mut owned = ACTS.take();
@@ -401,14 +395,7 @@ impl Kernel {
                 unsafe {
                     let (b, cs, c) = (panel.as_ptr(), colsum.as_ptr(), acc.as_mut_ptr());
                     let bl = (b0, b1);
-                    match mr {
-                        6 => x86::panel::<6>(x, bl, b, cs, c, ld, epi),
-                        5 => x86::panel::<5>(x, bl, b, cs, c, ld, epi),
-                        4 => x86::panel::<4>(x, bl, b, cs, c, ld, epi),
-                        3 => x86::panel::<3>(x, bl, b, cs, c, ld, epi),
-                        2 => x86::panel::<2>(x, bl, b, cs, c, ld, epi),
-                        _ => x86::panel::<1>(x, bl, b, cs, c, ld, epi),
-                    }
+                    by_rows!(mr, x86::panel, (x, bl, b, cs, c, ld, epi))
                 }
             }
             _ => {
@@ -490,7 +477,7 @@ fn portable_panel_generic(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::panels::x86::{finish, start};
+    use super::super::panels::x86::{finish, load_sums};
     use super::{block_params, blocks_of, Epi, Rows, BLOCK, MR, PANEL};
     use std::arch::x86_64::*;
 
@@ -561,7 +548,7 @@ mod x86 {
         let nb = blocks_of(kp);
         let a = x.q.as_ptr();
         unsafe {
-            let mut fa = start::<R>(c, ld, b0 > 0);
+            let mut fa = load_sums::<R>(c, ld, b0 > 0);
             for blk in b0..b1 {
                 let (g0, g1) = (blk * BLOCK / 4, ((blk + 1) * BLOCK).min(kp) / 4);
                 let mut acc = [[_mm512_setzero_si512(); 2]; R];

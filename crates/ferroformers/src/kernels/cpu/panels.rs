@@ -25,6 +25,23 @@ thread_local! {
     static TILE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// `by_rows!(mr, f(args..))` calls `f::<R>(args..)` with `R = mr` (1..=[`MR`]; the kernels
+/// keep a call's sums in registers, so the row count is a constant).
+macro_rules! by_rows {
+    ($mr:expr, $($f:ident)::+, ($($arg:expr),* $(,)?)) => {
+        match $mr {
+            6 => $($f)::+::<6>($($arg),*),
+            5 => $($f)::+::<5>($($arg),*),
+            4 => $($f)::+::<4>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            _ => $($f)::+::<1>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_rows;
+const _: () = assert!(MR == 6, "by_rows! lists the row counts up to MR");
+
 /// Where a kernel call's last chunk writes: `out = sums * sw + bias (+ residual)` for
 /// `sw.len()` columns of the call's rows (row stride `ld` in `out` and `res`).
 #[derive(Clone, Copy)]
@@ -51,7 +68,7 @@ impl Epi<'_> {
 /// `n`, `residual` `[rows, n]`. Returns whether to split the work over rayon's threads
 /// (asked for, and at least `min_work` products), or `None` when there is nothing to do.
 #[allow(clippy::too_many_arguments)]
-pub fn start(
+pub fn checked_par(
     x: &[f32],
     rows: usize,
     (k, n): (usize, usize),
@@ -175,7 +192,7 @@ pub mod x86 {
     /// # Safety
     /// AVX-512F (the caller enables it); with `resume`, `c` holds `(R - 1) * ld + 32`.
     #[inline(always)]
-    pub unsafe fn start<const R: usize>(
+    pub unsafe fn load_sums<const R: usize>(
         c: *const f32,
         ld: usize,
         resume: bool,
