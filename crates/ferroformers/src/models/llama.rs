@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
 use super::layers::sdpa;
 use super::layers::Linear;
-use crate::kernels::cpu::attention::{attend_one, rms_norm_rows};
+use crate::kernels::cpu::attention::{attend_causal, rms_norm_rows};
 use crate::kernels::cpu::quantized::QuantLinear;
 use crate::kernels::cpu::rowops::silu_mul;
 
@@ -500,7 +500,6 @@ impl Llama {
         {
             candle_core::bail!("the KV cache does not match the attention bias");
         }
-        let mut scores = vec![0f32; total];
         for (layer, kv) in self.layers.iter().zip(bufs.iter_mut()) {
             let at = &layer.self_attn;
             let hn = rms_norm_rows(&x, &layer.norms.0, self.eps);
@@ -540,26 +539,14 @@ impl Llama {
                 }
             }
             kv.set_len(total);
-            let mut ctx = vec![0f32; n * q_w];
-            for t in 0..n {
-                let (r, i) = (t / s, t % s);
-                // Keys after this query's position are masked: skip them.
-                let keys = past + i + 1;
-                let brow = &bias[t * total..t * total + keys];
-                for head in 0..nh {
-                    let (ks, vs) = kv.get(r, head / group, keys);
-                    attend_one(
-                        &qkv[t * width + head * hd..t * width + (head + 1) * hd],
-                        ks,
-                        vs,
-                        scale,
-                        brow,
-                        &[],
-                        &mut scores[..keys],
-                        &mut ctx[t * q_w + head * hd..t * q_w + (head + 1) * hd],
-                    );
-                }
-            }
+            let ctx = attend_causal(
+                &qkv,
+                (width, n, s, past),
+                (nh, group, hd),
+                kv,
+                (&bias, total),
+                scale,
+            );
             let o = at.o_proj.forward_vec(&ctx, n)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let hn = rms_norm_rows(&x, &layer.norms.1, self.eps);

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::rowops::{fast_exp, softmax_masked_g, softmax_rows};
 use super::simd::{dispatch, dot16, max16, sum16};
-use super::threads::SendPtr;
+use super::threads::{in_worker, SendPtr};
 
 /// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
 #[derive(Debug, Clone)]
@@ -250,6 +250,61 @@ fn attend_one_g(
     }
 }
 dispatch!(pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scale: f32, bias: &[f32], keep: &[f32], scores: &mut [f32], out: &mut [f32]); via attend_one_g);
+
+/// Causal self-attention of `n` query rows over the keys cached in `kv` (decoder prompts and
+/// steps): row `t` of `qkv` (row stride `width`, the `nh` query heads of `hd` values first) is
+/// position `past + t % s` of batch row `t / s`; it sees the keys up to its own position, of kv
+/// head `head / group`, with `bias[t * total..]` added (padding masks). Returns `[n, nh * hd]`.
+/// Rows spread over the threads, longest first, when the work is large (a prompt); each row
+/// is computed as [`attend_one`] computes it, so the result doesn't depend on the split.
+pub fn attend_causal(
+    qkv: &[f32],
+    (width, n, s, past): (usize, usize, usize, usize),
+    (nh, group, hd): (usize, usize, usize),
+    kv: &KvBuffer,
+    (bias, total): (&[f32], usize),
+    scale: f32,
+) -> Vec<f32> {
+    let q_w = nh * hd;
+    assert!(qkv.len() >= n * width && width >= q_w && bias.len() >= n * total);
+    assert!(n == 0 || past + (n - 1) % s < total);
+    let mut ctx = vec![0f32; n * q_w];
+    let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+    let rows = |items: std::ops::Range<usize>| {
+        let out = ctx_ptr;
+        let mut scores = vec![0f32; total];
+        for item in items {
+            // Longest rows (latest positions) first.
+            let t = n - 1 - item;
+            let (r, i) = (t / s, t % s);
+            // Keys after this query's position are masked: skip them.
+            let keys = past + i + 1;
+            let brow = &bias[t * total..t * total + keys];
+            // SAFETY: row t of ctx belongs to this item only.
+            let crow = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * q_w), q_w) };
+            for head in 0..nh {
+                let (ks, vs) = kv.get(r, head / group, keys);
+                attend_one(
+                    &qkv[t * width + head * hd..t * width + (head + 1) * hd],
+                    ks,
+                    vs,
+                    scale,
+                    brow,
+                    &[],
+                    &mut scores[..keys],
+                    &mut crow[head * hd..(head + 1) * hd],
+                );
+            }
+        }
+    };
+    // One decoding step (a few rows, short cache) is over before the workers wake.
+    if n * nh * total * hd >= 1 << 20 && !in_worker() {
+        candle_core::utils::barrier_pool().execute_chunked(n, rows);
+    } else {
+        rows(0..n);
+    }
+    ctx
+}
 
 /// Softmax attention of a few query rows (decoding steps, beams): `q` `[b, h, s, d]` over `k`,
 /// `v` `[b, kv_h, t, d]` (grouped-query when `kv_h < h`: query head `hh` reads kv head

@@ -7,6 +7,8 @@
 //! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
 //! - [`vnni`]: AVX-512 VNNI integer dots over raw 32-value GGUF blocks (the int8 mode's
 //!   decoding kernels where the CPU has them; [`blocks::dot_int_blocks`] picks them);
+//! - [`qgemm`]: the int8 mode's prompt products: a tile of GGUF weight rows unpacked into a
+//!   VNNI panel once, every prompt row multiplied by it (exact integer sums per scale group);
 //! - [`int8`]: dynamic int8 linear layers (`--quantize int8`): per-column 8-bit weights,
 //!   8-bit activations per token and 128-input block, exact i32 sums (AVX-512 VNNI or the
 //!   portable loop);
@@ -32,6 +34,7 @@ pub mod blocks;
 pub mod int8;
 pub mod linear;
 pub(crate) mod panels;
+pub mod qgemm;
 pub mod quantized;
 pub mod rowops;
 pub(crate) mod simd;

@@ -62,6 +62,7 @@ const TILE_ROWS: usize = 16;
 struct Scratch {
     unpacked: Unpacked,
     tile: Vec<f32>,
+    panel: super::qgemm::Panel,
 }
 
 thread_local! {
@@ -196,6 +197,10 @@ impl QuantLinear {
         let mut out = vec![0f32; m * n];
         let out_ptr = SendPtr(out.as_mut_ptr());
         let blocky = block_shape(self.dtype).is_some();
+        if blocky && self.math == QuantMath::Int8 && m > FEW_ROWS && super::qgemm::available() {
+            self.matmul_panels(x, m, &mut out);
+            return out;
+        }
         // Int8 dots for decoding rows; prompts and batches take the gemm tiles in both modes (the
         // row-by-row integer dots ran at a third of gemm's speed on 128-512 token prompts). In
         // int8 mode the tiles multiply the activations rounded to 8 bits, so prompts see the
@@ -303,6 +308,33 @@ impl QuantLinear {
             (0..tasks).for_each(task);
         }
         out
+    }
+
+    /// `x [m, k] @ W^T` into `out [m, n]` for prompts in the int8 mode on CPUs with AVX-512
+    /// VNNI: tiles of weight rows unpacked into panels, integer sums ([`super::qgemm`]).
+    fn matmul_panels(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        use super::qgemm::{Acts, PANEL};
+        let (n, k) = (self.n, self.k);
+        debug_assert!(x.len() == m * k && out.len() == m * n);
+        let acts = Acts::new(x, k, self.dtype);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let task = |t: usize| {
+            let o = out_ptr;
+            let (r0, r1) = (t * PANEL, ((t + 1) * PANEL).min(n));
+            let rows: Vec<&[u8]> = (r0..r1).map(|r| self.row(r)).collect();
+            SCRATCH.with(|s| {
+                let panel = &mut s.borrow_mut().panel;
+                panel.pack(self.dtype, &rows, k);
+                // SAFETY: out is m x n; columns r0..r1 are written by this task only.
+                unsafe { panel.product(&acts, o.0.add(r0), n) };
+            })
+        };
+        let tasks = n.div_ceil(PANEL);
+        if !in_worker() {
+            candle_core::utils::barrier_pool().execute_chunked(tasks, |range| range.for_each(task));
+        } else {
+            (0..tasks).for_each(task);
+        }
     }
 
     /// Row `r` as f32 through a caller's unpacking buffers.
@@ -650,13 +682,15 @@ mod tests {
             let xq = blocks::QuantizedRows::quantize(&x, k, sb);
             let batch = int8.matmul(&x[..4 * k], 4);
             let want_exact = exact.matmul(&x, m);
-            // Prompts: the gemm tiles, over the activations rounded to 8 bits.
-            let rounded = blocks::QuantizedRows::quantize(&x, k, sb).dequantize();
-            assert_eq!(
-                int8.matmul(&x, m),
-                exact.matmul(&rounded, m),
-                "{dt:?}: prompts"
-            );
+            // Prompts: the VNNI panels (integer sums, checked against dot_int below), else the
+            // gemm tiles over the activations rounded to 8 bits.
+            let prompt = int8.matmul(&x, m);
+            let panels = super::super::qgemm::available();
+            if !panels {
+                println!("{dt:?}: prompts through the gemm tiles");
+                let rounded = blocks::QuantizedRows::quantize(&x, k, sb).dequantize();
+                assert_eq!(prompt, exact.matmul(&rounded, m), "{dt:?}: prompts");
+            }
             let mut u = Unpacked::default();
             for i in 0..m {
                 let one = int8.matmul(&x[i * k..(i + 1) * k], 1);
@@ -673,6 +707,9 @@ mod tests {
                     if i < 4 {
                         assert!(close(batch[i * n + r]), "{dt:?} ({i}, {r}) 4 rows");
                     }
+                    if panels {
+                        assert!(close(prompt[i * n + r]), "{dt:?} ({i}, {r}) prompt panels");
+                    }
                     // 8-bit activations: within ~1% of the exact product's scale.
                     let e = want_exact[i * n + r];
                     assert!(
@@ -682,5 +719,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `FERROFORMERS_NO_VNNI=1` sends int8 prompts back to the gemm tiles (the path of CPUs
+    /// without VNNI), and they still match.
+    #[test]
+    fn no_vnni_variable_keeps_prompts_on_gemm_tiles() {
+        crate::kernels::cpu::rerun_with(
+            "kernels::cpu::quantized::tests::int8_mode_rounds_activations_like_llama_cpp",
+            "FERROFORMERS_NO_VNNI",
+            "prompts through the gemm tiles",
+        );
     }
 }
