@@ -80,7 +80,7 @@ fn round_even(x: f32) -> i32 {
 
 /// ggml's K-quant 6-bit scale and minimum `j` (of 8) from the 12 packed bytes.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

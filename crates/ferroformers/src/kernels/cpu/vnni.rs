@@ -1,7 +1,12 @@
-//! AVX-512 VNNI integer dots over raw 32-value GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
-//! times 8-bit activations (Q8_0/Q8_1, [`QuantizedRows`](super::blocks::QuantizedRows)): the
+//! AVX-512 VNNI integer dots over raw GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 times Q8_0/Q8_1
+//! activations; Q4_K and Q6_K times Q8_K, [`QuantizedRows`](super::blocks::QuantizedRows)): the
 //! decoding kernels of the int8 mode on CPUs with `avx512vnni` (Intel Ice Lake and later, AMD
 //! Zen 4 and later).
+//!
+//! K-quants: 64 values per `vpdpbusd` (Q4_K's nibbles and Q6_K's 6-bit values are unsigned
+//! already), each lane's sum times its group's integer scale (`vpmulld`), summed per superblock
+//! in i32; Q4_K's minimums and Q6_K's offset of 32 come from Q8_K's per-16 sums, as in the AVX2
+//! kernels.
 //!
 //! Two blocks per step, in one 512-bit register. `vpdpbusd` multiplies unsigned by signed
 //! bytes and sums fours into i32 lanes, without the 16-bit saturation of AVX2's `maddubs`, so
@@ -43,9 +48,20 @@ pub fn available() -> bool {
     }
 }
 
-/// `sum(value(l) * xq(l))` for one row of 32-value blocks; `None` for other types, on CPUs
-/// without the features, or when `x` has no [`QRow::lanes`].
+/// `sum(value(l) * xq(l))` for one row of blocks; `None` for other types, on CPUs without the
+/// features, or (32-value types) when `x` has no [`QRow::lanes`].
 pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if available() && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+        // SAFETY: the CPU has the features the kernels enable; the kernels assert the lengths.
+        unsafe {
+            return Some(if dtype == GgmlDType::Q4K {
+                x86::dot_q4k(row, x)
+            } else {
+                x86::dot_q6k(row, x)
+            });
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if available() && x.lanes.len() >= 8 * x.d.len() {
         use GgmlDType as D;
@@ -69,6 +85,7 @@ pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
 mod x86 {
     use super::QRow;
     use crate::kernels::cpu::blocks::avx2::{half, hsum};
+    use crate::kernels::cpu::blocks::scale_min_k4;
     use std::arch::x86_64::*;
 
     /// How far ahead (bytes) the loop prefetches the weights.
@@ -193,6 +210,106 @@ mod x86 {
         }
         total + mins
     }
+
+    /// Q4_K (144-byte superblocks of 256: 8 groups of 32 with 6-bit scales and minimums)
+    /// times Q8_K.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 144 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = _mm512_setzero_ps();
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let blk = rp.add(b * 144);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            let (qs, xb) = (blk.add(16), xp.add(b * 256));
+            let mut isum = _mm512_setzero_si512();
+            let mut imin = 0i32;
+            for j in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * j, scales);
+                let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+                // 32 bytes of nibbles: the low ones are group 2j, the high ones group 2j + 1.
+                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                let z =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
+                let u = _mm512_and_si512(z, low);
+                let xv = _mm512_loadu_si512(xb.add(64 * j) as *const __m512i);
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+                let sc = _mm512_mask_blend_epi32(
+                    0xFF00,
+                    _mm512_set1_epi32(s1 as i32),
+                    _mm512_set1_epi32(s2 as i32),
+                );
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, sc));
+                let g = &x.gsum[b * 16 + 4 * j..];
+                imin += m1 as i32 * (g[0] + g[1]) + m2 as i32 * (g[2] + g[3]);
+            }
+            let dx = x.d[b];
+            acc = _mm512_fmadd_ps(
+                _mm512_set1_ps(dx * half(blk)),
+                _mm512_cvtepi32_ps(isum),
+                acc,
+            );
+            mins += (dx * half(blk.add(2))) * imin as f32;
+        }
+        _mm512_reduce_add_ps(acc) - mins
+    }
+
+    /// Q6_K (210-byte superblocks of 256: 16 groups of 16 with i8 scales; values 0..63 less 32)
+    /// times Q8_K.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 210 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
+        let (low, two) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
+        // Lane l of a 64-value product belongs to group l / 4 of its four.
+        let quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 210);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let xb = xp.add(b * 256);
+            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i));
+            // The offset of 32: 32 * sum(sc[g] * gsum[g]), taken off in i32.
+            let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
+            let mut isum = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_slli_epi32::<5>(_mm512_mullo_epi32(sc, gs)),
+            );
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(blk.add(64 * n) as *const __m512i);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                let qh2 =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                // Values 128n..128n+64 (groups 8n..8n+4), then 128n+64..128n+128.
+                let a = _mm512_or_si512(
+                    _mm512_and_si512(ql, low),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh2, two)),
+                );
+                let c = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh2), two)),
+                );
+                for (h, v) in [a, c].into_iter().enumerate() {
+                    let xv = _mm512_loadu_si512(xb.add(128 * n + 64 * h) as *const __m512i);
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
+                    let first = (8 * n + 4 * h) as i32;
+                    let s = _mm512_permutexvar_epi32(
+                        _mm512_add_epi32(quarter, _mm512_set1_epi32(first)),
+                        sc,
+                    );
+                    isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
+                }
+            }
+            let d = x.d[b] * half(blk.add(208));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
 }
 
 #[cfg(test)]
@@ -202,7 +319,7 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    /// Every 32-value type, even and odd block counts, with values spread wide enough that
+    /// Every type with a VNNI kernel, even and odd block counts, with values spread wide enough that
     /// the offsets matter: the VNNI dot equals the unpacked integer dot (the same integer sums,
     /// summed in another f32 order).
     #[test]
@@ -217,6 +334,8 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
         ];
         let mut seed = 17u64;
         let mut next = move || {
@@ -226,9 +345,9 @@ mod tests {
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         for dt in types {
-            let (_, bb) = block_shape(dt).unwrap();
+            let (sb, bb) = block_shape(dt).unwrap();
             for nb in [1usize, 2, 3, 7, 28] {
-                let (n, k) = (3, nb * 32);
+                let (n, k) = (3, nb * sb);
                 let x: Vec<f32> = (0..k).map(|_| next() + 0.3).collect();
                 let w: Vec<f32> = (0..n * k).map(|i| next() * (1 + i % 5) as f32).collect();
                 // Summation-order slack grows with the terms' magnitudes, not the result's.
@@ -238,7 +357,7 @@ mod tests {
                     .collect();
                 let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
                 let bytes = QTensor::quantize(&w, dt).unwrap().data().unwrap().to_vec();
-                let xq = QuantizedRows::quantize(&x, k, 32);
+                let xq = QuantizedRows::quantize(&x, k, sb);
                 let mut u = Unpacked::default();
                 for r in 0..n {
                     let row = &bytes[r * nb * bb..(r + 1) * nb * bb];
