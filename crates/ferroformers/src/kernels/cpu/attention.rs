@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::rowops::{fast_exp, softmax_masked_g, softmax_rows};
+use super::rowops::{fast_exp, softmax_masked_g};
 use super::simd::{dispatch, dot16, max16, sum16};
 use super::threads::{in_worker, SendPtr};
 
@@ -135,9 +135,10 @@ pub fn attend_sequences(
     assert!(qkv.len() >= b * s * stride && keep.len() >= b * s);
     assert!(bias.is_none_or(|t| t.len() >= heads * s * s));
     let mut ctx = vec![0f32; b * s * inner];
-    // Each (sequence, head) writes its own columns of its own rows: disjoint.
+    // Each (sequence, head, block of query rows) writes its own columns of its own rows.
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
-    let job = |(bi, hd): (usize, usize)| {
+    let blocks = s.div_ceil(QB);
+    let job = |(bi, hd, blk): (usize, usize, usize)| {
         let keep = &keep[bi * s..(bi + 1) * s];
         // No mask to apply when every key is kept (checked once, not per row).
         let keep = if keep.iter().all(|&k| k != 0.0) {
@@ -145,68 +146,34 @@ pub fn attend_sequences(
         } else {
             keep
         };
+        let (i0, i1) = (blk * QB, ((blk + 1) * QB).min(s));
         let base = bi * s * stride;
-        let q = &qkv[base + hd * d..];
-        let k = &qkv[base + inner + hd * d..];
-        let v = &qkv[base + 2 * inner + hd * d..];
-        let mut scores = match bias {
-            Some(t) => t[hd * s * s..(hd + 1) * s * s].to_vec(),
-            None => vec![0f32; s * s],
-        };
-        // SAFETY: q, k, v stay within qkv (rows bi*s.., the head's d columns, row stride
-        // `stride`); scores is s x s and, with a bias, starts as it (read_dst).
-        unsafe {
-            gemm::gemm(
-                s,
-                s,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                s as isize,
-                bias.is_some(),
-                q.as_ptr(),
-                1,
-                stride as isize,
-                k.as_ptr(),
-                stride as isize,
-                1,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        softmax_rows(&mut scores, s, keep);
         let out = ctx_ptr;
-        // SAFETY: rows bi*s.., columns hd*d..(hd+1)*d of ctx (row stride inner) belong to this
-        // job only.
+        let mut scores = Vec::new();
+        let bias_row = |i: usize| match bias {
+            Some(t) => &t[(hd * s + i0 + i) * s..(hd * s + i0 + i + 1) * s],
+            None => &[][..],
+        };
+        // SAFETY: q rows i0..i1, and all s keys and values, of this sequence and head lie in
+        // qkv (row stride `stride`); rows i0..i1, columns hd*d.. of ctx (row stride inner)
+        // belong to this job only.
         unsafe {
-            gemm::gemm(
-                s,
-                d,
-                s,
-                out.0.add(bi * s * inner + hd * d),
-                1,
-                inner as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                s as isize,
-                v.as_ptr(),
-                1,
-                stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            attend_block(
+                (qkv.as_ptr().add(base + i0 * stride + hd * d), stride),
+                (qkv.as_ptr().add(base + inner + hd * d), stride),
+                (qkv.as_ptr().add(base + 2 * inner + hd * d), stride),
+                (i1 - i0, s, d),
+                scale,
+                |_| s,
+                bias_row,
+                keep,
+                (out.0.add((bi * s + i0) * inner + hd * d), inner),
+                &mut scores,
             );
         }
     };
-    let jobs = (0..b).flat_map(|bi| (0..heads).map(move |hd| (bi, hd)));
+    let jobs = (0..b)
+        .flat_map(|bi| (0..heads).flat_map(move |hd| (0..blocks).map(move |blk| (bi, hd, blk))));
     // A short input's attention (one sentence: ~100k products) is over before rayon's threads
     // wake up: split only when there is real work.
     if par && b * heads * s * s * d >= 1 << 20 {
@@ -215,6 +182,111 @@ pub fn attend_sequences(
         jobs.for_each(job);
     }
     ctx
+}
+
+/// Query rows per block of the tiled attention: a block's scores (`QB x keys`) are all that is
+/// held at once, so memory grows with the input's length, not with its square, and one long
+/// input splits into blocks that run on every core.
+const QB: usize = 64;
+
+/// Softmax over the first `vis` values of `row` (keys whose `keep` is 0 dropped, when `keep`
+/// is not empty), zeros after them.
+#[inline(always)]
+fn softmax_prefix_g(row: &mut [f32], vis: usize, keep: &[f32]) {
+    let (head, rest) = row.split_at_mut(vis);
+    softmax_masked_g(head, if keep.is_empty() { keep } else { &keep[..vis] });
+    rest.fill(0.0);
+}
+dispatch!(fn softmax_prefix(row: &mut [f32], vis: usize, keep: &[f32]); via softmax_prefix_g);
+
+/// One head's attention for a block of `rows` query rows over `keys` keys, through two `gemm`
+/// products with the block's scores in between: `scale * q . k_j` plus `bias(i)` (when not
+/// empty), only the first `visible(i)` keys for row `i` (causal masks: the block's products
+/// stop at its last row's keys), keys whose `keep` is 0 dropped, softmax, weighted values.
+/// Row `i` of q is at `q + i * qs`, key `j` at `k + j * ks` and `v + j * vs`, row `i` of the
+/// output at `out + i * os` (`d` values each).
+///
+/// # Safety
+/// The pointers must be valid for those rows (reads) and output rows (writes), and no one
+/// else may write the output rows meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block<'b>(
+    (q, qs): (*const f32, usize),
+    (k, ks): (*const f32, usize),
+    (v, vs): (*const f32, usize),
+    (rows, keys, d): (usize, usize, usize),
+    scale: f32,
+    visible: impl Fn(usize) -> usize,
+    bias: impl Fn(usize) -> &'b [f32],
+    keep: &[f32],
+    (out, os): (*mut f32, usize),
+    scores: &mut Vec<f32>,
+) {
+    let kmax = (0..rows).map(&visible).max().unwrap_or(0).min(keys);
+    if rows == 0 || kmax == 0 {
+        return;
+    }
+    scores.clear();
+    scores.resize(rows * kmax, 0.0);
+    // SAFETY: the caller vouches for q (rows x d), k (kmax x d, read as its transpose) and v
+    // (kmax x d); scores is rows x kmax.
+    unsafe {
+        gemm::gemm(
+            rows,
+            kmax,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            kmax as isize,
+            false,
+            q,
+            1,
+            qs as isize,
+            k,
+            ks as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (i, row) in scores.chunks_exact_mut(kmax).enumerate() {
+        let vis = visible(i).min(kmax);
+        let b = bias(i);
+        if !b.is_empty() {
+            for (sc, &bv) in row[..vis].iter_mut().zip(b) {
+                *sc += bv;
+            }
+        }
+        softmax_prefix(row, vis, keep);
+    }
+    // SAFETY: as above; out is rows x d with row stride os.
+    unsafe {
+        gemm::gemm(
+            rows,
+            d,
+            kmax,
+            out,
+            1,
+            os as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            kmax as isize,
+            v,
+            1,
+            vs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// One query row over `k`, `v` (`[keys, d]`, `keys = scores.len()`): scores `scale * q . k_j`
@@ -255,8 +327,8 @@ dispatch!(pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scale: f32, bias: &
 /// steps): row `t` of `qkv` (row stride `width`, the `nh` query heads of `hd` values first) is
 /// position `past + t % s` of batch row `t / s`; it sees the keys up to its own position, of kv
 /// head `head / group`, with `bias[t * total..]` added (padding masks). Returns `[n, nh * hd]`.
-/// Rows spread over the threads, longest first, when the work is large (a prompt); each row
-/// is computed as [`attend_one`] computes it, so the result doesn't depend on the split.
+/// Prompts (more than 4 rows per batch row) run in blocks of query rows through `gemm`, the
+/// blocks spread over the threads, latest first; decoding steps run [`attend_one`] per row.
 pub fn attend_causal(
     qkv: &[f32],
     (width, n, s, past): (usize, usize, usize, usize),
@@ -270,12 +342,53 @@ pub fn attend_causal(
     assert!(n == 0 || past + (n - 1) % s < total);
     let mut ctx = vec![0f32; n * q_w];
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+    let work = n * nh * total * hd;
+    let par = work >= 1 << 20 && !in_worker();
+    if s > 4 {
+        // Prompts: blocks of query rows per (batch row, head), the latest (longest) first.
+        let b = n / s;
+        let blocks = s.div_ceil(QB);
+        let jobs = b * nh * blocks;
+        let job = |item: usize| {
+            let out = ctx_ptr;
+            let item = jobs - 1 - item;
+            let (blk, rest) = (item / (b * nh), item % (b * nh));
+            let (r, head) = (rest / nh, rest % nh);
+            let (i0, i1) = (blk * QB, ((blk + 1) * QB).min(s));
+            let t0 = r * s + i0;
+            let keys = past + i1;
+            let (ks, vs) = kv.get(r, head / group, keys);
+            let mut scores = Vec::new();
+            // SAFETY: query rows t0..t0 + (i1 - i0) of qkv (row stride width), the head's
+            // keys and values (contiguous, hd each), and rows t0.. of ctx, columns head*hd..
+            // (row stride q_w: this job's only).
+            unsafe {
+                attend_block(
+                    (qkv.as_ptr().add(t0 * width + head * hd), width),
+                    (ks.as_ptr(), hd),
+                    (vs.as_ptr(), hd),
+                    (i1 - i0, keys, hd),
+                    scale,
+                    |i| past + i0 + i + 1,
+                    |i| &bias[(t0 + i) * total..(t0 + i) * total + past + i0 + i + 1],
+                    &[],
+                    (out.0.add(t0 * q_w + head * hd), q_w),
+                    &mut scores,
+                );
+            }
+        };
+        if par {
+            candle_core::utils::barrier_pool().execute_chunked(jobs, |items| items.for_each(job));
+        } else {
+            (0..jobs).for_each(job);
+        }
+        return ctx;
+    }
+    // Decoding steps: one row at a time over the cache.
     let rows = |items: std::ops::Range<usize>| {
         let out = ctx_ptr;
         let mut scores = vec![0f32; total];
-        for item in items {
-            // Longest rows (latest positions) first.
-            let t = n - 1 - item;
+        for t in items {
             let (r, i) = (t / s, t % s);
             // Keys after this query's position are masked: skip them.
             let keys = past + i + 1;
@@ -297,8 +410,7 @@ pub fn attend_causal(
             }
         }
     };
-    // One decoding step (a few rows, short cache) is over before the workers wake.
-    if n * nh * total * hd >= 1 << 20 && !in_worker() {
+    if par {
         candle_core::utils::barrier_pool().execute_chunked(n, rows);
     } else {
         rows(0..n);
@@ -426,5 +538,149 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [0.0, 1.0]);
+    }
+
+    /// Plain reference: one query row over `keys` rows of k and v (stride `ks`), two passes.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        ks: usize,
+        keys: usize,
+        scale: f32,
+        add: &[f32],
+        keep: &[f32],
+    ) -> Vec<f32> {
+        let d = q.len();
+        let mut sc: Vec<f64> = (0..keys)
+            .map(|j| {
+                let dot: f64 = (0..d).map(|c| q[c] as f64 * k[j * ks + c] as f64).sum();
+                dot * scale as f64 + add.get(j).map_or(0.0, |&b| b as f64)
+            })
+            .collect();
+        for (j, x) in sc.iter_mut().enumerate() {
+            if keep.get(j) == Some(&0.0) {
+                *x = f64::NEG_INFINITY;
+            }
+        }
+        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..d)
+            .map(|c| {
+                (0..keys)
+                    .map(|j| e[j] / z * v[j * ks + c] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    /// Whole sequences longer than one block of query rows, with a key mask and a T5-style
+    /// bias: every row equals the plain two-pass softmax attention.
+    #[test]
+    fn tiled_sequences_match_plain_attention() {
+        let (b, s, heads, d) = (2usize, 150usize, 2usize, 8usize);
+        let inner = heads * d;
+        let qkv = crate::kernels::cpu::test_values(b * s * 3 * inner, 3, 2.0);
+        let bias = crate::kernels::cpu::test_values(heads * s * s, 4, 1.0);
+        let mut keep = vec![1f32; b * s];
+        for j in [3usize, 70, 149] {
+            keep[s + j] = 0.0;
+        }
+        for with_bias in [false, true] {
+            let t = with_bias.then_some(&bias[..]);
+            for par in [false, true] {
+                let ctx = attend_sequences(&qkv, b, s, heads, d, 0.3, t, &keep, par);
+                for bi in 0..b {
+                    for hd in 0..heads {
+                        let base = bi * s * 3 * inner;
+                        let k = &qkv[base + inner + hd * d..];
+                        let v = &qkv[base + 2 * inner + hd * d..];
+                        for i in [0usize, 63, 64, 100, 149] {
+                            let q = &qkv[base + i * 3 * inner + hd * d..][..d];
+                            let add = if with_bias {
+                                &bias[(hd * s + i) * s..][..s]
+                            } else {
+                                &[][..]
+                            };
+                            let want =
+                                naive(q, k, v, 3 * inner, s, 0.3, add, &keep[bi * s..(bi + 1) * s]);
+                            let got = &ctx[(bi * s + i) * inner + hd * d..][..d];
+                            for (g, w) in got.iter().zip(&want) {
+                                assert!(
+                                    (g - w).abs() < 1e-5,
+                                    "({bi}, {hd}, {i}): {got:?} vs {want:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A decoder prompt of several blocks after cached keys (grouped-query heads, a padding
+    /// bias), and a decoding step: every row sees exactly its own prefix.
+    #[test]
+    fn causal_blocks_match_plain_attention() {
+        let (b, nh, group, hd) = (2usize, 4usize, 2usize, 8usize);
+        let nkv = nh / group;
+        for (past, s) in [(0usize, 130usize), (5, 70), (135, 1)] {
+            let total = past + s;
+            let mut kv = KvBuffer::new(b, nkv, hd);
+            kv.reserve(total);
+            let keys = crate::kernels::cpu::test_values(b * nkv * total * 2 * hd, 7, 2.0);
+            for r in 0..b {
+                for g in 0..nkv {
+                    for pos in 0..total {
+                        let at = ((r * nkv + g) * total + pos) * 2 * hd;
+                        kv.put(r, g, pos, &keys[at..at + hd], &keys[at + hd..at + 2 * hd]);
+                    }
+                }
+            }
+            kv.set_len(total);
+            let width = nh * hd + 2 * nkv * hd;
+            let n = b * s;
+            let qkv = crate::kernels::cpu::test_values(n * width, 8, 2.0);
+            let mut bias = crate::kernels::cpu::test_values(n * total, 9, 0.5);
+            // Batch row 1 is left padded by 3 positions.
+            for t in s..n {
+                bias[t * total..t * total + 3].fill(f32::MIN);
+            }
+            let ctx = attend_causal(
+                &qkv,
+                (width, n, s, past),
+                (nh, group, hd),
+                &kv,
+                (&bias, total),
+                0.35,
+            );
+            for t in 0..n {
+                let (r, i) = (t / s, t % s);
+                let vis = past + i + 1;
+                for head in 0..nh {
+                    let (ks, vs) = kv.get(r, head / group, vis);
+                    let q = &qkv[t * width + head * hd..][..hd];
+                    let want = naive(
+                        q,
+                        ks,
+                        vs,
+                        hd,
+                        vis,
+                        0.35,
+                        &bias[t * total..t * total + vis],
+                        &[],
+                    );
+                    let got = &ctx[t * nh * hd + head * hd..][..hd];
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() < 1e-5,
+                            "past {past} ({t}, {head}): {got:?} vs {want:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
