@@ -230,3 +230,75 @@ fn ferroformers_tasks() -> Vec<&'static str> {
         "sentence-embeddings",
     ]
 }
+
+/// `train` with HF's option names, then `run` serves the folder it wrote; bad options and
+/// data are errors before any training.
+#[test]
+fn train_then_run_the_saved_model() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = ff(&[
+        "train",
+        "text-classification",
+        "--model",
+        init.to_str().unwrap(),
+        "--train",
+        file.to_str().unwrap(),
+        "--eval",
+        file.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--num-train-epochs",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--lr-scheduler-type",
+        "cosine",
+        "--warmup-ratio",
+        "0.2",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("eval_accuracy") && err.contains("saved to"),
+        "{err}"
+    );
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        out.to_str().unwrap(),
+        "Great!",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = lines(&o);
+    let item = if v[0].is_array() { &v[0][0] } else { &v[0] };
+    let label = item["label"].as_str().unwrap();
+    assert!(
+        ["negative", "neutral", "positive"].contains(&label),
+        "{v:?}"
+    );
+
+    let o = ff(&[
+        "train",
+        "text-classification",
+        "--model",
+        init.to_str().unwrap(),
+        "--train",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--output"));
+    let o = ff(&[
+        "train",
+        "token-classification",
+        "--model",
+        init.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("text-classification"));
+    let o = ff(&["train", "text-classification", "--learning-rate", "fast"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`--learning-rate` takes a number"));
+}

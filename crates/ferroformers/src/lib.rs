@@ -16,6 +16,7 @@ pub mod models;
 pub mod pipelines;
 pub mod sentencepiece;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use candle_core::{DType, Device};

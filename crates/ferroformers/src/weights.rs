@@ -147,6 +147,14 @@ impl Weights {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
+    /// Tensor `name` (canonical name) as stored, on `device`.
+    pub(crate) fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+        self.load(name, device).map_err(|e| Error::Weights {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let stored = self.names.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!(

@@ -1,0 +1,149 @@
+//! `ferroformers train TASK ...`: HF `TrainingArguments` names on the command line, a thin
+//! layer over `ferroformers::train::Trainer`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use ferroformers::train::optim::Schedule;
+use ferroformers::train::{EvalStrategy, Event, Trainer, TrainingArguments};
+
+pub const USAGE: &str = "\
+  ferroformers train text-classification --model PATH|ID --train FILE [--eval FILE] --output DIR
+                        [--learning-rate 5e-5] [--num-train-epochs 3] [--max-steps N]
+                        [--per-device-train-batch-size 8] [--per-device-eval-batch-size 8]
+                        [--weight-decay 0] [--warmup-ratio 0] [--warmup-steps 0]
+                        [--lr-scheduler-type linear|cosine|constant|constant_with_warmup]
+                        [--max-grad-norm 1] [--seed 42] [--max-length 128]
+                        [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
+                        [--text-column text] [--text-pair-column COL] [--label-column label]
+                        [--ignore-mismatched-sizes] [--threads N]";
+
+fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("`{name}` takes a number, not `{v}`"))
+}
+
+/// Parse the options, train, save; progress on stderr.
+pub fn train(args: &[String]) -> Result<(), String> {
+    let mut it = args.iter();
+    let task = it
+        .next()
+        .ok_or_else(|| format!("`train` needs a TASK\nusage:\n{USAGE}"))?;
+    if task == "--help" || task == "-h" {
+        println!("usage:\n{USAGE}");
+        return Ok(());
+    }
+    if task != "text-classification" && task != "sentiment-analysis" {
+        return Err(format!(
+            "training supports `text-classification` for now, not `{task}` (token-classification \
+             and question-answering are planned)"
+        ));
+    }
+    let (mut model, mut train_file, mut eval_file) = (None, None, None);
+    let mut ta = TrainingArguments::default();
+    let mut output = None;
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("`{a}` needs a value"))
+        };
+        match a.as_str() {
+            "--model" => model = Some(value()?),
+            "--train" | "--train-file" => train_file = Some(PathBuf::from(value()?)),
+            "--eval" | "--eval-file" | "--validation-file" => {
+                eval_file = Some(PathBuf::from(value()?))
+            }
+            "--output" | "--output-dir" => output = Some(PathBuf::from(value()?)),
+            "--learning-rate" => ta.learning_rate = num(a, &value()?)?,
+            "--num-train-epochs" => ta.num_train_epochs = num(a, &value()?)?,
+            "--max-steps" => ta.max_steps = Some(num(a, &value()?)?),
+            "--per-device-train-batch-size" => ta.per_device_train_batch_size = num(a, &value()?)?,
+            "--per-device-eval-batch-size" => ta.per_device_eval_batch_size = num(a, &value()?)?,
+            "--weight-decay" => ta.weight_decay = num(a, &value()?)?,
+            "--warmup-ratio" => ta.warmup_ratio = num(a, &value()?)?,
+            "--warmup-steps" => ta.warmup_steps = num(a, &value()?)?,
+            "--lr-scheduler-type" => {
+                let v = value()?;
+                ta.lr_scheduler_type = Schedule::parse(&v).ok_or_else(|| {
+                    format!(
+                        "unknown scheduler `{v}` (linear, cosine, constant, constant_with_warmup)"
+                    )
+                })?
+            }
+            "--max-grad-norm" => ta.max_grad_norm = num(a, &value()?)?,
+            "--seed" => ta.seed = num(a, &value()?)?,
+            "--max-length" | "--max-seq-length" => ta.max_length = num(a, &value()?)?,
+            "--eval-strategy" => {
+                let v = value()?;
+                ta.eval_strategy = Some(
+                    EvalStrategy::parse(&v)
+                        .ok_or_else(|| format!("unknown eval strategy `{v}` (epoch, steps, no)"))?,
+                )
+            }
+            "--eval-steps" => ta.eval_steps = num(a, &value()?)?,
+            "--logging-steps" => ta.logging_steps = num(a, &value()?)?,
+            "--text-column" => ta.columns.text = value()?,
+            "--text-pair-column" => ta.columns.text_pair = Some(value()?),
+            "--label-column" => ta.columns.label = value()?,
+            "--ignore-mismatched-sizes" => ta.ignore_mismatched_sizes = true,
+            "--threads" => {
+                let n: usize = num(a, &value()?)?;
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            s => return Err(format!("unknown option `{s}` for `train`\nusage:\n{USAGE}")),
+        }
+    }
+    let model = model.ok_or("`train` needs --model (a base model folder or hub id)")?;
+    let train_file = train_file.ok_or("`train` needs --train FILE (JSONL or CSV)")?;
+    let output = output.ok_or("`train` needs --output DIR (where the model is saved)")?;
+    ta.output_dir = output.clone();
+    let mut trainer =
+        Trainer::new(&model, &train_file, eval_file.as_deref(), ta).map_err(|e| e.to_string())?;
+    let mut err = std::io::stderr();
+    let mut on_event = |e: Event| match e {
+        Event::Start {
+            examples,
+            total_steps,
+            parameters,
+            fresh,
+        } => {
+            if !fresh.is_empty() {
+                let _ = writeln!(
+                    err,
+                    "Some weights were not in {model} and are newly initialized: [{}]",
+                    fresh.join(", ")
+                );
+            }
+            let _ = writeln!(
+                err,
+                "training on {examples} examples, {total_steps} steps, {parameters} parameters"
+            );
+        }
+        Event::Step {
+            step,
+            total_steps,
+            epoch,
+            loss,
+            learning_rate,
+            samples_per_second,
+        } => {
+            let width = 30;
+            let done = step * width / total_steps.max(1);
+            let _ = write!(
+                err,
+                "\r[{}{}] {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {learning_rate:.3e} {samples_per_second:.1} samples/s",
+                "#".repeat(done),
+                " ".repeat(width - done)
+            );
+            let _ = err.flush();
+        }
+        Event::Log(v) => {
+            let _ = writeln!(err, "\n{v}");
+        }
+    };
+    trainer.train(&mut on_event).map_err(|e| e.to_string())?;
+    trainer.save(&output).map_err(|e| e.to_string())?;
+    eprintln!("saved to {}", output.display());
+    Ok(())
+}

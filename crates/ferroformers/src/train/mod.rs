@@ -1,0 +1,807 @@
+//! Fine-tuning (`ferroformers train`): a BERT-family encoder plus a sequence-classification
+//! head trained on a JSONL/CSV file, saved so that Python `from_pretrained` and our pipelines
+//! load it. HF `Trainer`'s behaviour and defaults: AdamW (no decay on biases and LayerNorm
+//! weights), linear/cosine/constant schedules with warm-up, clipping by global norm, dropout
+//! while training, evaluation per epoch (loss, accuracy, macro-F1), `trainer_state.json`.
+//!
+//! - [`data`]: reading examples and labels (every problem names the file and line);
+//! - [`model`]: the trainable model over candle `Var`s (every op records its backward);
+//! - [`optim`]: seeded generator, AdamW, schedules, clipping;
+//! - [`save`]: `save_pretrained`'s files.
+//!
+//! Text classification only for now (single-label, multi-label, regression); token
+//! classification, question answering, checkpoints and resuming are still to come.
+
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod save;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::{Encoded, Tokenizer};
+use data::{Columns, Example, LabelSet, Problem, Target};
+use model::{Batch, Dropout, EncoderConfig, Model, Params};
+use optim::{clip_grad_norm, AdamW, Rng, Schedule};
+
+/// When to evaluate (HF's `eval_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalStrategy {
+    No,
+    Epoch,
+    Steps,
+}
+
+impl EvalStrategy {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "no" => EvalStrategy::No,
+            "epoch" => EvalStrategy::Epoch,
+            "steps" => EvalStrategy::Steps,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            EvalStrategy::No => "no",
+            EvalStrategy::Epoch => "epoch",
+            EvalStrategy::Steps => "steps",
+        }
+    }
+}
+
+/// HF `TrainingArguments` (the ones this trainer implements), with HF's defaults.
+#[derive(Debug, Clone)]
+pub struct TrainingArguments {
+    pub output_dir: PathBuf,
+    pub learning_rate: f64,
+    pub num_train_epochs: f64,
+    /// When set, the number of optimizer steps (overrides the epochs).
+    pub max_steps: Option<usize>,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub lr_scheduler_type: Schedule,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Tokens per input, special tokens included (`run_classification`'s `max_seq_length`).
+    pub max_length: usize,
+    /// `None`: `epoch` when there is an evaluation file, else `no`.
+    pub eval_strategy: Option<EvalStrategy>,
+    pub eval_steps: usize,
+    pub logging_steps: usize,
+    /// Shuffle the training examples each epoch (HF always does; the parity tests turn it
+    /// off to follow a sequential sampler).
+    pub shuffle: bool,
+    /// Start a fresh head when the base's has another shape.
+    pub ignore_mismatched_sizes: bool,
+    pub columns: Columns,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            output_dir: PathBuf::from("trainer_output"),
+            learning_rate: 5e-5,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            lr_scheduler_type: Schedule::Linear,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_length: 128,
+            eval_strategy: None,
+            eval_steps: 500,
+            logging_steps: 500,
+            shuffle: true,
+            ignore_mismatched_sizes: false,
+            columns: Columns::default(),
+        }
+    }
+}
+
+impl TrainingArguments {
+    fn check(&self) -> Result<()> {
+        let bad = |name: &str, detail: String| {
+            Err(Error::InvalidParameter {
+                name: name.into(),
+                detail,
+            })
+        };
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(
+                "learning_rate",
+                format!("{} is not a positive number", self.learning_rate),
+            );
+        }
+        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
+            return bad(
+                "per_device_train_batch_size",
+                "batch sizes must be at least 1".into(),
+            );
+        }
+        if self.max_steps.is_none()
+            && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return bad(
+                "num_train_epochs",
+                format!("{} is not positive", self.num_train_epochs),
+            );
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad(
+                "warmup_ratio",
+                format!("{} is not in [0, 1)", self.warmup_ratio),
+            );
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
+            return bad(
+                "weight_decay",
+                "weight decay and max_grad_norm must not be negative".into(),
+            );
+        }
+        if self.max_length < 2 {
+            return bad(
+                "max_length",
+                format!("{} leaves no room for the text", self.max_length),
+            );
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "output_dir": self.output_dir,
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs,
+            "max_steps": self.max_steps.map_or(-1, |m| m as i64),
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "weight_decay": self.weight_decay,
+            "adam_beta1": self.adam_beta1,
+            "adam_beta2": self.adam_beta2,
+            "adam_epsilon": self.adam_epsilon,
+            "warmup_ratio": self.warmup_ratio,
+            "warmup_steps": self.warmup_steps,
+            "lr_scheduler_type": self.lr_scheduler_type.name(),
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "eval_strategy": self.eval_strategy.map(EvalStrategy::name),
+            "eval_steps": self.eval_steps,
+            "logging_steps": self.logging_steps,
+            "optim": "adamw_torch",
+            "ignore_mismatched_sizes": self.ignore_mismatched_sizes,
+            "text_column": self.columns.text,
+            "text_pair_column": self.columns.text_pair,
+            "label_column": self.columns.label,
+        })
+    }
+}
+
+/// What the trainer reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Training starts: examples, optimizer steps in all, parameters, fresh head names.
+    Start {
+        examples: usize,
+        total_steps: usize,
+        parameters: usize,
+        fresh: Vec<String>,
+    },
+    /// After each optimizer step.
+    Step {
+        step: usize,
+        total_steps: usize,
+        epoch: f64,
+        loss: f64,
+        learning_rate: f64,
+        samples_per_second: f64,
+    },
+    /// A `log_history` entry (logging and evaluation), as HF logs it.
+    Log(Value),
+}
+
+/// Evaluation results (HF's `eval_*` names).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub loss: f64,
+    /// Single-label: accuracy; multi-label: exact-match accuracy.
+    pub accuracy: Option<f64>,
+    /// Single-label: macro-F1; multi-label: micro-F1.
+    pub f1: Option<f64>,
+    /// Regression: mean squared error.
+    pub mse: Option<f64>,
+    pub samples: usize,
+}
+
+impl Metrics {
+    fn to_json(&self, prefix: &str) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(format!("{prefix}_loss"), json!(self.loss));
+        if let Some(a) = self.accuracy {
+            m.insert(format!("{prefix}_accuracy"), json!(a));
+        }
+        if let Some(f) = self.f1 {
+            m.insert(format!("{prefix}_f1"), json!(f));
+        }
+        if let Some(e) = self.mse {
+            m.insert(format!("{prefix}_mse"), json!(e));
+        }
+        m
+    }
+}
+
+/// One tokenized example.
+struct Item {
+    enc: Encoded,
+    target: Target,
+}
+
+/// A fine-tuning run: the model's parameters, the data, the optimizer state.
+pub struct Trainer {
+    pub args: TrainingArguments,
+    pub cfg: EncoderConfig,
+    pub params: Params,
+    pub labels: LabelSet,
+    model_dir: PathBuf,
+    tokenizer: Tokenizer,
+    train: Vec<Item>,
+    eval: Vec<Item>,
+    rng: Rng,
+    dropout: Dropout,
+    device: Device,
+    pub log_history: Vec<Value>,
+    pub global_step: usize,
+}
+
+fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
+    ex.iter()
+        .map(|e| {
+            let target = labels.target(path, e)?;
+            let enc = tok.encode(&e.text, e.pair.as_deref())?;
+            Ok(Item { enc, target })
+        })
+        .collect()
+}
+
+impl Trainer {
+    /// Load the base model (a folder or hub id), read and check both files, and set up the
+    /// run. Nothing trains yet; every data problem is reported here.
+    pub fn new(
+        model: &str,
+        train_file: &Path,
+        eval_file: Option<&Path>,
+        args: TrainingArguments,
+    ) -> Result<Self> {
+        args.check()?;
+        let model_dir = crate::hub::resolve_or_download(model, None)?;
+        let cfg = EncoderConfig::from_dir(&model_dir)?;
+        let train_ex = data::read_examples(train_file, &args.columns)?;
+        let eval_ex = match eval_file {
+            Some(p) => Some((p, data::read_examples(p, &args.columns)?)),
+            None => None,
+        };
+        let base_names: Vec<String> = match cfg.raw.get("id2label").and_then(Value::as_object) {
+            Some(m) => {
+                let mut v: Vec<(usize, String)> = m
+                    .iter()
+                    .filter_map(|(k, n)| Some((k.parse().ok()?, n.as_str()?.to_string())))
+                    .collect();
+                v.sort();
+                v.into_iter().map(|(_, n)| n).collect()
+            }
+            None => Vec::new(),
+        };
+        let labels = LabelSet::from_examples(train_file, &train_ex, &base_names)?;
+        let common = crate::config::ModelConfig::from_dir(&model_dir)?;
+        let mut tokenizer = Tokenizer::from_dir(
+            &model_dir,
+            &common.model_type,
+            crate::models::max_positions(&common),
+        )?;
+        if args.max_length < tokenizer.max_length {
+            tokenizer.set_max_length(args.max_length)?;
+        }
+        let train = tokenize(&tokenizer, train_file, &train_ex, &labels)?;
+        let eval = match &eval_ex {
+            Some((p, ex)) => tokenize(&tokenizer, p, ex, &labels)?,
+            None => Vec::new(),
+        };
+        let mut rng = Rng::new(args.seed);
+        let device = Device::Cpu;
+        let params = Params::load(
+            &model_dir,
+            &cfg,
+            labels.names.len(),
+            args.ignore_mismatched_sizes,
+            &mut rng,
+            &device,
+        )?;
+        let dropout = Dropout::new(rng.fork());
+        Ok(Trainer {
+            args,
+            cfg,
+            params,
+            labels,
+            model_dir,
+            tokenizer,
+            train,
+            eval,
+            rng,
+            dropout,
+            device,
+            log_history: Vec::new(),
+            global_step: 0,
+        })
+    }
+
+    fn batch(&self, items: &[&Item]) -> Result<(Batch, Tensor)> {
+        let s = items.iter().map(|i| i.enc.ids.len()).max().unwrap_or(1);
+        let b = items.len();
+        let pad = self.tokenizer.pad_id;
+        let (mut ids, mut types, mut mask) =
+            (vec![pad; b * s], vec![0u32; b * s], vec![0f32; b * s]);
+        for (r, it) in items.iter().enumerate() {
+            let n = it.enc.ids.len();
+            ids[r * s..r * s + n].copy_from_slice(&it.enc.ids);
+            types[r * s..r * s + n].copy_from_slice(&it.enc.type_ids);
+            mask[r * s..r * s + n].fill(1.0);
+        }
+        let dev = &self.device;
+        let batch = Batch {
+            ids: Tensor::from_vec(ids, (b, s), dev)?,
+            type_ids: Tensor::from_vec(types, (b, s), dev)?,
+            mask: Tensor::from_vec(mask, (b, s), dev)?,
+        };
+        let targets = match self.labels.problem {
+            Problem::SingleLabel => {
+                let t: Vec<u32> = items
+                    .iter()
+                    .map(|i| match i.target {
+                        Target::Class(c) => c,
+                        _ => 0,
+                    })
+                    .collect();
+                Tensor::from_vec(t, b, dev)?
+            }
+            Problem::Regression => {
+                let t: Vec<f32> = items
+                    .iter()
+                    .map(|i| match i.target {
+                        Target::Value(v) => v,
+                        _ => 0.0,
+                    })
+                    .collect();
+                Tensor::from_vec(t, b, dev)?
+            }
+            Problem::MultiLabel => {
+                let n = self.labels.names.len();
+                let mut t = Vec::with_capacity(b * n);
+                for i in items {
+                    match &i.target {
+                        Target::Multi(v) => t.extend_from_slice(v),
+                        _ => t.extend(std::iter::repeat_n(0.0, n)),
+                    }
+                }
+                Tensor::from_vec(t, (b, n), dev)?
+            }
+        };
+        Ok((batch, targets))
+    }
+
+    /// The loss HF's `*ForSequenceClassification` computes for its `problem_type`.
+    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(match self.labels.problem {
+            Problem::SingleLabel => candle_nn::loss::cross_entropy(logits, targets)?,
+            Problem::Regression => candle_nn::loss::mse(&logits.squeeze(1)?, targets)?,
+            Problem::MultiLabel => {
+                // Stable BCE with logits: max(x, 0) - x y + log(1 + exp(-|x|)).
+                let abs = (logits.relu()? + logits.neg()?.relu()?)?;
+                let soft = (abs.neg()?.exp()? + 1.0)?.log()?;
+                (logits.relu()? - (logits * targets)?)?
+                    .add(&soft)?
+                    .mean_all()?
+            }
+        })
+    }
+
+    /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
+    /// `idx`, with dropout when `train`.
+    pub fn loss_and_gradients(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Vec<f32>>)> {
+        let items: Vec<&Item> = idx.iter().map(|&i| &self.train[i]).collect();
+        let (batch, targets) = self.batch(&items)?;
+        let model = Model {
+            cfg: &self.cfg,
+            p: &self.params,
+        };
+        let logits = model.forward(&batch, train.then_some(&self.dropout))?;
+        let loss = self.loss(&logits, &targets)?;
+        let grads = loss.backward()?;
+        let mut out = Vec::with_capacity(self.params.vars.len());
+        for v in &self.params.vars {
+            out.push(match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                None => vec![0f32; v.elem_count()],
+            });
+        }
+        Ok((loss.to_scalar::<f32>()? as f64, out))
+    }
+
+    /// Optimizer steps in all (HF: `ceil(batches per epoch * epochs)`, or `max_steps`).
+    pub fn total_steps(&self) -> usize {
+        let per_epoch = self
+            .train
+            .len()
+            .div_ceil(self.args.per_device_train_batch_size);
+        match self.args.max_steps {
+            Some(m) => m,
+            None => (per_epoch as f64 * self.args.num_train_epochs).ceil() as usize,
+        }
+    }
+
+    fn eval_strategy(&self) -> EvalStrategy {
+        self.args.eval_strategy.unwrap_or(if self.eval.is_empty() {
+            EvalStrategy::No
+        } else {
+            EvalStrategy::Epoch
+        })
+    }
+
+    /// Train to the end, reporting through `on_event`; the model stays in `self` (see
+    /// [`Trainer::save`]).
+    pub fn train(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        let total = self.total_steps();
+        let warmup = if self.args.warmup_steps > 0 {
+            self.args.warmup_steps
+        } else {
+            (self.args.warmup_ratio * total as f64).ceil() as usize
+        };
+        let sizes: Vec<usize> = self.params.vars.iter().map(|v| v.elem_count()).collect();
+        let decay: Vec<bool> = self
+            .params
+            .names
+            .iter()
+            .map(|n| {
+                let l = n.to_ascii_lowercase();
+                !(l.contains("bias") || l.contains("layernorm") || l.contains("layer_norm"))
+            })
+            .collect();
+        let mut opt = AdamW::new(&sizes, decay, self.args.weight_decay);
+        opt.beta1 = self.args.adam_beta1;
+        opt.beta2 = self.args.adam_beta2;
+        opt.eps = self.args.adam_epsilon;
+        let mut values: Vec<Vec<f32>> = self
+            .params
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        on_event(Event::Start {
+            examples: self.train.len(),
+            total_steps: total,
+            parameters: sizes.iter().sum(),
+            fresh: self.params.fresh.clone(),
+        });
+        let bs = self.args.per_device_train_batch_size;
+        let per_epoch = self.train.len().div_ceil(bs);
+        let started = Instant::now();
+        let (mut seen, mut log_loss, mut log_n, mut sum_loss) = (0usize, 0f64, 0usize, 0f64);
+        let strategy = self.eval_strategy();
+        let mut epoch = 0usize;
+        'outer: while self.global_step < total {
+            let mut order: Vec<usize> = (0..self.train.len()).collect();
+            if self.args.shuffle {
+                self.rng.shuffle(&mut order);
+            }
+            for (bi, chunk) in order.chunks(bs).enumerate() {
+                let (loss, mut grads) = self.loss_and_gradients(chunk, true)?;
+                if !loss.is_finite() {
+                    return Err(Error::Tensor(candle_core::Error::Msg(format!(
+                        "the loss is {loss} at step {}: lower the learning rate",
+                        self.global_step + 1
+                    ))));
+                }
+                let grad_norm = clip_grad_norm(&mut grads, self.args.max_grad_norm);
+                let lr = self.args.learning_rate
+                    * self
+                        .args
+                        .lr_scheduler_type
+                        .factor(self.global_step, warmup, total);
+                opt.step(lr, &mut values, &grads);
+                for ((var, v), shape) in self.params.vars.iter().zip(&values).zip(
+                    self.params
+                        .vars
+                        .iter()
+                        .map(|v| v.as_tensor().shape().clone()),
+                ) {
+                    var.set(&Tensor::from_vec(v.clone(), shape, &self.device)?)?;
+                }
+                self.global_step += 1;
+                seen += chunk.len();
+                log_loss += loss;
+                log_n += 1;
+                sum_loss += loss;
+                let ep = epoch as f64 + (bi + 1) as f64 / per_epoch as f64;
+                on_event(Event::Step {
+                    step: self.global_step,
+                    total_steps: total,
+                    epoch: ep,
+                    loss,
+                    learning_rate: lr,
+                    samples_per_second: seen as f64 / started.elapsed().as_secs_f64(),
+                });
+                if self.args.logging_steps > 0
+                    && self.global_step.is_multiple_of(self.args.logging_steps)
+                {
+                    let entry = json!({
+                        "loss": log_loss / log_n as f64,
+                        "grad_norm": grad_norm,
+                        "learning_rate": lr,
+                        "epoch": ep,
+                        "step": self.global_step,
+                    });
+                    (log_loss, log_n) = (0.0, 0);
+                    self.log_history.push(entry.clone());
+                    on_event(Event::Log(entry));
+                }
+                let end_of_epoch = bi + 1 == per_epoch;
+                let eval_now = match strategy {
+                    EvalStrategy::No => false,
+                    EvalStrategy::Epoch => end_of_epoch,
+                    EvalStrategy::Steps => {
+                        self.args.eval_steps > 0
+                            && self.global_step.is_multiple_of(self.args.eval_steps)
+                    }
+                };
+                if eval_now && !self.eval.is_empty() {
+                    let t = Instant::now();
+                    let m = self.evaluate()?;
+                    let mut entry = m.to_json("eval");
+                    let secs = t.elapsed().as_secs_f64();
+                    entry.insert("eval_runtime".into(), json!(secs));
+                    entry.insert(
+                        "eval_samples_per_second".into(),
+                        json!(m.samples as f64 / secs),
+                    );
+                    entry.insert("epoch".into(), json!(ep));
+                    entry.insert("step".into(), json!(self.global_step));
+                    self.log_history.push(Value::Object(entry.clone()));
+                    on_event(Event::Log(Value::Object(entry)));
+                }
+                if self.global_step >= total {
+                    break 'outer;
+                }
+            }
+            epoch += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let entry = json!({
+            "train_runtime": secs,
+            "train_samples_per_second": seen as f64 / secs,
+            "train_steps_per_second": self.global_step as f64 / secs,
+            "train_loss": sum_loss / self.global_step.max(1) as f64,
+            "epoch": self.global_step as f64 / per_epoch as f64,
+            "step": self.global_step,
+        });
+        self.log_history.push(entry.clone());
+        on_event(Event::Log(entry));
+        Ok(())
+    }
+
+    /// Logits of `items` without dropout, `[n, labels]` rows.
+    fn predict(&self, items: &[Item]) -> Result<(Vec<Vec<f32>>, f64)> {
+        let model = Model {
+            cfg: &self.cfg,
+            p: &self.params,
+        };
+        let (mut rows, mut loss_sum) = (Vec::new(), 0f64);
+        for chunk in items.chunks(self.args.per_device_eval_batch_size) {
+            let refs: Vec<&Item> = chunk.iter().collect();
+            let (batch, targets) = self.batch(&refs)?;
+            let logits = model.forward(&batch, None)?.detach();
+            loss_sum +=
+                self.loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            rows.extend(logits.to_vec2::<f32>()?);
+        }
+        Ok((rows, loss_sum / items.len().max(1) as f64))
+    }
+
+    /// Evaluate on the evaluation file.
+    pub fn evaluate(&self) -> Result<Metrics> {
+        let (logits, loss) = self.predict(&self.eval)?;
+        let targets: Vec<&Target> = self.eval.iter().map(|i| &i.target).collect();
+        Ok(metrics(self.labels.problem, &logits, &targets, loss))
+    }
+
+    /// Logits for texts (evaluation mode): what the saved model gives in our pipelines and in
+    /// Python.
+    pub fn logits(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<Vec<f32>>> {
+        let items: Vec<Item> = texts
+            .iter()
+            .map(|(t, p)| {
+                Ok(Item {
+                    enc: self.tokenizer.encode(t, *p)?,
+                    target: Target::Class(0),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let model = Model {
+            cfg: &self.cfg,
+            p: &self.params,
+        };
+        let mut rows = Vec::new();
+        for chunk in items.chunks(self.args.per_device_eval_batch_size) {
+            let refs: Vec<&Item> = chunk.iter().collect();
+            let (batch, _) = self.batch(&refs)?;
+            rows.extend(model.forward(&batch, None)?.to_vec2::<f32>()?);
+        }
+        Ok(rows)
+    }
+
+    /// Write the model as `save_pretrained` does, plus `training_args.json` and
+    /// `trainer_state.json`, into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors = self
+            .params
+            .names
+            .iter()
+            .zip(&self.params.vars)
+            .map(|(n, v)| {
+                let t = v.as_tensor();
+                Ok((
+                    n.clone(),
+                    t.dims().to_vec(),
+                    t.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        save::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        save::write_json(
+            &dir.join("config.json"),
+            &save::config_json(&self.cfg, &self.labels),
+        )?;
+        save::copy_tokenizer(&self.model_dir, dir)?;
+        save::write_json(&dir.join("training_args.json"), &self.args.to_json())?;
+        let per_epoch = self
+            .train
+            .len()
+            .div_ceil(self.args.per_device_train_batch_size);
+        let state = json!({
+            "best_metric": null,
+            "best_model_checkpoint": null,
+            "epoch": self.global_step as f64 / per_epoch.max(1) as f64,
+            "eval_steps": self.args.eval_steps,
+            "global_step": self.global_step,
+            "is_hyper_param_search": false,
+            "is_local_process_zero": true,
+            "is_world_process_zero": true,
+            "log_history": self.log_history,
+            "logging_steps": self.args.logging_steps,
+            "max_steps": self.total_steps(),
+            "num_input_tokens_seen": 0,
+            "num_train_epochs": self.args.num_train_epochs.ceil() as usize,
+            "save_steps": 500,
+            "total_flos": 0,
+            "train_batch_size": self.args.per_device_train_batch_size,
+            "trial_name": null,
+            "trial_params": null,
+        });
+        save::write_json(&dir.join("trainer_state.json"), &state)
+    }
+}
+
+/// Accuracy and macro-F1 (single-label; sklearn's: over the classes that occur in the labels
+/// or the predictions, 0 where undefined), exact match and micro-F1 at sigmoid 0.5
+/// (multi-label), mean squared error (regression).
+pub fn metrics(problem: Problem, logits: &[Vec<f32>], targets: &[&Target], loss: f64) -> Metrics {
+    let n = targets.len();
+    let mut m = Metrics {
+        loss,
+        accuracy: None,
+        f1: None,
+        mse: None,
+        samples: n,
+    };
+    match problem {
+        Problem::SingleLabel => {
+            let pred: Vec<usize> = logits
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                            if v > best.1 {
+                                (i, v)
+                            } else {
+                                best
+                            }
+                        })
+                        .0
+                })
+                .collect();
+            let gold: Vec<usize> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Class(c) => *c as usize,
+                    _ => usize::MAX,
+                })
+                .collect();
+            let correct = pred.iter().zip(&gold).filter(|(p, g)| p == g).count();
+            m.accuracy = Some(correct as f64 / n.max(1) as f64);
+            let classes: std::collections::BTreeSet<usize> =
+                pred.iter().chain(&gold).copied().collect();
+            let mut f1_sum = 0.0;
+            for &c in &classes {
+                let tp = pred
+                    .iter()
+                    .zip(&gold)
+                    .filter(|(p, g)| **p == c && **g == c)
+                    .count() as f64;
+                let fp = pred
+                    .iter()
+                    .zip(&gold)
+                    .filter(|(p, g)| **p == c && **g != c)
+                    .count() as f64;
+                let fneg = pred
+                    .iter()
+                    .zip(&gold)
+                    .filter(|(p, g)| **p != c && **g == c)
+                    .count() as f64;
+                let denom = 2.0 * tp + fp + fneg;
+                f1_sum += if denom > 0.0 { 2.0 * tp / denom } else { 0.0 };
+            }
+            m.f1 = Some(f1_sum / classes.len().max(1) as f64);
+        }
+        Problem::MultiLabel => {
+            let (mut exact, mut tp, mut fp, mut fneg) = (0usize, 0f64, 0f64, 0f64);
+            for (r, t) in logits.iter().zip(targets) {
+                let Target::Multi(gold) = t else { continue };
+                let mut all = true;
+                for (&x, &g) in r.iter().zip(gold) {
+                    let p = x > 0.0;
+                    let g = g > 0.5;
+                    all &= p == g;
+                    tp += (p && g) as u8 as f64;
+                    fp += (p && !g) as u8 as f64;
+                    fneg += (!p && g) as u8 as f64;
+                }
+                exact += all as usize;
+            }
+            m.accuracy = Some(exact as f64 / n.max(1) as f64);
+            let denom = 2.0 * tp + fp + fneg;
+            m.f1 = Some(if denom > 0.0 { 2.0 * tp / denom } else { 0.0 });
+        }
+        Problem::Regression => {
+            let se: f64 = logits
+                .iter()
+                .zip(targets)
+                .map(|(r, t)| match t {
+                    Target::Value(v) => (r[0] as f64 - *v as f64).powi(2),
+                    _ => 0.0,
+                })
+                .sum();
+            m.mse = Some(se / n.max(1) as f64);
+        }
+    }
+    m
+}

@@ -1,0 +1,216 @@
+//! The optimiser side of training: a seeded generator, AdamW as torch computes it, HF's
+//! learning-rate schedules, and gradient clipping by global norm.
+
+/// SplitMix64: a small seeded generator (initialisation, dropout masks, shuffling), so a seed
+/// gives the same run every time.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// A generator for another purpose, derived from this one.
+    pub fn fork(&mut self) -> Rng {
+        Rng(self.next_u64())
+    }
+
+    /// Fisher-Yates.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// HF's `lr_scheduler_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Linear,
+    Constant,
+    ConstantWithWarmup,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "linear" => Schedule::Linear,
+            "constant" => Schedule::Constant,
+            "constant_with_warmup" => Schedule::ConstantWithWarmup,
+            "cosine" => Schedule::Cosine,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Linear => "linear",
+            Schedule::Constant => "constant",
+            Schedule::ConstantWithWarmup => "constant_with_warmup",
+            Schedule::Cosine => "cosine",
+        }
+    }
+
+    /// The factor on the base learning rate for optimizer step `step` (0-based, as torch's
+    /// `LambdaLR` counts: the first update uses step 0), `warmup` steps of warm-up, `total`
+    /// steps in all (`transformers.optimization`'s lambdas).
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        let (s, w, t) = (step as f64, warmup as f64, total as f64);
+        if self != Schedule::Constant && step < warmup {
+            return s / w.max(1.0);
+        }
+        match self {
+            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
+            Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+            Schedule::Cosine => {
+                let progress = (s - w) / (t - w).max(1.0);
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+/// AdamW with decoupled weight decay, in torch's order of operations (`torch.optim.AdamW`,
+/// single-tensor path), with per-parameter decay on or off (HF: none for biases and
+/// LayerNorm weights).
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Updates done.
+    pub t: u64,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    decay: Vec<bool>,
+}
+
+impl AdamW {
+    pub fn new(sizes: &[usize], decay: Vec<bool>, weight_decay: f64) -> Self {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            decay,
+        }
+    }
+
+    /// One update of every parameter `params[i]` (flat values) from `grads[i]` at rate `lr`.
+    pub fn step(&mut self, lr: f64, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
+        self.t += 1;
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = self.eps as f32;
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let wd = if self.decay[i] {
+                (1.0 - lr * self.weight_decay) as f32
+            } else {
+                1.0
+            };
+            let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            for j in 0..p.len() {
+                if wd != 1.0 {
+                    p[j] *= wd;
+                }
+                let gj = g[j];
+                m[j] += (gj - m[j]) * (1.0 - b1);
+                v[j] = v[j] * b2 + gj * gj * (1.0 - b2);
+                let denom = v[j].sqrt() / bc2_sqrt + eps;
+                p[j] -= step_size * (m[j] / denom);
+            }
+        }
+    }
+}
+
+/// torch's `clip_grad_norm_`: the global L2 norm of all gradients (returned, before clipping);
+/// when above `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`.
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
+    let norm = grads
+        .iter()
+        .map(|g| {
+            let s: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
+            s
+        })
+        .sum::<f64>()
+        .sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            let c = coef as f32;
+            for g in grads.iter_mut() {
+                g.iter_mut().for_each(|x| *x *= c);
+            }
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_transformers_lambdas() {
+        // get_linear_schedule_with_warmup(warmup 2, total 10)
+        let l: Vec<f64> = (0..11).map(|s| Schedule::Linear.factor(s, 2, 10)).collect();
+        assert_eq!(l[0], 0.0);
+        assert_eq!(l[1], 0.5);
+        assert_eq!(l[2], 1.0);
+        assert!((l[6] - 0.5).abs() < 1e-12 && l[10] == 0.0);
+        let c = Schedule::Cosine.factor(6, 2, 10);
+        assert!((c - 0.5).abs() < 1e-12);
+        assert_eq!(Schedule::Constant.factor(0, 5, 10), 1.0);
+        assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 10), 0.25);
+    }
+
+    /// One AdamW step from zero moments moves each weight by about `lr` against the
+    /// gradient's sign, after decay; no decay where it is off.
+    #[test]
+    fn adamw_first_step() {
+        let mut opt = AdamW::new(&[2, 1], vec![true, false], 0.1);
+        let mut p = vec![vec![1.0f32, -1.0], vec![2.0]];
+        opt.step(0.01, &mut p, &[vec![0.5, -2.0], vec![1.0]]);
+        let want0 = 1.0 * (1.0 - 0.01 * 0.1) - 0.01;
+        assert!((p[0][0] - want0 as f32).abs() < 1e-6, "{p:?}");
+        assert!((p[0][1] - (-0.999f32 + 0.01)).abs() < 1e-6, "{p:?}");
+        assert!((p[1][0] - 1.99).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let mut g = vec![vec![3.0f32], vec![4.0]];
+        let n = clip_grad_norm(&mut g, 1.0);
+        assert!((n - 5.0).abs() < 1e-9);
+        assert!((g[0][0] - 0.6).abs() < 1e-6 && (g[1][0] - 0.8).abs() < 1e-6);
+    }
+}

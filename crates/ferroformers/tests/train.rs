@@ -1,0 +1,404 @@
+//! Fine-tuning against HF `Trainer` (fixtures from scripts/gen_fixtures_train.py): losses,
+//! gradient norms and every weight after 5 AdamW steps with warm-up, decay and clipping; every
+//! parameter gets a gradient, and finite differences agree with it; the saved model serves in
+//! our pipeline with the trainer's own logits; bad data is refused before training.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use ferroformers::train::{EvalStrategy, Event, Trainer, TrainingArguments};
+use ferroformers::{Input, Params, PipelineOptions};
+
+fn train_dir() -> PathBuf {
+    common::fixtures().join("train")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ff-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The fixture script's Trainer settings, in file order.
+fn parity_args(out: &Path) -> TrainingArguments {
+    TrainingArguments {
+        output_dir: out.to_path_buf(),
+        learning_rate: 1e-3,
+        max_steps: Some(5),
+        per_device_train_batch_size: 4,
+        warmup_steps: 2,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        logging_steps: 1,
+        shuffle: false,
+        ..Default::default()
+    }
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+#[test]
+fn five_steps_match_hf_trainer_for_bert_distilbert_roberta() {
+    for arch in ["bert-seqcls", "distilbert-seqcls", "roberta-seqcls"] {
+        let want = common::expected(&format!("train-{arch}"));
+        let init = train_dir().join(format!("{arch}-init"));
+        let out = tmp(arch);
+        let mut t = Trainer::new(
+            init.to_str().unwrap(),
+            &train_dir().join("seqcls.jsonl"),
+            None,
+            parity_args(&out),
+        )
+        .unwrap();
+        assert!(t.params.fresh.is_empty(), "{arch}: {:?}", t.params.fresh);
+        let mut losses = Vec::new();
+        t.train(&mut |e| {
+            if let Event::Step { loss, .. } = e {
+                losses.push(loss)
+            }
+        })
+        .unwrap();
+        let grad_norms: Vec<f64> = t
+            .log_history
+            .iter()
+            .filter_map(|h| h.get("grad_norm").and_then(|g| g.as_f64()))
+            .collect();
+        for (i, w) in want["losses"].as_array().unwrap().iter().enumerate() {
+            let w = w.as_f64().unwrap();
+            assert!(
+                close(losses[i], w, 1e-4),
+                "{arch} step {}: loss {} vs {w}",
+                i + 1,
+                losses[i]
+            );
+        }
+        for (i, w) in want["grad_norms"].as_array().unwrap().iter().enumerate() {
+            let w = w.as_f64().unwrap();
+            assert!(
+                close(grad_norms[i], w, 1e-4),
+                "{arch} step {}: grad norm {} vs {w}",
+                i + 1,
+                grad_norms[i]
+            );
+        }
+        let final_w = candle_core::safetensors::load(
+            train_dir().join(format!("{arch}-final.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut names: Vec<&String> = t.params.names.iter().collect();
+        names.sort();
+        let mut theirs: Vec<&String> = final_w.keys().collect();
+        theirs.sort();
+        assert_eq!(names, theirs, "{arch}: parameter names");
+        let mut worst = (0f32, String::new());
+        for (n, v) in t.params.names.iter().zip(&t.params.vars) {
+            // The attention keys' biases shift every score of a row by the same amount, which
+            // softmax ignores: their true gradient is 0, and what both frameworks compute is
+            // rounding noise that Adam's normalisation turns into steps of about the learning
+            // rate, in directions the noise decides. Bounded by the 5 steps' learning rates.
+            let noise_only = n.ends_with("key.bias") || n.ends_with("k_lin.bias");
+            let d = (v.as_tensor() - &final_w[n])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if noise_only {
+                assert!(d <= 5e-3, "{arch}: `{n}` moved {d} away from torch's");
+            } else if d > worst.0 {
+                worst = (d, n.clone());
+            }
+        }
+        assert!(
+            worst.0 <= 1e-4,
+            "{arch}: weights differ by {} at `{}`",
+            worst.0,
+            worst.1
+        );
+        eprintln!(
+            "{arch}: losses {losses:?}, largest weight difference {} ({})",
+            worst.0, worst.1
+        );
+    }
+}
+
+/// A bare base model (no head: a fresh, seeded one): every parameter, embeddings to head,
+/// gets a non-zero gradient; and central differences of the loss agree with the gradient of
+/// the largest-gradient element of every parameter tensor (each layer type: embeddings,
+/// LayerNorm, attention, feed-forward, pooler, classifier).
+#[test]
+fn every_parameter_gets_its_gradient() {
+    for base in ["bert-base", "distilbert-base", "roberta-base"] {
+        let out = tmp(base);
+        let t = Trainer::new(
+            common::model_dir(base).to_str().unwrap(),
+            &train_dir().join("seqcls.jsonl"),
+            None,
+            parity_args(&out),
+        )
+        .unwrap();
+        assert!(
+            t.params.fresh.iter().any(|n| n.starts_with("classifier")),
+            "{base}: {:?}",
+            t.params.fresh
+        );
+        let idx = [0usize, 1, 2, 3];
+        let (loss0, grads) = t.loss_and_gradients(&idx, false).unwrap();
+        for (n, g) in t.params.names.iter().zip(&grads) {
+            // Key biases excepted: softmax ignores a shift of a whole row, so their true
+            // gradient is 0 (the central differences below check that).
+            if !(n.ends_with("key.bias") || n.ends_with("k_lin.bias")) {
+                assert!(g.iter().any(|&x| x != 0.0), "{base}: `{n}` got no gradient");
+            }
+        }
+        let eps = 1e-2f32;
+        for (i, (n, g)) in t.params.names.iter().zip(&grads).enumerate() {
+            let (j, &gj) = g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let var = &t.params.vars[i];
+            let orig = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let shape = var.as_tensor().shape().clone();
+            let at = |delta: f32| {
+                let mut v = orig.clone();
+                v[j] += delta;
+                var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
+                    .unwrap();
+                t.loss_and_gradients(&idx, false).unwrap().0
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            var.set(&Tensor::from_vec(orig, shape, &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(
+                (numeric - gj as f64).abs() <= 2e-3 + 0.05 * (gj as f64).abs(),
+                "{base}: `{n}`[{j}]: backward {gj} vs central difference {numeric} (loss {loss0})"
+            );
+        }
+    }
+}
+
+/// Trained and saved: the folder has HF's files and names, the pipeline loads it and gives
+/// the trainer's own probabilities, and the same seed gives the same weights.
+#[test]
+fn saved_model_serves_in_the_pipeline() {
+    let out = tmp("saved");
+    let args = TrainingArguments {
+        max_steps: Some(3),
+        learning_rate: 1e-3,
+        logging_steps: 1,
+        eval_strategy: Some(EvalStrategy::Steps),
+        eval_steps: 3,
+        ..parity_args(&out)
+    };
+    let init = train_dir().join("bert-seqcls-init");
+    let data = train_dir().join("seqcls.jsonl");
+    let mut t = Trainer::new(
+        init.to_str().unwrap(),
+        &data,
+        Some(&data),
+        TrainingArguments {
+            shuffle: true,
+            ..args.clone()
+        },
+    )
+    .unwrap();
+    t.train(&mut |_| {}).unwrap();
+    t.save(&out).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+        "trainer_state.json",
+        "training_args.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(cfg["id2label"]["2"], "positive");
+    assert_eq!(cfg["label2id"]["negative"], 0);
+    assert_eq!(cfg["problem_type"], "single_label_classification");
+    // safetensors header: HF's names (those of the fixture Python wrote) and {"format": "pt"}.
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt");
+    let ours: std::collections::BTreeSet<String> = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    let hf = candle_core::safetensors::load(
+        common::model_dir("bert-seqcls").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let hf: std::collections::BTreeSet<String> = hf.keys().cloned().collect();
+    assert_eq!(ours, hf);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], 3);
+    assert!(state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h.get("eval_accuracy").is_some()));
+
+    let texts = [
+        "I absolutely loved this movie!",
+        "The weather today is neither good nor bad.",
+    ];
+    let logits = t.logits(&[(texts[0], None), (texts[1], None)]).unwrap();
+    let pipe = ferroformers::pipeline_with(
+        "text-classification",
+        PipelineOptions {
+            model: Some(out.to_str().unwrap().into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut params = Params::new();
+    params.insert("top_k".into(), serde_json::Value::Null);
+    for (i, text) in texts.iter().enumerate() {
+        let res = pipe.run(&[Input::Text(text.to_string())], &params).unwrap();
+        let v = serde_json::to_value(&res[0]).unwrap();
+        let row = &logits[i];
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|x| (x - m).exp()).sum();
+        for item in v.as_array().unwrap() {
+            let label = item["label"].as_str().unwrap();
+            let id = ["negative", "neutral", "positive"]
+                .iter()
+                .position(|l| *l == label)
+                .unwrap();
+            let p = (row[id] - m).exp() / z;
+            let s = item["score"].as_f64().unwrap() as f32;
+            assert!(
+                (p - s).abs() < 1e-5,
+                "{text}: {label} pipeline {s} vs trainer {p}"
+            );
+        }
+    }
+    // Same seed, same run.
+    let mut t2 = Trainer::new(
+        init.to_str().unwrap(),
+        &data,
+        None,
+        TrainingArguments {
+            shuffle: true,
+            ..args
+        },
+    )
+    .unwrap();
+    t2.train(&mut |_| {}).unwrap();
+    for (a, b) in t.params.vars.iter().zip(&t2.params.vars) {
+        let d = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+}
+
+#[test]
+fn bad_data_is_refused_before_training() {
+    let dir = tmp("bad");
+    let init = train_dir().join("bert-seqcls-init");
+    let init = init.to_str().unwrap();
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let train = write(
+        "train.jsonl",
+        "{\"text\": \"good\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"neg\"}\n",
+    );
+    let eval = write(
+        "eval.jsonl",
+        "{\"text\": \"fine\", \"label\": \"pos\"}\n{\"text\": \"meh\", \"label\": \"mixed\"}\n",
+    );
+    let e = Trainer::new(init, &train, Some(&eval), TrainingArguments::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("eval.jsonl") && e.contains("line 2") && e.contains("`mixed`"),
+        "{e}"
+    );
+    let missing = write("missing.csv", "sentence,label\nhello,pos\n");
+    let e = Trainer::new(init, &missing, None, TrainingArguments::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("missing.csv") && e.contains("line 2") && e.contains("`text`"),
+        "{e}"
+    );
+    let empty = write("empty.jsonl", "\n");
+    let e = Trainer::new(init, &empty, None, TrainingArguments::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("empty"), "{e}");
+    let reg = write(
+        "reg.jsonl",
+        "{\"text\": \"a\", \"label\": 0.5}\n{\"text\": \"b\", \"label\": \"high\"}\n",
+    );
+    let e = Trainer::new(init, &reg, None, TrainingArguments::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("reg.jsonl") && e.contains("line 2"), "{e}");
+    let e = Trainer::new(
+        init,
+        &train,
+        None,
+        TrainingArguments {
+            learning_rate: -1.0,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("learning_rate"), "{e}");
+    let e = Trainer::new(
+        common::model_dir("no-config").to_str().unwrap(),
+        &train,
+        None,
+        TrainingArguments::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
