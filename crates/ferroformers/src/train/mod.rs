@@ -6,6 +6,7 @@
 //!
 //! - [`data`]: reading examples and labels (every problem names the file and line);
 //! - [`model`]: the trainable model over candle `Var`s (every op records its backward);
+//! - [`ops`]: fused LayerNorm, softmax and GELU with their backward passes (CPU f32);
 //! - [`optim`]: seeded generator, AdamW, schedules, clipping;
 //! - [`save`]: `save_pretrained`'s files.
 //!
@@ -14,20 +15,21 @@
 
 pub mod data;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod save;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::{Encoded, Tokenizer};
 use data::{Columns, Example, LabelSet, Problem, Target};
 use model::{Batch, Dropout, EncoderConfig, Model, Params};
-use optim::{clip_grad_norm, AdamW, Rng, Schedule};
+use optim::{clip_coef, global_norm, AdamW, Rng, Schedule};
 
 /// When to evaluate (HF's `eval_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,9 +426,9 @@ impl Trainer {
         })
     }
 
-    /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
-    /// `idx`, with dropout when `train`.
-    pub fn loss_and_gradients(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Vec<f32>>)> {
+    /// Loss and every parameter's gradient (contiguous, in [`Params`] order; zeros where
+    /// none reached it) on training examples `idx`, with dropout when `train`.
+    fn forward_backward(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Tensor>)> {
         let items: Vec<&Item> = idx.iter().map(|&i| &self.train[i]).collect();
         let (batch, targets) = self.batch(&items)?;
         let model = Model {
@@ -436,14 +438,29 @@ impl Trainer {
         let logits = model.forward(&batch, train.then_some(&self.dropout))?;
         let loss = self.loss(&logits, &targets)?;
         let grads = loss.backward()?;
-        let mut out = Vec::with_capacity(self.params.vars.len());
-        for v in &self.params.vars {
-            out.push(match grads.get(v.as_tensor()) {
-                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-                None => vec![0f32; v.elem_count()],
-            });
-        }
+        let out = self
+            .params
+            .vars
+            .iter()
+            .map(|v| {
+                Ok(match grads.get(v.as_tensor()) {
+                    Some(g) => g.contiguous()?,
+                    None => v.as_tensor().zeros_like()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok((loss.to_scalar::<f32>()? as f64, out))
+    }
+
+    /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
+    /// `idx`, with dropout when `train`.
+    pub fn loss_and_gradients(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Vec<f32>>)> {
+        let (loss, grads) = self.forward_backward(idx, train)?;
+        let flat = grads
+            .iter()
+            .map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss, flat))
     }
 
     /// Optimizer steps in all (HF: `ceil(batches per epoch * epochs)`, or `max_steps`).
@@ -489,12 +506,6 @@ impl Trainer {
         opt.beta1 = self.args.adam_beta1;
         opt.beta2 = self.args.adam_beta2;
         opt.eps = self.args.adam_epsilon;
-        let mut values: Vec<Vec<f32>> = self
-            .params
-            .vars
-            .iter()
-            .map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
-            .collect::<candle_core::Result<_>>()?;
         on_event(Event::Start {
             examples: self.train.len(),
             total_steps: total,
@@ -513,28 +524,21 @@ impl Trainer {
                 self.rng.shuffle(&mut order);
             }
             for (bi, chunk) in order.chunks(bs).enumerate() {
-                let (loss, mut grads) = self.loss_and_gradients(chunk, true)?;
+                let (loss, grads) = self.forward_backward(chunk, true)?;
                 if !loss.is_finite() {
                     return Err(Error::Tensor(candle_core::Error::Msg(format!(
                         "the loss is {loss} at step {}: lower the learning rate",
                         self.global_step + 1
                     ))));
                 }
-                let grad_norm = clip_grad_norm(&mut grads, self.args.max_grad_norm);
+                let grad_norm = global_norm(&grads)?;
+                let coef = clip_coef(grad_norm, self.args.max_grad_norm);
                 let lr = self.args.learning_rate
                     * self
                         .args
                         .lr_scheduler_type
                         .factor(self.global_step, warmup, total);
-                opt.step(lr, &mut values, &grads);
-                for ((var, v), shape) in self.params.vars.iter().zip(&values).zip(
-                    self.params
-                        .vars
-                        .iter()
-                        .map(|v| v.as_tensor().shape().clone()),
-                ) {
-                    var.set(&Tensor::from_vec(v.clone(), shape, &self.device)?)?;
-                }
+                opt.step_vars(lr, &self.params.vars, &grads, coef)?;
                 self.global_step += 1;
                 seen += chunk.len();
                 log_loss += loss;

@@ -5,8 +5,9 @@
 //! Why not the inference models in `models/`: their CPU path runs hand-written kernels over
 //! plain buffers (no autograd), and their candle path uses fused ops that record no backward
 //! (candle's contiguous LayerNorm, `softmax_last_dim`, the fast GELU). Here every op is
-//! differentiable: `layer_norm_slow`, `softmax` from max/exp/sum, `gelu_erf`, matmuls,
-//! `index_select` embeddings. Dropout sits where HF's modeling code puts it, drawn from the
+//! differentiable: LayerNorm, softmax and GELU are [`super::ops`]' fused ops with their own
+//! backward (candle's composite ones elsewhere than CPU f32), plus matmuls and `index_select`
+//! embeddings. Dropout sits where HF's modeling code puts it, drawn from the
 //! trainer's seeded generator, and is off at evaluation. The saved model is served by the
 //! inference models (a test checks the two give the same logits).
 
@@ -14,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde_json::Value;
 
 use super::optim::Rng;
@@ -420,17 +421,12 @@ impl Model<'_> {
     fn norm(&self, xs: &Tensor, name: &str) -> Result<Tensor> {
         let w = self.p.get(&format!("{name}.weight"))?;
         let b = self.p.get(&format!("{name}.bias"))?;
-        Ok(candle_nn::ops::layer_norm_slow(
-            xs,
-            w,
-            b,
-            self.cfg.eps as f32,
-        )?)
+        Ok(super::ops::layer_norm(xs, w, b, self.cfg.eps)?)
     }
 
     fn act(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self.cfg.act {
-            Act::Gelu => xs.gelu_erf()?,
+            Act::Gelu => super::ops::gelu_erf(xs)?,
             Act::GeluNew => xs.gelu()?,
             Act::Relu => xs.relu()?,
         })
@@ -494,7 +490,7 @@ impl Model<'_> {
         let k = split(self.linear(x, names[1])?)?;
         let v = split(self.linear(x, names[2])?)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)?;
+        let probs = super::ops::softmax_last_dim(&scores.broadcast_add(bias)?)?;
         let probs = self.drop(&probs, self.cfg.attn_dropout, dropout)?;
         Ok(probs
             .matmul(&v)?

@@ -1,6 +1,8 @@
 //! The optimiser side of training: a seeded generator, AdamW as torch computes it, HF's
 //! learning-rate schedules, and gradient clipping by global norm.
 
+use rayon::prelude::*;
+
 /// SplitMix64: a small seeded generator (initialisation, dropout masks, shuffling), so a seed
 /// gives the same run every time.
 #[derive(Debug, Clone)]
@@ -122,34 +124,176 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter `params[i]` (flat values) from `grads[i]` at rate `lr`.
-    pub fn step(&mut self, lr: f64, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
+    /// The step's constants (advances the step count).
+    fn next(&mut self, lr: f64) -> Consts {
         self.t += 1;
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = self.eps as f32;
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let wd = if self.decay[i] {
-                (1.0 - lr * self.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                if wd != 1.0 {
-                    p[j] *= wd;
-                }
-                let gj = g[j];
-                m[j] += (gj - m[j]) * (1.0 - b1);
-                v[j] = v[j] * b2 + gj * gj * (1.0 - b2);
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                p[j] -= step_size * (m[j] / denom);
-            }
+        Consts {
+            b1: self.beta1 as f32,
+            b2: self.beta2 as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
         }
     }
+
+    /// One update of every parameter `params[i]` (flat values) from `grads[i]` at rate `lr`.
+    pub fn step(&mut self, lr: f64, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
+        let c = self.next(lr);
+        params
+            .par_iter_mut()
+            .zip(grads.par_iter())
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .zip(self.decay.par_iter())
+            .for_each(|(((p, g), (m, v)), &decay)| c.apply(p, g, 1.0, m, v, decay));
+    }
+
+    /// The same update on candle `Var`s, in their storage (no copies of the parameters):
+    /// `grads[i]` (contiguous f32, on the CPU) scaled by `coef` (clipping) first, as torch
+    /// scales the gradients in place before its step.
+    pub fn step_vars(
+        &mut self,
+        lr: f64,
+        vars: &[candle_core::Var],
+        grads: &[candle_core::Tensor],
+        coef: f32,
+    ) -> candle_core::Result<()> {
+        let c = self.next(lr);
+        vars.par_iter()
+            .zip(grads.par_iter())
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .zip(self.decay.par_iter())
+            .try_for_each(|(((var, g), (m, v)), &decay)| {
+                let (gs, gl) = g.storage_and_layout();
+                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(gd)) = &*gs else {
+                    candle_core::bail!("AdamW: f32 CPU gradients only")
+                };
+                let Some((a, b)) = gl.contiguous_offsets() else {
+                    candle_core::bail!("AdamW: contiguous gradients only")
+                };
+                let op = InPlace {
+                    c: &c,
+                    g: &gd[a..b],
+                    coef,
+                    m: std::cell::RefCell::new(m),
+                    v: std::cell::RefCell::new(v),
+                    decay,
+                };
+                var.as_tensor().inplace_op1(&op)
+            })
+    }
+}
+
+/// One step's constants, torch's (`bias_correction1/2`, `step_size`).
+struct Consts {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    /// `1 - lr * weight_decay`.
+    decay: f32,
+}
+
+impl Consts {
+    /// torch's single-tensor AdamW on one parameter, in chunks over rayon's threads (element
+    /// by element, so any split gives the same numbers).
+    fn apply(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        coef: f32,
+        m: &mut [f32],
+        v: &mut [f32],
+        decay: bool,
+    ) {
+        const CHUNK: usize = 1 << 14;
+        let wd = if decay { self.decay } else { 1.0 };
+        let (b1, b2, step, bc2s, eps) = (self.b1, self.b2, self.step_size, self.bc2_sqrt, self.eps);
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for j in 0..p.len() {
+                    if wd != 1.0 {
+                        p[j] *= wd;
+                    }
+                    let gj = if coef != 1.0 { g[j] * coef } else { g[j] };
+                    m[j] += (gj - m[j]) * (1.0 - b1);
+                    v[j] = v[j] * b2 + gj * gj * (1.0 - b2);
+                    let denom = v[j].sqrt() / bc2s + eps;
+                    p[j] -= step * (m[j] / denom);
+                }
+            });
+    }
+}
+
+/// [`Consts::apply`] on a `Var`'s own storage.
+struct InPlace<'a> {
+    c: &'a Consts,
+    g: &'a [f32],
+    coef: f32,
+    m: std::cell::RefCell<&'a mut Vec<f32>>,
+    v: std::cell::RefCell<&'a mut Vec<f32>>,
+    decay: bool,
+}
+
+impl candle_core::InplaceOp1 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(p) = storage else {
+            candle_core::bail!("AdamW: f32 parameters only")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("AdamW: contiguous parameters only")
+        };
+        let p = &mut p[a..b];
+        if p.len() != self.g.len() {
+            candle_core::bail!("AdamW: {} values, gradient of {}", p.len(), self.g.len());
+        }
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        self.c
+            .apply(p, self.g, self.coef, &mut m[..], &mut v[..], self.decay);
+        Ok(())
+    }
+}
+
+/// The global L2 norm of all gradients (f64 sums).
+pub fn global_norm(grads: &[candle_core::Tensor]) -> candle_core::Result<f64> {
+    let sums = grads
+        .par_iter()
+        .map(|g| {
+            let (st, l) = g.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)) = &*st else {
+                candle_core::bail!("gradient norm: f32 CPU gradients only")
+            };
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("gradient norm: contiguous gradients only")
+            };
+            Ok(d[a..b].iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        })
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    Ok(sums.iter().sum::<f64>().sqrt())
+}
+
+/// torch's clipping coefficient: `max_norm / (norm + 1e-6)` when below 1, else 1.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    if max_norm > 0.0 {
+        let c = max_norm / (norm + 1e-6);
+        if c < 1.0 {
+            return c as f32;
+        }
+    }
+    1.0
 }
 
 /// torch's `clip_grad_norm_`: the global L2 norm of all gradients (returned, before clipping);

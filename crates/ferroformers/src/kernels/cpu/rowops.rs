@@ -107,7 +107,7 @@ fn layer_norm_each_g(rows: &mut [f32], h: usize, g: &[f32], b: &[f32], eps: f32)
         layer_norm_g(row, g, b, eps);
     }
 }
-dispatch!(fn layer_norm_each(rows: &mut [f32], h: usize, g: &[f32], b: &[f32], eps: f32); via layer_norm_each_g);
+dispatch!(pub(crate) fn layer_norm_each(rows: &mut [f32], h: usize, g: &[f32], b: &[f32], eps: f32); via layer_norm_each_g);
 
 #[inline(always)]
 fn activate_g(xs: &mut [f32], act: Activation) {
@@ -240,6 +240,83 @@ pub fn activate_par(x: &mut [f32], act: Activation, par: bool) {
         f(x);
     }
 }
+
+/// GELU (erf)'s backward: `g * (Phi(x) + x * phi(x))` into `out`, as training needs it.
+#[inline(always)]
+fn gelu_erf_grad_g(x: &[f32], g: &[f32], out: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+        let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        *o = g * (cdf + x * INV_SQRT_2PI * fast_exp(-0.5 * x * x));
+    }
+}
+dispatch!(pub fn gelu_erf_grad(x: &[f32], g: &[f32], out: &mut [f32]); via gelu_erf_grad_g);
+
+/// Softmax's backward over `width`-wide rows: `out = p * (g - sum(p * g))` per row.
+#[inline(always)]
+fn softmax_grad_rows_g(p: &[f32], g: &[f32], width: usize, out: &mut [f32]) {
+    for ((pr, gr), or) in p
+        .chunks_exact(width)
+        .zip(g.chunks_exact(width))
+        .zip(out.chunks_exact_mut(width))
+    {
+        let dot = dot16(pr, gr);
+        for ((o, &p), &g) in or.iter_mut().zip(pr).zip(gr) {
+            *o = p * (g - dot);
+        }
+    }
+}
+dispatch!(pub fn softmax_grad_rows(p: &[f32], g: &[f32], width: usize, out: &mut [f32]); via softmax_grad_rows_g);
+
+/// LayerNorm's backward over `h`-wide rows of `x` (gain `w`, epsilon `eps`) for the output
+/// gradient `g`: the input gradient into `dx`, and the gain and bias gradients added to `dw`
+/// and `db` (`h` each). Recomputes each row's mean and deviation as [`layer_norm`] does.
+#[inline(always)]
+fn layer_norm_grad_rows_g(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let h = w.len();
+    let n = h as f32;
+    let mut xhat = vec![0f32; h];
+    let mut gw = vec![0f32; h];
+    for ((xr, gr), dr) in x
+        .chunks_exact(h)
+        .zip(g.chunks_exact(h))
+        .zip(dx.chunks_exact_mut(h))
+    {
+        let mean = sum16(xr) / n;
+        for (t, &v) in xhat.iter_mut().zip(xr) {
+            *t = v - mean;
+        }
+        let inv = 1.0 / (dot16(&xhat, &xhat) / n + eps).sqrt();
+        for t in xhat.iter_mut() {
+            *t *= inv;
+        }
+        for ((((gw, &gv), &wv), &t), (dwv, dbv)) in gw
+            .iter_mut()
+            .zip(gr)
+            .zip(w)
+            .zip(&xhat)
+            .zip(dw.iter_mut().zip(db.iter_mut()))
+        {
+            *gw = gv * wv;
+            *dwv += gv * t;
+            *dbv += gv;
+        }
+        let m1 = sum16(&gw) / n;
+        let m2 = dot16(&gw, &xhat) / n;
+        for ((d, &a), &t) in dr.iter_mut().zip(&gw).zip(&xhat) {
+            *d = (a - m1 - t * m2) * inv;
+        }
+    }
+}
+dispatch!(pub fn layer_norm_grad_rows(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]); via layer_norm_grad_rows_g);
 
 #[cfg(test)]
 mod tests {

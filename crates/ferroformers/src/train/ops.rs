@@ -1,0 +1,291 @@
+//! Fused training ops for CPU f32, each with its backward pass: LayerNorm, softmax over the last
+//! dimension, and exact (erf) GELU. candle's composite versions (`layer_norm_slow`, `softmax`
+//! from max/exp/sum/div, `gelu_erf` through libm) are correct but make 5-8 passes and
+//! allocations per call, forward and backward; these make one, through the row kernels in
+//! [`crate::kernels::cpu::rowops`], split over rayon's threads when large. Other devices and
+//! dtypes use candle's ops ([`layer_norm`], [`softmax_last_dim`], [`gelu_erf`] pick).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+use crate::kernels::cpu::rowops::{
+    activate, gelu_erf_grad, layer_norm_each, layer_norm_grad_rows, softmax_grad_rows,
+    softmax_rows, Activation,
+};
+
+/// Below this many values a call stays on one thread.
+const PAR_MIN: usize = 1 << 15;
+
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only")
+    };
+    Ok(&d[a..b])
+}
+
+/// Run `f` on the values of `t` (made contiguous first).
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else {
+        candle_core::bail!("training ops: CPU tensors only")
+    };
+    f(f32_slice(cs, l, "training op")?)
+}
+
+/// Rows of `width` in chunks of about [`PAR_MIN`] values, over rayon's threads when large.
+fn rows_chunks(len: usize, width: usize) -> usize {
+    let rows = (PAR_MIN / width.max(1)).max(1);
+    if len >= 2 * PAR_MIN {
+        rows * width
+    } else {
+        len.max(width)
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "train-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut out = f32_slice(s, l, self.name())?.to_vec();
+        out.par_chunks_mut(PAR_MIN)
+            .for_each(|c| activate(c, Activation::Gelu));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = with_values(arg, |x| {
+            with_values(grad, |g| {
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(PAR_MIN)
+                    .zip(x.par_chunks(PAR_MIN).zip(g.par_chunks(PAR_MIN)))
+                    .for_each(|(o, (x, g))| gelu_erf_grad(x, g, o));
+                Ok(out)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "train-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = l.dims().last().copied().unwrap_or(1);
+        let mut out = f32_slice(s, l, self.name())?.to_vec();
+        let chunk = rows_chunks(out.len(), width);
+        out.par_chunks_mut(chunk)
+            .for_each(|c| softmax_rows(c, width, &[]));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let width = arg.dims().last().copied().unwrap_or(1);
+        let out = with_values(res, |p| {
+            with_values(grad, |g| {
+                let mut out = vec![0f32; p.len()];
+                let chunk = rows_chunks(p.len(), width);
+                out.par_chunks_mut(chunk)
+                    .zip(p.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                    .for_each(|(o, (p, g))| softmax_grad_rows(p, g, width, o));
+                Ok(out)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "train-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let h = w.len();
+        if l1.dims().last() != Some(&h) || b.len() != h {
+            candle_core::bail!(
+                "{}: gain/bias of {h} for rows of {:?}",
+                self.name(),
+                l1.dims()
+            );
+        }
+        let mut out = f32_slice(s1, l1, self.name())?.to_vec();
+        let chunk = rows_chunks(out.len(), h);
+        out.par_chunks_mut(chunk)
+            .for_each(|c| layer_norm_each(c, h, w, b, self.eps));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let (dx, dw, db) = with_values(x, |xv| {
+            with_values(w, |wv| {
+                with_values(grad, |gv| {
+                    let mut dx = vec![0f32; xv.len()];
+                    let chunk = rows_chunks(xv.len(), h);
+                    let parts: Vec<(Vec<f32>, Vec<f32>)> = dx
+                        .par_chunks_mut(chunk)
+                        .zip(xv.par_chunks(chunk).zip(gv.par_chunks(chunk)))
+                        .map(|(d, (x, g))| {
+                            let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                            layer_norm_grad_rows(x, wv, g, self.eps, d, &mut dw, &mut db);
+                            (dw, db)
+                        })
+                        .collect();
+                    let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                    for (pw, pb) in parts {
+                        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+                        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+                    }
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension with gain `w` and bias `b` (HF's `nn.LayerNorm`).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if on_cpu_f32(x) && on_cpu_f32(w) && on_cpu_f32(b) {
+        x.contiguous()?
+            .apply_op3(w, b, LayerNorm { eps: eps as f32 })
+    } else {
+        candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        x.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    }
+}
+
+/// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v = crate::kernels::cpu::test_values(n, seed, 4.0);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        crate::kernels::cpu::max_abs_diff(a, b)
+    }
+
+    /// Each fused op against candle's composite one: the same values, and the same gradients
+    /// (of a random weighting of the outputs) for every input, masked rows included.
+    #[test]
+    fn fused_ops_match_candle_forward_and_backward() {
+        let x = Var::from_tensor(&randn(&[3, 5, 40], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[40], 2).affine(0.5, 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(&[40], 3)).unwrap();
+        let weights = randn(&[3, 5, 40], 4);
+        let check = |ours: Tensor, theirs: Tensor, inputs: &[&Var], what: &str| {
+            assert!(max_diff(&ours, &theirs) < 1e-5, "{what}: forward");
+            let go = (ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gt = (theirs * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in inputs {
+                let (a, b) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                let d = max_diff(a, b);
+                assert!(d < 1e-4, "{what}: gradient differs by {d}");
+            }
+        };
+        check(
+            layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap(),
+            candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)
+                .unwrap(),
+            &[&x, &w, &b],
+            "layer norm",
+        );
+        // Softmax with a row of masked (f32::MIN) scores and a fully masked row.
+        let mut m = vec![0f32; 3 * 5 * 40];
+        m[..10].fill(f32::MIN);
+        m[40..80].fill(f32::MIN);
+        let mask = Tensor::from_vec(m, (3, 5, 40), &Device::Cpu).unwrap();
+        let s = (x.as_tensor() + &mask).unwrap();
+        check(
+            softmax_last_dim(&s).unwrap(),
+            candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap(),
+            &[&x],
+            "softmax",
+        );
+        check(
+            gelu_erf(x.as_tensor()).unwrap(),
+            x.as_tensor().gelu_erf().unwrap(),
+            &[&x],
+            "gelu",
+        );
+    }
+}

