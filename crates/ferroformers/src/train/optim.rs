@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use crate::kernels::cpu::rowops::adamw_update;
+
 /// SplitMix64: a small seeded generator (initialisation, dropout masks, shuffling), so a seed
 /// gives the same run every time.
 #[derive(Debug, Clone)]
@@ -211,22 +213,19 @@ impl Consts {
     ) {
         const CHUNK: usize = 1 << 14;
         let wd = if decay { self.decay } else { 1.0 };
-        let (b1, b2, step, bc2s, eps) = (self.b1, self.b2, self.step_size, self.bc2_sqrt, self.eps);
+        let k = [
+            self.b1,
+            self.b2,
+            self.step_size,
+            self.bc2_sqrt,
+            self.eps,
+            wd,
+            coef,
+        ];
         p.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| {
-                for j in 0..p.len() {
-                    if wd != 1.0 {
-                        p[j] *= wd;
-                    }
-                    let gj = if coef != 1.0 { g[j] * coef } else { g[j] };
-                    m[j] += (gj - m[j]) * (1.0 - b1);
-                    v[j] = v[j] * b2 + gj * gj * (1.0 - b2);
-                    let denom = v[j].sqrt() / bc2s + eps;
-                    p[j] -= step * (m[j] / denom);
-                }
-            });
+            .for_each(|((p, g), (m, v))| adamw_update(p, g, m, v, &k));
     }
 }
 

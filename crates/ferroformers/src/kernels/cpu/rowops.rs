@@ -241,6 +241,23 @@ pub fn activate_par(x: &mut [f32], act: Activation, par: bool) {
     }
 }
 
+/// One AdamW step on a run of values, torch's single-tensor order: decay (`wd`, 1 for none),
+/// gradient times `coef` (clipping), moments, then `p -= step * m / (sqrt(v) / bc2_sqrt + eps)`.
+/// `k = [b1, b2, step, bc2_sqrt, eps, wd, coef]`.
+#[inline(always)]
+fn adamw_update_g(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &[f32; 7]) {
+    let [b1, b2, step, bc2s, eps, wd, coef] = *k;
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let p0 = *p * wd;
+        let gj = g * coef;
+        *m += (gj - *m) * (1.0 - b1);
+        *v = *v * b2 + gj * gj * (1.0 - b2);
+        let denom = v.sqrt() / bc2s + eps;
+        *p = p0 - step * (*m / denom);
+    }
+}
+dispatch!(pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &[f32; 7]); via adamw_update_g);
+
 /// GELU (erf)'s backward: `g * (Phi(x) + x * phi(x))` into `out`, as training needs it.
 #[inline(always)]
 fn gelu_erf_grad_g(x: &[f32], g: &[f32], out: &mut [f32]) {
