@@ -408,14 +408,7 @@ impl Model<'_> {
     fn linear(&self, xs: &Tensor, name: &str) -> Result<Tensor> {
         let w = self.p.get(&format!("{name}.weight"))?;
         let b = self.p.get(&format!("{name}.bias"))?;
-        let dims = xs.dims().to_vec();
-        let k = dims[dims.len() - 1];
-        let x2 = xs.reshape(((), k))?;
-        let y = x2.matmul(&w.t()?)?.broadcast_add(b)?;
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = w.dim(0)?;
-        Ok(y.reshape(out)?)
+        Ok(super::ops::linear(xs, w, b)?)
     }
 
     fn norm(&self, xs: &Tensor, name: &str) -> Result<Tensor> {

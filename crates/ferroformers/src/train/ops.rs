@@ -1,9 +1,9 @@
-//! Fused training ops for CPU f32, each with its backward pass: LayerNorm, softmax over the last
-//! dimension, and exact (erf) GELU. candle's composite versions (`layer_norm_slow`, `softmax`
+//! Fused training ops for CPU f32, each with its backward pass: linear layers, LayerNorm,
+//! softmax over the last dimension, and exact (erf) GELU. candle's composite versions (`layer_norm_slow`, `softmax`
 //! from max/exp/sum/div, `gelu_erf` through libm) are correct but make 5-8 passes and
 //! allocations per call, forward and backward; these make one, through the row kernels in
 //! [`crate::kernels::cpu::rowops`], split over rayon's threads when large. Other devices and
-//! dtypes use candle's ops ([`layer_norm`], [`softmax_last_dim`], [`gelu_erf`] pick).
+//! dtypes use candle's ops ([`linear`], [`layer_norm`], [`softmax_last_dim`], [`gelu_erf`] pick).
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
@@ -188,6 +188,169 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` with explicit (column, row) strides, through the
+/// `gemm` crate over rayon's threads when large.
+///
+/// # Safety
+/// Every element addressed by the strides must lie in its buffer.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+    accumulate: bool,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller vouches for the strides; dst is m x n row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `y = x @ W^T + b` over rows of `x` (HF's `nn.Linear`, `W` `[out, in]`), and its backward:
+/// `dx = g @ W`, `dW = g^T @ x`, `db = sum(g)`, each one `gemm` (or one pass) instead of
+/// candle's transposes, broadcast and reduction.
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "train-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (&[out, inp], Some(&k)) = (l2.dims(), l1.dims().last()) else {
+            candle_core::bail!("{}: weight {:?}", self.name(), l2.dims())
+        };
+        if k != inp || b.len() != out {
+            candle_core::bail!(
+                "{}: x {:?}, weight {:?}, bias {}",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                b.len()
+            );
+        }
+        let rows = x.len() / inp;
+        let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // SAFETY: x is rows x inp, w out x inp (read as its transpose), y rows x out.
+        unsafe {
+            gemm_strided(
+                (rows, out, inp),
+                y.as_mut_ptr(),
+                (x.as_ptr(), 1, inp),
+                (w.as_ptr(), inp, 1),
+                true,
+            )
+        };
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().unwrap() = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = w.dims2()?;
+        let (dx, dw, db) = with_values(x, |xv| {
+            with_values(w, |wv| {
+                with_values(grad, |gv| {
+                    let rows = xv.len() / inp;
+                    let mut dx = vec![0f32; rows * inp];
+                    let mut dw = vec![0f32; out * inp];
+                    // SAFETY: g is rows x out, w out x inp, x rows x inp; dx rows x inp, dw
+                    // out x inp.
+                    unsafe {
+                        gemm_strided(
+                            (rows, inp, out),
+                            dx.as_mut_ptr(),
+                            (gv.as_ptr(), 1, out),
+                            (wv.as_ptr(), 1, inp),
+                            false,
+                        );
+                        gemm_strided(
+                            (out, inp, rows),
+                            dw.as_mut_ptr(),
+                            (gv.as_ptr(), out, 1),
+                            (xv.as_ptr(), 1, inp),
+                            false,
+                        );
+                    }
+                    let mut db = vec![0f32; out];
+                    for row in gv.chunks_exact(out) {
+                        db.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
+                    }
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// `x @ W^T + b` (`W` `[out, in]`, `b` `[out]`) over the last dimension of `x`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(x) && on_cpu_f32(w) && on_cpu_f32(b) {
+        x.contiguous()?.apply_op3(w, b, Linear)
+    } else {
+        let dims = x.dims().to_vec();
+        let k = dims[dims.len() - 1];
+        let y = x.reshape(((), k))?.matmul(&w.t()?)?.broadcast_add(b)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = w.dim(0)?;
+        y.reshape(out)
+    }
+}
+
 /// LayerNorm over the last dimension with gain `w` and bias `b` (HF's `nn.LayerNorm`).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if on_cpu_f32(x) && on_cpu_f32(w) && on_cpu_f32(b) {
@@ -280,6 +443,22 @@ mod tests {
             candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap(),
             &[&x],
             "softmax",
+        );
+        let lw = Var::from_tensor(&randn(&[40, 40], 5).affine(0.2, 0.0).unwrap()).unwrap();
+        let lb = Var::from_tensor(&randn(&[40], 6)).unwrap();
+        check(
+            linear(x.as_tensor(), lw.as_tensor(), lb.as_tensor()).unwrap(),
+            x.as_tensor()
+                .reshape((15, 40))
+                .unwrap()
+                .matmul(&lw.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(lb.as_tensor())
+                .unwrap()
+                .reshape((3, 5, 40))
+                .unwrap(),
+            &[&x, &lw, &lb],
+            "linear",
         );
         check(
             gelu_erf(x.as_tensor()).unwrap(),
