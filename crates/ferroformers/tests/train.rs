@@ -328,6 +328,14 @@ fn saved_model_serves_in_the_pipeline() {
     }
 }
 
+/// The error `Trainer::new` gives (it must refuse).
+fn refused(model: &str, train: &Path, eval: Option<&Path>, args: TrainingArguments) -> String {
+    match Trainer::new(model, train, eval, args) {
+        Ok(_) => panic!("{} was accepted", train.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn bad_data_is_refused_before_training() {
     let dir = tmp("bad");
@@ -338,6 +346,7 @@ fn bad_data_is_refused_before_training() {
         std::fs::write(&p, body).unwrap();
         p
     };
+    let defaults = TrainingArguments::default;
     let train = write(
         "train.jsonl",
         "{\"text\": \"good\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"neg\"}\n",
@@ -346,59 +355,47 @@ fn bad_data_is_refused_before_training() {
         "eval.jsonl",
         "{\"text\": \"fine\", \"label\": \"pos\"}\n{\"text\": \"meh\", \"label\": \"mixed\"}\n",
     );
-    let e = Trainer::new(init, &train, Some(&eval), TrainingArguments::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("eval.jsonl") && e.contains("line 2") && e.contains("`mixed`"),
-        "{e}"
-    );
-    let missing = write("missing.csv", "sentence,label\nhello,pos\n");
-    let e = Trainer::new(init, &missing, None, TrainingArguments::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("missing.csv") && e.contains("line 2") && e.contains("`text`"),
-        "{e}"
-    );
-    let empty = write("empty.jsonl", "\n");
-    let e = Trainer::new(init, &empty, None, TrainingArguments::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("empty"), "{e}");
-    let reg = write(
-        "reg.jsonl",
-        "{\"text\": \"a\", \"label\": 0.5}\n{\"text\": \"b\", \"label\": \"high\"}\n",
-    );
-    let e = Trainer::new(init, &reg, None, TrainingArguments::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("reg.jsonl") && e.contains("line 2"), "{e}");
-    let e = Trainer::new(
-        init,
-        &train,
-        None,
-        TrainingArguments {
-            learning_rate: -1.0,
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("learning_rate"), "{e}");
-    let e = Trainer::new(
-        common::model_dir("no-config").to_str().unwrap(),
-        &train,
-        None,
-        TrainingArguments::default(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("config.json"), "{e}");
+    let cases: Vec<(String, &[&str])> =
+        vec![
+        (refused(init, &train, Some(&eval), defaults()), &["eval.jsonl", "line 2", "`mixed`"]),
+        (
+            refused(init, &write("missing.csv", "sentence,label\nhello,pos\n"), None, defaults()),
+            &["missing.csv", "line 2", "`text`"],
+        ),
+        (refused(init, &write("empty.jsonl", "\n"), None, defaults()), &["empty"]),
+        (
+            refused(
+                init,
+                &write(
+                    "reg.jsonl",
+                    "{\"text\": \"a\", \"label\": 0.5}\n{\"text\": \"b\", \"label\": \"high\"}\n",
+                ),
+                None,
+                defaults(),
+            ),
+            &["reg.jsonl", "line 2"],
+        ),
+        (
+            refused(
+                init,
+                &train,
+                None,
+                TrainingArguments {
+                    learning_rate: -1.0,
+                    ..defaults()
+                },
+            ),
+            &["learning_rate"],
+        ),
+        (
+            refused(common::model_dir("no-config").to_str().unwrap(), &train, None, defaults()),
+            &["config.json"],
+        ),
+    ];
+    for (e, parts) in cases {
+        assert!(
+            parts.iter().all(|p| e.contains(p)),
+            "{e}: expected {parts:?}"
+        );
+    }
 }

@@ -209,6 +209,24 @@ pub mod x86 {
         }
     }
 
+    /// Lane masks of a panel's first and second 16 columns when only `cols` (of 32) exist.
+    #[inline(always)]
+    pub fn col_masks(cols: usize) -> (__mmask16, __mmask16) {
+        let m0 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        (m0, m1)
+    }
+
     /// Store the sums to `c` (row stride `ld`), or with `epi` write `sums (* sw when
     /// `scaled`) + bias (+ residual)` to its `out`, masked to its columns: a multiply, then
     /// adds, as the portable loops do.
@@ -232,15 +250,7 @@ pub mod x86 {
                 }
                 return;
             };
-            let cols = e.sw.len();
-            let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
-            let m1: __mmask16 = if cols >= 32 {
-                0xffff
-            } else if cols > 16 {
-                (1 << (cols - 16)) - 1
-            } else {
-                0
-            };
+            let (m0, m1) = col_masks(e.sw.len());
             let (sw, bias) = (e.sw.as_ptr(), e.bias.as_ptr());
             let (sw0, sw1) = (
                 _mm512_maskz_loadu_ps(m0, sw),

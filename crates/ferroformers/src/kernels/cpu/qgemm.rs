@@ -228,15 +228,7 @@ mod x86 {
     ) {
         let k = p.k;
         let groups = k / G;
-        let cols = p.rows;
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1 << cols) - 1 };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let (m0, m1) = crate::kernels::cpu::panels::x86::col_masks(p.rows);
         let up = p.u.as_ptr();
         let (wsp, wmp) = (p.ws.as_ptr(), p.wm.as_ptr());
         let xq: [*const i8; R] = std::array::from_fn(|r| acts.rows.q.as_ptr().add((i + r) * k));
