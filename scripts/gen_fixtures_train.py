@@ -13,6 +13,9 @@ random weights, hidden 32, 2 layers) it writes, under tests/fixtures/train/:
   seqcls.jsonl             20 texts with string labels (negative / neutral / positive)
 and tests/fixtures/expected/train-<arch>.json with the loss of each step (recorded in
 compute_loss, unrounded), the gradient norm before clipping and the learning rate of each step.
+bert-seqcls also runs with gradient_accumulation_steps 2 over one epoch (5 batches: groups of 2,
+2 and 1, so 3 optimizer steps): tests/fixtures/train/bert-seqcls-accum-final.safetensors and
+expected/train-bert-seqcls-accum.json.
 
 Trainer settings: batch 4 in file order (SequentialSampler), max_steps 5, learning_rate 1e-3,
 warmup_steps 2, weight_decay 0.01, max_grad_norm 1.0 (it clips), linear schedule,
@@ -86,31 +89,38 @@ class Recording(Trainer):
         return out
 
 
-def reference(arch, rows):
+def reference(arch, rows, accumulate=1):
     torch.manual_seed(0)
     init = OUT / f"{arch}-init"
-    if init.exists():
-        shutil.rmtree(init)
-    model = AutoModelForSequenceClassification.from_pretrained(FIX / "models" / arch, **ARCHS[arch])
-    tok = AutoTokenizer.from_pretrained(FIX / "models" / arch)
-    model.save_pretrained(init)
-    tok.save_pretrained(init)
+    if accumulate == 1:
+        if init.exists():
+            shutil.rmtree(init)
+        model = AutoModelForSequenceClassification.from_pretrained(FIX / "models" / arch, **ARCHS[arch])
+        tok = AutoTokenizer.from_pretrained(FIX / "models" / arch)
+        model.save_pretrained(init)
+        tok.save_pretrained(init)
+    tok = AutoTokenizer.from_pretrained(init)
     model = AutoModelForSequenceClassification.from_pretrained(init)
+    settings = dict(SETTINGS)
+    if accumulate > 1:
+        settings.update(gradient_accumulation_steps=accumulate, max_steps=-1, num_train_epochs=1)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, optim="adamw_torch", logging_steps=1,
                                  save_strategy="no", report_to=[], use_cpu=True,
-                                 dataloader_num_workers=0, **SETTINGS)
+                                 dataloader_num_workers=0, **settings)
         trainer = Recording(model=model, args=args, train_dataset=Rows(tok, rows),
                             data_collator=DataCollatorWithPadding(tok))
         Recording.losses = []
         trainer.train()
     steps = [h for h in trainer.state.log_history if "grad_norm" in h]
-    lrs = [SETTINGS["learning_rate"] * (s / SETTINGS["warmup_steps"] if s < SETTINGS["warmup_steps"]
-           else (SETTINGS["max_steps"] - s) / (SETTINGS["max_steps"] - SETTINGS["warmup_steps"]))
-           for s in range(SETTINGS["max_steps"])]
+    total = trainer.state.max_steps
+    lrs = [settings["learning_rate"] * (s / settings["warmup_steps"] if s < settings["warmup_steps"]
+           else (total - s) / (total - settings["warmup_steps"]))
+           for s in range(total)]
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, OUT / f"{arch}-final.safetensors", metadata={"format": "pt"})
-    return {"settings": SETTINGS, "losses": Recording.losses,
+    name = f"{arch}-final" if accumulate == 1 else f"{arch}-accum-final"
+    save_file(state, OUT / f"{name}.safetensors", metadata={"format": "pt"})
+    return {"settings": settings, "losses": Recording.losses,
             "grad_norms": [h["grad_norm"] for h in steps], "learning_rates": lrs,
             "parameters": sorted(state)}
 
@@ -153,6 +163,10 @@ def main():
         ref = reference(arch, rows)
         (EXPECTED / f"train-{arch}.json").write_text(json.dumps(ref, indent=1) + "\n")
         print(arch, "losses", [round(x, 5) for x in ref["losses"]], file=sys.stderr)
+    ref = reference("bert-seqcls", rows, accumulate=2)
+    (EXPECTED / "train-bert-seqcls-accum.json").write_text(json.dumps(ref, indent=1) + "\n")
+    print("bert-seqcls accumulate 2: losses", [round(x, 5) for x in ref["losses"]],
+          "grad norms", [round(x, 5) for x in ref["grad_norms"]], file=sys.stderr)
     if a.roundtrip:
         r = roundtrip(a.roundtrip, rows)
         (EXPECTED / "train-roundtrip.json").write_text(json.dumps(r, indent=1) + "\n")

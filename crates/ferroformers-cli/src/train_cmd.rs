@@ -12,6 +12,7 @@ pub const USAGE: &str = "\
                         [--learning-rate 5e-5] [--num-train-epochs 3] [--max-steps N]
                         [--per-device-train-batch-size 8] [--per-device-eval-batch-size 8]
                         [--weight-decay 0] [--warmup-ratio 0] [--warmup-steps 0]
+                        [--gradient-accumulation-steps 1]
                         [--lr-scheduler-type linear|cosine|constant|constant_with_warmup]
                         [--max-grad-norm 1] [--seed 42] [--max-length 128]
                         [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
@@ -74,6 +75,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
             "--per-device-train-batch-size" => ta.per_device_train_batch_size = num(a, &value()?)?,
             "--per-device-eval-batch-size" => ta.per_device_eval_batch_size = num(a, &value()?)?,
             "--weight-decay" => ta.weight_decay = num(a, &value()?)?,
+            "--gradient-accumulation-steps" => ta.gradient_accumulation_steps = num(a, &value()?)?,
             "--warmup-ratio" => ta.warmup_ratio = num(a, &value()?)?,
             "--warmup-steps" => ta.warmup_steps = num(a, &value()?)?,
             "--lr-scheduler-type" => {

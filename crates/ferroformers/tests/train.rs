@@ -130,6 +130,69 @@ fn five_steps_match_hf_trainer_for_bert_distilbert_roberta() {
     }
 }
 
+/// Gradient accumulation over 2 batches for one epoch of 5 batches (groups of 2, 2 and 1, each
+/// loss divided by its own group's size, as HF's `Trainer` does): the groups' mean losses, the
+/// 3 gradient norms and every weight match HF's.
+#[test]
+fn gradient_accumulation_matches_hf_trainer() {
+    let want = common::expected("train-bert-seqcls-accum");
+    let out = tmp("accum");
+    let mut t = Trainer::new(
+        train_dir().join("bert-seqcls-init").to_str().unwrap(),
+        &train_dir().join("seqcls.jsonl"),
+        None,
+        TrainingArguments {
+            max_steps: None,
+            num_train_epochs: 1.0,
+            gradient_accumulation_steps: 2,
+            ..parity_args(&out)
+        },
+    )
+    .unwrap();
+    assert_eq!(t.total_steps(), 3);
+    let mut losses = Vec::new();
+    t.train(&mut |e| {
+        if let Event::Step { loss, .. } = e {
+            losses.push(loss)
+        }
+    })
+    .unwrap();
+    let l: Vec<f64> = want["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let groups = [(l[0] + l[1]) / 2.0, (l[2] + l[3]) / 2.0, l[4]];
+    for (i, (a, b)) in losses.iter().zip(groups).enumerate() {
+        assert!(close(*a, b, 1e-4), "step {}: loss {a} vs {b}", i + 1);
+    }
+    let norms: Vec<f64> = t
+        .log_history
+        .iter()
+        .filter_map(|h| h.get("grad_norm").and_then(|g| g.as_f64()))
+        .collect();
+    for (i, w) in want["grad_norms"].as_array().unwrap().iter().enumerate() {
+        let w = w.as_f64().unwrap();
+        assert!(
+            close(norms[i], w, 1e-4),
+            "step {}: grad norm {} vs {w}",
+            i + 1,
+            norms[i]
+        );
+    }
+    let final_w = candle_core::safetensors::load(
+        train_dir().join("bert-seqcls-accum-final.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (n, v) in t.params.names.iter().zip(&t.params.vars) {
+        let d = max_diff(v.as_tensor(), &final_w[n]);
+        let tol = if n.ends_with("key.bias") { 5e-3 } else { 1e-4 };
+        assert!(d <= tol, "`{n}` differs by {d}");
+    }
+}
+
 /// A bare base model (no head: a fresh, seeded one): every parameter, embeddings to head,
 /// gets a non-zero gradient; and central differences of the loss agree with the gradient of
 /// the largest-gradient element of every parameter tensor (each layer type: embeddings,

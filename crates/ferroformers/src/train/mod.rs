@@ -68,6 +68,9 @@ pub struct TrainingArguments {
     pub max_steps: Option<usize>,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
+    /// Batches whose gradients add up before each optimizer step (each loss divided by the
+    /// number of batches in its group, as HF's `Trainer` divides).
+    pub gradient_accumulation_steps: usize,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -100,6 +103,7 @@ impl Default for TrainingArguments {
             max_steps: None,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -133,6 +137,9 @@ impl TrainingArguments {
                 "learning_rate",
                 format!("{} is not a positive number", self.learning_rate),
             );
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be at least 1".into());
         }
         if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
             return bad(
@@ -177,6 +184,7 @@ impl TrainingArguments {
             "max_steps": self.max_steps.map_or(-1, |m| m as i64),
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "weight_decay": self.weight_decay,
             "adam_beta1": self.adam_beta1,
             "adam_beta2": self.adam_beta2,
@@ -428,7 +436,14 @@ impl Trainer {
 
     /// Loss and every parameter's gradient (contiguous, in [`Params`] order; zeros where
     /// none reached it) on training examples `idx`, with dropout when `train`.
-    fn forward_backward(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Tensor>)> {
+    /// The loss is divided by `accumulate` before the backward pass (gradient accumulation over
+    /// that many batches); the returned loss is not.
+    fn forward_backward(
+        &self,
+        idx: &[usize],
+        train: bool,
+        accumulate: usize,
+    ) -> Result<(f64, Vec<Tensor>)> {
         let items: Vec<&Item> = idx.iter().map(|&i| &self.train[i]).collect();
         let (batch, targets) = self.batch(&items)?;
         let model = Model {
@@ -437,7 +452,11 @@ impl Trainer {
         };
         let logits = model.forward(&batch, train.then_some(&self.dropout))?;
         let loss = self.loss(&logits, &targets)?;
-        let grads = loss.backward()?;
+        let grads = if accumulate > 1 {
+            (&loss / accumulate as f64)?.backward()?
+        } else {
+            loss.backward()?
+        };
         let out = self
             .params
             .vars
@@ -455,7 +474,7 @@ impl Trainer {
     /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
     /// `idx`, with dropout when `train`.
     pub fn loss_and_gradients(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Vec<f32>>)> {
-        let (loss, grads) = self.forward_backward(idx, train)?;
+        let (loss, grads) = self.forward_backward(idx, train, 1)?;
         let flat = grads
             .iter()
             .map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?))
@@ -463,15 +482,20 @@ impl Trainer {
         Ok((loss, flat))
     }
 
-    /// Optimizer steps in all (HF: `ceil(batches per epoch * epochs)`, or `max_steps`).
-    pub fn total_steps(&self) -> usize {
-        let per_epoch = self
-            .train
+    /// Optimizer steps per epoch: batches, in groups of `gradient_accumulation_steps` (a
+    /// shorter last group still steps).
+    fn steps_per_epoch(&self) -> usize {
+        self.train
             .len()
-            .div_ceil(self.args.per_device_train_batch_size);
+            .div_ceil(self.args.per_device_train_batch_size)
+            .div_ceil(self.args.gradient_accumulation_steps)
+    }
+
+    /// Optimizer steps in all (HF: `ceil(steps per epoch * epochs)`, or `max_steps`).
+    pub fn total_steps(&self) -> usize {
         match self.args.max_steps {
             Some(m) => m,
-            None => (per_epoch as f64 * self.args.num_train_epochs).ceil() as usize,
+            None => (self.steps_per_epoch() as f64 * self.args.num_train_epochs).ceil() as usize,
         }
     }
 
@@ -513,7 +537,7 @@ impl Trainer {
             fresh: self.params.fresh.clone(),
         });
         let bs = self.args.per_device_train_batch_size;
-        let per_epoch = self.train.len().div_ceil(bs);
+        let per_epoch = self.steps_per_epoch();
         let started = Instant::now();
         let (mut seen, mut log_loss, mut log_n, mut sum_loss) = (0usize, 0f64, 0usize, 0f64);
         let strategy = self.eval_strategy();
@@ -523,13 +547,31 @@ impl Trainer {
             if self.args.shuffle {
                 self.rng.shuffle(&mut order);
             }
-            for (bi, chunk) in order.chunks(bs).enumerate() {
-                let (loss, grads) = self.forward_backward(chunk, true)?;
-                if !loss.is_finite() {
-                    return Err(Error::Tensor(candle_core::Error::Msg(format!(
-                        "the loss is {loss} at step {}: lower the learning rate",
-                        self.global_step + 1
-                    ))));
+            let batches: Vec<&[usize]> = order.chunks(bs).collect();
+            for (bi, group) in batches
+                .chunks(self.args.gradient_accumulation_steps)
+                .enumerate()
+            {
+                let (mut loss, mut grads, mut samples) = (0f64, Vec::new(), 0usize);
+                for chunk in group {
+                    let (l, g) = self.forward_backward(chunk, true, group.len())?;
+                    if !l.is_finite() {
+                        return Err(Error::Tensor(candle_core::Error::Msg(format!(
+                            "the loss is {l} at step {}: lower the learning rate",
+                            self.global_step + 1
+                        ))));
+                    }
+                    loss += l / group.len() as f64;
+                    samples += chunk.len();
+                    grads = if grads.is_empty() {
+                        g
+                    } else {
+                        grads
+                            .iter()
+                            .zip(&g)
+                            .map(|(a, b)| a + b)
+                            .collect::<candle_core::Result<Vec<_>>>()?
+                    };
                 }
                 let grad_norm = global_norm(&grads)?;
                 let coef = clip_coef(grad_norm, self.args.max_grad_norm);
@@ -540,7 +582,7 @@ impl Trainer {
                         .factor(self.global_step, warmup, total);
                 opt.step_vars(lr, &self.params.vars, &grads, coef)?;
                 self.global_step += 1;
-                seen += chunk.len();
+                seen += samples;
                 log_loss += loss;
                 log_n += 1;
                 sum_loss += loss;
@@ -686,10 +728,7 @@ impl Trainer {
         )?;
         save::copy_tokenizer(&self.model_dir, dir)?;
         save::write_json(&dir.join("training_args.json"), &self.args.to_json())?;
-        let per_epoch = self
-            .train
-            .len()
-            .div_ceil(self.args.per_device_train_batch_size);
+        let per_epoch = self.steps_per_epoch();
         let state = json!({
             "best_metric": null,
             "best_model_checkpoint": null,
