@@ -16,6 +16,8 @@ pub const USAGE: &str = "\
                         [--lr-scheduler-type linear|cosine|constant|constant_with_warmup]
                         [--max-grad-norm 1] [--seed 42] [--max-length 128]
                         [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
+                        [--save-strategy steps|epoch|no] [--save-steps 500] [--save-total-limit N]
+                        [--resume-from-checkpoint DIR|last]
                         [--text-column text] [--text-pair-column COL] [--label-column label]
                         [--ignore-mismatched-sizes] [--threads N]";
 
@@ -37,6 +39,30 @@ fn keep_freed_memory() {
     }
 }
 
+/// The newest `checkpoint-N` folder in `output` (`--resume-from-checkpoint last`).
+fn last_checkpoint(output: &std::path::Path) -> Result<PathBuf, String> {
+    let entries = std::fs::read_dir(output).map_err(|e| {
+        format!(
+            "cannot read `{}` for its checkpoints: {e}",
+            output.display()
+        )
+    })?;
+    entries
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let n: usize = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, p))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .ok_or_else(|| format!("no checkpoint-N folder in `{}`", output.display()))
+}
+
 /// Parse the options, train, save; progress on stderr.
 pub fn train(args: &[String]) -> Result<(), String> {
     let mut it = args.iter();
@@ -56,6 +82,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
     let (mut model, mut train_file, mut eval_file) = (None, None, None);
     let mut ta = TrainingArguments::default();
     let mut output = None;
+    let mut resume: Option<String> = None;
     while let Some(a) = it.next() {
         let mut value = || {
             it.next()
@@ -98,6 +125,14 @@ pub fn train(args: &[String]) -> Result<(), String> {
             }
             "--eval-steps" => ta.eval_steps = num(a, &value()?)?,
             "--logging-steps" => ta.logging_steps = num(a, &value()?)?,
+            "--save-strategy" => {
+                let v = value()?;
+                ta.save_strategy = EvalStrategy::parse(&v)
+                    .ok_or_else(|| format!("unknown save strategy `{v}` (steps, epoch, no)"))?
+            }
+            "--save-steps" => ta.save_steps = num(a, &value()?)?,
+            "--save-total-limit" => ta.save_total_limit = Some(num(a, &value()?)?),
+            "--resume-from-checkpoint" => resume = Some(value()?),
             "--text-column" => ta.columns.text = value()?,
             "--text-pair-column" => ta.columns.text_pair = Some(value()?),
             "--label-column" => ta.columns.label = value()?,
@@ -158,6 +193,17 @@ pub fn train(args: &[String]) -> Result<(), String> {
             let _ = writeln!(err, "\n{v}");
         }
     };
+    if let Some(r) = resume {
+        let dir = if r == "last" || r == "true" {
+            last_checkpoint(&output)?
+        } else {
+            PathBuf::from(r)
+        };
+        trainer
+            .resume_from_checkpoint(&dir)
+            .map_err(|e| e.to_string())?;
+        eprintln!("resuming from {}", dir.display());
+    }
     trainer.train(&mut on_event).map_err(|e| e.to_string())?;
     trainer.save(&output).map_err(|e| e.to_string())?;
     eprintln!("saved to {}", output.display());

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use ferroformers::train::{EvalStrategy, Event, Trainer, TrainingArguments};
+use ferroformers::train::{EvalStrategy, Event, SaveStrategy, Trainer, TrainingArguments};
 use ferroformers::{Input, Params, PipelineOptions};
 
 fn train_dir() -> PathBuf {
@@ -191,6 +191,91 @@ fn gradient_accumulation_matches_hf_trainer() {
         let tol = if n.ends_with("key.bias") { 5e-3 } else { 1e-4 };
         assert!(d <= tol, "`{n}` differs by {d}");
     }
+}
+
+/// Checkpoints hold everything a run needs: resuming from one mid-epoch, from one at an
+/// epoch's end, or from one in the second epoch gives exactly the weights of the run that was
+/// never interrupted (dropout on: the generators are restored too); `save_total_limit` keeps
+/// the newest.
+#[test]
+fn resuming_a_checkpoint_continues_bit_for_bit() {
+    let data = train_dir().join("seqcls.jsonl");
+    let model = common::model_dir("bert-seqcls");
+    let model = model.to_str().unwrap();
+    let args = |out: &Path, strategy: SaveStrategy| TrainingArguments {
+        output_dir: out.to_path_buf(),
+        learning_rate: 1e-3,
+        max_steps: Some(7),
+        per_device_train_batch_size: 4,
+        logging_steps: 1,
+        save_strategy: strategy,
+        save_steps: 3,
+        ..Default::default()
+    };
+    let out = tmp("ckpt");
+    let mut whole = Trainer::new(model, &data, None, args(&out, SaveStrategy::Steps)).unwrap();
+    whole.train(&mut |_| {}).unwrap();
+    assert!(out.join("checkpoint-3").is_dir() && out.join("checkpoint-6").is_dir());
+    let out_e = tmp("ckpt-epoch");
+    let mut by_epoch = Trainer::new(model, &data, None, args(&out_e, SaveStrategy::Epoch)).unwrap();
+    by_epoch.train(&mut |_| {}).unwrap();
+    assert!(out_e.join("checkpoint-5").is_dir());
+    for ckpt in [
+        out.join("checkpoint-3"),
+        out.join("checkpoint-6"),
+        out_e.join("checkpoint-5"),
+    ] {
+        let again = tmp("ckpt-again");
+        let mut t = Trainer::new(model, &data, None, args(&again, SaveStrategy::No)).unwrap();
+        t.resume_from_checkpoint(&ckpt).unwrap();
+        t.train(&mut |_| {}).unwrap();
+        assert_eq!(t.global_step, 7);
+        for (n, (a, b)) in t
+            .params
+            .names
+            .iter()
+            .zip(t.params.vars.iter().zip(&whole.params.vars))
+        {
+            assert_eq!(
+                max_diff(a.as_tensor(), b.as_tensor()),
+                0.0,
+                "{}: `{n}` differs from the uninterrupted run",
+                ckpt.display()
+            );
+        }
+        let losses = |t: &Trainer| -> Vec<f64> {
+            t.log_history
+                .iter()
+                .filter_map(|h| h.get("loss")?.as_f64())
+                .collect()
+        };
+        // The entries before the checkpoint come back from trainer_state.json: serde_json's
+        // default parser may move the last digit of an f64.
+        let (a, b) = (losses(&t), losses(&whole));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-12, "{}: {a:?} vs {b:?}", ckpt.display());
+        }
+    }
+    let limited = tmp("ckpt-limit");
+    let mut t = Trainer::new(
+        model,
+        &data,
+        None,
+        TrainingArguments {
+            save_steps: 2,
+            save_total_limit: Some(2),
+            ..args(&limited, SaveStrategy::Steps)
+        },
+    )
+    .unwrap();
+    t.train(&mut |_| {}).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&limited)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["checkpoint-4", "checkpoint-6"]);
 }
 
 /// A bare base model (no head: a fresh, seeded one): every parameter, embeddings to head,

@@ -10,8 +10,9 @@
 //! - [`optim`]: seeded generator, AdamW, schedules, clipping;
 //! - [`save`]: `save_pretrained`'s files.
 //!
-//! Text classification only for now (single-label, multi-label, regression); token
-//! classification, question answering, checkpoints and resuming are still to come.
+//! Checkpoints (`output_dir/checkpoint-N`: weights, AdamW's moments, the place in the epoch,
+//! the generators) resume to the bit. Text classification only for now (single-label,
+//! multi-label, regression); token classification and question answering are still to come.
 
 pub mod data;
 pub mod model;
@@ -58,6 +59,28 @@ impl EvalStrategy {
     }
 }
 
+/// When to write a checkpoint (HF's `save_strategy`).
+pub type SaveStrategy = EvalStrategy;
+
+/// Where a run stands inside its epochs, and its generators: what resuming needs besides the
+/// weights and the optimizer.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    epoch: usize,
+    /// Optimizer steps done in this epoch.
+    groups_done: usize,
+    /// The shuffling generator as it was when this epoch's order was drawn.
+    epoch_rng: u64,
+    seen: usize,
+    log_loss: f64,
+    log_n: usize,
+    sum_loss: f64,
+}
+
+/// A checkpoint's progress, optimizer step and moments (`exp_avg`, `exp_avg_sq`), waiting
+/// for [`Trainer::train`].
+type Resume = (Progress, u64, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// HF `TrainingArguments` (the ones this trainer implements), with HF's defaults.
 #[derive(Debug, Clone)]
 pub struct TrainingArguments {
@@ -86,6 +109,11 @@ pub struct TrainingArguments {
     pub eval_strategy: Option<EvalStrategy>,
     pub eval_steps: usize,
     pub logging_steps: usize,
+    /// Checkpoints `output_dir/checkpoint-N` (HF's default: every 500 steps).
+    pub save_strategy: SaveStrategy,
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (the oldest go first).
+    pub save_total_limit: Option<usize>,
     /// Shuffle the training examples each epoch (HF always does; the parity tests turn it
     /// off to follow a sequential sampler).
     pub shuffle: bool,
@@ -117,6 +145,9 @@ impl Default for TrainingArguments {
             eval_strategy: None,
             eval_steps: 500,
             logging_steps: 500,
+            save_strategy: SaveStrategy::Steps,
+            save_steps: 500,
+            save_total_limit: None,
             shuffle: true,
             ignore_mismatched_sizes: false,
             columns: Columns::default(),
@@ -198,6 +229,9 @@ impl TrainingArguments {
             "eval_strategy": self.eval_strategy.map(EvalStrategy::name),
             "eval_steps": self.eval_steps,
             "logging_steps": self.logging_steps,
+            "save_strategy": self.save_strategy.name(),
+            "save_steps": self.save_steps,
+            "save_total_limit": self.save_total_limit,
             "optim": "adamw_torch",
             "ignore_mismatched_sizes": self.ignore_mismatched_sizes,
             "text_column": self.columns.text,
@@ -281,6 +315,8 @@ pub struct Trainer {
     device: Device,
     pub log_history: Vec<Value>,
     pub global_step: usize,
+    /// Set by [`Trainer::resume_from_checkpoint`], taken by [`Trainer::train`].
+    resume: Option<Resume>,
 }
 
 fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
@@ -361,6 +397,7 @@ impl Trainer {
             device,
             log_history: Vec::new(),
             global_step: 0,
+            resume: None,
         })
     }
 
@@ -539,10 +576,16 @@ impl Trainer {
         let bs = self.args.per_device_train_batch_size;
         let per_epoch = self.steps_per_epoch();
         let started = Instant::now();
-        let (mut seen, mut log_loss, mut log_n, mut sum_loss) = (0usize, 0f64, 0usize, 0f64);
+        let mut pr = Progress::default();
+        if let Some((saved, t, m, v)) = self.resume.take() {
+            opt.restore(t, m, v)
+                .map_err(|e| Error::invalid_file(&self.args.output_dir, e))?;
+            pr = saved;
+            self.rng = Rng::from_state(pr.epoch_rng);
+        }
         let strategy = self.eval_strategy();
-        let mut epoch = 0usize;
         'outer: while self.global_step < total {
+            pr.epoch_rng = self.rng.state();
             let mut order: Vec<usize> = (0..self.train.len()).collect();
             if self.args.shuffle {
                 self.rng.shuffle(&mut order);
@@ -551,6 +594,7 @@ impl Trainer {
             for (bi, group) in batches
                 .chunks(self.args.gradient_accumulation_steps)
                 .enumerate()
+                .skip(pr.groups_done)
             {
                 let (mut loss, mut grads, mut samples) = (0f64, Vec::new(), 0usize);
                 for chunk in group {
@@ -582,30 +626,31 @@ impl Trainer {
                         .factor(self.global_step, warmup, total);
                 opt.step_vars(lr, &self.params.vars, &grads, coef)?;
                 self.global_step += 1;
-                seen += samples;
-                log_loss += loss;
-                log_n += 1;
-                sum_loss += loss;
-                let ep = epoch as f64 + (bi + 1) as f64 / per_epoch as f64;
+                pr.groups_done = bi + 1;
+                pr.seen += samples;
+                pr.log_loss += loss;
+                pr.log_n += 1;
+                pr.sum_loss += loss;
+                let ep = pr.epoch as f64 + (bi + 1) as f64 / per_epoch as f64;
                 on_event(Event::Step {
                     step: self.global_step,
                     total_steps: total,
                     epoch: ep,
                     loss,
                     learning_rate: lr,
-                    samples_per_second: seen as f64 / started.elapsed().as_secs_f64(),
+                    samples_per_second: pr.seen as f64 / started.elapsed().as_secs_f64(),
                 });
                 if self.args.logging_steps > 0
                     && self.global_step.is_multiple_of(self.args.logging_steps)
                 {
                     let entry = json!({
-                        "loss": log_loss / log_n as f64,
+                        "loss": pr.log_loss / pr.log_n as f64,
                         "grad_norm": grad_norm,
                         "learning_rate": lr,
                         "epoch": ep,
                         "step": self.global_step,
                     });
-                    (log_loss, log_n) = (0.0, 0);
+                    (pr.log_loss, pr.log_n) = (0.0, 0);
                     self.log_history.push(entry.clone());
                     on_event(Event::Log(entry));
                 }
@@ -633,23 +678,157 @@ impl Trainer {
                     self.log_history.push(Value::Object(entry.clone()));
                     on_event(Event::Log(Value::Object(entry)));
                 }
+                let save_now = match self.args.save_strategy {
+                    SaveStrategy::No => false,
+                    SaveStrategy::Epoch => end_of_epoch,
+                    SaveStrategy::Steps => {
+                        self.args.save_steps > 0
+                            && self.global_step.is_multiple_of(self.args.save_steps)
+                    }
+                };
+                if save_now {
+                    let mut at = pr.clone();
+                    if end_of_epoch {
+                        // The next epoch starts from the generator as it is now.
+                        (at.epoch, at.groups_done, at.epoch_rng) =
+                            (pr.epoch + 1, 0, self.rng.state());
+                    }
+                    self.checkpoint(&opt, &at)?;
+                }
                 if self.global_step >= total {
                     break 'outer;
                 }
             }
-            epoch += 1;
+            pr.epoch += 1;
+            pr.groups_done = 0;
         }
         let secs = started.elapsed().as_secs_f64();
         let entry = json!({
             "train_runtime": secs,
-            "train_samples_per_second": seen as f64 / secs,
+            "train_samples_per_second": pr.seen as f64 / secs,
             "train_steps_per_second": self.global_step as f64 / secs,
-            "train_loss": sum_loss / self.global_step.max(1) as f64,
+            "train_loss": pr.sum_loss / self.global_step.max(1) as f64,
             "epoch": self.global_step as f64 / per_epoch as f64,
             "step": self.global_step,
         });
         self.log_history.push(entry.clone());
         on_event(Event::Log(entry));
+        Ok(())
+    }
+
+    /// Write `output_dir/checkpoint-N`: the model as [`Trainer::save`] writes it, the
+    /// optimizer's moments (`optimizer.safetensors`) and where the run stands
+    /// (`trainer_resume.json`); then drop the oldest checkpoints beyond `save_total_limit`.
+    fn checkpoint(&self, opt: &AdamW, pr: &Progress) -> Result<()> {
+        let dir = self
+            .args
+            .output_dir
+            .join(format!("checkpoint-{}", self.global_step));
+        self.save(&dir)?;
+        let mut tensors = Vec::new();
+        for (i, (n, v)) in self.params.names.iter().zip(&self.params.vars).enumerate() {
+            let (m, s) = opt.moments(i);
+            let shape = v.as_tensor().dims().to_vec();
+            tensors.push((format!("exp_avg.{n}"), shape.clone(), m.to_vec()));
+            tensors.push((format!("exp_avg_sq.{n}"), shape, s.to_vec()));
+        }
+        save::write_safetensors(&dir.join("optimizer.safetensors"), &tensors)?;
+        save::write_json(
+            &dir.join("trainer_resume.json"),
+            &json!({
+                "global_step": self.global_step,
+                "optimizer_step": opt.t,
+                "epoch": pr.epoch,
+                "groups_done": pr.groups_done,
+                "epoch_rng": pr.epoch_rng.to_string(),
+                "dropout_rng": self.dropout.state().to_string(),
+                "seen": pr.seen,
+                "log_loss": pr.log_loss,
+                "log_n": pr.log_n,
+                "sum_loss": pr.sum_loss,
+            }),
+        )?;
+        if let Some(limit) = self.args.save_total_limit {
+            let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.args.output_dir)
+                .map_err(|e| Error::io(&self.args.output_dir, e))?
+                .filter_map(|e| {
+                    let p = e.ok()?.path();
+                    let n = p
+                        .file_name()?
+                        .to_str()?
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()?;
+                    Some((n, p))
+                })
+                .collect();
+            found.sort();
+            let excess = found.len().saturating_sub(limit.max(1));
+            for (_, p) in found.into_iter().take(excess) {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Continue from a checkpoint of a run with the same data and arguments: its weights, its
+    /// optimizer moments and step, its place in its epoch and its generators, so that the
+    /// rest of the run is the one the uninterrupted run would have done.
+    pub fn resume_from_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state_path = dir.join("trainer_resume.json");
+        let st = crate::config::read_json(&state_path)?;
+        let bad = |what: &str| Error::invalid_file(&state_path, format!("no valid `{what}`"));
+        let int = |k: &str| st.get(k).and_then(Value::as_u64).ok_or_else(|| bad(k));
+        let float = |k: &str| st.get(k).and_then(Value::as_f64).ok_or_else(|| bad(k));
+        let big = |k: &str| {
+            st.get(k)
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| bad(k))
+        };
+        let weights = crate::weights::Weights::from_dir(dir)?;
+        for (n, v) in self.params.names.iter().zip(&self.params.vars) {
+            let t = weights.tensor(n, &self.device)?;
+            if t.dims() != v.as_tensor().dims() {
+                return Err(Error::Weights {
+                    path: weights.path().to_path_buf(),
+                    detail: format!("`{n}` has shape {:?}, the model {:?}", t.dims(), v.dims()),
+                });
+            }
+            v.set(&t)?;
+        }
+        let opt_path = dir.join("optimizer.safetensors");
+        let moments = candle_core::safetensors::load(&opt_path, &self.device)
+            .map_err(|e| Error::invalid_file(&opt_path, e))?;
+        let get = |k: String| -> Result<Vec<f32>> {
+            let t = moments
+                .get(&k)
+                .ok_or_else(|| Error::invalid_file(&opt_path, format!("no `{k}`")))?;
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for n in &self.params.names {
+            m.push(get(format!("exp_avg.{n}"))?);
+            v.push(get(format!("exp_avg_sq.{n}"))?);
+        }
+        let pr = Progress {
+            epoch: int("epoch")? as usize,
+            groups_done: int("groups_done")? as usize,
+            epoch_rng: big("epoch_rng")?,
+            seen: int("seen")? as usize,
+            log_loss: float("log_loss")?,
+            log_n: int("log_n")? as usize,
+            sum_loss: float("sum_loss")?,
+        };
+        self.dropout.set_state(big("dropout_rng")?);
+        self.global_step = int("global_step")? as usize;
+        let history = crate::config::read_json(&dir.join("trainer_state.json"))?;
+        self.log_history = history
+            .get("log_history")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        self.resume = Some((pr, int("optimizer_step")?, m, v));
         Ok(())
     }
 

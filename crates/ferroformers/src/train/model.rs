@@ -377,6 +377,15 @@ impl Dropout {
         }
     }
 
+    /// The generator's state (checkpoints).
+    pub fn state(&self) -> u64 {
+        self.rng.borrow().state()
+    }
+
+    pub fn set_state(&self, state: u64) {
+        *self.rng.borrow_mut() = Rng::from_state(state);
+    }
+
     fn apply(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(xs.clone());

@@ -35,6 +35,16 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
+    /// The generator's whole state (checkpoints).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// A generator at a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
+    }
+
     /// A generator for another purpose, derived from this one.
     pub fn fork(&mut self) -> Rng {
         Rng(self.next_u64())
@@ -124,6 +134,23 @@ impl AdamW {
             v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             decay,
         }
+    }
+
+    /// The moments of parameter `i` (checkpoints).
+    pub fn moments(&self, i: usize) -> (&[f32], &[f32]) {
+        (&self.m[i], &self.v[i])
+    }
+
+    /// Restore a checkpoint's step count and moments.
+    pub fn restore(&mut self, t: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<(), String> {
+        let same = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.len() == y.len())
+        };
+        if !same(&m, &self.m) || !same(&v, &self.v) {
+            return Err("the optimizer state does not match the model's parameters".into());
+        }
+        (self.t, self.m, self.v) = (t, m, v);
+        Ok(())
     }
 
     /// The step's constants (advances the step count).
