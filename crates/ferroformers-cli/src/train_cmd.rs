@@ -17,7 +17,8 @@ pub const USAGE: &str = "\
                         [--max-grad-norm 1] [--seed 42] [--max-length 128]
                         [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
                         [--save-strategy steps|epoch|no] [--save-steps 500] [--save-total-limit N]
-                        [--resume-from-checkpoint DIR|last]
+                        [--resume-from-checkpoint DIR|last] [--load-best-model-at-end]
+                        [--metric-for-best-model loss|accuracy|f1|mse] [--greater-is-better B]
                         [--text-column text] [--text-pair-column COL] [--label-column label]
                         [--ignore-mismatched-sizes] [--threads N]";
 
@@ -133,6 +134,20 @@ pub fn train(args: &[String]) -> Result<(), String> {
             "--save-steps" => ta.save_steps = num(a, &value()?)?,
             "--save-total-limit" => ta.save_total_limit = Some(num(a, &value()?)?),
             "--resume-from-checkpoint" => resume = Some(value()?),
+            "--load-best-model-at-end" => ta.load_best_model_at_end = true,
+            "--metric-for-best-model" => ta.metric_for_best_model = Some(value()?),
+            "--greater-is-better" => {
+                let v = value()?;
+                ta.greater_is_better = Some(match v.as_str() {
+                    "true" | "True" => true,
+                    "false" | "False" => false,
+                    _ => {
+                        return Err(format!(
+                            "`--greater-is-better` takes true or false, not `{v}`"
+                        ))
+                    }
+                })
+            }
             "--text-column" => ta.columns.text = value()?,
             "--text-pair-column" => ta.columns.text_pair = Some(value()?),
             "--label-column" => ta.columns.label = value()?,

@@ -278,6 +278,73 @@ fn resuming_a_checkpoint_continues_bit_for_bit() {
     assert_eq!(left, ["checkpoint-4", "checkpoint-6"]);
 }
 
+/// `load_best_model_at_end`: evaluation and checkpoints every step, the lowest evaluation
+/// loss wins; its checkpoint survives `save_total_limit`, trainer_state.json names it, and
+/// the model ends with its weights. Mismatched schedules are refused.
+#[test]
+fn best_model_is_loaded_at_end() {
+    let data = train_dir().join("seqcls.jsonl");
+    let model = common::model_dir("bert-seqcls");
+    let model = model.to_str().unwrap();
+    let out = tmp("best");
+    let args = TrainingArguments {
+        output_dir: out.clone(),
+        learning_rate: 3e-2,
+        max_steps: Some(6),
+        per_device_train_batch_size: 4,
+        eval_strategy: Some(EvalStrategy::Steps),
+        eval_steps: 1,
+        save_strategy: SaveStrategy::Steps,
+        save_steps: 1,
+        save_total_limit: Some(1),
+        load_best_model_at_end: true,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(model, &data, Some(&data), args.clone()).unwrap();
+    t.train(&mut |_| {}).unwrap();
+    let evals: Vec<(f64, usize)> = t
+        .log_history
+        .iter()
+        .filter_map(|h| {
+            Some((
+                h.get("eval_loss")?.as_f64()?,
+                h.get("step")?.as_u64()? as usize,
+            ))
+        })
+        .collect();
+    assert_eq!(evals.len(), 6);
+    let (best_loss, best_step) =
+        evals
+            .iter()
+            .cloned()
+            .fold((f64::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a });
+    let (v, step, dir) = t.best.clone().unwrap();
+    assert_eq!((v, step), (best_loss, best_step));
+    let dir = dir.unwrap();
+    assert!(dir.ends_with(format!("checkpoint-{best_step}")) && dir.is_dir());
+    assert!(
+        out.join("checkpoint-6").is_dir(),
+        "the newest checkpoint is kept too"
+    );
+    // The weights now are the best checkpoint's.
+    let saved =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (n, v) in t.params.names.iter().zip(&t.params.vars) {
+        assert_eq!(max_diff(v.as_tensor(), &saved[n]), 0.0, "`{n}`");
+    }
+    assert!((t.evaluate().unwrap().loss - best_loss).abs() < 1e-6);
+    let e = refused(
+        model,
+        &data,
+        Some(&data),
+        TrainingArguments {
+            save_strategy: SaveStrategy::Epoch,
+            ..args
+        },
+    );
+    assert!(e.contains("load_best_model_at_end"), "{e}");
+}
+
 /// A bare base model (no head: a fresh, seeded one): every parameter, embeddings to head,
 /// gets a non-zero gradient; and central differences of the loss agree with the gradient of
 /// the largest-gradient element of every parameter tensor (each layer type: embeddings,

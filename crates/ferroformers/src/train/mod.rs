@@ -112,8 +112,16 @@ pub struct TrainingArguments {
     /// Checkpoints `output_dir/checkpoint-N` (HF's default: every 500 steps).
     pub save_strategy: SaveStrategy,
     pub save_steps: usize,
-    /// Keep at most this many checkpoints (the oldest go first).
+    /// Keep at most this many checkpoints (the oldest go first; never the best one).
     pub save_total_limit: Option<usize>,
+    /// Reload the best checkpoint's weights when training ends (needs evaluation and
+    /// checkpoints on the same schedule, as HF requires).
+    pub load_best_model_at_end: bool,
+    /// The evaluation metric that decides "best" (`loss`, `accuracy`, `f1`, `mse`; an `eval_`
+    /// prefix is fine). Default `loss`.
+    pub metric_for_best_model: Option<String>,
+    /// Default: false for loss and mse, true otherwise.
+    pub greater_is_better: Option<bool>,
     /// Shuffle the training examples each epoch (HF always does; the parity tests turn it
     /// off to follow a sequential sampler).
     pub shuffle: bool,
@@ -148,6 +156,9 @@ impl Default for TrainingArguments {
             save_strategy: SaveStrategy::Steps,
             save_steps: 500,
             save_total_limit: None,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            greater_is_better: None,
             shuffle: true,
             ignore_mismatched_sizes: false,
             columns: Columns::default(),
@@ -198,6 +209,31 @@ impl TrainingArguments {
                 "weight decay and max_grad_norm must not be negative".into(),
             );
         }
+        if self.load_best_model_at_end {
+            let eval = self.eval_strategy.unwrap_or(EvalStrategy::Epoch);
+            if eval == EvalStrategy::No || eval != self.save_strategy {
+                return bad(
+                    "load_best_model_at_end",
+                    format!(
+                        "needs evaluations and checkpoints on the same schedule (eval_strategy \
+                         {}, save_strategy {})",
+                        eval.name(),
+                        self.save_strategy.name()
+                    ),
+                );
+            }
+            if eval == EvalStrategy::Steps
+                && (self.eval_steps == 0 || !self.save_steps.is_multiple_of(self.eval_steps))
+            {
+                return bad(
+                    "load_best_model_at_end",
+                    format!(
+                        "save_steps {} must be a multiple of eval_steps {}",
+                        self.save_steps, self.eval_steps
+                    ),
+                );
+            }
+        }
         if self.max_length < 2 {
             return bad(
                 "max_length",
@@ -205,6 +241,22 @@ impl TrainingArguments {
             );
         }
         Ok(())
+    }
+
+    /// The metric's key in an evaluation log entry (`eval_loss`, ...).
+    fn best_metric_name(&self) -> String {
+        let m = self.metric_for_best_model.as_deref().unwrap_or("loss");
+        if m.starts_with("eval_") {
+            m.to_string()
+        } else {
+            format!("eval_{m}")
+        }
+    }
+
+    fn greater_is_better(&self) -> bool {
+        self.greater_is_better.unwrap_or_else(|| {
+            !matches!(self.best_metric_name().as_str(), "eval_loss" | "eval_mse")
+        })
     }
 
     fn to_json(&self) -> Value {
@@ -232,6 +284,9 @@ impl TrainingArguments {
             "save_strategy": self.save_strategy.name(),
             "save_steps": self.save_steps,
             "save_total_limit": self.save_total_limit,
+            "load_best_model_at_end": self.load_best_model_at_end,
+            "metric_for_best_model": self.best_metric_name(),
+            "greater_is_better": self.greater_is_better(),
             "optim": "adamw_torch",
             "ignore_mismatched_sizes": self.ignore_mismatched_sizes,
             "text_column": self.columns.text,
@@ -317,6 +372,8 @@ pub struct Trainer {
     pub global_step: usize,
     /// Set by [`Trainer::resume_from_checkpoint`], taken by [`Trainer::train`].
     resume: Option<Resume>,
+    /// The best evaluation so far: metric value, step, and its checkpoint once written.
+    pub best: Option<(f64, usize, Option<PathBuf>)>,
 }
 
 fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
@@ -398,6 +455,7 @@ impl Trainer {
             log_history: Vec::new(),
             global_step: 0,
             resume: None,
+            best: None,
         })
     }
 
@@ -675,6 +733,19 @@ impl Trainer {
                     );
                     entry.insert("epoch".into(), json!(ep));
                     entry.insert("step".into(), json!(self.global_step));
+                    if let Some(v) = entry
+                        .get(&self.args.best_metric_name())
+                        .and_then(Value::as_f64)
+                    {
+                        let better = match &self.best {
+                            None => true,
+                            Some((b, ..)) if self.args.greater_is_better() => v > *b,
+                            Some((b, ..)) => v < *b,
+                        };
+                        if better {
+                            self.best = Some((v, self.global_step, None));
+                        }
+                    }
                     self.log_history.push(Value::Object(entry.clone()));
                     on_event(Event::Log(Value::Object(entry)));
                 }
@@ -702,6 +773,16 @@ impl Trainer {
             pr.epoch += 1;
             pr.groups_done = 0;
         }
+        if self.args.load_best_model_at_end {
+            if let Some((v, step, Some(dir))) = self.best.clone() {
+                self.load_weights(&dir)?;
+                let mut entry = serde_json::Map::new();
+                entry.insert("loaded_best_model".into(), json!(dir));
+                entry.insert("step".into(), json!(step));
+                entry.insert(self.args.best_metric_name(), json!(v));
+                on_event(Event::Log(Value::Object(entry)));
+            }
+        }
         let secs = started.elapsed().as_secs_f64();
         let entry = json!({
             "train_runtime": secs,
@@ -719,11 +800,16 @@ impl Trainer {
     /// Write `output_dir/checkpoint-N`: the model as [`Trainer::save`] writes it, the
     /// optimizer's moments (`optimizer.safetensors`) and where the run stands
     /// (`trainer_resume.json`); then drop the oldest checkpoints beyond `save_total_limit`.
-    fn checkpoint(&self, opt: &AdamW, pr: &Progress) -> Result<()> {
+    fn checkpoint(&mut self, opt: &AdamW, pr: &Progress) -> Result<()> {
         let dir = self
             .args
             .output_dir
             .join(format!("checkpoint-{}", self.global_step));
+        if let Some((_, step, path)) = &mut self.best {
+            if *step == self.global_step {
+                *path = Some(dir.clone());
+            }
+        }
         self.save(&dir)?;
         let mut tensors = Vec::new();
         for (i, (n, v)) in self.params.names.iter().zip(&self.params.vars).enumerate() {
@@ -763,10 +849,31 @@ impl Trainer {
                 })
                 .collect();
             found.sort();
-            let excess = found.len().saturating_sub(limit.max(1));
+            // The best checkpoint is kept whatever its age, and the newest too (with a limit
+            // of 1 that makes 2, as HF keeps them, so that the run can still be resumed).
+            let best = self.best.as_ref().and_then(|(_, _, p)| p.clone());
+            found.retain(|(_, p)| Some(p) != best.as_ref());
+            let keep = limit.max(1).saturating_sub(best.is_some() as usize).max(1);
+            let excess = found.len().saturating_sub(keep);
             for (_, p) in found.into_iter().take(excess) {
                 std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Set every parameter from the weights in `dir` (a checkpoint or saved model).
+    fn load_weights(&self, dir: &Path) -> Result<()> {
+        let weights = crate::weights::Weights::from_dir(dir)?;
+        for (n, v) in self.params.names.iter().zip(&self.params.vars) {
+            let t = weights.tensor(n, &self.device)?;
+            if t.dims() != v.as_tensor().dims() {
+                return Err(Error::Weights {
+                    path: weights.path().to_path_buf(),
+                    detail: format!("`{n}` has shape {:?}, the model {:?}", t.dims(), v.dims()),
+                });
+            }
+            v.set(&t)?;
         }
         Ok(())
     }
@@ -786,17 +893,7 @@ impl Trainer {
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| bad(k))
         };
-        let weights = crate::weights::Weights::from_dir(dir)?;
-        for (n, v) in self.params.names.iter().zip(&self.params.vars) {
-            let t = weights.tensor(n, &self.device)?;
-            if t.dims() != v.as_tensor().dims() {
-                return Err(Error::Weights {
-                    path: weights.path().to_path_buf(),
-                    detail: format!("`{n}` has shape {:?}, the model {:?}", t.dims(), v.dims()),
-                });
-            }
-            v.set(&t)?;
-        }
+        self.load_weights(dir)?;
         let opt_path = dir.join("optimizer.safetensors");
         let moments = candle_core::safetensors::load(&opt_path, &self.device)
             .map_err(|e| Error::invalid_file(&opt_path, e))?;
@@ -828,6 +925,23 @@ impl Trainer {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
+        let best_dir = history
+            .get("best_model_checkpoint")
+            .and_then(Value::as_str)
+            .map(PathBuf::from);
+        self.best = history.get("best_metric").and_then(Value::as_f64).map(|v| {
+            let step = best_dir
+                .as_ref()
+                .and_then(|d| {
+                    d.file_name()?
+                        .to_str()?
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0);
+            (v, step, best_dir.clone())
+        });
         self.resume = Some((pr, int("optimizer_step")?, m, v));
         Ok(())
     }
@@ -909,8 +1023,8 @@ impl Trainer {
         save::write_json(&dir.join("training_args.json"), &self.args.to_json())?;
         let per_epoch = self.steps_per_epoch();
         let state = json!({
-            "best_metric": null,
-            "best_model_checkpoint": null,
+            "best_metric": self.best.as_ref().map(|(v, ..)| *v),
+            "best_model_checkpoint": self.best.as_ref().and_then(|(_, _, p)| p.clone()),
             "epoch": self.global_step as f64 / per_epoch.max(1) as f64,
             "eval_steps": self.args.eval_steps,
             "global_step": self.global_step,
