@@ -42,24 +42,9 @@ fn keep_freed_memory() {
 
 /// The newest `checkpoint-N` folder in `output` (`--resume-from-checkpoint last`).
 fn last_checkpoint(output: &std::path::Path) -> Result<PathBuf, String> {
-    let entries = std::fs::read_dir(output).map_err(|e| {
-        format!(
-            "cannot read `{}` for its checkpoints: {e}",
-            output.display()
-        )
-    })?;
-    entries
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let n: usize = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
-            Some((n, p))
-        })
-        .max()
+    ferroformers::train::checkpoints(output)
+        .map_err(|e| e.to_string())?
+        .pop()
         .map(|(_, p)| p)
         .ok_or_else(|| format!("no checkpoint-N folder in `{}`", output.display()))
 }

@@ -835,20 +835,7 @@ impl Trainer {
             }),
         )?;
         if let Some(limit) = self.args.save_total_limit {
-            let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.args.output_dir)
-                .map_err(|e| Error::io(&self.args.output_dir, e))?
-                .filter_map(|e| {
-                    let p = e.ok()?.path();
-                    let n = p
-                        .file_name()?
-                        .to_str()?
-                        .strip_prefix("checkpoint-")?
-                        .parse()
-                        .ok()?;
-                    Some((n, p))
-                })
-                .collect();
-            found.sort();
+            let mut found = checkpoints(&self.args.output_dir)?;
             // The best checkpoint is kept whatever its age, and the newest too (with a limit
             // of 1 that makes 2, as HF keeps them, so that the run can still be resumed).
             let best = self.best.as_ref().and_then(|(_, _, p)| p.clone());
@@ -1044,6 +1031,25 @@ impl Trainer {
         });
         save::write_json(&dir.join("trainer_state.json"), &state)
     }
+}
+
+/// The `checkpoint-N` folders of an output folder, by step (oldest first).
+pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .map_err(|e| Error::io(output_dir, e))?
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let n = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, p))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 /// Accuracy and macro-F1 (single-label; sklearn's: over the classes that occur in the labels
