@@ -168,18 +168,7 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter `params[i]` (flat values) from `grads[i]` at rate `lr`.
-    pub fn step(&mut self, lr: f64, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
-        let c = self.next(lr);
-        params
-            .par_iter_mut()
-            .zip(grads.par_iter())
-            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
-            .zip(self.decay.par_iter())
-            .for_each(|(((p, g), (m, v)), &decay)| c.apply(p, g, 1.0, m, v, decay));
-    }
-
-    /// The same update on candle `Var`s, in their storage (no copies of the parameters):
+    /// One update of every parameter, in the `Var`s' storage (no copies of the parameters):
     /// `grads[i]` (contiguous f32, on the CPU) scaled by `coef` (clipping) first, as torch
     /// scales the gradients in place before its step.
     pub fn step_vars(
@@ -322,29 +311,6 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
     1.0
 }
 
-/// torch's `clip_grad_norm_`: the global L2 norm of all gradients (returned, before clipping);
-/// when above `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`.
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = grads
-        .iter()
-        .map(|g| {
-            let s: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
-            s
-        })
-        .sum::<f64>()
-        .sqrt();
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            let c = coef as f32;
-            for g in grads.iter_mut() {
-                g.iter_mut().for_each(|x| *x *= c);
-            }
-        }
-    }
-    norm
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,24 +329,50 @@ mod tests {
         assert_eq!(Schedule::ConstantWithWarmup.factor(1, 4, 10), 0.25);
     }
 
+    fn vars(values: &[&[f32]]) -> Vec<candle_core::Var> {
+        values
+            .iter()
+            .map(|v| {
+                let t = candle_core::Tensor::new(*v, &candle_core::Device::Cpu).unwrap();
+                candle_core::Var::from_tensor(&t).unwrap()
+            })
+            .collect()
+    }
+
+    fn flat(v: &candle_core::Var) -> Vec<f32> {
+        v.as_tensor().to_vec1::<f32>().unwrap()
+    }
+
     /// One AdamW step from zero moments moves each weight by about `lr` against the
     /// gradient's sign, after decay; no decay where it is off.
     #[test]
     fn adamw_first_step() {
         let mut opt = AdamW::new(&[2, 1], vec![true, false], 0.1);
-        let mut p = vec![vec![1.0f32, -1.0], vec![2.0]];
-        opt.step(0.01, &mut p, &[vec![0.5, -2.0], vec![1.0]]);
+        let p = vars(&[&[1.0, -1.0], &[2.0]]);
+        let g: Vec<candle_core::Tensor> = vars(&[&[0.5, -2.0], &[1.0]])
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        opt.step_vars(0.01, &p, &g, 1.0).unwrap();
+        let (p0, p1) = (flat(&p[0]), flat(&p[1]));
         let want0 = 1.0 * (1.0 - 0.01 * 0.1) - 0.01;
-        assert!((p[0][0] - want0 as f32).abs() < 1e-6, "{p:?}");
-        assert!((p[0][1] - (-0.999f32 + 0.01)).abs() < 1e-6, "{p:?}");
-        assert!((p[1][0] - 1.99).abs() < 1e-6, "{p:?}");
+        assert!((p0[0] - want0 as f32).abs() < 1e-6, "{p0:?}");
+        assert!((p0[1] - (-0.999f32 + 0.01)).abs() < 1e-6, "{p0:?}");
+        assert!((p1[0] - 1.99).abs() < 1e-6, "{p1:?}");
     }
 
+    /// torch's clipping: the global norm of all gradients, and the factor that brings it to
+    /// the max norm (applied by AdamW to each gradient).
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut g = vec![vec![3.0f32], vec![4.0]];
-        let n = clip_grad_norm(&mut g, 1.0);
+        let g: Vec<candle_core::Tensor> = vars(&[&[3.0], &[4.0]])
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let n = global_norm(&g).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
-        assert!((g[0][0] - 0.6).abs() < 1e-6 && (g[1][0] - 0.8).abs() < 1e-6);
+        let c = clip_coef(n, 1.0);
+        assert!((3.0 * c - 0.6).abs() < 1e-6 && (4.0 * c - 0.8).abs() < 1e-6);
+        assert_eq!(clip_coef(n, 10.0), 1.0);
     }
 }
