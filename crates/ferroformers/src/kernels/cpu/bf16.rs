@@ -24,7 +24,7 @@ pub fn available() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            let off = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+            let off = super::switch_on;
             !off("FERROFORMERS_NO_SIMD")
                 && !off("FERROFORMERS_NO_BF16")
                 && std::arch::is_x86_feature_detected!("avx512f")
@@ -333,7 +333,7 @@ mod tests {
     /// same products): the test runs itself again in a child process with the variable set.
     #[test]
     fn no_bf16_variable_turns_the_kernels_off() {
-        if std::env::var("FERROFORMERS_NO_BF16").is_ok_and(|v| v == "1") {
+        if crate::kernels::cpu::switch_on("FERROFORMERS_NO_BF16") {
             assert!(!available());
             kernels_match_the_reference_on_odd_shapes();
             println!("bf16 kernels off, portable loop checked");

@@ -640,7 +640,7 @@ pub fn avx2() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            !std::env::var("FERROFORMERS_NO_SIMD").is_ok_and(|v| v == "1")
+            !super::switch_on("FERROFORMERS_NO_SIMD")
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
         })

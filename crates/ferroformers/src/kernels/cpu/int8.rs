@@ -692,7 +692,7 @@ mod tests {
     /// itself again in a child process with the variable set.
     #[test]
     fn no_vnni_variable_picks_the_portable_kernel() {
-        if std::env::var("FERROFORMERS_NO_VNNI").is_ok_and(|v| v == "1") {
+        if crate::kernels::cpu::switch_on("FERROFORMERS_NO_VNNI") {
             assert_eq!(Kernel::best(), Kernel::Portable);
             println!("picked the portable kernel");
             return;

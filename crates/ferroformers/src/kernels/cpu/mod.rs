@@ -41,6 +41,14 @@ pub(crate) mod simd;
 pub mod threads;
 pub mod vnni;
 
+/// Whether the environment switch `name` is on: `name=1` (any other value leaves it off).
+/// The kernels' off switches (`FERROFORMERS_NO_SIMD`, `_NO_VNNI`, `_NO_BF16`) read it once
+/// per process.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn switch_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 /// Largest absolute difference between two tensors of the same shape (unit tests, here and in
 /// `models`).
 #[cfg(test)]

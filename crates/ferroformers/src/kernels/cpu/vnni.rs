@@ -31,7 +31,7 @@ pub fn available() -> bool {
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            let off = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+            let off = super::switch_on;
             !off("FERROFORMERS_NO_SIMD")
                 && !off("FERROFORMERS_NO_VNNI")
                 && std::arch::is_x86_feature_detected!("avx512f")
