@@ -933,8 +933,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// Logits of `items` without dropout, `[n, labels]` rows.
-    fn predict(&self, items: &[Item]) -> Result<(Vec<Vec<f32>>, f64)> {
+    /// Logits of `items` without dropout, and (`with_loss`) their mean loss.
+    fn predict(&self, items: &[Item], with_loss: bool) -> Result<(Vec<Vec<f32>>, f64)> {
         let model = Model {
             cfg: &self.cfg,
             p: &self.params,
@@ -944,8 +944,10 @@ impl Trainer {
             let refs: Vec<&Item> = chunk.iter().collect();
             let (batch, targets) = self.batch(&refs)?;
             let logits = model.forward(&batch, None)?.detach();
-            loss_sum +=
-                self.loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            if with_loss {
+                loss_sum +=
+                    self.loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            }
             rows.extend(logits.to_vec2::<f32>()?);
         }
         Ok((rows, loss_sum / items.len().max(1) as f64))
@@ -953,7 +955,7 @@ impl Trainer {
 
     /// Evaluate on the evaluation file.
     pub fn evaluate(&self) -> Result<Metrics> {
-        let (logits, loss) = self.predict(&self.eval)?;
+        let (logits, loss) = self.predict(&self.eval, true)?;
         let targets: Vec<&Target> = self.eval.iter().map(|i| &i.target).collect();
         Ok(metrics(self.labels.problem, &logits, &targets, loss))
     }
@@ -970,17 +972,7 @@ impl Trainer {
                 })
             })
             .collect::<Result<_>>()?;
-        let model = Model {
-            cfg: &self.cfg,
-            p: &self.params,
-        };
-        let mut rows = Vec::new();
-        for chunk in items.chunks(self.args.per_device_eval_batch_size) {
-            let refs: Vec<&Item> = chunk.iter().collect();
-            let (batch, _) = self.batch(&refs)?;
-            rows.extend(model.forward(&batch, None)?.to_vec2::<f32>()?);
-        }
-        Ok(rows)
+        Ok(self.predict(&items, false)?.0)
     }
 
     /// Write the model as `save_pretrained` does, plus `training_args.json` and
