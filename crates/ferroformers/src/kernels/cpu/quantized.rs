@@ -9,7 +9,9 @@
 //!   computes (its numbers, at a fraction of the arithmetic).
 //!
 //! Prompts and batches in exact mode dequantize a tile of weight rows once and multiply it by
-//! every activation row with `gemm`.
+//! every activation row with `gemm`; in int8 mode they run the integer GEMM of
+//! [`super::qgemm`] on CPUs with AVX-512 VNNI, and the same `gemm` tiles over the rounded
+//! activations elsewhere.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
@@ -201,10 +203,11 @@ impl QuantLinear {
             self.matmul_panels(x, m, &mut out);
             return out;
         }
-        // Int8 dots for decoding rows; prompts and batches take the gemm tiles in both modes (the
-        // row-by-row integer dots ran at a third of gemm's speed on 128-512 token prompts). In
-        // int8 mode the tiles multiply the activations rounded to 8 bits, so prompts see the
-        // same rounding as decoding (and as llama.cpp's prompt processing).
+        // Int8 dots for decoding rows; prompts and batches (without the VNNI panels above) take
+        // the gemm tiles in both modes (the row-by-row integer dots ran at a third of gemm's
+        // speed on 128-512 token prompts). In int8 mode the tiles multiply the activations
+        // rounded to 8 bits, so prompts see the same rounding as decoding (and as llama.cpp's
+        // prompt processing).
         let int8 = blocky && self.math == QuantMath::Int8 && m <= FEW_ROWS;
         let rounded;
         let x = if blocky && self.math == QuantMath::Int8 && m > FEW_ROWS {
