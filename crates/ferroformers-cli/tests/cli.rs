@@ -21,6 +21,24 @@ fn ff(args: &[&str]) -> Output {
         .unwrap()
 }
 
+fn ff_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{input}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn lines(o: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -231,6 +249,87 @@ fn ferroformers_tasks() -> Vec<&'static str> {
     ]
 }
 
+/// `train` token-classification and question-answering (`run_ner`'s and `run_qa`'s data), then
+/// `run` serves what they wrote.
+#[test]
+fn train_ner_and_qa_then_run() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let tmp = std::env::temp_dir().join(format!("ff-cli-train-tasks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (task, init, file, extra, run_input) in [
+        (
+            "token-classification",
+            "bert-tokcls-init",
+            "tokcls.jsonl",
+            vec![],
+            "\"John lives in Berlin.\"",
+        ),
+        (
+            "question-answering",
+            "bert-qa-init",
+            "qa-squad.json",
+            vec!["--doc-stride", "16"],
+            "{\"question\": \"Where does John live?\", \"context\": \"John lives in Berlin.\"}",
+        ),
+    ] {
+        let out = tmp.join(task);
+        let (init, file) = (data.join(init), data.join(file));
+        let mut args = vec![
+            "train",
+            task,
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--eval",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--num-train-epochs",
+            "1",
+            "--learning-rate",
+            "1e-3",
+        ];
+        args.extend(extra);
+        let o = ff(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{task}: {err}");
+        let metric = if task == "question-answering" {
+            "eval_exact_match"
+        } else {
+            "eval_precision"
+        };
+        assert!(err.contains(metric) && err.contains("saved to"), "{err}");
+        let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+        let class = if task == "question-answering" {
+            "BertForQuestionAnswering"
+        } else {
+            "BertForTokenClassification"
+        };
+        assert!(config.contains(class), "{config}");
+        let o = ff_stdin(
+            &[
+                "run",
+                task,
+                "--model",
+                out.to_str().unwrap(),
+                "--input",
+                "-",
+            ],
+            run_input,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = lines(&o);
+        assert_eq!(v.len(), 1, "{task}: {v:?}");
+        if task == "question-answering" {
+            assert!(v[0]["answer"].is_string(), "{v:?}");
+        } else {
+            assert!(v[0].is_array(), "{v:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// `train` with HF's option names, then `run` serves the folder it wrote; bad options and
 /// data are errors before any training.
 #[test]
@@ -292,13 +391,8 @@ fn train_then_run_the_saved_model() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--output"));
-    let o = ff(&[
-        "train",
-        "token-classification",
-        "--model",
-        init.to_str().unwrap(),
-    ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("text-classification"));
+    let o = ff(&["train", "summarization", "--model", init.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("token-classification"));
     let o = ff(&["train", "text-classification", "--learning-rate", "fast"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("`--learning-rate` takes a number"));
 }

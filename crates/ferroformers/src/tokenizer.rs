@@ -59,6 +59,9 @@ pub struct Tokenizer {
     /// The same tokenizer without truncation nor post-processor, made on first use by
     /// `encode_windows`.
     untruncated: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// The same tokenizer with byte-level BPE's `add_prefix_space` on, for input already split
+    /// into words (`encode_words`).
+    words: std::sync::OnceLock<std::result::Result<tokenizers::Tokenizer, String>>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -144,6 +147,7 @@ impl Tokenizer {
             unk_id,
             cls_id,
             untruncated: std::sync::OnceLock::new(),
+            words: std::sync::OnceLock::new(),
         })
     }
 
@@ -175,6 +179,45 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode_char_offsets(input, add_special_tokens)
+            .map_err(tok_err)?;
+        Ok(to_encoded(&enc))
+    }
+
+    /// Tokenize a text already split into words (HF's `is_split_into_words=True`), with special
+    /// tokens, truncated to `max_length`; `word_ids` index `words`. Byte-level BPE tokenizers
+    /// (RoBERTa, GPT-2) put a space before every word, as HF needs them loaded
+    /// (`add_prefix_space=True`, what `run_ner` does).
+    pub fn encode_words(&self, words: &[String]) -> Result<Encoded> {
+        let tok = self
+            .words
+            .get_or_init(|| {
+                let mut t = self.inner.clone();
+                if let Some(pre) = t.get_pre_tokenizer() {
+                    let mut v = serde_json::to_value(pre).map_err(|e| e.to_string())?;
+                    fn prefix_space(v: &mut serde_json::Value) {
+                        match v {
+                            serde_json::Value::Object(o) => {
+                                if o.get("type").and_then(|t| t.as_str()) == Some("ByteLevel") {
+                                    o.insert("add_prefix_space".into(), true.into());
+                                }
+                                o.values_mut().for_each(prefix_space);
+                            }
+                            serde_json::Value::Array(a) => a.iter_mut().for_each(prefix_space),
+                            _ => {}
+                        }
+                    }
+                    prefix_space(&mut v);
+                    let pre: tokenizers::PreTokenizerWrapper =
+                        serde_json::from_value(v).map_err(|e| e.to_string())?;
+                    t.with_pre_tokenizer(Some(pre));
+                }
+                Ok(t)
+            })
+            .as_ref()
+            .map_err(|e| Error::Tokenizer(e.clone()))?;
+        let input = tokenizers::InputSequence::from(words);
+        let enc = tok
+            .encode_char_offsets(EncodeInput::Single(input), true)
             .map_err(tok_err)?;
         Ok(to_encoded(&enc))
     }
@@ -335,6 +378,7 @@ impl Tokenizer {
             }))
             .map_err(tok_err)?;
         self.max_length = max_length;
+        self.words = std::sync::OnceLock::new();
         Ok(())
     }
 

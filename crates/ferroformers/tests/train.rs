@@ -8,7 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use ferroformers::train::{EvalStrategy, Event, SaveStrategy, Trainer, TrainingArguments};
+use ferroformers::train::data::Target;
+use ferroformers::train::{EvalStrategy, Event, SaveStrategy, Task, Trainer, TrainingArguments};
 use ferroformers::{Input, Params, PipelineOptions};
 
 fn train_dir() -> PathBuf {
@@ -49,83 +50,211 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
 }
 
+/// Train `arch`'s init fixture on `data` for `task` with the fixture script's settings and
+/// compare losses, gradient norms and every weight with HF `Trainer`'s.
+fn check_parity(arch: &str, task: Task, data: &str, args: TrainingArguments) -> Trainer {
+    let want = common::expected(&format!("train-{arch}"));
+    let init = train_dir().join(format!("{arch}-init"));
+    let mut t = Trainer::for_task(
+        task,
+        init.to_str().unwrap(),
+        &train_dir().join(data),
+        None,
+        args,
+    )
+    .unwrap();
+    assert!(t.params.fresh.is_empty(), "{arch}: {:?}", t.params.fresh);
+    let mut losses = Vec::new();
+    t.train(&mut |e| {
+        if let Event::Step { loss, .. } = e {
+            losses.push(loss)
+        }
+    })
+    .unwrap();
+    let grad_norms: Vec<f64> = t
+        .log_history
+        .iter()
+        .filter_map(|h| h.get("grad_norm").and_then(|g| g.as_f64()))
+        .collect();
+    for (i, w) in want["losses"].as_array().unwrap().iter().enumerate() {
+        let w = w.as_f64().unwrap();
+        assert!(
+            close(losses[i], w, 1e-4),
+            "{arch} step {}: loss {} vs {w}",
+            i + 1,
+            losses[i]
+        );
+    }
+    for (i, w) in want["grad_norms"].as_array().unwrap().iter().enumerate() {
+        let w = w.as_f64().unwrap();
+        assert!(
+            close(grad_norms[i], w, 1e-4),
+            "{arch} step {}: grad norm {} vs {w}",
+            i + 1,
+            grad_norms[i]
+        );
+    }
+    let final_w = candle_core::safetensors::load(
+        train_dir().join(format!("{arch}-final.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = t.params.names.iter().collect();
+    names.sort();
+    let mut theirs: Vec<&String> = final_w.keys().collect();
+    theirs.sort();
+    assert_eq!(names, theirs, "{arch}: parameter names");
+    let mut worst = (0f32, String::new());
+    for (n, v) in t.params.names.iter().zip(&t.params.vars) {
+        // The attention keys' biases shift every score of a row by the same amount, which
+        // softmax ignores: their true gradient is 0, and what both frameworks compute is
+        // rounding noise that Adam's normalisation turns into steps of about the learning
+        // rate, in directions the noise decides. Bounded by the 5 steps' learning rates.
+        // The same holds, for question answering, for what adds one constant to the start
+        // (end) logits of every position that their softmax runs over: the head's bias and
+        // the last layer's output LayerNorm bias (the head maps it to such a constant).
+        let last = format!("layer.{}.", t.cfg.layers - 1);
+        let qa_constant = task == Task::QuestionAnswering
+            && (n.as_str() == "qa_outputs.bias"
+                || (n.contains(&last)
+                    && (n.ends_with("output.LayerNorm.bias")
+                        || n.ends_with("output_layer_norm.bias"))
+                    && !n.contains("attention")));
+        let noise_only = n.ends_with("key.bias") || n.ends_with("k_lin.bias") || qa_constant;
+        let d = max_diff(v.as_tensor(), &final_w[n]);
+        if noise_only {
+            assert!(d <= 5e-3, "{arch}: `{n}` moved {d} away from torch's");
+        } else if d > worst.0 {
+            worst = (d, n.clone());
+        }
+    }
+    assert!(
+        worst.0 <= 1e-4,
+        "{arch}: weights differ by {} at `{}`",
+        worst.0,
+        worst.1
+    );
+    eprintln!(
+        "{arch}: losses {losses:?}, largest weight difference {} ({})",
+        worst.0, worst.1
+    );
+    t
+}
+
 #[test]
 fn five_steps_match_hf_trainer_for_bert_distilbert_roberta() {
     for arch in ["bert-seqcls", "distilbert-seqcls", "roberta-seqcls"] {
-        let want = common::expected(&format!("train-{arch}"));
-        let init = train_dir().join(format!("{arch}-init"));
         let out = tmp(arch);
-        let mut t = Trainer::new(
-            init.to_str().unwrap(),
-            &train_dir().join("seqcls.jsonl"),
-            None,
+        check_parity(
+            arch,
+            Task::TextClassification,
+            "seqcls.jsonl",
             parity_args(&out),
-        )
-        .unwrap();
-        assert!(t.params.fresh.is_empty(), "{arch}: {:?}", t.params.fresh);
-        let mut losses = Vec::new();
-        t.train(&mut |e| {
-            if let Event::Step { loss, .. } = e {
-                losses.push(loss)
-            }
-        })
-        .unwrap();
-        let grad_norms: Vec<f64> = t
-            .log_history
-            .iter()
-            .filter_map(|h| h.get("grad_norm").and_then(|g| g.as_f64()))
-            .collect();
-        for (i, w) in want["losses"].as_array().unwrap().iter().enumerate() {
-            let w = w.as_f64().unwrap();
-            assert!(
-                close(losses[i], w, 1e-4),
-                "{arch} step {}: loss {} vs {w}",
-                i + 1,
-                losses[i]
-            );
-        }
-        for (i, w) in want["grad_norms"].as_array().unwrap().iter().enumerate() {
-            let w = w.as_f64().unwrap();
-            assert!(
-                close(grad_norms[i], w, 1e-4),
-                "{arch} step {}: grad norm {} vs {w}",
-                i + 1,
-                grad_norms[i]
-            );
-        }
-        let final_w = candle_core::safetensors::load(
-            train_dir().join(format!("{arch}-final.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut names: Vec<&String> = t.params.names.iter().collect();
-        names.sort();
-        let mut theirs: Vec<&String> = final_w.keys().collect();
-        theirs.sort();
-        assert_eq!(names, theirs, "{arch}: parameter names");
-        let mut worst = (0f32, String::new());
-        for (n, v) in t.params.names.iter().zip(&t.params.vars) {
-            // The attention keys' biases shift every score of a row by the same amount, which
-            // softmax ignores: their true gradient is 0, and what both frameworks compute is
-            // rounding noise that Adam's normalisation turns into steps of about the learning
-            // rate, in directions the noise decides. Bounded by the 5 steps' learning rates.
-            let noise_only = n.ends_with("key.bias") || n.ends_with("k_lin.bias");
-            let d = max_diff(v.as_tensor(), &final_w[n]);
-            if noise_only {
-                assert!(d <= 5e-3, "{arch}: `{n}` moved {d} away from torch's");
-            } else if d > worst.0 {
-                worst = (d, n.clone());
-            }
-        }
-        assert!(
-            worst.0 <= 1e-4,
-            "{arch}: weights differ by {} at `{}`",
-            worst.0,
-            worst.1
         );
-        eprintln!(
-            "{arch}: losses {losses:?}, largest weight difference {} ({})",
-            worst.0, worst.1
+    }
+}
+
+/// Token classification as `run_ner`: tags on each word's first sub-token (the fixture's
+/// aligned labels), the models' own label order kept, then 5 steps as HF's `Trainer`.
+#[test]
+fn token_classification_matches_hf_trainer() {
+    for arch in ["bert-tokcls", "distilbert-tokcls", "roberta-tokcls"] {
+        let want = common::expected(&format!("train-{arch}"));
+        let out = tmp(arch);
+        let args = TrainingArguments {
+            max_length: Some(128),
+            ..parity_args(&out)
+        };
+        let t = check_parity(arch, Task::TokenClassification, "tokcls.jsonl", args);
+        let feats = t.train_features();
+        let want_ids = want["input_ids"].as_array().unwrap();
+        let want_tags = want["label_ids"].as_array().unwrap();
+        assert_eq!(feats.len(), want_ids.len(), "{arch}");
+        for (i, (ids, target, _)) in feats.iter().enumerate() {
+            let wi: Vec<u32> = serde_json::from_value(want_ids[i].clone()).unwrap();
+            let wt: Vec<i64> = serde_json::from_value(want_tags[i].clone()).unwrap();
+            assert_eq!(*ids, wi.as_slice(), "{arch} row {i}: ids");
+            assert_eq!(**target, Target::Tags(wt), "{arch} row {i}: tags");
+        }
+    }
+}
+
+/// Question answering as `run_qa`: windows of 48 tokens with a stride of 16, each labelled with
+/// the answer's tokens or CLS (the fixture's features), then 5 steps as HF's `Trainer`; the
+/// nested SQuAD file gives the same features as the JSON Lines one.
+#[test]
+fn question_answering_matches_hf_trainer() {
+    for arch in ["bert-qa", "distilbert-qa", "roberta-qa"] {
+        let want = common::expected(&format!("train-{arch}"));
+        let out = tmp(arch);
+        let args = TrainingArguments {
+            max_length: Some(48),
+            doc_stride: 16,
+            ..parity_args(&out)
+        };
+        let t = Trainer::for_task(
+            Task::QuestionAnswering,
+            train_dir().join(format!("{arch}-init")).to_str().unwrap(),
+            &train_dir().join("qa.jsonl"),
+            None,
+            args.clone(),
+        )
+        .unwrap();
+        let feats = t.train_features();
+        let want_f = want["features"].as_array().unwrap();
+        assert_eq!(feats.len(), want_f.len(), "{arch}: windows");
+        for (i, (ids, target, example)) in feats.iter().enumerate() {
+            let w = &want_f[i];
+            let wi: Vec<u32> = serde_json::from_value(w["input_ids"].clone()).unwrap();
+            assert_eq!(*ids, wi.as_slice(), "{arch} window {i}: ids");
+            assert_eq!(*example, w["example"].as_u64().unwrap() as usize);
+            let span = Target::Span(
+                w["start_position"].as_u64().unwrap() as u32,
+                w["end_position"].as_u64().unwrap() as u32,
+            );
+            assert_eq!(**target, span, "{arch} window {i}");
+        }
+        let nested = Trainer::for_task(
+            Task::QuestionAnswering,
+            train_dir().join(format!("{arch}-init")).to_str().unwrap(),
+            &train_dir().join("qa-squad.json"),
+            None,
+            args.clone(),
+        )
+        .unwrap();
+        let same: Vec<_> = nested.train_features().into_iter().collect();
+        assert_eq!(same, feats, "{arch}: SQuAD layout");
+        check_parity(arch, Task::QuestionAnswering, "qa.jsonl", args);
+    }
+}
+
+/// seqeval's and the SQuAD script's numbers on the fixture's tricky cases.
+#[test]
+fn metrics_match_seqeval_and_squad() {
+    use ferroformers::train::metrics;
+    let want = common::expected("train-metrics");
+    let strs =
+        |v: &serde_json::Value| -> Vec<Vec<String>> { serde_json::from_value(v.clone()).unwrap() };
+    for (i, c) in want["seqeval"].as_array().unwrap().iter().enumerate() {
+        let (p, r, f, a) = metrics::seqeval(&strs(&c["true"]), &strs(&c["pred"]));
+        for (name, ours) in [("precision", p), ("recall", r), ("f1", f), ("accuracy", a)] {
+            let w = c[name].as_f64().unwrap();
+            assert!(
+                close(ours, w, 1e-12),
+                "seqeval case {i} {name}: {ours} vs {w}"
+            );
+        }
+    }
+    for (i, c) in want["squad"].as_array().unwrap().iter().enumerate() {
+        let preds: Vec<String> = serde_json::from_value(c["predictions"].clone()).unwrap();
+        let (em, f1) = metrics::squad(&preds, &strs(&c["references"]));
+        let (wem, wf1) = (
+            c["exact_match"].as_f64().unwrap(),
+            c["f1"].as_f64().unwrap(),
+        );
+        assert!(
+            close(em, wem, 1e-9) && close(f1, wf1, 1e-9),
+            "squad case {i}: {em} {f1} vs {wem} {wf1}"
         );
     }
 }
@@ -594,6 +723,95 @@ fn bad_data_is_refused_before_training() {
         (
             refused(common::model_dir("no-config").to_str().unwrap(), &train, None, defaults()),
             &["config.json"],
+        ),
+    ];
+    for (e, parts) in cases {
+        assert!(
+            parts.iter().all(|p| e.contains(p)),
+            "{e}: expected {parts:?}"
+        );
+    }
+
+    // Token classification and question answering.
+    let tok_init = train_dir().join("bert-tokcls-init");
+    let qa_init = train_dir().join("bert-qa-init");
+    let task_refused =
+        |task: Task, init: &Path, train: &Path, eval: Option<&Path>| match Trainer::for_task(
+            task,
+            init.to_str().unwrap(),
+            train,
+            eval,
+            defaults(),
+        ) {
+            Ok(_) => panic!("{} was accepted", train.display()),
+            Err(e) => e.to_string(),
+        };
+    let tags_ok = write(
+        "tags.jsonl",
+        "{\"tokens\": [\"John\", \"ran\"], \"ner_tags\": [\"B-PER\", \"O\"]}\n",
+    );
+    let squad = |ctx: &str, answer: &str, start: usize| {
+        format!(
+            "{{\"id\": \"x\", \"question\": \"Who?\", \"context\": \"{ctx}\", \"answers\": \
+             {{\"text\": [\"{answer}\"], \"answer_start\": [{start}]}}}}\n"
+        )
+    };
+    let qa_ok = write("qa-ok.jsonl", &squad("John ran.", "John", 0));
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            task_refused(
+                Task::TokenClassification,
+                &tok_init,
+                &write(
+                    "mismatch.jsonl",
+                    "{\"tokens\": [\"a\"], \"ner_tags\": [\"O\"]}\n\
+                     {\"tokens\": [\"John\", \"ran\"], \"ner_tags\": [\"B-PER\"]}\n",
+                ),
+                None,
+            ),
+            &["mismatch.jsonl", "line 2", "2 words but 1 tags"],
+        ),
+        (
+            task_refused(
+                Task::TokenClassification,
+                &tok_init,
+                &tags_ok,
+                Some(&write(
+                    "tags-eval.jsonl",
+                    "{\"tokens\": [\"Bonn\"], \"ner_tags\": [\"B-LOC\"]}\n",
+                )),
+            ),
+            &["tags-eval.jsonl", "line 1", "`B-LOC`"],
+        ),
+        (
+            task_refused(
+                Task::TokenClassification,
+                &tok_init,
+                &write(
+                    "words.jsonl",
+                    "{\"text\": \"John ran\", \"label\": \"x\"}\n",
+                ),
+                None,
+            ),
+            &["words.jsonl", "line 1", "`tokens`"],
+        ),
+        (
+            task_refused(
+                Task::QuestionAnswering,
+                &qa_init,
+                &write("outside.jsonl", &squad("John ran.", "John ran away", 0)),
+                None,
+            ),
+            &["outside.jsonl", "line 1", "outside the context"],
+        ),
+        (
+            task_refused(
+                Task::QuestionAnswering,
+                &qa_init,
+                &qa_ok,
+                Some(&write("shifted.jsonl", &squad("John ran.", "John", 2))),
+            ),
+            &["shifted.jsonl", "line 1", "not the context's text"],
         ),
     ];
     for (e, parts) in cases {

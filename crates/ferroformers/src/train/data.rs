@@ -1,17 +1,52 @@
-//! Training data for text classification: JSON Lines (or a JSON array) and CSV/TSV files with
-//! HF datasets' column names (`text`, optional `text_pair`, `label`; overridable), labels as
-//! strings, integers, floats (regression) or lists (multi-label). Every problem is reported
-//! with the file and line before training starts.
+//! Training data, with HF datasets' column names (overridable), every problem reported with the
+//! file and line before training starts:
+//! - text classification: JSON Lines (or a JSON array) and CSV/TSV files, `text`, optional
+//!   `text_pair`, `label` as a string, an integer, a float (regression) or a list (multi-label);
+//! - token classification: JSON Lines / array, `tokens` (words) and `ner_tags` (a tag per word,
+//!   strings or integers);
+//! - question answering: JSON Lines / array (`id`, `question`, `context`,
+//!   `answers: {text: [..], answer_start: [..]}`) or SQuAD's nested JSON (`data` / `paragraphs`
+//!   / `qas`).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 
-/// Which columns hold what.
-#[derive(Debug, Clone)]
+/// What a model is trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    TextClassification,
+    TokenClassification,
+    QuestionAnswering,
+}
+
+impl Task {
+    /// A pipeline task name (or alias) as the CLI takes it.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "text-classification" | "sentiment-analysis" => Task::TextClassification,
+            "token-classification" | "ner" => Task::TokenClassification,
+            "question-answering" => Task::QuestionAnswering,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::TextClassification => "text-classification",
+            Task::TokenClassification => "token-classification",
+            Task::QuestionAnswering => "question-answering",
+        }
+    }
+}
+
+/// Which columns hold what. Token classification reads words from `text` and tags from
+/// `label`; question answering the question from `text`, the context from `text_pair` and
+/// the answers from `label` (see [`Columns::for_task`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Columns {
     pub text: String,
     pub text_pair: Option<String>,
@@ -24,6 +59,26 @@ impl Default for Columns {
             text: "text".into(),
             text_pair: None,
             label: "label".into(),
+        }
+    }
+}
+
+impl Columns {
+    /// HF's column names for a task: `text`/`label`; `tokens`/`ner_tags` (`run_ner`);
+    /// `question`/`context`/`answers` (`run_qa`).
+    pub fn for_task(task: Task) -> Self {
+        match task {
+            Task::TextClassification => Columns::default(),
+            Task::TokenClassification => Columns {
+                text: "tokens".into(),
+                text_pair: None,
+                label: "ner_tags".into(),
+            },
+            Task::QuestionAnswering => Columns {
+                text: "question".into(),
+                text_pair: Some("context".into()),
+                label: "answers".into(),
+            },
         }
     }
 }
@@ -78,6 +133,28 @@ pub enum Target {
     Class(u32),
     Value(f32),
     Multi(Vec<f32>),
+    /// A class per token, -100 where no loss is taken (special tokens, later sub-tokens).
+    Tags(Vec<i64>),
+    /// The answer's first and last token (the CLS token when the window lacks it).
+    Span(u32, u32),
+}
+
+/// One token-classification example: words and a tag per word.
+#[derive(Debug, Clone)]
+pub struct TokenExample {
+    pub words: Vec<String>,
+    pub tags: Vec<RawLabel>,
+    pub line: usize,
+}
+
+/// One question-answering example; answers as (text, start in characters of `context`).
+#[derive(Debug, Clone)]
+pub struct QaExample {
+    pub id: String,
+    pub question: String,
+    pub context: String,
+    pub answers: Vec<(String, usize)>,
+    pub line: usize,
 }
 
 fn err(path: &Path, line: usize, detail: impl std::fmt::Display) -> Error {
@@ -87,6 +164,14 @@ fn err(path: &Path, line: usize, detail: impl std::fmt::Display) -> Error {
 /// Read every example of `path` (`.csv`/`.tsv` as delimited text with a header, anything else
 /// as JSON Lines or one JSON array of objects).
 pub fn read_examples(path: &Path, cols: &Columns) -> Result<Vec<Example>> {
+    read_rows(path)?
+        .into_iter()
+        .map(|(line, row)| example(path, line, &row, cols))
+        .collect()
+}
+
+/// The rows of a data file with their line numbers; an empty file is an error.
+fn read_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let ext = path
         .extension()
@@ -101,9 +186,236 @@ pub fn read_examples(path: &Path, cols: &Columns) -> Result<Vec<Example>> {
     if rows.is_empty() {
         return Err(Error::invalid_file(path, "no examples (the file is empty)"));
     }
-    rows.into_iter()
-        .map(|(line, row)| example(path, line, &row, cols))
+    Ok(rows)
+}
+
+fn object<'a>(
+    path: &Path,
+    line: usize,
+    row: &'a Value,
+) -> Result<&'a serde_json::Map<String, Value>> {
+    row.as_object()
+        .ok_or_else(|| err(path, line, "not an object with named columns"))
+}
+
+fn column<'a>(
+    path: &Path,
+    line: usize,
+    obj: &'a serde_json::Map<String, Value>,
+    col: &str,
+) -> Result<&'a Value> {
+    obj.get(col).ok_or_else(|| {
+        let names = obj.keys().cloned().collect::<Vec<_>>().join(", ");
+        err(path, line, format!("no `{col}` column (columns: {names})"))
+    })
+}
+
+fn string_column(
+    path: &Path,
+    line: usize,
+    obj: &serde_json::Map<String, Value>,
+    col: &str,
+) -> Result<String> {
+    match column(path, line, obj, col)? {
+        Value::String(s) => Ok(s.clone()),
+        other => Err(err(
+            path,
+            line,
+            format!("column `{col}` is not a string: {other}"),
+        )),
+    }
+}
+
+/// Token-classification examples (`run_ner`'s layout): a list of words and a tag per word.
+pub fn read_token_examples(path: &Path, cols: &Columns) -> Result<Vec<TokenExample>> {
+    read_rows(path)?
+        .into_iter()
+        .map(|(line, row)| {
+            let obj = object(path, line, &row)?;
+            let words = match column(path, line, obj, &cols.text)? {
+                Value::Array(w) => w
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>(),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                err(
+                    path,
+                    line,
+                    format!("column `{}` is not a list of words", cols.text),
+                )
+            })?;
+            let tags = match column(path, line, obj, &cols.label)? {
+                Value::Array(t) => t
+                    .iter()
+                    .map(|x| match raw_label(x, false) {
+                        Some(l @ (RawLabel::Name(_) | RawLabel::Int(_))) => Some(l),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>(),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                err(
+                    path,
+                    line,
+                    format!(
+                        "column `{}` is not a list of tags (strings or integers)",
+                        cols.label
+                    ),
+                )
+            })?;
+            if words.len() != tags.len() {
+                return Err(err(
+                    path,
+                    line,
+                    format!(
+                        "{} words but {} tags: every word needs one tag",
+                        words.len(),
+                        tags.len()
+                    ),
+                ));
+            }
+            if words.iter().any(|w| w.is_empty()) {
+                return Err(err(path, line, "an empty word"));
+            }
+            Ok(TokenExample { words, tags, line })
+        })
         .collect()
+}
+
+/// Question-answering examples: SQuAD's nested JSON (`{"data": [{"paragraphs": [{"context",
+/// "qas": [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}`), or one row per
+/// question in HF datasets' layout (`answers: {"text": [..], "answer_start": [..]}`). Answer
+/// starts count characters; an answer that is not the context's text at its start is an error.
+pub fn read_qa_examples(path: &Path, cols: &Columns) -> Result<Vec<QaExample>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let context_col = cols.text_pair.as_deref().unwrap_or("context");
+    let mut out = Vec::new();
+    if text.trim_start().starts_with('{') {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            if let Some(data) = v.get("data").and_then(Value::as_array) {
+                // The line of each question: where its id first appears (serde_json keeps no
+                // positions).
+                let line_of = |id: &str| {
+                    let needle = serde_json::to_string(id).unwrap_or_default();
+                    text.find(&needle)
+                        .map_or(1, |at| text[..at].matches('\n').count() + 1)
+                };
+                for article in data {
+                    let paragraphs = article.get("paragraphs").and_then(Value::as_array);
+                    for par in paragraphs.into_iter().flatten() {
+                        let context = par.get("context").and_then(Value::as_str).unwrap_or("");
+                        for qa in par
+                            .get("qas")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            let id = match qa.get("id") {
+                                Some(Value::String(s)) => s.clone(),
+                                Some(v) => v.to_string(),
+                                None => String::new(),
+                            };
+                            let line = line_of(&id);
+                            let mut row = serde_json::Map::new();
+                            row.insert("id".into(), json!(id));
+                            row.insert(
+                                cols.text.clone(),
+                                qa.get("question").cloned().unwrap_or(Value::Null),
+                            );
+                            row.insert(context_col.into(), json!(context));
+                            let answers = qa.get("answers").and_then(Value::as_array);
+                            let (mut texts, mut starts) = (Vec::new(), Vec::new());
+                            for a in answers.into_iter().flatten() {
+                                texts.push(a.get("text").cloned().unwrap_or(Value::Null));
+                                starts.push(a.get("answer_start").cloned().unwrap_or(Value::Null));
+                            }
+                            row.insert(
+                                cols.label.clone(),
+                                json!({"text": texts, "answer_start": starts}),
+                            );
+                            out.push(qa_example(path, line, &Value::Object(row), cols)?);
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    return Err(Error::invalid_file(path, "no questions in `data`"));
+                }
+                return Ok(out);
+            }
+        }
+    }
+    read_rows(path)?
+        .into_iter()
+        .map(|(line, row)| qa_example(path, line, &row, cols))
+        .collect()
+}
+
+fn qa_example(path: &Path, line: usize, row: &Value, cols: &Columns) -> Result<QaExample> {
+    let obj = object(path, line, row)?;
+    let context_col = cols.text_pair.as_deref().unwrap_or("context");
+    let question = string_column(path, line, obj, &cols.text)?;
+    let context = string_column(path, line, obj, context_col)?;
+    if question.trim().is_empty() || context.trim().is_empty() {
+        return Err(err(path, line, "an empty question or context"));
+    }
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) if !v.is_null() => v.to_string(),
+        _ => line.to_string(),
+    };
+    let answers = column(path, line, obj, &cols.label)?;
+    let bad = |d: &str| err(path, line, format!("column `{}`: {d}", cols.label));
+    let texts = answers
+        .get("text")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no `text` list"))?;
+    let starts = answers
+        .get("answer_start")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no `answer_start` list"))?;
+    if texts.len() != starts.len() {
+        return Err(bad("`text` and `answer_start` differ in length"));
+    }
+    let chars: Vec<char> = context.chars().collect();
+    let mut out = Vec::new();
+    for (t, s) in texts.iter().zip(starts) {
+        let t = t
+            .as_str()
+            .ok_or_else(|| bad("an answer text is not a string"))?;
+        let s = s
+            .as_u64()
+            .ok_or_else(|| bad("an answer_start is not a whole number"))? as usize;
+        let n = t.chars().count();
+        if t.is_empty() || s + n > chars.len() {
+            return Err(err(
+                path,
+                line,
+                format!(
+                    "answer `{t}` at character {s} is outside the context ({} characters)",
+                    chars.len()
+                ),
+            ));
+        }
+        let found: String = chars[s..s + n].iter().collect();
+        if found != t {
+            return Err(err(
+                path,
+                line,
+                format!("answer `{t}` is not the context's text at character {s} (`{found}`)"),
+            ));
+        }
+        out.push((t.to_string(), s));
+    }
+    Ok(QaExample {
+        id,
+        question,
+        context,
+        answers: out,
+        line,
+    })
 }
 
 fn read_json_rows(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
@@ -297,52 +609,81 @@ fn raw_label(v: &Value, from_text: bool) -> Option<RawLabel> {
 }
 
 impl LabelSet {
-    /// The labels of the training examples: names sorted (as HF's `run_classification`),
-    /// integers as ids (names from `base_names` when it has one per id, else `LABEL_i`),
-    /// floats as regression, lists as multi-label. Mixed kinds are an error naming the line.
+    /// The labels of the training examples: names sorted (as HF's `run_classification` and
+    /// `run_ner`; the base model's order when it has exactly these names, so its head goes on
+    /// meaning what it meant), integers as ids (names from `base_names` when it has one per id,
+    /// else `LABEL_i`), floats as regression, lists as multi-label. Mixed kinds are an error
+    /// naming the line.
     pub fn from_examples(path: &Path, ex: &[Example], base_names: &[String]) -> Result<Self> {
-        let first = &ex[0];
+        let labels: Vec<(usize, &RawLabel)> = ex.iter().map(|e| (e.line, &e.label)).collect();
+        Self::from_labels(path, &labels, base_names)
+    }
+
+    /// The tag set of token-classification examples (as [`LabelSet::from_examples`]).
+    pub fn from_tags(path: &Path, ex: &[TokenExample], base_names: &[String]) -> Result<Self> {
+        let labels: Vec<(usize, &RawLabel)> = ex
+            .iter()
+            .flat_map(|e| e.tags.iter().map(move |t| (e.line, t)))
+            .collect();
+        if labels.is_empty() {
+            return Err(Error::invalid_file(path, "no tags: every example is empty"));
+        }
+        Self::from_labels(path, &labels, base_names)
+    }
+
+    fn from_labels(path: &Path, ex: &[(usize, &RawLabel)], base_names: &[String]) -> Result<Self> {
+        let (first_line, first) = ex[0];
         let kind = |l: &RawLabel| match l {
             RawLabel::Name(_) => 0,
             RawLabel::Int(_) | RawLabel::Float(_) => 1,
             RawLabel::List(_) => 2,
         };
-        for e in ex {
-            if kind(&e.label) != kind(&first.label) {
+        for &(line, label) in ex {
+            if kind(label) != kind(first) {
                 return Err(err(
                     path,
-                    e.line,
+                    line,
                     format!(
-                        "label {:?} is of another kind than line {}'s {:?}",
-                        e.label, first.line, first.label
+                        "label {label:?} is of another kind than line {first_line}'s {first:?}"
                     ),
                 ));
             }
         }
-        match &first.label {
+        let base_is_named = !base_names.is_empty()
+            && base_names
+                .iter()
+                .enumerate()
+                .any(|(i, n)| *n != format!("LABEL_{i}"));
+        match first {
             RawLabel::Name(_) => {
                 let set: BTreeSet<&str> = ex
                     .iter()
-                    .filter_map(|e| match &e.label {
+                    .filter_map(|(_, l)| match l {
                         RawLabel::Name(n) => Some(n.as_str()),
                         _ => None,
                     })
                     .collect();
+                let base: BTreeSet<&str> = base_names.iter().map(String::as_str).collect();
+                let names = if base_is_named && base == set && base.len() == base_names.len() {
+                    base_names.to_vec()
+                } else {
+                    set.into_iter().map(str::to_string).collect()
+                };
                 Ok(LabelSet {
                     problem: Problem::SingleLabel,
-                    names: set.into_iter().map(str::to_string).collect(),
+                    names,
                 })
             }
             RawLabel::List(_) => {
                 let set: BTreeSet<&str> = ex
                     .iter()
-                    .flat_map(|e| match &e.label {
+                    .flat_map(|(_, l)| match l {
                         RawLabel::List(l) => l.iter().map(String::as_str).collect(),
                         _ => Vec::new(),
                     })
                     .collect();
                 if set.is_empty() {
-                    return Err(err(path, first.line, "every label list is empty"));
+                    return Err(err(path, first_line, "every label list is empty"));
                 }
                 Ok(LabelSet {
                     problem: Problem::MultiLabel,
@@ -350,19 +691,19 @@ impl LabelSet {
                 })
             }
             _ => {
-                if ex.iter().any(|e| matches!(e.label, RawLabel::Float(_))) {
+                if ex.iter().any(|(_, l)| matches!(l, RawLabel::Float(_))) {
                     return Ok(LabelSet {
                         problem: Problem::Regression,
                         names: vec!["LABEL_0".into()],
                     });
                 }
                 let mut max = 0i64;
-                for e in ex {
-                    if let RawLabel::Int(i) = e.label {
+                for &(line, l) in ex {
+                    if let RawLabel::Int(i) = *l {
                         if i < 0 {
                             return Err(err(
                                 path,
-                                e.line,
+                                line,
                                 format!("label {i}: class ids start at 0"),
                             ));
                         }
@@ -386,10 +727,22 @@ impl LabelSet {
     /// The target of one example of `path` (training or evaluation file): a label the
     /// training file did not have is an error naming the line.
     pub fn target(&self, path: &Path, e: &Example) -> Result<Target> {
+        self.label_target(path, e.line, &e.label)
+    }
+
+    /// The class id of one tag of a token-classification example.
+    pub fn tag_id(&self, path: &Path, line: usize, tag: &RawLabel) -> Result<u32> {
+        match self.label_target(path, line, tag)? {
+            Target::Class(c) => Ok(c),
+            _ => Err(err(path, line, format!("tag {tag:?} is not a class"))),
+        }
+    }
+
+    fn label_target(&self, path: &Path, line: usize, label: &RawLabel) -> Result<Target> {
         let unseen = |l: &str| {
             err(
                 path,
-                e.line,
+                line,
                 format!(
                     "label `{l}` is not among the training labels ({})",
                     self.names.join(", ")
@@ -402,7 +755,7 @@ impl LabelSet {
                 .position(|x| x == n)
                 .ok_or_else(|| unseen(n))
         };
-        match (self.problem, &e.label) {
+        match (self.problem, label) {
             (Problem::SingleLabel, RawLabel::Name(n)) => Ok(Target::Class(id(n)? as u32)),
             (Problem::SingleLabel, RawLabel::Int(i)) => {
                 if *i >= 0 && (*i as usize) < self.names.len() {
@@ -422,12 +775,12 @@ impl LabelSet {
             }
             (Problem::Regression, other) => Err(err(
                 path,
-                e.line,
+                line,
                 format!("regression needs a number as label, not {other:?}"),
             )),
             (p, other) => Err(err(
                 path,
-                e.line,
+                line,
                 format!(
                     "label {other:?} does not fit the training labels ({})",
                     p.name()

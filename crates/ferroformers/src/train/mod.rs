@@ -1,20 +1,24 @@
-//! Fine-tuning (`ferroformers train`): a BERT-family encoder plus a sequence-classification
-//! head trained on a JSONL/CSV file, saved so that Python `from_pretrained` and our pipelines
-//! load it. HF `Trainer`'s behaviour and defaults: AdamW (no decay on biases and LayerNorm
+//! Fine-tuning (`ferroformers train`): a BERT-family encoder plus a head for text
+//! classification, token classification or question answering, trained on a JSONL/CSV/SQuAD
+//! file, saved so that Python `from_pretrained` and our pipelines load it. HF `Trainer`'s behaviour and defaults: AdamW (no decay on biases and LayerNorm
 //! weights), linear/cosine/constant schedules with warm-up, clipping by global norm, dropout
-//! while training, evaluation per epoch (loss, accuracy, macro-F1), `trainer_state.json`.
+//! while training, evaluation per epoch (loss plus accuracy and macro-F1; seqeval's entity
+//! precision/recall/F1; SQuAD's exact match and F1), `trainer_state.json`.
 //!
 //! - [`data`]: reading examples and labels (every problem names the file and line);
+//! - [`metrics`]: seqeval and SQuAD metrics, `run_qa`'s answer post-processing;
 //! - [`model`]: the trainable model over candle `Var`s (every op records its backward);
 //! - [`ops`]: fused LayerNorm, softmax and GELU with their backward passes (CPU f32);
 //! - [`optim`]: seeded generator, AdamW, schedules, clipping;
 //! - [`save`]: `save_pretrained`'s files.
 //!
 //! Checkpoints (`output_dir/checkpoint-N`: weights, AdamW's moments, the place in the epoch,
-//! the generators) resume to the bit. Text classification only for now (single-label,
-//! multi-label, regression); token classification and question answering are still to come.
+//! the generators) resume to the bit. Token labels go on each word's first sub-token
+//! (`run_ner`); question-answering contexts are cut into `doc_stride` windows labelled as
+//! `run_qa` labels them.
 
 pub mod data;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
@@ -28,7 +32,8 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::{Encoded, Tokenizer};
-use data::{Columns, Example, LabelSet, Problem, Target};
+pub use data::Task;
+use data::{Columns, Example, LabelSet, Problem, QaExample, Target, TokenExample};
 use model::{Batch, Dropout, EncoderConfig, Model, Params};
 use optim::{clip_coef, global_norm, AdamW, Rng, Schedule};
 
@@ -103,8 +108,20 @@ pub struct TrainingArguments {
     pub lr_scheduler_type: Schedule,
     pub max_grad_norm: f64,
     pub seed: u64,
-    /// Tokens per input, special tokens included (`run_classification`'s `max_seq_length`).
-    pub max_length: usize,
+    /// Tokens per input, special tokens included (`max_seq_length`). Default: 128 for text
+    /// classification, 384 for question answering (`run_classification`'s and `run_qa`'s),
+    /// the model's limit for token classification (`run_ner`'s); never above the model's
+    /// limit.
+    pub max_length: Option<usize>,
+    /// Question answering: tokens shared by consecutive windows of a long context.
+    pub doc_stride: usize,
+    /// Token classification: also label a word's later sub-tokens (`B-` becomes `I-`), as
+    /// `run_ner`'s `label_all_tokens`; by default they get no loss.
+    pub label_all_tokens: bool,
+    /// Question answering evaluation: starts and ends considered per window, longest answer
+    /// in tokens (`run_qa`'s `n_best_size`, `max_answer_length`).
+    pub n_best_size: usize,
+    pub max_answer_length: usize,
     /// `None`: `epoch` when there is an evaluation file, else `no`.
     pub eval_strategy: Option<EvalStrategy>,
     pub eval_steps: usize,
@@ -149,7 +166,11 @@ impl Default for TrainingArguments {
             lr_scheduler_type: Schedule::Linear,
             max_grad_norm: 1.0,
             seed: 42,
-            max_length: 128,
+            max_length: None,
+            doc_stride: 128,
+            label_all_tokens: false,
+            n_best_size: 20,
+            max_answer_length: 30,
             eval_strategy: None,
             eval_steps: 500,
             logging_steps: 500,
@@ -234,10 +255,13 @@ impl TrainingArguments {
                 );
             }
         }
-        if self.max_length < 2 {
+        if let Some(m) = self.max_length.filter(|&m| m < 2) {
+            return bad("max_length", format!("{m} leaves no room for the text"));
+        }
+        if self.n_best_size == 0 || self.max_answer_length == 0 {
             return bad(
-                "max_length",
-                format!("{} leaves no room for the text", self.max_length),
+                "n_best_size",
+                "n_best_size and max_answer_length must be at least 1".into(),
             );
         }
         Ok(())
@@ -278,6 +302,8 @@ impl TrainingArguments {
             "max_grad_norm": self.max_grad_norm,
             "seed": self.seed,
             "max_length": self.max_length,
+            "doc_stride": self.doc_stride,
+            "label_all_tokens": self.label_all_tokens,
             "eval_strategy": self.eval_strategy.map(EvalStrategy::name),
             "eval_steps": self.eval_steps,
             "logging_steps": self.logging_steps,
@@ -325,8 +351,14 @@ pub struct Metrics {
     pub loss: f64,
     /// Single-label: accuracy; multi-label: exact-match accuracy.
     pub accuracy: Option<f64>,
-    /// Single-label: macro-F1; multi-label: micro-F1.
+    /// Single-label: macro-F1; multi-label: micro-F1; token classification: seqeval's entity
+    /// F1; question answering: SQuAD's F1 (percent).
     pub f1: Option<f64>,
+    /// Token classification: seqeval's entity precision and recall.
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    /// Question answering: SQuAD's exact match (percent).
+    pub exact_match: Option<f64>,
     /// Regression: mean squared error.
     pub mse: Option<f64>,
     pub samples: usize,
@@ -345,18 +377,40 @@ impl Metrics {
         if let Some(e) = self.mse {
             m.insert(format!("{prefix}_mse"), json!(e));
         }
+        for (name, v) in [
+            ("precision", self.precision),
+            ("recall", self.recall),
+            ("exact_match", self.exact_match),
+        ] {
+            if let Some(v) = v {
+                m.insert(format!("{prefix}_{name}"), json!(v));
+            }
+        }
         m
     }
 }
 
-/// One tokenized example.
+/// One tokenized example (question answering: one window of one).
 struct Item {
     enc: Encoded,
     target: Target,
+    /// Which example of its file it came from.
+    example: usize,
+}
+
+/// The targets of one batch, as the loss takes them.
+enum Targets {
+    /// Classes `[b]` (u32), values `[b]` or multi-hot rows `[b, labels]`.
+    Dense(Tensor),
+    /// Flattened positions `b * s + i` that carry a tag, and their classes.
+    Tokens { rows: Tensor, classes: Tensor },
+    /// Answer start and end tokens `[b]`.
+    Spans { start: Tensor, end: Tensor },
 }
 
 /// A fine-tuning run: the model's parameters, the data, the optimizer state.
 pub struct Trainer {
+    pub task: Task,
     pub args: TrainingArguments,
     pub cfg: EncoderConfig,
     pub params: Params,
@@ -365,6 +419,8 @@ pub struct Trainer {
     tokenizer: Tokenizer,
     train: Vec<Item>,
     eval: Vec<Item>,
+    /// Question answering: the evaluation examples (contexts and gold answers).
+    qa_eval: Vec<QaExample>,
     rng: Rng,
     dropout: Dropout,
     device: Device,
@@ -378,31 +434,164 @@ pub struct Trainer {
 
 fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
     ex.iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(k, e)| {
             let target = labels.target(path, e)?;
             let enc = tok.encode(&e.text, e.pair.as_deref())?;
-            Ok(Item { enc, target })
+            Ok(Item {
+                enc,
+                target,
+                example: k,
+            })
         })
         .collect()
 }
 
+/// `run_ner`'s `tokenize_and_align_labels`: each word's tag on its first sub-token, -100 on
+/// special tokens and (unless `label_all_tokens`, which puts `I-` for `B-` there) on the
+/// word's later sub-tokens.
+fn tokenize_words(
+    tok: &Tokenizer,
+    path: &Path,
+    ex: &[TokenExample],
+    labels: &LabelSet,
+    label_all_tokens: bool,
+) -> Result<Vec<Item>> {
+    let names = &labels.names;
+    let b_to_i: Vec<i64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.strip_prefix("B-")
+                .and_then(|r| names.iter().position(|x| *x == format!("I-{r}")))
+                .unwrap_or(i) as i64
+        })
+        .collect();
+    ex.iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let ids = e
+                .tags
+                .iter()
+                .map(|t| Ok(labels.tag_id(path, e.line, t)? as i64))
+                .collect::<Result<Vec<i64>>>()?;
+            let enc = tok
+                .encode_words(&e.words)
+                .map_err(|err| Error::invalid_file(path, format!("line {}: {err}", e.line)))?;
+            let mut prev = None;
+            let tags = enc
+                .word_ids
+                .iter()
+                .map(|&w| {
+                    let tag = match w {
+                        None => -100,
+                        Some(w) if Some(w) != prev => ids[w as usize],
+                        Some(w) if label_all_tokens => b_to_i[ids[w as usize] as usize],
+                        Some(_) => -100,
+                    };
+                    prev = w;
+                    tag
+                })
+                .collect();
+            Ok(Item {
+                enc,
+                target: Target::Tags(tags),
+                example: k,
+            })
+        })
+        .collect()
+}
+
+/// `run_qa`'s `prepare_train_features`: the question (left spaces stripped) and windows of
+/// the context of at most `max_length` tokens overlapping by `stride`; each window labelled
+/// with the first answer's first and last token, or the CLS token when the window does not
+/// hold all of it.
+fn tokenize_qa(
+    tok: &Tokenizer,
+    path: &Path,
+    ex: &[QaExample],
+    max_length: usize,
+    stride: usize,
+) -> Result<Vec<Item>> {
+    let mut out = Vec::new();
+    for (k, e) in ex.iter().enumerate() {
+        let windows = tok
+            .encode_windows(
+                e.question.trim_start(),
+                Some(&e.context),
+                max_length,
+                stride,
+                true,
+            )
+            .map_err(|err| Error::invalid_file(path, format!("line {}: {err}", e.line)))?;
+        for enc in windows {
+            let cls = enc
+                .ids
+                .iter()
+                .position(|&i| Some(i) == tok.cls_id)
+                .unwrap_or(0) as u32;
+            let ctx: Vec<usize> = (0..enc.len())
+                .filter(|&i| enc.sequence_ids[i] == Some(1))
+                .collect();
+            let target = match (e.answers.first(), ctx.first(), ctx.last()) {
+                (Some((text, start)), Some(&first), Some(&last)) => {
+                    let (start_char, end_char) = (*start, start + text.chars().count());
+                    let o = &enc.offsets;
+                    if !(o[first].0 <= start_char && o[last].1 >= end_char) {
+                        Target::Span(cls, cls)
+                    } else {
+                        // As `run_qa` walks: past the context too (special tokens are
+                        // (0, 0)), so an answer in the last context token starts at the end.
+                        let mut s = first;
+                        while s < o.len() && o[s].0 <= start_char {
+                            s += 1;
+                        }
+                        let mut t = last;
+                        while t > 0 && o[t].1 >= end_char {
+                            t -= 1;
+                        }
+                        Target::Span((s - 1) as u32, (t + 1) as u32)
+                    }
+                }
+                _ => Target::Span(cls, cls),
+            };
+            out.push(Item {
+                enc,
+                target,
+                example: k,
+            });
+        }
+    }
+    Ok(out)
+}
+
 impl Trainer {
-    /// Load the base model (a folder or hub id), read and check both files, and set up the
-    /// run. Nothing trains yet; every data problem is reported here.
+    /// A text-classification run (see [`Trainer::for_task`]).
     pub fn new(
         model: &str,
         train_file: &Path,
         eval_file: Option<&Path>,
         args: TrainingArguments,
     ) -> Result<Self> {
+        Self::for_task(Task::TextClassification, model, train_file, eval_file, args)
+    }
+
+    /// Load the base model (a folder or hub id), read and check both files, and set up the
+    /// run. Nothing trains yet; every data problem is reported here. Columns left at their
+    /// text-classification defaults take `task`'s ([`Columns::for_task`]).
+    pub fn for_task(
+        task: Task,
+        model: &str,
+        train_file: &Path,
+        eval_file: Option<&Path>,
+        mut args: TrainingArguments,
+    ) -> Result<Self> {
         args.check()?;
+        if args.columns == Columns::default() {
+            args.columns = Columns::for_task(task);
+        }
         let model_dir = crate::hub::resolve_or_download(model, None)?;
         let cfg = EncoderConfig::from_dir(&model_dir)?;
-        let train_ex = data::read_examples(train_file, &args.columns)?;
-        let eval_ex = match eval_file {
-            Some(p) => Some((p, data::read_examples(p, &args.columns)?)),
-            None => None,
-        };
         let base_names: Vec<String> = match cfg.raw.get("id2label").and_then(Value::as_object) {
             Some(m) => {
                 let mut v: Vec<(usize, String)> = m
@@ -414,26 +603,78 @@ impl Trainer {
             }
             None => Vec::new(),
         };
-        let labels = LabelSet::from_examples(train_file, &train_ex, &base_names)?;
         let common = crate::config::ModelConfig::from_dir(&model_dir)?;
         let mut tokenizer = Tokenizer::from_dir(
             &model_dir,
             &common.model_type,
             crate::models::max_positions(&common),
         )?;
-        if args.max_length < tokenizer.max_length {
-            tokenizer.set_max_length(args.max_length)?;
+        let max_length = match (args.max_length, task) {
+            (Some(m), _) => m,
+            (None, Task::TextClassification) => 128,
+            (None, Task::TokenClassification) => tokenizer.max_length,
+            (None, Task::QuestionAnswering) => 384,
         }
-        let train = tokenize(&tokenizer, train_file, &train_ex, &labels)?;
-        let eval = match &eval_ex {
-            Some((p, ex)) => tokenize(&tokenizer, p, ex, &labels)?,
-            None => Vec::new(),
+        .min(tokenizer.max_length);
+        if max_length < tokenizer.max_length {
+            tokenizer.set_max_length(max_length)?;
+        }
+        let cols = &args.columns;
+        let (labels, train, eval, qa_eval) = match task {
+            Task::TextClassification => {
+                let train_ex = data::read_examples(train_file, cols)?;
+                let eval_ex = match eval_file {
+                    Some(p) => Some((p, data::read_examples(p, cols)?)),
+                    None => None,
+                };
+                let labels = LabelSet::from_examples(train_file, &train_ex, &base_names)?;
+                let train = tokenize(&tokenizer, train_file, &train_ex, &labels)?;
+                let eval = match &eval_ex {
+                    Some((p, ex)) => tokenize(&tokenizer, p, ex, &labels)?,
+                    None => Vec::new(),
+                };
+                (labels, train, eval, Vec::new())
+            }
+            Task::TokenClassification => {
+                let train_ex = data::read_token_examples(train_file, cols)?;
+                let eval_ex = match eval_file {
+                    Some(p) => Some((p, data::read_token_examples(p, cols)?)),
+                    None => None,
+                };
+                let labels = LabelSet::from_tags(train_file, &train_ex, &base_names)?;
+                let all = args.label_all_tokens;
+                let train = tokenize_words(&tokenizer, train_file, &train_ex, &labels, all)?;
+                let eval = match &eval_ex {
+                    Some((p, ex)) => tokenize_words(&tokenizer, p, ex, &labels, all)?,
+                    None => Vec::new(),
+                };
+                (labels, train, eval, Vec::new())
+            }
+            Task::QuestionAnswering => {
+                let train_ex = data::read_qa_examples(train_file, cols)?;
+                let eval_ex = match eval_file {
+                    Some(p) => data::read_qa_examples(p, cols)?,
+                    None => Vec::new(),
+                };
+                let (m, stride) = (max_length, args.doc_stride);
+                let train = tokenize_qa(&tokenizer, train_file, &train_ex, m, stride)?;
+                let eval = match eval_file {
+                    Some(p) => tokenize_qa(&tokenizer, p, &eval_ex, m, stride)?,
+                    None => Vec::new(),
+                };
+                let labels = LabelSet {
+                    problem: Problem::SingleLabel,
+                    names: vec!["start".into(), "end".into()],
+                };
+                (labels, train, eval, eval_ex)
+            }
         };
         let mut rng = Rng::new(args.seed);
         let device = Device::Cpu;
         let params = Params::load(
             &model_dir,
             &cfg,
+            task,
             labels.names.len(),
             args.ignore_mismatched_sizes,
             &mut rng,
@@ -441,6 +682,7 @@ impl Trainer {
         )?;
         let dropout = Dropout::new(rng.fork());
         Ok(Trainer {
+            task,
             args,
             cfg,
             params,
@@ -449,6 +691,7 @@ impl Trainer {
             tokenizer,
             train,
             eval,
+            qa_eval,
             rng,
             dropout,
             device,
@@ -459,7 +702,7 @@ impl Trainer {
         })
     }
 
-    fn batch(&self, items: &[&Item]) -> Result<(Batch, Tensor)> {
+    fn batch(&self, items: &[&Item]) -> Result<(Batch, Targets)> {
         let s = items.iter().map(|i| i.enc.ids.len()).max().unwrap_or(1);
         let b = items.len();
         let pad = self.tokenizer.pad_id;
@@ -477,8 +720,45 @@ impl Trainer {
             type_ids: Tensor::from_vec(types, (b, s), dev)?,
             mask: Tensor::from_vec(mask, (b, s), dev)?,
         };
-        let targets = match self.labels.problem {
-            Problem::SingleLabel => {
+        let targets = match (self.task, self.labels.problem) {
+            (Task::TokenClassification, _) => {
+                let (mut rows, mut classes) = (Vec::new(), Vec::new());
+                for (r, it) in items.iter().enumerate() {
+                    if let Target::Tags(t) = &it.target {
+                        for (i, &c) in t.iter().enumerate() {
+                            if c >= 0 {
+                                rows.push((r * s + i) as u32);
+                                classes.push(c as u32);
+                            }
+                        }
+                    }
+                }
+                let n = rows.len();
+                return Ok((
+                    batch,
+                    Targets::Tokens {
+                        rows: Tensor::from_vec(rows, n, dev)?,
+                        classes: Tensor::from_vec(classes, n, dev)?,
+                    },
+                ));
+            }
+            (Task::QuestionAnswering, _) => {
+                let (start, end): (Vec<u32>, Vec<u32>) = items
+                    .iter()
+                    .map(|i| match i.target {
+                        Target::Span(a, b) => (a, b),
+                        _ => (0, 0),
+                    })
+                    .unzip();
+                return Ok((
+                    batch,
+                    Targets::Spans {
+                        start: Tensor::from_vec(start, b, dev)?,
+                        end: Tensor::from_vec(end, b, dev)?,
+                    },
+                ));
+            }
+            (_, Problem::SingleLabel) => {
                 let t: Vec<u32> = items
                     .iter()
                     .map(|i| match i.target {
@@ -488,7 +768,7 @@ impl Trainer {
                     .collect();
                 Tensor::from_vec(t, b, dev)?
             }
-            Problem::Regression => {
+            (_, Problem::Regression) => {
                 let t: Vec<f32> = items
                     .iter()
                     .map(|i| match i.target {
@@ -498,7 +778,7 @@ impl Trainer {
                     .collect();
                 Tensor::from_vec(t, b, dev)?
             }
-            Problem::MultiLabel => {
+            (_, Problem::MultiLabel) => {
                 let n = self.labels.names.len();
                 let mut t = Vec::with_capacity(b * n);
                 for i in items {
@@ -510,11 +790,32 @@ impl Trainer {
                 Tensor::from_vec(t, (b, n), dev)?
             }
         };
-        Ok((batch, targets))
+        Ok((batch, Targets::Dense(targets)))
     }
 
-    /// The loss HF's `*ForSequenceClassification` computes for its `problem_type`.
-    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    /// The loss HF's head models compute: for `*ForSequenceClassification` as its
+    /// `problem_type` says; cross-entropy over the tagged tokens (`*ForTokenClassification`,
+    /// -100 ignored); the mean of the start and end cross-entropies (`*ForQuestionAnswering`).
+    fn loss(&self, logits: &Tensor, targets: &Targets) -> Result<Tensor> {
+        let targets = match targets {
+            Targets::Dense(t) => t,
+            Targets::Tokens { rows, classes } => {
+                let (b, s, k) = logits.dims3()?;
+                if rows.dims1()? == 0 {
+                    // No tagged token in the batch (torch would give NaN): no gradient.
+                    return Ok((logits.sum_all()? * 0.0)?);
+                }
+                let picked = logits.reshape((b * s, k))?.index_select(rows, 0)?;
+                return Ok(candle_nn::loss::cross_entropy(&picked, classes)?);
+            }
+            Targets::Spans { start, end } => {
+                let part = |i: usize, t: &Tensor| -> Result<Tensor> {
+                    let l = logits.narrow(2, i, 1)?.squeeze(2)?.contiguous()?;
+                    Ok(candle_nn::loss::cross_entropy(&l, t)?)
+                };
+                return Ok(((part(0, start)? + part(1, end)?)? * 0.5)?);
+            }
+        };
         Ok(match self.labels.problem {
             Problem::SingleLabel => candle_nn::loss::cross_entropy(logits, targets)?,
             Problem::Regression => candle_nn::loss::mse(&logits.squeeze(1)?, targets)?,
@@ -544,6 +845,7 @@ impl Trainer {
         let model = Model {
             cfg: &self.cfg,
             p: &self.params,
+            task: self.task,
         };
         let logits = model.forward(&batch, train.then_some(&self.dropout))?;
         let loss = self.loss(&logits, &targets)?;
@@ -564,6 +866,15 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((loss.to_scalar::<f32>()? as f64, out))
+    }
+
+    /// The tokenized training features: token ids, target and the example each came from
+    /// (question answering: one per window).
+    pub fn train_features(&self) -> Vec<(&[u32], &Target, usize)> {
+        self.train
+            .iter()
+            .map(|i| (i.enc.ids.as_slice(), &i.target, i.example))
+            .collect()
     }
 
     /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
@@ -933,11 +1244,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// Logits of `items` without dropout, and (`with_loss`) their mean loss.
+    /// Logits of `items` without dropout, and (`with_loss`) their mean loss. Per item: the
+    /// classes' logits; token classification and question answering: each token's logits
+    /// (labels or start/end), token after token, padding left out.
     fn predict(&self, items: &[Item], with_loss: bool) -> Result<(Vec<Vec<f32>>, f64)> {
         let model = Model {
             cfg: &self.cfg,
             p: &self.params,
+            task: self.task,
         };
         let (mut rows, mut loss_sum) = (Vec::new(), 0f64);
         for chunk in items.chunks(self.args.per_device_eval_batch_size) {
@@ -948,7 +1262,13 @@ impl Trainer {
                 loss_sum +=
                     self.loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             }
-            rows.extend(logits.to_vec2::<f32>()?);
+            if self.task == Task::TextClassification {
+                rows.extend(logits.to_vec2::<f32>()?);
+            } else {
+                for (it, per_token) in chunk.iter().zip(logits.to_vec3::<f32>()?) {
+                    rows.push(per_token[..it.enc.len()].concat());
+                }
+            }
         }
         Ok((rows, loss_sum / items.len().max(1) as f64))
     }
@@ -956,19 +1276,97 @@ impl Trainer {
     /// Evaluate on the evaluation file.
     pub fn evaluate(&self) -> Result<Metrics> {
         let (logits, loss) = self.predict(&self.eval, true)?;
-        let targets: Vec<&Target> = self.eval.iter().map(|i| &i.target).collect();
-        Ok(metrics(self.labels.problem, &logits, &targets, loss))
+        let mut m = Metrics {
+            loss,
+            accuracy: None,
+            f1: None,
+            mse: None,
+            precision: None,
+            recall: None,
+            exact_match: None,
+            samples: self.eval.len(),
+        };
+        match self.task {
+            Task::TextClassification => {
+                let targets: Vec<&Target> = self.eval.iter().map(|i| &i.target).collect();
+                return Ok(classification_metrics(
+                    self.labels.problem,
+                    &logits,
+                    &targets,
+                    loss,
+                ));
+            }
+            Task::TokenClassification => {
+                let names = &self.labels.names;
+                let k = names.len();
+                let (mut truth, mut pred) = (Vec::new(), Vec::new());
+                for (it, row) in self.eval.iter().zip(&logits) {
+                    let Target::Tags(tags) = &it.target else {
+                        continue;
+                    };
+                    let (mut t, mut p) = (Vec::new(), Vec::new());
+                    for (i, &tag) in tags.iter().enumerate() {
+                        if tag >= 0 {
+                            t.push(names[tag as usize].clone());
+                            p.push(names[argmax(&row[i * k..(i + 1) * k])].clone());
+                        }
+                    }
+                    truth.push(t);
+                    pred.push(p);
+                }
+                let (precision, recall, f1, accuracy) = metrics::seqeval(&truth, &pred);
+                (m.precision, m.recall, m.f1, m.accuracy) =
+                    (Some(precision), Some(recall), Some(f1), Some(accuracy));
+            }
+            Task::QuestionAnswering => {
+                let mut windows: Vec<Vec<metrics::Window>> = vec![Vec::new(); self.qa_eval.len()];
+                for (it, row) in self.eval.iter().zip(&logits) {
+                    let start = row.iter().step_by(2).copied().collect();
+                    let end = row.iter().skip(1).step_by(2).copied().collect();
+                    windows[it.example].push((&it.enc, start, end));
+                }
+                let predictions: Vec<String> = self
+                    .qa_eval
+                    .iter()
+                    .zip(&windows)
+                    .map(|(e, w)| {
+                        metrics::best_answer(
+                            &e.context,
+                            w,
+                            self.args.n_best_size,
+                            self.args.max_answer_length,
+                        )
+                    })
+                    .collect();
+                let golds: Vec<Vec<String>> = self
+                    .qa_eval
+                    .iter()
+                    .map(|e| e.answers.iter().map(|(t, _)| t.clone()).collect())
+                    .collect();
+                let (em, f1) = metrics::squad(&predictions, &golds);
+                (m.exact_match, m.f1) = (Some(em), Some(f1));
+                m.samples = self.qa_eval.len();
+            }
+        }
+        Ok(m)
     }
 
     /// Logits for texts (evaluation mode): what the saved model gives in our pipelines and in
     /// Python.
     pub fn logits(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<Vec<f32>>> {
+        if self.task != Task::TextClassification {
+            return Err(Error::param(
+                "task",
+                "Trainer::logits is for text classification",
+            ));
+        }
         let items: Vec<Item> = texts
             .iter()
             .map(|(t, p)| {
                 Ok(Item {
                     enc: self.tokenizer.encode(t, *p)?,
                     target: Target::Class(0),
+                    example: 0,
                 })
             })
             .collect::<Result<_>>()?;
@@ -996,7 +1394,7 @@ impl Trainer {
         save::write_safetensors(&dir.join("model.safetensors"), &tensors)?;
         save::write_json(
             &dir.join("config.json"),
-            &save::config_json(&self.cfg, &self.labels),
+            &save::config_json(&self.cfg, &self.labels, self.task),
         )?;
         save::copy_tokenizer(&self.model_dir, dir)?;
         save::write_json(&dir.join("training_args.json"), &self.args.to_json())?;
@@ -1044,35 +1442,42 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
+fn argmax(r: &[f32]) -> usize {
+    r.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
 /// Accuracy and macro-F1 (single-label; sklearn's: over the classes that occur in the labels
 /// or the predictions, 0 where undefined), exact match and micro-F1 at sigmoid 0.5
 /// (multi-label), mean squared error (regression).
-pub fn metrics(problem: Problem, logits: &[Vec<f32>], targets: &[&Target], loss: f64) -> Metrics {
+pub fn classification_metrics(
+    problem: Problem,
+    logits: &[Vec<f32>],
+    targets: &[&Target],
+    loss: f64,
+) -> Metrics {
     let n = targets.len();
     let mut m = Metrics {
         loss,
         accuracy: None,
         f1: None,
         mse: None,
+        precision: None,
+        recall: None,
+        exact_match: None,
         samples: n,
     };
     match problem {
         Problem::SingleLabel => {
-            let pred: Vec<usize> = logits
-                .iter()
-                .map(|r| {
-                    r.iter()
-                        .enumerate()
-                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                            if v > best.1 {
-                                (i, v)
-                            } else {
-                                best
-                            }
-                        })
-                        .0
-                })
-                .collect();
+            let pred: Vec<usize> = logits.iter().map(|r| argmax(r)).collect();
             let gold: Vec<usize> = targets
                 .iter()
                 .map(|t| match t {

@@ -18,6 +18,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde_json::Value;
 
+use super::data::Task;
 use super::optim::Rng;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -42,16 +43,22 @@ impl Arch {
     }
 
     /// `architectures` entry of the saved config.
-    pub fn seq_cls_class(self, model_type: &str) -> String {
-        match self {
-            Arch::Bert => "BertForSequenceClassification".into(),
-            Arch::DistilBert => "DistilBertForSequenceClassification".into(),
+    pub fn head_class(self, model_type: &str, task: Task) -> String {
+        let base = match self {
+            Arch::Bert => "Bert",
+            Arch::DistilBert => "DistilBert",
             Arch::Roberta => match model_type {
-                "xlm-roberta" => "XLMRobertaForSequenceClassification".into(),
-                "camembert" => "CamembertForSequenceClassification".into(),
-                _ => "RobertaForSequenceClassification".into(),
+                "xlm-roberta" => "XLMRoberta",
+                "camembert" => "Camembert",
+                _ => "Roberta",
             },
-        }
+        };
+        let head = match task {
+            Task::TextClassification => "SequenceClassification",
+            Task::TokenClassification => "TokenClassification",
+            Task::QuestionAnswering => "QuestionAnswering",
+        };
+        format!("{base}For{head}")
     }
 }
 
@@ -83,6 +90,9 @@ pub struct EncoderConfig {
     /// Dropout before the classifier (BERT/RoBERTa `classifier_dropout`, else the hidden one;
     /// DistilBERT `seq_classif_dropout`).
     pub head_dropout: f64,
+    /// Dropout before the question-answering head (DistilBERT's `qa_dropout`; BERT and
+    /// RoBERTa have none).
+    pub qa_dropout: f64,
     pub init_range: f64,
     /// The whole `config.json`, written back (with the labels) when saving.
     pub raw: Value,
@@ -166,6 +176,7 @@ impl EncoderConfig {
                 hidden_dropout: dropout,
                 attn_dropout: f64_of("attention_dropout", 0.1)?,
                 head_dropout: f64_of("seq_classif_dropout", 0.2)?,
+                qa_dropout: f64_of("qa_dropout", 0.1)?,
                 init_range,
                 raw: raw.clone(),
             }
@@ -188,6 +199,7 @@ impl EncoderConfig {
                 hidden_dropout,
                 attn_dropout: f64_of("attention_probs_dropout_prob", 0.1)?,
                 head_dropout: f64_of("classifier_dropout", hidden_dropout)?,
+                qa_dropout: 0.0,
                 init_range,
                 raw: raw.clone(),
             }
@@ -201,9 +213,9 @@ impl EncoderConfig {
         Ok(cfg)
     }
 
-    /// Every parameter of the sequence-classification model: HF name and shape, in the order
-    /// HF's module tree lists them.
-    pub fn parameters(&self, num_labels: usize) -> Vec<(String, Vec<usize>)> {
+    /// Every parameter of the model with `task`'s head: HF name and shape, in the order HF's
+    /// module tree lists them. Token classification and question answering have no pooler.
+    pub fn parameters(&self, task: Task, num_labels: usize) -> Vec<(String, Vec<usize>)> {
         let (h, p) = (self.hidden, self.arch.prefix());
         let mut out: Vec<(String, Vec<usize>)> = Vec::new();
         let linear = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize| {
@@ -249,16 +261,18 @@ impl EncoderConfig {
                 norm(&mut out, format!("{b}.output.LayerNorm"));
             }
         }
-        match self.arch {
-            Arch::Bert => {
+        match (task, self.arch) {
+            (Task::TokenClassification, _) => linear(&mut out, "classifier".into(), num_labels, h),
+            (Task::QuestionAnswering, _) => linear(&mut out, "qa_outputs".into(), 2, h),
+            (_, Arch::Bert) => {
                 linear(&mut out, format!("{p}.pooler.dense"), h, h);
                 linear(&mut out, "classifier".into(), num_labels, h);
             }
-            Arch::DistilBert => {
+            (_, Arch::DistilBert) => {
                 linear(&mut out, "pre_classifier".into(), h, h);
                 linear(&mut out, "classifier".into(), num_labels, h);
             }
-            Arch::Roberta => {
+            (_, Arch::Roberta) => {
                 linear(&mut out, "classifier.dense".into(), h, h);
                 linear(&mut out, "classifier.out_proj".into(), num_labels, h);
             }
@@ -291,6 +305,7 @@ impl Params {
     pub fn load(
         dir: &Path,
         cfg: &EncoderConfig,
+        task: Task,
         num_labels: usize,
         reinit_mismatched: bool,
         rng: &mut Rng,
@@ -304,7 +319,7 @@ impl Params {
             index: HashMap::new(),
             fresh: Vec::new(),
         };
-        for (name, shape) in cfg.parameters(num_labels) {
+        for (name, shape) in cfg.parameters(task, num_labels) {
             let stored = if weights.contains(&name) {
                 Some(name.clone())
             } else {
@@ -407,10 +422,11 @@ pub struct Batch {
     pub mask: Tensor,
 }
 
-/// The sequence-classification model over [`Params`].
+/// The model with a task's head over [`Params`].
 pub struct Model<'a> {
     pub cfg: &'a EncoderConfig,
     pub p: &'a Params,
+    pub task: Task,
 }
 
 impl Model<'_> {
@@ -458,7 +474,20 @@ impl Model<'_> {
             let w = self.p.get(&format!("{e}.{table}.weight"))?;
             Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?)
         };
-        let mut x = lookup("word_embeddings", &batch.ids)?;
+        // torch's `padding_idx`: the padding token's row of the word embeddings (RoBERTa: of
+        // the positions too, whose padding positions are `padding_idx`) gets no gradient. It
+        // matters where padded positions reach the loss (question answering's softmax over
+        // every position). Their values pass through detached.
+        let pad = batch.ids.eq(self.cfg.pad_id)?;
+        let any_pad = pad.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0;
+        let no_pad_grad = |t: Tensor| -> Result<Tensor> {
+            if !any_pad {
+                return Ok(t);
+            }
+            let m = pad.unsqueeze(2)?.broadcast_as((b, s, h))?;
+            Ok(m.where_cond(&t.detach(), &t)?)
+        };
+        let mut x = no_pad_grad(lookup("word_embeddings", &batch.ids)?)?;
         let positions = if self.cfg.arch == Arch::Roberta {
             crate::models::roberta::position_ids_from_input_ids(&batch.ids, self.cfg.pad_id)?
         } else {
@@ -467,7 +496,13 @@ impl Model<'_> {
                 .broadcast_as((b, s))?
                 .contiguous()?
         };
-        x = (x + lookup("position_embeddings", &positions)?)?;
+        let pos = lookup("position_embeddings", &positions)?;
+        let pos = if self.cfg.arch == Arch::Roberta {
+            no_pad_grad(pos)?
+        } else {
+            pos
+        };
+        x = (x + pos)?;
         if self.cfg.type_vocab > 0 {
             x = (x + lookup("token_type_embeddings", &batch.type_ids)?)?;
         }
@@ -501,7 +536,8 @@ impl Model<'_> {
             .reshape((b, s, h))?)
     }
 
-    /// The classifier's logits `[b, labels]`; `dropout` on while training.
+    /// The head's logits, `dropout` on while training: `[b, labels]` (text classification),
+    /// `[b, s, labels]` (token classification), `[b, s, 2]` (start and end logits).
     pub fn forward(&self, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
         let cfg = self.cfg;
         let p = cfg.arch.prefix();
@@ -551,6 +587,22 @@ impl Model<'_> {
                 let ff = self.drop(&ff, cfg.hidden_dropout, dropout)?;
                 self.norm(&(ff + &x1)?, &format!("{n}.output.LayerNorm"))?
             };
+        }
+        match self.task {
+            Task::TokenClassification => {
+                // BERT/RoBERTa: `classifier_dropout` or the hidden one; DistilBERT: `dropout`.
+                let p = match cfg.arch {
+                    Arch::DistilBert => cfg.hidden_dropout,
+                    _ => cfg.head_dropout,
+                };
+                let h = self.drop(&x, p, dropout)?;
+                return self.linear(&h, "classifier");
+            }
+            Task::QuestionAnswering => {
+                let h = self.drop(&x, cfg.qa_dropout, dropout)?;
+                return self.linear(&h, "qa_outputs");
+            }
+            Task::TextClassification => {}
         }
         let cls = x.i((.., 0, ..))?;
         match cfg.arch {

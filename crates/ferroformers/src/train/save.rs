@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::data::{LabelSet, Problem};
+use super::data::{LabelSet, Problem, Task};
 use super::model::EncoderConfig;
 use crate::error::{Error, Result};
 
@@ -57,9 +57,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
     std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }
 
-/// The base config with the trained head's labels: `architectures`, `id2label`, `label2id`,
-/// `problem_type` (as `run_classification` sets them).
-pub fn config_json(cfg: &EncoderConfig, labels: &LabelSet) -> Value {
+/// The base config with the trained head's class and labels: `architectures`, `id2label`,
+/// `label2id`, `problem_type` (text classification, as `run_classification` sets them; token
+/// classification as `run_ner`; question answering keeps the base's).
+pub fn config_json(cfg: &EncoderConfig, labels: &LabelSet, task: Task) -> Value {
     let mut c = cfg.raw.clone();
     let id2label: BTreeMap<String, Value> = labels
         .names
@@ -76,11 +77,19 @@ pub fn config_json(cfg: &EncoderConfig, labels: &LabelSet) -> Value {
     if let Some(o) = c.as_object_mut() {
         o.insert(
             "architectures".into(),
-            json!([cfg.arch.seq_cls_class(&cfg.model_type)]),
+            json!([cfg.arch.head_class(&cfg.model_type, task)]),
         );
+        o.remove("_name_or_path");
+        if task == Task::QuestionAnswering {
+            return c;
+        }
         o.insert("id2label".into(), json!(id2label));
         o.insert("label2id".into(), json!(label2id));
-        o.insert("problem_type".into(), json!(labels.problem.name()));
+        if task == Task::TextClassification {
+            o.insert("problem_type".into(), json!(labels.problem.name()));
+        } else {
+            o.remove("problem_type");
+        }
         if labels.problem == Problem::Regression {
             o.insert("num_labels".into(), json!(1));
         }
