@@ -401,15 +401,24 @@ impl Dropout {
         *self.rng.borrow_mut() = Rng::from_state(state);
     }
 
-    fn apply(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
+    /// `n` dropout factors: 0 with probability `p`, else `1 / (1 - p)`; `None` when `p` is 0.
+    fn factors(&self, n: usize, p: f64) -> Option<Vec<f32>> {
         if p <= 0.0 {
-            return Ok(xs.clone());
+            return None;
         }
         let scale = (1.0 / (1.0 - p)) as f32;
         let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
-            .collect();
+        Some(
+            (0..n)
+                .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
+                .collect(),
+        )
+    }
+
+    fn apply(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(mask) = self.factors(xs.elem_count(), p) else {
+            return Ok(xs.clone());
+        };
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?;
         Ok((xs * mask)?)
     }
@@ -513,13 +522,28 @@ impl Model<'_> {
     fn attention(
         &self,
         x: &Tensor,
-        bias: &Tensor,
+        (bias, key_bias): (&Tensor, &[f32]),
         names: [&str; 3],
         dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.heads;
         let dh = h / nh;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One fused op per layer: no head split/merge copies, one job per sequence and head.
+            let q = self.linear(x, names[0])?;
+            let k = self.linear(x, names[1])?;
+            let v = self.linear(x, names[2])?;
+            let drop = dropout.and_then(|d| d.factors(b * nh * s * s, self.cfg.attn_dropout));
+            return Ok(super::ops::attention(
+                &q,
+                &k,
+                &v,
+                nh,
+                key_bias.to_vec(),
+                drop,
+            )?);
+        }
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()?)
         };
@@ -545,6 +569,8 @@ impl Model<'_> {
         // Additive mask: 0 where attended, f32::MIN where padded (HF's), [b, 1, 1, s].
         let m = batch.mask.to_dtype(DType::F32)?;
         let bias = ((m.ones_like()? - &m)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?;
+        let key_bias: Vec<f32> = bias.flatten_all()?.to_vec1()?;
+        let bias = (&bias, key_bias.as_slice());
         let mut x = self.embeddings(batch, dropout)?;
         for l in 0..cfg.layers {
             x = if cfg.arch == Arch::DistilBert {
@@ -552,7 +578,7 @@ impl Model<'_> {
                 let a = format!("{n}.attention");
                 let ctx = self.attention(
                     &x,
-                    &bias,
+                    bias,
                     [
                         &format!("{a}.q_lin"),
                         &format!("{a}.k_lin"),
@@ -571,7 +597,7 @@ impl Model<'_> {
                 let a = format!("{n}.attention");
                 let ctx = self.attention(
                     &x,
-                    &bias,
+                    bias,
                     [
                         &format!("{a}.self.query"),
                         &format!("{a}.self.key"),

@@ -233,6 +233,283 @@ unsafe fn gemm_strided(
     }
 }
 
+/// `dst [m, n] (row stride dst_rs) = lhs [m, k] @ rhs [k, n]` with explicit (column, row)
+/// strides, on the calling thread (for many small products run side by side).
+///
+/// # Safety
+/// Every element addressed by the strides must lie in its buffer.
+unsafe fn gemm_1t(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_cs, lhs_rs): (*const f32, usize, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+) {
+    // SAFETY: the caller vouches for the strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A raw pointer that rayon jobs writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every job writes elements no other job touches (one head of one sequence).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the whole wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Multi-head self-attention over `[b, s, h]` queries, keys and values (the heads side by side
+/// in the last dimension, as the projections give them): per sequence and head,
+/// `softmax(q k^T * scale + key_bias) (dropped out) @ v`, written back to `[b, s, h]`; one job
+/// per sequence and head over rayon's threads, no split or merge copies. The backward pass
+/// reuses the saved probabilities: `dPd = g v^T`, `dv = Pd^T g`, `dS = softmax'(dPd * drop)
+/// * scale`, `dq = dS k`, `dk = dS^T q`.
+struct Attention {
+    heads: usize,
+    scale: f32,
+    /// Added to every query's score of each key, `[b, s]` (0, or `f32::MIN` for padding).
+    key_bias: Vec<f32>,
+    /// Dropout factors for the probabilities, `[b, heads, s, s]` (0 or `1 / (1 - p)`).
+    drop: Option<Vec<f32>>,
+    /// The probabilities (before dropout), saved by the forward pass.
+    probs: std::sync::Mutex<Vec<f32>>,
+}
+
+impl Attention {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let &[b, s, h] = l.dims() else {
+            candle_core::bail!("train-attention: [b, s, h] inputs, not {:?}", l.dims())
+        };
+        if h % self.heads != 0 || self.key_bias.len() != b * s {
+            candle_core::bail!("train-attention: {h} wide, {} heads", self.heads)
+        }
+        Ok((b, s, h, h / self.heads))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "train-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (b, s, h, dh) = self.dims(l1)?;
+        if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
+            candle_core::bail!("train-attention: q, k, v shapes differ");
+        }
+        let nh = self.heads;
+        let mut out = vec![0f32; b * s * h];
+        let mut probs = vec![0f32; b * nh * s * s];
+        let dst = SharedMut(out.as_mut_ptr());
+        probs
+            .par_chunks_mut(s * s)
+            .enumerate()
+            .for_each(|(job, p)| {
+                let (bi, hd) = (job / nh, job % nh);
+                let at = bi * s * h + hd * dh;
+                // SAFETY: head `hd` of sequence `bi`: rows bi*s.. of q, k, v (stride h),
+                // columns hd*dh..; p is s x s; the output block is this job's alone.
+                unsafe {
+                    gemm_1t(
+                        (s, s, dh),
+                        (p.as_mut_ptr(), s),
+                        (q.as_ptr().add(at), 1, h),
+                        (k.as_ptr().add(at), h, 1),
+                    );
+                }
+                let bias = &self.key_bias[bi * s..(bi + 1) * s];
+                for row in p.chunks_exact_mut(s) {
+                    for (x, &m) in row.iter_mut().zip(bias) {
+                        *x = *x * self.scale + m;
+                    }
+                }
+                softmax_rows(p, s, &[]);
+                let pd_owned;
+                let pd: &[f32] = match &self.drop {
+                    Some(d) => {
+                        let d = &d[job * s * s..(job + 1) * s * s];
+                        pd_owned = p.iter().zip(d).map(|(a, b)| a * b).collect::<Vec<_>>();
+                        &pd_owned
+                    }
+                    None => p,
+                };
+                // SAFETY: as above.
+                unsafe {
+                    gemm_1t(
+                        (s, dh, s),
+                        (dst.get().add(at), h),
+                        (pd.as_ptr(), 1, s),
+                        (v.as_ptr().add(at), 1, h),
+                    );
+                }
+            });
+        *self.probs.lock().unwrap() = probs;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, h, dh) = self.dims(q.layout())?;
+        let nh = self.heads;
+        let probs = std::mem::take(&mut *self.probs.lock().unwrap());
+        if probs.len() != b * nh * s * s {
+            candle_core::bail!("train-attention: backward without its forward pass");
+        }
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; b * s * h],
+            vec![0f32; b * s * h],
+            vec![0f32; b * s * h],
+        );
+        let (pq, pk, pv) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        with_values(q, |qv| {
+            with_values(k, |kv| {
+                with_values(v, |vv| {
+                    with_values(grad, |gv| {
+                        probs.par_chunks(s * s).enumerate().for_each(|(job, p)| {
+                            let (bi, hd) = (job / nh, job % nh);
+                            let at = bi * s * h + hd * dh;
+                            let drop = self
+                                .drop
+                                .as_ref()
+                                .map(|d| &d[job * s * s..(job + 1) * s * s]);
+                            let pd_owned;
+                            let pd: &[f32] = match drop {
+                                Some(d) => {
+                                    pd_owned =
+                                        p.iter().zip(d).map(|(a, b)| a * b).collect::<Vec<_>>();
+                                    &pd_owned
+                                }
+                                None => p,
+                            };
+                            let mut dp = vec![0f32; s * s];
+                            // SAFETY: this job's head of this sequence, as in the forward pass.
+                            unsafe {
+                                // dPd = g v^T
+                                gemm_1t(
+                                    (s, s, dh),
+                                    (dp.as_mut_ptr(), s),
+                                    (gv.as_ptr().add(at), 1, h),
+                                    (vv.as_ptr().add(at), h, 1),
+                                );
+                                // dv = Pd^T g
+                                gemm_1t(
+                                    (s, dh, s),
+                                    (pv.get().add(at), h),
+                                    (pd.as_ptr(), s, 1),
+                                    (gv.as_ptr().add(at), 1, h),
+                                );
+                            }
+                            if let Some(d) = drop {
+                                dp.iter_mut().zip(d).for_each(|(x, &f)| *x *= f);
+                            }
+                            let mut ds = vec![0f32; s * s];
+                            softmax_grad_rows(p, &dp, s, &mut ds);
+                            ds.iter_mut().for_each(|x| *x *= self.scale);
+                            // SAFETY: as above.
+                            unsafe {
+                                // dq = dS k
+                                gemm_1t(
+                                    (s, dh, s),
+                                    (pq.get().add(at), h),
+                                    (ds.as_ptr(), 1, s),
+                                    (kv.as_ptr().add(at), 1, h),
+                                );
+                                // dk = dS^T q
+                                gemm_1t(
+                                    (s, dh, s),
+                                    (pk.get().add(at), h),
+                                    (ds.as_ptr(), s, 1),
+                                    (qv.as_ptr().add(at), 1, h),
+                                );
+                            }
+                        });
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Multi-head self-attention of `[b, s, h]` projections `q`, `k`, `v` with `heads` heads:
+/// `softmax(q k^T / sqrt(dh) + key_bias) @ v` per head, heads merged back to `[b, s, h]`.
+/// `key_bias` is `[b, s]` (0 or `f32::MIN`), `drop` the dropout factors `[b, heads, s, s]` of
+/// the probabilities. CPU f32 only (the trainer's other devices go through candle's ops).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_bias: Vec<f32>,
+    drop: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let dh = q.dim(2)? / heads;
+    let op = Attention {
+        heads,
+        scale: (1.0 / (dh as f64).sqrt()) as f32,
+        key_bias,
+        drop,
+        probs: std::sync::Mutex::new(Vec::new()),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 /// `y = x @ W^T + b` over rows of `x` (HF's `nn.Linear`, `W` `[out, in]`), and its backward:
 /// `dx = g @ W`, `dW = g^T @ x`, `db = sum(g)`, each one `gemm` (or one pass) instead of
 /// candle's transposes, broadcast and reduction.
@@ -466,5 +743,77 @@ mod tests {
             &[&x],
             "gelu",
         );
+        // Attention: 3 sequences of 5, 40 wide in 4 heads, padding keys in two sequences,
+        // dropout factors on the probabilities; against candle's split / matmul / softmax /
+        // merge.
+        let (b, s, h, nh) = (3, 5, 40, 4);
+        let dh = h / nh;
+        let q = Var::from_tensor(&randn(&[b, s, h], 7)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, s, h], 8)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, s, h], 9)).unwrap();
+        let mut key_bias = vec![0f32; b * s];
+        key_bias[3..5].fill(f32::MIN);
+        key_bias[14] = f32::MIN;
+        let drop: Vec<f32> = (0..b * nh * s * s)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+            .collect();
+        let split = |t: &Tensor| {
+            t.reshape((b, s, nh, dh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let bias = Tensor::from_vec(key_bias.clone(), (b, 1, 1, s), &Device::Cpu).unwrap();
+        let dmask = Tensor::from_vec(drop.clone(), (b, nh, s, s), &Device::Cpu).unwrap();
+        let scores = (split(q.as_tensor())
+            .matmul(&split(k.as_tensor()).t().unwrap().contiguous().unwrap())
+            .unwrap()
+            * (1.0 / (dh as f64).sqrt()))
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+        let probs =
+            (candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap() * dmask).unwrap();
+        let theirs = probs
+            .matmul(&split(v.as_tensor()))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, s, h))
+            .unwrap();
+        let weights = randn(&[b, s, h], 10);
+        let ours = attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            nh,
+            key_bias,
+            Some(drop),
+        )
+        .unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-5, "attention: forward");
+        let go = (ours * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gt = (theirs * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (var, name) in [(&q, "q"), (&k, "k"), (&v, "v")] {
+            let d = max_diff(
+                go.get(var.as_tensor()).unwrap(),
+                gt.get(var.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "attention: d{name} differs by {d}");
+        }
     }
 }
