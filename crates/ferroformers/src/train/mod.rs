@@ -830,16 +830,11 @@ impl Trainer {
         })
     }
 
-    /// Loss and every parameter's gradient (contiguous, in [`Params`] order; zeros where
-    /// none reached it) on training examples `idx`, with dropout when `train`.
-    /// The loss is divided by `accumulate` before the backward pass (gradient accumulation over
-    /// that many batches); the returned loss is not.
-    fn forward_backward(
-        &self,
-        idx: &[usize],
-        train: bool,
-        accumulate: usize,
-    ) -> Result<(f64, Vec<Tensor>)> {
+    /// The loss on training examples `idx` (dropout when `train`), its gradients added into
+    /// the parameters' slots ([`Params::grads`]). The loss is divided by `accumulate` before
+    /// the backward pass (gradient accumulation over that many batches); the returned loss is
+    /// not.
+    fn forward_backward(&self, idx: &[usize], train: bool, accumulate: usize) -> Result<f64> {
         let items: Vec<&Item> = idx.iter().map(|&i| &self.train[i]).collect();
         let (batch, targets) = self.batch(&items)?;
         let model = Model {
@@ -854,18 +849,25 @@ impl Trainer {
         } else {
             loss.backward()?
         };
-        let out = self
-            .params
-            .vars
-            .iter()
-            .map(|v| {
-                Ok(match grads.get(v.as_tensor()) {
-                    Some(g) => g.contiguous()?,
-                    None => v.as_tensor().zeros_like()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((loss.to_scalar::<f32>()? as f64, out))
+        // Ops without slots (other devices) leave their gradients in candle's store.
+        for (v, slot) in self.params.vars.iter().zip(&self.params.grads) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
+                let mut s = slot.lock().map_err(|_| poisoned())?;
+                s.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+
+    /// Set every gradient slot to 0 (after an optimizer step).
+    fn zero_grads(&self) -> Result<()> {
+        use rayon::prelude::*;
+        self.params.grads.par_iter().try_for_each(|slot| {
+            let mut s = slot.lock().map_err(|_| poisoned())?;
+            s.par_chunks_mut(1 << 15).for_each(|c| c.fill(0.0));
+            Ok(())
+        })
     }
 
     /// The tokenized training features: token ids, target and the example each came from
@@ -880,11 +882,15 @@ impl Trainer {
     /// Loss and every parameter's gradient (flat, in [`Params`] order) on training examples
     /// `idx`, with dropout when `train`.
     pub fn loss_and_gradients(&self, idx: &[usize], train: bool) -> Result<(f64, Vec<Vec<f32>>)> {
-        let (loss, grads) = self.forward_backward(idx, train, 1)?;
-        let flat = grads
+        self.zero_grads()?;
+        let loss = self.forward_backward(idx, train, 1)?;
+        let flat = self
+            .params
+            .grads
             .iter()
-            .map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?))
+            .map(|g| Ok(g.lock().map_err(|_| poisoned())?.clone()))
             .collect::<Result<Vec<_>>>()?;
+        self.zero_grads()?;
         Ok((loss, flat))
     }
 
@@ -965,9 +971,9 @@ impl Trainer {
                 .enumerate()
                 .skip(pr.groups_done)
             {
-                let (mut loss, mut grads, mut samples) = (0f64, Vec::new(), 0usize);
+                let (mut loss, mut samples) = (0f64, 0usize);
                 for chunk in group {
-                    let (l, g) = self.forward_backward(chunk, true, group.len())?;
+                    let l = self.forward_backward(chunk, true, group.len())?;
                     if !l.is_finite() {
                         return Err(Error::Tensor(candle_core::Error::Msg(format!(
                             "the loss is {l} at step {}: lower the learning rate",
@@ -976,17 +982,15 @@ impl Trainer {
                     }
                     loss += l / group.len() as f64;
                     samples += chunk.len();
-                    grads = if grads.is_empty() {
-                        g
-                    } else {
-                        grads
-                            .iter()
-                            .zip(&g)
-                            .map(|(a, b)| a + b)
-                            .collect::<candle_core::Result<Vec<_>>>()?
-                    };
                 }
-                let grad_norm = global_norm(&grads)?;
+                let guards = self
+                    .params
+                    .grads
+                    .iter()
+                    .map(|g| g.lock().map_err(|_| poisoned()))
+                    .collect::<Result<Vec<_>>>()?;
+                let grads: Vec<&[f32]> = guards.iter().map(|g| g.as_slice()).collect();
+                let grad_norm = global_norm(&grads);
                 let coef = clip_coef(grad_norm, self.args.max_grad_norm);
                 let lr = self.args.learning_rate
                     * self
@@ -994,6 +998,8 @@ impl Trainer {
                         .lr_scheduler_type
                         .factor(self.global_step, warmup, total);
                 opt.step_vars(lr, &self.params.vars, &grads, coef)?;
+                drop(guards);
+                self.zero_grads()?;
                 self.global_step += 1;
                 pr.groups_done = bi + 1;
                 pr.seen += samples;
@@ -1440,6 +1446,12 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+fn poisoned() -> Error {
+    Error::Tensor(candle_core::Error::Msg(
+        "a gradient slot was poisoned by a panic".into(),
+    ))
 }
 
 fn argmax(r: &[f32]) -> usize {

@@ -285,6 +285,9 @@ impl EncoderConfig {
 pub struct Params {
     pub names: Vec<String>,
     pub vars: Vec<Var>,
+    /// Each parameter's gradient, accumulated by the backward passes (zeroed by the trainer
+    /// after each optimizer step).
+    pub grads: Vec<super::ops::GradSlot>,
     index: HashMap<String, usize>,
     /// Names initialised fresh (not in the base checkpoint), as HF's warning lists them.
     pub fresh: Vec<String>,
@@ -316,6 +319,7 @@ impl Params {
         let mut p = Params {
             names: Vec::new(),
             vars: Vec::new(),
+            grads: Vec::new(),
             index: HashMap::new(),
             fresh: Vec::new(),
         };
@@ -366,9 +370,21 @@ impl Params {
             };
             p.index.insert(name.clone(), p.vars.len());
             p.names.push(name);
+            p.grads.push(std::sync::Arc::new(std::sync::Mutex::new(vec![
+                0.0;
+                t.elem_count()
+            ])));
             p.vars.push(Var::from_tensor(&t)?);
         }
         Ok(p)
+    }
+
+    /// The gradient slot of a parameter.
+    pub fn slot(&self, name: &str) -> Result<super::ops::GradSlot> {
+        self.index
+            .get(name)
+            .map(|&i| self.grads[i].clone())
+            .ok_or_else(|| Error::Tensor(candle_core::Error::Msg(format!("no parameter `{name}`"))))
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
@@ -439,16 +455,30 @@ pub struct Model<'a> {
 }
 
 impl Model<'_> {
+    /// A weight and bias pair's gradient slots (where the ops add their gradients).
+    fn slots(&self, name: &str) -> Result<Option<(super::ops::GradSlot, super::ops::GradSlot)>> {
+        Ok(Some((
+            self.p.slot(&format!("{name}.weight"))?,
+            self.p.slot(&format!("{name}.bias"))?,
+        )))
+    }
+
     fn linear(&self, xs: &Tensor, name: &str) -> Result<Tensor> {
         let w = self.p.get(&format!("{name}.weight"))?;
         let b = self.p.get(&format!("{name}.bias"))?;
-        Ok(super::ops::linear(xs, w, b)?)
+        Ok(super::ops::linear_acc(xs, w, b, self.slots(name)?)?)
     }
 
     fn norm(&self, xs: &Tensor, name: &str) -> Result<Tensor> {
         let w = self.p.get(&format!("{name}.weight"))?;
         let b = self.p.get(&format!("{name}.bias"))?;
-        Ok(super::ops::layer_norm(xs, w, b, self.cfg.eps)?)
+        Ok(super::ops::layer_norm_acc(
+            xs,
+            w,
+            b,
+            self.cfg.eps,
+            self.slots(name)?,
+        )?)
     }
 
     fn act(&self, xs: &Tensor) -> Result<Tensor> {
@@ -468,7 +498,6 @@ impl Model<'_> {
 
     fn embeddings(&self, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
         let (b, s) = batch.ids.dims2()?;
-        let h = self.cfg.hidden;
         if s > self.cfg.max_pos {
             return Err(Error::InvalidParameter {
                 name: "max_length".into(),
@@ -479,24 +508,22 @@ impl Model<'_> {
             });
         }
         let e = format!("{}.embeddings", self.cfg.arch.prefix());
-        let lookup = |table: &str, ids: &Tensor| -> Result<Tensor> {
-            let w = self.p.get(&format!("{e}.{table}.weight"))?;
-            Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?)
-        };
         // torch's `padding_idx`: the padding token's row of the word embeddings (RoBERTa: of
         // the positions too, whose padding positions are `padding_idx`) gets no gradient. It
         // matters where padded positions reach the loss (question answering's softmax over
-        // every position). Their values pass through detached.
-        let pad = batch.ids.eq(self.cfg.pad_id)?;
-        let any_pad = pad.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0;
-        let no_pad_grad = |t: Tensor| -> Result<Tensor> {
-            if !any_pad {
-                return Ok(t);
-            }
-            let m = pad.unsqueeze(2)?.broadcast_as((b, s, h))?;
-            Ok(m.where_cond(&t.detach(), &t)?)
+        // every position).
+        let lookup = |table: &str, ids: &Tensor, no_grad_id: Option<u32>| -> Result<Tensor> {
+            let name = format!("{e}.{table}.weight");
+            let w = self.p.get(&name)?;
+            Ok(super::ops::embedding(
+                w,
+                ids,
+                no_grad_id,
+                self.p.slot(&name)?,
+            )?)
         };
-        let mut x = no_pad_grad(lookup("word_embeddings", &batch.ids)?)?;
+        let pad = Some(self.cfg.pad_id);
+        let mut x = lookup("word_embeddings", &batch.ids, pad)?;
         let positions = if self.cfg.arch == Arch::Roberta {
             crate::models::roberta::position_ids_from_input_ids(&batch.ids, self.cfg.pad_id)?
         } else {
@@ -505,15 +532,10 @@ impl Model<'_> {
                 .broadcast_as((b, s))?
                 .contiguous()?
         };
-        let pos = lookup("position_embeddings", &positions)?;
-        let pos = if self.cfg.arch == Arch::Roberta {
-            no_pad_grad(pos)?
-        } else {
-            pos
-        };
-        x = (x + pos)?;
+        let pos_pad = pad.filter(|_| self.cfg.arch == Arch::Roberta);
+        x = (x + lookup("position_embeddings", &positions, pos_pad)?)?;
         if self.cfg.type_vocab > 0 {
-            x = (x + lookup("token_type_embeddings", &batch.type_ids)?)?;
+            x = (x + lookup("token_type_embeddings", &batch.type_ids, None)?)?;
         }
         let x = self.norm(&x, &format!("{e}.LayerNorm"))?;
         self.drop(&x, self.cfg.hidden_dropout, dropout)

@@ -18,6 +18,25 @@ use crate::kernels::cpu::rowops::{
 /// Below this many values a call stays on one thread.
 const PAR_MIN: usize = 1 << 15;
 
+/// A parameter's gradient, which the ops' backward passes add to in place (torch's `.grad`).
+/// An op given slots returns no gradient for those inputs, so candle's backward pass skips
+/// its own accumulation (a zero tensor plus an add per parameter, every step).
+pub type GradSlot = std::sync::Arc<std::sync::Mutex<Vec<f32>>>;
+
+/// `slot += v`, element by element.
+fn add_into(slot: &GradSlot, v: &[f32]) -> Result<()> {
+    let mut g = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("gradient slot".into()))?;
+    if g.len() != v.len() {
+        candle_core::bail!("gradient slot of {} for {} values", g.len(), v.len());
+    }
+    g.par_chunks_mut(PAR_MIN)
+        .zip(v.par_chunks(PAR_MIN))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, &y)| *x += y));
+    Ok(())
+}
+
 fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
@@ -114,6 +133,8 @@ impl CustomOp1 for SoftmaxLastDim {
 
 struct LayerNorm {
     eps: f32,
+    /// Where the gain and bias gradients go (else they are returned).
+    acc: Option<(GradSlot, GradSlot)>,
 }
 
 impl CustomOp3 for LayerNorm {
@@ -180,6 +201,11 @@ impl CustomOp3 for LayerNorm {
             })
         })?;
         let dev = x.device();
+        if let Some((sw, sb)) = &self.acc {
+            add_into(sw, &dw)?;
+            add_into(sb, &db)?;
+            return Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), None, None));
+        }
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
@@ -512,8 +538,11 @@ pub fn attention(
 
 /// `y = x @ W^T + b` over rows of `x` (HF's `nn.Linear`, `W` `[out, in]`), and its backward:
 /// `dx = g @ W`, `dW = g^T @ x`, `db = sum(g)`, each one `gemm` (or one pass) instead of
-/// candle's transposes, broadcast and reduction.
-struct Linear;
+/// candle's transposes, broadcast and reduction. With slots, `dW` and `db` are added into them
+/// (the weight gradient straight from `gemm`, no buffer of its own).
+struct Linear {
+    acc: Option<(GradSlot, GradSlot)>,
+}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -578,9 +607,7 @@ impl CustomOp3 for Linear {
                 with_values(grad, |gv| {
                     let rows = xv.len() / inp;
                     let mut dx = vec![0f32; rows * inp];
-                    let mut dw = vec![0f32; out * inp];
-                    // SAFETY: g is rows x out, w out x inp, x rows x inp; dx rows x inp, dw
-                    // out x inp.
+                    // SAFETY: g is rows x out, w out x inp; dx rows x inp.
                     unsafe {
                         gemm_strided(
                             (rows, inp, out),
@@ -589,35 +616,148 @@ impl CustomOp3 for Linear {
                             (wv.as_ptr(), 1, inp),
                             false,
                         );
-                        gemm_strided(
-                            (out, inp, rows),
-                            dw.as_mut_ptr(),
-                            (gv.as_ptr(), out, 1),
-                            (xv.as_ptr(), 1, inp),
-                            false,
-                        );
                     }
                     let mut db = vec![0f32; out];
                     for row in gv.chunks_exact(out) {
                         db.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
                     }
+                    let dw = match &self.acc {
+                        Some((sw, sb)) => {
+                            let mut slot = sw
+                                .lock()
+                                .map_err(|_| candle_core::Error::Msg("gradient slot".into()))?;
+                            if slot.len() != out * inp {
+                                candle_core::bail!("{}: gradient slot size", self.name());
+                            }
+                            // SAFETY: g is rows x out, x rows x inp, the slot out x inp.
+                            unsafe {
+                                gemm_strided(
+                                    (out, inp, rows),
+                                    slot.as_mut_ptr(),
+                                    (gv.as_ptr(), out, 1),
+                                    (xv.as_ptr(), 1, inp),
+                                    true,
+                                );
+                            }
+                            add_into(sb, &db)?;
+                            None
+                        }
+                        None => {
+                            let mut dw = vec![0f32; out * inp];
+                            // SAFETY: as above, into dw.
+                            unsafe {
+                                gemm_strided(
+                                    (out, inp, rows),
+                                    dw.as_mut_ptr(),
+                                    (gv.as_ptr(), out, 1),
+                                    (xv.as_ptr(), 1, inp),
+                                    false,
+                                );
+                            }
+                            Some(dw)
+                        }
+                    };
                     Ok((dx, dw, db))
                 })
             })
         })?;
         let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, b.shape(), dev)?),
-        ))
+        let dx = Some(Tensor::from_vec(dx, x.shape(), dev)?);
+        Ok(match dw {
+            None => (dx, None, None),
+            Some(dw) => (
+                dx,
+                Some(Tensor::from_vec(dw, w.shape(), dev)?),
+                Some(Tensor::from_vec(db, b.shape(), dev)?),
+            ),
+        })
     }
+}
+
+/// Embedding rows gathered by id (`nn.Embedding`); the backward pass adds each row's gradient
+/// into the slot, skipping `no_grad_id` (torch's `padding_idx`).
+struct Embed {
+    ids: Vec<u32>,
+    no_grad_id: Option<u32>,
+    acc: GradSlot,
+}
+
+impl CustomOp1 for Embed {
+    fn name(&self) -> &'static str {
+        "train-embedding"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = f32_slice(s, l, self.name())?;
+        let &[vocab, h] = l.dims() else {
+            candle_core::bail!("{}: table {:?}", self.name(), l.dims())
+        };
+        let mut out = Vec::with_capacity(self.ids.len() * h);
+        for &id in &self.ids {
+            let id = id as usize;
+            if id >= vocab {
+                candle_core::bail!("{}: id {id} outside a table of {vocab}", self.name());
+            }
+            out.extend_from_slice(&w[id * h..(id + 1) * h]);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((self.ids.len(), h))))
+    }
+
+    fn bwd(&self, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let h = w.dim(1)?;
+        with_values(grad, |gv| {
+            let mut slot = self
+                .acc
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("gradient slot".into()))?;
+            if slot.len() != w.elem_count() {
+                candle_core::bail!("{}: gradient slot size", self.name());
+            }
+            for (&id, g) in self.ids.iter().zip(gv.chunks_exact(h)) {
+                if Some(id) == self.no_grad_id {
+                    continue;
+                }
+                let row = &mut slot[id as usize * h..(id as usize + 1) * h];
+                row.iter_mut().zip(g).for_each(|(a, &b)| *a += b);
+            }
+            Ok(())
+        })?;
+        Ok(None)
+    }
+}
+
+/// Rows of the `[vocab, h]` table `w` for `ids` (any shape): `[ids.., h]`. The gradient goes
+/// into `acc`, none to the padding id `no_grad_id`. CPU f32 tables only.
+pub fn embedding(
+    w: &Tensor,
+    ids: &Tensor,
+    no_grad_id: Option<u32>,
+    acc: GradSlot,
+) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(w.dim(1)?);
+    let op = Embed {
+        ids: ids.flatten_all()?.to_vec1::<u32>()?,
+        no_grad_id,
+        acc,
+    };
+    w.apply_op1(op)?.reshape(dims)
 }
 
 /// `x @ W^T + b` (`W` `[out, in]`, `b` `[out]`) over the last dimension of `x`.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    linear_acc(x, w, b, None)
+}
+
+/// [`linear`], adding the weight and bias gradients into `acc` when given (CPU f32).
+pub fn linear_acc(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    acc: Option<(GradSlot, GradSlot)>,
+) -> Result<Tensor> {
     if on_cpu_f32(x) && on_cpu_f32(w) && on_cpu_f32(b) {
-        x.contiguous()?.apply_op3(w, b, Linear)
+        x.contiguous()?.apply_op3(w, b, Linear { acc })
     } else {
         let dims = x.dims().to_vec();
         let k = dims[dims.len() - 1];
@@ -630,9 +770,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension with gain `w` and bias `b` (HF's `nn.LayerNorm`).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_acc(x, w, b, eps, None)
+}
+
+/// [`layer_norm`], adding the gain and bias gradients into `acc` when given (CPU f32).
+pub fn layer_norm_acc(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    acc: Option<(GradSlot, GradSlot)>,
+) -> Result<Tensor> {
     if on_cpu_f32(x) && on_cpu_f32(w) && on_cpu_f32(b) {
-        x.contiguous()?
-            .apply_op3(w, b, LayerNorm { eps: eps as f32 })
+        x.contiguous()?.apply_op3(
+            w,
+            b,
+            LayerNorm {
+                eps: eps as f32,
+                acc,
+            },
+        )
     } else {
         candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
     }
