@@ -423,20 +423,18 @@ impl Dropout {
             return None;
         }
         let scale = (1.0 / (1.0 - p)) as f32;
-        let mut rng = self.rng.borrow_mut();
-        Some(
-            (0..n)
-                .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
-                .collect(),
-        )
+        let mut out = vec![0f32; n];
+        self.rng
+            .borrow_mut()
+            .bernoulli_fill(&mut out, p, 0.0, scale);
+        Some(out)
     }
 
     fn apply(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Some(mask) = self.factors(xs.elem_count(), p) else {
             return Ok(xs.clone());
         };
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?;
-        Ok((xs * mask)?)
+        Ok(super::ops::dropout(xs, mask)?)
     }
 }
 

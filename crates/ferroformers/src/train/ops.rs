@@ -674,6 +674,61 @@ impl CustomOp3 for Linear {
     }
 }
 
+/// Dropout with given factors (0 or `1 / (1 - p)` per element): `x * f`, backward `g * f`. As
+/// one op instead of candle's product with a constant tensor, whose backward pass also
+/// computes (and accumulates) a gradient for the constant.
+struct Scale {
+    factors: Vec<f32>,
+}
+
+impl Scale {
+    fn times(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(PAR_MIN)
+            .zip(x.par_chunks(PAR_MIN).zip(self.factors.par_chunks(PAR_MIN)))
+            .for_each(|(o, (x, f))| {
+                o.iter_mut()
+                    .zip(x.iter().zip(f))
+                    .for_each(|(o, (&x, &f))| *o = x * f)
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "train-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        if x.len() != self.factors.len() {
+            candle_core::bail!(
+                "{}: {} factors for {} values",
+                self.name(),
+                self.factors.len(),
+                x.len()
+            );
+        }
+        Ok((CpuStorage::F32(self.times(x)), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = with_values(grad, |g| Ok(self.times(g)))?;
+        Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
+    }
+}
+
+/// `x * factors` element by element (dropout with drawn factors), its backward `g * factors`.
+pub fn dropout(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        x.contiguous()?.apply_op1(Scale { factors })
+    } else {
+        let f = Tensor::from_vec(factors, x.shape(), x.device())?;
+        x * f
+    }
+}
+
 /// Embedding rows gathered by id (`nn.Embedding`); the backward pass adds each row's gradient
 /// into the slot, skipping `no_grad_id` (torch's `padding_idx`).
 struct Embed {
@@ -899,6 +954,15 @@ mod tests {
             x.as_tensor().gelu_erf().unwrap(),
             &[&x],
             "gelu",
+        );
+        let f: Vec<f32> = (0..3 * 5 * 40)
+            .map(|i| if i % 5 == 1 { 0.0 } else { 1.1 })
+            .collect();
+        check(
+            dropout(x.as_tensor(), f.clone()).unwrap(),
+            (x.as_tensor() * Tensor::from_vec(f, (3, 5, 40), &Device::Cpu).unwrap()).unwrap(),
+            &[&x],
+            "dropout",
         );
         // Attention: 3 sequences of 5, 40 wide in 4 heads, padding keys in two sequences,
         // dropout factors on the probabilities; against candle's split / matmul / softmax /

@@ -16,11 +16,42 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        self.0 = self.0.wrapping_add(Self::GAMMA);
+        Self::mix(self.0)
+    }
+
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    fn mix(mut z: u64) -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// The next `out.len()` draws of [`Rng::uniform`] compared with `p`: `drop` where below,
+    /// `keep` elsewhere, the generator advanced past them. SplitMix64's `i`-th draw depends on
+    /// `i` alone, so the values are computed over rayon's threads and equal the sequential
+    /// ones.
+    pub fn bernoulli_fill(&mut self, out: &mut [f32], p: f64, drop: f32, keep: f32) {
+        const CHUNK: usize = 1 << 14;
+        let start = self.0;
+        // `(z >> 11) / 2^53 >= p` in integers (both sides exact).
+        let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let base = start.wrapping_add(((c * CHUNK) as u64).wrapping_mul(Self::GAMMA));
+                let mut state = base;
+                for x in chunk.iter_mut() {
+                    state = state.wrapping_add(Self::GAMMA);
+                    *x = if Self::mix(state) >> 11 >= threshold {
+                        keep
+                    } else {
+                        drop
+                    };
+                }
+            });
+        self.0 = start.wrapping_add((out.len() as u64).wrapping_mul(Self::GAMMA));
     }
 
     /// Uniform in `[0, 1)`.
@@ -298,6 +329,19 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel fill gives the sequential draws and leaves the generator where they would.
+    #[test]
+    fn bernoulli_fill_equals_sequential_draws() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        let mut out = vec![0f32; 40_000];
+        a.bernoulli_fill(&mut out, 0.1, 0.0, 1.25);
+        let want: Vec<f32> = (0..40_000)
+            .map(|_| if b.uniform() >= 0.1 { 1.25 } else { 0.0 })
+            .collect();
+        assert_eq!(out, want);
+        assert_eq!(a.state(), b.state());
+    }
 
     #[test]
     fn schedules_follow_transformers_lambdas() {
