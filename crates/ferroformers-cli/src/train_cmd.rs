@@ -23,6 +23,7 @@ pub const USAGE: &str = "\
                         [--resume-from-checkpoint DIR|last] [--load-best-model-at-end]
                         [--metric-for-best-model loss|accuracy|f1|mse|precision|recall|exact_match]
                         [--greater-is-better B] [--ignore-mismatched-sizes] [--threads N]
+                        [--device cpu|cuda|cuda:N]
     text-classification:  [--text-column text] [--text-pair-column COL] [--label-column label]
     token-classification: [--text-column tokens] [--label-column ner_tags] [--label-all-tokens]
     question-answering:   [--question-column question] [--context-column context]
@@ -162,6 +163,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
             "--text-pair-column" | "--context-column" => ta.columns.text_pair = Some(value()?),
             "--label-column" | "--answer-column" => ta.columns.label = value()?,
             "--ignore-mismatched-sizes" => ta.ignore_mismatched_sizes = true,
+            "--device" => ta.device = value()?,
             "--threads" => {
                 let n: usize = num(a, &value()?)?;
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());

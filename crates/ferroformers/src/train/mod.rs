@@ -144,6 +144,9 @@ pub struct TrainingArguments {
     pub shuffle: bool,
     /// Start a fresh head when the base's has another shape.
     pub ignore_mismatched_sizes: bool,
+    /// Where the model trains: `cpu` (the fused CPU ops), `cuda` or `cuda:N` (candle's ops;
+    /// needs a build with the `cuda` feature).
+    pub device: String,
     pub columns: Columns,
 }
 
@@ -182,6 +185,7 @@ impl Default for TrainingArguments {
             greater_is_better: None,
             shuffle: true,
             ignore_mismatched_sizes: false,
+            device: "cpu".into(),
             columns: Columns::default(),
         }
     }
@@ -315,6 +319,7 @@ impl TrainingArguments {
             "greater_is_better": self.greater_is_better(),
             "optim": "adamw_torch",
             "ignore_mismatched_sizes": self.ignore_mismatched_sizes,
+            "device": self.device,
             "text_column": self.columns.text,
             "text_pair_column": self.columns.text_pair,
             "label_column": self.columns.label,
@@ -670,7 +675,7 @@ impl Trainer {
             }
         };
         let mut rng = Rng::new(args.seed);
-        let device = Device::Cpu;
+        let device = training_device(&args.device)?;
         let params = Params::load(
             &model_dir,
             &cfg,
@@ -1446,6 +1451,28 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+fn training_device(name: &str) -> Result<Device> {
+    let bad = |detail: String| Error::InvalidParameter {
+        name: "device".into(),
+        detail,
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| bad(format!("`{name}`: cpu, cuda or cuda:N")))?,
+                None => return Err(bad(format!("`{name}`: cpu, cuda or cuda:N"))),
+            };
+            Device::new_cuda(ordinal).map_err(|e| bad(format!("`{name}`: {e}")))
+        }
+    }
 }
 
 fn poisoned() -> Error {

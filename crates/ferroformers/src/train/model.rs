@@ -549,7 +549,7 @@ impl Model<'_> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.heads;
         let dh = h / nh;
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if super::ops::fused(x) {
             // One fused op per layer: no head split/merge copies, one job per sequence and head.
             let q = self.linear(x, names[0])?;
             let k = self.linear(x, names[1])?;

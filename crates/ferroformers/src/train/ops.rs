@@ -37,8 +37,24 @@ fn add_into(slot: &GradSlot, v: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Set by [`use_candle_ops`]: every op takes candle's path, as on a GPU.
+static CANDLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make every training op take its candle path (what other devices and dtypes run) even on
+/// CPU f32: the test of that path, on the machines CI has.
+pub fn use_candle_ops(on: bool) {
+    CANDLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `t` goes through the fused CPU ops.
+pub fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && !CANDLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn on_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    fused(t)
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -782,7 +798,7 @@ impl CustomOp1 for Embed {
 }
 
 /// Rows of the `[vocab, h]` table `w` for `ids` (any shape): `[ids.., h]`. The gradient goes
-/// into `acc`, none to the padding id `no_grad_id`. CPU f32 tables only.
+/// into `acc` (candle's path: into candle's gradients), none to the padding id `no_grad_id`.
 pub fn embedding(
     w: &Tensor,
     ids: &Tensor,
@@ -791,6 +807,23 @@ pub fn embedding(
 ) -> Result<Tensor> {
     let mut dims = ids.dims().to_vec();
     dims.push(w.dim(1)?);
+    if !on_cpu_f32(w) {
+        let flat = ids.flatten_all()?;
+        let rows = w.index_select(&flat, 0)?;
+        let rows = match no_grad_id {
+            // The padding rows' values pass through detached.
+            Some(pad) => {
+                let m = flat
+                    .eq(pad)?
+                    .unsqueeze(1)?
+                    .broadcast_as(rows.shape())?
+                    .contiguous()?;
+                m.where_cond(&rows.detach(), &rows)?
+            }
+            None => rows,
+        };
+        return rows.reshape(dims);
+    }
     let op = Embed {
         ids: ids.flatten_all()?.to_vec1::<u32>()?,
         no_grad_id,

@@ -215,6 +215,13 @@ impl AdamW {
             .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
             .zip(self.decay.par_iter())
             .try_for_each(|(((var, g), (m, v)), &decay)| {
+                if !var.device().is_cpu() {
+                    // Parameters elsewhere (a GPU): the same update on a copy, written back.
+                    let t = var.as_tensor();
+                    let mut p = t.flatten_all()?.to_vec1::<f32>()?;
+                    c.apply(&mut p, g, coef, m, v, decay);
+                    return var.set(&candle_core::Tensor::from_vec(p, t.shape(), t.device())?);
+                }
                 let op = InPlace {
                     c: &c,
                     g,
