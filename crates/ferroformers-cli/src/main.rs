@@ -1,6 +1,7 @@
 //! The `ferroformers` binary: parses arguments, calls the library, prints one JSON per input.
 
 mod hub_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 use std::io::{BufRead, Write};
@@ -19,8 +20,9 @@ usage:
                         [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
                         [--gguf-math int8|exact] [--quantize int8]
                         [--input FILE.jsonl | --input - | TEXT...] [--timing] [--stream]
-  ferroformers train text-classification --model PATH|ID --train FILE [--eval FILE] --output DIR
+  ferroformers train TASK --model PATH|ID --train FILE [--eval FILE] --output DIR
                         [HF TrainingArguments as --options; `ferroformers train --help`]
+  ferroformers serve --model PATH|ID[=TASK]... [--port 3000] [`ferroformers serve --help`]
   ferroformers tasks
   ferroformers download MODEL [--revision REV] [--file FILE]...
   ferroformers cache
@@ -39,9 +41,11 @@ transformers' exact numbers (exact).
 linear products in 8-bit integers (dynamic quantization as ONNX Runtime's quantize_dynamic does:
 weights per output column at load, activations per token at run time); faster, slightly
 different numbers.
-`train` fine-tunes a BERT, DistilBERT, RoBERTa or XLM-RoBERTa base on a JSONL/CSV file (`text`,
-optional `text_pair`, `label`: a string, an integer, a float for regression or a list for
-multi-label) and saves what `save_pretrained` writes (Python's from_pretrained and `run` load it).
+`train` fine-tunes a BERT, DistilBERT, RoBERTa or XLM-RoBERTa base for text-classification,
+token-classification or question-answering on a JSONL/CSV/SQuAD file and saves what
+`save_pretrained` writes (Python's from_pretrained and `run` load it).
+`serve` answers HTTP on 127.0.0.1: TEI's /embed and /predict, the HF Inference API's POST / and
+/models/ID ({inputs, parameters}), OpenAI's /v1/embeddings and /v1/models, /health, /info.
 --dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
 f32 with a warning on CPUs without it); other models take candle's bf16 path.";
 
@@ -297,6 +301,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..], start),
         Some("train") => train_cmd::train(&args[1..]),
+        Some("serve") => serve_cmd::serve(&args[1..]),
         Some("download") => hub_cmd::download(&args[1..]),
         Some("cache") => hub_cmd::cache(&args[1..]),
         Some("tasks") => {

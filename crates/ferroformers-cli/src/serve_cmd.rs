@@ -1,0 +1,47 @@
+//! `ferroformers serve --model ID[=TASK] ...`: options into `ferroformers_server::Config`.
+
+use ferroformers_server::{Config, ModelSpec};
+
+pub const USAGE: &str = "\
+  ferroformers serve --model PATH|ID[=TASK] [--model ...] [--served-model-name NAME]
+                     [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
+                     [--payload-limit 2000000] [--max-client-batch-size 32] [--threads N]";
+
+fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("`{name}` takes a number, not `{v}`"))
+}
+
+pub fn serve(args: &[String]) -> Result<(), String> {
+    let mut cfg = Config::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("`{a}` needs a value"))
+        };
+        match a.as_str() {
+            "--model" | "--model-id" => cfg.models.push(ModelSpec::parse(&value()?)),
+            "--served-model-name" => cfg.served_model_name = Some(value()?),
+            "--hostname" => cfg.hostname = value()?,
+            "--port" => cfg.port = num(a, &value()?)?,
+            "--api-key" => cfg.api_key = Some(value()?),
+            "--payload-limit" => cfg.payload_limit = num(a, &value()?)?,
+            "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
+            "--threads" => {
+                let n: usize = num(a, &value()?)?;
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            "--help" | "-h" => {
+                println!("usage:\n{USAGE}");
+                return Ok(());
+            }
+            s => return Err(format!("unknown option `{s}` for `serve`\nusage:\n{USAGE}")),
+        }
+    }
+    if cfg.models.is_empty() {
+        return Err(format!("`serve` needs --model\nusage:\n{USAGE}"));
+    }
+    ferroformers_server::serve_blocking(cfg)
+}

@@ -1,0 +1,792 @@
+//! `ferroformers serve`: the pipelines behind HTTP routes that existing clients already speak.
+//!
+//! - TEI: `POST /embed`, `/predict`; `GET /health`, `/info`;
+//! - the HF Inference API: `POST /` and `/models/{id}` with `{inputs, parameters}` for every
+//!   task (the pipeline's own output shapes);
+//! - OpenAI: `POST /v1/embeddings` (float and base64), `GET /v1/models`;
+//! - probes: `GET /live`, `/ready`.
+//!
+//! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
+//! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
+//! library code and run on blocking threads (their products use the rayon pool). Not yet:
+//! generation routes (TGI, chat completions), batching across requests, metrics, streaming.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ferroformers::{Input, Output, Params, Pipeline, PipelineOptions};
+use serde_json::{json, Map, Value};
+
+/// One model to serve: a folder or hub id, and its task (else read from its files).
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub model: String,
+    pub task: Option<String>,
+}
+
+impl ModelSpec {
+    /// `ID` or `ID=TASK`.
+    pub fn parse(s: &str) -> Self {
+        match s.rsplit_once('=') {
+            Some((m, t)) if !t.is_empty() && !t.contains('/') => ModelSpec {
+                model: m.to_string(),
+                task: Some(t.to_string()),
+            },
+            _ => ModelSpec {
+                model: s.to_string(),
+                task: None,
+            },
+        }
+    }
+}
+
+/// What `serve` takes (TEI's names and defaults where they exist).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub models: Vec<ModelSpec>,
+    /// The first model's name in `/v1/models` and `/info` (default: its id).
+    pub served_model_name: Option<String>,
+    pub hostname: String,
+    pub port: u16,
+    /// Bearer token every route but the probes requires.
+    pub api_key: Option<String>,
+    /// Largest request body in bytes (TEI: 2 MB).
+    pub payload_limit: usize,
+    /// Most inputs in one request (TEI: 32).
+    pub max_client_batch_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            models: Vec::new(),
+            served_model_name: None,
+            hostname: "127.0.0.1".into(),
+            port: 3000,
+            api_key: None,
+            payload_limit: 2_000_000,
+            max_client_batch_size: 32,
+        }
+    }
+}
+
+/// A loaded model.
+struct Served {
+    id: String,
+    task: String,
+    pipe: Pipeline,
+    tokenizer: Option<ferroformers::tokenizer::Tokenizer>,
+}
+
+struct AppState {
+    models: Vec<Served>,
+    api_key: Option<String>,
+    max_client_batch_size: usize,
+}
+
+/// The task a model folder was made for: its config's `architectures`, a sentence-transformers
+/// folder, a GGUF file.
+pub fn infer_task(dir: &Path) -> Option<&'static str> {
+    if dir.join("modules.json").is_file() {
+        return Some("sentence-embeddings");
+    }
+    if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+        return Some("text-generation");
+    }
+    let cfg = ferroformers::config::ModelConfig::from_dir(dir).ok()?.raw;
+    let arch = cfg
+        .get("architectures")?
+        .as_array()?
+        .first()?
+        .as_str()?
+        .to_string();
+    let task = if arch.ends_with("ForSequenceClassification") {
+        "text-classification"
+    } else if arch.ends_with("ForTokenClassification") {
+        "token-classification"
+    } else if arch.ends_with("ForQuestionAnswering") {
+        "question-answering"
+    } else if arch.ends_with("ForMaskedLM") {
+        "fill-mask"
+    } else if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+        "text-generation"
+    } else if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
+        "text2text-generation"
+    } else if arch.ends_with("Model") {
+        "feature-extraction"
+    } else {
+        return None;
+    };
+    Some(task)
+}
+
+fn load(spec: &ModelSpec) -> Result<Served, String> {
+    let dir =
+        ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
+    let task = match &spec.task {
+        Some(t) => t.clone(),
+        None => infer_task(&dir)
+            .ok_or_else(|| {
+                format!(
+                    "cannot tell the task of `{}` from its files: give it as {}=TASK",
+                    spec.model, spec.model
+                )
+            })?
+            .to_string(),
+    };
+    let opts = PipelineOptions {
+        model: Some(spec.model.clone()),
+        ..PipelineOptions::default()
+    };
+    let pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
+    // For token counts (`usage`): the model's own tokenizer, when it has one.
+    let tokenizer = ferroformers::config::ModelConfig::from_dir(&dir)
+        .ok()
+        .and_then(|c| {
+            ferroformers::tokenizer::Tokenizer::from_dir(
+                &dir,
+                &c.model_type,
+                ferroformers::models::max_positions(&c),
+            )
+            .ok()
+        });
+    Ok(Served {
+        id: spec.model.clone(),
+        task: pipe.task().to_string(),
+        pipe,
+        tokenizer,
+    })
+}
+
+/// A bound, loaded server (`run` serves until SIGTERM or Ctrl-C).
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    app: Router,
+}
+
+impl Server {
+    /// Load every model and bind the address (port 0 picks a free one).
+    pub async fn bind(cfg: Config) -> Result<Server, String> {
+        if cfg.models.is_empty() {
+            return Err("`serve` needs at least one --model".into());
+        }
+        let specs = cfg.models.clone();
+        let mut models = tokio::task::spawn_blocking(move || {
+            specs.iter().map(load).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if let Some(name) = &cfg.served_model_name {
+            models[0].id = name.clone();
+        }
+        let state = Arc::new(AppState {
+            models,
+            api_key: cfg.api_key.clone(),
+            max_client_batch_size: cfg.max_client_batch_size,
+        });
+        let app = router(state, cfg.payload_limit);
+        let addr = format!("{}:{}", cfg.hostname, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        Ok(Server { listener, app })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serve until SIGTERM or Ctrl-C; requests in flight finish first.
+    pub async fn run(self) -> std::io::Result<()> {
+        axum::serve(self.listener, self.app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    }
+}
+
+/// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls).
+pub fn serve_blocking(cfg: Config) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let server = Server::bind(cfg).await?;
+        let addr = server.local_addr().map_err(|e| e.to_string())?;
+        eprintln!("listening on http://{addr}");
+        server.run().await.map_err(|e| e.to_string())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
+    Router::new()
+        .route("/", post(inference_default))
+        .route("/models/{*id}", post(inference_model))
+        .route("/embed", post(tei_embed))
+        .route("/predict", post(tei_predict))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/models", get(openai_models))
+        .route("/info", get(info))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/live", get(|| async { StatusCode::OK }))
+        .route("/ready", get(|| async { StatusCode::OK }))
+        .fallback(|uri: Uri| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("no route {}", uri.path()),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .layer(DefaultBodyLimit::max(payload_limit))
+        .with_state(state)
+}
+
+/// An error as the route's family writes them.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    openai: bool,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            openai: false,
+        }
+    }
+
+    fn validation(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Validation", message)
+    }
+
+    fn openai(mut self) -> Self {
+        self.openai = true;
+        self
+    }
+}
+
+impl From<ferroformers::Error> for ApiError {
+    fn from(e: ferroformers::Error) -> Self {
+        use ferroformers::Error as E;
+        let (status, kind) = match &e {
+            E::UnknownParameter { .. }
+            | E::InvalidParameter { .. }
+            | E::InvalidInput { .. }
+            | E::Tokenizer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "Backend"),
+        };
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = if self.openai {
+            let kind = if self.status.is_client_error() {
+                "invalid_request_error"
+            } else {
+                "server_error"
+            };
+            json!({"error": {"message": self.message, "type": kind, "param": null,
+                             "code": self.status.as_u16()}})
+        } else {
+            json!({"error": self.message, "error_type": self.kind})
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let public = matches!(req.uri().path(), "/health" | "/live" | "/ready");
+    if let (Some(key), false) = (&state.api_key, public) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            let e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a valid `Authorization: Bearer <api key>` header is required",
+            );
+            let e = if req.uri().path().starts_with("/v1/") {
+                e.openai()
+            } else {
+                e
+            };
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Equal lengths and bytes, in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+/// The request body as a JSON object: 415 without a JSON content type, 413 over the payload
+/// limit, 400 when it does not parse.
+fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "PayloadTooLarge"
+        } else {
+            "BadRequest"
+        };
+        ApiError::new(status, kind, e.body_text())
+    })?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "expected `Content-Type: application/json`",
+        ));
+    }
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::validation("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+fn model<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
+    match id {
+        None => Ok(&state.models[0]),
+        Some(id) => state.models.iter().find(|m| m.id == id).ok_or_else(|| {
+            let known: Vec<&str> = state.models.iter().map(|m| m.id.as_str()).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("no model `{id}` (serving: {})", known.join(", ")),
+            )
+        }),
+    }
+}
+
+/// `inputs` as one or several pipeline inputs (`true` when it was a list).
+fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiError> {
+    let v = v.ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
+    let (items, many) = match v {
+        Value::Array(a) => (a.iter().collect::<Vec<_>>(), true),
+        other => (vec![other], false),
+    };
+    if items.is_empty() {
+        return Err(ApiError::validation("`inputs` cannot be empty"));
+    }
+    if items.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Validation",
+            format!(
+                "batch size {} > maximum allowed batch size {max}",
+                items.len()
+            ),
+        ));
+    }
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| Input::from_json(x, i))
+        .collect::<ferroformers::Result<Vec<_>>>()?;
+    Ok((inputs, many))
+}
+
+fn params_of(v: &Value) -> Result<Params, ApiError> {
+    match v.get("parameters") {
+        None | Some(Value::Null) => Ok(Params::new()),
+        Some(Value::Object(m)) => Ok(m.clone().into_iter().collect()),
+        Some(_) => Err(ApiError::validation("`parameters` must be an object")),
+    }
+}
+
+/// Run a pipeline off the async threads.
+async fn run(
+    state: &Arc<AppState>,
+    index: usize,
+    inputs: Vec<Input>,
+    params: Params,
+) -> Result<Vec<Output>, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.models[index].pipe.run(&inputs, &params))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn index_of(state: &AppState, m: &Served) -> usize {
+    state
+        .models
+        .iter()
+        .position(|x| std::ptr::eq(x, m))
+        .unwrap_or(0)
+}
+
+async fn inference(
+    state: Arc<AppState>,
+    id: Option<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = model(&state, id.as_deref())?;
+    let index = index_of(&state, m);
+    let (inputs, many) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let params = params_of(&v)?;
+    let out = run(&state, index, inputs, params).await?;
+    let body = if many {
+        serde_json::to_value(&out)
+    } else {
+        serde_json::to_value(&out[0])
+    }
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?;
+    Ok(axum::Json(body).into_response())
+}
+
+async fn inference_default(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    inference(state, None, headers, body).await
+}
+
+/// `/models/{id}` and `/models/{id}/pipeline/{task}` (the task must be the model's).
+async fn inference_model(
+    State(state): State<Arc<AppState>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (id, task) = match path.split_once("/pipeline/") {
+        Some((id, task)) => (id.to_string(), Some(task.to_string())),
+        None => (path, None),
+    };
+    if let Some(task) = task {
+        let m = model(&state, Some(&id))?;
+        let canonical = ferroformers::TASKS
+            .iter()
+            .find(|t| t.name == task || t.aliases.contains(&task.as_str()))
+            .map(|t| t.name);
+        if canonical != Some(m.task.as_str()) {
+            return Err(ApiError::validation(format!(
+                "`{id}` serves {}, not {task}",
+                m.task
+            )));
+        }
+    }
+    inference(state, Some(id), headers, body).await
+}
+
+/// The embedding model to use: the named one or the first that embeds.
+fn embedder<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
+    let m = match id {
+        Some(id) => model(state, Some(id))?,
+        None => state
+            .models
+            .iter()
+            .find(|m| m.task == "sentence-embeddings")
+            .unwrap_or(&state.models[0]),
+    };
+    if m.task != "sentence-embeddings" {
+        return Err(ApiError::validation(format!(
+            "`{}` is a {} model, not an embedding model (serve it as ID=sentence-embeddings)",
+            m.id, m.task
+        )));
+    }
+    Ok(m)
+}
+
+fn embeddings_of(out: Vec<Output>) -> Result<Vec<Vec<f32>>, ApiError> {
+    out.into_iter()
+        .map(|o| match o {
+            Output::Embedding(v) => Ok(v),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Backend",
+                format!("the pipeline gave {other:?}, not an embedding"),
+            )),
+        })
+        .collect()
+}
+
+/// TEI `/embed`: `{inputs, normalize (true), truncate}` -> one vector per input.
+async fn tei_embed(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = embedder(&state, None)?;
+    let index = index_of(&state, m);
+    let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let mut params = Params::new();
+    let normalize = match v.get("normalize") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::validation("`normalize` must be true or false")),
+    };
+    params.insert("normalize".into(), json!(normalize));
+    let out = run(&state, index, inputs, params).await?;
+    Ok(axum::Json(embeddings_of(out)?).into_response())
+}
+
+/// TEI `/predict`: `{inputs, raw_scores}` -> every label with its score, best first; a list of
+/// those for a list of inputs.
+async fn tei_predict(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = state
+        .models
+        .iter()
+        .find(|m| m.task == "text-classification")
+        .ok_or_else(|| ApiError::validation("no text-classification model is served"))?;
+    let index = index_of(&state, m);
+    // TEI: a pair is a two-string list; a list of pairs (or of strings) is a batch.
+    let raw = v
+        .get("inputs")
+        .ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
+    let as_input = |x: &Value| -> Option<Value> {
+        match x {
+            Value::String(_) => Some(x.clone()),
+            Value::Array(p) if p.len() == 2 && p.iter().all(Value::is_string) => {
+                Some(json!({"text": p[0], "text_pair": p[1]}))
+            }
+            _ => None,
+        }
+    };
+    let (items, many) = match raw {
+        Value::Array(a) if a.iter().all(Value::is_string) && a.len() == 2 => {
+            // ["a", "b"]: TEI reads a batch of two texts.
+            (a.clone(), true)
+        }
+        Value::Array(a) => (a.clone(), true),
+        other => (vec![other.clone()], false),
+    };
+    let items = items
+        .iter()
+        .map(|x| as_input(x).ok_or_else(|| ApiError::validation("each input is a text or a pair")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (inputs, _) = inputs_of(Some(&Value::Array(items)), state.max_client_batch_size)?;
+    let mut params = Params::new();
+    params.insert("top_k".into(), Value::Null);
+    if v.get("raw_scores").and_then(Value::as_bool) == Some(true) {
+        params.insert("function_to_apply".into(), json!("none"));
+    }
+    let out = run(&state, index, inputs, params).await?;
+    let body = if many {
+        serde_json::to_value(&out)
+    } else {
+        serde_json::to_value(&out[0])
+    }
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?;
+    Ok(axum::Json(body).into_response())
+}
+
+/// OpenAI `/v1/embeddings`: `{input, model, encoding_format}`.
+async fn openai_embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let inner = async {
+        let v = json_body(&headers, body)?;
+        let m = embedder(&state, v.get("model").and_then(Value::as_str))?;
+        let index = index_of(&state, m);
+        let texts: Vec<String> = match v.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "`input` must be a string or a list of strings",
+                ))
+            }
+            None => return Err(ApiError::validation("missing field `input`")),
+        };
+        let base64 = match v.get("encoding_format").and_then(Value::as_str) {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::validation(format!(
+                    "`encoding_format` is float or base64, not `{other}`"
+                )))
+            }
+        };
+        let tokens: usize = match &m.tokenizer {
+            Some(t) => texts
+                .iter()
+                .map(|x| t.encode(x, None).map(|e| e.len()).unwrap_or(0))
+                .sum(),
+            None => 0,
+        };
+        let inputs: Vec<Input> = texts.into_iter().map(Input::from).collect();
+        if inputs.is_empty() || inputs.len() > state.max_client_batch_size {
+            return Err(ApiError::validation(format!(
+                "between 1 and {} inputs per request",
+                state.max_client_batch_size
+            )));
+        }
+        let mut params = Params::new();
+        params.insert("normalize".into(), json!(true));
+        let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;
+        let data: Vec<Value> = vecs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64_encode(&bytes))
+                } else {
+                    json!(e)
+                };
+                json!({"object": "embedding", "embedding": embedding, "index": i})
+            })
+            .collect();
+        Ok(axum::Json(json!({
+            "object": "list",
+            "data": data,
+            "model": m.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    };
+    inner.await.map_err(ApiError::openai)
+}
+
+async fn openai_models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "ferroformers"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn info(State(state): State<Arc<AppState>>) -> Response {
+    let models: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"model_id": m.id, "task": m.task}))
+        .collect();
+    let first = &state.models[0];
+    let mut o = Map::new();
+    o.insert("model_id".into(), json!(first.id));
+    o.insert("task".into(), json!(first.task));
+    o.insert("models".into(), json!(models));
+    o.insert(
+        "max_client_batch_size".into(),
+        json!(state.max_client_batch_size),
+    );
+    o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    axum::Json(Value::Object(o)).into_response()
+}
+
+/// Standard base64 with padding (OpenAI's `encoding_format: "base64"`: little-endian f32s).
+fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_specs() {
+        assert_eq!(base64_encode(b"Man"), "TWFu");
+        assert_eq!(base64_encode(b"Ma"), "TWE=");
+        assert_eq!(base64_encode(b"M"), "TQ==");
+        let s = ModelSpec::parse("org/model=token-classification");
+        assert_eq!(
+            (s.model.as_str(), s.task.as_deref()),
+            ("org/model", Some("token-classification"))
+        );
+        assert!(ModelSpec::parse("org/model").task.is_none());
+        assert!(constant_time_eq(b"key", b"key"));
+        assert!(!constant_time_eq(b"key", b"kez") && !constant_time_eq(b"key", b"keys"));
+    }
+}

@@ -1,0 +1,306 @@
+//! The server on loopback with fixture models: each route's answer equals the library
+//! pipeline's, and every bad request gets its status code and a JSON error body.
+
+use std::path::PathBuf;
+
+use ferroformers::{Input, Params, PipelineOptions};
+use ferroformers_server::{Config, ModelSpec, Server};
+use serde_json::{json, Value};
+
+/// The fixture's canonical path (a URL path cannot hold `..`).
+fn fixture(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name);
+    std::fs::canonicalize(p)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+const KEY: &str = "test-key";
+
+/// Start a server (port 0) on a runtime of its own; its base URL.
+fn start() -> String {
+    let cfg = Config {
+        models: vec![
+            ModelSpec::parse(&fixture("minilm-st")),
+            ModelSpec::parse(&fixture("bert-seqcls")),
+            ModelSpec::parse(&format!("{}=ner", fixture("bert-tokcls"))),
+        ],
+        port: 0,
+        api_key: Some(KEY.into()),
+        payload_limit: 4096,
+        max_client_batch_size: 4,
+        ..Config::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let server = Server::bind(cfg).await.unwrap();
+            tx.send(server.local_addr().unwrap()).unwrap();
+            server.run().await.unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().unwrap())
+}
+
+/// POST a body; (status, JSON body).
+fn post(url: &str, body: &str, content_type: Option<&str>, key: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::post(url);
+    if let Some(ct) = content_type {
+        req = req.set("Content-Type", ct);
+    }
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req.send_string(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, v)
+}
+
+fn post_json(url: &str, body: Value) -> (u16, Value) {
+    post(url, &body.to_string(), Some("application/json"), Some(KEY))
+}
+
+fn pipeline_json(task: &str, model: &str, inputs: &[Input], params: Params) -> Value {
+    let pipe = ferroformers::pipeline_with(
+        task,
+        PipelineOptions {
+            model: Some(model.to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    serde_json::to_value(pipe.run(inputs, &params).unwrap()).unwrap()
+}
+
+/// Equal JSON, numbers within 1e-9 (serde_json's default float parsing is not correctly
+/// rounded: the same f64 can come back one ulp away).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= 1e-9
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn decode_base64(s: &str) -> Vec<f32> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let mut bytes = Vec::new();
+    for q in s.as_bytes().chunks(4) {
+        let n = q
+            .iter()
+            .take_while(|&&c| c != b'=')
+            .fold(0u32, |a, &c| (a << 6) | val(c) as u32);
+        let pad = q.iter().filter(|&&c| c == b'=').count();
+        let n = n << (6 * pad);
+        let b = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        bytes.extend_from_slice(&b[..3 - pad]);
+    }
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn routes_answer_as_the_pipelines_do() {
+    let base = start();
+    let texts = ["A quiet walk in the park.", "The market fell sharply."];
+    let inputs: Vec<Input> = texts.iter().map(|t| Input::from(*t)).collect();
+
+    // TEI /embed: normalized sentence embeddings.
+    let (status, got) = post_json(&format!("{base}/embed"), json!({"inputs": texts}));
+    assert_eq!(status, 200, "{got}");
+    let mut p = Params::new();
+    p.insert("normalize".into(), json!(true));
+    let want = pipeline_json("sentence-embeddings", &fixture("minilm-st"), &inputs, p);
+    for (g, w) in got.as_array().unwrap().iter().zip(want.as_array().unwrap()) {
+        let (g, w) = (floats(g), floats(w));
+        assert!(g.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+
+    // OpenAI /v1/embeddings in base64: the same vectors, and token counts.
+    let (status, got_b64) = post_json(
+        &format!("{base}/v1/embeddings"),
+        json!({"input": texts, "encoding_format": "base64"}),
+    );
+    assert_eq!(status, 200, "{got_b64}");
+    assert!(got_b64["usage"]["prompt_tokens"].as_u64().unwrap() > 4);
+    for (i, d) in got_b64["data"].as_array().unwrap().iter().enumerate() {
+        let v = decode_base64(d["embedding"].as_str().unwrap());
+        assert_eq!(v, floats(&got[i]), "base64 embedding {i}");
+    }
+
+    // TEI /predict: every label, best first.
+    let (status, got) = post_json(&format!("{base}/predict"), json!({"inputs": texts[0]}));
+    assert_eq!(status, 200, "{got}");
+    let mut p = Params::new();
+    p.insert("top_k".into(), Value::Null);
+    let want = pipeline_json(
+        "text-classification",
+        &fixture("bert-seqcls"),
+        &inputs[..1],
+        p,
+    );
+    assert!(same(&got, &want[0]), "{got} vs {}", want[0]);
+
+    // HF Inference API on a named model: its pipeline's output, parameters included.
+    let (status, got) = post_json(
+        &format!("{base}/models/{}", fixture("bert-tokcls")),
+        json!({"inputs": texts, "parameters": {"aggregation_strategy": "simple"}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let mut p = Params::new();
+    p.insert("aggregation_strategy".into(), json!("simple"));
+    let want = pipeline_json("ner", &fixture("bert-tokcls"), &inputs, p);
+    assert!(same(&got, &want), "{got} vs {want}");
+    let (status, _) = post_json(
+        &format!(
+            "{base}/models/{}/pipeline/token-classification",
+            fixture("bert-tokcls")
+        ),
+        json!({"inputs": texts[0]}),
+    );
+    assert_eq!(status, 200);
+
+    let models = ureq::get(&format!("{base}/v1/models"))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn bad_requests_get_status_codes_and_json_errors() {
+    let base = start();
+    let embed = format!("{base}/embed");
+    let cases: Vec<(&str, (u16, Value), u16, &str)> = vec![
+        (
+            "no content type",
+            post(&embed, "{\"inputs\": \"a\"}", None, Some(KEY)),
+            415,
+            "Content-Type",
+        ),
+        (
+            "not JSON",
+            post(&embed, "{inputs", Some("application/json"), Some(KEY)),
+            400,
+            "not JSON",
+        ),
+        (
+            "no key",
+            post(
+                &embed,
+                "{\"inputs\": \"a\"}",
+                Some("application/json"),
+                None,
+            ),
+            401,
+            "Authorization",
+        ),
+        (
+            "wrong key",
+            post(
+                &embed,
+                "{\"inputs\": \"a\"}",
+                Some("application/json"),
+                Some("nope"),
+            ),
+            401,
+            "Authorization",
+        ),
+        (
+            "too large",
+            post_json(&embed, json!({"inputs": "x".repeat(5000)})),
+            413,
+            "",
+        ),
+        (
+            "too many inputs",
+            post_json(&embed, json!({"inputs": ["a", "b", "c", "d", "e"]})),
+            413,
+            "batch size 5",
+        ),
+        (
+            "missing inputs",
+            post_json(&embed, json!({"text": "a"})),
+            422,
+            "inputs",
+        ),
+        (
+            "unknown parameter",
+            post_json(
+                &format!("{base}/models/{}", fixture("bert-seqcls")),
+                json!({"inputs": "a", "parameters": {"top_q": 1}}),
+            ),
+            422,
+            "top_q",
+        ),
+        (
+            "unknown model",
+            post_json(&format!("{base}/models/org/none"), json!({"inputs": "a"})),
+            404,
+            "org/none",
+        ),
+        (
+            "unknown route",
+            post_json(&format!("{base}/nowhere"), json!({})),
+            404,
+            "/nowhere",
+        ),
+    ];
+    for (what, (status, body), want, needle) in cases {
+        assert_eq!(status, want, "{what}: {body}");
+        let msg = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {body}"));
+        assert!(msg.contains(needle), "{what}: {msg}");
+        assert!(body["error_type"].is_string(), "{what}: {body}");
+    }
+    // OpenAI routes answer OpenAI's error shape.
+    let (status, body) = post_json(&format!("{base}/v1/embeddings"), json!({"input": 3}));
+    assert_eq!(status, 422);
+    assert!(body["error"]["message"].as_str().unwrap().contains("input"));
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    // Probes stay public.
+    assert_eq!(
+        ureq::get(&format!("{base}/health"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+}
