@@ -44,8 +44,9 @@ different numbers.
 `train` fine-tunes a BERT, DistilBERT, RoBERTa or XLM-RoBERTa base for text-classification,
 token-classification or question-answering on a JSONL/CSV/SQuAD file and saves what
 `save_pretrained` writes (Python's from_pretrained and `run` load it).
-`serve` answers HTTP on 127.0.0.1: TEI's /embed and /predict, the HF Inference API's POST / and
-/models/ID ({inputs, parameters}), OpenAI's /v1/embeddings and /v1/models, /health, /info.
+`serve` answers HTTP on 127.0.0.1: TEI's /embed and /predict, TGI's /generate, the HF Inference
+API's POST / and /models/ID ({inputs, parameters}), OpenAI's /v1/chat/completions,
+/v1/completions (streamed too), /v1/embeddings and /v1/models, /health, /info.
 --dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
 f32 with a warning on CPUs without it); other models take candle's bf16 path.";
 
@@ -175,7 +176,7 @@ fn run_stream(args: &RunArgs, inputs: &[Input]) -> Result<(), String> {
     for input in inputs {
         let mut out = stdout.lock();
         let mut io_err = None;
-        pipe.run_streaming(input, &args.params, &mut |delta| {
+        pipe.stream(input, &args.params, &mut |delta| {
             if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
                 io_err.get_or_insert(e);
             }

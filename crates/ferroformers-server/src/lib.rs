@@ -3,13 +3,16 @@
 //! - TEI: `POST /embed`, `/predict`; `GET /health`, `/info`;
 //! - the HF Inference API: `POST /` and `/models/{id}` with `{inputs, parameters}` for every
 //!   task (the pipeline's own output shapes);
-//! - OpenAI: `POST /v1/embeddings` (float and base64), `GET /v1/models`;
+//! - OpenAI: `POST /v1/chat/completions`, `/v1/completions` (both also streamed as server-sent
+//!   events), `/v1/embeddings` (float and base64), `GET /v1/models`;
+//! - TGI: `POST /generate`;
 //! - probes: `GET /live`, `/ready`.
 //!
 //! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
 //! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
 //! library code and run on blocking threads (their products use the rayon pool). Not yet:
-//! generation routes (TGI, chat completions), batching across requests, metrics, streaming.
+//! batching across requests (continuous batching for generation), TGI's `/generate_stream`,
+//! cancelling a generation whose client has gone, metrics.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -255,6 +258,9 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/embed", post(tei_embed))
         .route("/predict", post(tei_predict))
         .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/completions", post(openai_completions))
+        .route("/generate", post(tgi_generate))
         .route("/v1/models", get(openai_models))
         .route("/info", get(info))
         .route("/health", get(|| async { StatusCode::OK }))
@@ -745,6 +751,355 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
     );
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     axum::Json(Value::Object(o)).into_response()
+}
+
+/// The text-generation model a request names (`model`), else the first one served.
+fn generator<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
+    let m = match id {
+        Some(id) => model(state, Some(id))?,
+        None => state
+            .models
+            .iter()
+            .find(|m| m.task == "text-generation")
+            .ok_or_else(|| ApiError::validation("no text-generation model is served"))?,
+    };
+    if m.task != "text-generation" {
+        return Err(ApiError::validation(format!(
+            "`{}` is a {} model, not a text-generation model",
+            m.id, m.task
+        )));
+    }
+    Ok(m)
+}
+
+/// OpenAI's sampling fields as generation parameters: `max_tokens` (or
+/// `max_completion_tokens`; default 256) -> `max_new_tokens`, `temperature` (default 1; 0 means
+/// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`. `n` other than 1
+/// is refused.
+fn openai_params(v: &Value) -> Result<Params, ApiError> {
+    let mut p = Params::new();
+    let num = |k: &str| -> Result<Option<f64>, ApiError> {
+        match v.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ApiError::validation(format!("`{k}` must be a number"))),
+        }
+    };
+    let max = num("max_completion_tokens")?
+        .or(num("max_tokens")?)
+        .unwrap_or(256.0);
+    if max < 1.0 || max.fract() != 0.0 {
+        return Err(ApiError::validation(
+            "`max_tokens` must be a whole number >= 1",
+        ));
+    }
+    p.insert("max_new_tokens".into(), json!(max as u64));
+    let temperature = num("temperature")?.unwrap_or(1.0);
+    if temperature < 0.0 {
+        return Err(ApiError::validation("`temperature` must be >= 0"));
+    }
+    if temperature == 0.0 {
+        p.insert("do_sample".into(), json!(false));
+    } else {
+        p.insert("do_sample".into(), json!(true));
+        p.insert("temperature".into(), json!(temperature));
+        if let Some(t) = num("top_p")? {
+            p.insert("top_p".into(), json!(t));
+        }
+        // OpenAI samples from the whole vocabulary; transformers' default is top_k 50.
+        p.insert("top_k".into(), json!(0));
+    }
+    if let Some(seed) = num("seed")? {
+        p.insert("seed".into(), json!(seed as u64));
+    }
+    match v.get("stop") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            p.insert("stop_strings".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            if !a.is_empty() {
+                p.insert("stop_strings".into(), Value::Array(a.clone()));
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`stop` must be a string or a list of strings",
+            ))
+        }
+    }
+    if num("n")?.is_some_and(|n| n != 1.0) {
+        return Err(ApiError::validation("only `n: 1` is supported"));
+    }
+    p.insert("return_full_text".into(), json!(false));
+    Ok(p)
+}
+
+/// A chat's messages: `content` a string or a list of `{type: "text", text}` parts.
+fn chat_input(v: &Value) -> Result<Input, ApiError> {
+    let list = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::validation("missing field `messages` (a list)"))?;
+    if list.is_empty() {
+        return Err(ApiError::validation("`messages` cannot be empty"));
+    }
+    let mut msgs = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::validation(format!("messages[{i}] has no `role`")))?;
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(
+                    |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                        _ => Err(ApiError::validation(format!(
+                            "messages[{i}]: only text content parts are supported"
+                        ))),
+                    },
+                )
+                .collect::<Result<Vec<_>, _>>()?
+                .concat(),
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "messages[{i}] has no string `content`"
+                )))
+            }
+        };
+        msgs.push(ferroformers::generation::Message::new(role, content));
+    }
+    Ok(Input::Chat(msgs))
+}
+
+fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A response id: the kind's prefix and a process-wide counter with the time.
+fn response_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{:x}{n:04x}", unix_time())
+}
+
+fn generated_text(out: &Output) -> String {
+    match out {
+        Output::Generated(g) => g
+            .first()
+            .and_then(|g| g.generated_text.as_text().map(str::to_string))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// How a generation request's answer goes out.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn openai_generate(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = generator(&state, v.get("model").and_then(Value::as_str))?;
+    let index = index_of(&state, m);
+    let name = m.id.clone();
+    let input = match kind {
+        Kind::Chat => chat_input(&v)?,
+        Kind::Completion => match v.get("prompt") {
+            Some(Value::String(s)) => Input::Text(s.clone()),
+            _ => return Err(ApiError::validation("`prompt` must be a string")),
+        },
+    };
+    let params = openai_params(&v)?;
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = v
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (id, object, chunk_object) = match kind {
+        Kind::Chat => (
+            response_id("chatcmpl"),
+            "chat.completion",
+            "chat.completion.chunk",
+        ),
+        Kind::Completion => (response_id("cmpl"), "text_completion", "text_completion"),
+    };
+    let created = unix_time();
+    let usage_json = |u: &ferroformers::pipelines::text_generation::Usage| {
+        json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+               "total_tokens": u.prompt_tokens + u.completion_tokens})
+    };
+    let finish = |u: &ferroformers::pipelines::text_generation::Usage| {
+        if u.hit_limit {
+            "length"
+        } else {
+            "stop"
+        }
+    };
+    if !stream {
+        let st = state.clone();
+        let (out, usage) = tokio::task::spawn_blocking(move || {
+            st.models[index]
+                .pipe
+                .run_streaming(&input, &params, &mut |_| {})
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+        .map_err(ApiError::from)?;
+        let text = generated_text(&out);
+        let choice = match kind {
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": null, "finish_reason": finish(&usage)}),
+            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
+                                       "finish_reason": finish(&usage)}),
+        };
+        return Ok(axum::Json(json!({
+            "id": id, "object": object, "created": created, "model": name,
+            "choices": [choice], "usage": usage_json(&usage),
+        }))
+        .into_response());
+    }
+    // Streamed: the generation runs on a blocking thread and sends each piece of text as an
+    // event; the parameters were checked above, so errors from here on are generation errors,
+    // sent as a last event.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let chunk = |choice: Value| {
+            json!({"id": id, "object": chunk_object, "created": created, "model": name,
+                   "choices": [choice]})
+            .to_string()
+        };
+        if kind == Kind::Chat {
+            let first = chunk(
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": null, "finish_reason": null}),
+            );
+            let _ = tx.blocking_send(first);
+        }
+        let result = st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |delta| {
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {"content": delta},
+                                         "logprobs": null, "finish_reason": null}),
+                    Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
+                                               "finish_reason": null}),
+                };
+                let _ = tx.blocking_send(chunk(choice));
+            });
+        match result {
+            Ok((_, usage)) => {
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {}, "logprobs": null,
+                                         "finish_reason": finish(&usage)}),
+                    Kind::Completion => json!({"index": 0, "text": "", "logprobs": null,
+                                               "finish_reason": finish(&usage)}),
+                };
+                let _ = tx.blocking_send(chunk(choice));
+                if include_usage {
+                    let u = json!({"id": id, "object": chunk_object, "created": created,
+                                   "model": name, "choices": [], "usage": usage_json(&usage)});
+                    let _ = tx.blocking_send(u.to_string());
+                }
+            }
+            Err(e) => {
+                let err = ApiError::from(e);
+                let _ = tx.blocking_send(
+                    json!({"error": {"message": err.message, "type": "server_error",
+                                     "param": null, "code": err.status.as_u16()}})
+                    .to_string(),
+                );
+            }
+        }
+        let _ = tx.blocking_send("[DONE]".into());
+    });
+    use tokio_stream::StreamExt;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
+        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
+    });
+    Ok(axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
+async fn openai_chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    openai_generate(state, headers, body, Kind::Chat)
+        .await
+        .map_err(ApiError::openai)
+}
+
+async fn openai_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    openai_generate(state, headers, body, Kind::Completion)
+        .await
+        .map_err(ApiError::openai)
+}
+
+/// TGI `/generate`: `{inputs, parameters}` (transformers' generation parameters, TGI's `stop`
+/// as stop strings) -> `{generated_text}` (new text unless `return_full_text`).
+async fn tgi_generate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = generator(&state, None)?;
+    let index = index_of(&state, m);
+    let input = match v.get("inputs") {
+        Some(Value::String(s)) => Input::Text(s.clone()),
+        _ => return Err(ApiError::validation("`inputs` must be a string")),
+    };
+    let mut params = params_of(&v)?;
+    if let Some(stop) = params.remove("stop") {
+        params.insert("stop_strings".into(), stop);
+    }
+    // TGI: greedy unless asked, new text only unless asked.
+    params
+        .entry("do_sample".to_string())
+        .or_insert(json!(false));
+    params
+        .entry("return_full_text".to_string())
+        .or_insert(json!(false));
+    let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
+    let st = state.clone();
+    let (out, usage) = tokio::task::spawn_blocking(move || {
+        st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |_| {})
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+    .map_err(ApiError::from)?;
+    let mut body = json!({"generated_text": generated_text(&out)});
+    if details {
+        body["details"] = json!({
+            "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+            "generated_tokens": usage.completion_tokens,
+        });
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 /// Standard base64 with padding (OpenAI's `encoding_format: "base64"`: little-endian f32s).

@@ -19,6 +19,16 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
+fn decoder() -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders/models/llama");
+    std::fs::canonicalize(p)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 const KEY: &str = "test-key";
 
 /// Start a server (port 0) on a runtime of its own; its base URL.
@@ -28,6 +38,7 @@ fn start() -> String {
             ModelSpec::parse(&fixture("minilm-st")),
             ModelSpec::parse(&fixture("bert-seqcls")),
             ModelSpec::parse(&format!("{}=ner", fixture("bert-tokcls"))),
+            ModelSpec::parse(&format!("{}=text-generation", decoder())),
         ],
         port: 0,
         api_key: Some(KEY.into()),
@@ -200,7 +211,121 @@ fn routes_answer_as_the_pipelines_do() {
         .unwrap()
         .into_json::<Value>()
         .unwrap();
-    assert_eq!(models["data"].as_array().unwrap().len(), 3);
+    assert_eq!(models["data"].as_array().unwrap().len(), 4);
+}
+
+/// Greedy generation through OpenAI's chat and completions routes (whole and streamed) and
+/// TGI's `/generate` gives the pipeline's text; usage counts and the stream's byte format.
+#[test]
+fn generation_routes_match_the_pipeline() {
+    let base = start();
+    let gen = |input: Input, n: u64| -> String {
+        let mut p = Params::new();
+        p.insert("max_new_tokens".into(), json!(n));
+        p.insert("do_sample".into(), json!(false));
+        p.insert("return_full_text".into(), json!(false));
+        let v = pipeline_json("text-generation", &decoder(), &[input], p);
+        v[0][0]["generated_text"].as_str().unwrap().to_string()
+    };
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let chat = Input::Chat(vec![ferroformers::generation::Message::new(
+        "user", "Hi there",
+    )]);
+    let want = gen(chat, 8);
+
+    let (status, got) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": messages, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["object"], "chat.completion");
+    assert_eq!(
+        got["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
+    assert_eq!(got["choices"][0]["finish_reason"], "length");
+    assert_eq!(got["usage"]["completion_tokens"], 8);
+    let prompt_tokens = got["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 2);
+
+    // Streamed: `data: <json>\n\n` events, a role chunk first, deltas that add up to the same
+    // text, a finish reason, the usage chunk asked for, then `[DONE]`.
+    let resp = ureq::post(&format!("{base}/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string(
+            &json!({"messages": messages, "max_tokens": 8, "temperature": 0, "stream": true,
+                    "stream_options": {"include_usage": true}})
+            .to_string(),
+        )
+        .unwrap();
+    assert!(resp.content_type().starts_with("text/event-stream"));
+    let raw = resp.into_string().unwrap();
+    let events: Vec<&str> = raw
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an event: {e:?}"))
+        })
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, [&json!("length")]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), prompt_tokens);
+    assert_eq!(usage["completion_tokens"], 8);
+
+    let want = gen(Input::Text("Once upon".into()), 6);
+    let (status, got) = post_json(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": "Once upon", "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"].as_str().unwrap(), want);
+    let (status, got) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6, "details": true}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["generated_text"].as_str().unwrap(), want);
+    assert_eq!(got["details"]["generated_tokens"], 6);
+
+    // Refusals, in each family's error shape.
+    let (status, body) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": messages, "n": 2}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`n: 1`"));
+    let (status, body) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": messages, "model": fixture("bert-seqcls")}),
+    );
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "a", "parameters": {"watermark": true}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("watermark"));
 }
 
 #[test]

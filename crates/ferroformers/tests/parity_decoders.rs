@@ -260,9 +260,11 @@ fn streaming_yields_the_generated_text() {
     // "Café in Zürich is" continues with byte tokens that split characters.
     let input = Input::Text("Café in Zürich is".into());
     let mut streamed = String::new();
-    let out = pipe
-        .run_streaming(&input, &params, &mut |d| streamed.push_str(d))
+    let (out, usage) = pipe
+        .stream(&input, &params, &mut |d| streamed.push_str(d))
         .unwrap();
+    assert_eq!(usage.completion_tokens, 12);
+    assert!(usage.hit_limit && usage.prompt_tokens > 3, "{usage:?}");
     let ferroformers::Output::Generated(texts) = out else {
         panic!()
     };

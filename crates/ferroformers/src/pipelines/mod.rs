@@ -250,6 +250,20 @@ impl Default for PipelineOptions {
 pub(crate) trait Task: Send + Sync {
     fn accepted_params(&self) -> &'static [&'static str];
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
+
+    /// Generate for one input with each new piece of text passed to `on_text` as it comes
+    /// (text generation only).
+    fn run_streaming(
+        &self,
+        _input: &Input,
+        _params: &Params,
+        _on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Output, text_generation::Usage)> {
+        Err(Error::param(
+            "stream",
+            "streaming is for the text-generation task",
+        ))
+    }
 }
 
 /// A loaded pipeline: `run` it on inputs with HF's parameters.
@@ -305,6 +319,17 @@ impl Pipeline {
             }
         }
         self.inner.run(inputs, &params, batch_size)
+    }
+
+    /// Text generation for one input, `on_text` called with each new piece of text as it is
+    /// produced; the output and its token counts. Other tasks: an error.
+    pub fn run_streaming(
+        &self,
+        input: &Input,
+        params: &Params,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Output, text_generation::Usage)> {
+        self.inner.run_streaming(input, params, on_text)
     }
 
     /// Run on one text with default parameters.

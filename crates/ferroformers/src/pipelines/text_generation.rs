@@ -35,6 +35,16 @@ impl Generation {
     }
 }
 
+/// Token counts of one streamed generation (a server's `usage` and `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Generation stopped at its token limit (OpenAI's `finish_reason: "length"`), not at an
+    /// end token or stop string.
+    pub hit_limit: bool,
+}
+
 /// Parse `{"messages": [{"role", "content"}, ..]}`.
 pub fn chat_from_json(o: &Map<String, Value>, index: usize) -> Result<Input> {
     if let Some(k) = o.keys().find(|k| *k != "messages") {
@@ -239,13 +249,13 @@ impl TextGeneration {
     }
 
     /// Generate for one input, calling `on_text` with each new piece of text as it is
-    /// produced (greedy search or sampling with one sequence).
-    pub fn run_streaming(
+    /// produced (greedy search or sampling with one sequence); the output and its token counts.
+    pub fn stream(
         &self,
         input: &Input,
         params: &Params,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<Output> {
+    ) -> Result<(Output, Usage)> {
         for k in params.keys() {
             if !self.accepted.contains(&k.as_str()) {
                 return Err(Error::UnknownParameter {
@@ -271,10 +281,14 @@ impl TextGeneration {
         let prompt = self.encode(input, &o, 0)?;
         let mut streamer = TextStreamer::new(&self.generator.tokenizer, o.skip_special_tokens);
         let mut err = None;
-        let mut on_token = |_: usize, tok: u32| match streamer.push(tok) {
-            Ok(Some(delta)) => on_text(&delta),
-            Ok(None) => {}
-            Err(e) => err = Some(e),
+        let mut new_tokens = 0usize;
+        let mut on_token = |_: usize, tok: u32| {
+            new_tokens += 1;
+            match streamer.push(tok) {
+                Ok(Some(delta)) => on_text(&delta),
+                Ok(None) => {}
+                Err(e) => err = Some(e),
+            }
         };
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
         let mut hooks = Hooks {
@@ -291,17 +305,37 @@ impl TextGeneration {
             on_text(&rest);
         }
         let seqs = out.sequences.into_iter().next().unwrap_or_default();
+        let completion = seqs.first().map_or(new_tokens, |s| s.len());
+        let limit = cfg
+            .max_new_tokens
+            .unwrap_or(cfg.max_length.saturating_sub(prompt.len()));
         let texts = seqs
             .iter()
             .map(|s| self.postprocess(input, &prompt, s, &o))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Output::Generated(texts))
+        Ok((
+            Output::Generated(texts),
+            Usage {
+                prompt_tokens: prompt.len(),
+                completion_tokens: completion,
+                hit_limit: completion >= limit,
+            },
+        ))
     }
 }
 
 impl Task for TextGeneration {
     fn accepted_params(&self) -> &'static [&'static str] {
         self.accepted
+    }
+
+    fn run_streaming(
+        &self,
+        input: &Input,
+        params: &Params,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(Output, Usage)> {
+        self.stream(input, params, on_text)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
