@@ -5,7 +5,8 @@ use ferroformers_server::{Config, ModelSpec};
 pub const USAGE: &str = "\
   ferroformers serve --model PATH|ID[=TASK] [--model ...] [--served-model-name NAME]
                      [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
-                     [--payload-limit 2000000] [--max-client-batch-size 32] [--threads N]";
+                     [--payload-limit 2000000] [--max-client-batch-size 32]
+                     [--max-batch-inputs 128] [--max-batch-wait-ms 0] [--threads N]";
 
 fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
     v.parse()
@@ -29,6 +30,10 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             "--api-key" => cfg.api_key = Some(value()?),
             "--payload-limit" => cfg.payload_limit = num(a, &value()?)?,
             "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
+            "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
+            "--max-batch-wait-ms" => {
+                cfg.max_batch_wait = std::time::Duration::from_millis(num(a, &value()?)?)
+            }
             "--threads" => {
                 let n: usize = num(a, &value()?)?;
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());

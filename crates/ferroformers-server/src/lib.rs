@@ -6,7 +6,10 @@
 //! - OpenAI: `POST /v1/chat/completions`, `/v1/completions` (both also streamed as server-sent
 //!   events), `/v1/embeddings` (float and base64), `GET /v1/models`;
 //! - TGI: `POST /generate`;
-//! - probes: `GET /live`, `/ready`.
+//! - probes: `GET /live`, `/ready`; Prometheus counters at `GET /metrics`.
+//!
+//! Encoder models batch dynamically: requests that wait together run as one pipeline call
+//! ([`batch`]).
 //!
 //! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
 //! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
@@ -27,6 +30,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use ferroformers::{Input, Output, Params, Pipeline, PipelineOptions};
 use serde_json::{json, Map, Value};
+
+mod batch;
 
 /// One model to serve: a folder or hub id, and its task (else read from its files).
 #[derive(Debug, Clone)]
@@ -65,6 +70,11 @@ pub struct Config {
     pub payload_limit: usize,
     /// Most inputs in one request (TEI: 32).
     pub max_client_batch_size: usize,
+    /// Most inputs the requests merged into one pipeline call may hold together.
+    pub max_batch_inputs: usize,
+    /// How long a batch's first request waits for others to join (default 0: a batch is
+    /// whatever is queued when the model is free).
+    pub max_batch_wait: std::time::Duration,
 }
 
 impl Default for Config {
@@ -77,6 +87,8 @@ impl Default for Config {
             api_key: None,
             payload_limit: 2_000_000,
             max_client_batch_size: 32,
+            max_batch_inputs: 128,
+            max_batch_wait: std::time::Duration::ZERO,
         }
     }
 }
@@ -85,8 +97,10 @@ impl Default for Config {
 struct Served {
     id: String,
     task: String,
-    pipe: Pipeline,
+    pipe: Arc<Pipeline>,
     tokenizer: Option<ferroformers::tokenizer::Tokenizer>,
+    /// Encoder tasks: the queue that merges concurrent requests (generation runs per request).
+    batcher: Option<batch::Batcher>,
 }
 
 struct AppState {
@@ -131,7 +145,11 @@ pub fn infer_task(dir: &Path) -> Option<&'static str> {
     Some(task)
 }
 
-fn load(spec: &ModelSpec) -> Result<Served, String> {
+fn load(
+    spec: &ModelSpec,
+    max_batch_inputs: usize,
+    wait: std::time::Duration,
+) -> Result<Served, String> {
     let dir =
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
     let task = match &spec.task {
@@ -161,11 +179,16 @@ fn load(spec: &ModelSpec) -> Result<Served, String> {
             )
             .ok()
         });
+    let task = pipe.task().to_string();
+    let pipe = Arc::new(pipe);
+    let batcher = (task != "text-generation")
+        .then(|| batch::Batcher::start(pipe.clone(), max_batch_inputs, wait));
     Ok(Served {
         id: spec.model.clone(),
-        task: pipe.task().to_string(),
+        task,
         pipe,
         tokenizer,
+        batcher,
     })
 }
 
@@ -182,8 +205,12 @@ impl Server {
             return Err("`serve` needs at least one --model".into());
         }
         let specs = cfg.models.clone();
+        let (max_batch, wait) = (cfg.max_batch_inputs, cfg.max_batch_wait);
         let mut models = tokio::task::spawn_blocking(move || {
-            specs.iter().map(load).collect::<Result<Vec<_>, _>>()
+            specs
+                .iter()
+                .map(|s| load(s, max_batch, wait))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -263,6 +290,7 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/generate", post(tgi_generate))
         .route("/v1/models", get(openai_models))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/live", get(|| async { StatusCode::OK }))
         .route("/ready", get(|| async { StatusCode::OK }))
@@ -346,7 +374,10 @@ async fn require_api_key(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let public = matches!(req.uri().path(), "/health" | "/live" | "/ready");
+    let public = matches!(
+        req.uri().path(),
+        "/health" | "/live" | "/ready" | "/metrics"
+    );
     if let (Some(key), false) = (&state.api_key, public) {
         let given = req
             .headers()
@@ -466,13 +497,17 @@ fn params_of(v: &Value) -> Result<Params, ApiError> {
     }
 }
 
-/// Run a pipeline off the async threads.
+/// Run a pipeline off the async threads: through the model's batch queue, or (generation)
+/// on a blocking thread of its own.
 async fn run(
     state: &Arc<AppState>,
     index: usize,
     inputs: Vec<Input>,
     params: Params,
 ) -> Result<Vec<Output>, ApiError> {
+    if let Some(b) = &state.models[index].batcher {
+        return b.run(inputs, params).await.map_err(ApiError::from);
+    }
     let state = state.clone();
     tokio::task::spawn_blocking(move || state.models[index].pipe.run(&inputs, &params))
         .await
@@ -732,6 +767,68 @@ async fn openai_models(State(state): State<Arc<AppState>>) -> Response {
         .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "ferroformers"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// Prometheus text format: per model, requests waiting, batches run, requests and inputs in
+/// them, the largest batch, requests dropped because their client had gone.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&batch::Stats) -> u64,
+    );
+    let series: [Series; 6] = [
+        (
+            "ferroformers_queue_size",
+            "gauge",
+            "requests waiting for a batch",
+            |s| s.queued.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_count",
+            "counter",
+            "pipeline calls run by the batcher",
+            |s| s.batches.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_requests_total",
+            "counter",
+            "requests in those calls",
+            |s| s.batched_requests.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_inputs_total",
+            "counter",
+            "inputs in those calls",
+            |s| s.batched_inputs.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_max_inputs",
+            "gauge",
+            "largest call so far, in inputs",
+            |s| s.largest_batch.load(Relaxed),
+        ),
+        (
+            "ferroformers_dropped_requests_total",
+            "counter",
+            "requests whose client left before they ran",
+            |s| s.dropped.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in &state.models {
+            if let Some(b) = &m.batcher {
+                let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b.stats));
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn info(State(state): State<Arc<AppState>>) -> Response {

@@ -33,7 +33,11 @@ const KEY: &str = "test-key";
 
 /// Start a server (port 0) on a runtime of its own; its base URL.
 fn start() -> String {
-    let cfg = Config {
+    start_with(|_| {})
+}
+
+fn start_with(change: impl FnOnce(&mut Config)) -> String {
+    let mut cfg = Config {
         models: vec![
             ModelSpec::parse(&fixture("minilm-st")),
             ModelSpec::parse(&fixture("bert-seqcls")),
@@ -46,6 +50,7 @@ fn start() -> String {
         max_client_batch_size: 4,
         ..Config::default()
     };
+    change(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -428,4 +433,60 @@ fn bad_requests_get_status_codes_and_json_errors() {
             .status(),
         200
     );
+}
+
+/// Concurrent requests to one encoder model run as shared pipeline calls (the metrics say so)
+/// and each gets the answer it gets alone.
+#[test]
+fn concurrent_requests_are_batched() {
+    let base = start_with(|c| c.max_batch_wait = std::time::Duration::from_millis(300));
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("Sentence number {i} is {} long.", "very ".repeat(i)))
+        .collect();
+    let handles: Vec<_> = texts
+        .iter()
+        .map(|t| {
+            let (url, t) = (format!("{base}/embed"), t.clone());
+            std::thread::spawn(move || post_json(&url, json!({"inputs": t})))
+        })
+        .collect();
+    let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let metrics = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("minilm-st"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let (batches, requests) = (
+        value("ferroformers_batch_count"),
+        value("ferroformers_batch_requests_total"),
+    );
+    assert_eq!(requests, 12.0, "{metrics}");
+    assert!(batches < 12.0, "no request was merged: {metrics}");
+    assert!(value("ferroformers_batch_max_inputs") > 1.0);
+    let mut p = Params::new();
+    p.insert("normalize".into(), json!(true));
+    for (t, (status, got)) in texts.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{got}");
+        let want = pipeline_json(
+            "sentence-embeddings",
+            &fixture("minilm-st"),
+            &[Input::from(t.as_str())],
+            p.clone(),
+        );
+        let (g, w) = (floats(&got[0]), floats(&want[0]));
+        let d = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{t}: batched answer differs by {d}");
+    }
 }
