@@ -6,7 +6,9 @@ pub const USAGE: &str = "\
   ferroformers serve --model PATH|ID[=TASK] [--model ...] [--served-model-name NAME]
                      [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
                      [--payload-limit 2000000] [--max-client-batch-size 32]
-                     [--max-batch-inputs 128] [--max-batch-wait-ms 0] [--threads N]";
+                     [--max-batch-inputs 128] [--max-batch-wait-ms 0]
+                     [--max-concurrent-requests 128] [--cors-allow-origin ORIGIN|*]...
+                     [--threads N]";
 
 fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
     v.parse()
@@ -31,6 +33,8 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             "--payload-limit" => cfg.payload_limit = num(a, &value()?)?,
             "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
             "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
+            "--max-concurrent-requests" => cfg.max_concurrent_requests = num(a, &value()?)?,
+            "--cors-allow-origin" => cfg.cors_allow_origin.push(value()?),
             "--max-batch-wait-ms" => {
                 cfg.max_batch_wait = std::time::Duration::from_millis(num(a, &value()?)?)
             }

@@ -75,6 +75,10 @@ pub struct Config {
     /// How long a batch's first request waits for others to join (default 0: a batch is
     /// whatever is queued when the model is free).
     pub max_batch_wait: std::time::Duration,
+    /// Requests running or queued at once; more are answered 429 at once (TGI: 128).
+    pub max_concurrent_requests: usize,
+    /// `--cors-allow-origin`: origins (or `*`) whose browser pages may call the server.
+    pub cors_allow_origin: Vec<String>,
 }
 
 impl Default for Config {
@@ -89,6 +93,8 @@ impl Default for Config {
             max_client_batch_size: 32,
             max_batch_inputs: 128,
             max_batch_wait: std::time::Duration::ZERO,
+            max_concurrent_requests: 128,
+            cors_allow_origin: Vec::new(),
         }
     }
 }
@@ -107,6 +113,13 @@ struct AppState {
     models: Vec<Served>,
     api_key: Option<String>,
     max_client_batch_size: usize,
+    /// Requests running or waiting (the POST routes), against `max_concurrent_requests`.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_concurrent_requests: usize,
+    /// Set on SIGTERM: `/ready` answers 503 and new work is refused while work in flight ends.
+    draining: std::sync::atomic::AtomicBool,
+    /// Origins a browser may call from (`*` for any); empty: no CORS headers.
+    cors_origins: Vec<String>,
 }
 
 /// The task a model folder was made for: its config's `architectures`, a sentence-transformers
@@ -196,6 +209,7 @@ fn load(
 pub struct Server {
     listener: tokio::net::TcpListener,
     app: Router,
+    state: Arc<AppState>,
 }
 
 impl Server {
@@ -221,13 +235,21 @@ impl Server {
             models,
             api_key: cfg.api_key.clone(),
             max_client_batch_size: cfg.max_client_batch_size,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            max_concurrent_requests: cfg.max_concurrent_requests.max(1),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            cors_origins: cfg.cors_allow_origin.clone(),
         });
-        let app = router(state, cfg.payload_limit);
+        let app = router(state.clone(), cfg.payload_limit);
         let addr = format!("{}:{}", cfg.hostname, cfg.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        Ok(Server { listener, app })
+        Ok(Server {
+            listener,
+            app,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -236,8 +258,23 @@ impl Server {
 
     /// Serve until SIGTERM or Ctrl-C; requests in flight finish first.
     pub async fn run(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serve until `stop` completes, then drain: `/ready` answers 503, new work is refused
+    /// with 503, requests in flight (streams included) finish, and the call returns.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
         axum::serve(self.listener, self.app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                stop.await;
+                state
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            })
             .await
     }
 }
@@ -293,7 +330,7 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/live", get(|| async { StatusCode::OK }))
-        .route("/ready", get(|| async { StatusCode::OK }))
+        .route("/ready", get(ready))
         .fallback(|uri: Uri| async move {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -301,12 +338,167 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
                 format!("no route {}", uri.path()),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ))
         .layer(DefaultBodyLimit::max(payload_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "the server is shutting down",
+        )
+        .into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The POST routes' admission: 503 while draining, 429 with `Retry-After` beyond
+/// `max_concurrent_requests` (decided before any response byte, streams included).
+async fn admit(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    if req.method() != axum::http::Method::POST {
+        return next.run(req).await;
+    }
+    let openai = req.uri().path().starts_with("/v1/");
+    let shape = |e: ApiError| if openai { e.openai() } else { e };
+    if state.draining.load(SeqCst) {
+        return shape(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "the server is shutting down",
+        ))
+        .into_response();
+    }
+    if state.in_flight.fetch_add(1, SeqCst) >= state.max_concurrent_requests {
+        state.in_flight.fetch_sub(1, SeqCst);
+        let mut r = shape(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Overloaded",
+            format!(
+                "the server is overloaded: {} requests in flight already",
+                state.max_concurrent_requests
+            ),
+        ))
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    let guard = InFlight(state.clone());
+    let resp = next.run(req).await;
+    // A streamed body keeps its slot until it has been sent.
+    let (parts, body) = resp.into_parts();
+    let body = axum::body::Body::new(GuardedBody {
+        inner: body,
+        _guard: guard,
+    });
+    Response::from_parts(parts, body)
+}
+
+/// A response body that holds an [`InFlight`] slot until it is dropped.
+struct GuardedBody {
+    inner: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl axum::body::HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `--cors-allow-origin`: preflights answered (204) for the allowed origins, with the
+/// `Authorization` and `Content-Type` headers allowed; every answer to them carries
+/// `Access-Control-Allow-Origin`.
+async fn cors(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let allowed = origin.as_deref().and_then(|o| {
+        if state.cors_origins.iter().any(|a| a == "*") {
+            Some("*".to_string())
+        } else {
+            state
+                .cors_origins
+                .iter()
+                .any(|a| a == o)
+                .then(|| o.to_string())
+        }
+    });
+    let Some(allow) = allowed else {
+        return next.run(req).await;
+    };
+    let value = |s: &str| header::HeaderValue::from_str(s).ok();
+    let mut resp = if req.method() == axum::http::Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            header::HeaderValue::from_static("600"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    if let Some(v) = value(&allow) {
+        resp.headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    resp.headers_mut()
+        .insert(header::VARY, header::HeaderValue::from_static("origin"));
+    resp
 }
 
 /// An error as the route's family writes them.

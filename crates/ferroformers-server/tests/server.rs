@@ -116,6 +116,27 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Wait (up to 10 s) until a request is queued at the server's batcher.
+fn wait_until_queued(base: &str) {
+    for _ in 0..1000 {
+        let m = ureq::get(&format!("{base}/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let queued = m
+            .lines()
+            .filter(|l| l.starts_with("ferroformers_queue_size{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        if queued > 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no request reached the queue");
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
@@ -488,5 +509,134 @@ fn concurrent_requests_are_batched() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(d < 1e-5, "{t}: batched answer differs by {d}");
+    }
+}
+
+/// Beyond `max_concurrent_requests` a request is refused at once with 429 and `Retry-After`;
+/// CORS preflights are answered for an allowed origin only.
+#[test]
+fn overload_is_refused_with_429_and_cors_preflights_pass() {
+    let base = start_with(|c| {
+        c.max_concurrent_requests = 1;
+        c.max_batch_wait = std::time::Duration::from_millis(1500);
+        c.cors_allow_origin = vec!["https://app.example".into()];
+    });
+    let url = format!("{base}/embed");
+    let slow = {
+        let url = url.clone();
+        std::thread::spawn(move || post_json(&url, json!({"inputs": "first"})))
+    };
+    wait_until_queued(&base);
+    let resp = ureq::post(&url)
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string("{\"inputs\": \"second\"}");
+    let Err(ureq::Error::Status(429, r)) = resp else {
+        panic!("expected 429, got {resp:?}")
+    };
+    assert_eq!(r.header("Retry-After"), Some("1"));
+    let body: Value = r.into_json().unwrap();
+    assert_eq!(body["error_type"], "Overloaded");
+    assert_eq!(slow.join().unwrap().0, 200);
+    // The slot is free again.
+    assert_eq!(post_json(&url, json!({"inputs": "third"})).0, 200);
+
+    let pre = ureq::request("OPTIONS", &url)
+        .set("Origin", "https://app.example")
+        .set("Access-Control-Request-Method", "POST")
+        .set(
+            "Access-Control-Request-Headers",
+            "authorization, content-type",
+        )
+        .call()
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(
+        pre.header("Access-Control-Allow-Origin"),
+        Some("https://app.example")
+    );
+    assert!(pre
+        .header("Access-Control-Allow-Headers")
+        .unwrap()
+        .contains("authorization"));
+    let other = ureq::request("OPTIONS", &url)
+        .set("Origin", "https://evil.example")
+        .call();
+    match other {
+        Ok(r) => assert!(r.header("Access-Control-Allow-Origin").is_none()),
+        Err(ureq::Error::Status(_, r)) => {
+            assert!(r.header("Access-Control-Allow-Origin").is_none())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// When told to stop, the server lets the request in flight finish and then returns.
+#[test]
+fn shutdown_drains_requests_in_flight() {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let cfg = Config {
+        models: vec![ModelSpec::parse(&fixture("minilm-st"))],
+        port: 0,
+        max_batch_wait: std::time::Duration::from_millis(1000),
+        ..Config::default()
+    };
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let s = Server::bind(cfg).await.unwrap();
+            addr_tx.send(s.local_addr().unwrap()).unwrap();
+            s.run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let base = format!("http://{}", addr_rx.recv().unwrap());
+    let url = format!("{base}/embed");
+    let in_flight = std::thread::spawn(move || {
+        post(
+            &url,
+            "{\"inputs\": \"still running\"}",
+            Some("application/json"),
+            None,
+        )
+    });
+    wait_until_queued(&base);
+    stop_tx.send(()).unwrap();
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    server.join().unwrap();
+}
+
+/// Every path and port that deploy/ names exists: the probes, the metrics path and the port in
+/// the Kubernetes manifest and the Dockerfile.
+#[test]
+fn deploy_files_name_real_routes() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let k8s = std::fs::read_to_string(root.join("k8s.yaml")).unwrap();
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    // `path: /x` (probes) and `prometheus.io/path: /x`.
+    let mut paths: Vec<&str> = k8s
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split("path: ").nth(1))
+        .filter_map(|rest| rest.split([',', '}', ' ']).next())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    assert!(paths.len() >= 4, "{paths:?}");
+    assert!(k8s.contains("containerPort: 3000") && k8s.contains("prometheus.io/port: \"3000\""));
+    assert!(docker.contains("EXPOSE 3000") && docker.contains("\"--port\", \"3000\""));
+    let base = start();
+    for p in paths {
+        let status = match ureq::get(&format!("{base}{p}")).call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{p}: {e}"),
+        };
+        assert_eq!(status, 200, "{p}");
     }
 }
