@@ -178,8 +178,10 @@ fn run_stream(args: &RunArgs, inputs: &[Input]) -> Result<(), String> {
         let mut io_err = None;
         pipe.stream(input, &args.params, &mut |delta| {
             if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
+                // The reader has gone (a closed pipe): stop generating.
                 io_err.get_or_insert(e);
             }
+            io_err.is_none()
         })
         .map_err(fail)?;
         if let Some(e) = io_err {

@@ -14,8 +14,8 @@
 //! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
 //! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
 //! library code and run on blocking threads (their products use the rayon pool). Not yet:
-//! batching across requests (continuous batching for generation), TGI's `/generate_stream`,
-//! cancelling a generation whose client has gone, metrics.
+//! continuous batching for generation, TGI's `/generate_stream`, a queue-size limit, request
+//! timeouts, latency histograms.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -120,6 +120,43 @@ struct AppState {
     draining: std::sync::atomic::AtomicBool,
     /// Origins a browser may call from (`*` for any); empty: no CORS headers.
     cors_origins: Vec<String>,
+    /// Generations stopped because their client had gone.
+    cancelled: std::sync::atomic::AtomicU64,
+}
+
+/// Cleared when a request's handler is dropped (hyper drops it when the client goes), so the
+/// generation running for it stops at its next token.
+struct ClientAlive(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ClientAlive {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Generate on a blocking thread; the generation stops early if the handler is dropped.
+async fn generate_blocking(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+) -> Result<(Output, ferroformers::pipelines::text_generation::Usage), ApiError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let _watch = ClientAlive(alive.clone());
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |_| alive.load(SeqCst));
+        if !alive.load(SeqCst) {
+            st.cancelled.fetch_add(1, SeqCst);
+        }
+        out
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+    .map_err(ApiError::from)
 }
 
 /// The task a model folder was made for: its config's `architectures`, a sentence-transformers
@@ -239,6 +276,7 @@ impl Server {
             max_concurrent_requests: cfg.max_concurrent_requests.max(1),
             draining: std::sync::atomic::AtomicBool::new(false),
             cors_origins: cfg.cors_allow_origin.clone(),
+            cancelled: std::sync::atomic::AtomicU64::new(0),
         });
         let app = router(state.clone(), cfg.payload_limit);
         let addr = format!("{}:{}", cfg.hostname, cfg.port);
@@ -1020,6 +1058,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             }
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP ferroformers_generations_cancelled_total generations stopped because their \
+         client had gone\n# TYPE ferroformers_generations_cancelled_total counter\n\
+         ferroformers_generations_cancelled_total {}",
+        state.cancelled.load(Relaxed)
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -1240,15 +1285,7 @@ async fn openai_generate(
         }
     };
     if !stream {
-        let st = state.clone();
-        let (out, usage) = tokio::task::spawn_blocking(move || {
-            st.models[index]
-                .pipe
-                .run_streaming(&input, &params, &mut |_| {})
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
-        .map_err(ApiError::from)?;
+        let (out, usage) = generate_blocking(&state, index, input, params).await?;
         let text = generated_text(&out);
         let choice = match kind {
             Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
@@ -1280,6 +1317,9 @@ async fn openai_generate(
             );
             let _ = tx.blocking_send(first);
         }
+        // A send fails once the client has gone (the event stream was dropped): the
+        // generation stops there.
+        let mut gone = false;
         let result = st.models[index]
             .pipe
             .run_streaming(&input, &params, &mut |delta| {
@@ -1289,8 +1329,14 @@ async fn openai_generate(
                     Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
                                                "finish_reason": null}),
                 };
-                let _ = tx.blocking_send(chunk(choice));
+                gone = tx.blocking_send(chunk(choice)).is_err();
+                !gone
             });
+        if gone {
+            st.cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
         match result {
             Ok((_, usage)) => {
                 let choice = match kind {
@@ -1372,15 +1418,7 @@ async fn tgi_generate(
         .entry("return_full_text".to_string())
         .or_insert(json!(false));
     let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
-    let st = state.clone();
-    let (out, usage) = tokio::task::spawn_blocking(move || {
-        st.models[index]
-            .pipe
-            .run_streaming(&input, &params, &mut |_| {})
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
-    .map_err(ApiError::from)?;
+    let (out, usage) = generate_blocking(&state, index, input, params).await?;
     let mut body = json!({"generated_text": generated_text(&out)});
     if details {
         body["details"] = json!({

@@ -261,10 +261,25 @@ fn streaming_yields_the_generated_text() {
     let input = Input::Text("Café in Zürich is".into());
     let mut streamed = String::new();
     let (out, usage) = pipe
-        .stream(&input, &params, &mut |d| streamed.push_str(d))
+        .stream(&input, &params, &mut |d| {
+            streamed.push_str(d);
+            true
+        })
         .unwrap();
     assert_eq!(usage.completion_tokens, 12);
     assert!(usage.hit_limit && usage.prompt_tokens > 3, "{usage:?}");
+    // A reader that goes away after two pieces of text ends the generation there.
+    let mut pieces = 0;
+    let (_, stopped) = pipe
+        .stream(&input, &params, &mut |_| {
+            pieces += 1;
+            pieces < 2
+        })
+        .unwrap();
+    assert!(
+        stopped.completion_tokens < 12 && !stopped.hit_limit,
+        "{stopped:?}"
+    );
     let ferroformers::Output::Generated(texts) = out else {
         panic!()
     };

@@ -28,6 +28,9 @@ pub struct Hooks<'a> {
     pub on_token: Option<&'a mut dyn FnMut(usize, u32)>,
     /// Decodes new tokens to text, for `stop_strings`.
     pub decode: Option<DecodeFn<'a>>,
+    /// Asked after every step of greedy search or sampling: `true` ends the generation there
+    /// (a server's client has gone).
+    pub stop: Option<&'a dyn Fn() -> bool>,
 }
 
 /// Per input, its returned sequences (new tokens only, an eos kept at the end), best first for
@@ -151,7 +154,7 @@ fn greedy_or_sample(
                 keep.push(slot);
             }
         }
-        if keep.is_empty() {
+        if keep.is_empty() || hooks.stop.is_some_and(|f| f()) {
             break;
         }
         if keep.len() != live.len() {

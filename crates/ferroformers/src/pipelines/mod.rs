@@ -252,12 +252,12 @@ pub(crate) trait Task: Send + Sync {
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
     /// Generate for one input with each new piece of text passed to `on_text` as it comes
-    /// (text generation only).
+    /// (text generation only); `on_text` returning `false` stops it.
     fn run_streaming(
         &self,
         _input: &Input,
         _params: &Params,
-        _on_text: &mut dyn FnMut(&str),
+        _on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         Err(Error::param(
             "stream",
@@ -322,12 +322,13 @@ impl Pipeline {
     }
 
     /// Text generation for one input, `on_text` called with each new piece of text as it is
-    /// produced; the output and its token counts. Other tasks: an error.
+    /// produced (returning `false` ends the generation after that token: the reader has
+    /// gone); the output and its token counts. Other tasks: an error.
     pub fn run_streaming(
         &self,
         input: &Input,
         params: &Params,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         self.inner.run_streaming(input, params, on_text)
     }

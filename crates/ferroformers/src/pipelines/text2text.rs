@@ -331,6 +331,7 @@ impl Task for Text2Text {
         let mut outs = Vec::with_capacity(inputs.len());
         let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
+                stop: None,
                 on_token: None,
                 decode: Some(&decode_hook),
             };

@@ -250,11 +250,12 @@ impl TextGeneration {
 
     /// Generate for one input, calling `on_text` with each new piece of text as it is
     /// produced (greedy search or sampling with one sequence); the output and its token counts.
+    /// `on_text` returning `false` ends the generation after that token (the reader has gone).
     pub fn stream(
         &self,
         input: &Input,
         params: &Params,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Output, Usage)> {
         for k in params.keys() {
             if !self.accepted.contains(&k.as_str()) {
@@ -282,16 +283,23 @@ impl TextGeneration {
         let mut streamer = TextStreamer::new(&self.generator.tokenizer, o.skip_special_tokens);
         let mut err = None;
         let mut new_tokens = 0usize;
+        let cancelled = std::cell::Cell::new(false);
         let mut on_token = |_: usize, tok: u32| {
             new_tokens += 1;
             match streamer.push(tok) {
-                Ok(Some(delta)) => on_text(&delta),
+                Ok(Some(delta)) => {
+                    if !on_text(&delta) {
+                        cancelled.set(true);
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => err = Some(e),
             }
         };
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
+        let stop = || cancelled.get();
         let mut hooks = Hooks {
+            stop: Some(&stop),
             on_token: Some(&mut on_token),
             decode: Some(&decode),
         };
@@ -302,7 +310,9 @@ impl TextGeneration {
             return Err(e);
         }
         if let Some(rest) = streamer.finish()? {
-            on_text(&rest);
+            if !cancelled.get() {
+                on_text(&rest);
+            }
         }
         let seqs = out.sequences.into_iter().next().unwrap_or_default();
         let completion = seqs.first().map_or(new_tokens, |s| s.len());
@@ -333,7 +343,7 @@ impl Task for TextGeneration {
         &self,
         input: &Input,
         params: &Params,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Output, Usage)> {
         self.stream(input, params, on_text)
     }
@@ -357,6 +367,7 @@ impl Task for TextGeneration {
         let mut start = 0;
         let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
+                stop: None,
                 on_token: None,
                 decode: Some(&decode),
             };
