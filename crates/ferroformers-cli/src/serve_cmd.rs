@@ -7,8 +7,9 @@ pub const USAGE: &str = "\
                      [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
                      [--payload-limit 2000000] [--max-client-batch-size 32]
                      [--max-batch-inputs 128] [--max-batch-wait-ms 0]
-                     [--max-concurrent-requests 128] [--cors-allow-origin ORIGIN|*]...
-                     [--threads N]";
+                     [--max-concurrent-requests 128] [--max-queue-size 256]
+                     [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
+                     [--json-output] [--quiet] [--threads N]";
 
 fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
     v.parse()
@@ -35,6 +36,16 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
             "--max-concurrent-requests" => cfg.max_concurrent_requests = num(a, &value()?)?,
             "--cors-allow-origin" => cfg.cors_allow_origin.push(value()?),
+            "--max-queue-size" => cfg.max_queue_size = num(a, &value()?)?,
+            "--request-timeout" => {
+                let secs: f64 = num(a, &value()?)?;
+                if !(secs > 0.0 && secs.is_finite()) {
+                    return Err(format!("`--request-timeout` takes seconds > 0, not {secs}"));
+                }
+                cfg.request_timeout = Some(std::time::Duration::from_secs_f64(secs))
+            }
+            "--json-output" => cfg.json_output = true,
+            "--quiet" => cfg.quiet = true,
             "--max-batch-wait-ms" => {
                 cfg.max_batch_wait = std::time::Duration::from_millis(num(a, &value()?)?)
             }

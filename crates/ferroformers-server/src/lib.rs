@@ -79,6 +79,14 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// `--cors-allow-origin`: origins (or `*`) whose browser pages may call the server.
     pub cors_allow_origin: Vec<String>,
+    /// Requests waiting in the models' batch queues at once; more are answered 429.
+    pub max_queue_size: usize,
+    /// A request that has not started answering after this long gets 504 (its work stops).
+    pub request_timeout: Option<std::time::Duration>,
+    /// One log line per request on stderr: JSON (`--json-output`) or plain text.
+    pub json_output: bool,
+    /// No per-request log lines.
+    pub quiet: bool,
 }
 
 impl Default for Config {
@@ -95,6 +103,10 @@ impl Default for Config {
             max_batch_wait: std::time::Duration::ZERO,
             max_concurrent_requests: 128,
             cors_allow_origin: Vec::new(),
+            max_queue_size: 256,
+            request_timeout: None,
+            json_output: false,
+            quiet: false,
         }
     }
 }
@@ -122,6 +134,28 @@ struct AppState {
     cors_origins: Vec<String>,
     /// Generations stopped because their client had gone.
     cancelled: std::sync::atomic::AtomicU64,
+    max_queue_size: usize,
+    request_timeout: Option<std::time::Duration>,
+    log: Option<LogFormat>,
+    requests: std::sync::Mutex<RequestStats>,
+}
+
+#[derive(Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Upper bounds (seconds) of the request-duration histogram's buckets.
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Per route: answers by status, and a histogram of durations (until the answer's head).
+#[derive(Default)]
+struct RequestStats {
+    count: std::collections::BTreeMap<(String, u16), u64>,
+    duration: std::collections::BTreeMap<String, ([u64; BUCKETS.len()], u64, f64)>,
 }
 
 /// Cleared when a request's handler is dropped (hyper drops it when the client goes), so the
@@ -277,6 +311,14 @@ impl Server {
             draining: std::sync::atomic::AtomicBool::new(false),
             cors_origins: cfg.cors_allow_origin.clone(),
             cancelled: std::sync::atomic::AtomicU64::new(0),
+            max_queue_size: cfg.max_queue_size.max(1),
+            request_timeout: cfg.request_timeout,
+            log: (!cfg.quiet).then_some(if cfg.json_output {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            }),
+            requests: std::sync::Mutex::new(RequestStats::default()),
         });
         let app = router(state.clone(), cfg.payload_limit);
         let addr = format!("{}:{}", cfg.hostname, cfg.port);
@@ -377,6 +419,7 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -446,8 +489,45 @@ async fn admit(
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return r;
     }
+    let queued: u64 = state
+        .models
+        .iter()
+        .filter_map(|m| m.batcher.as_ref())
+        .map(|b| b.stats.queued.load(SeqCst))
+        .sum();
+    if queued as usize >= state.max_queue_size {
+        let mut r = shape(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Overloaded",
+            format!(
+                "the queue is full: {queued} requests waiting (max_queue_size {})",
+                state.max_queue_size
+            ),
+        ))
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
     let guard = InFlight(state.clone());
-    let resp = next.run(req).await;
+    let resp = match state.request_timeout {
+        None => next.run(req).await,
+        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(r) => r,
+            // The handler is dropped: its queued work is skipped, its generation stops.
+            Err(_) => {
+                return shape(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    format!(
+                        "no answer within the request timeout ({:.1} s)",
+                        limit.as_secs_f64()
+                    ),
+                ))
+                .into_response()
+            }
+        },
+    };
     // A streamed body keeps its slot until it has been sent.
     let (parts, body) = resp.into_parts();
     let body = axum::body::Body::new(GuardedBody {
@@ -455,6 +535,47 @@ async fn admit(
         _guard: guard,
     });
     Response::from_parts(parts, body)
+}
+
+/// Per request: counts and a duration histogram by route for `/metrics`, and one log line.
+async fn observe(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("other", |m| m.as_str())
+        .to_string();
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let secs = start.elapsed().as_secs_f64();
+    let status = resp.status().as_u16();
+    if let Ok(mut st) = state.requests.lock() {
+        *st.count.entry((route.clone(), status)).or_default() += 1;
+        let h = st.duration.entry(route.clone()).or_default();
+        for (b, &le) in h.0.iter_mut().zip(&BUCKETS) {
+            if secs <= le {
+                *b += 1;
+            }
+        }
+        h.1 += 1;
+        h.2 += secs;
+    }
+    match state.log {
+        Some(LogFormat::Json) => eprintln!(
+            "{}",
+            json!({"timestamp": unix_time(), "method": method, "path": path, "route": route,
+                   "status": status, "duration_ms": secs * 1000.0})
+        ),
+        Some(LogFormat::Text) => {
+            eprintln!("{method} {path} {status} {:.1} ms", secs * 1000.0)
+        }
+        None => {}
+    }
+    resp
 }
 
 /// A response body that holds an [`InFlight`] slot until it is dropped.
@@ -1056,6 +1177,41 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
                 let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b.stats));
             }
+        }
+    }
+    if let Ok(st) = state.requests.lock() {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_request_count answers by route and status\n\
+             # TYPE ferroformers_request_count counter"
+        );
+        for ((route, status), n) in &st.count {
+            let _ = writeln!(
+                out,
+                "ferroformers_request_count{{route=\"{}\",status=\"{status}\"}} {n}",
+                esc(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_request_duration_seconds time to each answer's head, by \
+             route\n# TYPE ferroformers_request_duration_seconds histogram"
+        );
+        for (route, (buckets, n, sum)) in &st.duration {
+            let r = esc(route);
+            for (le, b) in BUCKETS.iter().zip(buckets) {
+                let _ = writeln!(
+                    out,
+                    "ferroformers_request_duration_seconds_bucket{{route=\"{r}\",le=\"{le}\"}} {b}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "ferroformers_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {n}\n\
+                 ferroformers_request_duration_seconds_sum{{route=\"{r}\"}} {sum}\n\
+                 ferroformers_request_duration_seconds_count{{route=\"{r}\"}} {n}"
+            );
         }
     }
     let _ = writeln!(

@@ -640,3 +640,49 @@ fn deploy_files_name_real_routes() {
         assert_eq!(status, 200, "{p}");
     }
 }
+
+/// A full batch queue answers 429; a request past `request_timeout` answers 504, its queued
+/// work is dropped unrun, and the metrics count both by route and status.
+#[test]
+fn queue_limit_timeout_and_request_metrics() {
+    let base = start_with(|c| {
+        c.max_queue_size = 1;
+        c.max_batch_wait = std::time::Duration::from_millis(1500);
+    });
+    let url = format!("{base}/embed");
+    let first = {
+        let url = url.clone();
+        std::thread::spawn(move || post_json(&url, json!({"inputs": "first"})))
+    };
+    wait_until_queued(&base);
+    let (status, body) = post_json(&url, json!({"inputs": "second"}));
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("queue is full"));
+    assert_eq!(first.join().unwrap().0, 200);
+
+    let base = start_with(|c| {
+        c.request_timeout = Some(std::time::Duration::from_millis(300));
+        c.max_batch_wait = std::time::Duration::from_millis(1500);
+    });
+    let t = std::time::Instant::now();
+    let (status, body) = post_json(&format!("{base}/embed"), json!({"inputs": "slow"}));
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error_type"], "Timeout");
+    assert!(t.elapsed() < std::time::Duration::from_millis(1400));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let m = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        m.contains("ferroformers_request_count{route=\"/embed\",status=\"504\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("ferroformers_request_duration_seconds_count{route=\"/embed\"} 1"));
+    let dropped = m
+        .lines()
+        .find(|l| l.starts_with("ferroformers_dropped_requests_total") && l.contains("minilm-st"))
+        .unwrap();
+    assert!(dropped.ends_with(" 1"), "{dropped}");
+}
