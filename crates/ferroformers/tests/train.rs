@@ -695,3 +695,46 @@ fn bad_data_is_refused_before_training() {
         );
     }
 }
+
+/// Words through XLM-RoBERTa's SentencePiece tokenizer (`Metaspace`: each word starts a new
+/// piece) as HF's `tokenizer(words, is_split_into_words=True)` gives them (transformers 4.57.1 on
+/// the xlm-roberta-seqcls fixture): the ids and each token's word.
+#[test]
+fn xlm_roberta_words_align_as_hf() {
+    let dir = common::model_dir("xlm-roberta-seqcls");
+    let tok = ferroformers::tokenizer::Tokenizer::from_dir(&dir, "xlm-roberta", Some(512)).unwrap();
+    let words: Vec<String> = ["Hello", "Zürich,", "naïve", "café-bar", "x"]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    let enc = tok.encode_words(&words).unwrap();
+    assert_eq!(
+        enc.ids,
+        [0, 172, 81, 12, 382, 20, 4, 25, 10, 476, 77, 63, 10, 56, 196, 121, 47, 68, 4, 70, 2]
+    );
+    let want: Vec<Option<u32>> = [
+        None,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(1),
+        Some(1),
+        Some(2),
+        Some(2),
+        Some(2),
+        Some(2),
+        Some(2),
+        Some(3),
+        Some(3),
+        Some(3),
+        Some(3),
+        Some(3),
+        Some(3),
+        Some(3),
+        Some(4),
+        Some(4),
+        None,
+    ]
+    .to_vec();
+    assert_eq!(enc.word_ids, want);
+}
