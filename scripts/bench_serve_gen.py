@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Generation serving under load: `ferroformers serve` against llama-cpp-python's OpenAI server
+on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
+
+  scripts/fetch-models.sh smollm2 && cargo build --release -p ferroformers-cli
+  pip install llama-cpp-python==0.3.36 uvicorn fastapi sse-starlette starlette-context \\
+      pydantic-settings httpx
+  python3 scripts/bench_serve_gen.py [--concurrency 1,4,16] [--requests 32] [--tokens 64] [--reps 3]
+
+Each client sends the same chat (one user message) with `max_tokens` TOKENS, `temperature` 0
+and `stream: true`, reads the events to `[DONE]`, and records the time to the first content
+event and the number of content events. Aggregate tokens/s = completion tokens of all requests
+/ wall time of the run (completion tokens from the usage chunk, `stream_options.include_usage`;
+events when a server sends none). Engines alternate within each repetition; medians of the
+repetitions.
+
+Both servers get 2 threads: ours `--threads 2`; llama-cpp-python `--n_threads 2
+--n_threads_batch 2`, context 2048, `--interrupt_requests False` (by default a new request cuts
+the stream in progress short), one model instance (its server answers one request at a time;
+concurrent clients queue). Ours runs each request on its own thread with its own cache
+(no continuous batching yet), products on the shared rayon pool.
+"""
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from benchlib import cpu_model
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+def gguf_path():
+    hub = Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache/huggingface/hub"))
+    repo = hub / ("models--" + REPO.replace("/", "--"))
+    ref = (repo / "refs" / "main").read_text().strip()
+    return repo / "snapshots" / ref / FILE
+
+
+async def one(client, url, model, tokens):
+    body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, events, usage = None, 0, None
+    async with client.stream("POST", url, json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for ch in chunk.get("choices") or []:
+                if (ch.get("delta") or {}).get("content"):
+                    events += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+    done = usage["completion_tokens"] if usage else events
+    return ttft if ttft is not None else float("nan"), done
+
+
+async def run_load(url, model, conc, n, tokens):
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(limits=limits) as client:
+        sem = asyncio.Semaphore(conc)
+
+        async def task():
+            async with sem:
+                return await one(client, url, model, tokens)
+
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[task() for _ in range(n)])
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in res)
+    toks = sum(r[1] for r in res)
+    return {"tok_s": toks / wall, "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
+            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
+            "tokens": toks}
+
+
+def wait_ready(url, proc, timeout=180):
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"server exited ({url})")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"{url} not ready")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--binary", default=str(ROOT / "target/release/ferroformers"))
+    a = ap.parse_args()
+    gguf = gguf_path()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
+               OMP_NUM_THREADS=str(a.threads))
+    ours = subprocess.Popen([a.binary, "serve", "--model", f"{REPO}=text-generation", "--port", "3941",
+                             "--threads", str(a.threads), "--quiet"], env=env, stderr=subprocess.DEVNULL)
+    peer = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "3942",
+                             "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
+                             "--n_ctx", "2048", "--verbose", "False", "--interrupt_requests", "False"],
+                            env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = {"ours": ("http://127.0.0.1:3941", ours, REPO),
+               "llama.cpp": ("http://127.0.0.1:3942", peer, str(gguf))}
+    res = {}
+    load0 = os.getloadavg()
+    try:
+        wait_ready(servers["ours"][0] + "/health", ours)
+        wait_ready(servers["llama.cpp"][0] + "/v1/models", peer)
+        for name, (base, _, model) in servers.items():
+            asyncio.run(run_load(base + "/v1/chat/completions", model, 2, 2, 8))
+        conc = [int(c) for c in a.concurrency.split(",")]
+        for rep in range(a.reps):
+            order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+            for c in conc:
+                for name in order:
+                    base, _, model = servers[name]
+                    r = asyncio.run(run_load(base + "/v1/chat/completions", model, c, a.requests, a.tokens))
+                    res.setdefault((name, c), []).append(r)
+                    print(f"rep {rep} c={c} {name}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms "
+                          f"p99 {r['ttft_p99_ms']:.0f} ms, {r['tokens']} tokens", file=sys.stderr)
+    finally:
+        for _, proc, _ in servers.values():
+            proc.terminate()
+    load1 = os.getloadavg()
+    print(f"\nstreamed chat completions, SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
+          f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}; CPU {cpu_model()}; "
+          f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    print("| server | concurrency | aggregate tokens/s | vs llama-cpp-python | TTFT p50 (ms) | TTFT p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for c in conc:
+        base = statistics.median(r["tok_s"] for r in res[("llama.cpp", c)])
+        for name, label in (("ours", "ferroformers serve"), ("llama.cpp", "llama-cpp-python server")):
+            rs = res[(name, c)]
+            t = statistics.median(r["tok_s"] for r in rs)
+            print(f"| {label} | {c} | {t:.1f} | {t / base:.2f}x | "
+                  f"{statistics.median(r['ttft_p50_ms'] for r in rs):.0f} | "
+                  f"{statistics.median(r['ttft_p99_ms'] for r in rs):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
