@@ -331,6 +331,50 @@ fn generation_routes_match_the_pipeline() {
     assert_eq!(got["generated_text"].as_str().unwrap(), want);
     assert_eq!(got["details"]["generated_tokens"], 6);
 
+    // TGI's stream: an event per token, the last with the whole text and the details.
+    let resp = ureq::post(&format!("{base}/generate_stream"))
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string(
+            &json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6, "details": true}})
+                .to_string(),
+        )
+        .unwrap();
+    let raw = resp.into_string().unwrap();
+    let events: Vec<Value> = raw
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    assert_eq!(events.len(), 6, "{raw}");
+    let text: String = events
+        .iter()
+        .map(|e| e["token"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["index"], i + 1);
+        assert!(e["token"]["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(e["token"]["id"].is_u64());
+    }
+    let last = events.last().unwrap();
+    assert_eq!(last["generated_text"].as_str().unwrap(), want);
+    assert_eq!(last["details"]["generated_tokens"], 6);
+    assert!(events[0]["generated_text"].is_null());
+
+    // TGI's `POST /` on a generation model (what `InferenceClient.text_generation` sends):
+    // `[{generated_text}]`, the prompt included unless `return_full_text` is false.
+    let (status, got) = post_json(
+        &format!("{base}/models/{}", decoder()),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6,
+               "decoder_input_details": false, "watermark": false}, "stream": false}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        got[0]["generated_text"].as_str().unwrap(),
+        format!("Once upon{want}")
+    );
+
     // Refusals, in each family's error shape.
     let (status, body) = post_json(
         &format!("{base}/v1/chat/completions"),
@@ -352,6 +396,12 @@ fn generation_routes_match_the_pipeline() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("watermark"));
+    let (status, body) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "a", "parameters": {"frobnicate": 1}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("frobnicate"));
 }
 
 #[test]

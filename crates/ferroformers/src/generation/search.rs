@@ -23,9 +23,10 @@ pub type DecodeFn<'a> = &'a dyn Fn(&[u32]) -> String;
 /// tokens.
 #[derive(Default)]
 pub struct Hooks<'a> {
-    /// `(input index, token)` for every token produced by greedy search or sampling with one
-    /// sequence per input.
-    pub on_token: Option<&'a mut dyn FnMut(usize, u32)>,
+    /// `(input index, token, its log-probability)` for every token produced by greedy search or
+    /// sampling with one sequence per input; the log-probability is the log-softmax of the
+    /// processed scores it was chosen from (temperature, top-k/p and penalties applied).
+    pub on_token: Option<&'a mut dyn FnMut(usize, u32, f32)>,
     /// Decodes new tokens to text, for `stop_strings`.
     pub decode: Option<DecodeFn<'a>>,
     /// Asked after every step of greedy search or sampling: `true` ends the generation there
@@ -86,6 +87,16 @@ pub fn generate(
     }
 }
 
+/// `log(softmax(scores)[tok])`, -inf where the token was masked out.
+fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    ((scores[tok as usize] - max) as f64 - sum.ln()) as f32
+}
+
 fn hits_stop_string(cfg: &GenerationConfig, hooks: &Hooks, new: &[u32]) -> bool {
     let Some(decode) = hooks.decode else {
         return false;
@@ -143,7 +154,7 @@ fn greedy_or_sample(
             rows[r].push(tok);
             if n_ret == 1 {
                 if let Some(f) = hooks.on_token.as_deref_mut() {
-                    f(r, tok);
+                    f(r, tok, log_softmax_at(scores, tok));
                 }
             }
             let done = cfg.eos_token_id.contains(&tok)

@@ -251,13 +251,13 @@ pub(crate) trait Task: Send + Sync {
     fn accepted_params(&self) -> &'static [&'static str];
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
-    /// Generate for one input with each new piece of text passed to `on_text` as it comes
-    /// (text generation only); `on_text` returning `false` stops it.
+    /// Generate for one input with each new token passed to `on_token` as it comes (text
+    /// generation only); `on_token` returning `false` stops it.
     fn run_streaming(
         &self,
         _input: &Input,
         _params: &Params,
-        _on_text: &mut dyn FnMut(&str) -> bool,
+        _on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         Err(Error::param(
             "stream",
@@ -321,16 +321,17 @@ impl Pipeline {
         self.inner.run(inputs, &params, batch_size)
     }
 
-    /// Text generation for one input, `on_text` called with each new piece of text as it is
-    /// produced (returning `false` ends the generation after that token: the reader has
-    /// gone); the output and its token counts. Other tasks: an error.
+    /// Text generation for one input, `on_token` called with each new token (its id,
+    /// log-probability and the text it completes) as it is produced; returning `false` ends
+    /// the generation after that token (the reader has gone). The output and its token counts.
+    /// Other tasks: an error.
     pub fn run_streaming(
         &self,
         input: &Input,
         params: &Params,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
-        self.inner.run_streaming(input, params, on_text)
+        self.inner.run_streaming(input, params, on_token)
     }
 
     /// Run on one text with default parameters.

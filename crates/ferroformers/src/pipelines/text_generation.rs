@@ -35,6 +35,19 @@ impl Generation {
     }
 }
 
+/// One generated token as it is streamed: its id, its log-probability (see
+/// [`crate::generation::Hooks::on_token`]), whether it is a special token, and the new text it
+/// completes (empty while it holds part of a character, or for a special token skipped).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    pub logprob: f32,
+    pub special: bool,
+    pub text: &'a str,
+    /// Not a new token: the text the last token held back, flushed at the end.
+    pub tail: bool,
+}
+
 /// Token counts of one streamed generation (a server's `usage` and `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -257,6 +270,18 @@ impl TextGeneration {
         params: &Params,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Output, Usage)> {
+        self.stream_tokens(input, params, &mut |t| t.text.is_empty() || on_text(t.text))
+    }
+
+    /// [`TextGeneration::stream`] with every token reported, text or not (TGI's token
+    /// events). Text held back at the end (an incomplete character) comes as a last event of
+    /// the final token.
+    pub fn stream_tokens(
+        &self,
+        input: &Input,
+        params: &Params,
+        on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<(Output, Usage)> {
         for k in params.keys() {
             if !self.accepted.contains(&k.as_str()) {
                 return Err(Error::UnknownParameter {
@@ -284,16 +309,32 @@ impl TextGeneration {
         let mut err = None;
         let mut new_tokens = 0usize;
         let cancelled = std::cell::Cell::new(false);
-        let mut on_token = |_: usize, tok: u32| {
+        let added = self.generator.tokenizer.inner().get_added_vocabulary();
+        let mut last = (0u32, 0f32, false);
+        let mut on_token = |_: usize, tok: u32, logprob: f32| {
             new_tokens += 1;
-            match streamer.push(tok) {
-                Ok(Some(delta)) => {
-                    if !on_text(&delta) {
-                        cancelled.set(true);
-                    }
+            let special = self
+                .generator
+                .tokenizer
+                .id_to_token(tok)
+                .is_some_and(|t| added.is_special_token(&t));
+            last = (tok, logprob, special);
+            let delta = match streamer.push(tok) {
+                Ok(d) => d,
+                Err(e) => {
+                    err = Some(e);
+                    None
                 }
-                Ok(None) => {}
-                Err(e) => err = Some(e),
+            };
+            let event = TokenEvent {
+                id: tok,
+                logprob,
+                special,
+                text: delta.as_deref().unwrap_or(""),
+                tail: false,
+            };
+            if !on_token_event(&event) {
+                cancelled.set(true);
             }
         };
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
@@ -311,7 +352,14 @@ impl TextGeneration {
         }
         if let Some(rest) = streamer.finish()? {
             if !cancelled.get() {
-                on_text(&rest);
+                let (id, logprob, special) = last;
+                on_token_event(&TokenEvent {
+                    id,
+                    logprob,
+                    special,
+                    text: &rest,
+                    tail: true,
+                });
             }
         }
         let seqs = out.sequences.into_iter().next().unwrap_or_default();
@@ -343,9 +391,9 @@ impl Task for TextGeneration {
         &self,
         input: &Input,
         params: &Params,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
-        self.stream(input, params, on_text)
+        self.stream_tokens(input, params, on_token)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
