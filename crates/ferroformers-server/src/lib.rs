@@ -15,7 +15,7 @@
 //! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
 //! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
 //! library code and run on blocking threads (their products use the rayon pool). Not yet:
-//! continuous batching for generation, time-to-first-token metrics.
+//! continuous batching for generation.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -155,7 +155,83 @@ const BUCKETS: [f64; 11] = [
 #[derive(Default)]
 struct RequestStats {
     count: std::collections::BTreeMap<(String, u16), u64>,
-    duration: std::collections::BTreeMap<String, ([u64; BUCKETS.len()], u64, f64)>,
+    duration: std::collections::BTreeMap<String, Histogram>,
+    /// Generation: request start to first token, and the mean time per later token.
+    first_token: Histogram,
+    per_token: Histogram,
+}
+
+/// A Prometheus histogram over [`BUCKETS`] (seconds).
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (b, &le) in self.buckets.iter_mut().zip(&BUCKETS) {
+            if secs <= le {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    /// The series of one histogram, `labels` like `route="/embed",` (or empty).
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        for (le, b) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {b}");
+        }
+        let plain = labels.trim_end_matches(',');
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}le=\"+Inf\"}} {}\n{name}_sum{{{plain}}} {}\n{name}_count{{{plain}}} {}",
+            self.count, self.sum, self.count
+        );
+    }
+}
+
+/// Times one generation's tokens for the first-token and per-token histograms.
+struct TokenClock {
+    start: std::time::Instant,
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
+    tokens: usize,
+}
+
+impl TokenClock {
+    fn new() -> Self {
+        TokenClock {
+            start: std::time::Instant::now(),
+            first: None,
+            last: None,
+            tokens: 0,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = std::time::Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.tokens += 1;
+    }
+
+    fn record(&self, state: &AppState) {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return;
+        };
+        if let Ok(mut st) = state.requests.lock() {
+            st.first_token.observe((first - self.start).as_secs_f64());
+            if self.tokens > 1 {
+                st.per_token
+                    .observe((last - first).as_secs_f64() / (self.tokens - 1) as f64);
+            }
+        }
+    }
 }
 
 /// Cleared when a request's handler is dropped (hyper drops it when the client goes), so the
@@ -179,13 +255,20 @@ async fn generate_blocking(
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let _watch = ClientAlive(alive.clone());
     let st = state.clone();
+    let mut clock = TokenClock::new();
     tokio::task::spawn_blocking(move || {
         let out = st.models[index]
             .pipe
-            .run_streaming(&input, &params, &mut |_| alive.load(SeqCst));
+            .run_streaming(&input, &params, &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
+                alive.load(SeqCst)
+            });
         if !alive.load(SeqCst) {
             st.cancelled.fetch_add(1, SeqCst);
         }
+        clock.record(&st);
         out
     })
     .await
@@ -556,14 +639,7 @@ async fn observe(
     let status = resp.status().as_u16();
     if let Ok(mut st) = state.requests.lock() {
         *st.count.entry((route.clone(), status)).or_default() += 1;
-        let h = st.duration.entry(route.clone()).or_default();
-        for (b, &le) in h.0.iter_mut().zip(&BUCKETS) {
-            if secs <= le {
-                *b += 1;
-            }
-        }
-        h.1 += 1;
-        h.2 += secs;
+        st.duration.entry(route.clone()).or_default().observe(secs);
     }
     match state.log {
         Some(LogFormat::Json) => eprintln!(
@@ -1216,21 +1292,27 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP ferroformers_request_duration_seconds time to each answer's head, by \
              route\n# TYPE ferroformers_request_duration_seconds histogram"
         );
-        for (route, (buckets, n, sum)) in &st.duration {
-            let r = esc(route);
-            for (le, b) in BUCKETS.iter().zip(buckets) {
-                let _ = writeln!(
-                    out,
-                    "ferroformers_request_duration_seconds_bucket{{route=\"{r}\",le=\"{le}\"}} {b}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "ferroformers_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {n}\n\
-                 ferroformers_request_duration_seconds_sum{{route=\"{r}\"}} {sum}\n\
-                 ferroformers_request_duration_seconds_count{{route=\"{r}\"}} {n}"
+        for (route, h) in &st.duration {
+            h.write(
+                &mut out,
+                "ferroformers_request_duration_seconds",
+                &format!("route=\"{}\",", esc(route)),
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_time_to_first_token_seconds generation: request start to first \
+             token\n# TYPE ferroformers_time_to_first_token_seconds histogram"
+        );
+        st.first_token
+            .write(&mut out, "ferroformers_time_to_first_token_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_time_per_output_token_seconds generation: mean time per token \
+             after the first\n# TYPE ferroformers_time_per_output_token_seconds histogram"
+        );
+        st.per_token
+            .write(&mut out, "ferroformers_time_per_output_token_seconds", "");
     }
     let _ = writeln!(
         out,
@@ -1477,6 +1559,7 @@ async fn openai_generate(
     // event; the parameters were checked above, so errors from here on are generation errors,
     // sent as a last event.
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut clock = TokenClock::new();
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
         let chunk = |choice: Value| {
@@ -1497,6 +1580,9 @@ async fn openai_generate(
         let result = st.models[index]
             .pipe
             .run_streaming(&input, &params, &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
                 if t.text.is_empty() {
                     return true;
                 }
@@ -1510,6 +1596,7 @@ async fn openai_generate(
                 gone = tx.blocking_send(chunk(choice)).is_err();
                 !gone
             });
+        clock.record(&st);
         if gone {
             st.cancelled
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1639,6 +1726,7 @@ fn tgi_stream(
     details: bool,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut clock = TokenClock::new();
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
         // Each token's event waits for the next token, so that the last one can carry the
@@ -1649,6 +1737,9 @@ fn tgi_stream(
         let result = st.models[index]
             .pipe
             .run_streaming(&input, &params, &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
                 if t.tail {
                     if let Some(p) = pending.as_mut() {
                         let text = format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
@@ -1667,6 +1758,7 @@ fn tgi_stream(
                 }));
                 !gone
             });
+        clock.record(&st);
         if gone {
             st.cancelled
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -402,6 +402,27 @@ fn generation_routes_match_the_pipeline() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("frobnicate"));
+
+    // Every generation above timed its first token and the ones after it.
+    let m = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with(&format!("{name}_count")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+    };
+    assert!(
+        count("ferroformers_time_to_first_token_seconds") >= 6,
+        "{m}"
+    );
+    assert!(
+        count("ferroformers_time_per_output_token_seconds") >= 6,
+        "{m}"
+    );
 }
 
 #[test]
