@@ -2,6 +2,8 @@
 
 use ferroformers_server::{Config, ModelSpec};
 
+use crate::train_cmd::num;
+
 pub const USAGE: &str = "\
   ferroformers serve --model PATH|ID[=TASK] [--model ...] [--served-model-name NAME]
                      [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
@@ -10,11 +12,6 @@ pub const USAGE: &str = "\
                      [--max-concurrent-requests 128] [--max-queue-size 256]
                      [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
                      [--json-output] [--quiet] [--threads N]";
-
-fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
-    v.parse()
-        .map_err(|_| format!("`{name}` takes a number, not `{v}`"))
-}
 
 pub fn serve(args: &[String]) -> Result<(), String> {
     let mut cfg = Config::default();

@@ -30,7 +30,8 @@ pub const USAGE: &str = "\
                           [--answer-column answers] [--doc-stride 128] [--n-best-size 20]
                           [--max-answer-length 30]";
 
-fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
+/// An option's numeric value, or an error naming the option.
+pub(crate) fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
     v.parse()
         .map_err(|_| format!("`{name}` takes a number, not `{v}`"))
 }

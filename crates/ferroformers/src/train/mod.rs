@@ -370,6 +370,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The loss over `samples`, no other metric yet.
+    fn new(loss: f64, samples: usize) -> Self {
+        Metrics {
+            loss,
+            accuracy: None,
+            f1: None,
+            mse: None,
+            precision: None,
+            recall: None,
+            exact_match: None,
+            samples,
+        }
+    }
+
     fn to_json(&self, prefix: &str) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();
         m.insert(format!("{prefix}_loss"), json!(self.loss));
@@ -1287,16 +1301,7 @@ impl Trainer {
     /// Evaluate on the evaluation file.
     pub fn evaluate(&self) -> Result<Metrics> {
         let (logits, loss) = self.predict(&self.eval, true)?;
-        let mut m = Metrics {
-            loss,
-            accuracy: None,
-            f1: None,
-            mse: None,
-            precision: None,
-            recall: None,
-            exact_match: None,
-            samples: self.eval.len(),
-        };
+        let mut m = Metrics::new(loss, self.eval.len());
         match self.task {
             Task::TextClassification => {
                 let targets: Vec<&Target> = self.eval.iter().map(|i| &i.target).collect();
@@ -1504,16 +1509,7 @@ pub fn classification_metrics(
     loss: f64,
 ) -> Metrics {
     let n = targets.len();
-    let mut m = Metrics {
-        loss,
-        accuracy: None,
-        f1: None,
-        mse: None,
-        precision: None,
-        recall: None,
-        exact_match: None,
-        samples: n,
-    };
+    let mut m = Metrics::new(loss, n);
     match problem {
         Problem::SingleLabel => {
             let pred: Vec<usize> = logits.iter().map(|r| argmax(r)).collect();
