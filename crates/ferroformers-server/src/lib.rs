@@ -251,17 +251,43 @@ async fn generate_blocking(
     input: Input,
     params: Params,
 ) -> Result<(Output, ferroformers::pipelines::text_generation::Usage), ApiError> {
+    generate_with_tokens(state, index, input, params)
+        .await
+        .map(|(o, u, _)| (o, u))
+}
+
+/// [`generate_blocking`], also returning each token's text and log-probability (OpenAI's
+/// `logprobs`).
+async fn generate_with_tokens(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+) -> Result<
+    (
+        Output,
+        ferroformers::pipelines::text_generation::Usage,
+        Vec<(String, f32)>,
+    ),
+    ApiError,
+> {
     use std::sync::atomic::Ordering::SeqCst;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let _watch = ClientAlive(alive.clone());
     let st = state.clone();
     let mut clock = TokenClock::new();
     tokio::task::spawn_blocking(move || {
+        let mut tokens: Vec<(String, f32)> = Vec::new();
         let out = st.models[index]
             .pipe
             .run_streaming(&input, &params, &mut |t| {
-                if !t.tail {
+                if t.tail {
+                    if let Some(last) = tokens.last_mut() {
+                        last.0.push_str(t.text);
+                    }
+                } else {
                     clock.token();
+                    tokens.push((t.text.to_string(), t.logprob));
                 }
                 alive.load(SeqCst)
             });
@@ -269,11 +295,17 @@ async fn generate_blocking(
             st.cancelled.fetch_add(1, SeqCst);
         }
         clock.record(&st);
-        out
+        out.map(|(o, u)| (o, u, tokens))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
     .map_err(ApiError::from)
+}
+
+/// OpenAI's `logprobs.content` entry for one token (no alternatives: `top_logprobs` is not
+/// supported).
+fn logprob_entry(text: &str, logprob: f32) -> Value {
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": []})
 }
 
 /// The task a model folder was made for: its config's `architectures`, a sentence-transformers
@@ -1516,6 +1548,24 @@ async fn openai_generate(
     };
     let params = openai_params(&v)?;
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
+    let logprobs = match (kind, v.get("logprobs")) {
+        (_, None | Some(Value::Null)) | (Kind::Chat, Some(Value::Bool(false))) => false,
+        (Kind::Chat, Some(Value::Bool(true))) => true,
+        (Kind::Chat, Some(_)) => {
+            return Err(ApiError::validation("`logprobs` must be true or false"))
+        }
+        (Kind::Completion, Some(_)) => {
+            return Err(ApiError::validation(
+                "`logprobs` is supported on /v1/chat/completions only",
+            ))
+        }
+    };
+    if v.get("top_logprobs")
+        .is_some_and(|t| !t.is_null() && t != &json!(0))
+    {
+        return Err(ApiError::validation("`top_logprobs` is not supported"));
+    }
     let include_usage = v
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
@@ -1541,11 +1591,17 @@ async fn openai_generate(
         }
     };
     if !stream {
-        let (out, usage) = generate_blocking(&state, index, input, params).await?;
+        let (out, usage, tokens) = generate_with_tokens(&state, index, input, params).await?;
         let text = generated_text(&out);
+        let lp = if logprobs {
+            let content: Vec<Value> = tokens.iter().map(|(t, l)| logprob_entry(t, *l)).collect();
+            json!({"content": content})
+        } else {
+            Value::Null
+        };
         let choice = match kind {
             Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": null, "finish_reason": finish(&usage)}),
+                                 "logprobs": lp, "finish_reason": finish(&usage)}),
             Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
                                        "finish_reason": finish(&usage)}),
         };
@@ -1583,13 +1639,18 @@ async fn openai_generate(
                 if !t.tail {
                     clock.token();
                 }
-                if t.text.is_empty() {
+                if t.text.is_empty() && !(logprobs && !t.tail) {
                     return true;
                 }
                 let delta = t.text;
+                let lp = if logprobs && !t.tail {
+                    json!({"content": [logprob_entry(delta, t.logprob)]})
+                } else {
+                    Value::Null
+                };
                 let choice = match kind {
                     Kind::Chat => json!({"index": 0, "delta": {"content": delta},
-                                         "logprobs": null, "finish_reason": null}),
+                                         "logprobs": lp, "finish_reason": null}),
                     Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
                                                "finish_reason": null}),
                 };

@@ -274,6 +274,23 @@ fn generation_routes_match_the_pipeline() {
     let prompt_tokens = got["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 2);
 
+    // `logprobs: true`: one entry per token, text adding up to the answer.
+    let (status, got) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": true}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let entries = got["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(entries.len(), 8);
+    let joined: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, want);
+    assert!(entries
+        .iter()
+        .all(|e| e["logprob"].as_f64().unwrap() <= 0.0));
+
     // Streamed: `data: <json>\n\n` events, a role chunk first, deltas that add up to the same
     // text, a finish reason, the usage chunk asked for, then `[DONE]`.
     let resp = ureq::post(&format!("{base}/v1/chat/completions"))
@@ -756,4 +773,26 @@ fn queue_limit_timeout_and_request_metrics() {
         .find(|l| l.starts_with("ferroformers_dropped_requests_total") && l.contains("minilm-st"))
         .unwrap();
     assert!(dropped.ends_with(" 1"), "{dropped}");
+}
+
+/// Under overload (16 clients at once, room for 2 and a queue of 3), every request is either
+/// answered or refused with 429: none is lost, none errs otherwise.
+#[test]
+fn overload_answers_or_refuses_every_request() {
+    let base = start_with(|c| {
+        c.max_concurrent_requests = 2;
+        c.max_queue_size = 3;
+        c.max_batch_wait = std::time::Duration::from_millis(100);
+    });
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let url = format!("{base}/embed");
+            std::thread::spawn(move || post_json(&url, json!({"inputs": format!("request {i}")})).0)
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(ok + refused, 16, "{statuses:?}");
+    assert!(ok >= 1 && refused >= 1, "{statuses:?}");
 }
