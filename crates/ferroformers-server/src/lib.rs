@@ -1639,7 +1639,7 @@ async fn openai_generate(
                 if !t.tail {
                     clock.token();
                 }
-                if t.text.is_empty() && !(logprobs && !t.tail) {
+                if t.text.is_empty() && (t.tail || !logprobs) {
                     return true;
                 }
                 let delta = t.text;
