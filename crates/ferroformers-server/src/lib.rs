@@ -7,7 +7,8 @@
 //!   events), `/v1/embeddings` (float and base64), `GET /v1/models`;
 //! - TGI: `POST /generate`, `/generate_stream` (token events), and `POST /` on a generation
 //!   model as TGI answers it;
-//! - probes: `GET /live`, `/ready`; Prometheus counters at `GET /metrics`.
+//! - probes: `GET /live`, `/ready`; Prometheus counters at `GET /metrics`; the OpenAPI
+//!   document at `GET /api-doc/openapi.json` and a page of the routes at `GET /docs`.
 //!
 //! Encoder models batch dynamically: requests that wait together run as one pipeline call
 //! ([`batch`]).
@@ -524,6 +525,8 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/v1/models", get(openai_models))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
+        .route("/api-doc/openapi.json", get(openapi))
+        .route("/docs", get(docs))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/live", get(|| async { StatusCode::OK }))
         .route("/ready", get(ready))
@@ -836,7 +839,7 @@ async fn require_api_key(
 ) -> Response {
     let public = matches!(
         req.uri().path(),
-        "/health" | "/live" | "/ready" | "/metrics"
+        "/health" | "/live" | "/ready" | "/metrics" | "/docs" | "/api-doc/openapi.json"
     );
     if let (Some(key), false) = (&state.api_key, public) {
         let given = req
@@ -1354,6 +1357,46 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.cancelled.load(Relaxed)
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The routes as OpenAPI 3 (written by hand; a test keeps it and the router in step).
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// A page listing the routes from the OpenAPI document (no assets from elsewhere: the server
+/// may have no internet).
+async fn docs() -> Response {
+    let spec: Value = serde_json::from_str(OPENAPI).unwrap_or(Value::Null);
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut rows = String::new();
+    if let Some(paths) = spec.get("paths").and_then(Value::as_object) {
+        for (path, ops) in paths {
+            for (method, op) in ops.as_object().into_iter().flatten() {
+                let summary = op.get("summary").and_then(Value::as_str).unwrap_or("");
+                rows.push_str(&format!(
+                    "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td></tr>\n",
+                    method.to_uppercase(),
+                    esc(path),
+                    esc(summary)
+                ));
+            }
+        }
+    }
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>ferroformers serve</title>\
+         </head><body><h1>ferroformers serve</h1><p>The OpenAPI document: \
+         <a href=\"/api-doc/openapi.json\">/api-doc/openapi.json</a></p>\
+         <table border=\"1\" cellpadding=\"4\"><tr><th>method</th><th>path</th><th>what</th></tr>\n\
+         {rows}</table></body></html>"
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn info(State(state): State<Arc<AppState>>) -> Response {

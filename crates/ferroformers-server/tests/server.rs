@@ -796,3 +796,49 @@ fn overload_answers_or_refuses_every_request() {
     assert_eq!(ok + refused, 16, "{statuses:?}");
     assert!(ok >= 1 && refused >= 1, "{statuses:?}");
 }
+
+/// The OpenAPI document names exactly the routes the router has: each of its paths answers
+/// something other than 404 for its method, and /docs lists them.
+#[test]
+fn openapi_document_matches_the_router() {
+    let base = start();
+    let spec: Value = ureq::get(&format!("{base}/api-doc/openapi.json"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let paths = spec["paths"].as_object().unwrap();
+    assert!(paths.len() >= 14);
+    for (path, ops) in paths {
+        let path = path.replace("{id}", &fixture("bert-seqcls"));
+        for method in ops.as_object().unwrap().keys() {
+            let url = format!("{base}{path}");
+            let resp = match method.as_str() {
+                "get" => ureq::get(&url)
+                    .set("Authorization", &format!("Bearer {KEY}"))
+                    .call(),
+                _ => ureq::post(&url)
+                    .set("Authorization", &format!("Bearer {KEY}"))
+                    .set("Content-Type", "application/json")
+                    .send_string("{}"),
+            };
+            let status = match resp {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(s, r)) => {
+                    let body = r.into_string().unwrap_or_default();
+                    assert!(!body.contains("no route"), "{method} {path}: {body}");
+                    s
+                }
+                Err(e) => panic!("{method} {path}: {e}"),
+            };
+            assert_ne!(status, 404, "{method} {path}");
+            assert_ne!(status, 405, "{method} {path}");
+        }
+    }
+    let page = ureq::get(&format!("{base}/docs"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(page.contains("/v1/chat/completions") && page.contains("/api-doc/openapi.json"));
+}
