@@ -1,0 +1,101 @@
+//! Generation for the routes: on a blocking thread, stopped when the client has gone, with
+//! each token's text, log-probability and timing.
+
+use super::*;
+
+/// Cleared when a request's handler is dropped (hyper drops it when the client goes), so the
+/// generation running for it stops at its next token.
+pub(crate) struct ClientAlive(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ClientAlive {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Generate on a blocking thread; the generation stops early if the handler is dropped.
+pub(crate) async fn generate_blocking(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+) -> Result<(Output, ferroformers::pipelines::text_generation::Usage), ApiError> {
+    generate_with_tokens(state, index, input, params)
+        .await
+        .map(|(o, u, _)| (o, u))
+}
+
+/// [`generate_blocking`], also returning each token's text and log-probability (OpenAI's
+/// `logprobs`).
+pub(crate) async fn generate_with_tokens(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+) -> Result<
+    (
+        Output,
+        ferroformers::pipelines::text_generation::Usage,
+        Vec<(String, f32)>,
+    ),
+    ApiError,
+> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let _watch = ClientAlive(alive.clone());
+    let st = state.clone();
+    let mut clock = TokenClock::new();
+    tokio::task::spawn_blocking(move || {
+        let mut tokens: Vec<(String, f32)> = Vec::new();
+        let out = st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |t| {
+                if t.tail {
+                    if let Some(last) = tokens.last_mut() {
+                        last.0.push_str(t.text);
+                    }
+                } else {
+                    clock.token();
+                    tokens.push((t.text.to_string(), t.logprob));
+                }
+                alive.load(SeqCst)
+            });
+        if !alive.load(SeqCst) {
+            st.cancelled.fetch_add(1, SeqCst);
+        }
+        clock.record(&st);
+        out.map(|(o, u)| (o, u, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+    .map_err(ApiError::from)
+}
+
+/// The text-generation model a request names (`model`), else the first one served.
+pub(crate) fn generator<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
+    let m = match id {
+        Some(id) => model(state, Some(id))?,
+        None => state
+            .models
+            .iter()
+            .find(|m| m.task == "text-generation")
+            .ok_or_else(|| ApiError::validation("no text-generation model is served"))?,
+    };
+    if m.task != "text-generation" {
+        return Err(ApiError::validation(format!(
+            "`{}` is a {} model, not a text-generation model",
+            m.id, m.task
+        )));
+    }
+    Ok(m)
+}
+
+pub(crate) fn generated_text(out: &Output) -> String {
+    match out {
+        Output::Generated(g) => g
+            .first()
+            .and_then(|g| g.generated_text.as_text().map(str::to_string))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}

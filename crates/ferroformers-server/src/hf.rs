@@ -1,0 +1,77 @@
+//! The HF Inference API: `POST /`, `/models/{id}` and `/models/{id}/pipeline/{task}` with
+//! `{inputs, parameters}`, answered with the pipeline's own output.
+
+use super::*;
+
+pub(crate) async fn inference(
+    state: Arc<AppState>,
+    id: Option<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = model(&state, id.as_deref())?;
+    let index = index_of(&state, m);
+    if m.task == "text-generation" && v.get("inputs").is_some_and(Value::is_string) {
+        // TGI's `POST /`: its parameters, `stream` for token events, else the Inference
+        // API's `[{generated_text}]` (full text unless `return_full_text` is false).
+        let (input, params, details) = tgi_request_with(&v, true)?;
+        if v.get("stream").and_then(Value::as_bool) == Some(true) {
+            return Ok(tgi_stream(&state, index, input, params, details));
+        }
+        let (out, usage) = generate_blocking(&state, index, input, params).await?;
+        let mut one = json!({"generated_text": generated_text(&out)});
+        if details {
+            one["details"] = json!({
+                "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+                "generated_tokens": usage.completion_tokens,
+            });
+        }
+        return Ok(axum::Json(json!([one])).into_response());
+    }
+    let (inputs, many) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let params = params_of(&v)?;
+    let out = run(&state, index, inputs, params).await?;
+    let body = if many {
+        serde_json::to_value(&out)
+    } else {
+        serde_json::to_value(&out[0])
+    }
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?;
+    Ok(axum::Json(body).into_response())
+}
+
+pub(crate) async fn inference_default(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    inference(state, None, headers, body).await
+}
+
+/// `/models/{id}` and `/models/{id}/pipeline/{task}` (the task must be the model's).
+pub(crate) async fn inference_model(
+    State(state): State<Arc<AppState>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (id, task) = match path.split_once("/pipeline/") {
+        Some((id, task)) => (id.to_string(), Some(task.to_string())),
+        None => (path, None),
+    };
+    if let Some(task) = task {
+        let m = model(&state, Some(&id))?;
+        let canonical = ferroformers::TASKS
+            .iter()
+            .find(|t| t.name == task || t.aliases.contains(&task.as_str()))
+            .map(|t| t.name);
+        if canonical != Some(m.task.as_str()) {
+            return Err(ApiError::validation(format!(
+                "`{id}` serves {}, not {task}",
+                m.task
+            )));
+        }
+    }
+    inference(state, Some(id), headers, body).await
+}

@@ -1,0 +1,113 @@
+//! `GET /metrics` in Prometheus' text format.
+
+use super::*;
+
+/// Prometheus text format: per model, requests waiting, batches run, requests and inputs in
+/// them, the largest batch, requests dropped because their client had gone.
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&batch::Stats) -> u64,
+    );
+    let series: [Series; 6] = [
+        (
+            "ferroformers_queue_size",
+            "gauge",
+            "requests waiting for a batch",
+            |s| s.queued.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_count",
+            "counter",
+            "pipeline calls run by the batcher",
+            |s| s.batches.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_requests_total",
+            "counter",
+            "requests in those calls",
+            |s| s.batched_requests.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_inputs_total",
+            "counter",
+            "inputs in those calls",
+            |s| s.batched_inputs.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_max_inputs",
+            "gauge",
+            "largest call so far, in inputs",
+            |s| s.largest_batch.load(Relaxed),
+        ),
+        (
+            "ferroformers_dropped_requests_total",
+            "counter",
+            "requests whose client left before they ran",
+            |s| s.dropped.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in &state.models {
+            if let Some(b) = &m.batcher {
+                let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b.stats));
+            }
+        }
+    }
+    if let Ok(st) = state.requests.lock() {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_request_count answers by route and status\n\
+             # TYPE ferroformers_request_count counter"
+        );
+        for ((route, status), n) in &st.count {
+            let _ = writeln!(
+                out,
+                "ferroformers_request_count{{route=\"{}\",status=\"{status}\"}} {n}",
+                esc(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_request_duration_seconds time to each answer's head, by \
+             route\n# TYPE ferroformers_request_duration_seconds histogram"
+        );
+        for (route, h) in &st.duration {
+            h.write(
+                &mut out,
+                "ferroformers_request_duration_seconds",
+                &format!("route=\"{}\",", esc(route)),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_time_to_first_token_seconds generation: request start to first \
+             token\n# TYPE ferroformers_time_to_first_token_seconds histogram"
+        );
+        st.first_token
+            .write(&mut out, "ferroformers_time_to_first_token_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_time_per_output_token_seconds generation: mean time per token \
+             after the first\n# TYPE ferroformers_time_per_output_token_seconds histogram"
+        );
+        st.per_token
+            .write(&mut out, "ferroformers_time_per_output_token_seconds", "");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ferroformers_generations_cancelled_total generations stopped because their \
+         client had gone\n# TYPE ferroformers_generations_cancelled_total counter\n\
+         ferroformers_generations_cancelled_total {}",
+        state.cancelled.load(Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

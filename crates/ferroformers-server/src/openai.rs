@@ -1,0 +1,424 @@
+//! OpenAI's routes as vLLM and llama.cpp implement them: chat and text completions (whole or
+//! streamed as server-sent events ending in `[DONE]`), embeddings, the model list.
+
+use super::*;
+
+/// OpenAI's `logprobs.content` entry for one token (no alternatives: `top_logprobs` is not
+/// supported).
+pub(crate) fn logprob_entry(text: &str, logprob: f32) -> Value {
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": []})
+}
+
+/// OpenAI `/v1/embeddings`: `{input, model, encoding_format}`.
+pub(crate) async fn openai_embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let inner = async {
+        let v = json_body(&headers, body)?;
+        let m = embedder(&state, v.get("model").and_then(Value::as_str))?;
+        let index = index_of(&state, m);
+        let texts: Vec<String> = match v.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "`input` must be a string or a list of strings",
+                ))
+            }
+            None => return Err(ApiError::validation("missing field `input`")),
+        };
+        let base64 = match v.get("encoding_format").and_then(Value::as_str) {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::validation(format!(
+                    "`encoding_format` is float or base64, not `{other}`"
+                )))
+            }
+        };
+        let tokens: usize = match &m.tokenizer {
+            Some(t) => texts
+                .iter()
+                .map(|x| t.encode(x, None).map(|e| e.len()).unwrap_or(0))
+                .sum(),
+            None => 0,
+        };
+        let inputs: Vec<Input> = texts.into_iter().map(Input::from).collect();
+        if inputs.is_empty() || inputs.len() > state.max_client_batch_size {
+            return Err(ApiError::validation(format!(
+                "between 1 and {} inputs per request",
+                state.max_client_batch_size
+            )));
+        }
+        let mut params = Params::new();
+        params.insert("normalize".into(), json!(true));
+        let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;
+        let data: Vec<Value> = vecs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64_encode(&bytes))
+                } else {
+                    json!(e)
+                };
+                json!({"object": "embedding", "embedding": embedding, "index": i})
+            })
+            .collect();
+        Ok(axum::Json(json!({
+            "object": "list",
+            "data": data,
+            "model": m.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    };
+    inner.await.map_err(ApiError::openai)
+}
+
+pub(crate) async fn openai_models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "ferroformers"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// OpenAI's sampling fields as generation parameters: `max_tokens` (or
+/// `max_completion_tokens`; default 256) -> `max_new_tokens`, `temperature` (default 1; 0 means
+/// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`. `n` other than 1
+/// is refused.
+pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
+    let mut p = Params::new();
+    let num = |k: &str| -> Result<Option<f64>, ApiError> {
+        match v.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ApiError::validation(format!("`{k}` must be a number"))),
+        }
+    };
+    let max = num("max_completion_tokens")?
+        .or(num("max_tokens")?)
+        .unwrap_or(256.0);
+    if max < 1.0 || max.fract() != 0.0 {
+        return Err(ApiError::validation(
+            "`max_tokens` must be a whole number >= 1",
+        ));
+    }
+    p.insert("max_new_tokens".into(), json!(max as u64));
+    let temperature = num("temperature")?.unwrap_or(1.0);
+    if temperature < 0.0 {
+        return Err(ApiError::validation("`temperature` must be >= 0"));
+    }
+    if temperature == 0.0 {
+        p.insert("do_sample".into(), json!(false));
+    } else {
+        p.insert("do_sample".into(), json!(true));
+        p.insert("temperature".into(), json!(temperature));
+        if let Some(t) = num("top_p")? {
+            p.insert("top_p".into(), json!(t));
+        }
+        // OpenAI samples from the whole vocabulary; transformers' default is top_k 50.
+        p.insert("top_k".into(), json!(0));
+    }
+    if let Some(seed) = num("seed")? {
+        p.insert("seed".into(), json!(seed as u64));
+    }
+    match v.get("stop") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            p.insert("stop_strings".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            if !a.is_empty() {
+                p.insert("stop_strings".into(), Value::Array(a.clone()));
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`stop` must be a string or a list of strings",
+            ))
+        }
+    }
+    if num("n")?.is_some_and(|n| n != 1.0) {
+        return Err(ApiError::validation("only `n: 1` is supported"));
+    }
+    p.insert("return_full_text".into(), json!(false));
+    Ok(p)
+}
+
+/// A chat's messages: `content` a string or a list of `{type: "text", text}` parts.
+pub(crate) fn chat_input(v: &Value) -> Result<Input, ApiError> {
+    let list = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::validation("missing field `messages` (a list)"))?;
+    if list.is_empty() {
+        return Err(ApiError::validation("`messages` cannot be empty"));
+    }
+    let mut msgs = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::validation(format!("messages[{i}] has no `role`")))?;
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(
+                    |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                        _ => Err(ApiError::validation(format!(
+                            "messages[{i}]: only text content parts are supported"
+                        ))),
+                    },
+                )
+                .collect::<Result<Vec<_>, _>>()?
+                .concat(),
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "messages[{i}] has no string `content`"
+                )))
+            }
+        };
+        msgs.push(ferroformers::generation::Message::new(role, content));
+    }
+    Ok(Input::Chat(msgs))
+}
+
+/// A response id: the kind's prefix and a process-wide counter with the time.
+pub(crate) fn response_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{:x}{n:04x}", unix_time())
+}
+
+/// How a generation request's answer goes out.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+pub(crate) async fn openai_generate(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = generator(&state, v.get("model").and_then(Value::as_str))?;
+    let index = index_of(&state, m);
+    let name = m.id.clone();
+    let input = match kind {
+        Kind::Chat => chat_input(&v)?,
+        Kind::Completion => match v.get("prompt") {
+            Some(Value::String(s)) => Input::Text(s.clone()),
+            _ => return Err(ApiError::validation("`prompt` must be a string")),
+        },
+    };
+    let params = openai_params(&v)?;
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
+    let logprobs = match (kind, v.get("logprobs")) {
+        (_, None | Some(Value::Null)) | (Kind::Chat, Some(Value::Bool(false))) => false,
+        (Kind::Chat, Some(Value::Bool(true))) => true,
+        (Kind::Chat, Some(_)) => {
+            return Err(ApiError::validation("`logprobs` must be true or false"))
+        }
+        (Kind::Completion, Some(_)) => {
+            return Err(ApiError::validation(
+                "`logprobs` is supported on /v1/chat/completions only",
+            ))
+        }
+    };
+    if v.get("top_logprobs")
+        .is_some_and(|t| !t.is_null() && t != &json!(0))
+    {
+        return Err(ApiError::validation("`top_logprobs` is not supported"));
+    }
+    let include_usage = v
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (id, object, chunk_object) = match kind {
+        Kind::Chat => (
+            response_id("chatcmpl"),
+            "chat.completion",
+            "chat.completion.chunk",
+        ),
+        Kind::Completion => (response_id("cmpl"), "text_completion", "text_completion"),
+    };
+    let created = unix_time();
+    let usage_json = |u: &ferroformers::pipelines::text_generation::Usage| {
+        json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+               "total_tokens": u.prompt_tokens + u.completion_tokens})
+    };
+    let finish = |u: &ferroformers::pipelines::text_generation::Usage| {
+        if u.hit_limit {
+            "length"
+        } else {
+            "stop"
+        }
+    };
+    if !stream {
+        let (out, usage, tokens) = generate_with_tokens(&state, index, input, params).await?;
+        let text = generated_text(&out);
+        let lp = if logprobs {
+            let content: Vec<Value> = tokens.iter().map(|(t, l)| logprob_entry(t, *l)).collect();
+            json!({"content": content})
+        } else {
+            Value::Null
+        };
+        let choice = match kind {
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": lp, "finish_reason": finish(&usage)}),
+            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
+                                       "finish_reason": finish(&usage)}),
+        };
+        return Ok(axum::Json(json!({
+            "id": id, "object": object, "created": created, "model": name,
+            "choices": [choice], "usage": usage_json(&usage),
+        }))
+        .into_response());
+    }
+    // Streamed: the generation runs on a blocking thread and sends each piece of text as an
+    // event; the parameters were checked above, so errors from here on are generation errors,
+    // sent as a last event.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut clock = TokenClock::new();
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let chunk = |choice: Value| {
+            json!({"id": id, "object": chunk_object, "created": created, "model": name,
+                   "choices": [choice]})
+            .to_string()
+        };
+        if kind == Kind::Chat {
+            let first = chunk(
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": null, "finish_reason": null}),
+            );
+            let _ = tx.blocking_send(first);
+        }
+        // A send fails once the client has gone (the event stream was dropped): the
+        // generation stops there.
+        let mut gone = false;
+        let result = st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
+                if t.text.is_empty() && (t.tail || !logprobs) {
+                    return true;
+                }
+                let delta = t.text;
+                let lp = if logprobs && !t.tail {
+                    json!({"content": [logprob_entry(delta, t.logprob)]})
+                } else {
+                    Value::Null
+                };
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {"content": delta},
+                                         "logprobs": lp, "finish_reason": null}),
+                    Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
+                                               "finish_reason": null}),
+                };
+                gone = tx.blocking_send(chunk(choice)).is_err();
+                !gone
+            });
+        clock.record(&st);
+        if gone {
+            st.cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        match result {
+            Ok((_, usage)) => {
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {}, "logprobs": null,
+                                         "finish_reason": finish(&usage)}),
+                    Kind::Completion => json!({"index": 0, "text": "", "logprobs": null,
+                                               "finish_reason": finish(&usage)}),
+                };
+                let _ = tx.blocking_send(chunk(choice));
+                if include_usage {
+                    let u = json!({"id": id, "object": chunk_object, "created": created,
+                                   "model": name, "choices": [], "usage": usage_json(&usage)});
+                    let _ = tx.blocking_send(u.to_string());
+                }
+            }
+            Err(e) => {
+                let err = ApiError::from(e);
+                let _ = tx.blocking_send(
+                    json!({"error": {"message": err.message, "type": "server_error",
+                                     "param": null, "code": err.status.as_u16()}})
+                    .to_string(),
+                );
+            }
+        }
+        let _ = tx.blocking_send("[DONE]".into());
+    });
+    use tokio_stream::StreamExt;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
+        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
+    });
+    Ok(axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
+pub(crate) async fn openai_chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    openai_generate(state, headers, body, Kind::Chat)
+        .await
+        .map_err(ApiError::openai)
+}
+
+pub(crate) async fn openai_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    openai_generate(state, headers, body, Kind::Completion)
+        .await
+        .map_err(ApiError::openai)
+}
+
+/// Standard base64 with padding (OpenAI's `encoding_format: "base64"`: little-endian f32s).
+pub(crate) fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}

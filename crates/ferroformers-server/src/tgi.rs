@@ -1,0 +1,169 @@
+//! TGI's routes: `/generate`, `/generate_stream` (an event per token, no `[DONE]`) and its
+//! answer to `POST /` on a generation model.
+
+use super::*;
+
+/// TGI's request: the prompt and the pipeline's parameters (`stop` as stop strings; greedy and
+/// new text only unless asked), and whether `details` are wanted.
+pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, bool), ApiError> {
+    tgi_request_with(v, false)
+}
+
+/// [`tgi_request`] with `return_full_text`'s default (TGI: true on `POST /` for a
+/// text-generation model, as the Inference API answers; false on `/generate`). TGI's flags
+/// this server does not implement are accepted at their neutral values and refused otherwise.
+pub(crate) fn tgi_request_with(
+    v: &Value,
+    full_text: bool,
+) -> Result<(Input, Params, bool), ApiError> {
+    let input = match v.get("inputs") {
+        Some(Value::String(s)) => Input::Text(s.clone()),
+        _ => return Err(ApiError::validation("`inputs` must be a string")),
+    };
+    let mut params = params_of(v)?;
+    for (flag, neutral) in [
+        ("decoder_input_details", json!(false)),
+        ("watermark", json!(false)),
+        ("top_n_tokens", Value::Null),
+        ("truncate", Value::Null),
+        ("best_of", Value::Null),
+        ("adapter_id", Value::Null),
+        ("grammar", Value::Null),
+    ] {
+        if let Some(x) = params.remove(flag) {
+            if x != neutral && !(flag == "best_of" && x == json!(1)) {
+                return Err(ApiError::validation(format!(
+                    "`{flag}` is not supported by this server"
+                )));
+            }
+        }
+    }
+    if let Some(stop) = params.remove("stop") {
+        params.insert("stop_strings".into(), stop);
+    }
+    params
+        .entry("do_sample".to_string())
+        .or_insert(json!(false));
+    params
+        .entry("return_full_text".to_string())
+        .or_insert(json!(full_text));
+    let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
+    Ok((input, params, details))
+}
+
+/// TGI `/generate_stream`: one server-sent event per token (`{index, token: {id, text,
+/// logprob, special}, generated_text, details, top_tokens}`), the last one carrying the whole
+/// `generated_text` (and `details` when asked); no `[DONE]`.
+pub(crate) async fn tgi_generate_stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = generator(&state, None)?;
+    let index = index_of(&state, m);
+    let (input, params, details) = tgi_request(&v)?;
+    Ok(tgi_stream(&state, index, input, params, details))
+}
+
+/// The token events of one generation as TGI streams them.
+pub(crate) fn tgi_stream(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+    details: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut clock = TokenClock::new();
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        // Each token's event waits for the next token, so that the last one can carry the
+        // generated text.
+        let mut pending: Option<Value> = None;
+        let mut n = 0usize;
+        let mut gone = false;
+        let result = st.models[index]
+            .pipe
+            .run_streaming(&input, &params, &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
+                if t.tail {
+                    if let Some(p) = pending.as_mut() {
+                        let text = format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
+                        p["token"]["text"] = json!(text);
+                    }
+                    return true;
+                }
+                n += 1;
+                if let Some(p) = pending.take() {
+                    gone = tx.blocking_send(p.to_string()).is_err();
+                }
+                pending = Some(json!({
+                    "index": n,
+                    "token": {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special},
+                    "generated_text": null, "details": null, "top_tokens": null,
+                }));
+                !gone
+            });
+        clock.record(&st);
+        if gone {
+            st.cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        match result {
+            Ok((out, usage)) => {
+                let mut last = pending.unwrap_or_else(|| {
+                    json!({"index": 0, "token": null, "generated_text": null, "details": null,
+                           "top_tokens": null})
+                });
+                last["generated_text"] = json!(generated_text(&out));
+                if details {
+                    last["details"] = json!({
+                        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+                        "generated_tokens": usage.completion_tokens,
+                        "seed": null,
+                    });
+                }
+                let _ = tx.blocking_send(last.to_string());
+            }
+            Err(e) => {
+                let err = ApiError::from(e);
+                let _ = tx.blocking_send(
+                    json!({"error": err.message, "error_type": "generation"}).to_string(),
+                );
+            }
+        }
+    });
+    use tokio_stream::StreamExt;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
+        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
+    });
+    axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response()
+}
+
+/// TGI `/generate`: `{inputs, parameters}` (transformers' generation parameters, TGI's `stop`
+/// as stop strings) -> `{generated_text}` (new text unless `return_full_text`).
+pub(crate) async fn tgi_generate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let m = generator(&state, None)?;
+    let index = index_of(&state, m);
+    let (input, params, details) = tgi_request(&v)?;
+    let (out, usage) = generate_blocking(&state, index, input, params).await?;
+    let mut body = json!({"generated_text": generated_text(&out)});
+    if details {
+        body["details"] = json!({
+            "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+            "generated_tokens": usage.completion_tokens,
+        });
+    }
+    Ok(axum::Json(body).into_response())
+}
