@@ -99,3 +99,26 @@ pub(crate) fn generated_text(out: &Output) -> String {
         _ => String::new(),
     }
 }
+
+/// A streamed generation's end, seen from its thread: its token timing recorded; `true` (and
+/// counted) when it stopped because the client had gone, so nothing more is sent.
+pub(crate) fn stream_ended(st: &AppState, clock: &TokenClock, gone: bool) -> bool {
+    clock.record(st);
+    if gone {
+        st.cancelled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    gone
+}
+
+/// Server-sent events, one per message from the generation's thread, with keep-alive
+/// comments while it is quiet.
+pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<String>) -> Response {
+    use tokio_stream::StreamExt;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
+        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
+    });
+    axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response()
+}

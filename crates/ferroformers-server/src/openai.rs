@@ -338,10 +338,7 @@ pub(crate) async fn openai_generate(
                 gone = tx.blocking_send(chunk(choice)).is_err();
                 !gone
             });
-        clock.record(&st);
-        if gone {
-            st.cancelled
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if stream_ended(&st, &clock, gone) {
             return;
         }
         match result {
@@ -370,13 +367,7 @@ pub(crate) async fn openai_generate(
         }
         let _ = tx.blocking_send("[DONE]".into());
     });
-    use tokio_stream::StreamExt;
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
-        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
-    });
-    Ok(axum::response::sse::Sse::new(events)
-        .keep_alive(axum::response::sse::KeepAlive::default())
-        .into_response())
+    Ok(sse_response(rx))
 }
 
 pub(crate) async fn openai_chat(

@@ -107,10 +107,7 @@ pub(crate) fn tgi_stream(
                 }));
                 !gone
             });
-        clock.record(&st);
-        if gone {
-            st.cancelled
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if stream_ended(&st, &clock, gone) {
             return;
         }
         match result {
@@ -137,13 +134,7 @@ pub(crate) fn tgi_stream(
             }
         }
     });
-    use tokio_stream::StreamExt;
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
-        Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
-    });
-    axum::response::sse::Sse::new(events)
-        .keep_alive(axum::response::sse::KeepAlive::default())
-        .into_response()
+    sse_response(rx)
 }
 
 /// TGI `/generate`: `{inputs, parameters}` (transformers' generation parameters, TGI's `stop`
