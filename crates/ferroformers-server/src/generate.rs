@@ -74,7 +74,7 @@ pub(crate) async fn generate_with_tokens(
 /// The text-generation model a request names (`model`), else the first one served.
 pub(crate) fn generator<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
     let m = match id {
-        Some(id) => model(state, Some(id))?,
+        Some(id) => model_for(state, id, "text-generation")?,
         None => state
             .models
             .iter()

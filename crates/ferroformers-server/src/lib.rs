@@ -593,6 +593,20 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     Ok(v)
 }
 
+/// The model a request names for a task: by id; a name that matches none falls to the only
+/// model of that task when there is exactly one (TGI and llama.cpp's server ignore the name,
+/// and clients such as `InferenceClient` send a placeholder); else 404.
+fn model_for<'a>(state: &'a AppState, id: &str, task: &str) -> Result<&'a Served, ApiError> {
+    if let Some(m) = state.models.iter().find(|m| m.id == id) {
+        return Ok(m);
+    }
+    let mut of_task = state.models.iter().filter(|m| m.task == task);
+    match (of_task.next(), of_task.next()) {
+        (Some(m), None) => Ok(m),
+        _ => model(state, Some(id)),
+    }
+}
+
 fn model<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
     match id {
         None => Ok(&state.models[0]),

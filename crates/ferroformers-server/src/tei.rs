@@ -5,7 +5,7 @@ use super::*;
 /// The embedding model to use: the named one or the first that embeds.
 pub(crate) fn embedder<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiError> {
     let m = match id {
-        Some(id) => model(state, Some(id))?,
+        Some(id) => model_for(state, id, "sentence-embeddings")?,
         None => state
             .models
             .iter()

@@ -274,6 +274,18 @@ fn generation_routes_match_the_pipeline() {
     let prompt_tokens = got["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 2);
 
+    // A model name that matches nothing goes to the only generation model (InferenceClient
+    // sends a placeholder name).
+    let (status, named) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"model": "dummy", "messages": messages, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{named}");
+    assert_eq!(
+        named["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
+
     // `logprobs: true`: one entry per token, text adding up to the answer.
     let (status, got) = post_json(
         &format!("{base}/v1/chat/completions"),
