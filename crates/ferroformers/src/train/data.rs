@@ -519,53 +519,27 @@ fn read_delimited(path: &Path, text: &str, delim: u8) -> Result<Vec<(usize, Valu
 }
 
 fn example(path: &Path, line: usize, row: &Value, cols: &Columns) -> Result<Example> {
-    let obj = row
-        .as_object()
-        .ok_or_else(|| err(path, line, "not an object with named columns"))?;
-    let names = || obj.keys().cloned().collect::<Vec<_>>().join(", ");
-    let text_of = |col: &str| -> Result<String> {
-        match obj.get(col) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(err(
-                path,
-                line,
-                format!("column `{col}` is not a string: {other}"),
-            )),
-            None => Err(err(
-                path,
-                line,
-                format!("no `{col}` column (columns: {})", names()),
-            )),
-        }
-    };
-    let text = text_of(&cols.text)?;
+    let obj = object(path, line, row)?;
+    let text = string_column(path, line, obj, &cols.text)?;
     let pair = match &cols.text_pair {
-        Some(c) => Some(text_of(c)?),
+        Some(c) => Some(string_column(path, line, obj, c)?),
         None => None,
     };
-    let label = match obj.get(&cols.label) {
-        None => {
-            return Err(err(
-                path,
-                line,
-                format!("no `{}` column (columns: {})", cols.label, names()),
-            ))
-        }
-        Some(v) => raw_label(
-            v,
-            path.extension().is_some_and(|e| e == "csv" || e == "tsv"),
+    let v = column(path, line, obj, &cols.label)?;
+    let label = raw_label(
+        v,
+        path.extension().is_some_and(|e| e == "csv" || e == "tsv"),
+    )
+    .ok_or_else(|| {
+        err(
+            path,
+            line,
+            format!(
+                "label {v} is not a string, a number or a list of labels (`{}`)",
+                cols.label
+            ),
         )
-        .ok_or_else(|| {
-            err(
-                path,
-                line,
-                format!(
-                    "label {v} is not a string, a number or a list of labels (`{}`)",
-                    cols.label
-                ),
-            )
-        })?,
-    };
+    })?;
     Ok(Example {
         text,
         pair,
