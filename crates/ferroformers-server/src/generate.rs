@@ -67,7 +67,7 @@ pub(crate) async fn generate_with_tokens(
         out.map(|(o, u)| (o, u, tokens))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+    .map_err(ApiError::backend)?
     .map_err(ApiError::from)
 }
 

@@ -20,25 +20,12 @@ pub(crate) async fn inference(
             return Ok(tgi_stream(&state, index, input, params, details));
         }
         let (out, usage) = generate_blocking(&state, index, input, params).await?;
-        let mut one = json!({"generated_text": generated_text(&out)});
-        if details {
-            one["details"] = json!({
-                "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
-                "generated_tokens": usage.completion_tokens,
-            });
-        }
-        return Ok(axum::Json(json!([one])).into_response());
+        return Ok(axum::Json(json!([tgi_answer(&out, &usage, details)])).into_response());
     }
     let (inputs, many) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
     let params = params_of(&v)?;
     let out = run(&state, index, inputs, params).await?;
-    let body = if many {
-        serde_json::to_value(&out)
-    } else {
-        serde_json::to_value(&out[0])
-    }
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?;
-    Ok(axum::Json(body).into_response())
+    outputs_json(&out, many)
 }
 
 pub(crate) async fn inference_default(
@@ -62,11 +49,8 @@ pub(crate) async fn inference_model(
     };
     if let Some(task) = task {
         let m = model(&state, Some(&id))?;
-        let canonical = ferroformers::TASKS
-            .iter()
-            .find(|t| t.name == task || t.aliases.contains(&task.as_str()))
-            .map(|t| t.name);
-        if canonical != Some(m.task.as_str()) {
+        let canonical = ferroformers::pipelines::registry::lookup(&task).map(|t| t.name);
+        if canonical.ok() != Some(m.task.as_str()) {
             return Err(ApiError::validation(format!(
                 "`{id}` serves {}, not {task}",
                 m.task

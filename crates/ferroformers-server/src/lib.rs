@@ -274,24 +274,24 @@ pub fn infer_task(dir: &Path) -> Option<&'static str> {
         .first()?
         .as_str()?
         .to_string();
-    let task = if arch.ends_with("ForSequenceClassification") {
-        "text-classification"
-    } else if arch.ends_with("ForTokenClassification") {
-        "token-classification"
-    } else if arch.ends_with("ForQuestionAnswering") {
-        "question-answering"
-    } else if arch.ends_with("ForMaskedLM") {
-        "fill-mask"
-    } else if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
-        "text-generation"
-    } else if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
-        "text2text-generation"
-    } else if arch.ends_with("Model") {
-        "feature-extraction"
-    } else {
-        return None;
-    };
-    Some(task)
+    if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+        return Some("text-generation");
+    }
+    if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
+        return Some("text2text-generation");
+    }
+    // Encoder heads as the library reads them from `architectures`.
+    use ferroformers::models::Head;
+    Some(
+        match Head::from_architectures(std::slice::from_ref(&arch)) {
+            Head::SequenceClassification => "text-classification",
+            Head::TokenClassification => "token-classification",
+            Head::QuestionAnswering => "question-answering",
+            Head::MaskedLm => "fill-mask",
+            Head::Base if arch.ends_with("Model") => "feature-extraction",
+            Head::Base => return None,
+        },
+    )
 }
 
 fn load(
@@ -516,6 +516,12 @@ impl ApiError {
         }
     }
 
+    /// A failure on the server's side (a blocking task that died, an answer that would not
+    /// serialize).
+    fn backend(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string())
+    }
+
     fn validation(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Validation", message)
     }
@@ -671,8 +677,19 @@ async fn run(
     let state = state.clone();
     tokio::task::spawn_blocking(move || state.models[index].pipe.run(&inputs, &params))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?
+        .map_err(ApiError::backend)?
         .map_err(ApiError::from)
+}
+
+/// A pipeline's outputs as JSON: the list for a list of inputs, else the one output.
+fn outputs_json(out: &[Output], many: bool) -> Result<Response, ApiError> {
+    let body = if many {
+        serde_json::to_value(out)
+    } else {
+        serde_json::to_value(&out[0])
+    }
+    .map_err(ApiError::backend)?;
+    Ok(axum::Json(body).into_response())
 }
 
 fn index_of(state: &AppState, m: &Served) -> usize {
@@ -711,6 +728,26 @@ fn unix_time() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each fixture's task from its files: architectures through the library's head reading,
+    /// generation classes, a sentence-transformers folder.
+    #[test]
+    fn tasks_come_from_the_model_files() {
+        let fix = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for (dir, want) in [
+            ("models/bert-seqcls", Some("text-classification")),
+            ("models/bert-tokcls", Some("token-classification")),
+            ("models/bert-qa", Some("question-answering")),
+            ("models/bert-mlm", Some("fill-mask")),
+            ("models/bert-base", Some("feature-extraction")),
+            ("models/minilm-st", Some("sentence-embeddings")),
+            ("decoders/models/llama", Some("text-generation")),
+            ("seq2seq/models/t5", Some("text2text-generation")),
+            ("models/no-config", None),
+        ] {
+            assert_eq!(infer_task(&fix.join(dir)), want, "{dir}");
+        }
+    }
 
     #[test]
     fn base64_and_specs() {

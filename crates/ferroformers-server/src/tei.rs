@@ -101,11 +101,5 @@ pub(crate) async fn tei_predict(
         params.insert("function_to_apply".into(), json!("none"));
     }
     let out = run(&state, index, inputs, params).await?;
-    let body = if many {
-        serde_json::to_value(&out)
-    } else {
-        serde_json::to_value(&out[0])
-    }
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e.to_string()))?;
-    Ok(axum::Json(body).into_response())
+    outputs_json(&out, many)
 }

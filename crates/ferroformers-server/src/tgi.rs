@@ -118,11 +118,9 @@ pub(crate) fn tgi_stream(
                 });
                 last["generated_text"] = json!(generated_text(&out));
                 if details {
-                    last["details"] = json!({
-                        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
-                        "generated_tokens": usage.completion_tokens,
-                        "seed": null,
-                    });
+                    let mut d = tgi_details(&usage);
+                    d["seed"] = Value::Null;
+                    last["details"] = d;
                 }
                 let _ = tx.blocking_send(last.to_string());
             }
@@ -149,12 +147,26 @@ pub(crate) async fn tgi_generate(
     let index = index_of(&state, m);
     let (input, params, details) = tgi_request(&v)?;
     let (out, usage) = generate_blocking(&state, index, input, params).await?;
-    let mut body = json!({"generated_text": generated_text(&out)});
+    Ok(axum::Json(tgi_answer(&out, &usage, details)).into_response())
+}
+
+/// TGI's `details`: why generation stopped and how many tokens it made.
+fn tgi_details(usage: &ferroformers::pipelines::text_generation::Usage) -> Value {
+    json!({
+        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+        "generated_tokens": usage.completion_tokens,
+    })
+}
+
+/// TGI's whole answer: `{generated_text}`, with `details` when asked.
+pub(crate) fn tgi_answer(
+    out: &Output,
+    usage: &ferroformers::pipelines::text_generation::Usage,
+    details: bool,
+) -> Value {
+    let mut body = json!({"generated_text": generated_text(out)});
     if details {
-        body["details"] = json!({
-            "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
-            "generated_tokens": usage.completion_tokens,
-        });
+        body["details"] = tgi_details(usage);
     }
-    Ok(axum::Json(body).into_response())
+    body
 }
