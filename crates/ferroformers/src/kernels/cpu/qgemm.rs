@@ -103,25 +103,133 @@ pub struct Panel {
     /// Per scale group: 32 rows' `dmin * mn`.
     wm: Vec<f32>,
     unpacked: Unpacked,
+    /// Q2_K/Q3_K tiles: the rows unpacked to i8 values, `[rows, k]`.
+    tq: Vec<i8>,
 }
 
 impl Panel {
     /// Unpack `rows.len()` (at most [`PANEL`]) weight rows of `dtype`, `k` inputs each.
+    ///
+    /// With AVX-512 the values go from the raw blocks straight into the panel: each row's 32
+    /// values at a time are made unsigned in a register, and 16 rows' worth transposed into
+    /// the panel's 4-byte interleave ([`x86::pack`]); Q2_K and Q3_K are unpacked row by row
+    /// first. Otherwise (and as the tests' reference) [`Panel::pack_portable`].
     pub fn pack(&mut self, dtype: GgmlDType, rows: &[&[u8]], k: usize) {
-        assert!(rows.len() <= PANEL, "a panel holds {PANEL} rows");
+        #[cfg(target_arch = "x86_64")]
+        if available() && !rows.is_empty() {
+            self.prepare(dtype, rows.len(), k);
+            let code = x86::code(dtype);
+            let mut ptrs = [std::ptr::null::<u8>(); PANEL];
+            if code == x86::UNPACKED {
+                // Rows unpacked to i8 values one by one, their scales from the unpacking.
+                self.tq.resize(rows.len() * k, 0);
+                for (j, row) in rows.iter().enumerate() {
+                    self.unpacked.unpack(dtype, row, k);
+                    self.tq[j * k..(j + 1) * k].copy_from_slice(&self.unpacked.q[..k]);
+                    self.scales_from_unpacked(j);
+                }
+                for (j, p) in ptrs.iter_mut().take(rows.len()).enumerate() {
+                    // In bounds: j < rows.len() rows of k values.
+                    *p = self.tq[j * k..].as_ptr() as *const u8;
+                }
+            } else {
+                let (sb, bytes) = block_shape(dtype).expect("a GGUF block type");
+                for (j, row) in rows.iter().enumerate() {
+                    assert!(row.len() >= k / sb * bytes, "qgemm: a row shorter than k");
+                    ptrs[j] = row.as_ptr();
+                }
+            }
+            // The 32-value types' scales and minimums come with the values.
+            // SAFETY: the CPU has the features (available()); every pointer holds k values of
+            // its kind (checked above); the panel holds k / 4 quads of PANEL rows, ws and wm
+            // k / g groups of PANEL (prepare; g = 32 for the 32-value types).
+            unsafe {
+                x86::pack(
+                    code,
+                    self.u.as_mut_ptr(),
+                    self.ws.as_mut_ptr(),
+                    self.wm.as_mut_ptr(),
+                    &ptrs[..rows.len()],
+                    k,
+                )
+            };
+            if (5..x86::UNPACKED).contains(&code) {
+                // K-quants: after the values, so the blocks are in cache.
+                for (j, row) in rows.iter().enumerate() {
+                    self.scales_raw(dtype, row, j);
+                }
+            }
+            return;
+        }
+        self.pack_portable(dtype, rows, k);
+    }
+
+    /// Sizes and the fields every packing sets.
+    fn prepare(&mut self, dtype: GgmlDType, rows: usize, k: usize) {
+        assert!(rows <= PANEL, "a panel holds {PANEL} rows");
+        assert!(k.is_multiple_of(32), "qgemm: k = {k} is not whole blocks");
         let g = group_of(dtype);
         let groups = k / g;
         self.k = k;
         self.g = g;
-        self.rows = rows.len();
-        // Rows past `rows.len()` keep whatever an earlier tile left: finite values whose sums
-        // the kernel computes but never stores.
+        self.rows = rows;
+        // Rows past `rows` keep whatever an earlier tile left: finite values whose sums the
+        // kernel computes but never stores.
         self.u.resize(k / 4 * 4 * PANEL, 128);
         self.ws.resize(groups * PANEL, 0.0);
         self.wm.resize(groups * PANEL, 0.0);
+        use GgmlDType as D;
+        self.has_min = rows > 0 && matches!(dtype, D::Q4_1 | D::Q5_1 | D::Q2K | D::Q4K | D::Q5K);
+    }
+
+    /// Row `j`'s group scales `d * sc` and minimums `dmin * mn` from [`Panel::unpacked`].
+    fn scales_from_unpacked(&mut self, j: usize) {
+        let u = &self.unpacked;
+        for b in 0..self.k / self.g {
+            let (s, gr) = (b * self.g / u.sb, b * self.g / GROUP);
+            self.ws[b * PANEL + j] = u.d[s] * u.sc[gr] as f32;
+            if u.has_min {
+                self.wm[b * PANEL + j] = u.dmin[s] * u.mn[gr] as f32;
+            }
+        }
+    }
+
+    /// K-quant row `j`'s group scales and minimums read from its raw blocks: the same f32
+    /// products as [`Panel::scales_from_unpacked`] (`d * sc`, `dmin * mn`), without unpacking
+    /// the values.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn scales_raw(&mut self, dtype: GgmlDType, row: &[u8], j: usize) {
+        use super::blocks::{f16_at, scale_min_k4};
+        use GgmlDType as D;
+        let (ws, wm) = (&mut self.ws, &mut self.wm);
+        let (sb, bytes) = block_shape(dtype).expect("a GGUF block type");
+        for (s, blk) in row.chunks_exact(bytes).take(self.k / sb).enumerate() {
+            match dtype {
+                D::Q4K | D::Q5K => {
+                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                    for sub in 0..8 {
+                        let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
+                        ws[(s * 8 + sub) * PANEL + j] = d * sc as i8 as f32;
+                        wm[(s * 8 + sub) * PANEL + j] = dmin * mn as i8 as f32;
+                    }
+                }
+                D::Q6K => {
+                    let d = f16_at(blk, 208);
+                    for g in 0..16 {
+                        ws[(s * 16 + g) * PANEL + j] = d * blk[192 + g] as i8 as f32;
+                    }
+                }
+                _ => unreachable!("scales_raw: K-quants only, not {dtype:?}"),
+            }
+        }
+    }
+
+    /// The plain packing: each row unpacked, then copied into the panel four values at a time.
+    pub fn pack_portable(&mut self, dtype: GgmlDType, rows: &[&[u8]], k: usize) {
+        self.prepare(dtype, rows.len(), k);
         for (j, row) in rows.iter().enumerate() {
-            let u = &mut self.unpacked;
-            u.unpack(dtype, row, k);
+            self.unpacked.unpack(dtype, row, k);
+            let u = &self.unpacked;
             let at = (j / 16) * 64 + (j % 16) * 4;
             let quads = k / 4;
             assert!(u.q.len() >= k && self.u.len() >= quads * 4 * PANEL);
@@ -135,15 +243,8 @@ impl Panel {
                     (dst.add(t * 4 * PANEL + at) as *mut u32).write_unaligned(v);
                 }
             }
-            for b in 0..groups {
-                let (s, gr) = (b * g / u.sb, b * g / GROUP);
-                self.ws[b * PANEL + j] = u.d[s] * u.sc[gr] as f32;
-                if u.has_min {
-                    self.wm[b * PANEL + j] = u.dmin[s] * u.mn[gr] as f32;
-                }
-            }
+            self.scales_from_unpacked(j);
         }
-        self.has_min = self.unpacked.has_min && !rows.is_empty();
     }
 
     /// `out[i * ldo + j] = x_i . row_j` for every activation row `i` of `acts` and the panel's
@@ -208,11 +309,233 @@ impl Panel {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Acts, Panel, PANEL};
+    use super::{Acts, GgmlDType, Panel, PANEL};
     use std::arch::x86_64::*;
 
     /// Activation rows per kernel call.
     pub const MR: usize = 4;
+
+    /// [`pack`]'s source kinds: raw blocks of one type, or rows already unpacked to i8.
+    pub const UNPACKED: u8 = 8;
+
+    /// The kind [`pack`] reads for `dtype`: its raw blocks, except Q2_K and Q3_K.
+    pub fn code(dtype: GgmlDType) -> u8 {
+        use GgmlDType as D;
+        match dtype {
+            D::Q8_0 => 0,
+            D::Q4_0 => 1,
+            D::Q4_1 => 2,
+            D::Q5_0 => 3,
+            D::Q5_1 => 4,
+            D::Q4K => 5,
+            D::Q5K => 6,
+            D::Q6K => 7,
+            _ => UNPACKED,
+        }
+    }
+
+    /// Values `32 * c .. 32 * c + 32` of one row, each `q + 128` (unsigned), from the row's raw
+    /// blocks of kind `T` ([`code`]) or its unpacked i8 values (`T == UNPACKED`). The
+    /// arithmetic is [`super::super::blocks`]'s unpacking, 32 lanes at a time.
+    #[inline(always)]
+    unsafe fn chunk<const T: u8>(row: *const u8, c: usize) -> __m256i {
+        let low = _mm256_set1_epi8(0x0F);
+        let top = _mm256_set1_epi8(-128);
+        // 16 packed bytes -> their low nibbles (values 0..16), then their high ones (16..32).
+        let nibbles = |p: *const u8| {
+            let x = _mm_loadu_si128(p as *const __m128i);
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(x), x), low)
+        };
+        let fifth = |n: __m256i, bits: *const u8| {
+            let m = (bits as *const u32).read_unaligned();
+            _mm256_mask_add_epi8(n, m, n, _mm256_set1_epi8(16))
+        };
+        match T {
+            // Q8_0: q + 128.
+            0 => _mm256_xor_si256(
+                _mm256_loadu_si256(row.add(c * 34 + 2) as *const __m256i),
+                top,
+            ),
+            // Q4_0: (nibble - 8) + 128.
+            1 => _mm256_add_epi8(nibbles(row.add(c * 18 + 2)), _mm256_set1_epi8(120)),
+            // Q4_1: nibble + 128.
+            2 => _mm256_or_si256(nibbles(row.add(c * 20 + 4)), top),
+            // Q5_0: (nibble | fifth bit - 16) + 128.
+            3 => {
+                let b = row.add(c * 22);
+                _mm256_add_epi8(fifth(nibbles(b.add(6)), b.add(2)), _mm256_set1_epi8(112))
+            }
+            // Q5_1: (nibble | fifth bit) + 128.
+            4 => {
+                let b = row.add(c * 24);
+                _mm256_or_si256(fifth(nibbles(b.add(8)), b.add(4)), top)
+            }
+            // Q4_K / Q5_K: sub-block `sub` of a superblock is the low (even) or high (odd)
+            // nibbles of 32 bytes; Q5_K's fifth bits are bit `sub` of its 32 qh bytes.
+            5 | 6 => {
+                let (bytes, qoff) = if T == 5 { (144, 16) } else { (176, 48) };
+                let (s, sub) = (c / 8, c % 8);
+                let blk = row.add(s * bytes);
+                let q = _mm256_loadu_si256(blk.add(qoff + 32 * (sub / 2)) as *const __m256i);
+                let mut n = if sub % 2 == 0 {
+                    _mm256_and_si256(q, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low)
+                };
+                if T == 6 {
+                    let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+                    let m = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((1u8 << sub) as i8));
+                    n = _mm256_mask_add_epi8(n, m, n, _mm256_set1_epi8(16));
+                }
+                _mm256_or_si256(n, top)
+            }
+            // Q6_K: half `h` of a superblock, quarter `cc`: 4 bits of ql (low nibbles of
+            // bytes 0..32 or 32..64 for quarters 0/1, high nibbles for 2/3) and 2 bits of qh
+            // (at 2 * cc), minus 32, plus 128.
+            7 => {
+                let (s, sub) = (c / 8, c % 8);
+                let (h, cc) = (sub / 4, sub % 4);
+                let blk = row.add(s * 210);
+                let ql = _mm256_loadu_si256(blk.add(64 * h + 32 * (cc % 2)) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                let lo = if cc < 2 {
+                    _mm256_and_si256(ql, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql), low)
+                };
+                let hi = _mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * cc as i32)),
+                    _mm256_set1_epi8(3),
+                );
+                let v = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
+                _mm256_add_epi8(v, _mm256_set1_epi8(96))
+            }
+            // Unpacked i8 values: q + 128.
+            _ => _mm256_xor_si256(_mm256_loadu_si256(row.add(c * 32) as *const __m256i), top),
+        }
+    }
+
+    /// Pack `rows` (1..=[`PANEL`] pointers to rows of `k` values of kind `code`) into the
+    /// panel at `dst`. Per 16 rows and 32 values: 16 registers of 32 unsigned bytes, transposed
+    /// as 4-byte quads so that each quad's 16 rows land in one 64-byte store. Missing rows of
+    /// a half repeat its last row (finite values the kernel never stores).
+    ///
+    /// The 32-value kinds also write their rows' scales (`ws`) and minimums (`wm`, Q4_1 and
+    /// Q5_1) per block of 32, [`PANEL`] rows apart.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and F16C; each pointer holds `k` values of its kind; `dst`
+    /// holds `k / 4` quads of `4 * PANEL` bytes; `ws` and `wm` hold `k / 32` groups of
+    /// [`PANEL`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    pub unsafe fn pack(
+        code: u8,
+        dst: *mut u8,
+        ws: *mut f32,
+        wm: *mut f32,
+        rows: &[*const u8],
+        k: usize,
+    ) {
+        match code {
+            0 => pack_kind::<0>(dst, ws, wm, rows, k),
+            1 => pack_kind::<1>(dst, ws, wm, rows, k),
+            2 => pack_kind::<2>(dst, ws, wm, rows, k),
+            3 => pack_kind::<3>(dst, ws, wm, rows, k),
+            4 => pack_kind::<4>(dst, ws, wm, rows, k),
+            5 => pack_kind::<5>(dst, ws, wm, rows, k),
+            6 => pack_kind::<6>(dst, ws, wm, rows, k),
+            7 => pack_kind::<7>(dst, ws, wm, rows, k),
+            _ => pack_kind::<UNPACKED>(dst, ws, wm, rows, k),
+        }
+    }
+
+    /// Bytes per block of the 32-value kinds 0..=4.
+    const BYTES: [usize; 5] = [34, 18, 20, 22, 24];
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    unsafe fn pack_kind<const T: u8>(
+        dst: *mut u8,
+        ws: *mut f32,
+        wm: *mut f32,
+        rows: &[*const u8],
+        k: usize,
+    ) {
+        let n = rows.len();
+        assert!((1..=PANEL).contains(&n) && k.is_multiple_of(32));
+        // Quads of rows 0-3 / 4-7 / 8-11 / 12-15 for one dword index: lanes 0 and 2 of
+        // `a` and `b` (idx_a) or lanes 1 and 3 (idx_b), interleaved.
+        let idx_a = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+        let idx_b = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+        // Bytes per 32 values, as far as prefetching cares.
+        let ahead = match T {
+            0..=4 => BYTES[T as usize],
+            5 => 144 / 8,
+            6 => 176 / 8,
+            7 => 210 / 8,
+            _ => 32,
+        };
+        for h in 0..n.div_ceil(16) {
+            let r: [*const u8; 16] = std::array::from_fn(|i| rows[(h * 16 + i).min(n - 1)]);
+            for c in 0..k / 32 {
+                // Ask for the rows' blocks a few chunks ahead: 16 rows stream at once.
+                // Prefetches never fault.
+                if c % 2 == 0 {
+                    for &p in &r {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * ahead + 8 * ahead) as _);
+                    }
+                }
+                // z[i]: row i's 8 quads, then row i + 8's (a loop, not a closure: inlined).
+                let mut z = [_mm512_setzero_si512(); 8];
+                for i in 0..8 {
+                    let lo = chunk::<T>(r[i], c);
+                    let hi = chunk::<T>(r[i + 8], c);
+                    z[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                }
+                // 4x4 transposes inside each 128-bit lane, for rows 0-3 (+8) and 4-7 (+8):
+                // u[e] lane 0 = rows 0-3 quad e, lane 1 = rows 0-3 quad e + 4, lanes 2/3 the
+                // same for rows 8-11; v[e] likewise for rows 4-7 and 12-15.
+                let quarter = |z0, z1, z2, z3| {
+                    let t0 = _mm512_unpacklo_epi32(z0, z1);
+                    let t1 = _mm512_unpackhi_epi32(z0, z1);
+                    let t2 = _mm512_unpacklo_epi32(z2, z3);
+                    let t3 = _mm512_unpackhi_epi32(z2, z3);
+                    [
+                        _mm512_unpacklo_epi64(t0, t2),
+                        _mm512_unpackhi_epi64(t0, t2),
+                        _mm512_unpacklo_epi64(t1, t3),
+                        _mm512_unpackhi_epi64(t1, t3),
+                    ]
+                };
+                let u = quarter(z[0], z[1], z[2], z[3]);
+                let v = quarter(z[4], z[5], z[6], z[7]);
+                if T < 5 {
+                    // The 32-value kinds: 16 rows' f16 block scales (and Q4_1/Q5_1's minimums,
+                    // negated) to f32 in one conversion; `d * 1` is `d`.
+                    let bytes = BYTES[T as usize];
+                    let half = |off: usize| {
+                        let mut h = [0u16; 16];
+                        for i in 0..16 {
+                            h[i] = (r[i].add(c * bytes + off) as *const u16).read_unaligned();
+                        }
+                        _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i))
+                    };
+                    _mm512_storeu_ps(ws.add(c * PANEL + h * 16), half(0));
+                    if T == 2 || T == 4 {
+                        let m = _mm512_castps_si512(half(2));
+                        let neg = _mm512_xor_si512(m, _mm512_set1_epi32(i32::MIN));
+                        _mm512_storeu_ps(wm.add(c * PANEL + h * 16), _mm512_castsi512_ps(neg));
+                    }
+                }
+                let base = dst.add(c * 8 * 4 * PANEL + h * 64);
+                for e in 0..4 {
+                    let qa = _mm512_permutex2var_epi64(u[e], idx_a, v[e]);
+                    let qb = _mm512_permutex2var_epi64(u[e], idx_b, v[e]);
+                    _mm512_storeu_si512(base.add(e * 4 * PANEL) as *mut __m512i, qa);
+                    _mm512_storeu_si512(base.add((e + 4) * 4 * PANEL) as *mut __m512i, qb);
+                }
+            }
+        }
+    }
 
     /// Rows `i..i + R` of `acts` times the panel over scale groups `c0..c1`; the first chunk
     /// (`c0 == 0`) writes `out`, later ones add to it.
@@ -300,6 +623,65 @@ mod tests {
     use crate::kernels::cpu::test_values;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+
+    /// The raw-block packing (AVX-512) against the plain one: the same panel bytes for every
+    /// valid row, the same scales and minimums, for every type, full and partial panels
+    /// (1, 7, 16, 17, 32 rows), one superblock and several.
+    #[test]
+    fn fast_packing_matches_portable() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the portable packing runs");
+            return;
+        }
+        use GgmlDType as D;
+        let types = [
+            D::Q4_0,
+            D::Q4_1,
+            D::Q5_0,
+            D::Q5_1,
+            D::Q8_0,
+            D::Q2K,
+            D::Q3K,
+            D::Q4K,
+            D::Q5K,
+            D::Q6K,
+        ];
+        for (ti, dt) in types.into_iter().enumerate() {
+            for k in [256usize, 768] {
+                let n = 32;
+                let w = test_values(n * k, 31 + ti as u64, 2.0);
+                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+                let bytes = QTensor::quantize(&wt, dt).unwrap().data().unwrap().to_vec();
+                let rb = bytes.len() / n;
+                let all: Vec<&[u8]> = bytes.chunks_exact(rb).collect();
+                for rows in [1usize, 7, 16, 17, 32] {
+                    let (mut fast, mut plain) = (Panel::default(), Panel::default());
+                    fast.pack(dt, &all[..rows], k);
+                    plain.pack_portable(dt, &all[..rows], k);
+                    assert_eq!(fast.has_min, plain.has_min, "{dt:?}");
+                    for t in 0..k / 4 {
+                        for j in 0..rows {
+                            let at = t * 4 * PANEL + (j / 16) * 64 + (j % 16) * 4;
+                            assert_eq!(
+                                fast.u[at..at + 4],
+                                plain.u[at..at + 4],
+                                "{dt:?} k={k} rows={rows}: quad {t} of row {j}"
+                            );
+                        }
+                    }
+                    for b in 0..k / group_of(dt) {
+                        for j in 0..rows {
+                            let i = b * PANEL + j;
+                            assert_eq!(fast.ws[i].to_bits(), plain.ws[i].to_bits(), "{dt:?} ws");
+                            if plain.has_min {
+                                assert_eq!(fast.wm[i].to_bits(), plain.wm[i].to_bits(), "{dt:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Every block type, prompt lengths that leave 1-3 rows over, a partial panel, inputs
     /// over several chunks: the panel product equals the decoding kernels' integer dot
