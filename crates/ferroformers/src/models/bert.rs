@@ -9,7 +9,7 @@ use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::encoder_stack::{PostLnLayer, PostLnStack, Products};
-use super::layers::{first_token, linear, Activation, Linear};
+use super::layers::{add_broadcast, first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 fn default_type_vocab() -> usize {
@@ -79,9 +79,9 @@ impl BertEmbeddings {
     ) -> Result<Tensor> {
         let mut xs = self.word.forward(input_ids)?;
         if let Some(tt) = &self.token_type {
-            xs = (xs + tt.forward(token_type_ids)?)?;
+            xs = add_broadcast(&xs, &tt.forward(token_type_ids)?)?;
         }
-        xs = xs.broadcast_add(&self.position.forward(position_ids)?)?;
+        xs = add_broadcast(&xs, &self.position.forward(position_ids)?)?;
         self.norm.forward(&xs)
     }
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::bert::base_vb;
 use super::encoder_stack::{PostLnLayer, PostLnStack, Products};
-use super::layers::{first_token, linear, Activation, Linear};
+use super::layers::{add_broadcast, first_token, linear, Activation, Linear};
 use super::{EncoderModel, Head};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,10 +139,10 @@ impl EncoderModel for DistilBert {
     ) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let pos = Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
-        let xs = self
-            .word
-            .forward(input_ids)?
-            .broadcast_add(&self.position.forward(&pos)?)?;
+        let xs = add_broadcast(
+            &self.word.forward(input_ids)?,
+            &self.position.forward(&pos)?,
+        )?;
         let xs = self.emb_norm.forward(&xs)?;
         let xs = self.layers.forward(&xs, attention_mask)?;
         match &self.head {

@@ -485,7 +485,7 @@ mod x86 {
     /// `v * inv + zero` (a multiply, then an add), rounded to nearest even and clamped.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL; `q.len() >= x.len()`.
+    /// AVX-512 F/BW/VL; `q.len() >= x.len()`, `x.len() <= BLOCK`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
         let n = x.len();
@@ -498,9 +498,14 @@ mod x86 {
             }
         };
         unsafe {
+            // A block (at most BLOCK values) stays in registers between the two passes.
+            const V: usize = BLOCK / 16;
+            assert!(n <= BLOCK);
+            let mut xs = [_mm512_setzero_ps(); V];
             let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for i in (0..n).step_by(16) {
+            for (j, i) in (0..n).step_by(16).enumerate() {
                 let v = _mm512_maskz_loadu_ps(mask(i), xp.add(i));
+                xs[j] = v;
                 lo = _mm512_min_ps(lo, v);
                 hi = _mm512_max_ps(hi, v);
             }
@@ -513,9 +518,9 @@ mod x86 {
                 }
             };
             let (vinv, vzero) = (_mm512_set1_ps(inv), _mm512_set1_ps(zero));
-            for i in (0..n).step_by(16) {
+            for (j, i) in (0..n).step_by(16).enumerate() {
                 let m = mask(i);
-                let v = _mm512_maskz_loadu_ps(m, xp.add(i));
+                let v = xs[j];
                 let t = _mm512_add_ps(_mm512_mul_ps(v, vinv), vzero);
                 let t =
                     _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
