@@ -130,10 +130,10 @@ impl Bf16Weights {
                 let g = (t0 / 2, t1 / 2);
                 // SAFETY: the CPU has the features (checked); lengths asserted above; `drive`
                 // hands each call its own rows and columns of out.
-                unsafe { by_rows!(mr, x86::panel, (a, kp, b, g, t, c.ld, c.epi)) }
+                unsafe { by_rows!(mr, x86::panel, (a, kp, b, g, t, c.ld, c.epi.as_ref())) }
                 return;
             }
-            portable(a, mr, kp, panel, (t0, t1), c.tile, c.ld, c.epi);
+            portable(a, mr, kp, panel, (t0, t1), c.tile, c.ld, c.epi.as_ref());
         };
         let chunks = kp.div_ceil(KC);
         // SAFETY: the kernels write through `epi` only their call's rows and columns; sizes
@@ -175,7 +175,7 @@ fn portable(
     (t0, t1): (usize, usize),
     tile: &mut [f32],
     ld: usize,
-    epi: Option<Epi<'_>>,
+    epi: Option<&Epi<'_>>,
 ) {
     for r in 0..mr {
         let acc = &mut tile[r * ld..r * ld + PANEL];
@@ -245,7 +245,7 @@ mod x86 {
         (g0, g1): (usize, usize),
         c: *mut f32,
         ld: usize,
-        epi: Option<Epi<'_>>,
+        epi: Option<&Epi<'_>>,
     ) {
         debug_assert!(R <= MR);
         unsafe {

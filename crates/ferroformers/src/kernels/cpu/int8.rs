@@ -182,7 +182,7 @@ impl Int8Weights {
                     &self.colsum[p * nb * PANEL..(p + 1) * nb * PANEL],
                     c.tile,
                     c.ld,
-                    c.epi,
+                    c.epi.as_ref(),
                 )
             };
         };
@@ -377,7 +377,7 @@ impl Kernel {
         colsum: &[i32],
         acc: &mut [f32],
         ld: usize,
-        epi: Option<Epi<'_>>,
+        epi: Option<&Epi<'_>>,
     ) {
         let (mr, kp) = (x.mr, x.kp);
         let nb = blocks_of(kp);
@@ -546,7 +546,7 @@ mod x86 {
         cs: *const i32,
         c: *mut f32,
         ld: usize,
-        epi: Option<Epi<'_>>,
+        epi: Option<&Epi<'_>>,
     ) {
         debug_assert!(R <= MR && x.mr == R);
         let kp = x.kp;

@@ -241,7 +241,7 @@ pub mod x86 {
         fa: &[[__m512; 2]; R],
         c: *mut f32,
         ld: usize,
-        epi: Option<Epi<'_>>,
+        epi: Option<&Epi<'_>>,
         scaled: bool,
     ) {
         unsafe {
