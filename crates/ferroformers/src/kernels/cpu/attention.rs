@@ -3,11 +3,9 @@
 //! that grows by doubling, with one query row attending over it; and a few query rows over
 //! cached keys for the candle decoders' `sdpa` on CPU (GPT-2, BART).
 
-use rayon::prelude::*;
-
 use super::rowops::{fast_exp, softmax_masked_g};
 use super::simd::{dispatch, dot16, max16, sum16};
-use super::threads::{in_worker, SendPtr};
+use super::threads::{in_worker, par_tasks, SendPtr};
 
 /// One attention layer's cached keys and values, `[rows, heads, cap, dim]` each.
 #[derive(Debug, Clone)]
@@ -177,7 +175,8 @@ pub fn attend_sequences(
     // A short input's attention (one sentence: ~100k products) is over before rayon's threads
     // wake up: split only when there is real work.
     if par && b * heads * s * s * d >= 1 << 20 {
-        jobs.collect::<Vec<_>>().into_par_iter().for_each(job);
+        let jobs: Vec<_> = jobs.collect();
+        par_tasks(jobs.len(), |i| job(jobs[i]));
     } else {
         jobs.for_each(job);
     }

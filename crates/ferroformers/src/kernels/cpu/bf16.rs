@@ -251,6 +251,12 @@ mod x86 {
         unsafe {
             let mut fa = load_sums::<R>(c, ld, g0 > 0);
             for g in g0..g1 {
+                // Panels stream from memory, each on its first rows' call: while this one
+                // runs, ask for the next panel's lines at the same inputs (the next call's,
+                // in `drive`'s order). Prefetches never fault.
+                let ahead = b.wrapping_add(kp * PANEL + g * 2 * PANEL) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                 let w0: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(g * 2 * PANEL) as *const _));
                 let w1: __m512bh =

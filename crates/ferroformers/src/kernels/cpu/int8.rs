@@ -25,10 +25,9 @@
 //! one 512-bit load is 16 columns x 4 inputs, as `vpdpbusd` wants them. Inputs are padded to a
 //! multiple of 4 and columns to a multiple of 32 with zero weights.
 
-use rayon::prelude::*;
-
 use super::panels::{by_rows, checked_par, drive, Call, Epi, MR, PANEL};
 use super::simd::dispatch;
+use super::threads::par_tasks;
 
 /// Inputs per activation scale.
 pub const BLOCK: usize = 128;
@@ -248,14 +247,27 @@ impl QuantizedActs {
         let x = &x[..rows * k];
         let q = &mut self.q[..rows * kp];
         if par {
-            x.par_chunks_exact(k)
-                .zip(q.par_chunks_exact_mut(kp))
-                .zip(
-                    self.scale
-                        .par_chunks_exact_mut(nb)
-                        .zip(self.zero.par_chunks_exact_mut(nb)),
-                )
-                .for_each(one);
+            // Runs of 16 rows per task; each row's bytes, scales and zeros are its task's.
+            const RUN: usize = 16;
+            let (qp, sp, zp) = (
+                q.as_mut_ptr() as usize,
+                self.scale.as_mut_ptr() as usize,
+                self.zero.as_mut_ptr() as usize,
+            );
+            par_tasks(rows.div_ceil(RUN), |t| {
+                for r in t * RUN..((t + 1) * RUN).min(rows) {
+                    // SAFETY: row r (< rows) of q (rows * kp bytes), scale and zero (rows * nb
+                    // each) belongs to this task only.
+                    let parts = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut((qp as *mut u8).add(r * kp), kp),
+                            std::slice::from_raw_parts_mut((sp as *mut f32).add(r * nb), nb),
+                            std::slice::from_raw_parts_mut((zp as *mut i32).add(r * nb), nb),
+                        )
+                    };
+                    one(((&x[r * k..(r + 1) * k], parts.0), (parts.1, parts.2)));
+                }
+            });
         } else {
             x.chunks_exact(k)
                 .zip(q.chunks_exact_mut(kp))
@@ -558,6 +570,12 @@ mod x86 {
                 let (g0, g1) = (blk * BLOCK / 4, ((blk + 1) * BLOCK).min(kp) / 4);
                 let mut acc = [[_mm512_setzero_si512(); 2]; R];
                 for g in g0..g1 {
+                    // Panels stream from memory, each on its first rows' call: ask for the
+                    // next panel's two lines at the same inputs (the next call's, in `drive`'s
+                    // order). Prefetches never fault.
+                    let ahead = b.wrapping_add(kp * PANEL + g * 4 * PANEL);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                     let w0 = _mm512_loadu_si512(b.add(g * 4 * PANEL) as *const _);
                     let w1 = _mm512_loadu_si512(b.add(g * 4 * PANEL + 64) as *const _);
                     for (r, acc) in acc.iter_mut().enumerate() {

@@ -11,10 +11,9 @@
 //! [`linear_into`] add a bias and a residual on top of it (the encoder stack's products).
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::simd::{dispatch, dot16};
-use super::threads::SendPtr;
+use super::threads::{par_tasks, SendPtr};
 
 /// At most this many rows take the streaming kernel.
 const FEW_ROWS: usize = 4;
@@ -45,7 +44,7 @@ pub fn matmul_into(
             // Ranges of whole output columns; each job writes its own.
             let per = n.div_ceil(threads * 2).next_multiple_of(16);
             let ptr = SendPtr(out.as_mut_ptr());
-            (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+            par_tasks(n.div_ceil(per), |c| {
                 let (j0, j1) = (c * per, ((c + 1) * per).min(n));
                 let p = ptr;
                 // SAFETY: columns j0..j1 of out are written by this job only; bounds asserted.
@@ -86,15 +85,53 @@ pub fn gemm_into(
 ) {
     assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
     let threads = rayon::current_num_threads();
-    let parallelism = if par && threads > 1 && rows * n * k >= 1 << 18 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
     let (w_cs, w_rs) = match layout {
         Layout::OutIn => (k as isize, 1),
         Layout::InOut => (1, n as isize),
     };
+    if par && threads > 1 && rows * n * k >= 1 << 18 && n >= 32 * threads {
+        // One range of output columns per thread ([`par_tasks`]), each its own serial product.
+        let per = n.div_ceil(threads).next_multiple_of(16);
+        // Read-only inputs travel as the same Send wrapper as the output.
+        let xp = SendPtr(x.as_ptr() as *mut f32);
+        let wp = SendPtr(w.as_ptr() as *mut f32);
+        let op = SendPtr(out.as_mut_ptr());
+        let part = |c: usize| {
+            let (xp, wp, op) = (xp, wp, op);
+            let (j0, j1) = (c * per, ((c + 1) * per).min(n));
+            let woff = match layout {
+                Layout::OutIn => j0 * k,
+                Layout::InOut => j0,
+            };
+            // SAFETY: as below, for columns j0..j1 of W and out (this part's only).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    j1 - j0,
+                    k,
+                    op.0.add(j0),
+                    1,
+                    n as isize,
+                    accumulate,
+                    xp.0,
+                    1,
+                    k as isize,
+                    wp.0.add(woff),
+                    w_cs,
+                    w_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        };
+        par_tasks(n.div_ceil(per), part);
+        return;
+    }
+    let parallelism = Parallelism::None;
     // SAFETY: x is rows x k and out rows x n, row-major; w holds k * n values, read as the
     // k x n right-hand side with the layout's strides (bounds asserted above).
     unsafe {

@@ -8,9 +8,7 @@
 //! The sums live in a per-thread tile between chunks; the last chunk's kernel call writes
 //! `out` itself (scaled, plus bias and residual: [`Epi`]).
 
-use rayon::prelude::*;
-
-use super::threads::SendPtr;
+use super::threads::{par_tasks, SendPtr};
 
 /// Columns per packed panel.
 pub const PANEL: usize = 32;
@@ -175,7 +173,7 @@ pub unsafe fn drive<K: Fn(Call<'_>) + Sync>(
         TILE.set(tile);
     };
     if par {
-        (0..row_runs * p_runs).into_par_iter().for_each(job);
+        par_tasks(row_runs * p_runs, job);
     } else {
         (0..row_runs * p_runs).for_each(job);
     }

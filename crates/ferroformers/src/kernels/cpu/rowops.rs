@@ -2,10 +2,10 @@
 //! compiled for the baseline target and again with AVX-512 and with AVX2+FMA (`dispatch!`
 //! picks at run time), and the `exp`/`erf` in plain arithmetic that lets them vectorise.
 
-use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::simd::{dispatch, dot16, sum16};
+use super::threads::{par_tasks, SendPtr};
 
 /// `config.hidden_act` / `activation`, with HF's names.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -213,10 +213,23 @@ dispatch!(pub fn mul_in_place(a: &mut [f32], b: &[f32]); via mul_in_place_g);
 /// of whole rows.
 fn rows_par<F: Fn(&mut [f32]) + Sync + Send>(x: &mut [f32], width: usize, par: bool, f: F) {
     if par && x.len() >= 1 << 16 {
-        x.par_chunks_mut(width * 16).for_each(&f);
+        chunks_par(x, width * 16, &f);
     } else {
         f(x);
     }
+}
+
+/// `f` over chunks of `chunk` values of `x` (the last may be shorter), spread over the threads
+/// by [`par_tasks`].
+fn chunks_par<F: Fn(&mut [f32]) + Sync>(x: &mut [f32], chunk: usize, f: &F) {
+    let len = x.len();
+    let ptr = SendPtr(x.as_mut_ptr());
+    par_tasks(len.div_ceil(chunk), |c| {
+        let p = ptr;
+        let (a, b) = (c * chunk, ((c + 1) * chunk).min(len));
+        // SAFETY: chunk c (a..b, within x) is this task's only.
+        f(unsafe { std::slice::from_raw_parts_mut(p.0.add(a), b - a) });
+    });
 }
 
 /// [`layer_norm`] of every `h`-wide row of `x` with gain, bias and epsilon; `par` splits the
@@ -235,7 +248,7 @@ pub fn activate_par(x: &mut [f32], act: Activation, par: bool) {
     let chunk = 4096;
     let f = |c: &mut [f32]| activate(c, act);
     if par && x.len() >= 1 << 16 {
-        x.par_chunks_mut(chunk).for_each(f);
+        chunks_par(x, chunk, &f);
     } else {
         f(x);
     }
