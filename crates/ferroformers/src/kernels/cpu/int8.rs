@@ -570,12 +570,6 @@ mod x86 {
                 let (g0, g1) = (blk * BLOCK / 4, ((blk + 1) * BLOCK).min(kp) / 4);
                 let mut acc = [[_mm512_setzero_si512(); 2]; R];
                 for g in g0..g1 {
-                    // Panels stream from memory, each on its first rows' call: ask for the
-                    // next panel's two lines at the same inputs (the next call's, in `drive`'s
-                    // order). Prefetches never fault.
-                    let ahead = b.wrapping_add(kp * PANEL + g * 4 * PANEL);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                     let w0 = _mm512_loadu_si512(b.add(g * 4 * PANEL) as *const _);
                     let w1 = _mm512_loadu_si512(b.add(g * 4 * PANEL + 64) as *const _);
                     for (r, acc) in acc.iter_mut().enumerate() {
