@@ -25,7 +25,6 @@
 //! router, errors and the request-body helpers.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -258,42 +257,6 @@ impl TokenClock {
     }
 }
 
-/// The task a model folder was made for: its config's `architectures`, a sentence-transformers
-/// folder, a GGUF file.
-pub fn infer_task(dir: &Path) -> Option<&'static str> {
-    if dir.join("modules.json").is_file() {
-        return Some("sentence-embeddings");
-    }
-    if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
-        return Some("text-generation");
-    }
-    let cfg = ferroformers::config::ModelConfig::from_dir(dir).ok()?.raw;
-    let arch = cfg
-        .get("architectures")?
-        .as_array()?
-        .first()?
-        .as_str()?
-        .to_string();
-    if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
-        return Some("text-generation");
-    }
-    if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
-        return Some("text2text-generation");
-    }
-    // Encoder heads as the library reads them from `architectures`.
-    use ferroformers::models::Head;
-    Some(
-        match Head::from_architectures(std::slice::from_ref(&arch)) {
-            Head::SequenceClassification => "text-classification",
-            Head::TokenClassification => "token-classification",
-            Head::QuestionAnswering => "question-answering",
-            Head::MaskedLm => "fill-mask",
-            Head::Base if arch.ends_with("Model") => "feature-extraction",
-            Head::Base => return None,
-        },
-    )
-}
-
 fn load(
     spec: &ModelSpec,
     max_batch_inputs: usize,
@@ -303,7 +266,7 @@ fn load(
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
     let task = match &spec.task {
         Some(t) => t.clone(),
-        None => infer_task(&dir)
+        None => ferroformers::pipelines::registry::infer_task(&dir)
             .ok_or_else(|| {
                 format!(
                     "cannot tell the task of `{}` from its files: give it as {}=TASK",
@@ -731,24 +694,6 @@ mod tests {
 
     /// Each fixture's task from its files: architectures through the library's head reading,
     /// generation classes, a sentence-transformers folder.
-    #[test]
-    fn tasks_come_from_the_model_files() {
-        let fix = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        for (dir, want) in [
-            ("models/bert-seqcls", Some("text-classification")),
-            ("models/bert-tokcls", Some("token-classification")),
-            ("models/bert-qa", Some("question-answering")),
-            ("models/bert-mlm", Some("fill-mask")),
-            ("models/bert-base", Some("feature-extraction")),
-            ("models/minilm-st", Some("sentence-embeddings")),
-            ("decoders/models/llama", Some("text-generation")),
-            ("seq2seq/models/t5", Some("text2text-generation")),
-            ("models/no-config", None),
-        ] {
-            assert_eq!(infer_task(&fix.join(dir)), want, "{dir}");
-        }
-    }
-
     #[test]
     fn base64_and_specs() {
         assert_eq!(base64_encode(b"Man"), "TWFu");

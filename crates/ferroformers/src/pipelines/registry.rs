@@ -181,6 +181,42 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
     Ok(Pipeline::new(info.name, opts.batch_size, inner))
 }
 
+/// The task a model folder was made for: its config's `architectures`, a sentence-transformers
+/// folder, a GGUF file.
+pub fn infer_task(dir: &std::path::Path) -> Option<&'static str> {
+    if dir.join("modules.json").is_file() {
+        return Some("sentence-embeddings");
+    }
+    if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+        return Some("text-generation");
+    }
+    let cfg = crate::config::ModelConfig::from_dir(dir).ok()?.raw;
+    let arch = cfg
+        .get("architectures")?
+        .as_array()?
+        .first()?
+        .as_str()?
+        .to_string();
+    if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+        return Some("text-generation");
+    }
+    if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
+        return Some("text2text-generation");
+    }
+    // Encoder heads as the library reads them from `architectures`.
+    use crate::models::Head;
+    Some(
+        match Head::from_architectures(std::slice::from_ref(&arch)) {
+            Head::SequenceClassification => "text-classification",
+            Head::TokenClassification => "token-classification",
+            Head::QuestionAnswering => "question-answering",
+            Head::MaskedLm => "fill-mask",
+            Head::Base if arch.ends_with("Model") => "feature-extraction",
+            Head::Base => return None,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +231,23 @@ mod tests {
         }
         let err = lookup("sentiment").unwrap_err().to_string();
         assert!(err.contains("unknown task `sentiment`"), "{err}");
+    }
+
+    #[test]
+    fn tasks_come_from_the_model_files() {
+        let fix = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for (dir, want) in [
+            ("models/bert-seqcls", Some("text-classification")),
+            ("models/bert-tokcls", Some("token-classification")),
+            ("models/bert-qa", Some("question-answering")),
+            ("models/bert-mlm", Some("fill-mask")),
+            ("models/bert-base", Some("feature-extraction")),
+            ("models/minilm-st", Some("sentence-embeddings")),
+            ("decoders/models/llama", Some("text-generation")),
+            ("seq2seq/models/t5", Some("text2text-generation")),
+            ("models/no-config", None),
+        ] {
+            assert_eq!(infer_task(&fix.join(dir)), want, "{dir}");
+        }
     }
 }
