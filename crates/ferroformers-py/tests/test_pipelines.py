@@ -176,6 +176,18 @@ def test_text_generation_chat_and_stream():
     pieces = list(stream)
     assert "".join(pieces) == whole[0]["generated_text"]
     assert stream.output == whole
+    # transformers' pattern: the call in a thread, a TextIteratorStreamer iterated here.
+    streamer = ferroformers.TextIteratorStreamer(None, skip_prompt=True)
+    done = {}
+    t = threading.Thread(target=lambda: done.update(out=gen("The quick brown fox", streamer=streamer,
+                                                              return_full_text=False, **params)))
+    t.start()
+    assert "".join(streamer) == whole[0]["generated_text"]
+    t.join()
+    assert done["out"] == whole
+    with_prompt = ferroformers.TextIteratorStreamer()
+    gen("The quick brown fox", streamer=with_prompt, **params)
+    assert "".join(with_prompt) == gen("The quick brown fox", **params)[0]["generated_text"]
     # A list of prompts nests one list per prompt.
     two = gen(["The quick brown fox", "Hello"], **params)
     assert len(two) == 2 and all(isinstance(x, list) for x in two)

@@ -14,11 +14,12 @@ threads may share one pipeline.
 """
 
 import json
+import queue
 from itertools import islice
 
 from ._ferroformers import Engine, __version__, download, tasks
 
-__all__ = ["Pipeline", "pipeline", "download", "tasks", "__version__"]
+__all__ = ["Pipeline", "TextIteratorStreamer", "pipeline", "download", "tasks", "__version__"]
 
 # Tasks whose list calls flatten one-result lists to dicts (transformers' Text2TextGeneration
 # family: `pipe(["a", "b"])` gives `[{...}, {...}]` when each input has one result).
@@ -85,7 +86,10 @@ class Pipeline:
     def __call__(self, inputs=None, *args, **kwargs):
         for k in _IGNORED:
             kwargs.pop(k, None)
+        streamer = kwargs.pop("streamer", None)
         inputs, kwargs = self._normalize_args(inputs, args, kwargs)
+        if streamer is not None:
+            return self._call_streaming(inputs, streamer, kwargs)
         params = dict(self._defaults)
         params.update(kwargs)
         return_tensors = bool(params.pop("return_tensors", False)) if self.task == "feature-extraction" else False
@@ -109,6 +113,22 @@ class Pipeline:
         if not self._is_single(inputs):
             raise ValueError("stream: one input at a time (a string or a chat)")
         return Streamed(self._engine.stream(json.dumps(_to_json_input(inputs)), json.dumps(params)))
+
+    def _call_streaming(self, inputs, streamer, kwargs):
+        """`pipe(x, streamer=TextIteratorStreamer(...))`: the pieces go to the streamer as
+        they come, the call returns the whole result (transformers' pattern: the call runs in
+        a thread while another iterates the streamer)."""
+        if not hasattr(streamer, "put_text") or not hasattr(streamer, "end"):
+            raise ValueError("streamer: expected a ferroformers.TextIteratorStreamer")
+        try:
+            if not getattr(streamer, "skip_prompt", False) and isinstance(inputs, str):
+                streamer.put_text(inputs)
+            stream = self.stream(inputs, **kwargs)
+            for piece in stream:
+                streamer.put_text(piece)
+            return stream.output
+        finally:
+            streamer.end()
 
     # -- argument forms ------------------------------------------------------------------
 
@@ -216,6 +236,36 @@ class Streamed:
     def output(self):
         out = self._stream.output
         return None if out is None else json.loads(out)
+
+
+class TextIteratorStreamer:
+    """transformers' `TextIteratorStreamer` for ferroformers pipelines: pass it as
+    `pipe(x, streamer=streamer)` in one thread and iterate it in another; it yields the text
+    as it is generated. `tokenizer` is accepted for transformers' signature and not needed.
+    With `skip_prompt=False` (transformers' default) a text prompt comes first, as transformers
+    streams it; a chat's templated prompt is not repeated."""
+
+    _END = object()
+
+    def __init__(self, tokenizer=None, skip_prompt=False, timeout=None, **decode_kwargs):
+        self.skip_prompt = skip_prompt
+        self.timeout = timeout
+        self._queue = queue.Queue()
+
+    def put_text(self, text):
+        self._queue.put(text)
+
+    def end(self):
+        self._queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get(timeout=self.timeout)
+        if item is self._END:
+            raise StopIteration
+        return item
 
 
 def _to_json_input(x):

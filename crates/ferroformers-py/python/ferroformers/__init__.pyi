@@ -28,6 +28,17 @@ class Streamed(Iterator[str]):
     def output(self) -> Optional[list[dict[str, Any]]]:
         """The whole result, once the iteration has ended."""
 
+class TextIteratorStreamer(Iterator[str]):
+    """transformers' TextIteratorStreamer: pass as pipe(x, streamer=...), iterate elsewhere."""
+
+    skip_prompt: bool
+    timeout: Optional[float]
+    def __init__(self, tokenizer: Any = None, skip_prompt: bool = False, timeout: Optional[float] = None,
+                 **decode_kwargs: Any) -> None: ...
+    def put_text(self, text: str) -> None: ...
+    def end(self) -> None: ...
+    def __next__(self) -> str: ...
+
 def pipeline(
     task: Optional[str] = None,
     model: Optional[str] = None,
