@@ -60,8 +60,7 @@ def child(a):
 
         imported = time.time()
         if a.work == "embed":
-            pipe = ferroformers.pipeline("sentence-embeddings", model=hub_folder("sentence-transformers/all-MiniLM-L6-v2"),
-                                         batch_size=a.batch)
+            pipe = ferroformers.pipeline("sentence-embeddings", model=a.minilm, batch_size=a.batch)
             run = lambda xs: pipe(xs, pooling="mean", normalize=True)  # noqa: E731
         else:
             pipe = ferroformers.pipeline("text-generation", model=a.gguf)
@@ -75,8 +74,7 @@ def child(a):
         if a.work == "embed":
             import numpy as np
 
-            fe = transformers.pipeline("feature-extraction", model=hub_folder("sentence-transformers/all-MiniLM-L6-v2"),
-                                       device="cpu", batch_size=a.batch)
+            fe = transformers.pipeline("feature-extraction", model=a.minilm, device="cpu", batch_size=a.batch)
 
             # A list call returns each input's hidden states at its batch's padded length: pool
             # over the input's own tokens (counted once, outside the timing).
@@ -130,7 +128,7 @@ def run_child(a, engine, work, batch, files):
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--work", work, "--batch", str(batch),
-           "--threads", str(a.threads), "--gguf", a.gguf, "--t0", repr(time.time()),
+           "--threads", str(a.threads), "--gguf", a.gguf, "--minilm", a.minilm, "--t0", repr(time.time()),
            "--texts", files["texts_json"] if work == "embed" else ""]
     p, rss = timed(cmd, env)
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -150,13 +148,16 @@ def main():
     ap.add_argument("--work")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--gguf")
+    ap.add_argument("--minilm")
     ap.add_argument("--texts")
     ap.add_argument("--t0")
     a = ap.parse_args()
     if a.child:
         child(a)
         return
+    # Model folders resolved here, once: the children time only their own engine.
     a.gguf = str(Path(hub_folder("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF")) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    a.minilm = hub_folder("sentence-transformers/all-MiniLM-L6-v2")
     tmp = Path(tempfile.mkdtemp())
     texts = sentences(a.n)
     files = {"texts_json": str(tmp / "texts.json"), "texts_jsonl": str(tmp / "texts.jsonl")}
