@@ -191,34 +191,39 @@ pub fn sum_keepdim_last(xs: &Tensor) -> Result<Tensor> {
 /// `a [m, k] @ b [k, n]` (both contiguous f32 on CPU) on the calling thread; other cases go
 /// through candle's matmul.
 pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    use candle_core::Storage;
     let (m, k) = a.dims2()?;
     let (k2, n) = b.dims2()?;
-    if k != k2 || !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+    if k != k2 {
         return a.matmul(b);
     }
-    let (Some((a0, a1)), Some((b0, b1))) = (
-        a.layout().contiguous_offsets(),
-        b.layout().contiguous_offsets(),
-    ) else {
-        return a.matmul(b);
-    };
+    let out = with_cpu_f32(a, b, |av, bv| {
+        let mut out = vec![0f32; m * n];
+        gemm_into(av, m, k, bv, n, Layout::InOut, &mut out, false, false);
+        out
+    });
+    match out {
+        Some(out) => Tensor::from_vec(out, (m, n), a.device()),
+        None => a.matmul(b),
+    }
+}
+
+/// `f` over the f32 values of two contiguous CPU tensors (their storage borrowed meanwhile);
+/// `None` for other devices, dtypes or layouts.
+fn with_cpu_f32<R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return None;
+    }
+    let (a0, a1) = a.layout().contiguous_offsets()?;
+    let (b0, b1) = b.layout().contiguous_offsets()?;
     let (sa, _) = a.storage_and_layout();
     let (sb, _) = b.storage_and_layout();
-    let (
-        Storage::Cpu(candle_core::CpuStorage::F32(av)),
-        Storage::Cpu(candle_core::CpuStorage::F32(bv)),
-    ) = (&*sa, &*sb)
-    else {
-        return a.matmul(b);
-    };
-    let av = &av[a0..a1];
-    let bv = &bv[b0..b1];
-    let mut out = vec![0f32; m * n];
-    gemm_into(av, m, k, bv, n, Layout::InOut, &mut out, false, false);
-    drop(sa);
-    drop(sb);
-    Tensor::from_vec(out, (m, n), a.device())
+    match (&*sa, &*sb) {
+        (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) => {
+            Some(f(&av[a0..a1], &bv[b0..b1]))
+        }
+        _ => None,
+    }
 }
 
 /// `a + b` with `b` broadcast over `a`'s leading dimensions (`b`'s shape a suffix of `a`'s,
@@ -227,47 +232,26 @@ pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// 64k values across its own thread pool, whose threads then spin against the other workers
 /// (about a tenth of MiniLM's batch-32 run went to that). Same values as candle's add.
 pub fn add_broadcast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    use candle_core::Storage;
-    let fallback = || a.broadcast_add(b);
-    if !crate::kernels::cpu::threads::in_worker()
-        || !a.device().is_cpu()
-        || a.dtype() != DType::F32
-        || b.dtype() != DType::F32
-    {
-        return fallback();
+    if !crate::kernels::cpu::threads::in_worker() {
+        return a.broadcast_add(b);
     }
     // b without its leading ones must be a's trailing dimensions: then b repeats along a.
     let bd = b.dims();
     let bd = &bd[bd.iter().position(|&d| d != 1).unwrap_or(bd.len())..];
     if bd.len() > a.rank() || a.dims()[a.rank() - bd.len()..] != *bd {
-        return fallback();
+        return a.broadcast_add(b);
     }
-    let (Some((a0, a1)), Some((b0, b1))) = (
-        a.layout().contiguous_offsets(),
-        b.layout().contiguous_offsets(),
-    ) else {
-        return fallback();
-    };
-    let (sa, _) = a.storage_and_layout();
-    let (sb, _) = b.storage_and_layout();
-    let (
-        Storage::Cpu(candle_core::CpuStorage::F32(av)),
-        Storage::Cpu(candle_core::CpuStorage::F32(bv)),
-    ) = (&*sa, &*sb)
-    else {
-        return fallback();
-    };
-    let (av, bv) = (&av[a0..a1], &bv[b0..b1]);
-    if bv.is_empty() || av.len() % bv.len() != 0 {
-        return fallback();
+    let sum = with_cpu_f32(a, b, |av, bv| {
+        let mut out = Vec::with_capacity(av.len());
+        for chunk in av.chunks_exact(bv.len().max(1)) {
+            out.extend(chunk.iter().zip(bv).map(|(x, y)| x + y));
+        }
+        out
+    });
+    match sum {
+        Some(out) if out.len() == a.elem_count() => Tensor::from_vec(out, a.shape(), a.device()),
+        _ => a.broadcast_add(b),
     }
-    let mut out = Vec::with_capacity(av.len());
-    for chunk in av.chunks_exact(bv.len()) {
-        out.extend(chunk.iter().zip(bv).map(|(x, y)| x + y));
-    }
-    drop(sa);
-    drop(sb);
-    Tensor::from_vec(out, a.shape(), a.device())
 }
 
 /// A linear layer `y = x W^T + b` that keeps `W^T` contiguous (`[in, out]`).

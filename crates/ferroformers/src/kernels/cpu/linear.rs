@@ -89,73 +89,50 @@ pub fn gemm_into(
         Layout::OutIn => (k as isize, 1),
         Layout::InOut => (1, n as isize),
     };
-    if par && threads > 1 && rows * n * k >= 1 << 18 && n >= 32 * threads {
-        // One range of output columns per thread ([`par_tasks`]), each its own serial product.
-        let per = n.div_ceil(threads).next_multiple_of(16);
-        // Read-only inputs travel as the same Send wrapper as the output.
-        let xp = SendPtr(x.as_ptr() as *mut f32);
-        let wp = SendPtr(w.as_ptr() as *mut f32);
-        let op = SendPtr(out.as_mut_ptr());
-        let part = |c: usize| {
-            let (xp, wp, op) = (xp, wp, op);
-            let (j0, j1) = (c * per, ((c + 1) * per).min(n));
-            let woff = match layout {
-                Layout::OutIn => j0 * k,
-                Layout::InOut => j0,
-            };
-            // SAFETY: as below, for columns j0..j1 of W and out (this part's only).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    j1 - j0,
-                    k,
-                    op.0.add(j0),
-                    1,
-                    n as isize,
-                    accumulate,
-                    xp.0,
-                    1,
-                    k as isize,
-                    wp.0.add(woff),
-                    w_cs,
-                    w_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+    // Read-only inputs travel as the same Send wrapper as the output.
+    let xp = SendPtr(x.as_ptr() as *mut f32);
+    let wp = SendPtr(w.as_ptr() as *mut f32);
+    let op = SendPtr(out.as_mut_ptr());
+    // Columns j0..j1 of `out (+)= x @ W`, a serial product.
+    let cols = |j0: usize, j1: usize| {
+        let (xp, wp, op) = (xp, wp, op);
+        let woff = match layout {
+            Layout::OutIn => j0 * k,
+            Layout::InOut => j0,
         };
-        par_tasks(n.div_ceil(per), part);
-        return;
-    }
-    let parallelism = Parallelism::None;
-    // SAFETY: x is rows x k and out rows x n, row-major; w holds k * n values, read as the
-    // k x n right-hand side with the layout's strides (bounds asserted above).
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            w_cs,
-            w_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        // SAFETY: x is rows x k and out rows x n, row-major; w holds k * n values, read as the
+        // k x n right-hand side with the layout's strides (bounds asserted above); columns
+        // j0..j1 of W and out belong to this call only.
+        unsafe {
+            gemm::gemm(
+                rows,
+                j1 - j0,
+                k,
+                op.0.add(j0),
+                1,
+                n as isize,
+                accumulate,
+                xp.0,
+                1,
+                k as isize,
+                wp.0.add(woff),
+                w_cs,
+                w_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    };
+    if par && threads > 1 && rows * n * k >= 1 << 18 && n >= 32 * threads {
+        // One range of output columns per thread ([`par_tasks`]).
+        let per = n.div_ceil(threads).next_multiple_of(16);
+        par_tasks(n.div_ceil(per), |c| cols(c * per, ((c + 1) * per).min(n)));
+    } else {
+        cols(0, n);
     }
 }
 

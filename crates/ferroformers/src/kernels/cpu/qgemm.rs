@@ -624,17 +624,10 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    /// The raw-block packing (AVX-512) against the plain one: the same panel bytes for every
-    /// valid row, the same scales and minimums, for every type, full and partial panels
-    /// (1, 7, 16, 17, 32 rows), one superblock and several.
-    #[test]
-    fn fast_packing_matches_portable() {
-        if !available() {
-            eprintln!("no AVX-512 VNNI on this CPU: only the portable packing runs");
-            return;
-        }
+    /// Every block type we load.
+    const TYPES: [GgmlDType; 10] = {
         use GgmlDType as D;
-        let types = [
+        [
             D::Q4_0,
             D::Q4_1,
             D::Q5_0,
@@ -645,14 +638,31 @@ mod tests {
             D::Q4K,
             D::Q5K,
             D::Q6K,
-        ];
-        for (ti, dt) in types.into_iter().enumerate() {
+        ]
+    };
+
+    /// `n` rows of `k` test values quantized to `dt`: the file's bytes, and its row size.
+    fn quantized_rows(dt: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, usize) {
+        let w = test_values(n * k, seed, 2.0);
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let bytes = QTensor::quantize(&wt, dt).unwrap().data().unwrap().to_vec();
+        let rb = bytes.len() / n;
+        (bytes, rb)
+    }
+
+    /// The raw-block packing (AVX-512) against the plain one: the same panel bytes for every
+    /// valid row, the same scales and minimums, for every type, full and partial panels
+    /// (1, 7, 16, 17, 32 rows), one superblock and several.
+    #[test]
+    fn fast_packing_matches_portable() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the portable packing runs");
+            return;
+        }
+        for (ti, dt) in TYPES.into_iter().enumerate() {
             for k in [256usize, 768] {
                 let n = 32;
-                let w = test_values(n * k, 31 + ti as u64, 2.0);
-                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-                let bytes = QTensor::quantize(&wt, dt).unwrap().data().unwrap().to_vec();
-                let rb = bytes.len() / n;
+                let (bytes, rb) = quantized_rows(dt, n, k, 31 + ti as u64);
                 let all: Vec<&[u8]> = bytes.chunks_exact(rb).collect();
                 for rows in [1usize, 7, 16, 17, 32] {
                     let (mut fast, mut plain) = (Panel::default(), Panel::default());
@@ -693,29 +703,13 @@ mod tests {
             eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
             return;
         }
-        use GgmlDType as D;
-        let types = [
-            D::Q4_0,
-            D::Q4_1,
-            D::Q5_0,
-            D::Q5_1,
-            D::Q8_0,
-            D::Q2K,
-            D::Q3K,
-            D::Q4K,
-            D::Q5K,
-            D::Q6K,
-        ];
-        for (ti, dt) in types.into_iter().enumerate() {
+        for (ti, dt) in TYPES.into_iter().enumerate() {
             for (m, n, k) in [(7usize, 19usize, 256usize), (5, 32, 1280), (9, 3, 768)] {
-                let w = test_values(n * k, 11 + ti as u64, 2.0);
                 let x: Vec<f32> = test_values(m * k, 5 + ti as u64, 3.0)
                     .iter()
                     .map(|v| v + 0.2)
                     .collect();
-                let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-                let bytes = QTensor::quantize(&wt, dt).unwrap().data().unwrap().to_vec();
-                let rb = bytes.len() / n;
+                let (bytes, rb) = quantized_rows(dt, n, k, 11 + ti as u64);
                 let rows: Vec<&[u8]> = bytes.chunks_exact(rb).collect();
                 let acts = Acts::new(&x, k, dt);
                 let mut panel = Panel::default();
@@ -747,7 +741,7 @@ mod tests {
                         );
                         // Q4_1/Q5_1 take the minimum's term from Q8_1's f16 `s`, as llama.cpp
                         // does: not the exact product of the rounded activations.
-                        let tol = if matches!(dt, D::Q4_1 | D::Q5_1) {
+                        let tol = if matches!(dt, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
                             1e-3
                         } else {
                             1e-5
