@@ -10,11 +10,14 @@
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use ferroformers::{DType, Device, Input, Params, Pipeline, PipelineOptions, QuantMath, Quantize};
+use ferroformers::{
+    DType, Device, Input, Output, Params, Pipeline, PipelineOptions, QuantMath, Quantize,
+};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyKeyError, PyOSError, PyRuntimeError, PyStopIteration, PyValueError,
 };
 use pyo3::prelude::*;
+use pyo3::types::PyByteArray;
 use serde_json::Value;
 
 /// A library error as the Python exception transformers raises in the same situation, with
@@ -187,6 +190,27 @@ impl Engine {
         })
     }
 
+    /// `run` for the tasks whose outputs are arrays (feature-extraction, sentence-embeddings):
+    /// per input, its f32 values as a `bytearray` (native byte order) and their shape, for
+    /// `numpy.frombuffer`: no JSON and no per-float Python objects.
+    fn run_arrays<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: &str,
+        params: &str,
+    ) -> PyResult<Vec<(Bound<'py, PyByteArray>, Vec<usize>)>> {
+        let (inputs, params) = parse_call(inputs, params)?;
+        let pipe = Arc::clone(&self.pipe);
+        let arrays = py.detach(move || -> PyResult<Vec<(Vec<u8>, Vec<usize>)>> {
+            let outs = pipe.run(&inputs, &params).map_err(py_err)?;
+            outs.into_iter().map(array_of).collect()
+        })?;
+        Ok(arrays
+            .into_iter()
+            .map(|(bytes, shape)| (PyByteArray::new(py, &bytes), shape))
+            .collect())
+    }
+
     /// Text generation for one input, token by token: an iterator of text pieces (the
     /// `TextIteratorStreamer` pattern) whose last item is the whole output as JSON, marked
     /// by the iterator's `done` flag. Generation runs on its own thread; dropping the iterator
@@ -218,6 +242,32 @@ impl Engine {
             output: std::sync::Mutex::new(None),
         })
     }
+}
+
+/// An array output's f32 values (native byte order) and shape.
+fn array_of(out: Output) -> PyResult<(Vec<u8>, Vec<usize>)> {
+    let (values, shape) = match out {
+        Output::Embedding(v) => {
+            let n = v.len();
+            (v, vec![n])
+        }
+        Output::Features(f) => {
+            let (a, b) = (f.len(), f.first().map_or(0, Vec::len));
+            let c = f.first().and_then(|r| r.first()).map_or(0, Vec::len);
+            let flat: Vec<f32> = f.into_iter().flatten().flatten().collect();
+            if flat.len() != a * b * c {
+                return Err(PyRuntimeError::new_err("feature rows of unequal lengths"));
+            }
+            (flat, vec![a, b, c])
+        }
+        _ => {
+            return Err(PyValueError::new_err(
+                "return_tensors: only feature-extraction and sentence-embeddings give arrays",
+            ))
+        }
+    };
+    let bytes = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    Ok((bytes, shape))
 }
 
 fn parse_call(inputs: &str, params: &str) -> PyResult<(Vec<Input>, Params)> {

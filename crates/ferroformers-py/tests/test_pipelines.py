@@ -167,6 +167,22 @@ def test_return_tensors_gives_arrays():
     assert np.allclose(arr, np.asarray(nested, dtype=np.float32))
 
 
+def test_array_tasks_without_numpy_fall_back_to_json(monkeypatch):
+    """Array results cross as raw f32 buffers when numpy is there, as JSON otherwise: the same
+    values either way (JSON's decimals are the f32 values rounded for printing)."""
+    fe = cached_pipeline("feature-extraction", FIX / "models" / "bert-base")
+    emb = cached_pipeline("sentence-embeddings", FIX / "models" / "minilm-st")
+    texts = ["Hello world", "The quick brown fox jumps over the lazy dog."]
+    with_numpy = (fe(texts), emb(texts))
+    monkeypatch.setattr(ferroformers, "_numpy", lambda required: None)
+    compare(list(with_numpy), [fe(texts), emb(texts)])
+    vec = pytest.importorskip("numpy")
+    monkeypatch.undo()
+    arrays = emb(texts, return_tensors=True)
+    assert [a.shape for a in arrays] == [(len(v),) for v in with_numpy[1]]
+    assert all(isinstance(a, vec.ndarray) for a in arrays)
+
+
 def test_text_generation_chat_and_stream():
     gen = cached_pipeline("text-generation", LLAMA)
     params = {"max_new_tokens": 6, "do_sample": False}
@@ -260,9 +276,17 @@ def test_errors_are_python_exceptions_with_the_cli_message():
         clf(12)
 
 
-def test_missing_file_is_file_not_found(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}))
-    with pytest.raises(OSError):
+def test_missing_and_corrupt_files_are_os_errors(tmp_path):
+    # The fixture folder with a corrupt weights file has no tokenizer either: that is named.
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        pipeline("text-classification", model=str(FIX / "models" / "corrupt"))
+    for f in (SEQCLS).iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(FileNotFoundError):
+        pipeline("text-classification", model=str(tmp_path))  # no weights
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(OSError, match="model.safetensors"):
         pipeline("text-classification", model=str(tmp_path))
 
 

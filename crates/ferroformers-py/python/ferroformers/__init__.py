@@ -25,6 +25,10 @@ __all__ = ["Pipeline", "TextIteratorStreamer", "pipeline", "download", "tasks", 
 # family: `pipe(["a", "b"])` gives `[{...}, {...}]` when each input has one result).
 _TEXT2TEXT = ("text2text-generation", "summarization", "translation")
 
+# Tasks whose results are arrays: they cross from the engine as raw f32 buffers (numpy), not
+# JSON, when numpy is installed.
+_ARRAY_TASKS = ("feature-extraction", "sentence-embeddings")
+
 # Keyword arguments transformers' pipelines accept that change nothing here.
 _IGNORED = ("num_workers",)
 
@@ -92,12 +96,12 @@ class Pipeline:
             return self._call_streaming(inputs, streamer, kwargs)
         params = dict(self._defaults)
         params.update(kwargs)
-        return_tensors = bool(params.pop("return_tensors", False)) if self.task == "feature-extraction" else False
+        return_tensors = bool(params.pop("return_tensors", False)) if self.task in _ARRAY_TASKS else False
         if self._is_single(inputs):
-            out = self._run([inputs], params)[0]
+            out = self._run([inputs], params, return_tensors)[0]
             return self._single_shape(inputs, out, params, return_tensors)
         if isinstance(inputs, (list, tuple)):
-            outs = self._run(list(inputs), params)
+            outs = self._run(list(inputs), params, return_tensors)
             return self._list_shape(inputs, outs, params, return_tensors)
         if hasattr(inputs, "__iter__"):
             return self._iterate(iter(inputs), params, return_tensors)
@@ -185,23 +189,30 @@ class Pipeline:
 
     # -- running and shaping -------------------------------------------------------------
 
-    def _run(self, inputs, params):
+    def _run(self, inputs, params, return_tensors=False):
+        """The engine's per-input results: parsed JSON, or for array tasks numpy arrays
+        (`return_tensors`) or their `tolist()` (each float the exact f32 value, as torch's
+        `tolist()` gives it; JSON's decimal form would be the nearest double instead)."""
         if not inputs:
             return []
         encoded = json.dumps([_to_json_input(x) for x in inputs])
+        if self.task in _ARRAY_TASKS:
+            np = _numpy(required=return_tensors)
+            if np is not None:
+                arrays = [np.frombuffer(buf, dtype=np.float32).reshape(shape)
+                          for buf, shape in self._engine.run_arrays(encoded, json.dumps(params))]
+                return arrays if return_tensors else [a.tolist() for a in arrays]
         return json.loads(self._engine.run(encoded, json.dumps(params)))
 
     def _single_shape(self, inputs, out, params, return_tensors):
         if self.task == "text-classification" and isinstance(inputs, str) and "top_k" not in params:
             # transformers' legacy form: one text gives its top label in a list.
             return [out]
-        if return_tensors:
-            return _as_array(out)
         return out
 
     def _list_shape(self, inputs, outs, params, return_tensors):
         if return_tensors:
-            return [_as_array(o) for o in outs]
+            return outs
         if (
             self.task.startswith(_TEXT2TEXT)
             and all(isinstance(x, str) for x in inputs)
@@ -216,7 +227,7 @@ class Pipeline:
             items = list(islice(it, chunk))
             if not items:
                 return
-            for x, out in zip(items, self._run(items, params)):
+            for x, out in zip(items, self._run(items, params, return_tensors)):
                 yield self._single_shape(x, out, params, return_tensors)
 
 
@@ -279,9 +290,12 @@ def _to_json_input(x):
     raise ValueError(f"input: expected a string or a dict, got {type(x).__name__}")
 
 
-def _as_array(out):
+def _numpy(required):
+    """numpy if it is installed; `required` turns its absence into an ImportError."""
     try:
-        import numpy as np
+        import numpy
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("return_tensors=True needs numpy (pip install numpy)") from e
-    return np.asarray(out, dtype=np.float32)
+        if required:
+            raise ImportError("return_tensors=True needs numpy (pip install numpy)") from e
+        return None
+    return numpy
