@@ -390,12 +390,19 @@ fn tasks() -> Vec<(String, Vec<String>, String)> {
         .collect()
 }
 
+/// Whether this build has the `cuda` feature (`device="cuda"` can work).
+#[pyfunction]
+fn built_with_cuda() -> bool {
+    cfg!(feature = "cuda")
+}
+
 #[pymodule]
 fn _ferroformers(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Stream>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(tasks, m)?)?;
+    m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -272,8 +272,22 @@ def test_errors_are_python_exceptions_with_the_cli_message():
         clf("hi", top_k="three")
     with pytest.raises(ValueError, match="device"):
         pipeline("text-classification", model=str(SEQCLS), device="tpu")
+    assert pipeline("text-classification", model=str(SEQCLS), device=-1).task == "text-classification"
+    with pytest.raises(ValueError, match="batch_size"):
+        pipeline("text-classification", model=str(SEQCLS), batch_size=0)
     with pytest.raises(ValueError):
         clf(12)
+
+
+def test_cuda_needs_a_cuda_build():
+    """device="cuda" / an ordinal: without the cuda feature, a ValueError naming it."""
+    from ferroformers._ferroformers import built_with_cuda
+
+    if built_with_cuda():
+        pytest.skip("a CUDA build: the device is the GPU's (issue 16 runs it)")
+    for d in ("cuda", 0, "cuda:1"):
+        with pytest.raises(ValueError, match="cuda"):
+            pipeline("text-classification", model=str(SEQCLS), device=d)
 
 
 def test_missing_and_corrupt_files_are_os_errors(tmp_path):
