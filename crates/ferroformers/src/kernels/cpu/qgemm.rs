@@ -139,10 +139,10 @@ impl Panel {
                     ptrs[j] = row.as_ptr();
                 }
             }
-            // The 32-value types' scales and minimums come with the values.
+            // Scales and minimums come with the values.
             // SAFETY: the CPU has the features (available()); every pointer holds k values of
             // its kind (checked above); the panel holds k / 4 quads of PANEL rows, ws and wm
-            // k / g groups of PANEL (prepare; g = 32 for the 32-value types).
+            // k / g groups of PANEL (prepare, with g the type's group).
             unsafe {
                 x86::pack(
                     code,
@@ -153,12 +153,6 @@ impl Panel {
                     k,
                 )
             };
-            if (5..x86::UNPACKED).contains(&code) {
-                // K-quants: after the values, so the blocks are in cache.
-                for (j, row) in rows.iter().enumerate() {
-                    self.scales_raw(dtype, row, j);
-                }
-            }
             return;
         }
         self.pack_portable(dtype, rows, k);
@@ -190,36 +184,6 @@ impl Panel {
             self.ws[b * PANEL + j] = u.d[s] * u.sc[gr] as f32;
             if u.has_min {
                 self.wm[b * PANEL + j] = u.dmin[s] * u.mn[gr] as f32;
-            }
-        }
-    }
-
-    /// K-quant row `j`'s group scales and minimums read from its raw blocks: the same f32
-    /// products as [`Panel::scales_from_unpacked`] (`d * sc`, `dmin * mn`), without unpacking
-    /// the values.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn scales_raw(&mut self, dtype: GgmlDType, row: &[u8], j: usize) {
-        use super::blocks::{f16_at, scale_min_k4};
-        use GgmlDType as D;
-        let (ws, wm) = (&mut self.ws, &mut self.wm);
-        let (sb, bytes) = block_shape(dtype).expect("a GGUF block type");
-        for (s, blk) in row.chunks_exact(bytes).take(self.k / sb).enumerate() {
-            match dtype {
-                D::Q4K | D::Q5K => {
-                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-                    for sub in 0..8 {
-                        let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
-                        ws[(s * 8 + sub) * PANEL + j] = d * sc as i8 as f32;
-                        wm[(s * 8 + sub) * PANEL + j] = dmin * mn as i8 as f32;
-                    }
-                }
-                D::Q6K => {
-                    let d = f16_at(blk, 208);
-                    for g in 0..16 {
-                        ws[(s * 16 + g) * PANEL + j] = d * blk[192 + g] as i8 as f32;
-                    }
-                }
-                _ => unreachable!("scales_raw: K-quants only, not {dtype:?}"),
             }
         }
     }
@@ -420,13 +384,13 @@ mod x86 {
     /// as 4-byte quads so that each quad's 16 rows land in one 64-byte store. Missing rows of
     /// a half repeat its last row (finite values the kernel never stores).
     ///
-    /// The 32-value kinds also write their rows' scales (`ws`) and minimums (`wm`, Q4_1 and
-    /// Q5_1) per block of 32, [`PANEL`] rows apart.
+    /// Raw kinds also write their rows' scales (`ws`) and minimums (`wm`, for the types that
+    /// have them) per scale group, [`PANEL`] rows apart ([`k_scales`] for K-quants).
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL and F16C; each pointer holds `k` values of its kind; `dst`
-    /// holds `k / 4` quads of `4 * PANEL` bytes; `ws` and `wm` hold `k / 32` groups of
-    /// [`PANEL`].
+    /// holds `k / 4` quads of `4 * PANEL` bytes; `ws` and `wm` hold `k / g` groups of
+    /// [`PANEL`] ([`super::group_of`]: 16 for Q6_K, else 32).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
     pub unsafe fn pack(
         code: u8,
@@ -451,6 +415,62 @@ mod x86 {
 
     /// Bytes per block of the 32-value kinds 0..=4.
     const BYTES: [usize; 5] = [34, 18, 20, 22, 24];
+
+    /// Superblock `s` of 16 K-quant rows (kinds 5-7): per scale group, the rows' `d * sc` into
+    /// `ws` and (Q4_K/Q5_K) `dmin * mn` into `wm`, [`PANEL`] floats apart per group: the same
+    /// f32 products as the unpacking's, 16 rows per multiply. The small integer scales are
+    /// read per row (Q4_K/Q5_K's 6-bit packing through `scale_min_k4`) into per-group columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    unsafe fn k_scales<const T: u8>(r: &[*const u8; 16], s: usize, ws: *mut f32, wm: *mut f32) {
+        use crate::kernels::cpu::blocks::scale_min_k4;
+        let bytes = [144usize, 176, 210][T as usize - 5];
+        let halves = |off: usize| {
+            let mut h = [0u16; 16];
+            for i in 0..16 {
+                h[i] = (r[i].add(s * bytes + off) as *const u16).read_unaligned();
+            }
+            _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i))
+        };
+        // Integer scales, one column of 16 rows per group, as f32.
+        let column = |col: &[u8; 16], signed: bool| {
+            let b = _mm_loadu_si128(col.as_ptr() as *const __m128i);
+            _mm512_cvtepi32_ps(if signed {
+                _mm512_cvtepi8_epi32(b)
+            } else {
+                _mm512_cvtepu8_epi32(b)
+            })
+        };
+        if T == 7 {
+            let d = halves(208);
+            let mut sc = [[0u8; 16]; 16];
+            for i in 0..16 {
+                let blk = r[i].add(s * bytes);
+                for (g, col) in sc.iter_mut().enumerate() {
+                    col[i] = *blk.add(192 + g);
+                }
+            }
+            for (g, col) in sc.iter().enumerate() {
+                _mm512_storeu_ps(
+                    ws.add((s * 16 + g) * PANEL),
+                    _mm512_mul_ps(d, column(col, true)),
+                );
+            }
+        } else {
+            let (d, dmin) = (halves(0), halves(2));
+            let (mut sc, mut mn) = ([[0u8; 16]; 8], [[0u8; 16]; 8]);
+            for i in 0..16 {
+                let q = std::slice::from_raw_parts(r[i].add(s * bytes + 4), 12);
+                for sub in 0..8 {
+                    (sc[sub][i], mn[sub][i]) = scale_min_k4(sub, q);
+                }
+            }
+            for sub in 0..8 {
+                let at = (s * 8 + sub) * PANEL;
+                _mm512_storeu_ps(ws.add(at), _mm512_mul_ps(d, column(&sc[sub], false)));
+                _mm512_storeu_ps(wm.add(at), _mm512_mul_ps(dmin, column(&mn[sub], false)));
+            }
+        }
+    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
     unsafe fn pack_kind<const T: u8>(
@@ -525,6 +545,9 @@ mod x86 {
                         let neg = _mm512_xor_si512(m, _mm512_set1_epi32(i32::MIN));
                         _mm512_storeu_ps(wm.add(c * PANEL + h * 16), _mm512_castsi512_ps(neg));
                     }
+                } else if T < UNPACKED && c % 8 == 0 {
+                    // A K-quant superblock starts: its 16 rows' scales and minimums.
+                    k_scales::<T>(&r, c / 8, ws.add(h * 16), wm.add(h * 16));
                 }
                 let base = dst.add(c * 8 * 4 * PANEL + h * 64);
                 for e in 0..4 {
