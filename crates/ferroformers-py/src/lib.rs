@@ -216,8 +216,11 @@ impl Engine {
     /// by the iterator's `done` flag. Generation runs on its own thread; dropping the iterator
     /// stops it after the current token.
     fn stream(&self, input: &str, params: &str) -> PyResult<Stream> {
-        let (mut inputs, params) = parse_call(&format!("[{input}]"), params)?;
-        let input = inputs.pop().expect("one input parsed");
+        let input: Value = serde_json::from_str(input).map_err(|e| json_err("input", e))?;
+        let (mut inputs, params) = parse_call(&Value::Array(vec![input]).to_string(), params)?;
+        let Some(input) = inputs.pop() else {
+            return Err(PyValueError::new_err("stream: one input expected"));
+        };
         let pipe = Arc::clone(&self.pipe);
         let (tx, rx) = mpsc::channel::<Piece>();
         std::thread::spawn(move || {

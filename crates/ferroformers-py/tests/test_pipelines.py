@@ -204,6 +204,12 @@ def test_text_generation_chat_and_stream():
     with_prompt = ferroformers.TextIteratorStreamer()
     gen("The quick brown fox", streamer=with_prompt, **params)
     assert "".join(with_prompt) == gen("The quick brown fox", **params)[0]["generated_text"]
+    # Malformed stream calls are errors, not panics.
+    with pytest.raises(ValueError):
+        gen.stream(["one", "two"])
+    for bad in ("", "1, 2", "{"):
+        with pytest.raises(ValueError, match="input"):
+            gen._engine.stream(bad, "{}")
     # A list of prompts nests one list per prompt.
     two = gen(["The quick brown fox", "Hello"], **params)
     assert len(two) == 2 and all(isinstance(x, list) for x in two)

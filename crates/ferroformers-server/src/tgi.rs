@@ -59,11 +59,21 @@ pub(crate) async fn tgi_generate_stream(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = json_body(&headers, body)?;
-    let m = generator(&state, None)?;
-    let index = index_of(&state, m);
-    let (input, params, details) = tgi_request(&v)?;
+    let (index, input, params, details) = tgi_call(&state, &headers, body)?;
     Ok(tgi_stream(&state, index, input, params, details))
+}
+
+/// A TGI route's request: the served generation model's index, the input, the parameters and
+/// whether `details` were asked for.
+fn tgi_call(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(usize, Input, Params, bool), ApiError> {
+    let v = json_body(headers, body)?;
+    let index = index_of(state, generator(state, None)?);
+    let (input, params, details) = tgi_request(&v)?;
+    Ok((index, input, params, details))
 }
 
 /// The token events of one generation as TGI streams them.
@@ -142,10 +152,7 @@ pub(crate) async fn tgi_generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = json_body(&headers, body)?;
-    let m = generator(&state, None)?;
-    let index = index_of(&state, m);
-    let (input, params, details) = tgi_request(&v)?;
+    let (index, input, params, details) = tgi_call(&state, &headers, body)?;
     let (out, usage) = generate_blocking(&state, index, input, params).await?;
     Ok(axum::Json(tgi_answer(&out, &usage, details)).into_response())
 }
