@@ -45,23 +45,23 @@ impl Pooling {
     /// workers.
     pub fn apply(self, hidden: &Tensor) -> Result<Vec<f32>> {
         let (s, h) = hidden.dims2()?;
-        let data = hidden.flatten_all()?.to_vec1::<f32>()?;
-        let rows = data.chunks_exact(h.max(1));
-        let scaled = |by: f64| {
+        // The rows' sum divided by `by` (the mean poolings only read the values this way).
+        let scaled = |by: f64| -> Result<Vec<f32>> {
+            let data = hidden.flatten_all()?.to_vec1::<f32>()?;
             let mut acc = vec![0f32; h];
-            for row in rows.clone() {
+            for row in data.chunks_exact(h.max(1)) {
                 for (a, x) in acc.iter_mut().zip(row) {
                     *a += x;
                 }
             }
             let mul = (1.0 / by) as f32;
             acc.iter_mut().for_each(|a| *a = *a * mul + 0.0);
-            acc
+            Ok(acc)
         };
         Ok(match self {
             Pooling::Cls => hidden.get(0)?.to_vec1()?,
-            Pooling::Mean => scaled(s as f64),
-            Pooling::MeanSqrtLen => scaled((s as f64).sqrt()),
+            Pooling::Mean => scaled(s as f64)?,
+            Pooling::MeanSqrtLen => scaled((s as f64).sqrt())?,
             Pooling::Max => hidden.max(0)?.to_vec1()?,
         })
     }
