@@ -112,52 +112,67 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="ours,ours-solo,llama.cpp",
+                    help="ours (continuous batching), ours-solo (--max-batch-total-tokens 0), llama.cpp")
     ap.add_argument("--binary", default=str(ROOT / "target/release/ferroformers"))
     a = ap.parse_args()
     gguf = gguf_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
                OMP_NUM_THREADS=str(a.threads))
-    ours = subprocess.Popen([a.binary, "serve", "--model", f"{REPO}=text-generation", "--port", "3941",
-                             "--threads", str(a.threads), "--quiet"], env=env, stderr=subprocess.DEVNULL)
-    peer = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "3942",
-                             "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
-                             "--n_ctx", "2048", "--verbose", "False", "--interrupt_requests", "False"],
-                            env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    servers = {"ours": ("http://127.0.0.1:3941", ours, REPO),
-               "llama.cpp": ("http://127.0.0.1:3942", peer, str(gguf))}
+    ap_engines = [e for e in a.engines.split(",") if e]
+    servers = {}
+    ours_cmd = [a.binary, "serve", "--model", f"{REPO}=text-generation", "--threads", str(a.threads),
+                "--quiet"]
+    if "ours" in ap_engines:
+        p = subprocess.Popen(ours_cmd + ["--port", "3941"], env=env, stderr=subprocess.DEVNULL)
+        servers["ours"] = ("http://127.0.0.1:3941", p, REPO, "/health")
+    if "ours-solo" in ap_engines:
+        # The same binary with continuous batching off: each request decodes on its own.
+        p = subprocess.Popen(ours_cmd + ["--port", "3943", "--max-batch-total-tokens", "0"], env=env,
+                             stderr=subprocess.DEVNULL)
+        servers["ours-solo"] = ("http://127.0.0.1:3943", p, REPO, "/health")
+    if "llama.cpp" in ap_engines:
+        p = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "3942",
+                              "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
+                              "--n_ctx", "2048", "--verbose", "False", "--interrupt_requests", "False"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers["llama.cpp"] = ("http://127.0.0.1:3942", p, str(gguf), "/v1/models")
     res = {}
     load0 = os.getloadavg()
     try:
-        wait_ready(servers["ours"][0] + "/health", ours)
-        wait_ready(servers["llama.cpp"][0] + "/v1/models", peer)
-        for name, (base, _, model) in servers.items():
+        for base, proc, _, probe in servers.values():
+            wait_ready(base + probe, proc)
+        for name, (base, _, model, _) in servers.items():
             asyncio.run(run_load(base + "/v1/chat/completions", model, 2, 2, 8))
         conc = [int(c) for c in a.concurrency.split(",")]
         for rep in range(a.reps):
             order = list(servers) if rep % 2 == 0 else list(reversed(servers))
             for c in conc:
                 for name in order:
-                    base, _, model = servers[name]
+                    base, _, model, _ = servers[name]
                     r = asyncio.run(run_load(base + "/v1/chat/completions", model, c, a.requests, a.tokens))
                     res.setdefault((name, c), []).append(r)
                     print(f"rep {rep} c={c} {name}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms "
                           f"p99 {r['ttft_p99_ms']:.0f} ms, {r['tokens']} tokens", file=sys.stderr)
     finally:
-        for _, proc, _ in servers.values():
+        for _, proc, _, _ in servers.values():
             proc.terminate()
     load1 = os.getloadavg()
     print(f"\nstreamed chat completions, SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
           f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}; CPU {cpu_model()}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| server | concurrency | aggregate tokens/s | vs llama-cpp-python | TTFT p50 (ms) | TTFT p99 (ms) |")
+    labels = {"ours": "ferroformers serve (continuous batching)",
+              "ours-solo": "ferroformers serve, `--max-batch-total-tokens 0`",
+              "llama.cpp": "llama-cpp-python server"}
+    ref = "llama.cpp" if "llama.cpp" in servers else next(iter(servers))
+    print(f"| server | concurrency | aggregate tokens/s | vs {labels[ref]} | TTFT p50 (ms) | TTFT p99 (ms) |")
     print("|---|---|---|---|---|---|")
     for c in conc:
-        base = statistics.median(r["tok_s"] for r in res[("llama.cpp", c)])
-        for name, label in (("ours", "ferroformers serve"), ("llama.cpp", "llama-cpp-python server")):
+        base = statistics.median(r["tok_s"] for r in res[(ref, c)])
+        for name in servers:
             rs = res[(name, c)]
             t = statistics.median(r["tok_s"] for r in rs)
-            print(f"| {label} | {c} | {t:.1f} | {t / base:.2f}x | "
+            print(f"| {labels[name]} | {c} | {t:.1f} | {t / base:.2f}x | "
                   f"{statistics.median(r['ttft_p50_ms'] for r in rs):.0f} | "
                   f"{statistics.median(r['ttft_p99_ms'] for r in rs):.0f} |")
 

@@ -9,6 +9,7 @@ pub const USAGE: &str = "\
                      [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
                      [--payload-limit 2000000] [--max-client-batch-size 32]
                      [--max-batch-inputs 128] [--max-batch-wait-ms 0]
+                     [--max-batch-total-tokens 32768 (0: no continuous batching)]
                      [--max-concurrent-requests 128] [--max-queue-size 256]
                      [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
                      [--json-output] [--quiet] [--threads N]";
@@ -31,6 +32,7 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             "--payload-limit" => cfg.payload_limit = num(a, &value()?)?,
             "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
             "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
+            "--max-batch-total-tokens" => cfg.max_batch_total_tokens = num(a, &value()?)?,
             "--max-concurrent-requests" => cfg.max_concurrent_requests = num(a, &value()?)?,
             "--cors-allow-origin" => cfg.cors_allow_origin.push(value()?),
             "--max-queue-size" => cfg.max_queue_size = num(a, &value()?)?,

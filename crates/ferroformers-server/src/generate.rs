@@ -112,10 +112,12 @@ pub(crate) fn stream_ended(st: &AppState, clock: &TokenClock, gone: bool) -> boo
 }
 
 /// Server-sent events, one per message from the generation's thread, with keep-alive
-/// comments while it is quiet.
-pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<String>) -> Response {
+/// comments while it is quiet. The channel is unbounded: a slow reader must not stall the
+/// generation thread, which shares its decoding steps with other requests (tokens are small,
+/// and a generation's length is bounded).
+pub(crate) fn sse_response(rx: tokio::sync::mpsc::UnboundedReceiver<String>) -> Response {
     use tokio_stream::StreamExt;
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|data| {
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|data| {
         Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
     });
     axum::response::sse::Sse::new(events)

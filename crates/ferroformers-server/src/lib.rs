@@ -11,12 +11,13 @@
 //!   document at `GET /api-doc/openapi.json` and a page of the routes at `GET /docs`.
 //!
 //! Encoder models batch dynamically: requests that wait together run as one pipeline call
-//! ([`batch`]).
+//! ([`batch`]). Generation batches continuously (`ferroformers::generation::continuous`):
+//! requests generating at the same time share one forward pass per token, and new ones join
+//! between steps (`--max-batch-total-tokens`).
 //!
 //! Errors are JSON everywhere: `{"error", "error_type"}` on the HF/TEI routes, OpenAI's
 //! `{"error": {message, type, param, code}}` on `/v1/*`. The pipelines stay synchronous
-//! library code and run on blocking threads (their products use the rayon pool). Not yet:
-//! continuous batching for generation.
+//! library code and run on blocking threads (their products use the rayon pool).
 //!
 //! Where things are: `hf` (Inference API routes), `tei`, `tgi`, `openai` (each family's
 //! routes), `generate` (generation for them: blocking thread, cancellation, token timing),
@@ -98,6 +99,10 @@ pub struct Config {
     /// How long a batch's first request waits for others to join (default 0: a batch is
     /// whatever is queued when the model is free).
     pub max_batch_wait: std::time::Duration,
+    /// Generation: the tokens (prompt plus `max_new_tokens` each) the sequences of one
+    /// continuously batched model may hold together; 0 turns continuous batching off (each
+    /// request then generates on its own).
+    pub max_batch_total_tokens: usize,
     /// Requests running or queued at once; more are answered 429 at once (TGI: 128).
     pub max_concurrent_requests: usize,
     /// `--cors-allow-origin`: origins (or `*`) whose browser pages may call the server.
@@ -124,6 +129,7 @@ impl Default for Config {
             max_client_batch_size: 32,
             max_batch_inputs: 128,
             max_batch_wait: std::time::Duration::ZERO,
+            max_batch_total_tokens: 32_768,
             max_concurrent_requests: 128,
             cors_allow_origin: Vec::new(),
             max_queue_size: 256,
@@ -261,6 +267,7 @@ fn load(
     spec: &ModelSpec,
     max_batch_inputs: usize,
     wait: std::time::Duration,
+    max_batch_total_tokens: usize,
 ) -> Result<Served, String> {
     let dir =
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
@@ -279,7 +286,10 @@ fn load(
         model: Some(spec.model.clone()),
         ..PipelineOptions::default()
     };
-    let pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
+    let mut pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
+    if max_batch_total_tokens > 0 {
+        pipe.enable_continuous_batching(max_batch_total_tokens);
+    }
     // For token counts (`usage`): the model's own tokenizer, when it has one.
     let tokenizer = ferroformers::config::ModelConfig::from_dir(&dir)
         .ok()
@@ -319,10 +329,11 @@ impl Server {
         }
         let specs = cfg.models.clone();
         let (max_batch, wait) = (cfg.max_batch_inputs, cfg.max_batch_wait);
+        let total = cfg.max_batch_total_tokens;
         let mut models = tokio::task::spawn_blocking(move || {
             specs
                 .iter()
-                .map(|s| load(s, max_batch, wait))
+                .map(|s| load(s, max_batch, wait, total))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await

@@ -61,6 +61,53 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             }
         }
     }
+    type GenSeries = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ferroformers::generation::BatchStats) -> u64,
+    );
+    let gen: [GenSeries; 5] = [
+        (
+            "ferroformers_generation_batch_current_size",
+            "gauge",
+            "sequences in the continuous batch now",
+            |s| s.running as u64,
+        ),
+        (
+            "ferroformers_generation_queue_size",
+            "gauge",
+            "sequences waiting to join the continuous batch",
+            |s| s.waiting as u64,
+        ),
+        (
+            "ferroformers_generation_steps_total",
+            "counter",
+            "batched decoding steps run",
+            |s| s.steps,
+        ),
+        (
+            "ferroformers_generation_step_rows_total",
+            "counter",
+            "sequences in those steps, summed (divide by the steps for the mean batch size)",
+            |s| s.rows,
+        ),
+        (
+            "ferroformers_generation_batch_max_size",
+            "gauge",
+            "most sequences one step has run",
+            |s| s.max_rows as u64,
+        ),
+    ];
+    for (name, kind, help, get) in gen {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in &state.models {
+            if let Some(b) = m.pipe.batch_stats() {
+                let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b));
+            }
+        }
+    }
     if let Ok(st) = state.requests.lock() {
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
         let _ = writeln!(

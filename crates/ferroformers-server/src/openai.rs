@@ -295,7 +295,7 @@ pub(crate) async fn openai_generate(
     // Streamed: the generation runs on a blocking thread and sends each piece of text as an
     // event; the parameters were checked above, so errors from here on are generation errors,
     // sent as a last event.
-    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -309,7 +309,7 @@ pub(crate) async fn openai_generate(
                 json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": null, "finish_reason": null}),
             );
-            let _ = tx.blocking_send(first);
+            let _ = tx.send(first);
         }
         // A send fails once the client has gone (the event stream was dropped): the
         // generation stops there.
@@ -335,7 +335,7 @@ pub(crate) async fn openai_generate(
                     Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
                                                "finish_reason": null}),
                 };
-                gone = tx.blocking_send(chunk(choice)).is_err();
+                gone = tx.send(chunk(choice)).is_err();
                 !gone
             });
         if stream_ended(&st, &clock, gone) {
@@ -349,23 +349,23 @@ pub(crate) async fn openai_generate(
                     Kind::Completion => json!({"index": 0, "text": "", "logprobs": null,
                                                "finish_reason": finish(&usage)}),
                 };
-                let _ = tx.blocking_send(chunk(choice));
+                let _ = tx.send(chunk(choice));
                 if include_usage {
                     let u = json!({"id": id, "object": chunk_object, "created": created,
                                    "model": name, "choices": [], "usage": usage_json(&usage)});
-                    let _ = tx.blocking_send(u.to_string());
+                    let _ = tx.send(u.to_string());
                 }
             }
             Err(e) => {
                 let err = ApiError::from(e);
-                let _ = tx.blocking_send(
+                let _ = tx.send(
                     json!({"error": {"message": err.message, "type": "server_error",
                                      "param": null, "code": err.status.as_u16()}})
                     .to_string(),
                 );
             }
         }
-        let _ = tx.blocking_send("[DONE]".into());
+        let _ = tx.send("[DONE]".into());
     });
     Ok(sse_response(rx))
 }

@@ -84,7 +84,7 @@ pub(crate) fn tgi_stream(
     params: Params,
     details: bool,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
@@ -108,7 +108,7 @@ pub(crate) fn tgi_stream(
                 }
                 n += 1;
                 if let Some(p) = pending.take() {
-                    gone = tx.blocking_send(p.to_string()).is_err();
+                    gone = tx.send(p.to_string()).is_err();
                 }
                 pending = Some(json!({
                     "index": n,
@@ -132,13 +132,12 @@ pub(crate) fn tgi_stream(
                     d["seed"] = Value::Null;
                     last["details"] = d;
                 }
-                let _ = tx.blocking_send(last.to_string());
+                let _ = tx.send(last.to_string());
             }
             Err(e) => {
                 let err = ApiError::from(e);
-                let _ = tx.blocking_send(
-                    json!({"error": err.message, "error_type": "generation"}).to_string(),
-                );
+                let _ =
+                    tx.send(json!({"error": err.message, "error_type": "generation"}).to_string());
             }
         }
     });

@@ -612,6 +612,73 @@ fn concurrent_requests_are_batched() {
     }
 }
 
+/// Generation requests at the same time go through the continuous batch: each answer equals
+/// the pipeline's alone (greedy, its own length and prompt), and `/metrics` counts the batch's
+/// steps and the sequences in them.
+#[test]
+fn concurrent_generations_share_the_continuous_batch() {
+    let base = start_with(|c| c.max_concurrent_requests = 64);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Request {i}: {}", "tell me more ".repeat(i)))
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (url, t) = (format!("{base}/generate"), t.clone());
+            std::thread::spawn(move || {
+                post_json(
+                    &url,
+                    json!({"inputs": t, "parameters": {"max_new_tokens": 10 + 3 * i,
+                           "do_sample": false}}),
+                )
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (t, (status, got))) in prompts.iter().zip(&answers).enumerate() {
+        assert_eq!(*status, 200, "{got}");
+        let mut p = Params::new();
+        p.insert("max_new_tokens".into(), json!(10 + 3 * i));
+        p.insert("do_sample".into(), json!(false));
+        p.insert("return_full_text".into(), json!(false));
+        let want = pipeline_json("text-generation", &decoder(), &[Input::from(t.as_str())], p);
+        assert_eq!(
+            got["generated_text"], want[0][0]["generated_text"],
+            "request {i}"
+        );
+    }
+    let metrics = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("llama"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let (steps, rows) = (
+        value("ferroformers_generation_steps_total"),
+        value("ferroformers_generation_step_rows_total"),
+    );
+    // Every request's tokens after its first came from a step of the batch (fewer where
+    // a request met its end-of-sequence token first), and eight requests sent at once shared
+    // steps.
+    let decoded: f64 = (0..8).map(|i| (9 + 3 * i) as f64).sum();
+    assert!(rows > 0.0 && rows <= decoded, "{metrics}");
+    assert!(steps < rows, "no step ran two sequences: {metrics}");
+    assert!(value("ferroformers_generation_batch_max_size") >= 2.0);
+    assert_eq!(value("ferroformers_generation_batch_current_size"), 0.0);
+    eprintln!(
+        "continuous batch: {steps} steps for {decoded} tokens, at most {} sequences",
+        value("ferroformers_generation_batch_max_size")
+    );
+}
+
 /// Beyond `max_concurrent_requests` a request is refused at once with 429 and `Retry-After`;
 /// CORS preflights are answered for an allowed origin only.
 #[test]

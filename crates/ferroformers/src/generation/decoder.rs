@@ -53,6 +53,11 @@ impl<'m> DecoderSession<'m> {
         Ok(out.to_vec3()?)
     }
 
+    /// The KV cache and the 0/1 masks of the rows, once the session is done with them.
+    pub fn into_parts(self) -> (KvCache, Vec<Vec<u8>>) {
+        (self.cache, self.mask)
+    }
+
     fn forward_prompt(&mut self, last_only: bool) -> Result<Tensor> {
         let rows = self
             .prompts

@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod continuous;
 pub mod decoder;
 pub mod logits;
 pub mod search;
@@ -16,6 +17,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
+pub use continuous::{BatchStats, Batcher};
 pub use decoder::{left_pad, DecoderSession};
 pub use search::{generate, Generated, Hooks, StepModel};
 pub use stream::TextStreamer;
@@ -38,6 +40,8 @@ pub struct TextGenerator {
     pub chat_template: Option<ChatTemplate>,
     pub pad_token_id: u32,
     pub path: PathBuf,
+    /// Continuous batching of single-sequence requests (a server), when set.
+    pub batcher: Option<Batcher>,
 }
 
 /// The `.gguf` file a path names: the file itself, or the only one in a folder without
@@ -185,6 +189,7 @@ impl TextGenerator {
             chat_template,
             pad_token_id,
             path,
+            batcher: None,
         })
     }
 
@@ -270,6 +275,26 @@ impl TextGenerator {
     ) -> Result<Generated> {
         let mut session = DecoderSession::new(self.model.as_ref(), rows.clone(), mask)?;
         generate(&mut session, &rows, cfg, hooks)
+    }
+
+    /// Generate one sequence (greedy search or sampling) from one prompt: through the shared
+    /// batch when continuous batching is on, else alone.
+    pub fn generate_one(
+        &self,
+        prompt: &[u32],
+        cfg: &GenerationConfig,
+        hooks: &mut Hooks,
+    ) -> Result<Generated> {
+        let Some(batcher) = &self.batcher else {
+            return self.generate_ids(std::slice::from_ref(&prompt.to_vec()), cfg, hooks);
+        };
+        if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
+            return self.generate_ids(std::slice::from_ref(&prompt.to_vec()), cfg, hooks);
+        }
+        self.check_prompt_length(prompt.len())?;
+        let reserve = cfg.max_total_length(prompt.len());
+        let mut session = batcher.session(self.model.as_ref(), prompt.to_vec(), reserve);
+        generate(&mut session, &[prompt.to_vec()], cfg, hooks)
     }
 
     /// Full logits `[seq][vocab]` of one prompt.

@@ -82,6 +82,67 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_empty() && self.layers.iter().all(Option::is_none)
+    }
+
+    /// Add `other`'s rows after these (continuous batching: a new sequence joins the running
+    /// batch). Both are right-aligned to the longer length; the shorter rows are left-padded
+    /// with zeros, which their attention masks hide. An empty cache becomes `other`.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if self.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if other.is_empty() {
+            return Ok(());
+        }
+        if self.cpu.is_empty() != other.cpu.is_empty() || self.layers.len() != other.layers.len() {
+            candle_core::bail!("KV caches of different kinds cannot be joined");
+        }
+        for (a, b) in self.cpu.iter_mut().zip(&other.cpu) {
+            a.append_rows(b)?;
+        }
+        for (a, b) in self.layers.iter_mut().zip(other.layers) {
+            let (ak, av, bk, bv) = match (a.take(), b) {
+                (None, None) => continue,
+                (Some((ak, av)), Some((bk, bv))) => (ak, av, bk, bv),
+                _ => candle_core::bail!("KV caches with missing layers cannot be joined"),
+            };
+            let len = ak.dim(2)?.max(bk.dim(2)?);
+            let pad = |t: Tensor| -> Result<Tensor> {
+                let (r, h, s, d) = t.dims4()?;
+                if s == len {
+                    return Ok(t);
+                }
+                let z = Tensor::zeros((r, h, len - s, d), t.dtype(), t.device())?;
+                Tensor::cat(&[&z, &t], 2)
+            };
+            let k = Tensor::cat(&[&pad(ak)?, &pad(bk)?], 0)?.contiguous()?;
+            let v = Tensor::cat(&[&pad(av)?, &pad(bv)?], 0)?.contiguous()?;
+            *a = Some((k, v));
+        }
+        Ok(())
+    }
+
+    /// Forget the first `n` positions of every row (padding no remaining row needs).
+    pub fn drop_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for b in &mut self.cpu {
+            b.drop_front(n);
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let s = k.dim(2)?;
+            let n = n.min(s);
+            *k = k.narrow(2, n, s - n)?.contiguous()?;
+            *v = v.narrow(2, n, s - n)?.contiguous()?;
+        }
+        Ok(())
+    }
 }
 
 /// A decoder-only language model with a KV cache.

@@ -249,6 +249,15 @@ impl Default for PipelineOptions {
 /// What every task implements.
 pub(crate) trait Task: Send + Sync {
     fn accepted_params(&self) -> &'static [&'static str];
+
+    /// Turn on continuous batching (text generation only); `false` where it does not apply.
+    fn continuous_batching(&mut self, _max_total_tokens: usize) -> bool {
+        false
+    }
+
+    fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
+        None
+    }
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
     /// Generate for one input with each new token passed to `on_token` as it comes (text
@@ -289,6 +298,20 @@ impl Pipeline {
             batch_size: batch_size.max(1),
             inner,
         }
+    }
+
+    /// Continuous batching for a server (text generation): requests that generate at the same
+    /// time (through [`Pipeline::run_streaming`]) share one forward pass per token, and new
+    /// ones join between steps, while their sequences together stay within
+    /// `max_total_tokens` (prompt plus `max_new_tokens` each). Returns `false` for tasks
+    /// without it.
+    pub fn enable_continuous_batching(&mut self, max_total_tokens: usize) -> bool {
+        self.inner.continuous_batching(max_total_tokens)
+    }
+
+    /// What continuous batching has done so far (`None` when it is off).
+    pub fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
+        self.inner.batch_stats()
     }
 
     /// The canonical task name.

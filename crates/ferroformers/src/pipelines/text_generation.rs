@@ -344,9 +344,7 @@ impl TextGeneration {
             on_token: Some(&mut on_token),
             decode: Some(&decode),
         };
-        let out = self
-            .generator
-            .generate_ids(std::slice::from_ref(&prompt), &cfg, &mut hooks)?;
+        let out = self.generator.generate_one(&prompt, &cfg, &mut hooks)?;
         if let Some(e) = err {
             return Err(e);
         }
@@ -385,6 +383,15 @@ impl TextGeneration {
 impl Task for TextGeneration {
     fn accepted_params(&self) -> &'static [&'static str] {
         self.accepted
+    }
+
+    fn continuous_batching(&mut self, max_total_tokens: usize) -> bool {
+        self.generator.batcher = Some(crate::generation::Batcher::new(max_total_tokens));
+        true
+    }
+
+    fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
+        self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
     fn run_streaming(

@@ -109,6 +109,72 @@ impl KvBuffer {
         self.rows = rows.len();
         Ok(())
     }
+
+    /// Add `other`'s rows after these, both right-aligned to the longer of the two lengths:
+    /// the shorter rows' first positions become zeros (left padding, which the attention
+    /// bias masks). An empty buffer (no rows) becomes a copy of `other`.
+    pub fn append_rows(&mut self, other: &KvBuffer) -> candle_core::Result<()> {
+        if self.rows == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        if (self.heads, self.dim) != (other.heads, other.dim) {
+            candle_core::bail!(
+                "KV buffers of {}x{} and {}x{} (heads x dim) cannot be joined",
+                self.heads,
+                self.dim,
+                other.heads,
+                other.dim
+            );
+        }
+        let (len, d, heads) = (self.len.max(other.len), self.dim, self.heads);
+        let cap = len + 16;
+        let rows = self.rows + other.rows;
+        let mut k = vec![0f32; rows * heads * cap * d];
+        let mut v = vec![0f32; rows * heads * cap * d];
+        let mut row = 0;
+        for src in [&*self, other] {
+            let shift = (len - src.len) * d;
+            for r in 0..src.rows {
+                for h in 0..heads {
+                    let (from, to) = (
+                        (r * heads + h) * src.cap * d,
+                        ((row + r) * heads + h) * cap * d + shift,
+                    );
+                    let n = src.len * d;
+                    k[to..to + n].copy_from_slice(&src.k[from..from + n]);
+                    v[to..to + n].copy_from_slice(&src.v[from..from + n]);
+                }
+            }
+            row += src.rows;
+        }
+        *self = KvBuffer {
+            rows,
+            heads,
+            dim: d,
+            cap,
+            len,
+            k,
+            v,
+        };
+        Ok(())
+    }
+
+    /// Forget the first `n` positions of every row (left padding that no row needs any more).
+    pub fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.len);
+        if n == 0 {
+            return;
+        }
+        let (d, used) = (self.dim, (self.len - n) * self.dim);
+        for buf in [&mut self.k, &mut self.v] {
+            for rh in 0..self.rows * self.heads {
+                let at = rh * self.cap * d;
+                buf.copy_within(at + n * d..at + n * d + used, at);
+            }
+        }
+        self.len -= n;
+    }
 }
 
 /// Bidirectional attention per (sequence, head) over `qkv` `[b * s, 3 * heads * d]` (queries,

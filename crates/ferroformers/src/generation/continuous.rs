@@ -1,0 +1,514 @@
+//! Continuous batching for decoder-only models: requests generating at the same time share one
+//! batched forward pass per token, and a new request joins the running batch between two
+//! decoding steps instead of waiting for it to finish (TGI's and vLLM's scheduling, on our
+//! left-padded KV cache).
+//!
+//! Each request keeps running its own search loop ([`generate`](super::generate): its logits
+//! processors, sampling seed, stop strings, streaming and cancellation) on its own thread,
+//! over a [`SharedSession`] instead of a private [`DecoderSession`]. The session hands its
+//! next token to the [`Batcher`] and waits. When every sequence in the batch has handed in its
+//! token, the thread that handed in the last one runs the step for all of them:
+//! 1. rows whose request has gone (finished, failed, or its client left) are dropped, and with
+//!    them their KV cache; padding that no remaining row needs is cut off the front;
+//! 2. one forward pass over all rows, one new token each (positions and the attention bias
+//!    from each row's own mask, as for any left-padded batch);
+//! 3. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
+//!    sequence counts its prompt plus the most tokens it may generate) allows; their prompts
+//!    run a few at a time as left-padded batches, and each batch's KV cache joins the running
+//!    one (right-aligned, left-padded).
+//!
+//! Every thread gets its row of logits as soon as the pass that made it is over (the running
+//! rows' after step 2, each new prompt's after its group in step 3), and goes on.
+//!
+//! A sequence's logits in the batch equal its logits alone up to the f32 summation order of
+//! products over more rows (the padding is masked to exact zeros).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use candle_core::Tensor;
+
+use super::decoder::{left_pad, DecoderSession};
+use super::search::StepModel;
+use crate::error::{Error, Result};
+use crate::models::causal_lm::{causal_bias, CausalLm, KvCache};
+
+/// The shared batch of one model: its sequences, their KV caches joined, the waiting queue.
+pub struct Batcher {
+    state: Mutex<State>,
+    wake: Condvar,
+    max_total_tokens: usize,
+}
+
+/// What the batch has done so far (for tests, logs and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Batched decoding steps run.
+    pub steps: u64,
+    /// Sum over those steps of the rows in them.
+    pub rows: u64,
+    /// The most rows one step has had.
+    pub max_rows: usize,
+    /// Prompts run (sequences admitted).
+    pub prefills: u64,
+    /// Sequences in the batch now, and waiting to join it.
+    pub running: usize,
+    pub waiting: usize,
+}
+
+#[derive(Default)]
+struct State {
+    cache: Option<KvCache>,
+    /// Per row: 0/1 over its cached positions (left padding is 0).
+    mask: Vec<Vec<u8>>,
+    /// Per row: its sequence.
+    rows: Vec<u64>,
+    seqs: HashMap<u64, Seq>,
+    waiting: VecDeque<u64>,
+    /// A thread is running a step (the cache is out of the state meanwhile).
+    busy: bool,
+    /// Rows out of the state for the step that is running.
+    in_flight: usize,
+    next_id: u64,
+    stats: BatchStats,
+}
+
+struct Seq {
+    /// The prompt, until it has run.
+    prompt: Option<Vec<u32>>,
+    /// The token handed in for the next step.
+    token: Option<u32>,
+    /// Logits of the last step, until its thread takes them.
+    result: Option<Result<Vec<f32>>>,
+    /// Its request is over: drop the row at the next step.
+    gone: bool,
+    /// Prompt plus the most tokens it may generate (its share of the budget).
+    reserve: usize,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An error for every sequence of a step that failed (errors are not `Clone`).
+fn shared_error(e: &Error) -> Error {
+    Error::Tensor(candle_core::Error::Msg(format!(
+        "batched generation step: {e}"
+    )))
+}
+
+impl Batcher {
+    /// A batch whose sequences may reach `max_total_tokens` tokens together (each counting its
+    /// prompt and its `max_new_tokens`); a sequence that needs more than that alone still runs,
+    /// by itself.
+    pub fn new(max_total_tokens: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            max_total_tokens: max_total_tokens.max(1),
+        }
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        let g = lock(&self.state);
+        BatchStats {
+            running: g.rows.len() + g.in_flight,
+            waiting: g.waiting.len(),
+            ..g.stats
+        }
+    }
+
+    /// A session for one prompt that may grow to `reserve` tokens, to pass to
+    /// [`generate`](super::generate) with one prompt row.
+    pub fn session<'a>(
+        &'a self,
+        model: &'a dyn CausalLm,
+        prompt: Vec<u32>,
+        reserve: usize,
+    ) -> SharedSession<'a> {
+        let mut g = lock(&self.state);
+        let id = g.next_id;
+        g.next_id += 1;
+        let len = prompt.len();
+        g.seqs.insert(
+            id,
+            Seq {
+                prompt: Some(prompt),
+                token: None,
+                result: None,
+                gone: false,
+                reserve: reserve.max(len),
+            },
+        );
+        SharedSession {
+            batcher: self,
+            model,
+            id,
+            len,
+            started: false,
+        }
+    }
+
+    /// Every row's sequence has handed in its token (or is gone), and there is something to
+    /// do: a row to step or a request waiting.
+    fn ready(g: &State) -> bool {
+        let all_in = g
+            .rows
+            .iter()
+            .all(|id| g.seqs.get(id).is_none_or(|s| s.gone || s.token.is_some()));
+        let waiting = g
+            .waiting
+            .iter()
+            .any(|id| g.seqs.get(id).is_some_and(|s| s.prompt.is_some()));
+        all_in && (waiting || !g.rows.is_empty())
+    }
+
+    /// Wait for sequence `id`'s next logits, running the batch's step when this thread is the
+    /// last one it was waiting for.
+    fn wait(&self, model: &dyn CausalLm, id: u64) -> Result<Vec<f32>> {
+        let mut g = lock(&self.state);
+        loop {
+            match g.seqs.get_mut(&id) {
+                Some(s) => {
+                    if let Some(r) = s.result.take() {
+                        return r;
+                    }
+                }
+                None => return Err(Error::param("inputs", "the sequence left the batch")),
+            }
+            if !g.busy && Self::ready(&g) {
+                g = self.step(g, model);
+                self.wake.notify_all();
+                continue;
+            }
+            g = self.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// One step of the whole batch (see the module's description); the lock is let go while
+    /// the model runs.
+    fn step<'g>(
+        &'g self,
+        mut g: MutexGuard<'g, State>,
+        model: &dyn CausalLm,
+    ) -> MutexGuard<'g, State> {
+        g.busy = true;
+        // 1. Rows whose request is over leave, and the padding no row needs any more.
+        let keep: Vec<usize> = (0..g.rows.len())
+            .filter(|&r| g.seqs.get(&g.rows[r]).is_some_and(|s| !s.gone))
+            .collect();
+        let mut cache = g.cache.take();
+        let mut mask = std::mem::take(&mut g.mask);
+        let mut rows = std::mem::take(&mut g.rows);
+        for (r, id) in rows.iter().enumerate() {
+            if !keep.contains(&r) {
+                g.seqs.remove(id);
+            }
+        }
+        let mut fail: Option<Error> = None;
+        if keep.len() != rows.len() {
+            rows = keep.iter().map(|&r| rows[r]).collect();
+            mask = keep.iter().map(|&r| std::mem::take(&mut mask[r])).collect();
+            if keep.is_empty() {
+                cache = None;
+            } else if let Some(c) = cache.as_mut() {
+                let idx: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+                if let Err(e) = c.select_rows(&idx) {
+                    fail = Some(e.into());
+                }
+            }
+        }
+        let lead = mask
+            .iter()
+            .map(|m| m.iter().take_while(|&&x| x == 0).count())
+            .min()
+            .unwrap_or(0);
+        if lead > 0 && fail.is_none() {
+            if let Some(c) = cache.as_mut() {
+                match c.drop_front(lead) {
+                    Ok(()) => mask.iter_mut().for_each(|m| {
+                        m.drain(..lead);
+                    }),
+                    Err(e) => fail = Some(e.into()),
+                }
+            }
+        }
+        let tokens: Vec<u32> = rows
+            .iter()
+            .map(|id| g.seqs.get_mut(id).and_then(|s| s.token.take()).unwrap_or(0))
+            .collect();
+        // 3 (chosen now, run after the step): the waiting requests the budget lets in, in
+        // arrival order; with an empty batch the first always goes in.
+        let mut used: usize = rows.iter().map(|id| g.seqs[id].reserve).sum();
+        let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
+        while let Some(&id) = g.waiting.front() {
+            let Some(s) = g.seqs.get_mut(&id) else {
+                g.waiting.pop_front();
+                continue;
+            };
+            if s.gone || s.prompt.is_none() {
+                g.waiting.pop_front();
+                g.seqs.remove(&id);
+                continue;
+            }
+            let alone = rows.is_empty() && admitted.is_empty();
+            if !alone && used + s.reserve > self.max_total_tokens {
+                break;
+            }
+            used += s.reserve;
+            admitted.push((id, s.prompt.take().unwrap_or_default()));
+            g.waiting.pop_front();
+        }
+
+        g.in_flight = rows.len();
+        drop(g);
+
+        // 2. One forward pass over every row; each row's thread gets its logits at once.
+        if !rows.is_empty() {
+            let stepped = match fail {
+                Some(e) => Err(e),
+                None => {
+                    let c = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
+                    guarded(|| decode_step(model, c, &mut mask, &tokens))
+                }
+            };
+            let mut g = lock(&self.state);
+            g.stats.steps += 1;
+            g.stats.rows += rows.len() as u64;
+            g.stats.max_rows = g.stats.max_rows.max(rows.len());
+            match stepped {
+                Ok(logits) => {
+                    for (id, l) in rows.iter().zip(logits) {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Ok(l));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The cache's state is unknown after a failed step: every row fails.
+                    for id in &rows {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Err(shared_error(&e)));
+                            s.gone = true;
+                        }
+                    }
+                    cache = None;
+                    rows.clear();
+                    mask.clear();
+                    g.in_flight = 0;
+                }
+            }
+            drop(g);
+            self.wake.notify_all();
+        }
+
+        // 3. The admitted prompts, a few at a time as one left-padded batch (up to
+        // PREFILL_TOKENS padded tokens); their caches join the batch's, and their threads get
+        // their first logits after each group.
+        let mut groups: Vec<Vec<(u64, Vec<u32>)>> = Vec::new();
+        for a in admitted {
+            let fits = groups.last().is_some_and(|gr| {
+                let longest = gr.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+                longest.max(a.1.len()) * (gr.len() + 1) <= PREFILL_TOKENS
+            });
+            if fits {
+                if let Some(gr) = groups.last_mut() {
+                    gr.push(a);
+                }
+            } else {
+                groups.push(vec![a]);
+            }
+        }
+        for group in groups {
+            let ids: Vec<u64> = group.iter().map(|(id, _)| *id).collect();
+            let prompts: Vec<Vec<u32>> = group.into_iter().map(|(_, p)| p).collect();
+            let r = guarded(|| {
+                let (padded, m) = left_pad(&prompts, 0);
+                let mut session = DecoderSession::new(model, padded, m)?;
+                let logits = session.step(None)?;
+                let (c, m) = session.into_parts();
+                let base = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
+                base.append_rows(c)?;
+                Ok((logits, m))
+            });
+            let mut g = lock(&self.state);
+            g.stats.prefills += ids.len() as u64;
+            match r {
+                Ok((logits, m)) => {
+                    rows.extend(&ids);
+                    mask.extend(m);
+                    let len = mask.iter().map(Vec::len).max().unwrap_or(0);
+                    for m in mask.iter_mut() {
+                        if m.len() < len {
+                            let mut padded = vec![0u8; len - m.len()];
+                            padded.append(m);
+                            *m = padded;
+                        }
+                    }
+                    g.in_flight = rows.len();
+                    for (id, l) in ids.iter().zip(logits) {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Ok(l));
+                        }
+                    }
+                }
+                Err(e) => {
+                    for id in &ids {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Err(shared_error(&e)));
+                            s.gone = true;
+                        }
+                    }
+                }
+            }
+            drop(g);
+            self.wake.notify_all();
+        }
+
+        let mut g = lock(&self.state);
+        // Requests that ended while the step ran and have nothing left to collect.
+        g.seqs
+            .retain(|id, s| !(s.gone && s.result.is_none() && !rows.contains(id)));
+        g.cache = cache;
+        g.mask = mask;
+        g.rows = rows;
+        g.in_flight = 0;
+        g.busy = false;
+        g
+    }
+}
+
+/// Most padded prompt tokens one prefill batch holds.
+const PREFILL_TOKENS: usize = 512;
+
+/// Run `f`, turning a panic into an error so that the batch's other threads are not left
+/// waiting forever.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(Error::Tensor(candle_core::Error::Msg(format!(
+            "the model failed: {what}"
+        ))))
+    })
+}
+
+/// One new token per row: masks grow by one, positions count each row's own tokens.
+fn decode_step(
+    model: &dyn CausalLm,
+    cache: &mut KvCache,
+    mask: &mut [Vec<u8>],
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    let b = tokens.len();
+    let dev = model.device();
+    let mut pos = Vec::with_capacity(b);
+    for m in mask.iter_mut() {
+        m.push(1);
+        pos.push(m.iter().map(|&x| x as u32).sum::<u32>() - 1);
+    }
+    let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), dev)?;
+    let pos = Tensor::from_vec(pos, (b, 1), dev)?;
+    let bias = causal_bias(mask, 1, dev)?;
+    let logits = model.forward(&ids, &pos, &bias, cache, true)?;
+    Ok(logits.squeeze(1)?.to_vec2()?)
+}
+
+/// One request's view of the shared batch: a [`StepModel`] with one row.
+pub struct SharedSession<'a> {
+    batcher: &'a Batcher,
+    model: &'a dyn CausalLm,
+    id: u64,
+    /// Tokens of the sequence so far (prompt and generated).
+    len: usize,
+    started: bool,
+}
+
+impl StepModel for SharedSession<'_> {
+    fn step(&mut self, new_tokens: Option<&[u32]>) -> Result<Vec<Vec<f32>>> {
+        {
+            let mut g = lock(&self.batcher.state);
+            match new_tokens {
+                None => {
+                    if self.started {
+                        return Err(Error::param("inputs", "the prompt was already run"));
+                    }
+                    self.started = true;
+                    g.waiting.push_back(self.id);
+                }
+                Some(t) => {
+                    if !self.started || t.len() != 1 {
+                        return Err(Error::param(
+                            "inputs",
+                            "a shared batch takes one new token per request, after its prompt",
+                        ));
+                    }
+                    if self.model.hard_position_limit() {
+                        let limit = self.model.max_positions().unwrap_or(usize::MAX);
+                        if self.len >= limit {
+                            return Err(Error::param(
+                                "max_new_tokens",
+                                format!(
+                                    "generation would run past the model's {limit} positions; \
+                                     lower max_new_tokens or shorten the prompt"
+                                ),
+                            ));
+                        }
+                    }
+                    if let Some(s) = g.seqs.get_mut(&self.id) {
+                        s.token = Some(t[0]);
+                    }
+                    self.len += 1;
+                }
+            }
+        }
+        self.batcher.wake.notify_all();
+        Ok(vec![self.batcher.wait(self.model, self.id)?])
+    }
+
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows == [0] {
+            return Ok(());
+        }
+        Err(Error::param(
+            "num_return_sequences",
+            "a shared batch runs one sequence per request",
+        ))
+    }
+}
+
+impl Drop for SharedSession<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.batcher.state);
+        let in_batch = g.rows.contains(&self.id);
+        if let Some(s) = g.seqs.get_mut(&self.id) {
+            s.gone = true;
+            s.result = None;
+        }
+        if !g.busy {
+            if !in_batch {
+                g.seqs.remove(&self.id);
+                g.waiting.retain(|&id| id != self.id);
+            }
+            // The last request out frees the batch's memory now, not at the next request.
+            let all_gone = g
+                .rows
+                .iter()
+                .all(|id| g.seqs.get(id).is_none_or(|s| s.gone));
+            if all_gone && g.waiting.is_empty() {
+                let rows = std::mem::take(&mut g.rows);
+                for id in rows {
+                    g.seqs.remove(&id);
+                }
+                g.cache = None;
+                g.mask.clear();
+            }
+        }
+        drop(g);
+        // The rows left may all be waiting for this one.
+        self.batcher.wake.notify_all();
+    }
+}

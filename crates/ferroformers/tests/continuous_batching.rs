@@ -1,0 +1,178 @@
+//! Continuous batching (`generation::continuous`): requests generating at the same time on
+//! their own threads share one batched step per token, join while others run and leave when
+//! done, and each gets the tokens it would have got alone (greedy and seeded sampling, its own
+//! parameters), on the decoder fixtures of both KV cache kinds (GPT-2's tensors, the Llama
+//! family's CPU buffers).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use ferroformers::generation::{Batcher, GenerationConfig, Hooks, TextGenerator};
+
+fn load(name: &str) -> TextGenerator {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders/models")
+        .join(name);
+    TextGenerator::load(
+        &p.to_string_lossy(),
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+        None,
+    )
+    .unwrap()
+}
+
+/// Request `i`'s parameters: its own length limit, sampling for the odd ones (own seed).
+fn cfg(g: &TextGenerator, i: usize) -> GenerationConfig {
+    let mut c = g.generation_config.clone();
+    c.eos_token_id.clear();
+    c.max_new_tokens = Some([6, 14, 9, 17, 4][i % 5]);
+    c.do_sample = i % 2 == 1;
+    c.seed = Some(100 + i as u64);
+    c.temperature = 0.8;
+    c.top_k = Some(20);
+    c.repetition_penalty = if i == 2 { 1.3 } else { 1.0 };
+    c
+}
+
+const PROMPTS: &[&str] = &[
+    "Hello there",
+    "The quick brown fox jumps over the lazy dog and then",
+    "A",
+    "Once upon a time, in a land far away, there lived",
+    "Numbers: 1 2 3",
+];
+
+#[test]
+fn concurrent_requests_share_steps_and_get_their_solo_tokens() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let mut g = load(name);
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| g.encode(t, true).unwrap()).collect();
+        let solo: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                g.generate_one(p, &cfg(&g, i), &mut Hooks::default())
+                    .unwrap()
+                    .sequences[0][0]
+                    .clone()
+            })
+            .collect();
+        g.batcher = Some(Batcher::new(100_000));
+        let n = prompts.len();
+        let g = &g;
+        let batched: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    s.spawn(move || {
+                        let mut first = true;
+                        // After its first token, a request waits until every request has
+                        // arrived, so the batch is known to hold them all at once.
+                        let mut on_token = |_: usize, _: u32, _: f32| {
+                            if std::mem::take(&mut first) {
+                                let t = Instant::now();
+                                while t.elapsed() < Duration::from_secs(20) {
+                                    let st = g.batcher.as_ref().unwrap().stats();
+                                    if st.running + st.waiting >= n {
+                                        break;
+                                    }
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                            }
+                        };
+                        let mut hooks = Hooks {
+                            on_token: Some(&mut on_token),
+                            ..Hooks::default()
+                        };
+                        g.generate_one(p, &cfg(g, i), &mut hooks).unwrap().sequences[0][0].clone()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            batched, solo,
+            "{name}: batched tokens differ from solo ones"
+        );
+        let st = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(st.prefills, n as u64, "{name}: {st:?}");
+        assert_eq!(st.max_rows, n, "{name}: all requests in one step: {st:?}");
+        assert_eq!(
+            (st.running, st.waiting),
+            (0, 0),
+            "{name}: batch left empty: {st:?}"
+        );
+        let longest = (0..n)
+            .map(|i| cfg(g, i).max_new_tokens.unwrap())
+            .max()
+            .unwrap();
+        assert!(
+            st.steps
+                < (0..n)
+                    .map(|i| cfg(g, i).max_new_tokens.unwrap() as u64)
+                    .sum::<u64>()
+                && st.steps >= longest as u64 - 1,
+            "{name}: steps were shared: {st:?}"
+        );
+    }
+}
+
+/// A request that stops early (its reader has gone) leaves the batch at the next step and the
+/// others carry on to their own ends; a budget that fits one sequence at a time runs them one
+/// after another, with the same tokens.
+#[test]
+fn cancelled_requests_leave_and_the_budget_queues_the_rest() {
+    let mut g = load("llama");
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| g.encode(t, true).unwrap()).collect();
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            g.generate_one(p, &cfg(&g, i), &mut Hooks::default())
+                .unwrap()
+                .sequences[0][0]
+                .clone()
+        })
+        .collect();
+    // Every sequence alone is over the budget: each runs by itself, the others queue.
+    g.batcher = Some(Batcher::new(1));
+    let g = &g;
+    let out: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                s.spawn(move || {
+                    let count = std::cell::Cell::new(0);
+                    let mut on_token = |_: usize, _: u32, _: f32| count.set(count.get() + 1);
+                    let stop = || i == 3 && count.get() >= 2;
+                    let mut hooks = Hooks {
+                        on_token: Some(&mut on_token),
+                        stop: Some(&stop),
+                        ..Hooks::default()
+                    };
+                    g.generate_one(p, &cfg(g, i), &mut hooks).unwrap().sequences[0][0].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (got, want)) in out.iter().zip(&solo).enumerate() {
+        if i == 3 {
+            assert_eq!(got[..], want[..2], "the cancelled request's first tokens");
+        } else {
+            assert_eq!(got, want, "request {i}");
+        }
+    }
+    let st = g.batcher.as_ref().unwrap().stats();
+    assert_eq!(
+        st.max_rows, 1,
+        "the budget held one sequence at a time: {st:?}"
+    );
+    assert_eq!((st.running, st.waiting), (0, 0), "{st:?}");
+}
