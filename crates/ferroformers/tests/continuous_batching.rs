@@ -176,3 +176,59 @@ fn cancelled_requests_leave_and_the_budget_queues_the_rest() {
     );
     assert_eq!((st.running, st.waiting), (0, 0), "{st:?}");
 }
+
+/// A finished sequence's keys and values serve later prompts that start the same way: the
+/// next turn (its prompt and answer, then more), the same prompt again, a shared opening. The
+/// tokens equal those generated from scratch.
+#[test]
+fn later_prompts_reuse_a_finished_sequences_prefix() {
+    for name in ["gpt2", "llama", "qwen2"] {
+        let mut g = load(name);
+        let first = g
+            .encode(
+                "The history of the lighthouse keepers on the northern coast",
+                true,
+            )
+            .unwrap();
+        let mut c = g.generation_config.clone();
+        c.eos_token_id.clear();
+        c.max_new_tokens = Some(10);
+        let solo = |g: &TextGenerator, p: &[u32]| {
+            g.generate_one(p, &c, &mut Hooks::default())
+                .unwrap()
+                .sequences[0][0]
+                .clone()
+        };
+        let answer = solo(&g, &first);
+        // The next turn: the first prompt, its answer, then a new question.
+        let mut next = first.clone();
+        next.extend_from_slice(&answer);
+        next.extend(g.encode(" and what came after?", false).unwrap());
+        let mut opening = first[..first.len() - 2].to_vec();
+        opening.extend(g.encode(" of something else", false).unwrap());
+        let prompts = [next.clone(), first.clone(), opening];
+        let want: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&g, p)).collect();
+
+        g.batcher = Some(Batcher::new(100_000));
+        assert_eq!(solo(&g, &first), answer, "{name}: first request");
+        let mut reused = 0;
+        for (p, w) in prompts.iter().zip(&want) {
+            assert_eq!(&solo(&g, p), w, "{name}: tokens after reusing a prefix");
+            let st = g.batcher.as_ref().unwrap().stats();
+            assert!(
+                st.prefix_tokens > reused,
+                "{name}: no prefix reused: {st:?}"
+            );
+            reused = st.prefix_tokens;
+        }
+        let st = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(st.prefix_hits, 3, "{name}: {st:?}");
+        // The next turn reused the first prompt and all of its answer but the last token
+        // (never fed back).
+        let first_hit = (first.len() + answer.len() - 1) as u64;
+        assert!(
+            st.prefix_tokens >= first_hit + first.len() as u64 - 1,
+            "{name}: {st:?}"
+        );
+    }
+}

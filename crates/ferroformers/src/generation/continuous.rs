@@ -17,6 +17,11 @@
 //!    run a few at a time as left-padded batches, and each batch's KV cache joins the running
 //!    one (right-aligned, left-padded).
 //!
+//! A sequence that leaves keeps its keys and values for a while (the newest, up to 8192 tokens
+//! in all): a later prompt that starts with the same tokens (a shared system prompt, the next
+//! turn of the same chat, the same request again) copies them and runs only the rest, as
+//! llama.cpp's server and vLLM's prefix caching do.
+//!
 //! Every thread gets its row of logits as soon as the pass that made it is over (the running
 //! rows' after step 2, each new prompt's after its group in step 3), and goes on.
 //!
@@ -54,6 +59,10 @@ pub struct BatchStats {
     /// Sequences in the batch now, and waiting to join it.
     pub running: usize,
     pub waiting: usize,
+    /// Prompts that started from a finished sequence's keys and values, and the prompt tokens
+    /// that did not run again thanks to it.
+    pub prefix_hits: u64,
+    pub prefix_tokens: u64,
 }
 
 #[derive(Default)]
@@ -71,6 +80,7 @@ struct State {
     in_flight: usize,
     next_id: u64,
     stats: BatchStats,
+    prefixes: Vec<Prefix>,
 }
 
 struct Seq {
@@ -84,6 +94,65 @@ struct Seq {
     gone: bool,
     /// Prompt plus the most tokens it may generate (its share of the budget).
     reserve: usize,
+    /// The tokens whose keys and values its row holds (prompt, then each stepped token).
+    fed: Vec<u32>,
+}
+
+/// A finished sequence's tokens and its keys and values (one row), for later prompts that
+/// start with the same tokens (a shared system prompt, the next turn of a chat).
+struct Prefix {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
+/// Shortest shared start worth reusing, and the most tokens the kept prefixes hold together.
+const MIN_PREFIX: usize = 8;
+const PREFIX_TOKENS: usize = 8192;
+
+/// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
+/// extends and the oldest beyond [`PREFIX_TOKENS`].
+fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
+    let lead = m.iter().take_while(|&&x| x == 0).count();
+    let ones = m.iter().filter(|&&x| x != 0).count();
+    if fed.len() < MIN_PREFIX || ones != fed.len() || lead + ones != m.len() {
+        return;
+    }
+    let Ok(c) = cache.extract_row(r, lead) else {
+        return;
+    };
+    prefixes.retain(|p| !fed.starts_with(&p.tokens));
+    prefixes.insert(
+        0,
+        Prefix {
+            tokens: fed,
+            cache: c,
+        },
+    );
+    let mut total = 0;
+    prefixes.retain(|p| {
+        total += p.tokens.len();
+        total <= PREFIX_TOKENS
+    });
+}
+
+/// The kept prefix sharing the longest start with `prompt` (at least [`MIN_PREFIX`] tokens,
+/// and one token short of the whole prompt, which must run to give logits): its index and the
+/// shared length.
+fn best_prefix(prefixes: &[Prefix], prompt: &[u32]) -> Option<(usize, usize)> {
+    prefixes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = p
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (i, n.min(prompt.len().saturating_sub(1)))
+        })
+        .filter(|&(_, n)| n >= MIN_PREFIX)
+        .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -138,6 +207,7 @@ impl Batcher {
                 result: None,
                 gone: false,
                 reserve: reserve.max(len),
+                fed: Vec::new(),
             },
         );
         SharedSession {
@@ -202,7 +272,9 @@ impl Batcher {
         let mut rows = std::mem::take(&mut g.rows);
         for (r, id) in rows.iter().enumerate() {
             if !keep.contains(&r) {
-                g.seqs.remove(id);
+                if let (Some(s), Some(c)) = (g.seqs.remove(id), cache.as_ref()) {
+                    retire(&mut g.prefixes, c, r, &mask[r], s.fed);
+                }
             }
         }
         let mut fail: Option<Error> = None;
@@ -235,7 +307,13 @@ impl Batcher {
         }
         let tokens: Vec<u32> = rows
             .iter()
-            .map(|id| g.seqs.get_mut(id).and_then(|s| s.token.take()).unwrap_or(0))
+            .map(|id| {
+                g.seqs.get_mut(id).map_or(0, |s| {
+                    let t = s.token.take().unwrap_or(0);
+                    s.fed.push(t);
+                    t
+                })
+            })
             .collect();
         // 3 (chosen now, run after the step): the waiting requests the budget lets in, in
         // arrival order; with an empty batch the first always goes in.
@@ -256,8 +334,30 @@ impl Batcher {
                 break;
             }
             used += s.reserve;
-            admitted.push((id, s.prompt.take().unwrap_or_default()));
+            let prompt = s.prompt.take().unwrap_or_default();
+            s.fed = prompt.clone();
+            admitted.push((id, prompt));
             g.waiting.pop_front();
+        }
+        // Prompts that start like a finished sequence continue from a copy of its cache.
+        let mut continued: Vec<(u64, Vec<u32>, KvCache)> = Vec::new();
+        let mut fresh: Vec<(u64, Vec<u32>)> = Vec::new();
+        for (id, prompt) in admitted {
+            match best_prefix(&g.prefixes, &prompt) {
+                Some((i, n)) => {
+                    let p = g.prefixes.remove(i);
+                    let mut c = p.cache.clone();
+                    g.prefixes.insert(0, p);
+                    if c.truncate(n).is_ok() {
+                        g.stats.prefix_hits += 1;
+                        g.stats.prefix_tokens += n as u64;
+                        continued.push((id, prompt, c));
+                    } else {
+                        fresh.push((id, prompt));
+                    }
+                }
+                None => fresh.push((id, prompt)),
+            }
         }
 
         g.in_flight = rows.len();
@@ -306,7 +406,7 @@ impl Batcher {
         // PREFILL_TOKENS padded tokens); their caches join the batch's, and their threads get
         // their first logits after each group.
         let mut groups: Vec<Vec<(u64, Vec<u32>)>> = Vec::new();
-        for a in admitted {
+        for a in fresh {
             let fits = groups.last().is_some_and(|gr| {
                 let longest = gr.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
                 longest.max(a.1.len()) * (gr.len() + 1) <= PREFILL_TOKENS
@@ -319,14 +419,25 @@ impl Batcher {
                 groups.push(vec![a]);
             }
         }
-        for group in groups {
-            let ids: Vec<u64> = group.iter().map(|(id, _)| *id).collect();
-            let prompts: Vec<Vec<u32>> = group.into_iter().map(|(_, p)| p).collect();
+        let jobs = continued
+            .into_iter()
+            .map(|(id, p, c)| (vec![id], vec![p], Some(c)))
+            .chain(groups.into_iter().map(|gr| {
+                let (ids, prompts) = gr.into_iter().unzip();
+                (ids, prompts, None)
+            }));
+        for (ids, prompts, start) in jobs {
             let r = guarded(|| {
-                let (padded, m) = left_pad(&prompts, 0);
-                let mut session = DecoderSession::new(model, padded, m)?;
-                let logits = session.step(None)?;
-                let (c, m) = session.into_parts();
+                let (logits, c, m) = match start {
+                    Some(c) => continue_prompt(model, c, &prompts[0])?,
+                    None => {
+                        let (padded, m) = left_pad(&prompts, 0);
+                        let mut session = DecoderSession::new(model, padded, m)?;
+                        let logits = session.step(None)?;
+                        let (c, m) = session.into_parts();
+                        (logits, c, m)
+                    }
+                };
                 let base = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
                 base.append_rows(c)?;
                 Ok((logits, m))
@@ -417,6 +528,28 @@ fn decode_step(
     Ok(logits.squeeze(1)?.to_vec2()?)
 }
 
+/// A prompt pass's last logits per row, its cache and its rows' masks.
+type Prefilled = (Vec<Vec<f32>>, KvCache, Vec<Vec<u8>>);
+
+/// The rest of `prompt` after the `cache`'s positions (a one-row cache of its first tokens):
+/// its last logits, the grown cache and its mask.
+fn continue_prompt(
+    model: &dyn CausalLm,
+    mut cache: KvCache,
+    prompt: &[u32],
+) -> Result<Prefilled> {
+    let past = cache.seq_len();
+    let rest = &prompt[past..];
+    let (n, total) = (rest.len(), prompt.len());
+    let dev = model.device();
+    let ids = Tensor::from_vec(rest.to_vec(), (1, n), dev)?;
+    let pos = Tensor::from_vec((past as u32..total as u32).collect::<Vec<_>>(), (1, n), dev)?;
+    let mask = vec![vec![1u8; total]];
+    let bias = causal_bias(&mask, n, dev)?;
+    let logits = model.forward(&ids, &pos, &bias, &mut cache, true)?;
+    Ok((logits.squeeze(1)?.to_vec2()?, cache, mask))
+}
+
 /// One request's view of the shared batch: a [`StepModel`] with one row.
 pub struct SharedSession<'a> {
     batcher: &'a Batcher,
@@ -500,11 +633,13 @@ impl Drop for SharedSession<'_> {
                 .all(|id| g.seqs.get(id).is_none_or(|s| s.gone));
             if all_gone && g.waiting.is_empty() {
                 let rows = std::mem::take(&mut g.rows);
-                for id in rows {
-                    g.seqs.remove(&id);
+                let cache = g.cache.take();
+                let mask = std::mem::take(&mut g.mask);
+                for (r, id) in rows.into_iter().enumerate() {
+                    if let (Some(s), Some(c)) = (g.seqs.remove(&id), cache.as_ref()) {
+                        retire(&mut g.prefixes, c, r, &mask[r], s.fed);
+                    }
                 }
-                g.cache = None;
-                g.mask.clear();
             }
         }
         drop(g);

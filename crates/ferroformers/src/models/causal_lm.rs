@@ -127,6 +127,42 @@ impl KvCache {
         Ok(())
     }
 
+    /// Row `r`'s positions `from..` as a cache of its own (one row): a finished sequence's
+    /// keys and values, kept for a later prompt that starts the same way.
+    pub fn extract_row(&self, r: usize, from: usize) -> Result<KvCache> {
+        let cpu = self.cpu.iter().map(|b| b.extract_row(r, from)).collect();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                None => None,
+                Some((k, v)) => {
+                    let s = k.dim(2)?;
+                    let from = from.min(s);
+                    let take = |t: &Tensor| -> Result<Tensor> {
+                        t.narrow(0, r, 1)?.narrow(2, from, s - from)?.contiguous()
+                    };
+                    Some((take(k)?, take(v)?))
+                }
+            });
+        }
+        Ok(KvCache { layers, cpu })
+    }
+
+    /// Keep only the first `n` positions of every row.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        for b in &mut self.cpu {
+            b.truncate(n);
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let s = k.dim(2)?;
+            if n < s {
+                *k = k.narrow(2, 0, n)?.contiguous()?;
+                *v = v.narrow(2, 0, n)?.contiguous()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forget the first `n` positions of every row (padding no remaining row needs).
     pub fn drop_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {

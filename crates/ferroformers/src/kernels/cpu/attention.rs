@@ -160,6 +160,36 @@ impl KvBuffer {
         Ok(())
     }
 
+    /// Row `r`'s positions `from..len` as a buffer of its own (one row).
+    pub fn extract_row(&self, r: usize, from: usize) -> KvBuffer {
+        let (d, heads) = (self.dim, self.heads);
+        let len = self.len.saturating_sub(from);
+        let cap = len + 16;
+        let mut k = vec![0f32; heads * cap * d];
+        let mut v = vec![0f32; heads * cap * d];
+        if r < self.rows {
+            for h in 0..heads {
+                let at = ((r * heads + h) * self.cap + from) * d;
+                k[h * cap * d..h * cap * d + len * d].copy_from_slice(&self.k[at..at + len * d]);
+                v[h * cap * d..h * cap * d + len * d].copy_from_slice(&self.v[at..at + len * d]);
+            }
+        }
+        KvBuffer {
+            rows: 1,
+            heads,
+            dim: d,
+            cap,
+            len,
+            k,
+            v,
+        }
+    }
+
+    /// Keep only the first `n` positions.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
     /// Forget the first `n` positions of every row (left padding that no row needs any more).
     pub fn drop_front(&mut self, n: usize) {
         let n = n.min(self.len);
