@@ -20,23 +20,28 @@ pub(crate) async fn generate_blocking(
     input: Input,
     params: Params,
 ) -> Result<(Output, ferroformers::pipelines::text_generation::Usage), ApiError> {
-    generate_with_tokens(state, index, input, params)
+    generate_with_tokens(state, index, input, params, 0)
         .await
         .map(|(o, u, _)| (o, u))
 }
 
+/// A generated token's text, log-probability and its `top` most likely alternatives (text,
+/// log-probability).
+pub(crate) type TokenLog = (String, f32, Vec<(String, f32)>);
+
 /// [`generate_blocking`], also returning each token's text and log-probability (OpenAI's
-/// `logprobs`).
+/// `logprobs`), with its `top` most likely alternatives (`top_logprobs`).
 pub(crate) async fn generate_with_tokens(
     state: &Arc<AppState>,
     index: usize,
     input: Input,
     params: Params,
+    top: usize,
 ) -> Result<
     (
         Output,
         ferroformers::pipelines::text_generation::Usage,
-        Vec<(String, f32)>,
+        Vec<TokenLog>,
     ),
     ApiError,
 > {
@@ -46,17 +51,18 @@ pub(crate) async fn generate_with_tokens(
     let st = state.clone();
     let mut clock = TokenClock::new();
     tokio::task::spawn_blocking(move || {
-        let mut tokens: Vec<(String, f32)> = Vec::new();
+        let mut tokens: Vec<TokenLog> = Vec::new();
         let out = st.models[index]
             .pipe
-            .run_streaming(&input, &params, &mut |t| {
+            .run_streaming_top(&input, &params, top, &mut |t| {
                 if t.tail {
                     if let Some(last) = tokens.last_mut() {
                         last.0.push_str(t.text);
                     }
                 } else {
                     clock.token();
-                    tokens.push((t.text.to_string(), t.logprob));
+                    let alt = t.top.iter().map(|(_, s, l)| (s.clone(), *l)).collect();
+                    tokens.push((t.text.to_string(), t.logprob, alt));
                 }
                 alive.load(SeqCst)
             });

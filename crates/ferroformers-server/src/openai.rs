@@ -3,10 +3,13 @@
 
 use super::*;
 
-/// OpenAI's `logprobs.content` entry for one token (no alternatives: `top_logprobs` is not
-/// supported).
-pub(crate) fn logprob_entry(text: &str, logprob: f32) -> Value {
-    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": []})
+/// OpenAI's `logprobs.content` entry for one token, with its `top_logprobs` alternatives.
+pub(crate) fn logprob_entry(text: &str, logprob: f32, top: &[(String, f32)]) -> Value {
+    let top: Vec<Value> = top
+        .iter()
+        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+        .collect();
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top})
 }
 
 /// OpenAI `/v1/embeddings`: `{input, model, encoding_format}`.
@@ -242,10 +245,22 @@ pub(crate) async fn openai_generate(
             ))
         }
     };
-    if v.get("top_logprobs")
-        .is_some_and(|t| !t.is_null() && t != &json!(0))
-    {
-        return Err(ApiError::validation("`top_logprobs` is not supported"));
+    // `top_logprobs`: 0..=20 alternatives per token, with `logprobs: true` (as OpenAI).
+    let top = match v.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(t) => match t.as_u64() {
+            Some(n) if n <= 20 => n as usize,
+            _ => {
+                return Err(ApiError::validation(
+                    "`top_logprobs` must be an integer from 0 to 20",
+                ))
+            }
+        },
+    };
+    if top > 0 && !logprobs {
+        return Err(ApiError::validation(
+            "`top_logprobs` needs `logprobs: true`",
+        ));
     }
     let include_usage = v
         .pointer("/stream_options/include_usage")
@@ -272,10 +287,13 @@ pub(crate) async fn openai_generate(
         }
     };
     if !stream {
-        let (out, usage, tokens) = generate_with_tokens(&state, index, input, params).await?;
+        let (out, usage, tokens) = generate_with_tokens(&state, index, input, params, top).await?;
         let text = generated_text(&out);
         let lp = if logprobs {
-            let content: Vec<Value> = tokens.iter().map(|(t, l)| logprob_entry(t, *l)).collect();
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|(t, l, alt)| logprob_entry(t, *l, alt))
+                .collect();
             json!({"content": content})
         } else {
             Value::Null
@@ -316,7 +334,7 @@ pub(crate) async fn openai_generate(
         let mut gone = false;
         let result = st.models[index]
             .pipe
-            .run_streaming(&input, &params, &mut |t| {
+            .run_streaming_top(&input, &params, top, &mut |t| {
                 if !t.tail {
                     clock.token();
                 }
@@ -325,7 +343,9 @@ pub(crate) async fn openai_generate(
                 }
                 let delta = t.text;
                 let lp = if logprobs && !t.tail {
-                    json!({"content": [logprob_entry(delta, t.logprob)]})
+                    let alt: Vec<(String, f32)> =
+                        t.top.iter().map(|(_, s, l)| (s.clone(), *l)).collect();
+                    json!({"content": [logprob_entry(delta, t.logprob, &alt)]})
                 } else {
                     Value::Null
                 };

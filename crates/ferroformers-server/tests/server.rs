@@ -303,6 +303,70 @@ fn generation_routes_match_the_pipeline() {
         .iter()
         .all(|e| e["logprob"].as_f64().unwrap() <= 0.0));
 
+    // `top_logprobs: 3`: three alternatives per token, most likely first; greedy picks the
+    // first, with the same log-probability. Streamed, the same entries come one per chunk.
+    let body = json!({"messages": messages, "max_tokens": 8, "temperature": 0,
+                      "logprobs": true, "top_logprobs": 3});
+    let (status, got) = post_json(&format!("{base}/v1/chat/completions"), body.clone());
+    assert_eq!(status, 200, "{got}");
+    let with_top = got["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(with_top.len(), 8);
+    for (e, plain) in with_top.iter().zip(entries) {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{e}");
+        assert!(
+            (lps[0] - e["logprob"].as_f64().unwrap()).abs() < 1e-6,
+            "{e}"
+        );
+        assert_eq!(e["logprob"], plain["logprob"]);
+        assert!(lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-6);
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let raw = ureq::post(&format!("{base}/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string(&streamed.to_string())
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let streamed_entries: Vec<Value> = raw
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    // (A token's text can differ: text held back until the end comes as its own chunk when
+    // streamed, appended to the last token when whole.)
+    let alternatives = |v: &[Value]| -> Vec<(Value, Value)> {
+        v.iter()
+            .map(|e| (e["logprob"].clone(), e["top_logprobs"].clone()))
+            .collect()
+    };
+    assert_eq!(alternatives(&streamed_entries), alternatives(&with_top));
+    for bad in [
+        json!({"top_logprobs": 21, "logprobs": true}),
+        json!({"top_logprobs": 2}),
+    ] {
+        let mut b = json!({"messages": messages, "max_tokens": 2});
+        b.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, err) = post_json(&format!("{base}/v1/chat/completions"), b);
+        assert_eq!(status, 422, "{err}");
+        assert!(err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("top_logprobs"));
+    }
+
     // Streamed: `data: <json>\n\n` events, a role chunk first, deltas that add up to the same
     // text, a finish reason, the usage chunk asked for, then `[DONE]`.
     let resp = ureq::post(&format!("{base}/v1/chat/completions"))

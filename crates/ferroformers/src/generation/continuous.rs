@@ -533,11 +533,7 @@ type Prefilled = (Vec<Vec<f32>>, KvCache, Vec<Vec<u8>>);
 
 /// The rest of `prompt` after the `cache`'s positions (a one-row cache of its first tokens):
 /// its last logits, the grown cache and its mask.
-fn continue_prompt(
-    model: &dyn CausalLm,
-    mut cache: KvCache,
-    prompt: &[u32],
-) -> Result<Prefilled> {
+fn continue_prompt(model: &dyn CausalLm, mut cache: KvCache, prompt: &[u32]) -> Result<Prefilled> {
     let past = cache.seq_len();
     let rest = &prompt[past..];
     let (n, total) = (rest.len(), prompt.len());

@@ -16,6 +16,9 @@ pub trait StepModel {
     fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
 }
 
+/// `(input index, the most likely tokens with their log-probabilities)`.
+pub type TopHook<'a> = &'a mut dyn FnMut(usize, Vec<(u32, f32)>);
+
 /// Token ids -> text (for stop strings).
 pub type DecodeFn<'a> = &'a dyn Fn(&[u32]) -> String;
 
@@ -32,6 +35,12 @@ pub struct Hooks<'a> {
     /// Asked after every step of greedy search or sampling: `true` ends the generation there
     /// (a server's client has gone).
     pub stop: Option<&'a dyn Fn() -> bool>,
+    /// How many alternatives `on_top` gets per token (OpenAI's `top_logprobs`, TGI's
+    /// `top_n_tokens`); 0: none.
+    pub top_logprobs: usize,
+    /// Called just before `on_token` (same rows) with the `top_logprobs` most likely tokens of
+    /// the distribution the token was chosen from, `(token, log-probability)`, best first.
+    pub on_top: Option<TopHook<'a>>,
 }
 
 /// Per input, its returned sequences (new tokens only, an eos kept at the end), best first for
@@ -97,6 +106,37 @@ fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
     ((scores[tok as usize] - max) as f64 - sum.ln()) as f32
 }
 
+/// The `n` most likely tokens of `softmax(scores)` with their log-probabilities, best first
+/// (ties: lower id first); tokens masked to -inf are left out.
+pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() || n == 0 {
+        return Vec::new();
+    }
+    let lse = (scores
+        .iter()
+        .map(|&s| ((s - max) as f64).exp())
+        .sum::<f64>())
+    .ln();
+    let mut idx: Vec<u32> = (0..scores.len() as u32)
+        .filter(|&i| scores[i as usize] > f32::NEG_INFINITY)
+        .collect();
+    let by = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    let n = n.min(idx.len());
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n, by);
+        idx.truncate(n);
+    }
+    idx.sort_by(by);
+    idx.into_iter()
+        .map(|i| (i, ((scores[i as usize] - max) as f64 - lse) as f32))
+        .collect()
+}
+
 fn hits_stop_string(cfg: &GenerationConfig, hooks: &Hooks, new: &[u32]) -> bool {
     let Some(decode) = hooks.decode else {
         return false;
@@ -152,6 +192,11 @@ fn greedy_or_sample(
                 argmax(scores)
             };
             rows[r].push(tok);
+            if n_ret == 1 && hooks.top_logprobs > 0 {
+                if let Some(f) = hooks.on_top.as_deref_mut() {
+                    f(r, top_logprobs(scores, hooks.top_logprobs));
+                }
+            }
             if n_ret == 1 {
                 if let Some(f) = hooks.on_token.as_deref_mut() {
                     f(r, tok, log_softmax_at(scores, tok));
@@ -358,4 +403,26 @@ fn beam_search(
         sequences,
         scores: Some(scores),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The best tokens by score (ties to the lower id), masked ones left out, log-probabilities
+    /// of the full softmax.
+    #[test]
+    fn top_logprobs_are_the_best_tokens_of_the_softmax() {
+        let scores = [1.0, 3.0, 2.0, f32::NEG_INFINITY, 3.0];
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln();
+        let got = top_logprobs(&scores, 3);
+        let ids: Vec<u32> = got.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 4, 2]);
+        for (id, lp) in got {
+            assert!((lp as f64 - (scores[id as usize] as f64 - lse)).abs() < 1e-6);
+        }
+        assert_eq!(top_logprobs(&scores, 10).len(), 4);
+        assert!(top_logprobs(&[f32::NEG_INFINITY; 3], 2).is_empty());
+        assert!(top_logprobs(&scores, 0).is_empty());
+    }
 }

@@ -266,6 +266,7 @@ pub(crate) trait Task: Send + Sync {
         &self,
         _input: &Input,
         _params: &Params,
+        _top_logprobs: usize,
         _on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         Err(Error::param(
@@ -354,7 +355,20 @@ impl Pipeline {
         params: &Params,
         on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
-        self.inner.run_streaming(input, params, on_token)
+        self.inner.run_streaming(input, params, 0, on_token)
+    }
+
+    /// [`Pipeline::run_streaming`] with each token's `top_logprobs` most likely alternatives
+    /// (OpenAI's `top_logprobs`, TGI's `top_n_tokens`) in its event.
+    pub fn run_streaming_top(
+        &self,
+        input: &Input,
+        params: &Params,
+        top_logprobs: usize,
+        on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
+    ) -> Result<(Output, text_generation::Usage)> {
+        self.inner
+            .run_streaming(input, params, top_logprobs, on_token)
     }
 
     /// Run on one text with default parameters.

@@ -331,9 +331,8 @@ impl Task for Text2Text {
         let mut outs = Vec::with_capacity(inputs.len());
         let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
-                stop: None,
-                on_token: None,
                 decode: Some(&decode_hook),
+                ..Hooks::default()
             };
             generate_seq2seq(
                 self.model.as_ref(),

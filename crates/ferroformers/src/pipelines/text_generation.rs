@@ -46,6 +46,9 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
     /// Not a new token: the text the last token held back, flushed at the end.
     pub tail: bool,
+    /// The most likely tokens of the same step (asked for with `top_logprobs`), best first:
+    /// id, the token alone decoded, log-probability.
+    pub top: &'a [(u32, String, f32)],
 }
 
 /// Token counts of one streamed generation (a server's `usage` and `finish_reason`).
@@ -282,6 +285,18 @@ impl TextGeneration {
         params: &Params,
         on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
+        self.stream_tokens_top(input, params, 0, on_token_event)
+    }
+
+    /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
+    /// alternatives in its event ([`TokenEvent::top`]).
+    pub fn stream_tokens_top(
+        &self,
+        input: &Input,
+        params: &Params,
+        top_logprobs: usize,
+        on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<(Output, Usage)> {
         for k in params.keys() {
             if !self.accepted.contains(&k.as_str()) {
                 return Err(Error::UnknownParameter {
@@ -311,6 +326,19 @@ impl TextGeneration {
         let cancelled = std::cell::Cell::new(false);
         let added = self.generator.tokenizer.inner().get_added_vocabulary();
         let mut last = (0u32, 0f32, false);
+        let top = std::cell::RefCell::new(Vec::new());
+        let mut on_top = |_: usize, best: Vec<(u32, f32)>| {
+            *top.borrow_mut() = best
+                .into_iter()
+                .map(|(id, lp)| {
+                    let text = self
+                        .generator
+                        .decode(&[id], false, false)
+                        .unwrap_or_default();
+                    (id, text, lp)
+                })
+                .collect();
+        };
         let mut on_token = |_: usize, tok: u32, logprob: f32| {
             new_tokens += 1;
             let special = self
@@ -326,12 +354,14 @@ impl TextGeneration {
                     None
                 }
             };
+            let alternatives = top.borrow();
             let event = TokenEvent {
                 id: tok,
                 logprob,
                 special,
                 text: delta.as_deref().unwrap_or(""),
                 tail: false,
+                top: &alternatives,
             };
             if !on_token_event(&event) {
                 cancelled.set(true);
@@ -343,6 +373,8 @@ impl TextGeneration {
             stop: Some(&stop),
             on_token: Some(&mut on_token),
             decode: Some(&decode),
+            top_logprobs,
+            on_top: Some(&mut on_top),
         };
         let out = self.generator.generate_one(&prompt, &cfg, &mut hooks)?;
         if let Some(e) = err {
@@ -357,6 +389,7 @@ impl TextGeneration {
                     special,
                     text: &rest,
                     tail: true,
+                    top: &[],
                 });
             }
         }
@@ -398,9 +431,10 @@ impl Task for TextGeneration {
         &self,
         input: &Input,
         params: &Params,
+        top_logprobs: usize,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
-        self.stream_tokens(input, params, on_token)
+        self.stream_tokens_top(input, params, top_logprobs, on_token)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
@@ -422,9 +456,8 @@ impl Task for TextGeneration {
         let mut start = 0;
         let compute = |chunk: &[_]| {
             let mut hooks = Hooks {
-                stop: None,
-                on_token: None,
                 decode: Some(&decode),
+                ..Hooks::default()
             };
             self.generator.generate_ids(chunk, &cfg, &mut hooks)
         };
