@@ -842,6 +842,59 @@ fn shutdown_drains_requests_in_flight() {
     server.join().unwrap();
 }
 
+/// A stream open when shutdown starts runs to its end: every token, the finish reason and
+/// `[DONE]`, then the server exits.
+#[test]
+fn shutdown_lets_open_streams_finish() {
+    use std::io::Read;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let cfg = Config {
+        models: vec![ModelSpec::parse(&format!("{}=text-generation", decoder()))],
+        port: 0,
+        ..Config::default()
+    };
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let s = Server::bind(cfg).await.unwrap();
+            addr_tx.send(s.local_addr().unwrap()).unwrap();
+            s.run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let base = format!("http://{}", addr_rx.recv().unwrap());
+    let resp = ureq::post(&format!("{base}/v1/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(
+            &json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0,
+                    "stream": true, "stream_options": {"include_usage": true}})
+            .to_string(),
+        )
+        .unwrap();
+    let mut reader = resp.into_reader();
+    let mut first = [0u8; 16];
+    reader.read_exact(&mut first).unwrap();
+    stop_tx.send(()).unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let raw = format!("{}{rest}", String::from_utf8_lossy(&first));
+    let events: Vec<&str> = raw
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{raw}");
+    let usage: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    let finish: Value = serde_json::from_str(events[events.len() - 3]).unwrap();
+    assert!(finish["choices"][0]["finish_reason"].is_string(), "{raw}");
+    let n = usage["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 1, "{raw}");
+    server.join().unwrap();
+}
+
 /// Every path and port that deploy/ names exists: the probes, the metrics path and the port in
 /// the Kubernetes manifest and the Dockerfile.
 #[test]
