@@ -28,7 +28,7 @@ MODEL = Path(os.environ.get("FF_LONG_MODEL", "/tmp/ff-bench-long-bert"))
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
 
 PY_CHILD = r"""
-import json, sys, time, os, resource
+import json, sys, time, os
 engine, model, text, threads, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 import numpy as np
 from tokenizers import Tokenizer
@@ -68,21 +68,27 @@ ms = []
 for _ in range(reps):
     t = time.perf_counter(); once(); ms.append((time.perf_counter() - t) * 1e3)
 ms.sort()
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"median_ms": ms[len(ms) // 2], "tokens": n, "rss_mb": rss}))
+print(json.dumps({"median_ms": ms[len(ms) // 2], "tokens": n}))
 """
 
 
 def make_model():
     """A BERT-base-sized encoder with 2048 positions (seed 0), its tokenizer (MiniLM's BERT
-    word pieces), and the ONNX exports (f32 and dynamic int8)."""
+    word pieces; `scripts/fetch-models.sh minilm`), and the ONNX exports (f32 and dynamic
+    int8)."""
     if (MODEL / "model-int8.onnx").exists():
         return
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bp", ROOT / "scripts" / "bench-python.py")
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
     torch.manual_seed(0)
-    tok = BertTokenizerFast.from_pretrained(ROOT / "tests/fixtures/models/bert-qa")
+    # MiniLM's BERT word pieces (30522), so that common words are one piece each.
+    tok = BertTokenizerFast.from_pretrained(bp.snapshot_dir(bp.MINILM_ID, "minilm"))
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12,
                      num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048)
     model = BertModel(cfg).eval()
@@ -132,15 +138,16 @@ def main():
                            str(MODEL), json.dumps(text), "--reps", str(reps),
                            "--param", "pooling=mean"] + OURS[e]
                 else:
-                    cmd = [sys.executable, "-c", PY_CHILD, e, str(MODEL), text, str(a.threads), str(reps)]
+                    cmd = ["/usr/bin/time", "-f", "__RSS_KB__=%M", sys.executable, "-c", PY_CHILD, e,
+                           str(MODEL), text, str(a.threads), str(reps)]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if p.returncode != 0:
                     sys.exit(f"{n} {e} failed:\n{p.stderr[-3000:]}")
                 out = json.loads(p.stdout.strip().splitlines()[-1])
-                if e in OURS:
-                    out["rss_mb"] = next(int(l.split("=")[1]) for l in p.stderr.splitlines()
-                                         if l.startswith("__RSS_KB__=")) / 1024
-                elif out["tokens"] != n:
+                # Peak RSS of the whole process (/usr/bin/time), for every engine.
+                out["rss_mb"] = next(int(l.split("=")[1]) for l in p.stderr.splitlines()
+                                     if l.startswith("__RSS_KB__=")) / 1024
+                if e not in OURS and out["tokens"] != n:
                     sys.exit(f"{e}: {out['tokens']} tokens, not {n}")
                 res.setdefault((n, e), []).append(out)
                 print(f"round {rnd} {n} tokens {e}: {out['median_ms']:.1f} ms, {out['rss_mb']:.0f} MB",
