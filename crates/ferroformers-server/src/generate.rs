@@ -13,24 +13,19 @@ impl Drop for ClientAlive {
     }
 }
 
-/// Generate on a blocking thread; the generation stops early if the handler is dropped.
-pub(crate) async fn generate_blocking(
-    state: &Arc<AppState>,
-    index: usize,
-    input: Input,
-    params: Params,
-) -> Result<(Output, ferroformers::pipelines::text_generation::Usage), ApiError> {
-    generate_with_tokens(state, index, input, params, 0)
-        .await
-        .map(|(o, u, _)| (o, u))
+/// A generated token: id, text, log-probability, whether it is special, and its `top` most
+/// likely alternatives.
+pub(crate) struct TokenLog {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+    pub top: Vec<ferroformers::pipelines::text_generation::TopToken>,
 }
 
-/// A generated token's text, log-probability and its `top` most likely alternatives (text,
-/// log-probability).
-pub(crate) type TokenLog = (String, f32, Vec<(String, f32)>);
-
-/// [`generate_blocking`], also returning each token's text and log-probability (OpenAI's
-/// `logprobs`), with its `top` most likely alternatives (`top_logprobs`).
+/// Generate on a blocking thread (stopped early if the handler is dropped): the output, its
+/// token counts, and each token with its log-probability (OpenAI's `logprobs`, TGI's
+/// `details`) and its `top` most likely alternatives (`top_logprobs`, `top_n_tokens`).
 pub(crate) async fn generate_with_tokens(
     state: &Arc<AppState>,
     index: usize,
@@ -57,12 +52,17 @@ pub(crate) async fn generate_with_tokens(
             .run_streaming_top(&input, &params, top, &mut |t| {
                 if t.tail {
                     if let Some(last) = tokens.last_mut() {
-                        last.0.push_str(t.text);
+                        last.text.push_str(t.text);
                     }
                 } else {
                     clock.token();
-                    let alt = t.top.iter().map(|(_, s, l)| (s.clone(), *l)).collect();
-                    tokens.push((t.text.to_string(), t.logprob, alt));
+                    tokens.push(TokenLog {
+                        id: t.id,
+                        text: t.text.to_string(),
+                        logprob: t.logprob,
+                        special: t.special,
+                        top: t.top.to_vec(),
+                    });
                 }
                 alive.load(SeqCst)
             });

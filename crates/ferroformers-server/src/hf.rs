@@ -15,12 +15,12 @@ pub(crate) async fn inference(
     if m.task == "text-generation" && v.get("inputs").is_some_and(Value::is_string) {
         // TGI's `POST /`: its parameters, `stream` for token events, else the Inference
         // API's `[{generated_text}]` (full text unless `return_full_text` is false).
-        let (input, params, details) = tgi_request_with(&v, true)?;
+        let (input, params, opts) = tgi_request_with(&v, true)?;
         if v.get("stream").and_then(Value::as_bool) == Some(true) {
-            return Ok(tgi_stream(&state, index, input, params, details));
+            return Ok(tgi_stream(&state, index, input, params, opts));
         }
-        let (out, usage) = generate_blocking(&state, index, input, params).await?;
-        return Ok(axum::Json(json!([tgi_answer(&out, &usage, details)])).into_response());
+        let whole = tgi_whole(&state, index, input, params, opts).await?;
+        return Ok(axum::Json(json!([whole])).into_response());
     }
     let (inputs, many) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
     let params = params_of(&v)?;

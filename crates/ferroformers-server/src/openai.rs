@@ -4,10 +4,14 @@
 use super::*;
 
 /// OpenAI's `logprobs.content` entry for one token, with its `top_logprobs` alternatives.
-pub(crate) fn logprob_entry(text: &str, logprob: f32, top: &[(String, f32)]) -> Value {
+pub(crate) fn logprob_entry(
+    text: &str,
+    logprob: f32,
+    top: &[ferroformers::pipelines::text_generation::TopToken],
+) -> Value {
     let top: Vec<Value> = top
         .iter()
-        .map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes()}))
+        .map(|t| json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes()}))
         .collect();
     json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top})
 }
@@ -292,7 +296,7 @@ pub(crate) async fn openai_generate(
         let lp = if logprobs {
             let content: Vec<Value> = tokens
                 .iter()
-                .map(|(t, l, alt)| logprob_entry(t, *l, alt))
+                .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
                 .collect();
             json!({"content": content})
         } else {
@@ -343,9 +347,7 @@ pub(crate) async fn openai_generate(
                 }
                 let delta = t.text;
                 let lp = if logprobs && !t.tail {
-                    let alt: Vec<(String, f32)> =
-                        t.top.iter().map(|(_, s, l)| (s.clone(), *l)).collect();
-                    json!({"content": [logprob_entry(delta, t.logprob, &alt)]})
+                    json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
                 } else {
                     Value::Null
                 };

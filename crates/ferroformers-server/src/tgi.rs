@@ -5,8 +5,32 @@ use super::*;
 
 /// TGI's request: the prompt and the pipeline's parameters (`stop` as stop strings; greedy and
 /// new text only unless asked), and whether `details` are wanted.
-pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, bool), ApiError> {
+pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, TgiOpts), ApiError> {
     tgi_request_with(v, false)
+}
+
+/// What a TGI request asks for besides the generation: `details`, and `top_n_tokens`
+/// alternatives per token.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TgiOpts {
+    pub details: bool,
+    pub top_n: usize,
+}
+
+/// TGI's `--max-top-n-tokens` default.
+const MAX_TOP_N_TOKENS: u64 = 5;
+
+/// A token as TGI writes it.
+fn tgi_token(id: u32, text: &str, logprob: f32, special: bool) -> Value {
+    json!({"id": id, "text": text, "logprob": logprob, "special": special})
+}
+
+fn tgi_top(top: &[ferroformers::pipelines::text_generation::TopToken]) -> Value {
+    Value::Array(
+        top.iter()
+            .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
+            .collect(),
+    )
 }
 
 /// [`tgi_request`] with `return_full_text`'s default (TGI: true on `POST /` for a
@@ -15,7 +39,7 @@ pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, bool), ApiError> 
 pub(crate) fn tgi_request_with(
     v: &Value,
     full_text: bool,
-) -> Result<(Input, Params, bool), ApiError> {
+) -> Result<(Input, Params, TgiOpts), ApiError> {
     let input = match v.get("inputs") {
         Some(Value::String(s)) => Input::Text(s.clone()),
         _ => return Err(ApiError::validation("`inputs` must be a string")),
@@ -24,7 +48,6 @@ pub(crate) fn tgi_request_with(
     for (flag, neutral) in [
         ("decoder_input_details", json!(false)),
         ("watermark", json!(false)),
-        ("top_n_tokens", Value::Null),
         ("truncate", Value::Null),
         ("best_of", Value::Null),
         ("adapter_id", Value::Null),
@@ -47,8 +70,19 @@ pub(crate) fn tgi_request_with(
     params
         .entry("return_full_text".to_string())
         .or_insert(json!(full_text));
+    let top_n = match params.remove("top_n_tokens") {
+        None | Some(Value::Null) => 0,
+        Some(n) => match n.as_u64() {
+            Some(n) if n <= MAX_TOP_N_TOKENS => n as usize,
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "`top_n_tokens` must be an integer from 0 to {MAX_TOP_N_TOKENS}"
+                )))
+            }
+        },
+    };
     let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
-    Ok((input, params, details))
+    Ok((input, params, TgiOpts { details, top_n }))
 }
 
 /// TGI `/generate_stream`: one server-sent event per token (`{index, token: {id, text,
@@ -64,12 +98,12 @@ pub(crate) async fn tgi_generate_stream(
 }
 
 /// A TGI route's request: the served generation model's index, the input, the parameters and
-/// whether `details` were asked for.
+/// what else was asked for.
 fn tgi_call(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(usize, Input, Params, bool), ApiError> {
+) -> Result<(usize, Input, Params, TgiOpts), ApiError> {
     let v = json_body(headers, body)?;
     let index = index_of(state, generator(state, None)?);
     let (input, params, details) = tgi_request(&v)?;
@@ -82,7 +116,7 @@ pub(crate) fn tgi_stream(
     index: usize,
     input: Input,
     params: Params,
-    details: bool,
+    opts: TgiOpts,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
@@ -93,30 +127,37 @@ pub(crate) fn tgi_stream(
         let mut pending: Option<Value> = None;
         let mut n = 0usize;
         let mut gone = false;
-        let result = st.models[index]
-            .pipe
-            .run_streaming(&input, &params, &mut |t| {
-                if !t.tail {
-                    clock.token();
-                }
-                if t.tail {
-                    if let Some(p) = pending.as_mut() {
-                        let text = format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
-                        p["token"]["text"] = json!(text);
+        let result =
+            st.models[index]
+                .pipe
+                .run_streaming_top(&input, &params, opts.top_n, &mut |t| {
+                    if !t.tail {
+                        clock.token();
                     }
-                    return true;
-                }
-                n += 1;
-                if let Some(p) = pending.take() {
-                    gone = tx.send(p.to_string()).is_err();
-                }
-                pending = Some(json!({
-                    "index": n,
-                    "token": {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special},
-                    "generated_text": null, "details": null, "top_tokens": null,
-                }));
-                !gone
-            });
+                    if t.tail {
+                        if let Some(p) = pending.as_mut() {
+                            let text =
+                                format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
+                            p["token"]["text"] = json!(text);
+                        }
+                        return true;
+                    }
+                    n += 1;
+                    if let Some(p) = pending.take() {
+                        gone = tx.send(p.to_string()).is_err();
+                    }
+                    let top = if opts.top_n > 0 {
+                        tgi_top(t.top)
+                    } else {
+                        Value::Null
+                    };
+                    pending = Some(json!({
+                        "index": n,
+                        "token": tgi_token(t.id, t.text, t.logprob, t.special),
+                        "generated_text": null, "details": null, "top_tokens": top,
+                    }));
+                    !gone
+                });
         if stream_ended(&st, &clock, gone) {
             return;
         }
@@ -127,10 +168,12 @@ pub(crate) fn tgi_stream(
                            "top_tokens": null})
                 });
                 last["generated_text"] = json!(generated_text(&out));
-                if details {
-                    let mut d = tgi_details(&usage);
-                    d["seed"] = Value::Null;
-                    last["details"] = d;
+                if opts.details {
+                    last["details"] = json!({
+                        "finish_reason": tgi_finish(&usage),
+                        "generated_tokens": usage.completion_tokens,
+                        "seed": null,
+                    });
                 }
                 let _ = tx.send(last.to_string());
             }
@@ -151,28 +194,45 @@ pub(crate) async fn tgi_generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (index, input, params, details) = tgi_call(&state, &headers, body)?;
-    let (out, usage) = generate_blocking(&state, index, input, params).await?;
-    Ok(axum::Json(tgi_answer(&out, &usage, details)).into_response())
+    let (index, input, params, opts) = tgi_call(&state, &headers, body)?;
+    Ok(axum::Json(tgi_whole(&state, index, input, params, opts).await?).into_response())
 }
 
-/// TGI's `details`: why generation stopped and how many tokens it made.
-fn tgi_details(usage: &ferroformers::pipelines::text_generation::Usage) -> Value {
-    json!({
-        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
-        "generated_tokens": usage.completion_tokens,
-    })
-}
-
-/// TGI's whole answer: `{generated_text}`, with `details` when asked.
-pub(crate) fn tgi_answer(
-    out: &Output,
-    usage: &ferroformers::pipelines::text_generation::Usage,
-    details: bool,
-) -> Value {
-    let mut body = json!({"generated_text": generated_text(out)});
-    if details {
-        body["details"] = tgi_details(usage);
+fn tgi_finish(usage: &ferroformers::pipelines::text_generation::Usage) -> &'static str {
+    if usage.hit_limit {
+        "length"
+    } else {
+        "eos_token"
     }
-    body
+}
+
+/// TGI's whole answer: `{generated_text}`, with `details` when asked (why it stopped, how many
+/// tokens, each token, and with `top_n_tokens` each token's alternatives).
+pub(crate) async fn tgi_whole(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+    opts: TgiOpts,
+) -> Result<Value, ApiError> {
+    let (out, usage, tokens) =
+        generate_with_tokens(state, index, input, params, opts.top_n).await?;
+    let mut body = json!({"generated_text": generated_text(&out)});
+    if opts.details {
+        let mut d = json!({
+            "finish_reason": tgi_finish(&usage),
+            "generated_tokens": usage.completion_tokens,
+            "seed": null,
+            "prefill": [],
+            "tokens": tokens
+                .iter()
+                .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
+                .collect::<Vec<_>>(),
+        });
+        if opts.top_n > 0 {
+            d["top_tokens"] = Value::Array(tokens.iter().map(|t| tgi_top(&t.top)).collect());
+        }
+        body["details"] = d;
+    }
+    Ok(body)
 }

@@ -455,6 +455,42 @@ fn generation_routes_match_the_pipeline() {
     assert_eq!(last["details"]["generated_tokens"], 6);
     assert!(events[0]["generated_text"].is_null());
 
+    // `details` list every token; `top_n_tokens: 2` adds each token's two most likely
+    // alternatives (greedy: the token itself first), whole and streamed alike.
+    let body = json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6, "details": true,
+                      "top_n_tokens": 2}});
+    let (status, got) = post_json(&format!("{base}/generate"), body.clone());
+    assert_eq!(status, 200, "{got}");
+    let tokens = got["details"]["tokens"].as_array().unwrap();
+    let top = got["details"]["top_tokens"].as_array().unwrap();
+    assert_eq!((tokens.len(), top.len()), (6, 6), "{got}");
+    for (i, (t, alts)) in tokens.iter().zip(top).enumerate() {
+        assert_eq!(t["id"], events[i]["token"]["id"], "{got}");
+        assert_eq!(t["logprob"], events[i]["token"]["logprob"]);
+        let alts = alts.as_array().unwrap();
+        assert_eq!(alts.len(), 2);
+        assert_eq!(alts[0]["id"], t["id"]);
+        assert!(alts[0]["logprob"].as_f64() >= alts[1]["logprob"].as_f64());
+    }
+    let raw = ureq::post(&format!("{base}/generate_stream"))
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string(&body.to_string())
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let streamed: Vec<Value> = raw
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["top_tokens"].clone())
+        .collect();
+    assert_eq!(&streamed[..], &top[..]);
+    let (status, err) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon", "parameters": {"top_n_tokens": 6}}),
+    );
+    assert_eq!(status, 422, "{err}");
+
     // TGI's `POST /` on a generation model (what `InferenceClient.text_generation` sends):
     // `[{generated_text}]`, the prompt included unless `return_full_text` is false.
     let (status, got) = post_json(

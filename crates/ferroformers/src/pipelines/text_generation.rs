@@ -46,9 +46,18 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
     /// Not a new token: the text the last token held back, flushed at the end.
     pub tail: bool,
-    /// The most likely tokens of the same step (asked for with `top_logprobs`), best first:
-    /// id, the token alone decoded, log-probability.
-    pub top: &'a [(u32, String, f32)],
+    /// The most likely tokens of the same step (asked for with `top_logprobs`), best first.
+    pub top: &'a [TopToken],
+}
+
+/// One of a step's most likely tokens: its id, the token alone decoded, its log-probability,
+/// and whether it is a special token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
 }
 
 /// Token counts of one streamed generation (a server's `usage` and `finish_reason`).
@@ -330,12 +339,18 @@ impl TextGeneration {
         let mut on_top = |_: usize, best: Vec<(u32, f32)>| {
             *top.borrow_mut() = best
                 .into_iter()
-                .map(|(id, lp)| {
-                    let text = self
+                .map(|(id, logprob)| TopToken {
+                    id,
+                    text: self
                         .generator
                         .decode(&[id], false, false)
-                        .unwrap_or_default();
-                    (id, text, lp)
+                        .unwrap_or_default(),
+                    logprob,
+                    special: self
+                        .generator
+                        .tokenizer
+                        .id_to_token(id)
+                        .is_some_and(|t| added.is_special_token(&t)),
                 })
                 .collect();
         };
