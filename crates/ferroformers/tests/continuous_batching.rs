@@ -232,3 +232,96 @@ fn later_prompts_reuse_a_finished_sequences_prefix() {
         );
     }
 }
+
+/// Prompts that arrive together and each continue from a kept prefix (different shares of
+/// it, different rests) run as one pass, with a gap between each prefix and its rest in the
+/// mask; each gets its solo tokens, and a finished one's prefix (gap left out) serves the next.
+#[test]
+fn continued_prompts_run_together_as_one_pass() {
+    for name in ["gpt2", "llama"] {
+        let mut g = load(name);
+        let first = g
+            .encode(
+                "The history of the lighthouse keepers on the northern coast",
+                true,
+            )
+            .unwrap();
+        let mut c = g.generation_config.clone();
+        c.eos_token_id.clear();
+        c.max_new_tokens = Some(8);
+        let solo = |g: &TextGenerator, p: &[u32]| {
+            g.generate_one(p, &c, &mut Hooks::default())
+                .unwrap()
+                .sequences[0][0]
+                .clone()
+        };
+        let mut turn = first.clone();
+        turn.extend(g.encode(" and the ships they saved", false).unwrap());
+        let mut short = first[..first.len() - 3].to_vec();
+        short.extend(g.encode(" south", false).unwrap());
+        let prompts = [turn.clone(), first.clone(), short];
+        let want: Vec<Vec<u32>> = prompts.iter().map(|p| solo(&g, p)).collect();
+        let other = g.encode("Completely different words here", true).unwrap();
+        let want_other = solo(&g, &other);
+
+        g.batcher = Some(Batcher::new(100_000));
+        solo(&g, &first);
+        let g = &g;
+        let n = prompts.len();
+        std::thread::scope(|s| {
+            // A running request holds its next token back until the others all wait, so they
+            // join at the same step.
+            let holder = s.spawn(|| {
+                let mut first_token = true;
+                let mut on_token = |_: usize, _: u32, _: f32| {
+                    if std::mem::take(&mut first_token) {
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_secs(20)
+                            && g.batcher.as_ref().unwrap().stats().waiting < n
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                };
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                g.generate_one(&other, &c, &mut hooks).unwrap().sequences[0][0].clone()
+            });
+            while g.batcher.as_ref().unwrap().stats().running == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let hs: Vec<_> = prompts
+                .iter()
+                .map(|p| s.spawn(move || solo(g, p)))
+                .collect();
+            for (h, w) in hs.into_iter().zip(&want) {
+                assert_eq!(&h.join().unwrap(), w, "{name}: a continued prompt's tokens");
+            }
+            assert_eq!(
+                holder.join().unwrap(),
+                want_other,
+                "{name}: the holder's tokens"
+            );
+        });
+        let st = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(st.prefix_hits, 3, "{name}: {st:?}");
+        assert_eq!(
+            (st.prefills, st.prefill_passes),
+            (5, 3),
+            "{name}: one pass for three: {st:?}"
+        );
+        // The finished continued sequences were kept (their gaps left out): the same prompt
+        // again continues from one of them.
+        assert_eq!(solo(g, &turn), want[0], "{name}");
+        let after = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(after.prefix_hits, 4);
+        // All of it but the last token: only the continued sequence's own entry holds that.
+        assert_eq!(
+            after.prefix_tokens - st.prefix_tokens,
+            turn.len() as u64 - 1,
+            "{name}: {after:?}"
+        );
+    }
+}

@@ -10,20 +10,21 @@
 //! token, the thread that handed in the last one runs the step for all of them:
 //! 1. rows whose request has gone (finished, failed, or its client left) are dropped, and with
 //!    them their KV cache; padding that no remaining row needs is cut off the front;
-//! 2. one forward pass over all rows, one new token each (positions and the attention bias
-//!    from each row's own mask, as for any left-padded batch);
-//! 3. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
+//! 2. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
 //!    sequence counts its prompt plus the most tokens it may generate) allows; their prompts
-//!    run a few at a time as left-padded batches, and each batch's KV cache joins the running
-//!    one (right-aligned, left-padded).
+//!    run first (a new request's first token need not wait for a decoding step), a few at a
+//!    time as left-padded batches;
+//! 3. one forward pass over the running rows, one new token each (positions and the attention
+//!    bias from each row's own mask, as for any left-padded batch);
+//! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
 //!
 //! A sequence that leaves keeps its keys and values for a while (the newest, up to 8192 tokens
 //! in all): a later prompt that starts with the same tokens (a shared system prompt, the next
 //! turn of the same chat, the same request again) copies them and runs only the rest, as
 //! llama.cpp's server and vLLM's prefix caching do.
 //!
-//! Every thread gets its row of logits as soon as the pass that made it is over (the running
-//! rows' after step 2, each new prompt's after its group in step 3), and goes on.
+//! Every thread gets its row of logits as soon as the pass that made it is over (each new
+//! prompt's after its group in step 2, the running rows' after step 3), and goes on.
 //!
 //! A sequence's logits in the batch equal its logits alone up to the f32 summation order of
 //! products over more rows (the padding is masked to exact zeros).
@@ -54,8 +55,10 @@ pub struct BatchStats {
     pub rows: u64,
     /// The most rows one step has had.
     pub max_rows: usize,
-    /// Prompts run (sequences admitted).
+    /// Prompts run (sequences admitted), and the forward passes that ran them (a pass runs a
+    /// group of prompts together).
     pub prefills: u64,
+    pub prefill_passes: u64,
     /// Sequences in the batch now, and waiting to join it.
     pub running: usize,
     pub waiting: usize,
@@ -112,12 +115,13 @@ const PREFIX_TOKENS: usize = 8192;
 /// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
 /// extends and the oldest beyond [`PREFIX_TOKENS`].
 fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
-    let lead = m.iter().take_while(|&&x| x == 0).count();
-    let ones = m.iter().filter(|&&x| x != 0).count();
-    if fed.len() < MIN_PREFIX || ones != fed.len() || lead + ones != m.len() {
+    // Its real positions: left padding, and the gap a group of continued prompts leaves
+    // between a prefix and its rest, are skipped.
+    let positions: Vec<usize> = (0..m.len()).filter(|&p| m[p] != 0).collect();
+    if fed.len() < MIN_PREFIX || positions.len() != fed.len() {
         return;
     }
-    let Ok(c) = cache.extract_row(r, lead) else {
+    let Ok(c) = cache.extract_row(r, &positions) else {
         return;
     };
     prefixes.retain(|p| !fed.starts_with(&p.tokens));
@@ -315,8 +319,8 @@ impl Batcher {
                 })
             })
             .collect();
-        // 3 (chosen now, run after the step): the waiting requests the budget lets in, in
-        // arrival order; with an empty batch the first always goes in.
+        // 2 (chosen now): the waiting requests the budget lets in, in arrival order; with an
+        // empty batch the first always goes in.
         let mut used: usize = rows.iter().map(|id| g.seqs[id].reserve).sum();
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
         while let Some(&id) = g.waiting.front() {
@@ -363,7 +367,89 @@ impl Batcher {
         g.in_flight = rows.len();
         drop(g);
 
-        // 2. One forward pass over every row; each row's thread gets its logits at once.
+        // 2. The admitted prompts, a few at a time as one left-padded batch (up to
+        // PREFILL_TOKENS padded tokens), or from a kept prefix; each group's threads get their
+        // first logits at once, and the groups' caches join the batch's after step 2.
+        let mut groups: Vec<Vec<(u64, Vec<u32>)>> = Vec::new();
+        for a in fresh {
+            let fits = groups.last().is_some_and(|gr| {
+                let longest = gr.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+                longest.max(a.1.len()) * (gr.len() + 1) <= PREFILL_TOKENS
+            });
+            if fits {
+                if let Some(gr) = groups.last_mut() {
+                    gr.push(a);
+                }
+            } else {
+                groups.push(vec![a]);
+            }
+        }
+        // Continued prompts group the same way, by their rests' padded tokens.
+        let mut cgroups: Vec<Vec<(u64, Vec<u32>, KvCache)>> = Vec::new();
+        for a in continued {
+            let rest = |x: &(u64, Vec<u32>, KvCache)| x.1.len() - x.2.seq_len();
+            let fits = cgroups.last().is_some_and(|gr| {
+                let longest = gr.iter().map(rest).max().unwrap_or(0);
+                longest.max(rest(&a)) * (gr.len() + 1) <= PREFILL_TOKENS
+            });
+            if fits {
+                if let Some(gr) = cgroups.last_mut() {
+                    gr.push(a);
+                }
+            } else {
+                cgroups.push(vec![a]);
+            }
+        }
+        let jobs = cgroups
+            .into_iter()
+            .map(|gr| {
+                let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
+                let starts = gr.into_iter().map(|(_, p, c)| (c, p)).collect();
+                (ids, Vec::new(), Some(starts))
+            })
+            .chain(groups.into_iter().map(|gr| {
+                let (ids, prompts) = gr.into_iter().unzip();
+                (ids, prompts, None)
+            }));
+        let mut joining: Vec<(Vec<u64>, KvCache, Vec<Vec<u8>>)> = Vec::new();
+        for (ids, prompts, starts) in jobs {
+            let r = guarded(|| match starts {
+                Some(starts) => continue_group(model, starts),
+                None => {
+                    let (padded, m) = left_pad(&prompts, 0);
+                    let mut session = DecoderSession::new(model, padded, m)?;
+                    let logits = session.step(None)?;
+                    let (c, m) = session.into_parts();
+                    Ok((logits, c, m))
+                }
+            });
+            let mut g = lock(&self.state);
+            g.stats.prefills += ids.len() as u64;
+            g.stats.prefill_passes += 1;
+            match r {
+                Ok((logits, c, m)) => {
+                    g.in_flight += ids.len();
+                    for (id, l) in ids.iter().zip(logits) {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Ok(l));
+                        }
+                    }
+                    joining.push((ids, c, m));
+                }
+                Err(e) => {
+                    for id in &ids {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            s.result = Some(Err(shared_error(&e)));
+                            s.gone = true;
+                        }
+                    }
+                }
+            }
+            drop(g);
+            self.wake.notify_all();
+        }
+
+        // 3. One forward pass over the running rows; each row's thread gets its logits at once.
         if !rows.is_empty() {
             let stepped = match fail {
                 Some(e) => Err(e),
@@ -392,88 +478,41 @@ impl Batcher {
                             s.gone = true;
                         }
                     }
+                    g.in_flight -= rows.len();
                     cache = None;
                     rows.clear();
                     mask.clear();
-                    g.in_flight = 0;
                 }
             }
             drop(g);
             self.wake.notify_all();
         }
 
-        // 3. The admitted prompts, a few at a time as one left-padded batch (up to
-        // PREFILL_TOKENS padded tokens); their caches join the batch's, and their threads get
-        // their first logits after each group.
-        let mut groups: Vec<Vec<(u64, Vec<u32>)>> = Vec::new();
-        for a in fresh {
-            let fits = groups.last().is_some_and(|gr| {
-                let longest = gr.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
-                longest.max(a.1.len()) * (gr.len() + 1) <= PREFILL_TOKENS
-            });
-            if fits {
-                if let Some(gr) = groups.last_mut() {
-                    gr.push(a);
+        // 4. The new rows join: their caches right-aligned with the batch's, masks left-padded.
+        for (ids, c, m) in joining {
+            let base = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
+            if let Err(e) = base.append_rows(c) {
+                let e: Error = e.into();
+                let mut g = lock(&self.state);
+                for id in &ids {
+                    if let Some(s) = g.seqs.get_mut(id) {
+                        // Their first logits are out; the failure comes with the next step.
+                        s.gone = true;
+                        s.result = Some(Err(shared_error(&e)));
+                    }
                 }
-            } else {
-                groups.push(vec![a]);
+                continue;
             }
+            rows.extend(&ids);
+            mask.extend(m);
         }
-        let jobs = continued
-            .into_iter()
-            .map(|(id, p, c)| (vec![id], vec![p], Some(c)))
-            .chain(groups.into_iter().map(|gr| {
-                let (ids, prompts) = gr.into_iter().unzip();
-                (ids, prompts, None)
-            }));
-        for (ids, prompts, start) in jobs {
-            let r = guarded(|| {
-                let (logits, c, m) = match start {
-                    Some(c) => continue_prompt(model, c, &prompts[0])?,
-                    None => {
-                        let (padded, m) = left_pad(&prompts, 0);
-                        let mut session = DecoderSession::new(model, padded, m)?;
-                        let logits = session.step(None)?;
-                        let (c, m) = session.into_parts();
-                        (logits, c, m)
-                    }
-                };
-                let base = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
-                base.append_rows(c)?;
-                Ok((logits, m))
-            });
-            let mut g = lock(&self.state);
-            g.stats.prefills += ids.len() as u64;
-            match r {
-                Ok((logits, m)) => {
-                    rows.extend(&ids);
-                    mask.extend(m);
-                    let len = mask.iter().map(Vec::len).max().unwrap_or(0);
-                    for m in mask.iter_mut() {
-                        if m.len() < len {
-                            let mut padded = vec![0u8; len - m.len()];
-                            padded.append(m);
-                            *m = padded;
-                        }
-                    }
-                    g.in_flight = rows.len();
-                    for (id, l) in ids.iter().zip(logits) {
-                        if let Some(s) = g.seqs.get_mut(id) {
-                            s.result = Some(Ok(l));
-                        }
-                    }
-                }
-                Err(e) => {
-                    for id in &ids {
-                        if let Some(s) = g.seqs.get_mut(id) {
-                            s.result = Some(Err(shared_error(&e)));
-                            s.gone = true;
-                        }
-                    }
-                }
+        let len = mask.iter().map(Vec::len).max().unwrap_or(0);
+        for m in mask.iter_mut() {
+            if m.len() < len {
+                let mut padded = vec![0u8; len - m.len()];
+                padded.append(m);
+                *m = padded;
             }
-            drop(g);
-            self.wake.notify_all();
         }
 
         let mut g = lock(&self.state);
@@ -531,17 +570,45 @@ fn decode_step(
 /// A prompt pass's last logits per row, its cache and its rows' masks.
 type Prefilled = (Vec<Vec<f32>>, KvCache, Vec<Vec<u8>>);
 
-/// The rest of `prompt` after the `cache`'s positions (a one-row cache of its first tokens):
-/// its last logits, the grown cache and its mask.
-fn continue_prompt(model: &dyn CausalLm, mut cache: KvCache, prompt: &[u32]) -> Result<Prefilled> {
-    let past = cache.seq_len();
-    let rest = &prompt[past..];
-    let (n, total) = (rest.len(), prompt.len());
+/// Prompts that continue from kept prefixes, run as one pass: each one-row `cache` holds its
+/// prompt's first tokens; the caches are joined right-aligned (left padding), and the rests
+/// follow left-padded, so a row's mask reads `0.. 1.. (prefix) 0.. 1.. (rest)`; positions count
+/// only its real tokens, and the bias hides the gaps. Each prompt's last logits, the joined
+/// cache and the masks.
+fn continue_group(model: &dyn CausalLm, group: Vec<(KvCache, Vec<u32>)>) -> Result<Prefilled> {
+    let mut joined: Option<KvCache> = None;
+    let mut rests = Vec::with_capacity(group.len());
+    let mut past = Vec::with_capacity(group.len());
+    for (c, prompt) in group {
+        let n = c.seq_len();
+        past.push(n);
+        rests.push(prompt[n..].to_vec());
+        match joined.as_mut() {
+            None => joined = Some(c),
+            Some(j) => j.append_rows(c)?,
+        }
+    }
+    let mut cache = joined.ok_or_else(|| Error::param("inputs", "no prompt to continue"))?;
+    let lc = past.iter().copied().max().unwrap_or(0);
+    let (rows, masks) = left_pad(&rests, 0);
+    let (b, r) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let mut mask = Vec::with_capacity(b);
+    let mut pos = Vec::with_capacity(b * r);
+    for ((n, m), _) in past.iter().zip(&masks).zip(&rows) {
+        let mut full = vec![0u8; lc - n];
+        full.extend(std::iter::repeat_n(1u8, *n));
+        let mut count = *n as u32;
+        for &x in m {
+            count += x as u32;
+            pos.push(if x == 0 { 1 } else { count - 1 });
+        }
+        full.extend_from_slice(m);
+        mask.push(full);
+    }
     let dev = model.device();
-    let ids = Tensor::from_vec(rest.to_vec(), (1, n), dev)?;
-    let pos = Tensor::from_vec((past as u32..total as u32).collect::<Vec<_>>(), (1, n), dev)?;
-    let mask = vec![vec![1u8; total]];
-    let bias = causal_bias(&mask, n, dev)?;
+    let ids = Tensor::from_vec(rows.concat(), (b, r), dev)?;
+    let pos = Tensor::from_vec(pos, (b, r), dev)?;
+    let bias = causal_bias(&mask, r, dev)?;
     let logits = model.forward(&ids, &pos, &bias, &mut cache, true)?;
     Ok((logits.squeeze(1)?.to_vec2()?, cache, mask))
 }

@@ -127,19 +127,24 @@ impl KvCache {
         Ok(())
     }
 
-    /// Row `r`'s positions `from..` as a cache of its own (one row): a finished sequence's
-    /// keys and values, kept for a later prompt that starts the same way.
-    pub fn extract_row(&self, r: usize, from: usize) -> Result<KvCache> {
-        let cpu = self.cpu.iter().map(|b| b.extract_row(r, from)).collect();
+    /// Row `r`'s `positions` as a cache of its own (one row): a finished sequence's keys and
+    /// values (its real positions, padding left out), kept for a later prompt that starts the
+    /// same way.
+    pub fn extract_row(&self, r: usize, positions: &[usize]) -> Result<KvCache> {
+        let cpu = self
+            .cpu
+            .iter()
+            .map(|b| b.extract_row(r, positions))
+            .collect();
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             layers.push(match l {
                 None => None,
                 Some((k, v)) => {
-                    let s = k.dim(2)?;
-                    let from = from.min(s);
+                    let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+                    let idx = Tensor::new(idx.as_slice(), k.device())?;
                     let take = |t: &Tensor| -> Result<Tensor> {
-                        t.narrow(0, r, 1)?.narrow(2, from, s - from)?.contiguous()
+                        t.narrow(0, r, 1)?.index_select(&idx, 2)?.contiguous()
                     };
                     Some((take(k)?, take(v)?))
                 }

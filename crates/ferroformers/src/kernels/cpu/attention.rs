@@ -160,18 +160,22 @@ impl KvBuffer {
         Ok(())
     }
 
-    /// Row `r`'s positions `from..len` as a buffer of its own (one row).
-    pub fn extract_row(&self, r: usize, from: usize) -> KvBuffer {
+    /// Row `r`'s `positions` (each `< len`, in the order given) as a buffer of its own (one
+    /// row).
+    pub fn extract_row(&self, r: usize, positions: &[usize]) -> KvBuffer {
         let (d, heads) = (self.dim, self.heads);
-        let len = self.len.saturating_sub(from);
+        let len = positions.len();
         let cap = len + 16;
         let mut k = vec![0f32; heads * cap * d];
         let mut v = vec![0f32; heads * cap * d];
         if r < self.rows {
             for h in 0..heads {
-                let at = ((r * heads + h) * self.cap + from) * d;
-                k[h * cap * d..h * cap * d + len * d].copy_from_slice(&self.k[at..at + len * d]);
-                v[h * cap * d..h * cap * d + len * d].copy_from_slice(&self.v[at..at + len * d]);
+                let src = (r * heads + h) * self.cap * d;
+                for (i, &p) in positions.iter().filter(|&&p| p < self.len).enumerate() {
+                    let (from, to) = (src + p * d, (h * cap + i) * d);
+                    k[to..to + d].copy_from_slice(&self.k[from..from + d]);
+                    v[to..to + d].copy_from_slice(&self.v[from..from + d]);
+                }
             }
         }
         KvBuffer {
