@@ -656,6 +656,25 @@ fn bad_requests_get_status_codes_and_json_errors() {
     );
 }
 
+/// `/metrics` as text, and a reader of one series' value for the model whose id holds
+/// `model`.
+fn metrics_of(base: &str, model: &str) -> (String, impl Fn(&str) -> f64) {
+    let metrics = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let (text, model) = (metrics.clone(), model.to_string());
+    let value = move |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&model))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    (metrics, value)
+}
+
 /// Concurrent requests to one encoder model run as shared pipeline calls (the metrics say so)
 /// and each gets the answer it gets alone.
 #[test]
@@ -672,19 +691,7 @@ fn concurrent_requests_are_batched() {
         })
         .collect();
     let answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let metrics = ureq::get(&format!("{base}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l.contains("minilm-st"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
-    };
+    let (metrics, value) = metrics_of(&base, "minilm-st");
     let (batches, requests) = (
         value("ferroformers_batch_count"),
         value("ferroformers_batch_requests_total"),
@@ -748,19 +755,7 @@ fn concurrent_generations_share_the_continuous_batch() {
             "request {i}"
         );
     }
-    let metrics = ureq::get(&format!("{base}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l.contains("llama"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
-    };
+    let (metrics, value) = metrics_of(&base, "llama");
     let (steps, rows) = (
         value("ferroformers_generation_steps_total"),
         value("ferroformers_generation_step_rows_total"),
@@ -838,17 +833,16 @@ fn overload_is_refused_with_429_and_cors_preflights_pass() {
     }
 }
 
-/// When told to stop, the server lets the request in flight finish and then returns.
-#[test]
-fn shutdown_drains_requests_in_flight() {
+/// A server that runs until the sender is used: its base URL, the sender, its thread.
+fn start_stoppable(
+    cfg: Config,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let cfg = Config {
-        models: vec![ModelSpec::parse(&fixture("minilm-st"))],
-        port: 0,
-        max_batch_wait: std::time::Duration::from_millis(1000),
-        ..Config::default()
-    };
     let server = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -861,7 +855,23 @@ fn shutdown_drains_requests_in_flight() {
             .unwrap();
         });
     });
-    let base = format!("http://{}", addr_rx.recv().unwrap());
+    (
+        format!("http://{}", addr_rx.recv().unwrap()),
+        stop_tx,
+        server,
+    )
+}
+
+/// When told to stop, the server lets the request in flight finish and then returns.
+#[test]
+fn shutdown_drains_requests_in_flight() {
+    let cfg = Config {
+        models: vec![ModelSpec::parse(&fixture("minilm-st"))],
+        port: 0,
+        max_batch_wait: std::time::Duration::from_millis(1000),
+        ..Config::default()
+    };
+    let (base, stop_tx, server) = start_stoppable(cfg);
     let url = format!("{base}/embed");
     let in_flight = std::thread::spawn(move || {
         post(
@@ -883,26 +893,12 @@ fn shutdown_drains_requests_in_flight() {
 #[test]
 fn shutdown_lets_open_streams_finish() {
     use std::io::Read;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let cfg = Config {
         models: vec![ModelSpec::parse(&format!("{}=text-generation", decoder()))],
         port: 0,
         ..Config::default()
     };
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let s = Server::bind(cfg).await.unwrap();
-            addr_tx.send(s.local_addr().unwrap()).unwrap();
-            s.run_until(async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
-        });
-    });
-    let base = format!("http://{}", addr_rx.recv().unwrap());
+    let (base, stop_tx, server) = start_stoppable(cfg);
     let resp = ureq::post(&format!("{base}/v1/completions"))
         .set("Content-Type", "application/json")
         .send_string(

@@ -46,21 +46,22 @@ const PROMPTS: &[&str] = &[
     "Numbers: 1 2 3",
 ];
 
+/// The [`PROMPTS`]' token ids, and each one's tokens generated alone with [`cfg`].
+fn prompts_and_solo(g: &TextGenerator) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| g.encode(t, true).unwrap()).collect();
+    let solo = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| solo_tokens(g, p, &cfg(g, i)))
+        .collect();
+    (prompts, solo)
+}
+
 #[test]
 fn concurrent_requests_share_steps_and_get_their_solo_tokens() {
     for name in ["gpt2", "llama", "qwen2"] {
         let mut g = load(name);
-        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| g.encode(t, true).unwrap()).collect();
-        let solo: Vec<Vec<u32>> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                g.generate_one(p, &cfg(&g, i), &mut Hooks::default())
-                    .unwrap()
-                    .sequences[0][0]
-                    .clone()
-            })
-            .collect();
+        let (prompts, solo) = prompts_and_solo(&g);
         g.batcher = Some(Batcher::new(100_000));
         let n = prompts.len();
         let g = &g;
@@ -128,17 +129,7 @@ fn concurrent_requests_share_steps_and_get_their_solo_tokens() {
 #[test]
 fn cancelled_requests_leave_and_the_budget_queues_the_rest() {
     let mut g = load("llama");
-    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| g.encode(t, true).unwrap()).collect();
-    let solo: Vec<Vec<u32>> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            g.generate_one(p, &cfg(&g, i), &mut Hooks::default())
-                .unwrap()
-                .sequences[0][0]
-                .clone()
-        })
-        .collect();
+    let (prompts, solo) = prompts_and_solo(&g);
     // Every sequence alone is over the budget: each runs by itself, the others queue.
     g.batcher = Some(Batcher::new(1));
     let g = &g;
@@ -177,28 +168,37 @@ fn cancelled_requests_leave_and_the_budget_queues_the_rest() {
     assert_eq!((st.running, st.waiting), (0, 0), "{st:?}");
 }
 
+/// A model, a first prompt, and greedy parameters without an end token.
+fn prefix_setup(name: &str, new: usize) -> (TextGenerator, Vec<u32>, GenerationConfig) {
+    let g = load(name);
+    let first = g
+        .encode(
+            "The history of the lighthouse keepers on the northern coast",
+            true,
+        )
+        .unwrap();
+    let mut c = g.generation_config.clone();
+    c.eos_token_id.clear();
+    c.max_new_tokens = Some(new);
+    (g, first, c)
+}
+
+/// One request's new tokens (through the batch when the generator has one).
+fn solo_tokens(g: &TextGenerator, p: &[u32], c: &GenerationConfig) -> Vec<u32> {
+    g.generate_one(p, c, &mut Hooks::default())
+        .unwrap()
+        .sequences[0][0]
+        .clone()
+}
+
 /// A finished sequence's keys and values serve later prompts that start the same way: the
 /// next turn (its prompt and answer, then more), the same prompt again, a shared opening. The
 /// tokens equal those generated from scratch.
 #[test]
 fn later_prompts_reuse_a_finished_sequences_prefix() {
     for name in ["gpt2", "llama", "qwen2"] {
-        let mut g = load(name);
-        let first = g
-            .encode(
-                "The history of the lighthouse keepers on the northern coast",
-                true,
-            )
-            .unwrap();
-        let mut c = g.generation_config.clone();
-        c.eos_token_id.clear();
-        c.max_new_tokens = Some(10);
-        let solo = |g: &TextGenerator, p: &[u32]| {
-            g.generate_one(p, &c, &mut Hooks::default())
-                .unwrap()
-                .sequences[0][0]
-                .clone()
-        };
+        let (mut g, first, c) = prefix_setup(name, 10);
+        let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
         let answer = solo(&g, &first);
         // The next turn: the first prompt, its answer, then a new question.
         let mut next = first.clone();
@@ -239,22 +239,8 @@ fn later_prompts_reuse_a_finished_sequences_prefix() {
 #[test]
 fn continued_prompts_run_together_as_one_pass() {
     for name in ["gpt2", "llama"] {
-        let mut g = load(name);
-        let first = g
-            .encode(
-                "The history of the lighthouse keepers on the northern coast",
-                true,
-            )
-            .unwrap();
-        let mut c = g.generation_config.clone();
-        c.eos_token_id.clear();
-        c.max_new_tokens = Some(8);
-        let solo = |g: &TextGenerator, p: &[u32]| {
-            g.generate_one(p, &c, &mut Hooks::default())
-                .unwrap()
-                .sequences[0][0]
-                .clone()
-        };
+        let (mut g, first, c) = prefix_setup(name, 8);
+        let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
         let mut turn = first.clone();
         turn.extend(g.encode(" and the ships they saved", false).unwrap());
         let mut short = first[..first.len() - 3].to_vec();
