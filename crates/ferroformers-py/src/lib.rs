@@ -114,7 +114,7 @@ impl Engine {
     /// Load the pipeline for `task` (a name or alias; inferred from the model's files when
     /// `None`). The GIL is released while the model loads.
     #[new]
-    #[pyo3(signature = (task=None, model=None, tokenizer=None, revision=None, device=None, dtype=None, batch_size=None, gguf_math=None, quantize=None))]
+    #[pyo3(signature = (task=None, model=None, tokenizer=None, revision=None, device=None, dtype=None, batch_size=None, gguf_math=None, quantize=None, continuous_batching=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -127,6 +127,7 @@ impl Engine {
         batch_size: Option<usize>,
         gguf_math: Option<String>,
         quantize: Option<String>,
+        continuous_batching: Option<usize>,
     ) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype.as_deref())?;
@@ -158,7 +159,12 @@ impl Engine {
             gguf_math,
             quantize,
         };
-        let pipe = py
+        if continuous_batching == Some(0) {
+            return Err(PyValueError::new_err(
+                "continuous_batching: expected a token budget >= 1",
+            ));
+        }
+        let mut pipe = py
             .detach(|| {
                 let task = match task {
                     Some(t) => t,
@@ -167,6 +173,14 @@ impl Engine {
                 ferroformers::pipeline_with(&task, opts)
             })
             .map_err(py_err)?;
+        if let Some(budget) = continuous_batching {
+            if !pipe.enable_continuous_batching(budget) {
+                return Err(PyValueError::new_err(format!(
+                    "continuous_batching is for text-generation, not {}",
+                    pipe.task()
+                )));
+            }
+        }
         Ok(Engine {
             pipe: Arc::new(pipe),
         })

@@ -183,6 +183,25 @@ def test_array_tasks_without_numpy_fall_back_to_json(monkeypatch):
     assert all(isinstance(a, vec.ndarray) for a in arrays)
 
 
+def test_continuous_batching_across_threads():
+    """Calls from several threads share the batch and get what each gets alone."""
+    prompts = ["The quick brown fox", "Hello", "Once upon a time there was", "A", "Numbers: 1 2 3"]
+    alone = cached_pipeline("text-generation", LLAMA)
+    want = [alone(p, max_new_tokens=5 + 2 * i, do_sample=False, return_full_text=False)
+            for i, p in enumerate(prompts)]
+    shared = pipeline("text-generation", model=str(LLAMA), continuous_batching=4096)
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(lambda ip: shared(ip[1], max_new_tokens=5 + 2 * ip[0], do_sample=False,
+                                            return_full_text=False), enumerate(prompts)))
+    assert got == want
+    assert "".join(shared.stream("Hello", max_new_tokens=7, do_sample=False, return_full_text=False)) \
+        == want[1][0]["generated_text"]
+    with pytest.raises(ValueError, match="text-generation"):
+        pipeline("text-classification", model=str(SEQCLS), continuous_batching=4096)
+    with pytest.raises(ValueError, match="continuous_batching"):
+        pipeline("text-generation", model=str(LLAMA), continuous_batching=0)
+
+
 def test_text_generation_chat_and_stream():
     gen = cached_pipeline("text-generation", LLAMA)
     params = {"max_new_tokens": 6, "do_sample": False}

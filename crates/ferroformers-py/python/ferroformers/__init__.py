@@ -45,6 +45,7 @@ def pipeline(
     torch_dtype=None,
     gguf_math=None,
     quantize=None,
+    continuous_batching=None,
     **kwargs,
 ):
     """Build the pipeline for `task` (a name or alias such as "sentiment-analysis"; inferred
@@ -54,7 +55,9 @@ def pipeline(
     device: "cpu", "cuda", "cuda:N", an ordinal or -1 (as transformers). dtype (or the older
     `torch_dtype`): "float32", "bfloat16", "float16" (as strings or `torch.` names).
     batch_size: inputs per forward pass. gguf_math ("int8" or "exact") and quantize ("int8")
-    are ferroformers' own options (see the README). Other keyword arguments become default
+    are ferroformers' own options (see the README). continuous_batching (text-generation: a
+    token budget, e.g. 32768): calls from several threads, one prompt each, share one forward
+    pass per token, as `ferroformers serve` does. Other keyword arguments become default
     call parameters, as transformers' pipeline(..., **kwargs) makes them.
     """
     if model is not None and not isinstance(model, str):
@@ -69,7 +72,8 @@ def pipeline(
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     for k in _IGNORED:
         kwargs.pop(k, None)
-    engine = Engine(task, model, tokenizer, revision, device, dtype, batch_size, gguf_math, quantize)
+    engine = Engine(task, model, tokenizer, revision, device, dtype, batch_size, gguf_math, quantize,
+                    continuous_batching)
     return Pipeline(engine, batch_size=batch_size, defaults=kwargs)
 
 

@@ -51,6 +51,7 @@ def pipeline(
     torch_dtype: Optional[Any] = None,
     gguf_math: Optional[str] = None,
     quantize: Optional[str] = None,
+    continuous_batching: Optional[int] = None,
     **kwargs: Any,
 ) -> Pipeline:
     """Build the pipeline for `task` on `model`, as transformers.pipeline does."""

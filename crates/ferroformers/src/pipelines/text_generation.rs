@@ -467,6 +467,27 @@ impl Task for TextGeneration {
             .map(|(i, inp)| self.encode(inp, &o, i))
             .collect::<Result<Vec<_>>>()?;
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
+        // One input, one sequence, continuous batching on: it joins the shared batch (other
+        // threads' calls generating at the same time).
+        if self.generator.batcher.is_some()
+            && prompts.len() == 1
+            && cfg.num_beams == 1
+            && cfg.num_return_sequences == 1
+        {
+            let mut hooks = Hooks {
+                decode: Some(&decode),
+                ..Hooks::default()
+            };
+            let gen = self.generator.generate_one(&prompts[0], &cfg, &mut hooks)?;
+            let texts = gen
+                .sequences
+                .first()
+                .into_iter()
+                .flatten()
+                .map(|s| self.postprocess(&inputs[0], &prompts[0], s, &o))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(vec![Output::Generated(texts)]);
+        }
         let mut outs = Vec::with_capacity(inputs.len());
         let mut start = 0;
         let compute = |chunk: &[_]| {
