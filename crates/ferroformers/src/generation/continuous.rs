@@ -661,7 +661,9 @@ impl StepModel for SharedSession<'_> {
                 }
             }
         }
-        self.batcher.wake.notify_all();
+        // No one to wake: if this token (or prompt) was the last the batch waited for, this
+        // thread runs the step itself in `wait`; otherwise the last one to come will. (Waking
+        // every waiting thread on every hand-in cost n^2 wake-ups per step.)
         Ok(vec![self.batcher.wait(self.model, self.id)?])
     }
 
