@@ -19,7 +19,7 @@
 //! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
 //!
 //! A sequence that leaves keeps its keys and values for a while (the newest, up to 8192 tokens
-//! in all): a later prompt that starts with the same tokens (a shared system prompt, the next
+//! and 256 MiB in all): a later prompt that starts with the same tokens (a shared system prompt, the next
 //! turn of the same chat, the same request again) copies them and runs only the rest, as
 //! llama.cpp's server and vLLM's prefix caching do.
 //!
@@ -108,9 +108,11 @@ struct Prefix {
     cache: KvCache,
 }
 
-/// Shortest shared start worth reusing, and the most tokens the kept prefixes hold together.
+/// Shortest shared start worth reusing, and the most tokens and bytes the kept prefixes hold
+/// together (whichever limit comes first: 8192 tokens of a 0.5B Qwen are ~200 MB).
 const MIN_PREFIX: usize = 8;
 const PREFIX_TOKENS: usize = 8192;
+const PREFIX_BYTES: usize = 256 << 20;
 
 /// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
 /// extends and the oldest beyond [`PREFIX_TOKENS`].
@@ -132,10 +134,11 @@ fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: 
             cache: c,
         },
     );
-    let mut total = 0;
+    let (mut tokens, mut bytes) = (0, 0);
     prefixes.retain(|p| {
-        total += p.tokens.len();
-        total <= PREFIX_TOKENS
+        tokens += p.tokens.len();
+        bytes += p.cache.bytes();
+        tokens <= PREFIX_TOKENS && bytes <= PREFIX_BYTES
     });
 }
 
@@ -710,5 +713,66 @@ impl Drop for SharedSession<'_> {
         drop(g);
         // The rows left may all be waiting for this one.
         self.batcher.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-row cache of `n` positions (one layer, one head of 8).
+    fn cache_of(n: usize) -> KvCache {
+        let mut c = KvCache::new(1);
+        let b = &mut c.buffers(1, 1, 8).unwrap()[0];
+        b.reserve(n);
+        b.set_len(n);
+        c
+    }
+
+    /// Kept prefixes: newest first, one that a newer sequence extends is dropped, padding and
+    /// gaps are left out, too short or mismatched rows are not kept, and the oldest go once
+    /// the token limit is passed; the longest shared start wins, one token short of the prompt.
+    #[test]
+    fn prefixes_are_kept_newest_first_within_limits() {
+        let mut kept = Vec::new();
+        let toks = |a: u32, n: usize| (a..a + n as u32).collect::<Vec<u32>>();
+        retire(&mut kept, &cache_of(12), 0, &[1; 12], toks(0, 12));
+        assert_eq!(kept.len(), 1);
+        // It extends the first: the first goes. Padding and a gap are left out.
+        let mut m = vec![0u8; 3];
+        m.extend([1; 10]);
+        m.extend([0; 2]);
+        m.extend([1; 10]);
+        retire(&mut kept, &cache_of(m.len()), 0, &m, toks(0, 20));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].cache.seq_len(), 20);
+        // Too short, or a mask that does not match the tokens: not kept.
+        retire(&mut kept, &cache_of(4), 0, &[1; 4], toks(100, 4));
+        retire(&mut kept, &cache_of(12), 0, &[1; 12], toks(100, 11));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(best_prefix(&kept, &toks(0, 30)), Some((0, 20)));
+        assert_eq!(best_prefix(&kept, &toks(0, 15)), Some((0, 14)));
+        assert_eq!(best_prefix(&kept, &toks(0, 5)), None);
+        assert_eq!(best_prefix(&kept, &toks(1, 30)), None);
+        // Past the token limit the oldest go.
+        for i in 0..(PREFIX_TOKENS / 1000 + 2) as u32 {
+            retire(
+                &mut kept,
+                &cache_of(1000),
+                0,
+                &[1; 1000],
+                toks(10_000 * (i + 1), 1000),
+            );
+        }
+        let total: usize = kept.iter().map(|p| p.tokens.len()).sum();
+        assert!(total <= PREFIX_TOKENS, "{total}");
+        assert_eq!(
+            kept[0].tokens[0],
+            10_000 * (PREFIX_TOKENS as u32 / 1000 + 2)
+        );
+        assert!(
+            best_prefix(&kept, &toks(0, 30)).is_none(),
+            "the oldest went first"
+        );
     }
 }

@@ -83,6 +83,17 @@ impl KvCache {
         Ok(())
     }
 
+    /// Bytes its keys and values take.
+    pub fn bytes(&self) -> usize {
+        let tensors: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum();
+        tensors + self.cpu.iter().map(KvBuffer::bytes).sum::<usize>()
+    }
+
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.cpu.is_empty() && self.layers.iter().all(Option::is_none)

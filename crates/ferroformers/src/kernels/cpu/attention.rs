@@ -32,6 +32,11 @@ impl KvBuffer {
         }
     }
 
+    /// Bytes its keys and values take (reserved room included).
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+
     /// Positions cached.
     pub fn len(&self) -> usize {
         self.len
