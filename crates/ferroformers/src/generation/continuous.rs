@@ -32,12 +32,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use candle_core::Tensor;
-
-use super::decoder::{left_pad, DecoderSession};
+use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
 use super::search::StepModel;
 use crate::error::{Error, Result};
-use crate::models::causal_lm::{causal_bias, CausalLm, KvCache};
+use crate::models::causal_lm::{CausalLm, KvCache};
 
 /// The shared batch of one model: its sequences, their KV caches joined, the waiting queue.
 pub struct Batcher {
@@ -115,7 +113,7 @@ const PREFIX_TOKENS: usize = 8192;
 const PREFIX_BYTES: usize = 256 << 20;
 
 /// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
-/// extends and the oldest beyond [`PREFIX_TOKENS`].
+/// extends and the oldest beyond [`PREFIX_TOKENS`] or [`PREFIX_BYTES`].
 fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
     // Its real positions: left padding, and the gap a group of continued prompts leaves
     // between a prefix and its rest, are skipped.
@@ -372,37 +370,10 @@ impl Batcher {
 
         // 2. The admitted prompts, a few at a time as one left-padded batch (up to
         // PREFILL_TOKENS padded tokens), or from a kept prefix; each group's threads get their
-        // first logits at once, and the groups' caches join the batch's after step 2.
-        let mut groups: Vec<Vec<(u64, Vec<u32>)>> = Vec::new();
-        for a in fresh {
-            let fits = groups.last().is_some_and(|gr| {
-                let longest = gr.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
-                longest.max(a.1.len()) * (gr.len() + 1) <= PREFILL_TOKENS
-            });
-            if fits {
-                if let Some(gr) = groups.last_mut() {
-                    gr.push(a);
-                }
-            } else {
-                groups.push(vec![a]);
-            }
-        }
+        // first logits at once, and the groups' caches join the batch's after step 3.
+        let groups = prefill_groups(fresh, |(_, p)| p.len());
         // Continued prompts group the same way, by their rests' padded tokens.
-        let mut cgroups: Vec<Vec<(u64, Vec<u32>, KvCache)>> = Vec::new();
-        for a in continued {
-            let rest = |x: &(u64, Vec<u32>, KvCache)| x.1.len() - x.2.seq_len();
-            let fits = cgroups.last().is_some_and(|gr| {
-                let longest = gr.iter().map(rest).max().unwrap_or(0);
-                longest.max(rest(&a)) * (gr.len() + 1) <= PREFILL_TOKENS
-            });
-            if fits {
-                if let Some(gr) = cgroups.last_mut() {
-                    gr.push(a);
-                }
-            } else {
-                cgroups.push(vec![a]);
-            }
-        }
+        let cgroups = prefill_groups(continued, |(_, p, c)| p.len() - c.seq_len());
         let jobs = cgroups
             .into_iter()
             .map(|gr| {
@@ -534,6 +505,23 @@ impl Batcher {
 /// Most padded prompt tokens one prefill batch holds.
 const PREFILL_TOKENS: usize = 512;
 
+/// `items` in arrival order, cut into groups whose padded size (most tokens to run, by `len`,
+/// times the group's size) stays within [`PREFILL_TOKENS`] (a longer one alone).
+fn prefill_groups<T>(items: Vec<T>, len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    for a in items {
+        let fits = groups.last().is_some_and(|gr| {
+            let longest = gr.iter().map(&len).max().unwrap_or(0);
+            longest.max(len(&a)) * (gr.len() + 1) <= PREFILL_TOKENS
+        });
+        match groups.last_mut() {
+            Some(gr) if fits => gr.push(a),
+            _ => groups.push(vec![a]),
+        }
+    }
+    groups
+}
+
 /// Run `f`, turning a panic into an error so that the batch's other threads are not left
 /// waiting forever.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -556,17 +544,8 @@ fn decode_step(
     mask: &mut [Vec<u8>],
     tokens: &[u32],
 ) -> Result<Vec<Vec<f32>>> {
-    let b = tokens.len();
-    let dev = model.device();
-    let mut pos = Vec::with_capacity(b);
-    for m in mask.iter_mut() {
-        m.push(1);
-        pos.push(m.iter().map(|&x| x as u32).sum::<u32>() - 1);
-    }
-    let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), dev)?;
-    let pos = Tensor::from_vec(pos, (b, 1), dev)?;
-    let bias = causal_bias(mask, 1, dev)?;
-    let logits = model.forward(&ids, &pos, &bias, cache, true)?;
+    mask.iter_mut().for_each(|m| m.push(1));
+    let logits = forward_masked(model, cache, mask, tokens.to_vec(), 1, true)?;
     Ok(logits.squeeze(1)?.to_vec2()?)
 }
 
@@ -594,25 +573,18 @@ fn continue_group(model: &dyn CausalLm, group: Vec<(KvCache, Vec<u32>)>) -> Resu
     let mut cache = joined.ok_or_else(|| Error::param("inputs", "no prompt to continue"))?;
     let lc = past.iter().copied().max().unwrap_or(0);
     let (rows, masks) = left_pad(&rests, 0);
-    let (b, r) = (rows.len(), rows.first().map_or(0, Vec::len));
-    let mut mask = Vec::with_capacity(b);
-    let mut pos = Vec::with_capacity(b * r);
-    for ((n, m), _) in past.iter().zip(&masks).zip(&rows) {
-        let mut full = vec![0u8; lc - n];
-        full.extend(std::iter::repeat_n(1u8, *n));
-        let mut count = *n as u32;
-        for &x in m {
-            count += x as u32;
-            pos.push(if x == 0 { 1 } else { count - 1 });
-        }
-        full.extend_from_slice(m);
-        mask.push(full);
-    }
-    let dev = model.device();
-    let ids = Tensor::from_vec(rows.concat(), (b, r), dev)?;
-    let pos = Tensor::from_vec(pos, (b, r), dev)?;
-    let bias = causal_bias(&mask, r, dev)?;
-    let logits = model.forward(&ids, &pos, &bias, &mut cache, true)?;
+    let r = rows.first().map_or(0, Vec::len);
+    let mask: Vec<Vec<u8>> = past
+        .iter()
+        .zip(masks)
+        .map(|(&n, m)| {
+            let mut full = vec![0u8; lc - n];
+            full.extend(std::iter::repeat_n(1u8, n));
+            full.extend(m);
+            full
+        })
+        .collect();
+    let logits = forward_masked(model, &mut cache, &mask, rows.concat(), r, true)?;
     Ok((logits.squeeze(1)?.to_vec2()?, cache, mask))
 }
 
@@ -645,18 +617,7 @@ impl StepModel for SharedSession<'_> {
                             "a shared batch takes one new token per request, after its prompt",
                         ));
                     }
-                    if self.model.hard_position_limit() {
-                        let limit = self.model.max_positions().unwrap_or(usize::MAX);
-                        if self.len >= limit {
-                            return Err(Error::param(
-                                "max_new_tokens",
-                                format!(
-                                    "generation would run past the model's {limit} positions; \
-                                     lower max_new_tokens or shorten the prompt"
-                                ),
-                            ));
-                        }
-                    }
+                    check_position(self.model, self.len)?;
                     if let Some(s) = g.seqs.get_mut(&self.id) {
                         s.token = Some(t[0]);
                     }

@@ -63,23 +63,63 @@ impl<'m> DecoderSession<'m> {
             .prompts
             .take()
             .ok_or_else(|| Error::param("inputs", "the prompt was already run"))?;
-        let (b, s) = (rows.len(), rows[0].len());
-        let dev = self.model.device();
-        let ids = Tensor::from_vec(rows.concat(), (b, s), dev)?;
-        let mut pos = Vec::with_capacity(b * s);
-        for m in &self.mask {
-            let mut c = 0u32;
-            for &x in m {
-                c += x as u32;
+        let s = rows[0].len();
+        forward_masked(
+            self.model,
+            &mut self.cache,
+            &self.mask,
+            rows.concat(),
+            s,
+            last_only,
+        )
+    }
+}
+
+/// Run `ids` (row-major, `new` per row: the last `new` columns of each row of `mask`) over
+/// `cache`: positions count each row's real tokens (`cumsum(mask) - 1`, padding at 1, as HF
+/// derives them), and the bias hides padding (left padding, or gaps) and the future.
+pub(crate) fn forward_masked(
+    model: &dyn CausalLm,
+    cache: &mut KvCache,
+    mask: &[Vec<u8>],
+    ids: Vec<u32>,
+    new: usize,
+    last_only: bool,
+) -> Result<Tensor> {
+    let (b, dev) = (mask.len(), model.device());
+    let mut pos = Vec::with_capacity(b * new);
+    for m in mask {
+        let first = m.len() - new;
+        let mut c = 0u32;
+        for (j, &x) in m.iter().enumerate() {
+            c += x as u32;
+            if j >= first {
                 pos.push(if x == 0 { 1 } else { c - 1 });
             }
         }
-        let pos = Tensor::from_vec(pos, (b, s), dev)?;
-        let bias = causal_bias(&self.mask, s, dev)?;
-        Ok(self
-            .model
-            .forward(&ids, &pos, &bias, &mut self.cache, last_only)?)
     }
+    let ids = Tensor::from_vec(ids, (b, new), dev)?;
+    let pos = Tensor::from_vec(pos, (b, new), dev)?;
+    let bias = causal_bias(mask, new, dev)?;
+    Ok(model.forward(&ids, &pos, &bias, cache, last_only)?)
+}
+
+/// An error when a token at `pos` would run past a model whose positions are a hard limit
+/// (learned position embeddings).
+pub(crate) fn check_position(model: &dyn CausalLm, pos: usize) -> Result<()> {
+    if model.hard_position_limit() {
+        let limit = model.max_positions().unwrap_or(usize::MAX);
+        if pos >= limit {
+            return Err(Error::param(
+                "max_new_tokens",
+                format!(
+                    "generation would run past the model's {limit} positions; lower \
+                     max_new_tokens or shorten the prompt"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl StepModel for DecoderSession<'_> {
@@ -91,29 +131,19 @@ impl StepModel for DecoderSession<'_> {
                 if b != self.mask.len() {
                     return Err(Error::param("inputs", "one new token per row expected"));
                 }
-                let dev = self.model.device();
-                let mut pos = Vec::with_capacity(b);
                 for m in self.mask.iter_mut() {
                     m.push(1);
-                    pos.push(m.iter().map(|&x| x as u32).sum::<u32>() - 1);
+                    let pos = m.iter().filter(|&&x| x != 0).count() - 1;
+                    check_position(self.model, pos)?;
                 }
-                if self.model.hard_position_limit() {
-                    let limit = self.model.max_positions().unwrap_or(usize::MAX);
-                    if pos.iter().any(|&p| p as usize >= limit) {
-                        return Err(Error::param(
-                            "max_new_tokens",
-                            format!(
-                                "generation would run past the model's {limit} positions; \
-                                 lower max_new_tokens or shorten the prompt"
-                            ),
-                        ));
-                    }
-                }
-                let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), dev)?;
-                let pos = Tensor::from_vec(pos, (b, 1), dev)?;
-                let bias = causal_bias(&self.mask, 1, dev)?;
-                self.model
-                    .forward(&ids, &pos, &bias, &mut self.cache, true)?
+                forward_masked(
+                    self.model,
+                    &mut self.cache,
+                    &self.mask,
+                    tokens.to_vec(),
+                    1,
+                    true,
+                )?
             }
         };
         Ok(logits.squeeze(1)?.to_vec2()?)

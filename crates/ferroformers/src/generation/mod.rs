@@ -285,12 +285,10 @@ impl TextGenerator {
         cfg: &GenerationConfig,
         hooks: &mut Hooks,
     ) -> Result<Generated> {
-        let Some(batcher) = &self.batcher else {
-            return self.generate_ids(std::slice::from_ref(&prompt.to_vec()), cfg, hooks);
+        let batcher = match &self.batcher {
+            Some(b) if cfg.num_beams == 1 && cfg.num_return_sequences == 1 => b,
+            _ => return self.generate_ids(&[prompt.to_vec()], cfg, hooks),
         };
-        if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
-            return self.generate_ids(std::slice::from_ref(&prompt.to_vec()), cfg, hooks);
-        }
         self.check_prompt_length(prompt.len())?;
         let reserve = cfg.max_total_length(prompt.len());
         let mut session = batcher.session(self.model.as_ref(), prompt.to_vec(), reserve);

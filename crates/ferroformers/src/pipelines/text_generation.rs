@@ -467,35 +467,19 @@ impl Task for TextGeneration {
             .map(|(i, inp)| self.encode(inp, &o, i))
             .collect::<Result<Vec<_>>>()?;
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
-        // One input, one sequence, continuous batching on: it joins the shared batch (other
-        // threads' calls generating at the same time).
-        if self.generator.batcher.is_some()
-            && prompts.len() == 1
-            && cfg.num_beams == 1
-            && cfg.num_return_sequences == 1
-        {
-            let mut hooks = Hooks {
-                decode: Some(&decode),
-                ..Hooks::default()
-            };
-            let gen = self.generator.generate_one(&prompts[0], &cfg, &mut hooks)?;
-            let texts = gen
-                .sequences
-                .first()
-                .into_iter()
-                .flatten()
-                .map(|s| self.postprocess(&inputs[0], &prompts[0], s, &o))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(vec![Output::Generated(texts)]);
-        }
         let mut outs = Vec::with_capacity(inputs.len());
         let mut start = 0;
-        let compute = |chunk: &[_]| {
+        let compute = |chunk: &[Vec<u32>]| {
             let mut hooks = Hooks {
                 decode: Some(&decode),
                 ..Hooks::default()
             };
-            self.generator.generate_ids(chunk, &cfg, &mut hooks)
+            match chunk {
+                // One prompt joins the shared batch when continuous batching is on (other
+                // threads' calls generating at the same time).
+                [one] => self.generator.generate_one(one, &cfg, &mut hooks),
+                _ => self.generator.generate_ids(chunk, &cfg, &mut hooks),
+            }
         };
         let cpu = self.generator.model.device().is_cpu();
         super::for_each_batch(&prompts, batch_size, cpu, compute, |chunk, gen| {
