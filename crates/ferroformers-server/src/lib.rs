@@ -629,6 +629,20 @@ fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiErr
     Ok((inputs, many))
 }
 
+/// An optional request count (absent or null: 0) that must be an integer from 0 to `max`
+/// (OpenAI's `top_logprobs` up to 20, TGI's `top_n_tokens` up to its default limit of 5).
+pub(crate) fn count_at_most(v: Option<&Value>, name: &str, max: u64) -> Result<usize, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(n) => match n.as_u64() {
+            Some(n) if n <= max => Ok(n as usize),
+            _ => Err(ApiError::validation(format!(
+                "`{name}` must be an integer from 0 to {max}"
+            ))),
+        },
+    }
+}
+
 fn params_of(v: &Value) -> Result<Params, ApiError> {
     match v.get("parameters") {
         None | Some(Value::Null) => Ok(Params::new()),

@@ -53,13 +53,11 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ),
     ];
     for (name, kind, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for m in &state.models {
-            if let Some(b) = &m.batcher {
-                let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b.stats));
-            }
-        }
+        let values = state
+            .models
+            .iter()
+            .filter_map(|m| Some((m.id.as_str(), get(&m.batcher.as_ref()?.stats))));
+        per_model(&mut out, (name, kind, help), values);
     }
     type GenSeries = (
         &'static str,
@@ -100,13 +98,11 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ),
     ];
     for (name, kind, help, get) in gen {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for m in &state.models {
-            if let Some(b) = m.pipe.batch_stats() {
-                let id = m.id.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "{name}{{model=\"{id}\"}} {}", get(&b));
-            }
-        }
+        let values = state
+            .models
+            .iter()
+            .filter_map(|m| Some((m.id.as_str(), get(&m.pipe.batch_stats()?))));
+        per_model(&mut out, (name, kind, help), values);
     }
     if let Ok(st) = state.requests.lock() {
         let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
@@ -157,4 +153,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.cancelled.load(Relaxed)
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// One Prometheus series with a value per model (`{model="ID"}`), after its HELP and TYPE lines.
+fn per_model<'a>(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (id, v) in values {
+        let id = id.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "{name}{{model=\"{id}\"}} {v}");
+    }
 }

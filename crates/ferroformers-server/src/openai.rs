@@ -250,17 +250,7 @@ pub(crate) async fn openai_generate(
         }
     };
     // `top_logprobs`: 0..=20 alternatives per token, with `logprobs: true` (as OpenAI).
-    let top = match v.get("top_logprobs") {
-        None | Some(Value::Null) => 0,
-        Some(t) => match t.as_u64() {
-            Some(n) if n <= 20 => n as usize,
-            _ => {
-                return Err(ApiError::validation(
-                    "`top_logprobs` must be an integer from 0 to 20",
-                ))
-            }
-        },
-    };
+    let top = count_at_most(v.get("top_logprobs"), "top_logprobs", 20)?;
     if top > 0 && !logprobs {
         return Err(ApiError::validation(
             "`top_logprobs` needs `logprobs: true`",

@@ -17,9 +17,6 @@ pub(crate) struct TgiOpts {
     pub top_n: usize,
 }
 
-/// TGI's `--max-top-n-tokens` default.
-const MAX_TOP_N_TOKENS: u64 = 5;
-
 /// A token as TGI writes it.
 fn tgi_token(id: u32, text: &str, logprob: f32, special: bool) -> Value {
     json!({"id": id, "text": text, "logprob": logprob, "special": special})
@@ -70,17 +67,7 @@ pub(crate) fn tgi_request_with(
     params
         .entry("return_full_text".to_string())
         .or_insert(json!(full_text));
-    let top_n = match params.remove("top_n_tokens") {
-        None | Some(Value::Null) => 0,
-        Some(n) => match n.as_u64() {
-            Some(n) if n <= MAX_TOP_N_TOKENS => n as usize,
-            _ => {
-                return Err(ApiError::validation(format!(
-                    "`top_n_tokens` must be an integer from 0 to {MAX_TOP_N_TOKENS}"
-                )))
-            }
-        },
-    };
+    let top_n = count_at_most(params.remove("top_n_tokens").as_ref(), "top_n_tokens", 5)?;
     let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
     Ok((input, params, TgiOpts { details, top_n }))
 }
@@ -169,11 +156,7 @@ pub(crate) fn tgi_stream(
                 });
                 last["generated_text"] = json!(generated_text(&out));
                 if opts.details {
-                    last["details"] = json!({
-                        "finish_reason": tgi_finish(&usage),
-                        "generated_tokens": usage.completion_tokens,
-                        "seed": null,
-                    });
+                    last["details"] = tgi_details(&usage);
                 }
                 let _ = tx.send(last.to_string());
             }
@@ -198,12 +181,13 @@ pub(crate) async fn tgi_generate(
     Ok(axum::Json(tgi_whole(&state, index, input, params, opts).await?).into_response())
 }
 
-fn tgi_finish(usage: &ferroformers::pipelines::text_generation::Usage) -> &'static str {
-    if usage.hit_limit {
-        "length"
-    } else {
-        "eos_token"
-    }
+/// TGI's `details` as both routes give them: why generation stopped, how many tokens it made.
+fn tgi_details(usage: &ferroformers::pipelines::text_generation::Usage) -> Value {
+    json!({
+        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+        "generated_tokens": usage.completion_tokens,
+        "seed": null,
+    })
 }
 
 /// TGI's whole answer: `{generated_text}`, with `details` when asked (why it stopped, how many
@@ -219,16 +203,12 @@ pub(crate) async fn tgi_whole(
         generate_with_tokens(state, index, input, params, opts.top_n).await?;
     let mut body = json!({"generated_text": generated_text(&out)});
     if opts.details {
-        let mut d = json!({
-            "finish_reason": tgi_finish(&usage),
-            "generated_tokens": usage.completion_tokens,
-            "seed": null,
-            "prefill": [],
-            "tokens": tokens
-                .iter()
-                .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
-                .collect::<Vec<_>>(),
-        });
+        let mut d = tgi_details(&usage);
+        d["prefill"] = json!([]);
+        d["tokens"] = tokens
+            .iter()
+            .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
+            .collect();
         if opts.top_n > 0 {
             d["top_tokens"] = Value::Array(tokens.iter().map(|t| tgi_top(&t.top)).collect());
         }
