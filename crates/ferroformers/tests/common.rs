@@ -77,3 +77,17 @@ pub fn compare(ours: &Value, want: &Value, tol: f64, path: &str) -> Result<(), S
         (a, b) => Err(format!("{path}: {a} vs expected {b}")),
     }
 }
+
+/// A decoder fixture (tests/fixtures/decoders/models/NAME) as a generator, f32 on CPU.
+pub fn decoder(name: &str) -> ferroformers::generation::TextGenerator {
+    let p = fixtures().join("decoders/models").join(name);
+    ferroformers::generation::TextGenerator::load(
+        &p.to_string_lossy(),
+        None,
+        None,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        None,
+    )
+    .unwrap()
+}

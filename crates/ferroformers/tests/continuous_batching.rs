@@ -4,26 +4,13 @@
 //! parameters), on the decoder fixtures of both KV cache kinds (GPT-2's tensors, the Llama
 //! family's CPU buffers).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use ferroformers::generation::{Batcher, GenerationConfig, Hooks, TextGenerator};
+mod common;
 
-fn load(name: &str) -> TextGenerator {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/decoders/models")
-        .join(name);
-    TextGenerator::load(
-        &p.to_string_lossy(),
-        None,
-        None,
-        &Device::Cpu,
-        DType::F32,
-        None,
-    )
-    .unwrap()
-}
+use common::decoder as load;
+
+use ferroformers::generation::{Batcher, GenerationConfig, Hooks, TextGenerator};
 
 /// Request `i`'s parameters: its own length limit, sampling for the odd ones (own seed).
 fn cfg(g: &TextGenerator, i: usize) -> GenerationConfig {

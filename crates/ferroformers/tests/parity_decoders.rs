@@ -6,7 +6,10 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+mod common;
+
+use common::decoder as load;
+
 use ferroformers::generation::{DecoderSession, GenerationConfig, Hooks, StepModel, TextGenerator};
 use ferroformers::{Input, Params, PipelineOptions, QuantMath};
 use serde_json::Value;
@@ -29,18 +32,6 @@ fn model_path(name: &str) -> String {
 fn expected(name: &str) -> Value {
     let p = fixtures().join("expected").join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn load(name: &str) -> TextGenerator {
-    TextGenerator::load(
-        &model_path(name),
-        None,
-        None,
-        &Device::Cpu,
-        DType::F32,
-        None,
-    )
-    .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
