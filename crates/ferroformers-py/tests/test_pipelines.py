@@ -339,3 +339,31 @@ def test_module_surface():
     names = [t[0] for t in ferroformers.tasks()]
     assert "text-classification" in names and "question-answering" in names
     assert Path(ferroformers.download(str(SEQCLS))).is_dir()
+
+
+def test_speech_recognition_matches_transformers():
+    """Whisper through the Python API: a file path, and the same clip as a waveform dict with
+    a numpy array, against transformers' pipeline outputs (tests/fixtures/whisper)."""
+    np = pytest.importorskip("numpy")
+    import wave
+
+    root = FIX / "whisper"
+    exp = json.loads((root / "expected" / "whisper-random.json").read_text())
+    asr = pipeline("automatic-speech-recognition", model=str(root / "models" / "whisper-random"))
+    checked = 0
+    for case in exp["pipelines"]:
+        if case["call"] != "single" or case["params"]:
+            continue
+        spec = case["inputs"][0]
+        path = root / spec.get("path", spec.get("raw"))
+        if "raw" in spec:
+            with wave.open(str(path)) as w:
+                pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+            inp = {"raw": pcm.astype(np.float32) / 32768.0, "sampling_rate": spec["sampling_rate"]}
+        else:
+            inp = str(path)
+        assert asr(inp) == case["output"]
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(ValueError, match="sampling_rate"):
+        asr({"raw": np.zeros(16000, dtype=np.float32)})

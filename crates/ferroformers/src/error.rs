@@ -57,6 +57,10 @@ pub enum Error {
     #[error("invalid input #{index}: {detail}")]
     InvalidInput { index: usize, detail: String },
 
+    /// Audio that cannot be decoded or processed (`what`: the file, the bytes, or the step).
+    #[error("audio {what}: {detail}")]
+    Audio { what: String, detail: String },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

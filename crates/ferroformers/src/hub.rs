@@ -135,7 +135,8 @@ fn is_short_hash(s: &str) -> bool {
     (7..40).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-/// Whether a snapshot folder holds a usable model: weights (safetensors, .bin, GGUF, or their
+/// Whether a snapshot folder holds a usable model: weights (safetensors, .bin, GGUF, CTranslate2's
+/// `model.bin`, or their
 /// shard index), or, for a tokenizer-only repo, tokenizer files and no `config.json`. A snapshot
 /// that Python filled with `config.json` alone is not enough to run.
 fn snapshot_is_usable(dir: &Path) -> bool {
@@ -145,6 +146,8 @@ fn snapshot_is_usable(dir: &Path) -> bool {
         "model.safetensors.index.json",
         "pytorch_model.bin",
         "pytorch_model.bin.index.json",
+        // CTranslate2 (faster-whisper) folders.
+        "model.bin",
     ];
     if weights.iter().any(|f| has(f)) {
         return true;

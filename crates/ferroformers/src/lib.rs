@@ -7,6 +7,7 @@
 //! # Ok::<(), ferroformers::Error>(())
 //! ```
 
+pub mod audio;
 pub mod config;
 pub mod error;
 pub mod generation;

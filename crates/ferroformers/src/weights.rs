@@ -3,6 +3,10 @@
 //!
 //! Names are served as HF model code spells them today; legacy LayerNorm names (`gamma`/`beta`,
 //! from TF-converted checkpoints) are mapped to `weight`/`bias`.
+//!
+//! [`Ct2File`] reads CTranslate2's `model.bin` (the faster-whisper format); the model that
+//! loads one renames its variables to HF's names and serves them through
+//! [`Weights::from_tensors`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -128,6 +132,16 @@ impl Weights {
         })
     }
 
+    /// Tensors already in memory (a converted format), under HF's names.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, path: PathBuf) -> Self {
+        let names = tensors.keys().map(|n| (n.clone(), n.clone())).collect();
+        Self {
+            source: Source::Loaded(tensors),
+            path,
+            names,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -199,6 +213,184 @@ impl SimpleBackend for Weights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.contains(name)
+    }
+}
+
+/// A CTranslate2 `model.bin` (binary version 6): the spec's name and revision, its floating
+/// point variables as f32 tensors (f16/bf16 widened, which is exact), its integer scalars
+/// (`num_heads`, flags), and its aliases (`decoder/projection/weight` -> the embeddings).
+pub struct Ct2File {
+    pub spec: String,
+    pub revision: u32,
+    pub tensors: HashMap<String, Tensor>,
+    pub scalars: HashMap<String, i64>,
+    pub aliases: HashMap<String, String>,
+}
+
+/// A little-endian reader over `model.bin` that names the file in every error.
+struct Ct2Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Ct2Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
+        let end = end.ok_or_else(|| {
+            Error::invalid_file(
+                self.path,
+                format!("truncated CTranslate2 model: the file ends inside {what}"),
+            )
+        })?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A u16-length string; CTranslate2 writes them with a trailing NUL.
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.u16(what)? as usize;
+        let b = self.take(n, what)?;
+        let b = b.strip_suffix(&[0]).unwrap_or(b);
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::invalid_file(self.path, format!("{what} is not UTF-8")))
+    }
+}
+
+impl Ct2File {
+    pub fn read(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut r = Ct2Reader {
+            data: &data,
+            pos: 0,
+            path,
+        };
+        let version = r.u32("the header")?;
+        if version != 6 {
+            return Err(Error::invalid_file(
+                path,
+                format!(
+                    "CTranslate2 model binary version {version}; only version 6 (CTranslate2 3.x \
+                     and 4.x) is supported"
+                ),
+            ));
+        }
+        let spec = r.string("the spec name")?;
+        let revision = r.u32("the spec revision")?;
+        let count = r.u32("the variable count")?;
+        let mut tensors = HashMap::new();
+        let mut scalars = HashMap::new();
+        for _ in 0..count {
+            let name = r.string("a variable name")?;
+            let rank = r.u8(&name)? as usize;
+            let dims = (0..rank)
+                .map(|_| r.u32(&name).map(|d| d as usize))
+                .collect::<Result<Vec<_>>>()?;
+            let dtype = r.u8(&name)?;
+            let bytes = r.u32(&name)? as usize;
+            let raw = r.take(bytes, &name)?;
+            let n: usize = dims.iter().product();
+            let width = match dtype {
+                0 | 3 => 4,
+                1 => 1,
+                2 | 4 | 5 => 2,
+                _ => {
+                    return Err(Error::invalid_file(
+                        path,
+                        format!("variable `{name}` has unknown data type {dtype}"),
+                    ))
+                }
+            };
+            if n * width != bytes {
+                return Err(Error::invalid_file(
+                    path,
+                    format!("variable `{name}`: {bytes} bytes for shape {dims:?}"),
+                ));
+            }
+            let floats: Option<Vec<f32>> = match dtype {
+                0 => Some(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                ),
+                4 => Some(
+                    raw.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                ),
+                5 => Some(
+                    raw.chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                ),
+                _ => None,
+            };
+            match floats {
+                Some(v) => {
+                    let t = Tensor::from_vec(v, dims, &Device::Cpu).map_err(|e| {
+                        Error::invalid_file(path, format!("variable `{name}`: {e}"))
+                    })?;
+                    tensors.insert(name, t);
+                }
+                None if rank == 0 => {
+                    let v = match dtype {
+                        1 => raw[0] as i8 as i64,
+                        2 => i16::from_le_bytes([raw[0], raw[1]]) as i64,
+                        _ => i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as i64,
+                    };
+                    scalars.insert(name, v);
+                }
+                None => {
+                    return Err(Error::invalid_file(
+                        path,
+                        format!(
+                            "variable `{name}` is stored as integers (an int8/int16-quantized \
+                             CTranslate2 model); only float32/float16/bfloat16 models load: \
+                             convert with --quantization float16"
+                        ),
+                    ))
+                }
+            }
+        }
+        let mut aliases = HashMap::new();
+        // Files older than binary version 5 end here; version 6 always has the count.
+        let n_alias = r.u32("the alias count")?;
+        for _ in 0..n_alias {
+            let alias = r.string("an alias")?;
+            let target = r.string("an alias target")?;
+            aliases.insert(alias, target);
+        }
+        Ok(Self {
+            spec,
+            revision,
+            tensors,
+            scalars,
+            aliases,
+        })
+    }
+
+    /// Variable `name`, following an alias.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).or_else(|| {
+            self.aliases
+                .get(name)
+                .and_then(|target| self.tensors.get(target))
+        })
     }
 }
 

@@ -184,6 +184,9 @@ class Pipeline:
     def _is_single(self, inputs):
         if isinstance(inputs, (str, dict)):
             return True
+        # A waveform (numpy array) is one audio input.
+        if hasattr(inputs, "tolist") and getattr(inputs, "ndim", 0) == 1:
+            return True
         # A chat: a list of {"role", "content"} messages is one input (a list of chats is many).
         if self.task == "text-generation" and isinstance(inputs, (list, tuple)) and inputs and all(
             isinstance(m, dict) and "role" in m for m in inputs
@@ -288,10 +291,16 @@ def _to_json_input(x):
     if isinstance(x, str):
         return x
     if isinstance(x, dict):
+        if "raw" in x or "array" in x:
+            # An audio waveform {"raw" | "array": numpy array, "sampling_rate": N}.
+            x = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in x.items()}
         return x
+    if hasattr(x, "tolist") and getattr(x, "ndim", 0) == 1:
+        # A bare waveform is taken to be at the feature extractor's 16 kHz, as transformers does.
+        return {"raw": x.tolist(), "sampling_rate": 16000}
     if isinstance(x, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in x):
         return {"messages": list(x)}
-    raise ValueError(f"input: expected a string or a dict, got {type(x).__name__}")
+    raise ValueError(f"input: expected a string, a dict or a waveform, got {type(x).__name__}")
 
 
 def _numpy(required):

@@ -46,6 +46,13 @@ pub struct GenerationConfig {
     pub forced_eos_token_id: Vec<u32>,
     /// Token sequences that may never be generated (`NoBadWordsLogitsProcessor`).
     pub bad_words_ids: Vec<Vec<u32>>,
+    /// Never generated (`SuppressTokensLogitsProcessor`; Whisper's non-speech symbols).
+    pub suppress_tokens: Vec<u32>,
+    /// Not generated as the first new token (`SuppressTokensAtBeginLogitsProcessor`; Whisper's
+    /// blank and end of text).
+    pub begin_suppress_tokens: Vec<u32>,
+    /// Whisper's timestamp rules, set by the speech-recognition pipeline (not a parameter).
+    pub timestamp_rules: Option<super::logits::TimestampRules>,
     /// Ours (not HF's): seed of the sampling RNG; `None` draws one from the clock.
     pub seed: Option<u64>,
 }
@@ -77,6 +84,9 @@ impl Default for GenerationConfig {
             forced_bos_token_id: None,
             forced_eos_token_id: Vec::new(),
             bad_words_ids: Vec::new(),
+            suppress_tokens: Vec::new(),
+            begin_suppress_tokens: Vec::new(),
+            timestamp_rules: None,
             seed: None,
         }
     }
@@ -108,6 +118,8 @@ pub const GENERATION_PARAMS: &[&str] = &[
     "forced_bos_token_id",
     "forced_eos_token_id",
     "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
 ];
 
 fn bad(name: &str, v: &Value, want: &str) -> Error {
@@ -239,6 +251,8 @@ impl GenerationConfig {
                 }
                 "forced_bos_token_id" => self.forced_bos_token_id = opt_usize(v)?.map(|n| n as u32),
                 "forced_eos_token_id" => self.forced_eos_token_id = as_ids(name, v)?,
+                "suppress_tokens" => self.suppress_tokens = as_ids(name, v)?,
+                "begin_suppress_tokens" => self.begin_suppress_tokens = as_ids(name, v)?,
                 "bad_words_ids" => {
                     self.bad_words_ids = match v {
                         Value::Null => Vec::new(),
@@ -290,7 +304,9 @@ impl GenerationConfig {
             decoder_start_token_id,
             forced_bos_token_id,
             forced_eos_token_id,
-            bad_words_ids
+            bad_words_ids,
+            suppress_tokens,
+            begin_suppress_tokens
         );
         out
     }

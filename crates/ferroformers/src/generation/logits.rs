@@ -15,6 +15,11 @@ pub struct LogitsProcessor {
     pub forced_bos: Option<u32>,
     pub forced_eos: Vec<u32>,
     pub bad_words: Vec<Vec<u32>>,
+    pub suppress: Vec<u32>,
+    /// Suppressed at the first new token.
+    pub begin_suppress: Vec<u32>,
+    /// Whisper's timestamp rules (`WhisperTimeStampLogitsProcessor`), after the suppression.
+    pub timestamps: Option<TimestampRules>,
     /// `max_length`, and `max_new_tokens` that overrides it (for the forced eos position).
     pub max_length: usize,
     pub max_new_tokens: Option<usize>,
@@ -48,6 +53,9 @@ impl LogitsProcessor {
                 .filter(|w| !(w.len() == 1 && cfg.eos_token_id.contains(&w[0])))
                 .cloned()
                 .collect(),
+            suppress: cfg.suppress_tokens.clone(),
+            begin_suppress: cfg.begin_suppress_tokens.clone(),
+            timestamps: cfg.timestamp_rules.clone(),
             max_length: cfg.max_length,
             max_new_tokens: cfg.max_new_tokens,
             sampling: cfg.do_sample.then(|| Warpers {
@@ -105,6 +113,22 @@ impl LogitsProcessor {
         if !self.forced_eos.is_empty() && tokens.len() + 1 == max_length {
             force(scores, &self.forced_eos);
         }
+        // HF's `begin_index`: the prompt length, one more when a forced bos follows a
+        // one-token prompt.
+        let begin = prompt_len + usize::from(prompt_len == 1 && self.forced_bos.is_some());
+        let begin_suppress = if tokens.len() == begin {
+            self.begin_suppress.as_slice()
+        } else {
+            &[]
+        };
+        for &t in self.suppress.iter().chain(begin_suppress) {
+            if let Some(s) = scores.get_mut(t as usize) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(ts) = &self.timestamps {
+            ts.apply(tokens, scores);
+        }
         if let Some(w) = &self.sampling {
             if w.temperature != 1.0 {
                 for s in scores.iter_mut() {
@@ -120,6 +144,80 @@ impl LogitsProcessor {
             if let Some(m) = w.min_p {
                 min_p_filter(scores, m, w.min_tokens_to_keep);
             }
+        }
+    }
+}
+
+/// `WhisperTimeStampLogitsProcessor`: timestamp tokens (`timestamp_begin` and above, one per
+/// 0.02 s) come in pairs around text, never go back in time, open every segment, and win over
+/// text when their total probability beats every single text token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimestampRules {
+    pub no_timestamps: u32,
+    pub timestamp_begin: u32,
+    pub eos: u32,
+    /// The row length at the first generated token.
+    pub begin_index: usize,
+    pub max_initial_timestamp_index: Option<usize>,
+}
+
+impl TimestampRules {
+    fn apply(&self, tokens: &[u32], scores: &mut [f32]) {
+        let n = scores.len();
+        let tb = (self.timestamp_begin as usize).min(n);
+        let mask = |scores: &mut [f32], from: usize, to: usize| {
+            for s in &mut scores[from.min(n)..to.min(n)] {
+                *s = f32::NEG_INFINITY;
+            }
+        };
+        if let Some(s) = scores.get_mut(self.no_timestamps as usize) {
+            *s = f32::NEG_INFINITY;
+        }
+        let seq = tokens.get(self.begin_index..).unwrap_or(&[]);
+        let is_ts = |t: u32| t >= self.timestamp_begin;
+        let last_was = seq.last().is_some_and(|&t| is_ts(t));
+        let penultimate_was = seq.len() < 2 || is_ts(seq[seq.len() - 2]);
+        if last_was {
+            if penultimate_was {
+                mask(scores, tb, n);
+            } else {
+                mask(scores, 0, self.eos as usize);
+            }
+        }
+        if let Some(&last) = seq.iter().rev().find(|&&t| is_ts(t)) {
+            let upto = if last_was && !penultimate_was {
+                last
+            } else {
+                last + 1
+            };
+            mask(scores, tb, upto as usize);
+        }
+        if tokens.len() == self.begin_index {
+            mask(scores, 0, tb);
+            if let Some(m) = self.max_initial_timestamp_index {
+                mask(scores, tb + m + 1, n);
+            }
+        }
+        // log-softmax is a shift of the scores: compare in score space, f64 sums as torch's
+        // float32 logsumexp would be within rounding of.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return;
+        }
+        let lse = |xs: &[f32]| {
+            let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if !m.is_finite() {
+                return f64::NEG_INFINITY;
+            }
+            m as f64 + xs.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln()
+        };
+        let ts_mass = lse(&scores[tb..]);
+        let best_text = scores[..tb]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
+        if ts_mass > best_text {
+            mask(scores, 0, tb);
         }
     }
 }

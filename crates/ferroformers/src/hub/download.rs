@@ -44,6 +44,10 @@ const TOP_LEVEL: &[&str] = &[
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
+    // speech: Whisper's feature extractor, faster-whisper's vocabulary
+    "preprocessor_config.json",
+    "vocabulary.txt",
+    "vocabulary.json",
 ];
 
 /// Weights, best first: the first one the repo has is fetched (an index brings its shards).
@@ -52,6 +56,8 @@ const WEIGHTS: &[&str] = &[
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
+    // CTranslate2 (faster-whisper repos)
+    "model.bin",
 ];
 
 /// Attempts at one file's body before giving up (each resumes where the last one stopped).

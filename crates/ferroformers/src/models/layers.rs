@@ -209,7 +209,11 @@ pub fn serial_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `f` over the f32 values of two contiguous CPU tensors (their storage borrowed meanwhile);
 /// `None` for other devices, dtypes or layouts.
-fn with_cpu_f32<R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+pub(crate) fn with_cpu_f32<R>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32]) -> R,
+) -> Option<R> {
     use candle_core::{CpuStorage, Storage};
     if !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return None;

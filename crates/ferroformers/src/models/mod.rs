@@ -18,6 +18,7 @@ pub mod llama;
 pub mod roberta;
 pub mod seq2seq;
 pub mod t5;
+pub mod whisper;
 
 use std::path::Path;
 

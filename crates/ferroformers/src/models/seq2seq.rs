@@ -213,12 +213,13 @@ pub fn right_pad(inputs: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8
 }
 
 /// [`StepModel`] for an encoder-decoder: the encoder runs once when the session is made; the
-/// first step runs the decoder on each row's start token, later steps one token per row.
+/// first step runs the decoder on each row's start tokens (one token, or Whisper's prompt of
+/// special tokens), later steps one token per row.
 pub struct Seq2SeqSession<'m> {
     model: &'m dyn Seq2SeqLm,
     cache: Seq2SeqCache,
-    /// Decoder start tokens, consumed by the first step.
-    start: Option<Vec<u32>>,
+    /// Decoder start tokens (rows of one length), consumed by the first step.
+    start: Option<Vec<Vec<u32>>>,
     rows: usize,
 }
 
@@ -249,21 +250,28 @@ impl<'m> Seq2SeqSession<'m> {
         let m = Tensor::from_vec(m, (b, s), dev)?;
         let hidden = model.encode(&ids, &m)?;
         let cache = model.new_cache(&hidden, &m)?;
-        Ok(Self {
-            model,
-            cache,
-            start: Some(vec![start; b]),
-            rows: b,
-        })
+        Ok(Self::with_cache(model, cache, vec![vec![start]; b]))
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let b = tokens.len();
-        if b != self.rows {
+    /// A session over an already encoded input (`cache` holds one row per start row); the
+    /// first step runs the `start` rows (all of one length).
+    pub fn with_cache(model: &'m dyn Seq2SeqLm, cache: Seq2SeqCache, start: Vec<Vec<u32>>) -> Self {
+        Self {
+            model,
+            cache,
+            rows: start.len(),
+            start: Some(start),
+        }
+    }
+
+    /// Logits of the last position after `tokens` (`width` per row, rows concatenated).
+    fn run(&mut self, tokens: &[u32], width: usize) -> Result<Vec<Vec<f32>>> {
+        let b = tokens.len() / width.max(1);
+        if b != self.rows || b * width != tokens.len() {
             return Err(Error::param("inputs", "one new token per row expected"));
         }
         if let Some(max) = self.model.max_decoder_positions() {
-            if self.cache.seq_len() >= max {
+            if self.cache.seq_len() + width > max {
                 return Err(Error::param(
                     "max_new_tokens",
                     format!(
@@ -273,9 +281,9 @@ impl<'m> Seq2SeqSession<'m> {
                 ));
             }
         }
-        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), self.model.device())?;
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, width), self.model.device())?;
         let logits = self.model.decode(&ids, &mut self.cache)?;
-        Ok(logits.squeeze(1)?.to_vec2()?)
+        Ok(logits.narrow(1, width - 1, 1)?.squeeze(1)?.to_vec2()?)
     }
 }
 
@@ -287,9 +295,10 @@ impl StepModel for Seq2SeqSession<'_> {
                     .start
                     .take()
                     .ok_or_else(|| Error::param("inputs", "the decoder was already started"))?;
-                self.run(&start)
+                let width = start.first().map_or(1, Vec::len);
+                self.run(&start.concat(), width)
             }
-            Some(t) => self.run(t),
+            Some(t) => self.run(t, 1),
         }
     }
 
@@ -297,7 +306,7 @@ impl StepModel for Seq2SeqSession<'_> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         self.cache.select_rows(&idx)?;
         if let Some(s) = &self.start {
-            self.start = Some(rows.iter().map(|&r| s[r]).collect());
+            self.start = Some(rows.iter().map(|&r| s[r].clone()).collect());
         }
         self.rows = rows.len();
         Ok(())

@@ -1,6 +1,7 @@
 //! Pipelines: `preprocess` (tokenize, pad) -> `forward` (batched) -> `postprocess` (pure
 //! functions on the outputs). One file per task; [`registry`] knows the task names.
 
+pub mod automatic_speech_recognition;
 pub mod feature_extraction;
 pub mod fill_mask;
 pub mod question_answering;
@@ -9,6 +10,7 @@ pub mod text2text;
 pub mod text_classification;
 pub mod text_generation;
 pub mod token_classification;
+pub mod whisper_languages;
 pub mod zero_shot;
 
 use std::path::PathBuf;
@@ -54,6 +56,14 @@ pub enum Input {
         source_sentence: String,
         sentences: Vec<String>,
     },
+    /// `{"raw" | "array": [...], "sampling_rate": N}` (automatic-speech-recognition): a mono
+    /// waveform.
+    Audio {
+        samples: Vec<f32>,
+        sampling_rate: u32,
+    },
+    /// The bytes of an audio file (automatic-speech-recognition).
+    AudioBytes(Vec<u8>),
 }
 
 impl From<&str> for Input {
@@ -82,6 +92,9 @@ impl Input {
     pub fn from_json(v: &Value, index: usize) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Object(o) if o.contains_key("raw") || o.contains_key("array") => {
+                audio_from_json(o, index)
+            }
             Value::Object(o) if o.contains_key("source_sentence") => {
                 feature_extraction::similarity_from_json(o, index)
             }
@@ -139,6 +152,12 @@ impl Input {
                 index,
                 "a `{source_sentence, sentences}` input is for sentence-similarity, not this task",
             )),
+            Input::Audio { .. } | Input::AudioBytes(_) => {
+                return Err(Error::input(
+                    index,
+                    "audio is for automatic-speech-recognition, not this task",
+                ))
+            }
         };
         if t.trim().is_empty() {
             return Err(Error::input(index, "the text is empty"));
@@ -150,6 +169,40 @@ impl Input {
         }
         Ok((t, p))
     }
+}
+
+/// `{"raw" | "array": [...], "sampling_rate": N}`: the waveform of an audio input.
+fn audio_from_json(o: &Map<String, Value>, index: usize) -> Result<Input> {
+    for k in o.keys() {
+        if !["raw", "array", "sampling_rate", "path"].contains(&k.as_str()) {
+            return Err(Error::input(
+                index,
+                format!("unexpected key `{k}` (expected `raw` or `array`, and `sampling_rate`)"),
+            ));
+        }
+    }
+    let rate = o
+        .get("sampling_rate")
+        .and_then(Value::as_u64)
+        .filter(|r| *r > 0 && *r <= u32::MAX as u64)
+        .ok_or_else(|| {
+            Error::input(
+                index,
+                "an audio input needs a positive integer `sampling_rate` beside `raw`",
+            )
+        })?;
+    let raw = o.get("raw").or_else(|| o.get("array"));
+    let samples = raw
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::input(index, "`raw` must be a list of numbers"))?
+        .iter()
+        .map(|v| v.as_f64().map(|x| x as f32))
+        .collect::<Option<Vec<f32>>>()
+        .ok_or_else(|| Error::input(index, "`raw` must be a list of numbers (mono audio)"))?;
+    Ok(Input::Audio {
+        samples,
+        sampling_rate: rate as u32,
+    })
 }
 
 /// A pipeline result for one input, serializing to HF's JSON shape.
@@ -184,6 +237,8 @@ pub enum Output {
     /// `{summary_text}` or `{translation_text}` (`*_token_ids` with `return_tensors`) per returned
     /// sequence.
     Text2Text(Vec<Map<String, Value>>),
+    /// automatic-speech-recognition: `{"text"}`, with `"chunks"` for timestamps.
+    Speech(Map<String, Value>),
 }
 
 /// Where the model comes from and how it runs.

@@ -98,6 +98,13 @@ pub const TASKS: &[TaskInfo] = &[
         implemented: true,
     },
     TaskInfo {
+        name: "automatic-speech-recognition",
+        aliases: &[],
+        default_model: "facebook/wav2vec2-base-960h",
+        default_revision: "22aad52",
+        implemented: true,
+    },
+    TaskInfo {
         name: "zero-shot-classification",
         aliases: &[],
         default_model: "facebook/bart-large-mnli",
@@ -173,6 +180,9 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
         "question-answering" => Box::new(QuestionAnswering::load(opts, model)?),
         "zero-shot-classification" => Box::new(super::zero_shot::ZeroShot::load(opts, model)?),
         "text-generation" => Box::new(TextGeneration::load(opts, model)?),
+        "automatic-speech-recognition" => {
+            Box::new(super::automatic_speech_recognition::SpeechRecognition::load(opts, model)?)
+        }
         "text2text-generation" | "summarization" | "translation" => {
             Box::new(super::text2text::Text2Text::load(opts, model, task_name)?)
         }
@@ -190,6 +200,9 @@ pub fn infer_task(dir: &std::path::Path) -> Option<&'static str> {
     if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
         return Some("text-generation");
     }
+    if crate::models::whisper::is_ct2_dir(dir) {
+        return Some("automatic-speech-recognition");
+    }
     let cfg = crate::config::ModelConfig::from_dir(dir).ok()?.raw;
     let arch = cfg
         .get("architectures")?
@@ -199,6 +212,9 @@ pub fn infer_task(dir: &std::path::Path) -> Option<&'static str> {
         .to_string();
     if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
         return Some("text-generation");
+    }
+    if arch == "WhisperForConditionalGeneration" {
+        return Some("automatic-speech-recognition");
     }
     if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
         return Some("text2text-generation");

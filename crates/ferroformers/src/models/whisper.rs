@@ -1,0 +1,624 @@
+//! Whisper (Radford et al. 2022), as `modeling_whisper.py`: log-mel features through two
+//! convolutions (the second halves the 3000 frames to 1500 positions) and a pre-LN transformer
+//! encoder; a pre-LN decoder with learned positions, cross-attention over the encoder's states,
+//! and the output projection tied to the token embeddings.
+//!
+//! Weights come from HF's `WhisperForConditionalGeneration` (safetensors) or from a
+//! CTranslate2 `model.bin` as faster-whisper ships it ([`load_ct2`]: the fused projections are
+//! split and the names mapped to HF's, so one model code serves both).
+//!
+//! Which path runs where: candle ops everywhere, except on CPU f32: encoder self-attention is
+//! the tiled kernel (`kernels::cpu::attention::attend_sequences`, scores never written whole),
+//! and decoder attention for a few query rows (decoding steps, beams) is `layers::sdpa`'s
+//! plain loop.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::{conv1d, embedding, layer_norm, Conv1d, Conv1dConfig, Embedding, LayerNorm};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::bart::DecoderCache;
+use super::causal_lm::KvCache;
+use super::layers::with_cpu_f32;
+use super::layers::{linear, sdpa, Activation, Linear};
+use super::seq2seq::{causal_bias, cross_bias, Seq2SeqCache, Seq2SeqLm};
+use crate::kernels::cpu::attention::attend_sequences;
+use crate::kernels::cpu::linear as linear_kernels;
+use crate::weights::{Ct2File, Weights};
+
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WhisperConfig {
+    pub vocab_size: usize,
+    pub num_mel_bins: usize,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub encoder_attention_heads: usize,
+    pub decoder_attention_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub decoder_ffn_dim: usize,
+    #[serde(default)]
+    pub activation_function: Activation,
+    pub max_source_positions: usize,
+    pub max_target_positions: usize,
+    #[serde(default)]
+    pub scale_embedding: bool,
+    #[serde(default)]
+    pub decoder_start_token_id: Option<u32>,
+}
+
+impl WhisperConfig {
+    /// The number of mel frames the encoder takes: two per position (`conv2` has stride 2).
+    pub fn input_frames(&self) -> usize {
+        self.max_source_positions * 2
+    }
+}
+
+/// Multi-head attention: `k_proj` has no bias (as in OpenAI's code).
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(d: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: Linear::new(vb.pp("k_proj").get((d, d), "weight")?, None)?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads,
+            scale: 1.0 / ((d / heads) as f64).sqrt(),
+        })
+    }
+
+    fn heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, s, d) = xs.dims3()?;
+        xs.reshape((b, s, self.heads, d / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Keys and values of `xs` split into heads: `[b, h, s, d]`.
+    fn kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.heads(&self.k.forward(xs)?)?,
+            self.heads(&self.v.forward(xs)?)?,
+        ))
+    }
+
+    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let q = self.heads(&self.q.forward(xs)?)?;
+        self.out.forward(&sdpa(&q, k, v, bias, self.scale)?)
+    }
+}
+
+struct FeedForward {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl FeedForward {
+    fn load(d: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(d, ffn, vb.pp("fc1"))?,
+            fc2: linear(ffn, d, vb.pp("fc2"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+    }
+}
+
+struct EncoderLayer {
+    attn: Attention,
+    /// `[q; k; v]` as one product (k's bias zeros), for the CPU attention kernel.
+    qkv: Linear,
+    attn_norm: LayerNorm,
+    ff: FeedForward,
+    ff_norm: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let attn = Attention::load(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?;
+        let a = vb.pp("self_attn");
+        let w = Tensor::cat(
+            &[
+                a.pp("q_proj").get((d, d), "weight")?,
+                a.pp("k_proj").get((d, d), "weight")?,
+                a.pp("v_proj").get((d, d), "weight")?,
+            ],
+            0,
+        )?;
+        let bq = a.pp("q_proj").get(d, "bias")?;
+        let b = Tensor::cat(
+            &[bq.clone(), bq.zeros_like()?, a.pp("v_proj").get(d, "bias")?],
+            0,
+        )?;
+        Ok(Self {
+            attn,
+            qkv: Linear::new(w, Some(b))?,
+            attn_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("self_attn_layer_norm"))?,
+            ff: FeedForward::load(d, cfg.encoder_ffn_dim, cfg.activation_function, &vb)?,
+            ff_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("final_layer_norm"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let h = self.attn_norm.forward(xs)?;
+        let ctx = if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            // Scores are never written whole: blocks of query rows, spread over the threads.
+            let (b, s, d) = h.dims3()?;
+            let heads = self.attn.heads;
+            let qkv: Vec<f32> = self.qkv.forward(&h)?.flatten_all()?.to_vec1()?;
+            let keep = vec![1f32; b * s];
+            let par = !crate::models::layers::in_worker();
+            let scale = self.attn.scale as f32;
+            let ctx = attend_sequences(&qkv, b, s, heads, d / heads, scale, None, &keep, par);
+            Tensor::from_vec(ctx, (b, s, d), xs.device())?
+        } else {
+            let (k, v) = self.attn.kv(&h)?;
+            let q = self.attn.heads(&self.attn.q.forward(&h)?)?;
+            sdpa(&q, &k, &v, bias, self.attn.scale)?
+        };
+        let xs = (self.attn.out.forward(&ctx)? + xs)?;
+        let h = self.ff_norm.forward(&xs)?;
+        self.ff.forward(&h)? + xs
+    }
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    self_norm: LayerNorm,
+    cross_attn: Attention,
+    cross_norm: LayerNorm,
+    ff: FeedForward,
+    ff_norm: LayerNorm,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let h = cfg.decoder_attention_heads;
+        Ok(Self {
+            self_attn: Attention::load(d, h, vb.pp("self_attn"))?,
+            self_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("self_attn_layer_norm"))?,
+            cross_attn: Attention::load(d, h, vb.pp("encoder_attn"))?,
+            cross_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("encoder_attn_layer_norm"))?,
+            ff: FeedForward::load(d, cfg.decoder_ffn_dim, cfg.activation_function, &vb)?,
+            ff_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("final_layer_norm"))?,
+        })
+    }
+}
+
+/// `WhisperForConditionalGeneration`.
+pub struct WhisperForConditionalGeneration {
+    conv1: Conv1d,
+    conv2: Conv1d,
+    enc_pos: Tensor,
+    enc_layers: Vec<EncoderLayer>,
+    enc_norm: LayerNorm,
+    embed_tokens: Embedding,
+    dec_pos: Tensor,
+    dec_layers: Vec<DecoderLayer>,
+    dec_norm: LayerNorm,
+    proj_out: Linear,
+    /// The checkpoint has its own `proj_out.weight` (not tied to the embeddings).
+    proj_is_separate: bool,
+    embed_scale: f64,
+    pub config: WhisperConfig,
+}
+
+impl WhisperForConditionalGeneration {
+    /// `vb` at the root (`model.` and `proj_out.` below it).
+    pub fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let m = vb.pp("model");
+        let enc = m.pp("encoder");
+        let dec = m.pp("decoder");
+        let conv = |stride| Conv1dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        };
+        let embed_tokens = embedding(cfg.vocab_size, d, dec.pp("embed_tokens"))?;
+        let proj_is_separate = vb.contains_tensor("proj_out.weight");
+        let proj = if proj_is_separate {
+            vb.get((cfg.vocab_size, d), "proj_out.weight")?
+        } else {
+            embed_tokens.embeddings().clone()
+        };
+        Ok(Self {
+            conv1: conv1d(cfg.num_mel_bins, d, 3, conv(1), enc.pp("conv1"))?,
+            conv2: conv1d(d, d, 3, conv(2), enc.pp("conv2"))?,
+            enc_pos: enc
+                .pp("embed_positions")
+                .get((cfg.max_source_positions, d), "weight")?,
+            enc_layers: (0..cfg.encoder_layers)
+                .map(|i| EncoderLayer::load(cfg, enc.pp("layers").pp(i)))
+                .collect::<Result<_>>()?,
+            enc_norm: layer_norm(d, LAYER_NORM_EPS, enc.pp("layer_norm"))?,
+            dec_pos: dec
+                .pp("embed_positions")
+                .get((cfg.max_target_positions, d), "weight")?,
+            dec_layers: (0..cfg.decoder_layers)
+                .map(|i| DecoderLayer::load(cfg, dec.pp("layers").pp(i)))
+                .collect::<Result<_>>()?,
+            dec_norm: layer_norm(d, LAYER_NORM_EPS, dec.pp("layer_norm"))?,
+            proj_out: Linear::new(proj, None)?,
+            proj_is_separate,
+            embed_tokens,
+            embed_scale: if cfg.scale_embedding {
+                (d as f64).sqrt()
+            } else {
+                1.0
+            },
+            config: cfg.clone(),
+        })
+    }
+
+    /// Encoder states `[b, 1500, d]` of log-mel `features` `[b, mels, 3000]`.
+    pub fn encode_features(&self, features: &Tensor) -> Result<Tensor> {
+        let (_, mels, frames) = features.dims3()?;
+        let want = self.config.input_frames();
+        if mels != self.config.num_mel_bins || frames != want {
+            candle_core::bail!(
+                "Whisper takes {} mel bins x {want} frames; got {mels} x {frames}",
+                self.config.num_mel_bins
+            );
+        }
+        let dtype = self.enc_pos.dtype();
+        let xs = features.to_dtype(dtype)?;
+        let xs = Activation::Gelu.forward(&self.conv1.forward(&xs)?)?;
+        let xs = Activation::Gelu.forward(&self.conv2.forward(&xs)?)?;
+        let mut xs = xs
+            .transpose(1, 2)?
+            .contiguous()?
+            .broadcast_add(&self.enc_pos)?;
+        let bias = Tensor::zeros((1, 1, 1, 1), dtype, xs.device())?;
+        for l in &self.enc_layers {
+            xs = l.forward(&xs, &bias)?;
+        }
+        self.enc_norm.forward(&xs)
+    }
+
+    /// An empty decoder cache with the cross-attention keys/values of `encoder_hidden`.
+    pub fn new_decoder_cache(&self, encoder_hidden: &Tensor) -> Result<DecoderCache> {
+        let cross_kv = self
+            .dec_layers
+            .iter()
+            .map(|l| l.cross_attn.kv(encoder_hidden))
+            .collect::<Result<_>>()?;
+        Ok(DecoderCache {
+            self_kv: KvCache::new(self.dec_layers.len()),
+            cross_kv,
+        })
+    }
+
+    /// Decoder hidden states for `ids` `[b, s]` following the cached tokens.
+    pub fn decode_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut DecoderCache,
+        self_bias: &Tensor,
+        cross_bias: &Tensor,
+    ) -> Result<Tensor> {
+        let start = cache.self_kv.seq_len();
+        let s = ids.dim(1)?;
+        if start + s > self.config.max_target_positions {
+            candle_core::bail!(
+                "the decoder has {} positions; {} tokens do not fit",
+                self.config.max_target_positions,
+                start + s
+            );
+        }
+        let mut xs = (self.embed_tokens.forward(ids)? * self.embed_scale)?
+            .broadcast_add(&self.dec_pos.narrow(0, start, s)?)?;
+        for (i, l) in self.dec_layers.iter().enumerate() {
+            let h = l.self_norm.forward(&xs)?;
+            let (k, v) = l.self_attn.kv(&h)?;
+            let (k, v) = cache.self_kv.append(i, &k, &v)?;
+            xs = (l.self_attn.attend(&h, &k, &v, self_bias)? + xs)?;
+            let h = l.cross_norm.forward(&xs)?;
+            let (ck, cv) = &cache.cross_kv[i];
+            xs = (l.cross_attn.attend(&h, ck, cv, cross_bias)? + xs)?;
+            let h = l.ff_norm.forward(&xs)?;
+            xs = (l.ff.forward(&h)? + xs)?;
+        }
+        self.dec_norm.forward(&xs)
+    }
+
+    /// Logits of decoder states. On CPU f32, a few rows (a decoding step, beams) stream the
+    /// `[vocab, d]` projection once per 4 rows (`kernels::cpu::linear::matmul`): it is the
+    /// largest weight a step reads (tiny.en: 80 MB of 110), and reading it in memory order is
+    /// what decoding speed comes down to.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let d = self.config.d_model;
+        let rows = hidden.elem_count() / d;
+        let w = self.embed_tokens.embeddings();
+        let same = self.proj_out.weight_t().dims() == [d, self.config.vocab_size]
+            && !self.proj_is_separate;
+        if same && rows <= 8 {
+            let x = hidden.contiguous()?;
+            let par = !crate::models::layers::in_worker();
+            let vocab = self.config.vocab_size;
+            let out = with_cpu_f32(&x, w, |x, w| {
+                let mut out = Vec::with_capacity(rows * vocab);
+                for chunk in x.chunks(4 * d) {
+                    out.extend(linear_kernels::matmul(
+                        chunk,
+                        chunk.len() / d,
+                        d,
+                        w,
+                        vocab,
+                        par,
+                    ));
+                }
+                out
+            });
+            if let Some(out) = out {
+                let mut shape = dims;
+                *shape.last_mut().unwrap_or(&mut 0) = vocab;
+                return Tensor::from_vec(out, shape, hidden.device());
+            }
+        }
+        self.proj_out.forward(hidden)
+    }
+
+    /// A decoder cache for the encoder states of features `[b, mels, 3000]`.
+    pub fn encode_to_cache(&self, features: &Tensor) -> Result<Seq2SeqCache> {
+        let hidden = self.encode_features(features)?;
+        let (b, s, _) = hidden.dims3()?;
+        let mask = Tensor::ones((b, s), DType::U32, hidden.device())?;
+        Ok(Seq2SeqCache::tensors(
+            self.new_decoder_cache(&hidden)?,
+            cross_bias(&mask, hidden.dtype())?,
+        ))
+    }
+}
+
+impl Seq2SeqLm for WhisperForConditionalGeneration {
+    fn encode(&self, _ids: &Tensor, _mask: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("Whisper's encoder takes log-mel features, not token ids")
+    }
+
+    fn new_cache(&self, encoder_hidden: &Tensor, mask: &Tensor) -> Result<Seq2SeqCache> {
+        Ok(Seq2SeqCache::tensors(
+            self.new_decoder_cache(encoder_hidden)?,
+            cross_bias(mask, encoder_hidden.dtype())?,
+        ))
+    }
+
+    fn decode(&self, ids: &Tensor, cache: &mut Seq2SeqCache) -> Result<Tensor> {
+        let s = ids.dim(1)?;
+        let past = cache.seq_len();
+        let (dec, cross_bias) = cache.as_tensors()?;
+        let self_bias = causal_bias(s, past, ids.device(), cross_bias.dtype())?;
+        let hidden = self.decode_hidden(ids, dec, &self_bias, cross_bias)?;
+        self.logits(&hidden)?.to_dtype(DType::F32)
+    }
+
+    fn decoder_start_token_id(&self) -> u32 {
+        self.config.decoder_start_token_id.unwrap_or(50258)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config.max_source_positions)
+    }
+
+    fn max_decoder_positions(&self) -> Option<usize> {
+        Some(self.config.max_target_positions)
+    }
+
+    fn device(&self) -> &Device {
+        self.enc_pos.device()
+    }
+}
+
+/// A faster-whisper (CTranslate2) folder: `model.bin` beside a CTranslate2 `config.json`.
+pub fn is_ct2_dir(dir: &Path) -> bool {
+    let has_model_type = crate::config::read_json(&dir.join("config.json"))
+        .ok()
+        .is_some_and(|c| c.get("model_type").is_some());
+    dir.join("model.bin").is_file() && !has_model_type
+}
+
+fn ct2_err(path: &Path, detail: impl ToString) -> crate::error::Error {
+    crate::error::Error::Weights {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+/// A CTranslate2 Whisper `model.bin` as HF's config (a `config.json` value) and weights under
+/// HF's names. The fused `[q; k; v]` and cross-attention `[k; v]` projections are split (their
+/// stored key bias is zeros: HF's `k_proj` has none).
+pub fn load_ct2(path: &Path) -> crate::error::Result<(Value, Weights)> {
+    let file = Ct2File::read(path)?;
+    if file.spec != "WhisperSpec" {
+        return Err(ct2_err(
+            path,
+            format!("a CTranslate2 `{}` model, not Whisper", file.spec),
+        ));
+    }
+    let get = |name: &str| {
+        file.tensor(name)
+            .ok_or_else(|| ct2_err(path, format!("variable `{name}` is missing")))
+    };
+    let dims = |name: &str| get(name).map(|t| t.dims().to_vec());
+    let conv1 = dims("encoder/conv1/weight")?;
+    let (d, mels) = (conv1[0], conv1[1]);
+    let count = |side: &str| {
+        (0..)
+            .take_while(|i| {
+                file.tensors
+                    .contains_key(&format!("{side}/layer_{i}/ffn/linear_0/weight"))
+            })
+            .count()
+    };
+    let (enc_layers, dec_layers) = (count("encoder"), count("decoder"));
+    let heads = |side: &str| {
+        file.scalars
+            .get(&format!("{side}/num_heads"))
+            .map(|&h| h as usize)
+            .ok_or_else(|| ct2_err(path, format!("`{side}/num_heads` is missing")))
+    };
+    let vocab = dims("decoder/embeddings/weight")?[0];
+    let ffn = dims("encoder/layer_0/ffn/linear_0/weight")?[0];
+    let config = json!({
+        "model_type": "whisper",
+        "architectures": ["WhisperForConditionalGeneration"],
+        "vocab_size": vocab,
+        "num_mel_bins": mels,
+        "d_model": d,
+        "encoder_layers": enc_layers,
+        "decoder_layers": dec_layers,
+        "encoder_attention_heads": heads("encoder")?,
+        "decoder_attention_heads": heads("decoder")?,
+        "encoder_ffn_dim": ffn,
+        "decoder_ffn_dim": dims("decoder/layer_0/ffn/linear_0/weight")?[0],
+        "activation_function": "gelu",
+        "max_source_positions": dims("encoder/position_encodings/encodings")?[0],
+        "max_target_positions": dims("decoder/position_encodings/encodings")?[0],
+        "scale_embedding": file.scalars.get("decoder/scale_embeddings").is_some_and(|&v| v != 0),
+    });
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |hf: String, t: Tensor| {
+        out.insert(hf, t);
+    };
+    let wrap = |e: candle_core::Error| ct2_err(path, e);
+    let norm = |put: &mut dyn FnMut(String, Tensor), ct: &str, hf: &str| {
+        put(format!("{hf}.weight"), get(&format!("{ct}/gamma"))?.clone());
+        put(format!("{hf}.bias"), get(&format!("{ct}/beta"))?.clone());
+        Ok::<_, crate::error::Error>(())
+    };
+    let lin = |put: &mut dyn FnMut(String, Tensor), ct: &str, hf: &str| {
+        put(
+            format!("{hf}.weight"),
+            get(&format!("{ct}/weight"))?.clone(),
+        );
+        put(format!("{hf}.bias"), get(&format!("{ct}/bias"))?.clone());
+        Ok::<_, crate::error::Error>(())
+    };
+    // Rows `[i*d, (i+1)*d)` of a fused projection as HF's `name` (`k_proj` without its bias).
+    let split = |put: &mut dyn FnMut(String, Tensor),
+                 ct: &str,
+                 names: &[&str]|
+     -> crate::error::Result<()> {
+        let w = get(&format!("{ct}/weight"))?;
+        let b = get(&format!("{ct}/bias"))?;
+        for (i, hf) in names.iter().enumerate() {
+            put(
+                format!("{hf}.weight"),
+                w.narrow(0, i * d, d)
+                    .and_then(|t| t.contiguous())
+                    .map_err(wrap)?,
+            );
+            if !hf.ends_with("k_proj") {
+                put(
+                    format!("{hf}.bias"),
+                    b.narrow(0, i * d, d)
+                        .and_then(|t| t.contiguous())
+                        .map_err(wrap)?,
+                );
+            }
+        }
+        Ok(())
+    };
+    let p = &mut put;
+    lin(p, "encoder/conv1", "model.encoder.conv1")?;
+    lin(p, "encoder/conv2", "model.encoder.conv2")?;
+    p(
+        "model.encoder.embed_positions.weight".into(),
+        get("encoder/position_encodings/encodings")?.clone(),
+    );
+    p(
+        "model.decoder.embed_positions.weight".into(),
+        get("decoder/position_encodings/encodings")?.clone(),
+    );
+    p(
+        "model.decoder.embed_tokens.weight".into(),
+        get("decoder/embeddings/weight")?.clone(),
+    );
+    if file.tensors.contains_key("decoder/projection/weight") {
+        p(
+            "proj_out.weight".into(),
+            get("decoder/projection/weight")?.clone(),
+        );
+    }
+    norm(p, "encoder/layer_norm", "model.encoder.layer_norm")?;
+    norm(p, "decoder/layer_norm", "model.decoder.layer_norm")?;
+    for (side, n) in [("encoder", enc_layers), ("decoder", dec_layers)] {
+        for i in 0..n {
+            let ct = format!("{side}/layer_{i}");
+            let hf = format!("model.{side}.layers.{i}");
+            let sa = format!("{hf}.self_attn");
+            split(
+                p,
+                &format!("{ct}/self_attention/linear_0"),
+                &[
+                    &format!("{sa}.q_proj"),
+                    &format!("{sa}.k_proj"),
+                    &format!("{sa}.v_proj"),
+                ],
+            )?;
+            lin(
+                p,
+                &format!("{ct}/self_attention/linear_1"),
+                &format!("{sa}.out_proj"),
+            )?;
+            norm(
+                p,
+                &format!("{ct}/self_attention/layer_norm"),
+                &format!("{hf}.self_attn_layer_norm"),
+            )?;
+            if side == "decoder" {
+                let ca = format!("{hf}.encoder_attn");
+                lin(
+                    p,
+                    &format!("{ct}/attention/linear_0"),
+                    &format!("{ca}.q_proj"),
+                )?;
+                split(
+                    p,
+                    &format!("{ct}/attention/linear_1"),
+                    &[&format!("{ca}.k_proj"), &format!("{ca}.v_proj")],
+                )?;
+                lin(
+                    p,
+                    &format!("{ct}/attention/linear_2"),
+                    &format!("{ca}.out_proj"),
+                )?;
+                norm(
+                    p,
+                    &format!("{ct}/attention/layer_norm"),
+                    &format!("{hf}.encoder_attn_layer_norm"),
+                )?;
+            }
+            norm(
+                p,
+                &format!("{ct}/ffn/layer_norm"),
+                &format!("{hf}.final_layer_norm"),
+            )?;
+            lin(p, &format!("{ct}/ffn/linear_0"), &format!("{hf}.fc1"))?;
+            lin(p, &format!("{ct}/ffn/linear_1"), &format!("{hf}.fc2"))?;
+        }
+    }
+    Ok((config, Weights::from_tensors(out, path.to_path_buf())))
+}

@@ -1,0 +1,1246 @@
+//! `automatic-speech-recognition` with Whisper, as HF's `AutomaticSpeechRecognitionPipeline`
+//! and `WhisperGenerationMixin.generate` (4.57) do it for audio of up to 30 s, or longer audio
+//! cut into overlapping chunks (`chunk_length_s`, `stride_length_s`).
+//!
+//! - Inputs: a path to an audio file (WAV, FLAC, MP3, OGG/Vorbis), the file's bytes, or a
+//!   waveform `{"raw" | "array": [...], "sampling_rate": N}` (resampled to 16 kHz as
+//!   torchaudio does).
+//! - The decoder starts from Whisper's special tokens: `<|startoftranscript|>`, the language
+//!   (given, or detected from the first step's most likely language token), the task
+//!   (`transcribe` or `translate`), and `<|notimestamps|>` unless timestamps are asked for.
+//! - `suppress_tokens` and `begin_suppress_tokens` from the generation config; with
+//!   `return_timestamps=True`, the timestamp rules (`WhisperTimeStampLogitsProcessor`).
+//! - Output `{"text"}`, with `chunks: [{"timestamp": [start, end], "text"}]` for timestamps,
+//!   merged across chunks by `_decode_asr`'s rules (ported below).
+//!
+//! Weights: HF's `WhisperForConditionalGeneration` folders, or faster-whisper (CTranslate2)
+//! folders read directly; their generation settings come from the CTranslate2 `config.json`
+//! and the tokenizer's special tokens.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Map, Value};
+
+use super::whisper_languages::{code_of, name_of};
+use super::{param, Input, Output, Params, PipelineOptions, Task};
+use crate::audio::{decode_bytes, decode_file, resample, Audio, WhisperFeatureExtractor};
+use crate::config::{read_json, ModelConfig};
+use crate::error::{Error, Result};
+use crate::generation::config::GENERATION_PARAMS;
+use crate::generation::logits::TimestampRules;
+use crate::generation::search::{generate, Hooks};
+use crate::generation::GenerationConfig;
+use crate::models::bart::DecoderCache;
+use crate::models::causal_lm::KvCache;
+use crate::models::seq2seq::{Seq2SeqCache, Seq2SeqLm, Seq2SeqSession};
+use crate::models::whisper::{
+    is_ct2_dir, load_ct2, WhisperConfig, WhisperForConditionalGeneration,
+};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+const OWN_PARAMS: &[&str] = &[
+    "return_timestamps",
+    "return_language",
+    "chunk_length_s",
+    "stride_length_s",
+    "generate_kwargs",
+    "ignore_warning",
+    "language",
+    "task",
+];
+
+fn accepted_params() -> &'static [&'static str] {
+    static LIST: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let mut v: Vec<&'static str> = OWN_PARAMS.to_vec();
+        v.extend_from_slice(GENERATION_PARAMS);
+        v
+    })
+}
+
+/// What Whisper's generation config says beyond HF's generic fields.
+#[derive(Debug, Clone)]
+struct Protocol {
+    decoder_start: u32,
+    eos: u32,
+    no_timestamps: u32,
+    /// `(code, token id)`: `("en", 50259)`.
+    lang_to_id: Vec<(String, u32)>,
+    transcribe: Option<u32>,
+    translate: Option<u32>,
+    is_multilingual: bool,
+    /// `forced_decoder_ids` from position 1 on (`None`: to be detected).
+    forced: Vec<Option<u32>>,
+    max_initial_timestamp_index: Option<usize>,
+    return_timestamps: bool,
+    /// `tokenizer.all_special_ids`: dropped from the text.
+    special_ids: HashSet<u32>,
+}
+
+impl Protocol {
+    /// From an HF `generation_config.json`.
+    fn from_hf(g: &Value, tokenizer: &Tokenizer, gen: &GenerationConfig) -> Self {
+        let id = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let lang_to_id = g
+            .get("lang_to_id")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(tok, v)| {
+                        let code = tok.trim_start_matches("<|").trim_end_matches("|>");
+                        Some((code.to_string(), v.as_u64()? as u32))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tasks = g.get("task_to_id");
+        let task = |t: &str| {
+            tasks
+                .and_then(|m| m.get(t))
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        let forced = g
+            .get("forced_decoder_ids")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| {
+                        let p = p.as_array()?;
+                        Some((p.first()?.as_u64()?, p.get(1)?.as_u64().map(|v| v as u32)))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        // Only a run of positions 1, 2, ... is Whisper's prompt pattern.
+        let forced = forced
+            .iter()
+            .enumerate()
+            .take_while(|(i, (pos, _))| *pos == *i as u64 + 1)
+            .map(|(_, (_, t))| *t)
+            .collect();
+        let eos = gen.eos_token_id.first().copied().unwrap_or(50257);
+        Self {
+            decoder_start: gen.decoder_start_token_id.unwrap_or(50258),
+            eos,
+            no_timestamps: id("no_timestamps_token_id")
+                .or_else(|| tokenizer.token_to_id("<|notimestamps|>"))
+                .unwrap_or(50363),
+            lang_to_id,
+            transcribe: task("transcribe"),
+            translate: task("translate"),
+            is_multilingual: g
+                .get("is_multilingual")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            forced,
+            max_initial_timestamp_index: g
+                .get("max_initial_timestamp_index")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize),
+            return_timestamps: g
+                .get("return_timestamps")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            special_ids: special_ids(tokenizer),
+        }
+    }
+
+    /// For a faster-whisper folder: the settings openai/whisper-* generation configs hold, from
+    /// the tokenizer's special tokens and the CTranslate2 `config.json` (languages, suppressed
+    /// tokens).
+    fn from_ct2(
+        ct2: &Value,
+        tokenizer: &Tokenizer,
+        vocab_size: usize,
+        path: &Path,
+    ) -> Result<(Self, GenerationConfig)> {
+        let tok = |t: &str| {
+            tokenizer.token_to_id(t).ok_or_else(|| {
+                Error::invalid_file(
+                    path,
+                    format!("the tokenizer has no `{t}` token: not a Whisper tokenizer"),
+                )
+            })
+        };
+        let ids = |k: &str| -> Vec<u32> {
+            ct2.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|v| v as u32))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let is_multilingual = vocab_size >= 51865;
+        let sot = tok("<|startoftranscript|>")?;
+        let eos = tok("<|endoftext|>")?;
+        let no_timestamps = tok("<|notimestamps|>")?;
+        let lang_to_id = if is_multilingual {
+            ids("lang_ids")
+                .into_iter()
+                .filter_map(|id| {
+                    let t = tokenizer.id_to_token(id)?;
+                    let code = t.strip_prefix("<|")?.strip_suffix("|>")?.to_string();
+                    Some((code, id))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let transcribe = tokenizer.token_to_id("<|transcribe|>");
+        let forced = if is_multilingual {
+            vec![None, transcribe]
+        } else {
+            vec![Some(no_timestamps)]
+        };
+        let protocol = Self {
+            decoder_start: sot,
+            eos,
+            no_timestamps,
+            lang_to_id,
+            transcribe,
+            translate: tokenizer.token_to_id("<|translate|>"),
+            is_multilingual,
+            forced,
+            max_initial_timestamp_index: Some(50),
+            return_timestamps: false,
+            special_ids: special_ids(tokenizer),
+        };
+        let gen = GenerationConfig {
+            max_length: 448,
+            eos_token_id: vec![eos],
+            pad_token_id: Some(eos),
+            bos_token_id: Some(eos),
+            decoder_start_token_id: Some(sot),
+            suppress_tokens: ids("suppress_ids"),
+            begin_suppress_tokens: ids("suppress_ids_begin"),
+            ..GenerationConfig::default()
+        };
+        Ok((protocol, gen))
+    }
+
+    fn language_id(&self, language: &str) -> Result<u32> {
+        let code = code_of(language).ok_or_else(|| {
+            Error::param(
+                "language",
+                format!(
+                    "unsupported language `{language}`: give a code (`en`) or a name (`english`)"
+                ),
+            )
+        })?;
+        self.lang_to_id
+            .iter()
+            .find(|(c, _)| c == code)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| {
+                Error::param(
+                    "language",
+                    format!("<|{code}|> is not a language this model knows"),
+                )
+            })
+    }
+}
+
+/// Every special token of the tokenizer (added tokens marked special).
+fn special_ids(tokenizer: &Tokenizer) -> HashSet<u32> {
+    tokenizer
+        .inner()
+        .get_added_tokens_decoder()
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// What one call asks of generation.
+#[derive(Debug, Clone)]
+struct CallOptions {
+    language: Option<String>,
+    task: Option<String>,
+    timestamps: bool,
+    return_language: bool,
+    generation: GenerationConfig,
+    /// `temperature` given: sampling at that temperature (0: greedy), as Whisper's fallback
+    /// loop sets `do_sample` from it.
+    temperature: Option<f32>,
+}
+
+/// One piece of audio the model sees: a whole input, or a chunk of one.
+struct Piece {
+    input: usize,
+    samples: Vec<f32>,
+    /// `(chunk samples, left stride, right stride)` of a chunk.
+    stride: Option<(usize, usize, usize)>,
+}
+
+pub struct SpeechRecognition {
+    pub model: WhisperForConditionalGeneration,
+    pub tokenizer: Tokenizer,
+    pub extractor: WhisperFeatureExtractor,
+    /// The model's generation config (`model.generate`'s defaults).
+    pub model_generation_config: GenerationConfig,
+    /// The pipeline's: its defaults (`num_beams=5`, as OpenAI's Whisper decodes) where the
+    /// model keeps the global ones.
+    pub generation_config: GenerationConfig,
+    protocol: Protocol,
+    device: Device,
+}
+
+impl SpeechRecognition {
+    pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
+        let dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
+        if !dir.is_dir() {
+            return Err(Error::InvalidFile {
+                path: dir,
+                detail: "expected a model folder".into(),
+            });
+        }
+        if opts.quantize.is_some() {
+            return Err(Error::param(
+                "quantize",
+                "int8 quantization is for encoder models; Whisper runs in f32 or the --dtype given",
+            ));
+        }
+        let tok_dir = match &opts.tokenizer {
+            Some(t) => crate::hub::resolve_or_download(t, opts.revision.as_deref())?,
+            None => dir.clone(),
+        };
+        let tokenizer = Tokenizer::from_dir(&tok_dir, "whisper", Some(448))?;
+        let (config, weights, protocol, generation_config) = if is_ct2_dir(&dir) {
+            let bin = dir.join("model.bin");
+            let (raw, weights) = load_ct2(&bin)?;
+            let config = ModelConfig::from_value(raw, dir.join("config.json"))?;
+            let cfg: WhisperConfig = config.parse()?;
+            let ct2_path = dir.join("config.json");
+            let ct2 = if ct2_path.is_file() {
+                read_json(&ct2_path)?
+            } else {
+                Value::Object(Map::new())
+            };
+            let (protocol, gen) = Protocol::from_ct2(&ct2, &tokenizer, cfg.vocab_size, &ct2_path)?;
+            (cfg, weights, protocol, gen)
+        } else {
+            let config = ModelConfig::from_dir(&dir)?;
+            if config.model_type != "whisper" {
+                return Err(Error::UnsupportedModel {
+                    model_type: config.model_type.clone(),
+                    task: "automatic-speech-recognition".into(),
+                    supported: "whisper (HF or faster-whisper folders)".into(),
+                });
+            }
+            let cfg: WhisperConfig = config.parse()?;
+            let gen = GenerationConfig::from_model_dir(&dir)?;
+            let gpath = dir.join("generation_config.json");
+            let graw = if gpath.is_file() {
+                read_json(&gpath)?
+            } else {
+                config.raw.clone()
+            };
+            let protocol = Protocol::from_hf(&graw, &tokenizer, &gen);
+            (cfg, Weights::from_dir(&dir)?, protocol, gen)
+        };
+        let path: PathBuf = weights.path().to_path_buf();
+        let vb = weights.into_var_builder(opts.dtype, &opts.device);
+        let model =
+            WhisperForConditionalGeneration::load(&config, vb).map_err(|e| Error::Weights {
+                path,
+                detail: e.to_string(),
+            })?;
+        let pre = dir.join("preprocessor_config.json");
+        let extractor = if pre.is_file() {
+            WhisperFeatureExtractor::from_preprocessor_config(&pre)?
+        } else {
+            WhisperFeatureExtractor::new(config.num_mel_bins)
+        };
+        if extractor.feature_size != config.num_mel_bins {
+            return Err(Error::invalid_file(
+                &pre,
+                format!(
+                    "feature_size {} but the model takes {} mel bins",
+                    extractor.feature_size, config.num_mel_bins
+                ),
+            ));
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            extractor,
+            generation_config: pipeline_generation_config(&generation_config),
+            model_generation_config: generation_config,
+            protocol,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// The 16 kHz mono waveform of an input.
+    fn waveform(&self, input: &Input, index: usize) -> Result<Vec<f32>> {
+        let rate = self.extractor.sampling_rate;
+        let audio =
+            match input {
+                Input::Text(path) => {
+                    if path.starts_with("http://") || path.starts_with("https://") {
+                        return Err(Error::input(
+                            index,
+                            "audio URLs are not fetched: download the file and pass its path",
+                        ));
+                    }
+                    let p = Path::new(path);
+                    if !p.is_file() {
+                        return Err(Error::input(
+                            index,
+                            format!("`{path}` is not an audio file that exists"),
+                        ));
+                    }
+                    decode_file(p)?
+                }
+                Input::AudioBytes(bytes) => decode_bytes(bytes)?,
+                Input::Audio {
+                    samples,
+                    sampling_rate,
+                } => {
+                    if *sampling_rate == rate {
+                        return Ok(samples.clone());
+                    }
+                    return resample(samples, *sampling_rate, rate);
+                }
+                _ => return Err(Error::input(
+                    index,
+                    "expected audio: a file path, bytes, or {\"raw\": [...], \"sampling_rate\": N}",
+                )),
+            };
+        if audio.sampling_rate == rate {
+            Ok(audio.samples)
+        } else {
+            Ok(Audio::to_rate(&audio, rate)?.samples)
+        }
+    }
+
+    /// What `model.generate(input_features, **kwargs)` returns for 16 kHz waveforms of up to
+    /// 30 s: the new tokens of each (no start tokens, no end of text), with the model's own
+    /// generation config (greedy unless it says otherwise). `kwargs` are generate's
+    /// (`language`, `task`, `return_timestamps`, `num_beams`, ...).
+    pub fn generate_tokens(&self, waves: &[Vec<f32>], kwargs: &Params) -> Result<Vec<Vec<u32>>> {
+        let mut params = Params::new();
+        params.insert("generate_kwargs".into(), Value::Object(kwargs.clone()));
+        if let Some(t) = kwargs.get("return_timestamps") {
+            params.insert("return_timestamps".into(), t.clone());
+            if let Some(Value::Object(g)) = params.get_mut("generate_kwargs") {
+                g.remove("return_timestamps");
+            }
+        }
+        let opts = self.options(&params, &self.model_generation_config)?;
+        let pieces = self.pieces(waves.to_vec(), &Params::new(), opts.timestamps)?;
+        let refs: Vec<&Piece> = pieces.iter().collect();
+        self.transcribe_batch(&refs, &opts)
+    }
+
+    /// The language `detect_language` picks for each 16 kHz waveform (`en`, `fr`, ...).
+    pub fn detect_languages(&self, waves: &[Vec<f32>]) -> Result<Vec<u32>> {
+        let pieces = self.pieces(waves.to_vec(), &Params::new(), true)?;
+        let (dec, bias) = self.encode(&pieces.iter().collect::<Vec<_>>())?;
+        self.detect_language(&dec, &bias, pieces.len())
+    }
+
+    fn call_options(&self, params: &Params) -> Result<CallOptions> {
+        self.options(params, &self.generation_config)
+    }
+
+    fn options(&self, params: &Params, base: &GenerationConfig) -> Result<CallOptions> {
+        let mut generate_kwargs = Map::new();
+        for (k, v) in params {
+            if GENERATION_PARAMS.contains(&k.as_str()) || k == "language" || k == "task" {
+                generate_kwargs.insert(k.clone(), v.clone());
+            }
+        }
+        match params.get("generate_kwargs") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    generate_kwargs.insert(k.clone(), v.clone());
+                }
+            }
+            Some(v) => {
+                return Err(Error::param(
+                    "generate_kwargs",
+                    format!("expected an object, got {v}"),
+                ))
+            }
+        }
+        let language = match generate_kwargs.remove("language") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(v) => {
+                return Err(Error::param(
+                    "language",
+                    format!("expected a string, got {v}"),
+                ))
+            }
+        };
+        let task = match generate_kwargs.remove("task") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "transcribe" || s == "translate" => Some(s),
+            Some(v) => {
+                return Err(Error::param(
+                    "task",
+                    format!("expected \"transcribe\" or \"translate\", got {v}"),
+                ))
+            }
+        };
+        if !self.protocol.is_multilingual && (language.is_some() || task.is_some()) {
+            return Err(Error::param(
+                if language.is_some() {
+                    "language"
+                } else {
+                    "task"
+                },
+                "cannot specify `task` or `language` for an English-only model",
+            ));
+        }
+        let temperature =
+            match generate_kwargs.remove("temperature") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_f64().ok_or_else(|| {
+                    Error::param("temperature", format!("expected a number, got {v}"))
+                })? as f32),
+            };
+        // Whisper decides sampling from the temperature alone.
+        generate_kwargs.remove("do_sample");
+        for k in generate_kwargs.keys() {
+            if !GENERATION_PARAMS.contains(&k.as_str()) {
+                return Err(Error::param(
+                    "generate_kwargs",
+                    format!("unknown generation parameter `{k}`"),
+                ));
+            }
+        }
+        let mut generation = base.clone();
+        generation.apply(&generate_kwargs)?;
+        let timestamps = match params.get("return_timestamps") {
+            None | Some(Value::Null) => self.protocol.return_timestamps,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) if s == "word" => {
+                return Err(Error::param(
+                    "return_timestamps",
+                    "word-level timestamps are not supported yet; use true for segments",
+                ))
+            }
+            Some(v) => {
+                return Err(Error::param(
+                    "return_timestamps",
+                    format!("expected true or false, got {v}"),
+                ))
+            }
+        };
+        Ok(CallOptions {
+            language,
+            task,
+            timestamps,
+            return_language: param::opt_bool(params, "return_language")?.unwrap_or(false),
+            generation,
+            temperature,
+        })
+    }
+
+    /// Cut the waveforms into the pieces the model sees (`chunk_iter` for `chunk_length_s`).
+    fn pieces(
+        &self,
+        waves: Vec<Vec<f32>>,
+        params: &Params,
+        timestamps: bool,
+    ) -> Result<Vec<Piece>> {
+        let rate = self.extractor.sampling_rate as f64;
+        let chunk_s = match params.get("chunk_length_s") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_f64().filter(|x| *x >= 0.0).ok_or_else(|| {
+                Error::param(
+                    "chunk_length_s",
+                    format!("expected a number of seconds, got {v}"),
+                )
+            })?),
+        }
+        .filter(|c| *c > 0.0);
+        let mut out = Vec::new();
+        for (input, samples) in waves.into_iter().enumerate() {
+            if samples.is_empty() {
+                return Err(Error::input(input, "the audio has no samples"));
+            }
+            let Some(chunk_s) = chunk_s else {
+                // Longer than one window: Whisper's sequential long-form decoding, which
+                // moves from window to window by the predicted timestamps.
+                if samples.len() > self.extractor.n_samples && !timestamps {
+                    return Err(Error::input(
+                        input,
+                        format!(
+                            "the audio is {:.1} s, longer than Whisper's 30 s window: long-form \
+                             transcription needs return_timestamps=true (as transformers), or \
+                             pass chunk_length_s=30 to transcribe it in overlapping chunks",
+                            samples.len() as f64 / rate
+                        ),
+                    ));
+                }
+                out.push(Piece {
+                    input,
+                    samples,
+                    stride: None,
+                });
+                continue;
+            };
+            let (left_s, right_s) = match params.get("stride_length_s") {
+                None | Some(Value::Null) => (chunk_s / 6.0, chunk_s / 6.0),
+                Some(Value::Array(a)) if a.len() == 2 => {
+                    let f = |v: &Value| {
+                        v.as_f64().ok_or_else(|| {
+                            Error::param("stride_length_s", "expected a number or two numbers")
+                        })
+                    };
+                    (f(&a[0])?, f(&a[1])?)
+                }
+                Some(v) => {
+                    let x = v.as_f64().ok_or_else(|| {
+                        Error::param("stride_length_s", "expected a number or two numbers")
+                    })?;
+                    (x, x)
+                }
+            };
+            // Python's round() on x.5 rounds to even; so does round_ties_even.
+            let n = |s: f64| (s * rate).round_ties_even().max(0.0) as usize;
+            let (chunk_len, left, right) = (n(chunk_s), n(left_s), n(right_s));
+            if chunk_len <= left + right {
+                return Err(Error::param(
+                    "stride_length_s",
+                    "the chunk must be longer than its two strides together",
+                ));
+            }
+            let step = chunk_len - left - right;
+            let total = samples.len();
+            let mut start = 0;
+            while start < total {
+                let end = (start + chunk_len).min(total);
+                let is_last = start + chunk_len >= total;
+                let l = if start == 0 { 0 } else { left };
+                let r = if is_last { 0 } else { right };
+                if end - start > l {
+                    out.push(Piece {
+                        input,
+                        samples: samples[start..end].to_vec(),
+                        stride: Some((end - start, l, r)),
+                    });
+                }
+                if is_last {
+                    break;
+                }
+                start += step;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoder's start tokens for each row of a batch (`_retrieve_init_tokens`), detecting
+    /// the language from `cache`'s encoder states where it is needed.
+    fn init_tokens(
+        &self,
+        opts: &CallOptions,
+        dec: &DecoderCache,
+        cross_bias: &Tensor,
+        rows: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let p = &self.protocol;
+        let mut init: Vec<Option<u32>> = vec![Some(p.decoder_start)];
+        if opts.task.is_none() && opts.language.is_none() {
+            init.extend(p.forced.iter().copied());
+        }
+        let lang_undefined = init.len() <= 1 || init[1].is_none();
+        let lang_ids: Option<Vec<u32>> = match &opts.language {
+            Some(l) => Some(vec![p.language_id(l)?; rows]),
+            None if !p.lang_to_id.is_empty() && lang_undefined => {
+                Some(self.detect_language(dec, cross_bias, rows)?)
+            }
+            None => None,
+        };
+        let mut out = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let mut toks = init.clone();
+            if let Some(ids) = &lang_ids {
+                if toks.len() > 1 {
+                    toks[1] = Some(ids[r]);
+                } else {
+                    toks.push(Some(ids[r]));
+                }
+            }
+            let task_ids = [p.transcribe, p.translate];
+            if let Some(task) = &opts.task {
+                let id = if task == "translate" {
+                    p.translate
+                } else {
+                    p.transcribe
+                };
+                let id = id.ok_or_else(|| {
+                    Error::param("task", "this model's generation config has no task tokens")
+                })?;
+                toks.push(Some(id));
+            } else if opts.language.is_some()
+                && !toks.iter().any(|t| t.is_some() && task_ids.contains(t))
+            {
+                toks.push(p.transcribe);
+            }
+            let last = toks.iter().rev().flatten().next().copied();
+            if !opts.timestamps && last != Some(p.no_timestamps) {
+                toks.push(Some(p.no_timestamps));
+            } else if opts.timestamps && last == Some(p.no_timestamps) {
+                let at = toks.iter().rposition(|t| *t == Some(p.no_timestamps));
+                if let Some(at) = at {
+                    toks.remove(at);
+                }
+            }
+            out.push(toks.into_iter().flatten().collect());
+        }
+        Ok(out)
+    }
+
+    /// `detect_language`: the most likely language token after `<|startoftranscript|>`.
+    fn detect_language(
+        &self,
+        dec: &DecoderCache,
+        cross_bias: &Tensor,
+        rows: usize,
+    ) -> Result<Vec<u32>> {
+        let mut cache = Seq2SeqCache::tensors(
+            DecoderCache {
+                self_kv: KvCache::new(self.model.config.decoder_layers),
+                cross_kv: dec.cross_kv.clone(),
+            },
+            cross_bias.clone(),
+        );
+        let ids = Tensor::from_vec(
+            vec![self.protocol.decoder_start; rows],
+            (rows, 1),
+            &self.device,
+        )?;
+        let logits: Vec<Vec<f32>> = self.model.decode(&ids, &mut cache)?.squeeze(1)?.to_vec2()?;
+        Ok(logits
+            .iter()
+            .map(|row| {
+                let mut best = (f32::NEG_INFINITY, self.protocol.lang_to_id[0].1);
+                // torch's argmax: the first of equal maxima, in vocabulary order.
+                let mut ids: Vec<u32> =
+                    self.protocol.lang_to_id.iter().map(|(_, id)| *id).collect();
+                ids.sort_unstable();
+                for id in ids {
+                    let s = row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+                    if s > best.0 {
+                        best = (s, id);
+                    }
+                }
+                best.1
+            })
+            .collect())
+    }
+
+    /// The decoder cache and cross-attention bias over `rows` windows of log-mel features
+    /// (`[mels][3000]` each, concatenated).
+    fn encode_windows(&self, feats: Vec<f32>, rows: usize) -> Result<(DecoderCache, Tensor)> {
+        let frames = self.model.config.input_frames();
+        let mels = self.extractor.feature_size;
+        let features = Tensor::from_vec(feats, (rows, mels, frames), &self.device)?;
+        let hidden = self.model.encode_features(&features)?;
+        let dec = self.model.new_decoder_cache(&hidden)?;
+        let mask = Tensor::ones((rows, hidden.dim(1)?), DType::U32, hidden.device())?;
+        let cross_bias = crate::models::seq2seq::cross_bias(&mask, hidden.dtype())?;
+        Ok((dec, cross_bias))
+    }
+
+    /// Each piece's log-mel features, and how many frames Whisper's seek loop walks through:
+    /// 3000 for audio of up to 30 s (padded), the audio's own frames beyond that (long-form).
+    fn features(&self, pieces: &[&Piece]) -> Result<Vec<(Vec<f32>, usize)>> {
+        let frames = self.model.config.input_frames();
+        if self.extractor.nb_max_frames != frames {
+            return Err(Error::param(
+                "feature_extractor",
+                format!(
+                    "the feature extractor makes {} frames, the model takes {frames}",
+                    self.extractor.nb_max_frames
+                ),
+            ));
+        }
+        pieces
+            .iter()
+            .map(|p| {
+                if p.samples.len() > self.extractor.n_samples {
+                    self.extractor.extract_longest(&p.samples)
+                } else {
+                    Ok((self.extractor.extract(&p.samples)?, frames))
+                }
+            })
+            .collect()
+    }
+
+    /// The encoder caches of pieces' first windows (what language detection sees).
+    fn encode(&self, pieces: &[&Piece]) -> Result<(DecoderCache, Tensor)> {
+        let feats = self.features(pieces)?;
+        let seg = self.model.config.input_frames();
+        let mut first = Vec::new();
+        for (f, n) in &feats {
+            first.extend(window(f, *n, 0, seg.min(*n), seg));
+        }
+        self.encode_windows(first, pieces.len())
+    }
+
+    /// Generated tokens of a batch of pieces, through Whisper's seek loop
+    /// (`WhisperGenerationMixin.generate`): each row's window starts at its seek position;
+    /// without timestamps one window covers the piece; with timestamps the window ends at the
+    /// last closed segment and the next window starts there, until the piece is covered.
+    fn transcribe_batch(&self, pieces: &[&Piece], opts: &CallOptions) -> Result<Vec<Vec<u32>>> {
+        let seg = self.model.config.input_frames();
+        let feats = self.features(pieces)?;
+        let b = pieces.len();
+        let mut first = Vec::new();
+        for (f, n) in &feats {
+            first.extend(window(f, *n, 0, seg.min(*n), seg));
+        }
+        let (dec, cross_bias) = self.encode_windows(first, b)?;
+        let init = self.init_tokens(opts, &dec, &cross_bias, b)?;
+        let mut cached = Some((dec, cross_bias));
+        let mut seek = vec![0usize; b];
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let timestamp_begin = self.protocol.no_timestamps + 1;
+        loop {
+            let active: Vec<usize> = (0..b).filter(|&i| seek[i] < feats[i].1).collect();
+            if active.is_empty() {
+                break;
+            }
+            let num: Vec<usize> = active
+                .iter()
+                .map(|&i| (feats[i].1 - seek[i]).min(seg))
+                .collect();
+            let (dec, bias) = match cached.take() {
+                Some(c) if active.len() == b && seek.iter().all(|&s| s == 0) => c,
+                _ => {
+                    let mut w = Vec::new();
+                    for (k, &i) in active.iter().enumerate() {
+                        w.extend(window(&feats[i].0, feats[i].1, seek[i], num[k], seg));
+                    }
+                    self.encode_windows(w, active.len())?
+                }
+            };
+            let rows: Vec<Vec<u32>> = active.iter().map(|&i| init[i].clone()).collect();
+            let seqs = self.generate_window(dec, bias, rows, opts)?;
+            for ((&i, seq), n) in active.iter().zip(seqs).zip(&num) {
+                let (tokens, offset) = if opts.timestamps {
+                    retrieve_segment(&seq, timestamp_begin, *n)
+                } else {
+                    (seq, *n)
+                };
+                out[i].extend(tokens);
+                // A window that ends at its own start would never move on.
+                seek[i] += if offset == 0 { *n } else { offset };
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `generate` call over encoded windows from the `init` start tokens: each row's new
+    /// tokens, padding and the end of text removed.
+    fn generate_window(
+        &self,
+        dec: DecoderCache,
+        cross_bias: Tensor,
+        init: Vec<Vec<u32>>,
+        opts: &CallOptions,
+    ) -> Result<Vec<Vec<u32>>> {
+        let begin = init[0].len();
+        let mut cfg = opts.generation.clone();
+        match opts.temperature {
+            Some(t) if t > 0.0 => {
+                cfg.do_sample = true;
+                cfg.temperature = t;
+                cfg.num_beams = 1;
+            }
+            _ => {
+                cfg.do_sample = false;
+                cfg.temperature = 1.0;
+            }
+        }
+        let max_target = self.model.config.max_target_positions;
+        if let Some(n) = cfg.max_new_tokens {
+            if n + begin > max_target {
+                return Err(Error::param(
+                    "max_new_tokens",
+                    format!(
+                        "{begin} start tokens and max_new_tokens {n} exceed the decoder's \
+                         {max_target} positions"
+                    ),
+                ));
+            }
+        } else {
+            cfg.max_length = (cfg.max_length + begin.saturating_sub(1)).min(max_target);
+        }
+        if opts.timestamps {
+            cfg.timestamp_rules = Some(TimestampRules {
+                no_timestamps: self.protocol.no_timestamps,
+                timestamp_begin: self.protocol.no_timestamps + 1,
+                eos: self.protocol.eos,
+                begin_index: begin,
+                max_initial_timestamp_index: self.protocol.max_initial_timestamp_index,
+            });
+        }
+        let cache = Seq2SeqCache::tensors(dec, cross_bias);
+        let mut session = Seq2SeqSession::with_cache(&self.model, cache, init.clone());
+        let generated = generate(&mut session, &init, &cfg, &mut Hooks::default())?;
+        let eos = &cfg.eos_token_id;
+        Ok(generated
+            .sequences
+            .into_iter()
+            .map(|mut seqs| {
+                let mut s = if seqs.is_empty() {
+                    Vec::new()
+                } else {
+                    seqs.swap_remove(0)
+                };
+                while s.last().is_some_and(|t| eos.contains(t)) {
+                    s.pop();
+                }
+                s
+            })
+            .collect())
+    }
+}
+
+/// Frames `[start, start + n)` of a `[mels][frames]` matrix, zero-padded to `seg` frames
+/// (`_get_input_segment`).
+fn window(feats: &[f32], frames: usize, start: usize, n: usize, seg: usize) -> Vec<f32> {
+    let mels = feats.len() / frames.max(1);
+    let mut out = vec![0f32; mels * seg];
+    for m in 0..mels {
+        let row = &feats[m * frames..(m + 1) * frames];
+        let take = n.min(frames.saturating_sub(start)).min(seg);
+        out[m * seg..m * seg + take].copy_from_slice(&row[start..start + take]);
+    }
+    out
+}
+
+/// The pipeline's generation config (`_default_generation_config`: `max_new_tokens=256`,
+/// `num_beams=5`) over the model's, `max_new_tokens` dropped when the model sets `max_length`.
+pub fn pipeline_generation_config(model: &GenerationConfig) -> GenerationConfig {
+    let base = GenerationConfig {
+        max_new_tokens: Some(256),
+        num_beams: 5,
+        ..GenerationConfig::default()
+    };
+    let mut cfg = GenerationConfig::merge_over_model(&base, model);
+    if cfg.max_new_tokens == Some(256) && cfg.max_length != GenerationConfig::default().max_length {
+        cfg.max_new_tokens = None;
+    }
+    cfg
+}
+
+/// `_retrieve_segment`: the tokens one window keeps and how many frames it moves the seek
+/// position. With consecutive timestamp pairs, text after the last pair that no timestamp
+/// closes is left for the next window, which starts at that pair's time; otherwise the whole
+/// window is taken.
+fn retrieve_segment(seq: &[u32], timestamp_begin: u32, window_frames: usize) -> (Vec<u32>, usize) {
+    let ts: Vec<bool> = seq.iter().map(|&t| t >= timestamp_begin).collect();
+    let n = ts.len();
+    let single_ending = n >= 2 && !ts[n - 2] && ts[n - 1];
+    let last_pair = (0..n.saturating_sub(1)).rev().find(|&i| ts[i] && ts[i + 1]);
+    match last_pair {
+        Some(i) if !single_ending => {
+            // Two frames per timestamp step (0.02 s against 10 ms frames).
+            let offset = (seq[i] - timestamp_begin) as usize * 2;
+            (seq[..i + 2].to_vec(), offset)
+        }
+        _ => (seq.to_vec(), window_frames),
+    }
+}
+
+/// `_decode_asr`'s result: the text, and the chunks when asked for.
+type Decoded = (String, Option<Vec<Map<String, Value>>>);
+
+/// One window's tokens and its stride in seconds `(chunk, left, right)`.
+struct WindowTokens {
+    tokens: Vec<u32>,
+    stride: Option<(f64, f64, f64)>,
+}
+
+/// `_find_longest_common_sequence` (no token timestamps): merge overlapping windows' tokens.
+fn longest_common_sequence(sequences: &[Vec<u32>]) -> Vec<u32> {
+    let Some(first) = sequences.first() else {
+        return Vec::new();
+    };
+    let mut left_seq = first.clone();
+    let mut total = Vec::new();
+    for right_seq in &sequences[1..] {
+        let left_len = left_seq.len();
+        let right_len = right_seq.len();
+        let mut best = 0.0f64;
+        let mut idx = (left_len, left_len, 0usize, 0usize);
+        for i in 1..(left_len + right_len) {
+            let eps = i as f64 / 10000.0;
+            let ls = left_len.saturating_sub(i);
+            let le = left_len.min(left_len + right_len - i);
+            let rs = i.saturating_sub(left_len);
+            let re = right_len.min(i);
+            let matches = left_seq[ls..le]
+                .iter()
+                .zip(&right_seq[rs..re])
+                .filter(|(a, b)| a == b)
+                .count();
+            let matching = matches as f64 / i as f64 + eps;
+            if matches > 1 && matching > best {
+                best = matching;
+                idx = (ls, le, rs, re);
+            }
+        }
+        let (ls, le, rs, re) = idx;
+        let left_mid = (le + ls) / 2;
+        let right_mid = (re + rs) / 2;
+        total.extend_from_slice(&left_seq[..left_mid]);
+        left_seq = right_seq[right_mid.min(right_seq.len())..].to_vec();
+    }
+    total.extend(left_seq);
+    total
+}
+
+/// `_decode_asr` without word timestamps: the text and, with `timestamps` or `language`,
+/// the chunks.
+fn decode_asr(
+    tokenizer: &Tokenizer,
+    special: &HashSet<u32>,
+    windows: &[WindowTokens],
+    timestamps: bool,
+    return_language: bool,
+    time_precision: f64,
+) -> Result<Decoded> {
+    struct Chunk {
+        language: Option<String>,
+        start: Option<f64>,
+        end: Option<f64>,
+        text: String,
+    }
+    let new_chunk = |language: &Option<String>| Chunk {
+        language: language.clone(),
+        start: None,
+        end: None,
+        text: String::new(),
+    };
+    let timestamp_begin = tokenizer.token_to_id("<|notimestamps|>").unwrap_or(50363) + 1;
+    let decode = |ids: &[u32]| tokenizer.decode(ids, false);
+    let mut last_language: Option<String> = None;
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut chunk = new_chunk(&None);
+    let mut time_offset = 0.0f64;
+    let mut previous: Vec<Vec<u32>> = Vec::new();
+    let mut skip = false;
+    let round2 = |x: f64| (x * 100.0).round_ties_even() / 100.0;
+    for w in windows {
+        let ids = &w.tokens;
+        let mut last_timestamp: Option<u32> = None;
+        let mut first_timestamp = timestamp_begin as f64;
+        let mut cur_max = 0.0f64;
+        let mut prev_segments_len = 0.0f64;
+        let mut penultimate = 0.0f64;
+        if let Some((chunk_len, left, right)) = w.stride {
+            time_offset -= left;
+            let right_start = chunk_len - right;
+            if left > 0.0 {
+                first_timestamp = left / time_precision + timestamp_begin as f64;
+            }
+            if right > 0.0 {
+                for &t in ids.iter().rev() {
+                    if t >= timestamp_begin {
+                        if last_timestamp.is_some()
+                            && ((t - timestamp_begin) as f64) * time_precision < right_start
+                        {
+                            break;
+                        }
+                        last_timestamp = Some(t);
+                    }
+                }
+            }
+        }
+        let mut current: Vec<u32> = Vec::new();
+        for (i, &t) in ids.iter().enumerate() {
+            if special.contains(&t) {
+                let text = decode(&[t])?;
+                let code = text.get(2..text.len().saturating_sub(2)).unwrap_or("");
+                if let Some(language) = name_of(code) {
+                    let language = language.to_string();
+                    if last_language.as_ref().is_some_and(|l| *l != language) && !timestamps {
+                        previous.push(std::mem::take(&mut current));
+                        chunk.text = decode(&longest_common_sequence(&previous))?;
+                        chunks.push(std::mem::replace(&mut chunk, new_chunk(&None)));
+                        previous.clear();
+                    }
+                    chunk.language = Some(language.clone());
+                    last_language = Some(language);
+                }
+            } else if t >= timestamp_begin {
+                let ts = (t - timestamp_begin) as f64 * time_precision;
+                if ts < cur_max {
+                    let last_was_single_ending =
+                        i >= 2 && !(ids[i - 1] >= timestamp_begin && ids[i - 2] >= timestamp_begin);
+                    if last_was_single_ending {
+                        prev_segments_len += time_precision * 1500.0;
+                    } else {
+                        cur_max = penultimate;
+                        prev_segments_len += penultimate;
+                    }
+                }
+                penultimate = cur_max;
+                cur_max = ts;
+                let time = round2(
+                    (t - timestamp_begin) as f64 * time_precision + time_offset + prev_segments_len,
+                );
+                if last_timestamp.is_some_and(|l| t >= l) {
+                    skip = true;
+                } else if skip || (!previous.is_empty() && (t as f64) < first_timestamp) {
+                    skip = false;
+                } else if chunk.start.is_none() {
+                    chunk.start = Some(time);
+                } else if Some(time) != chunk.start {
+                    chunk.end = Some(time);
+                    previous.push(std::mem::take(&mut current));
+                    chunk.text = decode(&longest_common_sequence(&previous))?;
+                    chunks.push(std::mem::replace(&mut chunk, new_chunk(&None)));
+                    previous.clear();
+                }
+            } else {
+                current.push(t);
+            }
+        }
+        if let Some((chunk_len, _, right)) = w.stride {
+            time_offset += chunk_len - right;
+        }
+        if !current.is_empty() {
+            previous.push(current);
+        } else if !previous.iter().any(|p| !p.is_empty()) {
+            chunk = new_chunk(&None);
+            previous.clear();
+        }
+    }
+    if !previous.is_empty() {
+        chunk.text = decode(&longest_common_sequence(&previous))?;
+        chunks.push(chunk);
+    }
+    let full: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    if !(timestamps || return_language) {
+        return Ok((full, None));
+    }
+    let out = chunks
+        .into_iter()
+        .map(|c| {
+            let mut m = Map::new();
+            if return_language {
+                m.insert(
+                    "language".into(),
+                    c.language.map_or(Value::Null, Value::String),
+                );
+            }
+            if timestamps {
+                let f = |x: Option<f64>| x.map_or(Value::Null, Value::from);
+                m.insert("timestamp".into(), Value::Array(vec![f(c.start), f(c.end)]));
+            }
+            m.insert("text".into(), Value::String(c.text));
+            m
+        })
+        .collect();
+    Ok((full, Some(out)))
+}
+
+impl Task for SpeechRecognition {
+    fn accepted_params(&self) -> &'static [&'static str] {
+        accepted_params()
+    }
+
+    fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
+        let opts = self.call_options(params)?;
+        let waves = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| self.waveform(inp, i))
+            .collect::<Result<Vec<_>>>()?;
+        let pieces = self.pieces(waves, params, opts.timestamps)?;
+        let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(pieces.len());
+        let refs: Vec<&Piece> = pieces.iter().collect();
+        for batch in refs.chunks(batch_size.max(1)) {
+            tokens.extend(self.transcribe_batch(batch, &opts)?);
+        }
+        let rate = self.extractor.sampling_rate as f64;
+        let time_precision =
+            self.extractor.chunk_length as f64 / self.model.config.max_source_positions as f64;
+        let mut outputs = Vec::with_capacity(inputs.len());
+        for input in 0..inputs.len() {
+            let windows: Vec<WindowTokens> = pieces
+                .iter()
+                .zip(&tokens)
+                .filter(|(p, _)| p.input == input)
+                .map(|(p, t)| WindowTokens {
+                    tokens: t.clone(),
+                    stride: p
+                        .stride
+                        .map(|(c, l, r)| (c as f64 / rate, l as f64 / rate, r as f64 / rate)),
+                })
+                .collect();
+            let (text, chunks) = decode_asr(
+                &self.tokenizer,
+                &self.protocol.special_ids,
+                &windows,
+                opts.timestamps,
+                opts.return_language,
+                time_precision,
+            )?;
+            let mut m = Map::new();
+            m.insert("text".into(), Value::String(text));
+            if let Some(c) = chunks {
+                m.insert(
+                    "chunks".into(),
+                    Value::Array(c.into_iter().map(Value::Object).collect()),
+                );
+            }
+            outputs.push(Output::Speech(m));
+        }
+        Ok(outputs)
+    }
+}
+
+pub fn load(opts: &PipelineOptions, model: &str) -> Result<SpeechRecognition> {
+    SpeechRecognition::load(opts, model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_common_sequence_merges_overlaps() {
+        // The overlap "3 4 5" is kept once; each side keeps its half of it.
+        let merged = longest_common_sequence(&[vec![1, 2, 3, 4, 5], vec![3, 4, 5, 6, 7]]);
+        assert_eq!(merged, vec![1, 2, 3, 4, 5, 6, 7]);
+        // No two tokens in common: the windows are concatenated.
+        assert_eq!(
+            longest_common_sequence(&[vec![1, 2], vec![3, 4]]),
+            vec![1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn segments_drop_text_after_the_last_closed_pair() {
+        let tb = 100;
+        // <0> a b <10><11> c d: c d are left for the next window, which starts at <10>.
+        assert_eq!(
+            retrieve_segment(&[100, 1, 2, 110, 111, 3, 4], tb, 3000),
+            (vec![100, 1, 2, 110, 111], 20)
+        );
+        // Ends on a single timestamp: everything is kept, the window is done.
+        assert_eq!(
+            retrieve_segment(&[100, 1, 2, 110], tb, 3000),
+            (vec![100, 1, 2, 110], 3000)
+        );
+        // No pair: everything.
+        assert_eq!(retrieve_segment(&[1, 2], tb, 500), (vec![1, 2], 500));
+    }
+}
