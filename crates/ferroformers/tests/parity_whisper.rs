@@ -104,7 +104,10 @@ fn check_model_outputs(model: &str, reference: &str) {
         for (j, w) in f64s(&lhs["dim_sum"]).iter().enumerate() {
             let o: f64 = h.iter().map(|r| r[j] as f64).sum();
             let tol = 2e-5 * h.len() as f64 + 1e-4 * w.abs();
-            assert!((o - w).abs() <= tol, "{model} {name} dim_sum[{j}]: {o} vs {w}");
+            assert!(
+                (o - w).abs() <= tol,
+                "{model} {name} dim_sum[{j}]: {o} vs {w}"
+            );
         }
     }
     for case in exp["language_detection"].as_array().unwrap_or(&Vec::new()) {
@@ -172,17 +175,22 @@ fn pipeline_input(v: &Value) -> Input {
     }
 }
 
-fn check_pipelines(model: &str, reference: &str) {
-    let exp = expected(reference);
+/// `pipeline("automatic-speech-recognition", model=<fixture folder>)`.
+fn asr_pipeline(model: &str) -> ferroformers::Pipeline {
     let dir = root().join("models").join(model);
-    let p = pipeline_with(
+    pipeline_with(
         "automatic-speech-recognition",
         PipelineOptions {
             model: Some(dir.display().to_string()),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn check_pipelines(model: &str, reference: &str) {
+    let exp = expected(reference);
+    let p = asr_pipeline(model);
     let mut checked = 0;
     for case in exp["pipelines"].as_array().unwrap() {
         let inputs: Vec<Input> = case["inputs"]
@@ -251,15 +259,7 @@ fn pipeline_matches_transformers() {
 
 #[test]
 fn bad_audio_inputs_are_clear_errors() {
-    let dir = root().join("models").join("whisper-random");
-    let p = pipeline_with(
-        "automatic-speech-recognition",
-        PipelineOptions {
-            model: Some(dir.display().to_string()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p = asr_pipeline("whisper-random");
     let err = |inp: Input, params: Params| p.run(&[inp], &params).unwrap_err().to_string();
     let none = Params::new();
     assert!(
@@ -297,19 +297,7 @@ fn bad_audio_inputs_are_clear_errors() {
     );
     assert!(err(short, bad_task).contains("task"));
     // A text input to an English-only model with a language: refused as transformers does.
-    let en = pipeline_with(
-        "automatic-speech-recognition",
-        PipelineOptions {
-            model: Some(
-                root()
-                    .join("models/whisper-random-en")
-                    .display()
-                    .to_string(),
-            ),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let en = asr_pipeline("whisper-random-en");
     let mut lang = Params::new();
     lang.insert("language".into(), "fr".into());
     let e = en

@@ -106,20 +106,32 @@ fn sinusoidal(n_pos: usize, dim: usize, device: &Device, dtype: DType) -> Result
     Tensor::from_vec(data, (n_pos, dim), device)?.to_dtype(dtype)
 }
 
-struct Attention {
-    q: Linear,
+/// BART's multi-head attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`); Whisper's is the
+/// same without `k_proj`'s bias.
+pub(crate) struct Attention {
+    pub(crate) q: Linear,
     k: Linear,
     v: Linear,
-    out: Linear,
-    heads: usize,
-    scale: f64,
+    pub(crate) out: Linear,
+    pub(crate) heads: usize,
+    pub(crate) scale: f64,
 }
 
 impl Attention {
     fn load(d: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_with(d, heads, vb, true)
+    }
+
+    /// With or without a bias on `k_proj`.
+    pub(crate) fn load_with(d: usize, heads: usize, vb: VarBuilder, k_bias: bool) -> Result<Self> {
+        let k = if k_bias {
+            linear(d, d, vb.pp("k_proj"))?
+        } else {
+            Linear::new(vb.pp("k_proj").get((d, d), "weight")?, None)?
+        };
         Ok(Self {
             q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
+            k,
             v: linear(d, d, vb.pp("v_proj"))?,
             out: linear(d, d, vb.pp("out_proj"))?,
             heads,
@@ -127,7 +139,7 @@ impl Attention {
         })
     }
 
-    fn heads(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, s, d) = xs.dims3()?;
         xs.reshape((b, s, self.heads, d / self.heads))?
             .transpose(1, 2)?
@@ -135,7 +147,7 @@ impl Attention {
     }
 
     /// Keys and values of `xs` split into heads: `[b, h, s, d]`.
-    fn kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
             self.heads(&self.k.forward(xs)?)?,
             self.heads(&self.v.forward(xs)?)?,
@@ -143,20 +155,27 @@ impl Attention {
     }
 
     /// Attend from `xs` over keys/values `k`, `v` with additive `bias` `[b, 1, s|1, t]`.
-    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    pub(crate) fn attend(
+        &self,
+        xs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
         let q = self.heads(&self.q.forward(xs)?)?;
         self.out.forward(&sdpa(&q, k, v, bias, self.scale)?)
     }
 }
 
-struct FeedForward {
+/// `fc1`, the activation, `fc2` (BART, Marian, Whisper).
+pub(crate) struct FeedForward {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
 }
 
 impl FeedForward {
-    fn load(d: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
+    pub(crate) fn load(d: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
         Ok(Self {
             fc1: linear(d, ffn, vb.pp("fc1"))?,
             fc2: linear(ffn, d, vb.pp("fc2"))?,
@@ -164,7 +183,7 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
     }
 }

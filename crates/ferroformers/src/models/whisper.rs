@@ -21,10 +21,10 @@ use candle_nn::{conv1d, embedding, layer_norm, Conv1d, Conv1dConfig, Embedding, 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::bart::DecoderCache;
+use super::bart::{Attention, DecoderCache, FeedForward};
 use super::causal_lm::KvCache;
 use super::layers::with_cpu_f32;
-use super::layers::{linear, sdpa, Activation, Linear};
+use super::layers::{sdpa, Activation, Linear};
 use super::seq2seq::{causal_bias, cross_bias, Seq2SeqCache, Seq2SeqLm};
 use crate::kernels::cpu::attention::attend_sequences;
 use crate::kernels::cpu::linear as linear_kernels;
@@ -60,69 +60,6 @@ impl WhisperConfig {
     }
 }
 
-/// Multi-head attention: `k_proj` has no bias (as in OpenAI's code).
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl Attention {
-    fn load(d: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: Linear::new(vb.pp("k_proj").get((d, d), "weight")?, None)?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
-            heads,
-            scale: 1.0 / ((d / heads) as f64).sqrt(),
-        })
-    }
-
-    fn heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, s, d) = xs.dims3()?;
-        xs.reshape((b, s, self.heads, d / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// Keys and values of `xs` split into heads: `[b, h, s, d]`.
-    fn kv(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.heads(&self.k.forward(xs)?)?,
-            self.heads(&self.v.forward(xs)?)?,
-        ))
-    }
-
-    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let q = self.heads(&self.q.forward(xs)?)?;
-        self.out.forward(&sdpa(&q, k, v, bias, self.scale)?)
-    }
-}
-
-struct FeedForward {
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl FeedForward {
-    fn load(d: usize, ffn: usize, act: Activation, vb: &VarBuilder) -> Result<Self> {
-        Ok(Self {
-            fc1: linear(d, ffn, vb.pp("fc1"))?,
-            fc2: linear(ffn, d, vb.pp("fc2"))?,
-            act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
-    }
-}
-
 struct EncoderLayer {
     attn: Attention,
     /// `[q; k; v]` as one product (k's bias zeros), for the CPU attention kernel.
@@ -135,7 +72,7 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
-        let attn = Attention::load(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?;
+        let attn = Attention::load_with(d, cfg.encoder_attention_heads, vb.pp("self_attn"), false)?;
         let a = vb.pp("self_attn");
         let w = Tensor::cat(
             &[
@@ -196,9 +133,9 @@ impl DecoderLayer {
         let d = cfg.d_model;
         let h = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: Attention::load(d, h, vb.pp("self_attn"))?,
+            self_attn: Attention::load_with(d, h, vb.pp("self_attn"), false)?,
             self_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("self_attn_layer_norm"))?,
-            cross_attn: Attention::load(d, h, vb.pp("encoder_attn"))?,
+            cross_attn: Attention::load_with(d, h, vb.pp("encoder_attn"), false)?,
             cross_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("encoder_attn_layer_norm"))?,
             ff: FeedForward::load(d, cfg.decoder_ffn_dim, cfg.activation_function, &vb)?,
             ff_norm: layer_norm(d, LAYER_NORM_EPS, vb.pp("final_layer_norm"))?,
