@@ -96,6 +96,21 @@ pub fn generate(
     }
 }
 
+/// The `k` largest scores with their tokens, best first; ties: the lower token first.
+fn top_k_desc(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (t, &v) in scores.iter().enumerate() {
+        if top.len() == k && top.last().is_some_and(|&(m, _)| v.total_cmp(&m).is_le()) {
+            continue;
+        }
+        // After every kept score that is >= v: equal scores keep their (lower) tokens first.
+        let at = top.partition_point(|&(m, _)| m.total_cmp(&v).is_ge());
+        top.insert(at, (v, t as u32));
+        top.truncate(k);
+    }
+    top
+}
+
 /// `log(softmax(scores)[tok])`, -inf where the token was masked out.
 fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -284,13 +299,15 @@ fn beam_search(
         let mut still_active = Vec::new();
         for (a, &i) in active.iter().enumerate() {
             let st = &mut states[i];
-            // Candidates over all beams: accumulated log-probabilities.
-            let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity(nb * logits[0].len());
+            // Candidates over all beams: accumulated log-probabilities. The best
+            // `beams_to_keep` overall are among each beam's best `beams_to_keep` (in the same
+            // order: score, then lower token), so only those are kept per beam.
+            let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity(nb * beams_to_keep);
             for (j, beam) in st.running.iter().enumerate() {
                 let mut lps = log_softmax(&logits[a * nb + j]);
                 processor.process(&beam.tokens, prompt_len, &mut lps);
-                for (t, lpv) in lps.iter().enumerate() {
-                    cand.push((lpv + beam.score, j, t as u32));
+                for (v, t) in top_k_desc(&lps, beams_to_keep) {
+                    cand.push((v + beam.score, j, t));
                 }
             }
             // torch.topk: largest first; ties by lower index (beam-major order).

@@ -261,12 +261,36 @@ impl DecoderLayer {
 pub struct DecoderCache {
     pub self_kv: KvCache,
     pub cross_kv: Vec<(Tensor, Tensor)>,
+    /// The encoder row each row's cross-attention keys/values come from: beams of one input
+    /// share them, so reordering beams within an input copies nothing.
+    cross_src: Vec<u32>,
 }
 
 impl DecoderCache {
+    /// A cache over `cross_kv` (`[rows, heads, src, d]` per layer), one row per encoder row.
+    pub fn new(self_kv: KvCache, cross_kv: Vec<(Tensor, Tensor)>) -> Self {
+        let rows = cross_kv
+            .first()
+            .and_then(|(k, _)| k.dim(0).ok())
+            .unwrap_or(0);
+        Self {
+            self_kv,
+            cross_kv,
+            cross_src: (0..rows as u32).collect(),
+        }
+    }
+
     /// Keep rows (beams): row `i` becomes old row `rows[i]`.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
         self.self_kv.select_rows(rows)?;
+        let src: Vec<u32> = rows
+            .iter()
+            .map(|&r| self.cross_src.get(r as usize).copied().unwrap_or(r))
+            .collect();
+        if src == self.cross_src {
+            // Each row keeps keys/values of the same encoder row: nothing to move.
+            return Ok(());
+        }
         if let Some((k, _)) = self.cross_kv.first() {
             let idx = Tensor::new(rows, k.device())?;
             for (k, v) in self.cross_kv.iter_mut() {
@@ -274,6 +298,7 @@ impl DecoderCache {
                 *v = v.index_select(&idx, 0)?;
             }
         }
+        self.cross_src = src;
         Ok(())
     }
 }
@@ -368,10 +393,10 @@ impl BartModel {
             .iter()
             .map(|l| l.cross_attn.kv(encoder_hidden))
             .collect::<Result<_>>()?;
-        Ok(DecoderCache {
-            self_kv: KvCache::new(self.dec_layers.len()),
+        Ok(DecoderCache::new(
+            KvCache::new(self.dec_layers.len()),
             cross_kv,
-        })
+        ))
     }
 
     /// Decoder hidden states for `ids` `[b, s]` following the cached tokens. `self_bias`:

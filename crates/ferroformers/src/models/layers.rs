@@ -122,11 +122,18 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Re
         && [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
             .iter()
             .all(|t| *t == DType::F32)
-        && bias
-            .dims4()
-            .is_ok_and(|(bb, one, bs, _)| bb == b && one == 1 && bs == s)
     {
-        return sdpa_few_queries(q, k, v, bias, scale);
+        match bias.dims4() {
+            Ok((bb, 1, bs, _)) if bb == b && bs == s => {
+                return sdpa_few_queries(q, k, v, bias, scale)
+            }
+            // One causal bias for every row (beams): a few rows of it, copied.
+            Ok((1, 1, bs, t)) if bs == s => {
+                let bias = bias.broadcast_as((b, 1, s, t))?.contiguous()?;
+                return sdpa_few_queries(q, k, v, &bias, scale);
+            }
+            _ => {}
+        }
     }
     sdpa_candle(q, k, v, bias, scale)
 }

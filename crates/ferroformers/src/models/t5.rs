@@ -428,10 +428,7 @@ impl CandleT5 {
             .map(|b| b.cross_attn.kv(encoder_hidden))
             .collect::<Result<_>>()?;
         Ok(Seq2SeqCache::tensors(
-            DecoderCache {
-                self_kv: KvCache::new(self.decoder.len()),
-                cross_kv,
-            },
+            DecoderCache::new(KvCache::new(self.decoder.len()), cross_kv),
             cross_bias(mask, encoder_hidden.dtype())?,
         ))
     }

@@ -241,10 +241,10 @@ impl WhisperForConditionalGeneration {
             .iter()
             .map(|l| l.cross_attn.kv(encoder_hidden))
             .collect::<Result<_>>()?;
-        Ok(DecoderCache {
-            self_kv: KvCache::new(self.dec_layers.len()),
+        Ok(DecoderCache::new(
+            KvCache::new(self.dec_layers.len()),
             cross_kv,
-        })
+        ))
     }
 
     /// Decoder hidden states for `ids` `[b, s]` following the cached tokens.
@@ -281,7 +281,7 @@ impl WhisperForConditionalGeneration {
     }
 
     /// Logits of decoder states. On CPU f32, a few rows (a decoding step, beams) stream the
-    /// `[vocab, d]` projection once per 4 rows (`kernels::cpu::linear::matmul`): it is the
+    /// `[vocab, d]` projection once per 6 rows (`kernels::cpu::linear::matmul`): it is the
     /// largest weight a step reads (tiny.en: 80 MB of 110), and reading it in memory order is
     /// what decoding speed comes down to.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -297,7 +297,7 @@ impl WhisperForConditionalGeneration {
             let vocab = self.config.vocab_size;
             let out = with_cpu_f32(&x, w, |x, w| {
                 let mut out = Vec::with_capacity(rows * vocab);
-                for chunk in x.chunks(4 * d) {
+                for chunk in x.chunks(6 * d) {
                     out.extend(linear_kernels::matmul(
                         chunk,
                         chunk.len() / d,

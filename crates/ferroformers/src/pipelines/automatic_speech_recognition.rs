@@ -710,10 +710,10 @@ impl SpeechRecognition {
         rows: usize,
     ) -> Result<Vec<u32>> {
         let mut cache = Seq2SeqCache::tensors(
-            DecoderCache {
-                self_kv: KvCache::new(self.model.config.decoder_layers),
-                cross_kv: dec.cross_kv.clone(),
-            },
+            DecoderCache::new(
+                KvCache::new(self.model.config.decoder_layers),
+                dec.cross_kv.clone(),
+            ),
             cross_bias.clone(),
         );
         let ids = Tensor::from_vec(

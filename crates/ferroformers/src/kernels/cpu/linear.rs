@@ -2,7 +2,7 @@
 //! `[out, in]` layout (so checkpoints load without a transpose, and q/k/v or gate/up stack by
 //! appending rows).
 //!
-//! Up to 4 rows (a decoding step, a few beams) take a kernel that streams `W` once, row after
+//! Up to 6 rows (a decoding step, a few beams) take a kernel that streams `W` once, row after
 //! row, in memory order, dotting each row with every input: decoding is bound by reading the
 //! weights, and a sequential stream is what the hardware prefetchers read fastest. More rows
 //! go to the `gemm` crate, which packs `W` and is compute bound.
@@ -16,7 +16,7 @@ use super::simd::{dispatch, dot16};
 use super::threads::{par_tasks, SendPtr};
 
 /// At most this many rows take the streaming kernel.
-const FEW_ROWS: usize = 4;
+const FEW_ROWS: usize = 6;
 
 /// `out [rows, n] += x [rows, k] @ w^T` with `w` `[n, k]`, or `=` when `accumulate` is false.
 /// `par` splits the work over rayon's threads when it is large enough to pay for that.
@@ -214,7 +214,10 @@ unsafe fn few_rows(
             1 => avx512::dots::<1>(x, k, w, n, out, j0, j1),
             2 => avx512::dots::<2>(x, k, w, n, out, j0, j1),
             3 => avx512::dots::<3>(x, k, w, n, out, j0, j1),
-            _ => avx512::dots::<4>(x, k, w, n, out, j0, j1),
+            4 => avx512::dots::<4>(x, k, w, n, out, j0, j1),
+            // 24 accumulators + 4 weight vectors + 1 input: within the 32 registers.
+            5 => avx512::dots::<5>(x, k, w, n, out, j0, j1),
+            _ => avx512::dots::<6>(x, k, w, n, out, j0, j1),
         };
     }
     few_rows_portable(x, rows, k, w, n, out, j0, j1)
@@ -378,7 +381,7 @@ mod tests {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1)
                 .collect();
-            for rows in 1..=6 {
+            for rows in 1..=8 {
                 let x: Vec<f32> = (0..rows * k)
                     .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
                     .collect();
