@@ -289,9 +289,7 @@ impl WhisperForConditionalGeneration {
         let d = self.config.d_model;
         let rows = hidden.elem_count() / d;
         let w = self.embed_tokens.embeddings();
-        let same = self.proj_out.weight_t().dims() == [d, self.config.vocab_size]
-            && !self.proj_is_separate;
-        if same && rows <= 8 {
+        if !self.proj_is_separate && rows <= 8 {
             let x = hidden.contiguous()?;
             let par = !crate::models::layers::in_worker();
             let vocab = self.config.vocab_size;
@@ -311,7 +309,9 @@ impl WhisperForConditionalGeneration {
             });
             if let Some(out) = out {
                 let mut shape = dims;
-                *shape.last_mut().unwrap_or(&mut 0) = vocab;
+                if let Some(last) = shape.last_mut() {
+                    *last = vocab;
+                }
                 return Tensor::from_vec(out, shape, hidden.device());
             }
         }

@@ -722,15 +722,14 @@ impl SpeechRecognition {
             &self.device,
         )?;
         let logits: Vec<Vec<f32>> = self.model.decode(&ids, &mut cache)?.squeeze(1)?.to_vec2()?;
+        // torch's argmax: the first of equal maxima, in vocabulary order.
+        let mut lang_ids: Vec<u32> = self.protocol.lang_to_id.iter().map(|(_, id)| *id).collect();
+        lang_ids.sort_unstable();
         Ok(logits
             .iter()
             .map(|row| {
                 let mut best = (f32::NEG_INFINITY, self.protocol.lang_to_id[0].1);
-                // torch's argmax: the first of equal maxima, in vocabulary order.
-                let mut ids: Vec<u32> =
-                    self.protocol.lang_to_id.iter().map(|(_, id)| *id).collect();
-                ids.sort_unstable();
-                for id in ids {
+                for &id in &lang_ids {
                     let s = row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
                     if s > best.0 {
                         best = (s, id);
@@ -782,12 +781,17 @@ impl SpeechRecognition {
     /// The encoder caches of pieces' first windows (what language detection sees).
     fn encode(&self, pieces: &[&Piece]) -> Result<(DecoderCache, Tensor)> {
         let feats = self.features(pieces)?;
+        self.encode_first_windows(&feats)
+    }
+
+    /// The encoder caches of the first 30 s window of each piece's features.
+    fn encode_first_windows(&self, feats: &[(Vec<f32>, usize)]) -> Result<(DecoderCache, Tensor)> {
         let seg = self.model.config.input_frames();
         let mut first = Vec::new();
-        for (f, n) in &feats {
+        for (f, n) in feats {
             first.extend(window(f, *n, 0, seg.min(*n), seg));
         }
-        self.encode_windows(first, pieces.len())
+        self.encode_windows(first, feats.len())
     }
 
     /// Generated tokens of a batch of pieces, through Whisper's seek loop
@@ -798,11 +802,7 @@ impl SpeechRecognition {
         let seg = self.model.config.input_frames();
         let feats = self.features(pieces)?;
         let b = pieces.len();
-        let mut first = Vec::new();
-        for (f, n) in &feats {
-            first.extend(window(f, *n, 0, seg.min(*n), seg));
-        }
-        let (dec, cross_bias) = self.encode_windows(first, b)?;
+        let (dec, cross_bias) = self.encode_first_windows(&feats)?;
         let init = self.init_tokens(opts, &dec, &cross_bias, b)?;
         let mut cached = Some((dec, cross_bias));
         let mut seek = vec![0usize; b];
