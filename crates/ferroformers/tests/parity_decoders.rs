@@ -15,7 +15,7 @@ use ferroformers::{Input, Params, PipelineOptions, QuantMath};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
-const MODELS: &[&str] = &["gpt2", "llama", "llama3-rope", "qwen2"];
+const MODELS: &[&str] = &["gpt2", "llama", "llama3-rope", "qwen2", "gemma3"];
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders")

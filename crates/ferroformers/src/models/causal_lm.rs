@@ -362,7 +362,7 @@ impl Module for RmsNorm {
     }
 }
 
-pub const CAUSAL_LM_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2"];
+pub const CAUSAL_LM_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gemma3_text"];
 
 /// Load a causal LM from a model folder (config.json + weights) or a `.gguf` file.
 pub fn load_causal_lm(

@@ -10,12 +10,22 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use super::causal_lm::Proj;
@@ -24,6 +34,7 @@ use super::llama::{EmbedTable, Llama, LlamaConfig, LlamaLayerParts, LlamaParts, 
 use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::quantized::{QuantLinear, QuantMath};
+use crate::kernels::cpu::rowops::Activation;
 use crate::tokenizer::Tokenizer;
 
 /// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load (4-8x the memory,
@@ -158,13 +169,14 @@ impl GgufFile {
             .get_str("general.architecture")
             .unwrap_or("llama")
             .to_string();
-        if !["llama", "qwen2", "mistral"].contains(&arch.as_str()) {
+        if !["llama", "qwen2", "mistral", "gemma3"].contains(&arch.as_str()) {
             return Err(Error::UnsupportedModel {
                 model_type: format!("{arch} (GGUF)"),
                 task: "text-generation".into(),
-                supported: "llama, mistral, qwen2".into(),
+                supported: "llama, mistral, qwen2, gemma3".into(),
             });
         }
+        let gemma = arch == "gemma3";
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.require(&k("embedding_length"))?;
         let heads = self.require(&k("attention.head_count"))?;
@@ -202,9 +214,28 @@ impl GgufFile {
             max_position_embeddings: self.get_usize(&k("context_length")).unwrap_or(2048),
             tie_word_embeddings: !self.has("output.weight"),
             attention_bias: false,
-            // llama.cpp's converter permutes Llama's q/k for interleaved rotation; Qwen2 keeps
-            // HF's halves layout (NEOX rope).
+            // llama.cpp's converter permutes Llama's q/k for interleaved rotation; Qwen2 and
+            // Gemma keep HF's halves layout (NEOX rope).
             rope_interleaved: arch == "llama",
+            hidden_act: None,
+            hidden_activation: gemma.then_some(Activation::GeluNew),
+            // llama.cpp scales Gemma 3's scores by 1/sqrt(key_length) (27B aside), which is
+            // `query_pre_attn_scalar` for the published sizes; its sliding layers follow the
+            // pattern 6 with a local RoPE base of 10000, as HF's defaults.
+            query_pre_attn_scalar: if gemma {
+                self.get_usize(&k("attention.key_length")).map(|d| d as f64)
+            } else {
+                None
+            },
+            sliding_window: if gemma {
+                self.get_usize(&k("attention.sliding_window"))
+            } else {
+                None
+            },
+            layer_types: None,
+            sliding_window_pattern: gemma.then_some(6),
+            rope_local_base_freq: gemma.then_some(10000.0),
+            final_logit_softcapping: self.get_f64(&k("final_logit_softcapping")),
         })
     }
 
@@ -237,9 +268,27 @@ impl GgufFile {
             tied_head
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let gemma = cfg.is_gemma3();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("blk.{i}");
+            // llama.cpp's converter stores Gemma's norms as `1 + weight` already.
+            let (qk_norms, out_norms) = if gemma {
+                (
+                    Some((
+                        self.dense(&format!("{p}.attn_q_norm.weight"), device)?,
+                        self.dense(&format!("{p}.attn_k_norm.weight"), device)?,
+                    )),
+                    Some((
+                        self.dense(&format!("{p}.post_attention_norm.weight"), device)?,
+                        self.dense(&format!("{p}.post_ffw_norm.weight"), device)?,
+                    )),
+                )
+            } else {
+                (None, None)
+            };
             layers.push(LlamaLayerParts {
+                qk_norms,
+                out_norms,
                 input_layernorm: self.dense(&format!("{p}.attn_norm.weight"), device)?,
                 q_proj: self.proj(&format!("{p}.attn_q"), device)?,
                 k_proj: self.proj(&format!("{p}.attn_k"), device)?,
@@ -260,30 +309,7 @@ impl GgufFile {
         Llama::from_parts(cfg, parts, device, DType::F32).map_err(|e| werr(&self.path, e))
     }
 
-    fn token_strings(&self) -> Result<Vec<String>> {
-        let v = self
-            .meta("tokenizer.ggml.tokens")
-            .ok_or_else(|| werr(&self.path, "no embedded vocabulary (tokenizer.ggml.tokens)"))?;
-        v.to_vec()
-            .map_err(|e| werr(&self.path, e))?
-            .iter()
-            .map(|t| t.to_string().cloned().map_err(|e| werr(&self.path, e)))
-            .collect()
-    }
-
-    /// The embedded byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`).
-    pub fn tokenizer(&self, model_limit: Option<usize>) -> Result<(Tokenizer, TokenizerConfig)> {
-        let model = self.get_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(werr(
-                &self.path,
-                format!(
-                    "embedded tokenizer `{model}` is not supported (byte-level BPE `gpt2` is); \
-                     pass --tokenizer with a tokenizer.json folder"
-                ),
-            ));
-        }
-        let tokens = self.token_strings()?;
+    fn bpe_tokenizer(&self, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
         let merges: Vec<(String, String)> = match self.meta("tokenizer.ggml.merges") {
             Some(v) => v
                 .to_vec()
@@ -309,15 +335,160 @@ impl GgufFile {
             .map_err(|e| werr(&self.path, e))?;
         let mut t = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
+        // The pre-tokenizer each model's own tokenizer.json has (llama.cpp's `pre` names it).
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| werr(&self.path, e))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into())
+        };
         let pre: PreTokenizerWrapper = match self.get_str("tokenizer.ggml.pre") {
-            // SmolLM and others split digits one by one before the GPT-2 regex.
-            Some("smollm") | Some("llama3") | Some("llama-bpe") | Some("qwen2") => {
+            Some("qwen2") => split(QWEN2_SPLIT)?,
+            Some("llama3") | Some("llama-bpe") => split(LLAMA3_SPLIT)?,
+            // SmolLM splits digits one by one before the GPT-2 regex.
+            Some("smollm") => {
                 Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
             }
             _ => byte_level.into(),
         };
         t.with_pre_tokenizer(Some(pre));
         t.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(t)
+    }
+
+    /// SentencePiece BPE pieces (Gemma's) as a BPE model with byte fallback, as llama.cpp
+    /// and the original `tokenizer.json` segment text: merges ranked by the score of the
+    /// piece they make (the file's scores are those ranks, negated), so the highest-scoring
+    /// adjacent pair merges first, as SentencePiece does. Spaces become `▁`; no prefix space
+    /// unless `tokenizer.ggml.add_space_prefix` says so. (transformers' GGUF converter builds a
+    /// Unigram model from these scores instead, which segments differently: "The capital" is
+    /// 8 pieces there and 2 in llama.cpp and in Gemma's own tokenizer.)
+    fn spm_bpe_tokenizer(&self, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+        let scores: Vec<f32> = match self.meta("tokenizer.ggml.scores") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| werr(&self.path, e))?
+                .iter()
+                .map(|x| x.to_f32().map_err(|e| werr(&self.path, e)))
+                .collect::<Result<_>>()?,
+            None => return Err(werr(&self.path, "no token scores (tokenizer.ggml.scores)")),
+        };
+        if scores.len() != tokens.len() {
+            return Err(werr(
+                &self.path,
+                format!("{} token scores for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        // Every split of every piece into two pieces, ordered by the whole piece's score
+        // (then by the halves' scores), as transformers' `GGUFTokenizerSkeleton` orders them.
+        let mut merges: Vec<(f32, f32, f32, usize, usize)> = Vec::new();
+        for (t, &score) in tokens.iter().zip(&scores) {
+            for (at, _) in t.char_indices().skip(1) {
+                let (l, r) = t.split_at(at);
+                if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                    merges.push((score, scores[li], scores[ri], li, ri));
+                }
+            }
+        }
+        merges.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(b.1.total_cmp(&a.1))
+                .then(b.2.total_cmp(&a.2))
+        });
+        let merges: Vec<(String, String)> = merges
+            .into_iter()
+            .map(|(_, _, _, l, r)| (tokens[l].clone(), tokens[r].clone()))
+            .collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let unk = self
+            .get_usize("tokenizer.ggml.unknown_token_id")
+            .and_then(|i| tokens.get(i))
+            .cloned();
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(u) = unk {
+            builder = builder.unk_token(u);
+        }
+        let model = builder.build().map_err(|e| werr(&self.path, e))?;
+        let mut t = tokenizers::Tokenizer::new(model);
+        let prefix = matches!(
+            self.meta("tokenizer.ggml.add_space_prefix"),
+            Some(gguf_file::Value::Bool(true))
+        );
+        let space = Replace::new(" ", "\u{2581}").map_err(|e| werr(&self.path, e))?;
+        if prefix {
+            t.with_normalizer(Some(NormalizerSequence::new(vec![
+                Prepend::new("\u{2581}".into()).into(),
+                space.into(),
+            ])))
+        } else {
+            t.with_normalizer(Some(space))
+        }
+        .map_err(|e| werr(&self.path, e))?;
+        let mut steps: Vec<DecoderWrapper> = vec![
+            Replace::new("\u{2581}", " ")
+                .map_err(|e| werr(&self.path, e))?
+                .into(),
+            ByteFallback::default().into(),
+            Fuse::default().into(),
+        ];
+        if prefix {
+            steps.push(Strip::new(' ', 1, 0).into());
+        }
+        t.with_decoder(Some(DecoderSequence::new(steps)));
+        Ok(t)
+    }
+
+    fn token_strings(&self) -> Result<Vec<String>> {
+        let v = self
+            .meta("tokenizer.ggml.tokens")
+            .ok_or_else(|| werr(&self.path, "no embedded vocabulary (tokenizer.ggml.tokens)"))?;
+        v.to_vec()
+            .map_err(|e| werr(&self.path, e))?
+            .iter()
+            .map(|t| t.to_string().cloned().map_err(|e| werr(&self.path, e)))
+            .collect()
+    }
+
+    /// The embedded tokenizer: byte-level BPE (`tokenizer.ggml.model == "gpt2"`, as
+    /// transformers' GGUF converter builds it), or Gemma 3's SentencePiece BPE (`"llama"`, as
+    /// llama.cpp segments it).
+    pub fn tokenizer(&self, model_limit: Option<usize>) -> Result<(Tokenizer, TokenizerConfig)> {
+        let model = self.get_str("tokenizer.ggml.model").unwrap_or("");
+        let arch = self.get_str("general.architecture").unwrap_or("");
+        let tokens = self.token_strings()?;
+        let mut t = match model {
+            "gpt2" => self.bpe_tokenizer(&tokens)?,
+            "llama" if arch == "gemma3" => self.spm_bpe_tokenizer(&tokens)?,
+            _ => {
+                return Err(werr(
+                    &self.path,
+                    format!(
+                        "embedded tokenizer `{model}` ({arch}) is not supported (byte-level BPE \
+                         `gpt2`, and Gemma 3's SentencePiece `llama` are); pass --tokenizer \
+                         with a tokenizer.json folder"
+                    ),
+                ))
+            }
+        };
         // Control and user-defined tokens are matched whole, as added tokens.
         let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
             Some(v) => v
@@ -333,12 +504,24 @@ impl GgufFile {
         let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
-            .filter(|(_, ty)| **ty == 3 || **ty == 4)
+            .filter(|(_, ty)| **ty == 3 || (**ty == 4 && model == "gpt2"))
             .filter_map(|(i, _)| tokens.get(i))
             .map(|s| AddedToken::from(s.clone(), true))
             .collect();
         t.add_special_tokens(specials)
             .map_err(|e| werr(&self.path, e))?;
+        if model != "gpt2" {
+            // SentencePiece's user-defined pieces (Gemma's "\n", runs of spaces, `<table>`..)
+            // are matched whole in the raw text but are text: decoded, never skipped.
+            let user: Vec<AddedToken> = types
+                .iter()
+                .enumerate()
+                .filter(|(_, ty)| **ty == 4)
+                .filter_map(|(i, _)| tokens.get(i))
+                .map(|s| AddedToken::from(s.clone(), false).normalized(false))
+                .collect();
+            t.add_tokens(user).map_err(|e| werr(&self.path, e))?;
+        }
         let name = |key: &str| self.get_usize(key).and_then(|i| tokens.get(i)).cloned();
         let cfg = TokenizerConfig {
             bos_token: name("tokenizer.ggml.bos_token_id"),
@@ -368,6 +551,11 @@ impl GgufFile {
         Ok((Tokenizer::from_tokenizer(t, &cfg, model_limit)?, cfg))
     }
 }
+
+/// Qwen2's pre-tokenizer regex (its tokenizer.json's `Split`, before byte-level mapping).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's: as Qwen2's with numbers in runs of up to three digits.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Everything text generation needs from one GGUF file, as it stores it: the model, the
 /// embedded tokenizer and the metadata's chat template and special token ids.

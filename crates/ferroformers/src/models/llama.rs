@@ -16,9 +16,9 @@ use serde::Deserialize;
 use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
 use super::layers::sdpa;
 use super::layers::Linear;
-use crate::kernels::cpu::attention::{attend_causal, rms_norm_rows};
+use crate::kernels::cpu::attention::{attend_causal, rms_norm, rms_norm_rows};
 use crate::kernels::cpu::quantized::QuantLinear;
-use crate::kernels::cpu::rowops::silu_mul;
+use crate::kernels::cpu::rowops::{activate, mul_in_place, silu_mul, Activation};
 
 fn default_theta() -> f64 {
     10000.0
@@ -74,6 +74,29 @@ pub struct LlamaConfig {
     /// GGUF checkpoints store q/k rotated for interleaved (GPT-J style) RoPE.
     #[serde(skip)]
     pub rope_interleaved: bool,
+    /// The MLP's gate activation: Llama's `hidden_act` (SiLU), Gemma's `hidden_activation`
+    /// (tanh GELU).
+    #[serde(default)]
+    pub hidden_act: Option<Activation>,
+    #[serde(default)]
+    pub hidden_activation: Option<Activation>,
+    /// Gemma 3: attention scores scaled by `query_pre_attn_scalar ** -0.5`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the window of its `sliding_attention` layers (keys within the last
+    /// `sliding_window` positions, the query's own included).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 before `layer_types`: every `sliding_window_pattern`-th layer is global.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: the RoPE base of the sliding layers (the global ones use `rope_theta`).
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
 }
 
 impl LlamaConfig {
@@ -84,6 +107,44 @@ impl LlamaConfig {
 
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Gemma 3 (`gemma3_text` in config.json, `gemma3` in GGUF): the same stack with q/k
+    /// norms, norms after attention and MLP, scaled embeddings and sliding-window layers.
+    pub fn is_gemma3(&self) -> bool {
+        matches!(self.model_type.as_str(), "gemma3_text" | "gemma3")
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.hidden_activation
+            .or(self.hidden_act)
+            .unwrap_or(Activation::Silu)
+    }
+
+    /// The attention scores' scale.
+    pub fn attn_scale(&self) -> f64 {
+        match self.query_pre_attn_scalar {
+            Some(q) => q.powf(-0.5),
+            None => 1.0 / (self.head_dim() as f64).sqrt(),
+        }
+    }
+
+    /// Per layer: whether it attends within `sliding_window` only (Gemma 3's
+    /// `sliding_attention` layers; as HF, every layer is global for the other types).
+    pub fn sliding_layers(&self) -> Vec<bool> {
+        let n = self.num_hidden_layers;
+        if !self.is_gemma3() || self.sliding_window.is_none() {
+            return vec![false; n];
+        }
+        match &self.layer_types {
+            Some(t) => (0..n)
+                .map(|i| t.get(i).is_some_and(|t| t == "sliding_attention"))
+                .collect(),
+            None => {
+                let p = self.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..n).map(|i| (i + 1) % p != 0).collect()
+            }
+        }
     }
 
     /// HF's `ROPE_INIT_FUNCTIONS`: the inverse frequencies, in f32 as torch computes them.
@@ -188,6 +249,11 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Gemma 3's RMSNorms over each head's query and key, before the rotation.
+    qk_norms: Option<(RmsNorm, RmsNorm)>,
+    scale: f64,
+    /// Attends within the model's sliding window only, with the local rotation.
+    sliding: bool,
 }
 
 impl Attention {
@@ -227,14 +293,17 @@ impl Attention {
                 self.v_proj.forward(xs)?,
             ),
         };
-        let q = heads(q, self.num_heads)?;
-        let k = heads(k, self.num_kv_heads)?;
+        let mut q = heads(q, self.num_heads)?;
+        let mut k = heads(k, self.num_kv_heads)?;
         let v = heads(v, self.num_kv_heads)?;
+        if let Some((qn, kn)) = &self.qk_norms {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         let q = rotary.apply(&q, cos, sin)?;
         let k = rotary.apply(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = sdpa(&q, &k, &v, bias, scale)?;
+        let ctx = sdpa(&q, &k, &v, bias, self.scale)?;
         self.o_proj.forward(&ctx)
     }
 }
@@ -245,6 +314,7 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
+    act: Activation,
 }
 
 impl Module for Mlp {
@@ -257,17 +327,33 @@ impl Module for Mlp {
             }
             None => (self.gate_proj.forward(xs)?, self.up_proj.forward(xs)?),
         };
-        self.down_proj.forward(&(gate.silu()? * up)?)
+        let gate = match self.act {
+            Activation::Silu => gate.silu()?,
+            act => act.forward(&gate)?,
+        };
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// The norm before the MLP (Gemma's `pre_feedforward_layernorm`).
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
-    /// Both norms' weights as f32, for the CPU path.
-    norms: (Vec<f32>, Vec<f32>),
+    /// Gemma 3's norms of the attention's and the MLP's outputs, before each residual sum.
+    out_norms: Option<(RmsNorm, RmsNorm)>,
+    /// The norms' weights as f32, for the CPU path.
+    norms: LayerNorms,
+}
+
+/// A layer's RMSNorm weights as f32 (the CPU path).
+struct LayerNorms {
+    input: Vec<f32>,
+    pre_mlp: Vec<f32>,
+    /// q and k (per head), attention output, MLP output: Gemma 3.
+    qk: Option<(Vec<f32>, Vec<f32>)>,
+    out: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// The parts of a Llama model, so that GGUF loading can assemble one from its own tensors.
@@ -302,16 +388,23 @@ impl EmbedTable {
     }
 }
 
+/// One layer's weights. Norm weights are the factors the normalised rows are multiplied by
+/// (Gemma's `1 + weight`, as GGUF files store them).
 pub struct LlamaLayerParts {
     pub input_layernorm: Tensor,
     pub q_proj: Proj,
     pub k_proj: Proj,
     pub v_proj: Proj,
     pub o_proj: Proj,
+    /// The norm before the MLP.
     pub post_attention_layernorm: Tensor,
     pub gate_proj: Proj,
     pub up_proj: Proj,
     pub down_proj: Proj,
+    /// Gemma 3: q and k norms (per head).
+    pub qk_norms: Option<(Tensor, Tensor)>,
+    /// Gemma 3: the norms of the attention output and of the MLP output.
+    pub out_norms: Option<(Tensor, Tensor)>,
 }
 
 pub struct Llama {
@@ -327,6 +420,12 @@ pub struct Llama {
     /// The final norm's weight as f32 and the norms' epsilon, for the CPU path.
     norm_f32: Vec<f32>,
     eps: f32,
+    /// Gemma 3: the sliding layers' rotation, the window, the embeddings' scale and the
+    /// logits' soft cap.
+    local_rotary: Option<Rotary>,
+    window: Option<usize>,
+    embed_scale: Option<f32>,
+    softcap: Option<f32>,
 }
 
 fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
@@ -344,6 +443,16 @@ impl Llama {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let qkv_bias = cfg.model_type == "qwen2" || cfg.attention_bias;
+        let gemma = cfg.is_gemma3();
+        // Gemma's RMSNorm multiplies by `1 + weight` (summed in f32).
+        let norm = |vb: VarBuilder, n: usize| -> Result<Tensor> {
+            let w = vb.get(n, "weight")?;
+            if gemma {
+                (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())
+            } else {
+                Ok(w)
+            }
+        };
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
@@ -351,16 +460,30 @@ impl Llama {
                 let lb = m.pp("layers").pp(l);
                 let att = lb.pp("self_attn");
                 let mlp = lb.pp("mlp");
+                let (pre_mlp, qk_norms, out_norms) = if gemma {
+                    (
+                        norm(lb.pp("pre_feedforward_layernorm"), h)?,
+                        Some((norm(att.pp("q_norm"), hd)?, norm(att.pp("k_norm"), hd)?)),
+                        Some((
+                            norm(lb.pp("post_attention_layernorm"), h)?,
+                            norm(lb.pp("post_feedforward_layernorm"), h)?,
+                        )),
+                    )
+                } else {
+                    (norm(lb.pp("post_attention_layernorm"), h)?, None, None)
+                };
                 Ok(LlamaLayerParts {
-                    input_layernorm: lb.pp("input_layernorm").get(h, "weight")?,
+                    input_layernorm: norm(lb.pp("input_layernorm"), h)?,
                     q_proj: dense(&att.pp("q_proj"), nh * hd, h, qkv_bias)?,
                     k_proj: dense(&att.pp("k_proj"), nkv * hd, h, qkv_bias)?,
                     v_proj: dense(&att.pp("v_proj"), nkv * hd, h, qkv_bias)?,
                     o_proj: dense(&att.pp("o_proj"), h, nh * hd, cfg.attention_bias)?,
-                    post_attention_layernorm: lb.pp("post_attention_layernorm").get(h, "weight")?,
+                    post_attention_layernorm: pre_mlp,
                     gate_proj: dense(&mlp.pp("gate_proj"), i, h, false)?,
                     up_proj: dense(&mlp.pp("up_proj"), i, h, false)?,
                     down_proj: dense(&mlp.pp("down_proj"), h, i, false)?,
+                    qk_norms,
+                    out_norms,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -372,7 +495,7 @@ impl Llama {
         let parts = LlamaParts {
             embed_tokens: EmbedTable::Dense(embed_tokens),
             layers,
-            norm: m.pp("norm").get(h, "weight")?,
+            norm: norm(m.pp("norm"), h)?,
             lm_head,
         };
         Self::from_parts(cfg, parts, vb.device(), vb.dtype())
@@ -385,18 +508,32 @@ impl Llama {
         dtype: DType,
     ) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
+        let sliding = cfg.sliding_layers();
+        let pair = |p: Option<(Tensor, Tensor)>| {
+            p.map(|(a, b)| (RmsNorm::new(a, eps), RmsNorm::new(b, eps)))
+        };
+        let f32s = |p: &Option<(RmsNorm, RmsNorm)>| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+            p.as_ref()
+                .map(|(a, b)| Ok((a.parts()?.0, b.parts()?.0)))
+                .transpose()
+        };
         let layers = p
             .layers
             .into_iter()
-            .map(|l| -> Result<DecoderLayer> {
+            .enumerate()
+            .map(|(li, l)| -> Result<DecoderLayer> {
                 let input_layernorm = RmsNorm::new(l.input_layernorm, eps);
                 let post_attention_layernorm = RmsNorm::new(l.post_attention_layernorm, eps);
-                let norms = (
-                    input_layernorm.parts()?.0,
-                    post_attention_layernorm.parts()?.0,
-                );
+                let (qk_norms, out_norms) = (pair(l.qk_norms), pair(l.out_norms));
+                let norms = LayerNorms {
+                    input: input_layernorm.parts()?.0,
+                    pre_mlp: post_attention_layernorm.parts()?.0,
+                    qk: f32s(&qk_norms)?,
+                    out: f32s(&out_norms)?,
+                };
                 Ok(DecoderLayer {
                     norms,
+                    out_norms,
                     input_layernorm,
                     self_attn: Attention {
                         qkv_proj: Proj::stack(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
@@ -407,6 +544,9 @@ impl Llama {
                         num_heads: cfg.num_attention_heads,
                         num_kv_heads: cfg.kv_heads(),
                         head_dim: cfg.head_dim(),
+                        qk_norms,
+                        scale: cfg.attn_scale(),
+                        sliding: sliding.get(li).copied().unwrap_or(false),
                     },
                     post_attention_layernorm,
                     mlp: Mlp {
@@ -414,6 +554,7 @@ impl Llama {
                         gate_proj: l.gate_proj,
                         up_proj: l.up_proj,
                         down_proj: l.down_proj,
+                        act: cfg.activation(),
                     },
                 })
             })
@@ -428,6 +569,21 @@ impl Llama {
             norm,
             lm_head: p.lm_head,
             rotary: Rotary::new(cfg)?,
+            local_rotary: if cfg.is_gemma3() {
+                Some(Rotary::new(&LlamaConfig {
+                    rope_theta: cfg.rope_local_base_freq.unwrap_or(10000.0),
+                    rope_scaling: None,
+                    ..cfg.clone()
+                })?)
+            } else {
+                None
+            },
+            window: cfg.sliding_window.filter(|_| sliding.iter().any(|&s| s)),
+            // HF: `hidden_size ** 0.5` as an f32 tensor.
+            embed_scale: cfg
+                .is_gemma3()
+                .then(|| (cfg.hidden_size as f64).sqrt() as f32),
+            softcap: cfg.final_logit_softcapping.map(|c| c as f32),
             max_positions: cfg.max_position_embeddings,
             device: device.clone(),
             dtype,
@@ -481,18 +637,27 @@ impl Llama {
         );
         let (q_w, kv_w) = (nh * hd, nkv * hd);
         let group = nh / nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = first.self_attn.scale as f32;
         let total = bias.dim(3)?;
         let past = total - s;
         let bias: Vec<f32> = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let local_bias = self.window.map(|w| {
+            let mut v = bias.clone();
+            window_bias(&mut v, s, total, w);
+            v
+        });
         let pos: Vec<u32> = position_ids.flatten_all()?.to_vec1()?;
         let half = self.rotary.inv_freq.len();
         let (cos, sin) = self.rotary.angles(&pos);
+        let local = self.local_rotary.as_ref().map(|r| (r, r.angles(&pos)));
         let mut x: Vec<f32> = self
             .embed_tokens
             .forward(input_ids, h, DType::F32)?
             .flatten_all()?
             .to_vec1()?;
+        if let Some(sc) = self.embed_scale {
+            x.iter_mut().for_each(|v| *v *= sc);
+        }
         let bufs = cache.buffers(b, nkv, hd)?;
         if bufs
             .first()
@@ -502,7 +667,11 @@ impl Llama {
         }
         for (layer, kv) in self.layers.iter().zip(bufs.iter_mut()) {
             let at = &layer.self_attn;
-            let hn = rms_norm_rows(&x, &layer.norms.0, self.eps);
+            let (rotary, (cos, sin), bias) = match (&local, &local_bias) {
+                (Some((r, (c, sn))), Some(b)) if at.sliding => (*r, (c, sn), b),
+                _ => (&self.rotary, (&cos, &sin), &bias),
+            };
+            let hn = rms_norm_rows(&x, &layer.norms.input, self.eps);
             let mut qkv = match &at.qkv_proj {
                 Some(p) => p.forward_vec(&hn, n)?,
                 None => {
@@ -528,8 +697,11 @@ impl Llama {
                     &sin[t * half..(t + 1) * half],
                 );
                 let row = &mut qkv[t * width..(t + 1) * width];
-                for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
-                    self.rotary.rotate(head, c, sn);
+                for (hi, head) in row[..q_w + kv_w].chunks_exact_mut(hd).enumerate() {
+                    if let Some((qn, kn)) = &layer.norms.qk {
+                        rms_norm(head, if hi < nh { qn } else { kn }, self.eps);
+                    }
+                    rotary.rotate(head, c, sn);
                 }
                 let (r, i) = (t / s, t % s);
                 for g in 0..nkv {
@@ -544,12 +716,15 @@ impl Llama {
                 (width, n, s, past),
                 (nh, group, hd),
                 kv,
-                (&bias, total),
+                (bias, total),
                 scale,
             );
-            let o = at.o_proj.forward_vec(&ctx, n)?;
+            let mut o = at.o_proj.forward_vec(&ctx, n)?;
+            if let Some((on, _)) = &layer.norms.out {
+                o = rms_norm_rows(&o, on, self.eps);
+            }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let hn = rms_norm_rows(&x, &layer.norms.1, self.eps);
+            let hn = rms_norm_rows(&x, &layer.norms.pre_mlp, self.eps);
             let mlp = &layer.mlp;
             let (gate, up, inter) = match &mlp.gate_up_proj {
                 Some(p) => {
@@ -570,9 +745,17 @@ impl Llama {
                 }
             };
             let mut act = gate;
-            silu_mul(&mut act, &up);
-            let down = mlp.down_proj.forward_vec(&act, n)?;
+            if mlp.act == Activation::Silu {
+                silu_mul(&mut act, &up);
+            } else {
+                activate(&mut act, mlp.act);
+                mul_in_place(&mut act, &up);
+            }
+            let mut down = mlp.down_proj.forward_vec(&act, n)?;
             debug_assert_eq!(act.len(), n * inter);
+            if let Some((_, mn)) = &layer.norms.out {
+                down = rms_norm_rows(&down, mn, self.eps);
+            }
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         let (x, rows_out) = if last_only {
@@ -585,7 +768,10 @@ impl Llama {
             (x, s)
         };
         let y = rms_norm_rows(&x, &self.norm_f32, self.eps);
-        let logits = self.lm_head.forward_vec(&y, b * rows_out)?;
+        let mut logits = self.lm_head.forward_vec(&y, b * rows_out)?;
+        if let Some(cap) = self.softcap {
+            logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
+        }
         let vocab = logits.len() / (b * rows_out);
         Tensor::from_vec(logits, (b, rows_out, vocab), &self.device)
     }
@@ -632,24 +818,65 @@ impl Llama {
         let mut xs = self
             .embed_tokens
             .forward(input_ids, self.hidden, self.dtype)?;
+        if let Some(sc) = self.embed_scale {
+            xs = (xs * sc as f64)?;
+        }
         let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
+        let local = match (&self.local_rotary, self.window) {
+            (Some(r), Some(w)) => {
+                let (b, one, s, t) = bias.dims4()?;
+                let mut v: Vec<f32> = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                window_bias(&mut v, s, t, w);
+                let lb =
+                    Tensor::from_vec(v, (b, one, s, t), bias.device())?.to_dtype(bias.dtype())?;
+                Some((r, r.cos_sin(position_ids, self.dtype)?, lb))
+            }
+            _ => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
+            let (rotary, (cos, sin), bias) = match &local {
+                Some((r, cs, lb)) if layer.self_attn.sliding => (*r, cs, lb),
+                _ => (&self.rotary, &(cos.clone(), sin.clone()), bias),
+            };
             let residual = &xs;
             let h = layer.input_layernorm.forward(&xs)?;
-            let h = layer
+            let mut h = layer
                 .self_attn
-                .forward(&h, &cos, &sin, &self.rotary, bias, cache, i)?;
+                .forward(&h, cos, sin, rotary, bias, cache, i)?;
+            if let Some((on, _)) = &layer.out_norms {
+                h = on.forward(&h)?;
+            }
             let xs1 = (residual + h)?;
-            let h = layer
+            let mut h = layer
                 .mlp
                 .forward(&layer.post_attention_layernorm.forward(&xs1)?)?;
+            if let Some((_, mn)) = &layer.out_norms {
+                h = mn.forward(&h)?;
+            }
             xs = (xs1 + h)?;
         }
         if last_only {
             xs = last_position(&xs)?;
         }
         let xs = self.norm.forward(&xs)?;
-        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
+        match self.softcap {
+            Some(cap) => (logits / cap as f64)?.tanh()? * cap as f64,
+            None => Ok(logits),
+        }
+    }
+}
+
+/// Gemma 3's sliding layers: besides the causal bias, a query at cache position `q` sees only
+/// the keys at positions `j > q - window` (HF's `sliding_window_overlay`; positions count the
+/// padding). `bias`: rows of `total` keys, `s` query rows per sequence, the last `s` new.
+fn window_bias(bias: &mut [f32], s: usize, total: usize, window: usize) {
+    let past = total - s;
+    for (r, row) in bias.chunks_exact_mut(total).enumerate() {
+        let q = past + r % s;
+        for v in row.iter_mut().take((q + 1).saturating_sub(window)) {
+            *v = f32::MIN;
+        }
     }
 }
 
@@ -664,7 +891,7 @@ mod tests {
     #[test]
     fn cpu_path_matches_candle_path() {
         let dev = Device::Cpu;
-        for name in ["llama", "llama3-rope", "qwen2"] {
+        for name in ["llama", "llama3-rope", "qwen2", "gemma3"] {
             let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../tests/fixtures/decoders/models")
                 .join(name);
@@ -747,6 +974,16 @@ mod tests {
             assert_eq!(ca.seq_len(), 26);
             assert_eq!(cb.seq_len(), 26);
         }
+    }
+
+    /// Window 2 over 2 cached + 2 new positions: the query at position 2 sees keys 1..=2, the
+    /// one at 3 sees 2..=3 (the causal part stays the causal bias's).
+    #[test]
+    fn window_bias_hides_keys_out_of_the_window() {
+        let mut bias = vec![0f32; 2 * 4];
+        window_bias(&mut bias, 2, 4, 2);
+        let m = f32::MIN;
+        assert_eq!(bias, [m, 0.0, 0.0, 0.0, m, m, 0.0, 0.0]);
     }
 
     #[test]
