@@ -45,7 +45,7 @@ pub struct BloomConfig {
 impl BloomConfig {
     /// What HF's constructor would refuse: `None` when the config can be built.
     pub fn problem(&self) -> Option<String> {
-        if self.n_head == 0 || self.hidden_size % self.n_head != 0 {
+        if self.n_head == 0 || !self.hidden_size.is_multiple_of(self.n_head) {
             return Some(format!(
                 "`hidden_size` ({}) must be a multiple of `n_head` ({})",
                 self.hidden_size, self.n_head
