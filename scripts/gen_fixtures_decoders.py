@@ -3,11 +3,14 @@
 
 Everything under tests/fixtures/decoders/ is rebuilt from scratch, offline and
 deterministically: a byte-level BPE tokenizer is trained on scripts/corpus.txt,
-tiny randomly initialised (seeded) GPT-2 / Llama / Qwen2 models are saved with
-save_pretrained, and the reference outputs of the models, `generate` and
+tiny randomly initialised (seeded) GPT-2 / Llama / Qwen2 / BLOOM models are saved
+with save_pretrained, and the reference outputs of the models, `generate` and
 `pipeline("text-generation")` are written as JSON.
 
-    HF_HUB_OFFLINE=1 /work/venv/py/bin/python scripts/gen_fixtures_decoders.py
+    HF_HUB_OFFLINE=1 /work/venv/bench/bin/python scripts/gen_fixtures_decoders.py [--only NAME[,NAME]]
+
+`--only` rebuilds just those models (their folders and expected files) and updates their
+entries in MANIFEST.json; the other fixtures stay as they are.
 
 Layout:
     models/<name>/        save_pretrained output (config.json, generation_config.json,
@@ -22,6 +25,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import warnings  # noqa: E402
@@ -38,6 +42,9 @@ from tokenizers.processors import TemplateProcessing  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    BloomTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     GenerationConfig,
@@ -120,6 +127,23 @@ def gpt2_tokenizer(workdir):
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
+        model_max_length=64,
+    )
+
+
+def bloom_tokenizer(workdir):
+    """BLOOM's special tokens at its ids (<unk> 0, <s> 1, </s> 2, <pad> 3); no BOS added, and
+    left padding as bigscience's tokenizer_config.json sets it."""
+    t = train_bpe(["<unk>", "<s>", "</s>", "<pad>"])
+    path = workdir / "bloom-tokenizer.json"
+    t.save(str(path))
+    return BloomTokenizerFast(
+        tokenizer_file=str(path),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
         model_max_length=64,
     )
 
@@ -319,15 +343,7 @@ def expected_for(name, folder, chat=False, rope_note=None):
     return margins
 
 
-def main():
-    for d in (MODELS, EXPECTED):
-        if d.exists():
-            shutil.rmtree(d)
-    MODELS.mkdir(parents=True)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "ff-decoder-fixtures"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-
+def build_gpt2(work):
     gtok = gpt2_tokenizer(work)
     eos = gtok.eos_token_id
     gcfg = GPT2Config(
@@ -335,48 +351,129 @@ def main():
         initializer_range=INIT_RANGE, bos_token_id=eos, eos_token_id=eos,
     )
     folder = build("gpt2", GPT2LMHeadModel, gcfg, gtok)
-    report = {"gpt2": expected_for("gpt2", folder)}
+    return expected_for("gpt2", folder)
 
-    ltok = llama_tokenizer()
-    common = dict(
+
+def llama_common(ltok):
+    return dict(
         vocab_size=len(ltok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
         rope_theta=10000.0, initializer_range=INIT_RANGE, rms_norm_eps=1e-6,
         bos_token_id=ltok.bos_token_id, eos_token_id=ltok.eos_token_id,
         pad_token_id=ltok.pad_token_id,
     )
-    lcfg = LlamaConfig(tie_word_embeddings=False, **common)
+
+
+def build_llama(work):
+    ltok = llama_tokenizer()
+    lcfg = LlamaConfig(tie_word_embeddings=False, **llama_common(ltok))
     gen_cfg = GenerationConfig(
         bos_token_id=ltok.bos_token_id, eos_token_id=ltok.eos_token_id,
         pad_token_id=ltok.pad_token_id, repetition_penalty=1.3, max_new_tokens=7,
     )
     folder = build("llama", LlamaForCausalLM, lcfg, ltok, gen_cfg)
-    report["llama"] = expected_for("llama", folder, chat=True)
+    return expected_for("llama", folder, chat=True)
 
+
+def build_llama3_rope(work):
+    ltok = llama_tokenizer()
     l3cfg = LlamaConfig(
         tie_word_embeddings=True,
         rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
         },
-        **common,
+        **llama_common(ltok),
     )
     folder = build("llama3-rope", LlamaForCausalLM, l3cfg, ltok)
-    report["llama3-rope"] = expected_for("llama3-rope", folder)
+    return expected_for("llama3-rope", folder)
 
+
+def build_qwen2(work):
+    ltok = llama_tokenizer()
     qcfg = Qwen2Config(
         tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
-        use_sliding_window=False, **common,
+        use_sliding_window=False, **llama_common(ltok),
     )
     folder = build("qwen2", Qwen2ForCausalLM, qcfg, ltok)
-    report["qwen2"] = expected_for("qwen2", folder, chat=True)
+    return expected_for("qwen2", folder, chat=True)
+
+
+def bloom_config(btok, **kw):
+    return BloomConfig(
+        vocab_size=len(btok), n_layer=2, initializer_range=INIT_RANGE,
+        bos_token_id=btok.bos_token_id, eos_token_id=btok.eos_token_id,
+        pad_token_id=btok.pad_token_id, **kw,
+    )
+
+
+def build_bloom(work):
+    btok = bloom_tokenizer(work)
+    cfg = bloom_config(btok, hidden_size=32, n_head=4)
+    folder = build("bloom", BloomForCausalLM, cfg, btok)
+    return expected_for("bloom", folder)
+
+
+def build_bloom_6h(work):
+    # 6 heads: ALiBi slopes for a head count that is not a power of two; also the residual
+    # taken after the LayerNorms and an untied LM head.
+    btok = bloom_tokenizer(work)
+    cfg = bloom_config(
+        btok, hidden_size=24, n_head=6, apply_residual_connection_post_layernorm=True,
+        tie_word_embeddings=False,
+    )
+    folder = build("bloom-6h", BloomForCausalLM, cfg, btok)
+    return expected_for("bloom-6h", folder)
+
+
+BUILDERS = {
+    "gpt2": build_gpt2,
+    "llama": build_llama,
+    "llama3-rope": build_llama3_rope,
+    "qwen2": build_qwen2,
+    "bloom": build_bloom,
+    "bloom-6h": build_bloom_6h,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated fixture names to rebuild (default: all)")
+    args = ap.parse_args()
+    names = list(BUILDERS) if not args.only else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        ap.error(f"unknown fixture(s) {unknown}; known: {', '.join(BUILDERS)}")
+
+    margins = {}
+    if args.only and (FIX / "MANIFEST.json").exists():
+        margins = json.loads((FIX / "MANIFEST.json").read_text())["min_greedy_margin"]
+    if args.only:
+        for n in names:
+            shutil.rmtree(MODELS / n, ignore_errors=True)
+            (EXPECTED / f"{n}.json").unlink(missing_ok=True)
+    else:
+        for d in (MODELS, EXPECTED):
+            if d.exists():
+                shutil.rmtree(d)
+    MODELS.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "ff-decoder-fixtures"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    report = {}
+    for n in names:
+        report[n] = BUILDERS[n](work)
+        margins[n] = min(report[n].values())
 
     shutil.rmtree(work, ignore_errors=True)
+    # Fixed order (BUILDERS'), whichever were rebuilt.
+    margins = {k: margins[k] for k in BUILDERS if k in margins}
     write_json(FIX / "MANIFEST.json", {
         "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0],
         "tokenizers": tokenizers.__version__,
-        "min_greedy_margin": {k: min(v.values()) for k, v in report.items()},
+        "min_greedy_margin": margins,
     })
     for k, v in report.items():
         print(k, "min greedy logit gap", min(v.values()))

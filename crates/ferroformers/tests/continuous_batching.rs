@@ -1,8 +1,8 @@
 //! Continuous batching (`generation::continuous`): requests generating at the same time on
 //! their own threads share one batched step per token, join while others run and leave when
 //! done, and each gets the tokens it would have got alone (greedy and seeded sampling, its own
-//! parameters), on the decoder fixtures of both KV cache kinds (GPT-2's tensors, the Llama
-//! family's CPU buffers).
+//! parameters), on the decoder fixtures of both KV cache kinds (GPT-2's and BLOOM's tensors, the
+//! Llama family's CPU buffers).
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ fn prompts_and_solo(g: &TextGenerator) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 
 #[test]
 fn concurrent_requests_share_steps_and_get_their_solo_tokens() {
-    for name in ["gpt2", "llama", "qwen2"] {
+    for name in ["gpt2", "llama", "qwen2", "bloom"] {
         let mut g = load(name);
         let (prompts, solo) = prompts_and_solo(&g);
         g.batcher = Some(Batcher::new(100_000));
@@ -183,7 +183,7 @@ fn solo_tokens(g: &TextGenerator, p: &[u32], c: &GenerationConfig) -> Vec<u32> {
 /// tokens equal those generated from scratch.
 #[test]
 fn later_prompts_reuse_a_finished_sequences_prefix() {
-    for name in ["gpt2", "llama", "qwen2"] {
+    for name in ["gpt2", "llama", "qwen2", "bloom"] {
         let (mut g, first, c) = prefix_setup(name, 10);
         let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
         let answer = solo(&g, &first);
@@ -225,7 +225,7 @@ fn later_prompts_reuse_a_finished_sequences_prefix() {
 /// mask; each gets its solo tokens, and a finished one's prefix (gap left out) serves the next.
 #[test]
 fn continued_prompts_run_together_as_one_pass() {
-    for name in ["gpt2", "llama"] {
+    for name in ["gpt2", "llama", "bloom"] {
         let (mut g, first, c) = prefix_setup(name, 8);
         let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
         let mut turn = first.clone();

@@ -362,7 +362,7 @@ impl Module for RmsNorm {
     }
 }
 
-pub const CAUSAL_LM_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "gemma3_text"];
+pub const CAUSAL_LM_TYPES: &[&str] = &["bloom", "gpt2", "llama", "mistral", "qwen2", "gemma3_text"];
 
 /// Load a causal LM from a model folder (config.json + weights) or a `.gguf` file.
 pub fn load_causal_lm(
@@ -402,6 +402,13 @@ pub fn load_causal_lm(
                 vb
             };
             Box::new(super::gpt2::Gpt2::load(&config.parse()?, vb).map_err(wrap)?)
+        }
+        "bloom" => {
+            let cfg: super::bloom::BloomConfig = config.parse()?;
+            if let Some(p) = cfg.problem() {
+                return Err(Error::invalid_file(&config.path, p));
+            }
+            Box::new(super::bloom::Bloom::load(&cfg, vb, has_transformer_prefix).map_err(wrap)?)
         }
         _ => {
             let cfg: super::llama::LlamaConfig = config.parse()?;

@@ -1,13 +1,14 @@
 //! AutoModel: `config.model_type` + the head a task needs -> a model.
 //!
 //! One file per architecture (`bert.rs`, `roberta.rs`, `distilbert.rs`, `bart.rs`, `t5.rs`,
-//! `gpt2.rs`, `llama.rs`), each saying which path runs where: candle ops (GPU, any dtype), or
-//! for f32 on CPU our kernels (`kernels::cpu`). What two or more share: `layers.rs` (blocks),
+//! `gpt2.rs`, `llama.rs`, `bloom.rs`, `whisper.rs`), each saying which path runs where: candle
+//! ops (GPU, any dtype), or for f32 on CPU our kernels (`kernels::cpu`). What two or more share: `layers.rs` (blocks),
 //! `encoder_stack.rs` (the BERT family's post-LN layers, both paths), `causal_lm.rs` and
 //! `seq2seq.rs` (decoder and encoder-decoder plumbing), `gguf.rs` (reading GGUF files).
 
 pub mod bart;
 pub mod bert;
+pub mod bloom;
 pub mod causal_lm;
 pub mod distilbert;
 pub mod encoder_stack;

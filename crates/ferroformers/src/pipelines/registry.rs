@@ -260,6 +260,7 @@ mod tests {
             ("models/bert-base", Some("feature-extraction")),
             ("models/minilm-st", Some("sentence-embeddings")),
             ("decoders/models/llama", Some("text-generation")),
+            ("decoders/models/bloom", Some("text-generation")),
             ("seq2seq/models/t5", Some("text2text-generation")),
             ("models/no-config", None),
         ] {
