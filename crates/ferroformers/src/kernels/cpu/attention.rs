@@ -603,7 +603,7 @@ pub fn attend_causal(
             }
         };
         if par {
-            candle_core::utils::barrier_pool().execute_chunked(jobs, |items| items.for_each(job));
+            crate::kernels::cpu::threads::par_ranges(jobs, |items| items.for_each(job));
         } else {
             (0..jobs).for_each(job);
         }
@@ -636,7 +636,7 @@ pub fn attend_causal(
         }
     };
     if par {
-        candle_core::utils::barrier_pool().execute_chunked(n, rows);
+        crate::kernels::cpu::threads::par_ranges(n, rows);
     } else {
         rows(0..n);
     }

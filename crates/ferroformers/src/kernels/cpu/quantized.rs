@@ -304,9 +304,9 @@ impl QuantLinear {
         };
         let tasks = n.div_ceil(rows_per_task);
         if n * k * m >= 1 << 16 && !in_worker() {
-            // candle's barrier pool: its workers spin briefly between calls, so the ~120
+            // The kernels' pool: its workers spin briefly between calls, so the ~120
             // products of one decoding step do not pay a sleep/wake each (rayon did: ~15%).
-            candle_core::utils::barrier_pool().execute_chunked(tasks, |range| range.for_each(task));
+            crate::kernels::cpu::threads::par_ranges(tasks, |range| range.for_each(task));
         } else {
             (0..tasks).for_each(task);
         }
@@ -334,7 +334,7 @@ impl QuantLinear {
         };
         let tasks = n.div_ceil(PANEL);
         if !in_worker() {
-            candle_core::utils::barrier_pool().execute_chunked(tasks, |range| range.for_each(task));
+            crate::kernels::cpu::threads::par_ranges(tasks, |range| range.for_each(task));
         } else {
             (0..tasks).for_each(task);
         }
