@@ -9,6 +9,7 @@
 
 pub mod audio;
 pub mod config;
+pub mod ctc;
 pub mod error;
 pub mod generation;
 pub mod hub;

@@ -1,5 +1,5 @@
-//! Audio inputs for speech pipelines: decoding files to mono samples, resampling, and Whisper's
-//! log-mel features.
+//! Audio inputs for speech pipelines: decoding files to mono samples, resampling, Whisper's
+//! log-mel features and wav2vec2's normalized waveforms.
 //!
 //! The reference is what transformers' `automatic-speech-recognition` pipeline feeds its model:
 //! - a file or bytes go through `ffmpeg -i pipe:0 -ac 1 -ar 16000 -f f32le`
@@ -8,15 +8,18 @@
 //! - a `{"raw", "sampling_rate"}` waveform at another rate goes through
 //!   `torchaudio.functional.resample` ([`resample`], exact);
 //! - the 16 kHz waveform becomes `input_features` through `WhisperFeatureExtractor`
-//!   ([`WhisperFeatureExtractor::extract`]).
+//!   ([`WhisperFeatureExtractor::extract`]), or wav2vec2's normalized `input_values` through
+//!   [`Wav2Vec2FeatureExtractor`].
 
 mod decode;
 mod features;
 mod resample;
+mod wav2vec2;
 
 pub use decode::{decode_bytes, decode_file};
 pub use features::{mel_filter_bank, WhisperFeatureExtractor};
 pub use resample::resample;
+pub use wav2vec2::{pairwise_sum, PaddedValues, Wav2Vec2FeatureExtractor};
 
 use crate::error::{Error, Result};
 

@@ -44,7 +44,8 @@ const TOP_LEVEL: &[&str] = &[
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
-    // speech: Whisper's feature extractor, faster-whisper's vocabulary
+    // speech: Whisper's and wav2vec2's feature extractors (wav2vec2's vocab.json is above),
+    // faster-whisper's vocabulary
     "preprocessor_config.json",
     "vocabulary.txt",
     "vocabulary.json",

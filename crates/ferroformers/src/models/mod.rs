@@ -1,10 +1,11 @@
 //! AutoModel: `config.model_type` + the head a task needs -> a model.
 //!
 //! One file per architecture (`bert.rs`, `roberta.rs`, `distilbert.rs`, `bart.rs`, `t5.rs`,
-//! `gpt2.rs`, `llama.rs`, `bloom.rs`, `whisper.rs`), each saying which path runs where: candle
-//! ops (GPU, any dtype), or for f32 on CPU our kernels (`kernels::cpu`). What two or more share: `layers.rs` (blocks),
-//! `encoder_stack.rs` (the BERT family's post-LN layers, both paths), `causal_lm.rs` and
-//! `seq2seq.rs` (decoder and encoder-decoder plumbing), `gguf.rs` (reading GGUF files).
+//! `gpt2.rs`, `llama.rs` (Gemma 3 too), `bloom.rs`, `whisper.rs`, `wav2vec2.rs`), each saying
+//! which path runs where: candle ops (GPU, any dtype), or for f32 on CPU our kernels
+//! (`kernels::cpu`). What two or more share: `layers.rs` (blocks), `encoder_stack.rs` (the BERT family's post-LN layers, both
+//! paths), `causal_lm.rs` and `seq2seq.rs` (decoder and encoder-decoder plumbing), `gguf.rs`
+//! (reading GGUF files).
 
 pub mod bart;
 pub mod bert;
@@ -19,6 +20,7 @@ pub mod llama;
 pub mod roberta;
 pub mod seq2seq;
 pub mod t5;
+pub mod wav2vec2;
 pub mod whisper;
 
 use std::path::Path;

@@ -16,6 +16,10 @@
 //! Weights: HF's `WhisperForConditionalGeneration` folders, or faster-whisper (CTranslate2)
 //! folders read directly; their generation settings come from the CTranslate2 `config.json`
 //! and the tokenizer's special tokens.
+//!
+//! CTC models (wav2vec2) run in `automatic_speech_recognition_ctc.rs`; [`load_task`] picks the
+//! one a model folder needs. Both share the audio inputs ([`waveform`]) and the chunking
+//! ([`chunk_sizes`], [`chunk_spans`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -330,7 +334,9 @@ impl SpeechRecognition {
                 return Err(Error::UnsupportedModel {
                     model_type: config.model_type.clone(),
                     task: "automatic-speech-recognition".into(),
-                    supported: "whisper (HF or faster-whisper folders)".into(),
+                    supported: "whisper (HF or faster-whisper folders); wav2vec2 runs through \
+                                CtcSpeechRecognition"
+                        .into(),
                 });
             }
             let cfg: WhisperConfig = config.parse()?;
@@ -379,45 +385,7 @@ impl SpeechRecognition {
 
     /// The 16 kHz mono waveform of an input.
     fn waveform(&self, input: &Input, index: usize) -> Result<Vec<f32>> {
-        let rate = self.extractor.sampling_rate;
-        let audio =
-            match input {
-                Input::Text(path) => {
-                    if path.starts_with("http://") || path.starts_with("https://") {
-                        return Err(Error::input(
-                            index,
-                            "audio URLs are not fetched: download the file and pass its path",
-                        ));
-                    }
-                    let p = Path::new(path);
-                    if !p.is_file() {
-                        return Err(Error::input(
-                            index,
-                            format!("`{path}` is not an audio file that exists"),
-                        ));
-                    }
-                    decode_file(p)?
-                }
-                Input::AudioBytes(bytes) => decode_bytes(bytes)?,
-                Input::Audio {
-                    samples,
-                    sampling_rate,
-                } => {
-                    if *sampling_rate == rate {
-                        return Ok(samples.clone());
-                    }
-                    return resample(samples, *sampling_rate, rate);
-                }
-                _ => return Err(Error::input(
-                    index,
-                    "expected audio: a file path, bytes, or {\"raw\": [...], \"sampling_rate\": N}",
-                )),
-            };
-        if audio.sampling_rate == rate {
-            Ok(audio.samples)
-        } else {
-            Ok(Audio::to_rate(&audio, rate)?.samples)
-        }
+        waveform(input, index, self.extractor.sampling_rate)
     }
 
     /// What `model.generate(input_features, **kwargs)` returns for 16 kHz waveforms of up to
@@ -554,22 +522,13 @@ impl SpeechRecognition {
         timestamps: bool,
     ) -> Result<Vec<Piece>> {
         let rate = self.extractor.sampling_rate as f64;
-        let chunk_s = match params.get("chunk_length_s") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_f64().filter(|x| *x >= 0.0).ok_or_else(|| {
-                Error::param(
-                    "chunk_length_s",
-                    format!("expected a number of seconds, got {v}"),
-                )
-            })?),
-        }
-        .filter(|c| *c > 0.0);
+        let sizes = chunk_sizes(params, rate, 1)?;
         let mut out = Vec::new();
         for (input, samples) in waves.into_iter().enumerate() {
             if samples.is_empty() {
                 return Err(Error::input(input, "the audio has no samples"));
             }
-            let Some(chunk_s) = chunk_s else {
+            let Some((chunk_len, left, right)) = sizes else {
                 // Longer than one window: Whisper's sequential long-form decoding, which
                 // moves from window to window by the predicted timestamps.
                 if samples.len() > self.extractor.n_samples && !timestamps {
@@ -590,51 +549,12 @@ impl SpeechRecognition {
                 });
                 continue;
             };
-            let (left_s, right_s) = match params.get("stride_length_s") {
-                None | Some(Value::Null) => (chunk_s / 6.0, chunk_s / 6.0),
-                Some(Value::Array(a)) if a.len() == 2 => {
-                    let f = |v: &Value| {
-                        v.as_f64().ok_or_else(|| {
-                            Error::param("stride_length_s", "expected a number or two numbers")
-                        })
-                    };
-                    (f(&a[0])?, f(&a[1])?)
-                }
-                Some(v) => {
-                    let x = v.as_f64().ok_or_else(|| {
-                        Error::param("stride_length_s", "expected a number or two numbers")
-                    })?;
-                    (x, x)
-                }
-            };
-            // Python's round() on x.5 rounds to even; so does round_ties_even.
-            let n = |s: f64| (s * rate).round_ties_even().max(0.0) as usize;
-            let (chunk_len, left, right) = (n(chunk_s), n(left_s), n(right_s));
-            if chunk_len <= left + right {
-                return Err(Error::param(
-                    "stride_length_s",
-                    "the chunk must be longer than its two strides together",
-                ));
-            }
-            let step = chunk_len - left - right;
-            let total = samples.len();
-            let mut start = 0;
-            while start < total {
-                let end = (start + chunk_len).min(total);
-                let is_last = start + chunk_len >= total;
-                let l = if start == 0 { 0 } else { left };
-                let r = if is_last { 0 } else { right };
-                if end - start > l {
-                    out.push(Piece {
-                        input,
-                        samples: samples[start..end].to_vec(),
-                        stride: Some((end - start, l, r)),
-                    });
-                }
-                if is_last {
-                    break;
-                }
-                start += step;
+            for (start, end, l, r) in chunk_spans(samples.len(), chunk_len, left, right) {
+                out.push(Piece {
+                    input,
+                    samples: samples[start..end].to_vec(),
+                    stride: Some((end - start, l, r)),
+                });
             }
         }
         Ok(out)
@@ -907,6 +827,132 @@ impl SpeechRecognition {
                 s
             })
             .collect())
+    }
+}
+
+/// `chunk_length_s` and `stride_length_s` (left and right) in samples at `rate` Hz, each rounded
+/// to a multiple of `align_to` as the pipeline's `preprocess` does (`inputs_to_logits_ratio` for
+/// CTC models, 1 for Whisper); `None` without chunking (`chunk_length_s` absent or 0). The
+/// stride defaults to a sixth of the chunk on each side.
+pub(crate) fn chunk_sizes(
+    params: &Params,
+    rate: f64,
+    align_to: usize,
+) -> Result<Option<(usize, usize, usize)>> {
+    let chunk_s = match params.get("chunk_length_s") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_f64().filter(|x| *x >= 0.0).ok_or_else(|| {
+            Error::param(
+                "chunk_length_s",
+                format!("expected a number of seconds, got {v}"),
+            )
+        })?),
+    }
+    .filter(|c| *c > 0.0);
+    let Some(chunk_s) = chunk_s else {
+        return Ok(None);
+    };
+    let (left_s, right_s) = match params.get("stride_length_s") {
+        None | Some(Value::Null) => (chunk_s / 6.0, chunk_s / 6.0),
+        Some(Value::Array(a)) if a.len() == 2 => {
+            let f = |v: &Value| {
+                v.as_f64().ok_or_else(|| {
+                    Error::param("stride_length_s", "expected a number or two numbers")
+                })
+            };
+            (f(&a[0])?, f(&a[1])?)
+        }
+        Some(v) => {
+            let x = v.as_f64().ok_or_else(|| {
+                Error::param("stride_length_s", "expected a number or two numbers")
+            })?;
+            (x, x)
+        }
+    };
+    // `int(round(s * rate / align_to) * align_to)`: Python's round() on x.5 rounds to even; so
+    // does round_ties_even.
+    let align = align_to.max(1) as f64;
+    let n = |s: f64| ((s * rate / align).round_ties_even() * align).max(0.0) as usize;
+    let (chunk_len, left, right) = (n(chunk_s), n(left_s), n(right_s));
+    if chunk_len <= left + right {
+        return Err(Error::param(
+            "stride_length_s",
+            "the chunk must be longer than its two strides together",
+        ));
+    }
+    Ok(Some((chunk_len, left, right)))
+}
+
+/// `chunk_iter`: `(start, end, left stride, right stride)` of each chunk of a `total`-sample
+/// waveform. Chunks start every `chunk_len - left - right` samples; the first has no left
+/// stride, the last (the one reaching the end) no right stride, and a chunk no longer than its
+/// left stride is skipped.
+pub(crate) fn chunk_spans(
+    total: usize,
+    chunk_len: usize,
+    left: usize,
+    right: usize,
+) -> Vec<(usize, usize, usize, usize)> {
+    let step = chunk_len.saturating_sub(left + right).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < total {
+        let end = (start + chunk_len).min(total);
+        let is_last = start + chunk_len >= total;
+        let l = if start == 0 { 0 } else { left };
+        let r = if is_last { 0 } else { right };
+        if end - start > l {
+            out.push((start, end, l, r));
+        }
+        if is_last {
+            break;
+        }
+        start += step;
+    }
+    out
+}
+
+/// The mono waveform of an input at `rate` Hz: a file path (not a URL), a file's bytes, or a
+/// waveform at any rate (resampled as torchaudio does).
+pub(crate) fn waveform(input: &Input, index: usize, rate: u32) -> Result<Vec<f32>> {
+    let audio = match input {
+        Input::Text(path) => {
+            if path.starts_with("http://") || path.starts_with("https://") {
+                return Err(Error::input(
+                    index,
+                    "audio URLs are not fetched: download the file and pass its path",
+                ));
+            }
+            let p = Path::new(path);
+            if !p.is_file() {
+                return Err(Error::input(
+                    index,
+                    format!("`{path}` is not an audio file that exists"),
+                ));
+            }
+            decode_file(p)?
+        }
+        Input::AudioBytes(bytes) => decode_bytes(bytes)?,
+        Input::Audio {
+            samples,
+            sampling_rate,
+        } => {
+            if *sampling_rate == rate {
+                return Ok(samples.clone());
+            }
+            return resample(samples, *sampling_rate, rate);
+        }
+        _ => {
+            return Err(Error::input(
+                index,
+                "expected audio: a file path, bytes, or {\"raw\": [...], \"sampling_rate\": N}",
+            ))
+        }
+    };
+    if audio.sampling_rate == rate {
+        Ok(audio.samples)
+    } else {
+        Ok(Audio::to_rate(&audio, rate)?.samples)
     }
 }
 
@@ -1209,6 +1255,27 @@ impl Task for SpeechRecognition {
 
 pub fn load(opts: &PipelineOptions, model: &str) -> Result<SpeechRecognition> {
     SpeechRecognition::load(opts, model)
+}
+
+/// The pipeline for `model`: a CTC model (`model_type` wav2vec2) runs
+/// [`CtcSpeechRecognition`](super::automatic_speech_recognition_ctc::CtcSpeechRecognition),
+/// anything else (Whisper's HF and faster-whisper folders) [`SpeechRecognition`].
+pub(crate) fn load_task(opts: &PipelineOptions, model: &str) -> Result<Box<dyn Task>> {
+    let dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
+    if dir.is_dir() && !is_ct2_dir(&dir) {
+        if let Ok(config) = ModelConfig::from_dir(&dir) {
+            if super::automatic_speech_recognition_ctc::CTC_TYPES
+                .contains(&config.model_type.as_str())
+            {
+                return Ok(Box::new(
+                    super::automatic_speech_recognition_ctc::CtcSpeechRecognition::load(
+                        opts, model,
+                    )?,
+                ));
+            }
+        }
+    }
+    Ok(Box::new(SpeechRecognition::load(opts, model)?))
 }
 
 #[cfg(test)]

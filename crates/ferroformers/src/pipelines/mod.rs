@@ -2,6 +2,7 @@
 //! functions on the outputs). One file per task; [`registry`] knows the task names.
 
 pub mod automatic_speech_recognition;
+pub mod automatic_speech_recognition_ctc;
 pub mod feature_extraction;
 pub mod fill_mask;
 pub mod question_answering;
@@ -237,7 +238,8 @@ pub enum Output {
     /// `{summary_text}` or `{translation_text}` (`*_token_ids` with `return_tensors`) per returned
     /// sequence.
     Text2Text(Vec<Map<String, Value>>),
-    /// automatic-speech-recognition: `{"text"}`, with `"chunks"` for timestamps.
+    /// automatic-speech-recognition: `{"text"}`, with `"chunks"` for timestamps (Whisper's
+    /// segments, or a CTC model's characters or words).
     Speech(Map<String, Value>),
 }
 

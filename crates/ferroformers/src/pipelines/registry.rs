@@ -181,7 +181,7 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
         "zero-shot-classification" => Box::new(super::zero_shot::ZeroShot::load(opts, model)?),
         "text-generation" => Box::new(TextGeneration::load(opts, model)?),
         "automatic-speech-recognition" => {
-            Box::new(super::automatic_speech_recognition::SpeechRecognition::load(opts, model)?)
+            super::automatic_speech_recognition::load_task(opts, model)?
         }
         "text2text-generation" | "summarization" | "translation" => {
             Box::new(super::text2text::Text2Text::load(opts, model, task_name)?)
@@ -213,7 +213,7 @@ pub fn infer_task(dir: &std::path::Path) -> Option<&'static str> {
     if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
         return Some("text-generation");
     }
-    if arch == "WhisperForConditionalGeneration" {
+    if arch == "WhisperForConditionalGeneration" || arch.ends_with("ForCTC") {
         return Some("automatic-speech-recognition");
     }
     if arch.ends_with("ForConditionalGeneration") || arch.ends_with("MTModel") {
@@ -263,6 +263,10 @@ mod tests {
             ("decoders/models/bloom", Some("text-generation")),
             ("seq2seq/models/t5", Some("text2text-generation")),
             ("models/no-config", None),
+            (
+                "wav2vec2/models/w2v-group",
+                Some("automatic-speech-recognition"),
+            ),
         ] {
             assert_eq!(infer_task(&fix.join(dir)), want, "{dir}");
         }

@@ -93,8 +93,7 @@ impl Job<'_> {
                 return;
             }
             let r = start..self.n.min(start + self.chunk);
-            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(r)))
-            {
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(r))) {
                 let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(p);
             }
