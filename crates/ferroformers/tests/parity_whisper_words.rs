@@ -111,15 +111,18 @@ fn word_timestamps_need_alignment_heads() {
     let params = |v: Value| v.as_object().unwrap().clone();
     let err = p
         .run(
-            &[clip.clone()],
+            std::slice::from_ref(&clip),
             &params(json!({"return_timestamps": "word"})),
         )
         .unwrap_err()
         .to_string();
     assert!(err.contains("alignment_heads"), "{err}");
     // Segments still work without them.
-    p.run(&[clip.clone()], &params(json!({"return_timestamps": true})))
-        .unwrap();
+    p.run(
+        std::slice::from_ref(&clip),
+        &params(json!({"return_timestamps": true})),
+    )
+    .unwrap();
     let err = p
         .run(&[clip], &params(json!({"return_timestamps": "char"})))
         .unwrap_err()

