@@ -280,6 +280,84 @@ impl WhisperForConditionalGeneration {
         self.dec_norm.forward(&xs)
     }
 
+    /// The cross-attention probabilities (`softmax(q kᵀ scale)`) of the alignment `heads`
+    /// (`(layer, head)`) for one teacher-forced decoder pass over `ids` from position 0:
+    /// `[head][row][source position]`, rows in `ids` order. What HF's `generate` collects in
+    /// `cross_attentions` for those tokens (the decoder is causal), for word timestamps.
+    pub fn alignment_attention(
+        &self,
+        ids: &[u32],
+        cross_kv: &[(Tensor, Tensor)],
+        heads: &[(usize, usize)],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let s = ids.len();
+        let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); heads.len()];
+        if s == 0 || heads.is_empty() {
+            return Ok(out);
+        }
+        if s > self.config.max_target_positions {
+            candle_core::bail!(
+                "the decoder has {} positions; {s} tokens do not fit",
+                self.config.max_target_positions
+            );
+        }
+        let last = heads.iter().map(|&(l, _)| l).max().unwrap_or(0);
+        if last >= self.dec_layers.len() || last >= cross_kv.len() {
+            candle_core::bail!(
+                "alignment head layer {last} but the decoder has {} layers",
+                self.dec_layers.len()
+            );
+        }
+        let device = self.enc_pos.device();
+        let ids_t = Tensor::from_vec(ids.to_vec(), (1, s), device)?;
+        let dtype = self.enc_pos.dtype();
+        let self_bias = causal_bias(s, 0, device, dtype)?;
+        let mut kv = KvCache::new(self.dec_layers.len());
+        let mut xs = (self.embed_tokens.forward(&ids_t)? * self.embed_scale)?
+            .broadcast_add(&self.dec_pos.narrow(0, 0, s)?)?;
+        let zero = Tensor::zeros((1, 1, 1, 1), dtype, device)?;
+        for (i, l) in self.dec_layers.iter().enumerate().take(last + 1) {
+            let h = l.self_norm.forward(&xs)?;
+            let (k, v) = l.self_attn.kv(&h)?;
+            let (k, v) = kv.append(i, &k, &v)?;
+            xs = (l.self_attn.attend(&h, &k, &v, &self_bias)? + xs)?;
+            let h = l.cross_norm.forward(&xs)?;
+            let (ck, cv) = &cross_kv[i];
+            // This input's row of the cross keys (beams share their input's).
+            let ck = ck.narrow(0, 0, 1)?;
+            let wanted: Vec<(usize, usize)> = heads
+                .iter()
+                .enumerate()
+                .filter(|(_, &(layer, _))| layer == i)
+                .map(|(n, &(_, head))| (n, head))
+                .collect();
+            if !wanted.is_empty() {
+                let q = l.cross_attn.heads(&l.cross_attn.q.forward(&h)?)?;
+                let scores = (q.matmul(&ck.transpose(2, 3)?.contiguous()?)? * l.cross_attn.scale)?
+                    .to_dtype(DType::F32)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.squeeze(0)?;
+                for (n, head) in wanted {
+                    if head >= l.cross_attn.heads {
+                        candle_core::bail!(
+                            "alignment head ({i}, {head}) but layer {i} has {} heads",
+                            l.cross_attn.heads
+                        );
+                    }
+                    out[n] = probs.get(head)?.to_vec2()?;
+                }
+            }
+            if i == last {
+                break;
+            }
+            let ck = ck.clone();
+            let cv = cv.narrow(0, 0, 1)?;
+            xs = (l.cross_attn.attend(&h, &ck, &cv, &zero)? + xs)?;
+            let h = l.ff_norm.forward(&xs)?;
+            xs = (l.ff.forward(&h)? + xs)?;
+        }
+        Ok(out)
+    }
+
     /// Logits of decoder states. On CPU f32, a few rows (a decoding step, beams) stream the
     /// `[vocab, d]` projection once per 6 rows (`kernels::cpu::linear::matmul`): it is the
     /// largest weight a step reads (tiny.en: 80 MB of 110), and reading it in memory order is

@@ -28,6 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::whisper_languages::{code_of, name_of};
+use super::whisper_words;
 use super::{param, Input, Output, Params, PipelineOptions, Task};
 use crate::audio::{decode_bytes, decode_file, resample, Audio, WhisperFeatureExtractor};
 use crate::config::{read_json, ModelConfig};
@@ -82,6 +83,20 @@ struct Protocol {
     return_timestamps: bool,
     /// `tokenizer.all_special_ids`: dropped from the text.
     special_ids: HashSet<u32>,
+    /// `alignment_heads` `(layer, head)` for word timestamps (`None`: the config has none).
+    alignment_heads: Option<Vec<(usize, usize)>>,
+}
+
+/// `alignment_heads` of a generation config (HF) or CTranslate2 config: `[[layer, head], ...]`.
+fn alignment_heads(g: &Value) -> Option<Vec<(usize, usize)>> {
+    g.get("alignment_heads")?
+        .as_array()?
+        .iter()
+        .map(|p| {
+            let p = p.as_array()?;
+            Some((p.first()?.as_u64()? as usize, p.get(1)?.as_u64()? as usize))
+        })
+        .collect()
 }
 
 impl Protocol {
@@ -150,6 +165,7 @@ impl Protocol {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             special_ids: special_ids(tokenizer),
+            alignment_heads: alignment_heads(g),
         }
     }
 
@@ -214,6 +230,7 @@ impl Protocol {
             max_initial_timestamp_index: Some(50),
             return_timestamps: false,
             special_ids: special_ids(tokenizer),
+            alignment_heads: alignment_heads(ct2),
         };
         let gen = GenerationConfig {
             max_length: 448,
@@ -267,12 +284,17 @@ struct CallOptions {
     language: Option<String>,
     task: Option<String>,
     timestamps: bool,
+    /// `return_timestamps="word"` (implies `timestamps`).
+    words: bool,
     return_language: bool,
     generation: GenerationConfig,
     /// `temperature` given: sampling at that temperature (0: greedy), as Whisper's fallback
     /// loop sets `do_sample` from it.
     temperature: Option<f32>,
 }
+
+/// A piece's tokens and, with word timestamps, each token's time in seconds.
+type PieceTokens = (Vec<u32>, Option<Vec<f32>>);
 
 /// One piece of audio the model sees: a whole input, or a chunk of one.
 struct Piece {
@@ -292,6 +314,8 @@ pub struct SpeechRecognition {
     /// model keeps the global ones.
     pub generation_config: GenerationConfig,
     protocol: Protocol,
+    /// `config.median_filter_width` (word timestamps), 7 when absent.
+    median_filter_width: usize,
     device: Device,
 }
 
@@ -372,10 +396,15 @@ impl SpeechRecognition {
                 ),
             ));
         }
+        let median_filter_width = read_json(&dir.join("config.json"))
+            .ok()
+            .and_then(|c| c.get("median_filter_width")?.as_u64())
+            .unwrap_or(7) as usize;
         Ok(Self {
             model,
             tokenizer,
             extractor,
+            median_filter_width,
             generation_config: pipeline_generation_config(&generation_config),
             model_generation_config: generation_config,
             protocol,
@@ -404,7 +433,11 @@ impl SpeechRecognition {
         let opts = self.options(&params, &self.model_generation_config)?;
         let pieces = self.pieces(waves.to_vec(), &Params::new(), opts.timestamps)?;
         let refs: Vec<&Piece> = pieces.iter().collect();
-        self.transcribe_batch(&refs, &opts)
+        Ok(self
+            .transcribe_batch(&refs, &opts)?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
     }
 
     /// The language `detect_language` picks for each 16 kHz waveform (`en`, `fr`, ...).
@@ -488,19 +521,32 @@ impl SpeechRecognition {
         }
         let mut generation = base.clone();
         generation.apply(&generate_kwargs)?;
-        let timestamps = match params.get("return_timestamps") {
-            None | Some(Value::Null) => self.protocol.return_timestamps,
-            Some(Value::Bool(b)) => *b,
+        let (timestamps, words) = match params.get("return_timestamps") {
+            None | Some(Value::Null) => (self.protocol.return_timestamps, false),
+            Some(Value::Bool(b)) => (*b, false),
             Some(Value::String(s)) if s == "word" => {
+                if self.protocol.alignment_heads.is_none() {
+                    return Err(Error::param(
+                        "return_timestamps",
+                        "Model generation config has no `alignment_heads`, token-level \
+                         timestamps not available (add them to generation_config.json, as \
+                         the openai/whisper-* configs have)",
+                    ));
+                }
+                (true, true)
+            }
+            Some(Value::String(s)) if s == "char" => {
                 return Err(Error::param(
                     "return_timestamps",
-                    "word-level timestamps are not supported yet; use true for segments",
+                    "Whisper cannot return `char` timestamps, only word level or segment \
+                     level timestamps. Use `return_timestamps='word'` or \
+                     `return_timestamps=True` respectively.",
                 ))
             }
             Some(v) => {
                 return Err(Error::param(
                     "return_timestamps",
-                    format!("expected true or false, got {v}"),
+                    format!("expected true, false or \"word\", got {v}"),
                 ))
             }
         };
@@ -508,6 +554,7 @@ impl SpeechRecognition {
             language,
             task,
             timestamps,
+            words,
             return_language: param::opt_bool(params, "return_language")?.unwrap_or(false),
             generation,
             temperature,
@@ -718,7 +765,9 @@ impl SpeechRecognition {
     /// (`WhisperGenerationMixin.generate`): each row's window starts at its seek position;
     /// without timestamps one window covers the piece; with timestamps the window ends at the
     /// last closed segment and the next window starts there, until the piece is covered.
-    fn transcribe_batch(&self, pieces: &[&Piece], opts: &CallOptions) -> Result<Vec<Vec<u32>>> {
+    /// With word timestamps, each token's time in seconds comes with the tokens (HF's
+    /// `token_timestamps`, the window's offset added).
+    fn transcribe_batch(&self, pieces: &[&Piece], opts: &CallOptions) -> Result<Vec<PieceTokens>> {
         let seg = self.model.config.input_frames();
         let feats = self.features(pieces)?;
         let b = pieces.len();
@@ -727,6 +776,7 @@ impl SpeechRecognition {
         let mut cached = Some((dec, cross_bias));
         let mut seek = vec![0usize; b];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut times: Vec<Vec<f32>> = vec![Vec::new(); b];
         let timestamp_begin = self.protocol.no_timestamps + 1;
         loop {
             let active: Vec<usize> = (0..b).filter(|&i| seek[i] < feats[i].1).collect();
@@ -748,30 +798,104 @@ impl SpeechRecognition {
                 }
             };
             let rows: Vec<Vec<u32>> = active.iter().map(|&i| init[i].clone()).collect();
+            let cross_kv = if opts.words {
+                Some(dec.cross_kv.clone())
+            } else {
+                None
+            };
             let seqs = self.generate_window(dec, bias, rows, opts)?;
-            for ((&i, seq), n) in active.iter().zip(seqs).zip(&num) {
+            for (k, ((&i, (seq, ended)), n)) in active.iter().zip(seqs).zip(&num).enumerate() {
+                if let Some(cross_kv) = &cross_kv {
+                    let row: Vec<(Tensor, Tensor)> = cross_kv
+                        .iter()
+                        .map(|(ck, cv)| Ok((ck.narrow(0, k, 1)?, cv.narrow(0, k, 1)?)))
+                        .collect::<candle_core::Result<_>>()?;
+                    let num_frames = self.mask_frames(pieces[i]) as i64 - seek[i] as i64;
+                    let t = self.token_times(&init[i], &seq, ended, &row, num_frames)?;
+                    // `time_offset`: float64 seconds, added to the float32 times as float32.
+                    let offset = (seek[i] as f64 * 0.02 / 2.0) as f32;
+                    times[i].extend(t.iter().take(seq.len()).map(|x| x + offset));
+                }
                 let (tokens, offset) = if opts.timestamps {
                     retrieve_segment(&seq, timestamp_begin, *n)
                 } else {
                     (seq, *n)
                 };
+                if opts.words {
+                    // Keep the times of the tokens kept (a prefix of the window's).
+                    times[i].truncate(out[i].len() + tokens.len());
+                }
                 out[i].extend(tokens);
                 // A window that ends at its own start would never move on.
                 seek[i] += if offset == 0 { *n } else { offset };
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .zip(times)
+            .map(|(t, x)| (t, opts.words.then_some(x)))
+            .collect())
+    }
+
+    /// HF's `attention_mask.sum()` for a piece: the frames of its samples (`ceil(n / hop)`
+    /// when padded to 30 s, `floor(n / hop)` for long-form features padded to the longest).
+    fn mask_frames(&self, piece: &Piece) -> usize {
+        let n = piece.samples.len();
+        let hop = self.extractor.hop_length.max(1);
+        if n > self.extractor.n_samples {
+            n / hop
+        } else {
+            n.div_ceil(hop)
+        }
+    }
+
+    /// `_extract_token_timestamps` for one generated window: `init` start tokens, `seq` the
+    /// new tokens (end of text removed; `ended`: there was one), the row's cross-attention
+    /// keys. One teacher-forced decoder pass over the sequence gives the cross-attention
+    /// `generate` saw for every token but the last. Times of `seq`'s tokens.
+    fn token_times(
+        &self,
+        init: &[u32],
+        seq: &[u32],
+        ended: bool,
+        cross_kv: &[(Tensor, Tensor)],
+        num_frames: i64,
+    ) -> Result<Vec<f32>> {
+        let heads = self.protocol.alignment_heads.as_deref().unwrap_or(&[]);
+        let mut full: Vec<u32> = init.to_vec();
+        full.extend_from_slice(seq);
+        if ended {
+            full.push(self.protocol.eos);
+        }
+        let total = full.len();
+        let time_precision =
+            self.extractor.chunk_length as f64 / self.model.config.max_source_positions as f64;
+        let weights = if total > init.len() + 1 {
+            self.model
+                .alignment_attention(&full[..total - 1], cross_kv, heads)?
+        } else {
+            Vec::new()
+        };
+        let t = whisper_words::token_timestamps(
+            &weights,
+            init.len(),
+            total,
+            num_frames,
+            self.median_filter_width,
+            time_precision,
+        );
+        Ok(t[init.len()..].to_vec())
     }
 
     /// One `generate` call over encoded windows from the `init` start tokens: each row's new
-    /// tokens, padding and the end of text removed.
+    /// tokens, padding and the end of text removed, and whether an end of text was there.
     fn generate_window(
         &self,
         dec: DecoderCache,
         cross_bias: Tensor,
         init: Vec<Vec<u32>>,
         opts: &CallOptions,
-    ) -> Result<Vec<Vec<u32>>> {
+    ) -> Result<Vec<(Vec<u32>, bool)>> {
         let begin = init[0].len();
         let mut cfg = opts.generation.clone();
         match opts.temperature {
@@ -821,10 +945,12 @@ impl SpeechRecognition {
                 } else {
                     seqs.swap_remove(0)
                 };
+                let n = s.len();
                 while s.last().is_some_and(|t| eos.contains(t)) {
                     s.pop();
                 }
-                s
+                let ended = s.len() < n;
+                (s, ended)
             })
             .collect())
     }
@@ -1010,16 +1136,34 @@ type Decoded = (String, Option<Vec<Map<String, Value>>>);
 struct WindowTokens {
     tokens: Vec<u32>,
     stride: Option<(f64, f64, f64)>,
+    /// Each token's time in seconds (word timestamps).
+    times: Option<Vec<f32>>,
 }
+
+/// A token's `(start, end)` in seconds (word timestamps).
+type Span = (f64, f64);
 
 /// `_find_longest_common_sequence` (no token timestamps): merge overlapping windows' tokens.
 fn longest_common_sequence(sequences: &[Vec<u32>]) -> Vec<u32> {
+    longest_common_sequence_timed(sequences, &[]).0
+}
+
+/// `_find_longest_common_sequence` with the tokens' spans (`times` empty: without): a token
+/// matches only where the left span is not after the right one; the spans are cut as the
+/// tokens are.
+fn longest_common_sequence_timed(
+    sequences: &[Vec<u32>],
+    times: &[Vec<Span>],
+) -> (Vec<u32>, Vec<Span>) {
     let Some(first) = sequences.first() else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
+    let timed = !times.is_empty();
     let mut left_seq = first.clone();
+    let mut left_times: Vec<Span> = times.first().cloned().unwrap_or_default();
     let mut total = Vec::new();
-    for right_seq in &sequences[1..] {
+    let mut total_times = Vec::new();
+    for (k, right_seq) in sequences[1..].iter().enumerate() {
         let left_len = left_seq.len();
         let right_len = right_seq.len();
         let mut best = 0.0f64;
@@ -1030,10 +1174,14 @@ fn longest_common_sequence(sequences: &[Vec<u32>]) -> Vec<u32> {
             let le = left_len.min(left_len + right_len - i);
             let rs = i.saturating_sub(left_len);
             let re = right_len.min(i);
-            let matches = left_seq[ls..le]
-                .iter()
-                .zip(&right_seq[rs..re])
-                .filter(|(a, b)| a == b)
+            let matches = (0..le - ls)
+                .filter(|&x| {
+                    left_seq[ls + x] == right_seq[rs + x]
+                        && (!timed || {
+                            let (a, b) = (left_times[ls + x], times[k + 1][rs + x]);
+                            a.0 < b.0 || (a.0 == b.0 && a.1 <= b.1)
+                        })
+                })
                 .count();
             let matching = matches as f64 / i as f64 + eps;
             if matches > 1 && matching > best {
@@ -1046,18 +1194,25 @@ fn longest_common_sequence(sequences: &[Vec<u32>]) -> Vec<u32> {
         let right_mid = (re + rs) / 2;
         total.extend_from_slice(&left_seq[..left_mid]);
         left_seq = right_seq[right_mid.min(right_seq.len())..].to_vec();
+        if timed {
+            total_times.extend_from_slice(&left_times[..left_mid.min(left_times.len())]);
+            let r = &times[k + 1];
+            left_times = r[right_mid.min(r.len())..].to_vec();
+        }
     }
     total.extend(left_seq);
-    total
+    total_times.extend(left_times);
+    (total, total_times)
 }
 
-/// `_decode_asr` without word timestamps: the text and, with `timestamps` or `language`,
-/// the chunks.
+/// `_decode_asr`: the text and, with `timestamps` or `language`, the chunks; with `words`
+/// (`return_timestamps="word"`, the windows' token times given) one chunk per word.
 fn decode_asr(
     tokenizer: &Tokenizer,
     special: &HashSet<u32>,
     windows: &[WindowTokens],
     timestamps: bool,
+    words: bool,
     return_language: bool,
     time_precision: f64,
 ) -> Result<Decoded> {
@@ -1066,12 +1221,18 @@ fn decode_asr(
         start: Option<f64>,
         end: Option<f64>,
         text: String,
+        words: Vec<(String, Span)>,
     }
     let new_chunk = |language: &Option<String>| Chunk {
         language: language.clone(),
         start: None,
         end: None,
         text: String::new(),
+        words: Vec::new(),
+    };
+    let eos = tokenizer.token_to_id("<|endoftext|>").unwrap_or(50257);
+    let collate = |tokens: &[u32], times: &[Span], language: &Option<String>| {
+        whisper_words::collate_words(tokenizer, tokens, times, language.as_deref(), eos)
     };
     let timestamp_begin = tokenizer.token_to_id("<|notimestamps|>").unwrap_or(50363) + 1;
     let decode = |ids: &[u32]| tokenizer.decode(ids, false);
@@ -1080,6 +1241,7 @@ fn decode_asr(
     let mut chunk = new_chunk(&None);
     let mut time_offset = 0.0f64;
     let mut previous: Vec<Vec<u32>> = Vec::new();
+    let mut previous_times: Vec<Vec<Span>> = Vec::new();
     let mut skip = false;
     let round2 = |x: f64| (x * 100.0).round_ties_even() / 100.0;
     for w in windows {
@@ -1109,6 +1271,9 @@ fn decode_asr(
             }
         }
         let mut current: Vec<u32> = Vec::new();
+        let mut current_times: Vec<Span> = Vec::new();
+        let token_times = w.times.as_deref().unwrap_or(&[]);
+        let at = |i: usize| token_times.get(i).map_or(0.0, |&x| x as f64);
         for (i, &t) in ids.iter().enumerate() {
             if special.contains(&t) {
                 let text = decode(&[t])?;
@@ -1150,12 +1315,28 @@ fn decode_asr(
                 } else if Some(time) != chunk.start {
                     chunk.end = Some(time);
                     previous.push(std::mem::take(&mut current));
-                    chunk.text = decode(&longest_common_sequence(&previous))?;
+                    if words {
+                        previous_times.push(std::mem::take(&mut current_times));
+                    }
+                    let (tokens, times) = longest_common_sequence_timed(&previous, &previous_times);
+                    chunk.text = decode(&tokens)?;
+                    if words {
+                        chunk.words = collate(&tokens, &times, &last_language)?;
+                    }
                     chunks.push(std::mem::replace(&mut chunk, new_chunk(&None)));
                     previous.clear();
+                    previous_times.clear();
                 }
             } else {
                 current.push(t);
+                if words {
+                    let start = if i == 0 {
+                        whisper_words::round2(time_offset)
+                    } else {
+                        whisper_words::round2(at(i - 1) + time_offset)
+                    };
+                    current_times.push((start, whisper_words::round2(at(i) + time_offset)));
+                }
             }
         }
         if let Some((chunk_len, _, right)) = w.stride {
@@ -1163,18 +1344,50 @@ fn decode_asr(
         }
         if !current.is_empty() {
             previous.push(current);
+            if words {
+                previous_times.push(current_times);
+            }
         } else if !previous.iter().any(|p| !p.is_empty()) {
             chunk = new_chunk(&None);
             previous.clear();
+            previous_times.clear();
         }
     }
     if !previous.is_empty() {
-        chunk.text = decode(&longest_common_sequence(&previous))?;
+        let (tokens, times) = longest_common_sequence_timed(&previous, &previous_times);
+        chunk.text = decode(&tokens)?;
+        if words {
+            chunk.words = collate(&tokens, &times, &last_language)?;
+        }
         chunks.push(chunk);
     }
     let full: String = chunks.iter().map(|c| c.text.as_str()).collect();
     if !(timestamps || return_language) {
         return Ok((full, None));
+    }
+    if words {
+        let out = chunks
+            .into_iter()
+            .flat_map(|c| {
+                let language = c.language;
+                c.words.into_iter().map(move |(text, (start, end))| {
+                    let mut m = Map::new();
+                    m.insert("text".into(), Value::String(text));
+                    m.insert(
+                        "timestamp".into(),
+                        Value::Array(vec![Value::from(start), Value::from(end)]),
+                    );
+                    if return_language {
+                        m.insert(
+                            "language".into(),
+                            language.clone().map_or(Value::Null, Value::String),
+                        );
+                    }
+                    m
+                })
+            })
+            .collect();
+        return Ok((full, Some(out)));
     }
     let out = chunks
         .into_iter()
@@ -1210,7 +1423,7 @@ impl Task for SpeechRecognition {
             .map(|(i, inp)| self.waveform(inp, i))
             .collect::<Result<Vec<_>>>()?;
         let pieces = self.pieces(waves, params, opts.timestamps)?;
-        let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(pieces.len());
+        let mut tokens: Vec<PieceTokens> = Vec::with_capacity(pieces.len());
         let refs: Vec<&Piece> = pieces.iter().collect();
         for batch in refs.chunks(batch_size.max(1)) {
             tokens.extend(self.transcribe_batch(batch, &opts)?);
@@ -1224,8 +1437,9 @@ impl Task for SpeechRecognition {
                 .iter()
                 .zip(&tokens)
                 .filter(|(p, _)| p.input == input)
-                .map(|(p, t)| WindowTokens {
+                .map(|(p, (t, times))| WindowTokens {
                     tokens: t.clone(),
+                    times: times.clone(),
                     stride: p
                         .stride
                         .map(|(c, l, r)| (c as f64 / rate, l as f64 / rate, r as f64 / rate)),
@@ -1236,6 +1450,7 @@ impl Task for SpeechRecognition {
                 &self.protocol.special_ids,
                 &windows,
                 opts.timestamps,
+                opts.words,
                 opts.return_language,
                 time_precision,
             )?;

@@ -12,6 +12,7 @@ pub mod text_classification;
 pub mod text_generation;
 pub mod token_classification;
 pub mod whisper_languages;
+pub mod whisper_words;
 pub mod zero_shot;
 
 use std::path::PathBuf;
