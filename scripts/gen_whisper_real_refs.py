@@ -477,6 +477,8 @@ def references(key, src, hf_dir, gen):
     run_pipe(S, "beam5", {"generate_kwargs": {"num_beams": 5}})
     run_pipe(S, "timestamps", {"return_timestamps": True})
     run_pipe(S, "timestamps_greedy", {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}})
+    run_pipe(S, "words", {"return_timestamps": "word"},
+             "word timestamps (alignment heads, DTW), pipeline default num_beams=5")
     if multilingual:
         run_pipe(S, "language_en", {"generate_kwargs": {"language": "en", "num_beams": 1}})
         run_pipe(S, "language_fr", {"generate_kwargs": {"language": "fr", "num_beams": 1}},
@@ -500,6 +502,8 @@ def references(key, src, hf_dir, gen):
              "sequential long-form generation (what the model does with > 3000 mel frames)")
     run_pipe(L, "longform_timestamps_default", {"return_timestamps": True},
              "sequential long-form, pipeline default num_beams=5")
+    run_pipe(L, "longform_words", {"return_timestamps": "word", "generate_kwargs": {"num_beams": 1}},
+             "sequential long-form with word timestamps, greedy")
 
     # --- language detection -------------------------------------------------------------------
     feats = proc.feature_extractor(clips[S], sampling_rate=16000, return_tensors="pt").input_features
