@@ -319,15 +319,21 @@ pub struct SpeechRecognition {
     device: Device,
 }
 
+/// The model's folder (local, cached or downloaded); a single file is refused.
+pub(crate) fn model_folder(opts: &PipelineOptions, model: &str) -> Result<std::path::PathBuf> {
+    let dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
+    if !dir.is_dir() {
+        return Err(Error::InvalidFile {
+            path: dir,
+            detail: "expected a model folder".into(),
+        });
+    }
+    Ok(dir)
+}
+
 impl SpeechRecognition {
     pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
-        let dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
-        if !dir.is_dir() {
-            return Err(Error::InvalidFile {
-                path: dir,
-                detail: "expected a model folder".into(),
-            });
-        }
+        let dir = model_folder(opts, model)?;
         if opts.quantize.is_some() {
             return Err(Error::param(
                 "quantize",

@@ -67,13 +67,7 @@ pub struct CtcSpeechRecognition {
 
 impl CtcSpeechRecognition {
     pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
-        let dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
-        if !dir.is_dir() {
-            return Err(Error::InvalidFile {
-                path: dir,
-                detail: "expected a model folder".into(),
-            });
-        }
+        let dir = super::automatic_speech_recognition::model_folder(opts, model)?;
         if let Some(q) = opts.quantize {
             return Err(q.unsupported("wav2vec2 runs in f32 or the --dtype given"));
         }
