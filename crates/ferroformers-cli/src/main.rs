@@ -45,8 +45,9 @@ different numbers.
 token-classification or question-answering on a JSONL/CSV/SQuAD file and saves what
 `save_pretrained` writes (Python's from_pretrained and `run` load it).
 `serve` answers HTTP on 127.0.0.1: TEI's /embed and /predict, TGI's /generate, the HF Inference
-API's POST / and /models/ID ({inputs, parameters}), OpenAI's /v1/chat/completions,
-/v1/completions (streamed too), /v1/embeddings and /v1/models, /health, /info.
+API's POST / and /models/ID ({inputs, parameters}, or audio bytes), OpenAI's /v1/chat/completions,
+/v1/completions (streamed too), /v1/embeddings, /v1/audio/transcriptions and /translations
+(multipart; Whisper and wav2vec2) and /v1/models, /health, /info.
 --dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
 f32 with a warning on CPUs without it); other models take candle's bf16 path.";
 

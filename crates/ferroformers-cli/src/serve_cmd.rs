@@ -12,7 +12,9 @@ pub const USAGE: &str = "\
                      [--max-batch-total-tokens 32768 (0: no continuous batching)]
                      [--max-concurrent-requests 128] [--max-queue-size 256]
                      [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
-                     [--json-output] [--quiet] [--threads N]";
+                     [--json-output] [--quiet] [--threads N]
+  --payload-limit bounds every body, audio files included: 2 MB holds ~60 s of 16 kHz 16-bit
+  WAV (11 s of 44.1 kHz stereo); OpenAI takes files up to 25 MB (--payload-limit 26214400).";
 
 pub fn serve(args: &[String]) -> Result<(), String> {
     let mut cfg = Config::default();

@@ -1,5 +1,6 @@
 //! The HF Inference API: `POST /`, `/models/{id}` and `/models/{id}/pipeline/{task}` with
-//! `{inputs, parameters}`, answered with the pipeline's own output.
+//! `{inputs, parameters}`, answered with the pipeline's own output; for speech recognition also
+//! an audio file's bytes as the body (`Content-Type: audio/*` or `application/octet-stream`).
 
 use super::*;
 
@@ -9,6 +10,9 @@ pub(crate) async fn inference(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if is_audio_body(&headers) {
+        return inference_audio(&state, id.as_deref(), body).await;
+    }
     let v = json_body(&headers, body)?;
     let m = model(&state, id.as_deref())?;
     let index = index_of(&state, m);
@@ -22,10 +26,65 @@ pub(crate) async fn inference(
         let whole = tgi_whole(&state, index, input, params, opts).await?;
         return Ok(axum::Json(json!([whole])).into_response());
     }
-    let (inputs, many) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let (inputs, many) = if m.speech.is_some() {
+        speech_inputs(v.get("inputs"), state.max_client_batch_size)?
+    } else {
+        inputs_of(v.get("inputs"), state.max_client_batch_size)?
+    };
     let params = params_of(&v)?;
     let out = run(&state, index, inputs, params).await?;
     outputs_json(&out, many)
+}
+
+/// An audio file's bytes as the body (what `InferenceClient.automatic_speech_recognition`
+/// sends): the named model, or on `POST /` the first speech-recognition model, with the
+/// pipeline's defaults; `{"text"}` as the Inference API answers.
+async fn inference_audio(
+    state: &Arc<AppState>,
+    id: Option<&str>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let m = match id {
+        Some(id) => model(state, Some(id))?,
+        None => state
+            .models
+            .iter()
+            .find(|m| m.speech.is_some())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "an audio body needs a speech-recognition model, and none is served",
+                )
+            })?,
+    };
+    if m.speech.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!(
+                "`{}` is a {} model: audio bodies are for speech-recognition models (send                  `Content-Type: application/json` with {{inputs, parameters}})",
+                m.id, m.task
+            ),
+        ));
+    }
+    if body.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is empty: send the audio file's bytes",
+        ));
+    }
+    let index = index_of(state, m);
+    let out = run(
+        state,
+        index,
+        vec![Input::AudioBytes(body.to_vec())],
+        Params::new(),
+    )
+    .await?;
+    outputs_json(&out, false)
 }
 
 pub(crate) async fn inference_default(

@@ -2,9 +2,10 @@
 //!
 //! - TEI: `POST /embed`, `/predict`; `GET /health`, `/info`;
 //! - the HF Inference API: `POST /` and `/models/{id}` with `{inputs, parameters}` for every
-//!   task (the pipeline's own output shapes);
+//!   task (the pipeline's own output shapes), or an audio file's bytes for speech recognition;
 //! - OpenAI: `POST /v1/chat/completions`, `/v1/completions` (both also streamed as server-sent
-//!   events), `/v1/embeddings` (float and base64), `GET /v1/models`;
+//!   events), `/v1/embeddings` (float and base64), `/v1/audio/transcriptions` and
+//!   `/v1/audio/translations` (multipart, speech recognition), `GET /v1/models`;
 //! - TGI: `POST /generate`, `/generate_stream` (token events), and `POST /` on a generation
 //!   model as TGI answers it;
 //! - probes: `GET /live`, `/ready`; Prometheus counters at `GET /metrics`; the OpenAPI
@@ -20,7 +21,8 @@
 //! library code and run on blocking threads (their products use the rayon pool).
 //!
 //! Where things are: `hf` (Inference API routes), `tei`, `tgi`, `openai` (each family's
-//! routes), `generate` (generation for them: blocking thread, cancellation, token timing),
+//! routes), `audio` (speech recognition: OpenAI's audio routes, HF's audio bodies),
+//! `generate` (generation for them: blocking thread, cancellation, token timing),
 //! `middleware` (CORS, API key, admission and timeouts, request log and counts), `metrics`,
 //! `docs` (OpenAPI), `batch` (dynamic batching); this file: configuration, loading, the
 //! router, errors and the request-body helpers.
@@ -38,6 +40,7 @@ use axum::Router;
 use ferroformers::{Input, Output, Params, Pipeline, PipelineOptions};
 use serde_json::{json, Map, Value};
 
+mod audio;
 mod batch;
 mod docs;
 mod generate;
@@ -48,6 +51,7 @@ mod openai;
 mod tei;
 mod tgi;
 
+use audio::*;
 use docs::*;
 use generate::*;
 use hf::*;
@@ -148,11 +152,15 @@ struct Served {
     tokenizer: Option<ferroformers::tokenizer::Tokenizer>,
     /// Encoder tasks: the queue that merges concurrent requests (generation runs per request).
     batcher: Option<batch::Batcher>,
+    /// Speech recognition: Whisper or CTC (what the audio routes may ask of it).
+    speech: Option<Speech>,
 }
 
 struct AppState {
     models: Vec<Served>,
     api_key: Option<String>,
+    /// `--payload-limit` (named in the audio routes' 413).
+    payload_limit: usize,
     max_client_batch_size: usize,
     /// Requests running or waiting (the POST routes), against `max_concurrent_requests`.
     in_flight: std::sync::atomic::AtomicUsize,
@@ -290,18 +298,22 @@ fn load(
     if max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching(max_batch_total_tokens);
     }
-    // For token counts (`usage`): the model's own tokenizer, when it has one.
-    let tokenizer = ferroformers::config::ModelConfig::from_dir(&dir)
-        .ok()
-        .and_then(|c| {
-            ferroformers::tokenizer::Tokenizer::from_dir(
-                &dir,
-                &c.model_type,
-                ferroformers::models::max_positions(&c),
-            )
-            .ok()
-        });
     let task = pipe.task().to_string();
+    let speech = (task == ASR).then(|| Speech::of_dir(&dir));
+    // For token counts (`usage`, segments' `tokens`): the model's own tokenizer, when it has
+    // one (a faster-whisper folder's config.json is CTranslate2's, without `model_type`).
+    let tokenizer = match ferroformers::config::ModelConfig::from_dir(&dir) {
+        Ok(c) => ferroformers::tokenizer::Tokenizer::from_dir(
+            &dir,
+            &c.model_type,
+            ferroformers::models::max_positions(&c),
+        )
+        .ok(),
+        Err(_) if matches!(speech, Some(Speech::Whisper { .. })) => {
+            ferroformers::tokenizer::Tokenizer::from_dir(&dir, "whisper", Some(448)).ok()
+        }
+        Err(_) => None,
+    };
     let pipe = Arc::new(pipe);
     let batcher = (task != "text-generation")
         .then(|| batch::Batcher::start(pipe.clone(), max_batch_inputs, wait));
@@ -311,6 +323,7 @@ fn load(
         pipe,
         tokenizer,
         batcher,
+        speech,
     })
 }
 
@@ -344,6 +357,7 @@ impl Server {
         let state = Arc::new(AppState {
             models,
             api_key: cfg.api_key.clone(),
+            payload_limit: cfg.payload_limit,
             max_client_batch_size: cfg.max_client_batch_size,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_concurrent_requests: cfg.max_concurrent_requests.max(1),
@@ -443,6 +457,8 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))
+        .route("/v1/audio/transcriptions", post(openai_transcriptions))
+        .route("/v1/audio/translations", post(openai_translations))
         .route("/generate", post(tgi_generate))
         .route("/generate_stream", post(tgi_generate_stream))
         .route("/v1/models", get(openai_models))
@@ -478,6 +494,8 @@ struct ApiError {
     kind: &'static str,
     message: String,
     openai: bool,
+    /// OpenAI's `param`: the request field at fault.
+    param: Option<String>,
 }
 
 impl ApiError {
@@ -487,6 +505,7 @@ impl ApiError {
             kind,
             message: message.into(),
             openai: false,
+            param: None,
         }
     }
 
@@ -504,6 +523,16 @@ impl ApiError {
         self.openai = true;
         self
     }
+
+    /// A 400 naming the request field at fault (OpenAI's `param`).
+    fn bad_request(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message).with_param(param)
+    }
+
+    fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
 }
 
 impl From<ferroformers::Error> for ApiError {
@@ -514,6 +543,8 @@ impl From<ferroformers::Error> for ApiError {
             | E::InvalidParameter { .. }
             | E::InvalidInput { .. }
             | E::Tokenizer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
+            // Audio the client sent that cannot be decoded.
+            E::Audio { .. } => (StatusCode::BAD_REQUEST, "BadRequest"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "Backend"),
         };
         ApiError::new(status, kind, e.to_string())
@@ -528,7 +559,7 @@ impl IntoResponse for ApiError {
             } else {
                 "server_error"
             };
-            json!({"error": {"message": self.message, "type": kind, "param": null,
+            json!({"error": {"message": self.message, "type": kind, "param": self.param,
                              "code": self.status.as_u16()}})
         } else {
             json!({"error": self.message, "error_type": self.kind})
@@ -537,10 +568,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The request body as a JSON object: 415 without a JSON content type, 413 over the payload
-/// limit, 400 when it does not parse.
-fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body.map_err(|e| {
+/// The request body's bytes: 413 over the payload limit, 400 when it cannot be read.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         let status = e.status();
         let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "PayloadTooLarge"
@@ -548,7 +578,13 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
             "BadRequest"
         };
         ApiError::new(status, kind, e.body_text())
-    })?;
+    })
+}
+
+/// The request body as a JSON object: 415 without a JSON content type, 413 over the payload
+/// limit, 400 when it does not parse.
+fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body_bytes(body)?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use ferroformers::audio::decode_file;
 use ferroformers::pipelines::automatic_speech_recognition::SpeechRecognition;
+use ferroformers::pipelines::whisper_languages::name_of;
 use ferroformers::{pipeline_with, Input, Params, PipelineOptions};
 use serde_json::Value;
 
@@ -110,6 +111,15 @@ fn check_model_outputs(model: &str, reference: &str) {
             );
         }
     }
+    // The pipeline names the same language (what the server's verbose_json reports).
+    let pipe = pipeline_with(
+        "automatic-speech-recognition",
+        PipelineOptions {
+            model: Some(root().join("models").join(model).display().to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for case in exp["language_detection"].as_array().unwrap_or(&Vec::new()) {
         let name = case["clip"].as_str().unwrap();
         let langs = asr
@@ -119,6 +129,17 @@ fn check_model_outputs(model: &str, reference: &str) {
             langs[0] as u64,
             case["lang_id"].as_u64().unwrap(),
             "{model} {name}: detected language"
+        );
+        let code = case["lang_token"].as_str().unwrap();
+        let code = code.trim_start_matches("<|").trim_end_matches("|>");
+        let input = Input::Audio {
+            samples: clip(&clip_path(&exp, name)),
+            sampling_rate: 16000,
+        };
+        assert_eq!(
+            pipe.spoken_languages(&[input]).unwrap(),
+            Some(vec![name_of(code).unwrap().to_string()]),
+            "{model} {name}: spoken language"
         );
     }
 }

@@ -1472,6 +1472,31 @@ impl Task for SpeechRecognition {
         }
         Ok(outputs)
     }
+
+    fn spoken_languages(&self, inputs: &[Input]) -> Result<Option<Vec<String>>> {
+        if self.protocol.lang_to_id.is_empty() || !self.protocol.is_multilingual {
+            return Ok(None);
+        }
+        let waves = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| self.waveform(inp, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = self.detect_languages(&waves)?;
+        Ok(Some(
+            ids.iter()
+                .map(|id| {
+                    let code = self
+                        .protocol
+                        .lang_to_id
+                        .iter()
+                        .find(|(_, t)| t == id)
+                        .map_or("", |(c, _)| c.as_str());
+                    name_of(code).unwrap_or(code).to_string()
+                })
+                .collect(),
+        ))
+    }
 }
 
 pub fn load(opts: &PipelineOptions, model: &str) -> Result<SpeechRecognition> {

@@ -318,6 +318,12 @@ pub(crate) trait Task: Send + Sync {
     }
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
+    /// Speech recognition: the language each input is spoken in, by name (see
+    /// [`Pipeline::spoken_languages`]); `None` where the model cannot tell.
+    fn spoken_languages(&self, _inputs: &[Input]) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
+
     /// Generate for one input with each new token passed to `on_token` as it comes (text
     /// generation only); `on_token` returning `false` stops it.
     fn run_streaming(
@@ -401,6 +407,15 @@ impl Pipeline {
             }
         }
         self.inner.run(inputs, &params, batch_size)
+    }
+
+    /// Multilingual Whisper: the language of each input (`"english"`, `"french"`, ...) as
+    /// `detect_language` picks it from its first 30 s, which is the language a transcription
+    /// without `language` runs in. transformers' `return_language` cannot say it (its chunks'
+    /// language is null: `generate` drops the start tokens that hold it); this runs the encoder
+    /// once more. `None` for models that cannot tell (CTC, English-only Whisper, other tasks).
+    pub fn spoken_languages(&self, inputs: &[Input]) -> Result<Option<Vec<String>>> {
+        self.inner.spoken_languages(inputs)
     }
 
     /// Text generation for one input, `on_token` called with each new token (its id,
