@@ -686,24 +686,7 @@ pub(crate) fn is_audio_body(headers: &HeaderMap) -> bool {
 /// `{raw | array, sampling_rate}` waveform, or a list of those (`true` when it was a list).
 /// A string is never read as a path on the server.
 pub(crate) fn speech_inputs(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiError> {
-    let v = v.ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
-    let (items, many) = match v {
-        Value::Array(a) => (a.iter().collect::<Vec<_>>(), true),
-        other => (vec![other], false),
-    };
-    if items.is_empty() {
-        return Err(ApiError::validation("`inputs` cannot be empty"));
-    }
-    if items.len() > max {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Validation",
-            format!(
-                "batch size {} > maximum allowed batch size {max}",
-                items.len()
-            ),
-        ));
-    }
+    let (items, many) = input_items(v, max)?;
     let inputs = items
         .iter()
         .enumerate()

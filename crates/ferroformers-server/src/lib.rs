@@ -639,6 +639,17 @@ fn model<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a Served, ApiErr
 
 /// `inputs` as one or several pipeline inputs (`true` when it was a list).
 fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiError> {
+    let (items, many) = input_items(v, max)?;
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| Input::from_json(x, i))
+        .collect::<ferroformers::Result<Vec<_>>>()?;
+    Ok((inputs, many))
+}
+
+/// The items of `inputs` (`true` when it was a list): present, not empty, at most `max`.
+pub(crate) fn input_items(v: Option<&Value>, max: usize) -> Result<(Vec<&Value>, bool), ApiError> {
     let v = v.ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
     let (items, many) = match v {
         Value::Array(a) => (a.iter().collect::<Vec<_>>(), true),
@@ -657,12 +668,7 @@ fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiErr
             ),
         ));
     }
-    let inputs = items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| Input::from_json(x, i))
-        .collect::<ferroformers::Result<Vec<_>>>()?;
-    Ok((inputs, many))
+    Ok((items, many))
 }
 
 /// An optional request count (absent or null: 0) that must be an integer from 0 to `max`

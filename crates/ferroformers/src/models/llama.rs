@@ -821,7 +821,7 @@ impl Llama {
         if let Some(sc) = self.embed_scale {
             xs = (xs * sc as f64)?;
         }
-        let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
+        let global = self.rotary.cos_sin(position_ids, self.dtype)?;
         let local = match (&self.local_rotary, self.window) {
             (Some(r), Some(w)) => {
                 let (b, one, s, t) = bias.dims4()?;
@@ -836,7 +836,7 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let (rotary, (cos, sin), bias) = match &local {
                 Some((r, cs, lb)) if layer.self_attn.sliding => (*r, cs, lb),
-                _ => (&self.rotary, &(cos.clone(), sin.clone()), bias),
+                _ => (&self.rotary, &global, bias),
             };
             let residual = &xs;
             let h = layer.input_layernorm.forward(&xs)?;

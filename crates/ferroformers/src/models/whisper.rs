@@ -349,7 +349,6 @@ impl WhisperForConditionalGeneration {
             if i == last {
                 break;
             }
-            let ck = ck.clone();
             let cv = cv.narrow(0, 0, 1)?;
             xs = (l.cross_attn.attend(&h, &ck, &cv, &zero)? + xs)?;
             let h = l.ff_norm.forward(&xs)?;
