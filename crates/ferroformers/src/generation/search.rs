@@ -19,6 +19,9 @@ pub trait StepModel {
 /// `(input index, the most likely tokens with their log-probabilities)`.
 pub type TopHook<'a> = &'a mut dyn FnMut(usize, Vec<(u32, f32)>);
 
+/// `(input index, the log-probabilities of its best beam's tokens)`.
+pub type BeamLogprobsHook<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
 /// Token ids -> text (for stop strings).
 pub type DecodeFn<'a> = &'a dyn Fn(&[u32]) -> String;
 
@@ -41,6 +44,13 @@ pub struct Hooks<'a> {
     /// Called just before `on_token` (same rows) with the `top_logprobs` most likely tokens of
     /// the distribution the token was chosen from, `(token, log-probability)`, best first.
     pub on_top: Option<TopHook<'a>>,
+    /// `on_token`'s log-probability from the processed scores multiplied back by the sampling
+    /// temperature (Whisper's `_retrieve_avg_logprobs`), instead of the tempered ones.
+    pub unscaled_logprobs: bool,
+    /// Beam search: per input, the log-probabilities of the best sequence's tokens, each from
+    /// its step's processed scores softmaxed again (what Whisper's `_retrieve_avg_logprobs`
+    /// reads from HF's `scores` along `beam_indices`).
+    pub on_beam_logprobs: Option<BeamLogprobsHook<'a>>,
 }
 
 /// Per input, its returned sequences (new tokens only, an eos kept at the end), best first for
@@ -109,6 +119,16 @@ fn top_k_desc(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
         top.truncate(k);
     }
     top
+}
+
+/// `log(sum(exp(scores)))` (-inf when every score is).
+fn log_sum_exp(scores: &[f32]) -> f32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    (max as f64 + sum.ln()) as f32
 }
 
 /// `log(softmax(scores)[tok])`, -inf where the token was masked out.
@@ -214,7 +234,14 @@ fn greedy_or_sample(
             }
             if n_ret == 1 {
                 if let Some(f) = hooks.on_token.as_deref_mut() {
-                    f(r, tok, log_softmax_at(scores, tok));
+                    let lp = if hooks.unscaled_logprobs && cfg.do_sample && cfg.temperature != 1.0 {
+                        let t = cfg.temperature;
+                        let unscaled: Vec<f32> = scores.iter().map(|s| s * t).collect();
+                        log_softmax_at(&unscaled, tok)
+                    } else {
+                        log_softmax_at(scores, tok)
+                    };
+                    f(r, tok, lp);
                 }
             }
             let done = cfg.eos_token_id.contains(&tok)
@@ -248,6 +275,9 @@ fn greedy_or_sample(
 struct Beam {
     tokens: Vec<u32>,
     score: f32,
+    /// Each new token's log-probability in its step's renormalised processed scores (only
+    /// with `Hooks::on_beam_logprobs`).
+    lps: Vec<f32>,
 }
 
 /// One input's beam search state, as HF's vectorised `_beam_search` (4.5x).
@@ -278,6 +308,7 @@ fn beam_search(
                 .map(|j| Beam {
                     tokens: p.clone(),
                     score: if j == 0 { 0.0 } else { -1e9 },
+                    lps: Vec::new(),
                 })
                 .collect(),
             finished: Vec::new(),
@@ -293,6 +324,7 @@ fn beam_search(
     logits = expand.iter().map(|&i| logits[i].clone()).collect();
     model.select_rows(&expand)?;
     let mut cur_len = prompt_len;
+    let track = hooks.on_beam_logprobs.is_some();
     loop {
         let mut next_rows = Vec::new();
         let mut next_tokens = Vec::new();
@@ -302,12 +334,15 @@ fn beam_search(
             // Candidates over all beams: accumulated log-probabilities. The best
             // `beams_to_keep` overall are among each beam's best `beams_to_keep` (in the same
             // order: score, then lower token), so only those are kept per beam.
-            let mut cand: Vec<(f32, usize, u32)> = Vec::with_capacity(nb * beams_to_keep);
+            // (accumulated score, beam, token, with tracking the token's log-probability
+            // renormalised over its beam's processed scores).
+            let mut cand: Vec<(f32, usize, u32, f32)> = Vec::with_capacity(nb * beams_to_keep);
             for (j, beam) in st.running.iter().enumerate() {
                 let mut lps = log_softmax(&logits[a * nb + j]);
                 processor.process(&beam.tokens, prompt_len, &mut lps);
+                let lse = if track { log_sum_exp(&lps) } else { 0.0 };
                 for (v, t) in top_k_desc(&lps, beams_to_keep) {
-                    cand.push((v + beam.score, j, t));
+                    cand.push((v + beam.score, j, t, v - lse));
                 }
             }
             // torch.topk: largest first; ties by lower index (beam-major order).
@@ -317,7 +352,7 @@ fn beam_search(
             cand.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
             let hits: Vec<bool> = cand
                 .iter()
-                .map(|&(_, j, t)| {
+                .map(|&(_, j, t, _)| {
                     let mut toks = st.running[j].tokens.clone();
                     toks.push(t);
                     cfg.eos_token_id.contains(&t)
@@ -330,13 +365,18 @@ fn beam_search(
             let full = all_finished && cfg.early_stopping == EarlyStopping::True;
             if st.open && !full {
                 let gen_len = (cur_len + 1 - prompt_len) as f32;
-                for (c, &(score, j, t)) in cand.iter().enumerate().take(nb) {
+                for (c, &(score, j, t, r)) in cand.iter().enumerate().take(nb) {
                     if hits[c] {
                         let mut tokens = st.running[j].tokens.clone();
                         tokens.push(t);
+                        let mut lps = st.running[j].lps.clone();
+                        if track {
+                            lps.push(r);
+                        }
                         st.finished.push(Beam {
                             tokens,
                             score: score / gen_len.powf(lp),
+                            lps,
                         });
                     }
                 }
@@ -350,12 +390,17 @@ fn beam_search(
             order.sort_by(|&x, &y| penalised(y).total_cmp(&penalised(x)));
             let prev = std::mem::take(&mut st.running);
             for &c in order.iter().take(nb) {
-                let (_, j, t) = cand[c];
+                let (_, j, t, r) = cand[c];
                 let mut tokens = prev[j].tokens.clone();
                 tokens.push(t);
+                let mut lps = prev[j].lps.clone();
+                if track {
+                    lps.push(r);
+                }
                 st.running.push(Beam {
                     tokens,
                     score: penalised(c),
+                    lps,
                 });
                 next_rows.push(a * nb + j);
                 next_tokens.push(t);
@@ -402,13 +447,16 @@ fn beam_search(
     let n_ret = cfg.num_return_sequences;
     let mut sequences = Vec::with_capacity(states.len());
     let mut scores = Vec::with_capacity(states.len());
-    for st in states {
+    for (i, st) in states.into_iter().enumerate() {
         let mut best = st.finished;
         // Never finished (cannot happen with a length limit): fall back to running beams.
         if best.len() < n_ret {
             best.extend(st.running.into_iter().take(n_ret - best.len()));
         }
         best.truncate(n_ret);
+        if let (Some(f), Some(b)) = (hooks.on_beam_logprobs.as_deref_mut(), best.first()) {
+            f(i, &b.lps);
+        }
         scores.push(best.iter().map(|b| b.score).collect());
         sequences.push(
             best.into_iter()

@@ -85,6 +85,14 @@ struct Protocol {
     special_ids: HashSet<u32>,
     /// `alignment_heads` `(layer, head)` for word timestamps (`None`: the config has none).
     alignment_heads: Option<Vec<(usize, usize)>>,
+    /// `<|startofprev|>`: starts the previous text a window is conditioned on.
+    prev_sot: Option<u32>,
+    /// The long-form settings a generation config may carry (`generate`'s defaults for
+    /// `condition_on_prev_tokens` and the fallback thresholds).
+    condition_on_prev_tokens: bool,
+    compression_ratio_threshold: Option<f64>,
+    logprob_threshold: Option<f64>,
+    no_speech_threshold: Option<f64>,
 }
 
 /// `alignment_heads` of a generation config (HF) or CTranslate2 config: `[[layer, head], ...]`.
@@ -166,6 +174,16 @@ impl Protocol {
                 .unwrap_or(false),
             special_ids: special_ids(tokenizer),
             alignment_heads: alignment_heads(g),
+            prev_sot: id("prev_sot_token_id").or_else(|| tokenizer.token_to_id("<|startofprev|>")),
+            condition_on_prev_tokens: g
+                .get("condition_on_prev_tokens")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            compression_ratio_threshold: g
+                .get("compression_ratio_threshold")
+                .and_then(Value::as_f64),
+            logprob_threshold: g.get("logprob_threshold").and_then(Value::as_f64),
+            no_speech_threshold: g.get("no_speech_threshold").and_then(Value::as_f64),
         }
     }
 
@@ -231,6 +249,11 @@ impl Protocol {
             return_timestamps: false,
             special_ids: special_ids(tokenizer),
             alignment_heads: alignment_heads(ct2),
+            prev_sot: tokenizer.token_to_id("<|startofprev|>"),
+            condition_on_prev_tokens: false,
+            compression_ratio_threshold: None,
+            logprob_threshold: None,
+            no_speech_threshold: None,
         };
         let gen = GenerationConfig {
             max_length: 448,
@@ -288,9 +311,19 @@ struct CallOptions {
     words: bool,
     return_language: bool,
     generation: GenerationConfig,
-    /// `temperature` given: sampling at that temperature (0: greedy), as Whisper's fallback
-    /// loop sets `do_sample` from it.
-    temperature: Option<f32>,
+    /// `temperature`: one value, or the fallback list (`(0.0, 0.2, ...)`): each window is
+    /// decoded at the first, and again at the next while a threshold says it failed. A
+    /// temperature above 0 samples (one beam), 0 or none decodes greedily or by beams, as
+    /// Whisper's fallback loop sets `do_sample` from it.
+    temperatures: Vec<Option<f32>>,
+    /// `prompt_ids` (`<|startofprev|>` and the prompt's tokens, as `get_prompt_ids` makes them).
+    prompt_ids: Option<Vec<u32>>,
+    /// `prompt_condition_type="all-segments"` (else `first-segment`).
+    prompt_all_segments: bool,
+    condition_on_prev_tokens: bool,
+    compression_ratio_threshold: Option<f64>,
+    logprob_threshold: Option<f64>,
+    no_speech_threshold: Option<f64>,
 }
 
 /// A piece's tokens and, with word timestamps, each token's time in seconds.
@@ -508,13 +541,102 @@ impl SpeechRecognition {
                 "cannot specify `task` or `language` for an English-only model",
             ));
         }
-        let temperature =
-            match generate_kwargs.remove("temperature") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(v.as_f64().ok_or_else(|| {
-                    Error::param("temperature", format!("expected a number, got {v}"))
-                })? as f32),
-            };
+        let temperature_of = |v: &Value| -> Result<f32> {
+            v.as_f64()
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .map(|t| t as f32)
+                .ok_or_else(|| {
+                    Error::param(
+                        "temperature",
+                        format!("expected a number >= 0 or a list of them, got {v}"),
+                    )
+                })
+        };
+        let temperatures = match generate_kwargs.remove("temperature") {
+            None | Some(Value::Null) => vec![None],
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|t| temperature_of(t).map(Some))
+                .collect::<Result<_>>()?,
+            Some(v) => vec![Some(temperature_of(&v)?)],
+        };
+        let prompt_ids = match generate_kwargs.remove("prompt_ids") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => {
+                let vocab = self.model.config.vocab_size as u64;
+                let ids = a
+                    .iter()
+                    .map(|v| v.as_u64().filter(|&t| t < vocab).map(|t| t as u32))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| {
+                        Error::param(
+                            "prompt_ids",
+                            format!("expected token ids below the vocabulary size {vocab}"),
+                        )
+                    })?;
+                Some(ids)
+            }
+            Some(v) => {
+                return Err(Error::param(
+                    "prompt_ids",
+                    format!("expected a list of token ids, got {v}"),
+                ))
+            }
+        };
+        let prompt_all_segments = match generate_kwargs.remove("prompt_condition_type") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) if s == "first-segment" => false,
+            Some(Value::String(s)) if s == "all-segments" => true,
+            Some(v) => {
+                return Err(Error::param(
+                    "prompt_condition_type",
+                    format!("`{v}` does not exist: expected \"first-segment\" or \"all-segments\""),
+                ))
+            }
+        };
+        let condition_on_prev_tokens = match generate_kwargs.remove("condition_on_prev_tokens") {
+            None | Some(Value::Null) => self.protocol.condition_on_prev_tokens,
+            Some(Value::Bool(b)) => b,
+            Some(v) => {
+                return Err(Error::param(
+                    "condition_on_prev_tokens",
+                    format!("expected true or false, got {v}"),
+                ))
+            }
+        };
+        if prompt_all_segments && !condition_on_prev_tokens {
+            return Err(Error::param(
+                "prompt_condition_type",
+                "set `condition_on_prev_tokens=True` when setting \
+                 `prompt_condition_type='all-segments'`",
+            ));
+        }
+        let mut threshold = |name: &str, default: Option<f64>| -> Result<Option<f64>> {
+            match generate_kwargs.remove(name) {
+                None => Ok(default),
+                Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| Error::param(name, format!("expected a number, got {v}"))),
+            }
+        };
+        let compression_ratio_threshold = threshold(
+            "compression_ratio_threshold",
+            self.protocol.compression_ratio_threshold,
+        )?;
+        let logprob_threshold = threshold("logprob_threshold", self.protocol.logprob_threshold)?;
+        let no_speech_threshold =
+            threshold("no_speech_threshold", self.protocol.no_speech_threshold)?;
+        if no_speech_threshold.is_some() && logprob_threshold.is_none() {
+            return Err(Error::param(
+                "no_speech_threshold",
+                "needs `logprob_threshold` too: a window is skipped as silence when its \
+                 no-speech probability is above the one and its average log-probability below \
+                 the other",
+            ));
+        }
         // Whisper decides sampling from the temperature alone.
         generate_kwargs.remove("do_sample");
         for k in generate_kwargs.keys() {
@@ -563,7 +685,13 @@ impl SpeechRecognition {
             words,
             return_language: param::opt_bool(params, "return_language")?.unwrap_or(false),
             generation,
-            temperature,
+            temperatures,
+            prompt_ids,
+            prompt_all_segments,
+            condition_on_prev_tokens,
+            compression_ratio_threshold,
+            logprob_threshold,
+            no_speech_threshold,
         })
     }
 
@@ -771,6 +899,10 @@ impl SpeechRecognition {
     /// (`WhisperGenerationMixin.generate`): each row's window starts at its seek position;
     /// without timestamps one window covers the piece; with timestamps the window ends at the
     /// last closed segment and the next window starts there, until the piece is covered.
+    /// Each window's decoder input is its start tokens after the prompt (`prompt_ids`) or the
+    /// text before it (`condition_on_prev_tokens`), and each window may be decoded again at
+    /// the next temperature while a threshold says it failed (`generate_with_fallback`); a
+    /// window found silent (`no_speech_threshold`) is skipped.
     /// With word timestamps, each token's time in seconds comes with the tokens (HF's
     /// `token_timestamps`, the window's offset added).
     fn transcribe_batch(&self, pieces: &[&Piece], opts: &CallOptions) -> Result<Vec<PieceTokens>> {
@@ -784,6 +916,21 @@ impl SpeechRecognition {
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); b];
         let timestamp_begin = self.protocol.no_timestamps + 1;
+        // What a window may be conditioned on: the tokens of each row's segments so far (the
+        // prompt first, for `first-segment`; HF's `current_segments`), and whether there are any.
+        let mut history: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut has_segments = vec![false; b];
+        if let (Some(p), false) = (&opts.prompt_ids, opts.prompt_all_segments) {
+            let p = match p.first() {
+                Some(&t) if Some(t) == self.protocol.prev_sot => &p[1..],
+                _ => &p[..],
+            };
+            for i in 0..b {
+                history[i] = p.to_vec();
+                has_segments[i] = true;
+            }
+        }
+        let mut condition = vec![opts.condition_on_prev_tokens; b];
         loop {
             let active: Vec<usize> = (0..b).filter(|&i| seek[i] < feats[i].1).collect();
             if active.is_empty() {
@@ -803,34 +950,50 @@ impl SpeechRecognition {
                     self.encode_windows(w, active.len())?
                 }
             };
-            let rows: Vec<Vec<u32>> = active.iter().map(|&i| init[i].clone()).collect();
-            let cross_kv = if opts.words {
-                Some(dec.cross_kv.clone())
-            } else {
-                None
-            };
-            let seqs = self.generate_window(dec, bias, rows, opts)?;
-            for (k, ((&i, (seq, ended)), n)) in active.iter().zip(seqs).zip(&num).enumerate() {
-                if let Some(cross_kv) = &cross_kv {
-                    let row: Vec<(Tensor, Tensor)> = cross_kv
+            let inputs: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&i| {
+                    self.decoder_input(opts, &init[i], &history[i], condition[i] && has_segments[i])
+                })
+                .collect();
+            let starts: Vec<usize> = active.iter().map(|&i| init[i].len()).collect();
+            let decoded = self.generate_with_fallback(&dec, &bias, &inputs, &starts, opts)?;
+            for (k, ((&i, window_out), n)) in active.iter().zip(decoded).zip(&num).enumerate() {
+                let low_temperature = window_out.temperature.is_none_or(|t| t < 0.5);
+                condition[i] = opts.condition_on_prev_tokens && low_temperature;
+                if window_out.skipped {
+                    seek[i] += *n;
+                    continue;
+                }
+                let (seq, ended) = (window_out.seq, window_out.ended);
+                if opts.words {
+                    let row: Vec<(Tensor, Tensor)> = dec
+                        .cross_kv
                         .iter()
                         .map(|(ck, cv)| Ok((ck.narrow(0, k, 1)?, cv.narrow(0, k, 1)?)))
                         .collect::<candle_core::Result<_>>()?;
                     let num_frames = self.mask_frames(pieces[i]) as i64 - seek[i] as i64;
-                    let t = self.token_times(&init[i], &seq, ended, &row, num_frames)?;
+                    let t = self.token_times(&inputs[k], &seq, ended, &row, num_frames)?;
                     // `time_offset`: float64 seconds, added to the float32 times as float32.
                     let offset = (seek[i] as f64 * 0.02 / 2.0) as f32;
                     times[i].extend(t.iter().take(seq.len()).map(|x| x + offset));
                 }
-                let (tokens, offset) = if opts.timestamps {
+                let (tokens, offset, double_ending) = if opts.timestamps {
                     retrieve_segment(&seq, timestamp_begin, *n)
                 } else {
-                    (seq, *n)
+                    (seq, *n, false)
                 };
                 if opts.words {
                     // Keep the times of the tokens kept (a prefix of the window's).
                     times[i].truncate(out[i].len() + tokens.len());
                 }
+                if opts.condition_on_prev_tokens {
+                    // The last segment's second ending timestamp is not conditioned on
+                    // (`skip_ending_double_timestamps`).
+                    let keep = tokens.len() - usize::from(double_ending);
+                    history[i].extend_from_slice(&tokens[..keep]);
+                }
+                has_segments[i] = true;
                 out[i].extend(tokens);
                 // A window that ends at its own start would never move on.
                 seek[i] += if offset == 0 { *n } else { offset };
@@ -841,6 +1004,192 @@ impl SpeechRecognition {
             .zip(times)
             .map(|(t, x)| (t, opts.words.then_some(x)))
             .collect())
+    }
+
+    /// `_prepare_decoder_input_ids` for one row: its start tokens `init` after the previous
+    /// segments' last `max_target_positions / 2 - 1` tokens (`condition`: the row conditions
+    /// on them and has some), led by `<|startofprev|>` or, for `all-segments`, the prompt;
+    /// else after the prompt, if any.
+    fn decoder_input(
+        &self,
+        opts: &CallOptions,
+        init: &[u32],
+        history: &[u32],
+        condition: bool,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if condition {
+            match (&opts.prompt_ids, opts.prompt_all_segments) {
+                (Some(p), true) => ids.extend_from_slice(p),
+                _ => ids.extend(self.protocol.prev_sot),
+            }
+            let cut = (self.model.config.max_target_positions / 2).saturating_sub(1);
+            ids.extend_from_slice(&history[history.len().saturating_sub(cut)..]);
+        } else if let Some(p) = &opts.prompt_ids {
+            ids.extend_from_slice(p);
+        }
+        ids.extend_from_slice(init);
+        ids
+    }
+
+    /// `generate_with_fallback` over one window's rows (decoder inputs `inputs`, of which the
+    /// last `starts[k]` tokens are the start tokens): decode at the first temperature; rows
+    /// whose compression ratio is above `compression_ratio_threshold` or whose average
+    /// log-probability is below `logprob_threshold` are decoded again at the next one; the
+    /// last try stands. A row is skipped as silence when its no-speech probability is above
+    /// `no_speech_threshold` and its average log-probability below `logprob_threshold`.
+    fn generate_with_fallback(
+        &self,
+        dec: &DecoderCache,
+        bias: &Tensor,
+        inputs: &[Vec<u32>],
+        starts: &[usize],
+        opts: &CallOptions,
+    ) -> Result<Vec<WindowOut>> {
+        let n = inputs.len();
+        let no_speech = match opts.no_speech_threshold {
+            Some(_) => Some(
+                (0..n)
+                    .map(|k| self.no_speech_prob(dec, bias, k, &inputs[k], starts[k], opts))
+                    .collect::<Result<Vec<f32>>>()?,
+            ),
+            None => None,
+        };
+        let want_logprobs = opts.logprob_threshold.is_some();
+        let mut done: Vec<Option<WindowOut>> = (0..n).map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..n).collect();
+        for (attempt, &temperature) in opts.temperatures.iter().enumerate() {
+            let last = attempt + 1 == opts.temperatures.len();
+            let mut again = Vec::new();
+            // Rows whose inputs have one length decode together (no padding).
+            let mut lengths: Vec<usize> = todo.iter().map(|&k| inputs[k].len()).collect();
+            lengths.sort_unstable();
+            lengths.dedup();
+            for len in lengths {
+                let group: Vec<usize> = todo
+                    .iter()
+                    .copied()
+                    .filter(|&k| inputs[k].len() == len)
+                    .collect();
+                let (d, b) = self.subset(dec, bias, &group)?;
+                let rows: Vec<Vec<u32>> = group.iter().map(|&k| inputs[k].clone()).collect();
+                let seqs = self.generate_window(d, b, rows, opts, temperature, want_logprobs)?;
+                for (&k, (seq, ended, logprob)) in group.iter().zip(seqs) {
+                    let mut fallback = false;
+                    let mut skipped = false;
+                    if let Some(th) = opts.compression_ratio_threshold {
+                        let mut all = seq.clone();
+                        if ended {
+                            all.push(self.protocol.eos);
+                        }
+                        if compression_ratio(&all, self.model.config.vocab_size) > th {
+                            fallback = true;
+                        }
+                    }
+                    if let (Some(th), Some(lp)) = (opts.logprob_threshold, logprob) {
+                        if lp < th {
+                            fallback = true;
+                        }
+                        if let (Some(nth), Some(ns)) = (opts.no_speech_threshold, &no_speech) {
+                            if lp < th && ns[k] as f64 > nth {
+                                fallback = false;
+                                skipped = true;
+                            }
+                        }
+                    }
+                    if fallback && !last {
+                        again.push(k);
+                    }
+                    done[k] = Some(WindowOut {
+                        seq,
+                        ended,
+                        skipped,
+                        temperature,
+                    });
+                }
+            }
+            todo = again;
+            if todo.is_empty() {
+                break;
+            }
+        }
+        done.into_iter()
+            .map(|w| w.ok_or_else(|| Error::param("temperature", "no temperature to decode at")))
+            .collect()
+    }
+
+    /// The decoder cache of some rows of a window's encoder output.
+    fn subset(
+        &self,
+        dec: &DecoderCache,
+        bias: &Tensor,
+        rows: &[usize],
+    ) -> Result<(DecoderCache, Tensor)> {
+        let layers = self.model.config.decoder_layers;
+        let all = dec
+            .cross_kv
+            .first()
+            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0));
+        if rows.len() == all && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok((
+                DecoderCache::new(KvCache::new(layers), dec.cross_kv.clone()),
+                bias.clone(),
+            ));
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), bias.device())?;
+        let kv = dec
+            .cross_kv
+            .iter()
+            .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((
+            DecoderCache::new(KvCache::new(layers), kv),
+            bias.index_select(&idx, 0)?,
+        ))
+    }
+
+    /// `WhisperNoSpeechDetection`: the probability of `<|nospeech|>` (the token before
+    /// `<|notimestamps|>`) in the model's logits at the `<|startoftranscript|>` of row `k`'s
+    /// decoder input (`start` start tokens at its end). With a single start token HF reads the
+    /// first step's scores instead, after the suppressed tokens are masked.
+    fn no_speech_prob(
+        &self,
+        dec: &DecoderCache,
+        bias: &Tensor,
+        k: usize,
+        input: &[u32],
+        start: usize,
+        opts: &CallOptions,
+    ) -> Result<f32> {
+        let (mut d, b) = self.subset(dec, bias, &[k])?;
+        let ids = Tensor::from_vec(input.to_vec(), (1, input.len()), &self.device)?;
+        let self_bias =
+            crate::models::seq2seq::causal_bias(input.len(), 0, &self.device, b.dtype())?;
+        let hidden = self.model.decode_hidden(&ids, &mut d, &self_bias, &b)?;
+        let at = if start > 1 {
+            input.len() - start
+        } else {
+            input.len() - 1
+        };
+        let mut logits: Vec<f32> = self
+            .model
+            .logits(&hidden.narrow(1, at, 1)?)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        if start <= 1 {
+            let g = &opts.generation;
+            for &t in g.suppress_tokens.iter().chain(&g.begin_suppress_tokens) {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token = self.protocol.no_timestamps.saturating_sub(1) as usize;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
+        Ok(logits.get(token).map_or(0.0, |&x| (x - max).exp() / sum))
     }
 
     /// HF's `attention_mask.sum()` for a piece: the frames of its samples (`ceil(n / hop)`
@@ -893,18 +1242,22 @@ impl SpeechRecognition {
         Ok(t[init.len()..].to_vec())
     }
 
-    /// One `generate` call over encoded windows from the `init` start tokens: each row's new
-    /// tokens, padding and the end of text removed, and whether an end of text was there.
+    /// One `generate` call over encoded windows from the decoder inputs `init` (one length):
+    /// each row's new tokens (padding and the end of text removed), whether an end of text was
+    /// there, and with `logprobs` its average log-probability (`_retrieve_avg_logprobs`, the end
+    /// of text counted; for beam search along the best beam's path).
     fn generate_window(
         &self,
         dec: DecoderCache,
         cross_bias: Tensor,
         init: Vec<Vec<u32>>,
         opts: &CallOptions,
-    ) -> Result<Vec<(Vec<u32>, bool)>> {
+        temperature: Option<f32>,
+        logprobs: bool,
+    ) -> Result<Vec<WindowSeq>> {
         let begin = init[0].len();
         let mut cfg = opts.generation.clone();
-        match opts.temperature {
+        match temperature {
             Some(t) if t > 0.0 => {
                 cfg.do_sample = true;
                 cfg.temperature = t;
@@ -921,13 +1274,17 @@ impl SpeechRecognition {
                 return Err(Error::param(
                     "max_new_tokens",
                     format!(
-                        "{begin} start tokens and max_new_tokens {n} exceed the decoder's \
-                         {max_target} positions"
+                        "{begin} decoder input tokens (start tokens, prompt and previous text) \
+                         and max_new_tokens {n} exceed the decoder's {max_target} positions: \
+                         shorten the prompt or lower max_new_tokens"
                     ),
                 ));
             }
         } else {
-            cfg.max_length = (cfg.max_length + begin.saturating_sub(1)).min(max_target);
+            let initial = (max_target / 2)
+                .saturating_sub(1)
+                .min(begin.saturating_sub(1));
+            cfg.max_length = (cfg.max_length + initial).min(max_target);
         }
         if opts.timestamps {
             cfg.timestamp_rules = Some(TimestampRules {
@@ -938,14 +1295,36 @@ impl SpeechRecognition {
                 max_initial_timestamp_index: self.protocol.max_initial_timestamp_index,
             });
         }
+        let rows = init.len();
         let cache = Seq2SeqCache::tensors(dec, cross_bias);
         let mut session = Seq2SeqSession::with_cache(&self.model, cache, init.clone());
-        let generated = generate(&mut session, &init, &cfg, &mut Hooks::default())?;
+        let mut sums = vec![(0f64, 0usize); rows];
+        let mut on_token = |r: usize, _tok: u32, lp: f32| {
+            if let Some(s) = sums.get_mut(r) {
+                s.0 += lp as f64;
+                s.1 += 1;
+            }
+        };
+        let mut beam_lps: Vec<Option<f64>> = vec![None; rows];
+        let mut on_beam = |r: usize, lps: &[f32]| {
+            if let Some(x) = beam_lps.get_mut(r) {
+                let sum: f64 = lps.iter().map(|&v| v as f64).sum();
+                *x = Some(sum / lps.len().max(1) as f64);
+            }
+        };
+        let mut hooks = Hooks {
+            on_token: if logprobs { Some(&mut on_token) } else { None },
+            on_beam_logprobs: if logprobs { Some(&mut on_beam) } else { None },
+            unscaled_logprobs: true,
+            ..Hooks::default()
+        };
+        let generated = generate(&mut session, &init, &cfg, &mut hooks)?;
         let eos = &cfg.eos_token_id;
         Ok(generated
             .sequences
             .into_iter()
-            .map(|mut seqs| {
+            .enumerate()
+            .map(|(r, mut seqs)| {
                 let mut s = if seqs.is_empty() {
                     Vec::new()
                 } else {
@@ -956,10 +1335,54 @@ impl SpeechRecognition {
                     s.pop();
                 }
                 let ended = s.len() < n;
-                (s, ended)
+                // Beam search: the best beam's tokens along its path (HF reads `scores` by
+                // `beam_indices`), not `sequences_scores`.
+                let logprob = logprobs.then(|| {
+                    beam_lps[r].unwrap_or_else(|| {
+                        let (sum, count) = sums[r];
+                        sum / count.max(1) as f64
+                    })
+                });
+                (s, ended, logprob)
             })
             .collect())
     }
+}
+
+/// One row of a `generate` call: new tokens, whether an end of text ended them, the average
+/// log-probability when asked for.
+type WindowSeq = (Vec<u32>, bool, Option<f64>);
+
+/// One window's decoding after `generate_with_fallback`.
+struct WindowOut {
+    seq: Vec<u32>,
+    ended: bool,
+    /// Found silent (`no_speech_threshold`): the window adds nothing.
+    skipped: bool,
+    /// The temperature of the try that stands.
+    temperature: Option<f32>,
+}
+
+/// `_retrieve_compression_ratio`: the tokens as little-endian integers of
+/// `log2(vocab) / 8 + 1` bytes, their length over the zlib-compressed length.
+fn compression_ratio(tokens: &[u32], vocab_size: usize) -> f64 {
+    use std::io::Write;
+    let width = ((vocab_size.max(2) as f64).log2() / 8.0) as usize + 1;
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|t| {
+            t.to_le_bytes()
+                .into_iter()
+                .chain(std::iter::repeat(0))
+                .take(width)
+        })
+        .collect();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    let compressed = z
+        .write_all(&bytes)
+        .and_then(|_| z.finish())
+        .map_or(1, |c| c.len().max(1));
+    bytes.len() as f64 / compressed as f64
 }
 
 /// `chunk_length_s` and `stride_length_s` (left and right) in samples at `rate` Hz, each rounded
@@ -1120,7 +1543,14 @@ pub fn pipeline_generation_config(model: &GenerationConfig) -> GenerationConfig 
 /// position. With consecutive timestamp pairs, text after the last pair that no timestamp
 /// closes is left for the next window, which starts at that pair's time; otherwise the whole
 /// window is taken.
-fn retrieve_segment(seq: &[u32], timestamp_begin: u32, window_frames: usize) -> (Vec<u32>, usize) {
+/// The flag: the kept tokens end with two timestamps (the last segment's end and the next
+/// one's start; `_pad_to_max_length`'s `skip_ending_double_timestamps` drops the second when
+/// the tokens are conditioned on).
+fn retrieve_segment(
+    seq: &[u32],
+    timestamp_begin: u32,
+    window_frames: usize,
+) -> (Vec<u32>, usize, bool) {
     let ts: Vec<bool> = seq.iter().map(|&t| t >= timestamp_begin).collect();
     let n = ts.len();
     let single_ending = n >= 2 && !ts[n - 2] && ts[n - 1];
@@ -1129,9 +1559,15 @@ fn retrieve_segment(seq: &[u32], timestamp_begin: u32, window_frames: usize) -> 
         Some(i) if !single_ending => {
             // Two frames per timestamp step (0.02 s against 10 ms frames).
             let offset = (seq[i] - timestamp_begin) as usize * 2;
-            (seq[..i + 2].to_vec(), offset)
+            // The last segment runs from the pair before (or the start) to this pair's second
+            // timestamp; it ends with two timestamps unless it is just the pair.
+            let seg_start = (0..i)
+                .rev()
+                .find(|&j| ts[j] && ts[j + 1])
+                .map_or(0, |j| j + 1);
+            (seq[..i + 2].to_vec(), offset, i + 2 - seg_start > 2)
         }
-        _ => (seq.to_vec(), window_frames),
+        _ => (seq.to_vec(), window_frames, false),
     }
 }
 
@@ -1543,17 +1979,36 @@ mod tests {
     #[test]
     fn segments_drop_text_after_the_last_closed_pair() {
         let tb = 100;
-        // <0> a b <10><11> c d: c d are left for the next window, which starts at <10>.
+        // <0> a b <10><11> c d: c d are left for the next window, which starts at <10>; the
+        // kept tokens end with two timestamps.
         assert_eq!(
             retrieve_segment(&[100, 1, 2, 110, 111, 3, 4], tb, 3000),
-            (vec![100, 1, 2, 110, 111], 20)
+            (vec![100, 1, 2, 110, 111], 20, true)
+        );
+        // A last segment that is just the pair does not count as a double ending.
+        assert_eq!(
+            retrieve_segment(&[100, 1, 110, 110, 111, 3], tb, 3000),
+            (vec![100, 1, 110, 110, 111], 20, false)
         );
         // Ends on a single timestamp: everything is kept, the window is done.
         assert_eq!(
             retrieve_segment(&[100, 1, 2, 110], tb, 3000),
-            (vec![100, 1, 2, 110], 3000)
+            (vec![100, 1, 2, 110], 3000, false)
         );
         // No pair: everything.
-        assert_eq!(retrieve_segment(&[1, 2], tb, 500), (vec![1, 2], 500));
+        assert_eq!(retrieve_segment(&[1, 2], tb, 500), (vec![1, 2], 500, false));
+    }
+
+    #[test]
+    fn compression_ratio_is_whispers() {
+        // Python: tokens as 2-byte little-endian integers for a 51,865-token vocabulary, over
+        // zlib.compress's length. 200 repeats of one token: 400 bytes -> 15 compressed.
+        let same = vec![50u32; 200];
+        let r = compression_ratio(&same, 51865);
+        assert!((r - 400.0 / 15.0).abs() < 1e-9, "{r}");
+        // Distinct tokens do not compress: 400 / 411 in Python.
+        let distinct: Vec<u32> = (0..200).map(|i| (i * 7919) % 51865).collect();
+        let r = compression_ratio(&distinct, 51865);
+        assert!((r - 400.0 / 411.0).abs() < 1e-9, "{r}");
     }
 }

@@ -390,6 +390,8 @@ impl TextGeneration {
             decode: Some(&decode),
             top_logprobs,
             on_top: Some(&mut on_top),
+            unscaled_logprobs: false,
+            on_beam_logprobs: None,
         };
         let out = self.generator.generate_one(&prompt, &cfg, &mut hooks)?;
         if let Some(e) = err {
