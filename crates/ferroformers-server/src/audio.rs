@@ -9,15 +9,19 @@
 //! - `model`: a served id (404 otherwise); absent: the first speech-recognition model;
 //! - `language`: Whisper's language (code or name); an English-only Whisper model takes English
 //!   and refuses others; a CTC model refuses it (it cannot be told a language);
-//! - `prompt`: refused when not empty (the pipeline cannot condition on a previous text);
+//! - `prompt`: Whisper's `prompt_ids` (`<|startofprev|>` and the prompt's tokens, as
+//!   `WhisperProcessor.get_prompt_ids` makes them; its last 223 tokens, as openai-whisper keeps),
+//!   which every 30 s window is conditioned on; refused for CTC models;
 //! - `temperature`: 0 (default) decodes greedily (`num_beams=1`, as vLLM; the pipeline's own
 //!   default is 5 beams); above 0 Whisper samples at that temperature (`seed` makes it
 //!   repeatable); a CTC model takes only 0. No temperature fallback;
 //! - `response_format`: `json` (`{text, usage}`), `text`, `verbose_json`, `srt`, `vtt`; the
 //!   last three run Whisper with `return_timestamps=true` and make segments of its chunks, as
 //!   does audio over 30 s in any format (Whisper's sequential long-form decoding needs it);
-//! - `timestamp_granularities[]`: `segment`; `word` on CTC models (their word chunks) with
-//!   `verbose_json`, refused on Whisper (no word timestamps in the pipeline);
+//! - `timestamp_granularities[]`: `segment`, `word` (with `verbose_json`): a CTC model's word
+//!   chunks, or Whisper's `return_timestamps="word"` chunks (its alignment heads'
+//!   cross-attention); Whisper gives words or segments in one run, so asking both decodes
+//!   twice;
 //! - `stream=true` is refused; other fields are ignored, as vLLM does.
 //!
 //! `verbose_json`'s `language` is the one given, else the one Whisper detects (English for
@@ -218,6 +222,29 @@ struct AudioRequest {
     segments: bool,
     language: Option<String>,
     seed: Option<u64>,
+    /// Whisper's `prompt_ids` for `prompt`.
+    prompt_ids: Option<Vec<u32>>,
+}
+
+/// `get_prompt_ids`: `<|startofprev|>` and the tokens of `" " + prompt.strip()`, its last
+/// `448 / 2 - 1` (what a Whisper decoder can be conditioned on).
+fn prompt_ids(m: &Served, prompt: &str) -> Result<Vec<u32>, ApiError> {
+    let tok = m.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::backend(format!("`{}` has no tokenizer to encode `prompt`", m.id))
+    })?;
+    let prev = tok.token_to_id("<|startofprev|>").ok_or_else(|| {
+        ApiError::backend(format!(
+            "`{}`'s tokenizer has no <|startofprev|> token",
+            m.id
+        ))
+    })?;
+    let enc = tok
+        .encode_with(&format!(" {}", prompt.trim()), None, false)
+        .map_err(ApiError::backend)?;
+    let keep = 448 / 2 - 1;
+    let mut ids = vec![prev];
+    ids.extend_from_slice(&enc.ids[enc.ids.len().saturating_sub(keep)..]);
+    Ok(ids)
 }
 
 fn audio_request(form: &Form, m: &Served, task: AudioTask) -> Result<AudioRequest, ApiError> {
@@ -238,13 +265,6 @@ fn audio_request(form: &Form, m: &Served, task: AudioTask) -> Result<AudioReques
         return Err(ApiError::bad_request(
             "stream",
             "streamed transcriptions are not supported: send `stream=false` or leave it out",
-        ));
-    }
-    if form.get("prompt").is_some_and(|p| !p.trim().is_empty()) {
-        return Err(ApiError::bad_request(
-            "prompt",
-            "`prompt` is not supported: the speech-recognition pipeline cannot condition on a \
-             previous text (Whisper's prompt_ids); send the request without it",
         ));
     }
     let temperature = match form.get("temperature") {
@@ -286,6 +306,21 @@ fn audio_request(form: &Form, m: &Served, task: AudioTask) -> Result<AudioReques
     }
     let language = form.get("language").map(str::to_string);
     let speech = m.speech.unwrap_or(Speech::Whisper { multilingual: true });
+    let prompt = form.get("prompt").map(str::trim).filter(|p| !p.is_empty());
+    let prompt_ids = match (prompt, speech) {
+        (None, _) => None,
+        (Some(_), Speech::Ctc) => {
+            return Err(ApiError::bad_request(
+                "prompt",
+                format!(
+                    "`{}` is a CTC (wav2vec2) model, which cannot be given a `prompt`: leave it \
+                     out",
+                    m.id
+                ),
+            ))
+        }
+        (Some(p), Speech::Whisper { .. }) => Some(prompt_ids(m, p)?),
+    };
     let language = match speech {
         Speech::Ctc => {
             if task == AudioTask::Translate {
@@ -321,13 +356,6 @@ fn audio_request(form: &Form, m: &Served, task: AudioTask) -> Result<AudioReques
             None
         }
         Speech::Whisper { multilingual } => {
-            if words {
-                return Err(ApiError::bad_request(
-                    "timestamp_granularities",
-                    "word timestamps are not supported for Whisper models (the pipeline gives \
-                     segment timestamps only): use `segment`",
-                ));
-            }
             let code = match &language {
                 None => None,
                 Some(l) => Some(
@@ -379,11 +407,19 @@ fn audio_request(form: &Form, m: &Served, task: AudioTask) -> Result<AudioReques
         segments,
         language,
         seed,
+        prompt_ids,
     })
 }
 
 /// The pipeline parameters of a request over `duration` seconds of audio.
-fn speech_params(speech: Speech, req: &AudioRequest, task: AudioTask, duration: f64) -> Params {
+/// `words`: Whisper word timestamps (`return_timestamps="word"`) instead of segments.
+fn speech_params(
+    speech: Speech,
+    req: &AudioRequest,
+    task: AudioTask,
+    duration: f64,
+    words: bool,
+) -> Params {
     let mut p = Params::new();
     match speech {
         Speech::Ctc => {
@@ -406,10 +442,16 @@ fn speech_params(speech: Speech, req: &AudioRequest, task: AudioTask, duration: 
             if task == AudioTask::Translate {
                 p.insert("task".into(), json!("translate"));
             }
+            if let Some(ids) = &req.prompt_ids {
+                p.insert("generate_kwargs".into(), json!({ "prompt_ids": ids }));
+            }
             // Segments need timestamps; so does Whisper's long-form decoding of audio over one
-            // 30 s window (a margin for the resampled length).
+            // 30 s window (a margin for the resampled length). Words come from the alignment
+            // heads' cross-attention (`return_timestamps="word"`).
             let segments = !matches!(req.format, Format::Json | Format::Text);
-            if segments || duration > 29.9 {
+            if words {
+                p.insert("return_timestamps".into(), json!("word"));
+            } else if segments || duration > 29.9 {
                 p.insert("return_timestamps".into(), json!(true));
             }
         }
@@ -527,7 +569,6 @@ async fn openai_audio(
         ));
     }
     let duration = audio.duration_s();
-    let params = speech_params(speech, &req, task, duration);
     let input = Input::Audio {
         samples: audio.samples,
         sampling_rate: audio.sampling_rate,
@@ -547,22 +588,23 @@ async fn openai_audio(
     } else {
         None
     };
-    let out = run(&state, index, vec![input], params)
-        .await
-        .map_err(|mut e| {
-            // Parameters the pipeline refused are the request's fault: OpenAI says 400.
-            if e.status == StatusCode::UNPROCESSABLE_ENTITY {
-                e.status = StatusCode::BAD_REQUEST;
-            }
-            e
-        })?;
-    let out = match out.into_iter().next() {
-        Some(Output::Speech(m)) => m,
-        other => {
-            return Err(ApiError::backend(format!(
-                "the pipeline gave {other:?}, not a transcript"
-            )))
-        }
+    // Whisper gives word or segment timestamps in one run, not both: with both asked, a second
+    // run gives the segments (the same decoding, so the same text).
+    let whisper_words = req.words && speech != Speech::Ctc;
+    let first = transcribe(
+        &state,
+        index,
+        input.clone(),
+        speech_params(speech, &req, task, duration, whisper_words),
+    )
+    .await?;
+    let (out, word_out) = if whisper_words && req.segments {
+        let params = speech_params(speech, &req, task, duration, false);
+        (transcribe(&state, index, input, params).await?, Some(first))
+    } else if req.words {
+        (first.clone(), Some(first))
+    } else {
+        (first, None)
     };
     let text = out
         .get("text")
@@ -633,8 +675,8 @@ async fn openai_audio(
                     .collect();
                 o.insert("segments".into(), Value::Array(segs));
             }
-            if req.words {
-                let words: Vec<Value> = out
+            if let Some(word_out) = &word_out {
+                let words: Vec<Value> = word_out
                     .get("chunks")
                     .and_then(Value::as_array)
                     .into_iter()
@@ -650,6 +692,30 @@ async fn openai_audio(
             axum::Json(Value::Object(o)).into_response()
         }
     })
+}
+
+/// One transcription through the model's queue: the pipeline's output map.
+async fn transcribe(
+    state: &Arc<AppState>,
+    index: usize,
+    input: Input,
+    params: Params,
+) -> Result<Map<String, Value>, ApiError> {
+    let out = run(state, index, vec![input], params)
+        .await
+        .map_err(|mut e| {
+            // Parameters the pipeline refused are the request's fault: OpenAI says 400.
+            if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+                e.status = StatusCode::BAD_REQUEST;
+            }
+            e
+        })?;
+    match out.into_iter().next() {
+        Some(Output::Speech(m)) => Ok(m),
+        other => Err(ApiError::backend(format!(
+            "the pipeline gave {other:?}, not a transcript"
+        ))),
+    }
 }
 
 pub(crate) async fn openai_transcriptions(

@@ -341,6 +341,30 @@ fn whisper_options_match_the_pipeline() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(text(&json_of(&body)), text(&want));
 
+    // `prompt`: the pipeline's `prompt_ids`, `<|startofprev|>` and the prompt's tokens.
+    let tok = ferroformers::tokenizer::Tokenizer::from_dir(
+        std::path::Path::new(&model),
+        "whisper",
+        Some(448),
+    )
+    .unwrap();
+    let mut ids = vec![tok.token_to_id("<|startofprev|>").unwrap()];
+    ids.extend(tok.encode_with(" hello world", None, false).unwrap().ids);
+    let want = library(
+        &model,
+        &bytes,
+        json!({"num_beams": 1, "generate_kwargs": {"prompt_ids": ids}}),
+    );
+    let plain = library(&model, &bytes, json!({"num_beams": 1}));
+    assert_ne!(text(&want), text(&plain), "the prompt changes nothing");
+    let (status, _, body) = form(
+        "transcriptions",
+        &[("model", &model), ("prompt", "  hello world ")],
+        Some(&bytes),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(text(&json_of(&body)), text(&want));
+
     // No `model`: the first speech model served.
     let want = library(&model, &bytes, json!({"num_beams": 1}));
     let (status, _, body) = form("transcriptions", &[], Some(&bytes));
@@ -386,6 +410,65 @@ fn whisper_options_match_the_pipeline() {
         let (status, _, body) = form(route, &fields, Some(&bytes));
         assert_eq!(status, 400, "{route}: {body}");
         assert!(body.contains("English-only"), "{body}");
+    }
+}
+
+/// Whisper word timestamps: the pipeline's `return_timestamps="word"` chunks, alone or beside
+/// the segments of a `return_timestamps=true` run, on short and long (sequential) audio.
+#[test]
+fn whisper_word_timestamps_match_the_pipeline() {
+    for (model, clip_name) in [
+        (whisper(), "whisper/audio/mix_5.5s.wav"),
+        (whisper_en(), "whisper/speech-long.flac"),
+    ] {
+        let bytes = clip(clip_name);
+        let words = library(
+            &model,
+            &bytes,
+            json!({"num_beams": 1, "return_timestamps": "word"}),
+        );
+        let segments = library(
+            &model,
+            &bytes,
+            json!({"num_beams": 1, "return_timestamps": true}),
+        );
+        let chunks = words["chunks"].as_array().unwrap();
+        assert!(!chunks.is_empty(), "{clip_name}: {words}");
+        for both in [false, true] {
+            let mut fields = vec![
+                ("model", model.as_str()),
+                ("response_format", "verbose_json"),
+                ("timestamp_granularities[]", "word"),
+            ];
+            if both {
+                fields.push(("timestamp_granularities[]", "segment"));
+            }
+            let (status, _, body) = form("transcriptions", &fields, Some(&bytes));
+            assert_eq!(status, 200, "{clip_name}: {body}");
+            let v = json_of(&body);
+            assert_eq!(v["text"], words["text"], "{clip_name}");
+            let got = v["words"].as_array().unwrap();
+            assert_eq!(got.len(), chunks.len(), "{clip_name}: {body}");
+            for (w, c) in got.iter().zip(chunks) {
+                assert_eq!(w["word"], c["text"]);
+                assert_eq!(w["start"], c["timestamp"][0]);
+                assert_eq!(w["end"], c["timestamp"][1]);
+            }
+            if both {
+                let segs = v["segments"].as_array().unwrap();
+                let want = segments["chunks"].as_array().unwrap();
+                assert_eq!(segs.len(), want.len(), "{clip_name}: {body}");
+                for (s, c) in segs.iter().zip(want) {
+                    assert_eq!(s["text"], c["text"]);
+                    // An open start (null) is the previous segment's end in OpenAI's shape.
+                    if !c["timestamp"][0].is_null() {
+                        assert_eq!(s["start"], c["timestamp"][0]);
+                    }
+                }
+            } else {
+                assert!(v.get("segments").is_none(), "{body}");
+            }
+        }
     }
 }
 
@@ -603,15 +686,15 @@ fn bad_audio_requests_get_openai_errors() {
             "not a speech-recognition model",
         ),
         (
-            "prompt",
+            "prompt on CTC",
             form(
                 "transcriptions",
-                &[("model", &w), ("prompt", "Hello")],
+                &[("model", &c), ("prompt", "Hello")],
                 Some(&wav),
             ),
             400,
             Some("prompt"),
-            "prompt",
+            "CTC",
         ),
         (
             "bad format",
@@ -634,21 +717,6 @@ fn bad_audio_requests_get_openai_errors() {
             400,
             Some("temperature"),
             "temperature",
-        ),
-        (
-            "word timestamps on Whisper",
-            form(
-                "transcriptions",
-                &[
-                    ("model", &w),
-                    ("response_format", "verbose_json"),
-                    ("timestamp_granularities[]", "word"),
-                ],
-                Some(&wav),
-            ),
-            400,
-            Some("timestamp_granularities"),
-            "not supported",
         ),
         (
             "word timestamps without verbose_json",
