@@ -49,7 +49,10 @@ API's POST / and /models/ID ({inputs, parameters}, or audio bytes), OpenAI's /v1
 /v1/completions (streamed too), /v1/embeddings, /v1/audio/transcriptions and /translations
 (multipart; Whisper and wav2vec2) and /v1/models, /health, /info.
 --dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
-f32 with a warning on CPUs without it); other models take candle's bf16 path.";
+f32 with a warning on CPUs without it); other models take candle's bf16 path.
+--device cuda[:N] needs a build with the `cuda` feature (scripts/build-cuda.sh); there the dtype
+defaults to the checkpoint's (bf16 for a bf16 checkpoint, as transformers' torch_dtype=\"auto\")
+and --batch-size to 32.";
 
 struct RunArgs {
     task: String,
@@ -79,6 +82,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut texts = Vec::new();
     let mut timing = false;
     let mut stream = false;
+    let (mut dtype_given, mut batch_given) = (false, false);
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
             it.next()
@@ -95,6 +99,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
                     v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
                         fail(format!("--batch-size `{v}`: expected an integer >= 1"))
                     })?;
+                batch_given = true;
             }
             "--threads" => {
                 let v = value("--threads")?;
@@ -117,6 +122,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
                     "bf16" | "bfloat16" => DType::BF16,
                     _ => return Err(fail(format!("--dtype `{v}`: expected f32, f16 or bf16"))),
                 };
+                dtype_given = true;
             }
             "--gguf-math" => {
                 let v = value("--gguf-math")?;
@@ -145,6 +151,16 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             "--stream" => stream = true,
             s if s.starts_with("--") => return Err(fail(format!("unknown option `{s}`\n{USAGE}"))),
             s => texts.push(s.to_string()),
+        }
+    }
+    if !opts.device.is_cpu() {
+        // On a GPU, as transformers' `torch_dtype="auto"`: the checkpoint's dtype (bf16 for a
+        // bf16 checkpoint), and batches that fill it.
+        if !dtype_given {
+            opts.dtype = ferroformers::auto_dtype(&task, &opts);
+        }
+        if !batch_given {
+            opts.batch_size = GPU_DEFAULT_BATCH;
         }
     }
     if input_file.is_some() && !texts.is_empty() {
@@ -194,20 +210,12 @@ fn run_stream(args: &RunArgs, inputs: &[Input]) -> Result<(), String> {
 }
 
 fn parse_device(v: &str) -> Result<Device, String> {
-    match v {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()
-                .map_err(|_| fail(format!("--device `{s}`: expected cuda or cuda:N")))?
-                .unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| fail(format!("--device `{s}`: {e}")))
-        }
-        _ => Err(fail(format!("--device `{v}`: expected cpu or cuda[:N]"))),
-    }
+    ferroformers::device(v).map_err(|e| fail(format!("--device: {e}")))
 }
+
+/// `--batch-size` when none is given on a GPU: a batch per kernel launch fills it (the CPU's
+/// default stays 1, as transformers' pipelines).
+const GPU_DEFAULT_BATCH: usize = 32;
 
 fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
     let Some(file) = &args.input_file else {

@@ -229,6 +229,48 @@ fn errors_go_to_stderr_with_nonzero_exit() {
     }
 }
 
+/// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
+/// and no output.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_without_the_feature_is_a_clear_error() {
+    let m = fixture("bert-seqcls");
+    for device in ["cuda", "cuda:1"] {
+        let o = ff(&[
+            "run",
+            "text-classification",
+            "--model",
+            &m,
+            "--device",
+            device,
+            "Hi",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && o.stdout.is_empty(),
+            "{device}: {err}"
+        );
+        assert!(
+            err.contains("no CUDA support") && err.contains("--features cuda"),
+            "{device}: {err}"
+        );
+    }
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--device",
+        "gpu0",
+        "Hi",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("expected cpu, cuda or cuda:N"),
+        "{err}"
+    );
+}
+
 #[test]
 fn tasks_lists_every_task() {
     let o = ff(&["tasks"]);

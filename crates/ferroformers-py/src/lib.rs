@@ -54,12 +54,8 @@ fn parse_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<Device> {
         return Ok(Device::Cpu);
     };
     let cuda = |ordinal: usize| {
-        Device::new_cuda(ordinal).map_err(|e| {
-            PyValueError::new_err(format!(
-                "device {ordinal} (cuda): {e} (this build of ferroformers has no CUDA unless it \
-                 was built with the `cuda` feature)"
-            ))
-        })
+        ferroformers::device(&format!("cuda:{ordinal}"))
+            .map_err(|e| PyValueError::new_err(e.to_string()))
     };
     if let Ok(n) = d.extract::<i64>() {
         return match n {

@@ -40,6 +40,76 @@ pub fn pipeline_with(task: &str, opts: PipelineOptions) -> Result<Pipeline> {
     pipelines::registry::build(task, &opts)
 }
 
+/// The device named `cpu`, `cuda` or `cuda:N` (transformers' `device="cuda:0"`). The errors say
+/// what to do: this build has no CUDA (built without the `cuda` feature), or there is no such GPU.
+pub fn device(name: &str) -> Result<Device> {
+    let bad = |detail: String| Error::InvalidParameter {
+        name: "device".into(),
+        detail: format!("`{name}`: {detail}"),
+    };
+    let ordinal = match name.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| bad("expected cpu, cuda or cuda:N".into()))?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(bad(
+            "this build of ferroformers has no CUDA support; build it with `--features cuda` \
+             (scripts/build-cuda.sh builds one without a CUDA install)"
+                .into(),
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        bad(format!(
+            "cannot use CUDA GPU {ordinal} ({e}); `nvidia-smi` lists this machine's GPUs"
+        ))
+    })
+}
+
+/// The dtype a model runs in when none is asked for, as transformers' `torch_dtype="auto"` picks
+/// on a GPU: the checkpoint's own (`torch_dtype`/`dtype` in config.json) when it is bf16 or f16,
+/// else f32; a GGUF file is dequantized to f16 there (llama.cpp's GPU arithmetic). The CPU keeps
+/// f32, where the fast kernels are f32 (and GGUF runs its quantized blocks).
+pub fn auto_dtype(task: &str, opts: &PipelineOptions) -> DType {
+    if opts.device.is_cpu() {
+        return DType::F32;
+    }
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => match pipelines::registry::lookup(task) {
+            Ok(info) => info.default_model.to_string(),
+            Err(_) => return DType::F32,
+        },
+    };
+    let Ok(dir) = hub::resolve(&model, opts.revision.as_deref()) else {
+        return DType::F32;
+    };
+    if generation::gguf_file(&dir).is_some() {
+        return DType::F16;
+    }
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+    dtype_of_config(config.as_ref())
+}
+
+/// The checkpoint dtype a config.json declares (f32 when it declares none or another).
+fn dtype_of_config(config: Option<&serde_json::Value>) -> DType {
+    let declared = config.and_then(|c| {
+        c.get("torch_dtype")
+            .or_else(|| c.get("dtype"))
+            .and_then(|d| d.as_str())
+    });
+    match declared {
+        Some("bfloat16") => DType::BF16,
+        Some("float16") => DType::F16,
+        _ => DType::F32,
+    }
+}
+
 /// glibc's malloc gives every buffer above 128 KiB (at first; its threshold then adapts)
 /// its own `mmap` and returns freed heap tops to the kernel: a decoding step's buffers (the
 /// logits of 5 beams over a 51,865-token vocabulary are 1 MB, a growing KV cache more) were
@@ -72,7 +142,44 @@ pub fn num_threads() -> usize {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::DType;
+    use serde_json::json;
+
     fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn device_names() {
+        assert!(crate::device("cpu").unwrap().is_cpu());
+        for bad in ["gpu0", "cuda:", "cuda:x", "cuda:-1", "tpu"] {
+            let e = crate::device(bad).unwrap_err().to_string();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build_it() {
+        for name in ["cuda", "cuda:1"] {
+            let e = crate::device(name).unwrap_err().to_string();
+            assert!(
+                e.contains("no CUDA support") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn auto_dtype_follows_the_checkpoint_on_gpu_only() {
+        use super::dtype_of_config as of;
+        assert_eq!(of(Some(&json!({"torch_dtype": "bfloat16"}))), DType::BF16);
+        assert_eq!(of(Some(&json!({"dtype": "float16"}))), DType::F16);
+        assert_eq!(of(Some(&json!({"torch_dtype": "float32"}))), DType::F32);
+        assert_eq!(of(Some(&json!({}))), DType::F32);
+        assert_eq!(of(None), DType::F32);
+        // The CPU keeps f32 whatever the checkpoint says.
+        let opts = crate::PipelineOptions::default();
+        assert_eq!(crate::auto_dtype("text-generation", &opts), DType::F32);
+    }
 
     #[test]
     fn pipeline_is_send_sync() {

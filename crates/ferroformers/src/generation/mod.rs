@@ -106,7 +106,7 @@ impl TextGenerator {
     ) -> Result<Self> {
         let path = crate::hub::resolve(model, revision)?;
         if let Some(file) = gguf_file(&path) {
-            return Self::from_gguf(&file, device, QuantMath::resolve(gguf_math));
+            return Self::from_gguf(&file, device, dtype, QuantMath::resolve(gguf_math));
         }
         let config = ModelConfig::from_dir(&path)?;
         let lm = load_causal_lm(&path, Some(&config), device, dtype, "text-generation")?;
@@ -132,9 +132,10 @@ impl TextGenerator {
     }
 
     /// Load from one GGUF file: its model, embedded tokenizer, chat template and special ids
-    /// (`models::gguf` reads them; the generation defaults come from the ids).
-    pub fn from_gguf(path: &Path, device: &Device, math: QuantMath) -> Result<Self> {
-        let parts = crate::models::gguf::load_text_parts(path, device, math)?;
+    /// (`models::gguf` reads them; the generation defaults come from the ids). On a GPU the
+    /// weights are dequantized to `dtype` (f16/bf16 as one asks; the CPU runs the blocks).
+    pub fn from_gguf(path: &Path, device: &Device, dtype: DType, math: QuantMath) -> Result<Self> {
+        let parts = crate::models::gguf::load_text_parts(path, device, dtype, math)?;
         let tcfg = parts.tokenizer_config;
         let chat_template = match parts.chat_template {
             Some(src) => {

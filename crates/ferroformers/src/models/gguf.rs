@@ -37,7 +37,8 @@ use crate::kernels::cpu::quantized::{QuantLinear, QuantMath};
 use crate::kernels::cpu::rowops::Activation;
 use crate::tokenizer::Tokenizer;
 
-/// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix to f32 on load (4-8x the memory,
+/// `FERROFORMERS_GGUF_DEQUANTIZE=1`: dequantize every matrix on load (to f32 unless another dtype
+/// is asked for; 4-8x the memory,
 /// same numbers as the CPU block kernels, which keep f32 activations). candle's `QMatMul`
 /// (GPU, block types without a CPU kernel here) rounds its input to 8 bits as llama.cpp does,
 /// so its logits drift ~0.1 from transformers' GGUF loading (which dequantizes).
@@ -68,6 +69,9 @@ pub struct GgufFile {
     path: std::path::PathBuf,
     /// The arithmetic of the CPU block products.
     pub math: QuantMath,
+    /// Dequantize every tensor to this dtype on load and run dense products (a GPU, where
+    /// f16/bf16 products are fast; `FERROFORMERS_GGUF_DEQUANTIZE=1`); `None`: quantized blocks.
+    pub dense: Option<DType>,
 }
 
 fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -98,6 +102,7 @@ impl GgufFile {
             file,
             path: path.to_path_buf(),
             math: QuantMath::default(),
+            dense: dequantize().then_some(DType::F32),
         })
     }
 
@@ -156,8 +161,11 @@ impl GgufFile {
         } else {
             None
         };
-        if dequantize() {
-            let d = w.dequantize(device).map_err(|e| werr(&self.path, e))?;
+        if let Some(dtype) = self.dense {
+            let d = w
+                .dequantize(device)
+                .and_then(|d| d.to_dtype(dtype))
+                .map_err(|e| werr(&self.path, e))?;
             return Ok(Proj::Dense(
                 Linear::new(d, b).map_err(|e| werr(&self.path, e))?,
             ));
@@ -166,8 +174,10 @@ impl GgufFile {
     }
 
     fn dense(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
+        let dtype = self.dense.unwrap_or(DType::F32);
         self.qtensor(name, device)?
             .dequantize(device)
+            .and_then(|d| d.to_dtype(dtype))
             .map_err(|e| werr(&self.path, e))
     }
 
@@ -250,7 +260,7 @@ impl GgufFile {
     /// The model, with quantized projections.
     pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
         let embed = self.qtensor("token_embd.weight", device)?;
-        let blocks = if device.is_cpu() && !dequantize() {
+        let blocks = if device.is_cpu() && self.dense.is_none() {
             QuantLinear::new(&embed)
                 .map_err(|e| werr(&self.path, e))?
                 .map(|q| q.with_math(self.math))
@@ -260,8 +270,11 @@ impl GgufFile {
         let (embed_tokens, tied_head) = match blocks {
             Some(q) => (EmbedTable::Blocks(q.clone()), Proj::Blocks(q, None)),
             None => {
-                let dense = embed.dequantize(device).map_err(|e| werr(&self.path, e))?;
-                let head = if dequantize() {
+                let dense = embed
+                    .dequantize(device)
+                    .and_then(|d| d.to_dtype(self.dense.unwrap_or(DType::F32)))
+                    .map_err(|e| werr(&self.path, e))?;
+                let head = if self.dense.is_some() {
                     Proj::Dense(Linear::new(dense.clone(), None).map_err(|e| werr(&self.path, e))?)
                 } else {
                     quantized_proj(embed, None, device, self.math)
@@ -314,7 +327,8 @@ impl GgufFile {
             norm: self.dense("output_norm.weight", device)?,
             lm_head,
         };
-        Llama::from_parts(cfg, parts, device, DType::F32).map_err(|e| werr(&self.path, e))
+        let dtype = self.dense.unwrap_or(DType::F32);
+        Llama::from_parts(cfg, parts, device, dtype).map_err(|e| werr(&self.path, e))
     }
 
     fn bpe_tokenizer(&self, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
@@ -584,9 +598,19 @@ pub struct GgufTextParts {
 
 /// Open `path` and read the model (quantized projections on `device`), the tokenizer (limited
 /// to the model's context window) and the chat template and special ids from its metadata.
-pub fn load_text_parts(path: &Path, device: &Device, math: QuantMath) -> Result<GgufTextParts> {
+pub fn load_text_parts(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    math: QuantMath,
+) -> Result<GgufTextParts> {
     let mut f = GgufFile::open(path)?;
     f.math = math;
+    // A GPU runs dense products in `dtype` (f16/bf16): candle's quantized GPU kernels round
+    // activations to 8 bits and are slower than cuBLAS at batch sizes above a few rows.
+    if !device.is_cpu() || f.dense.is_some() {
+        f.dense = Some(dtype);
+    }
     let cfg = f.llama_config()?;
     let model = f.llama(&cfg, device)?;
     let (tokenizer, tokenizer_config) = f.tokenizer(Some(cfg.max_position_embeddings))?;

@@ -1460,24 +1460,7 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 
 /// `cpu`, `cuda` or `cuda:N`.
 fn training_device(name: &str) -> Result<Device> {
-    let bad = |detail: String| Error::InvalidParameter {
-        name: "device".into(),
-        detail,
-    };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match name.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(n) => n
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| bad(format!("`{name}`: cpu, cuda or cuda:N")))?,
-                None => return Err(bad(format!("`{name}`: cpu, cuda or cuda:N"))),
-            };
-            Device::new_cuda(ordinal).map_err(|e| bad(format!("`{name}`: {e}")))
-        }
-    }
+    crate::device(name)
 }
 
 fn poisoned() -> Error {
