@@ -24,7 +24,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::whisper_languages::{code_of, name_of};
@@ -37,8 +37,6 @@ use crate::generation::config::GENERATION_PARAMS;
 use crate::generation::logits::TimestampRules;
 use crate::generation::search::{generate, Hooks};
 use crate::generation::GenerationConfig;
-use crate::models::bart::DecoderCache;
-use crate::models::causal_lm::KvCache;
 use crate::models::seq2seq::{Seq2SeqCache, Seq2SeqLm, Seq2SeqSession};
 use crate::models::whisper::{
     is_ct2_dir, load_ct2, WhisperConfig, WhisperForConditionalGeneration,
@@ -449,8 +447,8 @@ impl SpeechRecognition {
     /// The language `detect_language` picks for each 16 kHz waveform (`en`, `fr`, ...).
     pub fn detect_languages(&self, waves: &[Vec<f32>]) -> Result<Vec<u32>> {
         let pieces = self.pieces(waves.to_vec(), &Params::new(), true)?;
-        let (dec, bias) = self.encode(&pieces.iter().collect::<Vec<_>>())?;
-        self.detect_language(&dec, &bias, pieces.len())
+        let cache = self.encode(&pieces.iter().collect::<Vec<_>>())?;
+        self.detect_language(&cache, pieces.len())
     }
 
     fn call_options(&self, params: &Params) -> Result<CallOptions> {
@@ -618,8 +616,7 @@ impl SpeechRecognition {
     fn init_tokens(
         &self,
         opts: &CallOptions,
-        dec: &DecoderCache,
-        cross_bias: &Tensor,
+        cache: &Seq2SeqCache,
         rows: usize,
     ) -> Result<Vec<Vec<u32>>> {
         let p = &self.protocol;
@@ -631,7 +628,7 @@ impl SpeechRecognition {
         let lang_ids: Option<Vec<u32>> = match &opts.language {
             Some(l) => Some(vec![p.language_id(l)?; rows]),
             None if !p.lang_to_id.is_empty() && lang_undefined => {
-                Some(self.detect_language(dec, cross_bias, rows)?)
+                Some(self.detect_language(cache, rows)?)
             }
             None => None,
         };
@@ -676,19 +673,8 @@ impl SpeechRecognition {
     }
 
     /// `detect_language`: the most likely language token after `<|startoftranscript|>`.
-    fn detect_language(
-        &self,
-        dec: &DecoderCache,
-        cross_bias: &Tensor,
-        rows: usize,
-    ) -> Result<Vec<u32>> {
-        let mut cache = Seq2SeqCache::tensors(
-            DecoderCache::new(
-                KvCache::new(self.model.config.decoder_layers),
-                dec.cross_kv.clone(),
-            ),
-            cross_bias.clone(),
-        );
+    fn detect_language(&self, encoded: &Seq2SeqCache, rows: usize) -> Result<Vec<u32>> {
+        let mut cache = self.model.restart_cache(encoded)?;
         let ids = Tensor::from_vec(
             vec![self.protocol.decoder_start; rows],
             (rows, 1),
@@ -713,17 +699,13 @@ impl SpeechRecognition {
             .collect())
     }
 
-    /// The decoder cache and cross-attention bias over `rows` windows of log-mel features
-    /// (`[mels][3000]` each, concatenated).
-    fn encode_windows(&self, feats: Vec<f32>, rows: usize) -> Result<(DecoderCache, Tensor)> {
+    /// The decoder cache over `rows` windows of log-mel features (`[mels][3000]` each,
+    /// concatenated): their cross-attention keys and values, one row per window.
+    fn encode_windows(&self, feats: Vec<f32>, rows: usize) -> Result<Seq2SeqCache> {
         let frames = self.model.config.input_frames();
         let mels = self.extractor.feature_size;
         let features = Tensor::from_vec(feats, (rows, mels, frames), &self.device)?;
-        let hidden = self.model.encode_features(&features)?;
-        let dec = self.model.new_decoder_cache(&hidden)?;
-        let mask = Tensor::ones((rows, hidden.dim(1)?), DType::U32, hidden.device())?;
-        let cross_bias = crate::models::seq2seq::cross_bias(&mask, hidden.dtype())?;
-        Ok((dec, cross_bias))
+        Ok(self.model.encode_to_cache(&features)?)
     }
 
     /// Each piece's log-mel features, and how many frames Whisper's seek loop walks through:
@@ -752,13 +734,13 @@ impl SpeechRecognition {
     }
 
     /// The encoder caches of pieces' first windows (what language detection sees).
-    fn encode(&self, pieces: &[&Piece]) -> Result<(DecoderCache, Tensor)> {
+    fn encode(&self, pieces: &[&Piece]) -> Result<Seq2SeqCache> {
         let feats = self.features(pieces)?;
         self.encode_first_windows(&feats)
     }
 
     /// The encoder caches of the first 30 s window of each piece's features.
-    fn encode_first_windows(&self, feats: &[(Vec<f32>, usize)]) -> Result<(DecoderCache, Tensor)> {
+    fn encode_first_windows(&self, feats: &[(Vec<f32>, usize)]) -> Result<Seq2SeqCache> {
         let seg = self.model.config.input_frames();
         let mut first = Vec::new();
         for (f, n) in feats {
@@ -777,9 +759,9 @@ impl SpeechRecognition {
         let seg = self.model.config.input_frames();
         let feats = self.features(pieces)?;
         let b = pieces.len();
-        let (dec, cross_bias) = self.encode_first_windows(&feats)?;
-        let init = self.init_tokens(opts, &dec, &cross_bias, b)?;
-        let mut cached = Some((dec, cross_bias));
+        let first = self.encode_first_windows(&feats)?;
+        let init = self.init_tokens(opts, &first, b)?;
+        let mut cached = Some(first);
         let mut seek = vec![0usize; b];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); b];
@@ -793,7 +775,7 @@ impl SpeechRecognition {
                 .iter()
                 .map(|&i| (feats[i].1 - seek[i]).min(seg))
                 .collect();
-            let (dec, bias) = match cached.take() {
+            let cache = match cached.take() {
                 Some(c) if active.len() == b && seek.iter().all(|&s| s == 0) => c,
                 _ => {
                     let mut w = Vec::new();
@@ -804,20 +786,17 @@ impl SpeechRecognition {
                 }
             };
             let rows: Vec<Vec<u32>> = active.iter().map(|&i| init[i].clone()).collect();
-            let cross_kv = if opts.words {
-                Some(dec.cross_kv.clone())
+            // Word timings decode the windows again: over the same encoder keys and values.
+            let encoded = if opts.words {
+                Some(self.model.restart_cache(&cache)?)
             } else {
                 None
             };
-            let seqs = self.generate_window(dec, bias, rows, opts)?;
+            let seqs = self.generate_window(cache, rows, opts)?;
             for (k, ((&i, (seq, ended)), n)) in active.iter().zip(seqs).zip(&num).enumerate() {
-                if let Some(cross_kv) = &cross_kv {
-                    let row: Vec<(Tensor, Tensor)> = cross_kv
-                        .iter()
-                        .map(|(ck, cv)| Ok((ck.narrow(0, k, 1)?, cv.narrow(0, k, 1)?)))
-                        .collect::<candle_core::Result<_>>()?;
+                if let Some(encoded) = &encoded {
                     let num_frames = self.mask_frames(pieces[i]) as i64 - seek[i] as i64;
-                    let t = self.token_times(&init[i], &seq, ended, &row, num_frames)?;
+                    let t = self.token_times(&init[i], &seq, ended, (encoded, k), num_frames)?;
                     // `time_offset`: float64 seconds, added to the float32 times as float32.
                     let offset = (seek[i] as f64 * 0.02 / 2.0) as f32;
                     times[i].extend(t.iter().take(seq.len()).map(|x| x + offset));
@@ -856,15 +835,16 @@ impl SpeechRecognition {
     }
 
     /// `_extract_token_timestamps` for one generated window: `init` start tokens, `seq` the
-    /// new tokens (end of text removed; `ended`: there was one), the row's cross-attention
-    /// keys. One teacher-forced decoder pass over the sequence gives the cross-attention
-    /// `generate` saw for every token but the last. Times of `seq`'s tokens.
+    /// new tokens (end of text removed; `ended`: there was one), `encoded` a fresh cache over
+    /// the windows and `input` this one's row in it. One teacher-forced decoder pass over the
+    /// sequence gives the cross-attention `generate` saw for every token but the last. Times
+    /// of `seq`'s tokens.
     fn token_times(
         &self,
         init: &[u32],
         seq: &[u32],
         ended: bool,
-        cross_kv: &[(Tensor, Tensor)],
+        (encoded, input): (&Seq2SeqCache, usize),
         num_frames: i64,
     ) -> Result<Vec<f32>> {
         let heads = self.protocol.alignment_heads.as_deref().unwrap_or(&[]);
@@ -878,7 +858,7 @@ impl SpeechRecognition {
             self.extractor.chunk_length as f64 / self.model.config.max_source_positions as f64;
         let weights = if total > init.len() + 1 {
             self.model
-                .alignment_attention(&full[..total - 1], cross_kv, heads)?
+                .alignment_attention(&full[..total - 1], encoded, input, heads)?
         } else {
             Vec::new()
         };
@@ -897,8 +877,7 @@ impl SpeechRecognition {
     /// tokens, padding and the end of text removed, and whether an end of text was there.
     fn generate_window(
         &self,
-        dec: DecoderCache,
-        cross_bias: Tensor,
+        cache: Seq2SeqCache,
         init: Vec<Vec<u32>>,
         opts: &CallOptions,
     ) -> Result<Vec<(Vec<u32>, bool)>> {
@@ -938,7 +917,6 @@ impl SpeechRecognition {
                 max_initial_timestamp_index: self.protocol.max_initial_timestamp_index,
             });
         }
-        let cache = Seq2SeqCache::tensors(dec, cross_bias);
         let mut session = Seq2SeqSession::with_cache(&self.model, cache, init.clone());
         let generated = generate(&mut session, &init, &cfg, &mut Hooks::default())?;
         let eos = &cfg.eos_token_id;
