@@ -26,8 +26,8 @@ use serde_json::{json, Value};
 
 use super::bart::{Attention, DecoderCache, FeedForward};
 use super::causal_lm::KvCache;
-use super::layers::{with_cpu_f32, with_cpu_f32_slice};
 use super::layers::{sdpa, Activation, Linear};
+use super::layers::{with_cpu_f32, with_cpu_f32_slice};
 use super::seq2seq::{causal_bias, cross_bias, Seq2SeqCache, Seq2SeqLm};
 use crate::kernels::cpu::attention::attend_sequences;
 use crate::kernels::cpu::linear as linear_kernels;
@@ -542,10 +542,9 @@ impl Seq2SeqLm for WhisperForConditionalGeneration {
                 };
                 let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
                 let embed = self.embed_tokens.embeddings();
-                let h = with_cpu_f32_slice(embed, |e| c.decode(e, &ids_v, s, st))
-                    .unwrap_or_else(|| {
-                        candle_core::bail!("Whisper's CPU decoder needs f32 embeddings on the CPU")
-                    })?;
+                let h = with_cpu_f32_slice(embed, |e| c.decode(e, &ids_v, s, st)).unwrap_or_else(
+                    || candle_core::bail!("Whisper's CPU decoder needs f32 embeddings on the CPU"),
+                )?;
                 Tensor::from_vec(h, (b, s, self.config.d_model), ids.device())?
             }
             Decoder::Candle(_) => {
@@ -812,9 +811,12 @@ mod tests {
             let vocab = cfg.vocab_size as u32;
             let n = 2 * cfg.num_mel_bins * cfg.input_frames();
             let feats = crate::kernels::cpu::test_values(n, 7, 2.0);
-            let feats =
-                Tensor::from_vec(feats, (2, cfg.num_mel_bins, cfg.input_frames()), &Device::Cpu)
-                    .unwrap();
+            let feats = Tensor::from_vec(
+                feats,
+                (2, cfg.num_mel_bins, cfg.input_frames()),
+                &Device::Cpu,
+            )
+            .unwrap();
             let mut a = cpu.encode_to_cache(&feats).unwrap();
             let mut b = candle.encode_to_cache(&feats).unwrap();
             assert!(matches!(a, Seq2SeqCache::WhisperCpu(_)));
@@ -878,15 +880,24 @@ mod tests {
                 assert_eq!((x.len(), y.len()), (9, 9), "{name} head {h}");
                 for (rx, ry) in x.iter().zip(y) {
                     assert_eq!(rx.len(), ry.len());
-                    let d = rx.iter().zip(ry).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                    let d = rx
+                        .iter()
+                        .zip(ry)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0f32, f32::max);
                     assert!(d < 1e-5, "{name} alignment head {h}: {d}");
                 }
             }
             // Bad requests are errors, not panics.
             assert!(cpu.alignment_attention(&seq, &fresh_a, 2, &heads).is_err());
-            assert!(cpu.alignment_attention(&seq, &fresh_a, 0, &[(9, 0)]).is_err());
             assert!(cpu
-                .decode(&ids(&[vocab, vocab], 2), &mut cpu.restart_cache(&fresh_a).unwrap())
+                .alignment_attention(&seq, &fresh_a, 0, &[(9, 0)])
+                .is_err());
+            assert!(cpu
+                .decode(
+                    &ids(&[vocab, vocab], 2),
+                    &mut cpu.restart_cache(&fresh_a).unwrap()
+                )
                 .is_err());
             assert!(cpu.decode(&ids(&[1, 2], 2), &mut a).is_err());
         }

@@ -158,7 +158,10 @@ impl KvBuffer {
                         Some((_, copy)) => {
                             buf[to..to + used].copy_from_slice(&copy[h * used..(h + 1) * used])
                         }
-                        None => buf.copy_within(src * per_row + h * per_head..src * per_row + h * per_head + used, to),
+                        None => buf.copy_within(
+                            src * per_row + h * per_head..src * per_row + h * per_head + used,
+                            to,
+                        ),
                     }
                 }
             }
@@ -772,7 +775,9 @@ mod tests {
         for r in 0..rows {
             for h in 0..heads {
                 for p in 0..len {
-                    let k: Vec<f32> = (0..dim).map(|i| (r * 1000 + h * 100 + p * 10 + i) as f32).collect();
+                    let k: Vec<f32> = (0..dim)
+                        .map(|i| (r * 1000 + h * 100 + p * 10 + i) as f32)
+                        .collect();
                     let v: Vec<f32> = k.iter().map(|x| -x).collect();
                     base.put(r, h, p, &k, &v);
                 }

@@ -47,7 +47,11 @@ impl Dense {
                     .to_vec1::<f32>()?,
             );
             if p.contains_tensor("bias") {
-                b.extend(p.get(d_out, "bias")?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                b.extend(
+                    p.get(d_out, "bias")?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?,
+                );
             } else {
                 b.extend(std::iter::repeat_n(0f32, d_out));
             }
@@ -456,9 +460,9 @@ fn self_attention(
 ) {
     let d = h * dk;
     let total = past + s;
-    let out = SendPtr(ctx.as_mut_ptr());
+    let ctx_ptr = SendPtr(ctx.as_mut_ptr());
     let items = |range: std::ops::Range<usize>| {
-        let out = out;
+        let out = ctx_ptr;
         let mut scores = vec![0f32; total];
         for item in range {
             let (t, hd) = (item / h, item % h);
@@ -513,10 +517,10 @@ fn cross_attention(
         }
     }
     let (ck, cv) = (&cross.k[li], &cross.v[li]);
-    let out = SendPtr(ctx.as_mut_ptr());
+    let ctx_ptr = SendPtr(ctx.as_mut_ptr());
     let kept: std::sync::Mutex<Vec<(usize, Vec<Vec<f32>>)>> = std::sync::Mutex::new(Vec::new());
     let job = |item: usize| {
-        let out = out;
+        let out = ctx_ptr;
         let (g, hd) = (item / h, item % h);
         let (b, rows) = (&groups[g].0, &groups[g].1);
         let m = rows.len();
@@ -524,7 +528,11 @@ fn cross_attention(
         let (k, v) = (&ck[at..at + src * dk], &cv[at..at + src * dk]);
         let mut qs = Vec::with_capacity(m * dk);
         for &t in rows {
-            qs.extend(q[t * d + hd * dk..t * d + (hd + 1) * dk].iter().map(|x| x * scale));
+            qs.extend(
+                q[t * d + hd * dk..t * d + (hd + 1) * dk]
+                    .iter()
+                    .map(|x| x * scale),
+            );
         }
         let mut scores = vec![0f32; m * src];
         matmul_into(&qs, m, dk, k, src, &mut scores, false, false);
@@ -540,7 +548,9 @@ fn cross_attention(
         for &(idx, head) in want {
             if head == hd {
                 let p = scores.chunks_exact(src).map(<[f32]>::to_vec).collect();
-                kept.lock().unwrap_or_else(|e| e.into_inner()).push((idx, p));
+                kept.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((idx, p));
             }
         }
     };
