@@ -237,6 +237,20 @@ pub(crate) fn with_cpu_f32<R>(
     }
 }
 
+/// `f` over the values of a contiguous f32 CPU tensor; `None` for any other tensor.
+pub(crate) fn with_cpu_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (a0, a1) = t.layout().contiguous_offsets()?;
+    let (st, _) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[a0..a1])),
+        _ => None,
+    }
+}
+
 /// `a + b` with `b` broadcast over `a`'s leading dimensions (`b`'s shape a suffix of `a`'s,
 /// leading ones allowed), as candle's `broadcast_add`. Inside a data-parallel worker (one
 /// batch per core) the sum runs on the calling thread: candle splits element-wise ops over

@@ -24,6 +24,8 @@ pub enum Seq2SeqCache {
     },
     /// Plain buffers of T5's CPU path.
     T5Cpu(Box<super::t5::cpu::DecoderState>),
+    /// Plain buffers of Whisper's CPU decoder.
+    WhisperCpu(Box<super::whisper::cpu::DecoderState>),
 }
 
 impl Seq2SeqCache {
@@ -36,6 +38,7 @@ impl Seq2SeqCache {
         match self {
             Self::Tensors { dec, .. } => dec.self_kv.seq_len(),
             Self::T5Cpu(st) => st.seq_len(),
+            Self::WhisperCpu(st) => st.seq_len(),
         }
     }
 
@@ -52,6 +55,10 @@ impl Seq2SeqCache {
                 let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
                 st.select_rows(&rows)
             }
+            Self::WhisperCpu(st) => {
+                let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+                st.select_rows(&rows)
+            }
         }
     }
 
@@ -60,6 +67,9 @@ impl Seq2SeqCache {
         match self {
             Self::Tensors { dec, cross_bias } => Ok((dec, cross_bias)),
             Self::T5Cpu(_) => candle_core::bail!("this decoder cache belongs to T5's CPU path"),
+            Self::WhisperCpu(_) => {
+                candle_core::bail!("this decoder cache belongs to Whisper's CPU decoder")
+            }
         }
     }
 }

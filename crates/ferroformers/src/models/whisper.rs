@@ -9,11 +9,14 @@
 //!
 //! Which path runs where: candle ops everywhere, except on CPU f32: encoder self-attention is
 //! the tiled kernel (`kernels::cpu::attention::attend_sequences`, scores never written whole),
-//! and decoder attention for a few query rows (decoding steps, beams) is `layers::sdpa`'s
-//! plain loop.
+//! and the decoder is `whisper/cpu.rs` (plain buffers, fused products, a KV cache written in
+//! place; `FERROFORMERS_WHISPER_CANDLE=1` keeps the candle decoder there, for comparisons).
+
+pub mod cpu;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -23,8 +26,8 @@ use serde_json::{json, Value};
 
 use super::bart::{Attention, DecoderCache, FeedForward};
 use super::causal_lm::KvCache;
-use super::layers::with_cpu_f32;
 use super::layers::{sdpa, Activation, Linear};
+use super::layers::{with_cpu_f32, with_cpu_f32_slice};
 use super::seq2seq::{causal_bias, cross_bias, Seq2SeqCache, Seq2SeqLm};
 use crate::kernels::cpu::attention::attend_sequences;
 use crate::kernels::cpu::linear as linear_kernels;
@@ -143,6 +146,12 @@ impl DecoderLayer {
     }
 }
 
+/// The decoder layers: candle's (GPU, f16/bf16), or plain buffers on CPU f32.
+enum Decoder {
+    Candle(Vec<DecoderLayer>),
+    Cpu(Box<cpu::DecoderCpu>),
+}
+
 /// `WhisperForConditionalGeneration`.
 pub struct WhisperForConditionalGeneration {
     conv1: Conv1d,
@@ -152,7 +161,7 @@ pub struct WhisperForConditionalGeneration {
     enc_norm: LayerNorm,
     embed_tokens: Embedding,
     dec_pos: Tensor,
-    dec_layers: Vec<DecoderLayer>,
+    decoder: Decoder,
     dec_norm: LayerNorm,
     proj_out: Linear,
     /// The checkpoint has its own `proj_out.weight` (not tied to the embeddings).
@@ -162,8 +171,20 @@ pub struct WhisperForConditionalGeneration {
 }
 
 impl WhisperForConditionalGeneration {
-    /// `vb` at the root (`model.` and `proj_out.` below it).
+    /// `vb` at the root (`model.` and `proj_out.` below it). On CPU in f32 the decoder runs
+    /// on plain buffers (`whisper/cpu.rs`) unless `FERROFORMERS_WHISPER_CANDLE=1`.
     pub fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
+        let cpu = vb.device().is_cpu()
+            && vb.dtype() == DType::F32
+            && !crate::kernels::cpu::switch_on("FERROFORMERS_WHISPER_CANDLE");
+        Self::load_with(cfg, vb, cpu)
+    }
+
+    /// With the CPU decoder (`cpu`; f32 weights on CPU only) or candle's.
+    pub fn load_with(cfg: &WhisperConfig, vb: VarBuilder, cpu: bool) -> Result<Self> {
+        if cpu && !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
+            candle_core::bail!("Whisper's CPU decoder takes f32 weights on the CPU");
+        }
         let d = cfg.d_model;
         let m = vb.pp("model");
         let enc = m.pp("encoder");
@@ -174,6 +195,20 @@ impl WhisperForConditionalGeneration {
             ..Default::default()
         };
         let embed_tokens = embedding(cfg.vocab_size, d, dec.pp("embed_tokens"))?;
+        let embed_scale = if cfg.scale_embedding {
+            (d as f64).sqrt()
+        } else {
+            1.0
+        };
+        let decoder = if cpu {
+            Decoder::Cpu(Box::new(cpu::DecoderCpu::load(cfg, &dec, embed_scale)?))
+        } else {
+            Decoder::Candle(
+                (0..cfg.decoder_layers)
+                    .map(|i| DecoderLayer::load(cfg, dec.pp("layers").pp(i)))
+                    .collect::<Result<_>>()?,
+            )
+        };
         let proj_is_separate = vb.contains_tensor("proj_out.weight");
         let proj = if proj_is_separate {
             vb.get((cfg.vocab_size, d), "proj_out.weight")?
@@ -193,18 +228,12 @@ impl WhisperForConditionalGeneration {
             dec_pos: dec
                 .pp("embed_positions")
                 .get((cfg.max_target_positions, d), "weight")?,
-            dec_layers: (0..cfg.decoder_layers)
-                .map(|i| DecoderLayer::load(cfg, dec.pp("layers").pp(i)))
-                .collect::<Result<_>>()?,
+            decoder,
             dec_norm: layer_norm(d, LAYER_NORM_EPS, dec.pp("layer_norm"))?,
             proj_out: Linear::new(proj, None)?,
             proj_is_separate,
             embed_tokens,
-            embed_scale: if cfg.scale_embedding {
-                (d as f64).sqrt()
-            } else {
-                1.0
-            },
+            embed_scale,
             config: cfg.clone(),
         })
     }
@@ -234,20 +263,70 @@ impl WhisperForConditionalGeneration {
         self.enc_norm.forward(&xs)
     }
 
-    /// An empty decoder cache with the cross-attention keys/values of `encoder_hidden`.
-    pub fn new_decoder_cache(&self, encoder_hidden: &Tensor) -> Result<DecoderCache> {
-        let cross_kv = self
-            .dec_layers
+    /// The candle decoder layers, or an error on the CPU path.
+    fn candle_layers(&self) -> Result<&[DecoderLayer]> {
+        match &self.decoder {
+            Decoder::Candle(l) => Ok(l),
+            Decoder::Cpu(_) => candle_core::bail!("this Whisper model decodes on its CPU path"),
+        }
+    }
+
+    fn decoder_layers(&self) -> usize {
+        match &self.decoder {
+            Decoder::Candle(l) => l.len(),
+            Decoder::Cpu(c) => c.layers(),
+        }
+    }
+
+    /// An empty candle decoder cache with the cross-attention keys/values of `encoder_hidden`.
+    fn new_decoder_cache(&self, encoder_hidden: &Tensor) -> Result<DecoderCache> {
+        let layers = self.candle_layers()?;
+        let cross_kv = layers
             .iter()
             .map(|l| l.cross_attn.kv(encoder_hidden))
             .collect::<Result<_>>()?;
-        Ok(DecoderCache::new(
-            KvCache::new(self.dec_layers.len()),
-            cross_kv,
-        ))
+        Ok(DecoderCache::new(KvCache::new(layers.len()), cross_kv))
     }
 
-    /// Decoder hidden states for `ids` `[b, s]` following the cached tokens.
+    /// A decoder cache over encoder states `[b, src, d]` (no padding: Whisper's windows are
+    /// all 30 s), one row per input.
+    pub fn cache_of_hidden(&self, hidden: &Tensor) -> Result<Seq2SeqCache> {
+        let (b, src, _) = hidden.dims3()?;
+        match &self.decoder {
+            Decoder::Candle(_) => {
+                let mask = Tensor::ones((b, src), DType::U32, hidden.device())?;
+                Ok(Seq2SeqCache::tensors(
+                    self.new_decoder_cache(hidden)?,
+                    cross_bias(&mask, hidden.dtype())?,
+                ))
+            }
+            Decoder::Cpu(c) => {
+                let enc: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let cross = Arc::new(c.cross_kv(&enc, b, src)?);
+                Ok(Seq2SeqCache::WhisperCpu(Box::new(c.new_state(cross))))
+            }
+        }
+    }
+
+    /// A cache over the same encoded inputs as `cache` (one row each, nothing decoded); their
+    /// cross-attention keys and values are shared, not computed again. `cache` must not have
+    /// had its rows reordered.
+    pub fn restart_cache(&self, cache: &Seq2SeqCache) -> Result<Seq2SeqCache> {
+        match (&self.decoder, cache) {
+            (Decoder::Candle(l), Seq2SeqCache::Tensors { dec, cross_bias }) => {
+                Ok(Seq2SeqCache::tensors(
+                    DecoderCache::new(KvCache::new(l.len()), dec.cross_kv.clone()),
+                    cross_bias.clone(),
+                ))
+            }
+            (Decoder::Cpu(c), Seq2SeqCache::WhisperCpu(st)) => {
+                Ok(Seq2SeqCache::WhisperCpu(Box::new(c.restart(st))))
+            }
+            _ => candle_core::bail!("this decoder cache belongs to another model's path"),
+        }
+    }
+
+    /// Decoder hidden states for `ids` `[b, s]` following the cached tokens (candle path).
     pub fn decode_hidden(
         &self,
         ids: &Tensor,
@@ -255,6 +334,7 @@ impl WhisperForConditionalGeneration {
         self_bias: &Tensor,
         cross_bias: &Tensor,
     ) -> Result<Tensor> {
+        let layers = self.candle_layers()?;
         let start = cache.self_kv.seq_len();
         let s = ids.dim(1)?;
         if start + s > self.config.max_target_positions {
@@ -266,7 +346,7 @@ impl WhisperForConditionalGeneration {
         }
         let mut xs = (self.embed_tokens.forward(ids)? * self.embed_scale)?
             .broadcast_add(&self.dec_pos.narrow(0, start, s)?)?;
-        for (i, l) in self.dec_layers.iter().enumerate() {
+        for (i, l) in layers.iter().enumerate() {
             let h = l.self_norm.forward(&xs)?;
             let (k, v) = l.self_attn.kv(&h)?;
             let (k, v) = cache.self_kv.append(i, &k, &v)?;
@@ -281,19 +361,20 @@ impl WhisperForConditionalGeneration {
     }
 
     /// The cross-attention probabilities (`softmax(q kᵀ scale)`) of the alignment `heads`
-    /// (`(layer, head)`) for one teacher-forced decoder pass over `ids` from position 0:
+    /// (`(layer, head)`) for one teacher-forced decoder pass over `ids` from position 0,
+    /// decoding encoded input `input` of `cache` (a fresh cache: [`Self::restart_cache`]):
     /// `[head][row][source position]`, rows in `ids` order. What HF's `generate` collects in
     /// `cross_attentions` for those tokens (the decoder is causal), for word timestamps.
     pub fn alignment_attention(
         &self,
         ids: &[u32],
-        cross_kv: &[(Tensor, Tensor)],
+        cache: &Seq2SeqCache,
+        input: usize,
         heads: &[(usize, usize)],
     ) -> Result<Vec<Vec<Vec<f32>>>> {
         let s = ids.len();
-        let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); heads.len()];
         if s == 0 || heads.is_empty() {
-            return Ok(out);
+            return Ok(vec![Vec::new(); heads.len()]);
         }
         if s > self.config.max_target_positions {
             candle_core::bail!(
@@ -302,29 +383,59 @@ impl WhisperForConditionalGeneration {
             );
         }
         let last = heads.iter().map(|&(l, _)| l).max().unwrap_or(0);
-        if last >= self.dec_layers.len() || last >= cross_kv.len() {
+        if last >= self.decoder_layers() {
             candle_core::bail!(
                 "alignment head layer {last} but the decoder has {} layers",
-                self.dec_layers.len()
+                self.decoder_layers()
             );
+        }
+        match (&self.decoder, cache) {
+            (Decoder::Cpu(c), Seq2SeqCache::WhisperCpu(st)) => {
+                let embed = self.embed_tokens.embeddings();
+                with_cpu_f32_slice(embed, |e| c.alignment_attention(e, ids, st, input, heads))
+                    .unwrap_or_else(|| {
+                        candle_core::bail!("Whisper's CPU decoder needs f32 embeddings on the CPU")
+                    })
+            }
+            (Decoder::Candle(layers), Seq2SeqCache::Tensors { dec, .. }) => {
+                self.alignment_candle(layers, ids, &dec.cross_kv, input, heads)
+            }
+            _ => candle_core::bail!("this decoder cache belongs to another model's path"),
+        }
+    }
+
+    fn alignment_candle(
+        &self,
+        layers: &[DecoderLayer],
+        ids: &[u32],
+        cross_kv: &[(Tensor, Tensor)],
+        input: usize,
+        heads: &[(usize, usize)],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let s = ids.len();
+        let mut out: Vec<Vec<Vec<f32>>> = vec![Vec::new(); heads.len()];
+        let last = heads.iter().map(|&(l, _)| l).max().unwrap_or(0);
+        let inputs = cross_kv.first().map_or(0, |(k, _)| k.dim(0).unwrap_or(0));
+        if input >= inputs {
+            candle_core::bail!("encoded input {input} of {inputs} for the alignment heads");
         }
         let device = self.enc_pos.device();
         let ids_t = Tensor::from_vec(ids.to_vec(), (1, s), device)?;
         let dtype = self.enc_pos.dtype();
         let self_bias = causal_bias(s, 0, device, dtype)?;
-        let mut kv = KvCache::new(self.dec_layers.len());
+        let mut kv = KvCache::new(layers.len());
         let mut xs = (self.embed_tokens.forward(&ids_t)? * self.embed_scale)?
             .broadcast_add(&self.dec_pos.narrow(0, 0, s)?)?;
         let zero = Tensor::zeros((1, 1, 1, 1), dtype, device)?;
-        for (i, l) in self.dec_layers.iter().enumerate().take(last + 1) {
+        for (i, l) in layers.iter().enumerate().take(last + 1) {
             let h = l.self_norm.forward(&xs)?;
             let (k, v) = l.self_attn.kv(&h)?;
             let (k, v) = kv.append(i, &k, &v)?;
             xs = (l.self_attn.attend(&h, &k, &v, &self_bias)? + xs)?;
             let h = l.cross_norm.forward(&xs)?;
             let (ck, cv) = &cross_kv[i];
-            // This input's row of the cross keys (beams share their input's).
-            let ck = ck.narrow(0, 0, 1)?;
+            // This input's row of the cross keys.
+            let ck = ck.narrow(0, input, 1)?;
             let wanted: Vec<(usize, usize)> = heads
                 .iter()
                 .enumerate()
@@ -349,7 +460,7 @@ impl WhisperForConditionalGeneration {
             if i == last {
                 break;
             }
-            let cv = cv.narrow(0, 0, 1)?;
+            let cv = cv.narrow(0, input, 1)?;
             xs = (l.cross_attn.attend(&h, &ck, &cv, &zero)? + xs)?;
             let h = l.ff_norm.forward(&xs)?;
             xs = (l.ff.forward(&h)? + xs)?;
@@ -397,13 +508,7 @@ impl WhisperForConditionalGeneration {
 
     /// A decoder cache for the encoder states of features `[b, mels, 3000]`.
     pub fn encode_to_cache(&self, features: &Tensor) -> Result<Seq2SeqCache> {
-        let hidden = self.encode_features(features)?;
-        let (b, s, _) = hidden.dims3()?;
-        let mask = Tensor::ones((b, s), DType::U32, hidden.device())?;
-        Ok(Seq2SeqCache::tensors(
-            self.new_decoder_cache(&hidden)?,
-            cross_bias(&mask, hidden.dtype())?,
-        ))
+        self.cache_of_hidden(&self.encode_features(features)?)
     }
 }
 
@@ -413,18 +518,42 @@ impl Seq2SeqLm for WhisperForConditionalGeneration {
     }
 
     fn new_cache(&self, encoder_hidden: &Tensor, mask: &Tensor) -> Result<Seq2SeqCache> {
-        Ok(Seq2SeqCache::tensors(
-            self.new_decoder_cache(encoder_hidden)?,
-            cross_bias(mask, encoder_hidden.dtype())?,
-        ))
+        match &self.decoder {
+            Decoder::Candle(_) => Ok(Seq2SeqCache::tensors(
+                self.new_decoder_cache(encoder_hidden)?,
+                cross_bias(mask, encoder_hidden.dtype())?,
+            )),
+            Decoder::Cpu(_) => {
+                let padded = mask.to_dtype(DType::U32)?.flatten_all()?.min(0)?;
+                if padded.to_scalar::<u32>()? == 0 {
+                    candle_core::bail!("Whisper's encoder states have no padding to mask");
+                }
+                self.cache_of_hidden(encoder_hidden)
+            }
+        }
     }
 
     fn decode(&self, ids: &Tensor, cache: &mut Seq2SeqCache) -> Result<Tensor> {
-        let s = ids.dim(1)?;
-        let past = cache.seq_len();
-        let (dec, cross_bias) = cache.as_tensors()?;
-        let self_bias = causal_bias(s, past, ids.device(), cross_bias.dtype())?;
-        let hidden = self.decode_hidden(ids, dec, &self_bias, cross_bias)?;
+        let (b, s) = ids.dims2()?;
+        let hidden = match &self.decoder {
+            Decoder::Cpu(c) => {
+                let Seq2SeqCache::WhisperCpu(st) = cache else {
+                    candle_core::bail!("Whisper's CPU decoder needs its own decoder cache")
+                };
+                let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let embed = self.embed_tokens.embeddings();
+                let h = with_cpu_f32_slice(embed, |e| c.decode(e, &ids_v, s, st)).unwrap_or_else(
+                    || candle_core::bail!("Whisper's CPU decoder needs f32 embeddings on the CPU"),
+                )?;
+                Tensor::from_vec(h, (b, s, self.config.d_model), ids.device())?
+            }
+            Decoder::Candle(_) => {
+                let past = cache.seq_len();
+                let (dec, cross_bias) = cache.as_tensors()?;
+                let self_bias = causal_bias(s, past, ids.device(), cross_bias.dtype())?;
+                self.decode_hidden(ids, dec, &self_bias, cross_bias)?
+            }
+        };
         self.logits(&hidden)?.to_dtype(DType::F32)
     }
 
@@ -635,4 +764,142 @@ pub fn load_ct2(path: &Path) -> crate::error::Result<(Value, Weights)> {
         }
     }
     Ok((config, Weights::from_tensors(out, path.to_path_buf())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, cpu: bool) -> WhisperForConditionalGeneration {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/whisper/models")
+            .join(name);
+        let (cfg, weights): (WhisperConfig, Weights) = if is_ct2_dir(&dir) {
+            let (raw, w) = load_ct2(&dir.join("model.bin")).unwrap();
+            let cfg = crate::config::ModelConfig::from_value(raw, dir.join("config.json"))
+                .unwrap()
+                .parse()
+                .unwrap();
+            (cfg, w)
+        } else {
+            let cfg = crate::config::ModelConfig::from_dir(&dir)
+                .unwrap()
+                .parse()
+                .unwrap();
+            (cfg, Weights::from_dir(&dir).unwrap())
+        };
+        let vb = weights.into_var_builder(DType::F32, &Device::Cpu);
+        WhisperForConditionalGeneration::load_with(&cfg, vb, cpu).unwrap()
+    }
+
+    fn ids(tokens: &[u32], rows: usize) -> Tensor {
+        Tensor::from_vec(tokens.to_vec(), (rows, tokens.len() / rows), &Device::Cpu).unwrap()
+    }
+
+    /// The CPU decoder against the candle one on the tiny fixtures (an HF folder and a
+    /// CTranslate2 one): two encoded inputs, a prompt of three start tokens, then beams (rows
+    /// repeated, reordered, fewer of them) for more steps than the self-attention buffers
+    /// first hold; a restarted cache (language detection) and the alignment heads' attention
+    /// (word timestamps) too.
+    #[test]
+    fn cpu_decoder_matches_candle_decoder() {
+        for name in ["whisper-random", "whisper-random-ct2"] {
+            let (cpu, candle) = (load(name, true), load(name, false));
+            assert!(matches!(cpu.decoder, Decoder::Cpu(_)));
+            assert!(matches!(candle.decoder, Decoder::Candle(_)));
+            let cfg = &cpu.config;
+            let vocab = cfg.vocab_size as u32;
+            let n = 2 * cfg.num_mel_bins * cfg.input_frames();
+            let feats = crate::kernels::cpu::test_values(n, 7, 2.0);
+            let feats = Tensor::from_vec(
+                feats,
+                (2, cfg.num_mel_bins, cfg.input_frames()),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let mut a = cpu.encode_to_cache(&feats).unwrap();
+            let mut b = candle.encode_to_cache(&feats).unwrap();
+            assert!(matches!(a, Seq2SeqCache::WhisperCpu(_)));
+            let (mut fresh_a, mut fresh_b) = (
+                cpu.restart_cache(&a).unwrap(),
+                candle.restart_cache(&b).unwrap(),
+            );
+            let prompt = [50258, 50259, 50359, 50258, 50260, 50359];
+            let (la, lb) = (
+                cpu.decode(&ids(&prompt, 2), &mut a).unwrap(),
+                candle.decode(&ids(&prompt, 2), &mut b).unwrap(),
+            );
+            assert_eq!(la.dims(), &[2, 3, cfg.vocab_size]);
+            let d = crate::models::max_abs_diff(&la, &lb);
+            assert!(d < 1e-4, "{name} prompt: {d}");
+            let mut rows = 2;
+            for step in 0..70u32 {
+                let order: Option<&[u32]> = match step {
+                    0 => Some(&[0, 0, 0, 1, 1]),
+                    5 => Some(&[1, 0, 0, 3, 4]),
+                    9 => Some(&[2, 2, 1, 4, 3]),
+                    20 => Some(&[4, 0, 3, 0, 1]),
+                    40 => Some(&[3, 0, 1]),
+                    _ => None,
+                };
+                if let Some(order) = order {
+                    a.select_rows(order).unwrap();
+                    b.select_rows(order).unwrap();
+                    rows = order.len();
+                }
+                let toks: Vec<u32> = (0..rows as u32)
+                    .map(|r| (step * 131 + r * 17 + 3) % vocab)
+                    .collect();
+                let (la, lb) = (
+                    cpu.decode(&ids(&toks, rows), &mut a).unwrap(),
+                    candle.decode(&ids(&toks, rows), &mut b).unwrap(),
+                );
+                let d = crate::models::max_abs_diff(&la, &lb);
+                assert!(d < 1e-4, "{name} step {step}: {d}");
+            }
+            assert_eq!((a.seq_len(), b.seq_len()), (73, 73));
+            // The restarted caches still decode from position 0 over both inputs.
+            let start = [50258, 50258];
+            let (la, lb) = (
+                cpu.decode(&ids(&start, 2), &mut fresh_a).unwrap(),
+                candle.decode(&ids(&start, 2), &mut fresh_b).unwrap(),
+            );
+            let d = crate::models::max_abs_diff(&la, &lb);
+            assert!(d < 1e-4, "{name} restarted: {d}");
+            // Alignment heads of the second input.
+            let fresh_a = cpu.restart_cache(&fresh_a).unwrap();
+            let fresh_b = candle.restart_cache(&fresh_b).unwrap();
+            let seq: Vec<u32> = (0..9).map(|i| (50258 + i * 977) % vocab).collect();
+            let heads = [(1, 0), (0, 2), (1, 3)];
+            let pa = cpu.alignment_attention(&seq, &fresh_a, 1, &heads).unwrap();
+            let pb = candle
+                .alignment_attention(&seq, &fresh_b, 1, &heads)
+                .unwrap();
+            assert_eq!(pa.len(), 3);
+            for (h, (x, y)) in pa.iter().zip(&pb).enumerate() {
+                assert_eq!((x.len(), y.len()), (9, 9), "{name} head {h}");
+                for (rx, ry) in x.iter().zip(y) {
+                    assert_eq!(rx.len(), ry.len());
+                    let d = rx
+                        .iter()
+                        .zip(ry)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0f32, f32::max);
+                    assert!(d < 1e-5, "{name} alignment head {h}: {d}");
+                }
+            }
+            // Bad requests are errors, not panics.
+            assert!(cpu.alignment_attention(&seq, &fresh_a, 2, &heads).is_err());
+            assert!(cpu
+                .alignment_attention(&seq, &fresh_a, 0, &[(9, 0)])
+                .is_err());
+            assert!(cpu
+                .decode(
+                    &ids(&[vocab, vocab], 2),
+                    &mut cpu.restart_cache(&fresh_a).unwrap()
+                )
+                .is_err());
+            assert!(cpu.decode(&ids(&[1, 2], 2), &mut a).is_err());
+        }
+    }
 }

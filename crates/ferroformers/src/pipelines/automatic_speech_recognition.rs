@@ -24,7 +24,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::whisper_languages::{code_of, name_of};
@@ -37,8 +37,6 @@ use crate::generation::config::GENERATION_PARAMS;
 use crate::generation::logits::TimestampRules;
 use crate::generation::search::{generate, Hooks};
 use crate::generation::GenerationConfig;
-use crate::models::bart::DecoderCache;
-use crate::models::causal_lm::KvCache;
 use crate::models::seq2seq::{Seq2SeqCache, Seq2SeqLm, Seq2SeqSession};
 use crate::models::whisper::{
     is_ct2_dir, load_ct2, WhisperConfig, WhisperForConditionalGeneration,
@@ -482,8 +480,8 @@ impl SpeechRecognition {
     /// The language `detect_language` picks for each 16 kHz waveform (`en`, `fr`, ...).
     pub fn detect_languages(&self, waves: &[Vec<f32>]) -> Result<Vec<u32>> {
         let pieces = self.pieces(waves.to_vec(), &Params::new(), true)?;
-        let (dec, bias) = self.encode(&pieces.iter().collect::<Vec<_>>())?;
-        self.detect_language(&dec, &bias, pieces.len())
+        let cache = self.encode(&pieces.iter().collect::<Vec<_>>())?;
+        self.detect_language(&cache, pieces.len())
     }
 
     fn call_options(&self, params: &Params) -> Result<CallOptions> {
@@ -746,8 +744,7 @@ impl SpeechRecognition {
     fn init_tokens(
         &self,
         opts: &CallOptions,
-        dec: &DecoderCache,
-        cross_bias: &Tensor,
+        cache: &Seq2SeqCache,
         rows: usize,
     ) -> Result<Vec<Vec<u32>>> {
         let p = &self.protocol;
@@ -759,7 +756,7 @@ impl SpeechRecognition {
         let lang_ids: Option<Vec<u32>> = match &opts.language {
             Some(l) => Some(vec![p.language_id(l)?; rows]),
             None if !p.lang_to_id.is_empty() && lang_undefined => {
-                Some(self.detect_language(dec, cross_bias, rows)?)
+                Some(self.detect_language(cache, rows)?)
             }
             None => None,
         };
@@ -804,19 +801,8 @@ impl SpeechRecognition {
     }
 
     /// `detect_language`: the most likely language token after `<|startoftranscript|>`.
-    fn detect_language(
-        &self,
-        dec: &DecoderCache,
-        cross_bias: &Tensor,
-        rows: usize,
-    ) -> Result<Vec<u32>> {
-        let mut cache = Seq2SeqCache::tensors(
-            DecoderCache::new(
-                KvCache::new(self.model.config.decoder_layers),
-                dec.cross_kv.clone(),
-            ),
-            cross_bias.clone(),
-        );
+    fn detect_language(&self, encoded: &Seq2SeqCache, rows: usize) -> Result<Vec<u32>> {
+        let mut cache = self.model.restart_cache(encoded)?;
         let ids = Tensor::from_vec(
             vec![self.protocol.decoder_start; rows],
             (rows, 1),
@@ -841,17 +827,13 @@ impl SpeechRecognition {
             .collect())
     }
 
-    /// The decoder cache and cross-attention bias over `rows` windows of log-mel features
-    /// (`[mels][3000]` each, concatenated).
-    fn encode_windows(&self, feats: Vec<f32>, rows: usize) -> Result<(DecoderCache, Tensor)> {
+    /// The decoder cache over `rows` windows of log-mel features (`[mels][3000]` each,
+    /// concatenated): their cross-attention keys and values, one row per window.
+    fn encode_windows(&self, feats: Vec<f32>, rows: usize) -> Result<Seq2SeqCache> {
         let frames = self.model.config.input_frames();
         let mels = self.extractor.feature_size;
         let features = Tensor::from_vec(feats, (rows, mels, frames), &self.device)?;
-        let hidden = self.model.encode_features(&features)?;
-        let dec = self.model.new_decoder_cache(&hidden)?;
-        let mask = Tensor::ones((rows, hidden.dim(1)?), DType::U32, hidden.device())?;
-        let cross_bias = crate::models::seq2seq::cross_bias(&mask, hidden.dtype())?;
-        Ok((dec, cross_bias))
+        Ok(self.model.encode_to_cache(&features)?)
     }
 
     /// Each piece's log-mel features, and how many frames Whisper's seek loop walks through:
@@ -880,13 +862,13 @@ impl SpeechRecognition {
     }
 
     /// The encoder caches of pieces' first windows (what language detection sees).
-    fn encode(&self, pieces: &[&Piece]) -> Result<(DecoderCache, Tensor)> {
+    fn encode(&self, pieces: &[&Piece]) -> Result<Seq2SeqCache> {
         let feats = self.features(pieces)?;
         self.encode_first_windows(&feats)
     }
 
     /// The encoder caches of the first 30 s window of each piece's features.
-    fn encode_first_windows(&self, feats: &[(Vec<f32>, usize)]) -> Result<(DecoderCache, Tensor)> {
+    fn encode_first_windows(&self, feats: &[(Vec<f32>, usize)]) -> Result<Seq2SeqCache> {
         let seg = self.model.config.input_frames();
         let mut first = Vec::new();
         for (f, n) in feats {
@@ -909,9 +891,9 @@ impl SpeechRecognition {
         let seg = self.model.config.input_frames();
         let feats = self.features(pieces)?;
         let b = pieces.len();
-        let (dec, cross_bias) = self.encode_first_windows(&feats)?;
-        let init = self.init_tokens(opts, &dec, &cross_bias, b)?;
-        let mut cached = Some((dec, cross_bias));
+        let first = self.encode_first_windows(&feats)?;
+        let init = self.init_tokens(opts, &first, b)?;
+        let mut cached = Some(first);
         let mut seek = vec![0usize; b];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); b];
@@ -940,7 +922,7 @@ impl SpeechRecognition {
                 .iter()
                 .map(|&i| (feats[i].1 - seek[i]).min(seg))
                 .collect();
-            let (dec, bias) = match cached.take() {
+            let cache = match cached.take() {
                 Some(c) if active.len() == b && seek.iter().all(|&s| s == 0) => c,
                 _ => {
                     let mut w = Vec::new();
@@ -957,7 +939,7 @@ impl SpeechRecognition {
                 })
                 .collect();
             let starts: Vec<usize> = active.iter().map(|&i| init[i].len()).collect();
-            let decoded = self.generate_with_fallback(&dec, &bias, &inputs, &starts, opts)?;
+            let decoded = self.generate_with_fallback(&cache, &inputs, &starts, opts)?;
             for (k, ((&i, window_out), n)) in active.iter().zip(decoded).zip(&num).enumerate() {
                 let low_temperature = window_out.temperature.is_none_or(|t| t < 0.5);
                 condition[i] = opts.condition_on_prev_tokens && low_temperature;
@@ -967,13 +949,10 @@ impl SpeechRecognition {
                 }
                 let (seq, ended) = (window_out.seq, window_out.ended);
                 if opts.words {
-                    let row: Vec<(Tensor, Tensor)> = dec
-                        .cross_kv
-                        .iter()
-                        .map(|(ck, cv)| Ok((ck.narrow(0, k, 1)?, cv.narrow(0, k, 1)?)))
-                        .collect::<candle_core::Result<_>>()?;
+                    // Word timings decode the window again over the same encoder keys and
+                    // values (`cache` itself is never decoded into).
                     let num_frames = self.mask_frames(pieces[i]) as i64 - seek[i] as i64;
-                    let t = self.token_times(&inputs[k], &seq, ended, &row, num_frames)?;
+                    let t = self.token_times(&inputs[k], &seq, ended, (&cache, k), num_frames)?;
                     // `time_offset`: float64 seconds, added to the float32 times as float32.
                     let offset = (seek[i] as f64 * 0.02 / 2.0) as f32;
                     times[i].extend(t.iter().take(seq.len()).map(|x| x + offset));
@@ -1040,8 +1019,7 @@ impl SpeechRecognition {
     /// `no_speech_threshold` and its average log-probability below `logprob_threshold`.
     fn generate_with_fallback(
         &self,
-        dec: &DecoderCache,
-        bias: &Tensor,
+        encoded: &Seq2SeqCache,
         inputs: &[Vec<u32>],
         starts: &[usize],
         opts: &CallOptions,
@@ -1050,7 +1028,7 @@ impl SpeechRecognition {
         let no_speech = match opts.no_speech_threshold {
             Some(_) => Some(
                 (0..n)
-                    .map(|k| self.no_speech_prob(dec, bias, k, &inputs[k], starts[k], opts))
+                    .map(|k| self.no_speech_prob(encoded, n, k, &inputs[k], starts[k], opts))
                     .collect::<Result<Vec<f32>>>()?,
             ),
             None => None,
@@ -1071,9 +1049,9 @@ impl SpeechRecognition {
                     .copied()
                     .filter(|&k| inputs[k].len() == len)
                     .collect();
-                let (d, b) = self.subset(dec, bias, &group)?;
+                let cache = self.subset(encoded, n, &group)?;
                 let rows: Vec<Vec<u32>> = group.iter().map(|&k| inputs[k].clone()).collect();
-                let seqs = self.generate_window(d, b, rows, opts, temperature, want_logprobs)?;
+                let seqs = self.generate_window(cache, rows, opts, temperature, want_logprobs)?;
                 for (&k, (seq, ended, logprob)) in group.iter().zip(seqs) {
                     let mut fallback = false;
                     let mut skipped = false;
@@ -1118,64 +1096,44 @@ impl SpeechRecognition {
             .collect()
     }
 
-    /// The decoder cache of some rows of a window's encoder output.
-    fn subset(
-        &self,
-        dec: &DecoderCache,
-        bias: &Tensor,
-        rows: &[usize],
-    ) -> Result<(DecoderCache, Tensor)> {
-        let layers = self.model.config.decoder_layers;
-        let all = dec
-            .cross_kv
-            .first()
-            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0));
-        if rows.len() == all && rows.iter().enumerate().all(|(i, &r)| i == r) {
-            return Ok((
-                DecoderCache::new(KvCache::new(layers), dec.cross_kv.clone()),
-                bias.clone(),
-            ));
+    /// A fresh decoder cache over some rows of a window's `total` encoded inputs (`encoded`,
+    /// never decoded into): their cross-attention keys and values are shared, not recomputed.
+    fn subset(&self, encoded: &Seq2SeqCache, total: usize, rows: &[usize]) -> Result<Seq2SeqCache> {
+        let mut cache = self.model.restart_cache(encoded)?;
+        let identity = rows.iter().enumerate().all(|(i, &r)| i == r);
+        if !identity || total != rows.len() {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            cache.select_rows(&idx)?;
         }
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), bias.device())?;
-        let kv = dec
-            .cross_kv
-            .iter()
-            .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((
-            DecoderCache::new(KvCache::new(layers), kv),
-            bias.index_select(&idx, 0)?,
-        ))
+        Ok(cache)
     }
 
     /// `WhisperNoSpeechDetection`: the probability of `<|nospeech|>` (the token before
     /// `<|notimestamps|>`) in the model's logits at the `<|startoftranscript|>` of row `k`'s
     /// decoder input (`start` start tokens at its end). With a single start token HF reads the
     /// first step's scores instead, after the suppressed tokens are masked.
+    #[allow(clippy::too_many_arguments)]
     fn no_speech_prob(
         &self,
-        dec: &DecoderCache,
-        bias: &Tensor,
+        encoded: &Seq2SeqCache,
+        total: usize,
         k: usize,
         input: &[u32],
         start: usize,
         opts: &CallOptions,
     ) -> Result<f32> {
-        let (mut d, b) = self.subset(dec, bias, &[k])?;
-        let ids = Tensor::from_vec(input.to_vec(), (1, input.len()), &self.device)?;
-        let self_bias =
-            crate::models::seq2seq::causal_bias(input.len(), 0, &self.device, b.dtype())?;
-        let hidden = self.model.decode_hidden(&ids, &mut d, &self_bias, &b)?;
+        let mut cache = self.subset(encoded, total, &[k])?;
         let at = if start > 1 {
             input.len() - start
         } else {
             input.len() - 1
         };
+        // The decoder is causal: the logits at `at` need only the tokens up to it.
+        let ids = Tensor::from_vec(input[..=at].to_vec(), (1, at + 1), &self.device)?;
         let mut logits: Vec<f32> = self
             .model
-            .logits(&hidden.narrow(1, at, 1)?)?
-            .to_dtype(DType::F32)?
+            .decode(&ids, &mut cache)?
+            .narrow(1, at, 1)?
             .flatten_all()?
             .to_vec1()?;
         if start <= 1 {
@@ -1205,15 +1163,16 @@ impl SpeechRecognition {
     }
 
     /// `_extract_token_timestamps` for one generated window: `init` start tokens, `seq` the
-    /// new tokens (end of text removed; `ended`: there was one), the row's cross-attention
-    /// keys. One teacher-forced decoder pass over the sequence gives the cross-attention
-    /// `generate` saw for every token but the last. Times of `seq`'s tokens.
+    /// new tokens (end of text removed; `ended`: there was one), `encoded` a fresh cache over
+    /// the windows and `input` this one's row in it. One teacher-forced decoder pass over the
+    /// sequence gives the cross-attention `generate` saw for every token but the last. Times
+    /// of `seq`'s tokens.
     fn token_times(
         &self,
         init: &[u32],
         seq: &[u32],
         ended: bool,
-        cross_kv: &[(Tensor, Tensor)],
+        (encoded, input): (&Seq2SeqCache, usize),
         num_frames: i64,
     ) -> Result<Vec<f32>> {
         let heads = self.protocol.alignment_heads.as_deref().unwrap_or(&[]);
@@ -1227,7 +1186,7 @@ impl SpeechRecognition {
             self.extractor.chunk_length as f64 / self.model.config.max_source_positions as f64;
         let weights = if total > init.len() + 1 {
             self.model
-                .alignment_attention(&full[..total - 1], cross_kv, heads)?
+                .alignment_attention(&full[..total - 1], encoded, input, heads)?
         } else {
             Vec::new()
         };
@@ -1248,8 +1207,7 @@ impl SpeechRecognition {
     /// of text counted; for beam search along the best beam's path).
     fn generate_window(
         &self,
-        dec: DecoderCache,
-        cross_bias: Tensor,
+        cache: Seq2SeqCache,
         init: Vec<Vec<u32>>,
         opts: &CallOptions,
         temperature: Option<f32>,
@@ -1296,7 +1254,6 @@ impl SpeechRecognition {
             });
         }
         let rows = init.len();
-        let cache = Seq2SeqCache::tensors(dec, cross_bias);
         let mut session = Seq2SeqSession::with_cache(&self.model, cache, init.clone());
         let mut sums = vec![(0f64, 0usize); rows];
         let mut on_token = |r: usize, _tok: u32, lp: f32| {

@@ -115,6 +115,60 @@ impl KvBuffer {
         Ok(())
     }
 
+    /// [`Self::select_rows`] in place when the number of rows stays (beam search): only rows
+    /// that now hold another row's keys and values are written, each a copy of its cached
+    /// positions (not of the reserved room), through a scratch copy where the source is itself
+    /// overwritten. Beams that keep their own row cost nothing.
+    pub fn reorder_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        if rows.len() != self.rows {
+            return self.select_rows(rows);
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            candle_core::bail!("row {bad} is out of range ({} rows)", self.rows);
+        }
+        let moved: Vec<usize> = (0..rows.len()).filter(|&i| rows[i] != i).collect();
+        if moved.is_empty() || self.len == 0 {
+            return Ok(());
+        }
+        let (per_row, per_head, used) = (
+            self.heads * self.cap * self.dim,
+            self.cap * self.dim,
+            self.len * self.dim,
+        );
+        let heads = self.heads;
+        for buf in [&mut self.k, &mut self.v] {
+            // Sources that are overwritten here too: saved before any write.
+            let mut saved: Vec<(usize, Vec<f32>)> = Vec::new();
+            for &i in &moved {
+                let src = rows[i];
+                if rows[src] != src && !saved.iter().any(|(r, _)| *r == src) {
+                    let mut copy = Vec::with_capacity(heads * used);
+                    for h in 0..heads {
+                        let at = src * per_row + h * per_head;
+                        copy.extend_from_slice(&buf[at..at + used]);
+                    }
+                    saved.push((src, copy));
+                }
+            }
+            for &i in &moved {
+                let src = rows[i];
+                for h in 0..heads {
+                    let to = i * per_row + h * per_head;
+                    match saved.iter().find(|(r, _)| *r == src) {
+                        Some((_, copy)) => {
+                            buf[to..to + used].copy_from_slice(&copy[h * used..(h + 1) * used])
+                        }
+                        None => buf.copy_within(
+                            src * per_row + h * per_head..src * per_row + h * per_head + used,
+                            to,
+                        ),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Add `other`'s rows after these, both right-aligned to the longer of the two lengths:
     /// the shorter rows' first positions become zeros (left padding, which the attention
     /// bias masks). An empty buffer (no rows) becomes a copy of `other`.
@@ -709,6 +763,48 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use super::KvBuffer;
+
+    /// Reordering rows in place gives what a fresh selection gives: swaps, cycles, a row
+    /// copied over others (beams that die), rows kept, and a change in the number of rows.
+    #[test]
+    fn reorder_rows_matches_select_rows() {
+        let (rows, heads, dim, len) = (5, 3, 4, 7);
+        let mut base = KvBuffer::new(rows, heads, dim);
+        base.reserve(len);
+        for r in 0..rows {
+            for h in 0..heads {
+                for p in 0..len {
+                    let k: Vec<f32> = (0..dim)
+                        .map(|i| (r * 1000 + h * 100 + p * 10 + i) as f32)
+                        .collect();
+                    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                    base.put(r, h, p, &k, &v);
+                }
+            }
+        }
+        base.set_len(len);
+        for order in [
+            vec![0, 1, 2, 3, 4],
+            vec![1, 0, 2, 3, 4],
+            vec![1, 2, 3, 4, 0],
+            vec![2, 2, 2, 0, 4],
+            vec![4, 3, 3, 1, 1],
+            vec![3, 1],
+        ] {
+            let mut want = base.clone();
+            want.select_rows(&order).unwrap();
+            let mut got = base.clone();
+            got.reorder_rows(&order).unwrap();
+            assert_eq!(got.rows(), order.len());
+            for r in 0..order.len() {
+                for h in 0..heads {
+                    assert_eq!(got.get(r, h, len), want.get(r, h, len), "{order:?} row {r}");
+                }
+            }
+        }
+        assert!(base.clone().reorder_rows(&[0, 1, 2, 3, 5]).is_err());
+    }
 
     /// The AVX-512 softmax gives the dispatched loop's bits: row lengths around 16 and 32,
     /// prefixes of every length, with and without dropped keys.
