@@ -161,11 +161,8 @@ impl GgufFile {
         } else {
             None
         };
-        if let Some(dtype) = self.dense {
-            let d = w
-                .dequantize(device)
-                .and_then(|d| d.to_dtype(dtype))
-                .map_err(|e| werr(&self.path, e))?;
+        if self.dense.is_some() {
+            let d = self.dequantized(&w, device)?;
             return Ok(Proj::Dense(
                 Linear::new(d, b).map_err(|e| werr(&self.path, e))?,
             ));
@@ -174,10 +171,18 @@ impl GgufFile {
     }
 
     fn dense(&mut self, name: &str, device: &Device) -> Result<candle_core::Tensor> {
-        let dtype = self.dense.unwrap_or(DType::F32);
-        self.qtensor(name, device)?
-            .dequantize(device)
-            .and_then(|d| d.to_dtype(dtype))
+        let w = self.qtensor(name, device)?;
+        self.dequantized(&w, device)
+    }
+
+    /// A quantized tensor expanded to the dense dtype (f32 unless `dense` asks for another).
+    fn dequantized(
+        &self,
+        w: &candle_core::quantized::QTensor,
+        device: &Device,
+    ) -> Result<candle_core::Tensor> {
+        w.dequantize(device)
+            .and_then(|d| d.to_dtype(self.dense.unwrap_or(DType::F32)))
             .map_err(|e| werr(&self.path, e))
     }
 
@@ -270,10 +275,7 @@ impl GgufFile {
         let (embed_tokens, tied_head) = match blocks {
             Some(q) => (EmbedTable::Blocks(q.clone()), Proj::Blocks(q, None)),
             None => {
-                let dense = embed
-                    .dequantize(device)
-                    .and_then(|d| d.to_dtype(self.dense.unwrap_or(DType::F32)))
-                    .map_err(|e| werr(&self.path, e))?;
+                let dense = self.dequantized(&embed, device)?;
                 let head = if self.dense.is_some() {
                     Proj::Dense(Linear::new(dense.clone(), None).map_err(|e| werr(&self.path, e))?)
                 } else {
