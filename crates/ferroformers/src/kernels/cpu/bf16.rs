@@ -12,7 +12,7 @@
 //! columns x 2 inputs, as `vdpbf16ps` wants them. Inputs are padded to a multiple of 2 and
 //! columns to a multiple of 32 with zeros.
 
-use super::panels::{by_rows, checked_par, drive, Call, Epi, MR, PANEL};
+use super::panels::{checked_par, drive, Call, Epi, MR, PANEL};
 
 /// Inputs per pass over the weights (a panel's slice is 16 KiB).
 const KC: usize = 256;
@@ -130,7 +130,7 @@ impl Bf16Weights {
                 let g = (t0 / 2, t1 / 2);
                 // SAFETY: the CPU has the features (checked); lengths asserted above; `drive`
                 // hands each call its own rows and columns of out.
-                unsafe { by_rows!(mr, x86::panel, (a, kp, b, g, t, c.ld, c.epi.as_ref())) }
+                unsafe { x86::panel_rows(a, mr, kp, b, g, t, c.ld, c.epi.as_ref()) }
                 return;
             }
             portable(a, mr, kp, panel, (t0, t1), c.tile, c.ld, c.epi.as_ref());
@@ -207,6 +207,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::panels::by_rows;
     use super::super::panels::x86::{finish, load_sums};
     use super::{Epi, MR, PANEL};
     use std::arch::x86_64::*;
@@ -228,6 +229,35 @@ mod x86 {
                 let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
                 _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, m, h);
             }
+        }
+    }
+
+    /// [`panel`] over `mr` rows, [`MR`] at a time.
+    ///
+    /// # Safety
+    /// As [`panel`], for `mr` rows; `epi` checked for `mr` rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn panel_rows(
+        a: *const u16,
+        mr: usize,
+        kp: usize,
+        b: *const u16,
+        g: (usize, usize),
+        c: *mut f32,
+        ld: usize,
+        epi: Option<&Epi<'_>>,
+    ) {
+        let mut r0 = 0;
+        while r0 < mr {
+            let m = MR.min(mr - r0);
+            let e = epi.map(|e| e.rows_from(r0));
+            // SAFETY: the caller's contract, for rows r0..r0 + m.
+            unsafe {
+                let (a, c) = (a.add(r0 * kp), c.add(r0 * ld));
+                by_rows!(m, panel, (a, kp, b, g, c, ld, e.as_ref()))
+            };
+            r0 += m;
         }
     }
 

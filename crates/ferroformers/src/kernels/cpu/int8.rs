@@ -25,7 +25,7 @@
 //! one 512-bit load is 16 columns x 4 inputs, as `vpdpbusd` wants them. Inputs are padded to a
 //! multiple of 4 and columns to a multiple of 32 with zero weights.
 
-use super::panels::{by_rows, checked_par, drive, Call, Epi, MR, PANEL};
+use super::panels::{checked_par, drive, Call, Epi, MR, PANEL};
 use super::simd::dispatch;
 use super::threads::par_tasks;
 
@@ -353,6 +353,21 @@ struct Rows<'a> {
     kp: usize,
 }
 
+impl Rows<'_> {
+    /// Rows `r0..r0 + m` of these.
+    #[inline(always)]
+    fn rows(&self, r0: usize, m: usize) -> Self {
+        let nb = blocks_of(self.kp);
+        Self {
+            q: &self.q[r0 * self.kp..(r0 + m) * self.kp],
+            scale: &self.scale[r0 * nb..(r0 + m) * nb],
+            zero: &self.zero[r0 * nb..(r0 + m) * nb],
+            mr: m,
+            kp: self.kp,
+        }
+    }
+}
+
 /// The integer kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -393,7 +408,7 @@ impl Kernel {
     ) {
         let (mr, kp) = (x.mr, x.kp);
         let nb = blocks_of(kp);
-        assert!(mr <= MR && x.q.len() >= mr * kp && kp % 4 == 0);
+        assert!(mr > 0 && x.q.len() >= mr * kp && kp % 4 == 0);
         assert!(x.scale.len() >= mr * nb && x.zero.len() >= mr * nb);
         assert!(panel.len() >= kp * PANEL && colsum.len() >= nb * PANEL);
         assert!(b0 <= b1 && b1 <= nb && ld >= PANEL && acc.len() >= (mr - 1) * ld + PANEL);
@@ -405,21 +420,25 @@ impl Kernel {
             Kernel::Vnni if super::vnni::available() => {
                 // SAFETY: the CPU has the features (checked); lengths asserted above.
                 unsafe {
-                    let (b, cs, c) = (panel.as_ptr(), colsum.as_ptr(), acc.as_mut_ptr());
-                    let bl = (b0, b1);
-                    by_rows!(mr, x86::panel, (x, bl, b, cs, c, ld, epi))
+                    x86::panel_rows(x, (b0, b1), panel.as_ptr(), colsum.as_ptr(), acc, ld, epi)
                 }
             }
             _ => {
-                portable_panel(x, b0, b1, panel, colsum, acc, ld);
-                if let Some(e) = epi {
-                    for r in 0..mr {
-                        let cols = e.sw.len();
-                        // SAFETY: the caller's contract.
-                        let o =
-                            unsafe { std::slice::from_raw_parts_mut(e.out.add(r * e.ld), cols) };
-                        let res = e.res.map(|res| &res[r * e.ld..r * e.ld + cols]);
-                        epilogue(&acc[r * ld..r * ld + cols], e.sw, e.bias, res, o);
+                for r0 in (0..mr).step_by(MR) {
+                    let m = MR.min(mr - r0);
+                    let acc = &mut acc[r0 * ld..];
+                    portable_panel(x.rows(r0, m), b0, b1, panel, colsum, acc, ld);
+                    if let Some(e) = epi {
+                        let e = e.rows_from(r0);
+                        for r in 0..m {
+                            let cols = e.sw.len();
+                            // SAFETY: the caller's contract.
+                            let o = unsafe {
+                                std::slice::from_raw_parts_mut(e.out.add(r * e.ld), cols)
+                            };
+                            let res = e.res.map(|res| &res[r * e.ld..r * e.ld + cols]);
+                            epilogue(&acc[r * ld..r * ld + cols], e.sw, e.bias, res, o);
+                        }
                     }
                 }
             }
@@ -489,6 +508,7 @@ fn portable_panel_generic(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::panels::by_rows;
     use super::super::panels::x86::{finish, load_sums};
     use super::{block_params, blocks_of, Epi, Rows, BLOCK, MR, PANEL};
     use std::arch::x86_64::*;
@@ -541,6 +561,32 @@ mod x86 {
                 _mm_mask_storeu_epi8(qp.add(i) as *mut i8, m, b);
             }
             (scale, zero as i32)
+        }
+    }
+
+    /// [`panel`] over all of `x`'s rows, [`MR`] at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/VNNI; `b` holds `kp * 32` bytes, `cs` `blocks * 32` i32, `acc` `(mr - 1) *
+    /// ld + 32` f32; `kp % 4 == 0`, `b1 <= blocks`; `epi` checked for `x.mr` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
+    pub unsafe fn panel_rows(
+        x: Rows<'_>,
+        bl: (usize, usize),
+        b: *const i8,
+        cs: *const i32,
+        acc: &mut [f32],
+        ld: usize,
+        epi: Option<&Epi<'_>>,
+    ) {
+        let mut r0 = 0;
+        while r0 < x.mr {
+            let m = MR.min(x.mr - r0);
+            let e = epi.map(|e| e.rows_from(r0));
+            let c = acc[r0 * ld..].as_mut_ptr();
+            // SAFETY: the caller's contract, for rows r0..r0 + m.
+            unsafe { by_rows!(m, panel, (x.rows(r0, m), bl, b, cs, c, ld, e.as_ref())) };
+            r0 += m;
         }
     }
 
