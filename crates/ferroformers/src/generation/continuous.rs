@@ -30,7 +30,7 @@
 //! products over more rows (the padding is masked to exact zeros).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
 use super::search::StepModel;
@@ -103,7 +103,9 @@ struct Seq {
 /// start with the same tokens (a shared system prompt, the next turn of a chat).
 struct Prefix {
     tokens: Vec<u32>,
-    cache: KvCache,
+    /// Shared, so that a prompt taking it needs no copy while the batch's lock is held: the
+    /// prompt's group copies the positions it uses once, into the group's joined cache.
+    cache: Arc<KvCache>,
 }
 
 /// Shortest shared start worth reusing, and the most tokens and bytes the kept prefixes hold
@@ -129,7 +131,7 @@ fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: 
         0,
         Prefix {
             tokens: fed,
-            cache: c,
+            cache: Arc::new(c),
         },
     );
     let (mut tokens, mut bytes) = (0, 0);
@@ -344,22 +346,19 @@ impl Batcher {
             admitted.push((id, prompt));
             g.waiting.pop_front();
         }
-        // Prompts that start like a finished sequence continue from a copy of its cache.
-        let mut continued: Vec<(u64, Vec<u32>, KvCache)> = Vec::new();
+        // Prompts that start like a finished sequence continue from its cache's first n
+        // positions.
+        let mut continued: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
         let mut fresh: Vec<(u64, Vec<u32>)> = Vec::new();
         for (id, prompt) in admitted {
             match best_prefix(&g.prefixes, &prompt) {
                 Some((i, n)) => {
                     let p = g.prefixes.remove(i);
-                    let mut c = p.cache.clone();
+                    let c = Arc::clone(&p.cache);
                     g.prefixes.insert(0, p);
-                    if c.truncate(n).is_ok() {
-                        g.stats.prefix_hits += 1;
-                        g.stats.prefix_tokens += n as u64;
-                        continued.push((id, prompt, c));
-                    } else {
-                        fresh.push((id, prompt));
-                    }
+                    g.stats.prefix_hits += 1;
+                    g.stats.prefix_tokens += n as u64;
+                    continued.push((id, prompt, c, n));
                 }
                 None => fresh.push((id, prompt)),
             }
@@ -373,12 +372,12 @@ impl Batcher {
         // first logits at once, and the groups' caches join the batch's after step 3.
         let groups = prefill_groups(fresh, |(_, p)| p.len());
         // Continued prompts group the same way, by their rests' padded tokens.
-        let cgroups = prefill_groups(continued, |(_, p, c)| p.len() - c.seq_len());
+        let cgroups = prefill_groups(continued, |(_, p, _, n)| p.len() - n);
         let jobs = cgroups
             .into_iter()
             .map(|gr| {
                 let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
-                let starts = gr.into_iter().map(|(_, p, c)| (c, p)).collect();
+                let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
                 (ids, Vec::new(), Some(starts))
             })
             .chain(groups.into_iter().map(|gr| {
@@ -462,23 +461,34 @@ impl Batcher {
             self.wake.notify_all();
         }
 
-        // 4. The new rows join: their caches right-aligned with the batch's, masks left-padded.
-        for (ids, c, m) in joining {
-            let base = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
-            if let Err(e) = base.append_rows(c) {
-                let e: Error = e.into();
-                let mut g = lock(&self.state);
-                for id in &ids {
-                    if let Some(s) = g.seqs.get_mut(id) {
-                        // Their first logits are out; the failure comes with the next step.
-                        s.gone = true;
-                        s.result = Some(Err(shared_error(&e)));
+        // 4. The new rows join: their caches right-aligned with the batch's (one copy of
+        // everything), masks left-padded.
+        if !joining.is_empty() {
+            let mut parts: Vec<(&KvCache, usize)> = Vec::with_capacity(joining.len() + 1);
+            if let Some(c) = cache.as_ref() {
+                parts.push((c, c.seq_len()));
+            }
+            parts.extend(joining.iter().map(|(_, c, _)| (c, c.seq_len())));
+            match KvCache::join(&parts) {
+                Ok(c) => {
+                    cache = Some(c);
+                    for (ids, _, m) in joining {
+                        rows.extend(&ids);
+                        mask.extend(m);
                     }
                 }
-                continue;
+                Err(e) => {
+                    let e: Error = e.into();
+                    let mut g = lock(&self.state);
+                    for id in joining.iter().flat_map(|(ids, _, _)| ids) {
+                        if let Some(s) = g.seqs.get_mut(id) {
+                            // Their first logits are out; the failure comes with the next step.
+                            s.gone = true;
+                            s.result = Some(Err(shared_error(&e)));
+                        }
+                    }
+                }
             }
-            rows.extend(&ids);
-            mask.extend(m);
         }
         let len = mask.iter().map(Vec::len).max().unwrap_or(0);
         for m in mask.iter_mut() {
@@ -552,25 +562,29 @@ fn decode_step(
 /// A prompt pass's last logits per row, its cache and its rows' masks.
 type Prefilled = (Vec<Vec<f32>>, KvCache, Vec<Vec<u8>>);
 
-/// Prompts that continue from kept prefixes, run as one pass: each one-row `cache` holds its
-/// prompt's first tokens; the caches are joined right-aligned (left padding), and the rests
-/// follow left-padded, so a row's mask reads `0.. 1.. (prefix) 0.. 1.. (rest)`; positions count
-/// only its real tokens, and the bias hides the gaps. Each prompt's last logits, the joined
-/// cache and the masks.
-fn continue_group(model: &dyn CausalLm, group: Vec<(KvCache, Vec<u32>)>) -> Result<Prefilled> {
-    let mut joined: Option<KvCache> = None;
-    let mut rests = Vec::with_capacity(group.len());
-    let mut past = Vec::with_capacity(group.len());
-    for (c, prompt) in group {
-        let n = c.seq_len();
-        past.push(n);
-        rests.push(prompt[n..].to_vec());
-        match joined.as_mut() {
-            None => joined = Some(c),
-            Some(j) => j.append_rows(c)?,
-        }
+/// Prompts that continue from kept prefixes, run as one pass: the first `n` positions of each
+/// one-row `cache` hold its prompt's first tokens; they are joined right-aligned (left
+/// padding), and the rests follow left-padded, so a row's mask reads `0.. 1.. (prefix) 0..
+/// 1.. (rest)`; positions count only its real tokens, and the bias hides the gaps. Each
+/// prompt's last logits, the joined cache and the masks.
+fn continue_group(
+    model: &dyn CausalLm,
+    group: Vec<(Arc<KvCache>, usize, Vec<u32>)>,
+) -> Result<Prefilled> {
+    if group.is_empty() {
+        return Err(Error::param("inputs", "no prompt to continue"));
     }
-    let mut cache = joined.ok_or_else(|| Error::param("inputs", "no prompt to continue"))?;
+    let parts: Vec<(&KvCache, usize)> = group.iter().map(|(c, n, _)| (&**c, *n)).collect();
+    let mut cache = KvCache::join(&parts)?;
+    let past: Vec<usize> = group
+        .iter()
+        .map(|(c, n, _)| (*n).min(c.seq_len()))
+        .collect();
+    let rests: Vec<Vec<u32>> = group
+        .iter()
+        .zip(&past)
+        .map(|((_, _, prompt), &n)| prompt[n..].to_vec())
+        .collect();
     let lc = past.iter().copied().max().unwrap_or(0);
     let (rows, masks) = left_pad(&rests, 0);
     let r = rows.first().map_or(0, Vec::len);

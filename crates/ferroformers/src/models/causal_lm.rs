@@ -110,32 +110,75 @@ impl KvCache {
         if other.is_empty() {
             return Ok(());
         }
-        if self.cpu.is_empty() != other.cpu.is_empty() || self.layers.len() != other.layers.len() {
+        *self = Self::join(&[(&*self, self.seq_len()), (&other, other.seq_len())])?;
+        Ok(())
+    }
+
+    /// The rows of several caches as one, in order: from part `(c, n)` every row's first `n`
+    /// positions (at most its length), all right-aligned to the longest `n` (shorter rows
+    /// left-padded with zeros, which their attention masks hide). Empty caches add nothing.
+    /// Every value is copied once (continuous batching joins a whole group of new sequences,
+    /// each from a kept prefix, and then the group to the running batch).
+    pub fn join(parts: &[(&KvCache, usize)]) -> Result<KvCache> {
+        let num_layers = parts.first().map_or(0, |(c, _)| c.layers.len());
+        let parts: Vec<(&KvCache, usize)> = parts
+            .iter()
+            .filter(|(c, _)| !c.is_empty())
+            .map(|&(c, n)| (c, n.min(c.seq_len())))
+            .collect();
+        let Some(&(first, _)) = parts.first() else {
+            return Ok(KvCache::new(num_layers));
+        };
+        let cpu = !first.cpu.is_empty();
+        if parts
+            .iter()
+            .any(|(c, _)| c.cpu.is_empty() == cpu || c.layers.len() != first.layers.len())
+        {
             candle_core::bail!("KV caches of different kinds cannot be joined");
         }
-        for (a, b) in self.cpu.iter_mut().zip(&other.cpu) {
-            a.append_rows(b)?;
+        let len = parts.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        if cpu {
+            let bufs = (0..first.cpu.len())
+                .map(|l| {
+                    let layer: Vec<(&KvBuffer, usize)> =
+                        parts.iter().map(|&(c, n)| (&c.cpu[l], n)).collect();
+                    KvBuffer::join(&layer, 16)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(KvCache {
+                layers: vec![None; first.layers.len()],
+                cpu: bufs,
+            });
         }
-        for (a, b) in self.layers.iter_mut().zip(other.layers) {
-            let (ak, av, bk, bv) = match (a.take(), b) {
-                (None, None) => continue,
-                (Some((ak, av)), Some((bk, bv))) => (ak, av, bk, bv),
-                _ => candle_core::bail!("KV caches with missing layers cannot be joined"),
-            };
-            let len = ak.dim(2)?.max(bk.dim(2)?);
-            let pad = |t: Tensor| -> Result<Tensor> {
-                let (r, h, s, d) = t.dims4()?;
-                if s == len {
-                    return Ok(t);
-                }
-                let z = Tensor::zeros((r, h, len - s, d), t.dtype(), t.device())?;
-                Tensor::cat(&[&z, &t], 2)
-            };
-            let k = Tensor::cat(&[&pad(ak)?, &pad(bk)?], 0)?.contiguous()?;
-            let v = Tensor::cat(&[&pad(av)?, &pad(bv)?], 0)?.contiguous()?;
-            *a = Some((k, v));
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for l in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for &(c, n) in &parts {
+                let Some((k, v)) = &c.layers[l] else {
+                    candle_core::bail!("KV caches with missing layers cannot be joined");
+                };
+                let pad = |t: &Tensor| -> Result<Tensor> {
+                    let t = t.narrow(2, 0, n)?;
+                    let (r, h, _, d) = t.dims4()?;
+                    if n == len {
+                        return Ok(t);
+                    }
+                    let z = Tensor::zeros((r, h, len - n, d), t.dtype(), t.device())?;
+                    Tensor::cat(&[&z, &t], 2)
+                };
+                ks.push(pad(k)?);
+                vs.push(pad(v)?);
+            }
+            layers.push(Some((
+                Tensor::cat(&ks, 0)?.contiguous()?,
+                Tensor::cat(&vs, 0)?.contiguous()?,
+            )));
         }
-        Ok(())
+        Ok(KvCache {
+            layers,
+            cpu: Vec::new(),
+        })
     }
 
     /// Row `r`'s `positions` as a cache of its own (one row): a finished sequence's keys and
@@ -431,5 +474,92 @@ mod tests {
         let b = causal_bias(&[vec![0, 1, 1]], 1, &Device::Cpu).unwrap();
         let v: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v, [f32::MIN, 0.0, 0.0]);
+    }
+
+    /// A one-layer cache of `rows` rows and `len` positions (2 heads x 3 dims), each value
+    /// naming its row (`tag + row`), head and position; as tensors or as CPU buffers.
+    fn cache(rows: usize, len: usize, tag: f32, cpu: bool) -> KvCache {
+        let val = |r: usize, h: usize, p: usize, d: usize| {
+            tag + r as f32 + h as f32 / 10.0 + p as f32 / 100.0 + d as f32 / 1000.0
+        };
+        let mut c = KvCache::new(1);
+        if cpu {
+            let b = &mut c.buffers(rows, 2, 3).unwrap()[0];
+            b.reserve(len);
+            for (r, h, p) in
+                (0..rows).flat_map(|r| (0..2).flat_map(move |h| (0..len).map(move |p| (r, h, p))))
+            {
+                let k: Vec<f32> = (0..3).map(|d| val(r, h, p, d)).collect();
+                let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                b.put(r, h, p, &k, &v);
+            }
+            b.set_len(len);
+        } else {
+            let k: Vec<f32> = (0..rows * 2 * len * 3)
+                .map(|i| val(i / (2 * len * 3), i / (len * 3) % 2, i / 3 % len, i % 3))
+                .collect();
+            let k = Tensor::from_vec(k, (rows, 2, len, 3), &Device::Cpu).unwrap();
+            c.layers[0] = Some((k.clone(), k.neg().unwrap()));
+        }
+        c
+    }
+
+    /// Keys of every row, head and position of a one-layer cache (either kind).
+    fn keys(c: &KvCache) -> Vec<Vec<Vec<f32>>> {
+        let len = c.seq_len();
+        if let Some(b) = c.cpu.first() {
+            return (0..b.rows())
+                .map(|r| (0..2).map(|h| b.get(r, h, len).0.to_vec()).collect())
+                .collect();
+        }
+        let (k, _) = c.layers[0].as_ref().unwrap();
+        let (rows, heads, s, d) = k.dims4().unwrap();
+        let flat: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+        (0..rows)
+            .map(|r| {
+                (0..heads)
+                    .map(|h| flat[(r * heads + h) * s * d..(r * heads + h + 1) * s * d].to_vec())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn join_takes_each_parts_first_positions_right_aligned() {
+        for cpu in [false, true] {
+            let (a, b, c) = (
+                cache(1, 5, 10.0, cpu),
+                cache(2, 7, 20.0, cpu),
+                cache(1, 4, 30.0, cpu),
+            );
+            // a's first 5, b's first 3 (of 7), c's first 4: right-aligned to 5.
+            let j = KvCache::join(&[(&a, 5), (&b, 3), (&c, 9)]).unwrap();
+            assert_eq!(j.seq_len(), 5, "cpu={cpu}");
+            let got = keys(&j);
+            assert_eq!(got.len(), 4);
+            let (ka, kb, kc) = (keys(&a), keys(&b), keys(&c));
+            for h in 0..2 {
+                assert_eq!(got[0][h], ka[0][h], "cpu={cpu}");
+                for (row, src) in [(1, &kb[0]), (2, &kb[1])] {
+                    assert_eq!(got[row][h][..6], [0.0; 6], "left padding, cpu={cpu}");
+                    assert_eq!(got[row][h][6..], src[h][..9], "cpu={cpu}");
+                }
+                assert_eq!(got[3][h][..3], [0.0; 3], "cpu={cpu}");
+                assert_eq!(got[3][h][3..], kc[0][h][..], "cpu={cpu}");
+            }
+            // Joining two at a time gives the same as joining at once.
+            let mut pair = a.clone();
+            pair.append_rows(c.clone()).unwrap();
+            let once = KvCache::join(&[(&a, 5), (&c, 4)]).unwrap();
+            assert_eq!(keys(&pair), keys(&once), "cpu={cpu}");
+            // Empty caches add nothing; no parts give an empty cache.
+            let e = KvCache::new(1);
+            assert_eq!(keys(&KvCache::join(&[(&e, 0), (&c, 4)]).unwrap()), kc);
+            assert!(KvCache::join(&[(&e, 0)]).unwrap().is_empty());
+        }
+        let err = KvCache::join(&[(&cache(1, 2, 0.0, true), 2), (&cache(1, 2, 0.0, false), 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different kinds"), "{err}");
     }
 }

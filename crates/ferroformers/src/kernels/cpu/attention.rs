@@ -177,37 +177,54 @@ impl KvBuffer {
             *self = other.clone();
             return Ok(());
         }
-        if (self.heads, self.dim) != (other.heads, other.dim) {
+        *self = Self::join(&[(&*self, self.len), (other, other.len)], 16)?;
+        Ok(())
+    }
+
+    /// The rows of several buffers as one, in order: from part `(b, n)` every row's first
+    /// `n` positions (at most its length). All are right-aligned to the longest `n` (the
+    /// shorter rows' first positions are zeros: left padding, which the attention bias masks),
+    /// with room for `extra` more positions. Each value is copied once, however many parts:
+    /// joining them two at a time copied the first ones again at every join.
+    pub fn join(parts: &[(&KvBuffer, usize)], extra: usize) -> candle_core::Result<KvBuffer> {
+        let parts: Vec<(&KvBuffer, usize)> = parts
+            .iter()
+            .filter(|(b, _)| b.rows > 0)
+            .map(|&(b, n)| (b, n.min(b.len)))
+            .collect();
+        let Some(&(first, _)) = parts.first() else {
+            candle_core::bail!("no KV buffer rows to join");
+        };
+        let (heads, d) = (first.heads, first.dim);
+        if let Some((b, _)) = parts.iter().find(|(b, _)| (b.heads, b.dim) != (heads, d)) {
             candle_core::bail!(
-                "KV buffers of {}x{} and {}x{} (heads x dim) cannot be joined",
-                self.heads,
-                self.dim,
-                other.heads,
-                other.dim
+                "KV buffers of {heads}x{d} and {}x{} (heads x dim) cannot be joined",
+                b.heads,
+                b.dim
             );
         }
-        let (len, d, heads) = (self.len.max(other.len), self.dim, self.heads);
-        let cap = len + 16;
-        let rows = self.rows + other.rows;
+        let len = parts.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        let cap = len + extra.max(1);
+        let rows: usize = parts.iter().map(|(b, _)| b.rows).sum();
         let mut k = vec![0f32; rows * heads * cap * d];
         let mut v = vec![0f32; rows * heads * cap * d];
         let mut row = 0;
-        for src in [&*self, other] {
-            let shift = (len - src.len) * d;
+        for (src, n) in parts {
+            let shift = (len - n) * d;
             for r in 0..src.rows {
                 for h in 0..heads {
                     let (from, to) = (
                         (r * heads + h) * src.cap * d,
                         ((row + r) * heads + h) * cap * d + shift,
                     );
-                    let n = src.len * d;
+                    let n = n * d;
                     k[to..to + n].copy_from_slice(&src.k[from..from + n]);
                     v[to..to + n].copy_from_slice(&src.v[from..from + n]);
                 }
             }
             row += src.rows;
         }
-        *self = KvBuffer {
+        Ok(KvBuffer {
             rows,
             heads,
             dim: d,
@@ -215,8 +232,7 @@ impl KvBuffer {
             len,
             k,
             v,
-        };
-        Ok(())
+        })
     }
 
     /// Row `r`'s `positions` (each `< len`, in the order given) as a buffer of its own (one
