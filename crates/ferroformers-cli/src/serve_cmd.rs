@@ -10,6 +10,7 @@ pub const USAGE: &str = "\
                      [--payload-limit 2000000] [--max-client-batch-size 32]
                      [--max-batch-inputs 128] [--max-batch-wait-ms 0]
                      [--max-batch-total-tokens 32768 (0: no continuous batching)]
+                     [--max-waiting-tokens 20] [--waiting-served-ratio 0 (TGI: 1.2)]
                      [--max-concurrent-requests 128] [--max-queue-size 256]
                      [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
                      [--json-output] [--quiet] [--threads N]
@@ -35,6 +36,16 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
             "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
             "--max-batch-total-tokens" => cfg.max_batch_total_tokens = num(a, &value()?)?,
+            "--max-waiting-tokens" => cfg.admission.max_waiting_tokens = num(a, &value()?)?,
+            "--waiting-served-ratio" => {
+                let r: f32 = num(a, &value()?)?;
+                if !(r >= 0.0 && r.is_finite()) {
+                    return Err(format!(
+                        "`--waiting-served-ratio` takes a number >= 0, not {r}"
+                    ));
+                }
+                cfg.admission.waiting_served_ratio = r
+            }
             "--max-concurrent-requests" => cfg.max_concurrent_requests = num(a, &value()?)?,
             "--cors-allow-origin" => cfg.cors_allow_origin.push(value()?),
             "--max-queue-size" => cfg.max_queue_size = num(a, &value()?)?,

@@ -107,6 +107,9 @@ pub struct Config {
     /// continuously batched model may hold together; 0 turns continuous batching off (each
     /// request then generates on its own).
     pub max_batch_total_tokens: usize,
+    /// Generation: when waiting requests join a running batch (`--max-waiting-tokens`,
+    /// `--waiting-served-ratio`, TGI's rule; see [`ferroformers::generation::Admission`]).
+    pub admission: ferroformers::generation::Admission,
     /// Requests running or queued at once; more are answered 429 at once (TGI: 128).
     pub max_concurrent_requests: usize,
     /// `--cors-allow-origin`: origins (or `*`) whose browser pages may call the server.
@@ -134,6 +137,7 @@ impl Default for Config {
             max_batch_inputs: 128,
             max_batch_wait: std::time::Duration::ZERO,
             max_batch_total_tokens: 32_768,
+            admission: Default::default(),
             max_concurrent_requests: 128,
             cors_allow_origin: Vec::new(),
             max_queue_size: 256,
@@ -172,6 +176,9 @@ struct AppState {
     /// Generations stopped because their client had gone.
     cancelled: std::sync::atomic::AtomicU64,
     max_queue_size: usize,
+    /// Continuous batching's limits, reported by `/info` as TGI does.
+    max_batch_total_tokens: usize,
+    admission: ferroformers::generation::Admission,
     request_timeout: Option<std::time::Duration>,
     log: Option<LogFormat>,
     requests: std::sync::Mutex<RequestStats>,
@@ -276,6 +283,7 @@ fn load(
     max_batch_inputs: usize,
     wait: std::time::Duration,
     max_batch_total_tokens: usize,
+    admission: ferroformers::generation::Admission,
 ) -> Result<Served, String> {
     let dir =
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
@@ -296,7 +304,7 @@ fn load(
     };
     let mut pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
     if max_batch_total_tokens > 0 {
-        pipe.enable_continuous_batching(max_batch_total_tokens);
+        pipe.enable_continuous_batching_with(max_batch_total_tokens, admission);
     }
     let task = pipe.task().to_string();
     let speech = (task == ASR).then(|| Speech::of_dir(&dir));
@@ -342,11 +350,11 @@ impl Server {
         }
         let specs = cfg.models.clone();
         let (max_batch, wait) = (cfg.max_batch_inputs, cfg.max_batch_wait);
-        let total = cfg.max_batch_total_tokens;
+        let (total, admission) = (cfg.max_batch_total_tokens, cfg.admission);
         let mut models = tokio::task::spawn_blocking(move || {
             specs
                 .iter()
-                .map(|s| load(s, max_batch, wait, total))
+                .map(|s| load(s, max_batch, wait, total, admission))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -365,6 +373,8 @@ impl Server {
             cors_origins: cfg.cors_allow_origin.clone(),
             cancelled: std::sync::atomic::AtomicU64::new(0),
             max_queue_size: cfg.max_queue_size.max(1),
+            max_batch_total_tokens: cfg.max_batch_total_tokens,
+            admission: cfg.admission,
             request_timeout: cfg.request_timeout,
             log: (!cfg.quiet).then_some(if cfg.json_output {
                 LogFormat::Json
@@ -745,6 +755,25 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         "max_client_batch_size".into(),
         json!(state.max_client_batch_size),
     );
+    o.insert(
+        "max_concurrent_requests".into(),
+        json!(state.max_concurrent_requests),
+    );
+    if state.models.iter().any(|m| m.task == "text-generation") {
+        // TGI's names for the continuous batch's limits.
+        o.insert(
+            "max_batch_total_tokens".into(),
+            json!(state.max_batch_total_tokens),
+        );
+        o.insert(
+            "max_waiting_tokens".into(),
+            json!(state.admission.max_waiting_tokens),
+        );
+        o.insert(
+            "waiting_served_ratio".into(),
+            json!(state.admission.waiting_served_ratio),
+        );
+    }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     axum::Json(Value::Object(o)).into_response()
 }

@@ -724,7 +724,21 @@ fn concurrent_requests_are_batched() {
 /// steps and the sequences in them.
 #[test]
 fn concurrent_generations_share_the_continuous_batch() {
-    let base = start_with(|c| c.max_concurrent_requests = 64);
+    let base = start_with(|c| {
+        c.max_concurrent_requests = 64;
+        c.admission.max_waiting_tokens = 7;
+    });
+    // `/info` reports the batch's limits under TGI's names.
+    let info: Value = ureq::get(&format!("{base}/info"))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(info["max_batch_total_tokens"], 32_768, "{info}");
+    assert_eq!(info["max_waiting_tokens"], 7, "{info}");
+    assert_eq!(info["waiting_served_ratio"], 0.0, "{info}");
+    assert_eq!(info["max_concurrent_requests"], 64, "{info}");
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("Request {i}: {}", "tell me more ".repeat(i)))
         .collect();

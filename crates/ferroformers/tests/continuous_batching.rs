@@ -298,3 +298,89 @@ fn continued_prompts_run_together_as_one_pass() {
         );
     }
 }
+
+/// TGI's admission rule: with `waiting_served_ratio` 2, a request that arrives while one
+/// sequence decodes waits (it alone is fewer than 2 x 1) until `max_waiting_tokens` steps
+/// have passed since anyone last joined; with the default rule it joins at the next step.
+/// Both get their solo tokens.
+#[test]
+fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
+    use ferroformers::generation::Admission;
+    let (mut g, first, mut c) = prefix_setup("llama", 24);
+    let other = g.encode("Completely different words here", true).unwrap();
+    let solo_first = solo_tokens(&g, &first, &c);
+    c.max_new_tokens = Some(4);
+    let solo_other = solo_tokens(&g, &other, &c);
+    for (admission, held) in [
+        (
+            Admission {
+                max_waiting_tokens: 6,
+                waiting_served_ratio: 2.0,
+            },
+            true,
+        ),
+        (Admission::default(), false),
+    ] {
+        g.batcher = Some(Batcher::with_admission(100_000, admission));
+        let g = &g;
+        let (long_cfg, short_cfg) = (
+            GenerationConfig {
+                max_new_tokens: Some(24),
+                ..c.clone()
+            },
+            c.clone(),
+        );
+        let steps = || g.batcher.as_ref().unwrap().stats().steps;
+        let (long, (short, arrived, joined)) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                // Slow steps, so the newcomer arrives while this one decodes.
+                let mut on_token =
+                    |_: usize, _: u32, _: f32| std::thread::sleep(Duration::from_millis(5));
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                g.generate_one(&first, &long_cfg, &mut hooks)
+                    .unwrap()
+                    .sequences[0][0]
+                    .clone()
+            });
+            let b = s.spawn(|| {
+                let t = Instant::now();
+                while steps() < 2 && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let arrived = steps();
+                let joined = std::cell::Cell::new(None);
+                let mut on_token = |_: usize, _: u32, _: f32| {
+                    if joined.get().is_none() {
+                        joined.set(Some(steps()));
+                    }
+                };
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                let out = g
+                    .generate_one(&other, &short_cfg, &mut hooks)
+                    .unwrap()
+                    .sequences[0][0]
+                    .clone();
+                (out, arrived, joined.get().unwrap())
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(long, solo_first, "{admission:?}");
+        assert_eq!(short, solo_other, "{admission:?}");
+        let waited = joined - arrived;
+        if held {
+            // The long one joined at its prompt pass; 6 decoding steps later no one had.
+            assert!(
+                joined >= 6,
+                "{admission:?}: arrived after {arrived} steps, joined after {joined}"
+            );
+        } else {
+            assert!(waited <= 3, "{admission:?}: joined after {waited} steps");
+        }
+    }
+}

@@ -42,6 +42,43 @@ pub struct Batcher {
     state: Mutex<State>,
     wake: Condvar,
     max_total_tokens: usize,
+    admission: Admission,
+}
+
+/// When waiting requests join a running batch, by TGI's rule (its router's scheduler): a
+/// request that arrives while others decode needs a prompt pass, which holds up every running
+/// sequence's next token. So the waiting requests that fit the budget join only when there
+/// are at least `floor(running * waiting_served_ratio)` of them, or when none has joined for
+/// `max_waiting_tokens` decoding steps. An empty batch takes them at once.
+///
+/// TGI's defaults are 20 steps and a ratio of 1.2 (on a GPU a prompt pass is cheap next to
+/// a steady batch). Ours: 20 and 0, so a new request joins at the next step (its first token
+/// within one step under load; a CPU prompt pass over a kept prefix is about one decoding
+/// step). `--waiting-served-ratio 1.2` gives TGI's behaviour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    pub max_waiting_tokens: usize,
+    pub waiting_served_ratio: f32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_waiting_tokens: 20,
+            waiting_served_ratio: 0.0,
+        }
+    }
+}
+
+impl Admission {
+    /// The fewest waiting requests that may join a batch of `running` sequences when none
+    /// has joined for `idle_steps` steps (0: any number).
+    pub fn min_joining(&self, running: usize, idle_steps: usize) -> usize {
+        if running == 0 || idle_steps >= self.max_waiting_tokens {
+            return 0;
+        }
+        (running as f32 * self.waiting_served_ratio.max(0.0)).floor() as usize
+    }
 }
 
 /// What the batch has done so far (for tests, logs and metrics).
@@ -79,6 +116,8 @@ struct State {
     busy: bool,
     /// Rows out of the state for the step that is running.
     in_flight: usize,
+    /// Decoding steps since waiting requests last joined.
+    idle_steps: usize,
     next_id: u64,
     stats: BatchStats,
     prefixes: Vec<Prefix>,
@@ -178,10 +217,16 @@ impl Batcher {
     /// prompt and its `max_new_tokens`); a sequence that needs more than that alone still runs,
     /// by itself.
     pub fn new(max_total_tokens: usize) -> Self {
+        Self::with_admission(max_total_tokens, Admission::default())
+    }
+
+    /// [`Batcher::new`] with its rule for letting waiting requests join.
+    pub fn with_admission(max_total_tokens: usize, admission: Admission) -> Self {
         Self {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             max_total_tokens: max_total_tokens.max(1),
+            admission,
         }
     }
 
@@ -323,10 +368,25 @@ impl Batcher {
             })
             .collect();
         // 2 (chosen now): the waiting requests the budget lets in, in arrival order; with an
-        // empty batch the first always goes in.
+        // empty batch the first always goes in. Fewer than the admission rule's minimum wait.
         let mut used: usize = rows.iter().map(|id| g.seqs[id].reserve).sum();
+        let min_joining = self.admission.min_joining(rows.len(), g.idle_steps);
+        let admit = min_joining == 0 || {
+            let mut budget = used;
+            let fits = g
+                .waiting
+                .iter()
+                .filter_map(|id| g.seqs.get(id))
+                .filter(|s| !s.gone && s.prompt.is_some())
+                .take_while(|s| {
+                    budget += s.reserve;
+                    budget <= self.max_total_tokens
+                })
+                .count();
+            fits >= min_joining
+        };
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
-        while let Some(&id) = g.waiting.front() {
+        while let Some(&id) = g.waiting.front().filter(|_| admit) {
             let Some(s) = g.seqs.get_mut(&id) else {
                 g.waiting.pop_front();
                 continue;
@@ -345,6 +405,13 @@ impl Batcher {
             s.fed = prompt.clone();
             admitted.push((id, prompt));
             g.waiting.pop_front();
+        }
+        if admitted.is_empty() {
+            if !rows.is_empty() {
+                g.idle_steps += 1;
+            }
+        } else {
+            g.idle_steps = 0;
         }
         // Prompts that start like a finished sequence continue from its cache's first n
         // positions.

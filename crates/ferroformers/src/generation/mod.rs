@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
-pub use continuous::{BatchStats, Batcher};
+pub use continuous::{Admission, BatchStats, Batcher};
 pub use decoder::{left_pad, DecoderSession};
 pub use search::{generate, Generated, Hooks, StepModel};
 pub use stream::TextStreamer;

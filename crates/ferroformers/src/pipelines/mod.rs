@@ -309,7 +309,11 @@ pub(crate) trait Task: Send + Sync {
     fn accepted_params(&self) -> &'static [&'static str];
 
     /// Turn on continuous batching (text generation only); `false` where it does not apply.
-    fn continuous_batching(&mut self, _max_total_tokens: usize) -> bool {
+    fn continuous_batching(
+        &mut self,
+        _max_total_tokens: usize,
+        _admission: crate::generation::Admission,
+    ) -> bool {
         false
     }
 
@@ -371,7 +375,17 @@ impl Pipeline {
     /// `max_total_tokens` (prompt plus `max_new_tokens` each). Returns `false` for tasks
     /// without it.
     pub fn enable_continuous_batching(&mut self, max_total_tokens: usize) -> bool {
-        self.inner.continuous_batching(max_total_tokens)
+        self.enable_continuous_batching_with(max_total_tokens, Default::default())
+    }
+
+    /// [`Pipeline::enable_continuous_batching`] with TGI's rule for when waiting requests
+    /// join a running batch (`--max-waiting-tokens`, `--waiting-served-ratio`).
+    pub fn enable_continuous_batching_with(
+        &mut self,
+        max_total_tokens: usize,
+        admission: crate::generation::Admission,
+    ) -> bool {
+        self.inner.continuous_batching(max_total_tokens, admission)
     }
 
     /// What continuous batching has done so far (`None` when it is off).

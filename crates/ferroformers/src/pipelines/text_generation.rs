@@ -435,8 +435,15 @@ impl Task for TextGeneration {
         self.accepted
     }
 
-    fn continuous_batching(&mut self, max_total_tokens: usize) -> bool {
-        self.generator.batcher = Some(crate::generation::Batcher::new(max_total_tokens));
+    fn continuous_batching(
+        &mut self,
+        max_total_tokens: usize,
+        admission: crate::generation::Admission,
+    ) -> bool {
+        self.generator.batcher = Some(crate::generation::Batcher::with_admission(
+            max_total_tokens,
+            admission,
+        ));
         true
     }
 
