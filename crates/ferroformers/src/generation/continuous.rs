@@ -11,9 +11,10 @@
 //! 1. rows whose request has gone (finished, failed, or its client left) are dropped, and with
 //!    them their KV cache; padding that no remaining row needs is cut off the front;
 //! 2. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
-//!    sequence counts its prompt plus the most tokens it may generate) allows; their prompts
-//!    run first (a new request's first token need not wait for a decoding step), a few at a
-//!    time as left-padded batches;
+//!    sequence counts its prompt plus the most tokens it may generate) allows, and when
+//!    [`Admission`] (TGI's `--waiting-served-ratio` / `--max-waiting-tokens`) lets them;
+//!    their prompts run first (a new request's first token need not wait for a decoding
+//!    step), a few at a time as left-padded batches;
 //! 3. one forward pass over the running rows, one new token each (positions and the attention
 //!    bias from each row's own mask, as for any left-padded batch);
 //! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
