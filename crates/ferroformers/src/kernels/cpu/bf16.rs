@@ -252,10 +252,13 @@ mod x86 {
         while r0 < mr {
             let m = MR.min(mr - r0);
             let e = epi.map(|e| e.rows_from(r0));
+            // Only the first rows' pass asks for the next panel: the others would ask again
+            // for lines already on their way, on the load ports the products need.
+            let ahead = r0 == 0;
             // SAFETY: the caller's contract, for rows r0..r0 + m.
             unsafe {
                 let (a, c) = (a.add(r0 * kp), c.add(r0 * ld));
-                by_rows!(m, panel, (a, kp, b, g, c, ld, e.as_ref()))
+                by_rows!(m, panel, (a, kp, b, g, c, ld, e.as_ref(), ahead))
             };
             r0 += m;
         }
@@ -266,7 +269,8 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512 F/BF16; `a` holds `R * kp` values, `b` `kp * 32`, `c` `(R - 1) * ld + 32`;
-    /// `epi`'s `out` is the call's own.
+    /// `epi`'s `out` is the call's own. `ahead`: prefetch the next panel's lines meanwhile.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn panel<const R: usize>(
         a: *const u16,
@@ -276,6 +280,7 @@ mod x86 {
         c: *mut f32,
         ld: usize,
         epi: Option<&Epi<'_>>,
+        ahead: bool,
     ) {
         debug_assert!(R <= MR);
         unsafe {
@@ -284,9 +289,11 @@ mod x86 {
                 // Panels stream from memory, each on its first rows' call: while this one
                 // runs, ask for the next panel's lines at the same inputs (the next call's,
                 // in `drive`'s order). Prefetches never fault.
-                let ahead = b.wrapping_add(kp * PANEL + g * 2 * PANEL) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                if ahead {
+                    let next = b.wrapping_add(kp * PANEL + g * 2 * PANEL) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(next);
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64));
+                }
                 let w0: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(g * 2 * PANEL) as *const _));
                 let w1: __m512bh =
