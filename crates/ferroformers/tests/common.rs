@@ -91,3 +91,15 @@ pub fn decoder(name: &str) -> ferroformers::generation::TextGenerator {
     )
     .unwrap()
 }
+
+/// The automatic-speech-recognition pipeline of the model folder `dir`.
+pub fn asr_pipeline(dir: &std::path::Path) -> ferroformers::Pipeline {
+    ferroformers::pipeline_with(
+        "automatic-speech-recognition",
+        ferroformers::PipelineOptions {
+            model: Some(dir.display().to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}

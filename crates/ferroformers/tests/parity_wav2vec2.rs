@@ -9,12 +9,14 @@
 
 mod common;
 
+use common::asr_pipeline;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use ferroformers::audio::{decode_file, Wav2Vec2FeatureExtractor};
 use ferroformers::pipelines::automatic_speech_recognition_ctc::CtcSpeechRecognition;
-use ferroformers::{pipeline_with, Input, Params, PipelineOptions};
+use ferroformers::{Input, Params, PipelineOptions};
 use serde_json::Value;
 
 const MODELS: &[&str] = &["w2v-group", "w2v-stable"];
@@ -306,22 +308,11 @@ fn legacy_weight_norm_names_load() {
     );
 }
 
-fn asr_pipeline(model: &str) -> ferroformers::Pipeline {
-    pipeline_with(
-        "automatic-speech-recognition",
-        PipelineOptions {
-            model: Some(model_path(model)),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
 #[test]
 fn pipeline_matches_transformers() {
     for model in MODELS {
         let exp = expected(model);
-        let p = asr_pipeline(model);
+        let p = asr_pipeline(&root().join("models").join(model));
         for case in exp["pipeline"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let inputs: Vec<Input> = case["inputs"]
@@ -350,7 +341,7 @@ fn pipeline_matches_transformers() {
 
 #[test]
 fn file_inputs_decode_as_waveforms() {
-    let p = asr_pipeline("w2v-stable");
+    let p = asr_pipeline(&root().join("models").join("w2v-stable"));
     let exp = expected("w2v-stable");
     let case = &exp["pipeline"][1];
     assert_eq!(case["name"], "text/chirp");
@@ -370,14 +361,14 @@ fn infer_task_and_default_dispatch() {
         Some("automatic-speech-recognition")
     );
     assert_eq!(
-        asr_pipeline("w2v-group").task(),
+        asr_pipeline(&root().join("models").join("w2v-group")).task(),
         "automatic-speech-recognition"
     );
 }
 
 #[test]
 fn bad_inputs_and_parameters_are_clear_errors() {
-    let p = asr_pipeline("w2v-group");
+    let p = asr_pipeline(&root().join("models").join("w2v-group"));
     let exp = expected("w2v-group");
     let audio = |n: usize| Input::Audio {
         samples: (0..n).map(|i| (i as f32 * 0.01).sin()).collect(),

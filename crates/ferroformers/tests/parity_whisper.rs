@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::asr_pipeline;
+
 use std::path::PathBuf;
 
 use ferroformers::audio::decode_file;
@@ -196,22 +198,9 @@ fn pipeline_input(v: &Value) -> Input {
     }
 }
 
-/// `pipeline("automatic-speech-recognition", model=<fixture folder>)`.
-fn asr_pipeline(model: &str) -> ferroformers::Pipeline {
-    let dir = root().join("models").join(model);
-    pipeline_with(
-        "automatic-speech-recognition",
-        PipelineOptions {
-            model: Some(dir.display().to_string()),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
 fn check_pipelines(model: &str, reference: &str) {
     let exp = expected(reference);
-    let p = asr_pipeline(model);
+    let p = asr_pipeline(&root().join("models").join(model));
     let mut checked = 0;
     for case in exp["pipelines"].as_array().unwrap() {
         let inputs: Vec<Input> = case["inputs"]
@@ -280,7 +269,7 @@ fn pipeline_matches_transformers() {
 
 #[test]
 fn bad_audio_inputs_are_clear_errors() {
-    let p = asr_pipeline("whisper-random");
+    let p = asr_pipeline(&root().join("models").join("whisper-random"));
     let err = |inp: Input, params: Params| p.run(&[inp], &params).unwrap_err().to_string();
     let none = Params::new();
     assert!(
@@ -318,7 +307,7 @@ fn bad_audio_inputs_are_clear_errors() {
     );
     assert!(err(short, bad_task).contains("task"));
     // A text input to an English-only model with a language: refused as transformers does.
-    let en = asr_pipeline("whisper-random-en");
+    let en = asr_pipeline(&root().join("models").join("whisper-random-en"));
     let mut lang = Params::new();
     lang.insert("language".into(), "fr".into());
     let e = en

@@ -4,24 +4,15 @@
 
 mod common;
 
+use common::asr_pipeline;
+
 use std::path::PathBuf;
 
-use ferroformers::{pipeline_with, Input, Params, PipelineOptions};
+use ferroformers::{Input, Params};
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
     common::fixtures().join("whisper")
-}
-
-fn asr_pipeline(dir: &std::path::Path) -> ferroformers::Pipeline {
-    pipeline_with(
-        "automatic-speech-recognition",
-        PipelineOptions {
-            model: Some(dir.display().to_string()),
-            ..Default::default()
-        },
-    )
-    .unwrap()
 }
 
 /// Texts equal; timestamps within 0.01 s (both are multiples of 0.02 plus offsets).
