@@ -99,21 +99,6 @@ impl KvCache {
         self.cpu.is_empty() && self.layers.iter().all(Option::is_none)
     }
 
-    /// Add `other`'s rows after these (continuous batching: a new sequence joins the running
-    /// batch). Both are right-aligned to the longer length; the shorter rows are left-padded
-    /// with zeros, which their attention masks hide. An empty cache becomes `other`.
-    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
-        if self.is_empty() {
-            *self = other;
-            return Ok(());
-        }
-        if other.is_empty() {
-            return Ok(());
-        }
-        *self = Self::join(&[(&*self, self.seq_len()), (&other, other.seq_len())])?;
-        Ok(())
-    }
-
     /// The rows of several caches as one, in order: from part `(c, n)` every row's first `n`
     /// positions (at most its length), all right-aligned to the longest `n` (shorter rows
     /// left-padded with zeros, which their attention masks hide). Empty caches add nothing.
@@ -547,11 +532,10 @@ mod tests {
                 assert_eq!(got[3][h][..3], [0.0; 3], "cpu={cpu}");
                 assert_eq!(got[3][h][3..], kc[0][h][..], "cpu={cpu}");
             }
-            // Joining two at a time gives the same as joining at once.
-            let mut pair = a.clone();
-            pair.append_rows(c.clone()).unwrap();
-            let once = KvCache::join(&[(&a, 5), (&c, 4)]).unwrap();
-            assert_eq!(keys(&pair), keys(&once), "cpu={cpu}");
+            // Joining in two steps (b and c first, then a before them) gives the same.
+            let bc = KvCache::join(&[(&b, 3), (&c, 9)]).unwrap();
+            let two_steps = KvCache::join(&[(&a, 5), (&bc, 4)]).unwrap();
+            assert_eq!(keys(&two_steps), got, "cpu={cpu}");
             // Empty caches add nothing; no parts give an empty cache.
             let e = KvCache::new(1);
             assert_eq!(keys(&KvCache::join(&[(&e, 0), (&c, 4)]).unwrap()), kc);

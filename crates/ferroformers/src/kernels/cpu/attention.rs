@@ -169,18 +169,6 @@ impl KvBuffer {
         Ok(())
     }
 
-    /// Add `other`'s rows after these, both right-aligned to the longer of the two lengths:
-    /// the shorter rows' first positions become zeros (left padding, which the attention
-    /// bias masks). An empty buffer (no rows) becomes a copy of `other`.
-    pub fn append_rows(&mut self, other: &KvBuffer) -> candle_core::Result<()> {
-        if self.rows == 0 {
-            *self = other.clone();
-            return Ok(());
-        }
-        *self = Self::join(&[(&*self, self.len), (other, other.len)], 16)?;
-        Ok(())
-    }
-
     /// The rows of several buffers as one, in order: from part `(b, n)` every row's first
     /// `n` positions (at most its length). All are right-aligned to the longest `n` (the
     /// shorter rows' first positions are zeros: left padding, which the attention bias masks),
