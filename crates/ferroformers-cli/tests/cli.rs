@@ -216,6 +216,8 @@ fn errors_go_to_stderr_with_nonzero_exit() {
             "int4",
             "a [MASK]",
         ],
+        vec!["serve", "--model", &m, "--waiting-served-ratio", "-1"],
+        vec!["serve", "--model", &m, "--max-waiting-tokens", "many"],
     ] {
         let o = ff(&args);
         assert!(!o.status.success(), "{args:?} should fail");
@@ -225,6 +227,11 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         if args.contains(&"--gguf-math") {
             assert!(err.contains("--gguf-math `int4`"), "{err}");
+        }
+        for flag in ["--waiting-served-ratio", "--max-waiting-tokens"] {
+            if args.contains(&flag) {
+                assert!(err.contains(flag), "{err}");
+            }
         }
     }
 }
