@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 
 use super::layers::{attention, attention_bias, Activation, Linear};
-use crate::kernels::cpu::attention::attend_sequences;
+use crate::kernels::cpu::attention::attend_sequences_into;
 use crate::kernels::cpu::bf16::Bf16Weights;
 use crate::kernels::cpu::int8::Int8Weights;
 use crate::kernels::cpu::linear::linear_into;
@@ -113,9 +113,16 @@ impl PostLnStack {
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1()?;
-                let mut scratch = Scratch::default();
+                // This thread's buffers from the last batch: no fresh pages to fault in and
+                // zero for every batch and layer.
+                let mut scratch = SCRATCH.take();
                 for layer in layers {
                     layer.forward(&mut x, b, s, &mask, &mut scratch);
+                }
+                // Kept for the next batch unless large (long inputs in big batches): then
+                // freed, as before.
+                if scratch.bytes() <= 64 << 20 {
+                    SCRATCH.set(scratch);
                 }
                 Tensor::from_vec(x, (b, s, h), xs.device())
             }
@@ -249,12 +256,12 @@ impl CpuLayer {
     fn forward(&self, x: &mut Vec<f32>, b: usize, s: usize, mask: &[f32], scratch: &mut Scratch) {
         let (h, rows) = (self.hidden, b * s);
         let par = !in_worker() && rayon::current_num_threads() > 1;
-        let Scratch { qkv, y, ff, z } = scratch;
+        let Scratch { qkv, ctx, y, ff, z } = scratch;
         self.qkv_w.linear(x, rows, h, &self.qkv_b, None, qkv, par);
-        let ctx = self.attend(qkv, b, s, mask, par);
+        self.attend(qkv, b, s, mask, par, ctx);
         // attn_out(ctx) + x, then LayerNorm: x is the matmul's starting value.
         self.out_w
-            .linear(&ctx, rows, h, &self.out_b, Some(x), y, par);
+            .linear(ctx, rows, h, &self.out_b, Some(x), y, par);
         layer_norm_rows(y, h, &self.ln1, par);
         self.ff_in_w
             .linear(y, rows, h, &self.ff_in_b, None, ff, par);
@@ -266,22 +273,45 @@ impl CpuLayer {
         layer_norm_rows(x, h, &self.ln2, par);
     }
 
-    /// Softmax attention per (sequence, head) over `qkv` `[b * s, 3h]`; returns `[b * s, h]`.
-    fn attend(&self, qkv: &[f32], b: usize, s: usize, mask: &[f32], par: bool) -> Vec<f32> {
+    /// Softmax attention per (sequence, head) over `qkv` `[b * s, 3h]` into `ctx` `[b * s, h]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&self, qkv: &[f32], b: usize, s: usize, mask: &[f32], par: bool, ctx: &mut Vec<f32>) {
         let d = self.hidden / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
-        attend_sequences(qkv, b, s, self.heads, d, scale, None, mask, par)
+        attend_sequences_into(qkv, b, s, self.heads, d, scale, None, mask, par, ctx)
     }
 }
 
-/// Buffers reused from layer to layer: the fused Q/K/V output, the attention block's output,
-/// the feed-forward's inner activations and its output (swapped with the layer's input).
+/// Buffers reused from layer to layer (and, per thread, from batch to batch): the fused
+/// Q/K/V output, the attention's output, the attention block's output, the feed-forward's
+/// inner activations and its output (swapped with the layer's input).
 #[derive(Default)]
 struct Scratch {
     qkv: Vec<f32>,
+    ctx: Vec<f32>,
     y: Vec<f32>,
     ff: Vec<f32>,
     z: Vec<f32>,
+}
+
+impl Scratch {
+    fn bytes(&self) -> usize {
+        let v = [&self.qkv, &self.ctx, &self.y, &self.ff, &self.z];
+        v.iter().map(|b| b.capacity() * 4).sum()
+    }
+}
+
+thread_local! {
+    /// Taken out while a forward runs, so a nested one just starts with empty buffers.
+    static SCRATCH: std::cell::Cell<Scratch> = const {
+        std::cell::Cell::new(Scratch {
+            qkv: Vec::new(),
+            ctx: Vec::new(),
+            y: Vec::new(),
+            ff: Vec::new(),
+            z: Vec::new(),
+        })
+    };
 }
 
 #[cfg(test)]
