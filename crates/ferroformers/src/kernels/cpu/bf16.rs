@@ -309,11 +309,12 @@ mod x86 {
         unsafe {
             let mut fa = load_sums::<R>(c, ld, g0 > 0);
             for g in g0..g1 {
-                // Panels stream from memory, each on its first rows' call: while this one
-                // runs, ask for the next panel's lines at the same inputs (the next call's,
-                // in `drive`'s order). Prefetches never fault.
+                // Weights stream from memory, each chunk on its first rows' pass: while this
+                // one runs, ask for the next call's lines. In `drive`'s order (a panel's
+                // chunks, then the next panel's) they are the ones right after this chunk's.
+                // Prefetches never fault.
                 if ahead {
-                    let next = b.wrapping_add(kp * PANEL + g * 2 * PANEL) as *const i8;
+                    let next = b.wrapping_add((g + (g1 - g0)) * 2 * PANEL) as *const i8;
                     _mm_prefetch::<_MM_HINT_T0>(next);
                     _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64));
                 }
@@ -365,6 +366,7 @@ mod tests {
             (9, 33, 70),
             (13, 300, 96),
             (50, 600, 40),
+            (500, 300, 70),
         ] {
             let wf = values(k * n, 1 + k as u64, 0.2);
             let w = Bf16Weights::from_in_out(&wf, k, n);

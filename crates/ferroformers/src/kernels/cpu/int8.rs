@@ -768,6 +768,7 @@ mod tests {
             (7, 1536, 40),
             (100, 384, 256),
             (50, 1100, 200),
+            (500, 136, 70),
         ] {
             let wf = values(k * n, 1 + k as u64, 0.2);
             let w = Int8Weights::from_in_out(&wf, k, n);
