@@ -290,19 +290,9 @@ impl QuantizedActs {
     }
 }
 
-/// One block of a row to `u8` with a zero point: returns `(scale, zero)`. The AVX-512 copy
-/// (where the VNNI kernel runs) does the same operations 16 lanes at a time.
-fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
-    assert!(q.len() >= x.len());
-    #[cfg(target_arch = "x86_64")]
-    if super::vnni::available() {
-        // SAFETY: the CPU has AVX-512 F/BW/VL (checked); lengths asserted above.
-        return unsafe { x86::quantize_block(x, q) };
-    }
-    quantize_block_portable(x, q)
-}
-
-dispatch!(fn quantize_block_portable(x: &[f32], q: &mut [u8]) -> (f32, i32); via quantize_block_generic);
+// One block of a row to `u8` with a zero point: returns `(scale, zero)`. Where the VNNI
+// kernel runs, `x86::quantize_row` does the same operations 16 lanes at a time, a row at once.
+dispatch!(fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32); via quantize_block_generic);
 
 /// Returns `(scale, zero)` for a block's `[min(x, 0), max(x, 0)]`, or `None` when the block
 /// is all zero (scale 0) or not finite (NaN scale).
@@ -522,61 +512,11 @@ mod x86 {
     use super::{block_params, blocks_of, Epi, Rows, BLOCK, MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// [`super::quantize_block_generic`], 16 lanes at a time: the same min/max, the same
-    /// `v * inv + zero` (a multiply, then an add), rounded to nearest even and clamped.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL; `q.len() >= x.len()`, `x.len() <= BLOCK`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
-        let n = x.len();
-        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
-        let mask = |i: usize| -> __mmask16 {
-            if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            }
-        };
-        unsafe {
-            // A block (at most BLOCK values) stays in registers between the two passes.
-            const V: usize = BLOCK / 16;
-            assert!(n <= BLOCK);
-            let mut xs = [_mm512_setzero_ps(); V];
-            let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for (j, i) in (0..n).step_by(16).enumerate() {
-                let v = _mm512_maskz_loadu_ps(mask(i), xp.add(i));
-                xs[j] = v;
-                lo = _mm512_min_ps(lo, v);
-                hi = _mm512_max_ps(hi, v);
-            }
-            let (min, max) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-            let (scale, inv, zero) = match block_params(min, max) {
-                Ok(p) => p,
-                Err(scale) => {
-                    q[..n].fill(0);
-                    return (scale, 0);
-                }
-            };
-            let (vinv, vzero) = (_mm512_set1_ps(inv), _mm512_set1_ps(zero));
-            for (j, i) in (0..n).step_by(16).enumerate() {
-                let m = mask(i);
-                let v = xs[j];
-                let t = _mm512_add_ps(_mm512_mul_ps(v, vinv), vzero);
-                let t =
-                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-                let t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(255.0));
-                let b = _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(t));
-                _mm_mask_storeu_epi8(qp.add(i) as *mut i8, m, b);
-            }
-            (scale, zero as i32)
-        }
-    }
-
-    /// A whole row, block by block, as [`quantize_block`] (the same bits): every block's
-    /// minimum and maximum first, then every block's bytes, in one function, so the blocks'
-    /// reductions and scalar steps overlap instead of each block waiting on its own (one call
-    /// per block spent ~10% of an int8 product in those waits). Blocks past `x` get scale 0.
+    /// A whole row, block by block, as [`super::quantize_block_generic`] (the same bits, 16
+    /// lanes at a time: the same min/max, the same `v * inv + zero`, a multiply then an add,
+    /// rounded to nearest even and clamped): every block's minimum and maximum first, then
+    /// every block's bytes, in one function, so the blocks' reductions and scalar steps
+    /// overlap instead of each block waiting on its own. Blocks past `x` get scale 0.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL; `q.len() == x.len()`, `scale.len() == zero.len() >=
