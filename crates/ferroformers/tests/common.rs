@@ -103,3 +103,23 @@ pub fn asr_pipeline(dir: &std::path::Path) -> ferroformers::Pipeline {
     )
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
+
+/// One case of a Whisper fixture (`{"clip", "params", ...}`, the clip a path under `root`):
+/// a label for messages, and the pipeline's output for the clip with the case's parameters,
+/// as JSON (the error's text when it fails).
+pub fn run_asr_case(
+    p: &ferroformers::Pipeline,
+    root: &std::path::Path,
+    model: &str,
+    case: &Value,
+) -> (String, Result<Value, String>) {
+    let params: ferroformers::Params = case["params"].as_object().unwrap().clone();
+    let what = format!("{model} {} {params:?}", case["clip"]);
+    let clip = root.join(case["clip"].as_str().unwrap());
+    let input = ferroformers::Input::Text(clip.display().to_string());
+    let out = p
+        .run(&[input], &params)
+        .map(|out| serde_json::to_value(&out).unwrap()[0].clone())
+        .map_err(|e| e.to_string());
+    (what, out)
+}

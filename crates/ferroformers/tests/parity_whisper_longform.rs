@@ -8,11 +8,11 @@
 
 mod common;
 
-use common::asr_pipeline;
+use common::{asr_pipeline, run_asr_case};
 
 use std::path::PathBuf;
 
-use ferroformers::{Input, Params};
+use ferroformers::Input;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -57,15 +57,7 @@ fn check_model(model: &str) {
     let mut checked = 0;
     let mut skipped_windows = 0;
     for case in cases {
-        let params: Params = case["params"].as_object().unwrap().clone();
-        let what = format!("{model} {} {params:?}", case["clip"]);
-        let input = Input::Text(
-            root()
-                .join(case["clip"].as_str().unwrap())
-                .display()
-                .to_string(),
-        );
-        let res = p.run(&[input], &params);
+        let (what, res) = run_asr_case(&p, &root(), model, case);
         if let Some(err) = case.get("error") {
             assert!(
                 res.is_err(),
@@ -73,9 +65,8 @@ fn check_model(model: &str) {
             );
             continue;
         }
-        let out = res.unwrap_or_else(|e| panic!("{what}: {e}"));
-        let ours = serde_json::to_value(&out).unwrap();
-        check_output(&ours[0], &case["output"], &what);
+        let ours = res.unwrap_or_else(|e| panic!("{what}: {e}"));
+        check_output(&ours, &case["output"], &what);
         if case["output"]["text"] == "" {
             skipped_windows += 1;
         }

@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::asr_pipeline;
+use common::{asr_pipeline, run_asr_case};
 
 use std::path::PathBuf;
 
-use ferroformers::{Input, Params};
+use ferroformers::Input;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -55,19 +55,9 @@ fn check_model(model: &str) {
     let cases = exp["models"][model].as_array().unwrap();
     let mut checked = 0;
     for case in cases {
-        let params: Params = case["params"].as_object().unwrap().clone();
-        let what = format!("{model} {} {params:?}", case["clip"]);
-        let input = Input::Text(
-            root()
-                .join(case["clip"].as_str().unwrap())
-                .display()
-                .to_string(),
-        );
-        let out = p
-            .run(&[input], &params)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let ours = serde_json::to_value(&out).unwrap();
-        check_output(&ours[0], &case["output"], &what);
+        let (what, res) = run_asr_case(&p, &root(), model, case);
+        let ours = res.unwrap_or_else(|e| panic!("{what}: {e}"));
+        check_output(&ours, &case["output"], &what);
         checked += 1;
     }
     assert!(checked >= 6, "{model}: only {checked} cases");
