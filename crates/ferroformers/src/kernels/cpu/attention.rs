@@ -316,9 +316,6 @@ pub fn attend_sequences_into(
     assert!(qkv.len() >= b * s * stride && keep.len() >= b * s);
     assert!(bias.is_none_or(|t| t.len() >= heads * s * s));
     ctx.resize(b * s * inner, 0.0);
-    if s == 0 {
-        return;
-    }
     // Each (sequence, head, block of query rows) writes its own columns of its own rows.
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
     let qb = query_block(s);

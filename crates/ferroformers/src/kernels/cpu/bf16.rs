@@ -271,8 +271,8 @@ mod x86 {
                 MR.min(mr - r0)
             };
             let e = epi.map(|e| e.rows_from(r0));
-            // Only the first rows' pass asks for the next panel: the others would ask again
-            // for lines already on their way, on the load ports the products need.
+            // Only the first rows' pass asks for the next call's weights: the others would ask
+            // again for lines already on their way, on the load ports the products need.
             let ahead = r0 == 0;
             // SAFETY: the caller's contract, for rows r0..r0 + m.
             unsafe {
@@ -292,7 +292,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512 F/BF16; `a` holds `R * kp` values, `b` `kp * 32`, `c` `(R - 1) * ld + 32`;
-    /// `epi`'s `out` is the call's own. `ahead`: prefetch the next panel's lines meanwhile.
+    /// `epi`'s `out` is the call's own. `ahead`: prefetch the next call's weights meanwhile.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn panel<const R: usize>(
