@@ -13,14 +13,16 @@
 //! [`PostLnStack::new`] picks the CPU path for f32 on CPU, candle's otherwise; the test at the
 //! end checks that the two agree. On the CPU path its `reduce` runs the four products in int8
 //! (`--quantize int8`, [`crate::kernels::cpu::int8`]) or bf16 (`--dtype bf16` on CPU,
-//! [`crate::kernels::cpu::bf16`]); attention, LayerNorm and activations stay f32.
+//! [`crate::kernels::cpu::bf16`]); LayerNorm and activations stay f32, and so does attention
+//! on short inputs; from 64 tokens, where the CPU has AVX512-BF16, its two products run in
+//! bf16 too (`FERROFORMERS_F32_ATTENTION=1` keeps them f32).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 
 use super::layers::{attention, attention_bias, Activation, Linear};
-use crate::kernels::cpu::attention::attend_sequences_into;
-use crate::kernels::cpu::bf16::Bf16Weights;
+use crate::kernels::cpu::attention::{attend_sequences_bf16_into, attend_sequences_into};
+use crate::kernels::cpu::bf16::{self, Bf16Weights};
 use crate::kernels::cpu::int8::Int8Weights;
 use crate::kernels::cpu::linear::linear_into;
 use crate::kernels::cpu::rowops::{activate_par, layer_norm_rows};
@@ -278,8 +280,23 @@ impl CpuLayer {
     fn attend(&self, qkv: &[f32], b: usize, s: usize, mask: &[f32], par: bool, ctx: &mut Vec<f32>) {
         let d = self.hidden / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
-        attend_sequences_into(qkv, b, s, self.heads, d, scale, None, mask, par, ctx)
+        if !matches!(self.qkv_w, Weight::F32(_)) && bf16_attention(s) {
+            attend_sequences_bf16_into(qkv, b, s, self.heads, d, scale, mask, par, ctx)
+        } else {
+            attend_sequences_into(qkv, b, s, self.heads, d, scale, None, mask, par, ctx)
+        }
     }
+}
+
+/// Whether the reduced-precision layers (int8 or bf16 products) run attention over `s` tokens
+/// in bf16 too ([`attend_sequences_bf16_into`]): where the CPU has AVX512-BF16, from 64 tokens
+/// (shorter, the f32 kernel is as fast: `examples/attn_bench`), unless
+/// `FERROFORMERS_F32_ATTENTION=1`.
+fn bf16_attention(s: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    s >= 64
+        && bf16::available()
+        && !*OFF.get_or_init(|| std::env::var("FERROFORMERS_F32_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
 /// Buffers reused from layer to layer (and, per thread, from batch to batch): the fused

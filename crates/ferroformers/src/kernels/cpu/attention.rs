@@ -3,6 +3,7 @@
 //! that grows by doubling, with one query row attending over it; and a few query rows over
 //! cached keys for the candle decoders' `sdpa` on CPU (GPT-2, BART).
 
+use super::bf16::{self, Bf16Weights};
 use super::rowops::{fast_exp, softmax_masked_g};
 use super::simd::{dispatch, dot16, max16, sum16};
 use super::threads::{in_worker, par_tasks, SendPtr};
@@ -366,6 +367,117 @@ pub fn attend_sequences_into(
     }
 }
 
+/// [`attend_sequences_into`] with both products in bfloat16 (f32 sums, softmax in f32), for
+/// the reduced-precision modes (`--quantize int8`, `--dtype bf16`): per (sequence, head) the
+/// keys and values are rounded and packed once ([`Bf16Weights`]), then each block of query
+/// rows (scaled, rounded) takes its scores from the keys and its output from the rounded
+/// probabilities and the values, through the bf16 products' kernels (`vdpbf16ps`, twice
+/// f32's multiply-adds per cycle). No position bias. Needs [`bf16::available`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_sequences_bf16_into(
+    qkv: &[f32],
+    b: usize,
+    s: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+    keep: &[f32],
+    par: bool,
+    ctx: &mut Vec<f32>,
+) {
+    let inner = heads * d;
+    let stride = 3 * inner;
+    assert!(qkv.len() >= b * s * stride && keep.len() >= b * s);
+    ctx.resize(b * s * inner, 0.0);
+    if s == 0 {
+        return;
+    }
+    let ctx_ptr = SendPtr(ctx.as_mut_ptr());
+    let job = |i: usize| {
+        let (bi, hd) = (i / heads, i % heads);
+        let keep = &keep[bi * s..(bi + 1) * s];
+        let keep = if keep.iter().all(|&k| k != 0.0) {
+            &[][..]
+        } else {
+            keep
+        };
+        let row = |t: usize, part: usize| {
+            let at = (bi * s + t) * stride + part * inner + hd * d;
+            &qkv[at..at + d]
+        };
+        // Scores q . k_j: the keys are the product's columns; out = p @ v: the values its rows.
+        let keys = Bf16Weights::from_columns(|j| row(j, 1), d, s);
+        let values = Bf16Weights::from_rows(|t| row(t, 2), s, d);
+        let (dp, sp) = (keys.padded_inputs(), values.padded_inputs());
+        let zeros = vec![0f32; s.max(d)];
+        let qb = QB.min(s);
+        let mut qs = vec![0f32; d];
+        let mut q = vec![0u16; qb * dp];
+        let mut scores = vec![0f32; qb * s];
+        let mut p = vec![0u16; qb * sp];
+        let mut inv = vec![0f32; qb];
+        let mut o = vec![0f32; qb * d];
+        for i0 in (0..s).step_by(qb) {
+            let rows = qb.min(s - i0);
+            for (t, qr) in q.chunks_exact_mut(dp).take(rows).enumerate() {
+                for (x, &y) in qs.iter_mut().zip(row(i0 + t, 0)) {
+                    *x = y * scale;
+                }
+                bf16::round_row(&qs, &mut qr[..d]);
+                qr[d..].fill(0);
+            }
+            keys.product_rounded(&q, rows, &zeros[..s], &mut scores);
+            for ((sr, pr), iv) in scores
+                .chunks_exact(s)
+                .zip(p.chunks_exact_mut(sp))
+                .zip(&mut inv)
+                .take(rows)
+            {
+                let sum = exp_row_bf16(sr, keep, pr);
+                *iv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            }
+            values.product_rounded(&p, rows, &zeros[..d], &mut o);
+            for (t, (orow, &iv)) in o.chunks_exact_mut(d).zip(&inv).take(rows).enumerate() {
+                for x in orow.iter_mut() {
+                    *x *= iv;
+                }
+                let out = ctx_ptr;
+                // SAFETY: row i0 + t of sequence bi, columns hd*d.. of ctx (row stride inner,
+                // b * s rows, resized above) belong to this job only.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        orow.as_ptr(),
+                        out.0.add((bi * s + i0 + t) * inner + hd * d),
+                        d,
+                    )
+                };
+            }
+        }
+    };
+    if par && b * heads * s * s * d >= 1 << 20 {
+        par_tasks(b * heads, job);
+    } else {
+        (0..b * heads).for_each(job);
+    }
+}
+
+/// Softmax's numerators for one score row, rounded to bfloat16 into `out` (padding up to
+/// `out.len()` zero): `exp(x - max)` over the kept keys (all, when `keep` is empty), 0 for
+/// the dropped ones. Returns their sum (in f32, before rounding), by which the caller divides
+/// the weighted values. The exponential is a short polynomial (relative error ~1e-6, far
+/// below bf16's 4e-3). Needs [`bf16::available`].
+fn exp_row_bf16(row: &[f32], keep: &[f32], out: &mut [u16]) -> f32 {
+    assert!(out.len() >= row.len() && (keep.is_empty() || keep.len() >= row.len()));
+    assert!(bf16::available(), "bf16 attention without AVX512-BF16");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has the features (asserted); lengths asserted above.
+    unsafe {
+        x86::exp_row_bf16(row, keep, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 attention without AVX512-BF16")
+}
+
 /// Query rows per block of the tiled attention: a block's scores (`QB x keys`) are all that is
 /// held at once, so memory grows with the input's length, not with its square, and one long
 /// input splits into blocks that run on every core.
@@ -435,37 +547,8 @@ fn softmax_rows16(block: &mut [f32], keys: usize, keep: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::kernels::cpu::simd::x86::transpose16;
     use std::arch::x86_64::*;
-
-    /// Transpose 16 x 16 values in four butterfly steps: step `b` (8, 4, 2, 1) swaps the
-    /// off-diagonal `b x b` squares of every `2b x 2b` one.
-    #[inline(always)]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
-        for b in [8usize, 4, 2, 1] {
-            let mut lo = [0i32; 16];
-            let mut hi = [0i32; 16];
-            for l in 0..16 {
-                // Row i (bit b clear) keeps its lanes without bit b and takes row i + b's
-                // lanes l - b; row i + b takes row i's lanes l + b and keeps its own.
-                (lo[l], hi[l]) = if l & b == 0 {
-                    (l as i32, (l + b) as i32)
-                } else {
-                    ((16 + l - b) as i32, (16 + l) as i32)
-                };
-            }
-            let (lo, hi) = unsafe {
-                (
-                    _mm512_loadu_si512(lo.as_ptr() as *const _),
-                    _mm512_loadu_si512(hi.as_ptr() as *const _),
-                )
-            };
-            for i in (0..16).filter(|i| i & b == 0) {
-                let (x, y) = (r[i], r[i + b]);
-                r[i] = _mm512_permutex2var_ps(x, lo, y);
-                r[i + b] = _mm512_permutex2var_ps(x, hi, y);
-            }
-        }
-    }
 
     /// [`softmax_prefix`] with `vis = keys` on every row of `block` (up to 16 rows of `keys`
     /// values), with the rows across lanes: the maximum, exponentials and sum of every row at
@@ -537,6 +620,62 @@ mod x86 {
                 _mm512_mask_storeu_ps(p.add(i * keys + 16 * h), mask(h), *r);
             }
         }
+    }
+
+    /// [`super::exp_row_bf16`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/BF16; `out` at least as long as `row`, `keep` empty or as long.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn exp_row_bf16(row: &[f32], keep: &[f32], out: &mut [u16]) -> f32 {
+        let n = row.len();
+        let p = row.as_ptr();
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let lanes = |i: usize| -> __mmask16 {
+            if n - i >= 16 {
+                0xffff
+            } else {
+                (1 << (n - i)) - 1
+            }
+        };
+        // Lanes in the row and kept.
+        let kept = |i: usize| -> __mmask16 {
+            let m = lanes(i);
+            if keep.is_empty() {
+                m
+            } else {
+                let k = unsafe { _mm512_maskz_loadu_ps(m, keep.as_ptr().add(i)) };
+                _mm512_mask_cmp_ps_mask::<_CMP_NEQ_UQ>(m, k, _mm512_setzero_ps())
+            }
+        };
+        let mut mx = ninf;
+        for i in (0..n).step_by(16) {
+            let v = unsafe { _mm512_mask_loadu_ps(ninf, kept(i), p.add(i)) };
+            mx = _mm512_max_ps(mx, v);
+        }
+        let top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let set = _mm512_set1_ps;
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let m = kept(i);
+            let x = unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) };
+            // 2^t for t = (x - top) log2(e) <= 0: t = j + f, |f| <= 1/2, 2^f by a degree-5
+            // polynomial, 2^j by scalef (0 below f32's range).
+            let t = _mm512_mul_ps(_mm512_sub_ps(x, top), set(std::f32::consts::LOG2_E));
+            let t = _mm512_max_ps(t, set(-150.0));
+            let j = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, j);
+            let mut e = set(1.333_355_8e-3);
+            for c in [9.618_129e-3, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
+                e = _mm512_fmadd_ps(e, f, set(c));
+            }
+            let e = _mm512_maskz_mov_ps(m, _mm512_scalef_ps(e, j));
+            acc = _mm512_add_ps(acc, e);
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, lanes(i), h) };
+        }
+        out[n..].fill(0);
+        _mm512_reduce_add_ps(acc)
     }
 
     /// [`super::super::rowops::fast_exp`], 16 lanes: the same operations in the same order
@@ -924,6 +1063,50 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::KvBuffer;
+
+    /// The bf16 attention against the f32 one: every output within bf16's rounding of the
+    /// values' scale, dropped keys (a padded second sequence) and every length class (short
+    /// rows kernel, ragged blocks, several query blocks).
+    #[test]
+    fn bf16_attention_is_close_to_f32() {
+        use super::{attend_sequences, attend_sequences_bf16_into};
+        use crate::kernels::cpu::{bf16, test_values};
+        if !bf16::available() {
+            return;
+        }
+        for (s, heads, d) in [
+            (1, 2, 16),
+            (13, 3, 32),
+            (32, 2, 64),
+            (37, 2, 64),
+            (150, 2, 64),
+        ] {
+            let b = 2;
+            let qkv = test_values(b * s * 3 * heads * d, s as u64, 4.0);
+            let mut keep = vec![1f32; b * s];
+            for k in keep[s + s.div_ceil(2)..].iter_mut() {
+                *k = 0.0;
+            }
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = attend_sequences(&qkv, b, s, heads, d, scale, None, &keep, false);
+            for par in [false, true] {
+                let mut got = vec![f32::NAN; 3];
+                attend_sequences_bf16_into(&qkv, b, s, heads, d, scale, &keep, par, &mut got);
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max);
+                // Values lie in [-2, 2]: bf16 keeps 8 bits, and the scores' rounding moves
+                // the probabilities by a few parts in a thousand.
+                assert!(
+                    worst > 0.0 && worst < 0.02,
+                    "s={s} heads={heads} d={d} par={par}: {worst}"
+                );
+            }
+        }
+    }
 
     /// Sixteen rows at a time give the row kernel's bits: every key count up to 32, partial
     /// blocks, dropped keys (some, and all), large and tiny values.

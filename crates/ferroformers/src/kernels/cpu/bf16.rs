@@ -69,21 +69,78 @@ impl Bf16Weights {
     /// Round `w`, `[k, n]` row-major (`[in, out]`), to bfloat16.
     pub fn from_in_out(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight is not {k} x {n}");
-        let kp = k.next_multiple_of(2);
-        let np = n.next_multiple_of(PANEL);
-        let mut packed = vec![0u16; kp * np];
-        for (t, row) in w.chunks_exact(n).enumerate() {
-            let (g, r) = (t / 2, t % 2);
-            for (j, &v) in row.iter().enumerate() {
+        Self::from_rows(|t| &w[t * n..(t + 1) * n], k, n)
+    }
+
+    /// `W [k, n]` from its rows: `row(t)` holds input `t`'s `n` values (attention's values,
+    /// key by key, for the weighted sum).
+    pub fn from_rows<'a>(row: impl Fn(usize) -> &'a [f32], k: usize, n: usize) -> Self {
+        let mut w = Self::zeros(k, n);
+        let kp = w.kp;
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            let zeros = vec![0f32; n];
+            for g in 0..kp / 2 {
+                let r0 = row(2 * g);
+                let r1 = if 2 * g + 1 < k {
+                    row(2 * g + 1)
+                } else {
+                    &zeros
+                };
+                assert!(r0.len() >= n && r1.len() >= n);
+                // SAFETY: the CPU has the features (checked); rows of n values (asserted);
+                // pair g of every panel lies in `packed` (kp * np values).
+                unsafe { x86::pack_pair(r0.as_ptr(), r1.as_ptr(), n, kp, g, &mut w.packed) };
+            }
+            return w;
+        }
+        for t in 0..k {
+            let r = row(t);
+            assert!(r.len() >= n, "row {t} has fewer than {n} values");
+            let (g, rr) = (t / 2, t % 2);
+            for (j, &v) in r[..n].iter().enumerate() {
                 let (p, c) = (j / PANEL, j % PANEL);
-                packed[p * kp * PANEL + g * 2 * PANEL + c * 2 + r] = to_bf16(v);
+                w.packed[p * kp * PANEL + g * 2 * PANEL + c * 2 + rr] = to_bf16(v);
             }
         }
+        w
+    }
+
+    /// `W [k, n]` from its columns: `col(j)` holds output `j`'s `k` values (attention's keys,
+    /// for the scores `q . k_j`).
+    pub fn from_columns<'a>(col: impl Fn(usize) -> &'a [f32], k: usize, n: usize) -> Self {
+        let mut w = Self::zeros(k, n);
+        let kp = w.kp;
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            for j0 in (0..n).step_by(16) {
+                let cols: Vec<&[f32]> = (j0..(j0 + 16).min(n)).map(&col).collect();
+                assert!(cols.iter().all(|c| c.len() >= k));
+                // SAFETY: the CPU has the features (checked); columns of k values (asserted);
+                // columns j0.. of every pair lie in `packed`.
+                unsafe { x86::pack_columns16(&cols, k, kp, j0, &mut w.packed) };
+            }
+            return w;
+        }
+        for j in 0..n {
+            let c = col(j);
+            assert!(c.len() >= k, "column {j} has fewer than {k} values");
+            let (p, cc) = (j / PANEL, j % PANEL);
+            for (t, &v) in c[..k].iter().enumerate() {
+                w.packed[p * kp * PANEL + (t / 2) * 2 * PANEL + cc * 2 + t % 2] = to_bf16(v);
+            }
+        }
+        w
+    }
+
+    fn zeros(k: usize, n: usize) -> Self {
+        let kp = k.next_multiple_of(2);
+        let np = n.next_multiple_of(PANEL);
         Self {
             k,
             n,
             kp,
-            packed,
+            packed: vec![0u16; kp * np],
             ones: vec![1.0; np],
         }
     }
@@ -120,6 +177,35 @@ impl Bf16Weights {
             round_row(xr, &mut br[..k]);
             br[k..].fill(0);
         }
+        self.run(&xb, rows, bias, residual, out, par);
+        XB.set(xb);
+    }
+
+    /// Inputs per row as packed: `k` rounded up to a multiple of 2.
+    pub fn padded_inputs(&self) -> usize {
+        self.kp
+    }
+
+    /// `out [rows, n] = xb @ W + bias` for activations already in bfloat16: `xb` is
+    /// `[rows, kp]` ([`Self::padded_inputs`]), each row's padding zero. On the calling thread.
+    pub fn product_rounded(&self, xb: &[u16], rows: usize, bias: &[f32], out: &mut [f32]) {
+        assert!(xb.len() >= rows * self.kp && out.len() >= rows * self.n && bias.len() == self.n);
+        if rows > 0 && self.n > 0 {
+            self.run(xb, rows, bias, None, out, false);
+        }
+    }
+
+    /// The product over rounded activations `xb` `[rows, kp]`; shapes checked by the caller.
+    fn run(
+        &self,
+        xb: &[u16],
+        rows: usize,
+        bias: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        par: bool,
+    ) {
+        let (n, kp) = (self.n, self.kp);
         let use_simd = available();
         let call = |c: Call<'_>| {
             let (t0, t1) = (c.chunk * KC, ((c.chunk + 1) * KC).min(kp));
@@ -143,7 +229,7 @@ impl Bf16Weights {
         };
         let chunks = kp.div_ceil(KC);
         // SAFETY: the kernels write through `epi` only their call's rows and columns; sizes
-        // asserted above.
+        // asserted by the callers.
         unsafe {
             drive(
                 rows,
@@ -155,7 +241,6 @@ impl Bf16Weights {
                 &call,
             )
         };
-        XB.set(xb);
     }
 }
 
@@ -166,7 +251,7 @@ thread_local! {
 }
 
 /// One row to bfloat16, as `vcvtneps2bf16` rounds (to nearest even).
-fn round_row(x: &[f32], out: &mut [u16]) {
+pub fn round_row(x: &[f32], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has the features (checked).
@@ -223,6 +308,7 @@ mod x86 {
     use super::super::panels::by_rows;
     use super::super::panels::x86::{finish, load_sums};
     use super::{Epi, MR, PANEL};
+    use crate::kernels::cpu::simd::x86::transpose16;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -241,6 +327,99 @@ mod x86 {
                 let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
                 let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
                 _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, m, h);
+            }
+        }
+    }
+
+    /// Inputs `2g` and `2g + 1` (rows `r0`, `r1` of `n` values) of every panel, rounded to
+    /// bfloat16: each column's pair as one 32-bit word (`r0`'s value in the low half).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/BF16; `r0`, `r1` hold `n` values; `packed` is `kp * n` rounded up to
+    /// panels, `2g < kp`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pack_pair(
+        r0: *const f32,
+        r1: *const f32,
+        n: usize,
+        kp: usize,
+        g: usize,
+        packed: &mut [u16],
+    ) {
+        let words = packed.as_mut_ptr() as *mut u32;
+        assert!(packed.len() >= kp * n.next_multiple_of(PANEL) && 2 * g < kp);
+        for j in (0..n).step_by(16) {
+            let m: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                (1 << (n - j)) - 1
+            };
+            unsafe {
+                let lo: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r0.add(j))));
+                let hi: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r1.add(j))));
+                let pair = _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(lo),
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+                );
+                let (p, c) = (j / PANEL, j % PANEL);
+                let at = (p * kp * PANEL) / 2 + g * PANEL + c;
+                _mm512_mask_storeu_epi32(words.add(at) as *mut i32, m, pair);
+            }
+        }
+    }
+
+    /// Columns `j0 .. j0 + cols.len()` (at most 16, `j0` a multiple of 16; column `c` holds
+    /// `k` values) rounded to bfloat16 and packed: each pair of inputs as one 32-bit word,
+    /// sixteen pairs of sixteen columns transposed at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/BF16; every column holds `k` values; `packed` is `kp * n` rounded up
+    /// to panels with `j0 + cols.len() <= n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pack_columns16(
+        cols: &[&[f32]],
+        k: usize,
+        kp: usize,
+        j0: usize,
+        packed: &mut [u16],
+    ) {
+        assert!(cols.len() <= 16 && j0.is_multiple_of(16));
+        assert!(packed.len() >= kp * (j0 + cols.len()).next_multiple_of(PANEL));
+        let words = packed.as_mut_ptr() as *mut u32;
+        let (p, c0) = (j0 / PANEL, j0 % PANEL);
+        let pairs = kp / 2;
+        for g0 in (0..pairs).step_by(16) {
+            let t0 = 2 * g0;
+            let mask = |t: usize| -> __mmask16 {
+                match k.saturating_sub(t) {
+                    0 => 0,
+                    r if r >= 16 => 0xffff,
+                    r => (1 << r) - 1,
+                }
+            };
+            let (m0, m1) = (mask(t0), mask(t0 + 16));
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (c, col) in cols.iter().enumerate() {
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(m0, col.as_ptr().add(t0));
+                    let hi = _mm512_maskz_loadu_ps(m1, col.as_ptr().add((t0 + 16).min(k)));
+                    // 32 values as bf16, the first 16 in the low half: word i is pair
+                    // t0 + 2i, t0 + 2i + 1.
+                    r[c] = std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+            // SAFETY: AVX-512F (this function's features).
+            unsafe { transpose16(&mut r) };
+            let cm: __mmask16 = if cols.len() == 16 {
+                0xffff
+            } else {
+                (1 << cols.len()) - 1
+            };
+            for (i, v) in r.iter().enumerate().take(pairs - g0) {
+                let at = (p * kp * PANEL) / 2 + (g0 + i) * PANEL + c0;
+                unsafe { _mm512_mask_storeu_ps(words.add(at) as *mut f32, cm, *v) };
             }
         }
     }
@@ -356,6 +535,46 @@ mod tests {
         }
     }
 
+    /// Packing from rows, from columns and from `[in, out]` puts every weight, rounded as
+    /// [`to_bf16`] rounds, where [`Bf16Weights::weight`] reads it, with zeros in the padding,
+    /// on odd shapes (the AVX-512 packers' ragged ends).
+    #[test]
+    fn packing_from_rows_and_columns() {
+        for (k, n) in [
+            (1, 1),
+            (2, 32),
+            (7, 5),
+            (33, 70),
+            (64, 512),
+            (65, 17),
+            (300, 96),
+        ] {
+            let wf = values(k * n, 3 + k as u64, 3.0);
+            let t: Vec<f32> = (0..n * k).map(|i| wf[(i % k) * n + i / k]).collect();
+            let packs = [
+                Bf16Weights::from_in_out(&wf, k, n),
+                Bf16Weights::from_rows(|r| &wf[r * n..(r + 1) * n], k, n),
+                Bf16Weights::from_columns(|c| &t[c * k..(c + 1) * k], k, n),
+            ];
+            for w in &packs {
+                let nonzero = w.packed.iter().filter(|&&h| h != 0).count();
+                let mut want_nonzero = 0;
+                for r in 0..k {
+                    for j in 0..n {
+                        let h = to_bf16(wf[r * n + j]);
+                        assert_eq!(
+                            w.weight(r, j).to_bits(),
+                            from_bf16(h).to_bits(),
+                            "{k}x{n} [{r},{j}]"
+                        );
+                        want_nonzero += (h != 0) as usize;
+                    }
+                }
+                assert_eq!(nonzero, want_nonzero, "{k}x{n}: padding is not zero");
+            }
+        }
+    }
+
     /// The kernels against the plain reference (bf16-rounded inputs and weights, products
     /// summed in f64), on odd shapes; every chunking and the residual path.
     #[test]
@@ -404,6 +623,7 @@ mod tests {
         if crate::kernels::cpu::switch_on("FERROFORMERS_NO_BF16") {
             assert!(!available());
             kernels_match_the_reference_on_odd_shapes();
+            packing_from_rows_and_columns();
             println!("bf16 kernels off, portable loop checked");
             return;
         }

@@ -119,3 +119,42 @@ pub fn max16(xs: &[f32]) -> f32 {
     }
     m
 }
+
+/// x86 helpers shared by the AVX-512 kernels.
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Transpose 16 x 16 values in four butterfly steps: step `b` (8, 4, 2, 1) swaps the
+    /// off-diagonal `b x b` squares of every `2b x 2b` one.
+    ///
+    /// # Safety
+    /// AVX-512F (callers inline it into their own AVX-512 code).
+    #[inline(always)]
+    pub unsafe fn transpose16(r: &mut [__m512; 16]) {
+        for b in [8usize, 4, 2, 1] {
+            let mut lo = [0i32; 16];
+            let mut hi = [0i32; 16];
+            for l in 0..16 {
+                // Row i (bit b clear) keeps its lanes without bit b and takes row i + b's
+                // lanes l - b; row i + b takes row i's lanes l + b and keeps its own.
+                (lo[l], hi[l]) = if l & b == 0 {
+                    (l as i32, (l + b) as i32)
+                } else {
+                    ((16 + l - b) as i32, (16 + l) as i32)
+                };
+            }
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(lo.as_ptr() as *const _),
+                    _mm512_loadu_si512(hi.as_ptr() as *const _),
+                )
+            };
+            for i in (0..16).filter(|i| i & b == 0) {
+                let (x, y) = (r[i], r[i + b]);
+                r[i] = _mm512_permutex2var_ps(x, lo, y);
+                r[i + b] = _mm512_permutex2var_ps(x, hi, y);
+            }
+        }
+    }
+}
