@@ -26,10 +26,12 @@
 //!
 //! `verbose_json`'s `language` is the one given, else the one Whisper detects (English for
 //! English-only models, null for CTC models); its segments carry `id`, `seek`, `start`, `end`,
-//! `text`, `tokens`, `temperature`. Approximations: `seek` is the segment's start in 10 ms frames (Whisper's is its
-//! window's start), `tokens` re-encode the segment's text with the model's tokenizer (empty
-//! without one); a CTC model gives one segment spanning the whole audio. Omitted (the pipeline
-//! does not compute them): `avg_logprob`, `compression_ratio`, `no_speech_prob`.
+//! `text`, `tokens`, `temperature`, and for Whisper `avg_logprob`, `compression_ratio` and
+//! `no_speech_prob` of the 30 s window each came from (the pipeline's `return_window_stats`:
+//! `seek` is the window's start in 10 ms frames, as openai-whisper and faster-whisper give
+//! them, with the same values on the same decoding). Approximations: `tokens` re-encode the
+//! segment's text with the model's tokenizer (empty without one); a CTC model gives one
+//! segment spanning the whole audio, `seek` 0 and no window statistics.
 
 use std::path::Path;
 
@@ -454,6 +456,11 @@ fn speech_params(
             } else if segments || duration > 29.9 {
                 p.insert("return_timestamps".into(), json!(true));
             }
+            // verbose_json segments carry their window's log-probability, compression ratio
+            // and no-speech probability.
+            if !words && req.format == Format::VerboseJson && req.segments {
+                p.insert("return_window_stats".into(), json!(true));
+            }
         }
     }
     p
@@ -505,6 +512,20 @@ fn segments_of(speech: Speech, out: &Map<String, Value>, duration: f64) -> Vec<S
         });
     }
     out_segments
+}
+
+/// The 30 s window (of the pipeline's `return_window_stats`) a segment starting at `start`
+/// seconds came from: the last one starting at or before it.
+fn window_of(out: &Map<String, Value>, start: f64) -> Option<&Map<String, Value>> {
+    out.get("windows")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_object)
+        .rfind(|w| {
+            w.get("start")
+                .and_then(Value::as_f64)
+                .is_some_and(|t| t <= start + 1e-6)
+        })
 }
 
 /// `HH:MM:SS,mmm` (SubRip, `sep` ',') or `HH:MM:SS.mmm` (WebVTT, `sep` '.').
@@ -663,14 +684,23 @@ async fn openai_audio(
                             .and_then(|t| t.encode_with(&s.text, None, false).ok())
                             .map(|e| e.ids)
                             .unwrap_or_default();
-                        let seek = if speech == Speech::Ctc {
-                            0
-                        } else {
-                            (s.start * 100.0).round() as u64
-                        };
-                        json!({"id": i, "seek": seek, "start": s.start, "end": s.end,
-                               "text": s.text, "tokens": tokens,
-                               "temperature": req.temperature})
+                        let mut seg = json!({"id": i, "seek": 0, "start": s.start,
+                               "end": s.end, "text": s.text, "tokens": tokens,
+                               "temperature": req.temperature});
+                        if let (Some(w), Value::Object(o)) = (window_of(&out, s.start), &mut seg) {
+                            for key in [
+                                "seek",
+                                "temperature",
+                                "avg_logprob",
+                                "compression_ratio",
+                                "no_speech_prob",
+                            ] {
+                                if let Some(v) = w.get(key) {
+                                    o.insert(key.into(), v.clone());
+                                }
+                            }
+                        }
+                        seg
                     })
                     .collect();
                 o.insert("segments".into(), Value::Array(segs));

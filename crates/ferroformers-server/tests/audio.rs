@@ -266,6 +266,36 @@ fn whisper_transcriptions_match_the_pipeline_in_every_format() {
         }
         let segs = v["segments"].as_array().unwrap();
         assert_eq!(segs.len(), chunks.as_array().unwrap().len(), "{body}");
+        // Each segment carries its window's statistics (the pipeline's `return_window_stats`,
+        // which changes nothing else).
+        let with_stats = library(
+            &model,
+            &bytes,
+            json!({"num_beams": 1, "return_timestamps": true, "return_window_stats": true}),
+        );
+        assert_eq!(&with_stats["chunks"], chunks);
+        let windows = with_stats["windows"].as_array().unwrap();
+        assert!(!windows.is_empty());
+        for s in segs {
+            let start = s["start"].as_f64().unwrap();
+            let w = windows
+                .iter()
+                .rev()
+                .find(|w| w["start"].as_f64().unwrap() <= start + 1e-6)
+                .unwrap();
+            assert_eq!(s["seek"], w["seek"], "{s}");
+            // Through JSON text and back (serde_json parses floats to within an ulp).
+            for key in ["avg_logprob", "compression_ratio", "no_speech_prob"] {
+                let (a, b) = (s[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+                assert!((a - b).abs() <= 1e-12 * b.abs(), "{key} of {s}: {b}");
+            }
+            let (lp, ns) = (
+                s["avg_logprob"].as_f64().unwrap(),
+                s["no_speech_prob"].as_f64().unwrap(),
+            );
+            assert!(lp <= 0.0 && (0.0..=1.0).contains(&ns), "{s}");
+            assert!(s["compression_ratio"].as_f64().unwrap() >= 0.0, "{s}");
+        }
         for (i, (s, c)) in segs.iter().zip(chunks.as_array().unwrap()).enumerate() {
             assert_eq!(s["id"], i);
             assert_eq!(s["text"], c["text"]);

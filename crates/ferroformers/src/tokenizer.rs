@@ -367,6 +367,12 @@ impl Tokenizer {
         })
     }
 
+    /// Decode ids to text as the tokenizer's own decoder gives it, without Python's clean-up
+    /// of spaces (what openai-whisper and faster-whisper decode to).
+    pub fn decode_raw(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
     /// Change the truncation length (special tokens included).
     pub fn set_max_length(&mut self, max_length: usize) -> Result<()> {
         self.inner

@@ -107,3 +107,61 @@ fn whisper_base_transcribes_as_transformers() {
     }
     check("base", false);
 }
+
+/// `return_window_stats` (ours; what OpenAI's `verbose_json` segments carry) on the 50.6 s
+/// clip, greedy: each 30 s window's start (`seek`, 10 ms frames), average log-probability,
+/// compression ratio and no-speech probability equal faster-whisper 1.2.1's on the same
+/// CTranslate2 file (float32, `beam_size=1`, `temperature=0`,
+/// `condition_on_previous_text=False`, no VAD): the values below are what it printed.
+#[test]
+fn whisper_tiny_en_window_stats_match_faster_whisper() {
+    if skip() {
+        return;
+    }
+    let p = ferroformers::pipeline_with(
+        "automatic-speech-recognition",
+        PipelineOptions {
+            model: Some("Systran/faster-whisper-tiny.en".into()),
+            ..Default::default()
+        },
+    )
+    .expect("scripts/fetch-models.sh whisper-tiny-en");
+    let clip = whisper_dir().join("speech-long.flac");
+    let params: Params = serde_json::from_value(serde_json::json!({
+        "return_timestamps": true,
+        "return_window_stats": true,
+        "generate_kwargs": {"num_beams": 1},
+    }))
+    .unwrap();
+    let out = p
+        .run(&[Input::Text(clip.display().to_string())], &params)
+        .unwrap();
+    let v = serde_json::to_value(&out[0]).unwrap();
+    // (seek, avg_logprob, compression_ratio, no_speech_prob)
+    let want = [
+        (0, -0.1974, 1.5476, 0.0864),
+        (2524, -0.1905, 1.4663, 0.1223),
+        (4722, -0.4526, 0.8491, 0.1433),
+    ];
+    let windows = v["windows"].as_array().expect("windows");
+    assert_eq!(windows.len(), want.len(), "{v}");
+    for (w, (seek, lp, cr, ns)) in windows.iter().zip(want) {
+        assert_eq!(w["seek"], seek, "{w}");
+        let close = |k: &str, x: f64| (w[k].as_f64().unwrap() - x).abs() < 1e-3;
+        assert!(close("avg_logprob", lp), "{w}");
+        assert!(close("compression_ratio", cr), "{w}");
+        assert!(close("no_speech_prob", ns), "{w}");
+        assert_eq!(w["temperature"], 0.0);
+        assert_eq!(w["skipped"], false);
+    }
+    // The statistics change nothing else.
+    let mut plain = params.clone();
+    plain.remove("return_window_stats");
+    let base = serde_json::to_value(
+        &p.run(&[Input::Text(clip.display().to_string())], &plain)
+            .unwrap()[0],
+    )
+    .unwrap();
+    assert_eq!(base["chunks"], v["chunks"]);
+    assert!(base.get("windows").is_none());
+}

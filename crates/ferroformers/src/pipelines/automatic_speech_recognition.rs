@@ -53,6 +53,7 @@ const OWN_PARAMS: &[&str] = &[
     "ignore_warning",
     "language",
     "task",
+    "return_window_stats",
 ];
 
 fn accepted_params() -> &'static [&'static str] {
@@ -322,10 +323,13 @@ struct CallOptions {
     compression_ratio_threshold: Option<f64>,
     logprob_threshold: Option<f64>,
     no_speech_threshold: Option<f64>,
+    /// `return_window_stats` (ours, not HF's): what OpenAI's `verbose_json` segments carry.
+    window_stats: bool,
 }
 
-/// A piece's tokens and, with word timestamps, each token's time in seconds.
-type PieceTokens = (Vec<u32>, Option<Vec<f32>>);
+/// A piece's tokens, with word timestamps each token's time in seconds, and with
+/// `return_window_stats` one object per 30 s window decoded.
+type PieceTokens = (Vec<u32>, Option<Vec<f32>>, Vec<Value>);
 
 /// One piece of audio the model sees: a whole input, or a chunk of one.
 struct Piece {
@@ -473,7 +477,7 @@ impl SpeechRecognition {
         Ok(self
             .transcribe_batch(&refs, &opts)?
             .into_iter()
-            .map(|(t, _)| t)
+            .map(|(t, _, _)| t)
             .collect())
     }
 
@@ -690,6 +694,7 @@ impl SpeechRecognition {
             compression_ratio_threshold,
             logprob_threshold,
             no_speech_threshold,
+            window_stats: param::opt_bool(params, "return_window_stats")?.unwrap_or(false),
         })
     }
 
@@ -897,6 +902,7 @@ impl SpeechRecognition {
         let mut seek = vec![0usize; b];
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut times: Vec<Vec<f32>> = vec![Vec::new(); b];
+        let mut stats: Vec<Vec<Value>> = vec![Vec::new(); b];
         let timestamp_begin = self.protocol.no_timestamps + 1;
         // What a window may be conditioned on: the tokens of each row's segments so far (the
         // prompt first, for `first-segment`; HF's `current_segments`), and whether there are any.
@@ -943,8 +949,42 @@ impl SpeechRecognition {
             for (k, ((&i, window_out), n)) in active.iter().zip(decoded).zip(&num).enumerate() {
                 let low_temperature = window_out.temperature.is_none_or(|t| t < 0.5);
                 condition[i] = opts.condition_on_prev_tokens && low_temperature;
+                let window_start = seek[i];
+                let mut stat = opts.window_stats.then(|| {
+                    let text_ids: Vec<u32> = window_out
+                        .seq
+                        .iter()
+                        .copied()
+                        .filter(|&t| t < self.protocol.no_timestamps)
+                        .collect();
+                    let text = self
+                        .tokenizer
+                        .decode_raw(&text_ids, true)
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "seek": window_start,
+                        "temperature": window_out.temperature.unwrap_or(0.0),
+                        "avg_logprob": window_out.avg_logprob,
+                        "compression_ratio": text_compression_ratio(text.trim()),
+                        "no_speech_prob": window_out.no_speech_prob.map(f64::from),
+                        "skipped": window_out.skipped,
+                    })
+                });
+                // Seconds of the window's start and of where the next one starts (10 ms
+                // frames).
+                let mut push_stat = |stat: &mut Option<Value>, end: usize| {
+                    if let Some(Value::Object(mut m)) = stat.take() {
+                        m.insert(
+                            "start".into(),
+                            serde_json::json!(window_start as f64 * 0.01),
+                        );
+                        m.insert("end".into(), serde_json::json!(end as f64 * 0.01));
+                        stats[i].push(Value::Object(m));
+                    }
+                };
                 if window_out.skipped {
                     seek[i] += *n;
+                    push_stat(&mut stat, seek[i]);
                     continue;
                 }
                 let (seq, ended) = (window_out.seq, window_out.ended);
@@ -976,12 +1016,14 @@ impl SpeechRecognition {
                 out[i].extend(tokens);
                 // A window that ends at its own start would never move on.
                 seek[i] += if offset == 0 { *n } else { offset };
+                push_stat(&mut stat, seek[i]);
             }
         }
         Ok(out
             .into_iter()
             .zip(times)
-            .map(|(t, x)| (t, opts.words.then_some(x)))
+            .zip(stats)
+            .map(|((t, x), w)| (t, opts.words.then_some(x), w))
             .collect())
     }
 
@@ -1025,15 +1067,22 @@ impl SpeechRecognition {
         opts: &CallOptions,
     ) -> Result<Vec<WindowOut>> {
         let n = inputs.len();
+        let no_speech_of = |raw: bool| {
+            (0..n)
+                .map(|k| self.no_speech_prob(encoded, n, k, &inputs[k], starts[k], opts, raw))
+                .collect::<Result<Vec<f32>>>()
+        };
         let no_speech = match opts.no_speech_threshold {
-            Some(_) => Some(
-                (0..n)
-                    .map(|k| self.no_speech_prob(encoded, n, k, &inputs[k], starts[k], opts))
-                    .collect::<Result<Vec<f32>>>()?,
-            ),
+            Some(_) => Some(no_speech_of(false)?),
             None => None,
         };
-        let want_logprobs = opts.logprob_threshold.is_some();
+        // OpenAI's `no_speech_prob` (what `verbose_json` reports): at the start token, from
+        // the raw logits.
+        let no_speech_raw = match opts.window_stats {
+            true => Some(no_speech_of(true)?),
+            false => None,
+        };
+        let want_logprobs = opts.logprob_threshold.is_some() || opts.window_stats;
         let mut done: Vec<Option<WindowOut>> = (0..n).map(|_| None).collect();
         let mut todo: Vec<usize> = (0..n).collect();
         for (attempt, &temperature) in opts.temperatures.iter().enumerate() {
@@ -1083,6 +1132,8 @@ impl SpeechRecognition {
                         ended,
                         skipped,
                         temperature,
+                        avg_logprob: logprob,
+                        no_speech_prob: no_speech_raw.as_ref().map(|p| p[k]),
                     });
                 }
             }
@@ -1111,7 +1162,8 @@ impl SpeechRecognition {
     /// `WhisperNoSpeechDetection`: the probability of `<|nospeech|>` (the token before
     /// `<|notimestamps|>`) in the model's logits at the `<|startoftranscript|>` of row `k`'s
     /// decoder input (`start` start tokens at its end). With a single start token HF reads the
-    /// first step's scores instead, after the suppressed tokens are masked.
+    /// first step's scores instead, after the suppressed tokens are masked; `raw` reads the
+    /// logits at `<|startoftranscript|>` unmasked, as openai-whisper does (its `no_speech_prob`).
     #[allow(clippy::too_many_arguments)]
     fn no_speech_prob(
         &self,
@@ -1121,9 +1173,10 @@ impl SpeechRecognition {
         input: &[u32],
         start: usize,
         opts: &CallOptions,
+        raw: bool,
     ) -> Result<f32> {
         let mut cache = self.subset(encoded, total, &[k])?;
-        let at = if start > 1 {
+        let at = if start > 1 || raw {
             input.len() - start
         } else {
             input.len() - 1
@@ -1136,7 +1189,7 @@ impl SpeechRecognition {
             .narrow(1, at, 1)?
             .flatten_all()?
             .to_vec1()?;
-        if start <= 1 {
+        if start <= 1 && !raw {
             let g = &opts.generation;
             for &t in g.suppress_tokens.iter().chain(&g.begin_suppress_tokens) {
                 if let Some(x) = logits.get_mut(t as usize) {
@@ -1318,6 +1371,27 @@ struct WindowOut {
     skipped: bool,
     /// The temperature of the try that stands.
     temperature: Option<f32>,
+    /// Its tokens' average log-probability (HF's `avg_logprobs`), when computed.
+    avg_logprob: Option<f64>,
+    /// The probability of `<|nospeech|>` at its start, when computed.
+    no_speech_prob: Option<f32>,
+}
+
+/// openai-whisper's `compression_ratio` of a window's text (decoded without timestamps, then
+/// trimmed): its UTF-8 length over its zlib-compressed length (a repetitive, hallucinated text
+/// compresses well).
+fn text_compression_ratio(text: &str) -> f64 {
+    use std::io::Write;
+    let bytes = text.as_bytes();
+    if bytes.is_empty() {
+        return 0.0;
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    let compressed = z
+        .write_all(bytes)
+        .and_then(|_| z.finish())
+        .map_or(1, |c| c.len().max(1));
+    bytes.len() as f64 / compressed as f64
 }
 
 /// `_retrieve_compression_ratio`: the tokens as little-endian integers of
@@ -1836,7 +1910,7 @@ impl Task for SpeechRecognition {
                 .iter()
                 .zip(&tokens)
                 .filter(|(p, _)| p.input == input)
-                .map(|(p, (t, times))| WindowTokens {
+                .map(|(p, (t, times, _))| WindowTokens {
                     tokens: t.clone(),
                     times: times.clone(),
                     stride: p
@@ -1860,6 +1934,15 @@ impl Task for SpeechRecognition {
                     "chunks".into(),
                     Value::Array(c.into_iter().map(Value::Object).collect()),
                 );
+            }
+            // Window statistics of an input decoded whole (sequential long-form): a chunked
+            // input's windows overlap and are merged, so it has none.
+            let mut own = pieces.iter().zip(&tokens).filter(|(p, _)| p.input == input);
+            if let (true, Some((p, (_, _, w))), None) = (opts.window_stats, own.next(), own.next())
+            {
+                if p.stride.is_none() {
+                    m.insert("windows".into(), Value::Array(w.clone()));
+                }
             }
             outputs.push(Output::Speech(m));
         }
