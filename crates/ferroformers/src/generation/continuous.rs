@@ -202,6 +202,22 @@ fn best_prefix(prefixes: &[Prefix], prompt: &[u32]) -> Option<(usize, usize)> {
         .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
 }
 
+/// `FERROFORMERS_BATCH_TRACE=1`: one line on stderr per phase of every step (milliseconds
+/// since the first trace, the phase, its rows and how long it took), to see where a request's
+/// first token waits.
+fn trace(phase: &str, rows: usize, since: std::time::Instant) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var("FERROFORMERS_BATCH_TRACE").is_ok_and(|v| v == "1")) {
+        let t0 = *T0.get_or_init(|| since);
+        eprintln!(
+            "batch {:10.3} {phase:>8} rows {rows:3} took {:8.3} ms",
+            since.duration_since(t0).as_secs_f64() * 1e3,
+            since.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -248,6 +264,7 @@ impl Batcher {
         prompt: Vec<u32>,
         reserve: usize,
     ) -> SharedSession<'a> {
+        trace("arrive", 1, std::time::Instant::now());
         let mut g = lock(&self.state);
         let id = g.next_id;
         g.next_id += 1;
@@ -316,6 +333,7 @@ impl Batcher {
         model: &dyn CausalLm,
     ) -> MutexGuard<'g, State> {
         g.busy = true;
+        let t_leave = std::time::Instant::now();
         // 1. Rows whose request is over leave, and the padding no row needs any more.
         let keep: Vec<usize> = (0..g.rows.len())
             .filter(|&r| g.seqs.get(&g.rows[r]).is_some_and(|s| !s.gone))
@@ -358,6 +376,7 @@ impl Batcher {
                 }
             }
         }
+        trace("leave", rows.len(), t_leave);
         let tokens: Vec<u32> = rows
             .iter()
             .map(|id| {
@@ -454,6 +473,8 @@ impl Batcher {
             }));
         let mut joining: Vec<(Vec<u64>, KvCache, Vec<Vec<u8>>)> = Vec::new();
         for (ids, prompts, starts) in jobs {
+            let t = std::time::Instant::now();
+            let continued = starts.is_some();
             let r = guarded(|| match starts {
                 Some(starts) => continue_group(model, starts),
                 None => {
@@ -464,6 +485,7 @@ impl Batcher {
                     Ok((logits, c, m))
                 }
             });
+            trace(if continued { "prefix" } else { "prompt" }, ids.len(), t);
             let mut g = lock(&self.state);
             g.stats.prefills += ids.len() as u64;
             g.stats.prefill_passes += 1;
@@ -496,7 +518,10 @@ impl Batcher {
                 Some(e) => Err(e),
                 None => {
                     let c = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
-                    guarded(|| decode_step(model, c, &mut mask, &tokens))
+                    let t = std::time::Instant::now();
+                    let r = guarded(|| decode_step(model, c, &mut mask, &tokens));
+                    trace("step", rows.len(), t);
+                    r
                 }
             };
             let mut g = lock(&self.state);
@@ -537,7 +562,10 @@ impl Batcher {
                 parts.push((c, c.seq_len()));
             }
             parts.extend(joining.iter().map(|(_, c, _)| (c, c.seq_len())));
-            match KvCache::join(&parts) {
+            let t = std::time::Instant::now();
+            let joined = KvCache::join(&parts);
+            trace("join", parts.len(), t);
+            match joined {
                 Ok(c) => {
                     cache = Some(c);
                     for (ids, _, m) in joining {
