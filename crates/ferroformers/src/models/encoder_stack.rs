@@ -14,7 +14,7 @@
 //! end checks that the two agree. On the CPU path its `reduce` runs the four products in int8
 //! (`--quantize int8`, [`crate::kernels::cpu::int8`]) or bf16 (`--dtype bf16` on CPU,
 //! [`crate::kernels::cpu::bf16`]); LayerNorm and activations stay f32, and so does attention
-//! on short inputs; from 64 tokens, where the CPU has AVX512-BF16, its two products run in
+//! on short inputs; from 96 tokens, where the CPU has AVX512-BF16, its two products run in
 //! bf16 too (`FERROFORMERS_F32_ATTENTION=1` keeps them f32).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -289,12 +289,13 @@ impl CpuLayer {
 }
 
 /// Whether the reduced-precision layers (int8 or bf16 products) run attention over `s` tokens
-/// in bf16 too ([`attend_sequences_bf16_into`]): where the CPU has AVX512-BF16, from 64 tokens
-/// (shorter, the f32 kernel is as fast: `examples/attn_bench`), unless
-/// `FERROFORMERS_F32_ATTENTION=1`.
+/// in bf16 too ([`attend_sequences_bf16_into`]): where the CPU has AVX512-BF16, from 96 tokens
+/// (`examples/attn_bench`, Zen 5: 1.3-1.5x the f32 kernel at 96 tokens, 1.8-2x from 256; at 64
+/// tokens 0.8-1.2x, where packing each head's keys and values costs as much as it saves),
+/// unless `FERROFORMERS_F32_ATTENTION=1`.
 fn bf16_attention(s: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    s >= 64
+    s >= 96
         && bf16::available()
         && !*OFF.get_or_init(|| std::env::var("FERROFORMERS_F32_ATTENTION").is_ok_and(|v| v == "1"))
 }
