@@ -12,22 +12,8 @@ use ferroformers::kernels::cpu::bf16::{self, Bf16Weights};
 use ferroformers::kernels::cpu::int8::{Int8Weights, Kernel};
 use ferroformers::kernels::cpu::linear::linear_into;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+mod common;
+use common::{median, values};
 
 fn main() {
     let reps: usize = std::env::args()

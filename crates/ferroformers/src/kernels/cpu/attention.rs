@@ -297,6 +297,17 @@ pub fn attend_sequences(
     ctx
 }
 
+/// Sequence `bi`'s key mask (of `keep` `[b, s]`), or none (empty) when it keeps every key:
+/// checked once, not per row.
+fn sequence_keep(keep: &[f32], bi: usize, s: usize) -> &[f32] {
+    let keep = &keep[bi * s..(bi + 1) * s];
+    if keep.iter().all(|&k| k != 0.0) {
+        &[]
+    } else {
+        keep
+    }
+}
+
 /// [`attend_sequences`] into `ctx` (resized to `[b * s, heads * d]`, every value written):
 /// a buffer reused from layer to layer is not allocated and zeroed again each time.
 #[allow(clippy::too_many_arguments)]
@@ -322,13 +333,7 @@ pub fn attend_sequences_into(
     let qb = query_block(s);
     let blocks = s.div_ceil(qb);
     let job = |(bi, hd, blk): (usize, usize, usize)| {
-        let keep = &keep[bi * s..(bi + 1) * s];
-        // No mask to apply when every key is kept (checked once, not per row).
-        let keep = if keep.iter().all(|&k| k != 0.0) {
-            &[][..]
-        } else {
-            keep
-        };
+        let keep = sequence_keep(keep, bi, s);
         let (i0, i1) = (blk * qb, ((blk + 1) * qb).min(s));
         let base = bi * s * stride;
         let out = ctx_ptr;
@@ -395,12 +400,7 @@ pub fn attend_sequences_bf16_into(
     let ctx_ptr = SendPtr(ctx.as_mut_ptr());
     let job = |i: usize| {
         let (bi, hd) = (i / heads, i % heads);
-        let keep = &keep[bi * s..(bi + 1) * s];
-        let keep = if keep.iter().all(|&k| k != 0.0) {
-            &[][..]
-        } else {
-            keep
-        };
+        let keep = sequence_keep(keep, bi, s);
         let row = |t: usize, part: usize| {
             let at = (bi * s + t) * stride + part * inner + hd * d;
             &qkv[at..at + d]
