@@ -1064,6 +1064,50 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 mod tests {
     use super::KvBuffer;
 
+    /// Softmax's numerators in bf16 against f64's `exp(x - max)` on odd lengths, with and
+    /// without dropped keys: each within bf16's rounding, dropped keys and the padding 0, the
+    /// sum within 1e-6 of f64's.
+    #[test]
+    fn exp_row_bf16_matches_f64() {
+        use super::exp_row_bf16;
+        use crate::kernels::cpu::{bf16, test_values};
+        if !bf16::available() {
+            return;
+        }
+        for n in [1usize, 5, 16, 17, 40, 129] {
+            let x = test_values(n, n as u64, 30.0);
+            let some: Vec<f32> = (0..n).map(|i| (i % 3 != 1) as u8 as f32).collect();
+            for keep in [&[][..], &some[..]] {
+                let kept = |i: usize| keep.is_empty() || keep[i] != 0.0;
+                let mut out = vec![0xffffu16; n + 3];
+                let sum = exp_row_bf16(&x, keep, &mut out);
+                let top = (0..n)
+                    .filter(|&i| kept(i))
+                    .map(|i| x[i] as f64)
+                    .fold(f64::MIN, f64::max);
+                let mut want_sum = 0f64;
+                for i in 0..n {
+                    let got = bf16::from_bf16(out[i]) as f64;
+                    if !kept(i) {
+                        assert_eq!(out[i], 0, "n={n} [{i}] dropped");
+                        continue;
+                    }
+                    let e = (x[i] as f64 - top).exp();
+                    want_sum += e;
+                    assert!(
+                        (got - e).abs() <= e * (1.0 / 256.0) + 1e-30,
+                        "n={n} [{i}]: {got} vs {e}"
+                    );
+                }
+                assert!(out[n..].iter().all(|&h| h == 0), "n={n}: padding");
+                assert!(
+                    (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
+                    "n={n}: {sum} vs {want_sum}"
+                );
+            }
+        }
+    }
+
     /// The bf16 attention against the f32 one: every output within bf16's rounding of the
     /// values' scale, dropped keys (a padded second sequence) and every length class (short
     /// rows kernel, ragged blocks, several query blocks).
