@@ -25,6 +25,7 @@ fn main() {
         (32, 64, 12, 32),
         (8, 96, 12, 32),
         (8, 128, 12, 32),
+        (32, 128, 12, 32),
         (4, 256, 12, 32),
         (1, 96, 12, 64),
         (1, 64, 12, 64),
@@ -36,6 +37,10 @@ fn main() {
         (1, 1024, 12, 64),
         (1, 2048, 12, 64),
     ] {
+        // `ATTN_ONLY=32x128` times that batch x tokens alone (for `perf`).
+        if std::env::var("ATTN_ONLY").is_ok_and(|v| v != format!("{b}x{s}")) {
+            continue;
+        }
         let qkv = values(b * s * 3 * heads * d, 1);
         let keep = vec![1.0f32; b * s];
         let scale = 1.0 / (d as f32).sqrt();
@@ -60,7 +65,13 @@ fn main() {
             }
             median(times)
         };
-        let (tf, tb) = (time(&mut { f32_run }), time(&mut bf16_run));
+        let only_bf16 = std::env::var("ATTN_BF16_ONLY").is_ok_and(|v| v == "1");
+        let tf = if only_bf16 {
+            f64::NAN
+        } else {
+            time(&mut { f32_run })
+        };
+        let tb = time(&mut bf16_run);
         println!(
             "| {b} x {s} | {heads} x {d} | {:.3} | {:.1} | {:.3} | {:.1} | {:.2}x |",
             tf * 1e3,
