@@ -547,7 +547,7 @@ fn softmax_rows16(block: &mut [f32], keys: usize, keep: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::kernels::cpu::simd::x86::transpose16;
+    use crate::kernels::cpu::simd::x86::{lanes, transpose16};
     use std::arch::x86_64::*;
 
     /// [`softmax_prefix`] with `vis = keys` on every row of `block` (up to 16 rows of `keys`
@@ -573,13 +573,7 @@ mod x86 {
         let rows = block.len() / keys;
         let p = block.as_mut_ptr();
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mask = |h: usize| -> __mmask16 {
-            match keys.saturating_sub(16 * h) {
-                0 => 0,
-                n if n >= 16 => 0xffff,
-                n => (1u16 << n) - 1,
-            }
-        };
+        let mask = |h: usize| lanes(keys.saturating_sub(16 * h));
         // r[h][j]: after the transpose, key 16 h + j of every row (lane = row).
         let mut r = [[_mm512_setzero_ps(); 16]; H];
         for (h, r) in r.iter_mut().enumerate() {
@@ -631,16 +625,9 @@ mod x86 {
         let n = row.len();
         let p = row.as_ptr();
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let lanes = |i: usize| -> __mmask16 {
-            if n - i >= 16 {
-                0xffff
-            } else {
-                (1 << (n - i)) - 1
-            }
-        };
         // Lanes in the row and kept.
         let kept = |i: usize| -> __mmask16 {
-            let m = lanes(i);
+            let m = lanes(n - i);
             if keep.is_empty() {
                 m
             } else {
@@ -672,7 +659,9 @@ mod x86 {
             let e = _mm512_maskz_mov_ps(m, _mm512_scalef_ps(e, j));
             acc = _mm512_add_ps(acc, e);
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-            unsafe { _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, lanes(i), h) };
+            unsafe {
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, lanes(n - i), h)
+            };
         }
         out[n..].fill(0);
         _mm512_reduce_add_ps(acc)
@@ -720,13 +709,7 @@ mod x86 {
     pub unsafe fn softmax_prefix(row: &mut [f32], vis: usize, keep: &[f32]) {
         let p = row.as_mut_ptr();
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mask = |i: usize| -> __mmask16 {
-            if vis - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (vis - i)) - 1
-            }
-        };
+        let mask = |i: usize| lanes(vis - i);
         let mut mx = ninf;
         for i in (0..vis).step_by(16) {
             let m = mask(i);

@@ -308,7 +308,7 @@ mod x86 {
     use super::super::panels::by_rows;
     use super::super::panels::x86::{finish, load_sums};
     use super::{Epi, MR, PANEL};
-    use crate::kernels::cpu::simd::x86::transpose16;
+    use crate::kernels::cpu::simd::x86::{lanes, transpose16};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -319,11 +319,7 @@ mod x86 {
         assert!(out.len() >= n);
         unsafe {
             for i in (0..n).step_by(16) {
-                let m: __mmask16 = if n - i >= 16 {
-                    0xffff
-                } else {
-                    (1 << (n - i)) - 1
-                };
+                let m = lanes(n - i);
                 let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
                 let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
                 _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, m, h);
@@ -349,11 +345,7 @@ mod x86 {
         let words = packed.as_mut_ptr() as *mut u32;
         assert!(packed.len() >= kp * n.next_multiple_of(PANEL) && 2 * g < kp);
         for j in (0..n).step_by(16) {
-            let m: __mmask16 = if n - j >= 16 {
-                0xffff
-            } else {
-                (1 << (n - j)) - 1
-            };
+            let m = lanes(n - j);
             unsafe {
                 let lo: __m256i =
                     std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r0.add(j))));
@@ -392,14 +384,10 @@ mod x86 {
         let pairs = kp / 2;
         for g0 in (0..pairs).step_by(16) {
             let t0 = 2 * g0;
-            let mask = |t: usize| -> __mmask16 {
-                match k.saturating_sub(t) {
-                    0 => 0,
-                    r if r >= 16 => 0xffff,
-                    r => (1 << r) - 1,
-                }
-            };
-            let (m0, m1) = (mask(t0), mask(t0 + 16));
+            let (m0, m1) = (
+                lanes(k.saturating_sub(t0)),
+                lanes(k.saturating_sub(t0 + 16)),
+            );
             let mut r = [_mm512_setzero_ps(); 16];
             for (c, col) in cols.iter().enumerate() {
                 unsafe {
@@ -412,11 +400,7 @@ mod x86 {
             }
             // SAFETY: AVX-512F (this function's features).
             unsafe { transpose16(&mut r) };
-            let cm: __mmask16 = if cols.len() == 16 {
-                0xffff
-            } else {
-                (1 << cols.len()) - 1
-            };
+            let cm = lanes(cols.len());
             for (i, v) in r.iter().enumerate().take(pairs - g0) {
                 let at = (p * kp * PANEL) / 2 + (g0 + i) * PANEL + c0;
                 unsafe { _mm512_mask_storeu_ps(words.add(at) as *mut f32, cm, *v) };

@@ -510,6 +510,7 @@ mod x86 {
     use super::super::panels::by_rows;
     use super::super::panels::x86::{finish, load_sums};
     use super::{block_params, blocks_of, Epi, Rows, BLOCK, MR, PANEL};
+    use crate::kernels::cpu::simd::x86::lanes;
     use std::arch::x86_64::*;
 
     /// A whole row, block by block, as [`super::quantize_block_generic`] (the same bits, 16
@@ -527,13 +528,7 @@ mod x86 {
         let n = x.len();
         assert!(q.len() == n && scale.len() == zero.len() && scale.len() >= n.div_ceil(BLOCK));
         let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
-        let tail = |i: usize| -> __mmask16 {
-            if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            }
-        };
+        let tail = |i: usize| lanes(n - i);
         // Per block: (inv, zero) for the second pass; NaN inv marks a block written as zeros.
         let mut params = [(0f32, 0f32); 64];
         let nb = n.div_ceil(BLOCK);

@@ -198,6 +198,7 @@ pub unsafe fn drive<K: Fn(Call<'_>) + Sync>(
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use super::Epi;
+    use crate::kernels::cpu::simd::x86::lanes;
     use std::arch::x86_64::*;
 
     /// `R` rows x 32 columns of f32 sums: zero, or (`resume`) loaded from `c` (row stride
@@ -226,19 +227,7 @@ pub mod x86 {
     /// Lane masks of a panel's first and second 16 columns when only `cols` (of 32) exist.
     #[inline(always)]
     pub fn col_masks(cols: usize) -> (__mmask16, __mmask16) {
-        let m0 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
-        (m0, m1)
+        (lanes(cols), lanes(cols.saturating_sub(16)))
     }
 
     /// Store the sums to `c` (row stride `ld`), or with `epi` write `sums (* sw when

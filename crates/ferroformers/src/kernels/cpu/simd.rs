@@ -125,6 +125,17 @@ pub fn max16(xs: &[f32]) -> f32 {
 pub mod x86 {
     use std::arch::x86_64::*;
 
+    /// The mask of the first `min(n, 16)` lanes (none for 0): a vector's share of the `n`
+    /// values left from where it starts.
+    #[inline(always)]
+    pub fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
     /// Transpose 16 x 16 values in four butterfly steps: step `b` (8, 4, 2, 1) swaps the
     /// off-diagonal `b x b` squares of every `2b x 2b` one.
     ///
