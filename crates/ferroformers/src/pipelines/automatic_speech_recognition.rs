@@ -950,7 +950,7 @@ impl SpeechRecognition {
                 let low_temperature = window_out.temperature.is_none_or(|t| t < 0.5);
                 condition[i] = opts.condition_on_prev_tokens && low_temperature;
                 let window_start = seek[i];
-                let mut stat = opts.window_stats.then(|| {
+                let stat = opts.window_stats.then(|| {
                     let text_ids: Vec<u32> = window_out
                         .seq
                         .iter()
@@ -963,6 +963,7 @@ impl SpeechRecognition {
                         .unwrap_or_default();
                     serde_json::json!({
                         "seek": window_start,
+                        "start": window_start as f64 * 0.01,
                         "temperature": window_out.temperature.unwrap_or(0.0),
                         "avg_logprob": window_out.avg_logprob,
                         "compression_ratio": text_compression_ratio(text.trim()),
@@ -970,21 +971,16 @@ impl SpeechRecognition {
                         "skipped": window_out.skipped,
                     })
                 });
-                // Seconds of the window's start and of where the next one starts (10 ms
-                // frames).
-                let mut push_stat = |stat: &mut Option<Value>, end: usize| {
-                    if let Some(Value::Object(mut m)) = stat.take() {
-                        m.insert(
-                            "start".into(),
-                            serde_json::json!(window_start as f64 * 0.01),
-                        );
+                // With the seconds where the next window starts (10 ms frames).
+                let record = |end: usize| {
+                    if let Some(Value::Object(mut m)) = stat {
                         m.insert("end".into(), serde_json::json!(end as f64 * 0.01));
                         stats[i].push(Value::Object(m));
                     }
                 };
                 if window_out.skipped {
                     seek[i] += *n;
-                    push_stat(&mut stat, seek[i]);
+                    record(seek[i]);
                     continue;
                 }
                 let (seq, ended) = (window_out.seq, window_out.ended);
@@ -1016,7 +1012,7 @@ impl SpeechRecognition {
                 out[i].extend(tokens);
                 // A window that ends at its own start would never move on.
                 seek[i] += if offset == 0 { *n } else { offset };
-                push_stat(&mut stat, seek[i]);
+                record(seek[i]);
             }
         }
         Ok(out
@@ -1067,21 +1063,21 @@ impl SpeechRecognition {
         opts: &CallOptions,
     ) -> Result<Vec<WindowOut>> {
         let n = inputs.len();
-        let no_speech_of = |raw: bool| {
+        // Per row (HF's no-speech probability, for the threshold; OpenAI's, from the raw
+        // logits, what `verbose_json` reports), from one decoder pass.
+        let probs: Vec<(f32, f32)> = if opts.no_speech_threshold.is_some() || opts.window_stats {
             (0..n)
-                .map(|k| self.no_speech_prob(encoded, n, k, &inputs[k], starts[k], opts, raw))
-                .collect::<Result<Vec<f32>>>()
+                .map(|k| self.no_speech_prob(encoded, n, k, &inputs[k], starts[k], opts))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
         };
-        let no_speech = match opts.no_speech_threshold {
-            Some(_) => Some(no_speech_of(false)?),
-            None => None,
-        };
-        // OpenAI's `no_speech_prob` (what `verbose_json` reports): at the start token, from
-        // the raw logits.
-        let no_speech_raw = match opts.window_stats {
-            true => Some(no_speech_of(true)?),
-            false => None,
-        };
+        let no_speech = opts
+            .no_speech_threshold
+            .map(|_| probs.iter().map(|p| p.0).collect::<Vec<f32>>());
+        let no_speech_raw = opts
+            .window_stats
+            .then(|| probs.iter().map(|p| p.1).collect::<Vec<f32>>());
         let want_logprobs = opts.logprob_threshold.is_some() || opts.window_stats;
         let mut done: Vec<Option<WindowOut>> = (0..n).map(|_| None).collect();
         let mut todo: Vec<usize> = (0..n).collect();
@@ -1162,9 +1158,9 @@ impl SpeechRecognition {
     /// `WhisperNoSpeechDetection`: the probability of `<|nospeech|>` (the token before
     /// `<|notimestamps|>`) in the model's logits at the `<|startoftranscript|>` of row `k`'s
     /// decoder input (`start` start tokens at its end). With a single start token HF reads the
-    /// first step's scores instead, after the suppressed tokens are masked; `raw` reads the
-    /// logits at `<|startoftranscript|>` unmasked, as openai-whisper does (its `no_speech_prob`).
-    #[allow(clippy::too_many_arguments)]
+    /// first step's scores instead, after the suppressed tokens are masked. Returns HF's, and
+    /// the probability from the same logits unmasked, as openai-whisper reads it (its
+    /// `no_speech_prob`).
     fn no_speech_prob(
         &self,
         encoded: &Seq2SeqCache,
@@ -1173,10 +1169,9 @@ impl SpeechRecognition {
         input: &[u32],
         start: usize,
         opts: &CallOptions,
-        raw: bool,
-    ) -> Result<f32> {
+    ) -> Result<(f32, f32)> {
         let mut cache = self.subset(encoded, total, &[k])?;
-        let at = if start > 1 || raw {
+        let at = if start > 1 {
             input.len() - start
         } else {
             input.len() - 1
@@ -1189,18 +1184,23 @@ impl SpeechRecognition {
             .narrow(1, at, 1)?
             .flatten_all()?
             .to_vec1()?;
-        if start <= 1 && !raw {
-            let g = &opts.generation;
-            for &t in g.suppress_tokens.iter().chain(&g.begin_suppress_tokens) {
-                if let Some(x) = logits.get_mut(t as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
+        let token = self.protocol.no_timestamps.saturating_sub(1) as usize;
+        let prob = |logits: &[f32]| {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
+            logits.get(token).map_or(0.0, |&x| (x - max).exp() / sum)
+        };
+        let raw = prob(&logits);
+        if start > 1 {
+            return Ok((raw, raw));
+        }
+        let g = &opts.generation;
+        for &t in g.suppress_tokens.iter().chain(&g.begin_suppress_tokens) {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
             }
         }
-        let token = self.protocol.no_timestamps.saturating_sub(1) as usize;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
-        Ok(logits.get(token).map_or(0.0, |&x| (x - max).exp() / sum))
+        Ok((prob(&logits), raw))
     }
 
     /// HF's `attention_mask.sum()` for a piece: the frames of its samples (`ceil(n / hop)`
@@ -1381,11 +1381,12 @@ struct WindowOut {
 /// trimmed): its UTF-8 length over its zlib-compressed length (a repetitive, hallucinated text
 /// compresses well).
 fn text_compression_ratio(text: &str) -> f64 {
+    zlib_ratio(text.as_bytes())
+}
+
+/// `bytes`' length over its zlib-compressed length (level 6, as Python's `zlib.compress`).
+fn zlib_ratio(bytes: &[u8]) -> f64 {
     use std::io::Write;
-    let bytes = text.as_bytes();
-    if bytes.is_empty() {
-        return 0.0;
-    }
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
     let compressed = z
         .write_all(bytes)
@@ -1397,7 +1398,6 @@ fn text_compression_ratio(text: &str) -> f64 {
 /// `_retrieve_compression_ratio`: the tokens as little-endian integers of
 /// `log2(vocab) / 8 + 1` bytes, their length over the zlib-compressed length.
 fn compression_ratio(tokens: &[u32], vocab_size: usize) -> f64 {
-    use std::io::Write;
     let width = ((vocab_size.max(2) as f64).log2() / 8.0) as usize + 1;
     let bytes: Vec<u8> = tokens
         .iter()
@@ -1408,12 +1408,7 @@ fn compression_ratio(tokens: &[u32], vocab_size: usize) -> f64 {
                 .take(width)
         })
         .collect();
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
-    let compressed = z
-        .write_all(&bytes)
-        .and_then(|_| z.finish())
-        .map_or(1, |c| c.len().max(1));
-    bytes.len() as f64 / compressed as f64
+    zlib_ratio(&bytes)
 }
 
 /// `chunk_length_s` and `stride_length_s` (left and right) in samples at `rate` Hz, each rounded
