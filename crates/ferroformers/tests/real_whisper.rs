@@ -164,4 +164,12 @@ fn whisper_tiny_en_window_stats_match_faster_whisper() {
     .unwrap();
     assert_eq!(base["chunks"], v["chunks"]);
     assert!(base.get("windows").is_none());
+    // A value that is not a boolean is refused, naming the parameter.
+    let mut bad = params.clone();
+    bad.insert("return_window_stats".into(), "yes".into());
+    let err = p
+        .run(&[Input::Text(clip.display().to_string())], &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("return_window_stats"), "{err}");
 }
