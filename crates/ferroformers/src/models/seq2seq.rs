@@ -62,6 +62,22 @@ impl Seq2SeqCache {
         }
     }
 
+    /// Screen the output projection from here on ([`crate::kernels::cpu::screen`]): only
+    /// the argmax-deciding logits exact. Whisper's CPU decoder takes it; other caches ignore
+    /// it. Returns whether it was taken.
+    pub fn set_screen(
+        &mut self,
+        plan: Option<std::sync::Arc<crate::kernels::cpu::screen::ScreenPlan>>,
+    ) -> bool {
+        match self {
+            Self::WhisperCpu(st) => {
+                st.screen = plan;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The tensor form, or an error for a cache made by another model's fast path.
     pub fn as_tensors(&mut self) -> candle_core::Result<(&mut DecoderCache, &Tensor)> {
         match self {

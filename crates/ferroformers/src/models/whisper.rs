@@ -31,6 +31,7 @@ use super::layers::{with_cpu_f32, with_cpu_f32_slice};
 use super::seq2seq::{causal_bias, cross_bias, Seq2SeqCache, Seq2SeqLm};
 use crate::kernels::cpu::attention::attend_sequences;
 use crate::kernels::cpu::linear as linear_kernels;
+use crate::kernels::cpu::screen::{ScreenPlan, ScreenedProjection};
 use crate::weights::{Ct2File, Weights};
 
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -152,6 +153,13 @@ enum Decoder {
     Cpu(Box<cpu::DecoderCpu>),
 }
 
+/// `FERROFORMERS_SCREEN_TRACE=1`: a line per screened step (how many logits went through
+/// f32).
+fn trace_screen() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::kernels::cpu::switch_on("FERROFORMERS_SCREEN_TRACE"))
+}
+
 /// `WhisperForConditionalGeneration`.
 pub struct WhisperForConditionalGeneration {
     conv1: Conv1d,
@@ -166,6 +174,8 @@ pub struct WhisperForConditionalGeneration {
     proj_out: Linear,
     /// The checkpoint has its own `proj_out.weight` (not tied to the embeddings).
     proj_is_separate: bool,
+    /// The tied projection's int8 copy for screened greedy steps, made at the first one.
+    screened: std::sync::OnceLock<ScreenedProjection>,
     embed_scale: f64,
     pub config: WhisperConfig,
 }
@@ -232,6 +242,7 @@ impl WhisperForConditionalGeneration {
             dec_norm: layer_norm(d, LAYER_NORM_EPS, dec.pp("layer_norm"))?,
             proj_out: Linear::new(proj, None)?,
             proj_is_separate,
+            screened: std::sync::OnceLock::new(),
             embed_tokens,
             embed_scale,
             config: cfg.clone(),
@@ -473,6 +484,14 @@ impl WhisperForConditionalGeneration {
     /// largest weight a step reads (tiny.en: 80 MB of 110), and reading it in memory order is
     /// what decoding speed comes down to.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_screened(hidden, None)
+    }
+
+    /// [`Self::logits`], with the projection screened by `plan` when given (CPU f32, tied
+    /// projection, a few rows): the logits a greedy step's argmax and Whisper's timestamp rule
+    /// read are the f32 product's, the others int8 estimates below them
+    /// ([`crate::kernels::cpu::screen`]).
+    pub fn logits_screened(&self, hidden: &Tensor, plan: Option<&ScreenPlan>) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let d = self.config.d_model;
         let rows = hidden.elem_count() / d;
@@ -482,6 +501,17 @@ impl WhisperForConditionalGeneration {
             let par = !crate::models::layers::in_worker();
             let vocab = self.config.vocab_size;
             let out = with_cpu_f32(&x, w, |x, w| {
+                if let Some(plan) = plan {
+                    let proj = self
+                        .screened
+                        .get_or_init(|| ScreenedProjection::new(w, vocab, d));
+                    let mut out = vec![0f32; rows * vocab];
+                    let exact = proj.logits_into(w, x, rows, plan, &mut out, par);
+                    if trace_screen() {
+                        eprintln!("[screen] rows {rows} exact {exact} of {}", rows * vocab);
+                    }
+                    return out;
+                }
                 let mut out = Vec::with_capacity(rows * vocab);
                 for chunk in x.chunks(6 * d) {
                     out.extend(linear_kernels::matmul(
@@ -545,7 +575,11 @@ impl Seq2SeqLm for WhisperForConditionalGeneration {
                 let h = with_cpu_f32_slice(embed, |e| c.decode(e, &ids_v, s, st)).unwrap_or_else(
                     || candle_core::bail!("Whisper's CPU decoder needs f32 embeddings on the CPU"),
                 )?;
-                Tensor::from_vec(h, (b, s, self.config.d_model), ids.device())?
+                let h = Tensor::from_vec(h, (b, s, self.config.d_model), ids.device())?;
+                if let Some(plan) = st.screen.clone() {
+                    return self.logits_screened(&h, Some(&plan))?.to_dtype(DType::F32);
+                }
+                h
             }
             Decoder::Candle(_) => {
                 let past = cache.seq_len();
@@ -794,6 +828,58 @@ mod tests {
 
     fn ids(tokens: &[u32], rows: usize) -> Tensor {
         Tensor::from_vec(tokens.to_vec(), (rows, tokens.len() / rows), &Device::Cpu).unwrap()
+    }
+
+    /// A cache with a screen plan: every step's logits keep the unscreened argmax (with the
+    /// suppressed tokens masked) and its bits, and the plan's tokens (specials from 50257,
+    /// the suppressed ones) are the unscreened bits; most of the rest are estimates.
+    #[test]
+    fn screened_decoding_keeps_the_argmax_and_the_special_tokens() {
+        let m = load("whisper-random", true);
+        let cfg = &m.config;
+        let n = cfg.num_mel_bins * cfg.input_frames();
+        let feats = crate::kernels::cpu::test_values(n, 11, 2.0);
+        let feats = Tensor::from_vec(
+            feats,
+            (1, cfg.num_mel_bins, cfg.input_frames()),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut plain = m.encode_to_cache(&feats).unwrap();
+        let mut screened = m.restart_cache(&plain).unwrap();
+        let suppressed = [1u32, 2, 7, 8, 9, 10, 14, 25, 220];
+        let plan = Arc::new(ScreenPlan::new(50257, &suppressed));
+        assert!(screened.set_screen(Some(plan)));
+        let vocab = cfg.vocab_size;
+        let mut tok = vec![50258u32, 50259, 50359];
+        let mut estimated = 0;
+        for step in 0..20 {
+            let (a, b) = (
+                m.decode(&ids(&tok, 1), &mut plain).unwrap(),
+                m.decode(&ids(&tok, 1), &mut screened).unwrap(),
+            );
+            let last = |t: &Tensor| -> Vec<f32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v[v.len() - vocab..].to_vec()
+            };
+            let (mut a, mut b) = (last(&a), last(&b));
+            for r in (50257..vocab).chain(suppressed.iter().map(|&t| t as usize)) {
+                assert_eq!(a[r].to_bits(), b[r].to_bits(), "step {step} token {r}");
+            }
+            estimated += a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            for &t in &suppressed {
+                a[t as usize] = f32::NEG_INFINITY;
+                b[t as usize] = f32::NEG_INFINITY;
+            }
+            let best = crate::generation::logits::argmax(&a);
+            assert_eq!(crate::generation::logits::argmax(&b), best, "step {step}");
+            assert_eq!(a[best as usize].to_bits(), b[best as usize].to_bits());
+            tok = vec![best];
+        }
+        assert!(
+            estimated > 20 * vocab / 2,
+            "only {estimated} logits were estimates"
+        );
     }
 
     /// The CPU decoder against the candle one on the tiny fixtures (an HF folder and a

@@ -23,6 +23,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
@@ -37,6 +38,7 @@ use crate::generation::config::GENERATION_PARAMS;
 use crate::generation::logits::TimestampRules;
 use crate::generation::search::{generate, Hooks};
 use crate::generation::GenerationConfig;
+use crate::kernels::cpu::screen::ScreenPlan;
 use crate::models::seq2seq::{Seq2SeqCache, Seq2SeqLm, Seq2SeqSession};
 use crate::models::whisper::{
     is_ct2_dir, load_ct2, WhisperConfig, WhisperForConditionalGeneration,
@@ -1254,6 +1256,30 @@ impl SpeechRecognition {
         Ok(t[init.len()..].to_vec())
     }
 
+    /// The tokens a screened greedy step computes in f32 besides the candidates for the
+    /// largest logit: the special and timestamp tokens (from the end of text on), and the
+    /// suppressed ones (which must not set the screen's threshold).
+    fn screen_plan(&self, cfg: &GenerationConfig) -> ScreenPlan {
+        let first_special = self
+            .protocol
+            .special_ids
+            .iter()
+            .copied()
+            .chain([self.protocol.eos, self.protocol.no_timestamps])
+            .min()
+            .unwrap_or(self.protocol.eos);
+        let always: Vec<u32> = cfg
+            .suppress_tokens
+            .iter()
+            .chain(&cfg.begin_suppress_tokens)
+            .copied()
+            .collect();
+        ScreenPlan::new(
+            (first_special as usize).min(self.model.config.vocab_size),
+            &always,
+        )
+    }
+
     /// One `generate` call over encoded windows from the decoder inputs `init` (one length):
     /// each row's new tokens (padding and the end of text removed), whether an end of text was
     /// there, and with `logprobs` its average log-probability (`_retrieve_avg_logprobs`, the end
@@ -1307,6 +1333,10 @@ impl SpeechRecognition {
             });
         }
         let rows = init.len();
+        let mut cache = cache;
+        if !logprobs && screen_safe(&cfg) {
+            cache.set_screen(Some(Arc::new(self.screen_plan(&cfg))));
+        }
         let mut session = Seq2SeqSession::with_cache(&self.model, cache, init.clone());
         let mut sums = vec![(0f64, 0usize); rows];
         let mut on_token = |r: usize, _tok: u32, lp: f32| {
@@ -1357,6 +1387,21 @@ impl SpeechRecognition {
             })
             .collect())
     }
+}
+
+/// Whether a `generate` call reads nothing of a step's logits but the argmax after
+/// suppression, forcing and Whisper's timestamp rule (which compares the timestamps' summed
+/// probability with the best text token's: exact values on both sides): greedy, one
+/// sequence, no penalties that rescale single tokens. Such calls screen the output
+/// projection ([`crate::kernels::cpu::screen`]) unless `FERROFORMERS_NO_SCREEN=1`.
+fn screen_safe(cfg: &GenerationConfig) -> bool {
+    !cfg.do_sample
+        && cfg.num_beams <= 1
+        && cfg.num_return_sequences <= 1
+        && cfg.repetition_penalty == 1.0
+        && cfg.no_repeat_ngram_size == 0
+        && cfg.bad_words_ids.is_empty()
+        && !crate::kernels::cpu::switch_on("FERROFORMERS_NO_SCREEN")
 }
 
 /// One row of a `generate` call: new tokens, whether an end of text ended them, the average

@@ -110,6 +110,75 @@ impl Int8Weights {
         }
     }
 
+    /// [`Self::from_in_out`] of `w` given `[n, k]` row-major (`[out, in]`, a Hugging Face
+    /// checkpoint's own layout, e.g. a tied embedding used as the output projection): the same
+    /// bytes and scales, without a transposed copy; panels are filled in parallel.
+    pub fn from_out_in(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), k * n, "weight is not {n} x {k}");
+        let kp = k.next_multiple_of(4);
+        let np = n.next_multiple_of(PANEL);
+        let nb = blocks_of(kp);
+        let mut scale = vec![0f32; np];
+        let mut packed = vec![0i8; kp * np];
+        let mut colsum = vec![0i32; np * nb];
+        let panels = np / PANEL;
+        let (pp, sp, cp) = (
+            packed.as_mut_ptr() as usize,
+            scale.as_mut_ptr() as usize,
+            colsum.as_mut_ptr() as usize,
+        );
+        par_tasks(panels, |p| {
+            // SAFETY: panel p's packed bytes, scales and column sums belong to this task.
+            let (packed, scale, colsum) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut((pp as *mut i8).add(p * kp * PANEL), kp * PANEL),
+                    std::slice::from_raw_parts_mut((sp as *mut f32).add(p * PANEL), PANEL),
+                    std::slice::from_raw_parts_mut(
+                        (cp as *mut i32).add(p * nb * PANEL),
+                        nb * PANEL,
+                    ),
+                )
+            };
+            let (mut q, mut invs) = (vec![0i8; k], vec![0f32; k]);
+            for c in 0..PANEL {
+                let j = p * PANEL + c;
+                if j >= n {
+                    break;
+                }
+                let row = &w[j * k..(j + 1) * k];
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let inv = if amax > 0.0 && amax.is_finite() {
+                    scale[c] = amax / 127.0;
+                    127.0 / amax
+                } else {
+                    0.0
+                };
+                invs.fill(inv);
+                round_weights(row, &invs, &mut q);
+                for (g, quad) in q.chunks(4).enumerate() {
+                    let at = g * 4 * PANEL + c * 4;
+                    packed[at..at + quad.len()].copy_from_slice(quad);
+                }
+                for (b, blk) in q.chunks(BLOCK).enumerate() {
+                    colsum[b * PANEL + c] = blk.iter().map(|&v| v as i32).sum();
+                }
+            }
+        });
+        Self {
+            k,
+            n,
+            kp,
+            packed,
+            scale,
+            colsum,
+        }
+    }
+
+    /// Per output column, the dequantization scale (`max |w| / 127`); `n` values.
+    pub fn scales(&self) -> &[f32] {
+        &self.scale[..self.n]
+    }
+
     /// The weights as f32 again (`[k, n]`), what the products multiply by.
     #[cfg(test)]
     fn dequantize(&self) -> Vec<f32> {
@@ -690,6 +759,28 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn out_in_packing_equals_the_transposed_in_out_packing() {
+        for (k, n) in [(1, 1), (7, 33), (130, 65), (384, 96), (260, 31)] {
+            let w = values(k * n, 3, 2.0);
+            let mut wt = vec![0f32; k * n];
+            for j in 0..n {
+                for t in 0..k {
+                    wt[t * n + j] = w[j * k + t];
+                }
+            }
+            let (a, b) = (
+                Int8Weights::from_out_in(&w, n, k),
+                Int8Weights::from_in_out(&wt, k, n),
+            );
+            assert_eq!((a.k, a.n, a.kp), (b.k, b.n, b.kp));
+            assert_eq!(a.packed, b.packed, "{k} x {n}");
+            assert_eq!(a.scale, b.scale, "{k} x {n}");
+            assert_eq!(a.colsum, b.colsum, "{k} x {n}");
+            assert_eq!(a.scales().len(), n);
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //!   jobs, the fused epilogue);
 //! - [`attention`]: softmax attention over whole sequences, one query row over a key/value
 //!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
+//! - [`screen`]: greedy decoding's output projection estimated in int8, the candidates for the
+//!   largest logit computed again in f32 (argmax-exact logits for a quarter of the bytes);
 //! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
 //!   vectorisable `exp`/`erf` behind them;
 //! - [`threads`]: worker mode (products stay on the calling thread when the pipeline already
@@ -37,6 +39,7 @@ pub(crate) mod panels;
 pub mod qgemm;
 pub mod quantized;
 pub mod rowops;
+pub mod screen;
 pub(crate) mod simd;
 pub mod threads;
 pub mod vnni;

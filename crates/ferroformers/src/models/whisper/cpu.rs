@@ -20,6 +20,7 @@ use super::{WhisperConfig, LAYER_NORM_EPS};
 use crate::kernels::cpu::attention::{attend_one, KvBuffer};
 use crate::kernels::cpu::linear::{gemm_into, matmul_into, Layout};
 use crate::kernels::cpu::rowops::{activate_par, layer_norm_rows, softmax_rows};
+use crate::kernels::cpu::screen::ScreenPlan;
 use crate::kernels::cpu::threads::{in_worker, par_ranges, SendPtr};
 use crate::models::layers::Activation;
 
@@ -141,6 +142,9 @@ pub struct DecoderState {
     cross: Arc<CrossKv>,
     /// The input each row decodes.
     input_of: Vec<usize>,
+    /// Set for a greedy search that needs only each step's argmax: the output projection is
+    /// screened ([`crate::kernels::cpu::screen`]).
+    pub(crate) screen: Option<Arc<ScreenPlan>>,
 }
 
 impl DecoderState {
@@ -283,6 +287,7 @@ impl DecoderCpu {
             self_kv: vec![buf; self.layers.len()],
             cross,
             input_of,
+            screen: None,
         }
     }
 
