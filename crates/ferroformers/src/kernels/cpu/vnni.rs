@@ -81,6 +81,38 @@ pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
     None
 }
 
+/// [`dot_blocks`] of four rows against one activation row, for the 32-value types (Q4_0,
+/// Q4_1, Q5_0, Q5_1, Q8_0): each pair of activation blocks is loaded once for the four rows,
+/// four independent sums run side by side, and one call does the work of four. A row's
+/// result does not depend on the other three (one accumulator per row, the same order), so
+/// the same row may be passed several times to fill the four. `None` where [`dot_blocks`]
+/// has no such kernel.
+pub fn dot4_blocks(dtype: GgmlDType, rows: [&[u8]; 4], x: QRow<'_>) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if available() && x.lanes.len() >= 8 * x.d.len() {
+        use GgmlDType as D;
+        // SAFETY: the CPU has the features the kernel enables; it asserts the lengths.
+        unsafe {
+            return match dtype {
+                D::Q8_0 => Some(x86::dot4::<0>(rows, x)),
+                D::Q4_0 => Some(x86::dot4::<1>(rows, x)),
+                D::Q4_1 => Some(x86::dot4::<2>(rows, x)),
+                D::Q5_0 => Some(x86::dot4::<3>(rows, x)),
+                D::Q5_1 => Some(x86::dot4::<4>(rows, x)),
+                _ => None,
+            };
+        }
+    }
+    let _ = (dtype, rows, x);
+    None
+}
+
+/// Whether [`dot4_blocks`] has a kernel for `dtype` on this CPU.
+pub fn has_dot4(dtype: GgmlDType) -> bool {
+    use GgmlDType as D;
+    available() && matches!(dtype, D::Q8_0 | D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::QRow;
@@ -209,6 +241,68 @@ mod x86 {
             }
         }
         total + mins
+    }
+
+    /// [`dot`] for four rows at once (see [`super::dot4_blocks`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot4<const T: u8>(rows: [&[u8]; 4], x: QRow<'_>) -> [f32; 4] {
+        let bytes = BYTES[T as usize];
+        let nb = x.d.len();
+        assert!(
+            rows.iter().all(|r| r.len() >= nb * bytes)
+                && x.q.len() >= nb * 32
+                && x.s.len() >= nb
+                && x.lanes.len() >= nb * 8
+        );
+        let rp = rows.map(|r| r.as_ptr());
+        let (xp, lp) = (x.q.as_ptr(), x.lanes.as_ptr());
+        let shift = _mm_cvtsi32_si128(SHIFT[T as usize] as i32);
+        let minimum = T == 2 || T == 4;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for p in 0..nb / 2 {
+            let b = 2 * p;
+            let xv = _mm512_loadu_si512(xp.add(32 * b) as *const __m512i);
+            let init = if minimum {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_sll_epi32(_mm512_loadu_si512(lp.add(8 * b) as *const __m512i), shift)
+            };
+            let (d0, d1) = (x.d[b], x.d[b + 1]);
+            for r in 0..4 {
+                let (a, c) = (rp[r].add(b * bytes), rp[r].add((b + 1) * bytes));
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH) as *const i8);
+                let isum = _mm512_dpbusd_epi32(init, unsigned2::<T>(a, c), xv);
+                let scale = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(d0 * half(a)),
+                    _mm512_set1_ps(d1 * half(c)),
+                );
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc[r]);
+                if minimum {
+                    mins[r] += half(a.add(2)) * x.s[b] + half(c.add(2)) * x.s[b + 1];
+                }
+            }
+        }
+        let mut total = acc.map(|a| _mm512_reduce_add_ps(a));
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let xv = _mm256_loadu_si256(xp.add(32 * b) as *const __m256i);
+            let init = if minimum {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_sll_epi32(_mm256_loadu_si256(lp.add(8 * b) as *const __m256i), shift)
+            };
+            for r in 0..4 {
+                let a = rp[r].add(b * bytes);
+                let isum = _mm256_dpbusd_epi32(init, unsigned1::<T>(a), xv);
+                total[r] += x.d[b] * half(a) * hsum(_mm256_cvtepi32_ps(isum));
+                if minimum {
+                    mins[r] += half(a.add(2)) * x.s[b];
+                }
+            }
+        }
+        [0, 1, 2, 3].map(|r| total[r] + mins[r])
     }
 
     /// Q4_K (144-byte superblocks of 256: 8 groups of 32 with 6-bit scales and minimums)
@@ -368,6 +462,20 @@ mod tests {
                         (got - want).abs() <= 2e-6 * (1.0 + mag[r]),
                         "{dt:?} blocks={nb} row {r}: vnni {got} vs unpacked {want}"
                     );
+                    if has_dot4(dt) {
+                        // Four rows at once: the same value for row r wherever it sits among
+                        // the four, and within the same slack of the unpacked dot.
+                        let other = &bytes[((r + 1) % n) * nb * bb..((r + 1) % n + 1) * nb * bb];
+                        let a = dot4_blocks(dt, [row, other, other, row], xq.row(0)).unwrap();
+                        let b = dot4_blocks(dt, [other, row, other, other], xq.row(0)).unwrap();
+                        assert_eq!(a[0].to_bits(), a[3].to_bits());
+                        assert_eq!(a[0].to_bits(), b[1].to_bits());
+                        assert!(
+                            (a[0] - want).abs() <= 2e-6 * (1.0 + mag[r]),
+                            "{dt:?} blocks={nb} row {r}: vnni x4 {} vs unpacked {want}",
+                            a[0]
+                        );
+                    }
                 }
             }
         }
