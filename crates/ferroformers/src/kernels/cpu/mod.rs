@@ -7,6 +7,8 @@
 //! - [`quantized`]: products and embedding lookups over GGUF blocks with f32 activations;
 //! - [`vnni`]: AVX-512 VNNI integer dots over raw 32-value GGUF blocks (the int8 mode's
 //!   decoding kernels where the CPU has them; [`blocks::dot_int_blocks`] picks them);
+//! - [`packed`]: the same 32-value blocks rearranged per row into planes (scales, fifth bits,
+//!   values) at load for the int8 mode, and the VNNI decoding kernels that read them;
 //! - [`qgemm`]: the int8 mode's prompt products: a tile of GGUF weight rows unpacked into a
 //!   VNNI panel once, every prompt row multiplied by it (exact integer sums per scale group);
 //! - [`int8`]: dynamic int8 linear layers (`--quantize int8`): per-column 8-bit weights,
@@ -35,6 +37,7 @@ pub mod bf16;
 pub mod blocks;
 pub mod int8;
 pub mod linear;
+pub mod packed;
 pub(crate) mod panels;
 pub mod qgemm;
 pub mod quantized;

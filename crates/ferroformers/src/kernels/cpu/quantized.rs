@@ -70,6 +70,8 @@ const TILE_ROWS: usize = 16;
 #[derive(Default)]
 struct Scratch {
     unpacked: Unpacked,
+    /// A packed row back in raw blocks.
+    raw: Vec<u8>,
     tile: Vec<f32>,
     panel: super::qgemm::Panel,
 }
@@ -85,9 +87,12 @@ pub struct QuantLinear {
     n: usize,
     k: usize,
     row_bytes: usize,
-    /// The raw blocks, 8-byte aligned (block structs hold f16 fields).
+    /// The blocks, 8-byte aligned (block structs hold f16 fields): raw, or each row in
+    /// planes ([`super::packed`]) when `packed`.
     data: std::sync::Arc<Vec<u64>>,
     math: QuantMath,
+    /// Rows in [`super::packed`]'s layout (the int8 mode on AVX-512 VNNI, 32-value types).
+    packed: bool,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -135,12 +140,29 @@ impl QuantLinear {
             row_bytes,
             data: std::sync::Arc::new(aligned_words(&[&bytes])),
             math: QuantMath::Exact,
+            packed: false,
         }))
     }
 
-    /// The same matrix computing with `math`.
+    /// The same matrix computing with `math`. The int8 mode packs 32-value block rows for
+    /// the VNNI kernels where they run ([`super::packed`]; the same bytes, rearranged).
     pub fn with_math(mut self, math: QuantMath) -> Self {
         self.math = math;
+        let pack = math == QuantMath::Int8 && super::packed::packable(self.dtype, self.k);
+        if pack != self.packed {
+            // In place (a copy only where another QuantLinear shares the blocks).
+            let len = self.n * self.row_bytes;
+            let words = std::sync::Arc::make_mut(&mut self.data);
+            // SAFETY: the words hold n * row_bytes initialised bytes.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, len) };
+            if pack {
+                super::packed::pack_rows(self.dtype, bytes, self.k);
+            } else {
+                super::packed::unpack_rows(self.dtype, bytes, self.k);
+            }
+            self.packed = pack;
+        }
         self
     }
 
@@ -156,10 +178,12 @@ impl QuantLinear {
     /// q/k/v or gate/up run as one product: one pass over the activations, one thread fan-out.
     pub fn stack(parts: &[&QuantLinear]) -> Option<QuantLinear> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.dtype != first.dtype || p.k != first.k || p.math != first.math)
-        {
+        if parts.iter().any(|p| {
+            p.dtype != first.dtype
+                || p.k != first.k
+                || p.math != first.math
+                || p.packed != first.packed
+        }) {
             return None;
         }
         let n: usize = parts.iter().map(|p| p.n).sum();
@@ -171,6 +195,7 @@ impl QuantLinear {
             row_bytes: first.row_bytes,
             data: std::sync::Arc::new(aligned_words(&blocks)),
             math: first.math,
+            packed: first.packed,
         })
     }
 
@@ -182,21 +207,27 @@ impl QuantLinear {
         }
     }
 
+    /// Row `r` as stored (packed or raw).
     fn row(&self, r: usize) -> &[u8] {
         &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
+    /// Row `r` in GGUF's raw blocks: the stored row, or a packed one unpacked into `buf`.
+    fn raw_row<'a>(&'a self, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        if !self.packed {
+            return self.row(r);
+        }
+        buf.resize(self.row_bytes, 0);
+        super::packed::unpack_row(self.dtype, self.row(r), self.k, buf);
+        buf
+    }
+
     /// Row `r` as f32 (`out.len() == k`), exactly as the GGUF dequantization defines it.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        if block_shape(self.dtype).is_some() {
-            SCRATCH.with(|s| {
-                let u = &mut s.borrow_mut().unpacked;
-                u.unpack(self.dtype, self.row(r), self.k);
-                blocks::dequantize(u, out);
-            })
-        } else {
-            expand_row(self.dtype, self.row(r), out)
-        }
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            self.dequantize_into(r, &mut s.unpacked, &mut s.raw, out);
+        })
     }
 
     /// `x [m, k] @ W^T` -> `[m, n]`.
@@ -263,6 +294,7 @@ impl QuantLinear {
         let quad = raw
             && int8
             && super::vnni::has_dot4(self.dtype)
+            && !self.packed
             && n * self.row_bytes <= QUAD_MAX_BYTES
             && xrows.len() == m
             && xrows.iter().all(|q| q.lanes.len() >= 8 * q.d.len());
@@ -275,7 +307,8 @@ impl QuantLinear {
                 if tiled {
                     s.tile.resize((r1 - r0) * k, 0.0);
                     for r in r0..r1 {
-                        self.dequantize_into(r, &mut s.unpacked, &mut s.tile[(r - r0) * k..][..k]);
+                        let out = &mut s.tile[(r - r0) * k..][..k];
+                        self.dequantize_into(r, &mut s.unpacked, &mut s.raw, out);
                     }
                     // SAFETY: columns r0..r1 of out are written by this task only.
                     unsafe { gemm_tile(x, m, k, &s.tile, r1 - r0, o.0.add(r0), n) };
@@ -298,8 +331,22 @@ impl QuantLinear {
                     }
                     return;
                 }
+                if self.packed && xrows.len() == m {
+                    // Packed rows: the task's rows in one call per activation row.
+                    let rows = &self.bytes()[r0 * self.row_bytes..r1 * self.row_bytes];
+                    let mut v = [0f32; 16];
+                    for (i, &q) in xrows.iter().enumerate() {
+                        let done = super::packed::dot_rows(self.dtype, rows, q, &mut v);
+                        debug_assert!(done, "packed rows without their kernel");
+                        for (r, &v) in (r0..r1).zip(&v) {
+                            // SAFETY: (i, r) is written by this task only; i < m, r < n.
+                            unsafe { *o.0.add(i * n + r) = v };
+                        }
+                    }
+                    return;
+                }
                 for r in r0..r1 {
-                    let row = self.row(r);
+                    let row = self.raw_row(r, &mut s.raw);
                     if unpacked {
                         s.unpacked.unpack(self.dtype, row, k);
                     } else if !blocky {
@@ -356,9 +403,21 @@ impl QuantLinear {
         let task = |t: usize| {
             let o = out_ptr;
             let (r0, r1) = (t * PANEL, ((t + 1) * PANEL).min(n));
-            let rows: Vec<&[u8]> = (r0..r1).map(|r| self.row(r)).collect();
             SCRATCH.with(|s| {
-                let panel = &mut s.borrow_mut().panel;
+                let s = &mut *s.borrow_mut();
+                let raw: Vec<u8>;
+                let rows: Vec<&[u8]> = if self.packed {
+                    let rb = self.row_bytes;
+                    let mut buf = vec![0u8; (r1 - r0) * rb];
+                    for (r, out) in (r0..r1).zip(buf.chunks_exact_mut(rb)) {
+                        super::packed::unpack_row(self.dtype, self.row(r), k, out);
+                    }
+                    raw = buf;
+                    raw.chunks_exact(rb).collect()
+                } else {
+                    (r0..r1).map(|r| self.row(r)).collect()
+                };
+                let panel = &mut s.panel;
                 panel.pack(self.dtype, &rows, k);
                 // SAFETY: out is m x n; columns r0..r1 are written by this task only.
                 unsafe { panel.product(&acts, o.0.add(r0), n) };
@@ -373,12 +432,13 @@ impl QuantLinear {
     }
 
     /// Row `r` as f32 through a caller's unpacking buffers.
-    fn dequantize_into(&self, r: usize, u: &mut Unpacked, out: &mut [f32]) {
+    fn dequantize_into(&self, r: usize, u: &mut Unpacked, raw: &mut Vec<u8>, out: &mut [f32]) {
+        let row = self.raw_row(r, raw);
         if block_shape(self.dtype).is_some() {
-            u.unpack(self.dtype, self.row(r), self.k);
+            u.unpack(self.dtype, row, self.k);
             blocks::dequantize(u, out);
         } else {
-            expand_row(self.dtype, self.row(r), out)
+            expand_row(self.dtype, row, out)
         }
     }
 

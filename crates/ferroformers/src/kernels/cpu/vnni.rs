@@ -117,7 +117,6 @@ pub fn has_dot4(dtype: GgmlDType) -> bool {
 mod x86 {
     use super::QRow;
     use crate::kernels::cpu::blocks::avx2::{half, hsum};
-    use crate::kernels::cpu::blocks::scale_min_k4;
     use std::arch::x86_64::*;
 
     /// How far ahead (bytes) the loop prefetches the weights.
@@ -305,26 +304,48 @@ mod x86 {
         [0, 1, 2, 3].map(|r| total[r] + mins[r])
     }
 
+    /// Q4_K's eight 6-bit scales and eight 6-bit minimums from its 12 packed bytes, one per
+    /// byte (scales, minimums), as ggml's `utmp` masks unpack them.
+    #[inline(always)]
+    pub(super) unsafe fn scales_mins_k4(p: *const u8) -> (u64, u64) {
+        const K1: u32 = 0x3f3f_3f3f;
+        const K2: u32 = 0x0f0f_0f0f;
+        const K3: u32 = 0x0303_0303;
+        let u0 = (p as *const u32).read_unaligned();
+        let u1 = (p.add(4) as *const u32).read_unaligned();
+        let u2 = (p.add(8) as *const u32).read_unaligned();
+        let s_hi = (u2 & K2) | (((u0 >> 6) & K3) << 4);
+        let m_hi = ((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4);
+        (
+            (u0 & K1) as u64 | (s_hi as u64) << 32,
+            (u1 & K1) as u64 | (m_hi as u64) << 32,
+        )
+    }
+
     /// Q4_K (144-byte superblocks of 256: 8 groups of 32 with 6-bit scales and minimums)
-    /// times Q8_K.
+    /// times Q8_K: the scales and minimums unpacked with integer masks, each group's scale
+    /// picked per lane by a permute, the minimums times Q8_K's group sums in one vector.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn dot_q4k(row: &[u8], x: QRow<'_>) -> f32 {
         let nb = x.d.len();
         assert!(row.len() >= nb * 144 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
-        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
         let low = _mm512_set1_epi8(0x0F);
+        // Lanes 0..8 of the j-th product belong to group 2j, lanes 8..16 to group 2j + 1.
+        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // Q8_K's sums per 16 values: lanes 2g, 2g + 1 take group g's minimum.
+        let halves = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
         let mut acc = _mm512_setzero_ps();
-        let mut mins = 0f32;
+        let mut macc = _mm512_setzero_ps();
         for b in 0..nb {
             let blk = rp.add(b * 144);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
-            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            let (sc, mn) = scales_mins_k4(blk.add(4));
+            let sc = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
+            let mn = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64));
             let (qs, xb) = (blk.add(16), xp.add(b * 256));
             let mut isum = _mm512_setzero_si512();
-            let mut imin = 0i32;
             for j in 0..4 {
-                let (s1, m1) = scale_min_k4(2 * j, scales);
-                let (s2, m2) = scale_min_k4(2 * j + 1, scales);
                 // 32 bytes of nibbles: the low ones are group 2j, the high ones group 2j + 1.
                 let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                 let z =
@@ -332,14 +353,11 @@ mod x86 {
                 let u = _mm512_and_si512(z, low);
                 let xv = _mm512_loadu_si512(xb.add(64 * j) as *const __m512i);
                 let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-                let sc = _mm512_mask_blend_epi32(
-                    0xFF00,
-                    _mm512_set1_epi32(s1 as i32),
-                    _mm512_set1_epi32(s2 as i32),
+                let s = _mm512_permutexvar_epi32(
+                    _mm512_add_epi32(pair, _mm512_set1_epi32(2 * j as i32)),
+                    sc,
                 );
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, sc));
-                let g = &x.gsum[b * 16 + 4 * j..];
-                imin += m1 as i32 * (g[0] + g[1]) + m2 as i32 * (g[2] + g[3]);
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
             }
             let dx = x.d[b];
             acc = _mm512_fmadd_ps(
@@ -347,9 +365,15 @@ mod x86 {
                 _mm512_cvtepi32_ps(isum),
                 acc,
             );
-            mins += (dx * half(blk.add(2))) * imin as f32;
+            let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
+            let imin = _mm512_mullo_epi32(_mm512_permutexvar_epi32(halves, mn), gs);
+            macc = _mm512_fmadd_ps(
+                _mm512_set1_ps(dx * half(blk.add(2))),
+                _mm512_cvtepi32_ps(imin),
+                macc,
+            );
         }
-        _mm512_reduce_add_ps(acc) - mins
+        _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(macc)
     }
 
     /// Q6_K (210-byte superblocks of 256: 16 groups of 16 with i8 scales; values 0..63 less 32)
@@ -409,6 +433,27 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mask unpacking of Q4_K's scales and minimums equals ggml's per-group one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q4k_scales_unpack_like_ggml() {
+        use crate::kernels::cpu::blocks::scale_min_k4;
+        let mut seed = 3u64;
+        for _ in 0..200 {
+            let q: [u8; 12] = std::array::from_fn(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (seed >> 56) as u8
+            });
+            // SAFETY: 12 readable bytes.
+            let (sc, mn) = unsafe { x86::scales_mins_k4(q.as_ptr()) };
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &q);
+                assert_eq!(((sc >> (8 * j)) & 0xFF) as u8, s, "scale {j} of {q:?}");
+                assert_eq!(((mn >> (8 * j)) & 0xFF) as u8, m, "minimum {j} of {q:?}");
+            }
+        }
+    }
     use crate::kernels::cpu::blocks::{block_shape, dot_int, QuantizedRows, Unpacked};
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};

@@ -1,0 +1,79 @@
+//! Times the GGUF decoding products (one activation row, the int8 mode) on Qwen2.5-0.5B
+//! Q4_K_M's shapes and block types: as many copies of each matrix as the model has layers, so
+//! the weights stream from memory as in decoding, across the kernels' thread pool
+//! (`RAYON_NUM_THREADS`/candle's thread count).
+//!
+//!   cargo run --release -p ferroformers --example gguf_gemv_bench [-- REPS]
+//!   FERROFORMERS_NO_REPACK=1 ...   (the raw-block kernels, for comparison)
+//!   ... -- REPS hot                 (one copy each: cache-resident, the arithmetic alone)
+//!
+//! Prints microseconds per product and GB/s of weights read; the median of REPS passes
+//! (default 15) over all copies.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use ferroformers::kernels::cpu::quantized::{QuantLinear, QuantMath};
+
+mod common;
+use common::{median, values};
+
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(15);
+    println!(
+        "packed kernels: {}; threads: {}",
+        ferroformers::kernels::cpu::packed::available(),
+        candle_core::utils::get_num_threads()
+    );
+    println!("| matrix (n x k) | type | copies | MB each | us per product | GB/s |");
+    println!("|---|---|---|---|---|---|");
+    let shapes = [
+        ("q/k/v", 1152, 896, GgmlDType::Q5_0, 24),
+        ("o", 896, 896, GgmlDType::Q5_0, 24),
+        ("gate/up", 9728, 896, GgmlDType::Q5_0, 24),
+        ("down", 896, 4864, GgmlDType::Q4K, 12),
+        ("down", 896, 4864, GgmlDType::Q6K, 12),
+        ("output", 151936, 896, GgmlDType::Q8_0, 1),
+        ("gate/up", 9728, 896, GgmlDType::Q4_1, 24),
+    ];
+    // `hot`: one copy of each matrix (in cache after the first pass): the kernels' arithmetic.
+    let hot = std::env::args().any(|a| a == "hot");
+    for (name, n, k, dt, copies) in shapes {
+        let copies = if hot { 1 } else { copies };
+        let w = Tensor::from_vec(values(n * k, n as u64), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dt).unwrap();
+        let bytes = q.storage_size_in_bytes();
+        let base = QuantLinear::new(&q).unwrap().unwrap();
+        let mats: Vec<QuantLinear> = (0..copies)
+            .map(|_| {
+                QuantLinear::stack(&[&base])
+                    .unwrap()
+                    .with_math(QuantMath::Int8)
+            })
+            .collect();
+        let x = values(k, 7);
+        let mut sink = 0f32;
+        let mut times = Vec::new();
+        for rep in 0..reps + 2 {
+            let t = Instant::now();
+            for m in &mats {
+                sink += m.matmul(&x, 1)[0];
+            }
+            if rep >= 2 {
+                times.push(t.elapsed().as_secs_f64() / copies as f64);
+            }
+        }
+        let s = median(times);
+        println!(
+            "| {name} ({n} x {k}) | {dt:?} | {copies} | {:.2} | {:.1} | {:.1} |{}",
+            bytes as f64 / 1e6,
+            s * 1e6,
+            bytes as f64 / s / 1e9,
+            if sink.is_nan() { " NaN" } else { "" }
+        );
+    }
+}
