@@ -410,3 +410,36 @@ fn smollm2_gguf_int8_follows_llama_cpp() {
     ];
     assert!(seen.contains(&text.as_str()), "{text:?}");
 }
+
+/// Greedy generation without log-probabilities screens the Q8_0 output projection in int8
+/// mode where the CPU has AVX-512 VNNI (`kernels::cpu::split8`: every logit estimated from
+/// the high nibbles, only the candidates for the largest finished); streaming asks for each
+/// token's log-probability, so it computes every logit. The tokens must be the same, with
+/// `min_new_tokens` holding eos back (a suppressed token the screen computes in full).
+#[test]
+fn smollm2_gguf_int8_screened_greedy_equals_full_logits() {
+    let Some(pipe) = smollm2(QuantMath::Int8) else {
+        return;
+    };
+    let mut params = Params::new();
+    params.insert("max_new_tokens".into(), 24.into());
+    params.insert("min_new_tokens".into(), 24.into());
+    params.insert("do_sample".into(), false.into());
+    params.insert("return_full_text".into(), false.into());
+    for prompt in [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    ] {
+        let screened = greedy_text(&pipe, prompt, &params);
+        let (out, _) = pipe
+            .run_streaming(&Input::Text(prompt.into()), &params, &mut |_| true)
+            .unwrap();
+        let full = serde_json::to_value(&out).unwrap()[0]["generated_text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(screened, full, "{prompt:?}");
+    }
+}

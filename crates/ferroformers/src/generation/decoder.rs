@@ -3,7 +3,8 @@
 
 use candle_core::Tensor;
 
-use super::search::StepModel;
+use super::search::{Hooks, StepModel};
+use super::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::models::causal_lm::{causal_bias, CausalLm, KvCache};
 
@@ -120,6 +121,40 @@ pub(crate) fn check_position(model: &dyn CausalLm, pos: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl DecoderSession<'_> {
+    /// Screen the output projection of the following steps when `cfg` and `hooks` read only
+    /// each step's argmax (greedy search, one sequence, no value-dependent processors, no
+    /// log-probabilities): see [`crate::kernels::cpu::split8`]. The tokens a processor may
+    /// suppress (eos before the minimum length, `suppress_tokens`, `begin_suppress_tokens`)
+    /// are always computed in full. Models without a split projection ignore it.
+    pub fn screen_if_greedy(&mut self, cfg: &GenerationConfig, hooks: &Hooks) {
+        let greedy = !cfg.do_sample
+            && cfg.num_beams <= 1
+            && cfg.num_return_sequences <= 1
+            && cfg.repetition_penalty == 1.0
+            && cfg.no_repeat_ngram_size == 0
+            && cfg.bad_words_ids.is_empty()
+            && cfg.timestamp_rules.is_none()
+            && hooks.on_token.is_none()
+            && hooks.on_top.is_none()
+            && hooks.top_logprobs == 0
+            && hooks.on_beam_logprobs.is_none();
+        if !greedy {
+            return;
+        }
+        let mut always: Vec<u32> = cfg
+            .eos_token_id
+            .iter()
+            .chain(&cfg.suppress_tokens)
+            .chain(&cfg.begin_suppress_tokens)
+            .copied()
+            .collect();
+        always.sort_unstable();
+        always.dedup();
+        self.cache.set_screen(Some(std::sync::Arc::new(always)));
+    }
 }
 
 impl StepModel for DecoderSession<'_> {

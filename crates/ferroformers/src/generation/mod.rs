@@ -275,6 +275,7 @@ impl TextGenerator {
         hooks: &mut Hooks,
     ) -> Result<Generated> {
         let mut session = DecoderSession::new(self.model.as_ref(), rows.clone(), mask)?;
+        session.screen_if_greedy(cfg, hooks);
         generate(&mut session, &rows, cfg, hooks)
     }
 

@@ -20,6 +20,10 @@ use crate::weights::Weights;
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     cpu: Vec<KvBuffer>,
+    /// Greedy steps: the output projection may be screened
+    /// ([`crate::kernels::cpu::split8`]); these tokens (the ones a logits processor may
+    /// suppress) are always computed in full.
+    screen: Option<std::sync::Arc<Vec<u32>>>,
 }
 
 impl KvCache {
@@ -27,7 +31,19 @@ impl KvCache {
         Self {
             layers: vec![None; num_layers],
             cpu: Vec::new(),
+            screen: None,
         }
+    }
+
+    /// Let the last-position logits of the following steps be screened (greedy search that
+    /// reads only the argmax), `always` computed in full; `None` turns it off.
+    pub fn set_screen(&mut self, always: Option<std::sync::Arc<Vec<u32>>>) {
+        self.screen = always;
+    }
+
+    /// The tokens always computed in full, when the logits may be screened.
+    pub fn screen(&self) -> Option<&[u32]> {
+        self.screen.as_deref().map(|v| v.as_slice())
     }
 
     /// Tokens already cached.
@@ -131,6 +147,7 @@ impl KvCache {
                 })
                 .collect::<Result<Vec<_>>>()?;
             return Ok(KvCache {
+                screen: None,
                 layers: vec![None; first.layers.len()],
                 cpu: bufs,
             });
@@ -161,6 +178,7 @@ impl KvCache {
             )));
         }
         Ok(KvCache {
+            screen: None,
             layers,
             cpu: Vec::new(),
         })
@@ -189,7 +207,11 @@ impl KvCache {
                 }
             });
         }
-        Ok(KvCache { layers, cpu })
+        Ok(KvCache {
+            layers,
+            cpu,
+            screen: None,
+        })
     }
 
     /// Keep only the first `n` positions of every row.

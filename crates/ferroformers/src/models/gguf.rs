@@ -265,10 +265,20 @@ impl GgufFile {
     /// The model, with quantized projections.
     pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
         let embed = self.qtensor("token_embd.weight", device)?;
+        let tied = !self.has("output.weight");
+        // The output projection of greedy steps is screened where it is Q8_0 in the int8
+        // mode (`kernels::cpu::split8`); a tied table is split for both uses.
         let blocks = if device.is_cpu() && self.dense.is_none() {
             QuantLinear::new(&embed)
                 .map_err(|e| werr(&self.path, e))?
-                .map(|q| q.with_math(self.math))
+                .map(|q| {
+                    let q = q.with_math(self.math);
+                    if tied {
+                        q.split_for_screening()
+                    } else {
+                        q
+                    }
+                })
         } else {
             None
         };
@@ -285,10 +295,13 @@ impl GgufFile {
                 (EmbedTable::Dense(dense), head)
             }
         };
-        let lm_head = if self.has("output.weight") {
-            self.proj("output", device)?
-        } else {
+        let lm_head = if tied {
             tied_head
+        } else {
+            match self.proj("output", device)? {
+                Proj::Blocks(q, None) => Proj::Blocks(q.split_for_screening(), None),
+                p => p,
+            }
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let gemma = cfg.is_gemma3();

@@ -768,7 +768,16 @@ impl Llama {
             (x, s)
         };
         let y = rms_norm_rows(&x, &self.norm_f32, self.eps);
-        let mut logits = self.lm_head.forward_vec(&y, b * rows_out)?;
+        let screened = match (&self.lm_head, cache.screen()) {
+            (Proj::Blocks(q, None), Some(always)) if last_only => {
+                q.matmul_screened(&y, b * rows_out, always)
+            }
+            _ => None,
+        };
+        let mut logits = match screened {
+            Some(l) => l,
+            None => self.lm_head.forward_vec(&y, b * rows_out)?,
+        };
         if let Some(cap) = self.softcap {
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
         }

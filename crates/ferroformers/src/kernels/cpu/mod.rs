@@ -21,6 +21,8 @@
 //!   buffer ([`attention::KvBuffer`]), a few query rows with grouped-query heads, and RMSNorm;
 //! - [`screen`]: greedy decoding's output projection estimated in int8, the candidates for the
 //!   largest logit computed again in f32 (argmax-exact logits for a quarter of the bytes);
+//! - [`split8`]: a GGUF Q8_0 output matrix in two 4-bit planes: greedy steps estimate every
+//!   logit from the high nibbles with rigorous bounds and finish only the candidates;
 //! - [`rowops`]: row loops (LayerNorm, activations, masked softmax, gated products) and the
 //!   vectorisable `exp`/`erf` behind them;
 //! - [`threads`]: worker mode (products stay on the calling thread when the pipeline already
@@ -44,6 +46,7 @@ pub mod quantized;
 pub mod rowops;
 pub mod screen;
 pub(crate) mod simd;
+pub mod split8;
 pub mod threads;
 pub mod vnni;
 

@@ -93,6 +93,8 @@ pub struct QuantLinear {
     math: QuantMath,
     /// Rows in [`super::packed`]'s layout (the int8 mode on AVX-512 VNNI, 32-value types).
     packed: bool,
+    /// A Q8_0 output projection in [`super::split8`]'s planes (then `data` is empty).
+    split: Option<std::sync::Arc<super::split8::SplitQ8>>,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -141,12 +143,24 @@ impl QuantLinear {
             data: std::sync::Arc::new(aligned_words(&[&bytes])),
             math: QuantMath::Exact,
             packed: false,
+            split: None,
         }))
     }
 
     /// The same matrix computing with `math`. The int8 mode packs 32-value block rows for
     /// the VNNI kernels where they run ([`super::packed`]; the same bytes, rearranged).
     pub fn with_math(mut self, math: QuantMath) -> Self {
+        if self.split.is_some() {
+            // Split planes serve the int8 mode only: back to raw blocks first.
+            let mut raw = vec![0u8; self.n * self.row_bytes];
+            let mut buf = Vec::new();
+            for (r, out) in raw.chunks_exact_mut(self.row_bytes).enumerate() {
+                out.copy_from_slice(self.raw_row(r, &mut buf));
+            }
+            self.data = std::sync::Arc::new(aligned_words(&[&raw]));
+            self.split = None;
+            self.packed = false;
+        }
         self.math = math;
         let pack = math == QuantMath::Int8 && super::packed::packable(self.dtype, self.k);
         if pack != self.packed {
@@ -179,7 +193,8 @@ impl QuantLinear {
     pub fn stack(parts: &[&QuantLinear]) -> Option<QuantLinear> {
         let first = parts.first()?;
         if parts.iter().any(|p| {
-            p.dtype != first.dtype
+            p.split.is_some()
+                || p.dtype != first.dtype
                 || p.k != first.k
                 || p.math != first.math
                 || p.packed != first.packed
@@ -196,7 +211,50 @@ impl QuantLinear {
             data: std::sync::Arc::new(aligned_words(&blocks)),
             math: first.math,
             packed: first.packed,
+            split: None,
         })
+    }
+
+    /// For a Q8_0 output projection in the int8 mode on CPUs with AVX-512 VNNI: the matrix
+    /// kept as [`super::split8`]'s two planes instead (the same values; greedy steps then
+    /// read about half of it through [`Self::matmul_screened`]). Unchanged otherwise.
+    pub fn split_for_screening(mut self) -> Self {
+        if self.split.is_some()
+            || self.dtype != GgmlDType::Q8_0
+            || self.math != QuantMath::Int8
+            || !self.k.is_multiple_of(64)
+            || !super::split8::available()
+        {
+            return self;
+        }
+        let mut raw = vec![0u8; self.n * self.row_bytes];
+        let mut buf = Vec::new();
+        for (r, out) in raw.chunks_exact_mut(self.row_bytes).enumerate() {
+            out.copy_from_slice(self.raw_row(r, &mut buf));
+        }
+        self.data = std::sync::Arc::new(Vec::new());
+        self.packed = false;
+        self.split = Some(std::sync::Arc::new(super::split8::SplitQ8::new(
+            &raw, self.n, self.k,
+        )));
+        self
+    }
+
+    /// Greedy decoding's logits `x [m, k] @ W^T` for a split matrix ([`super::split8`]):
+    /// exact for `always` and for every token that could be the largest of the rest,
+    /// estimates below those for the others. `None` where the matrix is not split.
+    pub fn matmul_screened(&self, x: &[f32], m: usize, always: &[u32]) -> Option<Vec<f32>> {
+        let s = self.split.as_ref()?;
+        let xq = blocks::QuantizedRows::quantize(x, self.k, 32);
+        if xq.lanes.is_empty() {
+            return None;
+        }
+        let mut out = vec![0f32; m * self.n];
+        let computed = s.screened(&xq, m, always, &mut out, !in_worker());
+        if super::switch_on("FERROFORMERS_SCREEN_TRACE") {
+            eprintln!("[screen] rows {m} exact {computed} of {}", m * self.n);
+        }
+        Some(out)
     }
 
     /// All rows' blocks.
@@ -212,8 +270,14 @@ impl QuantLinear {
         &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// Row `r` in GGUF's raw blocks: the stored row, or a packed one unpacked into `buf`.
+    /// Row `r` in GGUF's raw blocks: the stored row, or a packed or split one unpacked into
+    /// `buf`.
     fn raw_row<'a>(&'a self, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        if let Some(s) = &self.split {
+            buf.resize(self.row_bytes, 0);
+            s.raw_row(r, buf);
+            return buf;
+        }
         if !self.packed {
             return self.row(r);
         }
@@ -235,6 +299,12 @@ impl QuantLinear {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
         let mut out = vec![0f32; m * n];
+        if let Some(s) = &self.split {
+            // The same kernel as the screened steps' exact rows, for every row count.
+            let xq = blocks::QuantizedRows::quantize(x, k, 32);
+            s.matmul(&xq, m, &mut out, n * k * m >= 1 << 16 && !in_worker());
+            return out;
+        }
         let out_ptr = SendPtr(out.as_mut_ptr());
         let blocky = block_shape(self.dtype).is_some();
         if blocky && self.math == QuantMath::Int8 && m > FEW_ROWS && super::qgemm::available() {
