@@ -21,6 +21,8 @@ Engines (each run is its own child process, so peak RSS is per engine and per ru
              f32 activations), with FERROFORMERS_GGUF_MATH=exact set explicitly
   ours-int8  the same with FERROFORMERS_GGUF_MATH=int8 (activations rounded to 8 bits, as
              llama.cpp's kernels do; a binary that doesn't know the variable runs as `ours`)
+  ours-int8-full  ours-int8 with FERROFORMERS_NO_SCREEN=1: greedy steps compute every logit of a
+             Q8_0 output matrix (no screening through its high nibbles; the same tokens)
   ours-int8-raw  ours-int8 with FERROFORMERS_NO_REPACK=1: 32-value block rows kept as GGUF
              stores them (the raw-block VNNI kernels), not packed into planes at load
   ours-int8-avx2  ours-int8 with FERROFORMERS_NO_VNNI=1: the AVX2 integer kernels even where
@@ -29,7 +31,7 @@ Engines (each run is its own child process, so peak RSS is per engine and per ru
   ours-int8-bp  ours-int8 with FERROFORMERS_POOL=candle: the kernels split work on candle's
              barrier pool, as before our own pool (what the pool changes, e.g. under --busy)
   (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE / FERROFORMERS_NO_VNNI / FERROFORMERS_NO_REPACK /
-  FERROFORMERS_POOL from the caller's environment are
+  FERROFORMERS_NO_SCREEN / FERROFORMERS_POOL from the caller's environment are
   dropped; each ours-* engine sets its own.)
   torch      transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (dequantizes to
              f32), greedy model.generate, torch.set_num_threads(T)
@@ -128,12 +130,13 @@ BATCH_PROMPTS = [
     "A good night's sleep helps",
     "The ocean is home to",
 ]
-ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-raw", "ours-int8-avx2", "ours-int8-bp", "ours-f32",
+ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-full", "ours-int8-raw", "ours-int8-avx2", "ours-int8-bp", "ours-f32",
                "torch", "llama.cpp"]
 # What each ours-* engine sets; these variables are dropped from the caller's environment first.
 OURS_ENV = {
     "ours": {"FERROFORMERS_GGUF_MATH": "exact"},
     "ours-int8": {"FERROFORMERS_GGUF_MATH": "int8"},
+    "ours-int8-full": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_SCREEN": "1"},
     "ours-int8-raw": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_REPACK": "1"},
     "ours-int8-avx2": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_VNNI": "1"},
     "ours-int8-bp": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_POOL": "candle"},
@@ -146,6 +149,7 @@ def engine_labels(quant):
     return {
         "ours": f"ferroformers ({quant} blocks, exact)",
         "ours-int8": f"ferroformers ({quant} blocks, int8 activations)",
+        "ours-int8-full": f"ferroformers ({quant} blocks, int8, every logit computed)",
         "ours-int8-raw": f"ferroformers ({quant} blocks, int8, raw rows, not packed)",
         "ours-int8-avx2": f"ferroformers ({quant} blocks, int8, AVX2 kernels only)",
         "ours-int8-bp": f"ferroformers ({quant} blocks, int8, candle's barrier pool)",
@@ -477,7 +481,7 @@ def main():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=t,
                MKL_NUM_THREADS=t, RAYON_NUM_THREADS=t, TOKENIZERS_PARALLELISM="false")
     for v in ("FERROFORMERS_GGUF_MATH", "FERROFORMERS_GGUF_DEQUANTIZE", "FERROFORMERS_NO_VNNI",
-              "FERROFORMERS_POOL", "FERROFORMERS_NO_REPACK"):
+              "FERROFORMERS_POOL", "FERROFORMERS_NO_REPACK", "FERROFORMERS_NO_SCREEN"):
         env.pop(v, None)
     prompts = {}
     if lengths:

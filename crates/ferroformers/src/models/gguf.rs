@@ -272,9 +272,9 @@ impl GgufFile {
             QuantLinear::new(&embed)
                 .map_err(|e| werr(&self.path, e))?
                 .map(|q| {
-                    let q = q.with_math(self.math);
+                    // Lookups alone read an untied table as stored (no packing at load).
                     if tied {
-                        q.split_for_screening()
+                        q.with_math(self.math).split_for_screening()
                     } else {
                         q
                     }

@@ -227,16 +227,13 @@ impl QuantLinear {
         {
             return self;
         }
-        let mut raw = vec![0u8; self.n * self.row_bytes];
-        let mut buf = Vec::new();
-        for (r, out) in raw.chunks_exact_mut(self.row_bytes).enumerate() {
-            out.copy_from_slice(self.raw_row(r, &mut buf));
-        }
+        let split = super::split8::SplitQ8::new(self.n, self.k, |r, out| {
+            let mut buf = Vec::new();
+            out.copy_from_slice(self.raw_row(r, &mut buf))
+        });
         self.data = std::sync::Arc::new(Vec::new());
         self.packed = false;
-        self.split = Some(std::sync::Arc::new(super::split8::SplitQ8::new(
-            &raw, self.n, self.k,
-        )));
+        self.split = Some(std::sync::Arc::new(split));
         self
     }
 
@@ -245,6 +242,9 @@ impl QuantLinear {
     /// estimates below those for the others. `None` where the matrix is not split.
     pub fn matmul_screened(&self, x: &[f32], m: usize, always: &[u32]) -> Option<Vec<f32>> {
         let s = self.split.as_ref()?;
+        if !s.worth_screening() {
+            return None;
+        }
         let xq = blocks::QuantizedRows::quantize(x, self.k, 32);
         if xq.lanes.is_empty() {
             return None;
