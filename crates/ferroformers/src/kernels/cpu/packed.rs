@@ -179,12 +179,23 @@ pub fn dot_rows(dtype: GgmlDType, rows: &[u8], x: QRow<'_>, out: &mut [f32]) -> 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{layout, QRow, BYTES};
     use std::arch::x86_64::*;
 
     /// log2 of the offset that makes type `T`'s values unsigned (as in [`super::super::vnni`]).
     const SHIFT: [u32; 5] = [7, 3, 0, 4, 0];
+
+    /// 32 nibble bytes of two blocks (16 each: value j low, j + 16 high) -> their 64 values in
+    /// order: a's low nibbles, a's high, b's low, b's high.
+    #[inline(always)]
+    pub(in crate::kernels::cpu) unsafe fn nibbles2(q: *const u8) -> __m512i {
+        let y = _mm512_castsi256_si512(_mm256_loadu_si256(q as *const __m256i));
+        // 128-bit lanes [a, a, b, b]; the second of each pair shifted down by a nibble.
+        let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(y, y);
+        let z = _mm512_mask_srli_epi16::<4>(z, 0xFF00_FF00, z);
+        _mm512_and_si512(z, _mm512_set1_epi8(0x0F))
+    }
 
     /// Two blocks' values made unsigned, in activation order: 32 nibble bytes at `q` (block a's
     /// 16 then block b's) -> a's low nibbles, a's high nibbles, b's low, b's high; Q5's fifth
@@ -197,11 +208,7 @@ mod x86 {
                 _mm512_set1_epi8(-128),
             );
         }
-        let y = _mm512_castsi256_si512(_mm256_loadu_si256(q as *const __m256i));
-        // 128-bit lanes [a, a, b, b]; the second of each pair shifted down by a nibble.
-        let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(y, y);
-        let z = _mm512_mask_srli_epi16::<4>(z, 0xFF00_FF00, z);
-        let n = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+        let n = nibbles2(q);
         if T == 3 || T == 4 {
             let bits = (qh as *const u64).read_unaligned();
             _mm512_mask_add_epi8(n, bits, n, _mm512_set1_epi8(16))

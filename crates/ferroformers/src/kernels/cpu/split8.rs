@@ -346,16 +346,8 @@ fn portable_exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Act, A_BLOCK};
+    use crate::kernels::cpu::packed::x86::nibbles2 as nibbles;
     use std::arch::x86_64::*;
-
-    /// 32 nibble bytes (two blocks: 16 each, value j low, j + 16 high) -> 64 values in order.
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m512i {
-        let y = _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i));
-        let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(y, y);
-        let z = _mm512_mask_srli_epi16::<4>(z, 0xFF00_FF00, z);
-        _mm512_and_si512(z, _mm512_set1_epi8(0x0F))
-    }
 
     const PAIR: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
 
