@@ -151,6 +151,19 @@ fn as_ids(name: &str, v: &Value) -> Result<Vec<u32>> {
 }
 
 impl GenerationConfig {
+    /// Whether each step's token is the argmax of the scores after suppression and forcing
+    /// alone: greedy, one sequence, no penalty or ban that depends on the scores or the
+    /// tokens so far. Such calls may screen the output projection (the largest logit exact,
+    /// the rest bounded estimates), when nothing else reads the logits.
+    pub fn argmax_only(&self) -> bool {
+        !self.do_sample
+            && self.num_beams <= 1
+            && self.num_return_sequences <= 1
+            && self.repetition_penalty == 1.0
+            && self.no_repeat_ngram_size == 0
+            && self.bad_words_ids.is_empty()
+    }
+
     /// The model's defaults: `generation_config.json` when present, else the generation keys of
     /// `config.json` (HF's `GenerationConfig.from_model_config`).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {

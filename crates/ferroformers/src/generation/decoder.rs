@@ -130,12 +130,7 @@ impl DecoderSession<'_> {
     /// suppress (eos before the minimum length, `suppress_tokens`, `begin_suppress_tokens`)
     /// are always computed in full. Models without a split projection ignore it.
     pub fn screen_if_greedy(&mut self, cfg: &GenerationConfig, hooks: &Hooks) {
-        let greedy = !cfg.do_sample
-            && cfg.num_beams <= 1
-            && cfg.num_return_sequences <= 1
-            && cfg.repetition_penalty == 1.0
-            && cfg.no_repeat_ngram_size == 0
-            && cfg.bad_words_ids.is_empty()
+        let greedy = cfg.argmax_only()
             && cfg.timestamp_rules.is_none()
             && hooks.on_token.is_none()
             && hooks.on_top.is_none()

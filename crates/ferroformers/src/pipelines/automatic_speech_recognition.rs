@@ -1395,13 +1395,7 @@ impl SpeechRecognition {
 /// sequence, no penalties that rescale single tokens. Such calls screen the output
 /// projection ([`crate::kernels::cpu::screen`]) unless `FERROFORMERS_NO_SCREEN=1`.
 fn screen_safe(cfg: &GenerationConfig) -> bool {
-    !cfg.do_sample
-        && cfg.num_beams <= 1
-        && cfg.num_return_sequences <= 1
-        && cfg.repetition_penalty == 1.0
-        && cfg.no_repeat_ngram_size == 0
-        && cfg.bad_words_ids.is_empty()
-        && !crate::kernels::cpu::switch_on("FERROFORMERS_NO_SCREEN")
+    cfg.argmax_only() && !crate::kernels::cpu::switch_on("FERROFORMERS_NO_SCREEN")
 }
 
 /// One row of a `generate` call: new tokens, whether an end of text ended them, the average

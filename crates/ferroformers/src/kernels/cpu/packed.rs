@@ -197,6 +197,30 @@ pub(super) mod x86 {
         _mm512_and_si512(z, _mm512_set1_epi8(0x0F))
     }
 
+    /// Sixteen blocks' scales from block `c` on (`mask`: those that exist): the packed f16
+    /// weight scales at `d` times the activations' scales.
+    #[inline(always)]
+    pub(in crate::kernels::cpu) unsafe fn scales16(
+        d: *const u8,
+        xd: &[f32],
+        c: usize,
+        mask: u16,
+    ) -> __m512 {
+        let w = _mm256_maskz_loadu_epi16(mask, d.add(2 * c) as *const i16);
+        _mm512_mul_ps(
+            _mm512_cvtph_ps(w),
+            _mm512_maskz_loadu_ps(mask, xd.as_ptr().add(c)),
+        )
+    }
+
+    /// The scales of pair `p` of a chunk's sixteen (`sc`, from [`scales16`]) in the lanes of
+    /// its blocks' sums: 0..8 the first block's, 8..16 the second's.
+    #[inline(always)]
+    pub(in crate::kernels::cpu) unsafe fn pair_scales(sc: __m512, p: usize) -> __m512 {
+        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * p as i32)), sc)
+    }
+
     /// Two blocks' values made unsigned, in activation order: 32 nibble bytes at `q` (block a's
     /// 16 then block b's) -> a's low nibbles, a's high nibbles, b's low, b's high; Q5's fifth
     /// bits (64, a's then b's) at `qh`; Q8_0: 64 bytes at `q`.
@@ -234,8 +258,6 @@ pub(super) mod x86 {
         let minimum = T == 2 || T == 4;
         let shift = _mm_cvtsi32_si128(SHIFT[T as usize] as i32);
         let (xp, lp) = (x.q.as_ptr(), x.lanes.as_ptr());
-        // Lanes 0..8 take the first block's scale, 8..16 the second's.
-        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         for (rp, o) in rows.chunks_exact(row_bytes).zip(out.iter_mut()) {
             let rp = rp.as_ptr();
             let mut acc = _mm512_setzero_ps();
@@ -245,9 +267,7 @@ pub(super) mod x86 {
                 let cnt = (nb - c).min(16);
                 let mask = ((1u32 << cnt) - 1) as u16;
                 // Sixteen blocks' scales: weight d times activation d.
-                let xd = _mm512_maskz_loadu_ps(mask, x.d.as_ptr().add(c));
-                let d = _mm256_maskz_loadu_epi16(mask, rp.add(2 * c) as *const i16);
-                let sc = _mm512_mul_ps(_mm512_cvtph_ps(d), xd);
+                let sc = scales16(rp, x.d, c, mask);
                 if let Some(m) = l.m {
                     // value = d * q + m: the minimums times Q8_1's s.
                     let xs = _mm512_maskz_loadu_ps(mask, x.s.as_ptr().add(c));
@@ -270,8 +290,7 @@ pub(super) mod x86 {
                     let q = rp.add(l.qs + l.qbytes * b);
                     let qh = rp.wrapping_add(l.qh.unwrap_or(0) + 4 * b);
                     let isum = _mm512_dpbusd_epi32(init, unsigned2::<T>(q, qh), xv);
-                    let idx = _mm512_add_epi32(pair, _mm512_set1_epi32(2 * p as i32));
-                    let s = _mm512_permutexvar_ps(idx, sc);
+                    let s = pair_scales(sc, p);
                     acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc);
                 }
                 c += cnt;

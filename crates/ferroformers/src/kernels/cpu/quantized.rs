@@ -70,7 +70,7 @@ const TILE_ROWS: usize = 16;
 #[derive(Default)]
 struct Scratch {
     unpacked: Unpacked,
-    /// A packed row back in raw blocks.
+    /// Packed or split rows back in raw blocks.
     raw: Vec<u8>,
     tile: Vec<f32>,
     panel: super::qgemm::Panel,
@@ -246,9 +246,6 @@ impl QuantLinear {
             return None;
         }
         let xq = blocks::QuantizedRows::quantize(x, self.k, 32);
-        if xq.lanes.is_empty() {
-            return None;
-        }
         let mut out = vec![0f32; m * self.n];
         let computed = s.screened(&xq, m, always, &mut out, !in_worker());
         if super::switch_on("FERROFORMERS_SCREEN_TRACE") {
@@ -475,22 +472,21 @@ impl QuantLinear {
             let (r0, r1) = (t * PANEL, ((t + 1) * PANEL).min(n));
             SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();
-                let raw: Vec<u8>;
                 let rows: Vec<&[u8]> = if self.packed {
+                    // The panel packer reads raw blocks: the tile's rows unpacked into the
+                    // thread's buffer.
                     let rb = self.row_bytes;
-                    let mut buf = vec![0u8; (r1 - r0) * rb];
-                    for (r, out) in (r0..r1).zip(buf.chunks_exact_mut(rb)) {
+                    s.raw.resize((r1 - r0) * rb, 0);
+                    for (r, out) in (r0..r1).zip(s.raw.chunks_exact_mut(rb)) {
                         super::packed::unpack_row(self.dtype, self.row(r), k, out);
                     }
-                    raw = buf;
-                    raw.chunks_exact(rb).collect()
+                    s.raw.chunks_exact(rb).collect()
                 } else {
                     (r0..r1).map(|r| self.row(r)).collect()
                 };
-                let panel = &mut s.panel;
-                panel.pack(self.dtype, &rows, k);
+                s.panel.pack(self.dtype, &rows, k);
                 // SAFETY: out is m x n; columns r0..r1 are written by this task only.
-                unsafe { panel.product(&acts, o.0.add(r0), n) };
+                unsafe { s.panel.product(&acts, o.0.add(r0), n) };
             })
         };
         let tasks = n.div_ceil(PANEL);

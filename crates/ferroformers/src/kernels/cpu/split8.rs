@@ -346,10 +346,8 @@ fn portable_exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Act, A_BLOCK};
-    use crate::kernels::cpu::packed::x86::nibbles2 as nibbles;
+    use crate::kernels::cpu::packed::x86::{nibbles2 as nibbles, pair_scales, scales16};
     use std::arch::x86_64::*;
-
-    const PAIR: [i32; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32]) {
@@ -363,7 +361,6 @@ mod x86 {
                 && act.lanes.len() >= nb * 8
         );
         let (xp, lp) = (act.q.as_ptr(), act.lanes.as_ptr());
-        let pair = _mm512_loadu_si512(PAIR.as_ptr() as *const __m512i);
         let seven = _mm_cvtsi32_si128(7);
         for (r, o) in out.iter_mut().enumerate().take(rows) {
             let ar = a.as_ptr().add(r * nb * A_BLOCK);
@@ -373,9 +370,7 @@ mod x86 {
             while c < nb {
                 let cnt = (nb - c).min(16);
                 let mask = ((1u32 << cnt) - 1) as u16;
-                let xd = _mm512_maskz_loadu_ps(mask, act.d.as_ptr().add(c));
-                let d = _mm256_maskz_loadu_epi16(mask, ar.add(2 * c) as *const i16);
-                let sc = _mm512_mul_ps(_mm512_cvtph_ps(d), xd);
+                let sc = scales16(ar, act.d, c, mask);
                 for p in 0..cnt / 2 {
                     let j = c + 2 * p;
                     let next = ar.wrapping_add(nb * A_BLOCK + A_BLOCK * j);
@@ -393,8 +388,7 @@ mod x86 {
                     );
                     let lo = _mm512_dpbusd_epi32(init, nibbles(br.add(16 * j)), xv);
                     let isum = _mm512_add_epi32(_mm512_slli_epi32::<4>(hi), lo);
-                    let idx = _mm512_add_epi32(pair, _mm512_set1_epi32(2 * p as i32));
-                    let s = _mm512_permutexvar_ps(idx, sc);
+                    let s = pair_scales(sc, p);
                     acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc);
                 }
                 c += cnt;
@@ -417,7 +411,6 @@ mod x86 {
                 && act.l1.len() >= nb
         );
         let xp = act.q.as_ptr();
-        let pair = _mm512_loadu_si512(PAIR.as_ptr() as *const __m512i);
         for r in 0..rows {
             let ar = a.as_ptr().add(r * nb * A_BLOCK);
             let mut acc = _mm512_setzero_ps();
@@ -427,9 +420,7 @@ mod x86 {
             while c < nb {
                 let cnt = (nb - c).min(16);
                 let mask = ((1u32 << cnt) - 1) as u16;
-                let xd = _mm512_maskz_loadu_ps(mask, act.d.as_ptr().add(c));
-                let d = _mm256_maskz_loadu_epi16(mask, ar.add(2 * c) as *const i16);
-                let sc = _mm512_mul_ps(_mm512_cvtph_ps(d), xd);
+                let sc = scales16(ar, act.d, c, mask);
                 // The 7.5 * 16 - 128 part of every block, and the bound.
                 let sx = _mm512_maskz_loadu_ps(mask, act.sx.as_ptr().add(c));
                 acc2 = _mm512_fmadd_ps(sc, sx, acc2);
@@ -451,8 +442,7 @@ mod x86 {
                         nibbles(ar.add(3 * nb + 16 * j)),
                         xv,
                     );
-                    let idx = _mm512_add_epi32(pair, _mm512_set1_epi32(2 * p as i32));
-                    let s = _mm512_permutexvar_ps(idx, sc16);
+                    let s = pair_scales(sc16, p);
                     acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(hi), acc);
                 }
                 c += cnt;
