@@ -115,10 +115,72 @@ impl Panel {
     /// the panel's 4-byte interleave ([`x86::pack`]); Q2_K and Q3_K are unpacked row by row
     /// first. Otherwise (and as the tests' reference) [`Panel::pack_portable`].
     pub fn pack(&mut self, dtype: GgmlDType, rows: &[&[u8]], k: usize) {
+        self.pack_from(dtype, rows, k, false);
+    }
+
+    /// [`Panel::pack`] from rows in [`super::packed`]'s planes (a packed matrix of the int8
+    /// mode): the same panel, without unpacking the rows to raw blocks first.
+    pub fn pack_planes(&mut self, dtype: GgmlDType, rows: &[&[u8]], k: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if available() && super::packed::packable(dtype, k) {
+            self.pack_from(dtype, rows, k, true);
+            return;
+        }
+        let (sb, bytes) = block_shape(dtype).expect("a GGUF block type");
+        let raw: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| {
+                let mut out = vec![0u8; k / sb * bytes];
+                super::packed::unpack_row(dtype, r, k, &mut out);
+                out
+            })
+            .collect();
+        let raw: Vec<&[u8]> = raw.iter().map(|r| &r[..]).collect();
+        self.pack_from(dtype, &raw, k, false);
+    }
+
+    /// [`Panel::pack`] for Q8_0 rows kept in [`super::split8`]'s planes: row `j`'s first
+    /// plane `first[j]` (scales, norms, high nibbles) and second `second[j]` (low nibbles).
+    pub fn pack_split(&mut self, first: &[&[u8]], second: &[&[u8]], k: usize) {
+        assert!(first.len() == second.len() && k.is_multiple_of(64));
+        let nb = k / 32;
+        assert!(
+            first.iter().all(|r| r.len() >= 19 * nb) && second.iter().all(|r| r.len() >= 16 * nb)
+        );
+        #[cfg(target_arch = "x86_64")]
+        if available() && !first.is_empty() {
+            self.prepare(GgmlDType::Q8_0, first.len(), k);
+            let ptrs: Vec<*const u8> = first.iter().chain(second).map(|r| r.as_ptr()).collect();
+            // SAFETY: the CPU has the features; each pair of planes holds k values (asserted);
+            // the panel, ws and wm are sized by `prepare`.
+            unsafe {
+                x86::pack(
+                    x86::SPLIT,
+                    self.u.as_mut_ptr(),
+                    self.ws.as_mut_ptr(),
+                    self.wm.as_mut_ptr(),
+                    &ptrs,
+                    k,
+                )
+            };
+            return;
+        }
+        // Without the kernels: back to Q8_0 blocks.
+        let raw: Vec<Vec<u8>> = first
+            .iter()
+            .zip(second)
+            .map(|(a, b)| super::split8::raw_from_planes(a, b, k))
+            .collect();
+        let raw: Vec<&[u8]> = raw.iter().map(|r| &r[..]).collect();
+        self.pack_portable(GgmlDType::Q8_0, &raw, k);
+    }
+
+    fn pack_from(&mut self, dtype: GgmlDType, rows: &[&[u8]], k: usize, planes: bool) {
         #[cfg(target_arch = "x86_64")]
         if available() && !rows.is_empty() {
             self.prepare(dtype, rows.len(), k);
             let code = x86::code(dtype);
+            assert!(!planes || code < 5, "planes of a 32-value block type");
             let mut ptrs = [std::ptr::null::<u8>(); PANEL];
             if code == x86::UNPACKED {
                 // Rows unpacked to i8 values one by one, their scales from the unpacking.
@@ -145,7 +207,7 @@ impl Panel {
             // k / g groups of PANEL (prepare, with g the type's group).
             unsafe {
                 x86::pack(
-                    code,
+                    code + if planes { x86::PLANES } else { 0 },
                     self.u.as_mut_ptr(),
                     self.ws.as_mut_ptr(),
                     self.wm.as_mut_ptr(),
@@ -281,6 +343,11 @@ mod x86 {
 
     /// [`pack`]'s source kinds: raw blocks of one type, or rows already unpacked to i8.
     pub const UNPACKED: u8 = 8;
+    /// Added to a 32-value kind (0..=4): its rows are in [`super::super::packed`]'s planes.
+    pub const PLANES: u8 = 16;
+    /// A Q8_0 matrix in [`super::super::split8`]'s two planes: [`pack`] takes each row's
+    /// first-plane pointer, then (as many again) its second-plane pointer.
+    pub const SPLIT: u8 = 9;
 
     /// The kind [`pack`] reads for `dtype`: its raw blocks, except Q2_K and Q3_K.
     pub fn code(dtype: GgmlDType) -> u8 {
@@ -301,8 +368,16 @@ mod x86 {
     /// Values `32 * c .. 32 * c + 32` of one row, each `q + 128` (unsigned), from the row's raw
     /// blocks of kind `T` ([`code`]) or its unpacked i8 values (`T == UNPACKED`). The
     /// arithmetic is [`super::super::blocks`]'s unpacking, 32 lanes at a time.
+    ///
+    /// `P`: the row is in [`super::super::packed`]'s planes (`nb` blocks; kinds 0..=4), where
+    /// block `c`'s values, fifth bits and scales sit in their planes instead of the block.
     #[inline(always)]
-    unsafe fn chunk<const T: u8>(row: *const u8, c: usize) -> __m256i {
+    unsafe fn chunk<const T: u8, const P: bool>(
+        row: *const u8,
+        lo_row: *const u8,
+        c: usize,
+        nb: usize,
+    ) -> __m256i {
         let low = _mm256_set1_epi8(0x0F);
         let top = _mm256_set1_epi8(-128);
         // 16 packed bytes -> their low nibbles (values 0..16), then their high ones (16..32).
@@ -310,10 +385,37 @@ mod x86 {
             let x = _mm_loadu_si128(p as *const __m128i);
             _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(x), x), low)
         };
+        if T == SPLIT {
+            // `q + 128` = 16 * high nibble (first plane, after d and the norms) + low nibble
+            // (second plane, `lo_row`), the same value order as the 4-bit types.
+            return _mm256_or_si256(
+                _mm256_slli_epi16::<4>(nibbles(row.add(3 * nb + 16 * c))),
+                nibbles(lo_row.add(16 * c)),
+            );
+        }
         let fifth = |n: __m256i, bits: *const u8| {
             let m = (bits as *const u32).read_unaligned();
             _mm256_mask_add_epi8(n, m, n, _mm256_set1_epi8(16))
         };
+        if P {
+            // The planes: d (2 nb bytes), then m (Q4_1, Q5_1: 2 nb), qh (Q5_0, Q5_1: 4 nb), qs.
+            return match T {
+                0 => _mm256_xor_si256(
+                    _mm256_loadu_si256(row.add(2 * nb + 32 * c) as *const __m256i),
+                    top,
+                ),
+                1 => _mm256_add_epi8(nibbles(row.add(2 * nb + 16 * c)), _mm256_set1_epi8(120)),
+                2 => _mm256_or_si256(nibbles(row.add(4 * nb + 16 * c)), top),
+                3 => _mm256_add_epi8(
+                    fifth(nibbles(row.add(6 * nb + 16 * c)), row.add(2 * nb + 4 * c)),
+                    _mm256_set1_epi8(112),
+                ),
+                _ => _mm256_or_si256(
+                    fifth(nibbles(row.add(8 * nb + 16 * c)), row.add(4 * nb + 4 * c)),
+                    top,
+                ),
+            };
+        }
         match T {
             // Q8_0: q + 128.
             0 => _mm256_xor_si256(
@@ -401,15 +503,21 @@ mod x86 {
         k: usize,
     ) {
         match code {
-            0 => pack_kind::<0>(dst, ws, wm, rows, k),
-            1 => pack_kind::<1>(dst, ws, wm, rows, k),
-            2 => pack_kind::<2>(dst, ws, wm, rows, k),
-            3 => pack_kind::<3>(dst, ws, wm, rows, k),
-            4 => pack_kind::<4>(dst, ws, wm, rows, k),
-            5 => pack_kind::<5>(dst, ws, wm, rows, k),
-            6 => pack_kind::<6>(dst, ws, wm, rows, k),
-            7 => pack_kind::<7>(dst, ws, wm, rows, k),
-            _ => pack_kind::<UNPACKED>(dst, ws, wm, rows, k),
+            0 => pack_kind::<0, false>(dst, ws, wm, rows, k),
+            1 => pack_kind::<1, false>(dst, ws, wm, rows, k),
+            2 => pack_kind::<2, false>(dst, ws, wm, rows, k),
+            3 => pack_kind::<3, false>(dst, ws, wm, rows, k),
+            4 => pack_kind::<4, false>(dst, ws, wm, rows, k),
+            5 => pack_kind::<5, false>(dst, ws, wm, rows, k),
+            6 => pack_kind::<6, false>(dst, ws, wm, rows, k),
+            7 => pack_kind::<7, false>(dst, ws, wm, rows, k),
+            16 => pack_kind::<0, true>(dst, ws, wm, rows, k),
+            17 => pack_kind::<1, true>(dst, ws, wm, rows, k),
+            18 => pack_kind::<2, true>(dst, ws, wm, rows, k),
+            19 => pack_kind::<3, true>(dst, ws, wm, rows, k),
+            20 => pack_kind::<4, true>(dst, ws, wm, rows, k),
+            SPLIT => pack_kind::<SPLIT, false>(dst, ws, wm, rows, k),
+            _ => pack_kind::<UNPACKED, false>(dst, ws, wm, rows, k),
         }
     }
 
@@ -473,13 +581,20 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-    unsafe fn pack_kind<const T: u8>(
+    unsafe fn pack_kind<const T: u8, const P: bool>(
         dst: *mut u8,
         ws: *mut f32,
         wm: *mut f32,
         rows: &[*const u8],
         k: usize,
     ) {
+        let nb = k / 32;
+        // Split rows come as first planes, then second planes.
+        let (rows, lo_rows) = if T == SPLIT {
+            rows.split_at(rows.len() / 2)
+        } else {
+            (rows, &[][..])
+        };
         let n = rows.len();
         assert!((1..=PANEL).contains(&n) && k.is_multiple_of(32));
         // Quads of rows 0-3 / 4-7 / 8-11 / 12-15 for one dword index: lanes 0 and 2 of
@@ -496,10 +611,32 @@ mod x86 {
         };
         for h in 0..n.div_ceil(16) {
             let r: [*const u8; 16] = std::array::from_fn(|i| rows[(h * 16 + i).min(n - 1)]);
+            let rl: [*const u8; 16] = std::array::from_fn(|i| {
+                lo_rows
+                    .get((h * 16 + i).min(n - 1))
+                    .copied()
+                    .unwrap_or(std::ptr::null())
+            });
             for c in 0..k / 32 {
                 // Ask for the rows' blocks a few chunks ahead: 16 rows stream at once.
                 // Prefetches never fault.
-                if c % 2 == 0 {
+                if T == SPLIT {
+                    if c % 4 == 0 {
+                        for (&p, &q) in r.iter().zip(&rl) {
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(3 * nb + 16 * (c + 8)) as _);
+                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(16 * (c + 8)) as _);
+                        }
+                    }
+                } else if P {
+                    // Planes: the values' plane is most of the bytes.
+                    if c % 4 == 0 {
+                        let q0 = [2, 2, 4, 6, 8][T as usize % 5] * nb;
+                        let per = if T == 0 { 32 } else { 16 };
+                        for &p in &r {
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(q0 + per * (c + 8)) as _);
+                        }
+                    }
+                } else if c % 2 == 0 {
                     for &p in &r {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c * ahead + 8 * ahead) as _);
                     }
@@ -507,8 +644,8 @@ mod x86 {
                 // z[i]: row i's 8 quads, then row i + 8's (a loop, not a closure: inlined).
                 let mut z = [_mm512_setzero_si512(); 8];
                 for i in 0..8 {
-                    let lo = chunk::<T>(r[i], c);
-                    let hi = chunk::<T>(r[i + 8], c);
+                    let lo = chunk::<T, P>(r[i], rl[i], c, nb);
+                    let hi = chunk::<T, P>(r[i + 8], rl[i + 8], c, nb);
                     z[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
                 }
                 // 4x4 transposes inside each 128-bit lane, for rows 0-3 (+8) and 4-7 (+8):
@@ -528,14 +665,20 @@ mod x86 {
                 };
                 let u = quarter(z[0], z[1], z[2], z[3]);
                 let v = quarter(z[4], z[5], z[6], z[7]);
-                if T < 5 {
+                if T < 5 || T == SPLIT {
                     // The 32-value kinds: 16 rows' f16 block scales (and Q4_1/Q5_1's minimums,
                     // negated) to f32 in one conversion; `d * 1` is `d`.
-                    let bytes = BYTES[T as usize];
+                    let bytes = BYTES[T as usize % 5];
+                    // Raw: `off` into the block; planes: the d plane at 0, m's at 2 nb.
                     let half = |off: usize| {
+                        let at = if P || T == SPLIT {
+                            off * nb + 2 * c
+                        } else {
+                            c * bytes + off
+                        };
                         let mut h = [0u16; 16];
                         for i in 0..16 {
-                            h[i] = (r[i].add(c * bytes + off) as *const u16).read_unaligned();
+                            h[i] = (r[i].add(at) as *const u16).read_unaligned();
                         }
                         _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i))
                     };
@@ -687,9 +830,26 @@ mod tests {
                 let n = 32;
                 let (bytes, rb) = quantized_rows(dt, n, k, 31 + ti as u64);
                 let all: Vec<&[u8]> = bytes.chunks_exact(rb).collect();
-                for rows in [1usize, 7, 16, 17, 32] {
+                // The same rows in the int8 mode's planes (32-value types).
+                let mut planes = bytes.clone();
+                let packable = crate::kernels::cpu::packed::packable(dt, k);
+                if packable {
+                    crate::kernels::cpu::packed::pack_rows(dt, &mut planes, k);
+                }
+                let prows: Vec<&[u8]> = planes.chunks_exact(rb).collect();
+                for (rows, from_planes) in [1usize, 7, 16, 17, 32]
+                    .into_iter()
+                    .flat_map(|r| [(r, false), (r, true)])
+                {
+                    if from_planes && !packable {
+                        continue;
+                    }
                     let (mut fast, mut plain) = (Panel::default(), Panel::default());
-                    fast.pack(dt, &all[..rows], k);
+                    if from_planes {
+                        fast.pack_planes(dt, &prows[..rows], k);
+                    } else {
+                        fast.pack(dt, &all[..rows], k);
+                    }
                     plain.pack_portable(dt, &all[..rows], k);
                     assert_eq!(fast.has_min, plain.has_min, "{dt:?}");
                     for t in 0..k / 4 {
@@ -698,7 +858,7 @@ mod tests {
                             assert_eq!(
                                 fast.u[at..at + 4],
                                 plain.u[at..at + 4],
-                                "{dt:?} k={k} rows={rows}: quad {t} of row {j}"
+                                "{dt:?} k={k} rows={rows} planes={from_planes}: quad {t} of row {j}"
                             );
                         }
                     }
@@ -712,6 +872,37 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Q8_0 rows kept in split8's planes pack to the same panel as their raw blocks.
+    #[test]
+    fn split_planes_pack_like_raw_blocks() {
+        let k = 256;
+        let (bytes, rb) = quantized_rows(GgmlDType::Q8_0, 32, k, 77);
+        let split = crate::kernels::cpu::split8::SplitQ8::new(32, k, |r, out| {
+            out.copy_from_slice(&bytes[r * rb..(r + 1) * rb])
+        });
+        let all: Vec<&[u8]> = bytes.chunks_exact(rb).collect();
+        for rows in [1usize, 16, 19, 32] {
+            let (first, second): (Vec<&[u8]>, Vec<&[u8]>) =
+                (0..rows).map(|r| split.planes(r)).unzip();
+            let (mut a, mut b) = (Panel::default(), Panel::default());
+            a.pack_split(&first, &second, k);
+            b.pack_portable(GgmlDType::Q8_0, &all[..rows], k);
+            for t in 0..k / 4 {
+                for j in 0..rows {
+                    let at = t * 4 * PANEL + (j / 16) * 64 + (j % 16) * 4;
+                    assert_eq!(
+                        a.u[at..at + 4],
+                        b.u[at..at + 4],
+                        "rows={rows} quad {t} row {j}"
+                    );
+                }
+            }
+            for i in (0..k / 32).flat_map(|g| (0..rows).map(move |j| g * PANEL + j)) {
+                assert_eq!(a.ws[i].to_bits(), b.ws[i].to_bits());
             }
         }
     }

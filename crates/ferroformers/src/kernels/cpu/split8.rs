@@ -167,17 +167,17 @@ impl SplitQ8 {
 
     /// Row `r` back in GGUF's Q8_0 blocks, into `out` (`k / 32 * 34` bytes).
     pub fn raw_row(&self, r: usize, out: &mut [u8]) {
+        let (a, b) = self.planes(r);
+        raw_into(a, b, self.k, out);
+    }
+
+    /// Row `r`'s two planes: scales, norms and high nibbles; low nibbles.
+    pub fn planes(&self, r: usize) -> (&[u8], &[u8]) {
         let nb = self.nb();
-        let ar = &self.a[r * nb * A_BLOCK..(r + 1) * nb * A_BLOCK];
-        let br = &self.b[r * nb * 16..(r + 1) * nb * 16];
-        for (j, blk) in out[..nb * 34].chunks_exact_mut(34).enumerate() {
-            blk[..2].copy_from_slice(&ar[2 * j..2 * j + 2]);
-            for i in 0..16 {
-                let (h, l) = (ar[3 * nb + 16 * j + i], br[16 * j + i]);
-                blk[2 + i] = ((h & 15) << 4 | (l & 15)) ^ 0x80;
-                blk[18 + i] = ((h & 0xF0) | (l >> 4)) ^ 0x80;
-            }
-        }
+        (
+            &self.a[r * nb * A_BLOCK..(r + 1) * nb * A_BLOCK],
+            &self.b[r * nb * 16..(r + 1) * nb * 16],
+        )
     }
 
     /// `out [m, n]` = the exact int8-mode product of every row with each of the `m` rows of
@@ -187,16 +187,23 @@ impl SplitQ8 {
         assert!(out.len() >= m * n);
         let acts: Vec<Act<'_>> = (0..m).map(|i| Act::new(xq, i)).collect();
         let optr = SendPtr(out.as_mut_ptr());
-        const RUN: usize = 64;
+        // A run of weight rows (~20 KiB of planes at k = 576) stays in L1 while every group of
+        // activation rows passes over it.
+        const RUN: usize = 32;
         let task = |range: std::ops::Range<usize>| {
             let o = optr;
             for t in range {
                 let (r0, r1) = (t * RUN, ((t + 1) * RUN).min(n));
-                for (i, act) in acts.iter().enumerate() {
-                    // SAFETY: row i's columns r0..r1 are written by this task only.
-                    let dst =
-                        unsafe { std::slice::from_raw_parts_mut(o.0.add(i * n + r0), r1 - r0) };
-                    self.exact(r0, r1, act, dst);
+                let mut i = 0;
+                while i < m {
+                    let g = (m - i).min(4);
+                    // SAFETY: rows i..i + g, columns r0..r1 are written by this task only
+                    // (the slice starts at row i's column r0 and ends at row i + g - 1's r1).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(o.0.add(i * n + r0), (g - 1) * n + r1 - r0)
+                    };
+                    self.exact_rows(r0, r1, &acts[i..i + g], dst, n);
+                    i += g;
                 }
             }
         };
@@ -300,6 +307,30 @@ impl SplitQ8 {
         portable_exact(a, b, nb, act, out);
     }
 
+    /// [`Self::exact`] for up to four activation rows: row `i`'s values to `out[i * ld..]`.
+    fn exact_rows(&self, r0: usize, r1: usize, acts: &[Act<'_>], out: &mut [f32], ld: usize) {
+        let nb = self.nb();
+        #[cfg(target_arch = "x86_64")]
+        if super::vnni::available() && acts.iter().all(|a| a.lanes.len() >= 8 * nb) {
+            let a = &self.a[r0 * nb * A_BLOCK..r1 * nb * A_BLOCK];
+            let b = &self.b[r0 * nb * 16..r1 * nb * 16];
+            // SAFETY: the CPU has the features; the kernel asserts the lengths.
+            unsafe {
+                match acts {
+                    [a0, a1, a2, a3] => x86::exact_multi(a, b, nb, [a0, a1, a2, a3], out, ld),
+                    [a0, a1, a2] => x86::exact_multi(a, b, nb, [a0, a1, a2], out, ld),
+                    [a0, a1] => x86::exact_multi(a, b, nb, [a0, a1], out, ld),
+                    [a0] => x86::exact(a, b, nb, a0, out),
+                    _ => unreachable!("groups of one to four rows"),
+                }
+            }
+            return;
+        }
+        for (i, act) in acts.iter().enumerate() {
+            self.exact(r0, r1, act, &mut out[i * ld..i * ld + r1 - r0]);
+        }
+    }
+
     fn estimate(&self, r0: usize, r1: usize, act: &Act<'_>, est: &mut [f32], bound: &mut [f32]) {
         let nb = self.nb();
         let a = &self.a[r0 * nb * A_BLOCK..r1 * nb * A_BLOCK];
@@ -314,6 +345,26 @@ impl SplitQ8 {
         portable_exact(a, b, nb, act, est);
         bound.fill(0.0);
     }
+}
+
+/// A row's planes `ar`, `br` (`k` values) back in Q8_0 blocks, into `out`.
+fn raw_into(ar: &[u8], br: &[u8], k: usize, out: &mut [u8]) {
+    let nb = k / 32;
+    for (j, blk) in out[..nb * 34].chunks_exact_mut(34).enumerate() {
+        blk[..2].copy_from_slice(&ar[2 * j..2 * j + 2]);
+        for i in 0..16 {
+            let (h, l) = (ar[3 * nb + 16 * j + i], br[16 * j + i]);
+            blk[2 + i] = ((h & 15) << 4 | (l & 15)) ^ 0x80;
+            blk[18 + i] = ((h & 0xF0) | (l >> 4)) ^ 0x80;
+        }
+    }
+}
+
+/// [`raw_into`] into a new buffer.
+pub fn raw_from_planes(ar: &[u8], br: &[u8], k: usize) -> Vec<u8> {
+    let mut out = vec![0u8; k / 32 * 34];
+    raw_into(ar, br, k, &mut out);
+    out
 }
 
 /// The exact product without SIMD (same integers; another f32 order).
@@ -397,6 +448,71 @@ mod x86 {
         }
     }
 
+    /// [`exact`] for `R` activation rows at once: each pair of blocks' `u = 16 hi + lo` is
+    /// put together once and multiplied by every row's values (one `vpdpbusd` each, where
+    /// [`exact`] spends two on the nibble planes). The block integers are [`exact`]'s, so are
+    /// the f32 steps after them: the same bits. Row `i`'s result for weight row `r` goes to
+    /// `out[i * ld + r]`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, F16C; lengths as [`exact`]'s for each row (asserted), `out`
+    /// holds `(R - 1) * ld + rows`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn exact_multi<const R: usize>(
+        a: &[u8],
+        b: &[u8],
+        nb: usize,
+        acts: [&Act<'_>; R],
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let rows = a.len() / (nb * A_BLOCK);
+        assert!(nb.is_multiple_of(2) && b.len() == rows * nb * 16 && rows <= ld);
+        assert!(out.len() >= (R - 1) * ld + rows);
+        for act in acts {
+            assert!(act.q.len() >= nb * 32 && act.d.len() >= nb && act.lanes.len() >= nb * 8);
+        }
+        let seven = _mm_cvtsi32_si128(7);
+        for r in 0..rows {
+            let ar = a.as_ptr().add(r * nb * A_BLOCK);
+            let br = b.as_ptr().add(r * nb * 16);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut c = 0;
+            while c < nb {
+                let cnt = (nb - c).min(16);
+                let mask = ((1u32 << cnt) - 1) as u16;
+                let sc: [__m512; R] = std::array::from_fn(|i| scales16(ar, acts[i].d, c, mask));
+                for p in 0..cnt / 2 {
+                    let j = c + 2 * p;
+                    let next = ar.wrapping_add(nb * A_BLOCK + A_BLOCK * j);
+                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                    // Nibbles are below 16: the shift stays inside each byte.
+                    let u = _mm512_or_si512(
+                        _mm512_slli_epi16::<4>(nibbles(ar.add(3 * nb + 16 * j))),
+                        nibbles(br.add(16 * j)),
+                    );
+                    for i in 0..R {
+                        let xv = _mm512_loadu_si512(acts[i].q.as_ptr().add(32 * j) as *const _);
+                        let init = _mm512_sll_epi32(
+                            _mm512_loadu_si512(acts[i].lanes.as_ptr().add(8 * j) as *const _),
+                            seven,
+                        );
+                        let isum = _mm512_dpbusd_epi32(init, u, xv);
+                        acc[i] = _mm512_fmadd_ps(
+                            pair_scales(sc[i], p),
+                            _mm512_cvtepi32_ps(isum),
+                            acc[i],
+                        );
+                    }
+                }
+                c += cnt;
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                out[i * ld + r] = _mm512_reduce_add_ps(*acc);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn estimate(a: &[u8], nb: usize, act: &Act<'_>, est: &mut [f32], bound: &mut [f32]) {
         let rows = a.len() / (nb * A_BLOCK);
@@ -472,6 +588,38 @@ mod tests {
             .data()
             .unwrap()
             .to_vec()
+    }
+
+    /// Several activation rows at once (groups of four, three, two and one) give each row's
+    /// bits alone, with and without the thread pool.
+    #[test]
+    fn split_product_of_many_rows_equals_each_alone() {
+        let (n, k) = (77, 64 * 3);
+        let raw = matrix(n, k, 21);
+        let rb = k / 32 * 34;
+        let s = SplitQ8::new(n, k, |r, out| {
+            out.copy_from_slice(&raw[r * rb..(r + 1) * rb])
+        });
+        for m in [1usize, 2, 3, 4, 7, 10] {
+            let x = crate::kernels::cpu::test_values(m * k, 30 + m as u64, 2.0);
+            let xq = QuantizedRows::quantize(&x, k, 32);
+            for par in [false, true] {
+                let mut all = vec![0f32; m * n];
+                s.matmul(&xq, m, &mut all, par);
+                for i in 0..m {
+                    let one = QuantizedRows::quantize(&x[i * k..(i + 1) * k], k, 32);
+                    let mut alone = vec![0f32; n];
+                    s.matmul(&one, 1, &mut alone, false);
+                    for r in 0..n {
+                        assert_eq!(
+                            all[i * n + r].to_bits(),
+                            alone[r].to_bits(),
+                            "m={m} row {i} weight row {r}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The planes give the blocks back; the full product equals the Q8_0 integer dot (the
