@@ -163,6 +163,14 @@ fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: 
     if fed.len() < MIN_PREFIX || positions.len() != fed.len() {
         return;
     }
+    // Already kept (the same tokens, or more of them: a wave of equal greedy requests ends
+    // together): no copy. Copying every row's keys and values held up the batch for ~19 ms
+    // when 16 SmolLM2 chats of ~100 tokens ended in one step.
+    if let Some(i) = prefixes.iter().position(|p| p.tokens.starts_with(&fed)) {
+        let p = prefixes.remove(i);
+        prefixes.insert(0, p);
+        return;
+    }
     let Ok(c) = cache.extract_row(r, &positions) else {
         return;
     };
@@ -348,6 +356,23 @@ impl Batcher {
                 }
             }
         }
+        // The rows that stay keep their slots; the last rows move into the slots of those
+        // that left (one row's keys and values copied per leaver, in place, instead of the
+        // whole cache again: ~20 ms per leaving row on a 16-row SmolLM2 batch).
+        let keep = {
+            let n = keep.len();
+            let mut movers = keep.iter().copied().filter(|&r| r >= n);
+            let stays: Vec<bool> = (0..n).map(|i| keep.contains(&i)).collect();
+            (0..n)
+                .map(|i| {
+                    if stays[i] {
+                        i
+                    } else {
+                        movers.next().unwrap_or(i)
+                    }
+                })
+                .collect::<Vec<usize>>()
+        };
         let mut fail: Option<Error> = None;
         if keep.len() != rows.len() {
             rows = keep.iter().map(|&r| rows[r]).collect();
@@ -815,6 +840,12 @@ mod tests {
         m.extend([0; 2]);
         m.extend([1; 10]);
         retire(&mut kept, &cache_of(m.len()), 0, &m, toks(0, 20));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].cache.seq_len(), 20);
+        // The same tokens again, or fewer of them: nothing new to keep (no copy; a cache of
+        // another length shows it was not taken).
+        retire(&mut kept, &cache_of(20), 0, &[1; 20], toks(0, 20));
+        retire(&mut kept, &cache_of(16), 0, &[1; 16], toks(0, 16));
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].cache.seq_len(), 20);
         // Too short, or a mask that does not match the tokens: not kept.

@@ -137,7 +137,7 @@ fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
     if !max.is_finite() {
         return f32::NEG_INFINITY;
     }
-    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    let sum = crate::kernels::cpu::rowops::exp_sum(scores, max);
     ((scores[tok as usize] - max) as f64 - sum.ln()) as f32
 }
 
@@ -148,11 +148,7 @@ pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
     if !max.is_finite() || n == 0 {
         return Vec::new();
     }
-    let lse = (scores
-        .iter()
-        .map(|&s| ((s - max) as f64).exp())
-        .sum::<f64>())
-    .ln();
+    let lse = crate::kernels::cpu::rowops::exp_sum(scores, max).ln();
     let mut idx: Vec<u32> = (0..scores.len() as u32)
         .filter(|&i| scores[i as usize] > f32::NEG_INFINITY)
         .collect();

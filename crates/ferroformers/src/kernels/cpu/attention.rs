@@ -102,6 +102,31 @@ impl KvBuffer {
         let per_row = self.heads * self.cap * self.dim;
         let per_head = self.cap * self.dim;
         let used = self.len * self.dim;
+        // Rows that stay in place, and the others filled from rows past the new end (a row
+        // leaving a continuous batch, its slot taken by the last one): in place, copying only
+        // the moved rows' cached positions, with no new buffer to zero.
+        let in_place = rows
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| r == i || r >= rows.len())
+            && {
+                let mut seen = rows.to_vec();
+                seen.sort_unstable();
+                seen.windows(2).all(|w| w[0] != w[1])
+            };
+        if in_place {
+            for buf in [&mut self.k, &mut self.v] {
+                for (i, &r) in rows.iter().enumerate().filter(|&(i, &r)| r != i) {
+                    for h in 0..self.heads {
+                        let from = r * per_row + h * per_head;
+                        buf.copy_within(from..from + used, i * per_row + h * per_head);
+                    }
+                }
+                buf.truncate(rows.len() * per_row);
+            }
+            self.rows = rows.len();
+            return Ok(());
+        }
         for buf in [&mut self.k, &mut self.v] {
             let mut out = vec![0f32; rows.len() * per_row];
             for (i, &r) in rows.iter().enumerate() {
@@ -1256,6 +1281,41 @@ mod tests {
         let (k, _) = b.get(2, 0, 3);
         assert_eq!(k, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
         assert!(b.select_rows(&[3]).is_err());
+    }
+
+    /// Rows leaving with the last rows moved into their slots (done in place) give the
+    /// same buffer as the copying path, and the buffer keeps growing afterwards.
+    #[test]
+    fn rows_leave_in_place_like_a_copy() {
+        let filled = || {
+            let mut b = KvBuffer::new(5, 2, 3);
+            for pos in 0..7 {
+                b.reserve(1);
+                for row in 0..5 {
+                    for h in 0..2 {
+                        let x = (row * 100 + h * 10 + pos) as f32;
+                        b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
+                    }
+                }
+                b.set_len(pos + 1);
+            }
+            b
+        };
+        for keep in [&[0usize, 4, 2][..], &[3, 1], &[0, 1, 2, 3], &[4]] {
+            let mut a = filled();
+            a.select_rows(keep).unwrap();
+            assert_eq!(a.rows(), keep.len());
+            for (i, &r) in keep.iter().enumerate() {
+                let want = filled();
+                for h in 0..2 {
+                    assert_eq!(a.get(i, h, 7), want.get(r, h, 7), "keep {keep:?} row {i}");
+                }
+            }
+            a.reserve(1);
+            a.put(0, 1, 7, &[1.0; 3], &[2.0; 3]);
+            a.set_len(8);
+            assert_eq!(a.get(0, 1, 8).0[21..], [1.0; 3]);
+        }
     }
 
     #[test]
