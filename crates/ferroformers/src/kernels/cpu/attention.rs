@@ -802,45 +802,55 @@ mod x86 {
         }
         // Four query rows at a time: each of the keys' vectors feeds eight independent sums
         // (one row's sums alone waited on the multiply-adds' latency).
+        let c = Short {
+            kt: &kt,
+            valid,
+            v: (v, vs),
+            keys,
+            d,
+            scale,
+        };
         let mut i = 0;
-        while i + 4 <= rows {
-            short_rows::<H, 4>(
-                &kt,
-                &valid,
-                (q.add(i * qs), qs),
-                (v, vs),
-                (keys, d),
-                scale,
-                (out.add(i * os), os),
-            );
-            i += 4;
-        }
         while i < rows {
-            short_rows::<H, 1>(
-                &kt,
-                &valid,
-                (q.add(i * qs), qs),
-                (v, vs),
-                (keys, d),
-                scale,
-                (out.add(i * os), os),
-            );
-            i += 1;
+            let (q, out) = ((q.add(i * qs), qs), (out.add(i * os), os));
+            if rows - i >= 4 {
+                short_rows::<H, 4>(&c, q, out);
+                i += 4;
+            } else {
+                short_rows::<H, 1>(&c, q, out);
+                i += 1;
+            }
         }
+    }
+
+    /// What every block of query rows of one [`attend_short`] call shares.
+    struct Short<'a, const H: usize> {
+        /// The keys transposed (entries `t < d` written).
+        kt: &'a [[std::mem::MaybeUninit<__m512>; H]; 64],
+        /// Per vector of keys: those that exist and are kept.
+        valid: [u16; H],
+        v: (*const f32, usize),
+        keys: usize,
+        d: usize,
+        scale: f32,
     }
 
     /// `R` query rows of [`attend_short`] against the transposed keys `kt`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn short_rows<const H: usize, const R: usize>(
-        kt: &[[std::mem::MaybeUninit<__m512>; H]; 64],
-        valid: &[u16; H],
+        c: &Short<'_, H>,
         (q, qs): (*const f32, usize),
-        (v, vs): (*const f32, usize),
-        (keys, d): (usize, usize),
-        scale: f32,
         (out, os): (*mut f32, usize),
     ) {
+        let Short {
+            kt,
+            valid,
+            v: (v, vs),
+            keys,
+            d,
+            scale,
+        } = *c;
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut acc = [[[_mm512_setzero_ps(); H]; 2]; R];
         for t in (0..d).step_by(2) {

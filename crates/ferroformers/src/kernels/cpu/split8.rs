@@ -590,16 +590,22 @@ mod tests {
             .to_vec()
     }
 
+    /// A random `[n, k]` Q8_0 matrix: its raw blocks, bytes per row, and its split planes.
+    fn split_matrix(n: usize, k: usize, seed: u64) -> (Vec<u8>, usize, SplitQ8) {
+        let raw = matrix(n, k, seed);
+        let rb = k / 32 * 34;
+        let s = SplitQ8::new(n, k, |r, out| {
+            out.copy_from_slice(&raw[r * rb..(r + 1) * rb])
+        });
+        (raw, rb, s)
+    }
+
     /// Several activation rows at once (groups of four, three, two and one) give each row's
     /// bits alone, with and without the thread pool.
     #[test]
     fn split_product_of_many_rows_equals_each_alone() {
         let (n, k) = (77, 64 * 3);
-        let raw = matrix(n, k, 21);
-        let rb = k / 32 * 34;
-        let s = SplitQ8::new(n, k, |r, out| {
-            out.copy_from_slice(&raw[r * rb..(r + 1) * rb])
-        });
+        let (_, _, s) = split_matrix(n, k, 21);
         for m in [1usize, 2, 3, 4, 7, 10] {
             let x = crate::kernels::cpu::test_values(m * k, 30 + m as u64, 2.0);
             let xq = QuantizedRows::quantize(&x, k, 32);
@@ -629,11 +635,7 @@ mod tests {
     #[test]
     fn split_planes_screen_keeps_the_argmax() {
         let (n, k) = (300, 96 * 2);
-        let raw = matrix(n, k, 9);
-        let rb = k / 32 * 34;
-        let s = SplitQ8::new(n, k, |r, out| {
-            out.copy_from_slice(&raw[r * rb..(r + 1) * rb])
-        });
+        let (raw, rb, s) = split_matrix(n, k, 9);
         let mut back = vec![0u8; rb];
         for r in 0..n {
             s.raw_row(r, &mut back);
