@@ -368,37 +368,35 @@ pub fn attend_sequences_into(
             Some(t) => &t[(hd * s + i0 + i) * s..(hd * s + i0 + i + 1) * s],
             None => &[][..],
         };
-        if short {
-            // SAFETY: as below.
-            unsafe {
-                attend_short(
-                    (qkv.as_ptr().add(base + i0 * stride + hd * d), stride),
-                    (qkv.as_ptr().add(base + inner + hd * d), stride),
-                    (qkv.as_ptr().add(base + 2 * inner + hd * d), stride),
-                    (i1 - i0, s, d),
-                    scale,
-                    keep,
-                    (out.0.add((bi * s + i0) * inner + hd * d), inner),
-                )
-            };
-            return;
-        }
         // SAFETY: q rows i0..i1, and all s keys and values, of this sequence and head lie in
         // qkv (row stride `stride`); rows i0..i1, columns hd*d.. of ctx (row stride inner)
         // belong to this job only.
-        unsafe {
-            attend_block(
+        let (q, k, v, o) = unsafe {
+            (
                 (qkv.as_ptr().add(base + i0 * stride + hd * d), stride),
                 (qkv.as_ptr().add(base + inner + hd * d), stride),
                 (qkv.as_ptr().add(base + 2 * inner + hd * d), stride),
-                (i1 - i0, s, d),
-                scale,
-                |_| s,
-                bias_row,
-                keep,
                 (out.0.add((bi * s + i0) * inner + hd * d), inner),
-                &mut scores,
-            );
+            )
+        };
+        // SAFETY: as above.
+        unsafe {
+            if short {
+                attend_short(q, k, v, (i1 - i0, s, d), scale, keep, o);
+            } else {
+                attend_block(
+                    q,
+                    k,
+                    v,
+                    (i1 - i0, s, d),
+                    scale,
+                    |_| s,
+                    bias_row,
+                    keep,
+                    o,
+                    &mut scores,
+                );
+            }
         }
     };
     let jobs = (0..b)
