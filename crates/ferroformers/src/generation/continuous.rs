@@ -579,17 +579,25 @@ impl Batcher {
             self.wake.notify_all();
         }
 
-        // 4. The new rows join: their caches right-aligned with the batch's (one copy of
-        // everything), masks left-padded.
+        // 4. The new rows join: their caches right-aligned with the batch's, masks
+        // left-padded. Rows no longer than the batch go after its rows in place (only they
+        // are copied); otherwise everything is copied once into a new cache.
         if !joining.is_empty() {
-            let mut parts: Vec<(&KvCache, usize)> = Vec::with_capacity(joining.len() + 1);
-            if let Some(c) = cache.as_ref() {
-                parts.push((c, c.seq_len()));
-            }
-            parts.extend(joining.iter().map(|(_, c, _)| (c, c.seq_len())));
+            let new: Vec<(&KvCache, usize)> =
+                joining.iter().map(|(_, c, _)| (c, c.seq_len())).collect();
             let t = std::time::Instant::now();
-            let joined = KvCache::join(&parts);
-            trace("join", parts.len(), t);
+            let appended = cache.as_mut().is_some_and(|c| c.append_rows(&new));
+            let joined = if appended {
+                Ok(cache.take().unwrap_or_default())
+            } else {
+                let mut parts: Vec<(&KvCache, usize)> = Vec::with_capacity(joining.len() + 1);
+                if let Some(c) = cache.as_ref() {
+                    parts.push((c, c.seq_len()));
+                }
+                parts.extend(new);
+                KvCache::join(&parts)
+            };
+            trace("join", joining.len(), t);
             match joined {
                 Ok(c) => {
                     cache = Some(c);

@@ -115,6 +115,33 @@ impl KvCache {
         self.cpu.is_empty() && self.layers.iter().all(Option::is_none)
     }
 
+    /// [`KvCache::join`] of this cache and `parts` into this one (CPU buffers, every part's
+    /// `n` within this cache's length): only the new rows are copied. `false` (nothing
+    /// changed) where that does not apply; then `join`.
+    pub fn append_rows(&mut self, parts: &[(&KvCache, usize)]) -> bool {
+        let parts: Vec<(&KvCache, usize)> = parts
+            .iter()
+            .filter(|(c, _)| !c.is_empty())
+            .copied()
+            .collect();
+        let len = self.seq_len();
+        if self.cpu.is_empty()
+            || parts
+                .iter()
+                .any(|&(c, n)| c.cpu.len() != self.cpu.len() || n.min(c.seq_len()) > len)
+        {
+            return false;
+        }
+        for (l, buf) in self.cpu.iter_mut().enumerate() {
+            let layer: Vec<(&KvBuffer, usize)> =
+                parts.iter().map(|&(c, n)| (&c.cpu[l], n)).collect();
+            // Checked above for every layer (all layers hold the same positions).
+            let done = buf.append_rows(&layer);
+            debug_assert!(done);
+        }
+        true
+    }
+
     /// The rows of several caches as one, in order: from part `(c, n)` every row's first `n`
     /// positions (at most its length), all right-aligned to the longest `n` (shorter rows
     /// left-padded with zeros, which their attention masks hide). Empty caches add nothing.

@@ -249,6 +249,49 @@ impl KvBuffer {
         })
     }
 
+    /// [`Self::join`] of this buffer and `parts` in place, when every part's `n` (at most
+    /// its length) fits in this buffer's length: the new rows go after this one's,
+    /// right-aligned, left-padded with zeros; this buffer's rows are not copied (a request
+    /// joining a running batch copied the whole batch's keys and values again). Returns
+    /// whether it could; `false` leaves the buffer as it was.
+    pub fn append_rows(&mut self, parts: &[(&KvBuffer, usize)]) -> bool {
+        let parts: Vec<(&KvBuffer, usize)> = parts
+            .iter()
+            .filter(|(b, _)| b.rows > 0)
+            .map(|&(b, n)| (b, n.min(b.len)))
+            .collect();
+        let (heads, d, cap, len) = (self.heads, self.dim, self.cap, self.len);
+        if self.rows == 0
+            || parts
+                .iter()
+                .any(|&(b, n)| (b.heads, b.dim) != (heads, d) || n > len)
+        {
+            return false;
+        }
+        let new: usize = parts.iter().map(|(b, _)| b.rows).sum();
+        let per_row = heads * cap * d;
+        let mut row = self.rows;
+        for buf in [&mut self.k, &mut self.v] {
+            // Zeros for the new rows: their left padding (the rest is written below).
+            buf.resize((row + new) * per_row, 0.0);
+        }
+        for (src, n) in parts {
+            let shift = (len - n) * d;
+            for r in 0..src.rows {
+                for h in 0..heads {
+                    let from = (r * heads + h) * src.cap * d;
+                    let to = ((row + r) * heads + h) * cap * d + shift;
+                    let n = n * d;
+                    self.k[to..to + n].copy_from_slice(&src.k[from..from + n]);
+                    self.v[to..to + n].copy_from_slice(&src.v[from..from + n]);
+                }
+            }
+            row += src.rows;
+        }
+        self.rows = row;
+        true
+    }
+
     /// Row `r`'s `positions` (each `< len`, in the order given) as a buffer of its own (one
     /// row).
     pub fn extract_row(&self, r: usize, positions: &[usize]) -> KvBuffer {
@@ -1567,6 +1610,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows appended in place read as the same rows joined into a new buffer; a part longer
+    /// than the buffer is refused and leaves it unchanged.
+    #[test]
+    fn rows_append_in_place_like_a_join() {
+        let filled = |rows: usize, len: usize, base: usize| {
+            let mut b = KvBuffer::new(rows, 2, 3);
+            b.reserve(len);
+            for pos in 0..len {
+                for row in 0..rows {
+                    for h in 0..2 {
+                        let x = (base + row * 100 + h * 10 + pos) as f32;
+                        b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
+                    }
+                }
+            }
+            b.set_len(len);
+            b
+        };
+        let (run, a, c) = (filled(3, 9, 0), filled(2, 5, 1000), filled(1, 9, 2000));
+        let want = KvBuffer::join(&[(&run, 9), (&a, 5), (&c, 7)], 4).unwrap();
+        let mut got = filled(3, 9, 0);
+        assert!(got.append_rows(&[(&a, 5), (&c, 7)]));
+        assert_eq!((got.rows(), got.len()), (6, 9));
+        for r in 0..6 {
+            for h in 0..2 {
+                assert_eq!(got.get(r, h, 9), want.get(r, h, 9), "row {r} head {h}");
+            }
+        }
+        let long = filled(1, 12, 3000);
+        assert!(!got.append_rows(&[(&long, 12)]));
+        assert_eq!(got.rows(), 6);
     }
 
     /// Rows leaving with the last rows moved into their slots (done in place) give the
