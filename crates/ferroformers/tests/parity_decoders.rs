@@ -252,9 +252,7 @@ fn streaming_yields_the_generated_text() {
         &model_path("gpt2"),
     )
     .unwrap();
-    let mut params = Params::new();
-    params.insert("max_new_tokens".into(), 12.into());
-    params.insert("do_sample".into(), false.into());
+    let mut params = greedy_params(12);
     params.insert("return_full_text".into(), false.into());
     // "Café in Zürich is" continues with byte tokens that split characters.
     let input = Input::Text("Café in Zürich is".into());
@@ -358,15 +356,21 @@ fn greedy_text(pipe: &ferroformers::Pipeline, prompt: &str, params: &Params) -> 
         .to_string()
 }
 
+/// `max_new_tokens` greedy tokens (`do_sample=false`).
+fn greedy_params(max_new_tokens: u32) -> Params {
+    let mut params = Params::new();
+    params.insert("max_new_tokens".into(), max_new_tokens.into());
+    params.insert("do_sample".into(), false.into());
+    params
+}
+
 #[test]
 fn smollm2_gguf_generates() {
     // transformers' numbers: f32 activations.
     let Some(pipe) = smollm2(QuantMath::Exact) else {
         return;
     };
-    let mut params = Params::new();
-    params.insert("max_new_tokens".into(), 20.into());
-    params.insert("do_sample".into(), false.into());
+    let mut params = greedy_params(20);
     let text = greedy_text(&pipe, "The capital of France is", &params);
     assert_eq!(
         text, "The capital of France is Paris.\n\nThe answer is: 2018-01-22 ",
@@ -399,9 +403,7 @@ fn smollm2_gguf_int8_follows_llama_cpp() {
     let Some(pipe) = smollm2(QuantMath::Int8) else {
         return;
     };
-    let mut params = Params::new();
-    params.insert("max_new_tokens".into(), 20.into());
-    params.insert("do_sample".into(), false.into());
+    let mut params = greedy_params(20);
     params.insert("return_full_text".into(), false.into());
     let text = greedy_text(&pipe, "The capital of France is", &params);
     let seen = [
@@ -421,10 +423,8 @@ fn smollm2_gguf_int8_screened_greedy_equals_full_logits() {
     let Some(pipe) = smollm2(QuantMath::Int8) else {
         return;
     };
-    let mut params = Params::new();
-    params.insert("max_new_tokens".into(), 24.into());
+    let mut params = greedy_params(24);
     params.insert("min_new_tokens".into(), 24.into());
-    params.insert("do_sample".into(), false.into());
     params.insert("return_full_text".into(), false.into());
     for prompt in [
         "The capital of France is",

@@ -282,7 +282,7 @@ impl SplitQ8 {
                     let r = r as usize;
                     // SAFETY: entry r (< n) is written by this call only.
                     let dst = unsafe { std::slice::from_raw_parts_mut(ep.0.add(r), 1) };
-                    self.exact(r, r + 1, &act, dst);
+                    self.exact_rows(r, r + 1, std::slice::from_ref(&act), dst, 1);
                 }
             };
             if par && ids.len() >= 256 {
@@ -294,40 +294,28 @@ impl SplitQ8 {
         computed
     }
 
-    fn exact(&self, r0: usize, r1: usize, act: &Act<'_>, out: &mut [f32]) {
+    /// The exact product of rows `r0..r1` with one to four activation rows: row `i`'s values
+    /// to `out[i * ld..]`.
+    fn exact_rows(&self, r0: usize, r1: usize, acts: &[Act<'_>], out: &mut [f32], ld: usize) {
         let nb = self.nb();
         let a = &self.a[r0 * nb * A_BLOCK..r1 * nb * A_BLOCK];
         let b = &self.b[r0 * nb * 16..r1 * nb * 16];
         #[cfg(target_arch = "x86_64")]
-        if super::vnni::available() && act.lanes.len() >= 8 * nb {
-            // SAFETY: the CPU has the features; the kernel asserts the lengths.
-            unsafe { x86::exact(a, b, nb, act, out) };
-            return;
-        }
-        portable_exact(a, b, nb, act, out);
-    }
-
-    /// [`Self::exact`] for up to four activation rows: row `i`'s values to `out[i * ld..]`.
-    fn exact_rows(&self, r0: usize, r1: usize, acts: &[Act<'_>], out: &mut [f32], ld: usize) {
-        let nb = self.nb();
-        #[cfg(target_arch = "x86_64")]
         if super::vnni::available() && acts.iter().all(|a| a.lanes.len() >= 8 * nb) {
-            let a = &self.a[r0 * nb * A_BLOCK..r1 * nb * A_BLOCK];
-            let b = &self.b[r0 * nb * 16..r1 * nb * 16];
             // SAFETY: the CPU has the features; the kernel asserts the lengths.
             unsafe {
                 match acts {
-                    [a0, a1, a2, a3] => x86::exact_multi(a, b, nb, [a0, a1, a2, a3], out, ld),
-                    [a0, a1, a2] => x86::exact_multi(a, b, nb, [a0, a1, a2], out, ld),
-                    [a0, a1] => x86::exact_multi(a, b, nb, [a0, a1], out, ld),
-                    [a0] => x86::exact(a, b, nb, a0, out),
+                    [a0, a1, a2, a3] => x86::exact(a, b, nb, [a0, a1, a2, a3], out, ld),
+                    [a0, a1, a2] => x86::exact(a, b, nb, [a0, a1, a2], out, ld),
+                    [a0, a1] => x86::exact(a, b, nb, [a0, a1], out, ld),
+                    [a0] => x86::exact(a, b, nb, [a0], out, ld),
                     _ => unreachable!("groups of one to four rows"),
                 }
             }
             return;
         }
         for (i, act) in acts.iter().enumerate() {
-            self.exact(r0, r1, act, &mut out[i * ld..i * ld + r1 - r0]);
+            portable_exact(a, b, nb, act, &mut out[i * ld..i * ld + r1 - r0]);
         }
     }
 
@@ -400,65 +388,17 @@ mod x86 {
     use crate::kernels::cpu::packed::x86::{nibbles2 as nibbles, pair_scales, scales16};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32]) {
-        let rows = a.len() / (nb * A_BLOCK);
-        assert!(
-            nb.is_multiple_of(2)
-                && b.len() == rows * nb * 16
-                && out.len() >= rows
-                && act.q.len() >= nb * 32
-                && act.d.len() >= nb
-                && act.lanes.len() >= nb * 8
-        );
-        let (xp, lp) = (act.q.as_ptr(), act.lanes.as_ptr());
-        let seven = _mm_cvtsi32_si128(7);
-        for (r, o) in out.iter_mut().enumerate().take(rows) {
-            let ar = a.as_ptr().add(r * nb * A_BLOCK);
-            let br = b.as_ptr().add(r * nb * 16);
-            let mut acc = _mm512_setzero_ps();
-            let mut c = 0;
-            while c < nb {
-                let cnt = (nb - c).min(16);
-                let mask = ((1u32 << cnt) - 1) as u16;
-                let sc = scales16(ar, act.d, c, mask);
-                for p in 0..cnt / 2 {
-                    let j = c + 2 * p;
-                    let next = ar.wrapping_add(nb * A_BLOCK + A_BLOCK * j);
-                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
-                    let xv = _mm512_loadu_si512(xp.add(32 * j) as *const __m512i);
-                    // -128 * sum(xq) in lanes 0 and 8.
-                    let init = _mm512_sll_epi32(
-                        _mm512_loadu_si512(lp.add(8 * j) as *const __m512i),
-                        seven,
-                    );
-                    let hi = _mm512_dpbusd_epi32(
-                        _mm512_setzero_si512(),
-                        nibbles(ar.add(3 * nb + 16 * j)),
-                        xv,
-                    );
-                    let lo = _mm512_dpbusd_epi32(init, nibbles(br.add(16 * j)), xv);
-                    let isum = _mm512_add_epi32(_mm512_slli_epi32::<4>(hi), lo);
-                    let s = pair_scales(sc, p);
-                    acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(isum), acc);
-                }
-                c += cnt;
-            }
-            *o = _mm512_reduce_add_ps(acc);
-        }
-    }
-
-    /// [`exact`] for `R` activation rows at once: each pair of blocks' `u = 16 hi + lo` is
-    /// put together once and multiplied by every row's values (one `vpdpbusd` each, where
-    /// [`exact`] spends two on the nibble planes). The block integers are [`exact`]'s, so are
-    /// the f32 steps after them: the same bits. Row `i`'s result for weight row `r` goes to
-    /// `out[i * ld + r]`.
+    /// The full product of the rows in planes `a`, `b` with `R` activation rows: each pair of
+    /// blocks' `u = 16 hi + lo` (`q + 128`) is put together once and multiplied by every
+    /// row's values (`vpdpbusd` from `-128 * sum(xq)`), scaled per block; the block integers
+    /// are the Q8_0 kernels'. A row's result does not depend on the others in the call. Row
+    /// `i`'s result for weight row `r` goes to `out[i * ld + r]`.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL/VNNI, F16C; lengths as [`exact`]'s for each row (asserted), `out`
-    /// holds `(R - 1) * ld + rows`.
+    /// AVX-512 F/BW/VL/VNNI, F16C; `nb` even, `b` the same rows' second plane, each
+    /// activation row `nb` blocks with lanes (asserted), `out` at least `(R - 1) * ld + rows`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn exact_multi<const R: usize>(
+    pub unsafe fn exact<const R: usize>(
         a: &[u8],
         b: &[u8],
         nb: usize,
