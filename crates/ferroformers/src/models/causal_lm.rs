@@ -115,6 +115,11 @@ impl KvCache {
         self.cpu.is_empty() && self.layers.iter().all(Option::is_none)
     }
 
+    /// Whether [`Self::append_rows`] can apply (the CPU buffers of the Llama family's path).
+    pub fn appends_in_place(&self) -> bool {
+        !self.cpu.is_empty()
+    }
+
     /// [`KvCache::join`] of this cache and `parts` into this one (CPU buffers, every part's
     /// `n` within this cache's length): only the new rows are copied. `false` (nothing
     /// changed) where that does not apply; then `join`.
@@ -300,6 +305,10 @@ pub trait CausalLm: Send + Sync {
     }
 
     fn device(&self) -> &Device;
+
+    /// Get ready for batched decoding steps (continuous batching): GGUF matrices make the
+    /// int8 panels those steps keep now rather than at the first one.
+    fn prepare_batched_steps(&self) {}
 }
 
 /// A projection `y = x W^T (+ b)`: dense (transposed, contiguous) or a quantized GGUF block
@@ -338,7 +347,15 @@ impl Proj {
     /// `x [rows, in] -> [rows, out]` on plain buffers (CPU f32). GGUF blocks use their own
     /// kernels; other kinds go through a tensor.
     pub fn forward_vec(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_rows(x, rows, false)
+    }
+
+    /// [`Self::forward_vec`]; `step`: the rows are one decoding step of a batch (one new
+    /// token each), where GGUF blocks keep their int8 panels
+    /// ([`QuantLinear::matmul_step`]).
+    pub fn forward_rows(&self, x: &[f32], rows: usize, step: bool) -> Result<Vec<f32>> {
         let (mut y, bias) = match self {
+            Proj::Blocks(q, b) if step => (q.matmul_step(x, rows), b.as_ref()),
             Proj::Blocks(q, b) => (q.matmul(x, rows), b.as_ref()),
             _ => {
                 let t = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
@@ -352,6 +369,13 @@ impl Proj {
             }
         }
         Ok(y)
+    }
+
+    /// [`QuantLinear::keep_panels`] for GGUF blocks; nothing for the other kinds.
+    pub fn keep_panels(&self) {
+        if let Proj::Blocks(q, _) = self {
+            q.keep_panels();
+        }
     }
 
     /// Several projections of the same input as one (outputs side by side), when all are GGUF

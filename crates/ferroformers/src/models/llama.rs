@@ -626,6 +626,8 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let n = b * s;
+        // One new token in each of several rows: a batched decoding step.
+        let step = s == 1 && b > 1;
         let h = self.hidden;
         let Some(first) = self.layers.first() else {
             candle_core::bail!("the model has no layers");
@@ -673,12 +675,12 @@ impl Llama {
             };
             let hn = rms_norm_rows(&x, &layer.norms.input, self.eps);
             let mut qkv = match &at.qkv_proj {
-                Some(p) => p.forward_vec(&hn, n)?,
+                Some(p) => p.forward_rows(&hn, n, step)?,
                 None => {
                     let (q, k, v) = (
-                        at.q_proj.forward_vec(&hn, n)?,
-                        at.k_proj.forward_vec(&hn, n)?,
-                        at.v_proj.forward_vec(&hn, n)?,
+                        at.q_proj.forward_rows(&hn, n, step)?,
+                        at.k_proj.forward_rows(&hn, n, step)?,
+                        at.v_proj.forward_rows(&hn, n, step)?,
                     );
                     let mut out = Vec::with_capacity(n * (q_w + 2 * kv_w));
                     for t in 0..n {
@@ -719,7 +721,7 @@ impl Llama {
                 (bias, total),
                 scale,
             );
-            let mut o = at.o_proj.forward_vec(&ctx, n)?;
+            let mut o = at.o_proj.forward_rows(&ctx, n, step)?;
             if let Some((on, _)) = &layer.norms.out {
                 o = rms_norm_rows(&o, on, self.eps);
             }
@@ -728,7 +730,7 @@ impl Llama {
             let mlp = &layer.mlp;
             let (gate, up, inter) = match &mlp.gate_up_proj {
                 Some(p) => {
-                    let gu = p.forward_vec(&hn, n)?;
+                    let gu = p.forward_rows(&hn, n, step)?;
                     let inter = gu.len() / n / 2;
                     let (mut g, mut u) =
                         (Vec::with_capacity(n * inter), Vec::with_capacity(n * inter));
@@ -739,9 +741,9 @@ impl Llama {
                     (g, u, inter)
                 }
                 None => {
-                    let g = mlp.gate_proj.forward_vec(&hn, n)?;
+                    let g = mlp.gate_proj.forward_rows(&hn, n, step)?;
                     let inter = g.len() / n;
-                    (g, mlp.up_proj.forward_vec(&hn, n)?, inter)
+                    (g, mlp.up_proj.forward_rows(&hn, n, step)?, inter)
                 }
             };
             let mut act = gate;
@@ -751,7 +753,7 @@ impl Llama {
                 activate(&mut act, mlp.act);
                 mul_in_place(&mut act, &up);
             }
-            let mut down = mlp.down_proj.forward_vec(&act, n)?;
+            let mut down = mlp.down_proj.forward_rows(&act, n, step)?;
             debug_assert_eq!(act.len(), n * inter);
             if let Some((_, mn)) = &layer.norms.out {
                 down = rms_norm_rows(&down, mn, self.eps);
@@ -776,7 +778,7 @@ impl Llama {
         };
         let mut logits = match screened {
             Some(l) => l,
-            None => self.lm_head.forward_vec(&y, b * rows_out)?,
+            None => self.lm_head.forward_rows(&y, b * rows_out, step)?,
         };
         if let Some(cap) = self.softcap {
             logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
@@ -807,6 +809,30 @@ impl CausalLm for Llama {
 
     fn max_positions(&self) -> Option<usize> {
         Some(self.max_positions)
+    }
+
+    fn prepare_batched_steps(&self) {
+        if !(self.device.is_cpu() && self.dtype == DType::F32) {
+            return;
+        }
+        for l in &self.layers {
+            let (at, mlp) = (&l.self_attn, &l.mlp);
+            match &at.qkv_proj {
+                Some(p) => p.keep_panels(),
+                None => [&at.q_proj, &at.k_proj, &at.v_proj]
+                    .iter()
+                    .for_each(|p| p.keep_panels()),
+            }
+            at.o_proj.keep_panels();
+            match &mlp.gate_up_proj {
+                Some(p) => p.keep_panels(),
+                None => [&mlp.gate_proj, &mlp.up_proj]
+                    .iter()
+                    .for_each(|p| p.keep_panels()),
+            }
+            mlp.down_proj.keep_panels();
+        }
+        self.lm_head.keep_panels();
     }
 
     fn device(&self) -> &Device {

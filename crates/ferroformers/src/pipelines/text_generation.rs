@@ -444,6 +444,7 @@ impl Task for TextGeneration {
             max_total_tokens,
             admission,
         ));
+        self.generator.model.prepare_batched_steps();
         true
     }
 

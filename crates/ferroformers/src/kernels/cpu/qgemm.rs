@@ -220,6 +220,20 @@ impl Panel {
         self.pack_portable(dtype, rows, k);
     }
 
+    /// This panel without its packing buffers (unpacked rows; minimums of a type without
+    /// them), to be kept and multiplied again.
+    pub fn kept(mut self) -> Panel {
+        self.unpacked = Unpacked::default();
+        self.tq = Vec::new();
+        if !self.has_min {
+            self.wm = Vec::new();
+        }
+        self.u.shrink_to_fit();
+        self.ws.shrink_to_fit();
+        self.wm.shrink_to_fit();
+        self
+    }
+
     /// Sizes and the fields every packing sets.
     fn prepare(&mut self, dtype: GgmlDType, rows: usize, k: usize) {
         assert!(rows <= PANEL, "a panel holds {PANEL} rows");
