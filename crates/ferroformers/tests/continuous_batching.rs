@@ -384,3 +384,79 @@ fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
         }
     }
 }
+
+/// A prompt seen before (the same request again) arrives while another request generates:
+/// with the Llama family's CPU cache its one remaining token runs inside the running rows'
+/// decoding step (a rider: no pass of its own, no join after it; its prefix fits inside the
+/// running rows' positions); with tensor caches it runs its own pass. Either way both get
+/// their solo tokens.
+#[test]
+fn a_repeated_prompt_rides_along_the_running_step() {
+    for (name, rides) in [("llama", true), ("qwen2", true), ("gpt2", false)] {
+        let (mut g, first, c) = prefix_setup(name, 8);
+        let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
+        let want = solo(&g, &first);
+        // Longer than `first`: a rider's prefix fits inside the running rows' positions.
+        let other = g
+            .encode(
+                "Completely different words here, and then a good many more of them after",
+                true,
+            )
+            .unwrap();
+        assert!(other.len() > first.len(), "{name}");
+        let mut long = c.clone();
+        long.max_new_tokens = Some(20);
+        let want_other = solo_tokens(&g, &other, &long);
+
+        g.batcher = Some(Batcher::new(100_000));
+        assert_eq!(solo(&g, &first), want, "{name}: first request");
+        let before = g.batcher.as_ref().unwrap().stats();
+        let g = &g;
+        std::thread::scope(|s| {
+            // The running request holds its first token back until the repeat waits.
+            let holder = s.spawn(|| {
+                let mut first_token = true;
+                let mut on_token = |_: usize, _: u32, _: f32| {
+                    if std::mem::take(&mut first_token) {
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_secs(20)
+                            && g.batcher.as_ref().unwrap().stats().waiting < 1
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                };
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                g.generate_one(&other, &long, &mut hooks).unwrap().sequences[0][0].clone()
+            });
+            while g.batcher.as_ref().unwrap().stats().running == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let repeat = s.spawn(|| solo(g, &first));
+            assert_eq!(repeat.join().unwrap(), want, "{name}: the repeated prompt");
+            assert_eq!(holder.join().unwrap(), want_other, "{name}: the holder");
+        });
+        let st = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(st.prefix_hits - before.prefix_hits, 1, "{name}: {st:?}");
+        assert_eq!(st.prefills - before.prefills, 2, "{name}: {st:?}");
+        if rides {
+            assert_eq!(st.riders, 1, "{name}: {st:?}");
+            assert_eq!(
+                st.prefill_passes - before.prefill_passes,
+                1,
+                "{name}: only the holder's prompt ran a pass: {st:?}"
+            );
+        } else {
+            assert_eq!(st.riders, 0, "{name}: {st:?}");
+            assert_eq!(
+                st.prefill_passes - before.prefill_passes,
+                2,
+                "{name}: {st:?}"
+            );
+        }
+        assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+    }
+}

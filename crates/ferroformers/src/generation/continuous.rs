@@ -14,7 +14,8 @@
 //!    sequence counts its prompt plus the most tokens it may generate) allows, and when
 //!    [`Admission`] (TGI's `--waiting-served-ratio` / `--max-waiting-tokens`) lets them;
 //!    their prompts run first (a new request's first token need not wait for a decoding
-//!    step), a few at a time as left-padded batches;
+//!    step), a few at a time as left-padded batches; a prompt that continues a kept prefix
+//!    (below) with one token left instead rides along in step 3 as one more row;
 //! 3. one forward pass over the running rows, one new token each (positions and the attention
 //!    bias from each row's own mask, as for any left-padded batch);
 //! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
@@ -102,6 +103,9 @@ pub struct BatchStats {
     /// that did not run again thanks to it.
     pub prefix_hits: u64,
     pub prefix_tokens: u64,
+    /// Continued prompts with one token left whose token ran in a decoding step with the
+    /// running rows (no pass of their own).
+    pub riders: u64,
 }
 
 #[derive(Default)]
@@ -402,7 +406,7 @@ impl Batcher {
             }
         }
         trace("leave", rows.len(), t_leave);
-        let tokens: Vec<u32> = rows
+        let mut tokens: Vec<u32> = rows
             .iter()
             .map(|id| {
                 g.seqs.get_mut(id).map_or(0, |s| {
@@ -476,7 +480,23 @@ impl Batcher {
             }
         }
 
-        g.in_flight = rows.len();
+        // Continued prompts with one token left, while rows run: that token rides along in
+        // step 3 (the prefix's keys and values appended to the batch's cache as a new row)
+        // instead of a pass of its own before it and a join after it.
+        let mut riders: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
+        let in_place = cache.as_ref().is_some_and(KvCache::appends_in_place);
+        if !rows.is_empty() && fail.is_none() && !continued.is_empty() && in_place {
+            let len = cache.as_ref().map_or(0, KvCache::seq_len);
+            let (ride, rest): (Vec<_>, Vec<_>) = continued.into_iter().partition(|(_, p, c, n)| {
+                let n = (*n).min(c.seq_len());
+                n >= 1 && n <= len && p.len() == n + 1
+            });
+            riders = ride;
+            continued = rest;
+            g.stats.prefills += riders.len() as u64;
+        }
+
+        g.in_flight = rows.len() + riders.len();
         drop(g);
 
         // 2. The admitted prompts, a few at a time as one left-padded batch (up to
@@ -537,7 +557,65 @@ impl Batcher {
             self.wake.notify_all();
         }
 
-        // 3. One forward pass over the running rows; each row's thread gets its logits at once.
+        // 2b. The riders join the running rows (only their prefixes are copied); one whose
+        // prefix cannot be appended runs its own pass like the other continued prompts.
+        if !riders.is_empty() {
+            let t = std::time::Instant::now();
+            let n_riders = riders.len();
+            let mut alone = Vec::new();
+            let appended = cache.as_mut().is_some_and(|c| {
+                let len = c.seq_len();
+                let parts: Vec<(&KvCache, usize)> =
+                    riders.iter().map(|(_, _, pc, n)| (&**pc, *n)).collect();
+                mask.iter().all(|m| m.len() == len) && c.append_rows(&parts)
+            });
+            if appended {
+                lock(&self.state).stats.riders += riders.len() as u64;
+                let len = mask.first().map_or(0, Vec::len);
+                for (id, prompt, pc, n) in riders {
+                    let n = n.min(pc.seq_len());
+                    let mut m = vec![0u8; len - n];
+                    m.extend(std::iter::repeat_n(1u8, n));
+                    mask.push(m);
+                    rows.push(id);
+                    tokens.push(prompt[n]);
+                }
+            } else {
+                alone = riders;
+            }
+            trace("ride", n_riders - alone.len(), t);
+            for gr in prefill_groups(alone, |(_, p, _, n)| p.len() - n) {
+                let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
+                let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
+                let r = guarded(|| continue_group(model, starts));
+                let mut g = lock(&self.state);
+                g.stats.prefill_passes += 1;
+                match r {
+                    Ok((logits, c, m)) => {
+                        for (id, l) in ids.iter().zip(logits) {
+                            if let Some(s) = g.seqs.get_mut(id) {
+                                s.result = Some(Ok(l));
+                            }
+                        }
+                        joining.push((ids, c, m));
+                    }
+                    Err(e) => {
+                        g.in_flight -= ids.len();
+                        for id in &ids {
+                            if let Some(s) = g.seqs.get_mut(id) {
+                                s.result = Some(Err(shared_error(&e)));
+                                s.gone = true;
+                            }
+                        }
+                    }
+                }
+                drop(g);
+                self.wake.notify_all();
+            }
+        }
+
+        // 3. One forward pass over the running rows (and the riders); each row's thread gets
+        // its logits at once.
         if !rows.is_empty() {
             let stepped = match fail {
                 Some(e) => Err(e),
