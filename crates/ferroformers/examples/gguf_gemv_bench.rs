@@ -6,8 +6,9 @@
 //!   cargo run --release -p ferroformers --example gguf_gemv_bench [-- REPS]
 //!   FERROFORMERS_NO_REPACK=1 ...   (the raw-block kernels, for comparison)
 //!   ... -- REPS hot                 (one copy each: cache-resident, the arithmetic alone)
+//!   ... -- REPS rows=16             (a batched decoding step of 16 rows: kept int8 panels)
 //!
-//! Prints microseconds per product and GB/s of weights read; the median of REPS passes
+//! Prints microseconds per product, GB/s of GGUF weights and multiply-adds per second; the median of REPS passes
 //! (default 15) over all copies.
 
 use std::time::Instant;
@@ -29,8 +30,8 @@ fn main() {
         ferroformers::kernels::cpu::packed::available(),
         candle_core::utils::get_num_threads()
     );
-    println!("| matrix (n x k) | type | copies | MB each | us per product | GB/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("| matrix (n x k) | type | copies | MB each | us per product | GB/s | GMAC/s |");
+    println!("|---|---|---|---|---|---|---|");
     let shapes = [
         ("q/k/v", 1152, 896, GgmlDType::Q5_0, 24),
         ("o", 896, 896, GgmlDType::Q5_0, 24),
@@ -42,6 +43,9 @@ fn main() {
     ];
     // `hot`: one copy of each matrix (in cache after the first pass): the kernels' arithmetic.
     let hot = std::env::args().any(|a| a == "hot");
+    let rows: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("rows=").and_then(|v| v.parse().ok()))
+        .unwrap_or(1);
     for (name, n, k, dt, copies) in shapes {
         let copies = if hot { 1 } else { copies };
         let w = Tensor::from_vec(values(n * k, n as u64), (n, k), &Device::Cpu).unwrap();
@@ -55,13 +59,17 @@ fn main() {
                     .with_math(QuantMath::Int8)
             })
             .collect();
-        let x = values(k, 7);
+        let x = values(rows * k, 7);
         let mut sink = 0f32;
         let mut times = Vec::new();
         for rep in 0..reps + 2 {
             let t = Instant::now();
             for m in &mats {
-                sink += m.matmul(&x, 1)[0];
+                sink += if rows > 1 {
+                    m.matmul_step(&x, rows)[0]
+                } else {
+                    m.matmul(&x, 1)[0]
+                };
             }
             if rep >= 2 {
                 times.push(t.elapsed().as_secs_f64() / copies as f64);
@@ -69,10 +77,11 @@ fn main() {
         }
         let s = median(times);
         println!(
-            "| {name} ({n} x {k}) | {dt:?} | {copies} | {:.2} | {:.1} | {:.1} |{}",
+            "| {name} ({n} x {k}) | {dt:?} | {copies} | {:.2} | {:.1} | {:.1} | {:.1} |{}",
             bytes as f64 / 1e6,
             s * 1e6,
             bytes as f64 / s / 1e9,
+            (rows * n * k) as f64 / s / 1e9,
             if sink.is_nan() { " NaN" } else { "" }
         );
     }
