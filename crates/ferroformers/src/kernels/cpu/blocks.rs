@@ -405,8 +405,37 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// Quantize `m` rows of `k` values for weights whose superblock is `sb` values.
     pub fn quantize(x: &[f32], k: usize, sb: usize) -> Self {
-        let m = x.len() / k;
-        let mut r = QuantizedRows {
+        let mut r = Self::empty(x.len(), k, sb);
+        #[cfg(target_arch = "x86_64")]
+        if quantize512() {
+            // SAFETY: the CPU has AVX-512F and F16C; the buffers are sized for x's blocks.
+            unsafe {
+                if sb == 256 {
+                    quant512::q8k(x, &mut r.q, &mut r.d, &mut r.gsum);
+                } else {
+                    quant512::q8_1(x, &mut r.q, &mut r.d, &mut r.s, &mut r.gsum, &mut r.lanes);
+                }
+            }
+            return r;
+        }
+        r.fill_portable(x);
+        r
+    }
+
+    /// [`QuantizedRows::quantize`] one value at a time (the reference for the AVX-512 copy).
+    pub fn quantize_portable(x: &[f32], k: usize, sb: usize) -> Self {
+        let mut r = Self::empty(x.len(), k, sb);
+        r.fill_portable(x);
+        r
+    }
+
+    fn empty(len: usize, k: usize, sb: usize) -> Self {
+        assert!(
+            k.is_multiple_of(sb) && len.is_multiple_of(k),
+            "quantize: rows of {k} values in blocks of {sb}"
+        );
+        let m = len / k;
+        QuantizedRows {
             block: sb,
             k,
             q: vec![0; m * k],
@@ -419,24 +448,27 @@ impl QuantizedRows {
             } else {
                 Vec::new()
             },
-        };
+        }
+    }
+
+    fn fill_portable(&mut self, x: &[f32]) {
+        let sb = self.block;
         for (b, xb) in x.chunks_exact(sb).enumerate() {
-            let qb = &mut r.q[b * sb..(b + 1) * sb];
+            let qb = &mut self.q[b * sb..(b + 1) * sb];
             if sb == 256 {
-                r.d[b] = quantize_q8k(xb, qb);
+                self.d[b] = quantize_q8k(xb, qb);
             } else {
                 let (d, s) = quantize_q8_1(xb, qb);
-                r.d[b] = d;
-                r.s[b] = s;
+                self.d[b] = d;
+                self.s[b] = s;
             }
             for (g, c) in qb.chunks_exact(GROUP).enumerate() {
-                r.gsum[b * sb / GROUP + g] = c.iter().map(|&v| v as i32).sum();
+                self.gsum[b * sb / GROUP + g] = c.iter().map(|&v| v as i32).sum();
             }
-            if !r.lanes.is_empty() {
-                r.lanes[8 * b] = -(r.gsum[2 * b] + r.gsum[2 * b + 1]);
+            if !self.lanes.is_empty() {
+                self.lanes[8 * b] = -(self.gsum[2 * b] + self.gsum[2 * b + 1]);
             }
         }
-        r
     }
 
     /// The rounded rows back as f32 (`d * q` per block): 8-bit activations for products that
@@ -620,6 +652,145 @@ pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> 
     }
     let _ = (dtype, row, x);
     None
+}
+
+/// Whether activations are rounded by [`quant512`] (AVX-512F and F16C; not with
+/// `FERROFORMERS_NO_SIMD=1`).
+fn quantize512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            !super::switch_on("FERROFORMERS_NO_SIMD")
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`QuantizedRows::quantize`] 16 values per instruction: the same bits as the portable
+/// copy. The largest magnitude is exact in any order; `cvtps_epi32` rounds to nearest even
+/// as ggml's `nearest_int` does; Q8_K's signed maximum is the first value of that magnitude,
+/// as in ggml's scan; f16 scales round to nearest even as `half` does.
+#[cfg(target_arch = "x86_64")]
+mod quant512 {
+    use std::arch::x86_64::*;
+
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    #[inline(always)]
+    unsafe fn abs(v: __m512) -> __m512 {
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(v),
+            _mm512_set1_epi32(0x7fff_ffff),
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn f16_round(v: f32) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm_set_ss(v),
+        )))
+    }
+
+    /// Blocks of 32 (Q8_0/Q8_1): `q`, `d` and `s` (f16-rounded), per-16 sums, and the VNNI
+    /// kernels' per-block offsets in `lanes` (when not empty; its other lanes stay zero).
+    ///
+    /// # Safety
+    /// AVX-512F and F16C; `q` holds `x.len()` values, `d` and `s` `x.len() / 32`, `gsum`
+    /// `x.len() / 16`, `lanes` none or `x.len() / 4`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q8_1(
+        x: &[f32],
+        q: &mut [i8],
+        d: &mut [f32],
+        s: &mut [f32],
+        gsum: &mut [i32],
+        lanes: &mut [i32],
+    ) {
+        let nb = x.len() / 32;
+        assert!(q.len() >= 32 * nb && d.len() >= nb && s.len() >= nb && gsum.len() >= 2 * nb);
+        assert!(lanes.is_empty() || lanes.len() >= 8 * nb);
+        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+        unsafe {
+            for b in 0..nb {
+                let v0 = _mm512_loadu_ps(xp.add(32 * b));
+                let v1 = _mm512_loadu_ps(xp.add(32 * b + 16));
+                let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(v0), abs(v1)));
+                let db = amax / 127.0;
+                let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let i0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
+                let i1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
+                _mm_storeu_si128(qp.add(32 * b) as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+                _mm_storeu_si128(
+                    qp.add(32 * b + 16) as *mut __m128i,
+                    _mm512_cvtepi32_epi8(i1),
+                );
+                let (g0, g1) = (_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1));
+                gsum[2 * b] = g0;
+                gsum[2 * b + 1] = g1;
+                d[b] = f16_round(db);
+                s[b] = f16_round(db * (g0 + g1) as f32);
+                if !lanes.is_empty() {
+                    lanes[8 * b] = -(g0 + g1);
+                }
+            }
+        }
+    }
+
+    /// Blocks of 256 (Q8_K): `q`, `d = 1 / iscale` and the per-16 sums.
+    ///
+    /// # Safety
+    /// AVX-512F; `q` holds `x.len()` values, `d` `x.len() / 256`, `gsum` `x.len() / 16`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q8k(x: &[f32], q: &mut [i8], d: &mut [f32], gsum: &mut [i32]) {
+        let nb = x.len() / 256;
+        assert!(q.len() >= 256 * nb && d.len() >= nb && gsum.len() >= 16 * nb);
+        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+        unsafe {
+            for b in 0..nb {
+                let p = xp.add(256 * b);
+                let mut m = _mm512_setzero_ps();
+                for j in 0..16 {
+                    m = _mm512_max_ps(m, abs(_mm512_loadu_ps(p.add(16 * j))));
+                }
+                let amax = _mm512_reduce_max_ps(m);
+                if amax == 0.0 {
+                    std::ptr::write_bytes(qp.add(256 * b), 0, 256);
+                    gsum[16 * b..16 * (b + 1)].fill(0);
+                    d[b] = 0.0;
+                    continue;
+                }
+                let am = _mm512_set1_ps(amax);
+                let mut max = amax;
+                for j in 0..16 {
+                    let v = _mm512_loadu_ps(p.add(16 * j));
+                    let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(abs(v), am);
+                    if hit != 0 {
+                        max = *p.add(16 * j + hit.trailing_zeros() as usize);
+                        break;
+                    }
+                }
+                let iscale = -127.0 / max;
+                let is = _mm512_set1_ps(iscale);
+                let top = _mm512_set1_epi32(127);
+                for j in 0..16 {
+                    let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * j)), is);
+                    let i = _mm512_min_epi32(_mm512_cvt_roundps_epi32::<NEAREST>(v), top);
+                    _mm_storeu_si128(
+                        qp.add(256 * b + 16 * j) as *mut __m128i,
+                        _mm512_cvtepi32_epi8(i),
+                    );
+                    gsum[16 * b + j] = _mm512_reduce_add_epi32(i);
+                }
+                d[b] = 1.0 / iscale;
+            }
+        }
+    }
 }
 
 fn f16c() -> bool {
@@ -993,6 +1164,43 @@ mod tests {
 
     fn lcg(seed: u64, n: usize) -> Vec<f32> {
         crate::kernels::cpu::test_values(n, seed, 2.0)
+    }
+
+    /// The AVX-512 rounding of activations gives the portable copy's bits: random rows, a
+    /// zero block, a block whose largest magnitude comes twice with both signs, values on
+    /// rounding ties (x.5 after scaling) and tiny and huge magnitudes.
+    #[test]
+    fn vector_quantize_gives_the_portable_bits() {
+        for sb in [32, 256] {
+            let k = 1024;
+            let mut x = lcg(17 + sb as u64, 3 * k);
+            x[..sb].fill(0.0);
+            // Block 1: -4 then 4 (the first is the signed maximum), the rest smaller.
+            for v in &mut x[sb..2 * sb] {
+                *v *= 0.5;
+            }
+            x[sb + 3] = -4.0;
+            x[sb + 9] = 4.0;
+            // Block 2: values that land on halves when scaled by 127 / 127.
+            for (i, v) in x[2 * sb..3 * sb].iter_mut().enumerate() {
+                *v = (i as f32 - 40.0) + 0.5;
+            }
+            x[2 * sb] = 127.0;
+            for v in &mut x[3 * sb..4 * sb] {
+                *v *= 1e-30;
+            }
+            for v in &mut x[4 * sb..5 * sb] {
+                *v *= 1e30;
+            }
+            let a = QuantizedRows::quantize(&x, k, sb);
+            let b = QuantizedRows::quantize_portable(&x, k, sb);
+            assert_eq!(a.q, b.q, "values, blocks of {sb}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.d), bits(&b.d), "scales, blocks of {sb}");
+            assert_eq!(bits(&a.s), bits(&b.s), "sums, blocks of {sb}");
+            assert_eq!(a.gsum, b.gsum, "group sums, blocks of {sb}");
+            assert_eq!(a.lanes, b.lanes, "offsets, blocks of {sb}");
+        }
     }
 
     fn quantized(dt: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
