@@ -171,6 +171,27 @@ fn prefix_setup(name: &str, new: usize) -> (TextGenerator, Vec<u32>, GenerationC
 }
 
 /// One request's new tokens (through the batch when the generator has one).
+/// Generate `p` through the batcher, holding the first token back (up to 20 s) until `n`
+/// other requests wait, so that they join at the same step.
+fn hold_first_token(g: &TextGenerator, p: &[u32], c: &GenerationConfig, n: usize) -> Vec<u32> {
+    let mut first_token = true;
+    let mut on_token = |_: usize, _: u32, _: f32| {
+        if std::mem::take(&mut first_token) {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(20)
+                && g.batcher.as_ref().unwrap().stats().waiting < n
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let mut hooks = Hooks {
+        on_token: Some(&mut on_token),
+        ..Hooks::default()
+    };
+    g.generate_one(p, c, &mut hooks).unwrap().sequences[0][0].clone()
+}
+
 fn solo_tokens(g: &TextGenerator, p: &[u32], c: &GenerationConfig) -> Vec<u32> {
     g.generate_one(p, c, &mut Hooks::default())
         .unwrap()
@@ -244,24 +265,7 @@ fn continued_prompts_run_together_as_one_pass() {
         std::thread::scope(|s| {
             // A running request holds its next token back until the others all wait, so they
             // join at the same step.
-            let holder = s.spawn(|| {
-                let mut first_token = true;
-                let mut on_token = |_: usize, _: u32, _: f32| {
-                    if std::mem::take(&mut first_token) {
-                        let t = Instant::now();
-                        while t.elapsed() < Duration::from_secs(20)
-                            && g.batcher.as_ref().unwrap().stats().waiting < n
-                        {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                };
-                let mut hooks = Hooks {
-                    on_token: Some(&mut on_token),
-                    ..Hooks::default()
-                };
-                g.generate_one(&other, &c, &mut hooks).unwrap().sequences[0][0].clone()
-            });
+            let holder = s.spawn(|| hold_first_token(g, &other, &c, n));
             while g.batcher.as_ref().unwrap().stats().running == 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -414,24 +418,7 @@ fn a_repeated_prompt_rides_along_the_running_step() {
         let g = &g;
         std::thread::scope(|s| {
             // The running request holds its first token back until the repeat waits.
-            let holder = s.spawn(|| {
-                let mut first_token = true;
-                let mut on_token = |_: usize, _: u32, _: f32| {
-                    if std::mem::take(&mut first_token) {
-                        let t = Instant::now();
-                        while t.elapsed() < Duration::from_secs(20)
-                            && g.batcher.as_ref().unwrap().stats().waiting < 1
-                        {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                };
-                let mut hooks = Hooks {
-                    on_token: Some(&mut on_token),
-                    ..Hooks::default()
-                };
-                g.generate_one(&other, &long, &mut hooks).unwrap().sequences[0][0].clone()
-            });
+            let holder = s.spawn(|| hold_first_token(g, &other, &long, 1));
             while g.batcher.as_ref().unwrap().stats().running == 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }

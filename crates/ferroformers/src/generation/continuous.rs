@@ -241,6 +241,31 @@ fn shared_error(e: &Error) -> Error {
     )))
 }
 
+/// A prompt pass's outcome for its sequences: each gets its logits and the group's cache
+/// waits in `joining` (true), or each gets the error and is marked gone (false).
+fn settle(g: &mut State, ids: &[u64], r: Result<Prefilled>, joining: &mut Vec<Joining>) -> bool {
+    match r {
+        Ok((logits, c, m)) => {
+            for (id, l) in ids.iter().zip(logits) {
+                if let Some(s) = g.seqs.get_mut(id) {
+                    s.result = Some(Ok(l));
+                }
+            }
+            joining.push((ids.to_vec(), c, m));
+            true
+        }
+        Err(e) => {
+            for id in ids {
+                if let Some(s) = g.seqs.get_mut(id) {
+                    s.result = Some(Err(shared_error(&e)));
+                    s.gone = true;
+                }
+            }
+            false
+        }
+    }
+}
+
 impl Batcher {
     /// A batch whose sequences may reach `max_total_tokens` tokens together (each counting its
     /// prompt and its `max_new_tokens`); a sequence that needs more than that alone still runs,
@@ -516,7 +541,7 @@ impl Batcher {
                 let (ids, prompts) = gr.into_iter().unzip();
                 (ids, prompts, None)
             }));
-        let mut joining: Vec<(Vec<u64>, KvCache, Vec<Vec<u8>>)> = Vec::new();
+        let mut joining: Vec<Joining> = Vec::new();
         for (ids, prompts, starts) in jobs {
             let t = std::time::Instant::now();
             let continued = starts.is_some();
@@ -534,24 +559,8 @@ impl Batcher {
             let mut g = lock(&self.state);
             g.stats.prefills += ids.len() as u64;
             g.stats.prefill_passes += 1;
-            match r {
-                Ok((logits, c, m)) => {
-                    g.in_flight += ids.len();
-                    for (id, l) in ids.iter().zip(logits) {
-                        if let Some(s) = g.seqs.get_mut(id) {
-                            s.result = Some(Ok(l));
-                        }
-                    }
-                    joining.push((ids, c, m));
-                }
-                Err(e) => {
-                    for id in &ids {
-                        if let Some(s) = g.seqs.get_mut(id) {
-                            s.result = Some(Err(shared_error(&e)));
-                            s.gone = true;
-                        }
-                    }
-                }
+            if settle(&mut g, &ids, r, &mut joining) {
+                g.in_flight += ids.len();
             }
             drop(g);
             self.wake.notify_all();
@@ -590,24 +599,8 @@ impl Batcher {
                 let r = guarded(|| continue_group(model, starts));
                 let mut g = lock(&self.state);
                 g.stats.prefill_passes += 1;
-                match r {
-                    Ok((logits, c, m)) => {
-                        for (id, l) in ids.iter().zip(logits) {
-                            if let Some(s) = g.seqs.get_mut(id) {
-                                s.result = Some(Ok(l));
-                            }
-                        }
-                        joining.push((ids, c, m));
-                    }
-                    Err(e) => {
-                        g.in_flight -= ids.len();
-                        for id in &ids {
-                            if let Some(s) = g.seqs.get_mut(id) {
-                                s.result = Some(Err(shared_error(&e)));
-                                s.gone = true;
-                            }
-                        }
-                    }
+                if !settle(&mut g, &ids, r, &mut joining) {
+                    g.in_flight -= ids.len();
                 }
                 drop(g);
                 self.wake.notify_all();
@@ -768,6 +761,9 @@ fn decode_step(
 
 /// A prompt pass's last logits per row, its cache and its rows' masks.
 type Prefilled = (Vec<Vec<f32>>, KvCache, Vec<Vec<u8>>);
+
+/// A prompt pass's sequences, their cache and masks, waiting to join the running batch.
+type Joining = (Vec<u64>, KvCache, Vec<Vec<u8>>);
 
 /// Prompts that continue from kept prefixes, run as one pass: the first `n` positions of each
 /// one-row `cache` hold its prompt's first tokens; they are joined right-aligned (left
