@@ -627,9 +627,16 @@ pub fn raw_kernels(dtype: GgmlDType, int8: bool) -> bool {
         && f16c()
         && match dtype {
             D::Q8_0 | D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1 => true,
-            D::Q4K | D::Q6K => int8,
+            D::Q4K | D::Q6K => int8 || !no_k_exact(),
             _ => false,
         }
+}
+
+/// `FERROFORMERS_NO_K_EXACT=1`: exact-mode Q4_K/Q6_K rows are unpacked and dotted as before
+/// the raw-block kernels (to compare).
+fn no_k_exact() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| super::switch_on("FERROFORMERS_NO_K_EXACT"))
 }
 
 /// The exact (f32 activations) dot straight from a row's raw blocks for the 32-value types on
@@ -646,6 +653,8 @@ pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> 
                 D::Q4_1 => Some(avx2::dot_blocks_f32::<2>(row, x)),
                 D::Q5_0 => Some(avx2::dot_blocks_f32::<3>(row, x)),
                 D::Q5_1 => Some(avx2::dot_blocks_f32::<4>(row, x)),
+                D::Q4K if !no_k_exact() => Some(avx2::dot_q4k_f32(row, x)),
+                D::Q6K if !no_k_exact() => Some(avx2::dot_q6k_f32(row, x)),
                 _ => None,
             };
         }
@@ -971,6 +980,133 @@ pub(super) mod avx2 {
             }
         }
         hsum(_mm256_add_ps(acc, accm))
+    }
+
+    /// 32 unsigned or signed byte values (`SIGNED`) times 32 activations, in f32 with FMA.
+    #[inline(always)]
+    unsafe fn dot32_f32<const SIGNED: bool>(v: __m256i, x: *const f32) -> (__m256, __m256) {
+        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let wide = |v: __m128i| -> __m256 {
+            if SIGNED {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+            } else {
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+            }
+        };
+        let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+        let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
+        let mut t = _mm256_mul_ps(wide(lo), x0);
+        t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(lo)), x1, t);
+        t = _mm256_fmadd_ps(wide(hi), x2, t);
+        t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(hi)), x3, t);
+        (
+            t,
+            _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
+        )
+    }
+
+    /// Exact dot of a raw Q4_K row (144-byte superblocks of 256: 8 groups of 32 with 6-bit
+    /// scales and minimums) with f32 activations: per group `(d * sc) * sum(q * x) - (dmin *
+    /// mn) * sum(x)`, without unpacking the row first.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_f32(row: &[u8], x: &[f32]) -> f32 {
+        let nb = row.len() / 144;
+        assert!(x.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let low = _mm256_set1_epi8(0x0F);
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..nb {
+            let blk = rp.add(b * 144);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let (d, dmin) = (half(blk), half(blk.add(2)));
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            let xb = xp.add(256 * b);
+            for j in 0..4 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
+                let halves = [
+                    _mm256_and_si256(q, low),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                ];
+                for (h, v) in halves.into_iter().enumerate() {
+                    let g = 2 * j + h;
+                    let (t, xs) = dot32_f32::<false>(v, xb.add(32 * g));
+                    let (sc, mn) = super::scale_min_k4(g, scales);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), t, acc);
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * mn as f32), xs, accm);
+                }
+            }
+        }
+        hsum(_mm256_sub_ps(acc, accm))
+    }
+
+    /// Exact dot of a raw Q6_K row (210-byte superblocks of 256: 16 groups of 16 with i8
+    /// scales; values 0..63 less 32) with f32 activations, without unpacking the row first.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k_f32(row: &[u8], x: &[f32]) -> f32 {
+        let nb = row.len() / 210;
+        assert!(x.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (low, two, off) = (
+            _mm256_set1_epi8(0x0F),
+            _mm256_set1_epi8(0x03),
+            _mm256_set1_epi8(32),
+        );
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 210);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let d = half(blk.add(208));
+            let sc = blk.add(192) as *const i8;
+            let xb = xp.add(256 * b);
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                let high = |s: i32| -> __m256i {
+                    let h = match s {
+                        0 => qh,
+                        2 => _mm256_srli_epi16::<2>(qh),
+                        4 => _mm256_srli_epi16::<4>(qh),
+                        _ => _mm256_srli_epi16::<6>(qh),
+                    };
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(h, two))
+                };
+                // Values 128n + 32i .. + 32, as GGUF's Q6_K dequantization orders them.
+                let quarters = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), high(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), high(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), high(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), high(6)),
+                ];
+                for (i, v) in quarters.into_iter().enumerate() {
+                    let v = _mm256_sub_epi8(v, off);
+                    let first = 128 * n + 32 * i;
+                    let (t0, t1) = dot16x2_f32(v, xb.add(first));
+                    let g = first / 16;
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g) as f32), t0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g + 1) as f32), t1, acc);
+                }
+            }
+        }
+        hsum(acc)
+    }
+
+    /// 32 signed byte values times 32 activations as two sums of 16 (two scale groups).
+    #[inline(always)]
+    unsafe fn dot16x2_f32(v: __m256i, x: *const f32) -> (__m256, __m256) {
+        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let wide = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        let t0 = _mm256_fmadd_ps(
+            wide(_mm_srli_si128::<8>(lo)),
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_mul_ps(wide(lo), _mm256_loadu_ps(x)),
+        );
+        let t1 = _mm256_fmadd_ps(
+            wide(_mm_srli_si128::<8>(hi)),
+            _mm256_loadu_ps(x.add(24)),
+            _mm256_mul_ps(wide(hi), _mm256_loadu_ps(x.add(16))),
+        );
+        (t0, t1)
     }
 
     /// Integer dots over raw 32-value blocks. `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
