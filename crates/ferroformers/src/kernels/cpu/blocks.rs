@@ -956,26 +956,14 @@ pub(super) mod avx2 {
                 _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             }
             let q = block_values::<T>(blk);
-            let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-            let wide = |v: __m128i| -> __m256 {
-                if T == 2 || T == 4 {
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
-                } else {
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-                }
-            };
             let xb = xp.add(32 * b);
-            let x0 = _mm256_loadu_ps(xb);
-            let x1 = _mm256_loadu_ps(xb.add(8));
-            let x2 = _mm256_loadu_ps(xb.add(16));
-            let x3 = _mm256_loadu_ps(xb.add(24));
-            let mut t = _mm256_mul_ps(wide(lo), x0);
-            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(lo)), x1, t);
-            t = _mm256_fmadd_ps(wide(hi), x2, t);
-            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(hi)), x3, t);
+            let (t, xs) = if T == 2 || T == 4 {
+                dot32_f32::<false>(q, xb)
+            } else {
+                dot32_f32::<true>(q, xb)
+            };
             acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk)), t, acc);
             if T == 2 || T == 4 {
-                let xs = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
                 accm = _mm256_fmadd_ps(_mm256_set1_ps(half(blk.add(2))), xs, accm);
             }
         }
