@@ -1280,7 +1280,8 @@ pub fn attend_heads(
     assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * keys);
     assert!(k.len() >= keys * hd && v.len() >= keys * hd);
     #[cfg(target_arch = "x86_64")]
-    if softmax16_available() && !super::switch_on("FERROFORMERS_NO_GROUPED_ATTENTION") {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if softmax16_available() && !super::switch_once(&OFF, "FERROFORMERS_NO_GROUPED_ATTENTION") {
         // SAFETY: the CPU has AVX-512F; sizes checked above.
         unsafe {
             match hd {

@@ -636,7 +636,7 @@ pub fn raw_kernels(dtype: GgmlDType, int8: bool) -> bool {
 /// the raw-block kernels (to compare).
 fn no_k_exact() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| super::switch_on("FERROFORMERS_NO_K_EXACT"))
+    super::switch_once(&OFF, "FERROFORMERS_NO_K_EXACT")
 }
 
 /// The exact (f32 activations) dot straight from a row's raw blocks for the 32-value types on
@@ -668,12 +668,7 @@ pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> 
 fn quantize512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            !super::switch_on("FERROFORMERS_NO_SIMD")
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
+        avx2() && f16c() && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -58,6 +58,12 @@ pub(crate) fn switch_on(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
+/// [`switch_on`] read once per process into `cell`: for switches asked on hot paths (every
+/// product or attention call of a step), which no test toggles while running.
+pub(crate) fn switch_once(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| switch_on(name))
+}
+
 /// Largest absolute difference between two tensors of the same shape (unit tests, here and in
 /// `models`).
 #[cfg(test)]

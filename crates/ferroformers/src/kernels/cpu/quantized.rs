@@ -483,8 +483,8 @@ impl QuantLinear {
     }
 
     /// [`Self::matmul`] for one decoding step of a batch (one new token in each of `m` rows).
-    /// In the int8 mode with the VNNI panels, the first such step over more than four rows
-    /// keeps every tile's panel, and later ones multiply those instead of unpacking the
+    /// In the int8 mode with the VNNI panels, the first such step over [`KEPT_MIN_ROWS`] rows
+    /// or more keeps every tile's panel, and later ones multiply those instead of unpacking the
     /// weights again (the unpacking was 30% of a 16-row SmolLM2 step). The kept panels hold
     /// about a byte per weight, plus a scale (and a minimum) per 32 weights: SmolLM2-135M
     /// ~+170 MB. `FERROFORMERS_NO_KEPT_PANELS=1` turns them off. The results are the bits
@@ -508,7 +508,9 @@ impl QuantLinear {
     fn keeps_panels(&self) -> bool {
         let int8 = self.split.is_some()
             || (block_shape(self.dtype).is_some() && self.math == QuantMath::Int8);
-        int8 && super::qgemm::available() && !super::switch_on("FERROFORMERS_NO_KEPT_PANELS")
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        int8 && super::qgemm::available()
+            && !super::switch_once(&OFF, "FERROFORMERS_NO_KEPT_PANELS")
     }
 
     /// Make and keep the panels batched decoding steps multiply now (a server that batches
