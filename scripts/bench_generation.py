@@ -7,6 +7,9 @@
                        file adds BOS, which ours and llama.cpp do; the torch engine's GGUF
                        tokenizer segments Gemma's text differently (see tests/real_gguf.rs):
                        leave torch out for it
+  --model ladder-TYPE  a random-weight 229M Llama (hidden 1024, so K-quants apply to every
+                       matrix) with every matrix in TYPE (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K
+                       Q5_K Q6_K): speed per weight type; built by scripts/make_quant_ladder.py
 
   scripts/fetch-models.sh smollm2 qwen25coder
   python3 -m venv /work/venv/bench
@@ -118,6 +121,12 @@ MODELS = {
                "gguf": "gemma-3-270m-q4_k_m.gguf",
                "name": "Gemma-3-270M", "quant": "Q4_K_M"},
 }
+# ladder-<TYPE>: the random-weight 229M Llama of scripts/make_quant_ladder.py, every matrix in
+# one weight type (a speed comparison per type; its text is gibberish).
+LADDER_DIR = Path.home() / ".cache" / "ferroformers" / "quant-ladder"
+for _k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    MODELS[f"ladder-{_k}"] = {"path": LADDER_DIR / f"ladder-{_k}.gguf", "gguf": f"ladder-{_k}.gguf",
+                              "name": "quant-ladder-229M (random weights)", "quant": _k}
 RUNS = ["stream", "single", "batch", "prompt"]
 PROMPT = "The capital of France is"
 BATCH_PROMPTS = [
@@ -163,6 +172,10 @@ def find_gguf(model_key):
     """Same discovery as scripts/fetch-models.sh: HF_HUB_CACHE, else HF_HOME/hub, else
     ~/.cache/huggingface/hub; then refs/main -> snapshots/<commit>/<file>."""
     m = MODELS[model_key]
+    if "path" in m:
+        if not m["path"].is_file():
+            sys.exit(f"error: {m['path']} not found; run scripts/make_quant_ladder.py")
+        return m["path"]
     if os.environ.get("HF_HUB_CACHE"):
         root = Path(os.environ["HF_HUB_CACHE"]).expanduser()
     elif os.environ.get("HF_HOME"):

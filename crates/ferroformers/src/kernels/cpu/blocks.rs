@@ -91,6 +91,28 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Q3_K's 16 signed 6-bit scales (less 32) from the 12 packed bytes, as ggml unpacks them.
+#[inline(always)]
+pub(super) fn q3k_scales(packed: &[u8]) -> [i8; 16] {
+    let mut aux = [0u32; 4];
+    for (i, a) in aux.iter_mut().take(3).enumerate() {
+        *a = u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ]);
+    }
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let tmp = aux[2];
+    aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
+    aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
+    aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
+    aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
+    std::array::from_fn(|g| ((aux[g / 4] >> (8 * (g % 4))) as u8 as i8) - 32)
+}
+
 impl Unpacked {
     /// Unpack one row (`row` holds whole blocks of `dtype`; `k` values).
     pub fn unpack(&mut self, dtype: GgmlDType, row: &[u8], k: usize) {
@@ -269,27 +291,8 @@ fn unpack_g(
                 let (hmask, qs, packed) = (&blk[0..32], &blk[32..96], &blk[96..108]);
                 d[b] = f16_at(blk, 108);
                 dmin[b] = 0.0;
-                let mut aux = [0u32; 4];
-                for (i, a) in aux.iter_mut().take(3).enumerate() {
-                    *a = u32::from_le_bytes([
-                        packed[4 * i],
-                        packed[4 * i + 1],
-                        packed[4 * i + 2],
-                        packed[4 * i + 3],
-                    ]);
-                }
-                const KMASK1: u32 = 0x0303_0303;
-                const KMASK2: u32 = 0x0f0f_0f0f;
-                let tmp = aux[2];
-                aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
-                aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
-                aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
-                aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
-                for g in 0..16 {
-                    let s = (aux[g / 4] >> (8 * (g % 4))) as u8 as i8;
-                    sc[b * 16 + g] = s - 32;
-                    mn[b * 16 + g] = 0;
-                }
+                sc[b * 16..b * 16 + 16].copy_from_slice(&q3k_scales(packed));
+                mn[b * 16..b * 16 + 16].fill(0);
                 let mut m = 1u8;
                 for n in 0..2 {
                     let qs = &qs[32 * n..32 * n + 32];
@@ -591,7 +594,7 @@ pub fn dot_int(u: &Unpacked, x: QRow<'_>) -> f32 {
 }
 
 /// The integer dot straight from a row's raw blocks, without unpacking, for the 32-value types
-/// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), Q4_K and Q6_K on AVX2; `None` elsewhere (unpack and use [`dot_int`]).
+/// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K-quants (Q2_K..Q6_K) on AVX2; `None` elsewhere (unpack and use [`dot_int`]).
 /// The same arithmetic as [`dot_int`] over the unpacked row. The 32-value types take the
 /// AVX-512 VNNI kernels ([`super::vnni`]) where the CPU has them: the same integer sums.
 pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
@@ -609,8 +612,11 @@ pub fn dot_int_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> 
                 D::Q4_1 => Some(avx2::dot_blocks::<2>(row, x)),
                 D::Q5_0 => Some(avx2::dot_blocks::<3>(row, x)),
                 D::Q5_1 => Some(avx2::dot_blocks::<4>(row, x)),
-                D::Q4K => Some(avx2::dot_q4k(row, x)),
+                D::Q4K => Some(avx2::dot_q45k::<false>(row, x)),
+                D::Q5K => Some(avx2::dot_q45k::<true>(row, x)),
                 D::Q6K => Some(avx2::dot_q6k(row, x)),
+                D::Q3K => Some(avx2::dot_q3k(row, x)),
+                D::Q2K => Some(avx2::dot_q2k(row, x)),
                 _ => None,
             };
         }
@@ -627,20 +633,21 @@ pub fn raw_kernels(dtype: GgmlDType, int8: bool) -> bool {
         && f16c()
         && match dtype {
             D::Q8_0 | D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1 => true,
-            D::Q4K | D::Q6K => int8 || !no_k_exact(),
+            D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K => int8 || !no_k_exact(),
             _ => false,
         }
 }
 
-/// `FERROFORMERS_NO_K_EXACT=1`: exact-mode Q4_K/Q6_K rows are unpacked and dotted as before
-/// the raw-block kernels (to compare).
+/// `FERROFORMERS_NO_K_EXACT=1`: exact-mode K-quant rows (Q2_K..Q6_K) are unpacked and dotted
+/// as before the raw-block kernels (to compare).
 fn no_k_exact() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     super::switch_once(&OFF, "FERROFORMERS_NO_K_EXACT")
 }
 
-/// The exact (f32 activations) dot straight from a row's raw blocks for the 32-value types on
-/// AVX2; `None` elsewhere (unpack and use [`dot_exact`]).
+/// The exact (f32 activations) dot straight from a row's raw blocks for every block type on
+/// AVX2 (the K-quants not with `FERROFORMERS_NO_K_EXACT=1`); `None` elsewhere (unpack and use
+/// [`dot_exact`]).
 pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
     if avx2() && f16c() {
@@ -653,8 +660,11 @@ pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> 
                 D::Q4_1 => Some(avx2::dot_blocks_f32::<2>(row, x)),
                 D::Q5_0 => Some(avx2::dot_blocks_f32::<3>(row, x)),
                 D::Q5_1 => Some(avx2::dot_blocks_f32::<4>(row, x)),
-                D::Q4K if !no_k_exact() => Some(avx2::dot_q4k_f32(row, x)),
+                D::Q4K if !no_k_exact() => Some(avx2::dot_q45k_f32::<false>(row, x)),
                 D::Q6K if !no_k_exact() => Some(avx2::dot_q6k_f32(row, x)),
+                D::Q5K if !no_k_exact() => Some(avx2::dot_q45k_f32::<true>(row, x)),
+                D::Q3K if !no_k_exact() => Some(avx2::dot_q3k_f32(row, x)),
+                D::Q2K if !no_k_exact() => Some(avx2::dot_q2k_f32(row, x)),
                 _ => None,
             };
         }
@@ -989,28 +999,24 @@ pub(super) mod avx2 {
     }
 
     /// Exact dot of a raw Q4_K row (144-byte superblocks of 256: 8 groups of 32 with 6-bit
-    /// scales and minimums) with f32 activations: per group `(d * sc) * sum(q * x) - (dmin *
-    /// mn) * sum(x)`, without unpacking the row first.
+    /// scales and minimums) or, `Q5`, Q5_K row (176 bytes: the same scales, then a fifth bit
+    /// per value in 32 bytes before the low nibbles) with f32 activations: per group
+    /// `(d * sc) * sum(q * x) - (dmin * mn) * sum(x)`, without unpacking the row first.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4k_f32(row: &[u8], x: &[f32]) -> f32 {
-        let nb = row.len() / 144;
+    pub unsafe fn dot_q45k_f32<const Q5: bool>(row: &[u8], x: &[f32]) -> f32 {
+        let bytes = if Q5 { 176 } else { 144 };
+        let nb = row.len() / bytes;
         assert!(x.len() >= nb * 256);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let low = _mm256_set1_epi8(0x0F);
         let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for b in 0..nb {
-            let blk = rp.add(b * 144);
+            let blk = rp.add(b * bytes);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let (d, dmin) = (half(blk), half(blk.add(2)));
             let scales = std::slice::from_raw_parts(blk.add(4), 12);
             let xb = xp.add(256 * b);
             for j in 0..4 {
-                let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
-                let halves = [
-                    _mm256_and_si256(q, low),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
-                ];
-                for (h, v) in halves.into_iter().enumerate() {
+                for (h, v) in k45_values::<Q5>(blk, j).into_iter().enumerate() {
                     let g = 2 * j + h;
                     let (t, xs) = dot32_f32::<false>(v, xb.add(32 * g));
                     let (sc, mn) = super::scale_min_k4(g, scales);
@@ -1020,6 +1026,24 @@ pub(super) mod avx2 {
             }
         }
         hsum(_mm256_sub_ps(acc, accm))
+    }
+
+    /// Groups `2j` and `2j + 1` of a Q4_K (or, `Q5`, Q5_K) superblock at `blk` as unsigned bytes.
+    #[inline(always)]
+    unsafe fn k45_values<const Q5: bool>(blk: *const u8, j: usize) -> [__m256i; 2] {
+        let low = _mm256_set1_epi8(0x0F);
+        let q = _mm256_loadu_si256(blk.add(if Q5 { 48 } else { 16 } + 32 * j) as *const __m256i);
+        let lo = _mm256_and_si256(q, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+        if !Q5 {
+            return [lo, hi];
+        }
+        let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+        let fifth = |bit| _mm256_and_si256(bit_set(qh, bit), _mm256_set1_epi8(16));
+        [
+            _mm256_or_si256(lo, fifth(2 * j)),
+            _mm256_or_si256(hi, fifth(2 * j + 1)),
+        ]
     }
 
     /// Exact dot of a raw Q6_K row (210-byte superblocks of 256: 16 groups of 16 with i8
@@ -1064,7 +1088,7 @@ pub(super) mod avx2 {
                 for (i, v) in quarters.into_iter().enumerate() {
                     let v = _mm256_sub_epi8(v, off);
                     let first = 128 * n + 32 * i;
-                    let (t0, t1) = dot16x2_f32(v, xb.add(first));
+                    let [t0, t1, _, _] = dot16x2_f32(v, xb.add(first));
                     let g = first / 16;
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g) as f32), t0, acc);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g + 1) as f32), t1, acc);
@@ -1074,22 +1098,105 @@ pub(super) mod avx2 {
         hsum(acc)
     }
 
-    /// 32 signed byte values times 32 activations as two sums of 16 (two scale groups).
+    /// 32 signed byte values times 32 activations as two sums of 16 (two scale groups), and
+    /// the two groups' activation sums (for the types with minimums; unused ones cost nothing).
     #[inline(always)]
-    unsafe fn dot16x2_f32(v: __m256i, x: *const f32) -> (__m256, __m256) {
+    unsafe fn dot16x2_f32(v: __m256i, x: *const f32) -> [__m256; 4] {
         let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
         let wide = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+        let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
         let t0 = _mm256_fmadd_ps(
             wide(_mm_srli_si128::<8>(lo)),
-            _mm256_loadu_ps(x.add(8)),
-            _mm256_mul_ps(wide(lo), _mm256_loadu_ps(x)),
+            x1,
+            _mm256_mul_ps(wide(lo), x0),
         );
         let t1 = _mm256_fmadd_ps(
             wide(_mm_srli_si128::<8>(hi)),
-            _mm256_loadu_ps(x.add(24)),
-            _mm256_mul_ps(wide(hi), _mm256_loadu_ps(x.add(16))),
+            x3,
+            _mm256_mul_ps(wide(hi), x2),
         );
-        (t0, t1)
+        [t0, t1, _mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)]
+    }
+
+    /// The 2-bit field at bit `2c` of every byte (`c` in 0..4).
+    #[inline(always)]
+    unsafe fn crumbs(q: __m256i, c: usize) -> __m256i {
+        let v = match c {
+            0 => q,
+            1 => _mm256_srli_epi16::<2>(q),
+            2 => _mm256_srli_epi16::<4>(q),
+            _ => _mm256_srli_epi16::<6>(q),
+        };
+        _mm256_and_si256(v, _mm256_set1_epi8(0x03))
+    }
+
+    /// 0xFF in bytes whose bit `bit` is set, else 0.
+    #[inline(always)]
+    unsafe fn bit_set(h: __m256i, bit: usize) -> __m256i {
+        let m = _mm256_set1_epi8((1u8 << bit) as i8);
+        _mm256_cmpeq_epi8(_mm256_and_si256(h, m), m)
+    }
+
+    /// Exact dot of a raw Q3_K row (110-byte superblocks: a high-bit mask of 32 bytes, 2-bit
+    /// values in 64, 16 packed 6-bit scales, `d`; value = low 2 bits - 4 where the mask bit is
+    /// clear) with f32 activations, without unpacking the row first.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q3k_f32(row: &[u8], x: &[f32]) -> f32 {
+        let nb = row.len() / 110;
+        assert!(x.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 110);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let d = half(blk.add(108));
+            let sc = super::q3k_scales(std::slice::from_raw_parts(blk.add(96), 12));
+            let hm = _mm256_loadu_si256(blk as *const __m256i);
+            let xb = xp.add(256 * b);
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(32 + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let four = _mm256_andnot_si256(bit_set(hm, 4 * n + c), _mm256_set1_epi8(4));
+                    let v = _mm256_sub_epi8(crumbs(q, c), four);
+                    let [t0, t1, _, _] = dot16x2_f32(v, xb.add(128 * n + 32 * c));
+                    let g = 8 * n + 2 * c;
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g] as f32), t0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g + 1] as f32), t1, acc);
+                }
+            }
+        }
+        hsum(acc)
+    }
+
+    /// Exact dot of a raw Q2_K row (84-byte superblocks: 16 bytes of 4-bit scale and minimum
+    /// pairs, 2-bit values in 64, `d`, `dmin`) with f32 activations, without unpacking the row
+    /// first: per group of 16 `(d * sc) * sum(q * x) - (dmin * mn) * sum(x)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q2k_f32(row: &[u8], x: &[f32]) -> f32 {
+        let nb = row.len() / 84;
+        assert!(x.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for b in 0..nb {
+            let blk = rp.add(b * 84);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let (d, dmin) = (half(blk.add(80)), half(blk.add(82)));
+            let xb = xp.add(256 * b);
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let [t0, t1, s0, s1] = dot16x2_f32(crumbs(q, c), xb.add(128 * n + 32 * c));
+                    let g = 8 * n + 2 * c;
+                    let (p0, p1) = (*blk.add(g), *blk.add(g + 1));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (p0 & 0xF) as f32), t0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (p1 & 0xF) as f32), t1, acc);
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (p0 >> 4) as f32), s0, accm);
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (p1 >> 4) as f32), s1, accm);
+                }
+            }
+        }
+        hsum(_mm256_sub_ps(acc, accm))
     }
 
     /// Integer dots over raw 32-value blocks. `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
@@ -1156,29 +1263,26 @@ pub(super) mod avx2 {
         _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a))
     }
 
-    /// Q4_K (144-byte superblocks of 256) times Q8_K activations.
+    /// Q4_K (144-byte superblocks of 256) or, `Q5`, Q5_K (176) times Q8_K activations.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4k(row: &[u8], x: QRow<'_>) -> f32 {
+    pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], x: QRow<'_>) -> f32 {
+        let bytes = if Q5 { 176 } else { 144 };
         let nb = x.d.len();
-        assert!(row.len() >= nb * 144 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        assert!(row.len() >= nb * bytes && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
         let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
-        let low = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for b in 0..nb {
-            let blk = rp.add(b * 144);
+            let blk = rp.add(b * bytes);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let scales = std::slice::from_raw_parts(blk.add(4), 12);
-            let qs = blk.add(16);
             let xb = xp.add(b * 256);
             let mut isum = _mm256_setzero_si256();
             let mut imin = 0i32;
             for j in 0..4 {
                 let (s1, m1) = super::scale_min_k4(2 * j, scales);
                 let (s2, m2) = super::scale_min_k4(2 * j + 1, scales);
-                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                let lo = _mm256_and_si256(q, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                let [lo, hi] = k45_values::<Q5>(blk, j);
                 let x0 = _mm256_loadu_si256(xb.add(64 * j) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xb.add(64 * j + 32) as *const __m256i);
                 let p0 =
@@ -1193,6 +1297,85 @@ pub(super) mod avx2 {
             let d = dx * half(blk);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
             mins += (dx * half(blk.add(2))) * imin as f32;
+        }
+        hsum(acc) - mins
+    }
+
+    /// Q3_K (110-byte superblocks) times Q8_K activations. Values are kept unsigned as
+    /// `v + 4` (0..7: the low bits, plus 4 where the mask bit is set) through `maddubs`, and
+    /// the offset taken off as `4 * xq`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q3k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 110 && x.q.len() >= nb * 256);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let four = _mm256_set1_epi8(4);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 110);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let sc = super::q3k_scales(std::slice::from_raw_parts(blk.add(96), 12));
+            let hm = _mm256_loadu_si256(blk as *const __m256i);
+            let xb = xp.add(b * 256);
+            let mut isum = _mm256_setzero_si256();
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(32 + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let u = _mm256_or_si256(
+                        crumbs(q, c),
+                        _mm256_and_si256(bit_set(hm, 4 * n + c), four),
+                    );
+                    let xv = _mm256_loadu_si256(xb.add(128 * n + 32 * c) as *const __m256i);
+                    let p16 = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(u, xv),
+                        _mm256_maddubs_epi16(four, xv),
+                    );
+                    let g = 8 * n + 2 * c;
+                    let sv = scale_pair(sc[g] as i16, sc[g + 1] as i16);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, sv));
+                }
+            }
+            let d = x.d[b] * half(blk.add(108));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+        }
+        hsum(acc)
+    }
+
+    /// Q2_K (84-byte superblocks) times Q8_K activations: `dx * d * sum(sc * q * xq) - dx *
+    /// dmin * sum(mn * gsum)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q2k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 84 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let blk = rp.add(b * 84);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let xb = xp.add(b * 256);
+            let mut isum = _mm256_setzero_si256();
+            let mut imin = 0i32;
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let xv = _mm256_loadu_si256(xb.add(128 * n + 32 * c) as *const __m256i);
+                    let p16 = _mm256_maddubs_epi16(crumbs(q, c), xv);
+                    let g = 8 * n + 2 * c;
+                    let (p0, p1) = (*blk.add(g), *blk.add(g + 1));
+                    let sv = scale_pair((p0 & 0xF) as i16, (p1 & 0xF) as i16);
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, sv));
+                    imin += (p0 >> 4) as i32 * x.gsum[b * 16 + g]
+                        + (p1 >> 4) as i32 * x.gsum[b * 16 + g + 1];
+                }
+            }
+            let dx = x.d[b];
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(dx * half(blk.add(80))),
+                _mm256_cvtepi32_ps(isum),
+                acc,
+            );
+            mins += (dx * half(blk.add(82))) * imin as f32;
         }
         hsum(acc) - mins
     }
@@ -1369,9 +1552,9 @@ mod tests {
             for r in 0..n {
                 u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
                 let got = dot_exact(&u, &x, &xs);
-                if let Some(direct) =
-                    dot_exact_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], &x)
-                {
+                let direct = dot_exact_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], &x);
+                assert_eq!(direct.is_some(), raw_kernels(dt, false), "{dt:?}");
+                if let Some(direct) = direct {
                     let want: f64 = dense[r * k..(r + 1) * k]
                         .iter()
                         .zip(&x)

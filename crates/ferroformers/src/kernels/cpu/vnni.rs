@@ -52,14 +52,21 @@ pub fn available() -> bool {
 /// features, or (32-value types) when `x` has no [`QRow::lanes`].
 pub fn dot_blocks(dtype: GgmlDType, row: &[u8], x: QRow<'_>) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
-    if available() && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+    if available() {
+        use GgmlDType as D;
         // SAFETY: the CPU has the features the kernels enable; the kernels assert the lengths.
-        unsafe {
-            return Some(if dtype == GgmlDType::Q4K {
-                x86::dot_q4k(row, x)
-            } else {
-                x86::dot_q6k(row, x)
-            });
+        let k = unsafe {
+            match dtype {
+                D::Q2K => Some(x86::dot_q2k(row, x)),
+                D::Q3K => Some(x86::dot_q3k(row, x)),
+                D::Q4K => Some(x86::dot_q45k::<false>(row, x)),
+                D::Q5K => Some(x86::dot_q45k::<true>(row, x)),
+                D::Q6K => Some(x86::dot_q6k(row, x)),
+                _ => None,
+            }
+        };
+        if k.is_some() {
+            return k;
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -322,13 +329,15 @@ mod x86 {
         )
     }
 
-    /// Q4_K (144-byte superblocks of 256: 8 groups of 32 with 6-bit scales and minimums)
-    /// times Q8_K: the scales and minimums unpacked with integer masks, each group's scale
-    /// picked per lane by a permute, the minimums times Q8_K's group sums in one vector.
+    /// Q4_K (144-byte superblocks of 256: 8 groups of 32 with 6-bit scales and minimums) or,
+    /// `Q5`, Q5_K (176 bytes: the same scales, a fifth bit per value in 32 bytes, then the
+    /// nibbles) times Q8_K: the scales and minimums unpacked with integer masks, each group's
+    /// scale picked per lane by a permute, the minimums times Q8_K's group sums in one vector.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn dot_q4k(row: &[u8], x: QRow<'_>) -> f32 {
+    pub unsafe fn dot_q45k<const Q5: bool>(row: &[u8], x: QRow<'_>) -> f32 {
+        let bytes = if Q5 { 176 } else { 144 };
         let nb = x.d.len();
-        assert!(row.len() >= nb * 144 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        assert!(row.len() >= nb * bytes && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
         let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
         let low = _mm512_set1_epi8(0x0F);
         // Lanes 0..8 of the j-th product belong to group 2j, lanes 8..16 to group 2j + 1.
@@ -338,19 +347,31 @@ mod x86 {
         let mut acc = _mm512_setzero_ps();
         let mut macc = _mm512_setzero_ps();
         for b in 0..nb {
-            let blk = rp.add(b * 144);
+            let blk = rp.add(b * bytes);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let (sc, mn) = scales_mins_k4(blk.add(4));
             let sc = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
             let mn = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64));
-            let (qs, xb) = (blk.add(16), xp.add(b * 256));
+            let (qs, xb) = (blk.add(if Q5 { 48 } else { 16 }), xp.add(b * 256));
+            // Q5_K's fifth bits: group 2j's in bit 2j of the lower 32 bytes, group 2j + 1's
+            // in bit 2j of the upper ones (shifted down by one).
+            let qh = if Q5 {
+                let h = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), _mm256_srli_epi16::<1>(h))
+            } else {
+                _mm512_setzero_si512()
+            };
             let mut isum = _mm512_setzero_si512();
             for j in 0..4 {
                 // 32 bytes of nibbles: the low ones are group 2j, the high ones group 2j + 1.
                 let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                 let z =
                     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
-                let u = _mm512_and_si512(z, low);
+                let mut u = _mm512_and_si512(z, low);
+                if Q5 {
+                    let set = _mm512_test_epi8_mask(qh, _mm512_set1_epi8(1 << (2 * j)));
+                    u = _mm512_mask_add_epi8(u, set, u, _mm512_set1_epi8(16));
+                }
                 let xv = _mm512_loadu_si512(xb.add(64 * j) as *const __m512i);
                 let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
                 let s = _mm512_permutexvar_epi32(
@@ -428,6 +449,119 @@ mod x86 {
         }
         _mm512_reduce_add_ps(acc)
     }
+
+    /// The 2-bit fields of 32 bytes, two per 64-value vector: `[c0 | c1]` (values 0..64 of
+    /// the 128 the bytes hold) and `[c2 | c3]` (values 64..128).
+    #[inline(always)]
+    unsafe fn crumb_pairs(q: __m256i) -> [__m512i; 2] {
+        let three = _mm512_set1_epi8(3);
+        let q2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+        [
+            _mm512_and_si512(q2, three),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(q2), three),
+        ]
+    }
+
+    /// `sum(sc[g] * dpbusd(v_h, x_h))` over the two 64-value halves of 128 values whose 16-value
+    /// groups start at `first` (lane l of a product belongs to group `first + 4h + l / 4`).
+    #[inline(always)]
+    unsafe fn scaled_pairs(v: [__m512i; 2], xb: *const i8, sc: __m512i, first: i32) -> __m512i {
+        let quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let mut isum = _mm512_setzero_si512();
+        for (h, v) in v.into_iter().enumerate() {
+            let xv = _mm512_loadu_si512(xb.add(64 * h) as *const __m512i);
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
+            let idx = _mm512_add_epi32(quarter, _mm512_set1_epi32(first + 4 * h as i32));
+            isum = _mm512_add_epi32(
+                isum,
+                _mm512_mullo_epi32(p, _mm512_permutexvar_epi32(idx, sc)),
+            );
+        }
+        isum
+    }
+
+    /// Q3_K (110-byte superblocks: high-bit mask, 2-bit values, 16 packed 6-bit scales, `d`)
+    /// times Q8_K. Values are kept unsigned as `v + 4` (the low bits, plus 4 where the mask
+    /// bit is set) and the offset taken off as `4 * sum(sc * gsum)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q3k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 110 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
+        let four = _mm512_set1_epi8(4);
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..nb {
+            let blk = rp.add(b * 110);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let xb = xp.add(b * 256);
+            let scales = crate::kernels::cpu::blocks::q3k_scales(std::slice::from_raw_parts(
+                blk.add(96),
+                12,
+            ));
+            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
+            let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
+            let mut isum = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_slli_epi32::<2>(_mm512_mullo_epi32(sc, gs)),
+            );
+            // Mask bit 4n + c marks values 128n + 32c..+32: bit m of the lower 32 bytes, bit
+            // m + 1 in the upper ones (shifted down by one).
+            let h = _mm256_loadu_si256(blk as *const __m256i);
+            let hm = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), _mm256_srli_epi16::<1>(h));
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(32 + 32 * n) as *const __m256i);
+                let mut v = crumb_pairs(q);
+                for (p, v) in v.iter_mut().enumerate() {
+                    let bit = _mm512_set1_epi8(1 << (4 * n + 2 * p));
+                    *v = _mm512_mask_add_epi8(*v, _mm512_test_epi8_mask(hm, bit), *v, four);
+                }
+                isum = _mm512_add_epi32(isum, scaled_pairs(v, xb.add(128 * n), sc, 8 * n as i32));
+            }
+            let d = x.d[b] * half(blk.add(108));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// Q2_K (84-byte superblocks: 16 bytes of 4-bit scale and minimum pairs, 2-bit values,
+    /// `d`, `dmin`) times Q8_K: `dx * d * sum(sc * q * xq) - dx * dmin * sum(mn * gsum)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q2k(row: &[u8], x: QRow<'_>) -> f32 {
+        let nb = x.d.len();
+        assert!(row.len() >= nb * 84 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
+        let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
+        let low = _mm_set1_epi8(0x0F);
+        let (mut acc, mut macc) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for b in 0..nb {
+            let blk = rp.add(b * 84);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let xb = xp.add(b * 256);
+            let packed = _mm_loadu_si128(blk as *const __m128i);
+            let sc = _mm512_cvtepu8_epi32(_mm_and_si128(packed, low));
+            let mn = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(packed), low));
+            let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
+            let mut isum = _mm512_setzero_si512();
+            for n in 0..2 {
+                let q = _mm256_loadu_si256(blk.add(16 + 32 * n) as *const __m256i);
+                isum = _mm512_add_epi32(
+                    isum,
+                    scaled_pairs(crumb_pairs(q), xb.add(128 * n), sc, 8 * n as i32),
+                );
+            }
+            let dx = x.d[b];
+            acc = _mm512_fmadd_ps(
+                _mm512_set1_ps(dx * half(blk.add(80))),
+                _mm512_cvtepi32_ps(isum),
+                acc,
+            );
+            macc = _mm512_fmadd_ps(
+                _mm512_set1_ps(dx * half(blk.add(82))),
+                _mm512_cvtepi32_ps(_mm512_mullo_epi32(mn, gs)),
+                macc,
+            );
+        }
+        _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(macc)
+    }
 }
 
 #[cfg(test)]
@@ -473,7 +607,10 @@ mod tests {
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
         ];
         let mut seed = 17u64;
