@@ -7,6 +7,9 @@
 //!   FERROFORMERS_NO_REPACK=1 ...   (the raw-block kernels, for comparison)
 //!   ... -- REPS hot                 (one copy each: cache-resident, the arithmetic alone)
 //!   ... -- REPS rows=16             (a batched decoding step of 16 rows: kept int8 panels)
+//!   ... -- REPS ladder              (every block type on one shape, a gate/up matrix of
+//!                                    scripts/make_quant_ladder.py's model: 2816 x 1024, 16 copies)
+//!   ... -- REPS exact               (the exact mode: f32 activations; default int8)
 //!
 //! Prints microseconds per product, GB/s of GGUF weights and multiply-adds per second; the median of REPS passes
 //! (default 15) over all copies.
@@ -32,7 +35,7 @@ fn main() {
     );
     println!("| matrix (n x k) | type | copies | MB each | us per product | GB/s | GMAC/s |");
     println!("|---|---|---|---|---|---|---|");
-    let shapes = [
+    let qwen = [
         ("q/k/v", 1152, 896, GgmlDType::Q5_0, 24),
         ("o", 896, 896, GgmlDType::Q5_0, 24),
         ("gate/up", 9728, 896, GgmlDType::Q5_0, 24),
@@ -41,23 +44,43 @@ fn main() {
         ("output", 151936, 896, GgmlDType::Q8_0, 1),
         ("gate/up", 9728, 896, GgmlDType::Q4_1, 24),
     ];
+    use GgmlDType as D;
+    let ladder = [
+        D::Q4_0,
+        D::Q4_1,
+        D::Q5_0,
+        D::Q5_1,
+        D::Q8_0,
+        D::Q2K,
+        D::Q3K,
+        D::Q4K,
+        D::Q5K,
+        D::Q6K,
+    ]
+    .map(|dt| ("gate/up", 2816, 1024, dt, 16));
+    let shapes = if std::env::args().any(|a| a == "ladder") {
+        &ladder[..]
+    } else {
+        &qwen[..]
+    };
+    let math = if std::env::args().any(|a| a == "exact") {
+        QuantMath::Exact
+    } else {
+        QuantMath::Int8
+    };
     // `hot`: one copy of each matrix (in cache after the first pass): the kernels' arithmetic.
     let hot = std::env::args().any(|a| a == "hot");
     let rows: usize = std::env::args()
         .find_map(|a| a.strip_prefix("rows=").and_then(|v| v.parse().ok()))
         .unwrap_or(1);
-    for (name, n, k, dt, copies) in shapes {
+    for &(name, n, k, dt, copies) in shapes {
         let copies = if hot { 1 } else { copies };
         let w = Tensor::from_vec(values(n * k, n as u64), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dt).unwrap();
         let bytes = q.storage_size_in_bytes();
         let base = QuantLinear::new(&q).unwrap().unwrap();
         let mats: Vec<QuantLinear> = (0..copies)
-            .map(|_| {
-                QuantLinear::stack(&[&base])
-                    .unwrap()
-                    .with_math(QuantMath::Int8)
-            })
+            .map(|_| QuantLinear::stack(&[&base]).unwrap().with_math(math))
             .collect();
         let x = values(rows * k, 7);
         let mut sink = 0f32;

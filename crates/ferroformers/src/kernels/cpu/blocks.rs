@@ -646,26 +646,18 @@ fn no_k_exact() -> bool {
 }
 
 /// The exact (f32 activations) dot straight from a row's raw blocks for every block type on
-/// AVX2 (the K-quants not with `FERROFORMERS_NO_K_EXACT=1`); `None` elsewhere (unpack and use
-/// [`dot_exact`]).
+/// AVX2, 16 lanes wide where the CPU has AVX-512F (the K-quants not with
+/// `FERROFORMERS_NO_K_EXACT=1`); `None` elsewhere (unpack and use [`dot_exact`]).
 pub fn dot_exact_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
     if avx2() && f16c() {
-        use GgmlDType as D;
-        // SAFETY: the CPU has AVX2, FMA and F16C; row holds whole blocks matching x.
+        // SAFETY: the CPU has AVX2, FMA and F16C (and AVX-512F for the wide copy); row holds
+        // whole blocks matching x.
         unsafe {
-            return match dtype {
-                D::Q8_0 => Some(avx2::dot_blocks_f32::<0>(row, x)),
-                D::Q4_0 => Some(avx2::dot_blocks_f32::<1>(row, x)),
-                D::Q4_1 => Some(avx2::dot_blocks_f32::<2>(row, x)),
-                D::Q5_0 => Some(avx2::dot_blocks_f32::<3>(row, x)),
-                D::Q5_1 => Some(avx2::dot_blocks_f32::<4>(row, x)),
-                D::Q4K if !no_k_exact() => Some(avx2::dot_q45k_f32::<false>(row, x)),
-                D::Q6K if !no_k_exact() => Some(avx2::dot_q6k_f32(row, x)),
-                D::Q5K if !no_k_exact() => Some(avx2::dot_q45k_f32::<true>(row, x)),
-                D::Q3K if !no_k_exact() => Some(avx2::dot_q3k_f32(row, x)),
-                D::Q2K if !no_k_exact() => Some(avx2::dot_q2k_f32(row, x)),
-                _ => None,
+            return if std::arch::is_x86_feature_detected!("avx512f") {
+                avx2::dot_exact_512(dtype, row, x)
+            } else {
+                avx2::dot_exact_256(dtype, row, x)
             };
         }
     }
@@ -838,7 +830,7 @@ pub fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::{combine, QRow, Unpacked};
+    use super::{combine, GgmlDType, QRow, Unpacked};
     use std::arch::x86_64::*;
 
     /// 32 weights times 32 activations: `maddubs` takes unsigned times signed bytes, so the
@@ -946,15 +938,176 @@ pub(super) mod avx2 {
         }
     }
 
+    /// The f32 side of the exact kernels, 8 lanes (AVX2, `__m256`) or 16 (AVX-512F,
+    /// `__m512`): each block kernel is written once over it and compiled for both.
+    pub(super) trait Lanes: Copy {
+        unsafe fn zero() -> Self;
+        /// `acc + s * t`.
+        unsafe fn scaled(acc: Self, s: f32, t: Self) -> Self;
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn sub(a: Self, b: Self) -> Self;
+        unsafe fn total(self) -> f32;
+        /// 32 unsigned or signed byte values (`SIGNED`) times 32 activations: the products'
+        /// lane sums and the activations' lane sums.
+        unsafe fn dot32<const SIGNED: bool>(v: __m256i, x: *const f32) -> (Self, Self);
+        /// 32 signed byte values times 32 activations as two groups of 16 (two scales), and
+        /// the two groups' activation sums (for the types with minimums; unused ones cost
+        /// nothing).
+        unsafe fn dot16x2(v: __m256i, x: *const f32) -> [Self; 4];
+    }
+
+    impl Lanes for __m256 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn scaled(acc: Self, s: f32, t: Self) -> Self {
+            _mm256_fmadd_ps(_mm256_set1_ps(s), t, acc)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn total(self) -> f32 {
+            hsum(self)
+        }
+        #[inline(always)]
+        unsafe fn dot32<const SIGNED: bool>(v: __m256i, x: *const f32) -> (Self, Self) {
+            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let wide = |v: __m128i| -> __m256 {
+                if SIGNED {
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+                } else {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+                }
+            };
+            let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+            let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
+            let mut t = _mm256_mul_ps(wide(lo), x0);
+            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(lo)), x1, t);
+            t = _mm256_fmadd_ps(wide(hi), x2, t);
+            t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(hi)), x3, t);
+            (
+                t,
+                _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn dot16x2(v: __m256i, x: *const f32) -> [Self; 4] {
+            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let wide = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+            let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
+            let t0 = _mm256_fmadd_ps(
+                wide(_mm_srli_si128::<8>(lo)),
+                x1,
+                _mm256_mul_ps(wide(lo), x0),
+            );
+            let t1 = _mm256_fmadd_ps(
+                wide(_mm_srli_si128::<8>(hi)),
+                x3,
+                _mm256_mul_ps(wide(hi), x2),
+            );
+            [t0, t1, _mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)]
+        }
+    }
+
+    impl Lanes for __m512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn scaled(acc: Self, s: f32, t: Self) -> Self {
+            _mm512_fmadd_ps(_mm512_set1_ps(s), t, acc)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn total(self) -> f32 {
+            _mm512_reduce_add_ps(self)
+        }
+        #[inline(always)]
+        unsafe fn dot32<const SIGNED: bool>(v: __m256i, x: *const f32) -> (Self, Self) {
+            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let wide = |v: __m128i| -> __m512 {
+                if SIGNED {
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
+                } else {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
+                }
+            };
+            let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+            let t = _mm512_fmadd_ps(wide(hi), x1, _mm512_mul_ps(wide(lo), x0));
+            (t, _mm512_add_ps(x0, x1))
+        }
+        #[inline(always)]
+        unsafe fn dot16x2(v: __m256i, x: *const f32) -> [Self; 4] {
+            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let wide = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+            let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+            [
+                _mm512_mul_ps(wide(lo), x0),
+                _mm512_mul_ps(wide(hi), x1),
+                x0,
+                x1,
+            ]
+        }
+    }
+
+    /// The exact dot of `dtype`'s raw row with f32 activations, 8 lanes wide (AVX2); `None`
+    /// for types without a kernel here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_exact_256(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
+        dot_exact_g::<__m256>(dtype, row, x)
+    }
+
+    /// [`dot_exact_256`] 16 lanes wide (AVX-512F).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_exact_512(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
+        dot_exact_g::<__m512>(dtype, row, x)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_exact_g<L: Lanes>(dtype: GgmlDType, row: &[u8], x: &[f32]) -> Option<f32> {
+        use GgmlDType as D;
+        let k = !super::no_k_exact();
+        Some(match dtype {
+            D::Q8_0 => dot_blocks_f32::<L, 0>(row, x),
+            D::Q4_0 => dot_blocks_f32::<L, 1>(row, x),
+            D::Q4_1 => dot_blocks_f32::<L, 2>(row, x),
+            D::Q5_0 => dot_blocks_f32::<L, 3>(row, x),
+            D::Q5_1 => dot_blocks_f32::<L, 4>(row, x),
+            D::Q4K if k => dot_q45k_f32::<L, false>(row, x),
+            D::Q5K if k => dot_q45k_f32::<L, true>(row, x),
+            D::Q6K if k => dot_q6k_f32::<L>(row, x),
+            D::Q3K if k => dot_q3k_f32::<L>(row, x),
+            D::Q2K if k => dot_q2k_f32::<L>(row, x),
+            _ => return None,
+        })
+    }
+
     /// Exact dots over raw 32-value blocks: `d * sum(q * x)` per block in f32 (+ `m * sum(x)`
     /// for Q4_1/Q5_1).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_blocks_f32<const T: u8>(row: &[u8], x: &[f32]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_blocks_f32<L: Lanes, const T: u8>(row: &[u8], x: &[f32]) -> f32 {
         let bytes = [34usize, 18, 20, 22, 24][T as usize];
         let nb = row.len() / bytes;
         assert!(x.len() >= nb * 32);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut acc, mut accm) = (L::zero(), L::zero());
         for b in 0..nb {
             let blk = rp.add(b * bytes);
             if b % 2 == 0 {
@@ -963,52 +1116,29 @@ pub(super) mod avx2 {
             let q = block_values::<T>(blk);
             let xb = xp.add(32 * b);
             let (t, xs) = if T == 2 || T == 4 {
-                dot32_f32::<false>(q, xb)
+                L::dot32::<false>(q, xb)
             } else {
-                dot32_f32::<true>(q, xb)
+                L::dot32::<true>(q, xb)
             };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk)), t, acc);
+            acc = L::scaled(acc, half(blk), t);
             if T == 2 || T == 4 {
-                accm = _mm256_fmadd_ps(_mm256_set1_ps(half(blk.add(2))), xs, accm);
+                accm = L::scaled(accm, half(blk.add(2)), xs);
             }
         }
-        hsum(_mm256_add_ps(acc, accm))
-    }
-
-    /// 32 unsigned or signed byte values (`SIGNED`) times 32 activations, in f32 with FMA.
-    #[inline(always)]
-    unsafe fn dot32_f32<const SIGNED: bool>(v: __m256i, x: *const f32) -> (__m256, __m256) {
-        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let wide = |v: __m128i| -> __m256 {
-            if SIGNED {
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-            } else {
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
-            }
-        };
-        let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
-        let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
-        let mut t = _mm256_mul_ps(wide(lo), x0);
-        t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(lo)), x1, t);
-        t = _mm256_fmadd_ps(wide(hi), x2, t);
-        t = _mm256_fmadd_ps(wide(_mm_srli_si128::<8>(hi)), x3, t);
-        (
-            t,
-            _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
-        )
+        L::add(acc, accm).total()
     }
 
     /// Exact dot of a raw Q4_K row (144-byte superblocks of 256: 8 groups of 32 with 6-bit
     /// scales and minimums) or, `Q5`, Q5_K row (176 bytes: the same scales, then a fifth bit
     /// per value in 32 bytes before the low nibbles) with f32 activations: per group
     /// `(d * sc) * sum(q * x) - (dmin * mn) * sum(x)`, without unpacking the row first.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q45k_f32<const Q5: bool>(row: &[u8], x: &[f32]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q45k_f32<L: Lanes, const Q5: bool>(row: &[u8], x: &[f32]) -> f32 {
         let bytes = if Q5 { 176 } else { 144 };
         let nb = row.len() / bytes;
         assert!(x.len() >= nb * 256);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut acc, mut accm) = (L::zero(), L::zero());
         for b in 0..nb {
             let blk = rp.add(b * bytes);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
@@ -1018,14 +1148,14 @@ pub(super) mod avx2 {
             for j in 0..4 {
                 for (h, v) in k45_values::<Q5>(blk, j).into_iter().enumerate() {
                     let g = 2 * j + h;
-                    let (t, xs) = dot32_f32::<false>(v, xb.add(32 * g));
+                    let (t, xs) = L::dot32::<false>(v, xb.add(32 * g));
                     let (sc, mn) = super::scale_min_k4(g, scales);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), t, acc);
-                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * mn as f32), xs, accm);
+                    acc = L::scaled(acc, d * sc as f32, t);
+                    accm = L::scaled(accm, dmin * mn as f32, xs);
                 }
             }
         }
-        hsum(_mm256_sub_ps(acc, accm))
+        L::sub(acc, accm).total()
     }
 
     /// Groups `2j` and `2j + 1` of a Q4_K (or, `Q5`, Q5_K) superblock at `blk` as unsigned bytes.
@@ -1048,8 +1178,8 @@ pub(super) mod avx2 {
 
     /// Exact dot of a raw Q6_K row (210-byte superblocks of 256: 16 groups of 16 with i8
     /// scales; values 0..63 less 32) with f32 activations, without unpacking the row first.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6k_f32(row: &[u8], x: &[f32]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q6k_f32<L: Lanes>(row: &[u8], x: &[f32]) -> f32 {
         let nb = row.len() / 210;
         assert!(x.len() >= nb * 256);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
@@ -1058,7 +1188,7 @@ pub(super) mod avx2 {
             _mm256_set1_epi8(0x03),
             _mm256_set1_epi8(32),
         );
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = L::zero();
         for b in 0..nb {
             let blk = rp.add(b * 210);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
@@ -1088,35 +1218,14 @@ pub(super) mod avx2 {
                 for (i, v) in quarters.into_iter().enumerate() {
                     let v = _mm256_sub_epi8(v, off);
                     let first = 128 * n + 32 * i;
-                    let [t0, t1, _, _] = dot16x2_f32(v, xb.add(first));
+                    let [t0, t1, _, _] = L::dot16x2(v, xb.add(first));
                     let g = first / 16;
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g) as f32), t0, acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *sc.add(g + 1) as f32), t1, acc);
+                    acc = L::scaled(acc, d * *sc.add(g) as f32, t0);
+                    acc = L::scaled(acc, d * *sc.add(g + 1) as f32, t1);
                 }
             }
         }
-        hsum(acc)
-    }
-
-    /// 32 signed byte values times 32 activations as two sums of 16 (two scale groups), and
-    /// the two groups' activation sums (for the types with minimums; unused ones cost nothing).
-    #[inline(always)]
-    unsafe fn dot16x2_f32(v: __m256i, x: *const f32) -> [__m256; 4] {
-        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let wide = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-        let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
-        let (x2, x3) = (_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(x.add(24)));
-        let t0 = _mm256_fmadd_ps(
-            wide(_mm_srli_si128::<8>(lo)),
-            x1,
-            _mm256_mul_ps(wide(lo), x0),
-        );
-        let t1 = _mm256_fmadd_ps(
-            wide(_mm_srli_si128::<8>(hi)),
-            x3,
-            _mm256_mul_ps(wide(hi), x2),
-        );
-        [t0, t1, _mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)]
+        acc.total()
     }
 
     /// The 2-bit field at bit `2c` of every byte (`c` in 0..4).
@@ -1141,12 +1250,12 @@ pub(super) mod avx2 {
     /// Exact dot of a raw Q3_K row (110-byte superblocks: a high-bit mask of 32 bytes, 2-bit
     /// values in 64, 16 packed 6-bit scales, `d`; value = low 2 bits - 4 where the mask bit is
     /// clear) with f32 activations, without unpacking the row first.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q3k_f32(row: &[u8], x: &[f32]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q3k_f32<L: Lanes>(row: &[u8], x: &[f32]) -> f32 {
         let nb = row.len() / 110;
         assert!(x.len() >= nb * 256);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = L::zero();
         for b in 0..nb {
             let blk = rp.add(b * 110);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
@@ -1159,25 +1268,25 @@ pub(super) mod avx2 {
                 for c in 0..4 {
                     let four = _mm256_andnot_si256(bit_set(hm, 4 * n + c), _mm256_set1_epi8(4));
                     let v = _mm256_sub_epi8(crumbs(q, c), four);
-                    let [t0, t1, _, _] = dot16x2_f32(v, xb.add(128 * n + 32 * c));
+                    let [t0, t1, _, _] = L::dot16x2(v, xb.add(128 * n + 32 * c));
                     let g = 8 * n + 2 * c;
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g] as f32), t0, acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[g + 1] as f32), t1, acc);
+                    acc = L::scaled(acc, d * sc[g] as f32, t0);
+                    acc = L::scaled(acc, d * sc[g + 1] as f32, t1);
                 }
             }
         }
-        hsum(acc)
+        acc.total()
     }
 
     /// Exact dot of a raw Q2_K row (84-byte superblocks: 16 bytes of 4-bit scale and minimum
     /// pairs, 2-bit values in 64, `d`, `dmin`) with f32 activations, without unpacking the row
     /// first: per group of 16 `(d * sc) * sum(q * x) - (dmin * mn) * sum(x)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q2k_f32(row: &[u8], x: &[f32]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q2k_f32<L: Lanes>(row: &[u8], x: &[f32]) -> f32 {
         let nb = row.len() / 84;
         assert!(x.len() >= nb * 256);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
-        let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut acc, mut accm) = (L::zero(), L::zero());
         for b in 0..nb {
             let blk = rp.add(b * 84);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
@@ -1186,17 +1295,17 @@ pub(super) mod avx2 {
             for n in 0..2 {
                 let q = _mm256_loadu_si256(blk.add(16 + 32 * n) as *const __m256i);
                 for c in 0..4 {
-                    let [t0, t1, s0, s1] = dot16x2_f32(crumbs(q, c), xb.add(128 * n + 32 * c));
+                    let [t0, t1, s0, s1] = L::dot16x2(crumbs(q, c), xb.add(128 * n + 32 * c));
                     let g = 8 * n + 2 * c;
                     let (p0, p1) = (*blk.add(g), *blk.add(g + 1));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (p0 & 0xF) as f32), t0, acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (p1 & 0xF) as f32), t1, acc);
-                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (p0 >> 4) as f32), s0, accm);
-                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (p1 >> 4) as f32), s1, accm);
+                    acc = L::scaled(acc, d * (p0 & 0xF) as f32, t0);
+                    acc = L::scaled(acc, d * (p1 & 0xF) as f32, t1);
+                    accm = L::scaled(accm, dmin * (p0 >> 4) as f32, s0);
+                    accm = L::scaled(accm, dmin * (p1 >> 4) as f32, s1);
                 }
             }
         }
-        hsum(_mm256_sub_ps(acc, accm))
+        L::sub(acc, accm).total()
     }
 
     /// Integer dots over raw 32-value blocks. `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1.
@@ -1552,24 +1661,35 @@ mod tests {
             for r in 0..n {
                 u.unpack(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], k);
                 let got = dot_exact(&u, &x, &xs);
-                let direct = dot_exact_blocks(dt, &bytes[r * row_bytes..(r + 1) * row_bytes], &x);
-                assert_eq!(direct.is_some(), raw_kernels(dt, false), "{dt:?}");
-                if let Some(direct) = direct {
-                    let want: f64 = dense[r * k..(r + 1) * k]
-                        .iter()
-                        .zip(&x)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    assert!(
-                        (direct as f64 - want).abs() < 1e-4,
-                        "{dt:?} raw: {direct} vs {want}"
-                    );
-                }
+                let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
                 let want: f64 = dense[r * k..(r + 1) * k]
                     .iter()
                     .zip(&x)
                     .map(|(a, b)| *a as f64 * *b as f64)
                     .sum();
+                let direct = dot_exact_blocks(dt, row, &x);
+                assert_eq!(direct.is_some(), raw_kernels(dt, false), "{dt:?}");
+                // Both widths where the CPU has them, whichever the dispatch picks.
+                #[cfg(target_arch = "x86_64")]
+                let widths = if !avx2() || !f16c() {
+                    vec![]
+                } else if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX2, FMA, F16C and AVX-512F; row holds whole blocks matching x.
+                    unsafe {
+                        vec![
+                            avx2::dot_exact_256(dt, row, &x),
+                            avx2::dot_exact_512(dt, row, &x),
+                        ]
+                    }
+                } else {
+                    // SAFETY: AVX2, FMA and F16C; row holds whole blocks matching x.
+                    unsafe { vec![avx2::dot_exact_256(dt, row, &x)] }
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let widths: Vec<Option<f32>> = vec![];
+                for v in widths.into_iter().chain([direct]).flatten() {
+                    assert!((v as f64 - want).abs() < 1e-4, "{dt:?} raw: {v} vs {want}");
+                }
                 assert!((got as f64 - want).abs() < 1e-4, "{dt:?}: {got} vs {want}");
             }
         }

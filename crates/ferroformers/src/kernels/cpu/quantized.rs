@@ -355,7 +355,11 @@ impl QuantLinear {
             && avx512()
             && matches!(
                 self.dtype,
-                GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+                GgmlDType::Q4_0
+                    | GgmlDType::Q4_1
+                    | GgmlDType::Q5_0
+                    | GgmlDType::Q5_1
+                    | GgmlDType::Q8_0
             );
         let xq = if int8 {
             let (sb, _) = block_shape(self.dtype).unwrap_or((32, 0));
@@ -688,7 +692,7 @@ fn avx512() -> bool {
 
 dispatch!(fn dot(a: &[f32], b: &[f32]) -> f32; via dot16);
 
-/// The hand-written AVX-512 fused dots (Q4_0, Q4_1, Q8_0 with f32 activations: 16 lanes,
+/// The hand-written AVX-512 fused dots (the 32-value types with f32 activations: 16 lanes,
 /// FMA, no unpacking buffer). Callers check [`avx512`] first.
 fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -696,8 +700,10 @@ fn dot_blocks(dtype: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: callers checked AVX-512F and F16C; row holds whole blocks matching x.
         unsafe {
             match dtype {
-                GgmlDType::Q4_1 => avx512::dot_q4(row, x, 20, false),
-                GgmlDType::Q4_0 => avx512::dot_q4(row, x, 18, true),
+                GgmlDType::Q4_0 => avx512::dot_q45::<1>(row, x),
+                GgmlDType::Q4_1 => avx512::dot_q45::<2>(row, x),
+                GgmlDType::Q5_0 => avx512::dot_q45::<3>(row, x),
+                GgmlDType::Q5_1 => avx512::dot_q45::<4>(row, x),
                 _ => avx512::dot_q8_0(row, x),
             }
         }
@@ -765,25 +771,31 @@ mod avx512 {
         _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
     }
 
-    /// One Q4 block: `acc += d * sum(q * x)` and, for Q4_1, `accm += m * sum(x)`, all in
-    /// vector registers (a scalar chain across blocks was the bottleneck).
+    /// One Q4/Q5 block (`T`: 1 Q4_0, 2 Q4_1, 3 Q5_0, 4 Q5_1): `acc += d * sum(q * x)` and,
+    /// for Q4_1/Q5_1, `accm += m * sum(x)`, all in vector registers (a scalar chain across
+    /// blocks was the bottleneck). The 16 bytes of nibbles are widened first; Q5's fifth bits
+    /// go in as lane masks straight from their 32-bit word.
     #[inline(always)]
-    unsafe fn q4_block(
+    unsafe fn q45_block<const T: u8>(
         blk: *const u8,
         xp: *const f32,
-        q4_0: bool,
         acc: __m512,
         accm: __m512,
     ) -> (__m512, __m512) {
         let dm = scales(blk);
-        let q32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-            blk.add(if q4_0 { 2 } else { 4 }) as *const __m128i
-        ));
+        let q32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(QS[T as usize]) as *const __m128i));
         let mut lo = _mm512_and_si512(q32, _mm512_set1_epi32(0x0F));
         let mut hi = _mm512_srli_epi32::<4>(q32);
-        if q4_0 {
-            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
-            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
+        if T >= 3 {
+            let qh = (blk.add(if T == 3 { 2 } else { 4 }) as *const u32).read_unaligned();
+            let sixteen = _mm512_set1_epi32(16);
+            lo = _mm512_mask_or_epi32(lo, qh as u16, lo, sixteen);
+            hi = _mm512_mask_or_epi32(hi, (qh >> 16) as u16, hi, sixteen);
+        }
+        if T == 1 || T == 3 {
+            let offset = _mm512_set1_epi32(if T == 1 { 8 } else { 16 });
+            lo = _mm512_sub_epi32(lo, offset);
+            hi = _mm512_sub_epi32(hi, offset);
         }
         let x0 = _mm512_loadu_ps(xp);
         let x1 = _mm512_loadu_ps(xp.add(16));
@@ -793,7 +805,7 @@ mod avx512 {
             _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x0),
         );
         let acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), t, acc);
-        let accm = if q4_0 {
+        let accm = if T == 1 || T == 3 {
             accm
         } else {
             let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
@@ -802,9 +814,14 @@ mod avx512 {
         (acc, accm)
     }
 
-    /// Q4_0 (`stride` 18, values q - 8) or Q4_1 (`stride` 20, values d * q + m) blocks.
+    /// Bytes per block and where the nibbles start, by `T` (0 unused: Q8_0 has its own loop).
+    const STRIDE: [usize; 5] = [34, 18, 20, 22, 24];
+    const QS: [usize; 5] = [2, 2, 4, 6, 8];
+
+    /// Q4_0, Q4_1, Q5_0 or Q5_1 blocks (`T` as in [`q45_block`]).
     #[target_feature(enable = "avx512f,f16c")]
-    pub unsafe fn dot_q4(row: &[u8], x: &[f32], stride: usize, q4_0: bool) -> f32 {
+    pub unsafe fn dot_q45<const T: u8>(row: &[u8], x: &[f32]) -> f32 {
+        let stride = STRIDE[T as usize];
         let nb = row.len() / stride;
         assert!(x.len() >= nb * 32);
         let (rp, xp) = (row.as_ptr(), x.as_ptr());
@@ -816,12 +833,12 @@ mod avx512 {
             // The weights stream from L3 or memory: ask for them ahead of use (the loads after
             // each block's fetch were where the time went). Prefetches never fault.
             _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add(b * stride + PREFETCH) as *const i8);
-            (a0, m0) = q4_block(rp.add(b * stride), xp.add(b * 32), q4_0, a0, m0);
-            (a1, m1) = q4_block(rp.add((b + 1) * stride), xp.add((b + 1) * 32), q4_0, a1, m1);
+            (a0, m0) = q45_block::<T>(rp.add(b * stride), xp.add(b * 32), a0, m0);
+            (a1, m1) = q45_block::<T>(rp.add((b + 1) * stride), xp.add((b + 1) * 32), a1, m1);
             b += 2;
         }
         if b < nb {
-            (a0, m0) = q4_block(rp.add(b * stride), xp.add(b * 32), q4_0, a0, m0);
+            (a0, m0) = q45_block::<T>(rp.add(b * stride), xp.add(b * 32), a0, m0);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(m0, m1)))
     }
