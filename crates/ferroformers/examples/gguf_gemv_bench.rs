@@ -44,20 +44,8 @@ fn main() {
         ("output", 151936, 896, GgmlDType::Q8_0, 1),
         ("gate/up", 9728, 896, GgmlDType::Q4_1, 24),
     ];
-    use GgmlDType as D;
-    let ladder = [
-        D::Q4_0,
-        D::Q4_1,
-        D::Q5_0,
-        D::Q5_1,
-        D::Q8_0,
-        D::Q2K,
-        D::Q3K,
-        D::Q4K,
-        D::Q5K,
-        D::Q6K,
-    ]
-    .map(|dt| ("gate/up", 2816, 1024, dt, 16));
+    let ladder =
+        ferroformers::kernels::cpu::blocks::BLOCK_TYPES.map(|dt| ("gate/up", 2816, 1024, dt, 16));
     let shapes = if std::env::args().any(|a| a == "ladder") {
         &ladder[..]
     } else {

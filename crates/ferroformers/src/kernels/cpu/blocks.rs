@@ -24,6 +24,23 @@ use super::simd::dispatch;
 /// Values per scale group.
 pub const GROUP: usize = 16;
 
+/// Every GGUF block type the CPU kernels take (the ones [`block_shape`] knows).
+pub const BLOCK_TYPES: [GgmlDType; 10] = {
+    use GgmlDType as D;
+    [
+        D::Q4_0,
+        D::Q4_1,
+        D::Q5_0,
+        D::Q5_1,
+        D::Q8_0,
+        D::Q2K,
+        D::Q3K,
+        D::Q4K,
+        D::Q5K,
+        D::Q6K,
+    ]
+};
+
 /// Block types this module unpacks, with (values per block, bytes per block).
 pub fn block_shape(dtype: GgmlDType) -> Option<(usize, usize)> {
     use GgmlDType as D;
@@ -1560,18 +1577,7 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    const TYPES: [GgmlDType; 10] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
+    const TYPES: [GgmlDType; 10] = BLOCK_TYPES;
 
     fn lcg(seed: u64, n: usize) -> Vec<f32> {
         crate::kernels::cpu::test_values(n, seed, 2.0)

@@ -805,21 +805,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Every block type we load.
-    const TYPES: [GgmlDType; 10] = {
-        use GgmlDType as D;
-        [
-            D::Q4_0,
-            D::Q4_1,
-            D::Q5_0,
-            D::Q5_1,
-            D::Q8_0,
-            D::Q2K,
-            D::Q3K,
-            D::Q4K,
-            D::Q5K,
-            D::Q6K,
-        ]
-    };
+    const TYPES: [GgmlDType; 10] = crate::kernels::cpu::blocks::BLOCK_TYPES;
 
     /// `n` rows of `k` test values quantized to `dt`: the file's bytes, and its row size.
     fn quantized_rows(dt: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, usize) {
