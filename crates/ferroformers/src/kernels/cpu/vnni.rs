@@ -405,8 +405,6 @@ mod x86 {
         assert!(row.len() >= nb * 210 && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
         let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
         let (low, two) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
-        // Lane l of a 64-value product belongs to group l / 4 of its four.
-        let quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let mut acc = _mm512_setzero_ps();
         for b in 0..nb {
             let blk = rp.add(b * 210);
@@ -433,16 +431,10 @@ mod x86 {
                     _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low),
                     _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh2), two)),
                 );
-                for (h, v) in [a, c].into_iter().enumerate() {
-                    let xv = _mm512_loadu_si512(xb.add(128 * n + 64 * h) as *const __m512i);
-                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-                    let first = (8 * n + 4 * h) as i32;
-                    let s = _mm512_permutexvar_epi32(
-                        _mm512_add_epi32(quarter, _mm512_set1_epi32(first)),
-                        sc,
-                    );
-                    isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
-                }
+                isum = _mm512_add_epi32(
+                    isum,
+                    scaled_pairs([a, c], xb.add(128 * n), sc, 8 * n as i32),
+                );
             }
             let d = x.d[b] * half(blk.add(208));
             acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
