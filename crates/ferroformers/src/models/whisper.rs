@@ -147,6 +147,17 @@ impl DecoderLayer {
     }
 }
 
+/// The encoder: candle's (GPU, f16/bf16), or plain buffers on CPU f32.
+enum Encoder {
+    Candle {
+        conv1: Conv1d,
+        conv2: Conv1d,
+        layers: Vec<EncoderLayer>,
+        norm: LayerNorm,
+    },
+    Cpu(Box<cpu::EncoderCpu>),
+}
+
 /// The decoder layers: candle's (GPU, f16/bf16), or plain buffers on CPU f32.
 enum Decoder {
     Candle(Vec<DecoderLayer>),
@@ -162,11 +173,8 @@ fn trace_screen() -> bool {
 
 /// `WhisperForConditionalGeneration`.
 pub struct WhisperForConditionalGeneration {
-    conv1: Conv1d,
-    conv2: Conv1d,
+    encoder: Encoder,
     enc_pos: Tensor,
-    enc_layers: Vec<EncoderLayer>,
-    enc_norm: LayerNorm,
     embed_tokens: Embedding,
     dec_pos: Tensor,
     decoder: Decoder,
@@ -176,13 +184,18 @@ pub struct WhisperForConditionalGeneration {
     proj_is_separate: bool,
     /// The tied projection's int8 copy for screened greedy steps, made at the first one.
     screened: std::sync::OnceLock<ScreenedProjection>,
+    /// The tied projection in f16 when its values are f16 numbers (checked once, at the first
+    /// unscreened step of a few rows: beam search): half the bytes of the step's largest read,
+    /// the same logits.
+    half_proj: std::sync::OnceLock<Option<linear_kernels::Weights>>,
     embed_scale: f64,
     pub config: WhisperConfig,
 }
 
 impl WhisperForConditionalGeneration {
-    /// `vb` at the root (`model.` and `proj_out.` below it). On CPU in f32 the decoder runs
-    /// on plain buffers (`whisper/cpu.rs`) unless `FERROFORMERS_WHISPER_CANDLE=1`.
+    /// `vb` at the root (`model.` and `proj_out.` below it). On CPU in f32 the encoder and
+    /// the decoder run on plain buffers (`whisper/cpu.rs`) unless
+    /// `FERROFORMERS_WHISPER_CANDLE=1`.
     pub fn load(cfg: &WhisperConfig, vb: VarBuilder) -> Result<Self> {
         let cpu = vb.device().is_cpu()
             && vb.dtype() == DType::F32
@@ -190,7 +203,7 @@ impl WhisperForConditionalGeneration {
         Self::load_with(cfg, vb, cpu)
     }
 
-    /// With the CPU decoder (`cpu`; f32 weights on CPU only) or candle's.
+    /// With the CPU encoder and decoder (`cpu`; f32 weights on CPU only) or candle's.
     pub fn load_with(cfg: &WhisperConfig, vb: VarBuilder, cpu: bool) -> Result<Self> {
         if cpu && !(vb.device().is_cpu() && vb.dtype() == DType::F32) {
             candle_core::bail!("Whisper's CPU decoder takes f32 weights on the CPU");
@@ -225,16 +238,23 @@ impl WhisperForConditionalGeneration {
         } else {
             embed_tokens.embeddings().clone()
         };
+        let encoder = if cpu {
+            Encoder::Cpu(Box::new(cpu::EncoderCpu::load(cfg, &enc)?))
+        } else {
+            Encoder::Candle {
+                conv1: conv1d(cfg.num_mel_bins, d, 3, conv(1), enc.pp("conv1"))?,
+                conv2: conv1d(d, d, 3, conv(2), enc.pp("conv2"))?,
+                layers: (0..cfg.encoder_layers)
+                    .map(|i| EncoderLayer::load(cfg, enc.pp("layers").pp(i)))
+                    .collect::<Result<_>>()?,
+                norm: layer_norm(d, LAYER_NORM_EPS, enc.pp("layer_norm"))?,
+            }
+        };
         Ok(Self {
-            conv1: conv1d(cfg.num_mel_bins, d, 3, conv(1), enc.pp("conv1"))?,
-            conv2: conv1d(d, d, 3, conv(2), enc.pp("conv2"))?,
+            encoder,
             enc_pos: enc
                 .pp("embed_positions")
                 .get((cfg.max_source_positions, d), "weight")?,
-            enc_layers: (0..cfg.encoder_layers)
-                .map(|i| EncoderLayer::load(cfg, enc.pp("layers").pp(i)))
-                .collect::<Result<_>>()?,
-            enc_norm: layer_norm(d, LAYER_NORM_EPS, enc.pp("layer_norm"))?,
             dec_pos: dec
                 .pp("embed_positions")
                 .get((cfg.max_target_positions, d), "weight")?,
@@ -243,6 +263,7 @@ impl WhisperForConditionalGeneration {
             proj_out: Linear::new(proj, None)?,
             proj_is_separate,
             screened: std::sync::OnceLock::new(),
+            half_proj: std::sync::OnceLock::new(),
             embed_tokens,
             embed_scale,
             config: cfg.clone(),
@@ -259,19 +280,37 @@ impl WhisperForConditionalGeneration {
                 self.config.num_mel_bins
             );
         }
+        let (conv1, conv2, layers, norm) = match &self.encoder {
+            Encoder::Cpu(e) => {
+                let b = features.dim(0)?;
+                let f: Vec<f32> = features.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let x = e.forward(&f, b, frames)?;
+                return Tensor::from_vec(
+                    x,
+                    (b, frames / 2, self.config.d_model),
+                    features.device(),
+                );
+            }
+            Encoder::Candle {
+                conv1,
+                conv2,
+                layers,
+                norm,
+            } => (conv1, conv2, layers, norm),
+        };
         let dtype = self.enc_pos.dtype();
         let xs = features.to_dtype(dtype)?;
-        let xs = Activation::Gelu.forward(&self.conv1.forward(&xs)?)?;
-        let xs = Activation::Gelu.forward(&self.conv2.forward(&xs)?)?;
+        let xs = Activation::Gelu.forward(&conv1.forward(&xs)?)?;
+        let xs = Activation::Gelu.forward(&conv2.forward(&xs)?)?;
         let mut xs = xs
             .transpose(1, 2)?
             .contiguous()?
             .broadcast_add(&self.enc_pos)?;
         let bias = Tensor::zeros((1, 1, 1, 1), dtype, xs.device())?;
-        for l in &self.enc_layers {
+        for l in layers {
             xs = l.forward(&xs, &bias)?;
         }
-        self.enc_norm.forward(&xs)
+        norm.forward(&xs)
     }
 
     /// The candle decoder layers, or an error on the CPU path.
@@ -480,9 +519,10 @@ impl WhisperForConditionalGeneration {
     }
 
     /// Logits of decoder states. On CPU f32, a few rows (a decoding step, beams) stream the
-    /// `[vocab, d]` projection once per 6 rows (`kernels::cpu::linear::matmul`): it is the
-    /// largest weight a step reads (tiny.en: 80 MB of 110), and reading it in memory order is
-    /// what decoding speed comes down to.
+    /// `[vocab, d]` projection once per 6 rows (`kernels::cpu::linear`): it is the largest
+    /// weight a step reads (tiny.en: 80 MB in f32), and reading it in memory order is what
+    /// decoding speed comes down to. When its values are f16 numbers (Whisper's checkpoints
+    /// are) it is read from an f16 copy: 40 MB, the same logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.logits_screened(hidden, None)
     }
@@ -512,16 +552,16 @@ impl WhisperForConditionalGeneration {
                     }
                     return out;
                 }
-                let mut out = Vec::with_capacity(rows * vocab);
-                for chunk in x.chunks(6 * d) {
-                    out.extend(linear_kernels::matmul(
-                        chunk,
-                        chunk.len() / d,
-                        d,
-                        w,
-                        vocab,
-                        par,
-                    ));
+                let half = self.half_proj.get_or_init(|| {
+                    linear_kernels::to_f16_exact(w).map(linear_kernels::Weights::F16)
+                });
+                let mut out = vec![0f32; rows * vocab];
+                for (chunk, o) in x.chunks(6 * d).zip(out.chunks_mut(6 * vocab)) {
+                    let r = chunk.len() / d;
+                    match half {
+                        Some(h) => h.matmul_into(chunk, r, d, vocab, o, false, par),
+                        None => linear_kernels::matmul_into(chunk, r, d, w, vocab, o, false, par),
+                    }
                 }
                 out
             });
@@ -880,6 +920,39 @@ mod tests {
             estimated > 20 * vocab / 2,
             "only {estimated} logits were estimates"
         );
+    }
+
+    /// The CPU encoder against the candle one on the tiny fixtures (an HF folder and a
+    /// CTranslate2 one), two inputs in one batch: the same states within f32 rounding.
+    #[test]
+    fn cpu_encoder_matches_candle_encoder() {
+        for name in ["whisper-random", "whisper-random-ct2"] {
+            let (cpu, candle) = (load(name, true), load(name, false));
+            assert!(matches!(cpu.encoder, Encoder::Cpu(_)));
+            assert!(matches!(candle.encoder, Encoder::Candle { .. }));
+            let cfg = &cpu.config;
+            let n = 2 * cfg.num_mel_bins * cfg.input_frames();
+            let feats = crate::kernels::cpu::test_values(n, 5, 2.0);
+            let feats = Tensor::from_vec(
+                feats,
+                (2, cfg.num_mel_bins, cfg.input_frames()),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (a, b) = (
+                cpu.encode_features(&feats).unwrap(),
+                candle.encode_features(&feats).unwrap(),
+            );
+            assert_eq!(a.dims(), b.dims());
+            let diff = crate::kernels::cpu::max_abs_diff(&a, &b);
+            assert!(diff < 1e-4, "{name}: {diff}");
+            // Each input its own: the second row alone gives the batch's second row.
+            let one = cpu
+                .encode_features(&feats.narrow(0, 1, 1).unwrap())
+                .unwrap();
+            let diff = crate::kernels::cpu::max_abs_diff(&one, &a.narrow(0, 1, 1).unwrap());
+            assert!(diff < 1e-5, "{name}: row 1 alone: {diff}");
+        }
     }
 
     /// The CPU decoder against the candle one on the tiny fixtures (an HF folder and a

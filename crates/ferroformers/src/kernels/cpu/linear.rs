@@ -9,6 +9,11 @@
 //!
 //! [`gemm_into`] also takes `W^T` (`[in, out]`, [`Layout::InOut`]), and [`linear`] /
 //! [`linear_into`] add a bias and a residual on top of it (the encoder stack's products).
+//!
+//! [`Weights`] keeps a matrix in f16 when every value is exactly an f16 (a checkpoint saved
+//! in half precision and widened to f32, as Whisper's are): the streaming kernel widens each
+//! weight as it reads it and runs the same f32 multiply-adds in the same order, so products
+//! have the bits of the f32 matrix's while a step reads half the bytes.
 
 use gemm::Parallelism;
 
@@ -31,7 +36,125 @@ pub fn matmul_into(
     accumulate: bool,
     par: bool,
 ) {
-    assert!(x.len() >= rows * k && w.len() >= k * n && out.len() >= rows * n);
+    matmul_ref(x, rows, k, WeightsRef::F32(w), n, out, accumulate, par);
+}
+
+/// A weight matrix `[n, k]` (`[out, in]`) for [`Weights::matmul_into`]: f16 when every value
+/// is exactly an f16 (half the bytes to stream, the same products), else f32.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    F32(Vec<f32>),
+    /// IEEE half-precision bit patterns.
+    F16(Vec<u16>),
+}
+
+/// A borrowed [`Weights`].
+#[derive(Debug, Clone, Copy)]
+pub enum WeightsRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl Weights {
+    /// `w` as f16 when each value converts to an f16 and back to the same f32 bits, else as
+    /// given.
+    pub fn new(w: Vec<f32>) -> Self {
+        match to_f16_exact(&w) {
+            Some(h) => Weights::F16(h),
+            None => Weights::F32(w),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::F16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_f16(&self) -> bool {
+        matches!(self, Weights::F16(_))
+    }
+
+    pub fn as_ref(&self) -> WeightsRef<'_> {
+        match self {
+            Weights::F32(w) => WeightsRef::F32(w),
+            Weights::F16(w) => WeightsRef::F16(w),
+        }
+    }
+
+    /// [`matmul_into`] with these weights (`[n, k]`): the same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        par: bool,
+    ) {
+        matmul_ref(x, rows, k, self.as_ref(), n, out, accumulate, par);
+    }
+}
+
+/// `w`'s values as f16 bit patterns, or `None` when one of them is not exactly an f16 (or
+/// `FERROFORMERS_NO_HALF=1` keeps weights in f32, for A/B runs).
+pub fn to_f16_exact(w: &[f32]) -> Option<Vec<u16>> {
+    use half::slice::HalfFloatSliceExt;
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if super::switch_once(&OFF, "FERROFORMERS_NO_HALF") {
+        return None;
+    }
+    let mut h = vec![half::f16::ZERO; w.len()];
+    h.as_mut_slice().convert_from_f32_slice(w);
+    let mut back = vec![0f32; 4096.min(w.len())];
+    for (hc, wc) in h.chunks(4096).zip(w.chunks(4096)) {
+        let back = &mut back[..hc.len()];
+        hc.convert_to_f32_slice(back);
+        // Bit equality: -0.0 must stay -0.0.
+        if back.iter().zip(wc).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            return None;
+        }
+    }
+    Some(h.into_iter().map(|v| v.to_bits()).collect())
+}
+
+/// f16 bit patterns widened to f32 (exact).
+pub fn f16_to_f32(h: &[u16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0f32; h.len()];
+    let h: &[half::f16] = bytemuck_u16_as_f16(h);
+    h.convert_to_f32_slice(&mut out);
+    out
+}
+
+fn bytemuck_u16_as_f16(h: &[u16]) -> &[half::f16] {
+    // SAFETY: `half::f16` is `repr(transparent)` over `u16`.
+    unsafe { std::slice::from_raw_parts(h.as_ptr() as *const half::f16, h.len()) }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_ref(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: WeightsRef<'_>,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    par: bool,
+) {
+    let w_len = match w {
+        WeightsRef::F32(w) => w.len(),
+        WeightsRef::F16(w) => w.len(),
+    };
+    assert!(x.len() >= rows * k && w_len >= k * n && out.len() >= rows * n);
     if rows == 0 || n == 0 {
         return;
     }
@@ -56,7 +179,14 @@ pub fn matmul_into(
         }
         return;
     }
-    gemm_into(x, rows, k, w, n, Layout::OutIn, out, accumulate, par);
+    match w {
+        WeightsRef::F32(w) => gemm_into(x, rows, k, w, n, Layout::OutIn, out, accumulate, par),
+        // Many rows are compute bound: widening the matrix once costs little beside them.
+        WeightsRef::F16(h) => {
+            let w = f16_to_f32(&h[..k * n]);
+            gemm_into(x, rows, k, &w, n, Layout::OutIn, out, accumulate, par)
+        }
+    }
 }
 
 /// How a weight matrix is stored.
@@ -201,7 +331,7 @@ unsafe fn few_rows(
     x: &[f32],
     rows: usize,
     k: usize,
-    w: &[f32],
+    w: WeightsRef<'_>,
     n: usize,
     out: *mut f32,
     j0: usize,
@@ -209,18 +339,27 @@ unsafe fn few_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        let (x, w) = (x.as_ptr(), w.as_ptr());
-        return match rows {
-            1 => avx512::dots::<1>(x, k, w, n, out, j0, j1),
-            2 => avx512::dots::<2>(x, k, w, n, out, j0, j1),
-            3 => avx512::dots::<3>(x, k, w, n, out, j0, j1),
-            4 => avx512::dots::<4>(x, k, w, n, out, j0, j1),
-            // 24 accumulators + 4 weight vectors + 1 input: within the 32 registers.
-            5 => avx512::dots::<5>(x, k, w, n, out, j0, j1),
-            _ => avx512::dots::<6>(x, k, w, n, out, j0, j1),
+        let x = x.as_ptr();
+        return match w {
+            WeightsRef::F32(w) => avx512::dots_rows(x, rows, k, w.as_ptr(), n, out, j0, j1),
+            WeightsRef::F16(w) => avx512::dots_rows(x, rows, k, w.as_ptr(), n, out, j0, j1),
         };
     }
-    few_rows_portable(x, rows, k, w, n, out, j0, j1)
+    match w {
+        WeightsRef::F32(w) => few_rows_portable(x, rows, k, w, n, out, j0, j1),
+        WeightsRef::F16(h) => {
+            // Each weight row widened, then the f32 loop's dot (the same bits).
+            let mut row = vec![0f32; k];
+            let h = bytemuck_u16_as_f16(h);
+            for j in j0..j1 {
+                use half::slice::HalfFloatSliceExt;
+                h[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
+                for r in 0..rows {
+                    *out.add(r * n + j) += dot16(&x[r * k..(r + 1) * k], &row);
+                }
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -250,16 +389,82 @@ dispatch!(unsafe fn few_rows_portable(x: &[f32], rows: usize, k: usize, w: &[f32
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// A weight element the streaming kernel reads 16 at a time as f32 lanes.
+    pub trait Elem: Copy {
+        /// 16 values at `p` as f32.
+        ///
+        /// # Safety
+        /// AVX-512F present; 16 values readable at `p`.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// The first `tail` (< 16) values at `p` as f32, zeros after.
+        ///
+        /// # Safety
+        /// AVX-512F present; `tail` values readable at `p`.
+        unsafe fn load_tail(p: *const Self, tail: usize) -> __m512;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_tail(p: *const f32, tail: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(((1u32 << tail) - 1) as u16, p)
+        }
+    }
+
+    /// f16 bit patterns, widened exactly.
+    impl Elem for u16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load_tail(p: *const u16, tail: usize) -> __m512 {
+            let mut buf = [0u16; 16];
+            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), tail);
+            _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr() as *const __m256i))
+        }
+    }
+
+    /// [`dots`] for `rows` (1..=6) input rows.
+    ///
+    /// # Safety
+    /// As [`dots`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dots_rows<E: Elem>(
+        x: *const f32,
+        rows: usize,
+        k: usize,
+        w: *const E,
+        n: usize,
+        out: *mut f32,
+        j0: usize,
+        j1: usize,
+    ) {
+        match rows {
+            1 => dots::<1, E>(x, k, w, n, out, j0, j1),
+            2 => dots::<2, E>(x, k, w, n, out, j0, j1),
+            3 => dots::<3, E>(x, k, w, n, out, j0, j1),
+            4 => dots::<4, E>(x, k, w, n, out, j0, j1),
+            // 24 accumulators + 4 weight vectors + 1 input: within the 32 registers.
+            5 => dots::<5, E>(x, k, w, n, out, j0, j1),
+            _ => dots::<6, E>(x, k, w, n, out, j0, j1),
+        }
+    }
+
     /// `M` input rows against `w`'s rows `j0..j1`, four at a time (`4 * M` accumulators over
-    /// `k` in 16-lane steps, a masked step for the rest), then one horizontal sum each.
+    /// `k` in 16-lane steps, a zero-padded step for the rest), then one horizontal sum each.
+    /// f16 weights are widened as they are read: the multiply-adds are the f32 matrix's.
     ///
     /// # Safety
     /// AVX-512F present; `x` holds `M * k`, `w` `n * k`, `out` `M * n` values; `j1 <= n`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dots<const M: usize>(
+    pub unsafe fn dots<const M: usize, E: Elem>(
         x: *const f32,
         k: usize,
-        w: *const f32,
+        w: *const E,
         n: usize,
         out: *mut f32,
         j0: usize,
@@ -280,10 +485,10 @@ mod avx512 {
             let mut kk = 0;
             while kk < full {
                 let wv = [
-                    _mm512_loadu_ps(wp[0].add(kk)),
-                    _mm512_loadu_ps(wp[1].add(kk)),
-                    _mm512_loadu_ps(wp[2].add(kk)),
-                    _mm512_loadu_ps(wp[3].add(kk)),
+                    E::load16(wp[0].add(kk)),
+                    E::load16(wp[1].add(kk)),
+                    E::load16(wp[2].add(kk)),
+                    E::load16(wp[3].add(kk)),
                 ];
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(x.add(r * k + kk));
@@ -297,7 +502,7 @@ mod avx512 {
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + full));
                     for c in 0..4 {
-                        let wv = _mm512_maskz_loadu_ps(mask, wp[c].add(full));
+                        let wv = E::load_tail(wp[c].add(full), tail);
                         a[c] = _mm512_fmadd_ps(xv, wv, a[c]);
                     }
                 }
@@ -314,14 +519,14 @@ mod avx512 {
             let mut acc = [_mm512_setzero_ps(); M];
             let mut kk = 0;
             while kk < full {
-                let wv = _mm512_loadu_ps(wp.add(kk));
+                let wv = E::load16(wp.add(kk));
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(r * k + kk)), wv, *a);
                 }
                 kk += 16;
             }
             if tail > 0 {
-                let wv = _mm512_maskz_loadu_ps(mask, wp.add(full));
+                let wv = E::load_tail(wp.add(full), tail);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + full));
                     *a = _mm512_fmadd_ps(xv, wv, *a);
@@ -407,5 +612,76 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// f16 weights give the f32 matrix's bits on every path (streaming kernel with and without
+    /// a ragged tail, split or not, the gemm path past six rows), on the AVX-512 kernel and on
+    /// the portable loop.
+    #[test]
+    fn f16_weights_give_the_f32_bits() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (k, n) in [(37, 203), (384, 1100)] {
+            // Values that are f16 numbers: multiples of 1/64 below 4.
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 7919) % 500) as f32 / 64.0 - 3.90625)
+                .collect();
+            let half = Weights::new(w.clone());
+            assert!(half.is_f16());
+            let Weights::F16(h) = &half else {
+                unreachable!()
+            };
+            for rows in 1..=8 {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 31) % 17) as f32 / 7.0 - 1.1)
+                    .collect();
+                for par in [false, true] {
+                    let mut want = vec![0.5f32; rows * n];
+                    let mut got = want.clone();
+                    pool.install(|| {
+                        matmul_into(&x, rows, k, &w, n, &mut want, true, par);
+                        half.matmul_into(&x, rows, k, n, &mut got, true, par);
+                    });
+                    assert!(
+                        want.iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{rows}x{k}x{n} par {par}"
+                    );
+                    if rows <= FEW_ROWS && !par {
+                        // The portable loops: f32 and f16 the same bits too.
+                        let mut a = vec![0f32; rows * n];
+                        let mut b = a.clone();
+                        let wide = f16_to_f32(h);
+                        assert_eq!(wide, w);
+                        unsafe {
+                            few_rows_portable(&x, rows, k, &w, n, a.as_mut_ptr(), 0, n);
+                            let hh = bytemuck_u16_as_f16(h);
+                            let mut row = vec![0f32; k];
+                            for j in 0..n {
+                                use half::slice::HalfFloatSliceExt;
+                                hh[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
+                                for r in 0..rows {
+                                    b[r * n + j] += dot16(&x[r * k..(r + 1) * k], &row);
+                                }
+                            }
+                        }
+                        assert_eq!(a, b);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_only_when_every_value_is_one() {
+        assert!(Weights::new(vec![0.5, -2.0, 65504.0, -0.0]).is_f16());
+        assert!(!Weights::new(vec![0.5, 0.1]).is_f16());
+        assert!(!Weights::new(vec![1e6]).is_f16());
+        // A subnormal f16 is exact; half of the smallest one is not.
+        assert!(Weights::new(vec![2f32.powi(-24)]).is_f16());
+        assert!(!Weights::new(vec![2f32.powi(-25)]).is_f16());
     }
 }

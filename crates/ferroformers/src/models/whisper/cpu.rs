@@ -17,8 +17,8 @@ use candle_core::{bail, DType, Result};
 use candle_nn::VarBuilder;
 
 use super::{WhisperConfig, LAYER_NORM_EPS};
-use crate::kernels::cpu::attention::{attend_one, KvBuffer};
-use crate::kernels::cpu::linear::{gemm_into, matmul_into, Layout};
+use crate::kernels::cpu::attention::{attend_one, attend_sequences_into, KvBuffer};
+use crate::kernels::cpu::linear::{gemm_into, linear_into, matmul_into, Layout, Weights};
 use crate::kernels::cpu::rowops::{activate_par, layer_norm_rows, softmax_rows};
 use crate::kernels::cpu::screen::ScreenPlan;
 use crate::kernels::cpu::threads::{in_worker, par_ranges, SendPtr};
@@ -27,9 +27,10 @@ use crate::models::layers::Activation;
 /// LayerNorm's gain, bias and epsilon.
 type Norm = (Vec<f32>, Vec<f32>, f32);
 
-/// `x @ w^T + b`, `w` `[out, in]`.
+/// `x @ w^T + b`, `w` `[out, in]`, in f16 when the checkpoint's values are f16 numbers (as
+/// Whisper's are): a step streams half the bytes for the same products.
 struct Dense {
-    w: Vec<f32>,
+    w: Weights,
     b: Vec<f32>,
 }
 
@@ -57,7 +58,10 @@ impl Dense {
                 b.extend(std::iter::repeat_n(0f32, d_out));
             }
         }
-        Ok(Self { w, b })
+        Ok(Self {
+            w: Weights::new(w),
+            b,
+        })
     }
 
     fn n(&self) -> usize {
@@ -74,7 +78,8 @@ impl Dense {
         for _ in 0..rows {
             out.extend_from_slice(&self.b);
         }
-        matmul_into(x, rows, self.k(), &self.w, self.n(), &mut out, true, par);
+        self.w
+            .matmul_into(x, rows, self.k(), self.n(), &mut out, true, par);
         out
     }
 
@@ -83,7 +88,8 @@ impl Dense {
         for row in acc.chunks_exact_mut(self.n()) {
             row.iter_mut().zip(&self.b).for_each(|(a, b)| *a += b);
         }
-        matmul_into(x, rows, self.k(), &self.w, self.n(), acc, true, par);
+        self.w
+            .matmul_into(x, rows, self.k(), self.n(), acc, true, par);
     }
 }
 
@@ -123,6 +129,255 @@ pub struct DecoderCpu {
     pos: Vec<f32>,
     layers: Vec<Layer>,
     norm: Norm,
+}
+
+/// A tensor at `vb` as an f32 vector.
+fn f32s(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Vec<f32>> {
+    vb.get(shape, name)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// `w` `[rows, cols]` transposed to `[cols, rows]`.
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = w[r * cols + c];
+        }
+    }
+    t
+}
+
+/// A product for many rows: `w` `[in, out]` (`W^T`, what `gemm` reads fastest), the bias.
+struct Wide {
+    w: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Wide {
+    /// Rows of `names` (each `[d_out, d_in]`) stacked, then transposed; a missing bias (the
+    /// key projection's) is zeros.
+    fn load(vb: &VarBuilder, names: &[&str], d_in: usize, d_out: usize) -> Result<Self> {
+        let Dense { w, b } = Dense::load(vb, names, d_in, d_out)?;
+        let w = match w {
+            Weights::F32(w) => w,
+            Weights::F16(h) => crate::kernels::cpu::linear::f16_to_f32(&h),
+        };
+        Ok(Self {
+            w: transpose(&w, b.len(), d_in),
+            b,
+        })
+    }
+
+    /// `out = x [rows, in] @ W + b (+ residual)`.
+    fn apply(
+        &self,
+        x: &[f32],
+        rows: usize,
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+        par: bool,
+    ) {
+        let k = self.w.len() / self.b.len();
+        out.resize(rows * self.b.len(), 0.0);
+        linear_into(x, rows, k, (&self.w, &self.b), residual, out, par);
+    }
+}
+
+/// One pre-LN encoder layer.
+struct EncoderLayer {
+    attn_norm: Norm,
+    /// `[d, 3d]`: queries, keys (no bias), values.
+    qkv: Wide,
+    out: Wide,
+    ff_norm: Norm,
+    fc1: Wide,
+    fc2: Wide,
+}
+
+/// Whisper's encoder on CPU in plain f32 buffers: each convolution is one product over rows
+/// of three neighbouring frames (`[frames, 3 * channels]`, the kernel reordered at load to
+/// `[out, 3, channels]` to match), GELU in place, positions added; then pre-LN layers with
+/// one `[q; k; v]` product, the tiled attention kernel (scores never written whole), biases
+/// and residuals as the products' starting values. The same arithmetic as the candle
+/// encoder in `whisper.rs`, without its convolution's unfolding copies, transposes and
+/// per-op buffers.
+pub struct EncoderCpu {
+    d: usize,
+    heads: usize,
+    mels: usize,
+    act: Activation,
+    /// `[d, 3 * mels]` and `[d, 3 * d]`, `[out, in]`, with their biases.
+    conv1: (Vec<f32>, Vec<f32>),
+    conv2: (Vec<f32>, Vec<f32>),
+    /// `[max_source, d]`
+    pos: Vec<f32>,
+    layers: Vec<EncoderLayer>,
+    norm: Norm,
+}
+
+impl EncoderCpu {
+    /// `vb` at `model.encoder`.
+    pub fn load(cfg: &WhisperConfig, vb: &VarBuilder) -> Result<Self> {
+        let (d, heads, ffn, mels) = (
+            cfg.d_model,
+            cfg.encoder_attention_heads,
+            cfg.encoder_ffn_dim,
+            cfg.num_mel_bins,
+        );
+        if heads == 0 || d % heads != 0 {
+            bail!("d_model {d} does not split into {heads} encoder heads");
+        }
+        // `[out, in, 3]` -> `[out, 3, in]`: a row of the unfolded input is three frames.
+        let conv = |name: &str, cin: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            let w = f32s(&vb.pp(name), &[d, cin, 3], "weight")?;
+            let mut r = vec![0f32; w.len()];
+            for o in 0..d {
+                for c in 0..cin {
+                    for t in 0..3 {
+                        r[(o * 3 + t) * cin + c] = w[(o * cin + c) * 3 + t];
+                    }
+                }
+            }
+            Ok((r, f32s(&vb.pp(name), &[d], "bias")?))
+        };
+        let layers = (0..cfg.encoder_layers)
+            .map(|i| -> Result<EncoderLayer> {
+                let l = vb.pp("layers").pp(i);
+                let sa = l.pp("self_attn");
+                Ok(EncoderLayer {
+                    attn_norm: norm(&l.pp("self_attn_layer_norm"), d)?,
+                    qkv: Wide::load(&sa, &["q_proj", "k_proj", "v_proj"], d, d)?,
+                    out: Wide::load(&sa, &["out_proj"], d, d)?,
+                    ff_norm: norm(&l.pp("final_layer_norm"), d)?,
+                    fc1: Wide::load(&l, &["fc1"], d, ffn)?,
+                    fc2: Wide::load(&l, &["fc2"], ffn, d)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            d,
+            heads,
+            mels,
+            act: cfg.activation_function,
+            conv1: conv("conv1", mels)?,
+            conv2: conv("conv2", d)?,
+            pos: f32s(
+                &vb.pp("embed_positions"),
+                &[cfg.max_source_positions, d],
+                "weight",
+            )?,
+            layers,
+            norm: norm(&vb.pp("layer_norm"), d)?,
+        })
+    }
+
+    /// Encoder states `[b * frames / 2, d]` of log-mel features `[b, mels, frames]`.
+    pub fn forward(&self, features: &[f32], b: usize, frames: usize) -> Result<Vec<f32>> {
+        let (d, mels) = (self.d, self.mels);
+        let src = frames / 2;
+        if features.len() != b * mels * frames
+            || !frames.is_multiple_of(2)
+            || src * d > self.pos.len()
+        {
+            bail!(
+                "{} feature values for {b} inputs of {mels} mel bins x {frames} frames \
+                 (at most {} frames)",
+                features.len(),
+                2 * self.pos.len() / d
+            );
+        }
+        let par = !in_worker();
+        let mut x = vec![0f32; b * src * d];
+        let mut frames_first = vec![0f32; frames * mels];
+        let mut cols = Vec::new();
+        let mut y1 = Vec::new();
+        for (f, xb) in features
+            .chunks_exact(mels * frames)
+            .zip(x.chunks_exact_mut(src * d))
+        {
+            // conv1 (stride 1, padding 1) over frames-first features, then GELU.
+            for (c, row) in f.chunks_exact(frames).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    frames_first[t * mels + c] = v;
+                }
+            }
+            unfold(&frames_first, frames, mels, 1, frames, &mut cols);
+            conv_product(&cols, frames, &self.conv1, &mut y1, par);
+            activate_par(&mut y1, Activation::Gelu, par);
+            // conv2 (stride 2, padding 1), GELU, positions.
+            unfold(&y1, frames, d, 2, src, &mut cols);
+            let mut y2 = Vec::new();
+            conv_product(&cols, src, &self.conv2, &mut y2, par);
+            activate_par(&mut y2, Activation::Gelu, par);
+            for ((o, y), p) in xb.iter_mut().zip(&y2).zip(&self.pos) {
+                *o = y + p;
+            }
+        }
+        let rows = b * src;
+        let keep = vec![1f32; rows];
+        let scale = ((d / self.heads) as f32).powf(-0.5);
+        let (mut h, mut qkv, mut ctx, mut y, mut ff) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for l in &self.layers {
+            h.clone_from(&x);
+            layer_norm_rows(&mut h, d, &l.attn_norm, par);
+            l.qkv.apply(&h, rows, None, &mut qkv, par);
+            let dk = d / self.heads;
+            attend_sequences_into(
+                &qkv, b, src, self.heads, dk, scale, None, &keep, par, &mut ctx,
+            );
+            l.out.apply(&ctx, rows, Some(&x), &mut y, par);
+            h.clone_from(&y);
+            layer_norm_rows(&mut h, d, &l.ff_norm, par);
+            l.fc1.apply(&h, rows, None, &mut ff, par);
+            activate_par(&mut ff, self.act, par);
+            l.fc2.apply(&ff, rows, Some(&y), &mut x, par);
+        }
+        layer_norm_rows(&mut x, d, &self.norm, par);
+        Ok(x)
+    }
+}
+
+/// Rows of three neighbouring frames of `x` (`[frames, c]`, frames first) for a kernel-3
+/// convolution with padding 1: output frame `t` reads input frames `stride * t - 1 ..=
+/// stride * t + 1` (zeros outside), `cols` `[out_frames, 3 * c]`.
+fn unfold(
+    x: &[f32],
+    frames: usize,
+    c: usize,
+    stride: usize,
+    out_frames: usize,
+    cols: &mut Vec<f32>,
+) {
+    cols.clear();
+    cols.resize(out_frames * 3 * c, 0.0);
+    for (t, row) in cols.chunks_exact_mut(3 * c).enumerate() {
+        for (tap, dst) in row.chunks_exact_mut(c).enumerate() {
+            let at = (stride * t + tap).checked_sub(1);
+            if let Some(at) = at.filter(|&a| a < frames) {
+                dst.copy_from_slice(&x[at * c..(at + 1) * c]);
+            }
+        }
+    }
+}
+
+/// `out [rows, d] = cols @ w^T + bias`, `w` `[d, k]`.
+fn conv_product(
+    cols: &[f32],
+    rows: usize,
+    (w, bias): &(Vec<f32>, Vec<f32>),
+    out: &mut Vec<f32>,
+    par: bool,
+) {
+    let n = bias.len();
+    out.clear();
+    for _ in 0..rows {
+        out.extend_from_slice(bias);
+    }
+    gemm_into(cols, rows, w.len() / n, w, n, Layout::OutIn, out, true, par);
 }
 
 /// Cross-attention keys and values of encoded inputs: per layer `[inputs, heads, src, dk]`.
