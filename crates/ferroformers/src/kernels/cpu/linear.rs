@@ -347,17 +347,33 @@ unsafe fn few_rows(
     }
     match w {
         WeightsRef::F32(w) => few_rows_portable(x, rows, k, w, n, out, j0, j1),
-        WeightsRef::F16(h) => {
-            // Each weight row widened, then the f32 loop's dot (the same bits).
-            let mut row = vec![0f32; k];
-            let h = bytemuck_u16_as_f16(h);
-            for j in j0..j1 {
-                use half::slice::HalfFloatSliceExt;
-                h[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
-                for r in 0..rows {
-                    *out.add(r * n + j) += dot16(&x[r * k..(r + 1) * k], &row);
-                }
-            }
+        WeightsRef::F16(h) => few_rows_half_portable(x, rows, k, h, n, out, j0, j1),
+    }
+}
+
+/// [`few_rows_portable`] for f16 weights: each weight row widened, then the f32 loop's dot
+/// (the same bits).
+///
+/// # Safety
+/// As [`few_rows`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows_half_portable(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    h: &[u16],
+    n: usize,
+    out: *mut f32,
+    j0: usize,
+    j1: usize,
+) {
+    use half::slice::HalfFloatSliceExt;
+    let mut row = vec![0f32; k];
+    let h = bytemuck_u16_as_f16(h);
+    for j in j0..j1 {
+        h[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
+        for r in 0..rows {
+            *out.add(r * n + j) += dot16(&x[r * k..(r + 1) * k], &row);
         }
     }
 }
@@ -658,15 +674,7 @@ mod tests {
                         assert_eq!(wide, w);
                         unsafe {
                             few_rows_portable(&x, rows, k, &w, n, a.as_mut_ptr(), 0, n);
-                            let hh = bytemuck_u16_as_f16(h);
-                            let mut row = vec![0f32; k];
-                            for j in 0..n {
-                                use half::slice::HalfFloatSliceExt;
-                                hh[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
-                                for r in 0..rows {
-                                    b[r * n + j] += dot16(&x[r * k..(r + 1) * k], &row);
-                                }
-                            }
+                            few_rows_half_portable(&x, rows, k, h, n, b.as_mut_ptr(), 0, n);
                         }
                         assert_eq!(a, b);
                     }
