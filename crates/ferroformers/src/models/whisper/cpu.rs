@@ -34,30 +34,41 @@ struct Dense {
     b: Vec<f32>,
 }
 
-impl Dense {
-    /// Rows of `names` (each `[out_i, d_in]`) stacked into one matrix; a name whose bias the
-    /// checkpoint does not have (Whisper's `k_proj`) gets zeros.
-    fn load(vb: &VarBuilder, names: &[&str], d_in: usize, d_out: usize) -> Result<Self> {
-        let mut w = Vec::with_capacity(names.len() * d_out * d_in);
-        let mut b = Vec::with_capacity(names.len() * d_out);
-        for name in names {
-            let p = vb.pp(*name);
-            w.extend(
-                p.get((d_out, d_in), "weight")?
+/// Rows of `names` (each `[out_i, d_in]`) stacked into one `[out, in]` matrix, and their
+/// biases; a name whose bias the checkpoint does not have (Whisper's `k_proj`) gets zeros.
+fn stacked(
+    vb: &VarBuilder,
+    names: &[&str],
+    d_in: usize,
+    d_out: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut w = Vec::with_capacity(names.len() * d_out * d_in);
+    let mut b = Vec::with_capacity(names.len() * d_out);
+    for name in names {
+        let p = vb.pp(*name);
+        w.extend(
+            p.get((d_out, d_in), "weight")?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        if p.contains_tensor("bias") {
+            b.extend(
+                p.get(d_out, "bias")?
                     .to_dtype(DType::F32)?
-                    .flatten_all()?
                     .to_vec1::<f32>()?,
             );
-            if p.contains_tensor("bias") {
-                b.extend(
-                    p.get(d_out, "bias")?
-                        .to_dtype(DType::F32)?
-                        .to_vec1::<f32>()?,
-                );
-            } else {
-                b.extend(std::iter::repeat_n(0f32, d_out));
-            }
+        } else {
+            b.extend(std::iter::repeat_n(0f32, d_out));
         }
+    }
+    Ok((w, b))
+}
+
+impl Dense {
+    /// [`stacked`]'s matrix, in f16 when every value is one.
+    fn load(vb: &VarBuilder, names: &[&str], d_in: usize, d_out: usize) -> Result<Self> {
+        let (w, b) = stacked(vb, names, d_in, d_out)?;
         Ok(Self {
             w: Weights::new(w),
             b,
@@ -160,11 +171,7 @@ impl Wide {
     /// Rows of `names` (each `[d_out, d_in]`) stacked, then transposed; a missing bias (the
     /// key projection's) is zeros.
     fn load(vb: &VarBuilder, names: &[&str], d_in: usize, d_out: usize) -> Result<Self> {
-        let Dense { w, b } = Dense::load(vb, names, d_in, d_out)?;
-        let w = match w {
-            Weights::F32(w) => w,
-            Weights::F16(h) => crate::kernels::cpu::linear::f16_to_f32(&h),
-        };
+        let (w, b) = stacked(vb, names, d_in, d_out)?;
         Ok(Self {
             w: transpose(&w, b.len(), d_in),
             b,
