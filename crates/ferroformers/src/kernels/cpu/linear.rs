@@ -44,15 +44,14 @@ pub fn matmul_into(
 #[derive(Debug, Clone)]
 pub enum Weights {
     F32(Vec<f32>),
-    /// IEEE half-precision bit patterns.
-    F16(Vec<u16>),
+    F16(Vec<half::f16>),
 }
 
 /// A borrowed [`Weights`].
 #[derive(Debug, Clone, Copy)]
 pub enum WeightsRef<'a> {
     F32(&'a [f32]),
-    F16(&'a [u16]),
+    F16(&'a [half::f16]),
 }
 
 impl Weights {
@@ -103,9 +102,9 @@ impl Weights {
     }
 }
 
-/// `w`'s values as f16 bit patterns, or `None` when one of them is not exactly an f16 (or
+/// `w`'s values as f16, or `None` when one of them is not exactly an f16 (or
 /// `FERROFORMERS_NO_HALF=1` keeps weights in f32, for A/B runs).
-pub fn to_f16_exact(w: &[f32]) -> Option<Vec<u16>> {
+pub fn to_f16_exact(w: &[f32]) -> Option<Vec<half::f16>> {
     use half::slice::HalfFloatSliceExt;
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if super::switch_once(&OFF, "FERROFORMERS_NO_HALF") {
@@ -122,21 +121,15 @@ pub fn to_f16_exact(w: &[f32]) -> Option<Vec<u16>> {
             return None;
         }
     }
-    Some(h.into_iter().map(|v| v.to_bits()).collect())
+    Some(h)
 }
 
-/// f16 bit patterns widened to f32 (exact).
-pub fn f16_to_f32(h: &[u16]) -> Vec<f32> {
+/// f16 values widened to f32 (exact).
+pub fn f16_to_f32(h: &[half::f16]) -> Vec<f32> {
     use half::slice::HalfFloatSliceExt;
     let mut out = vec![0f32; h.len()];
-    let h: &[half::f16] = bytemuck_u16_as_f16(h);
     h.convert_to_f32_slice(&mut out);
     out
-}
-
-fn bytemuck_u16_as_f16(h: &[u16]) -> &[half::f16] {
-    // SAFETY: `half::f16` is `repr(transparent)` over `u16`.
-    unsafe { std::slice::from_raw_parts(h.as_ptr() as *const half::f16, h.len()) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -361,7 +354,7 @@ unsafe fn few_rows_half_portable(
     x: &[f32],
     rows: usize,
     k: usize,
-    h: &[u16],
+    h: &[half::f16],
     n: usize,
     out: *mut f32,
     j0: usize,
@@ -369,7 +362,6 @@ unsafe fn few_rows_half_portable(
 ) {
     use half::slice::HalfFloatSliceExt;
     let mut row = vec![0f32; k];
-    let h = bytemuck_u16_as_f16(h);
     for j in j0..j1 {
         h[j * k..(j + 1) * k].convert_to_f32_slice(&mut row);
         for r in 0..rows {
@@ -430,15 +422,15 @@ mod avx512 {
         }
     }
 
-    /// f16 bit patterns, widened exactly.
-    impl Elem for u16 {
+    /// f16, widened exactly.
+    impl Elem for half::f16 {
         #[inline(always)]
-        unsafe fn load16(p: *const u16) -> __m512 {
+        unsafe fn load16(p: *const half::f16) -> __m512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         }
         #[inline(always)]
-        unsafe fn load_tail(p: *const u16, tail: usize) -> __m512 {
-            let mut buf = [0u16; 16];
+        unsafe fn load_tail(p: *const half::f16, tail: usize) -> __m512 {
+            let mut buf = [half::f16::ZERO; 16];
             std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), tail);
             _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr() as *const __m256i))
         }
