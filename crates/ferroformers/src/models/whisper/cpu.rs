@@ -34,6 +34,14 @@ struct Dense {
     b: Vec<f32>,
 }
 
+/// A tensor at `vb` as an f32 vector.
+fn f32s(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Vec<f32>> {
+    vb.get(shape, name)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
 /// Rows of `names` (each `[out_i, d_in]`) stacked into one `[out, in]` matrix, and their
 /// biases; a name whose bias the checkpoint does not have (Whisper's `k_proj`) gets zeros.
 fn stacked(
@@ -46,18 +54,9 @@ fn stacked(
     let mut b = Vec::with_capacity(names.len() * d_out);
     for name in names {
         let p = vb.pp(*name);
-        w.extend(
-            p.get((d_out, d_in), "weight")?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        w.extend(f32s(&p, &[d_out, d_in], "weight")?);
         if p.contains_tensor("bias") {
-            b.extend(
-                p.get(d_out, "bias")?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
+            b.extend(f32s(&p, &[d_out], "bias")?);
         } else {
             b.extend(std::iter::repeat_n(0f32, d_out));
         }
@@ -106,8 +105,8 @@ impl Dense {
 
 fn norm(vb: &VarBuilder, d: usize) -> Result<Norm> {
     Ok((
-        vb.get(d, "weight")?.to_dtype(DType::F32)?.to_vec1()?,
-        vb.get(d, "bias")?.to_dtype(DType::F32)?.to_vec1()?,
+        f32s(vb, &[d], "weight")?,
+        f32s(vb, &[d], "bias")?,
         LAYER_NORM_EPS as f32,
     ))
 }
@@ -140,14 +139,6 @@ pub struct DecoderCpu {
     pos: Vec<f32>,
     layers: Vec<Layer>,
     norm: Norm,
-}
-
-/// A tensor at `vb` as an f32 vector.
-fn f32s(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Vec<f32>> {
-    vb.get(shape, name)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()
 }
 
 /// `w` `[rows, cols]` transposed to `[cols, rows]`.
@@ -206,7 +197,7 @@ struct EncoderLayer {
 
 /// Whisper's encoder on CPU in plain f32 buffers: each convolution is one product over rows
 /// of three neighbouring frames (`[frames, 3 * channels]`, the kernel reordered at load to
-/// `[out, 3, channels]` to match), GELU in place, positions added; then pre-LN layers with
+/// `[3, channels, out]` to match), GELU in place, positions added; then pre-LN layers with
 /// one `[q; k; v]` product, the tiled attention kernel (scores never written whole), biases
 /// and residuals as the products' starting values. The same arithmetic as the candle
 /// encoder in `whisper.rs`, without its convolution's unfolding copies, transposes and
@@ -216,9 +207,10 @@ pub struct EncoderCpu {
     heads: usize,
     mels: usize,
     act: Activation,
-    /// `[d, 3 * mels]` and `[d, 3 * d]`, `[out, in]`, with their biases.
-    conv1: (Vec<f32>, Vec<f32>),
-    conv2: (Vec<f32>, Vec<f32>),
+    /// `[3 * mels, d]` and `[3 * d, d]` (`[in, out]`, the unfolded input's three frames
+    /// first), with their biases.
+    conv1: Wide,
+    conv2: Wide,
     /// `[max_source, d]`
     pos: Vec<f32>,
     layers: Vec<EncoderLayer>,
@@ -237,18 +229,19 @@ impl EncoderCpu {
         if heads == 0 || d % heads != 0 {
             bail!("d_model {d} does not split into {heads} encoder heads");
         }
-        // `[out, in, 3]` -> `[out, 3, in]`: a row of the unfolded input is three frames.
-        let conv = |name: &str, cin: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+        // `[out, in, 3]` -> `[3, in, out]`: a row of the unfolded input is three frames.
+        let conv = |name: &str, cin: usize| -> Result<Wide> {
             let w = f32s(&vb.pp(name), &[d, cin, 3], "weight")?;
             let mut r = vec![0f32; w.len()];
             for o in 0..d {
                 for c in 0..cin {
                     for t in 0..3 {
-                        r[(o * 3 + t) * cin + c] = w[(o * cin + c) * 3 + t];
+                        r[(t * cin + c) * d + o] = w[(o * cin + c) * 3 + t];
                     }
                 }
             }
-            Ok((r, f32s(&vb.pp(name), &[d], "bias")?))
+            let b = f32s(&vb.pp(name), &[d], "bias")?;
+            Ok(Wide { w: r, b })
         };
         let layers = (0..cfg.encoder_layers)
             .map(|i| -> Result<EncoderLayer> {
@@ -298,26 +291,25 @@ impl EncoderCpu {
         }
         let par = !in_worker();
         let mut x = vec![0f32; b * src * d];
-        let mut frames_first = vec![0f32; frames * mels];
-        let mut cols = Vec::new();
-        let mut y1 = Vec::new();
+        let (mut cols, mut y1, mut y2) = (Vec::new(), Vec::new(), Vec::new());
         for (f, xb) in features
             .chunks_exact(mels * frames)
             .zip(x.chunks_exact_mut(src * d))
         {
             // conv1 (stride 1, padding 1) over frames-first features, then GELU.
-            for (c, row) in f.chunks_exact(frames).enumerate() {
-                for (t, &v) in row.iter().enumerate() {
-                    frames_first[t * mels + c] = v;
-                }
-            }
-            unfold(&frames_first, frames, mels, 1, frames, &mut cols);
-            conv_product(&cols, frames, &self.conv1, &mut y1, par);
+            unfold(
+                &transpose(f, mels, frames),
+                frames,
+                mels,
+                1,
+                frames,
+                &mut cols,
+            );
+            self.conv1.apply(&cols, frames, None, &mut y1, par);
             activate_par(&mut y1, Activation::Gelu, par);
             // conv2 (stride 2, padding 1), GELU, positions.
             unfold(&y1, frames, d, 2, src, &mut cols);
-            let mut y2 = Vec::new();
-            conv_product(&cols, src, &self.conv2, &mut y2, par);
+            self.conv2.apply(&cols, src, None, &mut y2, par);
             activate_par(&mut y2, Activation::Gelu, par);
             for ((o, y), p) in xb.iter_mut().zip(&y2).zip(&self.pos) {
                 *o = y + p;
@@ -325,14 +317,14 @@ impl EncoderCpu {
         }
         let rows = b * src;
         let keep = vec![1f32; rows];
-        let scale = ((d / self.heads) as f32).powf(-0.5);
+        let dk = d / self.heads;
+        let scale = (dk as f32).powf(-0.5);
         let (mut h, mut qkv, mut ctx, mut y, mut ff) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for l in &self.layers {
             h.clone_from(&x);
             layer_norm_rows(&mut h, d, &l.attn_norm, par);
             l.qkv.apply(&h, rows, None, &mut qkv, par);
-            let dk = d / self.heads;
             attend_sequences_into(
                 &qkv, b, src, self.heads, dk, scale, None, &keep, par, &mut ctx,
             );
@@ -369,22 +361,6 @@ fn unfold(
             }
         }
     }
-}
-
-/// `out [rows, d] = cols @ w^T + bias`, `w` `[d, k]`.
-fn conv_product(
-    cols: &[f32],
-    rows: usize,
-    (w, bias): &(Vec<f32>, Vec<f32>),
-    out: &mut Vec<f32>,
-    par: bool,
-) {
-    let n = bias.len();
-    out.clear();
-    for _ in 0..rows {
-        out.extend_from_slice(bias);
-    }
-    gemm_into(cols, rows, w.len() / n, w, n, Layout::OutIn, out, true, par);
 }
 
 /// Cross-attention keys and values of encoded inputs: per layer `[inputs, heads, src, dk]`.
@@ -477,12 +453,11 @@ impl DecoderCpu {
             max_target: cfg.max_target_positions,
             act: cfg.activation_function,
             embed_scale: embed_scale as f32,
-            pos: vb
-                .pp("embed_positions")
-                .get((cfg.max_target_positions, d), "weight")?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?,
+            pos: f32s(
+                &vb.pp("embed_positions"),
+                &[cfg.max_target_positions, d],
+                "weight",
+            )?,
             layers,
             norm: norm(&vb.pp("layer_norm"), d)?,
         })
