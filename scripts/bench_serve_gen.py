@@ -91,6 +91,21 @@ async def run_load(url, model, conc, n, tokens):
             "tokens": toks}
 
 
+def run_load_rust(client, url, model, conc, n, tokens):
+    """The same load from `examples/sse_load.rs` (blocking client threads, asleep on their sockets
+    between events): the Python client needed ~3 ms of CPU per request start on these 2 cores,
+    so a wave of 16 reached a server spread over ~40 ms, which its time to first token counted."""
+    body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    out = subprocess.run([client, url, json.dumps(body), str(conc), str(n)], capture_output=True,
+                         text=True, check=True)
+    d = json.loads(out.stdout)
+    ttfts = sorted(d["ttft_s"])
+    return {"tok_s": d["tokens"] / d["wall_s"], "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
+            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
+            "tokens": d["tokens"]}
+
+
 def wait_ready(url, proc, timeout=180):
     t = time.time()
     while time.time() - t < timeout:
@@ -115,7 +130,21 @@ def main():
     ap.add_argument("--engines", default="ours,ours-solo,llama.cpp",
                     help="ours (continuous batching), ours-solo (--max-batch-total-tokens 0), llama.cpp")
     ap.add_argument("--binary", default=str(ROOT / "target/release/ferroformers"))
+    ap.add_argument("--client", default="rust", choices=["rust", "python"],
+                    help="rust: examples/sse_load.rs (cargo build --release -p ferroformers-server "
+                         "--example sse_load), the same for every server; python: httpx in asyncio")
+    ap.add_argument("--before", help="another ferroformers binary (e.g. an earlier commit's), "
+                                     "served beside --binary and measured in the same rounds")
     a = ap.parse_args()
+    client = ROOT / "target/release/examples/sse_load"
+    if a.client == "rust" and not client.exists():
+        sys.exit(f"{client} is missing: cargo build --release -p ferroformers-server --example "
+                 "sse_load (or --client python)")
+
+    def load(url, model, c, n, tokens):
+        if a.client == "rust":
+            return run_load_rust(str(client), url, model, c, n, tokens)
+        return asyncio.run(run_load(url, model, c, n, tokens))
     gguf = gguf_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
                OMP_NUM_THREADS=str(a.threads))
@@ -126,6 +155,11 @@ def main():
     if "ours" in ap_engines:
         p = subprocess.Popen(ours_cmd + ["--port", "3941"], env=env, stderr=subprocess.DEVNULL)
         servers["ours"] = ("http://127.0.0.1:3941", p, REPO, "/health")
+    if a.before:
+        # Another build of ours (an earlier commit), alternating with this one in the same run.
+        p = subprocess.Popen([a.before] + ours_cmd[1:] + ["--port", "3944"], env=env,
+                             stderr=subprocess.DEVNULL)
+        servers["before"] = ("http://127.0.0.1:3944", p, REPO, "/health")
     if "ours-solo" in ap_engines:
         # The same binary with continuous batching off: each request decodes on its own.
         p = subprocess.Popen(ours_cmd + ["--port", "3943", "--max-batch-total-tokens", "0"], env=env,
@@ -143,14 +177,14 @@ def main():
         for base, proc, _, probe in servers.values():
             wait_ready(base + probe, proc)
         for name, (base, _, model, _) in servers.items():
-            asyncio.run(run_load(base + "/v1/chat/completions", model, 2, 2, 8))
+            load(base + "/v1/chat/completions", model, 2, 2, 8)
         conc = [int(c) for c in a.concurrency.split(",")]
         for rep in range(a.reps):
             order = list(servers) if rep % 2 == 0 else list(reversed(servers))
             for c in conc:
                 for name in order:
                     base, _, model, _ = servers[name]
-                    r = asyncio.run(run_load(base + "/v1/chat/completions", model, c, a.requests, a.tokens))
+                    r = load(base + "/v1/chat/completions", model, c, a.requests, a.tokens)
                     res.setdefault((name, c), []).append(r)
                     print(f"rep {rep} c={c} {name}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms "
                           f"p99 {r['ttft_p99_ms']:.0f} ms, {r['tokens']} tokens", file=sys.stderr)
@@ -159,10 +193,12 @@ def main():
             proc.terminate()
     load1 = os.getloadavg()
     print(f"\nstreamed chat completions, SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
-          f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}; CPU {cpu_model()}; "
+          f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}, {a.client} client; "
+          f"CPU {cpu_model()}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
     labels = {"ours": "ferroformers serve (continuous batching)",
               "ours-solo": "ferroformers serve, `--max-batch-total-tokens 0`",
+              "before": "ferroformers serve, `--before` binary",
               "llama.cpp": "llama-cpp-python server"}
     ref = "llama.cpp" if "llama.cpp" in servers else next(iter(servers))
     print(f"| server | concurrency | aggregate tokens/s | vs {labels[ref]} | TTFT p50 (ms) | TTFT p99 (ms) |")

@@ -386,8 +386,8 @@ impl Batcher {
             }
         }
         // The rows that stay keep their slots; the last rows move into the slots of those
-        // that left (one row's keys and values copied per leaver, in place, instead of the
-        // whole cache again: ~20 ms per leaving row on a 16-row SmolLM2 batch).
+        // that left (rows' keys and values are moved, not copied: copying the whole cache
+        // again cost ~20 ms per leaving row on a 16-row SmolLM2 batch).
         let keep = {
             let n = keep.len();
             let mut movers = keep.iter().copied().filter(|&r| r >= n);
@@ -487,6 +487,16 @@ impl Batcher {
         } else {
             g.idle_steps = 0;
         }
+        // Room for the positions the new rows may still add (their prompts plus their most new
+        // tokens; at most MAX_ROOM, beyond which rows grow by doubling), reserved when
+        // their keys and values are copied into the batch: no later step re-lays them out.
+        let room = admitted
+            .iter()
+            .filter_map(|(id, _)| g.seqs.get(id))
+            .map(|s| s.reserve)
+            .max()
+            .unwrap_or(0)
+            .min(MAX_ROOM);
         // Prompts that start like a finished sequence continue from its cache's first n
         // positions.
         let mut continued: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
@@ -546,7 +556,7 @@ impl Batcher {
             let t = std::time::Instant::now();
             let continued = starts.is_some();
             let r = guarded(|| match starts {
-                Some(starts) => continue_group(model, starts),
+                Some(starts) => continue_group(model, starts, room),
                 None => {
                     let (padded, m) = left_pad(&prompts, 0);
                     let mut session = DecoderSession::new(model, padded, m)?;
@@ -576,7 +586,7 @@ impl Batcher {
                 let len = c.seq_len();
                 let parts: Vec<(&KvCache, usize)> =
                     riders.iter().map(|(_, _, pc, n)| (&**pc, *n)).collect();
-                mask.iter().all(|m| m.len() == len) && c.append_rows(&parts)
+                mask.iter().all(|m| m.len() == len) && c.append_rows(&parts, room)
             });
             if appended {
                 lock(&self.state).stats.riders += riders.len() as u64;
@@ -596,7 +606,7 @@ impl Batcher {
             for gr in prefill_groups(alone, |(_, p, _, n)| p.len() - n) {
                 let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
                 let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
-                let r = guarded(|| continue_group(model, starts));
+                let r = guarded(|| continue_group(model, starts, room));
                 let mut g = lock(&self.state);
                 g.stats.prefill_passes += 1;
                 if !settle(&mut g, &ids, r, &mut joining) {
@@ -654,10 +664,21 @@ impl Batcher {
         // left-padded. Rows no longer than the batch go after its rows in place (only they
         // are copied); otherwise everything is copied once into a new cache.
         if !joining.is_empty() {
-            let new: Vec<(&KvCache, usize)> =
-                joining.iter().map(|(_, c, _)| (c, c.seq_len())).collect();
             let t = std::time::Instant::now();
-            let appended = cache.as_mut().is_some_and(|c| c.append_rows(&new));
+            // Into an empty batch, one group's cache becomes the batch's as it is (no copy).
+            if rows.is_empty() && joining.len() == 1 {
+                cache = None;
+                if let Some(one) = joining.first_mut() {
+                    cache = Some(std::mem::take(&mut one.1));
+                }
+            }
+            let new: Vec<(&KvCache, usize)> = joining
+                .iter()
+                .filter(|(_, c, _)| !c.is_empty())
+                .map(|(_, c, _)| (c, c.seq_len()))
+                .collect();
+            let appended =
+                new.is_empty() || cache.as_mut().is_some_and(|c| c.append_rows(&new, room));
             let joined = if appended {
                 Ok(cache.take().unwrap_or_default())
             } else {
@@ -666,7 +687,7 @@ impl Batcher {
                     parts.push((c, c.seq_len()));
                 }
                 parts.extend(new);
-                KvCache::join(&parts)
+                KvCache::join(&parts, room)
             };
             trace("join", joining.len(), t);
             match joined {
@@ -711,6 +732,9 @@ impl Batcher {
         g
     }
 }
+
+/// Most positions reserved ahead for a row joining the batch (see `room` in `step`).
+const MAX_ROOM: usize = 512;
 
 /// Most padded prompt tokens one prefill batch holds.
 const PREFILL_TOKENS: usize = 512;
@@ -773,12 +797,13 @@ type Joining = (Vec<u64>, KvCache, Vec<Vec<u8>>);
 fn continue_group(
     model: &dyn CausalLm,
     group: Vec<(Arc<KvCache>, usize, Vec<u32>)>,
+    room: usize,
 ) -> Result<Prefilled> {
     if group.is_empty() {
         return Err(Error::param("inputs", "no prompt to continue"));
     }
     let parts: Vec<(&KvCache, usize)> = group.iter().map(|(c, n, _)| (&**c, *n)).collect();
-    let mut cache = KvCache::join(&parts)?;
+    let mut cache = KvCache::join(&parts, room)?;
     let past: Vec<usize> = group
         .iter()
         .map(|(c, n, _)| (*n).min(c.seq_len()))

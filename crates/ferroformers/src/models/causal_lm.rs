@@ -121,9 +121,9 @@ impl KvCache {
     }
 
     /// [`KvCache::join`] of this cache and `parts` into this one (CPU buffers, every part's
-    /// `n` within this cache's length): only the new rows are copied. `false` (nothing
-    /// changed) where that does not apply; then `join`.
-    pub fn append_rows(&mut self, parts: &[(&KvCache, usize)]) -> bool {
+    /// `n` within this cache's length): only the new rows are copied, each with room for
+    /// `room` more positions. `false` (nothing changed) where that does not apply; then `join`.
+    pub fn append_rows(&mut self, parts: &[(&KvCache, usize)], room: usize) -> bool {
         let parts: Vec<(&KvCache, usize)> = parts
             .iter()
             .filter(|(c, _)| !c.is_empty())
@@ -141,7 +141,7 @@ impl KvCache {
             let layer: Vec<(&KvBuffer, usize)> =
                 parts.iter().map(|&(c, n)| (&c.cpu[l], n)).collect();
             // Checked above for every layer (all layers hold the same positions).
-            let done = buf.append_rows(&layer);
+            let done = buf.append_rows(&layer, room);
             debug_assert!(done);
         }
         true
@@ -151,8 +151,10 @@ impl KvCache {
     /// positions (at most its length), all right-aligned to the longest `n` (shorter rows
     /// left-padded with zeros, which their attention masks hide). Empty caches add nothing.
     /// Every value is copied once (continuous batching joins a whole group of new sequences,
-    /// each from a kept prefix, and then the group to the running batch).
-    pub fn join(parts: &[(&KvCache, usize)]) -> Result<KvCache> {
+    /// each from a kept prefix, and then the group to the running batch). CPU buffers get
+    /// room for `room` more positions per row (as many as the rows may still grow: a row's
+    /// vectors then never grow again).
+    pub fn join(parts: &[(&KvCache, usize)], room: usize) -> Result<KvCache> {
         let num_layers = parts.first().map_or(0, |(c, _)| c.layers.len());
         let parts: Vec<(&KvCache, usize)> = parts
             .iter()
@@ -175,7 +177,7 @@ impl KvCache {
                 .map(|l| {
                     let layer: Vec<(&KvBuffer, usize)> =
                         parts.iter().map(|&(c, n)| (&c.cpu[l], n)).collect();
-                    KvBuffer::join(&layer, 16)
+                    KvBuffer::join(&layer, room)
                 })
                 .collect::<Result<Vec<_>>>()?;
             return Ok(KvCache {
@@ -591,7 +593,7 @@ mod tests {
                 cache(1, 4, 30.0, cpu),
             );
             // a's first 5, b's first 3 (of 7), c's first 4: right-aligned to 5.
-            let j = KvCache::join(&[(&a, 5), (&b, 3), (&c, 9)]).unwrap();
+            let j = KvCache::join(&[(&a, 5), (&b, 3), (&c, 9)], 16).unwrap();
             assert_eq!(j.seq_len(), 5, "cpu={cpu}");
             let got = keys(&j);
             assert_eq!(got.len(), 4);
@@ -606,17 +608,20 @@ mod tests {
                 assert_eq!(got[3][h][3..], kc[0][h][..], "cpu={cpu}");
             }
             // Joining in two steps (b and c first, then a before them) gives the same.
-            let bc = KvCache::join(&[(&b, 3), (&c, 9)]).unwrap();
-            let two_steps = KvCache::join(&[(&a, 5), (&bc, 4)]).unwrap();
+            let bc = KvCache::join(&[(&b, 3), (&c, 9)], 16).unwrap();
+            let two_steps = KvCache::join(&[(&a, 5), (&bc, 4)], 16).unwrap();
             assert_eq!(keys(&two_steps), got, "cpu={cpu}");
             // Empty caches add nothing; no parts give an empty cache.
             let e = KvCache::new(1);
-            assert_eq!(keys(&KvCache::join(&[(&e, 0), (&c, 4)]).unwrap()), kc);
-            assert!(KvCache::join(&[(&e, 0)]).unwrap().is_empty());
+            assert_eq!(keys(&KvCache::join(&[(&e, 0), (&c, 4)], 16).unwrap()), kc);
+            assert!(KvCache::join(&[(&e, 0)], 16).unwrap().is_empty());
         }
-        let err = KvCache::join(&[(&cache(1, 2, 0.0, true), 2), (&cache(1, 2, 0.0, false), 2)])
-            .unwrap_err()
-            .to_string();
+        let err = KvCache::join(
+            &[(&cache(1, 2, 0.0, true), 2), (&cache(1, 2, 0.0, false), 2)],
+            16,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("different kinds"), "{err}");
     }
 }

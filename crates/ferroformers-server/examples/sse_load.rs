@@ -1,0 +1,109 @@
+//! A light load generator for streamed OpenAI chat completions: `concurrency` blocking client
+//! threads (each asleep on its socket between events) send `requests` streamed requests in all
+//! and time each one's first content event. A Python asyncio client on the same 2 cores needed
+//! ~3 ms of CPU per request start: a wave of 16 reached the server spread over ~40 ms, which
+//! its time to first token then counted. This one costs the server's cores almost nothing.
+//!
+//! ```text
+//! cargo run --release -p ferroformers-server --example sse_load -- \
+//!     URL BODY_JSON CONCURRENCY REQUESTS
+//! ```
+//! BODY_JSON is the request body (`"stream": true` is set). Prints one JSON object: wall
+//! seconds, completion tokens (from the usage chunk when the server sends one, else content
+//! events), and every request's time to first content event in seconds.
+
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+/// One streamed request: (seconds to the first content event, completion tokens).
+fn one(agent: &ureq::Agent, url: &str, body: &Value) -> Result<(f64, u64), String> {
+    let t0 = Instant::now();
+    let resp = agent
+        .post(url)
+        .send_json(body.clone())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let mut ttft = None;
+    let (mut events, mut usage) = (0u64, None);
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| format!("reading the stream: {e}"))?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value =
+            serde_json::from_str(data).map_err(|e| format!("event is not JSON ({e}): {data}"))?;
+        if let Some(n) = chunk
+            .pointer("/usage/completion_tokens")
+            .and_then(Value::as_u64)
+        {
+            usage = Some(n);
+        }
+        let content = chunk
+            .pointer("/choices/0/delta/content")
+            .or_else(|| chunk.pointer("/choices/0/text"))
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty());
+        if content {
+            events += 1;
+            ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok((ttft.unwrap_or(f64::NAN), usage.unwrap_or(events)))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [url, body, conc, n] = args.as_slice() else {
+        eprintln!("usage: sse_load URL BODY_JSON CONCURRENCY REQUESTS");
+        std::process::exit(2);
+    };
+    let mut body: Value = serde_json::from_str(body).unwrap_or_else(|e| {
+        eprintln!("BODY_JSON is not JSON: {e}");
+        std::process::exit(2)
+    });
+    body["stream"] = json!(true);
+    let (Ok(conc), Ok(n)) = (conc.parse::<usize>(), n.parse::<usize>()) else {
+        eprintln!("CONCURRENCY and REQUESTS must be whole numbers");
+        std::process::exit(2)
+    };
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(n));
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..conc.max(1) {
+            s.spawn(|| {
+                let agent = ureq::AgentBuilder::new().build();
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    let r = one(&agent, url, &body);
+                    results.lock().unwrap().push(r);
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let results = results.into_inner().unwrap();
+    let mut ttfts = Vec::new();
+    let mut tokens = 0;
+    for r in results {
+        match r {
+            Ok((t, k)) => {
+                ttfts.push(t);
+                tokens += k;
+            }
+            Err(e) => {
+                eprintln!("request failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"wall_s": wall, "tokens": tokens, "ttft_s": ttfts})
+    );
+}
