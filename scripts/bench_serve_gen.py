@@ -3,12 +3,14 @@
 on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
 
   scripts/fetch-models.sh smollm2 && cargo build --release -p ferroformers-cli
+  cargo build --release -p ferroformers-server --example sse_load   # the load generator
   pip install llama-cpp-python==0.3.36 uvicorn fastapi sse-starlette starlette-context \\
       pydantic-settings httpx
   python3 scripts/bench_serve_gen.py [--concurrency 1,4,16] [--requests 32] [--tokens 64] [--reps 3]
 
-Each client sends the same chat (one user message) with `max_tokens` TOKENS, `temperature` 0
-and `stream: true`, reads the events to `[DONE]`, and records the time to the first content
+The load comes from `examples/sse_load.rs` (`--client python`: httpx in asyncio, which on 2
+cores delays its own request starts by ~3 ms each). Each client sends the same chat (one user
+message) with `max_tokens` TOKENS, `temperature` 0 and `stream: true`, reads the events to `[DONE]`, and records the time to the first content
 event and the number of content events. Aggregate tokens/s = completion tokens of all requests
 / wall time of the run (completion tokens from the usage chunk, `stream_options.include_usage`;
 events when a server sends none). Engines alternate within each repetition; medians of the
@@ -17,8 +19,8 @@ repetitions.
 Both servers get 2 threads: ours `--threads 2`; llama-cpp-python `--n_threads 2
 --n_threads_batch 2`, context 2048, `--interrupt_requests False` (by default a new request cuts
 the stream in progress short), one model instance (its server answers one request at a time;
-concurrent clients queue). Ours runs each request on its own thread with its own cache
-(no continuous batching yet), products on the shared rayon pool.
+concurrent clients queue). Ours batches concurrent requests continuously (`ours-solo`: the
+same binary with `--max-batch-total-tokens 0`, each request decoding alone).
 """
 import argparse
 import asyncio
