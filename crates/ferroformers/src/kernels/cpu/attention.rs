@@ -22,18 +22,81 @@ pub struct KvBuffer {
     slots: Vec<Slot>,
 }
 
-/// One row's and head's keys and values, each `[positions, dim]`.
+/// One row's and head's keys and values, each `[positions, dim]`; its vectors go back to
+/// [`SPARE`] when it is dropped.
 #[derive(Debug, Clone, Default)]
 struct Slot {
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
+impl Drop for Slot {
+    fn drop(&mut self) {
+        give_spare(std::mem::take(&mut self.k));
+        give_spare(std::mem::take(&mut self.v));
+    }
+}
+
+/// Freed key/value vectors, by capacity, for the next rows to take: a new vector's pages each
+/// cost a page fault on first write (~1.7 us per 4 KiB on the Xeon of session 25: 15 rows
+/// joining a SmolLM2 batch took ~17k faults, most of its 7-20 ms), and the allocator hands
+/// freed memory back to the kernel. At most [`SPARE_BYTES`] are kept.
+static SPARE: std::sync::Mutex<Spare> = std::sync::Mutex::new(Spare {
+    by_capacity: std::collections::BTreeMap::new(),
+    bytes: 0,
+});
+const SPARE_BYTES: usize = 128 << 20;
+
+struct Spare {
+    by_capacity: std::collections::BTreeMap<usize, Vec<Vec<f32>>>,
+    bytes: usize,
+}
+
+fn spare() -> std::sync::MutexGuard<'static, Spare> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An empty vector with room for at least `n` values: the smallest kept one that fits, else
+/// a new one.
+fn take_spare(n: usize) -> Vec<f32> {
+    let mut s = spare();
+    let found = s
+        .by_capacity
+        .range_mut(n..)
+        .next()
+        .and_then(|(&c, vs)| Some((c, vs.pop()?)));
+    match found {
+        Some((c, mut v)) => {
+            if s.by_capacity.get(&c).is_some_and(Vec::is_empty) {
+                s.by_capacity.remove(&c);
+            }
+            s.bytes -= c * std::mem::size_of::<f32>();
+            v.clear();
+            v
+        }
+        None => Vec::with_capacity(n),
+    }
+}
+
+/// Keep `v` for [`take_spare`] while [`SPARE_BYTES`] allow.
+fn give_spare(v: Vec<f32>) {
+    let c = v.capacity();
+    let bytes = c * std::mem::size_of::<f32>();
+    if c == 0 {
+        return;
+    }
+    let mut s = spare();
+    if s.bytes + bytes <= SPARE_BYTES {
+        s.bytes += bytes;
+        s.by_capacity.entry(c).or_default().push(v);
+    }
+}
+
 impl Slot {
     /// `n` positions of `src` after `pad` positions of zeros, with room for `room` more.
     fn padded(src: &Slot, pad: usize, n: usize, room: usize, d: usize) -> Slot {
         let part = |x: &[f32]| {
-            let mut out = Vec::with_capacity((pad + n + room) * d);
+            let mut out = take_spare((pad + n + room) * d);
             out.resize(pad * d, 0.0);
             out.extend_from_slice(&x[..n * d]);
             out
@@ -84,6 +147,9 @@ impl KvBuffer {
         for s in &mut self.slots {
             for x in [&mut s.k, &mut s.v] {
                 x.truncate(self.len * self.dim);
+                if x.capacity() == 0 {
+                    *x = take_spare(want);
+                }
                 x.reserve(want - x.len());
             }
         }
@@ -234,7 +300,7 @@ impl KvBuffer {
             for (h, out) in slots.iter_mut().enumerate() {
                 let src = &self.slots[r * heads + h];
                 for x in [&mut out.k, &mut out.v] {
-                    x.reserve_exact((len + 16) * d);
+                    *x = take_spare((len + 16) * d);
                 }
                 for &p in positions.iter().filter(|&&p| p < self.len) {
                     out.k.extend_from_slice(&src.k[p * d..(p + 1) * d]);
@@ -1784,6 +1850,32 @@ mod tests {
         let long = filled(1, 12, 3000);
         assert!(!got.append_rows(&[(&long, 12)], 4));
         assert_eq!(got.rows(), 6);
+    }
+
+    /// A dropped buffer's vectors are handed to the next one that needs room (their pages are
+    /// not faulted in again).
+    #[test]
+    fn freed_vectors_are_taken_again() {
+        // A capacity no other test uses, so that the shared pool's answer is this one's.
+        let n = 1_234_567;
+        let mut a = KvBuffer::new(1, 1, 1);
+        a.reserve(n);
+        a.put(0, 0, 0, &[1.0], &[2.0]);
+        let (k, v) = (a.slots[0].k.as_ptr(), a.slots[0].v.as_ptr());
+        drop(a);
+        // Without the pool the allocator would hand the freed blocks to these.
+        let others = [vec![0f32; n], vec![0f32; n]];
+        let mut b = KvBuffer::new(1, 1, 1);
+        b.reserve(n - 5);
+        let got = [b.slots[0].k.as_ptr(), b.slots[0].v.as_ptr()];
+        assert!(
+            got.contains(&k) && got.contains(&v),
+            "the freed vectors are reused"
+        );
+        assert!(others.iter().all(|o| !got.contains(&o.as_ptr())));
+        b.put(0, 0, 0, &[3.0], &[4.0]);
+        b.set_len(1);
+        assert_eq!(b.get(0, 0, 1), (&[3.0][..], &[4.0][..]));
     }
 
     /// Rows that join, leave or stay are moved, never copied: a kept row's keys and values
