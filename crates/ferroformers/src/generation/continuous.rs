@@ -667,10 +667,7 @@ impl Batcher {
             let t = std::time::Instant::now();
             // Into an empty batch, one group's cache becomes the batch's as it is (no copy).
             if rows.is_empty() && joining.len() == 1 {
-                cache = None;
-                if let Some(one) = joining.first_mut() {
-                    cache = Some(std::mem::take(&mut one.1));
-                }
+                cache = joining.first_mut().map(|(_, c, _)| std::mem::take(c));
             }
             let new: Vec<(&KvCache, usize)> = joining
                 .iter()

@@ -108,6 +108,29 @@ impl Slot {
     }
 }
 
+/// The parts of a join that have rows, each `n` at most its buffer's length.
+fn used_parts<'a>(parts: &[(&'a KvBuffer, usize)]) -> Vec<(&'a KvBuffer, usize)> {
+    parts
+        .iter()
+        .filter(|(b, _)| b.rows() > 0)
+        .map(|&(b, n)| (b, n.min(b.len)))
+        .collect()
+}
+
+/// Every row of `parts` as new slots: its first `n` positions right-aligned to `len` (zeros
+/// before them), with room for `room` more.
+fn padded_rows<'a>(
+    parts: &'a [(&'a KvBuffer, usize)],
+    len: usize,
+    room: usize,
+) -> impl Iterator<Item = Slot> + 'a {
+    parts.iter().flat_map(move |&(b, n)| {
+        b.slots
+            .iter()
+            .map(move |s| Slot::padded(s, len - n, n, room.max(1), b.dim))
+    })
+}
+
 impl KvBuffer {
     pub fn new(rows: usize, heads: usize, dim: usize) -> Self {
         Self {
@@ -218,22 +241,12 @@ impl KvBuffer {
         Ok(())
     }
 
-    /// [`Self::select_rows`] for beam search (the number of rows stays): beams that keep
-    /// their own row cost nothing.
-    pub fn reorder_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
-        self.select_rows(rows)
-    }
-
     /// The rows of several buffers as one, in order: from part `(b, n)` every row's first
     /// `n` positions (at most its length). All are right-aligned to the longest `n` (the
     /// shorter rows' first positions are zeros: left padding, which the attention bias masks),
     /// with room for `extra` more positions. Each value is copied once.
     pub fn join(parts: &[(&KvBuffer, usize)], extra: usize) -> candle_core::Result<KvBuffer> {
-        let parts: Vec<(&KvBuffer, usize)> = parts
-            .iter()
-            .filter(|(b, _)| b.rows() > 0)
-            .map(|&(b, n)| (b, n.min(b.len)))
-            .collect();
+        let parts = used_parts(parts);
         let Some(&(first, _)) = parts.first() else {
             candle_core::bail!("no KV buffer rows to join");
         };
@@ -246,14 +259,7 @@ impl KvBuffer {
             );
         }
         let len = parts.iter().map(|&(_, n)| n).max().unwrap_or(0);
-        let slots = parts
-            .iter()
-            .flat_map(|&(b, n)| {
-                b.slots
-                    .iter()
-                    .map(move |s| Slot::padded(s, len - n, n, extra.max(1), d))
-            })
-            .collect();
+        let slots = padded_rows(&parts, len, extra).collect();
         Ok(KvBuffer {
             heads,
             dim: d,
@@ -268,11 +274,7 @@ impl KvBuffer {
     /// buffer's rows are not touched. Returns whether it could; `false` leaves the buffer as
     /// it was.
     pub fn append_rows(&mut self, parts: &[(&KvBuffer, usize)], extra: usize) -> bool {
-        let parts: Vec<(&KvBuffer, usize)> = parts
-            .iter()
-            .filter(|(b, _)| b.rows() > 0)
-            .map(|&(b, n)| (b, n.min(b.len)))
-            .collect();
+        let parts = used_parts(parts);
         let (heads, d, len) = (self.heads, self.dim, self.len);
         if self.rows() == 0
             || parts
@@ -281,12 +283,7 @@ impl KvBuffer {
         {
             return false;
         }
-        for (src, n) in parts {
-            for s in &src.slots {
-                self.slots
-                    .push(Slot::padded(s, len - n, n, extra.max(1), d));
-            }
-        }
+        self.slots.extend(padded_rows(&parts, len, extra));
         true
     }
 
@@ -1612,10 +1609,10 @@ mod tests {
         }
     }
 
-    /// Reordering rows in place gives what a fresh selection gives: swaps, cycles, a row
-    /// copied over others (beams that die), rows kept, and a change in the number of rows.
+    /// Selected rows hold the rows they name: swaps, cycles, a row copied over others (beams
+    /// that die), rows kept, and a change in the number of rows.
     #[test]
-    fn reorder_rows_matches_select_rows() {
+    fn selected_rows_hold_the_rows_they_name() {
         let (rows, heads, dim, len) = (5, 3, 4, 7);
         let mut base = KvBuffer::new(rows, heads, dim);
         base.reserve(len);
@@ -1639,18 +1636,20 @@ mod tests {
             vec![4, 3, 3, 1, 1],
             vec![3, 1],
         ] {
-            let mut want = base.clone();
-            want.select_rows(&order).unwrap();
             let mut got = base.clone();
-            got.reorder_rows(&order).unwrap();
+            got.select_rows(&order).unwrap();
             assert_eq!(got.rows(), order.len());
-            for r in 0..order.len() {
+            for (r, &from) in order.iter().enumerate() {
                 for h in 0..heads {
-                    assert_eq!(got.get(r, h, len), want.get(r, h, len), "{order:?} row {r}");
+                    assert_eq!(
+                        got.get(r, h, len),
+                        base.get(from, h, len),
+                        "{order:?} row {r}"
+                    );
                 }
             }
         }
-        assert!(base.clone().reorder_rows(&[0, 1, 2, 3, 5]).is_err());
+        assert!(base.clone().select_rows(&[0, 1, 2, 3, 5]).is_err());
     }
 
     /// The AVX-512 softmax gives the dispatched loop's bits: row lengths around 16 and 32,

@@ -94,10 +94,9 @@ impl DecoderState {
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
             bail!("row {bad} is out of range ({} rows)", self.rows);
         }
-        // In place when the number of rows stays (beam search): beams that keep their own
-        // row copy nothing.
+        // Rows are moved (beams that keep their own row copy nothing).
         for buf in &mut self.self_kv {
-            buf.reorder_rows(rows)?;
+            buf.select_rows(rows)?;
         }
         self.input_of = rows.iter().map(|&r| self.input_of[r]).collect();
         self.rows = rows.len();

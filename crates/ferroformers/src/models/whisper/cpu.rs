@@ -402,7 +402,7 @@ impl DecoderState {
             bail!("row {bad} is out of range ({} rows)", self.rows);
         }
         for buf in &mut self.self_kv {
-            buf.reorder_rows(rows)?;
+            buf.select_rows(rows)?;
         }
         self.input_of = rows.iter().map(|&r| self.input_of[r]).collect();
         self.rows = rows.len();
