@@ -10,8 +10,8 @@ on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
 
 The load comes from `examples/sse_load.rs` (`--client python`: httpx in asyncio, which on 2
 cores delays its own request starts by ~3 ms each). Each client sends the same chat (one user
-message) with `max_tokens` TOKENS, `temperature` 0 and `stream: true`, reads the events to `[DONE]`, and records the time to the first content
-event and the number of content events. Aggregate tokens/s = completion tokens of all requests
+message) with `max_tokens` TOKENS, `temperature` 0 and `stream: true`, reads the events to
+`[DONE]`, and records the time to the first content event and the number of content events. Aggregate tokens/s = completion tokens of all requests
 / wall time of the run (completion tokens from the usage chunk, `stream_options.include_usage`;
 events when a server sends none). Engines alternate within each repetition; medians of the
 repetitions.
@@ -86,8 +86,12 @@ async def run_load(url, model, conc, n, tokens):
         t0 = time.perf_counter()
         res = await asyncio.gather(*[task() for _ in range(n)])
         wall = time.perf_counter() - t0
-    ttfts = sorted(r[0] for r in res)
-    toks = sum(r[1] for r in res)
+    return summary([r[0] for r in res], sum(r[1] for r in res), wall)
+
+
+def summary(ttfts, toks, wall):
+    """Aggregate tokens/s and the first-token p50/p99 of one run."""
+    ttfts = sorted(ttfts)
     return {"tok_s": toks / wall, "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
             "tokens": toks}
@@ -100,12 +104,11 @@ def run_load_rust(client, url, model, conc, n, tokens):
     body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0,
             "stream_options": {"include_usage": True}}
     out = subprocess.run([client, url, json.dumps(body), str(conc), str(n)], capture_output=True,
-                         text=True, check=True)
+                         text=True)
+    if out.returncode != 0:
+        sys.exit(f"sse_load against {url} failed: {out.stderr.strip()}")
     d = json.loads(out.stdout)
-    ttfts = sorted(d["ttft_s"])
-    return {"tok_s": d["tokens"] / d["wall_s"], "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
-            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
-            "tokens": d["tokens"]}
+    return summary(d["ttft_s"], d["tokens"], d["wall_s"])
 
 
 def wait_ready(url, proc, timeout=180):

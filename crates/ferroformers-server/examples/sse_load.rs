@@ -25,7 +25,7 @@ fn one(agent: &ureq::Agent, url: &str, body: &Value) -> Result<(f64, u64), Strin
     let resp = agent
         .post(url)
         .send_json(body.clone())
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let mut ttft = None;
     let (mut events, mut usage) = (0u64, None);
     for line in BufReader::new(resp.into_reader()).lines() {
