@@ -1,44 +1,38 @@
 //! `ferroformers download` and `ferroformers cache`: the hub cache from the command line.
 
+use clap::Args;
 use ferroformers::hub::{self, HubOptions};
 
+/// `ferroformers download`.
+#[derive(Args)]
+pub struct DownloadArgs {
+    /// A hub id such as org/name.
+    #[arg(value_name = "MODEL")]
+    model: String,
+    /// The branch, tag or commit (default: main).
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+    /// Fetch only this file (repeat for several; default: what a pipeline needs).
+    #[arg(long = "file", value_name = "FILE")]
+    files: Vec<String>,
+}
+
 /// `download MODEL [--revision R] [--file F]...`: fetch into the cache, print the snapshot path.
-pub fn download(args: &[String]) -> Result<(), String> {
-    let mut model = None;
-    let mut revision = None;
-    let mut files = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("`{name}` needs a value"))
-        };
-        match a.as_str() {
-            "--revision" => revision = Some(value("--revision")?),
-            "--file" => files.push(value("--file")?),
-            s if s.starts_with("--") => return Err(format!("unknown option `{s}` for `download`")),
-            s if model.is_none() => model = Some(s.to_string()),
-            s => {
-                return Err(format!(
-                    "unexpected argument `{s}` (one MODEL per download)"
-                ))
-            }
-        }
-    }
-    let model = model.ok_or("`download` needs a MODEL (a hub id such as org/name)")?;
-    let files = (!files.is_empty()).then_some(files.as_slice());
-    let snap = hub::download(&model, revision.as_deref(), files, &HubOptions::from_env())
-        .map_err(|e| e.to_string())?;
+pub fn download(a: DownloadArgs) -> Result<(), String> {
+    let files = (!a.files.is_empty()).then_some(a.files.as_slice());
+    let snap = hub::download(
+        &a.model,
+        a.revision.as_deref(),
+        files,
+        &HubOptions::from_env(),
+    )
+    .map_err(|e| e.to_string())?;
     println!("{}", snap.display());
     Ok(())
 }
 
 /// `cache`: every cached model with its refs, size on disk and files.
-pub fn cache(args: &[String]) -> Result<(), String> {
-    if let Some(a) = args.first() {
-        return Err(format!("unexpected argument `{a}` for `cache`"));
-    }
+pub fn cache() -> Result<(), String> {
     let root = hub::cache_dir();
     let repos = hub::scan_cache(&root).map_err(|e| e.to_string())?;
     println!("hub cache: {}", root.display());

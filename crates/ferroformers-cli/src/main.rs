@@ -7,61 +7,133 @@ mod train_cmd;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferroformers::{DType, Device, Input, Params, PipelineOptions};
 use serde_json::Value;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "\
-usage:
-  ferroformers run TASK [--model PATH|ID] [--tokenizer PATH|ID] [--revision REV]
-                        [--param KEY=VALUE]... [--batch-size N] [--threads N]
-                        [--device cpu|cuda[:N]] [--dtype f32|f16|bf16]
-                        [--gguf-math int8|exact] [--quantize int8]
-                        [--input FILE.jsonl | --input - | TEXT...] [--timing] [--stream]
-  ferroformers train TASK --model PATH|ID --train FILE [--eval FILE] --output DIR
-                        [HF TrainingArguments as --options; `ferroformers train --help`]
-  ferroformers serve --model PATH|ID[=TASK]... [--port 3000] [`ferroformers serve --help`]
-  ferroformers tasks
-  ferroformers download MODEL [--revision REV] [--file FILE]...
-  ferroformers cache
-  ferroformers --help | --version
+/// The `ferroformers` command line.
+#[derive(Parser)]
+#[command(
+    name = "ferroformers",
+    version,
+    about = "Hugging Face transformers pipelines, natively: run, train and serve models",
+    after_help = "`ferroformers COMMAND --help` describes each command and its options."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-`run` prints one JSON value per input, one per line, in Hugging Face's output shape.
-An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair\":..}).
-A --param VALUE is parsed as JSON when it parses (top_k=3, top_k=null, targets=[\"a\",\"b\"]),
-else taken as a string. --timing prints load and run seconds as JSON on stderr.
-A hub id missing from the cache is downloaded (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE honoured)
-unless HF_HUB_OFFLINE=1; `download` pre-fetches one and prints its folder, `cache` lists them.
---gguf-math: GGUF models on CPU round activations to 8 bits per block with integer products as
-llama.cpp does (int8, the default; FERROFORMERS_GGUF_MATH sets it too), or keep them f32 for
-transformers' exact numbers (exact).
---quantize int8: encoder models (BERT, DistilBERT, RoBERTa, XLM-RoBERTa) on CPU run their layers'
-linear products in 8-bit integers (dynamic quantization as ONNX Runtime's quantize_dynamic does:
-weights per output column at load, activations per token at run time); faster, slightly
-different numbers.
-`train` fine-tunes a BERT, DistilBERT, RoBERTa or XLM-RoBERTa base for text-classification,
-token-classification or question-answering on a JSONL/CSV/SQuAD file and saves what
-`save_pretrained` writes (Python's from_pretrained and `run` load it).
-`serve` answers HTTP on 127.0.0.1: TEI's /embed and /predict, TGI's /generate, the HF Inference
-API's POST / and /models/ID ({inputs, parameters}, or audio bytes), OpenAI's /v1/chat/completions,
-/v1/completions (streamed too), /v1/embeddings, /v1/audio/transcriptions and /translations
-(multipart; Whisper and wav2vec2) and /v1/models, /health, /info.
---dtype bf16 on CPU: encoder models run their layers' products in bf16 with f32 sums (AVX512-BF16;
-f32 with a warning on CPUs without it); other models take candle's bf16 path.
---device cuda[:N] needs a build with the `cuda` feature (scripts/build-cuda.sh); there the dtype
-defaults to the checkpoint's (bf16 for a bf16 checkpoint, as transformers' torch_dtype=\"auto\")
-and --batch-size to 32.";
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline on texts or a JSONL file: one JSON value per input on stdout, in Hugging
+    /// Face's output shape.
+    #[command(after_help = RUN_NOTES)]
+    Run(RunArgs),
+    /// Fine-tune a BERT, DistilBERT, RoBERTa or XLM-RoBERTa base and save what
+    /// `save_pretrained` writes (Python's `from_pretrained` and `run` load it).
+    Train(Box<train_cmd::TrainArgs>),
+    /// Serve models over HTTP: TEI, TGI, the HF Inference API and OpenAI's routes.
+    #[command(after_help = serve_cmd::NOTES)]
+    Serve(serve_cmd::ServeArgs),
+    /// List the tasks, their aliases and default models.
+    Tasks,
+    /// Fetch a model into the hub cache and print its folder.
+    Download(hub_cmd::DownloadArgs),
+    /// List the cached models with their refs, sizes and files.
+    Cache,
+    /// Print a shell completion script (e.g. `ferroformers completions bash >
+    /// /etc/bash_completion.d/ferroformers`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
 
+const RUN_NOTES: &str = "\
+An input line of FILE.jsonl is a JSON string or object ({\"text\":..,\"text_pair\":..}); a text that
+starts with `-` goes after `--`. A hub id missing from the cache is downloaded (HF_ENDPOINT,
+HF_TOKEN, HF_HUB_CACHE honoured) unless HF_HUB_OFFLINE=1. Over a file, a progress bar shows on
+stderr when it is a terminal.";
+
+/// `ferroformers run TASK ...`.
+#[derive(Args)]
 struct RunArgs {
+    /// The task (or an alias: `ferroformers tasks` lists them).
+    #[arg(value_name = "TASK")]
+    task: String,
+    /// Input texts (or give --input).
+    #[arg(value_name = "TEXT", conflicts_with = "input")]
+    texts: Vec<String>,
+    /// A model folder, GGUF file or hub id (default: the task's).
+    #[arg(long, value_name = "PATH|ID")]
+    model: Option<String>,
+    /// The tokenizer, when not the model's.
+    #[arg(long, value_name = "PATH|ID")]
+    tokenizer: Option<String>,
+    /// The hub revision (branch, tag or commit).
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+    /// A pipeline parameter; VALUE is parsed as JSON when it parses (top_k=3, top_k=null,
+    /// targets=["a","b"]), else taken as a string.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+    params: Vec<(String, Value)>,
+    /// Inputs per batch (CPU default 1, as transformers' pipelines; on a GPU 32).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: Option<u64>,
+    /// Threads for the model's arithmetic.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+    /// cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature, scripts/build-cuda.sh).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// f32, f16 or bf16. On CPU, bf16 runs encoder models' products in bf16 with f32 sums
+    /// (AVX512-BF16; f32 with a warning on CPUs without it). On a GPU the default is the
+    /// checkpoint's, as transformers' torch_dtype="auto".
+    #[arg(long, value_name = "DTYPE", value_parser = ["f32", "float32", "f16", "float16", "bf16", "bfloat16"])]
+    dtype: Option<String>,
+    /// GGUF models on CPU: round activations to 8 bits per block with integer products as
+    /// llama.cpp does (int8, the default; FERROFORMERS_GGUF_MATH sets it too), or keep them
+    /// f32 for transformers' exact numbers (exact).
+    #[arg(long, value_name = "MODE", value_parser = ["int8", "exact"])]
+    gguf_math: Option<String>,
+    /// int8: encoder models (BERT, DistilBERT, RoBERTa, XLM-RoBERTa) on CPU run their linear
+    /// products in 8-bit integers (dynamic quantization, as ONNX Runtime's quantize_dynamic);
+    /// faster, slightly different numbers.
+    #[arg(long, value_name = "MODE", value_parser = ["int8"])]
+    quantize: Option<String>,
+    /// Read inputs from a JSONL file (`-`: standard input).
+    #[arg(long, value_name = "FILE.jsonl")]
+    input: Option<String>,
+    /// Print load and run seconds as JSON on stderr.
+    #[arg(long)]
+    timing: bool,
+    /// text-generation: print text as it is generated.
+    #[arg(long)]
+    stream: bool,
+}
+
+/// `--param KEY=VALUE`.
+fn parse_param(v: &str) -> Result<(String, Value), String> {
+    let (k, raw) = v
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, not `{v}`"))?;
+    let parsed = serde_json::from_str(raw).unwrap_or(Value::String(raw.to_string()));
+    Ok((k.to_string(), parsed))
+}
+
+/// What a `run` needs once its options are checked.
+struct Run {
     task: String,
     opts: PipelineOptions,
     params: Params,
     input_file: Option<String>,
     texts: Vec<String>,
     timing: bool,
-    /// text-generation: print text as it is generated.
     stream: bool,
 }
 
@@ -69,119 +141,64 @@ fn fail(msg: impl std::fmt::Display) -> String {
     msg.to_string()
 }
 
-fn parse_run(args: &[String]) -> Result<RunArgs, String> {
-    let mut it = args.iter();
-    let task = it
-        .next()
-        .filter(|t| !t.starts_with("--"))
-        .ok_or_else(|| fail("`run` needs a TASK (see `ferroformers tasks`)"))?
-        .clone();
-    let mut opts = PipelineOptions::default();
-    let mut params = Params::new();
-    let mut input_file = None;
-    let mut texts = Vec::new();
-    let mut timing = false;
-    let mut stream = false;
-    let (mut dtype_given, mut batch_given) = (false, false);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| fail(format!("`{name}` needs a value")))
-        };
-        match a.as_str() {
-            "--model" => opts.model = Some(value("--model")?),
-            "--tokenizer" => opts.tokenizer = Some(value("--tokenizer")?),
-            "--revision" => opts.revision = Some(value("--revision")?),
-            "--batch-size" => {
-                let v = value("--batch-size")?;
-                opts.batch_size =
-                    v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        fail(format!("--batch-size `{v}`: expected an integer >= 1"))
-                    })?;
-                batch_given = true;
-            }
-            "--threads" => {
-                let v = value("--threads")?;
-                let n: usize =
-                    v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        fail(format!("--threads `{v}`: expected an integer >= 1"))
-                    })?;
-                // Read by candle's CPU kernels and rayon when their pools start.
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
-            "--device" => {
-                let v = value("--device")?;
-                opts.device = parse_device(&v)?;
-            }
-            "--dtype" => {
-                let v = value("--dtype")?;
-                opts.dtype = match v.as_str() {
-                    "f32" | "float32" => DType::F32,
-                    "f16" | "float16" => DType::F16,
-                    "bf16" | "bfloat16" => DType::BF16,
-                    _ => return Err(fail(format!("--dtype `{v}`: expected f32, f16 or bf16"))),
-                };
-                dtype_given = true;
-            }
-            "--gguf-math" => {
-                let v = value("--gguf-math")?;
-                opts.gguf_math =
-                    Some(ferroformers::QuantMath::parse(&v).ok_or_else(|| {
-                        fail(format!("--gguf-math `{v}`: expected int8 or exact"))
-                    })?);
-            }
-            "--quantize" => {
-                let v = value("--quantize")?;
-                opts.quantize = Some(
-                    ferroformers::Quantize::parse(&v)
-                        .ok_or_else(|| fail(format!("--quantize `{v}`: expected int8")))?,
-                );
-            }
-            "--param" => {
-                let v = value("--param")?;
-                let (k, raw) = v
-                    .split_once('=')
-                    .ok_or_else(|| fail(format!("--param `{v}`: expected KEY=VALUE")))?;
-                let parsed = serde_json::from_str(raw).unwrap_or(Value::String(raw.to_string()));
-                params.insert(k.to_string(), parsed);
-            }
-            "--input" => input_file = Some(value("--input")?),
-            "--timing" => timing = true,
-            "--stream" => stream = true,
-            s if s.starts_with("--") => return Err(fail(format!("unknown option `{s}`\n{USAGE}"))),
-            s => texts.push(s.to_string()),
-        }
+fn check_run(a: RunArgs) -> Result<Run, String> {
+    let mut opts = PipelineOptions {
+        model: a.model,
+        tokenizer: a.tokenizer,
+        revision: a.revision,
+        ..PipelineOptions::default()
+    };
+    if let Some(n) = a.batch_size {
+        opts.batch_size = n as usize;
     }
+    if let Some(n) = a.threads {
+        // Read by candle's CPU kernels and rayon when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if let Some(d) = &a.device {
+        opts.device = parse_device(d)?;
+    }
+    if let Some(d) = &a.dtype {
+        opts.dtype = match d.as_str() {
+            "f16" | "float16" => DType::F16,
+            "bf16" | "bfloat16" => DType::BF16,
+            _ => DType::F32,
+        };
+    }
+    opts.gguf_math = a
+        .gguf_math
+        .as_deref()
+        .and_then(ferroformers::QuantMath::parse);
+    opts.quantize = a
+        .quantize
+        .as_deref()
+        .and_then(ferroformers::Quantize::parse);
     if !opts.device.is_cpu() {
         // On a GPU, as transformers' `torch_dtype="auto"`: the checkpoint's dtype (bf16 for a
         // bf16 checkpoint), and batches that fill it.
-        if !dtype_given {
-            opts.dtype = ferroformers::auto_dtype(&task, &opts);
+        if a.dtype.is_none() {
+            opts.dtype = ferroformers::auto_dtype(&a.task, &opts);
         }
-        if !batch_given {
+        if a.batch_size.is_none() {
             opts.batch_size = GPU_DEFAULT_BATCH;
         }
     }
-    if input_file.is_some() && !texts.is_empty() {
-        return Err(fail("give either --input FILE or TEXT arguments, not both"));
-    }
-    if input_file.is_none() && texts.is_empty() {
+    if a.input.is_none() && a.texts.is_empty() {
         return Err(fail("no input: give TEXT arguments or --input FILE.jsonl"));
     }
-    Ok(RunArgs {
-        task,
+    Ok(Run {
+        task: a.task,
         opts,
-        params,
-        input_file,
-        texts,
-        timing,
-        stream,
+        params: a.params.into_iter().collect(),
+        input_file: a.input,
+        texts: a.texts,
+        timing: a.timing,
+        stream: a.stream,
     })
 }
 
 /// `--stream`: text-generation printing text deltas as they are generated, one line per input.
-fn run_stream(args: &RunArgs, inputs: &[Input]) -> Result<(), String> {
+fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
     let info = ferroformers::pipelines::registry::lookup(&args.task).map_err(fail)?;
     if info.name != "text-generation" {
         return Err(fail("--stream is for the text-generation task"));
@@ -217,7 +234,7 @@ fn parse_device(v: &str) -> Result<Device, String> {
 /// default stays 1, as transformers' pipelines).
 const GPU_DEFAULT_BATCH: usize = 32;
 
-fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
+fn read_inputs(args: &Run) -> Result<Vec<Input>, String> {
     let Some(file) = &args.input_file else {
         return Ok(args.texts.iter().map(|t| Input::from(t.as_str())).collect());
     };
@@ -247,8 +264,8 @@ fn read_inputs(args: &RunArgs) -> Result<Vec<Input>, String> {
     Ok(inputs)
 }
 
-fn run(args: &[String], start: std::time::Instant) -> Result<(), String> {
-    let args = parse_run(args)?;
+fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
+    let args = check_run(args)?;
     let inputs = read_inputs(&args)?;
     if args.stream {
         return run_stream(&args, &inputs);
@@ -309,26 +326,39 @@ fn tasks() {
 
 fn main() -> ExitCode {
     let start = std::time::Instant::now();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("run") => run(&args[1..], start),
-        Some("train") => train_cmd::train(&args[1..]),
-        Some("serve") => serve_cmd::serve(&args[1..]),
-        Some("download") => hub_cmd::download(&args[1..]),
-        Some("cache") => hub_cmd::cache(&args[1..]),
-        Some("tasks") => {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and succeed; a usage error prints clap's message
+            // (`error: ...`, with a suggestion for a typo) and exits 1, as every other error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Run(a)) => run(a, start),
+        Some(Command::Train(a)) => train_cmd::train(*a),
+        Some(Command::Serve(a)) => serve_cmd::serve(a),
+        Some(Command::Download(a)) => hub_cmd::download(a),
+        Some(Command::Cache) => hub_cmd::cache(),
+        Some(Command::Tasks) => {
             tasks();
             Ok(())
         }
-        Some("--version") | Some("-V") => {
-            println!("ferroformers {}", env!("CARGO_PKG_VERSION"));
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ferroformers",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
-        Some("--help") | Some("-h") | None => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
+        None => Cli::command().print_help().map_err(fail),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,79 +1,140 @@
 //! `ferroformers serve --model ID[=TASK] ...`: options into `ferroformers_server::Config`.
+//! Every option also reads the environment variable TEI and TGI read for it (`MODEL_ID`,
+//! `PORT`, `HOSTNAME`, `MAX_BATCH_TOTAL_TOKENS`, ...); a flag on the command line wins.
 
+use clap::Args;
 use ferroformers_server::{Config, ModelSpec};
 
-use crate::train_cmd::num;
+pub const NOTES: &str = "\
+Each option falls back to the environment variable shown, as TEI's and TGI's do; the command
+line wins. --payload-limit bounds every body, audio files included: 2 MB holds ~60 s of 16 kHz
+16-bit WAV (11 s of 44.1 kHz stereo); OpenAI takes files up to 25 MB (--payload-limit
+26214400). Logs: one line per request on stderr; RUST_LOG filters them (e.g.
+RUST_LOG=ferroformers_server=warn), --json-output makes them JSON.";
 
-pub const USAGE: &str = "\
-  ferroformers serve --model PATH|ID[=TASK] [--model ...] [--served-model-name NAME]
-                     [--hostname 127.0.0.1] [--port 3000] [--api-key KEY]
-                     [--payload-limit 2000000] [--max-client-batch-size 32]
-                     [--max-batch-inputs 128] [--max-batch-wait-ms 0]
-                     [--max-batch-total-tokens 32768 (0: no continuous batching)]
-                     [--max-waiting-tokens 20] [--waiting-served-ratio 0 (TGI: 1.2)]
-                     [--max-concurrent-requests 128] [--max-queue-size 256]
-                     [--request-timeout SECONDS] [--cors-allow-origin ORIGIN|*]...
-                     [--json-output] [--quiet] [--threads N]
-  --payload-limit bounds every body, audio files included: 2 MB holds ~60 s of 16 kHz 16-bit
-  WAV (11 s of 44.1 kHz stereo); OpenAI takes files up to 25 MB (--payload-limit 26214400).";
+/// `ferroformers serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A model folder, GGUF file or hub id, with `=TASK` to name its task (else from its
+    /// config); repeat for several models (the first is the default).
+    #[arg(
+        long,
+        visible_alias = "model-id",
+        env = "MODEL_ID",
+        value_name = "PATH|ID[=TASK]",
+        required = true
+    )]
+    model: Vec<String>,
+    /// The first model's name in /v1/models and /info (default: its id).
+    #[arg(long, env, value_name = "NAME")]
+    served_model_name: Option<String>,
+    /// The address to listen on (0.0.0.0 for every interface).
+    #[arg(long, env, default_value_t = Config::default().hostname)]
+    hostname: String,
+    /// The port to listen on (0: any free one).
+    #[arg(long, short, env, default_value_t = Config::default().port, allow_negative_numbers = true)]
+    port: u16,
+    /// A bearer token every route but the probes and metrics requires.
+    #[arg(long, env, value_name = "KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The largest request body, in bytes (413 above it).
+    #[arg(long, env, value_name = "BYTES", default_value_t = Config::default().payload_limit, allow_negative_numbers = true)]
+    payload_limit: usize,
+    /// The most inputs one request may hold (413 above it).
+    #[arg(long, env, value_name = "N", default_value_t = Config::default().max_client_batch_size, allow_negative_numbers = true)]
+    max_client_batch_size: usize,
+    /// Encoder tasks: the most inputs that requests merged into one batch may hold together
+    /// (TEI's --max-batch-requests).
+    #[arg(long, visible_alias = "max-batch-requests", env = "MAX_BATCH_REQUESTS", value_name = "N",
+          default_value_t = Config::default().max_batch_inputs, allow_negative_numbers = true)]
+    max_batch_inputs: usize,
+    /// Encoder tasks: how long a batch's first request waits for others to join.
+    #[arg(
+        long,
+        env,
+        value_name = "MS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    max_batch_wait_ms: u64,
+    /// Generation: the tokens (prompt plus max_new_tokens each) the sequences of one
+    /// continuously batched model may hold together; 0 turns continuous batching off.
+    #[arg(long, env, value_name = "TOKENS", default_value_t = Config::default().max_batch_total_tokens, allow_negative_numbers = true)]
+    max_batch_total_tokens: usize,
+    /// Generation: waiting requests join the running batch at the latest after this many
+    /// decoding steps (TGI's rule).
+    #[arg(long, env, value_name = "STEPS",
+          default_value_t = Config::default().admission.max_waiting_tokens, allow_negative_numbers = true)]
+    max_waiting_tokens: usize,
+    /// Generation: waiting requests join once there are at least running x RATIO of them
+    /// (TGI: 1.2; ours 0: at the next step).
+    #[arg(long, env, value_name = "RATIO", value_parser = ratio,
+          default_value_t = Config::default().admission.waiting_served_ratio, allow_negative_numbers = true)]
+    waiting_served_ratio: f32,
+    /// Requests running or queued at once; more are answered 429 before any work.
+    #[arg(long, env, value_name = "N", default_value_t = Config::default().max_concurrent_requests, allow_negative_numbers = true)]
+    max_concurrent_requests: usize,
+    /// Requests waiting in the models' batch queues at once; more are answered 429.
+    #[arg(long, env, value_name = "N", default_value_t = Config::default().max_queue_size, allow_negative_numbers = true)]
+    max_queue_size: usize,
+    /// A request that has not started answering after this long gets 504 (its work stops).
+    #[arg(long, env, value_name = "SECONDS", value_parser = seconds, allow_negative_numbers = true)]
+    request_timeout: Option<f64>,
+    /// Origins (or `*`) whose browser pages may call the server (comma-separated in the
+    /// environment).
+    #[arg(long, env, value_name = "ORIGIN", value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
+    /// Log lines as JSON.
+    #[arg(long, env)]
+    json_output: bool,
+    /// No per-request log lines.
+    #[arg(long)]
+    quiet: bool,
+    /// Threads for the models' arithmetic.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    threads: Option<u64>,
+}
 
-pub fn serve(args: &[String]) -> Result<(), String> {
-    let mut cfg = Config::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("`{a}` needs a value"))
-        };
-        match a.as_str() {
-            "--model" | "--model-id" => cfg.models.push(ModelSpec::parse(&value()?)),
-            "--served-model-name" => cfg.served_model_name = Some(value()?),
-            "--hostname" => cfg.hostname = value()?,
-            "--port" => cfg.port = num(a, &value()?)?,
-            "--api-key" => cfg.api_key = Some(value()?),
-            "--payload-limit" => cfg.payload_limit = num(a, &value()?)?,
-            "--max-client-batch-size" => cfg.max_client_batch_size = num(a, &value()?)?,
-            "--max-batch-inputs" => cfg.max_batch_inputs = num(a, &value()?)?,
-            "--max-batch-total-tokens" => cfg.max_batch_total_tokens = num(a, &value()?)?,
-            "--max-waiting-tokens" => cfg.admission.max_waiting_tokens = num(a, &value()?)?,
-            "--waiting-served-ratio" => {
-                let r: f32 = num(a, &value()?)?;
-                if !(r >= 0.0 && r.is_finite()) {
-                    return Err(format!(
-                        "`--waiting-served-ratio` takes a number >= 0, not {r}"
-                    ));
-                }
-                cfg.admission.waiting_served_ratio = r
-            }
-            "--max-concurrent-requests" => cfg.max_concurrent_requests = num(a, &value()?)?,
-            "--cors-allow-origin" => cfg.cors_allow_origin.push(value()?),
-            "--max-queue-size" => cfg.max_queue_size = num(a, &value()?)?,
-            "--request-timeout" => {
-                let secs: f64 = num(a, &value()?)?;
-                if !(secs > 0.0 && secs.is_finite()) {
-                    return Err(format!("`--request-timeout` takes seconds > 0, not {secs}"));
-                }
-                cfg.request_timeout = Some(std::time::Duration::from_secs_f64(secs))
-            }
-            "--json-output" => cfg.json_output = true,
-            "--quiet" => cfg.quiet = true,
-            "--max-batch-wait-ms" => {
-                cfg.max_batch_wait = std::time::Duration::from_millis(num(a, &value()?)?)
-            }
-            "--threads" => {
-                let n: usize = num(a, &value()?)?;
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
-            "--help" | "-h" => {
-                println!("usage:\n{USAGE}");
-                return Ok(());
-            }
-            s => return Err(format!("unknown option `{s}` for `serve`\nusage:\n{USAGE}")),
-        }
+/// `--waiting-served-ratio`: a finite number >= 0.
+fn ratio(v: &str) -> Result<f32, String> {
+    v.parse::<f32>()
+        .ok()
+        .filter(|r| *r >= 0.0 && r.is_finite())
+        .ok_or_else(|| format!("takes a number >= 0, not `{v}`"))
+}
+
+/// `--request-timeout`: seconds > 0.
+fn seconds(v: &str) -> Result<f64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && s.is_finite())
+        .ok_or_else(|| format!("takes seconds > 0, not `{v}`"))
+}
+
+pub fn serve(a: ServeArgs) -> Result<(), String> {
+    if let Some(n) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    if cfg.models.is_empty() {
-        return Err(format!("`serve` needs --model\nusage:\n{USAGE}"));
-    }
+    let mut cfg = Config {
+        models: a.model.iter().map(|m| ModelSpec::parse(m)).collect(),
+        served_model_name: a.served_model_name,
+        hostname: a.hostname,
+        port: a.port,
+        api_key: a.api_key,
+        payload_limit: a.payload_limit,
+        max_client_batch_size: a.max_client_batch_size,
+        max_batch_inputs: a.max_batch_inputs,
+        max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
+        max_batch_total_tokens: a.max_batch_total_tokens,
+        max_concurrent_requests: a.max_concurrent_requests,
+        cors_allow_origin: a.cors_allow_origin,
+        max_queue_size: a.max_queue_size,
+        request_timeout: a.request_timeout.map(std::time::Duration::from_secs_f64),
+        json_output: a.json_output,
+        quiet: a.quiet,
+        ..Config::default()
+    };
+    cfg.admission.max_waiting_tokens = a.max_waiting_tokens;
+    cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
     ferroformers_server::serve_blocking(cfg)
 }

@@ -2,38 +2,232 @@
 //! layer over `ferroformers::train::Trainer`.
 
 use std::io::Write;
+
+use clap::Args;
 use std::path::PathBuf;
 
 use ferroformers::train::data::Columns;
 use ferroformers::train::optim::Schedule;
 use ferroformers::train::{EvalStrategy, Event, Task, Trainer, TrainingArguments};
 
-pub const USAGE: &str = "\
-  ferroformers train TASK --model PATH|ID --train FILE [--eval FILE] --output DIR
-    TASK: text-classification, token-classification or question-answering
-                        [--learning-rate 5e-5] [--num-train-epochs 3] [--max-steps N]
-                        [--per-device-train-batch-size 8] [--per-device-eval-batch-size 8]
-                        [--weight-decay 0] [--warmup-ratio 0] [--warmup-steps 0]
-                        [--gradient-accumulation-steps 1]
-                        [--lr-scheduler-type linear|cosine|constant|constant_with_warmup]
-                        [--max-grad-norm 1] [--seed 42]
-                        [--max-length N (128; token-classification: the model's; QA: 384)]
-                        [--eval-strategy epoch|steps|no] [--eval-steps 500] [--logging-steps 500]
-                        [--save-strategy steps|epoch|no] [--save-steps 500] [--save-total-limit N]
-                        [--resume-from-checkpoint DIR|last] [--load-best-model-at-end]
-                        [--metric-for-best-model loss|accuracy|f1|mse|precision|recall|exact_match]
-                        [--greater-is-better B] [--ignore-mismatched-sizes] [--threads N]
-                        [--device cpu|cuda|cuda:N]
-    text-classification:  [--text-column text] [--text-pair-column COL] [--label-column label]
-    token-classification: [--text-column tokens] [--label-column ner_tags] [--label-all-tokens]
-    question-answering:   [--question-column question] [--context-column context]
-                          [--answer-column answers] [--doc-stride 128] [--n-best-size 20]
-                          [--max-answer-length 30]";
+/// `ferroformers train TASK ...`: HF `TrainingArguments`' names; an option not given keeps
+/// `TrainingArguments`' default.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// text-classification (or sentiment-analysis), token-classification (or ner), or
+    /// question-answering.
+    #[arg(value_name = "TASK", value_parser = task)]
+    task: Task,
+    /// The base model: a folder or hub id.
+    #[arg(long, value_name = "PATH|ID")]
+    model: String,
+    /// Training data: JSONL, CSV or SQuAD JSON.
+    #[arg(long, visible_alias = "train-file", value_name = "FILE")]
+    train: PathBuf,
+    /// Evaluation data, in the same form.
+    #[arg(long, visible_aliases = ["eval-file", "validation-file"], value_name = "FILE")]
+    eval: Option<PathBuf>,
+    /// Where the model (and checkpoints) are saved.
+    #[arg(long, visible_alias = "output-dir", value_name = "DIR")]
+    output: PathBuf,
+    /// [default: 5e-5]
+    #[arg(long, allow_negative_numbers = true)]
+    learning_rate: Option<f64>,
+    /// [default: 3]
+    #[arg(long, allow_negative_numbers = true)]
+    num_train_epochs: Option<f64>,
+    /// Stop after this many optimizer steps (overrides the epochs).
+    #[arg(long, allow_negative_numbers = true)]
+    max_steps: Option<usize>,
+    /// [default: 8]
+    #[arg(long, allow_negative_numbers = true)]
+    per_device_train_batch_size: Option<usize>,
+    /// [default: 8]
+    #[arg(long, allow_negative_numbers = true)]
+    per_device_eval_batch_size: Option<usize>,
+    /// [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    weight_decay: Option<f64>,
+    /// [default: 0.9]
+    #[arg(long, allow_negative_numbers = true)]
+    adam_beta1: Option<f64>,
+    /// [default: 0.999]
+    #[arg(long, allow_negative_numbers = true)]
+    adam_beta2: Option<f64>,
+    /// [default: 1e-8]
+    #[arg(long, allow_negative_numbers = true)]
+    adam_epsilon: Option<f64>,
+    /// [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    warmup_ratio: Option<f64>,
+    /// [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    warmup_steps: Option<usize>,
+    /// [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    gradient_accumulation_steps: Option<usize>,
+    /// linear (default), cosine, constant or constant_with_warmup.
+    #[arg(long, value_name = "SCHEDULE", value_parser = schedule)]
+    lr_scheduler_type: Option<Schedule>,
+    /// [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    max_grad_norm: Option<f64>,
+    /// [default: 42]
+    #[arg(long, allow_negative_numbers = true)]
+    seed: Option<u64>,
+    /// Tokens per example (128; token-classification: the model's; question-answering: 384).
+    #[arg(long, visible_alias = "max-seq-length", allow_negative_numbers = true)]
+    max_length: Option<usize>,
+    /// When to evaluate: epoch (default with --eval), steps or no.
+    #[arg(long, value_name = "STRATEGY", value_parser = strategy)]
+    eval_strategy: Option<EvalStrategy>,
+    /// [default: 500]
+    #[arg(long, allow_negative_numbers = true)]
+    eval_steps: Option<usize>,
+    /// [default: 500]
+    #[arg(long, allow_negative_numbers = true)]
+    logging_steps: Option<usize>,
+    /// When to save checkpoints: steps (default), epoch or no.
+    #[arg(long, value_name = "STRATEGY", value_parser = strategy)]
+    save_strategy: Option<EvalStrategy>,
+    /// [default: 500]
+    #[arg(long, allow_negative_numbers = true)]
+    save_steps: Option<usize>,
+    /// Keep at most this many checkpoints.
+    #[arg(long, allow_negative_numbers = true)]
+    save_total_limit: Option<usize>,
+    /// A checkpoint folder, or `last` for the newest in --output.
+    #[arg(long, value_name = "DIR|last")]
+    resume_from_checkpoint: Option<String>,
+    /// Load the best checkpoint (by --metric-for-best-model) when training ends.
+    #[arg(long)]
+    load_best_model_at_end: bool,
+    /// loss, accuracy, f1, mse, precision, recall or exact_match.
+    #[arg(long, value_name = "METRIC")]
+    metric_for_best_model: Option<String>,
+    /// Whether a larger --metric-for-best-model is better (default: false for loss and mse).
+    #[arg(long, value_name = "BOOL", value_parser = boolean)]
+    greater_is_better: Option<bool>,
+    /// Replace a head whose shape does not fit the data's labels.
+    #[arg(long)]
+    ignore_mismatched_sizes: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// Threads for the arithmetic.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    threads: Option<u64>,
+    /// The column of the texts (text-classification: text; token-classification: tokens;
+    /// question-answering: question).
+    #[arg(long, visible_alias = "question-column", value_name = "COLUMN")]
+    text_column: Option<String>,
+    /// text-classification: a second text per example; question-answering: the context
+    /// (default: context).
+    #[arg(long, visible_alias = "context-column", value_name = "COLUMN")]
+    text_pair_column: Option<String>,
+    /// The labels (text-classification: label; token-classification: ner_tags;
+    /// question-answering: answers).
+    #[arg(long, visible_alias = "answer-column", value_name = "COLUMN")]
+    label_column: Option<String>,
+    /// token-classification: label every sub-token of a word, not only its first.
+    #[arg(long)]
+    label_all_tokens: bool,
+    /// question-answering: overlap of the windows of a long context [default: 128].
+    #[arg(long, allow_negative_numbers = true)]
+    doc_stride: Option<usize>,
+    /// question-answering: candidates per window in evaluation [default: 20].
+    #[arg(long, allow_negative_numbers = true)]
+    n_best_size: Option<usize>,
+    /// question-answering: longest answer in tokens [default: 30].
+    #[arg(long, allow_negative_numbers = true)]
+    max_answer_length: Option<usize>,
+}
 
-/// An option's numeric value, or an error naming the option.
-pub(crate) fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
-    v.parse()
-        .map_err(|_| format!("`{name}` takes a number, not `{v}`"))
+fn task(v: &str) -> Result<Task, String> {
+    Task::parse(v).ok_or_else(|| {
+        "training supports text-classification, token-classification and question-answering"
+            .to_string()
+    })
+}
+
+fn schedule(v: &str) -> Result<Schedule, String> {
+    Schedule::parse(v)
+        .ok_or_else(|| "expected linear, cosine, constant or constant_with_warmup".to_string())
+}
+
+fn strategy(v: &str) -> Result<EvalStrategy, String> {
+    EvalStrategy::parse(v).ok_or_else(|| "expected epoch, steps or no".to_string())
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "True" => Ok(true),
+        "false" | "False" => Ok(false),
+        _ => Err("expected true or false".to_string()),
+    }
+}
+
+impl TrainArgs {
+    /// The arguments given, over `TrainingArguments`' defaults.
+    fn training_arguments(&self) -> TrainingArguments {
+        let mut ta = TrainingArguments {
+            columns: Columns::for_task(self.task),
+            output_dir: self.output.clone(),
+            ..TrainingArguments::default()
+        };
+        fn set<T: Clone>(field: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *field = v.clone();
+            }
+        }
+        set(&mut ta.learning_rate, &self.learning_rate);
+        set(&mut ta.num_train_epochs, &self.num_train_epochs);
+        set(
+            &mut ta.per_device_train_batch_size,
+            &self.per_device_train_batch_size,
+        );
+        set(
+            &mut ta.per_device_eval_batch_size,
+            &self.per_device_eval_batch_size,
+        );
+        set(&mut ta.weight_decay, &self.weight_decay);
+        set(&mut ta.adam_beta1, &self.adam_beta1);
+        set(&mut ta.adam_beta2, &self.adam_beta2);
+        set(&mut ta.adam_epsilon, &self.adam_epsilon);
+        set(&mut ta.warmup_ratio, &self.warmup_ratio);
+        set(&mut ta.warmup_steps, &self.warmup_steps);
+        set(
+            &mut ta.gradient_accumulation_steps,
+            &self.gradient_accumulation_steps,
+        );
+        set(&mut ta.lr_scheduler_type, &self.lr_scheduler_type);
+        set(&mut ta.max_grad_norm, &self.max_grad_norm);
+        set(&mut ta.seed, &self.seed);
+        set(&mut ta.eval_steps, &self.eval_steps);
+        set(&mut ta.logging_steps, &self.logging_steps);
+        set(&mut ta.save_strategy, &self.save_strategy);
+        set(&mut ta.save_steps, &self.save_steps);
+        set(&mut ta.doc_stride, &self.doc_stride);
+        set(&mut ta.n_best_size, &self.n_best_size);
+        set(&mut ta.max_answer_length, &self.max_answer_length);
+        set(&mut ta.device, &self.device);
+        set(&mut ta.columns.text, &self.text_column);
+        set(&mut ta.columns.label, &self.label_column);
+        ta.max_steps = self.max_steps.or(ta.max_steps);
+        ta.max_length = self.max_length.or(ta.max_length);
+        ta.eval_strategy = self.eval_strategy.or(ta.eval_strategy);
+        ta.save_total_limit = self.save_total_limit.or(ta.save_total_limit);
+        ta.metric_for_best_model = self
+            .metric_for_best_model
+            .clone()
+            .or(ta.metric_for_best_model);
+        ta.greater_is_better = self.greater_is_better.or(ta.greater_is_better);
+        ta.columns.text_pair = self.text_pair_column.clone().or(ta.columns.text_pair);
+        ta.label_all_tokens |= self.label_all_tokens;
+        ta.load_best_model_at_end |= self.load_best_model_at_end;
+        ta.ignore_mismatched_sizes |= self.ignore_mismatched_sizes;
+        ta
+    }
 }
 
 /// mimalloc's `purge_delay` option (15 in its `mi_option_e`): -1 keeps freed pages instead of
@@ -69,116 +263,16 @@ fn last_checkpoint(output: &std::path::Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no checkpoint-N folder in `{}`", output.display()))
 }
 
-/// Parse the options, train, save; progress on stderr.
-pub fn train(args: &[String]) -> Result<(), String> {
-    let mut it = args.iter();
-    let task = it
-        .next()
-        .ok_or_else(|| format!("`train` needs a TASK\nusage:\n{USAGE}"))?;
-    if task == "--help" || task == "-h" {
-        println!("usage:\n{USAGE}");
-        return Ok(());
+/// Train, save; progress on stderr.
+pub fn train(a: TrainArgs) -> Result<(), String> {
+    if let Some(n) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let task = Task::parse(task).ok_or_else(|| {
-        format!(
-            "training supports text-classification, token-classification and \
-             question-answering, not `{task}`"
-        )
-    })?;
-    let (mut model, mut train_file, mut eval_file) = (None, None, None);
-    let mut ta = TrainingArguments {
-        columns: Columns::for_task(task),
-        ..TrainingArguments::default()
-    };
-    let mut output = None;
-    let mut resume: Option<String> = None;
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("`{a}` needs a value"))
-        };
-        match a.as_str() {
-            "--model" => model = Some(value()?),
-            "--train" | "--train-file" => train_file = Some(PathBuf::from(value()?)),
-            "--eval" | "--eval-file" | "--validation-file" => {
-                eval_file = Some(PathBuf::from(value()?))
-            }
-            "--output" | "--output-dir" => output = Some(PathBuf::from(value()?)),
-            "--learning-rate" => ta.learning_rate = num(a, &value()?)?,
-            "--num-train-epochs" => ta.num_train_epochs = num(a, &value()?)?,
-            "--max-steps" => ta.max_steps = Some(num(a, &value()?)?),
-            "--per-device-train-batch-size" => ta.per_device_train_batch_size = num(a, &value()?)?,
-            "--per-device-eval-batch-size" => ta.per_device_eval_batch_size = num(a, &value()?)?,
-            "--weight-decay" => ta.weight_decay = num(a, &value()?)?,
-            "--gradient-accumulation-steps" => ta.gradient_accumulation_steps = num(a, &value()?)?,
-            "--warmup-ratio" => ta.warmup_ratio = num(a, &value()?)?,
-            "--warmup-steps" => ta.warmup_steps = num(a, &value()?)?,
-            "--lr-scheduler-type" => {
-                let v = value()?;
-                ta.lr_scheduler_type = Schedule::parse(&v).ok_or_else(|| {
-                    format!(
-                        "unknown scheduler `{v}` (linear, cosine, constant, constant_with_warmup)"
-                    )
-                })?
-            }
-            "--max-grad-norm" => ta.max_grad_norm = num(a, &value()?)?,
-            "--seed" => ta.seed = num(a, &value()?)?,
-            "--max-length" | "--max-seq-length" => ta.max_length = Some(num(a, &value()?)?),
-            "--doc-stride" => ta.doc_stride = num(a, &value()?)?,
-            "--n-best-size" => ta.n_best_size = num(a, &value()?)?,
-            "--max-answer-length" => ta.max_answer_length = num(a, &value()?)?,
-            "--label-all-tokens" => ta.label_all_tokens = true,
-            "--eval-strategy" => {
-                let v = value()?;
-                ta.eval_strategy = Some(
-                    EvalStrategy::parse(&v)
-                        .ok_or_else(|| format!("unknown eval strategy `{v}` (epoch, steps, no)"))?,
-                )
-            }
-            "--eval-steps" => ta.eval_steps = num(a, &value()?)?,
-            "--logging-steps" => ta.logging_steps = num(a, &value()?)?,
-            "--save-strategy" => {
-                let v = value()?;
-                ta.save_strategy = EvalStrategy::parse(&v)
-                    .ok_or_else(|| format!("unknown save strategy `{v}` (steps, epoch, no)"))?
-            }
-            "--save-steps" => ta.save_steps = num(a, &value()?)?,
-            "--save-total-limit" => ta.save_total_limit = Some(num(a, &value()?)?),
-            "--resume-from-checkpoint" => resume = Some(value()?),
-            "--load-best-model-at-end" => ta.load_best_model_at_end = true,
-            "--metric-for-best-model" => ta.metric_for_best_model = Some(value()?),
-            "--greater-is-better" => {
-                let v = value()?;
-                ta.greater_is_better = Some(match v.as_str() {
-                    "true" | "True" => true,
-                    "false" | "False" => false,
-                    _ => {
-                        return Err(format!(
-                            "`--greater-is-better` takes true or false, not `{v}`"
-                        ))
-                    }
-                })
-            }
-            "--text-column" | "--question-column" => ta.columns.text = value()?,
-            "--text-pair-column" | "--context-column" => ta.columns.text_pair = Some(value()?),
-            "--label-column" | "--answer-column" => ta.columns.label = value()?,
-            "--ignore-mismatched-sizes" => ta.ignore_mismatched_sizes = true,
-            "--device" => ta.device = value()?,
-            "--threads" => {
-                let n: usize = num(a, &value()?)?;
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
-            s => return Err(format!("unknown option `{s}` for `train`\nusage:\n{USAGE}")),
-        }
-    }
-    let model = model.ok_or("`train` needs --model (a base model folder or hub id)")?;
-    let train_file = train_file.ok_or("`train` needs --train FILE (JSONL, CSV or SQuAD JSON)")?;
-    let output = output.ok_or("`train` needs --output DIR (where the model is saved)")?;
-    ta.output_dir = output.clone();
+    let ta = a.training_arguments();
+    let (model, output, resume) = (&a.model, &a.output, a.resume_from_checkpoint.clone());
     keep_freed_memory();
     one_candle_thread();
-    let mut trainer = Trainer::for_task(task, &model, &train_file, eval_file.as_deref(), ta)
+    let mut trainer = Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta)
         .map_err(|e| e.to_string())?;
     // Hidden when stderr is not a terminal; log lines go through the bar so they do not
     // tear it.
@@ -234,7 +328,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
     };
     if let Some(r) = resume {
         let dir = if r == "last" || r == "true" {
-            last_checkpoint(&output)?
+            last_checkpoint(output)?
         } else {
             PathBuf::from(r)
         };
@@ -245,7 +339,7 @@ pub fn train(args: &[String]) -> Result<(), String> {
     }
     trainer.train(&mut on_event).map_err(|e| e.to_string())?;
     bar.finish();
-    trainer.save(&output).map_err(|e| e.to_string())?;
+    trainer.save(output).map_err(|e| e.to_string())?;
     eprintln!("saved to {}", output.display());
     Ok(())
 }

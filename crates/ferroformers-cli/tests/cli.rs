@@ -226,7 +226,10 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         if args.contains(&"--gguf-math") {
-            assert!(err.contains("--gguf-math `int4`"), "{err}");
+            assert!(
+                err.contains("'int4' for '--gguf-math") && err.contains("possible values"),
+                "{err}"
+            );
         }
         for flag in ["--waiting-served-ratio", "--max-waiting-tokens"] {
             if args.contains(&flag) {
@@ -443,5 +446,156 @@ fn train_then_run_the_saved_model() {
     let o = ff(&["train", "summarization", "--model", init.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("token-classification"));
     let o = ff(&["train", "text-classification", "--learning-rate", "fast"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("`--learning-rate` takes a number"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("'fast' for '--learning-rate"), "{err}");
+}
+
+/// Every command answers `--help` (and `help COMMAND`) on stdout with its usage, and succeeds.
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        "run",
+        "train",
+        "serve",
+        "tasks",
+        "download",
+        "cache",
+        "completions",
+    ] {
+        for args in [vec![cmd, "--help"], vec!["help", cmd]] {
+            let o = ff(&args);
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                out.contains(&format!("Usage: ferroformers {cmd}")),
+                "{args:?}: {out}"
+            );
+        }
+    }
+    let o = ff(&["--help"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Commands:"));
+    let o = ff(&["--version"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ferroformers "));
+}
+
+/// A mistyped option, command or value is an error (exit 1, as every error of `run`) that
+/// names the likely one.
+#[test]
+fn typos_get_a_suggestion() {
+    let m = fixture("bert-mlm");
+    for (args, want) in [
+        (
+            vec!["run", "fill-mask", "--modle", &m, "a [MASK]"],
+            "'--model'",
+        ),
+        (vec!["serv", "--model", &m], "'serve'"),
+        (
+            vec![
+                "run",
+                "fill-mask",
+                "--model",
+                &m,
+                "--dtype",
+                "bf61",
+                "a [MASK]",
+            ],
+            "'bf16'",
+        ),
+        (
+            vec!["serve", "--model", &m, "--max-batch-total-token", "9"],
+            "'--max-batch-total-tokens'",
+        ),
+    ] {
+        let o = ff(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+        assert!(
+            err.starts_with("error: ") && err.contains("similar") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn completions_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let o = ff(&["completions", shell]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{shell}");
+        // The script knows the commands and the server's flags.
+        for word in ["serve", "max-batch-total-tokens", "gguf-math"] {
+            assert!(out.contains(word), "{shell}: no {word}");
+        }
+    }
+    let o = ff(&["completions", "tcsh"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("possible values"));
+}
+
+/// `serve` takes its model, address and port from TEI's and TGI's environment variables when
+/// no flag gives them; a flag wins over its variable.
+#[test]
+fn serve_reads_the_environment() {
+    use std::io::{Read, Write};
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, flag_port) = (free_port(), free_port());
+    let get = |port: u16, path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    for (args, env_port, listen) in [
+        (vec!["serve"], port, port),
+        (
+            vec!["serve", "--port", &flag_port.to_string()],
+            port,
+            flag_port,
+        ),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+            .args(&args)
+            .env(
+                "MODEL_ID",
+                format!("{}=text-classification", fixture("bert-seqcls")),
+            )
+            .env("PORT", env_port.to_string())
+            .env("HOSTNAME", "127.0.0.1")
+            .env("SERVED_MODEL_NAME", "from-env")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let info = loop {
+            if let Some(r) = get(listen, "/info").filter(|r| r.starts_with("HTTP/1.1 200")) {
+                break r;
+            }
+            assert!(
+                start.elapsed().as_secs() < 120 && child.try_wait().unwrap().is_none(),
+                "{args:?}: the server did not answer on port {listen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(info.contains("from-env"), "{args:?}: {info}");
+    }
 }
