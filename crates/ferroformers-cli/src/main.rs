@@ -282,6 +282,7 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     let wave = batch * ferroformers::num_threads();
     let (first_group, rest) = inputs.split_at(wave.min(inputs.len()));
     let group = (batch * ferroformers::batches_in_flight()).max(64);
+    let bar = progress_bar(&args, inputs.len());
     for chunk in std::iter::once(first_group).chain(rest.chunks(group)) {
         let results = pipe.run(chunk, &args.params).map_err(fail)?;
         for r in results {
@@ -289,8 +290,10 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
             writeln!(out, "{line}").map_err(fail)?;
         }
         out.flush().map_err(fail)?;
+        bar.inc(chunk.len() as u64);
         first.get_or_insert(start.elapsed().as_secs_f64());
     }
+    bar.finish_and_clear();
     if args.timing {
         let end = start.elapsed().as_secs_f64();
         eprintln!(
@@ -304,6 +307,22 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A run over a file: inputs done, rate and time left on stderr, drawn only when stderr is a
+/// terminal (and cleared at the end, so a terminal keeps only the results).
+fn progress_bar(args: &Run, inputs: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if args.input_file.is_none() || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(inputs as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} inputs [{elapsed_precise}<{eta_precise}]",
+    ) {
+        bar.set_style(style.progress_chars("##-"));
+    }
+    bar
 }
 
 fn tasks() {

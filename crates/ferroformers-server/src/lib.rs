@@ -118,9 +118,10 @@ pub struct Config {
     pub max_queue_size: usize,
     /// A request that has not started answering after this long gets 504 (its work stops).
     pub request_timeout: Option<std::time::Duration>,
-    /// One log line per request on stderr: JSON (`--json-output`) or plain text.
+    /// [`serve_blocking`]'s log lines (`tracing`, filtered by `RUST_LOG`, default `info`) as
+    /// JSON (`--json-output`) instead of plain text.
     pub json_output: bool,
-    /// No per-request log lines.
+    /// No per-request log events.
     pub quiet: bool,
 }
 
@@ -180,14 +181,9 @@ struct AppState {
     max_batch_total_tokens: usize,
     admission: ferroformers::generation::Admission,
     request_timeout: Option<std::time::Duration>,
-    log: Option<LogFormat>,
+    /// One `tracing` event per request (not with `--quiet`).
+    log_requests: bool,
     requests: std::sync::Mutex<RequestStats>,
-}
-
-#[derive(Clone, Copy)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Upper bounds (seconds) of the request-duration histogram's buckets.
@@ -376,11 +372,7 @@ impl Server {
             max_batch_total_tokens: cfg.max_batch_total_tokens,
             admission: cfg.admission,
             request_timeout: cfg.request_timeout,
-            log: (!cfg.quiet).then_some(if cfg.json_output {
-                LogFormat::Json
-            } else {
-                LogFormat::Text
-            }),
+            log_requests: !cfg.quiet,
             requests: std::sync::Mutex::new(RequestStats::default()),
         });
         let app = router(state.clone(), cfg.payload_limit);
@@ -422,8 +414,27 @@ impl Server {
     }
 }
 
-/// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls).
+/// Log lines on stderr for this process: `tracing` events filtered by `RUST_LOG` (default
+/// `info`), as JSON objects when `json`. Does nothing when a subscriber is already set.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        fmt.json().flatten_event(true).try_init()
+    } else {
+        fmt.try_init()
+    };
+}
+
+/// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls),
+/// logging through [`init_logging`].
 pub fn serve_blocking(cfg: Config) -> Result<(), String> {
+    init_logging(cfg.json_output);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -432,7 +443,7 @@ pub fn serve_blocking(cfg: Config) -> Result<(), String> {
     rt.block_on(async {
         let server = Server::bind(cfg).await?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
-        eprintln!("listening on http://{addr}");
+        tracing::info!("listening on http://{addr}");
         server.run().await.map_err(|e| e.to_string())
     })
 }

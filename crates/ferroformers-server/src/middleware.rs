@@ -131,16 +131,15 @@ pub(crate) async fn observe(
         *st.count.entry((route.clone(), status)).or_default() += 1;
         st.duration.entry(route.clone()).or_default().observe(secs);
     }
-    match state.log {
-        Some(LogFormat::Json) => eprintln!(
-            "{}",
-            json!({"timestamp": unix_time(), "method": method, "path": path, "route": route,
-                   "status": status, "duration_ms": secs * 1000.0})
-        ),
-        Some(LogFormat::Text) => {
-            eprintln!("{method} {path} {status} {:.1} ms", secs * 1000.0)
-        }
-        None => {}
+    if state.log_requests {
+        tracing::info!(
+            target: "ferroformers_server::request",
+            %method,
+            %path,
+            %route,
+            status,
+            duration_ms = secs * 1000.0,
+        );
     }
     resp
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sha1::Digest;
@@ -939,113 +939,60 @@ fn origin(url: &str) -> &str {
     }
 }
 
-/// A one-line progress bar on stderr, drawn at most ten times a second.
-struct Progress {
-    on: bool,
-    label: String,
-    total: Option<u64>,
-    done: u64,
-    start: Instant,
-    drawn: Option<Instant>,
-}
+/// A download's progress bar on stderr (indicatif: bytes, rate, time left), drawn only when
+/// [`HubOptions::progress`] says so.
+struct Progress(indicatif::ProgressBar);
+
+const SIZED_BAR: &str =
+    "{msg:<40} {percent:>3}% [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} {eta}";
+const UNSIZED_BAR: &str = "{msg:<40} {bytes} {bytes_per_sec}";
 
 impl Progress {
     fn new(on: bool, label: &str, total: Option<u64>) -> Self {
+        if !on {
+            return Progress(indicatif::ProgressBar::hidden());
+        }
         let label = if label.chars().count() > 40 {
-            let tail: String = label
-                .chars()
-                .rev()
-                .take(39)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            format!("…{tail}")
+            let skip = label.chars().count() - 39;
+            format!("…{}", label.chars().skip(skip).collect::<String>())
         } else {
             label.to_string()
         };
-        Self {
-            on,
-            label,
-            total,
-            done: 0,
-            start: Instant::now(),
-            drawn: None,
+        let (bar, template) = match total {
+            Some(t) if t > 0 => (indicatif::ProgressBar::new(t), SIZED_BAR),
+            _ => (indicatif::ProgressBar::no_length(), UNSIZED_BAR),
+        };
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("## "));
         }
+        bar.set_message(label);
+        Progress(bar)
     }
 
     fn set(&mut self, n: u64) {
-        self.done = n;
-        self.draw(false);
+        self.0.set_position(n);
     }
 
     fn add(&mut self, n: u64) {
-        self.done += n;
-        self.draw(false);
-    }
-
-    fn draw(&mut self, force: bool) {
-        if !self.on {
-            return;
-        }
-        let now = Instant::now();
-        if !force
-            && self
-                .drawn
-                .is_some_and(|t| now - t < Duration::from_millis(100))
-        {
-            return;
-        }
-        self.drawn = Some(now);
-        let secs = (now - self.start).as_secs_f64().max(1e-3);
-        let rate = human(self.done as f64 / secs);
-        let line = match self.total {
-            Some(t) if t > 0 => {
-                let frac = (self.done as f64 / t as f64).min(1.0);
-                let filled = (frac * 24.0) as usize;
-                format!(
-                    "{:<40} {:>3.0}% [{}{}] {}/{} {rate}/s",
-                    self.label,
-                    frac * 100.0,
-                    "#".repeat(filled),
-                    " ".repeat(24 - filled),
-                    human(self.done as f64),
-                    human(t as f64)
-                )
-            }
-            _ => format!("{:<40} {} {rate}/s", self.label, human(self.done as f64)),
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r{line}\x1b[K");
-        let _ = err.flush();
+        self.0.inc(n);
     }
 
     fn finish(&mut self) {
-        if self.on {
-            self.draw(true);
-            eprintln!();
-        }
-    }
-}
-
-fn human(bytes: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+        self.0.finish();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_templates_parse() {
+        for t in [SIZED_BAR, UNSIZED_BAR] {
+            assert!(indicatif::ProgressStyle::with_template(t).is_ok(), "{t}");
+        }
+    }
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
