@@ -48,6 +48,11 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "max-batch-requests", env = "MAX_BATCH_REQUESTS", value_name = "N",
           default_value_t = Config::default().max_batch_inputs, allow_negative_numbers = true)]
     max_batch_inputs: usize,
+    /// Encoder tasks: the most tokens (each input's, after truncation) that requests merged
+    /// into one batch may hold together (TEI's --max-batch-tokens); a request over it by
+    /// itself runs alone.
+    #[arg(long, env, value_name = "TOKENS", default_value_t = Config::default().max_batch_tokens, allow_negative_numbers = true)]
+    max_batch_tokens: usize,
     /// Encoder tasks: how long a batch's first request waits for others to join.
     #[arg(
         long,
@@ -80,6 +85,11 @@ pub struct ServeArgs {
     /// A request that has not started answering after this long gets 504 (its work stops).
     #[arg(long, env, value_name = "SECONDS", value_parser = seconds, allow_negative_numbers = true)]
     request_timeout: Option<f64>,
+    /// After SIGTERM or Ctrl-C, how long requests in flight may take to finish; past it,
+    /// generations stop (streams end with an error event) and the server exits.
+    #[arg(long, env, value_name = "SECONDS", value_parser = seconds_or_zero,
+          default_value_t = Config::default().graceful_shutdown_timeout.as_secs_f64(), allow_negative_numbers = true)]
+    graceful_shutdown_timeout: f64,
     /// Origins (or `*`) whose browser pages may call the server (comma-separated in the
     /// environment).
     #[arg(long, env, value_name = "ORIGIN", value_delimiter = ',')]
@@ -107,8 +117,16 @@ fn ratio(v: &str) -> Result<f32, String> {
 fn seconds(v: &str) -> Result<f64, String> {
     v.parse::<f64>()
         .ok()
-        .filter(|s| *s > 0.0 && s.is_finite())
-        .ok_or_else(|| format!("takes seconds > 0, not `{v}`"))
+        .filter(|s| *s > 0.0 && *s < 1e9)
+        .ok_or_else(|| format!("takes seconds > 0 (below 1e9), not `{v}`"))
+}
+
+/// `--graceful-shutdown-timeout`: seconds >= 0.
+fn seconds_or_zero(v: &str) -> Result<f64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| *s >= 0.0 && *s < 1e9)
+        .ok_or_else(|| format!("takes seconds >= 0 (below 1e9), not `{v}`"))
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), String> {
@@ -124,12 +142,14 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         payload_limit: a.payload_limit,
         max_client_batch_size: a.max_client_batch_size,
         max_batch_inputs: a.max_batch_inputs,
+        max_batch_tokens: a.max_batch_tokens,
         max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
         max_batch_total_tokens: a.max_batch_total_tokens,
         max_concurrent_requests: a.max_concurrent_requests,
         cors_allow_origin: a.cors_allow_origin,
         max_queue_size: a.max_queue_size,
         request_timeout: a.request_timeout.map(std::time::Duration::from_secs_f64),
+        graceful_shutdown_timeout: std::time::Duration::from_secs_f64(a.graceful_shutdown_timeout),
         json_output: a.json_output,
         quiet: a.quiet,
         ..Config::default()

@@ -540,7 +540,8 @@ fn completions_for_each_shell() {
 }
 
 /// `serve` takes its model, address and port from TEI's and TGI's environment variables when
-/// no flag gives them; a flag wins over its variable.
+/// no flag gives them; a flag wins over its variable. SIGTERM ends it with status 0.
+#[cfg(unix)]
 #[test]
 fn serve_reads_the_environment() {
     use std::io::{Read, Write};
@@ -580,6 +581,8 @@ fn serve_reads_the_environment() {
             .env("PORT", env_port.to_string())
             .env("HOSTNAME", "127.0.0.1")
             .env("SERVED_MODEL_NAME", "from-env")
+            .env("MAX_BATCH_TOKENS", "777")
+            .env("GRACEFUL_SHUTDOWN_TIMEOUT", "5")
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -594,8 +597,28 @@ fn serve_reads_the_environment() {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         };
-        child.kill().unwrap();
-        child.wait().unwrap();
+        // SIGTERM: the server drains (nothing is in flight) and exits 0.
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let stopped = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if stopped.elapsed().as_secs() > 20 {
+                child.kill().unwrap();
+                panic!("{args:?}: still running 20 s after SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(status.success(), "{args:?}: {status}");
         assert!(info.contains("from-env"), "{args:?}: {info}");
+        assert!(
+            info.contains("\"max_batch_tokens\":777"),
+            "{args:?}: {info}"
+        );
     }
 }

@@ -1,23 +1,37 @@
 //! Dynamic batching for the encoder pipelines (TEI's idea): requests queue per model and a
-//! worker thread merges what is waiting (same parameters, up to `max_batch_inputs` inputs) into
-//! one pipeline call, whose length-sorted batches then hold inputs of several requests. Answers
+//! worker thread merges what is waiting (same parameters, up to `max_batch_inputs` inputs and
+//! `max_batch_tokens` tokens) into one pipeline call, whose length-sorted batches then hold inputs of several requests. Answers
 //! are split back per request. A merged call that fails is redone request by request, so an
 //! error reaches only the request that caused it. A request whose client has gone is dropped
-//! before it runs.
+//! before it runs. Once the graceful-shutdown timeout has passed, queued requests are refused
+//! (503) instead of run.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use ferroformers::tokenizer::Tokenizer;
 use ferroformers::{Input, Output, Params, Pipeline};
 use tokio::sync::oneshot;
 
-type Reply = oneshot::Sender<ferroformers::Result<Vec<Output>>>;
+use super::ApiError;
+
+type Answer = Result<Vec<Output>, ApiError>;
+type Reply = oneshot::Sender<Answer>;
 
 struct Job {
     inputs: Vec<Input>,
     params: Params,
     reply: Reply,
+    /// The inputs' tokens (counted by the worker when the job reaches it).
+    tokens: usize,
+}
+
+/// A batch's limits: inputs, and tokens (TEI's `--max-batch-requests`, `--max-batch-tokens`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub inputs: usize,
+    pub tokens: usize,
 }
 
 /// Counters for `/metrics`.
@@ -28,6 +42,8 @@ pub(crate) struct Stats {
     pub batched_requests: AtomicU64,
     pub batched_inputs: AtomicU64,
     pub largest_batch: AtomicU64,
+    pub batched_tokens: AtomicU64,
+    pub largest_batch_tokens: AtomicU64,
     pub dropped: AtomicU64,
 }
 
@@ -39,30 +55,49 @@ pub(crate) struct Batcher {
 
 impl Batcher {
     /// `wait`: how long the first request of a batch waits for others (0: a batch is what is
-    /// already queued when the worker is free, as TEI does).
-    pub fn start(pipe: Arc<Pipeline>, max_batch_inputs: usize, wait: std::time::Duration) -> Self {
+    /// already queued when the worker is free, as TEI does). `tokenizer` counts the tokens of
+    /// each request for `limits.tokens` (none: requests count no tokens). Once `aborting` is
+    /// set, requests still queued are answered 503.
+    pub fn start(
+        pipe: Arc<Pipeline>,
+        tokenizer: Option<Tokenizer>,
+        limits: Limits,
+        wait: std::time::Duration,
+        aborting: Arc<AtomicBool>,
+    ) -> Self {
         let (tx, rx) = channel();
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
+        let limits = Limits {
+            inputs: limits.inputs.max(1),
+            tokens: limits.tokens.max(1),
+        };
         std::thread::Builder::new()
             .name("ferroformers-batcher".into())
-            .spawn(move || worker(&pipe, &rx, max_batch_inputs.max(1), wait, &s))
+            .spawn(move || {
+                let w = Worker {
+                    pipe: &pipe,
+                    tokenizer: tokenizer.as_ref(),
+                    limits,
+                    wait,
+                    aborting: &aborting,
+                    stats: &s,
+                };
+                w.serve(&rx)
+            })
             .expect("spawning a batcher thread");
         Batcher { tx, stats }
     }
 
     /// Queue `inputs`; their outputs once their batch has run.
-    pub async fn run(
-        &self,
-        inputs: Vec<Input>,
-        params: Params,
-    ) -> ferroformers::Result<Vec<Output>> {
+    pub async fn run(&self, inputs: Vec<Input>, params: Params) -> Answer {
         let (reply, answer) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             inputs,
             params,
             reply,
+            tokens: 0,
         };
         if self.tx.send(job).is_err() {
             return Err(stopped());
@@ -71,71 +106,145 @@ impl Batcher {
     }
 }
 
-fn stopped() -> ferroformers::Error {
-    ferroformers::Error::Tokenizer("the model's batch worker has stopped".into())
+fn stopped() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "the model's batch worker has stopped",
+    )
 }
 
-fn worker(
-    pipe: &Pipeline,
-    rx: &Receiver<Job>,
-    max: usize,
+/// What a batch's run gives each of its requests.
+fn ran(r: ferroformers::Result<Vec<Output>>) -> Answer {
+    r.map_err(ApiError::from)
+}
+
+/// The tokens of one input as the model sees it (special tokens included, truncated to the
+/// model's limit): a text or pair; a similarity's source and sentences; a question with its
+/// context. Audio and chats count none.
+fn tokens_of(tok: &Tokenizer, input: &Input) -> usize {
+    let len = |t: &str, p: Option<&str>| tok.encode(t, p).map_or(0, |e| e.len());
+    match input {
+        Input::Text(t) => len(t, None),
+        Input::TextPair { text, text_pair } => len(text, Some(text_pair)),
+        Input::Question { question, context } => len(question, Some(context)),
+        Input::Similarity {
+            source_sentence,
+            sentences,
+        } => len(source_sentence, None) + sentences.iter().map(|s| len(s, None)).sum::<usize>(),
+        Input::Chat(_) | Input::Audio { .. } | Input::AudioBytes(_) => 0,
+    }
+}
+
+/// The batcher thread's view: its model, how it counts tokens, its limits and counters.
+struct Worker<'a> {
+    pipe: &'a Pipeline,
+    tokenizer: Option<&'a Tokenizer>,
+    limits: Limits,
     wait: std::time::Duration,
-    stats: &Stats,
-) {
-    let mut waiting: Option<Job> = None;
-    loop {
-        let first = match waiting.take() {
-            Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            },
-        };
+    aborting: &'a AtomicBool,
+    stats: &'a Stats,
+}
+
+impl Worker<'_> {
+    /// A job as it reaches the worker, its tokens counted.
+    fn counted(&self, mut j: Job) -> Job {
+        if let Some(tok) = self.tokenizer {
+            j.tokens = j.inputs.iter().map(|i| tokens_of(tok, i)).sum();
+        }
+        j
+    }
+
+    /// Take batches off the queue and run them until every sender has gone.
+    fn serve(&self, rx: &Receiver<Job>) {
+        let mut waiting: Option<Job> = None;
+        loop {
+            let first = match waiting.take() {
+                Some(j) => j,
+                None => match rx.recv() {
+                    Ok(j) => self.counted(j),
+                    Err(_) => return,
+                },
+            };
+            let jobs = self.gather(first, rx, &mut waiting);
+            self.stats
+                .queued
+                .fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+            self.run(jobs);
+        }
+    }
+
+    /// `first` and the jobs queued behind it that share its parameters and fit the limits
+    /// with it (waiting up to `wait` for them); the first job that does not fit is kept in
+    /// `waiting`. A job over a limit by itself runs alone.
+    fn gather(&self, first: Job, rx: &Receiver<Job>, waiting: &mut Option<Job>) -> Vec<Job> {
         let mut jobs = vec![first];
-        let mut n = jobs[0].inputs.len();
-        let deadline = std::time::Instant::now() + wait;
-        while n < max {
+        let (mut n, mut tokens) = (jobs[0].inputs.len(), jobs[0].tokens);
+        let deadline = std::time::Instant::now() + self.wait;
+        while n < self.limits.inputs && tokens < self.limits.tokens {
             let next = match deadline.checked_duration_since(std::time::Instant::now()) {
                 Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
                 _ => rx.try_recv().ok(),
             };
-            match next.ok_or(()) {
-                Ok(j) if j.params == jobs[0].params && n + j.inputs.len() <= max => {
-                    n += j.inputs.len();
-                    jobs.push(j);
-                }
-                Ok(j) => {
-                    waiting = Some(j);
-                    break;
-                }
-                Err(_) => break,
+            let Some(j) = next.map(|j| self.counted(j)) else {
+                break;
+            };
+            if j.params == jobs[0].params
+                && n + j.inputs.len() <= self.limits.inputs
+                && tokens + j.tokens <= self.limits.tokens
+            {
+                n += j.inputs.len();
+                tokens += j.tokens;
+                jobs.push(j);
+            } else {
+                *waiting = Some(j);
+                break;
             }
         }
-        stats.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
-        // Clients that have gone: their inputs are not run.
+        jobs
+    }
+
+    /// Run one batch and answer its requests: those whose client has gone are dropped unrun,
+    /// and after the shutdown timeout every one is refused.
+    fn run(&self, mut jobs: Vec<Job>) {
+        let stats = self.stats;
         let before = jobs.len();
         jobs.retain(|j| !j.reply.is_closed());
         stats
             .dropped
             .fetch_add((before - jobs.len()) as u64, Ordering::Relaxed);
+        if self.aborting.load(Ordering::SeqCst) {
+            for j in jobs {
+                let _ = j.reply.send(Err(super::shut_down()));
+            }
+            return;
+        }
         if jobs.is_empty() {
-            continue;
+            return;
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .batched_requests
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        let total: usize = jobs.iter().map(|j| j.inputs.len()).sum();
+        let inputs: usize = jobs.iter().map(|j| j.inputs.len()).sum();
         stats
             .batched_inputs
-            .fetch_add(total as u64, Ordering::Relaxed);
+            .fetch_add(inputs as u64, Ordering::Relaxed);
         stats
             .largest_batch
-            .fetch_max(total as u64, Ordering::Relaxed);
+            .fetch_max(inputs as u64, Ordering::Relaxed);
+        let tokens: usize = jobs.iter().map(|j| j.tokens).sum();
+        stats
+            .batched_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        stats
+            .largest_batch_tokens
+            .fetch_max(tokens as u64, Ordering::Relaxed);
+        let pipe = self.pipe;
         if jobs.len() == 1 {
             let j = jobs.pop().expect("one job");
-            let _ = j.reply.send(pipe.run(&j.inputs, &j.params));
-            continue;
+            let _ = j.reply.send(ran(pipe.run(&j.inputs, &j.params)));
+            return;
         }
         let all: Vec<Input> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
         match pipe.run(&all, &jobs[0].params) {
@@ -148,7 +257,7 @@ fn worker(
             }
             Err(_) => {
                 for j in jobs {
-                    let _ = j.reply.send(pipe.run(&j.inputs, &j.params));
+                    let _ = j.reply.send(ran(pipe.run(&j.inputs, &j.params)));
                 }
             }
         }

@@ -47,6 +47,7 @@ pub(crate) async fn generate_with_tokens(
     let mut clock = TokenClock::new();
     tokio::task::spawn_blocking(move || {
         let mut tokens: Vec<TokenLog> = Vec::new();
+        let mut cut = false;
         let out = st.models[index]
             .pipe
             .run_streaming_top(&input, &params, top, &mut |t| {
@@ -64,17 +65,26 @@ pub(crate) async fn generate_with_tokens(
                         top: t.top.to_vec(),
                     });
                 }
-                alive.load(SeqCst)
+                cut = cut_short(&st);
+                alive.load(SeqCst) && !cut
             });
         if !alive.load(SeqCst) {
             st.cancelled.fetch_add(1, SeqCst);
         }
         clock.record(&st);
-        out.map(|(o, u)| (o, u, tokens))
+        if cut {
+            return Err(shut_down());
+        }
+        out.map(|(o, u)| (o, u, tokens)).map_err(ApiError::from)
     })
     .await
     .map_err(ApiError::backend)?
-    .map_err(ApiError::from)
+}
+
+/// Whether the graceful shutdown timeout has passed: a generation still running stops at its
+/// next token.
+pub(crate) fn cut_short(st: &AppState) -> bool {
+    st.aborting.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The text-generation model a request names (`model`), else the first one served.

@@ -100,6 +100,10 @@ pub struct Config {
     pub max_client_batch_size: usize,
     /// Most inputs the requests merged into one pipeline call may hold together.
     pub max_batch_inputs: usize,
+    /// Most tokens (each input's, special tokens included, after truncation to the model's
+    /// limit) the requests merged into one pipeline call may hold together (TEI's
+    /// `--max-batch-tokens`); a request over it by itself runs alone.
+    pub max_batch_tokens: usize,
     /// How long a batch's first request waits for others to join (default 0: a batch is
     /// whatever is queued when the model is free).
     pub max_batch_wait: std::time::Duration,
@@ -118,6 +122,11 @@ pub struct Config {
     pub max_queue_size: usize,
     /// A request that has not started answering after this long gets 504 (its work stops).
     pub request_timeout: Option<std::time::Duration>,
+    /// After SIGTERM, how long work in flight may take to finish. Past it, generations stop at
+    /// their next token (a stream ends with an error event, a whole answer is 503), queued
+    /// requests are refused with 503, and the server returns about a second later. Default
+    /// 25 s: under Kubernetes' default grace period of 30 s.
+    pub graceful_shutdown_timeout: std::time::Duration,
     /// [`serve_blocking`]'s log lines (`tracing`, filtered by `RUST_LOG`, default `info`) as
     /// JSON (`--json-output`) instead of plain text.
     pub json_output: bool,
@@ -136,6 +145,7 @@ impl Default for Config {
             payload_limit: 2_000_000,
             max_client_batch_size: 32,
             max_batch_inputs: 128,
+            max_batch_tokens: 16_384,
             max_batch_wait: std::time::Duration::ZERO,
             max_batch_total_tokens: 32_768,
             admission: Default::default(),
@@ -143,6 +153,7 @@ impl Default for Config {
             cors_allow_origin: Vec::new(),
             max_queue_size: 256,
             request_timeout: None,
+            graceful_shutdown_timeout: std::time::Duration::from_secs(25),
             json_output: false,
             quiet: false,
         }
@@ -167,11 +178,16 @@ struct AppState {
     /// `--payload-limit` (named in the audio routes' 413).
     payload_limit: usize,
     max_client_batch_size: usize,
+    /// The encoder batches' limits (`/info`).
+    batch_limits: batch::Limits,
     /// Requests running or waiting (the POST routes), against `max_concurrent_requests`.
     in_flight: std::sync::atomic::AtomicUsize,
     max_concurrent_requests: usize,
     /// Set on SIGTERM: `/ready` answers 503 and new work is refused while work in flight ends.
     draining: std::sync::atomic::AtomicBool,
+    /// Set once draining has outlasted `graceful_shutdown_timeout`: work in flight is cut short.
+    aborting: Arc<std::sync::atomic::AtomicBool>,
+    graceful_shutdown_timeout: std::time::Duration,
     /// Origins a browser may call from (`*` for any); empty: no CORS headers.
     cors_origins: Vec<String>,
     /// Generations stopped because their client had gone.
@@ -274,13 +290,17 @@ impl TokenClock {
     }
 }
 
-fn load(
-    spec: &ModelSpec,
-    max_batch_inputs: usize,
+/// How each model is loaded and batched.
+#[derive(Clone)]
+struct LoadOpts {
+    limits: batch::Limits,
     wait: std::time::Duration,
     max_batch_total_tokens: usize,
     admission: ferroformers::generation::Admission,
-) -> Result<Served, String> {
+    aborting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     let dir =
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
     let task = match &spec.task {
@@ -299,8 +319,8 @@ fn load(
         ..PipelineOptions::default()
     };
     let mut pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
-    if max_batch_total_tokens > 0 {
-        pipe.enable_continuous_batching_with(max_batch_total_tokens, admission);
+    if o.max_batch_total_tokens > 0 {
+        pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
     }
     let task = pipe.task().to_string();
     let speech = (task == ASR).then(|| Speech::of_dir(&dir));
@@ -319,8 +339,10 @@ fn load(
         Err(_) => None,
     };
     let pipe = Arc::new(pipe);
-    let batcher = (task != "text-generation")
-        .then(|| batch::Batcher::start(pipe.clone(), max_batch_inputs, wait));
+    let batcher = (task != "text-generation").then(|| {
+        let aborting = o.aborting.clone();
+        batch::Batcher::start(pipe.clone(), tokenizer.clone(), o.limits, o.wait, aborting)
+    });
     Ok(Served {
         id: spec.model.clone(),
         task,
@@ -345,12 +367,21 @@ impl Server {
             return Err("`serve` needs at least one --model".into());
         }
         let specs = cfg.models.clone();
-        let (max_batch, wait) = (cfg.max_batch_inputs, cfg.max_batch_wait);
-        let (total, admission) = (cfg.max_batch_total_tokens, cfg.admission);
+        let opts = LoadOpts {
+            limits: batch::Limits {
+                inputs: cfg.max_batch_inputs,
+                tokens: cfg.max_batch_tokens,
+            },
+            wait: cfg.max_batch_wait,
+            max_batch_total_tokens: cfg.max_batch_total_tokens,
+            admission: cfg.admission,
+            aborting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let o = opts.clone();
         let mut models = tokio::task::spawn_blocking(move || {
             specs
                 .iter()
-                .map(|s| load(s, max_batch, wait, total, admission))
+                .map(|s| load(s, &o))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -363,9 +394,12 @@ impl Server {
             api_key: cfg.api_key.clone(),
             payload_limit: cfg.payload_limit,
             max_client_batch_size: cfg.max_client_batch_size,
+            batch_limits: opts.limits,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_concurrent_requests: cfg.max_concurrent_requests.max(1),
             draining: std::sync::atomic::AtomicBool::new(false),
+            aborting: opts.aborting,
+            graceful_shutdown_timeout: cfg.graceful_shutdown_timeout,
             cors_origins: cfg.cors_allow_origin.clone(),
             cancelled: std::sync::atomic::AtomicU64::new(0),
             max_queue_size: cfg.max_queue_size.max(1),
@@ -397,21 +431,64 @@ impl Server {
     }
 
     /// Serve until `stop` completes, then drain: `/ready` answers 503, new work is refused
-    /// with 503, requests in flight (streams included) finish, and the call returns.
+    /// with 503, requests in flight (streams included) finish, and the call returns. Work
+    /// still running after `graceful_shutdown_timeout` is cut short (see [`Config`]).
     pub async fn run_until(
         self,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use std::future::IntoFuture;
+        use std::sync::atomic::Ordering::SeqCst;
         let state = self.state.clone();
-        axum::serve(self.listener, self.app)
+        let started = Arc::new(tokio::sync::Notify::new());
+        let (st, s) = (state.clone(), started.clone());
+        let serve = axum::serve(self.listener, self.app)
             .with_graceful_shutdown(async move {
                 stop.await;
-                state
-                    .draining
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                st.draining.store(true, SeqCst);
+                s.notify_one();
             })
-            .await
+            .into_future();
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => return r,
+            _ = started.notified() => {}
+        }
+        let grace = state.graceful_shutdown_timeout;
+        tracing::info!(
+            "shutting down: waiting up to {:.1} s for requests in flight",
+            grace.as_secs_f64()
+        );
+        if let Ok(r) = tokio::time::timeout(grace, &mut serve).await {
+            return r;
+        }
+        tracing::warn!(
+            "requests still running after the graceful shutdown timeout ({:.1} s): cutting them short",
+            grace.as_secs_f64()
+        );
+        state.aborting.store(true, SeqCst);
+        // Generations stop at their next token and send their last event; a pipeline call
+        // already running cannot be stopped, and is left behind.
+        match tokio::time::timeout(CUT_WAIT, &mut serve).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("connections still open; exiting without them");
+                Ok(())
+            }
+        }
     }
+}
+
+/// How long, once work in flight has been cut short, the server waits for its last answers.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The answer for work cut short by the graceful shutdown timeout.
+fn shut_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "the server shut down before this request finished (graceful shutdown timeout)",
+    )
 }
 
 /// Log lines on stderr for this process: `tracing` events filtered by `RUST_LOG` (default
@@ -440,12 +517,16 @@ pub fn serve_blocking(cfg: Config) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(async {
+    let r = rt.block_on(async {
         let server = Server::bind(cfg).await?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
         tracing::info!("listening on http://{addr}");
         server.run().await.map_err(|e| e.to_string())
-    })
+    });
+    // Work cut short may still hold blocking threads (a pipeline call cannot be stopped):
+    // they are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    r
 }
 
 async fn shutdown_signal() {
@@ -723,7 +804,7 @@ async fn run(
     params: Params,
 ) -> Result<Vec<Output>, ApiError> {
     if let Some(b) = &state.models[index].batcher {
-        return b.run(inputs, params).await.map_err(ApiError::from);
+        return b.run(inputs, params).await;
     }
     let state = state.clone();
     tokio::task::spawn_blocking(move || state.models[index].pipe.run(&inputs, &params))
@@ -770,6 +851,14 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         "max_concurrent_requests".into(),
         json!(state.max_concurrent_requests),
     );
+    if state.models.iter().any(|m| m.batcher.is_some()) {
+        // TEI's names for the encoder batches' limits.
+        o.insert("max_batch_tokens".into(), json!(state.batch_limits.tokens));
+        o.insert(
+            "max_batch_requests".into(),
+            json!(state.batch_limits.inputs),
+        );
+    }
     if state.models.iter().any(|m| m.task == "text-generation") {
         // TGI's names for the continuous batch's limits.
         o.insert(
@@ -814,5 +903,74 @@ mod tests {
         assert!(ModelSpec::parse("org/model").task.is_none());
         assert!(constant_time_eq(b"key", b"key"));
         assert!(!constant_time_eq(b"key", b"kez") && !constant_time_eq(b"key", b"keys"));
+    }
+
+    /// Past the graceful shutdown timeout, generations in flight stop at their next token: a
+    /// TGI stream sends the tokens so far and an error event, an OpenAI stream an error and
+    /// `[DONE]`, a whole answer is 503. (Set here before the requests start, so that the
+    /// test does not race a generation that would otherwise finish first.)
+    #[test]
+    fn work_cut_short_ends_with_an_error() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/decoders/models/llama");
+        let cfg = Config {
+            models: vec![ModelSpec::parse(&format!(
+                "{}=text-generation",
+                dir.display()
+            ))],
+            port: 0,
+            quiet: true,
+            ..Config::default()
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let server = rt.block_on(Server::bind(cfg)).unwrap();
+        server
+            .state
+            .aborting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let base = format!("http://{}", server.local_addr().unwrap());
+        std::thread::spawn(move || rt.block_on(server.run_until(std::future::pending())));
+        let post = |path: &str, body: Value| match ureq::post(&format!("{base}{path}"))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        };
+        let events = |raw: &str| -> Vec<String> {
+            raw.split("\n\n")
+                .filter_map(|e| e.strip_prefix("data:"))
+                .map(|e| e.trim().to_string())
+                .collect()
+        };
+        let params = json!({"max_new_tokens": 20, "do_sample": false});
+        let (status, raw) = post(
+            "/generate_stream",
+            json!({"inputs": "Once upon a time", "parameters": params}),
+        );
+        assert_eq!(status, 200);
+        let ev = events(&raw);
+        assert_eq!(ev.len(), 2, "{raw}");
+        let token: Value = serde_json::from_str(&ev[0]).unwrap();
+        assert!(token["token"]["id"].is_u64(), "{raw}");
+        let last: Value = serde_json::from_str(&ev[1]).unwrap();
+        assert_eq!(last["error_type"], "shutdown", "{raw}");
+        let (status, raw) = post(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 20, "stream": true}),
+        );
+        assert_eq!(status, 200);
+        let ev = events(&raw);
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{raw}");
+        let err: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+        assert_eq!(err["error"]["code"], 503, "{raw}");
+        assert!(ev.len() <= 3, "more than one token after the cut: {raw}");
+        let (status, raw) = post(
+            "/generate",
+            json!({"inputs": "Once upon a time", "parameters": params}),
+        );
+        assert_eq!(status, 503, "{raw}");
+        assert!(raw.contains("shut down"), "{raw}");
     }
 }

@@ -14,7 +14,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&batch::Stats) -> u64,
     );
-    let series: [Series; 6] = [
+    let series: [Series; 8] = [
         (
             "ferroformers_queue_size",
             "gauge",
@@ -44,6 +44,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "gauge",
             "largest call so far, in inputs",
             |s| s.largest_batch.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_tokens_total",
+            "counter",
+            "tokens in those calls",
+            |s| s.batched_tokens.load(Relaxed),
+        ),
+        (
+            "ferroformers_batch_max_tokens",
+            "gauge",
+            "largest call so far, in tokens",
+            |s| s.largest_batch_tokens.load(Relaxed),
         ),
         (
             "ferroformers_dropped_requests_total",

@@ -325,7 +325,7 @@ pub(crate) async fn openai_generate(
         }
         // A send fails once the client has gone (the event stream was dropped): the
         // generation stops there.
-        let mut gone = false;
+        let (mut gone, mut cut) = (false, false);
         let result = st.models[index]
             .pipe
             .run_streaming_top(&input, &params, top, &mut |t| {
@@ -348,11 +348,17 @@ pub(crate) async fn openai_generate(
                                                "finish_reason": null}),
                 };
                 gone = tx.send(chunk(choice)).is_err();
-                !gone
+                cut = cut_short(&st);
+                !gone && !cut
             });
         if stream_ended(&st, &clock, gone) {
             return;
         }
+        let result = if cut {
+            Err(shut_down())
+        } else {
+            result.map_err(ApiError::from)
+        };
         match result {
             Ok((_, usage)) => {
                 let choice = match kind {
@@ -368,8 +374,7 @@ pub(crate) async fn openai_generate(
                     let _ = tx.send(u.to_string());
                 }
             }
-            Err(e) => {
-                let err = ApiError::from(e);
+            Err(err) => {
                 let _ = tx.send(
                     json!({"error": {"message": err.message, "type": "server_error",
                                      "param": null, "code": err.status.as_u16()}})

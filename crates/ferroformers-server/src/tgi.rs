@@ -113,7 +113,7 @@ pub(crate) fn tgi_stream(
         // generated text.
         let mut pending: Option<Value> = None;
         let mut n = 0usize;
-        let mut gone = false;
+        let (mut gone, mut cut) = (false, false);
         let result =
             st.models[index]
                 .pipe
@@ -143,9 +143,19 @@ pub(crate) fn tgi_stream(
                         "token": tgi_token(t.id, t.text, t.logprob, t.special),
                         "generated_text": null, "details": null, "top_tokens": top,
                     }));
-                    !gone
+                    cut = cut_short(&st);
+                    !gone && !cut
                 });
         if stream_ended(&st, &clock, gone) {
+            return;
+        }
+        if cut {
+            // The tokens made so far, then the reason the stream ends early.
+            if let Some(p) = pending {
+                let _ = tx.send(p.to_string());
+            }
+            let err = shut_down();
+            let _ = tx.send(json!({"error": err.message, "error_type": "shutdown"}).to_string());
             return;
         }
         match result {

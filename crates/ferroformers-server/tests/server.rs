@@ -719,6 +719,66 @@ fn concurrent_requests_are_batched() {
     }
 }
 
+/// `--max-batch-tokens`: merged requests hold at most that many tokens together (the metrics
+/// count them), a request over it by itself still runs alone, and `/info` reports both limits
+/// as TEI names them.
+#[test]
+fn batches_keep_to_the_token_budget() {
+    let texts: Vec<String> = (0..6)
+        .map(|i| format!("the cat number {i} sat on the mat today"))
+        .collect();
+    // Each text's tokens as the model sees them (all the same length here).
+    let dir = PathBuf::from(fixture("minilm-st"));
+    let tok = ferroformers::tokenizer::Tokenizer::from_dir(&dir, "bert", Some(512)).unwrap();
+    let n = tok.encode(&texts[0], None).unwrap().len();
+    assert!(texts
+        .iter()
+        .all(|t| tok.encode(t, None).unwrap().len() == n));
+    // Two requests fit the budget, three do not.
+    let budget = 2 * n + n / 2;
+    let base = start_with(|c| {
+        c.max_batch_wait = std::time::Duration::from_millis(300);
+        c.max_batch_tokens = budget;
+    });
+    let handles: Vec<_> = texts
+        .iter()
+        .map(|t| {
+            let (url, t) = (format!("{base}/embed"), t.clone());
+            std::thread::spawn(move || post_json(&url, json!({"inputs": t})))
+        })
+        .collect();
+    for h in handles {
+        let (status, body) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let (metrics, value) = metrics_of(&base, "minilm-st");
+    assert_eq!(value("ferroformers_batch_requests_total"), 6.0, "{metrics}");
+    assert_eq!(
+        value("ferroformers_batch_tokens_total"),
+        (6 * n) as f64,
+        "{metrics}"
+    );
+    // At most two requests fit, so six need at least three calls; some were merged.
+    let largest = value("ferroformers_batch_max_tokens");
+    assert!(largest > n as f64 && largest <= budget as f64, "{metrics}");
+    assert!(value("ferroformers_batch_count") >= 3.0, "{metrics}");
+    // One request of four texts is over the budget by itself: it runs alone.
+    let four: Vec<&String> = texts.iter().take(4).collect();
+    let (status, body) = post_json(&format!("{base}/embed"), json!({"inputs": four}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_array().unwrap().len(), 4);
+    let (_, value) = metrics_of(&base, "minilm-st");
+    assert_eq!(value("ferroformers_batch_max_tokens"), (4 * n) as f64);
+    let info: Value = ureq::get(&format!("{base}/info"))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(info["max_batch_tokens"], budget, "{info}");
+    assert_eq!(info["max_batch_requests"], 128, "{info}");
+}
+
 /// Generation requests at the same time go through the continuous batch: each answer equals
 /// the pipeline's alone (greedy, its own length and prompt), and `/metrics` counts the batch's
 /// steps and the sequences in them.
@@ -900,6 +960,40 @@ fn shutdown_drains_requests_in_flight() {
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, 200, "{body}");
     server.join().unwrap();
+}
+
+/// Past `graceful_shutdown_timeout`, a request still queued is refused with 503 naming the
+/// shutdown instead of run, and the server returns.
+#[test]
+fn shutdown_timeout_refuses_what_is_still_queued() {
+    let cfg = Config {
+        models: vec![ModelSpec::parse(&fixture("minilm-st"))],
+        port: 0,
+        max_batch_wait: std::time::Duration::from_millis(300),
+        graceful_shutdown_timeout: std::time::Duration::ZERO,
+        ..Config::default()
+    };
+    let (base, stop_tx, server) = start_stoppable(cfg);
+    let url = format!("{base}/embed");
+    let queued = std::thread::spawn(move || {
+        post(
+            &url,
+            "{\"inputs\": \"too late\"}",
+            Some("application/json"),
+            None,
+        )
+    });
+    wait_until_queued(&base);
+    let start = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    let (status, body) = queued.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("shut down"),
+        "{body}"
+    );
+    server.join().unwrap();
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
 }
 
 /// A stream open when shutdown starts runs to its end: every token, the finish reason and
