@@ -170,6 +170,10 @@ struct Served {
     batcher: Option<batch::Batcher>,
     /// Speech recognition: Whisper or CTC (what the audio routes may ask of it).
     speech: Option<Speech>,
+    /// Its config's label count (0 when it has none): `/rerank` takes a one-label classifier.
+    num_labels: usize,
+    /// `tokenizer` without truncation, made on `/tokenize`'s first use.
+    untruncated: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 struct AppState {
@@ -326,7 +330,9 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     let speech = (task == ASR).then(|| Speech::of_dir(&dir));
     // For token counts (`usage`, segments' `tokens`): the model's own tokenizer, when it has
     // one (a faster-whisper folder's config.json is CTranslate2's, without `model_type`).
-    let tokenizer = match ferroformers::config::ModelConfig::from_dir(&dir) {
+    let config = ferroformers::config::ModelConfig::from_dir(&dir);
+    let num_labels = config.as_ref().map_or(0, |c| c.id2label.len());
+    let tokenizer = match config {
         Ok(c) => ferroformers::tokenizer::Tokenizer::from_dir(
             &dir,
             &c.model_type,
@@ -350,6 +356,8 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         tokenizer,
         batcher,
         speech,
+        num_labels,
+        untruncated: std::sync::OnceLock::new(),
     })
 }
 
@@ -556,6 +564,11 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/models/{*id}", post(inference_model))
         .route("/embed", post(tei_embed))
         .route("/predict", post(tei_predict))
+        .route("/embed_all", post(tei::tei_embed_all))
+        .route("/similarity", post(tei::tei_similarity))
+        .route("/rerank", post(tei::tei_rerank))
+        .route("/tokenize", post(tei::tei_tokenize))
+        .route("/decode", post(tei::tei_decode))
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/completions", post(openai_completions))

@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// Prometheus text format: per model, requests waiting, batches run, requests and inputs in
+/// Prometheus text format: per model, requests waiting, batches run, requests, inputs and tokens in
 /// them, the largest batch, requests dropped because their client had gone.
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     use std::fmt::Write;

@@ -103,3 +103,339 @@ pub(crate) async fn tei_predict(
     let out = run(&state, index, inputs, params).await?;
     outputs_json(&out, many)
 }
+
+/// TEI's request options that change what is computed and that this server does not offer:
+/// a `prompt_name` (sentence-transformers prompts) and left truncation. `truncate` is accepted
+/// either way: inputs are always cut at the model's limit, as TEI's `--auto-truncate` does.
+fn unsupported_options(v: &Value) -> Result<(), ApiError> {
+    if !matches!(v.get("prompt_name"), None | Some(Value::Null)) {
+        return Err(ApiError::validation(
+            "`prompt_name` is not supported: prepend the prompt to the text",
+        ));
+    }
+    match v.get("truncation_direction") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(d)) if d.eq_ignore_ascii_case("right") => Ok(()),
+        Some(other) => Err(ApiError::validation(format!(
+            "`truncation_direction` {other} is not supported: inputs are truncated on the right"
+        ))),
+    }
+}
+
+/// A list of strings of 1 to `max_client_batch_size` items (`what` names the field).
+fn texts(v: Option<&Value>, what: &str, max: usize) -> Result<Vec<String>, ApiError> {
+    let items = match v {
+        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => {
+            return Err(ApiError::validation(format!("missing field `{what}`")))
+        }
+        Some(_) => {
+            return Err(ApiError::validation(format!(
+                "`{what}` must be a list of strings"
+            )))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::validation(format!("`{what}` cannot be empty")));
+    }
+    if items.len() > max {
+        return Err(too_many(items.len(), max));
+    }
+    items
+        .iter()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| ApiError::validation(format!("`{what}` must be a list of strings")))
+        })
+        .collect()
+}
+
+fn too_many(n: usize, max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Validation",
+        format!("batch size {n} > maximum allowed batch size {max}"),
+    )
+}
+
+/// TEI `/embed_all`: `{inputs}` -> for each input, every token's last hidden state (special
+/// tokens included, no pooling, not normalized), cut at the model's limit.
+pub(crate) async fn tei_embed_all(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    unsupported_options(&v)?;
+    let index = index_of(&state, embedder(&state, None)?);
+    let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let mut params = Params::new();
+    params.insert("pooling".into(), json!("none"));
+    let out = run(&state, index, inputs, params).await?;
+    let tokens = out
+        .into_iter()
+        .map(|o| match o {
+            Output::Features(mut f) if f.len() == 1 => Ok(f.remove(0)),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Backend",
+                format!("the pipeline gave {other:?}, not token embeddings"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(axum::Json(tokens).into_response())
+}
+
+/// TEI `/similarity`: `{inputs: {source_sentence, sentences}, parameters}` -> the cosine
+/// similarity of the source sentence's embedding to each sentence's.
+pub(crate) async fn tei_similarity(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    if let Some(p) = v.get("parameters").filter(|p| !p.is_null()) {
+        if !p.is_object() {
+            return Err(ApiError::validation("`parameters` must be an object"));
+        }
+        unsupported_options(p)?;
+    }
+    let index = index_of(&state, embedder(&state, None)?);
+    let inputs = v.get("inputs").filter(|i| i.is_object()).ok_or_else(|| {
+        ApiError::validation("`inputs` must be an object {source_sentence, sentences}")
+    })?;
+    let source = inputs
+        .get("source_sentence")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::validation("`inputs.source_sentence` must be a string"))?;
+    let max = state.max_client_batch_size;
+    let sentences = texts(inputs.get("sentences"), "inputs.sentences", max)?;
+    // The source sentence counts towards the batch, as in TEI.
+    if sentences.len() + 1 > max {
+        return Err(too_many(sentences.len() + 1, max));
+    }
+    let all: Vec<Input> = std::iter::once(source.to_string())
+        .chain(sentences)
+        .map(Input::Text)
+        .collect();
+    let mut params = Params::new();
+    params.insert("normalize".into(), json!(true));
+    let vecs = embeddings_of(run(&state, index, all, params).await?)?;
+    let scores: Vec<f32> = vecs[1..]
+        .iter()
+        .map(|v| v.iter().zip(&vecs[0]).map(|(a, b)| a * b).sum())
+        .collect();
+    Ok(axum::Json(scores).into_response())
+}
+
+/// The model `/rerank` uses: the first text-classification model with one label (a
+/// cross-encoder).
+fn reranker(state: &AppState) -> Result<&Served, ApiError> {
+    let mut classifiers = state
+        .models
+        .iter()
+        .filter(|m| m.task == "text-classification");
+    let first = classifiers.clone().next();
+    match (classifiers.find(|m| m.num_labels == 1), first) {
+        (Some(m), _) => Ok(m),
+        (None, Some(m)) => Err(ApiError::validation(format!(
+            "`{}` has {} labels: it is not a re-ranker (a cross-encoder with one label)",
+            m.id, m.num_labels
+        ))),
+        (None, None) => Err(ApiError::validation(
+            "no re-ranker is served (a text-classification model with one label)",
+        )),
+    }
+}
+
+/// TEI `/rerank`: `{query, texts, raw_scores, return_text}` -> `[{index, score, text?}]`,
+/// best first: the cross-encoder's score of each (query, text) pair, through a sigmoid unless
+/// `raw_scores`.
+pub(crate) async fn tei_rerank(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    unsupported_options(&v)?;
+    let flag = |name: &str| match v.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::validation(format!(
+            "`{name}` must be true or false"
+        ))),
+    };
+    let (raw_scores, return_text) = (flag("raw_scores")?, flag("return_text")?);
+    let query = v
+        .get("query")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::validation("`query` must be a string"))?;
+    let texts = texts(v.get("texts"), "texts", state.max_client_batch_size)?;
+    let index = index_of(&state, reranker(&state)?);
+    let inputs: Vec<Input> = texts
+        .iter()
+        .map(|t| Input::TextPair {
+            text: query.to_string(),
+            text_pair: t.clone(),
+        })
+        .collect();
+    let mut params = Params::new();
+    let f = if raw_scores { "none" } else { "sigmoid" };
+    params.insert("function_to_apply".into(), json!(f));
+    let out = run(&state, index, inputs, params).await?;
+    let mut ranks = Vec::with_capacity(out.len());
+    for (i, o) in out.into_iter().enumerate() {
+        let score = match o {
+            Output::Label(l) => l.score as f32,
+            Output::Labels(l) if !l.is_empty() => l[0].score as f32,
+            other => {
+                return Err(ApiError::backend(format!(
+                    "the pipeline gave {other:?}, not a score"
+                )))
+            }
+        };
+        if score.is_nan() {
+            return Err(ApiError::backend("score is NaN"));
+        }
+        ranks.push((i, score));
+    }
+    // Best first; equal scores keep their order.
+    ranks.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let body: Vec<Value> = ranks
+        .into_iter()
+        .map(|(i, score)| {
+            let mut r = json!({"index": i, "score": score});
+            if return_text {
+                r["text"] = json!(texts[i]);
+            }
+            r
+        })
+        .collect();
+    Ok(axum::Json(body).into_response())
+}
+
+/// The model `/tokenize` and `/decode` use (body `model`, else the first), with its tokenizer.
+fn tokenizer_of<'a>(
+    state: &'a AppState,
+    v: &Value,
+) -> Result<(&'a Served, &'a ferroformers::tokenizer::Tokenizer), ApiError> {
+    let id = match v.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => return Err(ApiError::validation("`model` must be a string")),
+    };
+    let m = model(state, id)?;
+    let tok = m.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::validation(format!("`{}` has no tokenizer this server can read", m.id))
+    })?;
+    Ok((m, tok))
+}
+
+/// TEI `/tokenize`: `{inputs, add_special_tokens (true)}` -> for each input, its tokens
+/// `{id, text, special, start, stop}` (byte offsets into the input; special tokens have their
+/// own text and no offsets), not truncated.
+pub(crate) async fn tei_tokenize(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    unsupported_options(&v)?;
+    let (m, tok) = tokenizer_of(&state, &v)?;
+    let add_special = match v.get("add_special_tokens") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`add_special_tokens` must be true or false",
+            ))
+        }
+    };
+    let inputs = match v.get("inputs") {
+        Some(Value::String(s)) => vec![s.clone()],
+        other => texts(other, "inputs", state.max_client_batch_size)?,
+    };
+    let untruncated = m.untruncated.get_or_init(|| {
+        let mut t = tok.inner().clone();
+        let _ = t.with_truncation(None);
+        t
+    });
+    let tokenized = inputs
+        .iter()
+        .map(|input| {
+            let enc = untruncated
+                .encode(input.as_str(), add_special)
+                .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?;
+            let tokens: Vec<Value> = enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_offsets())
+                .zip(enc.get_special_tokens_mask())
+                .zip(enc.get_tokens())
+                .map(|(((id, &(start, stop)), special), token)| {
+                    if *special == 1 {
+                        json!({"id": id, "text": token, "special": true,
+                               "start": null, "stop": null})
+                    } else {
+                        let bytes = input.as_bytes().get(start..stop).unwrap_or_default();
+                        json!({"id": id, "text": String::from_utf8_lossy(bytes),
+                               "special": false, "start": start, "stop": stop})
+                    }
+                })
+                .collect();
+            Ok(Value::Array(tokens))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(axum::Json(tokenized).into_response())
+}
+
+/// TEI `/decode`: `{ids: [..] | [[..], ..], skip_special_tokens (true)}` -> one text per list
+/// of ids, as the tokenizer's decoder gives it.
+pub(crate) async fn tei_decode(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_body(&headers, body)?;
+    let (_, tok) = tokenizer_of(&state, &v)?;
+    let skip = match v.get("skip_special_tokens") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`skip_special_tokens` must be true or false",
+            ))
+        }
+    };
+    let bad = || ApiError::validation("`ids` must be a list of token ids or a list of such lists");
+    let id_list = |x: &Value| -> Result<Vec<u32>, ApiError> {
+        x.as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|i| {
+                i.as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    let lists = match v.get("ids") {
+        None | Some(Value::Null) => return Err(ApiError::validation("missing field `ids`")),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => {
+            if a.len() > state.max_client_batch_size {
+                return Err(too_many(a.len(), state.max_client_batch_size));
+            }
+            a.iter().map(id_list).collect::<Result<Vec<_>, _>>()?
+        }
+        Some(x) => vec![id_list(x)?],
+    };
+    let decoded = lists
+        .iter()
+        .map(|ids| {
+            tok.decode_raw(ids, skip)
+                .map_err(|e| ApiError::validation(format!("decoding failed: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(axum::Json(decoded).into_response())
+}

@@ -719,6 +719,247 @@ fn concurrent_requests_are_batched() {
     }
 }
 
+/// TEI's `/tokenize` and `/decode`: tokens with byte offsets into the input (special tokens
+/// with their own text and no offsets), not truncated; ids back to text.
+#[test]
+fn tei_tokenize_and_decode() {
+    let base = start();
+    let (status, body) = post_json(
+        &format!("{base}/tokenize"),
+        json!({"inputs": "H\u{e9}llo world"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let tokens = body[0].as_array().unwrap();
+    let first = &tokens[0];
+    assert_eq!(first["special"], true, "{body}");
+    assert!(
+        first["start"].is_null() && first["text"] == "[CLS]",
+        "{body}"
+    );
+    assert_eq!(tokens.last().unwrap()["text"], "[SEP]", "{body}");
+    // Byte offsets: "é" is two bytes, so "world" starts at byte 7 (character 6).
+    let word = tokens.iter().find(|t| t["text"] == "world").unwrap();
+    assert_eq!(
+        (word["start"].as_u64(), word["stop"].as_u64()),
+        (Some(7), Some(12))
+    );
+    for t in tokens.iter().filter(|t| t["special"] == false) {
+        let (a, b) = (t["start"].as_u64().unwrap(), t["stop"].as_u64().unwrap());
+        assert_eq!(t["text"], "H\u{e9}llo world"[a as usize..b as usize], "{t}");
+    }
+    let ids: Vec<u64> = tokens.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    // A list of inputs, without special tokens; long inputs are not truncated.
+    let long = "word ".repeat(700);
+    let (status, body) = post_json(
+        &format!("{base}/tokenize"),
+        json!({"inputs": ["H\u{e9}llo world", long], "add_special_tokens": false}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0].as_array().unwrap().len(), ids.len() - 2);
+    assert!(body[1].as_array().unwrap().len() >= 700, "truncated");
+    // Decode one list or several; special tokens skipped unless asked.
+    let (status, body) = post_json(&format!("{base}/decode"), json!({"ids": ids}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!(["hello world"]));
+    let (_, body) = post_json(
+        &format!("{base}/decode"),
+        json!({"ids": [ids, ids[1..ids.len() - 2]], "skip_special_tokens": false}),
+    );
+    assert_eq!(body[0], "[CLS] hello world [SEP]", "{body}");
+    assert_eq!(body[1], "hello");
+    for (route, bad, needle) in [
+        ("/decode", json!({"ids": "12"}), "ids"),
+        ("/decode", json!({"ids": [-1]}), "ids"),
+        ("/decode", json!({}), "ids"),
+        ("/tokenize", json!({"inputs": 3}), "inputs"),
+        ("/tokenize", json!({"inputs": []}), "inputs"),
+        (
+            "/tokenize",
+            json!({"inputs": "x", "prompt_name": "query"}),
+            "prompt_name",
+        ),
+        ("/tokenize", json!({"inputs": "x", "model": "nope"}), "nope"),
+    ] {
+        let (status, body) = post_json(&format!("{base}{route}"), bad.clone());
+        assert!(
+            status == 422 || status == 404,
+            "{route} {bad}: {status} {body}"
+        );
+        assert!(
+            body["error"].as_str().unwrap().contains(needle),
+            "{route} {bad}: {body}"
+        );
+    }
+    let (status, _) = post_json(
+        &format!("{base}/tokenize"),
+        json!({"inputs": ["a", "b", "c", "d", "e"]}),
+    );
+    assert_eq!(status, 413);
+}
+
+/// TEI's `/embed_all` (every token's vector, cut at sentence-transformers' length; their mean
+/// is `/embed`'s unnormalized vector for this mean-pooling model) and `/similarity` (the
+/// sentence-similarity pipeline's scores).
+#[test]
+fn tei_embed_all_and_similarity() {
+    let base = start();
+    let (status, all) = post_json(
+        &format!("{base}/embed_all"),
+        json!({"inputs": ["A short one.", "word ".repeat(100)]}),
+    );
+    assert_eq!(status, 200, "{all}");
+    let rows = all[0].as_array().unwrap();
+    let (_, pooled) = post_json(
+        &format!("{base}/embed"),
+        json!({"inputs": "A short one.", "normalize": false}),
+    );
+    let pooled = floats(&pooled[0]);
+    let n = rows.len() as f32;
+    for (j, want) in pooled.iter().enumerate() {
+        let mean: f32 = rows
+            .iter()
+            .map(|r| r[j].as_f64().unwrap() as f32)
+            .sum::<f32>()
+            / n;
+        assert!(
+            (mean - want).abs() < 1e-5,
+            "dimension {j}: {mean} vs {want}"
+        );
+    }
+    // sentence_bert_config.json's max_seq_length (48) cuts the long input.
+    assert_eq!(all[1].as_array().unwrap().len(), 48);
+    let (status, one) = post_json(&format!("{base}/embed_all"), json!({"inputs": "Hi"}));
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(
+        one.as_array().unwrap().len(),
+        1,
+        "a single input is still a list of one"
+    );
+    let (source, sentences) = ("The cat sat.", vec!["A cat was sitting.", "Stocks fell."]);
+    let (status, got) = post_json(
+        &format!("{base}/similarity"),
+        json!({"inputs": {"source_sentence": source, "sentences": sentences},
+               "parameters": {"truncate": true}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let want = pipeline_json(
+        "sentence-similarity",
+        &fixture("minilm-st"),
+        &[Input::Similarity {
+            source_sentence: source.into(),
+            sentences: sentences.iter().map(|s| s.to_string()).collect(),
+        }],
+        Params::new(),
+    );
+    let (g, w) = (floats(&got), floats(&want[0]));
+    assert_eq!(g.len(), 2);
+    assert!(
+        g.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{got} vs {want}"
+    );
+    for bad in [
+        json!({"inputs": {"source_sentence": "a", "sentences": []}}),
+        json!({"inputs": {"sentences": ["a"]}}),
+        json!({"inputs": "a"}),
+    ] {
+        let (status, body) = post_json(&format!("{base}/similarity"), bad.clone());
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+    // The source sentence counts: 4 sentences + 1 is over the batch limit of 4.
+    let (status, _) = post_json(
+        &format!("{base}/similarity"),
+        json!({"inputs": {"source_sentence": "a", "sentences": ["b", "c", "d", "e"]}}),
+    );
+    assert_eq!(status, 413);
+}
+
+/// TEI's `/rerank` on a one-label classifier: each (query, text) pair's score (sigmoid of the
+/// logit, or the logit with `raw_scores`) as the pipeline gives it, best first; a server
+/// whose classifier has several labels says it has no re-ranker.
+#[test]
+fn tei_rerank() {
+    let base = start();
+    let (status, body) = post_json(
+        &format!("{base}/rerank"),
+        json!({"query": "q", "texts": ["a"]}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("3 labels"),
+        "{body}"
+    );
+    let base = start_with(|c| {
+        c.models
+            .push(ModelSpec::parse(&fixture("bert-seqcls-regression")))
+    });
+    let query = "What is deep learning?";
+    let texts = [
+        "Deep learning is a kind of machine learning.",
+        "Paris is in France.",
+        "Cats.",
+    ];
+    let (status, ranks) = post_json(
+        &format!("{base}/rerank"),
+        json!({"query": query, "texts": texts, "return_text": true}),
+    );
+    assert_eq!(status, 200, "{ranks}");
+    let (_, raw) = post_json(
+        &format!("{base}/rerank"),
+        json!({"query": query, "texts": texts, "raw_scores": true}),
+    );
+    let ranks = ranks.as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    let scores: Vec<f64> = ranks.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{ranks:?}");
+    for r in ranks {
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(r["text"], texts[i]);
+        let mut p = Params::new();
+        p.insert("function_to_apply".into(), json!("sigmoid"));
+        let want = pipeline_json(
+            "text-classification",
+            &fixture("bert-seqcls-regression"),
+            &[Input::TextPair {
+                text: query.into(),
+                text_pair: texts[i].into(),
+            }],
+            p,
+        );
+        let want = want[0]["score"].as_f64().unwrap();
+        assert!(
+            (r["score"].as_f64().unwrap() - want).abs() < 1e-6,
+            "{r} vs {want}"
+        );
+        let logit = raw
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["index"] == i)
+            .unwrap()["score"]
+            .as_f64()
+            .unwrap();
+        assert!(raw
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x.get("text").is_none()));
+        assert!(
+            (1.0 / (1.0 + (-logit).exp()) - want).abs() < 1e-6,
+            "{logit} vs {want}"
+        );
+    }
+    for bad in [
+        json!({"query": "q", "texts": []}),
+        json!({"query": "q"}),
+        json!({"texts": ["a"]}),
+        json!({"query": "q", "texts": ["a"], "raw_scores": "yes"}),
+        json!({"query": "q", "texts": ["a"], "truncation_direction": "left"}),
+    ] {
+        let (status, body) = post_json(&format!("{base}/rerank"), bad.clone());
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+}
+
 /// `--max-batch-tokens`: merged requests hold at most that many tokens together (the metrics
 /// count them), a request over it by itself still runs alone, and `/info` reports both limits
 /// as TEI names them.

@@ -129,7 +129,8 @@ impl SentenceTransformerConfig {
 pub(crate) struct FeatureExtraction {
     runner: EncoderRunner,
     st: SentenceTransformerConfig,
-    /// The tokenizer truncating at sentence-transformers' `max_seq_length`, for pooled output.
+    /// The tokenizer truncating at sentence-transformers' `max_seq_length`, for pooled output
+    /// (and token output of the sentence-embeddings task).
     st_tokenizer: Option<Tokenizer>,
     default_pooling: bool,
 }
@@ -178,8 +179,10 @@ impl Task for FeatureExtraction {
             ));
         }
         param::check_truncation(params)?;
-        let tokenizer = match (pooling, &self.st_tokenizer) {
-            (Some(_), Some(t)) => t,
+        // sentence-transformers' own length limit for pooled output, and for token embeddings
+        // of a sentence-embeddings pipeline (`encode(output_value="token_embeddings")`).
+        let tokenizer = match &self.st_tokenizer {
+            Some(t) if pooling.is_some() || self.default_pooling => t,
             _ => &self.runner.tokenizer,
         };
         let encs = inputs
