@@ -25,6 +25,7 @@ struct Job {
     reply: Reply,
     /// The inputs' tokens (counted by the worker when the job reaches it).
     tokens: usize,
+    queued_at: std::time::Instant,
 }
 
 /// A batch's limits: inputs, and tokens (TEI's `--max-batch-requests`, `--max-batch-tokens`).
@@ -45,6 +46,14 @@ pub(crate) struct Stats {
     pub batched_tokens: AtomicU64,
     pub largest_batch_tokens: AtomicU64,
     pub dropped: AtomicU64,
+    pub durations: std::sync::Mutex<Durations>,
+}
+
+/// Histograms (seconds): each request's wait in the queue, each batch's pipeline call.
+#[derive(Default)]
+pub(crate) struct Durations {
+    pub queue: super::Histogram,
+    pub inference: super::Histogram,
 }
 
 /// A model's queue and the worker thread that drains it.
@@ -98,6 +107,7 @@ impl Batcher {
             params,
             reply,
             tokens: 0,
+            queued_at: std::time::Instant::now(),
         };
         if self.tx.send(job).is_err() {
             return Err(stopped());
@@ -240,14 +250,27 @@ impl Worker<'_> {
         stats
             .largest_batch_tokens
             .fetch_max(tokens as u64, Ordering::Relaxed);
+        let start = std::time::Instant::now();
+        if let Ok(mut d) = stats.durations.lock() {
+            for j in &jobs {
+                d.queue.observe((start - j.queued_at).as_secs_f64());
+            }
+        }
+        let timed = |r| {
+            if let Ok(mut d) = stats.durations.lock() {
+                d.inference.observe(start.elapsed().as_secs_f64());
+            }
+            r
+        };
         let pipe = self.pipe;
         if jobs.len() == 1 {
             let j = jobs.pop().expect("one job");
-            let _ = j.reply.send(ran(pipe.run(&j.inputs, &j.params)));
+            let r = timed(pipe.run(&j.inputs, &j.params));
+            let _ = j.reply.send(ran(r));
             return;
         }
         let all: Vec<Input> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
-        match pipe.run(&all, &jobs[0].params) {
+        match timed(pipe.run(&all, &jobs[0].params)) {
             Ok(outs) => {
                 let mut outs = outs.into_iter();
                 for j in jobs {

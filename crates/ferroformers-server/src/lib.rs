@@ -215,6 +215,8 @@ const BUCKETS: [f64; 11] = [
 #[derive(Default)]
 struct RequestStats {
     count: std::collections::BTreeMap<(String, u16), u64>,
+    /// Error answers by route and `error_type` (TEI's `te_request_failure{err}`).
+    failures: std::collections::BTreeMap<(String, &'static str), u64>,
     duration: std::collections::BTreeMap<String, Histogram>,
     /// Generation: request start to first token, and the mean time per later token.
     first_token: Histogram,
@@ -223,14 +225,14 @@ struct RequestStats {
 
 /// A Prometheus histogram over [`BUCKETS`] (seconds).
 #[derive(Default, Clone)]
-struct Histogram {
+pub(crate) struct Histogram {
     buckets: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
 }
 
 impl Histogram {
-    fn observe(&mut self, secs: f64) {
+    pub(crate) fn observe(&mut self, secs: f64) {
         for (b, &le) in self.buckets.iter_mut().zip(&BUCKETS) {
             if secs <= le {
                 *b += 1;
@@ -679,9 +681,15 @@ impl IntoResponse for ApiError {
         } else {
             json!({"error": self.message, "error_type": self.kind})
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        r.extensions_mut().insert(ErrorKind(self.kind));
+        r
     }
 }
+
+/// An error answer's `error_type`, kept on the response for the failure counter.
+#[derive(Clone, Copy)]
+struct ErrorKind(&'static str);
 
 /// The request body's bytes: 413 over the payload limit, 400 when it cannot be read.
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {

@@ -3,7 +3,9 @@
 use super::*;
 
 /// Prometheus text format: per model, requests waiting, batches run, requests, inputs and tokens in
-/// them, the largest batch, requests dropped because their client had gone.
+/// them, the largest batch, requests dropped because their client had gone, histograms of time
+/// in the queue and in pipeline calls; per route, answers by status, failures by error type
+/// and durations; generation's continuous batch and token timing.
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
@@ -71,6 +73,28 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .filter_map(|m| Some((m.id.as_str(), get(&m.batcher.as_ref()?.stats))));
         per_model(&mut out, (name, kind, help), values);
     }
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    for (name, help, which) in [
+        (
+            "ferroformers_queue_duration_seconds",
+            "time requests waited in the batch queue",
+            0,
+        ),
+        (
+            "ferroformers_inference_duration_seconds",
+            "time the batcher's pipeline calls took",
+            1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for m in &state.models {
+            let Some(b) = &m.batcher else { continue };
+            if let Ok(d) = b.stats.durations.lock() {
+                let h = if which == 0 { &d.queue } else { &d.inference };
+                h.write(&mut out, name, &format!("model=\"{}\",", esc(&m.id)));
+            }
+        }
+    }
     type GenSeries = (
         &'static str,
         &'static str,
@@ -117,7 +141,6 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         per_model(&mut out, (name, kind, help), values);
     }
     if let Ok(st) = state.requests.lock() {
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
         let _ = writeln!(
             out,
             "# HELP ferroformers_request_count answers by route and status\n\
@@ -127,6 +150,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             let _ = writeln!(
                 out,
                 "ferroformers_request_count{{route=\"{}\",status=\"{status}\"}} {n}",
+                esc(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferroformers_request_failure_total error answers by route and error_type\n\
+             # TYPE ferroformers_request_failure_total counter"
+        );
+        for ((route, kind), n) in &st.failures {
+            let _ = writeln!(
+                out,
+                "ferroformers_request_failure_total{{route=\"{}\",error_type=\"{kind}\"}} {n}",
                 esc(route)
             );
         }

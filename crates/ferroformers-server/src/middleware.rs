@@ -129,6 +129,13 @@ pub(crate) async fn observe(
     let status = resp.status().as_u16();
     if let Ok(mut st) = state.requests.lock() {
         *st.count.entry((route.clone(), status)).or_default() += 1;
+        if status >= 400 {
+            let kind = resp
+                .extensions()
+                .get::<ErrorKind>()
+                .map_or("Other", |k| k.0);
+            *st.failures.entry((route.clone(), kind)).or_default() += 1;
+        }
         st.duration.entry(route.clone()).or_default().observe(secs);
     }
     if state.log_requests {

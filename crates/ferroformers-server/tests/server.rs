@@ -1324,6 +1324,23 @@ fn queue_limit_timeout_and_request_metrics() {
     assert_eq!(status, 429, "{body}");
     assert!(body["error"].as_str().unwrap().contains("queue is full"));
     assert_eq!(first.join().unwrap().0, 200);
+    let (m, _) = metrics_of(&base, "minilm-st");
+    assert!(
+        m.contains(
+            "ferroformers_request_failure_total{route=\"/embed\",error_type=\"Overloaded\"} 1"
+        ),
+        "{m}"
+    );
+    // The first request waited its batch's 1.5 s in the queue; one pipeline call ran.
+    let series = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name) && l.contains("minilm-st"))
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+            .to_string()
+    };
+    assert!(series("ferroformers_queue_duration_seconds_count").ends_with(" 1"));
+    assert!(series("ferroformers_queue_duration_seconds_bucket{model").ends_with(" 0"));
+    assert!(series("ferroformers_inference_duration_seconds_count").ends_with(" 1"));
 
     let base = start_with(|c| {
         c.request_timeout = Some(std::time::Duration::from_millis(300));
@@ -1345,6 +1362,10 @@ fn queue_limit_timeout_and_request_metrics() {
         "{m}"
     );
     assert!(m.contains("ferroformers_request_duration_seconds_count{route=\"/embed\"} 1"));
+    assert!(
+        m.contains("ferroformers_request_failure_total{route=\"/embed\",error_type=\"Timeout\"} 1"),
+        "{m}"
+    );
     let dropped = m
         .lines()
         .find(|l| l.starts_with("ferroformers_dropped_requests_total") && l.contains("minilm-st"))
