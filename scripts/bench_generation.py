@@ -33,6 +33,8 @@ Engines (each run is its own child process, so peak RSS is per engine and per ru
   ours-f32   the CLI with FERROFORMERS_GGUF_DEQUANTIZE=1 (every matrix dequantized to f32 at load)
   ours-int8-bp  ours-int8 with FERROFORMERS_POOL=candle: the kernels split work on candle's
              barrier pool, as before our own pool (what the pool changes, e.g. under --busy)
+  ours-b, ours-int8-b  ours and ours-int8 with the binary given by --binary-b (e.g. a copy of
+             target/release/ferroformers built before a change): two builds in one alternation
   (FERROFORMERS_GGUF_MATH / FERROFORMERS_GGUF_DEQUANTIZE / FERROFORMERS_NO_VNNI / FERROFORMERS_NO_REPACK /
   FERROFORMERS_NO_SCREEN / FERROFORMERS_POOL from the caller's environment are
   dropped; each ours-* engine sets its own.)
@@ -139,7 +141,8 @@ BATCH_PROMPTS = [
     "A good night's sleep helps",
     "The ocean is home to",
 ]
-ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-full", "ours-int8-raw", "ours-int8-avx2", "ours-int8-bp", "ours-f32",
+ENGINE_KEYS = ["ours", "ours-int8", "ours-int8-full", "ours-int8-raw", "ours-int8-avx2", "ours-int8-bp",
+               "ours-b", "ours-int8-b", "ours-f32",
                "torch", "llama.cpp"]
 # What each ours-* engine sets; these variables are dropped from the caller's environment first.
 OURS_ENV = {
@@ -150,6 +153,8 @@ OURS_ENV = {
     "ours-int8-avx2": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_NO_VNNI": "1"},
     "ours-int8-bp": {"FERROFORMERS_GGUF_MATH": "int8", "FERROFORMERS_POOL": "candle"},
     "ours-f32": {"FERROFORMERS_GGUF_DEQUANTIZE": "1"},
+    "ours-b": {"FERROFORMERS_GGUF_MATH": "exact"},
+    "ours-int8-b": {"FERROFORMERS_GGUF_MATH": "int8"},
 }
 MARKER = "__FIRST_TOKEN__"
 
@@ -162,6 +167,8 @@ def engine_labels(quant):
         "ours-int8-raw": f"ferroformers ({quant} blocks, int8, raw rows, not packed)",
         "ours-int8-avx2": f"ferroformers ({quant} blocks, int8, AVX2 kernels only)",
         "ours-int8-bp": f"ferroformers ({quant} blocks, int8, candle's barrier pool)",
+        "ours-b": f"ferroformers --binary-b ({quant} blocks, exact)",
+        "ours-int8-b": f"ferroformers --binary-b ({quant} blocks, int8 activations)",
         "ours-f32": "ferroformers (f32)",
         "torch": "transformers (torch, f32)",
         "llama.cpp": f"llama.cpp ({quant})",
@@ -389,7 +396,10 @@ def run_ours(a, engine, mode, files, env, prompt_len=None):
     n = 1 if mode == "prompt" else a.new_tokens
     inp = (files[f"prompt{prompt_len}"] if mode == "prompt"
            else files["batch" if mode == "batch" else "single"])
-    cmd = [a.binary, "run", "text-generation", "--model", a.gguf, "--threads", a.threads,
+    binary = a.binary_b if engine.endswith("-b") else a.binary
+    if binary is None:
+        sys.exit(f"{engine} needs --binary-b")
+    cmd = [binary, "run", "text-generation", "--model", a.gguf, "--threads", a.threads,
            "--param", f"max_new_tokens={n}", "--param", f"min_new_tokens={n}",
            "--param", "do_sample=false", "--param", "return_full_text=false",
            "--input", inp]
@@ -457,6 +467,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1,
                     help="unrecorded runs per engine before the first repetition")
     ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "ferroformers"))
+    ap.add_argument("--binary-b", help="a second build (e.g. before a change), run by the "
+                    "ours-b and ours-int8-b engines in the same alternation")
     ap.add_argument("--gguf",
                     help="default: the hub-cache file that scripts/fetch-models.sh MODEL puts")
     ap.add_argument("--json", type=Path, help="also write all raw results here")

@@ -340,8 +340,8 @@ mod x86 {
         assert!(row.len() >= nb * bytes && x.q.len() >= nb * 256 && x.gsum.len() >= nb * 16);
         let (rp, xp, gp) = (row.as_ptr(), x.q.as_ptr(), x.gsum.as_ptr());
         let low = _mm512_set1_epi8(0x0F);
-        // Lanes 0..8 of the j-th product belong to group 2j, lanes 8..16 to group 2j + 1.
-        let pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // 16-bit lanes 0..16 of the j-th pair sums belong to group 2j, lanes 16..32 to 2j + 1.
+        let pair = lanes16(&PAIR16);
         // Q8_K's sums per 16 values: lanes 2g, 2g + 1 take group g's minimum.
         let halves = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
         let mut acc = _mm512_setzero_ps();
@@ -350,7 +350,7 @@ mod x86 {
             let blk = rp.add(b * bytes);
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let (sc, mn) = scales_mins_k4(blk.add(4));
-            let sc = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
+            let sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
             let mn = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64));
             let (qs, xb) = (blk.add(if Q5 { 48 } else { 16 }), xp.add(b * 256));
             // Q5_K's fifth bits: group 2j's in bit 2j of the lower 32 bytes, group 2j + 1's
@@ -373,12 +373,14 @@ mod x86 {
                     u = _mm512_mask_add_epi8(u, set, u, _mm512_set1_epi8(16));
                 }
                 let xv = _mm512_loadu_si512(xb.add(64 * j) as *const __m512i);
-                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-                let s = _mm512_permutexvar_epi32(
-                    _mm512_add_epi32(pair, _mm512_set1_epi32(2 * j as i32)),
+                // Pair sums in 16 bits (at most 31 * 128 * 2), then times their group's
+                // scale, summed in pairs into 32 bits.
+                let p = _mm512_maddubs_epi16(u, xv);
+                let s = _mm512_permutexvar_epi16(
+                    _mm512_add_epi16(pair, _mm512_set1_epi16(2 * j as i16)),
                     sc,
                 );
-                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
+                isum = _mm512_dpwssd_epi32(isum, p, s);
             }
             let dx = x.d[b];
             acc = _mm512_fmadd_ps(
@@ -411,6 +413,7 @@ mod x86 {
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let xb = xp.add(b * 256);
             let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i));
+            let sc16 = scales16_i8(blk.add(192));
             // The offset of 32: 32 * sum(sc[g] * gsum[g]), taken off in i32.
             let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
             let mut isum = _mm512_sub_epi32(
@@ -433,7 +436,7 @@ mod x86 {
                 );
                 isum = _mm512_add_epi32(
                     isum,
-                    scaled_pairs([a, c], xb.add(128 * n), sc, 8 * n as i32),
+                    scaled_pairs([a, c], xb.add(128 * n), sc16, 8 * n as i32),
                 );
             }
             let d = x.d[b] * half(blk.add(208));
@@ -454,22 +457,53 @@ mod x86 {
         ]
     }
 
-    /// `sum(sc[g] * dpbusd(v_h, x_h))` over the two 64-value halves of 128 values whose 16-value
-    /// groups start at `first` (lane l of a product belongs to group `first + 4h + l / 4`).
+    /// `sum(sc[g] * v * x)` over the two 64-value halves of 128 values (unsigned, at most 63)
+    /// whose 16-value groups start at `first`; `sc16` holds the 16 scales as 16-bit lanes.
+    /// The pair sums stay in 16 bits (at most 63 * 128 * 2); 16-bit lane l of half h belongs
+    /// to group `first + 4h + l / 8`, and its scale is applied by `vpdpwssd`.
     #[inline(always)]
-    unsafe fn scaled_pairs(v: [__m512i; 2], xb: *const i8, sc: __m512i, first: i32) -> __m512i {
-        let quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    unsafe fn scaled_pairs(v: [__m512i; 2], xb: *const i8, sc16: __m512i, first: i32) -> __m512i {
+        let quarter = lanes16(&QUARTER16);
         let mut isum = _mm512_setzero_si512();
         for (h, v) in v.into_iter().enumerate() {
             let xv = _mm512_loadu_si512(xb.add(64 * h) as *const __m512i);
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-            let idx = _mm512_add_epi32(quarter, _mm512_set1_epi32(first + 4 * h as i32));
-            isum = _mm512_add_epi32(
-                isum,
-                _mm512_mullo_epi32(p, _mm512_permutexvar_epi32(idx, sc)),
-            );
+            let p = _mm512_maddubs_epi16(v, xv);
+            let idx = _mm512_add_epi16(quarter, _mm512_set1_epi16((first + 4 * h as i32) as i16));
+            isum = _mm512_dpwssd_epi32(isum, p, _mm512_permutexvar_epi16(idx, sc16));
         }
         isum
+    }
+
+    /// 32 16-bit lanes from a table.
+    #[inline(always)]
+    unsafe fn lanes16(t: &[i16; 32]) -> __m512i {
+        _mm512_loadu_si512(t.as_ptr() as *const __m512i)
+    }
+
+    /// Group index (less the first) of each 16-bit lane of 64 values in groups of 32 / of 16.
+    static PAIR16: [i16; 32] = {
+        let mut t = [0i16; 32];
+        let mut i = 16;
+        while i < 32 {
+            t[i] = 1;
+            i += 1;
+        }
+        t
+    };
+    static QUARTER16: [i16; 32] = {
+        let mut t = [0i16; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = (i / 8) as i16;
+            i += 1;
+        }
+        t
+    };
+
+    /// 16 signed 8-bit scales as 16-bit lanes (the low half of a vector).
+    #[inline(always)]
+    unsafe fn scales16_i8(p: *const u8) -> __m512i {
+        _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)))
     }
 
     /// Q3_K (110-byte superblocks: high-bit mask, 2-bit values, 16 packed 6-bit scales, `d`)
@@ -491,6 +525,7 @@ mod x86 {
                 12,
             ));
             let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(scales.as_ptr() as *const __m128i));
+            let sc16 = scales16_i8(scales.as_ptr() as *const u8);
             let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
             let mut isum = _mm512_sub_epi32(
                 _mm512_setzero_si512(),
@@ -507,7 +542,7 @@ mod x86 {
                     let bit = _mm512_set1_epi8(1 << (4 * n + 2 * p));
                     *v = _mm512_mask_add_epi8(*v, _mm512_test_epi8_mask(hm, bit), *v, four);
                 }
-                isum = _mm512_add_epi32(isum, scaled_pairs(v, xb.add(128 * n), sc, 8 * n as i32));
+                isum = _mm512_add_epi32(isum, scaled_pairs(v, xb.add(128 * n), sc16, 8 * n as i32));
             }
             let d = x.d[b] * half(blk.add(108));
             acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
@@ -529,7 +564,7 @@ mod x86 {
             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
             let xb = xp.add(b * 256);
             let packed = _mm_loadu_si128(blk as *const __m128i);
-            let sc = _mm512_cvtepu8_epi32(_mm_and_si128(packed, low));
+            let sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(packed, low)));
             let mn = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(packed), low));
             let gs = _mm512_loadu_si512(gp.add(b * 16) as *const __m512i);
             let mut isum = _mm512_setzero_si512();
@@ -537,7 +572,7 @@ mod x86 {
                 let q = _mm256_loadu_si256(blk.add(16 + 32 * n) as *const __m256i);
                 isum = _mm512_add_epi32(
                     isum,
-                    scaled_pairs(crumb_pairs(q), xb.add(128 * n), sc, 8 * n as i32),
+                    scaled_pairs(crumb_pairs(q), xb.add(128 * n), sc16, 8 * n as i32),
                 );
             }
             let dx = x.d[b];
