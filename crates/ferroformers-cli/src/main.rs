@@ -94,18 +94,20 @@ struct RunArgs {
     /// f32, f16 or bf16. On CPU, bf16 runs encoder models' products in bf16 with f32 sums
     /// (AVX512-BF16; f32 with a warning on CPUs without it). On a GPU the default is the
     /// checkpoint's, as transformers' torch_dtype="auto".
-    #[arg(long, value_name = "DTYPE", value_parser = ["f32", "float32", "f16", "float16", "bf16", "bfloat16"])]
-    dtype: Option<String>,
+    #[arg(long, value_name = "DTYPE", value_parser = names(DTYPES, parse_dtype))]
+    dtype: Option<DType>,
     /// GGUF models on CPU: round activations to 8 bits per block with integer products as
     /// llama.cpp does (int8, the default; FERROFORMERS_GGUF_MATH sets it too), or keep them
     /// f32 for transformers' exact numbers (exact).
-    #[arg(long, value_name = "MODE", value_parser = ["int8", "exact"])]
-    gguf_math: Option<String>,
+    #[arg(long, value_name = "MODE",
+          value_parser = names(ferroformers::QuantMath::NAMES, ferroformers::QuantMath::parse))]
+    gguf_math: Option<ferroformers::QuantMath>,
     /// int8: encoder models (BERT, DistilBERT, RoBERTa, XLM-RoBERTa) on CPU run their linear
     /// products in 8-bit integers (dynamic quantization, as ONNX Runtime's quantize_dynamic);
     /// faster, slightly different numbers.
-    #[arg(long, value_name = "MODE", value_parser = ["int8"])]
-    quantize: Option<String>,
+    #[arg(long, value_name = "MODE",
+          value_parser = names(ferroformers::Quantize::NAMES, ferroformers::Quantize::parse))]
+    quantize: Option<ferroformers::Quantize>,
     /// Read inputs from a JSONL file (`-`: standard input).
     #[arg(long, value_name = "FILE.jsonl")]
     input: Option<String>,
@@ -115,6 +117,30 @@ struct RunArgs {
     /// text-generation: print text as it is generated.
     #[arg(long)]
     stream: bool,
+}
+
+/// `--dtype`'s spellings, as [`parse_dtype`] reads them.
+const DTYPES: &[&str] = &["f32", "float32", "f16", "float16", "bf16", "bfloat16"];
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    match s {
+        "f32" | "float32" => Some(DType::F32),
+        "f16" | "float16" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// A value parser that offers `names` (listed in `--help`, with clap's suggestions for typos)
+/// and gives what `parse` makes of the one chosen: one list for the CLI and the library.
+fn names<T: Clone + Send + Sync + 'static>(
+    names: &'static [&'static str],
+    parse: fn(&str) -> Option<T>,
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names).try_map(move |s: String| {
+        parse(&s).ok_or_else(|| format!("`{s}` is not one of {}", names.join(", ")))
+    })
 }
 
 /// `--param KEY=VALUE`.
@@ -158,21 +184,11 @@ fn check_run(a: RunArgs) -> Result<Run, String> {
     if let Some(d) = &a.device {
         opts.device = parse_device(d)?;
     }
-    if let Some(d) = &a.dtype {
-        opts.dtype = match d.as_str() {
-            "f16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::BF16,
-            _ => DType::F32,
-        };
+    if let Some(d) = a.dtype {
+        opts.dtype = d;
     }
-    opts.gguf_math = a
-        .gguf_math
-        .as_deref()
-        .and_then(ferroformers::QuantMath::parse);
-    opts.quantize = a
-        .quantize
-        .as_deref()
-        .and_then(ferroformers::Quantize::parse);
+    opts.gguf_math = a.gguf_math;
+    opts.quantize = a.quantize;
     if !opts.device.is_cpu() {
         // On a GPU, as transformers' `torch_dtype="auto"`: the checkpoint's dtype (bf16 for a
         // bf16 checkpoint), and batches that fill it.

@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// itself runs alone.
     #[arg(long, env, value_name = "TOKENS", default_value_t = Config::default().max_batch_tokens, allow_negative_numbers = true)]
     max_batch_tokens: usize,
+    /// Encoder routes: inputs longer than the model's limit are cut (true) or refused with 422
+    /// (false) when a request does not say `truncate` (TEI's --auto-truncate, whose default is
+    /// false).
+    #[arg(long, env, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true",
+          default_value_t = Config::default().auto_truncate, action = clap::ArgAction::Set)]
+    auto_truncate: bool,
     /// Encoder tasks: how long a batch's first request waits for others to join.
     #[arg(
         long,
@@ -143,6 +149,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         max_client_batch_size: a.max_client_batch_size,
         max_batch_inputs: a.max_batch_inputs,
         max_batch_tokens: a.max_batch_tokens,
+        auto_truncate: a.auto_truncate,
         max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
         max_batch_total_tokens: a.max_batch_total_tokens,
         max_concurrent_requests: a.max_concurrent_requests,

@@ -236,20 +236,14 @@ impl Worker<'_> {
         stats
             .batched_requests
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        let inputs: usize = jobs.iter().map(|j| j.inputs.len()).sum();
-        stats
-            .batched_inputs
-            .fetch_add(inputs as u64, Ordering::Relaxed);
-        stats
-            .largest_batch
-            .fetch_max(inputs as u64, Ordering::Relaxed);
-        let tokens: usize = jobs.iter().map(|j| j.tokens).sum();
-        stats
-            .batched_tokens
-            .fetch_add(tokens as u64, Ordering::Relaxed);
-        stats
-            .largest_batch_tokens
-            .fetch_max(tokens as u64, Ordering::Relaxed);
+        let count = |total: &AtomicU64, largest: &AtomicU64, n: usize| {
+            total.fetch_add(n as u64, Ordering::Relaxed);
+            largest.fetch_max(n as u64, Ordering::Relaxed);
+        };
+        let inputs = jobs.iter().map(|j| j.inputs.len()).sum();
+        count(&stats.batched_inputs, &stats.largest_batch, inputs);
+        let tokens = jobs.iter().map(|j| j.tokens).sum();
+        count(&stats.batched_tokens, &stats.largest_batch_tokens, tokens);
         let start = std::time::Instant::now();
         if let Ok(mut d) = stats.durations.lock() {
             for j in &jobs {

@@ -104,6 +104,10 @@ pub struct Config {
     /// limit) the requests merged into one pipeline call may hold together (TEI's
     /// `--max-batch-tokens`); a request over it by itself runs alone.
     pub max_batch_tokens: usize,
+    /// Encoder routes: a request that does not say `truncate` has its over-long inputs cut at
+    /// the model's limit (true, the default) or refused with 422 (false); TEI's
+    /// `--auto-truncate` (whose default is false).
+    pub auto_truncate: bool,
     /// How long a batch's first request waits for others to join (default 0: a batch is
     /// whatever is queued when the model is free).
     pub max_batch_wait: std::time::Duration,
@@ -146,6 +150,7 @@ impl Default for Config {
             max_client_batch_size: 32,
             max_batch_inputs: 128,
             max_batch_tokens: 16_384,
+            auto_truncate: true,
             max_batch_wait: std::time::Duration::ZERO,
             max_batch_total_tokens: 32_768,
             admission: Default::default(),
@@ -172,8 +177,23 @@ struct Served {
     speech: Option<Speech>,
     /// Its config's label count (0 when it has none): `/rerank` takes a one-label classifier.
     num_labels: usize,
-    /// `tokenizer` without truncation, made on `/tokenize`'s first use.
+    /// `tokenizer` without truncation, made on first use (`/tokenize`, length checks).
     untruncated: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// The most tokens of an input the pipeline keeps (the tokenizer's limit, or
+    /// sentence-transformers' `max_seq_length` for an embedding model).
+    max_input: Option<usize>,
+}
+
+impl Served {
+    /// The model's tokenizer without truncation.
+    fn untruncated(&self) -> Option<&tokenizers::Tokenizer> {
+        let tok = self.tokenizer.as_ref()?;
+        Some(self.untruncated.get_or_init(|| {
+            let mut t = tok.inner().clone();
+            let _ = t.with_truncation(None);
+            t
+        }))
+    }
 }
 
 struct AppState {
@@ -182,6 +202,7 @@ struct AppState {
     /// `--payload-limit` (named in the audio routes' 413).
     payload_limit: usize,
     max_client_batch_size: usize,
+    auto_truncate: bool,
     /// The encoder batches' limits (`/info`).
     batch_limits: batch::Limits,
     /// Requests running or waiting (the POST routes), against `max_concurrent_requests`.
@@ -346,6 +367,17 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         }
         Err(_) => None,
     };
+    let st_limit = (task == "sentence-embeddings")
+        .then(|| {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(dir.join("sentence_bert_config.json")).ok()?)
+                    .ok()?;
+            Some(v.get("max_seq_length")?.as_u64()? as usize)
+        })
+        .flatten();
+    let max_input = tokenizer
+        .as_ref()
+        .map(|t| st_limit.map_or(t.max_length, |s| s.min(t.max_length)));
     let pipe = Arc::new(pipe);
     let batcher = (task != "text-generation").then(|| {
         let aborting = o.aborting.clone();
@@ -360,6 +392,7 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         speech,
         num_labels,
         untruncated: std::sync::OnceLock::new(),
+        max_input,
     })
 }
 
@@ -404,6 +437,7 @@ impl Server {
             api_key: cfg.api_key.clone(),
             payload_limit: cfg.payload_limit,
             max_client_batch_size: cfg.max_client_batch_size,
+            auto_truncate: cfg.auto_truncate,
             batch_limits: opts.limits,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_concurrent_requests: cfg.max_concurrent_requests.max(1),

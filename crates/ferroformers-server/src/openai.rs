@@ -62,6 +62,8 @@ pub(crate) async fn openai_embeddings(
                 state.max_client_batch_size
             )));
         }
+        // As TEI's OpenAI route: over-long inputs follow `--auto-truncate`.
+        check_lengths(&state, m, None, &inputs)?;
         let mut params = Params::new();
         params.insert("normalize".into(), json!(true));
         let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;

@@ -44,12 +44,10 @@ pub(crate) async fn tei_embed(
     let m = embedder(&state, None)?;
     let index = index_of(&state, m);
     let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    unsupported_options(&v)?;
+    check_lengths(&state, m, v.get("truncate"), &inputs)?;
     let mut params = Params::new();
-    let normalize = match v.get("normalize") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::validation("`normalize` must be true or false")),
-    };
+    let normalize = flag(&v, "normalize", true)?;
     params.insert("normalize".into(), json!(normalize));
     let out = run(&state, index, inputs, params).await?;
     Ok(axum::Json(embeddings_of(out)?).into_response())
@@ -95,6 +93,8 @@ pub(crate) async fn tei_predict(
         .map(|x| as_input(x).ok_or_else(|| ApiError::validation("each input is a text or a pair")))
         .collect::<Result<Vec<_>, _>>()?;
     let (inputs, _) = inputs_of(Some(&Value::Array(items)), state.max_client_batch_size)?;
+    unsupported_options(&v)?;
+    check_lengths(&state, m, v.get("truncate"), &inputs)?;
     let mut params = Params::new();
     params.insert("top_k".into(), Value::Null);
     if v.get("raw_scores").and_then(Value::as_bool) == Some(true) {
@@ -104,9 +104,56 @@ pub(crate) async fn tei_predict(
     outputs_json(&out, many)
 }
 
+/// A boolean field of the body: `default` when absent or null.
+fn flag(v: &Value, name: &str, default: bool) -> Result<bool, ApiError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::validation(format!(
+            "`{name}` must be true or false"
+        ))),
+    }
+}
+
+/// TEI's `truncate` (`t`: absent or null -> `--auto-truncate`): when false, an input longer
+/// than the model's limit is refused with 422 naming the limit, instead of cut.
+pub(crate) fn check_lengths(
+    state: &AppState,
+    m: &Served,
+    t: Option<&Value>,
+    inputs: &[Input],
+) -> Result<(), ApiError> {
+    let truncate = match t {
+        None | Some(Value::Null) => state.auto_truncate,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::validation("`truncate` must be true or false")),
+    };
+    let (Some(max), Some(tok), false) = (m.max_input, m.untruncated(), truncate) else {
+        return Ok(());
+    };
+    for (i, input) in inputs.iter().enumerate() {
+        let enc = match input {
+            Input::Text(t) => tok.encode(t.as_str(), true),
+            Input::TextPair { text, text_pair } => {
+                tok.encode((text.as_str(), text_pair.as_str()), true)
+            }
+            _ => continue,
+        };
+        let n = enc
+            .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?
+            .len();
+        if n > max {
+            return Err(ApiError::validation(format!(
+                "input {i} has {n} tokens, more than the model's limit of {max}: shorten it, \
+                 or send `truncate: true` to cut it"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// TEI's request options that change what is computed and that this server does not offer:
-/// a `prompt_name` (sentence-transformers prompts) and left truncation. `truncate` is accepted
-/// either way: inputs are always cut at the model's limit, as TEI's `--auto-truncate` does.
+/// a `prompt_name` (sentence-transformers prompts) and left truncation.
 fn unsupported_options(v: &Value) -> Result<(), ApiError> {
     if !matches!(v.get("prompt_name"), None | Some(Value::Null)) {
         return Err(ApiError::validation(
@@ -168,8 +215,10 @@ pub(crate) async fn tei_embed_all(
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
     unsupported_options(&v)?;
-    let index = index_of(&state, embedder(&state, None)?);
+    let m = embedder(&state, None)?;
+    let index = index_of(&state, m);
     let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    check_lengths(&state, m, v.get("truncate"), &inputs)?;
     let mut params = Params::new();
     params.insert("pooling".into(), json!("none"));
     let out = run(&state, index, inputs, params).await?;
@@ -177,11 +226,9 @@ pub(crate) async fn tei_embed_all(
         .into_iter()
         .map(|o| match o {
             Output::Features(mut f) if f.len() == 1 => Ok(f.remove(0)),
-            other => Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Backend",
-                format!("the pipeline gave {other:?}, not token embeddings"),
-            )),
+            other => Err(ApiError::backend(format!(
+                "the pipeline gave {other:?}, not token embeddings"
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(axum::Json(tokens).into_response())
@@ -195,13 +242,15 @@ pub(crate) async fn tei_similarity(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
-    if let Some(p) = v.get("parameters").filter(|p| !p.is_null()) {
+    let p = v.get("parameters").filter(|p| !p.is_null());
+    if let Some(p) = p {
         if !p.is_object() {
             return Err(ApiError::validation("`parameters` must be an object"));
         }
         unsupported_options(p)?;
     }
-    let index = index_of(&state, embedder(&state, None)?);
+    let m = embedder(&state, None)?;
+    let index = index_of(&state, m);
     let inputs = v.get("inputs").filter(|i| i.is_object()).ok_or_else(|| {
         ApiError::validation("`inputs` must be an object {source_sentence, sentences}")
     })?;
@@ -219,6 +268,7 @@ pub(crate) async fn tei_similarity(
         .chain(sentences)
         .map(Input::Text)
         .collect();
+    check_lengths(&state, m, p.and_then(|p| p.get("truncate")), &all)?;
     let mut params = Params::new();
     params.insert("normalize".into(), json!(true));
     let vecs = embeddings_of(run(&state, index, all, params).await?)?;
@@ -259,20 +309,15 @@ pub(crate) async fn tei_rerank(
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
     unsupported_options(&v)?;
-    let flag = |name: &str| match v.get(name) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ApiError::validation(format!(
-            "`{name}` must be true or false"
-        ))),
-    };
-    let (raw_scores, return_text) = (flag("raw_scores")?, flag("return_text")?);
+    let raw_scores = flag(&v, "raw_scores", false)?;
+    let return_text = flag(&v, "return_text", false)?;
     let query = v
         .get("query")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::validation("`query` must be a string"))?;
     let texts = texts(v.get("texts"), "texts", state.max_client_batch_size)?;
-    let index = index_of(&state, reranker(&state)?);
+    let m = reranker(&state)?;
+    let index = index_of(&state, m);
     let inputs: Vec<Input> = texts
         .iter()
         .map(|t| Input::TextPair {
@@ -280,6 +325,7 @@ pub(crate) async fn tei_rerank(
             text_pair: t.clone(),
         })
         .collect();
+    check_lengths(&state, m, v.get("truncate"), &inputs)?;
     let mut params = Params::new();
     let f = if raw_scores { "none" } else { "sigmoid" };
     params.insert("function_to_apply".into(), json!(f));
@@ -343,24 +389,12 @@ pub(crate) async fn tei_tokenize(
     let v = json_body(&headers, body)?;
     unsupported_options(&v)?;
     let (m, tok) = tokenizer_of(&state, &v)?;
-    let add_special = match v.get("add_special_tokens") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::validation(
-                "`add_special_tokens` must be true or false",
-            ))
-        }
-    };
+    let add_special = flag(&v, "add_special_tokens", true)?;
     let inputs = match v.get("inputs") {
         Some(Value::String(s)) => vec![s.clone()],
         other => texts(other, "inputs", state.max_client_batch_size)?,
     };
-    let untruncated = m.untruncated.get_or_init(|| {
-        let mut t = tok.inner().clone();
-        let _ = t.with_truncation(None);
-        t
-    });
+    let untruncated = m.untruncated().unwrap_or(tok.inner());
     let tokenized = inputs
         .iter()
         .map(|input| {
@@ -399,15 +433,7 @@ pub(crate) async fn tei_decode(
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
     let (_, tok) = tokenizer_of(&state, &v)?;
-    let skip = match v.get("skip_special_tokens") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::validation(
-                "`skip_special_tokens` must be true or false",
-            ))
-        }
-    };
+    let skip = flag(&v, "skip_special_tokens", true)?;
     let bad = || ApiError::validation("`ids` must be a list of token ids or a list of such lists");
     let id_list = |x: &Value| -> Result<Vec<u32>, ApiError> {
         x.as_array()

@@ -873,6 +873,55 @@ fn tei_embed_all_and_similarity() {
     assert_eq!(status, 413);
 }
 
+/// TEI's `truncate`: an over-long input is cut unless the request (or, when it does not say,
+/// `--auto-truncate false`) asks for a refusal, which is 422 naming the limit
+/// (sentence-transformers' `max_seq_length`, 48, for the embedding model).
+#[test]
+fn tei_truncate_cuts_or_refuses() {
+    let long = "word ".repeat(60);
+    let base = start();
+    let embed = format!("{base}/embed");
+    let (status, _) = post_json(&embed, json!({"inputs": long}));
+    assert_eq!(status, 200);
+    let (status, body) = post_json(
+        &embed,
+        json!({"inputs": ["short", long], "truncate": false}),
+    );
+    assert_eq!(status, 422, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("input 1") && msg.contains("limit of 48"),
+        "{msg}"
+    );
+    let (status, _) = post_json(&embed, json!({"inputs": "short", "truncate": false}));
+    assert_eq!(status, 200);
+    let (status, body) = post_json(&embed, json!({"inputs": "x", "truncate": "no"}));
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = post_json(
+        &format!("{base}/predict"),
+        json!({"inputs": "word ".repeat(600), "truncate": false}),
+    );
+    assert_eq!(status, 422, "{body}");
+    let base = start_with(|c| c.auto_truncate = false);
+    for (route, body) in [
+        ("/embed", json!({"inputs": long})),
+        ("/embed_all", json!({"inputs": long})),
+        ("/v1/embeddings", json!({"input": long})),
+        (
+            "/similarity",
+            json!({"inputs": {"source_sentence": long, "sentences": ["a"]}}),
+        ),
+    ] {
+        let (status, answer) = post_json(&format!("{base}{route}"), body.clone());
+        assert_eq!(status, 422, "{route}: {answer}");
+    }
+    let (status, _) = post_json(
+        &format!("{base}/embed"),
+        json!({"inputs": long, "truncate": true}),
+    );
+    assert_eq!(status, 200);
+}
+
 /// TEI's `/rerank` on a one-label classifier: each (query, text) pair's score (sigmoid of the
 /// logit, or the logit with `raw_scores`) as the pipeline gives it, best first; a server
 /// whose classifier has several labels says it has no re-ranker.

@@ -962,7 +962,6 @@ impl Progress {
             Some(t) if t > 0 => (indicatif::ProgressBar::new(t), SIZED_BAR),
             _ => (indicatif::ProgressBar::no_length(), UNSIZED_BAR),
         };
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("## "));
         }

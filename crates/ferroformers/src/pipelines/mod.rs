@@ -273,6 +273,9 @@ pub enum Quantize {
 }
 
 impl Quantize {
+    /// The spellings [`Quantize::parse`] takes (what the CLI offers).
+    pub const NAMES: &'static [&'static str] = &["int8", "qint8"];
+
     /// `int8` (the CLI's and the server's spelling).
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {

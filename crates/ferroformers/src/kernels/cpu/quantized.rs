@@ -33,6 +33,9 @@ pub enum QuantMath {
 }
 
 impl QuantMath {
+    /// The spellings [`QuantMath::parse`] takes (what the CLI offers).
+    pub const NAMES: &'static [&'static str] = &["int8", "exact", "q8", "f32"];
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "exact" | "f32" => Some(QuantMath::Exact),
@@ -905,6 +908,16 @@ mod tests {
     use super::super::max_abs_diff;
     use super::*;
     use candle_core::Device;
+
+    /// Every spelling the CLI offers parses.
+    #[test]
+    fn offered_names_parse() {
+        assert!(QuantMath::NAMES
+            .iter()
+            .all(|n| QuantMath::parse(n).is_some()));
+        use crate::pipelines::Quantize;
+        assert!(Quantize::NAMES.iter().all(|n| Quantize::parse(n).is_some()));
+    }
 
     const ALL: [GgmlDType; 12] = [
         GgmlDType::Q4_0,
