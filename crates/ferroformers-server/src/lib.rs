@@ -816,16 +816,18 @@ pub(crate) fn input_items(v: Option<&Value>, max: usize) -> Result<(Vec<&Value>,
         return Err(ApiError::validation("`inputs` cannot be empty"));
     }
     if items.len() > max {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Validation",
-            format!(
-                "batch size {} > maximum allowed batch size {max}",
-                items.len()
-            ),
-        ));
+        return Err(too_many(items.len(), max));
     }
     Ok((items, many))
+}
+
+/// 413 for `n` inputs where at most `max` are allowed (TEI's wording).
+pub(crate) fn too_many(n: usize, max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Validation",
+        format!("batch size {n} > maximum allowed batch size {max}"),
+    )
 }
 
 /// An optional request count (absent or null: 0) that must be an integer from 0 to `max`

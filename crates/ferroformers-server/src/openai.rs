@@ -63,7 +63,7 @@ pub(crate) async fn openai_embeddings(
             )));
         }
         // As TEI's OpenAI route: over-long inputs follow `--auto-truncate`.
-        check_lengths(&state, m, None, &inputs)?;
+        check_lengths(&state, m, &Value::Null, &inputs)?;
         let mut params = Params::new();
         params.insert("normalize".into(), json!(true));
         let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;

@@ -45,7 +45,7 @@ pub(crate) async fn tei_embed(
     let index = index_of(&state, m);
     let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
     unsupported_options(&v)?;
-    check_lengths(&state, m, v.get("truncate"), &inputs)?;
+    check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
     let normalize = flag(&v, "normalize", true)?;
     params.insert("normalize".into(), json!(normalize));
@@ -94,7 +94,7 @@ pub(crate) async fn tei_predict(
         .collect::<Result<Vec<_>, _>>()?;
     let (inputs, _) = inputs_of(Some(&Value::Array(items)), state.max_client_batch_size)?;
     unsupported_options(&v)?;
-    check_lengths(&state, m, v.get("truncate"), &inputs)?;
+    check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
     params.insert("top_k".into(), Value::Null);
     if v.get("raw_scores").and_then(Value::as_bool) == Some(true) {
@@ -115,19 +115,15 @@ fn flag(v: &Value, name: &str, default: bool) -> Result<bool, ApiError> {
     }
 }
 
-/// TEI's `truncate` (`t`: absent or null -> `--auto-truncate`): when false, an input longer
+/// TEI's `truncate` in `v` (absent or null -> `--auto-truncate`): when false, an input longer
 /// than the model's limit is refused with 422 naming the limit, instead of cut.
 pub(crate) fn check_lengths(
     state: &AppState,
     m: &Served,
-    t: Option<&Value>,
+    v: &Value,
     inputs: &[Input],
 ) -> Result<(), ApiError> {
-    let truncate = match t {
-        None | Some(Value::Null) => state.auto_truncate,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::validation("`truncate` must be true or false")),
-    };
+    let truncate = flag(v, "truncate", state.auto_truncate)?;
     let (Some(max), Some(tok), false) = (m.max_input, m.untruncated(), truncate) else {
         return Ok(());
     };
@@ -198,14 +194,6 @@ fn texts(v: Option<&Value>, what: &str, max: usize) -> Result<Vec<String>, ApiEr
         .collect()
 }
 
-fn too_many(n: usize, max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "Validation",
-        format!("batch size {n} > maximum allowed batch size {max}"),
-    )
-}
-
 /// TEI `/embed_all`: `{inputs}` -> for each input, every token's last hidden state (special
 /// tokens included, no pooling, not normalized), cut at the model's limit.
 pub(crate) async fn tei_embed_all(
@@ -218,7 +206,7 @@ pub(crate) async fn tei_embed_all(
     let m = embedder(&state, None)?;
     let index = index_of(&state, m);
     let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
-    check_lengths(&state, m, v.get("truncate"), &inputs)?;
+    check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
     params.insert("pooling".into(), json!("none"));
     let out = run(&state, index, inputs, params).await?;
@@ -268,7 +256,7 @@ pub(crate) async fn tei_similarity(
         .chain(sentences)
         .map(Input::Text)
         .collect();
-    check_lengths(&state, m, p.and_then(|p| p.get("truncate")), &all)?;
+    check_lengths(&state, m, p.unwrap_or(&Value::Null), &all)?;
     let mut params = Params::new();
     params.insert("normalize".into(), json!(true));
     let vecs = embeddings_of(run(&state, index, all, params).await?)?;
@@ -325,7 +313,7 @@ pub(crate) async fn tei_rerank(
             text_pair: t.clone(),
         })
         .collect();
-    check_lengths(&state, m, v.get("truncate"), &inputs)?;
+    check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
     let f = if raw_scores { "none" } else { "sigmoid" };
     params.insert("function_to_apply".into(), json!(f));
