@@ -177,23 +177,9 @@ struct Served {
     speech: Option<Speech>,
     /// Its config's label count (0 when it has none): `/rerank` takes a one-label classifier.
     num_labels: usize,
-    /// `tokenizer` without truncation, made on first use (`/tokenize`, length checks).
-    untruncated: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The most tokens of an input the pipeline keeps (the tokenizer's limit, or
     /// sentence-transformers' `max_seq_length` for an embedding model).
     max_input: Option<usize>,
-}
-
-impl Served {
-    /// The model's tokenizer without truncation.
-    fn untruncated(&self) -> Option<&tokenizers::Tokenizer> {
-        let tok = self.tokenizer.as_ref()?;
-        Some(self.untruncated.get_or_init(|| {
-            let mut t = tok.inner().clone();
-            let _ = t.with_truncation(None);
-            t
-        }))
-    }
 }
 
 struct AppState {
@@ -366,7 +352,10 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
             ferroformers::tokenizer::Tokenizer::from_dir(&dir, "whisper", Some(448)).ok()
         }
         Err(_) => None,
-    };
+    }
+    // A GGUF file has no tokenizer files beside it: the one the pipeline built from its
+    // vocabulary.
+    .or_else(|| pipe.tokenizer().cloned());
     let st_limit = (task == "sentence-embeddings")
         .then(|| {
             let v: Value =
@@ -391,7 +380,6 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         batcher,
         speech,
         num_labels,
-        untruncated: std::sync::OnceLock::new(),
         max_input,
     })
 }

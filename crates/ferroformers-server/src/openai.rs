@@ -102,8 +102,11 @@ pub(crate) async fn openai_models(State(state): State<Arc<AppState>>) -> Respons
 
 /// OpenAI's sampling fields as generation parameters: `max_tokens` (or
 /// `max_completion_tokens`; default 256) -> `max_new_tokens`, `temperature` (default 1; 0 means
-/// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`. `n` other than 1
-/// is refused.
+/// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`,
+/// `frequency_penalty`, `presence_penalty` and `logit_bias` as vLLM applies them, and vLLM's
+/// extra fields `top_k` (-1 or 0: all), `min_p`, `repetition_penalty` and `min_tokens`.
+/// Fields whose meaning this server does not implement (`n` other than 1, `best_of`, `echo`,
+/// `suffix`, `tools`, a `response_format` other than text) are refused, never ignored.
 pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     let mut p = Params::new();
     let num = |k: &str| -> Result<Option<f64>, ApiError> {
@@ -161,8 +164,94 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     if num("n")?.is_some_and(|n| n != 1.0) {
         return Err(ApiError::validation("only `n: 1` is supported"));
     }
+    for (field, to) in [
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
+        ("repetition_penalty", "repetition_penalty"),
+        ("min_p", "min_p"),
+    ] {
+        if let Some(x) = num(field)? {
+            p.insert(to.into(), json!(x));
+        }
+    }
+    if let Some(k) = num("top_k")? {
+        if k.fract() != 0.0 || k < -1.0 {
+            return Err(ApiError::validation(
+                "`top_k` must be a whole number, -1 or 0 for all tokens",
+            ));
+        }
+        if temperature != 0.0 {
+            p.insert("top_k".into(), json!(k.max(0.0) as u64));
+        }
+    }
+    if let Some(n) = num("min_tokens")? {
+        if n.fract() != 0.0 || n < 0.0 {
+            return Err(ApiError::validation(
+                "`min_tokens` must be a whole number >= 0",
+            ));
+        }
+        p.insert("min_new_tokens".into(), json!(n as u64));
+    }
+    match v.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            p.insert("logit_bias".into(), Value::Object(m.clone()));
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`logit_bias` must be an object of token ids to numbers",
+            ))
+        }
+    }
+    refuse_unsupported(v)?;
     p.insert("return_full_text".into(), json!(false));
     Ok(p)
+}
+
+/// OpenAI fields this server does not implement, refused when they ask for something (their
+/// neutral values pass): a client must not get plain text where it asked for JSON or a tool
+/// call.
+fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
+    let set = |k: &str| !matches!(v.get(k), None | Some(Value::Null));
+    if v.get("best_of")
+        .and_then(Value::as_f64)
+        .is_some_and(|b| b != 1.0)
+        || (set("best_of") && !v["best_of"].is_number())
+    {
+        return Err(ApiError::validation("only `best_of: 1` is supported"));
+    }
+    if !matches!(
+        v.get("echo"),
+        None | Some(Value::Null) | Some(Value::Bool(false))
+    ) {
+        return Err(ApiError::validation(
+            "`echo` is not supported by this server",
+        ));
+    }
+    if set("suffix") {
+        return Err(ApiError::validation(
+            "`suffix` is not supported by this server",
+        ));
+    }
+    if matches!(v.get("tools"), Some(Value::Array(a)) if !a.is_empty())
+        || (set("tools") && !v["tools"].is_array())
+        || set("functions")
+    {
+        return Err(ApiError::validation(
+            "`tools` (function calling) is not supported by this server",
+        ));
+    }
+    match v.get("response_format") {
+        None | Some(Value::Null) => {}
+        Some(f) if f.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(f) => {
+            return Err(ApiError::validation(format!(
+            "`response_format` {} is not supported by this server: only `{{\"type\": \"text\"}}`",
+            f.get("type").unwrap_or(f)
+        )))
+        }
+    }
+    Ok(())
 }
 
 /// A chat's messages: `content` a string or a list of `{type: "text", text}` parts.
@@ -237,6 +326,17 @@ pub(crate) async fn openai_generate(
         },
     };
     let params = openai_params(&v)?;
+    if let (Some(Value::Object(bias)), Some(tok)) = (params.get("logit_bias"), &m.tokenizer) {
+        let vocab = tok.vocab_size();
+        if let Some(k) = bias
+            .keys()
+            .find(|k| k.trim().parse::<usize>().is_ok_and(|id| id >= vocab))
+        {
+            return Err(ApiError::validation(format!(
+                "`logit_bias` names token {k}, outside the model's vocabulary of {vocab} tokens"
+            )));
+        }
+    }
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
     let logprobs = match (kind, v.get("logprobs")) {

@@ -124,20 +124,16 @@ pub(crate) fn check_lengths(
     inputs: &[Input],
 ) -> Result<(), ApiError> {
     let truncate = flag(v, "truncate", state.auto_truncate)?;
-    let (Some(max), Some(tok), false) = (m.max_input, m.untruncated(), truncate) else {
+    let (Some(max), Some(tok), false) = (m.max_input, m.tokenizer.as_ref(), truncate) else {
         return Ok(());
     };
     for (i, input) in inputs.iter().enumerate() {
-        let enc = match input {
-            Input::Text(t) => tok.encode(t.as_str(), true),
-            Input::TextPair { text, text_pair } => {
-                tok.encode((text.as_str(), text_pair.as_str()), true)
-            }
+        let n = match input {
+            Input::Text(t) => tok.untruncated_len(t, None),
+            Input::TextPair { text, text_pair } => tok.untruncated_len(text, Some(text_pair)),
             _ => continue,
-        };
-        let n = enc
-            .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?
-            .len();
+        }
+        .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?;
         if n > max {
             return Err(ApiError::validation(format!(
                 "input {i} has {n} tokens, more than the model's limit of {max}: shorten it, \
@@ -349,21 +345,20 @@ pub(crate) async fn tei_rerank(
     Ok(axum::Json(body).into_response())
 }
 
-/// The model `/tokenize` and `/decode` use (body `model`, else the first), with its tokenizer.
+/// The tokenizer `/tokenize` and `/decode` use: the body `model`'s, else the first model's.
 fn tokenizer_of<'a>(
     state: &'a AppState,
     v: &Value,
-) -> Result<(&'a Served, &'a ferroformers::tokenizer::Tokenizer), ApiError> {
+) -> Result<&'a ferroformers::tokenizer::Tokenizer, ApiError> {
     let id = match v.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
         Some(_) => return Err(ApiError::validation("`model` must be a string")),
     };
     let m = model(state, id)?;
-    let tok = m.tokenizer.as_ref().ok_or_else(|| {
+    m.tokenizer.as_ref().ok_or_else(|| {
         ApiError::validation(format!("`{}` has no tokenizer this server can read", m.id))
-    })?;
-    Ok((m, tok))
+    })
 }
 
 /// TEI `/tokenize`: `{inputs, add_special_tokens (true)}` -> for each input, its tokens
@@ -376,37 +371,25 @@ pub(crate) async fn tei_tokenize(
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
     unsupported_options(&v)?;
-    let (m, tok) = tokenizer_of(&state, &v)?;
+    let tok = tokenizer_of(&state, &v)?;
     let add_special = flag(&v, "add_special_tokens", true)?;
     let inputs = match v.get("inputs") {
         Some(Value::String(s)) => vec![s.clone()],
         other => texts(other, "inputs", state.max_client_batch_size)?,
     };
-    let untruncated = m.untruncated().unwrap_or(tok.inner());
     let tokenized = inputs
         .iter()
         .map(|input| {
-            let enc = untruncated
-                .encode(input.as_str(), add_special)
+            let tokens = tok
+                .tokens(input, add_special)
                 .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?;
-            let tokens: Vec<Value> = enc
-                .get_ids()
-                .iter()
-                .zip(enc.get_offsets())
-                .zip(enc.get_special_tokens_mask())
-                .zip(enc.get_tokens())
-                .map(|(((id, &(start, stop)), special), token)| {
-                    if *special == 1 {
-                        json!({"id": id, "text": token, "special": true,
-                               "start": null, "stop": null})
-                    } else {
-                        let bytes = input.as_bytes().get(start..stop).unwrap_or_default();
-                        json!({"id": id, "text": String::from_utf8_lossy(bytes),
-                               "special": false, "start": start, "stop": stop})
-                    }
+            Ok(tokens
+                .into_iter()
+                .map(|t| {
+                    json!({"id": t.id, "text": t.text, "special": t.special,
+                           "start": t.start, "stop": t.stop})
                 })
-                .collect();
-            Ok(Value::Array(tokens))
+                .collect::<Vec<_>>())
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(axum::Json(tokenized).into_response())
@@ -420,7 +403,7 @@ pub(crate) async fn tei_decode(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
-    let (_, tok) = tokenizer_of(&state, &v)?;
+    let tok = tokenizer_of(&state, &v)?;
     let skip = flag(&v, "skip_special_tokens", true)?;
     let bad = || ApiError::validation("`ids` must be a list of token ids or a list of such lists");
     let id_list = |x: &Value| -> Result<Vec<u32>, ApiError> {

@@ -49,9 +49,13 @@ pub(crate) fn tgi_request_with(
         ("best_of", Value::Null),
         ("adapter_id", Value::Null),
         ("grammar", Value::Null),
+        // TGI's frequency penalty counts the prompt too and divides by the length: not
+        // OpenAI's, which the pipeline implements; only 0 passes
+        ("frequency_penalty", Value::Null),
     ] {
         if let Some(x) = params.remove(flag) {
-            if x != neutral && !(flag == "best_of" && x == json!(1)) {
+            let zero = flag == "frequency_penalty" && x.as_f64() == Some(0.0);
+            if x != neutral && !zero && !(flag == "best_of" && x == json!(1)) {
                 return Err(ApiError::validation(format!(
                     "`{flag}` is not supported by this server"
                 )));

@@ -240,6 +240,117 @@ fn routes_answer_as_the_pipelines_do() {
     assert_eq!(models["data"].as_array().unwrap().len(), 4);
 }
 
+/// OpenAI's and vLLM's sampling fields reach the pipeline under its names (penalties, bias,
+/// `min_tokens`), so the answers are the library's for the same parameters (the formulas are
+/// unit-tested there against vLLM's); fields the server does not implement are refused with
+/// the field named, their neutral values pass.
+#[test]
+fn openai_penalties_bias_and_unsupported_fields() {
+    let base = start();
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let gen = |extra: Value| -> String {
+        let mut p = Params::new();
+        p.insert("max_new_tokens".into(), json!(10));
+        p.insert("do_sample".into(), json!(false));
+        p.insert("return_full_text".into(), json!(false));
+        p.extend(extra.as_object().unwrap().clone());
+        let chat = Input::Chat(vec![ferroformers::generation::Message::new(
+            "user", "Hi there",
+        )]);
+        let v = pipeline_json("text-generation", &decoder(), &[chat], p);
+        v[0][0]["generated_text"].as_str().unwrap().to_string()
+    };
+    let plain = gen(json!({}));
+    let mut differs = 0;
+    for (openai, library) in [
+        // Negative penalties (allowed: [-2, 2]) favour what was generated, which changes this
+        // random model's text within 10 tokens; positive ones need repeats to act on.
+        (
+            json!({"frequency_penalty": -2.0}),
+            json!({"frequency_penalty": -2.0}),
+        ),
+        (
+            json!({"presence_penalty": -2.0}),
+            json!({"presence_penalty": -2.0}),
+        ),
+        (
+            json!({"repetition_penalty": 1.5, "min_tokens": 10}),
+            json!({"repetition_penalty": 1.5, "min_new_tokens": 10}),
+        ),
+        (
+            json!({"logit_bias": {"42": 100}}),
+            json!({"logit_bias": {"42": 100}}),
+        ),
+    ] {
+        let want = gen(library);
+        differs += usize::from(want != plain);
+        let mut body = json!({"messages": messages, "max_tokens": 10, "temperature": 0,
+                              "logprobs": true});
+        body.as_object_mut()
+            .unwrap()
+            .extend(openai.as_object().unwrap().clone());
+        let (status, got) = post_json(&format!("{base}/v1/chat/completions"), body);
+        assert_eq!(status, 200, "{openai}: {got}");
+        assert_eq!(
+            got["choices"][0]["message"]["content"].as_str().unwrap(),
+            want,
+            "{openai}"
+        );
+        if openai.get("logit_bias").is_some() {
+            // +100 on one token makes it every step's choice.
+            let tokens: Vec<&Value> = got["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| &e["token"])
+                .collect();
+            assert_eq!(tokens.len(), 10, "{got}");
+            assert!(tokens.iter().all(|t| *t == tokens[0]), "{got}");
+        }
+    }
+    assert!(differs >= 3, "the fields changed too little: {plain:?}");
+
+    let neutral = json!({"echo": false, "tools": [], "response_format": {"type": "text"},
+                         "best_of": 1, "n": 1, "suffix": null, "user": "x", "top_k": -1});
+    let mut body = json!({"prompt": "Once upon", "max_tokens": 2});
+    body.as_object_mut()
+        .unwrap()
+        .extend(neutral.as_object().unwrap().clone());
+    let (status, got) = post_json(&format!("{base}/v1/completions"), body);
+    assert_eq!(status, 200, "{got}");
+    for (bad, field) in [
+        (json!({"n": 2}), "n"),
+        (json!({"best_of": 3}), "best_of"),
+        (json!({"echo": true}), "echo"),
+        (json!({"suffix": "end"}), "suffix"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"logit_bias": {"999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        (json!({"logit_bias": [1, 2]}), "logit_bias"),
+        (json!({"logit_bias": {"3": 200}}), "logit_bias"),
+        (json!({"frequency_penalty": 3}), "frequency_penalty"),
+        (json!({"presence_penalty": "x"}), "presence_penalty"),
+        (json!({"top_k": -2}), "top_k"),
+        (json!({"min_tokens": 1.5}), "min_tokens"),
+    ] {
+        let mut body = json!({"prompt": "Once upon", "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, err) = post_json(&format!("{base}/v1/completions"), body);
+        assert!(status == 400 || status == 422, "{bad}: {status} {err}");
+        let msg = err["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field), "{bad}: {msg}");
+    }
+}
+
 /// Greedy generation through OpenAI's chat and completions routes (whole and streamed) and
 /// TGI's `/generate` gives the pipeline's text; usage counts and the stream's byte format.
 #[test]
@@ -496,7 +607,8 @@ fn generation_routes_match_the_pipeline() {
     let (status, got) = post_json(
         &format!("{base}/models/{}", decoder()),
         json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6,
-               "decoder_input_details": false, "watermark": false}, "stream": false}),
+               "decoder_input_details": false, "watermark": false,
+               "frequency_penalty": 0.0}, "stream": false}),
     );
     assert_eq!(status, 200, "{got}");
     assert_eq!(
@@ -525,6 +637,17 @@ fn generation_routes_match_the_pipeline() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("watermark"));
+    // TGI's frequency penalty (prompt counted, divided by the length) is not OpenAI's, which
+    // the pipeline implements: refused unless 0.
+    let (status, body) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "a", "parameters": {"frequency_penalty": 0.5}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("frequency_penalty"));
     let (status, body) = post_json(
         &format!("{base}/generate"),
         json!({"inputs": "a", "parameters": {"frobnicate": 1}}),
@@ -721,6 +844,55 @@ fn concurrent_requests_are_batched() {
 
 /// TEI's `/tokenize` and `/decode`: tokens with byte offsets into the input (special tokens
 /// with their own text and no offsets), not truncated; ids back to text.
+/// A GGUF file has no tokenizer files beside it: `/tokenize` and `/decode` read the vocabulary
+/// the file holds (the real SmolLM2 Q4_1, scripts/fetch-models.sh smollm2; skipped when it is
+/// not in the HF cache or FERROFORMERS_SKIP_REAL_MODELS=1). The ids are transformers 4.57.1's
+/// (`AutoTokenizer.from_pretrained(dir, gguf_file=..)`, `add_special_tokens=False`: with
+/// special tokens transformers puts `<|im_start|>` first, which the file's
+/// `add_bos_token=false` and llama.cpp do not).
+#[test]
+fn gguf_tokenize_and_decode() {
+    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+        || ferroformers::hub::resolve(ID, None).is_err()
+    {
+        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+        return;
+    }
+    let base = start_with(|c| c.models = vec![ModelSpec::parse(&format!("{ID}=text-generation"))]);
+    let text = "H\u{e9}llo w\u{f6}rld, na\u{ef}ve caf\u{e9}!";
+    for (input, want) in [
+        ("The capital of France is", vec![504, 3575, 282, 4649, 314]),
+        (
+            text,
+            vec![
+                56, 2756, 31394, 267, 29989, 400, 28, 15486, 46494, 37366, 17,
+            ],
+        ),
+    ] {
+        let (status, body) = post_json(
+            &format!("{base}/tokenize"),
+            json!({"inputs": input, "add_special_tokens": false}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let tokens = body[0].as_array().unwrap();
+        let ids: Vec<u64> = tokens.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, want, "{body}");
+        // Byte offsets that cover the input, each token's text its slice.
+        let mut at = 0;
+        for t in tokens {
+            let (a, b) = (t["start"].as_u64().unwrap(), t["stop"].as_u64().unwrap());
+            assert_eq!(a as usize, at, "{t}");
+            assert_eq!(t["text"], input[a as usize..b as usize], "{t}");
+            at = b as usize;
+        }
+        assert_eq!(at, input.len());
+        let (status, body) = post_json(&format!("{base}/decode"), json!({"ids": ids}));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, json!([input]));
+    }
+}
+
 #[test]
 fn tei_tokenize_and_decode() {
     let base = start();

@@ -62,6 +62,20 @@ pub struct Tokenizer {
     /// The same tokenizer with byte-level BPE's `add_prefix_space` on, for input already split
     /// into words (`encode_words`).
     words: std::sync::OnceLock<std::result::Result<tokenizers::Tokenizer, String>>,
+    /// The same tokenizer without truncation but with its post-processor (special tokens as
+    /// `encode` adds them), made on first use by `tokens` and `untruncated_len`.
+    whole: std::sync::OnceLock<tokenizers::Tokenizer>,
+}
+
+/// One token of a text as TEI's `/tokenize` lists it: `start..stop` are byte offsets into the
+/// text (`None` for special tokens, whose `text` is the token itself).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -148,6 +162,7 @@ impl Tokenizer {
             cls_id,
             untruncated: std::sync::OnceLock::new(),
             words: std::sync::OnceLock::new(),
+            whole: std::sync::OnceLock::new(),
         })
     }
 
@@ -416,6 +431,59 @@ impl Tokenizer {
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    fn whole(&self) -> &tokenizers::Tokenizer {
+        self.whole.get_or_init(|| {
+            let mut t = self.inner.clone();
+            // Turning truncation off cannot fail (only a stride over the length can).
+            let _ = t.with_truncation(None);
+            t
+        })
+    }
+
+    /// The tokens of `text`, not truncated, with byte offsets (what TEI's `/tokenize` answers).
+    pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<Token>> {
+        let enc = self
+            .whole()
+            .encode(text, add_special_tokens)
+            .map_err(tok_err)?;
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_offsets())
+            .zip(enc.get_special_tokens_mask())
+            .zip(enc.get_tokens())
+            .map(|(((&id, &(start, stop)), &special), token)| {
+                if special == 1 {
+                    Token {
+                        id,
+                        text: token.clone(),
+                        special: true,
+                        start: None,
+                        stop: None,
+                    }
+                } else {
+                    let bytes = text.as_bytes().get(start..stop).unwrap_or_default();
+                    Token {
+                        id,
+                        text: String::from_utf8_lossy(bytes).into_owned(),
+                        special: false,
+                        start: Some(start),
+                        stop: Some(stop),
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// How many tokens `text` (and `pair`) make with special tokens, before truncation.
+    pub fn untruncated_len(&self, text: &str, pair: Option<&str>) -> Result<usize> {
+        let input: EncodeInput = match pair {
+            Some(p) => (text, p).into(),
+            None => text.into(),
+        };
+        Ok(self.whole().encode(input, true).map_err(tok_err)?.len())
     }
 }
 

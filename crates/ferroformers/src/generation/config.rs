@@ -55,6 +55,13 @@ pub struct GenerationConfig {
     pub timestamp_rules: Option<super::logits::TimestampRules>,
     /// Ours (not HF's): seed of the sampling RNG; `None` draws one from the clock.
     pub seed: Option<u64>,
+    /// OpenAI's penalties (ours, not HF's; as vLLM applies them): each token's score less
+    /// `frequency_penalty` times the number of times it was generated so far, and less
+    /// `presence_penalty` once if it was generated at all (the prompt does not count).
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// OpenAI's `logit_bias` (ours, not HF's): added to a token's score before anything else.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for GenerationConfig {
@@ -88,6 +95,9 @@ impl Default for GenerationConfig {
             begin_suppress_tokens: Vec::new(),
             timestamp_rules: None,
             seed: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -120,6 +130,9 @@ pub const GENERATION_PARAMS: &[&str] = &[
     "bad_words_ids",
     "suppress_tokens",
     "begin_suppress_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
 ];
 
 fn bad(name: &str, v: &Value, want: &str) -> Error {
@@ -150,6 +163,29 @@ fn as_ids(name: &str, v: &Value) -> Result<Vec<u32>> {
     }
 }
 
+/// `logit_bias`: OpenAI's object of token ids (as strings) to biases, or a list of
+/// `[id, bias]` pairs.
+fn logit_bias(v: &Value) -> Result<Vec<(u32, f32)>> {
+    const NAME: &str = "logit_bias";
+    let want = "an object of token ids to numbers";
+    let id_of = |k: &str| k.trim().parse::<u32>().map_err(|_| bad(NAME, v, want));
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, b)| Ok((id_of(k)?, as_f32(NAME, b)?)))
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                Some([id, b]) => Ok((as_usize(NAME, id)? as u32, as_f32(NAME, b)?)),
+                _ => Err(bad(NAME, v, want)),
+            })
+            .collect(),
+        _ => Err(bad(NAME, v, want)),
+    }
+}
+
 impl GenerationConfig {
     /// Whether each step's token is the argmax of the scores after suppression and forcing
     /// alone: greedy, one sequence, no penalty or ban that depends on the scores or the
@@ -162,6 +198,9 @@ impl GenerationConfig {
             && self.repetition_penalty == 1.0
             && self.no_repeat_ngram_size == 0
             && self.bad_words_ids.is_empty()
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+            && self.logit_bias.is_empty()
     }
 
     /// The model's defaults: `generation_config.json` when present, else the generation keys of
@@ -275,6 +314,15 @@ impl GenerationConfig {
                         _ => return Err(bad(name, v, "a list of lists of token ids")),
                     }
                 }
+                "frequency_penalty" | "presence_penalty" => {
+                    let x = if v.is_null() { 0.0 } else { as_f32(name, v)? };
+                    if name == "frequency_penalty" {
+                        self.frequency_penalty = x;
+                    } else {
+                        self.presence_penalty = x;
+                    }
+                }
+                "logit_bias" => self.logit_bias = logit_bias(v)?,
                 _ => {}
             }
         }
@@ -319,7 +367,10 @@ impl GenerationConfig {
             forced_eos_token_id,
             bad_words_ids,
             suppress_tokens,
-            begin_suppress_tokens
+            begin_suppress_tokens,
+            frequency_penalty,
+            presence_penalty,
+            logit_bias
         );
         out
     }
@@ -391,6 +442,24 @@ impl GenerationConfig {
                 ));
             }
         }
+        for (name, x) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&x) {
+                return Err(Error::param(name, format!("must be in [-2, 2], got {x}")));
+            }
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(Error::param(
+                "logit_bias",
+                format!("token {id}'s bias must be in [-100, 100], got {b}"),
+            ));
+        }
         if self.repetition_penalty <= 0.0 {
             return Err(Error::param(
                 "repetition_penalty",
@@ -422,6 +491,47 @@ mod tests {
         cfg.apply(json!({"do_sample": false}).as_object().unwrap())
             .unwrap();
         assert!(!cfg.do_sample);
+    }
+
+    #[test]
+    fn openai_fields_parse_and_are_checked() {
+        let mut c = GenerationConfig::default();
+        c.apply(
+            json!({"logit_bias": {"7": -100, " 12 ": 2.5}, "frequency_penalty": 1.0,
+                   "presence_penalty": -0.5})
+            .as_object()
+            .unwrap(),
+        )
+        .unwrap();
+        let mut bias = c.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (12, 2.5)]);
+        assert_eq!((c.frequency_penalty, c.presence_penalty), (1.0, -0.5));
+        c.validate().unwrap();
+        c.apply(json!({"logit_bias": [[3, 1]]}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(c.logit_bias, vec![(3, 1.0)]);
+        for bad in [
+            json!({"logit_bias": {"x": 1}}),
+            json!({"logit_bias": {"3": "big"}}),
+            json!({"logit_bias": 3}),
+            json!({"presence_penalty": "high"}),
+        ] {
+            let e = GenerationConfig::default()
+                .apply(bad.as_object().unwrap())
+                .unwrap_err();
+            let key = bad.as_object().unwrap().keys().next().unwrap().clone();
+            assert!(e.to_string().contains(&key), "{e}");
+        }
+        for bad in [
+            json!({"frequency_penalty": 2.5}),
+            json!({"logit_bias": {"3": 101}}),
+        ] {
+            let mut c = GenerationConfig::default();
+            c.apply(bad.as_object().unwrap()).unwrap();
+            let key = bad.as_object().unwrap().keys().next().unwrap().clone();
+            assert!(c.validate().unwrap_err().to_string().contains(&key));
+        }
     }
 
     #[test]

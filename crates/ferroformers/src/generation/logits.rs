@@ -6,7 +6,12 @@ use super::config::GenerationConfig;
 /// Everything that reshapes one row's next-token scores, built once per `generate` call.
 #[derive(Debug, Clone)]
 pub struct LogitsProcessor {
+    /// OpenAI's (ours): see [`GenerationConfig::logit_bias`].
+    pub logit_bias: Vec<(u32, f32)>,
     pub repetition_penalty: f32,
+    /// OpenAI's (ours): see [`GenerationConfig::frequency_penalty`].
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
     pub no_repeat_ngram_size: usize,
     pub min_length: usize,
     pub min_new_tokens: usize,
@@ -39,7 +44,10 @@ pub struct Warpers {
 impl LogitsProcessor {
     pub fn new(cfg: &GenerationConfig) -> Self {
         Self {
+            logit_bias: cfg.logit_bias.clone(),
             repetition_penalty: cfg.repetition_penalty,
+            frequency_penalty: cfg.frequency_penalty,
+            presence_penalty: cfg.presence_penalty,
             no_repeat_ngram_size: cfg.no_repeat_ngram_size,
             min_length: cfg.min_length,
             min_new_tokens: cfg.min_new_tokens.unwrap_or(0),
@@ -75,8 +83,22 @@ impl LogitsProcessor {
     /// `tokens`: the row so far (prompt with its padding, then generated tokens), as HF's
     /// `input_ids`; `prompt_len`: the (padded) prompt length.
     pub fn process(&self, tokens: &[u32], prompt_len: usize, scores: &mut [f32]) {
+        for &(t, b) in &self.logit_bias {
+            if let Some(s) = scores.get_mut(t as usize) {
+                *s += b;
+            }
+        }
         if self.repetition_penalty != 1.0 {
             repetition_penalty(tokens, scores, self.repetition_penalty);
+        }
+        if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            let generated = tokens.get(prompt_len..).unwrap_or_default();
+            openai_penalties(
+                generated,
+                scores,
+                self.frequency_penalty,
+                self.presence_penalty,
+            );
         }
         if self.no_repeat_ngram_size > 0 {
             for t in banned_ngram_tokens(tokens, self.no_repeat_ngram_size) {
@@ -144,6 +166,20 @@ impl LogitsProcessor {
             if let Some(m) = w.min_p {
                 min_p_filter(scores, m, w.min_tokens_to_keep);
             }
+        }
+    }
+}
+
+/// OpenAI's frequency and presence penalties over the tokens generated so far (vLLM's
+/// `apply_penalties`): `score -= frequency * count + presence * (count > 0)`.
+pub fn openai_penalties(generated: &[u32], scores: &mut [f32], frequency: f32, presence: f32) {
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts {
+        if let Some(s) = scores.get_mut(t as usize) {
+            *s -= frequency * n as f32 + presence;
         }
     }
 }
@@ -460,6 +496,27 @@ mod tests {
         let mut s = base;
         min_p_filter(&mut s, 0.9, 3);
         assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 3);
+    }
+
+    #[test]
+    fn openai_penalties_count_generated_tokens_only() {
+        // vLLM's numbers: score - frequency * count - presence * (count > 0).
+        let mut s = vec![1.0, 1.0, 1.0, 1.0];
+        openai_penalties(&[2, 2, 1], &mut s, 0.5, 0.25);
+        assert_eq!(s, vec![1.0, 0.25, -0.25, 1.0]);
+        let cfg = GenerationConfig {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            logit_bias: vec![(3, -2.0), (0, 1.5), (99, 5.0)],
+            ..Default::default()
+        };
+        let p = LogitsProcessor::new(&cfg);
+        // The prompt (tokens 1 and 3 before `prompt_len` 2) is not penalized; the bias is
+        // added; an id past the vocabulary is ignored.
+        let mut s = vec![0.0; 4];
+        p.process(&[1, 3, 2, 2], 2, &mut s);
+        assert_eq!(s, vec![1.5, 0.0, -1.25, -2.0]);
+        assert!(!cfg.argmax_only());
     }
 
     #[test]

@@ -323,6 +323,13 @@ pub(crate) trait Task: Send + Sync {
     fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
         None
     }
+
+    /// The tokenizer the task reads its text with, where it is one the caller cannot load from
+    /// the model folder (a GGUF file's own vocabulary); `None` otherwise.
+    fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
+        None
+    }
+
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
     /// Speech recognition: the language each input is spoken in, by name (see
@@ -394,6 +401,12 @@ impl Pipeline {
     /// What continuous batching has done so far (`None` when it is off).
     pub fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
         self.inner.batch_stats()
+    }
+
+    /// The tokenizer a text-generation pipeline reads and writes text with (a GGUF file's
+    /// embedded one included); `None` for other tasks.
+    pub fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
+        self.inner.tokenizer()
     }
 
     /// The canonical task name.

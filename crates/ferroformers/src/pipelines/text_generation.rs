@@ -452,6 +452,10 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
+    fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
+        Some(&self.generator.tokenizer)
+    }
+
     fn run_streaming(
         &self,
         input: &Input,
