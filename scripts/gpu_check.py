@@ -133,12 +133,12 @@ def normalise(task, call, params, inp, want):
     return want
 
 
-def run_cli(binary, args, inputs, work):
+def run_cli(binary, args, inputs, work, timeout=600):
     work.mkdir(parents=True, exist_ok=True)
     inp = work / "inputs.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in inputs))
     p = subprocess.run([binary, "run", *args, "--input", str(inp), "--timing"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else
                            f"exit {p.returncode}")
@@ -162,8 +162,11 @@ def run_case(a, case, slot):
         args += ["--batch-size", str(batch)]
     soft = [] if a.dtype != "f32" else None
     t0 = time.time()
+    if a.deadline and t0 > a.deadline:
+        return {"case": name, "task": task, "ok": True, "skipped": True, "error": None,
+                "soft_differences": [], "soft_count": 0, "seconds": 0.0}
     try:
-        got, _ = run_cli(a.bin, args, inputs, Path(a.work) / "parity" / str(slot))
+        got, _ = run_cli(a.bin, args, inputs, Path(a.work) / "parity" / str(slot), timeout=180)
         want = [normalise(task, call, params, x, w) for x, w in zip(inputs, want)]
         if task == "feature-extraction" and call == "list":
             # HF's batched hidden states run to the padded length; ours stop at each input's.
@@ -191,20 +194,27 @@ def parity(a):
         if a.per_fixture and per_file[f] > a.per_fixture:
             continue
         todo.append(c)
+    def one(ic):
+        r = run_case(a, ic[1], ic[0])
+        # Logged as each case ends, so a run cut short still says what it saw.
+        if not r.get("skipped"):
+            log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']} {r['task']} {r['seconds']}s" +
+                (f": {r['error']}" if r["error"] else "") +
+                (f" ({r['soft_count']} label/text differences)" if r["soft_count"] else ""))
+        return r
+
     with ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda ic: run_case(a, ic[1], ic[0]),
-                                enumerate(todo)))
+        results = list(pool.map(one, enumerate(todo)))
+    skipped = sum(bool(r.get("skipped")) for r in results)
     fails = sum(not r["ok"] for r in results)
     soft_total = sum(r["soft_count"] for r in results)
-    for r in results:
-        log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']} {r['task']}" +
-            (f": {r['error']}" if r["error"] else "") +
-            (f" ({r['soft_count']} label/text differences)" if r["soft_count"] else ""))
     summary = {"device": a.device, "dtype": a.dtype, "tolerance": tol, "cases": len(results),
-               "failed": fails, "label_or_text_differences": soft_total, "results": results}
+               "failed": fails, "skipped_at_deadline": skipped,
+               "label_or_text_differences": soft_total, "results": results}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"parity-{a.dtype}.json").write_text(json.dumps(summary, indent=1))
-    log(f"parity {a.device} {a.dtype}: {len(results) - fails}/{len(results)} cases pass"
+    log(f"parity {a.device} {a.dtype}: {len(results) - fails - skipped}/{len(results)} cases"
+        f" pass, {fails} fail, {skipped} not run (deadline)"
         f" ({soft_total} label/text differences)")
     return fails == 0
 
@@ -277,8 +287,7 @@ def torch_generate(torch, transformers, path, dev, prompts, new_tokens, dtype):
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
+        model.generate(**enc, **kw)  # warm-up: the same whole run, as ours gets (--warmup)
         sync(torch, dev)
         t0 = time.perf_counter()
         ids = model.generate(**enc, **kw)
@@ -299,16 +308,38 @@ def bench(a):
     q = a.quick
     # Embeddings: f32 (the parity baseline) and f16 on GPU.
     emb_dtypes = ["f32"] + (["f16"] if dev.startswith("cuda") else [])
-    for dt in emb_dtypes:
+    info = {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "weights": "random (seeded), real shapes"}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+
+    def save(row):
+        # Written after every row, so a run cut short keeps what it measured.
+        rows.append(row)
+        log(json.dumps(row))
+        (Path(a.out) / "bench.json").write_text(json.dumps({"info": info, "rows": rows},
+                                                           indent=1))
+
+    def late(what):
+        if a.deadline and time.time() > a.deadline:
+            log(f"bench: {what} not run (deadline)")
+            return True
+        return False
+
+    for dt in emb_dtypes if a.only in ("", "minilm") else []:
         for batch in (1, 32, 256):
+            if late(f"minilm {dt} batch {batch}"):
+                continue
             n = (64 if batch == 1 else 1024) // (8 if q else 1)
             n = max(n, batch)
             sents = texts(n)
             ours_t, torch_t, cos = [], [], None
             for rep in range(a.reps):
+                # --warmup: one untimed pass first, as torch_embed gives torch.
                 outs, timing = run_cli(a.bin, ["sentence-embeddings", "--model",
                                                str(models["minilm"]), "--device", dev,
-                                               "--dtype", dt, "--batch-size", str(batch)],
+                                               "--dtype", dt, "--batch-size", str(batch),
+                                               "--warmup"],
                                        sents, work / "bench")
                 ours_t.append(timing["run_s"])
                 t, ref = torch_embed(torch, transformers, models["minilm"], dev, sents, batch,
@@ -323,17 +354,19 @@ def bench(a):
                    "torch_texts_per_s": n / statistics.median(torch_t),
                    "min_cosine_ours_vs_torch": cos, "reps": a.reps}
             row["speedup"] = row["torch_s"] / row["ours_s"]
-            rows.append(row)
-            log(json.dumps(row))
+            save(row)
     # Generation: bf16 (the checkpoint's dtype) on GPU, f32 on CPU.
     gdt = "bf16" if dev.startswith("cuda") else "f32"
     new = 16 if q else 128
-    for batch in (1, 32):
+    for batch in (1, 32) if a.only in ("", "smollm2") else ():
+        if late(f"smollm2 batch {batch}"):
+            continue
         prompts = texts(batch)
         ours_t, torch_t, agree = [], [], None
         for rep in range(a.reps):
+            # --warmup: a whole untimed pass first, as torch_generate gives torch.
             outs, timing = run_cli(a.bin, ["text-generation", "--model", str(models["smollm2"]),
-                                           "--device", dev, "--dtype", gdt,
+                                           "--device", dev, "--dtype", gdt, "--warmup",
                                            "--batch-size", str(batch),
                                            "--param", f"max_new_tokens={new}",
                                            "--param", f"min_new_tokens={new}",
@@ -356,13 +389,25 @@ def bench(a):
                "torch_tokens_per_s": batch * new / statistics.median(torch_t),
                "greedy_texts_equal": agree, "reps": a.reps}
         row["speedup"] = row["torch_s"] / row["ours_s"]
-        rows.append(row)
-        log(json.dumps(row))
-    info = {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
-            "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "weights": "random (seeded), real shapes"}
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "bench.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        save(row)
+    # Random weights give near-tied logits, so bf16 texts part early: the same greedy run in
+    # f32 (one pass, 32 prompts) says whether the GPU path itself agrees with torch.
+    if gdt != "f32" and a.only in ("", "smollm2") and not late("smollm2 f32 agreement"):
+        prompts, n32 = texts(32), 32
+        outs, _ = run_cli(a.bin, ["text-generation", "--model", str(models["smollm2"]),
+                                  "--device", dev, "--dtype", "f32", "--batch-size", "32",
+                                  "--param", f"max_new_tokens={n32}",
+                                  "--param", f"min_new_tokens={n32}",
+                                  "--param", "do_sample=false",
+                                  "--param", "return_full_text=false"],
+                          prompts, work / "bench")
+        _, ref = torch_generate(torch, transformers, models["smollm2"], dev, prompts, n32,
+                                torch.float32)
+        mine = [(o[0] if isinstance(o, list) else o).get("generated_text", "") for o in outs]
+        save({"bench": "smollm2-greedy-agreement", "dtype": "f32", "batch": 32,
+              "new_tokens": n32, "greedy_texts_equal": sum(m == r for m, r in zip(mine, ref))
+              / len(ref), "first_difference": next(([m, r] for m, r in zip(mine, ref)
+                                                     if m != r), None)})
 
 
 def main():
@@ -379,7 +424,13 @@ def main():
     p.add_argument("--per-fixture", type=int, default=0,
                    help="at most this many cases per fixture file (0: all)")
     p.add_argument("--quick", action="store_true", help="fewer texts and tokens (CPU dry run)")
+    p.add_argument("--only", default="", choices=["", "minilm", "smollm2"],
+                   help="bench: one model's rows only")
+    p.add_argument("--seconds", type=float, default=0,
+                   help="start nothing new after this many seconds (0: no limit); what was "
+                        "not run is reported as such")
     a = p.parse_args()
+    a.deadline = time.time() + a.seconds if a.seconds else 0
     if a.what == "parity":
         sys.exit(0 if parity(a) else 1)
     bench(a)

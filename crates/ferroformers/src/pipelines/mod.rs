@@ -721,6 +721,15 @@ impl EncoderRunner {
                 self.device.is_cpu(),
                 |chunk| self.forward_padded(chunk),
                 |chunk, out| {
+                    // On a GPU, the batch's output comes to host memory in one copy: candle's
+                    // `to_vec*` on a device tensor copies its whole storage, so reading each
+                    // row from the device would copy the whole batch once per row (measured
+                    // on an H200: MiniLM at batch 256 ran at 1/13 of torch's speed).
+                    let out = if out.device().is_cpu() {
+                        out
+                    } else {
+                        out.to_device(&candle_core::Device::Cpu)?
+                    };
                     for (i, e) in chunk.iter().enumerate() {
                         let mut row = out.get(i)?;
                         if row.rank() >= 2 {
