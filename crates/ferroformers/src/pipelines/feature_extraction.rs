@@ -185,14 +185,10 @@ impl Task for FeatureExtraction {
             Some(t) if pooling.is_some() || self.default_pooling => t,
             _ => &self.runner.tokenizer,
         };
-        let encs = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, inp)| {
-                let (t, p) = inp.text_and_pair(i)?;
-                tokenizer.encode(t, p)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let encs = super::encode_each(inputs, |i, inp| {
+            let (t, p) = inp.text_and_pair(i)?;
+            tokenizer.encode(t, p)
+        })?;
         let mut outs = Vec::with_capacity(inputs.len());
         self.runner.run(&encs, batch_size, |_, hidden| {
             outs.push(match pooling {

@@ -751,15 +751,34 @@ impl EncoderRunner {
 
     /// Tokenize every input, refusing empty ones.
     pub fn encode_all(&self, inputs: &[Input]) -> Result<Vec<Encoded>> {
-        inputs
-            .iter()
-            .enumerate()
-            .map(|(i, inp)| {
-                let (t, p) = inp.text_and_pair(i)?;
-                self.tokenizer.encode(t, p)
-            })
-            .collect()
+        encode_each(inputs, |i, inp| {
+            let (t, p) = inp.text_and_pair(i)?;
+            self.tokenizer.encode(t, p)
+        })
     }
+}
+
+/// `f(index, input)` for every input, in parallel for a list long enough to pay for it (as
+/// `tokenizers`' `encode_batch`, which transformers' tokenizer call uses): tokenizing 1024
+/// short texts takes ~30 ms on one core, half of a GPU's whole MiniLM pass at batch 256. The
+/// results keep the input order, and the error is the first failing input's, as a serial
+/// loop gives.
+pub(crate) fn encode_each<T, F>(inputs: &[Input], f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize, &Input) -> Result<T> + Sync,
+{
+    use rayon::prelude::*;
+    if inputs.len() < 32 || rayon::current_num_threads() < 2 {
+        return inputs.iter().enumerate().map(|(i, x)| f(i, x)).collect();
+    }
+    let all: Vec<Result<T>> = inputs
+        .par_iter()
+        .enumerate()
+        .with_min_len(8)
+        .map(|(i, x)| f(i, x))
+        .collect();
+    all.into_iter().collect()
 }
 
 #[cfg(test)]
