@@ -161,9 +161,6 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
             ))
         }
     }
-    if num("n")?.is_some_and(|n| n != 1.0) {
-        return Err(ApiError::validation("only `n: 1` is supported"));
-    }
     for (field, to) in [
         ("frequency_penalty", "frequency_penalty"),
         ("presence_penalty", "presence_penalty"),
@@ -208,17 +205,52 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     Ok(p)
 }
 
+/// The most choices (`n`) one request may ask for: each is a sequence in the continuous batch.
+pub(crate) const MAX_CHOICES: usize = 16;
+
+/// OpenAI's `n`: how many choices to generate for the prompt (1 by default).
+fn choices_of(v: &Value) -> Result<usize, ApiError> {
+    match v.get("n") {
+        None | Some(Value::Null) => Ok(1),
+        Some(x) => match x.as_f64() {
+            Some(n) if n.fract() == 0.0 && (1.0..=MAX_CHOICES as f64).contains(&n) => {
+                Ok(n as usize)
+            }
+            _ => Err(ApiError::validation(format!(
+                "`n` must be a whole number from 1 to {MAX_CHOICES}, got {x}"
+            ))),
+        },
+    }
+}
+
+/// The parameters of choice `i` of `n`: sampled choices each get their own seed (the
+/// request's `seed` plus `i`, as a fixed seed must still give `n` different samples; without
+/// one, a random base), so they differ, while greedy ones are the same text, as vLLM's.
+fn choice_params(params: &Params, i: usize, n: usize, base: u64) -> Params {
+    let mut p = params.clone();
+    if n > 1 && p.get("do_sample") == Some(&json!(true)) {
+        let seed = p.get("seed").and_then(Value::as_u64).unwrap_or(base);
+        p.insert("seed".into(), json!(seed.wrapping_add(i as u64)));
+    }
+    p
+}
+
 /// OpenAI fields this server does not implement, refused when they ask for something (their
 /// neutral values pass): a client must not get plain text where it asked for JSON or a tool
 /// call.
 fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     let set = |k: &str| !matches!(v.get(k), None | Some(Value::Null));
+    // `best_of` > `n` ranks extra candidates by likelihood: not implemented; equal to `n` it
+    // asks for nothing more.
+    let n = v.get("n").and_then(Value::as_f64).unwrap_or(1.0);
     if v.get("best_of")
         .and_then(Value::as_f64)
-        .is_some_and(|b| b != 1.0)
+        .is_some_and(|b| b != 1.0 && b != n)
         || (set("best_of") && !v["best_of"].is_number())
     {
-        return Err(ApiError::validation("only `best_of: 1` is supported"));
+        return Err(ApiError::validation(
+            "only `best_of` equal to `n` (or 1) is supported",
+        ));
     }
     if !matches!(
         v.get("echo"),
@@ -382,110 +414,165 @@ pub(crate) async fn openai_generate(
             "stop"
         }
     };
+    let n = choices_of(&v)?;
+    // The base seed of sampled choices when the request gives none.
+    let base = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
     if !stream {
-        let (out, usage, tokens) = generate_with_tokens(&state, index, input, params, top).await?;
-        let text = generated_text(&out);
-        let lp = if logprobs {
-            let content: Vec<Value> = tokens
-                .iter()
-                .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
-                .collect();
-            json!({"content": content})
-        } else {
-            Value::Null
-        };
-        let choice = match kind {
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": lp, "finish_reason": finish(&usage)}),
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null,
-                                       "finish_reason": finish(&usage)}),
+        // The choices join the continuous batch together; dropping the set (the client gone,
+        // or one choice failed) aborts the others, which stops their generations.
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (st, input) = (state.clone(), input.clone());
+            let p = choice_params(&params, i, n, base);
+            set.spawn(async move { (i, generate_with_tokens(&st, index, input, p, top).await) });
+        }
+        let mut done = Vec::with_capacity(n);
+        while let Some(r) = set.join_next().await {
+            let (i, r) = r.map_err(ApiError::backend)?;
+            done.push((i, r?));
+        }
+        done.sort_by_key(|d| d.0);
+        let mut choices = Vec::with_capacity(n);
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (i, (out, usage, tokens)) in &done {
+            let text = generated_text(out);
+            let lp = if logprobs {
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
+                    .collect();
+                json!({"content": content})
+            } else {
+                Value::Null
+            };
+            choices.push(match kind {
+                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
+                                     "logprobs": lp, "finish_reason": finish(usage)}),
+                Kind::Completion => json!({"index": i, "text": text, "logprobs": null,
+                                           "finish_reason": finish(usage)}),
+            });
+            // OpenAI counts the prompt once and every choice's tokens.
+            prompt_tokens = usage.prompt_tokens;
+            completion_tokens += usage.completion_tokens;
+        }
+        let usage = ferroformers::pipelines::text_generation::Usage {
+            prompt_tokens,
+            completion_tokens,
+            hit_limit: false,
         };
         return Ok(axum::Json(json!({
             "id": id, "object": object, "created": created, "model": name,
-            "choices": [choice], "usage": usage_json(&usage),
+            "choices": choices, "usage": usage_json(&usage),
         }))
         .into_response());
     }
-    // Streamed: the generation runs on a blocking thread and sends each piece of text as an
-    // event; the parameters were checked above, so errors from here on are generation errors,
-    // sent as a last event.
+    // Streamed: each choice runs on a blocking thread and sends each piece of text as an event
+    // carrying its `index`; the parameters were checked above, so errors from here on are
+    // generation errors, sent as an event. The last choice to end sends the usage (asked for)
+    // and `[DONE]`.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut clock = TokenClock::new();
-    let st = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let chunk = |choice: Value| {
-            json!({"id": id, "object": chunk_object, "created": created, "model": name,
-                   "choices": [choice]})
-            .to_string()
-        };
-        if kind == Kind::Chat {
-            let first = chunk(
-                json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": null, "finish_reason": null}),
-            );
-            let _ = tx.send(first);
-        }
-        // A send fails once the client has gone (the event stream was dropped): the
-        // generation stops there.
-        let (mut gone, mut cut) = (false, false);
-        let result = st.models[index]
-            .pipe
-            .run_streaming_top(&input, &params, top, &mut |t| {
-                if !t.tail {
-                    clock.token();
+    // Choices still running, and the usage summed so far (prompt, completion).
+    let left = Arc::new(std::sync::Mutex::new((n, 0usize, 0usize)));
+    for i in 0..n {
+        let (st, tx, left) = (state.clone(), tx.clone(), left.clone());
+        let (id, name, input) = (id.clone(), name.clone(), input.clone());
+        let params = choice_params(&params, i, n, base);
+        let mut clock = TokenClock::new();
+        tokio::task::spawn_blocking(move || {
+            let chunk = |choice: Value| {
+                json!({"id": id, "object": chunk_object, "created": created, "model": name,
+                       "choices": [choice]})
+                .to_string()
+            };
+            if kind == Kind::Chat {
+                let first = chunk(
+                    json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": null, "finish_reason": null}),
+                );
+                let _ = tx.send(first);
+            }
+            // A send fails once the client has gone (the event stream was dropped): the
+            // generation stops there.
+            let (mut gone, mut cut) = (false, false);
+            let result = st.models[index]
+                .pipe
+                .run_streaming_top(&input, &params, top, &mut |t| {
+                    if !t.tail {
+                        clock.token();
+                    }
+                    if t.text.is_empty() && (t.tail || !logprobs) {
+                        return true;
+                    }
+                    let delta = t.text;
+                    let lp = if logprobs && !t.tail {
+                        json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
+                    } else {
+                        Value::Null
+                    };
+                    let choice = match kind {
+                        Kind::Chat => json!({"index": i, "delta": {"content": delta},
+                                             "logprobs": lp, "finish_reason": null}),
+                        Kind::Completion => json!({"index": i, "text": delta, "logprobs": null,
+                                                   "finish_reason": null}),
+                    };
+                    gone = tx.send(chunk(choice)).is_err();
+                    cut = cut_short(&st);
+                    !gone && !cut
+                });
+            if stream_ended(&st, &clock, gone) {
+                return;
+            }
+            let result = if cut {
+                Err(shut_down())
+            } else {
+                result.map_err(ApiError::from)
+            };
+            let mut usage = None;
+            match result {
+                Ok((_, u)) => {
+                    let choice = match kind {
+                        Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null,
+                                             "finish_reason": finish(&u)}),
+                        Kind::Completion => json!({"index": i, "text": "", "logprobs": null,
+                                                   "finish_reason": finish(&u)}),
+                    };
+                    let _ = tx.send(chunk(choice));
+                    usage = Some(u);
                 }
-                if t.text.is_empty() && (t.tail || !logprobs) {
-                    return true;
+                Err(err) => {
+                    let _ = tx.send(
+                        json!({"error": {"message": err.message, "type": "server_error",
+                                         "param": null, "code": err.status.as_u16()}})
+                        .to_string(),
+                    );
                 }
-                let delta = t.text;
-                let lp = if logprobs && !t.tail {
-                    json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
-                } else {
-                    Value::Null
-                };
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "delta": {"content": delta},
-                                         "logprobs": lp, "finish_reason": null}),
-                    Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null,
-                                               "finish_reason": null}),
-                };
-                gone = tx.send(chunk(choice)).is_err();
-                cut = cut_short(&st);
-                !gone && !cut
-            });
-        if stream_ended(&st, &clock, gone) {
-            return;
-        }
-        let result = if cut {
-            Err(shut_down())
-        } else {
-            result.map_err(ApiError::from)
-        };
-        match result {
-            Ok((_, usage)) => {
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "delta": {}, "logprobs": null,
-                                         "finish_reason": finish(&usage)}),
-                    Kind::Completion => json!({"index": 0, "text": "", "logprobs": null,
-                                               "finish_reason": finish(&usage)}),
-                };
-                let _ = tx.send(chunk(choice));
+            }
+            let mut left = left.lock().unwrap_or_else(|e| e.into_inner());
+            left.0 -= 1;
+            if let Some(u) = usage {
+                left.1 = u.prompt_tokens;
+                left.2 += u.completion_tokens;
+            }
+            if left.0 == 0 {
                 if include_usage {
+                    let total = ferroformers::pipelines::text_generation::Usage {
+                        prompt_tokens: left.1,
+                        completion_tokens: left.2,
+                        hit_limit: false,
+                    };
                     let u = json!({"id": id, "object": chunk_object, "created": created,
-                                   "model": name, "choices": [], "usage": usage_json(&usage)});
+                                   "model": name, "choices": [], "usage": usage_json(&total)});
                     let _ = tx.send(u.to_string());
                 }
+                let _ = tx.send("[DONE]".into());
             }
-            Err(err) => {
-                let _ = tx.send(
-                    json!({"error": {"message": err.message, "type": "server_error",
-                                     "param": null, "code": err.status.as_u16()}})
-                    .to_string(),
-                );
-            }
-        }
-        let _ = tx.send("[DONE]".into());
-    });
+        });
+    }
     Ok(sse_response(rx))
 }
 

@@ -319,8 +319,11 @@ fn openai_penalties_bias_and_unsupported_fields() {
     let (status, got) = post_json(&format!("{base}/v1/completions"), body);
     assert_eq!(status, 200, "{got}");
     for (bad, field) in [
-        (json!({"n": 2}), "n"),
+        (json!({"n": 17}), "`n`"),
+        (json!({"n": 0}), "`n`"),
+        (json!({"n": 1.5}), "`n`"),
         (json!({"best_of": 3}), "best_of"),
+        (json!({"n": 2, "best_of": 3}), "best_of"),
         (json!({"echo": true}), "echo"),
         (json!({"suffix": "end"}), "suffix"),
         (
@@ -349,6 +352,123 @@ fn openai_penalties_bias_and_unsupported_fields() {
         let msg = err["error"]["message"].as_str().unwrap();
         assert!(msg.contains(field), "{bad}: {msg}");
     }
+}
+
+/// The events of a streamed OpenAI answer, `[DONE]` last, parsed.
+fn sse_chunks(resp: ureq::Response) -> Vec<Value> {
+    assert!(resp.content_type().starts_with("text/event-stream"));
+    let raw = resp.into_string().unwrap();
+    let events: Vec<&str> = raw
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an event: {e:?}"))
+        })
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    assert_eq!(events.iter().filter(|e| **e == "[DONE]").count(), 1);
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// OpenAI's `n`: that many choices, each sampled with its own seed (the request's plus the
+/// choice's index), so each equals the pipeline's text for that seed; the prompt counted once
+/// in `usage`, every choice's tokens summed. Streamed, every event names its choice and one
+/// `[DONE]` ends them all. Greedy choices are the same text.
+#[test]
+fn openai_n_choices() {
+    let base = start();
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let sampled = |seed: u64| -> String {
+        let mut p = Params::new();
+        for (k, v) in [
+            ("max_new_tokens", json!(6)),
+            ("min_new_tokens", json!(6)),
+            ("do_sample", json!(true)),
+            ("temperature", json!(1.0)),
+            ("top_k", json!(0)),
+            ("seed", json!(seed)),
+            ("return_full_text", json!(false)),
+        ] {
+            p.insert(k.into(), v);
+        }
+        let chat = Input::Chat(vec![ferroformers::generation::Message::new(
+            "user", "Hi there",
+        )]);
+        let v = pipeline_json("text-generation", &decoder(), &[chat], p);
+        v[0][0]["generated_text"].as_str().unwrap().to_string()
+    };
+    let want: Vec<String> = (0..3).map(|i| sampled(7 + i)).collect();
+    assert!(
+        want[0] != want[1] || want[1] != want[2],
+        "three seeds gave one text: {want:?}"
+    );
+    let request = json!({"messages": messages, "max_tokens": 6, "min_tokens": 6,
+                         "temperature": 1.0, "seed": 7, "n": 3});
+    let (status, got) = post_json(&format!("{base}/v1/chat/completions"), request.clone());
+    assert_eq!(status, 200, "{got}");
+    let choices = got["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{got}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["message"]["content"].as_str().unwrap(),
+            want[i],
+            "choice {i}"
+        );
+        assert_eq!(c["finish_reason"], "length");
+    }
+    let (_, one) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": messages, "max_tokens": 6, "min_tokens": 6, "temperature": 1.0,
+               "seed": 7}),
+    );
+    assert_eq!(one["choices"][0]["message"]["content"], want[0].as_str());
+    assert_eq!(got["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(got["usage"]["completion_tokens"], 18);
+
+    // Streamed: the same three texts, told apart by `index`; a role chunk and a finish
+    // reason for each; the usage summed.
+    let mut body = request.clone();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = ureq::post(&format!("{base}/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_string(&body.to_string())
+        .unwrap();
+    let chunks = sse_chunks(resp);
+    let mut texts = vec![String::new(); 3];
+    let (mut roles, mut finishes) = (0, 0);
+    for c in &chunks[..chunks.len() - 1] {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            texts[i].push_str(t);
+        }
+        roles += usize::from(choice["delta"]["role"] == "assistant");
+        finishes += usize::from(!choice["finish_reason"].is_null());
+    }
+    assert_eq!(texts, want);
+    assert_eq!((roles, finishes), (3, 3));
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 18);
+    assert_eq!(usage["prompt_tokens"], one["usage"]["prompt_tokens"]);
+
+    // Completions, greedy: n copies of the one greedy text.
+    let (status, got) = post_json(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": "Once upon", "max_tokens": 4, "temperature": 0, "n": 2,
+               "best_of": 2}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let c = got["choices"].as_array().unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0]["text"], c[1]["text"]);
+    assert_eq!((&c[0]["index"], &c[1]["index"]), (&json!(0), &json!(1)));
 }
 
 /// Greedy generation through OpenAI's chat and completions routes (whole and streamed) and
@@ -489,21 +609,7 @@ fn generation_routes_match_the_pipeline() {
             .to_string(),
         )
         .unwrap();
-    assert!(resp.content_type().starts_with("text/event-stream"));
-    let raw = resp.into_string().unwrap();
-    let events: Vec<&str> = raw
-        .split("\n\n")
-        .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not an event: {e:?}"))
-        })
-        .collect();
-    assert_eq!(*events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse_chunks(resp);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks
         .iter()
@@ -619,13 +725,10 @@ fn generation_routes_match_the_pipeline() {
     // Refusals, in each family's error shape.
     let (status, body) = post_json(
         &format!("{base}/v1/chat/completions"),
-        json!({"messages": messages, "n": 2}),
+        json!({"messages": messages, "n": 99}),
     );
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("`n: 1`"));
+    assert!(body["error"]["message"].as_str().unwrap().contains("`n`"));
     let (status, body) = post_json(
         &format!("{base}/v1/chat/completions"),
         json!({"messages": messages, "model": fixture("bert-seqcls")}),
