@@ -37,6 +37,48 @@ impl Pooling {
         }
     }
 
+    /// Pool every row of a padded batch `[b, s, h]` at once on the batch's device (row `i`
+    /// has `lens[i]` real tokens): each row what [`Pooling::apply`] gives it, but only `[b, h]`
+    /// comes to the host instead of every token's vector, and the reductions run on the GPU
+    /// (measured on an H200 before: MiniLM at batch 256 moved 50 MB to the host per batch and
+    /// pooled it there on one thread).
+    pub fn apply_batch(self, hidden: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (b, s, _) = hidden.dims3()?;
+        if lens.len() != b || lens.iter().any(|&n| n == 0 || n > s) {
+            return Err(candle_core::Error::Msg(format!(
+                "pooling: {} row lengths ({lens:?}) for a batch of {b} rows of {s} positions",
+                lens.len()
+            ))
+            .into());
+        }
+        let dev = hidden.device();
+        // Per position: `keep` for the row's real tokens, `pad` for its padding.
+        let per_position = |keep: f32, pad: f32| -> Result<Tensor> {
+            let v: Vec<f32> = lens
+                .iter()
+                .flat_map(|&n| (0..s).map(move |j| if j < n { keep } else { pad }))
+                .collect();
+            Ok(Tensor::from_vec(v, (b, s, 1), dev)?)
+        };
+        let scaled = |sqrt: bool| -> Result<Tensor> {
+            let sum = hidden.broadcast_mul(&per_position(1.0, 0.0)?)?.sum(1)?;
+            // The same factor as `apply`'s: 1 / n (or 1 / sqrt(n)) rounded from f64.
+            let by: Vec<f32> = lens
+                .iter()
+                .map(|&n| (1.0 / if sqrt { (n as f64).sqrt() } else { n as f64 }) as f32)
+                .collect();
+            Ok(sum.broadcast_mul(&Tensor::from_vec(by, (b, 1), dev)?)?)
+        };
+        Ok(match self {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
+            Pooling::Mean => scaled(false)?,
+            Pooling::MeanSqrtLen => scaled(true)?,
+            Pooling::Max => hidden
+                .broadcast_add(&per_position(0.0, f32::NEG_INFINITY)?)?
+                .max(1)?,
+        })
+    }
+
     /// Pool one sequence's hidden states `[s, h]` (padding already removed).
     ///
     /// Plain loops over the rows, in candle's order (`sum(0)` adds the rows first to last;
@@ -190,19 +232,34 @@ impl Task for FeatureExtraction {
             tokenizer.encode(t, p)
         })?;
         let mut outs = Vec::with_capacity(inputs.len());
-        self.runner.run(&encs, batch_size, |_, hidden| {
-            outs.push(match pooling {
-                Some(p) => {
-                    let mut v = p.apply(&hidden)?;
-                    if normalize {
-                        l2_normalize(&mut v);
+        // On a GPU the pooling runs there, on whole batches (`Pooling::apply_batch`).
+        let on_device = pooling.filter(|_| !self.runner.device.is_cpu());
+        let pool = move |out: &Tensor, chunk: &[&super::Encoded]| -> Result<Tensor> {
+            let lens: Vec<usize> = chunk.iter().map(|e| e.len()).collect();
+            match on_device {
+                Some(p) => p.apply_batch(out, &lens),
+                None => Ok(out.clone()),
+            }
+        };
+        let reduce = on_device.map(|_| &pool as &super::BatchReduce);
+        self.runner
+            .run_reducing(&encs, batch_size, reduce, |_, hidden| {
+                outs.push(match pooling {
+                    Some(p) => {
+                        let mut v = if on_device.is_some() {
+                            hidden.to_vec1()?
+                        } else {
+                            p.apply(&hidden)?
+                        };
+                        if normalize {
+                            l2_normalize(&mut v);
+                        }
+                        Output::Embedding(v)
                     }
-                    Output::Embedding(v)
-                }
-                None => Output::Features(vec![hidden.to_vec2()?]),
-            });
-            Ok(())
-        })?;
+                    None => Output::Features(vec![hidden.to_vec2()?]),
+                });
+                Ok(())
+            })?;
         Ok(outs)
     }
 }
@@ -296,6 +353,38 @@ impl Task for SentenceSimilarity {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Whole-batch pooling (what a GPU runs) gives each row what the per-row pooling gives
+    /// it, padding ignored.
+    #[test]
+    fn batch_pooling_equals_row_pooling() {
+        let (b, s, h) = (3, 5, 4);
+        let data: Vec<f32> = (0..b * s * h)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let batch = Tensor::from_vec(data, (b, s, h), &Device::Cpu).unwrap();
+        let lens = [5, 2, 3];
+        for p in [
+            Pooling::Mean,
+            Pooling::Cls,
+            Pooling::Max,
+            Pooling::MeanSqrtLen,
+        ] {
+            let pooled = p.apply_batch(&batch, &lens).unwrap();
+            assert_eq!(pooled.dims(), &[b, h]);
+            for (i, &n) in lens.iter().enumerate() {
+                let row = batch.get(i).unwrap().narrow(0, 0, n).unwrap();
+                let want = p.apply(&row).unwrap();
+                let got: Vec<f32> = pooled.get(i).unwrap().to_vec1().unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6, "{p:?} row {i}: {got:?} vs {want:?}");
+                }
+            }
+        }
+        assert!(Pooling::Mean.apply_batch(&batch, &[5, 0, 3]).is_err());
+        assert!(Pooling::Mean.apply_batch(&batch, &[5, 6, 3]).is_err());
+        assert!(Pooling::Mean.apply_batch(&batch, &[5]).is_err());
+    }
 
     #[test]
     fn pooling_modes() {

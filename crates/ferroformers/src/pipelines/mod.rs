@@ -641,6 +641,9 @@ where
 
 /// An encoder model with its tokenizer: pads batches and runs them. Public so tests and
 /// tools can reach raw head outputs.
+/// A batch output's reduction on its device (see [`EncoderRunner::run_reducing`]).
+pub type BatchReduce = dyn Fn(&Tensor, &[&Encoded]) -> Result<Tensor> + Sync;
+
 pub struct EncoderRunner {
     pub model: Box<dyn EncoderModel>,
     pub tokenizer: Tokenizer,
@@ -701,7 +704,23 @@ impl EncoderRunner {
     /// does): within each window of a few batches per thread, inputs are ordered by length
     /// before they are cut into batches, so less of each batch is padding. Every item's output
     /// is its own (padding is masked), so only the work changes, not the results.
-    pub fn run<F>(&self, encs: &[Encoded], batch_size: usize, mut f: F) -> Result<()>
+    pub fn run<F>(&self, encs: &[Encoded], batch_size: usize, f: F) -> Result<()>
+    where
+        F: FnMut(usize, Tensor) -> Result<()>,
+    {
+        self.run_reducing(encs, batch_size, None, f)
+    }
+
+    /// [`EncoderRunner::run`], with `reduce` applied to each batch's output (`[b, s, ..]`, on
+    /// the model's device, with the batch's encodings in row order) before it comes to the
+    /// host: `f` then gets each row of the reduced `[b, ..]` output (e.g. a pooled vector).
+    pub fn run_reducing<F>(
+        &self,
+        encs: &[Encoded],
+        batch_size: usize,
+        reduce: Option<&BatchReduce>,
+        mut f: F,
+    ) -> Result<()>
     where
         F: FnMut(usize, Tensor) -> Result<()>,
     {
@@ -721,6 +740,10 @@ impl EncoderRunner {
                 self.device.is_cpu(),
                 |chunk| self.forward_padded(chunk),
                 |chunk, out| {
+                    let out = match reduce {
+                        Some(r) => r(&out, chunk)?,
+                        None => out,
+                    };
                     // On a GPU, the batch's output comes to host memory in one copy: candle's
                     // `to_vec*` on a device tensor copies its whole storage, so reading each
                     // row from the device would copy the whole batch once per row (measured
