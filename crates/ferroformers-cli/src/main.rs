@@ -117,7 +117,7 @@ struct RunArgs {
     /// Run every input once, untimed and unprinted, before the pass that is printed and timed
     /// (as benchmarks warm their peers: first-use costs such as a GPU's kernel loading and
     /// library set-up are left out of `run_s`, and reported as `warmup_s`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stream")]
     warmup: bool,
     /// text-generation: print text as it is generated.
     #[arg(long)]

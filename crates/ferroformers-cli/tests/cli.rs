@@ -46,6 +46,44 @@ fn lines(o: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// `--warmup`: the printed results are the timed pass's, the same as without it, once each;
+/// the timing says how long the untimed pass took; with `--stream` it is refused.
+#[test]
+fn warmup_runs_once_untimed() {
+    let m = fixture("bert-seqcls");
+    let args = [
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "Hi",
+        "Hello there",
+    ];
+    let plain = ff(&args);
+    let mut with = args.to_vec();
+    with.extend(["--warmup", "--timing"]);
+    let o = ff(&with);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o), lines(&plain));
+    let timing: Value = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a timing line");
+    assert!(timing["warmup_s"].as_f64().unwrap() > 0.0, "{timing}");
+    assert!(timing["run_s"].as_f64().unwrap() > 0.0, "{timing}");
+    let o = ff(&[
+        "run",
+        "text-generation",
+        "--model",
+        &m,
+        "--warmup",
+        "--stream",
+        "Hi",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--warmup"));
+}
+
 #[test]
 fn text_classification_one_line_per_input() {
     let m = fixture("bert-seqcls");
