@@ -49,13 +49,9 @@ pub(crate) fn tgi_request_with(
         ("best_of", Value::Null),
         ("adapter_id", Value::Null),
         ("grammar", Value::Null),
-        // TGI's frequency penalty counts the prompt too and divides by the length: not
-        // OpenAI's, which the pipeline implements; only 0 passes
-        ("frequency_penalty", Value::Null),
     ] {
         if let Some(x) = params.remove(flag) {
-            let zero = flag == "frequency_penalty" && x.as_f64() == Some(0.0);
-            if x != neutral && !zero && !(flag == "best_of" && x == json!(1)) {
+            if x != neutral && !(flag == "best_of" && x == json!(1)) {
                 return Err(ApiError::validation(format!(
                     "`{flag}` is not supported by this server"
                 )));
@@ -64,6 +60,11 @@ pub(crate) fn tgi_request_with(
     }
     if let Some(stop) = params.remove("stop") {
         params.insert("stop_strings".into(), stop);
+    }
+    // TGI's frequency penalty counts the prompt too and divides by the row's length: the
+    // pipeline's `tgi_frequency_penalty`, not its OpenAI `frequency_penalty`.
+    if let Some(f) = params.remove("frequency_penalty") {
+        params.insert("tgi_frequency_penalty".into(), f);
     }
     params
         .entry("do_sample".to_string())

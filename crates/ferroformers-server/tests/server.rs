@@ -740,11 +740,33 @@ fn generation_routes_match_the_pipeline() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("watermark"));
-    // TGI's frequency penalty (prompt counted, divided by the length) is not OpenAI's, which
-    // the pipeline implements: refused unless 0.
+    // TGI's frequency penalty (prompt counted, divided by the row's length) is the pipeline's
+    // `tgi_frequency_penalty`, not its OpenAI one.
+    // A prompt of one repeated token, which the penalty (at most 2 x count / length) can
+    // move on this random model.
+    const PROMPT: &str = "allPPPPPPPPPPPP";
+    let tgi_gen = |extra: Value| -> String {
+        let mut p = Params::new();
+        p.insert("max_new_tokens".into(), json!(12));
+        p.insert("do_sample".into(), json!(false));
+        p.insert("return_full_text".into(), json!(false));
+        p.extend(extra.as_object().unwrap().clone());
+        let v = pipeline_json("text-generation", &decoder(), &[Input::from(PROMPT)], p);
+        v[0][0]["generated_text"].as_str().unwrap().to_string()
+    };
+    let penalized = tgi_gen(json!({"tgi_frequency_penalty": -2.0}));
+    assert_ne!(penalized, tgi_gen(json!({})));
+    assert_ne!(penalized, tgi_gen(json!({"frequency_penalty": -2.0})));
     let (status, body) = post_json(
         &format!("{base}/generate"),
-        json!({"inputs": "a", "parameters": {"frequency_penalty": 0.5}}),
+        json!({"inputs": PROMPT, "parameters": {"max_new_tokens": 12,
+               "frequency_penalty": -2.0}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["generated_text"].as_str().unwrap(), penalized);
+    let (status, body) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "a", "parameters": {"frequency_penalty": 2.5}}),
     );
     assert_eq!(status, 422, "{body}");
     assert!(body["error"]

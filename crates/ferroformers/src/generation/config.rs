@@ -60,6 +60,10 @@ pub struct GenerationConfig {
     /// `presence_penalty` once if it was generated at all (the prompt does not count).
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// TGI's `frequency_penalty` (ours, not HF's; TGI's `/generate` maps to it): each token's
+    /// score less this times its count in the whole row so far (prompt included) divided by
+    /// the row's length.
+    pub tgi_frequency_penalty: f32,
     /// OpenAI's `logit_bias` (ours, not HF's): added to a token's score before anything else.
     pub logit_bias: Vec<(u32, f32)>,
 }
@@ -97,6 +101,7 @@ impl Default for GenerationConfig {
             seed: None,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            tgi_frequency_penalty: 0.0,
             logit_bias: Vec::new(),
         }
     }
@@ -132,6 +137,7 @@ pub const GENERATION_PARAMS: &[&str] = &[
     "begin_suppress_tokens",
     "frequency_penalty",
     "presence_penalty",
+    "tgi_frequency_penalty",
     "logit_bias",
 ];
 
@@ -199,6 +205,7 @@ impl GenerationConfig {
             && self.no_repeat_ngram_size == 0
             && self.bad_words_ids.is_empty()
             && self.frequency_penalty == 0.0
+            && self.tgi_frequency_penalty == 0.0
             && self.presence_penalty == 0.0
             && self.logit_bias.is_empty()
     }
@@ -314,12 +321,12 @@ impl GenerationConfig {
                         _ => return Err(bad(name, v, "a list of lists of token ids")),
                     }
                 }
-                "frequency_penalty" | "presence_penalty" => {
+                "frequency_penalty" | "presence_penalty" | "tgi_frequency_penalty" => {
                     let x = if v.is_null() { 0.0 } else { as_f32(name, v)? };
-                    if name == "frequency_penalty" {
-                        self.frequency_penalty = x;
-                    } else {
-                        self.presence_penalty = x;
+                    match name {
+                        "frequency_penalty" => self.frequency_penalty = x,
+                        "presence_penalty" => self.presence_penalty = x,
+                        _ => self.tgi_frequency_penalty = x,
                     }
                 }
                 "logit_bias" => self.logit_bias = logit_bias(v)?,
@@ -370,6 +377,7 @@ impl GenerationConfig {
             begin_suppress_tokens,
             frequency_penalty,
             presence_penalty,
+            tgi_frequency_penalty,
             logit_bias
         );
         out
@@ -445,6 +453,7 @@ impl GenerationConfig {
         for (name, x) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),
+            ("tgi_frequency_penalty", self.tgi_frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&x) {
                 return Err(Error::param(name, format!("must be in [-2, 2], got {x}")));

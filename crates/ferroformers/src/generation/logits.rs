@@ -12,6 +12,8 @@ pub struct LogitsProcessor {
     /// OpenAI's (ours): see [`GenerationConfig::frequency_penalty`].
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// TGI's (ours): see [`GenerationConfig::tgi_frequency_penalty`].
+    pub tgi_frequency_penalty: f32,
     pub no_repeat_ngram_size: usize,
     pub min_length: usize,
     pub min_new_tokens: usize,
@@ -47,6 +49,7 @@ impl LogitsProcessor {
             logit_bias: cfg.logit_bias.clone(),
             repetition_penalty: cfg.repetition_penalty,
             frequency_penalty: cfg.frequency_penalty,
+            tgi_frequency_penalty: cfg.tgi_frequency_penalty,
             presence_penalty: cfg.presence_penalty,
             no_repeat_ngram_size: cfg.no_repeat_ngram_size,
             min_length: cfg.min_length,
@@ -98,6 +101,15 @@ impl LogitsProcessor {
                 scores,
                 self.frequency_penalty,
                 self.presence_penalty,
+            );
+        }
+        if self.tgi_frequency_penalty != 0.0 {
+            // TGI: the whole row counts, each occurrence weighing 1 / the row's length.
+            openai_penalties(
+                tokens,
+                scores,
+                self.tgi_frequency_penalty / tokens.len().max(1) as f32,
+                0.0,
             );
         }
         if self.no_repeat_ngram_size > 0 {
@@ -496,6 +508,22 @@ mod tests {
         let mut s = base;
         min_p_filter(&mut s, 0.9, 3);
         assert_eq!(s.iter().filter(|x| x.is_finite()).count(), 3);
+    }
+
+    /// TGI's frequency penalty (`HeterogeneousFrequencyPenaltyLogitsProcessor`): counts over
+    /// the whole row, prompt included, divided by the row's length.
+    #[test]
+    fn tgi_frequency_penalty_counts_the_whole_row() {
+        let cfg = GenerationConfig {
+            tgi_frequency_penalty: 2.0,
+            ..Default::default()
+        };
+        let p = LogitsProcessor::new(&cfg);
+        let mut s = vec![1.0; 4];
+        // Row [1, 3, 3, 2] with a prompt of 2: token 3 twice, 1 and 2 once, of 4.
+        p.process(&[1, 3, 3, 2], 2, &mut s);
+        assert_eq!(s, vec![1.0, 0.5, 0.5, 0.0]);
+        assert!(!cfg.argmax_only());
     }
 
     #[test]
