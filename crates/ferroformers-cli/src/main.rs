@@ -295,14 +295,15 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     }
     let batch = args.opts.batch_size;
     let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
-    let mut loaded = start.elapsed().as_secs_f64();
-    let mut warmup = None;
-    if args.warmup {
+    let loaded = start.elapsed().as_secs_f64();
+    let warmup = if args.warmup {
         pipe.run(&inputs, &args.params).map_err(fail)?;
-        let now = start.elapsed().as_secs_f64();
-        warmup = Some(now - loaded);
-        loaded = now;
-    }
+        Some(start.elapsed().as_secs_f64() - loaded)
+    } else {
+        None
+    };
+    // The timed pass starts here.
+    let timed = loaded + warmup.unwrap_or(0.0);
     let mut first = None;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -329,9 +330,9 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
         eprintln!(
             "{}",
             serde_json::json!({
-                "load_s": loaded - warmup.unwrap_or(0.0),
+                "load_s": loaded,
                 "warmup_s": warmup,
-                "run_s": end - loaded,
+                "run_s": end - timed,
                 "first_result_s": first,
                 "inputs": inputs.len(),
             })

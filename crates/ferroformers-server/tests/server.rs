@@ -99,6 +99,25 @@ fn pipeline_json(task: &str, model: &str, inputs: &[Input], params: Params) -> V
     serde_json::to_value(pipe.run(inputs, &params).unwrap()).unwrap()
 }
 
+/// The decoder fixture's text for `input` through the library pipeline: greedy, new text
+/// only, `max_new_tokens`, then `extra` (a JSON object of parameters) over those.
+fn decoder_text(input: Input, max_new_tokens: u64, extra: Value) -> String {
+    let mut p = Params::new();
+    p.insert("max_new_tokens".into(), json!(max_new_tokens));
+    p.insert("do_sample".into(), json!(false));
+    p.insert("return_full_text".into(), json!(false));
+    p.extend(extra.as_object().unwrap().clone());
+    let v = pipeline_json("text-generation", &decoder(), &[input], p);
+    v[0][0]["generated_text"].as_str().unwrap().to_string()
+}
+
+/// The chat the generation tests send: one user message, "Hi there".
+fn hi_there() -> Input {
+    Input::Chat(vec![ferroformers::generation::Message::new(
+        "user", "Hi there",
+    )])
+}
+
 /// Equal JSON, numbers within 1e-9 (serde_json's default float parsing is not correctly
 /// rounded: the same f64 can come back one ulp away).
 fn same(a: &Value, b: &Value) -> bool {
@@ -248,18 +267,7 @@ fn routes_answer_as_the_pipelines_do() {
 fn openai_penalties_bias_and_unsupported_fields() {
     let base = start();
     let messages = json!([{"role": "user", "content": "Hi there"}]);
-    let gen = |extra: Value| -> String {
-        let mut p = Params::new();
-        p.insert("max_new_tokens".into(), json!(10));
-        p.insert("do_sample".into(), json!(false));
-        p.insert("return_full_text".into(), json!(false));
-        p.extend(extra.as_object().unwrap().clone());
-        let chat = Input::Chat(vec![ferroformers::generation::Message::new(
-            "user", "Hi there",
-        )]);
-        let v = pipeline_json("text-generation", &decoder(), &[chat], p);
-        v[0][0]["generated_text"].as_str().unwrap().to_string()
-    };
+    let gen = |extra: Value| decoder_text(hi_there(), 10, extra);
     let plain = gen(json!({}));
     let mut differs = 0;
     for (openai, library) in [
@@ -382,24 +390,13 @@ fn sse_chunks(resp: ureq::Response) -> Vec<Value> {
 fn openai_n_choices() {
     let base = start();
     let messages = json!([{"role": "user", "content": "Hi there"}]);
-    let sampled = |seed: u64| -> String {
-        let mut p = Params::new();
-        for (k, v) in [
-            ("max_new_tokens", json!(6)),
-            ("min_new_tokens", json!(6)),
-            ("do_sample", json!(true)),
-            ("temperature", json!(1.0)),
-            ("top_k", json!(0)),
-            ("seed", json!(seed)),
-            ("return_full_text", json!(false)),
-        ] {
-            p.insert(k.into(), v);
-        }
-        let chat = Input::Chat(vec![ferroformers::generation::Message::new(
-            "user", "Hi there",
-        )]);
-        let v = pipeline_json("text-generation", &decoder(), &[chat], p);
-        v[0][0]["generated_text"].as_str().unwrap().to_string()
+    let sampled = |seed: u64| {
+        decoder_text(
+            hi_there(),
+            6,
+            json!({"min_new_tokens": 6, "do_sample": true, "temperature": 1.0, "top_k": 0,
+                   "seed": seed}),
+        )
     };
     let want: Vec<String> = (0..3).map(|i| sampled(7 + i)).collect();
     assert!(
@@ -476,19 +473,9 @@ fn openai_n_choices() {
 #[test]
 fn generation_routes_match_the_pipeline() {
     let base = start();
-    let gen = |input: Input, n: u64| -> String {
-        let mut p = Params::new();
-        p.insert("max_new_tokens".into(), json!(n));
-        p.insert("do_sample".into(), json!(false));
-        p.insert("return_full_text".into(), json!(false));
-        let v = pipeline_json("text-generation", &decoder(), &[input], p);
-        v[0][0]["generated_text"].as_str().unwrap().to_string()
-    };
+    let gen = |input: Input, n: u64| decoder_text(input, n, json!({}));
     let messages = json!([{"role": "user", "content": "Hi there"}]);
-    let chat = Input::Chat(vec![ferroformers::generation::Message::new(
-        "user", "Hi there",
-    )]);
-    let want = gen(chat, 8);
+    let want = gen(hi_there(), 8);
 
     let (status, got) = post_json(
         &format!("{base}/v1/chat/completions"),
@@ -745,15 +732,7 @@ fn generation_routes_match_the_pipeline() {
     // A prompt of one repeated token, which the penalty (at most 2 x count / length) can
     // move on this random model.
     const PROMPT: &str = "allPPPPPPPPPPPP";
-    let tgi_gen = |extra: Value| -> String {
-        let mut p = Params::new();
-        p.insert("max_new_tokens".into(), json!(12));
-        p.insert("do_sample".into(), json!(false));
-        p.insert("return_full_text".into(), json!(false));
-        p.extend(extra.as_object().unwrap().clone());
-        let v = pipeline_json("text-generation", &decoder(), &[Input::from(PROMPT)], p);
-        v[0][0]["generated_text"].as_str().unwrap().to_string()
-    };
+    let tgi_gen = |extra: Value| decoder_text(Input::from(PROMPT), 12, extra);
     let penalized = tgi_gen(json!({"tgi_frequency_penalty": -2.0}));
     assert_ne!(penalized, tgi_gen(json!({})));
     assert_ne!(penalized, tgi_gen(json!({"frequency_penalty": -2.0})));

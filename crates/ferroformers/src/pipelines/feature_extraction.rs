@@ -234,14 +234,13 @@ impl Task for FeatureExtraction {
         let mut outs = Vec::with_capacity(inputs.len());
         // On a GPU the pooling runs there, on whole batches (`Pooling::apply_batch`).
         let on_device = pooling.filter(|_| !self.runner.device.is_cpu());
-        let pool = move |out: &Tensor, chunk: &[&super::Encoded]| -> Result<Tensor> {
-            let lens: Vec<usize> = chunk.iter().map(|e| e.len()).collect();
-            match on_device {
-                Some(p) => p.apply_batch(out, &lens),
-                None => Ok(out.clone()),
+        let pool = on_device.map(|p| {
+            move |out: &Tensor, chunk: &[&super::Encoded]| -> Result<Tensor> {
+                let lens: Vec<usize> = chunk.iter().map(|e| e.len()).collect();
+                p.apply_batch(out, &lens)
             }
-        };
-        let reduce = on_device.map(|_| &pool as &super::BatchReduce);
+        });
+        let reduce = pool.as_ref().map(|f| f as &super::BatchReduce);
         self.runner
             .run_reducing(&encs, batch_size, reduce, |_, hidden| {
                 outs.push(match pooling {
