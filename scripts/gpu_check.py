@@ -261,20 +261,27 @@ def torch_embed(torch, transformers, path, dev, sents, batch, dtype):
     out = []
 
     def run():
+        # Batches of similar length, as sentence-transformers' `encode` makes them (ours are
+        # length-sorted too): texts ordered by length, cut into batches, results put back.
+        order = sorted(range(len(sents)), key=lambda i: -len(sents[i]))
         out.clear()
         with torch.inference_mode():
             for i in range(0, len(sents), batch):
-                enc = tok(sents[i:i + batch], padding=True, truncation=True, max_length=256,
-                          return_tensors="pt").to(dev)
+                enc = tok([sents[j] for j in order[i:i + batch]], padding=True,
+                          truncation=True, max_length=256, return_tensors="pt").to(dev)
                 h = model(**enc).last_hidden_state.float()
                 m = enc["attention_mask"].unsqueeze(-1).float()
                 e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
                 out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
         sync(torch, dev)
+        got = torch.cat(out)
+        back = torch.empty_like(got)
+        back[torch.tensor(order)] = got
+        return back
     run()  # warm-up
     t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0, torch.cat(out)
+    res = run()
+    return time.perf_counter() - t0, res
 
 
 def torch_generate(torch, transformers, path, dev, prompts, new_tokens, dtype):

@@ -62,11 +62,21 @@ pub fn device(name: &str) -> Result<Device> {
                 .into(),
         ));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let dev = Device::new_cuda(ordinal).map_err(|e| {
         bad(format!(
             "cannot use CUDA GPU {ordinal} ({e}); `nvidia-smi` lists this machine's GPUs"
         ))
-    })
+    })?;
+    // cudarc gives every buffer two CUDA events by default, for ordering work across
+    // streams. candle runs everything on one stream, where they are never waited on, but
+    // making and destroying them costs two driver calls per tensor: hundreds per decoding step.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &dev {
+        // SAFETY: no second stream is ever made in this process (candle's device runs on the
+        // calling thread's stream), so there is no cross-stream ordering for events to keep.
+        unsafe { c.disable_event_tracking() }
+    }
+    Ok(dev)
 }
 
 /// The dtype a model runs in when none is asked for, as transformers' `torch_dtype="auto"` picks

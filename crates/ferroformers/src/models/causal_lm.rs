@@ -405,6 +405,59 @@ impl Proj {
     }
 }
 
+/// Greedy decoding's logits `[b, 1, vocab]` screened where they are computed (a GPU): each row
+/// comes to the host as its largest value outside `always` (at its first index, as an argmax
+/// on the host picks it) and the exact values of the `always` tokens (those a logits processor
+/// may suppress); every other token is -inf. A greedy step then picks what it would pick from
+/// the whole row, while a few numbers per row cross to the host instead of the whole
+/// vocabulary (32 rows of 49k f32 are 6 MB per step).
+pub fn screen_logits(logits: &Tensor, always: &[u32]) -> Result<Tensor> {
+    let (b, one, v) = logits.dims3()?;
+    let dev = logits.device();
+    let rows = logits.reshape((b * one, v))?.to_dtype(DType::F32)?;
+    let always: Vec<u32> = always
+        .iter()
+        .copied()
+        .filter(|&t| (t as usize) < v)
+        .collect();
+    let rest = if always.is_empty() {
+        rows.clone()
+    } else {
+        let mut hide = vec![0f32; v];
+        for &t in &always {
+            hide[t as usize] = f32::NEG_INFINITY;
+        }
+        rows.broadcast_add(&Tensor::from_vec(hide, v, dev)?)?
+    };
+    let best = rest.max_keepdim(1)?;
+    // The first index holding the maximum: positions, or `v` where the row is below it.
+    let index = Tensor::arange(0u32, v as u32, dev)?
+        .to_dtype(DType::F32)?
+        .broadcast_as((b * one, v))?;
+    let none = Tensor::full(v as f32, (b * one, v), dev)?;
+    let first = rest
+        .broadcast_eq(&best)?
+        .where_cond(&index, &none)?
+        .min_keepdim(1)?;
+    let mut parts = vec![best, first];
+    if !always.is_empty() {
+        parts.push(rows.index_select(&Tensor::new(always.as_slice(), dev)?, 1)?);
+    }
+    // One copy to the host: [max, index, always...] per row.
+    let small: Vec<Vec<f32>> = Tensor::cat(&parts, 1)?.to_vec2()?;
+    let mut out = vec![f32::NEG_INFINITY; b * one * v];
+    for (row, vals) in out.chunks_exact_mut(v).zip(&small) {
+        let at = vals[1] as usize;
+        if at < v {
+            row[at] = vals[0];
+        }
+        for (&t, &x) in always.iter().zip(&vals[2..]) {
+            row[t as usize] = x;
+        }
+    }
+    Tensor::from_vec(out, (b, one, v), &Device::Cpu)
+}
+
 /// `[b, s]` logits rows -> the last one, `[b, 1, ...]`.
 pub fn last_position(xs: &Tensor) -> Result<Tensor> {
     let s = xs.dim(1)?;
@@ -439,11 +492,19 @@ pub fn causal_bias(mask: &[Vec<u8>], new: usize, device: &Device) -> Result<Tens
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Ones in the weight's dtype, on a GPU: candle's fused RMS kernel scales the rows with
+    /// them (one kernel instead of eight), and the weight multiplies after the cast.
+    ones: Option<Tensor>,
 }
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps }
+        let ones = if weight.device().is_cpu() {
+            None
+        } else {
+            weight.ones_like().ok()
+        };
+        Self { weight, eps, ones }
     }
 
     /// The weight as f32 values and epsilon, for the CPU paths.
@@ -456,7 +517,16 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// HF's `LlamaRMSNorm`: the rows normalised in f32 (`x * rsqrt(mean(x^2) + eps)`), cast
+    /// back to the input dtype, then multiplied by the weight in that dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ones) = self.ones.as_ref().filter(|o| o.dtype() == xs.dtype()) {
+            // The kernel computes `scale * x * 1` in f32 and rounds once to the input dtype:
+            // the same normalise-then-cast, fused (a decoding step is bound by kernel launches
+            // on a GPU: this is 2 launches per norm instead of 9).
+            let normed = candle_nn::ops::rms_norm(&xs.contiguous()?, ones, self.eps as f32)?;
+            return normed.broadcast_mul(&self.weight);
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -523,6 +593,98 @@ pub fn load_causal_lm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Screened rows pick what the whole rows pick, with or without `always` tokens, ties
+    /// going to the first index; the `always` values are exact.
+    #[test]
+    fn screened_logits_keep_the_greedy_choice() {
+        use crate::generation::logits::argmax;
+        let dev = Device::Cpu;
+        let v = 40;
+        let mut data = crate::kernels::cpu::test_values(3 * v, 11, 5.0);
+        // Row 1: a tie for the maximum at 7 and 30; row 2: its maximum is an `always` token.
+        data[v + 7] = 9.0;
+        data[v + 30] = 9.0;
+        data[2 * v + 5] = 12.0;
+        let logits = Tensor::from_vec(data.clone(), (3, 1, v), &dev).unwrap();
+        for always in [vec![], vec![5u32, 30], vec![5, 99]] {
+            let got: Vec<Vec<f32>> = screen_logits(&logits, &always)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (r, row) in got.iter().enumerate() {
+                let full = &data[r * v..(r + 1) * v];
+                for &t in always.iter().filter(|&&t| (t as usize) < v) {
+                    assert_eq!(row[t as usize], full[t as usize], "row {r} token {t}");
+                }
+                assert_eq!(argmax(row), argmax(full), "row {r} always {always:?}");
+                // With the `always` tokens suppressed (as min_new_tokens does to eos), the
+                // choice is the whole row's choice among the others.
+                let (mut a, mut b) = (row.clone(), full.to_vec());
+                for &t in always.iter().filter(|&&t| (t as usize) < v) {
+                    a[t as usize] = f32::NEG_INFINITY;
+                    b[t as usize] = f32::NEG_INFINITY;
+                }
+                assert_eq!(
+                    argmax(&a),
+                    argmax(&b),
+                    "row {r} always {always:?}, suppressed"
+                );
+            }
+        }
+    }
+
+    /// The fused norm a GPU runs (candle's RMS kernel over ones, then the weight) gives what
+    /// the step-by-step norm gives: f32 within rounding, bf16 within one bf16 step.
+    #[test]
+    fn fused_rms_norm_equals_the_plain_one() {
+        let dev = Device::Cpu;
+        let (rows, h) = (5, 48);
+        let x = crate::kernels::cpu::test_values(rows * h, 7, 3.0);
+        let w = crate::kernels::cpu::test_values(h, 8, 1.5);
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+            let xs = Tensor::from_vec(x.clone(), (1, rows, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let wt = Tensor::from_vec(w.clone(), h, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let plain = RmsNorm::new(wt.clone(), 1e-6);
+            assert!(plain.ones.is_none(), "the CPU keeps the step-by-step norm");
+            let fused = RmsNorm {
+                ones: Some(wt.ones_like().unwrap()),
+                ..plain.clone()
+            };
+            let a: Vec<f32> = plain
+                .forward(&xs)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = fused
+                .forward(&xs)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (p, f)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (p - f).abs() <= tol * p.abs().max(1.0),
+                    "{dtype:?} value {i}: {p} vs {f}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn bias_is_causal_and_masks_padding() {

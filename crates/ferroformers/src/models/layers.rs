@@ -145,8 +145,15 @@ fn sdpa_candle(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) ->
     let t = k.dim(2)?;
     let n_rep = h / kv_h;
     // Group the query heads that share a kv head into the row dimension: no copy of k/v.
-    let q = (q.reshape((b, kv_h, n_rep * s, d))? * scale)?;
-    let k_t = k.transpose(2, 3)?.contiguous()?;
+    let q = q.reshape((b, kv_h, n_rep * s, d))?;
+    let q = if scale == 1.0 { q } else { (q * scale)? };
+    // cuBLAS reads K^T in place (a transposed operand); candle's CPU matmul wants it copied.
+    let k_t = k.transpose(2, 3)?;
+    let k_t = if k.device().is_cpu() {
+        k_t.contiguous()?
+    } else {
+        k_t
+    };
     let scores = q.matmul(&k_t)?.reshape((b, h, s, t))?;
     let scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;

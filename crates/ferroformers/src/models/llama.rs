@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::causal_lm::{last_position, CausalLm, KvCache, Proj, RmsNorm};
+use super::causal_lm::{last_position, screen_logits, CausalLm, KvCache, Proj, RmsNorm};
 use super::layers::sdpa;
 use super::layers::Linear;
 use crate::kernels::cpu::attention::{attend_causal, rms_norm, rms_norm_rows};
@@ -239,6 +239,28 @@ impl Rotary {
     }
 }
 
+/// A forward pass's rotation angles: `cos`/`sin` for the keys, and for the queries the same
+/// times the attention scale (a rotation is linear, so `rope(q, c*s, n*s) = s * rope(q, c, n)`:
+/// the scale is applied once per pass instead of once per layer; exact for the usual power-of-two
+/// scales, within rounding otherwise).
+struct Angles {
+    cos: Tensor,
+    sin: Tensor,
+    cos_q: Tensor,
+    sin_q: Tensor,
+}
+
+impl Angles {
+    fn new((cos, sin): (Tensor, Tensor), scale: f64) -> Result<Self> {
+        Ok(Self {
+            cos_q: (&cos * scale)?,
+            sin_q: (&sin * scale)?,
+            cos,
+            sin,
+        })
+    }
+}
+
 struct Attention {
     /// q, k and v stacked, when they can be (GGUF blocks): one product instead of three.
     qkv_proj: Option<Proj>,
@@ -261,8 +283,7 @@ impl Attention {
     fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        angles: &Angles,
         rotary: &Rotary,
         bias: &Tensor,
         cache: &mut KvCache,
@@ -300,10 +321,11 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = rotary.apply(&q, cos, sin)?;
-        let k = rotary.apply(&k, cos, sin)?;
+        // The query's rotation carries the scores' scale (`angles`): no scaling op per layer.
+        let q = rotary.apply(&q, &angles.cos_q, &angles.sin_q)?;
+        let k = rotary.apply(&k, &angles.cos, &angles.sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let ctx = sdpa(&q, &k, &v, bias, self.scale)?;
+        let ctx = sdpa(&q, &k, &v, bias, 1.0)?;
         self.o_proj.forward(&ctx)
     }
 }
@@ -856,20 +878,25 @@ impl Llama {
         if let Some(sc) = self.embed_scale {
             xs = (xs * sc as f64)?;
         }
-        let global = self.rotary.cos_sin(position_ids, self.dtype)?;
+        // Every layer has the model's one attention scale.
+        let scale = self.layers.first().map_or(1.0, |l| l.self_attn.scale);
+        let global = Angles::new(self.rotary.cos_sin(position_ids, self.dtype)?, scale)?;
         let local = match (&self.local_rotary, self.window) {
             (Some(r), Some(w)) => {
                 let (b, one, s, t) = bias.dims4()?;
                 let mut v: Vec<f32> = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 window_bias(&mut v, s, t, w);
                 let lb =
-                    Tensor::from_vec(v, (b, one, s, t), bias.device())?.to_dtype(bias.dtype())?;
-                Some((r, r.cos_sin(position_ids, self.dtype)?, lb))
+                    Tensor::from_vec(v, (b, one, s, t), bias.device())?.to_dtype(self.dtype)?;
+                let angles = Angles::new(r.cos_sin(position_ids, self.dtype)?, scale)?;
+                Some((r, angles, lb))
             }
             _ => None,
         };
+        // In the scores' dtype once, not in every layer (`sdpa` casts it to theirs).
+        let bias = &bias.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (rotary, (cos, sin), bias) = match &local {
+            let (rotary, angles, bias) = match &local {
                 Some((r, cs, lb)) if layer.self_attn.sliding => (*r, cs, lb),
                 _ => (&self.rotary, &global, bias),
             };
@@ -877,7 +904,7 @@ impl Llama {
             let h = layer.input_layernorm.forward(&xs)?;
             let mut h = layer
                 .self_attn
-                .forward(&h, cos, sin, rotary, bias, cache, i)?;
+                .forward(&h, angles, rotary, bias, cache, i)?;
             if let Some((on, _)) = &layer.out_norms {
                 h = on.forward(&h)?;
             }
@@ -895,9 +922,13 @@ impl Llama {
         }
         let xs = self.norm.forward(&xs)?;
         let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
-        match self.softcap {
-            Some(cap) => (logits / cap as f64)?.tanh()? * cap as f64,
-            None => Ok(logits),
+        let logits = match self.softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        };
+        match cache.screen() {
+            Some(always) if last_only => screen_logits(&logits, always),
+            _ => Ok(logits),
         }
     }
 }
