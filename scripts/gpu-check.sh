@@ -142,14 +142,18 @@ EOF
         --out "$out" --work "$work" 2>&1 | tee -a "$log"; }
     # f32 against the committed references (every case), then the benchmarks, then f16 and
     # bf16 (two cases a fixture).
-    # PHASES (default "parity bench reduced") picks what runs, e.g. PHASES=bench for a rerun
-    # of the benchmarks alone.
-    local phases=" ${PHASES:-parity bench reduced} "
+    # PHASES (default "parity bench reduced serve") picks what runs, e.g. PHASES=bench for a
+    # rerun of the benchmarks alone; serve checks `ferroformers serve --device` on the same
+    # models.
+    local phases=" ${PHASES:-parity bench reduced serve} "
     if [[ $phases == *" parity "* ]]; then
         py_check parity --dtype f32 --jobs "${JOBS:-8}" --seconds "${PARITY_S:-0}" || status=1
     fi
     if [[ $phases == *" bench "* ]]; then
         py_check bench --seconds "${BENCH_S:-0}" "${quick[@]}" || status=1
+    fi
+    if [[ $phases == *" serve "* ]]; then
+        py_check serve || status=1
     fi
     if [[ $phases == *" reduced "* ]]; then
         for dt in f16 bf16; do

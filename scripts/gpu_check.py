@@ -12,7 +12,13 @@ the `ferroformers` binary):
           the real checkpoints do not fit the device's 64 MiB transfer limit, and speed does not
           depend on the values. Ours and torch load the same files; their outputs are compared too.
 
-Results: JSON files under --out (parity-<dtype>.json, bench.json) and a log on stdout.
+  serve   `ferroformers serve --device D` with the same random MiniLM and SmolLM2 (f32): TEI's
+          /embed and OpenAI's /v1/completions answer what `run` gives on the same device, /info
+          names the device, and 16 concurrent completions (the continuous batch on the GPU)
+          answer the texts they give one at a time; timings of 1 and of 16 at once.
+
+Results: JSON files under --out (parity-<dtype>.json, bench.json, serve.json) and a log on
+stdout.
 """
 
 import argparse
@@ -417,9 +423,127 @@ def bench(a):
                                                      if m != r), None)})
 
 
+def http(method, url, body=None, timeout=120):
+    import urllib.error
+    import urllib.request
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def serve(a):
+    """The server on the device: answers against `run`'s on the same device, then concurrency."""
+    import threading
+    import torch
+    import transformers
+    dev, work = a.device, Path(a.work)
+    models = make_models(a.carry, work / "models", torch, transformers)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    res = {"device": dev, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "checks": {}}
+    ok = True
+
+    def check(name, passed, **detail):
+        nonlocal ok
+        ok &= bool(passed)
+        res["checks"][name] = {"ok": bool(passed), **detail}
+        log(f"{'ok  ' if passed else 'FAIL'} serve {name} {json.dumps(detail)[:300]}")
+        (Path(a.out) / "serve.json").write_text(json.dumps(res, indent=1))
+
+    port = 38000 + (int(time.time()) % 1000)
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([a.bin, "serve", "--model", f"{models['minilm']}=sentence-embeddings",
+                               "--model", f"{models['smollm2']}=text-generation",
+                               "--device", dev, "--dtype", "f32", "--port", str(port),
+                               "--max-client-batch-size", "64"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            if server.poll() is not None:
+                raise RuntimeError("the server exited: " + server.stdout.read()[-2000:])
+            try:
+                if http("GET", base + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        res["load_s"] = round(time.time() - t0, 2)
+        st, info = http("GET", base + "/info")
+        check("info", st == 200 and info.get("model_device_type") == ("cpu" if dev == "cpu"
+                                                                     else "cuda")
+              and info.get("model_dtype") == "float32", info=info)
+        sents = texts(24)
+        st, emb = http("POST", base + "/embed", {"inputs": sents})
+        ref, _ = run_cli(a.bin, ["sentence-embeddings", "--model", str(models["minilm"]),
+                                 "--device", dev, "--dtype", "f32"], sents, work / "serve")
+        diff = max(abs(x - y) for e, r in zip(emb, ref) for x, y in zip(e, r)) \
+            if st == 200 else None
+        check("embed", st == 200 and len(emb) == len(sents) and diff <= 1e-4,
+              status=st, max_abs_diff=diff)
+        prompts, new = texts(16), 24
+        ref, _ = run_cli(a.bin, ["text-generation", "--model", str(models["smollm2"]),
+                                 "--device", dev, "--dtype", "f32",
+                                 "--param", f"max_new_tokens={new}",
+                                 "--param", f"min_new_tokens={new}",
+                                 "--param", "do_sample=false",
+                                 "--param", "return_full_text=false"], prompts, work / "serve")
+        ref = [(o[0] if isinstance(o, list) else o).get("generated_text", "") for o in ref]
+
+        def complete(p):
+            t = time.perf_counter()
+            st, body = http("POST", base + "/v1/completions",
+                            {"model": "smollm2", "prompt": p, "max_tokens": new,
+                             "min_tokens": new, "temperature": 0})
+            text = body["choices"][0]["text"] if st == 200 else body
+            return st, text, time.perf_counter() - t
+
+        one = [complete(p) for p in prompts[:4]]
+        check("completions", all(st == 200 for st, _, _ in one)
+              and [t for _, t, _ in one] == ref[:4],
+              equal=sum(t == r for (_, t, _), r in zip(one, ref)), of=4,
+              seconds=[round(s, 3) for _, _, s in one])
+        outs = [None] * len(prompts)
+
+        def worker(i):
+            outs[i] = complete(prompts[i])
+        t = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        equal = sum(o is not None and o[1] == r for o, r in zip(outs, ref))
+        # Greedy f32 in a batch of 16 and alone: the same texts unless a batch-dependent
+        # rounding flips a near-tied logit of these random weights (counted, all must answer).
+        check("concurrent", all(o is not None and o[0] == 200 for o in outs),
+              equal=equal, of=len(prompts), wall_s=round(wall, 3),
+              tokens_per_s=round(len(prompts) * new / wall, 1),
+              single_tokens_per_s=round(new / statistics.median(s for _, _, s in one), 1),
+              latency_s=sorted(round(o[2], 3) for o in outs if o))
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        check("server", False, error=str(e)[-2000:])
+    finally:
+        server.terminate()
+        try:
+            tail = server.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()
+            tail = server.communicate()[0]
+        res["server_log_tail"] = tail[-3000:]
+        (Path(a.out) / "serve.json").write_text(json.dumps(res, indent=1))
+    log(f"serve {dev}: {'all checks pass' if ok else 'FAILED'}")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["parity", "bench"])
+    p.add_argument("what", choices=["parity", "bench", "serve"])
     p.add_argument("--bin", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="f32", choices=list(TOL))
@@ -440,6 +564,8 @@ def main():
     a.deadline = time.time() + a.seconds if a.seconds else 0
     if a.what == "parity":
         sys.exit(0 if parity(a) else 1)
+    if a.what == "serve":
+        sys.exit(0 if serve(a) else 1)
     bench(a)
 
 

@@ -109,6 +109,16 @@ pub struct ServeArgs {
     /// Threads for the models' arithmetic.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     threads: Option<u64>,
+    /// Where the models run: cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature,
+    /// scripts/build-cuda.sh).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// The models' dtype: f32, f16 or bf16 (float32, float16, bfloat16: TEI's and TGI's
+    /// --dtype). Default: f32 on CPU; on a GPU each checkpoint's own (bf16 for a bf16
+    /// checkpoint, f16 for GGUF), as transformers' torch_dtype="auto".
+    #[arg(long, env, value_name = "DTYPE",
+          value_parser = crate::names(crate::DTYPES, crate::parse_dtype))]
+    dtype: Option<ferroformers::DType>,
 }
 
 /// `--waiting-served-ratio`: a finite number >= 0.
@@ -139,6 +149,10 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     if let Some(n) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    let device = match &a.device {
+        Some(d) => ferroformers::device(d).map_err(|e| format!("--device: {e}"))?,
+        None => ferroformers::Device::Cpu,
+    };
     let mut cfg = Config {
         models: a.model.iter().map(|m| ModelSpec::parse(m)).collect(),
         served_model_name: a.served_model_name,
@@ -159,6 +173,8 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         graceful_shutdown_timeout: std::time::Duration::from_secs_f64(a.graceful_shutdown_timeout),
         json_output: a.json_output,
         quiet: a.quiet,
+        device,
+        dtype: a.dtype,
         ..Config::default()
     };
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;

@@ -317,6 +317,25 @@ fn cuda_device_without_the_feature_is_a_clear_error() {
         !o.status.success() && err.contains("expected cpu, cuda or cuda:N"),
         "{err}"
     );
+    // `serve` says the same before loading anything, and refuses an unknown dtype.
+    for (args, want) in [
+        (vec!["--device", "cuda"], "no CUDA support"),
+        (vec!["--device", "gpu0"], "expected cpu, cuda or cuda:N"),
+        (vec!["--dtype", "f64"], "'f64' for '--dtype"),
+    ] {
+        let mut all = vec!["serve", "--model", &m, "--port", "0"];
+        all.extend(args.iter().copied());
+        let o = ff(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && o.stdout.is_empty(),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -136,6 +136,11 @@ pub struct Config {
     pub json_output: bool,
     /// No per-request log events.
     pub quiet: bool,
+    /// Where every model runs (`--device`: cpu, cuda or cuda:N).
+    pub device: ferroformers::Device,
+    /// The models' dtype (`--dtype`); `None`: f32 on CPU, on a GPU each checkpoint's own
+    /// (transformers' `torch_dtype="auto"`, TGI's default).
+    pub dtype: Option<ferroformers::DType>,
 }
 
 impl Default for Config {
@@ -161,6 +166,8 @@ impl Default for Config {
             graceful_shutdown_timeout: std::time::Duration::from_secs(25),
             json_output: false,
             quiet: false,
+            device: ferroformers::Device::Cpu,
+            dtype: None,
         }
     }
 }
@@ -180,6 +187,10 @@ struct Served {
     /// The most tokens of an input the pipeline keeps (the tokenizer's limit, or
     /// sentence-transformers' `max_seq_length` for an embedding model).
     max_input: Option<usize>,
+    /// The dtype it runs in (`/info`'s `model_dtype`).
+    dtype: ferroformers::DType,
+    /// Whether it runs on a GPU (`/info`'s `model_device_type`).
+    cuda: bool,
 }
 
 struct AppState {
@@ -311,7 +322,13 @@ struct LoadOpts {
     max_batch_total_tokens: usize,
     admission: ferroformers::generation::Admission,
     aborting: Arc<std::sync::atomic::AtomicBool>,
+    device: ferroformers::Device,
+    dtype: Option<ferroformers::DType>,
 }
+
+/// Inputs per pipeline batch on a GPU (the CLI's default there too): the batches the encoder
+/// queue merges run in passes that fill it.
+const GPU_BATCH: usize = 32;
 
 fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     let dir =
@@ -327,11 +344,24 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
             })?
             .to_string(),
     };
-    let opts = PipelineOptions {
+    let mut opts = PipelineOptions {
         model: Some(spec.model.clone()),
+        device: o.device.clone(),
         ..PipelineOptions::default()
     };
+    if !opts.device.is_cpu() {
+        opts.batch_size = GPU_BATCH;
+    }
+    opts.dtype = match o.dtype {
+        Some(d) => d,
+        None => ferroformers::auto_dtype(&task, &opts),
+    };
+    let (dtype, cuda) = (opts.dtype, !opts.device.is_cpu());
+    let device = opts.device.clone();
     let mut pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;
+    // candle queues a GPU's work on the calling thread's stream; requests run on other
+    // threads, so the weights' copies must be done before this thread hands the model on.
+    device.synchronize().map_err(|e| e.to_string())?;
     if o.max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
     }
@@ -381,6 +411,8 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         speech,
         num_labels,
         max_input,
+        dtype,
+        cuda,
     })
 }
 
@@ -407,6 +439,8 @@ impl Server {
             max_batch_total_tokens: cfg.max_batch_total_tokens,
             admission: cfg.admission,
             aborting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            device: cfg.device.clone(),
+            dtype: cfg.dtype,
         };
         let o = opts.clone();
         let mut models = tokio::task::spawn_blocking(move || {
@@ -877,6 +911,15 @@ fn index_of(state: &AppState, m: &Served) -> usize {
         .unwrap_or(0)
 }
 
+/// `float32`, `float16` or `bfloat16` (TEI's `model_dtype`).
+fn dtype_name(d: ferroformers::DType) -> &'static str {
+    match d {
+        ferroformers::DType::F16 => "float16",
+        ferroformers::DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
 async fn info(State(state): State<Arc<AppState>>) -> Response {
     let models: Vec<Value> = state
         .models
@@ -887,6 +930,12 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
     let mut o = Map::new();
     o.insert("model_id".into(), json!(first.id));
     o.insert("task".into(), json!(first.task));
+    // TEI's and TGI's names: the dtype as torch spells it without `torch.`, the device type.
+    o.insert("model_dtype".into(), json!(dtype_name(first.dtype)));
+    o.insert(
+        "model_device_type".into(),
+        json!(if first.cuda { "cuda" } else { "cpu" }),
+    );
     o.insert("models".into(), json!(models));
     o.insert(
         "max_client_batch_size".into(),

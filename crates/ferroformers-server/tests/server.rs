@@ -1343,6 +1343,60 @@ fn batches_keep_to_the_token_budget() {
         .unwrap();
     assert_eq!(info["max_batch_tokens"], budget, "{info}");
     assert_eq!(info["max_batch_requests"], 128, "{info}");
+    // TEI's and TGI's names for where and in what the model runs (the CPU default: f32).
+    assert_eq!(info["model_dtype"], "float32", "{info}");
+    assert_eq!(info["model_device_type"], "cpu", "{info}");
+}
+
+/// `--dtype bf16`: the models load in bf16 (`/info` says so) and `/embed` answers what the
+/// pipeline gives in bf16, which differs from f32's.
+#[test]
+fn dtype_reaches_the_models() {
+    let model = fixture("minilm-st");
+    let base = start_with(|c| {
+        c.models = vec![ModelSpec::parse(&model)];
+        c.dtype = Some(ferroformers::DType::BF16);
+    });
+    let info: Value = ureq::get(&format!("{base}/info"))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(info["model_dtype"], "bfloat16", "{info}");
+    let text = "the cat sat on the mat";
+    let (status, body) = post_json(&format!("{base}/embed"), json!({"inputs": text}));
+    assert_eq!(status, 200, "{body}");
+    let got = floats(&body[0]);
+    let run = |dtype| {
+        let pipe = ferroformers::pipeline_with(
+            "sentence-embeddings",
+            PipelineOptions {
+                model: Some(model.clone()),
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = serde_json::to_value(pipe.run(&[text.into()], &Params::new()).unwrap()).unwrap();
+        floats(&out[0])
+    };
+    // (On a CPU without AVX512-BF16 the pipeline's bf16 falls back to f32, so the two may
+    // be equal there; where they differ, the server's must be bf16's.)
+    let (bf16, f32) = (
+        run(ferroformers::DType::BF16),
+        run(ferroformers::DType::F32),
+    );
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(diff(&got, &bf16) <= 1e-6, "{got:?} vs {bf16:?}");
+    if diff(&bf16, &f32) > 1e-5 {
+        assert!(diff(&got, &f32) > 1e-5, "bf16 answered f32's numbers");
+    }
 }
 
 /// Generation requests at the same time go through the continuous batch: each answer equals
