@@ -63,6 +63,16 @@ fn start_with(change: impl FnOnce(&mut Config)) -> String {
     format!("http://{}", rx.recv().unwrap())
 }
 
+/// `GET /info` with the key.
+fn get_info(base: &str) -> Value {
+    ureq::get(&format!("{base}/info"))
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
 /// POST a body; (status, JSON body).
 fn post(url: &str, body: &str, content_type: Option<&str>, key: Option<&str>) -> (u16, Value) {
     let mut req = ureq::post(url);
@@ -1335,12 +1345,7 @@ fn batches_keep_to_the_token_budget() {
     assert_eq!(body.as_array().unwrap().len(), 4);
     let (_, value) = metrics_of(&base, "minilm-st");
     assert_eq!(value("ferroformers_batch_max_tokens"), (4 * n) as f64);
-    let info: Value = ureq::get(&format!("{base}/info"))
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let info = get_info(&base);
     assert_eq!(info["max_batch_tokens"], budget, "{info}");
     assert_eq!(info["max_batch_requests"], 128, "{info}");
     // TEI's and TGI's names for where and in what the model runs (the CPU default: f32).
@@ -1357,12 +1362,7 @@ fn dtype_reaches_the_models() {
         c.models = vec![ModelSpec::parse(&model)];
         c.dtype = Some(ferroformers::DType::BF16);
     });
-    let info: Value = ureq::get(&format!("{base}/info"))
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let info = get_info(&base);
     assert_eq!(info["model_dtype"], "bfloat16", "{info}");
     let text = "the cat sat on the mat";
     let (status, body) = post_json(&format!("{base}/embed"), json!({"inputs": text}));
@@ -1409,12 +1409,7 @@ fn concurrent_generations_share_the_continuous_batch() {
         c.admission.max_waiting_tokens = 7;
     });
     // `/info` reports the batch's limits under TGI's names.
-    let info: Value = ureq::get(&format!("{base}/info"))
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let info = get_info(&base);
     assert_eq!(info["max_batch_total_tokens"], 32_768, "{info}");
     assert_eq!(info["max_waiting_tokens"], 7, "{info}");
     assert_eq!(info["waiting_served_ratio"], 0.0, "{info}");

@@ -659,24 +659,11 @@ mod tests {
                 ones: Some(wt.ones_like().unwrap()),
                 ..plain.clone()
             };
-            let a: Vec<f32> = plain
-                .forward(&xs)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = fused
-                .forward(&xs)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let values = |norm: &RmsNorm| -> Vec<f32> {
+                let y = norm.forward(&xs).unwrap().to_dtype(DType::F32).unwrap();
+                y.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let (a, b) = (values(&plain), values(&fused));
             for (i, (p, f)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (p - f).abs() <= tol * p.abs().max(1.0),
