@@ -180,9 +180,6 @@ fn check_run(a: RunArgs) -> Result<Run, String> {
         revision: a.revision,
         ..PipelineOptions::default()
     };
-    if let Some(n) = a.batch_size {
-        opts.batch_size = n as usize;
-    }
     if let Some(n) = a.threads {
         // Read by candle's CPU kernels and rayon when their pools start.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -190,21 +187,16 @@ fn check_run(a: RunArgs) -> Result<Run, String> {
     if let Some(d) = &a.device {
         opts.device = parse_device(d)?;
     }
-    if let Some(d) = a.dtype {
-        opts.dtype = d;
-    }
     opts.gguf_math = a.gguf_math;
     opts.quantize = a.quantize;
-    if !opts.device.is_cpu() {
-        // On a GPU, as transformers' `torch_dtype="auto"`: the checkpoint's dtype (bf16 for a
-        // bf16 checkpoint), and batches that fill it.
-        if a.dtype.is_none() {
-            opts.dtype = ferroformers::auto_dtype(&a.task, &opts);
-        }
-        if a.batch_size.is_none() {
-            opts.batch_size = GPU_DEFAULT_BATCH;
-        }
-    }
+    // On a GPU, as transformers' `torch_dtype="auto"`: the checkpoint's dtype (bf16 for a bf16
+    // checkpoint), and batches that fill it.
+    ferroformers::fill_device_defaults(
+        &a.task,
+        &mut opts,
+        a.dtype,
+        a.batch_size.map(|n| n as usize),
+    );
     if a.input.is_none() && a.texts.is_empty() {
         return Err(fail("no input: give TEXT arguments or --input FILE.jsonl"));
     }
@@ -252,10 +244,6 @@ fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
 fn parse_device(v: &str) -> Result<Device, String> {
     ferroformers::device(v).map_err(|e| fail(format!("--device: {e}")))
 }
-
-/// `--batch-size` when none is given on a GPU: a batch per kernel launch fills it (the CPU's
-/// default stays 1, as transformers' pipelines).
-const GPU_DEFAULT_BATCH: usize = 32;
 
 fn read_inputs(args: &Run) -> Result<Vec<Input>, String> {
     let Some(file) = &args.input_file else {

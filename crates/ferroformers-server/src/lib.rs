@@ -326,10 +326,6 @@ struct LoadOpts {
     dtype: Option<ferroformers::DType>,
 }
 
-/// Inputs per pipeline batch on a GPU (the CLI's default there too): the batches the encoder
-/// queue merges run in passes that fill it.
-const GPU_BATCH: usize = 32;
-
 fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     let dir =
         ferroformers::hub::resolve_or_download(&spec.model, None).map_err(|e| e.to_string())?;
@@ -349,13 +345,8 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         device: o.device.clone(),
         ..PipelineOptions::default()
     };
-    if !opts.device.is_cpu() {
-        opts.batch_size = GPU_BATCH;
-    }
-    opts.dtype = match o.dtype {
-        Some(d) => d,
-        None => ferroformers::auto_dtype(&task, &opts),
-    };
+    // On a GPU: the checkpoint's dtype unless `--dtype` says, batches of 32 (as `run`).
+    ferroformers::fill_device_defaults(&task, &mut opts, o.dtype, None);
     let (dtype, cuda) = (opts.dtype, !opts.device.is_cpu());
     let device = opts.device.clone();
     let mut pipe = ferroformers::pipeline_with(&task, opts).map_err(|e| e.to_string())?;

@@ -106,6 +106,36 @@ pub fn auto_dtype(task: &str, opts: &PipelineOptions) -> DType {
     dtype_of_config(config.as_ref())
 }
 
+/// Inputs per batch on a GPU when none is asked for: a batch per kernel launch fills it (the
+/// CPU's default stays 1, as transformers' pipelines).
+pub const GPU_DEFAULT_BATCH: usize = 32;
+
+/// What a caller did not ask for, filled in for `opts.device` (the CLI's `run` and `serve`): on
+/// a GPU the checkpoint's dtype ([`auto_dtype`], as `pipeline(..., device=0,
+/// torch_dtype="auto")`) and [`GPU_DEFAULT_BATCH`] inputs per batch; on the CPU nothing.
+/// `dtype` and `batch_size` are what was asked for (`None`: not given).
+pub fn fill_device_defaults(
+    task: &str,
+    opts: &mut PipelineOptions,
+    dtype: Option<DType>,
+    batch_size: Option<usize>,
+) {
+    if let Some(d) = dtype {
+        opts.dtype = d;
+    }
+    if let Some(n) = batch_size {
+        opts.batch_size = n;
+    }
+    if !opts.device.is_cpu() {
+        if dtype.is_none() {
+            opts.dtype = auto_dtype(task, opts);
+        }
+        if batch_size.is_none() {
+            opts.batch_size = GPU_DEFAULT_BATCH;
+        }
+    }
+}
+
 /// The checkpoint dtype a config.json declares (f32 when it declares none or another).
 fn dtype_of_config(config: Option<&serde_json::Value>) -> DType {
     let declared = config.and_then(|c| {
@@ -176,6 +206,15 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn device_defaults_on_the_cpu_are_only_what_was_asked() {
+        let mut opts = crate::PipelineOptions::default();
+        crate::fill_device_defaults("text-generation", &mut opts, None, None);
+        assert_eq!((opts.dtype, opts.batch_size), (DType::F32, 1));
+        crate::fill_device_defaults("text-generation", &mut opts, Some(DType::BF16), Some(8));
+        assert_eq!((opts.dtype, opts.batch_size), (DType::BF16, 8));
     }
 
     #[test]
