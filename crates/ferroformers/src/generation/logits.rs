@@ -311,13 +311,15 @@ pub fn banned_ngram_tokens(tokens: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// `TopKLogitsWarper`: keep scores >= the k-th largest.
+///
+/// The k-th largest value by selection (linear time) rather than a sort of the whole row: the
+/// same value, as both order by `total_cmp`.
 pub fn top_k_filter(scores: &mut [f32], k: usize) {
     if k == 0 || k >= scores.len() {
         return;
     }
     let mut sorted: Vec<f32> = scores.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let kth = sorted[k - 1];
+    let (_, &mut kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     for s in scores.iter_mut() {
         if *s < kth {
             *s = f32::NEG_INFINITY;
@@ -337,18 +339,27 @@ fn softmax(scores: &[f32]) -> Vec<f32> {
 
 /// `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative probability is
 /// <= 1 - top_p (the least likely), always keeping `min_keep` of the most likely.
+///
+/// Scores already at -inf (top-k's leftovers, suppressed tokens) sort first with probability
+/// exactly 0, adding nothing to the sums: only the others are sorted and summed, in the order
+/// and with the values the whole row would give.
 pub fn top_p_filter(scores: &mut [f32], top_p: f32, min_keep: usize) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
+    let n = scores.len();
+    // -NaN sorts before -inf: such a row keeps every entry in the sort.
+    let peel = !scores.iter().any(|s| s.is_nan() && s.is_sign_negative());
+    let mut order: Vec<usize> = (0..n)
+        .filter(|&i| !peel || scores[i] != f32::NEG_INFINITY)
+        .collect();
+    let skipped = n - order.len();
     // Stable ascending sort, as torch.sort(descending=False).
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
     let probs = softmax(&sorted);
-    let n = scores.len();
     let mut cum = 0f32;
     let mut remove = Vec::new();
     for (pos, p) in probs.iter().enumerate() {
         cum += p;
-        if cum <= 1.0 - top_p && pos < n.saturating_sub(min_keep) {
+        if cum <= 1.0 - top_p && skipped + pos < n.saturating_sub(min_keep) {
             remove.push(order[pos]);
         }
     }
@@ -441,15 +452,30 @@ impl Rng {
 }
 
 /// Draw a token from softmax(scores) (filtered scores are -inf and never drawn).
+///
+/// Only the finite scores are exponentiated: a -inf score's probability is exactly 0 and adds
+/// nothing to the sums, so the draw is the one the whole row's softmax gives.
 pub fn sample(scores: &[f32], rng: &mut Rng) -> u32 {
-    let probs = softmax(scores);
-    let total: f64 = probs.iter().map(|p| *p as f64).sum();
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let live: Vec<(usize, f32)> = if max == f32::NEG_INFINITY {
+        Vec::new()
+    } else {
+        scores
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s != f32::NEG_INFINITY)
+            .map(|(i, s)| (i, (s - max).exp()))
+            .collect()
+    };
+    let sum: f32 = live.iter().map(|(_, e)| e).sum();
+    let probs: Vec<(usize, f32)> = live.into_iter().map(|(i, e)| (i, e / sum)).collect();
+    let total: f64 = probs.iter().map(|(_, p)| *p as f64).sum();
     let mut u = rng.next_f64() * total;
     let mut last = 0;
-    for (i, p) in probs.iter().enumerate() {
-        if *p > 0.0 {
+    for &(i, p) in &probs {
+        if p > 0.0 {
             last = i;
-            u -= *p as f64;
+            u -= p as f64;
             if u < 0.0 {
                 return i as u32;
             }
@@ -569,6 +595,89 @@ mod tests {
         for _ in 0..100 {
             let t = sample(&s, &mut rng);
             assert!(t == 1 || t == 3);
+        }
+    }
+
+    /// The whole-row sort and softmax the filters and the draw used before they skipped the
+    /// -inf scores: the reference for [`filters_and_draws_equal_the_whole_row_ones`].
+    fn whole_row(scores: &mut [f32], k: usize, top_p: f32, min_keep: usize, seed: u64) -> u32 {
+        if k > 0 && k < scores.len() {
+            let mut sorted: Vec<f32> = scores.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[k - 1];
+            scores
+                .iter_mut()
+                .filter(|s| **s < kth)
+                .for_each(|s| *s = NEG);
+        }
+        if top_p < 1.0 {
+            let n = scores.len();
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+            let probs = softmax(&sorted);
+            let mut cum = 0f32;
+            let mut remove = Vec::new();
+            for (pos, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum <= 1.0 - top_p && pos < n.saturating_sub(min_keep) {
+                    remove.push(order[pos]);
+                }
+            }
+            remove.into_iter().for_each(|i| scores[i] = NEG);
+        }
+        let probs = softmax(scores);
+        let total: f64 = probs.iter().map(|p| *p as f64).sum();
+        let mut u = Rng::new(seed).next_f64() * total;
+        let mut last = 0;
+        for (i, p) in probs.iter().enumerate() {
+            if *p > 0.0 {
+                last = i;
+                u -= *p as f64;
+                if u < 0.0 {
+                    return i as u32;
+                }
+            }
+        }
+        last as u32
+    }
+
+    /// Top-k by selection, top-p over the live scores and the draw over them give the bits
+    /// and tokens of the whole-row versions: rows with ties, suppressed (-inf) tokens, rows
+    /// where min_keep reaches into the -inf ones, an all -inf row.
+    #[test]
+    fn filters_and_draws_equal_the_whole_row_ones() {
+        let mut rng = Rng::new(9);
+        for case in 0..400u64 {
+            let n = [1usize, 2, 7, 64, 1000][case as usize % 5];
+            let mut row: Vec<f32> = (0..n)
+                // Few distinct values: ties at the k-th place and in the sorted order.
+                .map(|_| ((rng.next_f64() * 12.0).floor() as f32 - 6.0) * 0.75)
+                .collect();
+            for _ in 0..(case % 4) as usize * n / 8 {
+                let i = (rng.next_f64() * n as f64) as usize;
+                row[i] = NEG;
+            }
+            if case % 37 == 0 {
+                row.iter_mut().for_each(|s| *s = NEG);
+            }
+            let k = [0usize, 1, 3, 50, n][(case / 5) as usize % 5];
+            let top_p = [1.0f32, 0.95, 0.5, 0.1][(case / 25) as usize % 4];
+            let min_keep = [1usize, 2, n][(case / 100) as usize % 3];
+            let mut want = row.clone();
+            let token = whole_row(&mut want, k, top_p, min_keep, case);
+            let mut got = row.clone();
+            top_k_filter(&mut got, k);
+            if top_p < 1.0 {
+                top_p_filter(&mut got, top_p, min_keep);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "case {case}: n={n} k={k} p={top_p}"
+            );
+            assert_eq!(sample(&got, &mut Rng::new(case)), token, "case {case}");
         }
     }
 }
