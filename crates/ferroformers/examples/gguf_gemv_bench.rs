@@ -10,6 +10,7 @@
 //!   ... -- REPS ladder              (every block type on one shape, a gate/up matrix of
 //!                                    scripts/make_quant_ladder.py's model: 2816 x 1024, 16 copies)
 //!   ... -- REPS exact               (the exact mode: f32 activations; default int8)
+//!   ... -- REPS only=Q4_1           (only the matrices of one block type)
 //!
 //! Prints microseconds per product, GB/s of GGUF weights and multiply-adds per second; the median of REPS passes
 //! (default 15) over all copies.
@@ -61,7 +62,11 @@ fn main() {
     let rows: usize = std::env::args()
         .find_map(|a| a.strip_prefix("rows=").and_then(|v| v.parse().ok()))
         .unwrap_or(1);
+    let only = std::env::args().find_map(|a| a.strip_prefix("only=").map(str::to_string));
     for &(name, n, k, dt, copies) in shapes {
+        if only.as_ref().is_some_and(|o| *o != format!("{dt:?}")) {
+            continue;
+        }
         let copies = if hot { 1 } else { copies };
         let w = Tensor::from_vec(values(n * k, n as u64), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dt).unwrap();

@@ -493,8 +493,8 @@ impl QuantLinear {
     /// In the int8 mode with the VNNI panels, the first such step over [`KEPT_MIN_ROWS`] rows
     /// or more keeps every tile's panel, and later ones multiply those instead of unpacking the
     /// weights again (the unpacking was 30% of a 16-row SmolLM2 step). The kept panels hold
-    /// about a byte per weight, plus a scale (and a minimum) per 32 weights: SmolLM2-135M
-    /// ~+170 MB. `FERROFORMERS_NO_KEPT_PANELS=1` turns them off. The results are the bits
+    /// a byte per weight (half a byte for the 4-bit types, [`super::qgemm::Panel::kept`]),
+    /// plus an f32 scale (and a minimum) per 32 weights: SmolLM2-135M Q4_1 ~+110 MB. `FERROFORMERS_NO_KEPT_PANELS=1` turns them off. The results are the bits
     /// the unkept panels give.
     pub fn matmul_step(&self, x: &[f32], m: usize) -> Vec<f32> {
         if m >= KEPT_MIN_ROWS && self.keeps_panels() {
