@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Requests running or queued at once; more are answered 429 before any work.
     #[arg(long, env, value_name = "N", default_value_t = Config::default().max_concurrent_requests, allow_negative_numbers = true)]
     max_concurrent_requests: usize,
+    /// TGI's `best_of`: the most candidates one generation request may ask for (TGI's
+    /// --max-best-of).
+    #[arg(long, env, value_name = "N", default_value_t = Config::default().max_best_of, allow_negative_numbers = true)]
+    max_best_of: usize,
     /// Requests waiting in the models' batch queues at once; more are answered 429.
     #[arg(long, env, value_name = "N", default_value_t = Config::default().max_queue_size, allow_negative_numbers = true)]
     max_queue_size: usize,
@@ -167,6 +171,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         max_batch_wait: std::time::Duration::from_millis(a.max_batch_wait_ms),
         max_batch_total_tokens: a.max_batch_total_tokens,
         max_concurrent_requests: a.max_concurrent_requests,
+        max_best_of: a.max_best_of,
         cors_allow_origin: a.cors_allow_origin,
         max_queue_size: a.max_queue_size,
         request_timeout: a.request_timeout.map(std::time::Duration::from_secs_f64),

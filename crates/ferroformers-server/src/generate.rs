@@ -32,14 +32,7 @@ pub(crate) async fn generate_with_tokens(
     input: Input,
     params: Params,
     top: usize,
-) -> Result<
-    (
-        Output,
-        ferroformers::pipelines::text_generation::Usage,
-        Vec<TokenLog>,
-    ),
-    ApiError,
-> {
+) -> Result<Generated, ApiError> {
     use std::sync::atomic::Ordering::SeqCst;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let _watch = ClientAlive(alive.clone());
@@ -79,6 +72,45 @@ pub(crate) async fn generate_with_tokens(
     })
     .await
     .map_err(ApiError::backend)?
+}
+
+/// One generation's answer ([`generate_with_tokens`]): its output, token counts and tokens.
+pub(crate) type Generated = (
+    Output,
+    ferroformers::pipelines::text_generation::Usage,
+    Vec<TokenLog>,
+);
+
+/// Generations of one input at once, one per entry of `params` (OpenAI's `n` and `best_of`,
+/// TGI's `best_of`): they join the continuous batch together. The answers come in the order
+/// of `params`; one failing, or the future dropped (the client gone), aborts the others.
+pub(crate) async fn generate_many(
+    state: &Arc<AppState>,
+    index: usize,
+    input: &Input,
+    params: Vec<Params>,
+    top: usize,
+) -> Result<Vec<Generated>, ApiError> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, p) in params.into_iter().enumerate() {
+        let (st, input) = (state.clone(), input.clone());
+        set.spawn(async move { (i, generate_with_tokens(&st, index, input, p, top).await) });
+    }
+    let mut done = Vec::with_capacity(set.len());
+    while let Some(r) = set.join_next().await {
+        let (i, r) = r.map_err(ApiError::backend)?;
+        done.push((i, r?));
+    }
+    done.sort_by_key(|d| d.0);
+    Ok(done.into_iter().map(|d| d.1).collect())
+}
+
+/// A seed for a sampled generation that was given none (each call another).
+pub(crate) fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// Whether the graceful shutdown timeout has passed: a generation still running stops at its

@@ -19,8 +19,9 @@ pub(crate) async fn inference(
     if m.task == "text-generation" && v.get("inputs").is_some_and(Value::is_string) {
         // TGI's `POST /`: its parameters, `stream` for token events, else the Inference
         // API's `[{generated_text}]` (full text unless `return_full_text` is false).
-        let (input, params, opts) = tgi_request_with(&v, true)?;
-        if v.get("stream").and_then(Value::as_bool) == Some(true) {
+        let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
+        let (input, params, opts) = tgi_request_with(&v, true, state.max_best_of, stream)?;
+        if stream {
             return Ok(tgi_stream(&state, index, input, params, opts));
         }
         let whole = tgi_whole(&state, index, input, params, opts).await?;

@@ -120,6 +120,9 @@ pub struct Config {
     pub admission: ferroformers::generation::Admission,
     /// Requests running or queued at once; more are answered 429 at once (TGI: 128).
     pub max_concurrent_requests: usize,
+    /// TGI's `best_of`: the most candidates one request may ask for (TGI's `--max-best-of`,
+    /// default 2).
+    pub max_best_of: usize,
     /// `--cors-allow-origin`: origins (or `*`) whose browser pages may call the server.
     pub cors_allow_origin: Vec<String>,
     /// Requests waiting in the models' batch queues at once; more are answered 429.
@@ -160,6 +163,7 @@ impl Default for Config {
             max_batch_total_tokens: 32_768,
             admission: Default::default(),
             max_concurrent_requests: 128,
+            max_best_of: 2,
             cors_allow_origin: Vec::new(),
             max_queue_size: 256,
             request_timeout: None,
@@ -199,6 +203,8 @@ struct AppState {
     /// `--payload-limit` (named in the audio routes' 413).
     payload_limit: usize,
     max_client_batch_size: usize,
+    /// TGI's `best_of` limit (`/info`).
+    max_best_of: usize,
     auto_truncate: bool,
     /// The encoder batches' limits (`/info`).
     batch_limits: batch::Limits,
@@ -450,6 +456,7 @@ impl Server {
             api_key: cfg.api_key.clone(),
             payload_limit: cfg.payload_limit,
             max_client_batch_size: cfg.max_client_batch_size,
+            max_best_of: cfg.max_best_of,
             auto_truncate: cfg.auto_truncate,
             batch_limits: opts.limits,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -936,6 +943,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         "max_concurrent_requests".into(),
         json!(state.max_concurrent_requests),
     );
+    o.insert("max_best_of".into(), json!(state.max_best_of));
     if state.models.iter().any(|m| m.batcher.is_some()) {
         // TEI's names for the encoder batches' limits.
         o.insert("max_batch_tokens".into(), json!(state.batch_limits.tokens));

@@ -105,8 +105,8 @@ pub(crate) async fn openai_models(State(state): State<Arc<AppState>>) -> Respons
 /// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`,
 /// `frequency_penalty`, `presence_penalty` and `logit_bias` as vLLM applies them, and vLLM's
 /// extra fields `top_k` (-1 or 0: all), `min_p`, `repetition_penalty` and `min_tokens`.
-/// Fields whose meaning this server does not implement (`n` other than 1, `best_of`, `echo`,
-/// `suffix`, `tools`, a `response_format` other than text) are refused, never ignored.
+/// Fields whose meaning this server does not implement (`echo`, `suffix`, `tools`, a
+/// `response_format` other than text) are refused, never ignored.
 pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     let mut p = Params::new();
     let num = |k: &str| -> Result<Option<f64>, ApiError> {
@@ -223,6 +223,36 @@ fn choices_of(v: &Value) -> Result<usize, ApiError> {
     }
 }
 
+/// OpenAI's `best_of`: how many candidates to generate, of which the `n` most likely are
+/// returned (default `n`; at least `n`, at most [`MAX_CHOICES`]).
+fn best_of_of(v: &Value, n: usize) -> Result<usize, ApiError> {
+    match v.get("best_of") {
+        None | Some(Value::Null) => Ok(n),
+        Some(x) => match x.as_f64() {
+            Some(b) if b.fract() == 0.0 && (n as f64..=MAX_CHOICES as f64).contains(&b) => {
+                Ok(b as usize)
+            }
+            _ => Err(ApiError::validation(format!(
+                "`best_of` must be a whole number from `n` ({n}) to {MAX_CHOICES}, got {x}"
+            ))),
+        },
+    }
+}
+
+/// Which `n` of the candidates to return when `best_of` made more: the highest cumulative
+/// log-probabilities of their tokens first, ties in candidate order (vLLM's ranking); all of
+/// them, in order, when there are no extra ones.
+fn ranked(done: &[Generated], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..done.len()).collect();
+    if done.len() > n {
+        let score = |g: &Generated| g.2.iter().map(|t| t.logprob as f64).sum::<f64>();
+        let scores: Vec<f64> = done.iter().map(score).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        order.truncate(n);
+    }
+    order
+}
+
 /// The parameters of choice `i` of `n`: sampled choices each get their own seed (the
 /// request's `seed` plus `i`, as a fixed seed must still give `n` different samples; without
 /// one, a random base), so they differ, while greedy ones are the same text, as vLLM's.
@@ -240,18 +270,6 @@ fn choice_params(params: &Params, i: usize, n: usize, base: u64) -> Params {
 /// call.
 fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     let set = |k: &str| !matches!(v.get(k), None | Some(Value::Null));
-    // `best_of` > `n` ranks extra candidates by likelihood: not implemented; equal to `n` it
-    // asks for nothing more.
-    let n = v.get("n").and_then(Value::as_f64).unwrap_or(1.0);
-    if v.get("best_of")
-        .and_then(Value::as_f64)
-        .is_some_and(|b| b != 1.0 && b != n)
-        || (set("best_of") && !v["best_of"].is_number())
-    {
-        return Err(ApiError::validation(
-            "only `best_of` equal to `n` (or 1) is supported",
-        ));
-    }
     if !matches!(
         v.get("echo"),
         None | Some(Value::Null) | Some(Value::Bool(false))
@@ -369,7 +387,11 @@ pub(crate) async fn openai_generate(
             )));
         }
     }
-    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let n = choices_of(&v)?;
+    let best_of = best_of_of(&v, n)?;
+    // As vLLM: with more candidates than choices (`best_of` > `n`), the answer comes whole
+    // even when a stream was asked for (the ranking needs every candidate's end).
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false) && best_of == n;
     // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
     let logprobs = match (kind, v.get("logprobs")) {
         (_, None | Some(Value::Null)) | (Kind::Chat, Some(Value::Bool(false))) => false,
@@ -414,32 +436,19 @@ pub(crate) async fn openai_generate(
             "stop"
         }
     };
-    let n = choices_of(&v)?;
     // The base seed of sampled choices when the request gives none.
-    let base = {
-        use std::hash::{BuildHasher, Hasher};
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-    };
+    let base = random_seed();
     if !stream {
-        // The choices join the continuous batch together; dropping the set (the client gone,
-        // or one choice failed) aborts the others, which stops their generations.
-        let mut set = tokio::task::JoinSet::new();
-        for i in 0..n {
-            let (st, input) = (state.clone(), input.clone());
-            let p = choice_params(&params, i, n, base);
-            set.spawn(async move { (i, generate_with_tokens(&st, index, input, p, top).await) });
-        }
-        let mut done = Vec::with_capacity(n);
-        while let Some(r) = set.join_next().await {
-            let (i, r) = r.map_err(ApiError::backend)?;
-            done.push((i, r?));
-        }
-        done.sort_by_key(|d| d.0);
+        // The candidates join the continuous batch together; the `n` returned are numbered
+        // from 0 in their rank's order, and only their tokens are counted (as vLLM).
+        let ps = (0..best_of)
+            .map(|i| choice_params(&params, i, best_of, base))
+            .collect();
+        let done = generate_many(&state, index, &input, ps, top).await?;
         let mut choices = Vec::with_capacity(n);
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        for (i, (out, usage, tokens)) in &done {
+        for (i, c) in ranked(&done, n).into_iter().enumerate() {
+            let (out, usage, tokens) = &done[c];
             let text = generated_text(out);
             let lp = if logprobs {
                 let content: Vec<Value> = tokens

@@ -5,8 +5,12 @@ use super::*;
 
 /// TGI's request: the prompt and the pipeline's parameters (`stop` as stop strings; greedy and
 /// new text only unless asked), and whether `details` are wanted.
-pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, TgiOpts), ApiError> {
-    tgi_request_with(v, false)
+pub(crate) fn tgi_request(
+    v: &Value,
+    max_best_of: usize,
+    stream: bool,
+) -> Result<(Input, Params, TgiOpts), ApiError> {
+    tgi_request_with(v, false, max_best_of, stream)
 }
 
 /// What a TGI request asks for besides the generation: `details`, and `top_n_tokens`
@@ -15,6 +19,10 @@ pub(crate) fn tgi_request(v: &Value) -> Result<(Input, Params, TgiOpts), ApiErro
 pub(crate) struct TgiOpts {
     pub details: bool,
     pub top_n: usize,
+    /// `best_of`: candidates to generate, the most likely returned (1: just the one).
+    pub best_of: usize,
+    /// The seed of a sampled generation (given, or drawn here), which `details` report.
+    pub seed: Option<u64>,
 }
 
 /// A token as TGI writes it.
@@ -33,9 +41,14 @@ fn tgi_top(top: &[ferroformers::pipelines::text_generation::TopToken]) -> Value 
 /// [`tgi_request`] with `return_full_text`'s default (TGI: true on `POST /` for a
 /// text-generation model, as the Inference API answers; false on `/generate`). TGI's flags
 /// this server does not implement are accepted at their neutral values and refused otherwise.
+/// As TGI, a request samples when it asks to (`do_sample`) or sets a sampling parameter
+/// (`temperature` other than 1, `top_k`, `top_p` or `typical_p` below 1); `best_of` (at most
+/// `max_best_of`, TGI's `--max-best-of`) needs sampling, no `seed` and no stream.
 pub(crate) fn tgi_request_with(
     v: &Value,
     full_text: bool,
+    max_best_of: usize,
+    stream: bool,
 ) -> Result<(Input, Params, TgiOpts), ApiError> {
     let input = match v.get("inputs") {
         Some(Value::String(s)) => Input::Text(s.clone()),
@@ -46,12 +59,11 @@ pub(crate) fn tgi_request_with(
         ("decoder_input_details", json!(false)),
         ("watermark", json!(false)),
         ("truncate", Value::Null),
-        ("best_of", Value::Null),
         ("adapter_id", Value::Null),
         ("grammar", Value::Null),
     ] {
         if let Some(x) = params.remove(flag) {
-            if x != neutral && !(flag == "best_of" && x == json!(1)) {
+            if x != neutral {
                 return Err(ApiError::validation(format!(
                     "`{flag}` is not supported by this server"
                 )));
@@ -66,15 +78,82 @@ pub(crate) fn tgi_request_with(
     if let Some(f) = params.remove("frequency_penalty") {
         params.insert("tgi_frequency_penalty".into(), f);
     }
-    params
-        .entry("do_sample".to_string())
-        .or_insert(json!(false));
+    let num = |k: &str| params.get(k).and_then(Value::as_f64);
+    let warped = num("temperature").is_some_and(|t| t != 1.0)
+        || num("top_k").is_some_and(|k| k != 0.0)
+        || num("top_p").is_some_and(|p| p < 1.0)
+        || num("typical_p").is_some_and(|p| p < 1.0);
+    let sampling = match params.get("do_sample") {
+        None | Some(Value::Null) => warped,
+        Some(d) => d.as_bool() == Some(true) || warped,
+    };
+    params.insert("do_sample".into(), json!(sampling));
+    let best_of = match params.remove("best_of") {
+        None | Some(Value::Null) => 1,
+        Some(b) => match b.as_u64() {
+            Some(b) if b >= 1 && max_best_of <= 1 && b != 1 => {
+                return Err(ApiError::validation(
+                    "`best_of` != 1 is not allowed for this endpoint",
+                ))
+            }
+            Some(b) if (1..=max_best_of as u64).contains(&b) => b as usize,
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "`best_of` must be > 0 and <= {max_best_of}. Given: {b}"
+                )))
+            }
+        },
+    };
+    let seed = match params.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(s) => Some(
+            s.as_u64()
+                .ok_or_else(|| ApiError::validation("`seed` must be a whole number >= 0"))?,
+        ),
+    };
+    if best_of > 1 {
+        if !sampling {
+            return Err(ApiError::validation(
+                "you must use sampling when `best_of` is > 1",
+            ));
+        }
+        if seed.is_some() {
+            return Err(ApiError::validation(
+                "`seed` must not be set when `best_of` is > 1",
+            ));
+        }
+        if stream {
+            return Err(ApiError::validation(
+                "`best_of` != 1 is not supported when streaming tokens",
+            ));
+        }
+    }
+    // A sampled generation's seed, reported in `details` (each best_of candidate draws its own
+    // when it runs).
+    let seed = match (sampling, seed) {
+        (true, None) if best_of == 1 => {
+            let s = random_seed();
+            params.insert("seed".into(), json!(s));
+            Some(s)
+        }
+        (true, s) => s,
+        (false, _) => None,
+    };
     params
         .entry("return_full_text".to_string())
         .or_insert(json!(full_text));
     let top_n = count_at_most(params.remove("top_n_tokens").as_ref(), "top_n_tokens", 5)?;
     let details = params.remove("details").and_then(|d| d.as_bool()) == Some(true);
-    Ok((input, params, TgiOpts { details, top_n }))
+    Ok((
+        input,
+        params,
+        TgiOpts {
+            details,
+            top_n,
+            best_of,
+            seed,
+        },
+    ))
 }
 
 /// TGI `/generate_stream`: one server-sent event per token (`{index, token: {id, text,
@@ -85,7 +164,7 @@ pub(crate) async fn tgi_generate_stream(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (index, input, params, details) = tgi_call(&state, &headers, body)?;
+    let (index, input, params, details) = tgi_call(&state, &headers, body, true)?;
     Ok(tgi_stream(&state, index, input, params, details))
 }
 
@@ -95,10 +174,11 @@ fn tgi_call(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    stream: bool,
 ) -> Result<(usize, Input, Params, TgiOpts), ApiError> {
     let v = json_body(headers, body)?;
     let index = index_of(state, generator(state, None)?);
-    let (input, params, details) = tgi_request(&v)?;
+    let (input, params, details) = tgi_request(&v, state.max_best_of, stream)?;
     Ok((index, input, params, details))
 }
 
@@ -171,7 +251,7 @@ pub(crate) fn tgi_stream(
                 });
                 last["generated_text"] = json!(generated_text(&out));
                 if opts.details {
-                    last["details"] = tgi_details(&usage);
+                    last["details"] = tgi_details(&usage, opts.seed);
                 }
                 let _ = tx.send(last.to_string());
             }
@@ -192,17 +272,49 @@ pub(crate) async fn tgi_generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (index, input, params, opts) = tgi_call(&state, &headers, body)?;
+    let (index, input, params, opts) = tgi_call(&state, &headers, body, false)?;
     Ok(axum::Json(tgi_whole(&state, index, input, params, opts).await?).into_response())
 }
 
-/// TGI's `details` as both routes give them: why generation stopped, how many tokens it made.
-fn tgi_details(usage: &ferroformers::pipelines::text_generation::Usage) -> Value {
+/// TGI's `details` as both routes give them: why generation stopped, how many tokens it made,
+/// the seed of a sampled generation.
+fn tgi_details(
+    usage: &ferroformers::pipelines::text_generation::Usage,
+    seed: Option<u64>,
+) -> Value {
     json!({
         "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
         "generated_tokens": usage.completion_tokens,
-        "seed": null,
+        "seed": seed,
     })
+}
+
+/// One generation's `details` with its tokens (and their alternatives with `top_n_tokens`).
+fn tgi_token_details(g: &Generated, seed: Option<u64>, top_n: usize) -> Value {
+    let (_, usage, tokens) = g;
+    let mut d = tgi_details(usage, seed);
+    d["prefill"] = json!([]);
+    d["tokens"] = tokens
+        .iter()
+        .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
+        .collect();
+    if top_n > 0 {
+        d["top_tokens"] = Value::Array(tokens.iter().map(|t| tgi_top(&t.top)).collect());
+    }
+    d
+}
+
+/// Which of TGI's `best_of` candidates it returns: the highest mean log-probability of the
+/// generated tokens (in f32, as TGI sums them), the first of equals.
+fn tgi_best(done: &[Generated]) -> usize {
+    let (mut best, mut max) = (0, f32::MIN);
+    for (i, g) in done.iter().enumerate() {
+        let mean = g.2.iter().map(|t| t.logprob).sum::<f32>() / g.2.len() as f32;
+        if mean > max {
+            (best, max) = (i, mean);
+        }
+    }
+    best
 }
 
 /// TGI's whole answer: `{generated_text}`, with `details` when asked (why it stopped, how many
@@ -214,20 +326,39 @@ pub(crate) async fn tgi_whole(
     params: Params,
     opts: TgiOpts,
 ) -> Result<Value, ApiError> {
-    let (out, usage, tokens) =
-        generate_with_tokens(state, index, input, params, opts.top_n).await?;
-    let mut body = json!({"generated_text": generated_text(&out)});
-    if opts.details {
-        let mut d = tgi_details(&usage);
-        d["prefill"] = json!([]);
-        d["tokens"] = tokens
+    if opts.best_of > 1 {
+        // TGI's best_of: that many sampled candidates, each with a seed of its own, at once;
+        // the most likely per token is the answer, the others its `best_of_sequences`.
+        let seeds: Vec<u64> = (0..opts.best_of).map(|_| random_seed()).collect();
+        let ps = seeds
             .iter()
-            .map(|t| tgi_token(t.id, &t.text, t.logprob, t.special))
+            .map(|&s| {
+                let mut p = params.clone();
+                p.insert("seed".into(), json!(s));
+                p
+            })
             .collect();
-        if opts.top_n > 0 {
-            d["top_tokens"] = Value::Array(tokens.iter().map(|t| tgi_top(&t.top)).collect());
+        let done = generate_many(state, index, &input, ps, opts.top_n).await?;
+        let best = tgi_best(&done);
+        let mut body = json!({"generated_text": generated_text(&done[best].0)});
+        if opts.details {
+            let mut d = tgi_token_details(&done[best], Some(seeds[best]), opts.top_n);
+            d["best_of_sequences"] = (0..done.len())
+                .filter(|&i| i != best)
+                .map(|i| {
+                    let mut s = tgi_token_details(&done[i], Some(seeds[i]), opts.top_n);
+                    s["generated_text"] = json!(generated_text(&done[i].0));
+                    s
+                })
+                .collect();
+            body["details"] = d;
         }
-        body["details"] = d;
+        return Ok(body);
+    }
+    let g = generate_with_tokens(state, index, input, params, opts.top_n).await?;
+    let mut body = json!({"generated_text": generated_text(&g.0)});
+    if opts.details {
+        body["details"] = tgi_token_details(&g, opts.seed, opts.top_n);
     }
     Ok(body)
 }

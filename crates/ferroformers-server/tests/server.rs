@@ -340,8 +340,9 @@ fn openai_penalties_bias_and_unsupported_fields() {
         (json!({"n": 17}), "`n`"),
         (json!({"n": 0}), "`n`"),
         (json!({"n": 1.5}), "`n`"),
-        (json!({"best_of": 3}), "best_of"),
-        (json!({"n": 2, "best_of": 3}), "best_of"),
+        (json!({"n": 3, "best_of": 2}), "best_of"),
+        (json!({"best_of": 17}), "best_of"),
+        (json!({"best_of": 1.5}), "best_of"),
         (json!({"echo": true}), "echo"),
         (json!({"suffix": "end"}), "suffix"),
         (
@@ -476,6 +477,140 @@ fn openai_n_choices() {
     assert_eq!(c.len(), 2);
     assert_eq!(c[0]["text"], c[1]["text"]);
     assert_eq!((&c[0]["index"], &c[1]["index"]), (&json!(0), &json!(1)));
+}
+
+/// OpenAI's `best_of`: the candidates are the `n = best_of` choices of the same seeds, and the
+/// `n` returned are those with the highest cumulative log-probability, best first, numbered
+/// from 0, only their tokens counted; a stream asked for comes whole (as vLLM). TGI's
+/// `best_of`: the candidate with the highest mean log-probability, the other in
+/// `best_of_sequences`, each with the seed that makes it again; sampling, no seed, no stream
+/// and at most `--max-best-of`; a sampling parameter alone samples.
+#[test]
+fn best_of_ranks_candidates() {
+    let base = start();
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": messages, "max_tokens": 6, "temperature": 1.0,
+                              "seed": 3, "logprobs": true});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, got) = post_json(&format!("{base}/v1/chat/completions"), body);
+        assert_eq!(status, 200, "{got}");
+        got
+    };
+    let text = |c: &Value| c["message"]["content"].as_str().unwrap().to_string();
+    let score = |c: &Value| -> f64 {
+        c["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .sum()
+    };
+    let all = chat(json!({"n": 4}));
+    let cands: Vec<(String, f64, u64)> = all["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let n = c["logprobs"]["content"].as_array().unwrap().len() as u64;
+            (text(c), score(c), n)
+        })
+        .collect();
+    let mut want: Vec<usize> = (0..4).collect();
+    want.sort_by(|&a, &b| cands[b].1.total_cmp(&cands[a].1));
+    assert!(
+        want != [0, 1, 2, 3] || cands.iter().any(|c| c.0 != cands[0].0),
+        "{cands:?}"
+    );
+    for n in [1usize, 2] {
+        let got = chat(json!({"n": n, "best_of": 4}));
+        let choices = got["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), n, "{got}");
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], i);
+            assert_eq!(text(c), cands[want[i]].0, "n={n}, choice {i}: {cands:?}");
+        }
+        let tokens: u64 = want[..n].iter().map(|&i| cands[i].2).sum();
+        assert_eq!(got["usage"]["completion_tokens"], tokens);
+    }
+    let got = chat(json!({"n": 1, "best_of": 4, "stream": true}));
+    assert_eq!(got["object"], "chat.completion");
+    assert_eq!(text(&got["choices"][0]), cands[want[0]].0);
+
+    // TGI: two candidates, the better per token answers.
+    let tgi = |route: &str, params: Value| {
+        post_json(
+            &format!("{base}/{route}"),
+            json!({"inputs": "Once upon", "parameters": params}),
+        )
+    };
+    let (status, got) = tgi(
+        "generate",
+        json!({"max_new_tokens": 6, "do_sample": true, "best_of": 2, "details": true}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let d = &got["details"];
+    let others = d["best_of_sequences"].as_array().unwrap();
+    assert_eq!(others.len(), 1, "{got}");
+    let mean = |d: &Value| {
+        let t = d["tokens"].as_array().unwrap();
+        t.iter()
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .sum::<f64>()
+            / t.len() as f64
+    };
+    assert!(mean(d) >= mean(&others[0]) - 1e-5, "{got}");
+    for (seq, text) in [
+        (d, &got["generated_text"]),
+        (&others[0], &others[0]["generated_text"]),
+    ] {
+        let seed = seq["seed"].as_u64().unwrap();
+        let (status, again) = tgi(
+            "generate",
+            json!({"max_new_tokens": 6, "do_sample": true, "seed": seed, "details": true}),
+        );
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(&again["generated_text"], text);
+        assert_eq!(again["details"]["seed"], seed);
+    }
+    for (route, params, field) in [
+        ("generate", json!({"best_of": 2}), "sampling"),
+        (
+            "generate",
+            json!({"best_of": 2, "do_sample": true, "seed": 1}),
+            "seed",
+        ),
+        (
+            "generate",
+            json!({"best_of": 3, "do_sample": true}),
+            "best_of",
+        ),
+        (
+            "generate",
+            json!({"best_of": 0, "do_sample": true}),
+            "best_of",
+        ),
+        (
+            "generate_stream",
+            json!({"best_of": 2, "do_sample": true}),
+            "streaming",
+        ),
+    ] {
+        let (status, got) = tgi(route, params.clone());
+        assert_eq!(status, 422, "{params}: {got}");
+        assert!(
+            got["error"].as_str().unwrap().contains(field),
+            "{params}: {got}"
+        );
+    }
+    // A temperature alone samples (a seed is reported); greedy reports none.
+    let (_, warm) = tgi("generate", json!({"temperature": 0.7, "details": true}));
+    assert!(warm["details"]["seed"].is_u64(), "{warm}");
+    let (_, greedy) = tgi("generate", json!({"details": true}));
+    assert!(greedy["details"]["seed"].is_null(), "{greedy}");
+    assert_eq!(get_info(&base)["max_best_of"], 2);
 }
 
 /// Greedy generation through OpenAI's chat and completions routes (whole and streamed) and
