@@ -83,21 +83,23 @@ fn parse_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<Device> {
 }
 
 /// transformers' dtype spellings (`"float32"`, `"bfloat16"`, `"torch.float16"`, `"auto"`, ...).
-fn parse_dtype(dtype: Option<&str>) -> PyResult<DType> {
+fn parse_dtype(dtype: Option<&str>) -> PyResult<Option<DType>> {
     let Some(s) = dtype else {
-        return Ok(DType::F32);
+        return Ok(None);
     };
     let s = s.strip_prefix("torch.").unwrap_or(s);
-    Ok(match s {
-        "auto" | "float32" | "float" | "f32" | "fp32" => DType::F32,
+    Ok(Some(match s {
+        // The device's default: f32 on the CPU, the checkpoint's on a GPU.
+        "auto" => return Ok(None),
+        "float32" | "float" | "f32" | "fp32" => DType::F32,
         "bfloat16" | "bf16" => DType::BF16,
         "float16" | "half" | "f16" | "fp16" => DType::F16,
         other => {
             return Err(PyValueError::new_err(format!(
-                "dtype `{other}`: expected float32, bfloat16 or float16"
+                "dtype `{other}`: expected float32, bfloat16, float16 or auto"
             )))
         }
-    })
+    }))
 }
 
 /// One loaded pipeline. Shared between Python threads as is (the engine is `Send + Sync`).
@@ -146,15 +148,14 @@ impl Engine {
                     .ok_or_else(|| PyValueError::new_err(format!("quantize `{s}`: expected int8")))
             })
             .transpose()?;
-        let opts = PipelineOptions {
+        let mut opts = PipelineOptions {
             model,
             tokenizer,
             revision,
             device,
-            dtype,
-            batch_size: batch_size.unwrap_or(1),
             gguf_math,
             quantize,
+            ..Default::default()
         };
         if continuous_batching == Some(0) {
             return Err(PyValueError::new_err(
@@ -167,6 +168,9 @@ impl Engine {
                     Some(t) => t,
                     None => infer(&opts)?,
                 };
+                // As `ferroformers run`: on a GPU the checkpoint's dtype and batches of 32
+                // unless asked otherwise; on the CPU f32 and one input at a time.
+                ferroformers::fill_device_defaults(&task, &mut opts, dtype, batch_size);
                 ferroformers::pipeline_with(&task, opts)
             })
             .map_err(py_err)?;

@@ -300,6 +300,11 @@ def test_errors_are_python_exceptions_with_the_cli_message():
     assert pipeline("text-classification", model=str(SEQCLS), device=-1).task == "text-classification"
     with pytest.raises(ValueError, match="batch_size"):
         pipeline("text-classification", model=str(SEQCLS), batch_size=0)
+    # "auto" is the device's default: f32 on the CPU, the same scores as not asking.
+    auto = pipeline("text-classification", model=str(SEQCLS), dtype="auto")
+    assert auto("hi") == clf("hi")
+    with pytest.raises(ValueError, match="auto"):
+        pipeline("text-classification", model=str(SEQCLS), dtype="float8")
     with pytest.raises(ValueError):
         clf(12)
 

@@ -53,8 +53,10 @@ def pipeline(
     the task's default model when `None`).
 
     device: "cpu", "cuda", "cuda:N", an ordinal or -1 (as transformers). dtype (or the older
-    `torch_dtype`): "float32", "bfloat16", "float16" (as strings or `torch.` names).
-    batch_size: inputs per forward pass. gguf_math ("int8" or "exact") and quantize ("int8")
+    `torch_dtype`): "float32", "bfloat16", "float16" (as strings or `torch.` names) or "auto".
+    Not given (or "auto"): float32 on the CPU, on a GPU the checkpoint's own (as
+    `ferroformers run`). batch_size: inputs per forward pass (default 1 on the CPU, 32 on a
+    GPU). gguf_math ("int8" or "exact") and quantize ("int8")
     are ferroformers' own options (see the README). continuous_batching (text-generation: a
     token budget, e.g. 32768): calls from several threads, one prompt each, share one forward
     pass per token, as `ferroformers serve` does. Other keyword arguments become default
