@@ -344,9 +344,15 @@ fn softmax(scores: &[f32]) -> Vec<f32> {
 /// exactly 0, adding nothing to the sums: only the others are sorted and summed, in the order
 /// and with the values the whole row would give.
 pub fn top_p_filter(scores: &mut [f32], top_p: f32, min_keep: usize) {
-    let n = scores.len();
     // -NaN sorts before -inf: such a row keeps every entry in the sort.
     let peel = !scores.iter().any(|s| s.is_nan() && s.is_sign_negative());
+    top_p_over(scores, top_p, min_keep, peel);
+}
+
+/// [`top_p_filter`], sorting and summing only the scores above -inf when `peel`, else the
+/// whole row.
+fn top_p_over(scores: &mut [f32], top_p: f32, min_keep: usize, peel: bool) {
+    let n = scores.len();
     let mut order: Vec<usize> = (0..n)
         .filter(|&i| !peel || scores[i] != f32::NEG_INFINITY)
         .collect();
@@ -456,23 +462,19 @@ impl Rng {
 /// Only the finite scores are exponentiated: a -inf score's probability is exactly 0 and adds
 /// nothing to the sums, so the draw is the one the whole row's softmax gives.
 pub fn sample(scores: &[f32], rng: &mut Rng) -> u32 {
-    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let live: Vec<(usize, f32)> = if max == f32::NEG_INFINITY {
-        Vec::new()
-    } else {
-        scores
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s != f32::NEG_INFINITY)
-            .map(|(i, s)| (i, (s - max).exp()))
-            .collect()
-    };
-    let sum: f32 = live.iter().map(|(_, e)| e).sum();
-    let probs: Vec<(usize, f32)> = live.into_iter().map(|(i, e)| (i, e / sum)).collect();
-    let total: f64 = probs.iter().map(|(_, p)| *p as f64).sum();
+    let live: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i] != f32::NEG_INFINITY)
+        .collect();
+    draw(scores, &live, rng)
+}
+
+/// The draw from softmax over `scores[idx]` (in `idx`'s order), returning a token of `idx`.
+fn draw(scores: &[f32], idx: &[usize], rng: &mut Rng) -> u32 {
+    let probs = softmax(&idx.iter().map(|&i| scores[i]).collect::<Vec<_>>());
+    let total: f64 = probs.iter().map(|p| *p as f64).sum();
     let mut u = rng.next_f64() * total;
     let mut last = 0;
-    for &(i, p) in &probs {
+    for (&i, &p) in idx.iter().zip(&probs) {
         if p > 0.0 {
             last = i;
             u -= p as f64;
@@ -599,7 +601,8 @@ mod tests {
     }
 
     /// The whole-row sort and softmax the filters and the draw used before they skipped the
-    /// -inf scores: the reference for [`filters_and_draws_equal_the_whole_row_ones`].
+    /// -inf scores (top-k by a full sort, top-p and the draw over every entry): the reference
+    /// for [`filters_and_draws_equal_the_whole_row_ones`].
     fn whole_row(scores: &mut [f32], k: usize, top_p: f32, min_keep: usize, seed: u64) -> u32 {
         if k > 0 && k < scores.len() {
             let mut sorted: Vec<f32> = scores.to_vec();
@@ -611,35 +614,10 @@ mod tests {
                 .for_each(|s| *s = NEG);
         }
         if top_p < 1.0 {
-            let n = scores.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-            let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
-            let probs = softmax(&sorted);
-            let mut cum = 0f32;
-            let mut remove = Vec::new();
-            for (pos, p) in probs.iter().enumerate() {
-                cum += p;
-                if cum <= 1.0 - top_p && pos < n.saturating_sub(min_keep) {
-                    remove.push(order[pos]);
-                }
-            }
-            remove.into_iter().for_each(|i| scores[i] = NEG);
+            top_p_over(scores, top_p, min_keep, false);
         }
-        let probs = softmax(scores);
-        let total: f64 = probs.iter().map(|p| *p as f64).sum();
-        let mut u = Rng::new(seed).next_f64() * total;
-        let mut last = 0;
-        for (i, p) in probs.iter().enumerate() {
-            if *p > 0.0 {
-                last = i;
-                u -= *p as f64;
-                if u < 0.0 {
-                    return i as u32;
-                }
-            }
-        }
-        last as u32
+        let all: Vec<usize> = (0..scores.len()).collect();
+        draw(scores, &all, &mut Rng::new(seed))
     }
 
     /// Top-k by selection, top-p over the live scores and the draw over them give the bits
