@@ -330,27 +330,104 @@ impl Panel {
     /// `out` must be valid for writes at `i * ldo + j` for `i < m`, `j <` the panel's rows,
     /// and no one else may write there meanwhile.
     pub unsafe fn product(&self, acts: &Acts, out: *mut f32, ldo: usize) {
+        // SAFETY: the caller's promise.
+        unsafe { self.product_then(acts, out, ldo, None) }
+    }
+
+    /// The bytes of groups `c0..c1` (weights, scales, minimums) as `(start, length)`.
+    fn chunk_bytes(&self, c0: usize, c1: usize) -> [(*const u8, usize); 3] {
+        let per = if self.nib.is_empty() {
+            self.g / 4 * 4 * PANEL
+        } else {
+            self.g / 4 * 64
+        };
+        let base = if self.nib.is_empty() {
+            self.u.as_ptr()
+        } else {
+            self.nib.as_ptr()
+        };
+        let scales = |v: &Vec<f32>| {
+            if v.is_empty() {
+                (std::ptr::null(), 0)
+            } else {
+                (
+                    v.as_ptr().wrapping_add(c0 * PANEL) as *const u8,
+                    (c1 - c0) * PANEL * 4,
+                )
+            }
+        };
+        [
+            (base.wrapping_add(c0 * per), (c1 - c0) * per),
+            scales(&self.ws),
+            if self.has_min {
+                scales(&self.wm)
+            } else {
+                (std::ptr::null(), 0)
+            },
+        ]
+    }
+
+    /// [`Panel::product`], fetching into L2 while it runs (from its second pass of rows over a
+    /// chunk, which reads the chunk from L1) the chunk that comes next: this panel's next
+    /// chunk, or `next`'s first. The first pass over a chunk then finds it near instead of in
+    /// memory.
+    ///
+    /// # Safety
+    /// As [`Panel::product`].
+    pub unsafe fn product_then(
+        &self,
+        acts: &Acts,
+        out: *mut f32,
+        ldo: usize,
+        next: Option<&Panel>,
+    ) {
         assert!(available(), "qgemm: the CPU has no AVX-512 VNNI");
         assert!(acts.k == self.k && acts.g == self.g && self.rows <= ldo);
         #[cfg(target_arch = "x86_64")]
         {
             let m = acts.rows.q.len() / self.k;
-            let per_chunk = CHUNK / self.g;
             let groups = self.k / self.g;
+            // Chunks of at most CHUNK inputs, as even as the groups allow (SmolLM2's 576
+            // inputs: 9 + 9 groups, not 16 + 2).
+            let per_chunk = groups
+                .div_ceil(groups.div_ceil(CHUNK / self.g).max(1))
+                .max(1);
             // Nibbles only come with 32-value groups (the 4-bit types').
             let nib = !self.nib.is_empty();
             assert!(!nib || self.g == 32);
             for c0 in (0..groups).step_by(per_chunk) {
                 let c1 = (c0 + per_chunk).min(groups);
+                let ahead = if c1 < groups {
+                    self.chunk_bytes(c1, (c1 + per_chunk).min(groups))
+                } else {
+                    next.filter(|p| p.k == self.k && p.g == self.g)
+                        .map_or([(std::ptr::null(), 0); 3], |p| {
+                            p.chunk_bytes(0, per_chunk.min(groups))
+                        })
+                };
                 let mut i = 0;
                 while i < m {
                     let r = (m - i).min(x86::MR);
+                    // The second pass fetches ahead (the first streams its own chunk).
+                    let ahead = if i == x86::MR {
+                        ahead
+                    } else {
+                        [(std::ptr::null(), 0); 3]
+                    };
                     // SAFETY: the CPU has the features (asserted above); rows i..i + r of acts
                     // and out exist; groups c0..c1 lie in the panel and acts.
                     unsafe {
                         macro_rules! call {
                             ($r:literal, $g:literal, $min:literal, $nib:literal) => {
-                                x86::rows::<$r, $g, $min, $nib>(self, acts, i, c0, c1, out, ldo)
+                                x86::rows::<$r, $g, $min, $nib>(
+                                    self,
+                                    acts,
+                                    i,
+                                    c0..c1,
+                                    out,
+                                    ldo,
+                                    &ahead,
+                                )
                             };
                         }
                         match (r == x86::MR, self.g == 32, self.has_min, nib) {
@@ -754,19 +831,26 @@ mod x86 {
         }
     }
 
-    /// Rows `i..i + R` of `acts` times the panel over scale groups `c0..c1`; the first chunk
-    /// (`c0 == 0`) writes `out`, later ones add to it.
+    /// Rows `i..i + R` of `acts` times the panel over scale `groups`; the first chunk (from
+    /// group 0) writes `out`, later ones add to it. Meanwhile `ahead`'s bytes (up to three
+    /// spans: the next chunk's weights, scales and minimums) are fetched into L2, a few lines
+    /// per group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
     pub unsafe fn rows<const R: usize, const G: usize, const MIN: bool, const NIB: bool>(
         p: &Panel,
         acts: &Acts,
         i: usize,
-        c0: usize,
-        c1: usize,
+        groups: std::ops::Range<usize>,
         out: *mut f32,
         ldo: usize,
+        ahead: &[(*const u8, usize); 3],
     ) {
+        let (c0, c1) = (groups.start, groups.end);
         let k = p.k;
+        // Lines of `ahead` to fetch per group.
+        let lines: usize = ahead.iter().map(|&(_, n)| n.div_ceil(64)).sum();
+        let per_group = lines.div_ceil((c1 - c0).max(1));
+        let mut fetched = 0usize;
         let groups = k / G;
         let (m0, m1) = crate::kernels::cpu::panels::x86::col_masks(p.rows);
         let up = if NIB { p.nib.as_ptr() } else { p.u.as_ptr() };
@@ -788,6 +872,19 @@ mod x86 {
             }
         }
         for b in c0..c1 {
+            // Into L2: the next chunk, a few lines per group. Prefetches never fault.
+            for _ in 0..per_group.min(lines - fetched.min(lines)) {
+                let mut l = fetched;
+                for &(p, n) in ahead {
+                    let nl = n.div_ceil(64);
+                    if l < nl {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * l) as *const i8);
+                        break;
+                    }
+                    l -= nl;
+                }
+                fetched += 1;
+            }
             let mut acc = [[_mm512_setzero_si512(); 2]; R];
             for r in 0..R {
                 let o = *xo[r].add(b);
@@ -1014,8 +1111,9 @@ mod tests {
                 assert_eq!(!kept.nib.is_empty(), four_bit, "{dt:?}: nibbles kept");
                 assert_eq!(kept.u.is_empty(), four_bit, "{dt:?}: bytes dropped");
                 let mut again = vec![f32::NAN; m * n];
-                // SAFETY: as above.
-                unsafe { kept.product(&acts, again.as_mut_ptr(), n) };
+                // SAFETY: as above. With a next panel to fetch ahead (fetching changes no
+                // value).
+                unsafe { kept.product_then(&acts, again.as_mut_ptr(), n, Some(&kept)) };
                 for (i, (a, b)) in fresh.iter().zip(&again).enumerate() {
                     assert_eq!(
                         a.to_bits(),

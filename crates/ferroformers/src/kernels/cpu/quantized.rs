@@ -599,7 +599,7 @@ impl QuantLinear {
             if let Some(panels) = kept {
                 // SAFETY: out is m x n; columns r0..r0 + the panel's rows are written by this
                 // task only.
-                unsafe { panels[t].product(&acts, o.0.add(r0), n) };
+                unsafe { panels[t].product_then(&acts, o.0.add(r0), n, panels.get(t + 1)) };
                 return;
             }
             SCRATCH.with(|s| {
