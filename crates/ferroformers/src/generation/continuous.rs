@@ -159,8 +159,9 @@ const PREFIX_TOKENS: usize = 8192;
 const PREFIX_BYTES: usize = 256 << 20;
 
 /// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
-/// extends and the oldest beyond [`PREFIX_TOKENS`] or [`PREFIX_BYTES`].
-fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
+/// extends and the oldest beyond [`PREFIX_TOKENS`] or [`PREFIX_BYTES`]. The row is leaving:
+/// its keys and values are moved out of `cache`, not copied.
+fn retire(prefixes: &mut Vec<Prefix>, cache: &mut KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
     // Its real positions: left padding, and the gap a group of continued prompts leaves
     // between a prefix and its rest, are skipped.
     let positions: Vec<usize> = (0..m.len()).filter(|&p| m[p] != 0).collect();
@@ -175,7 +176,7 @@ fn retire(prefixes: &mut Vec<Prefix>, cache: &KvCache, r: usize, m: &[u8], fed: 
         prefixes.insert(0, p);
         return;
     }
-    let Ok(c) = cache.extract_row(r, &positions) else {
+    let Ok(c) = cache.take_row(r, &positions) else {
         return;
     };
     prefixes.retain(|p| !fed.starts_with(&p.tokens));
@@ -380,7 +381,7 @@ impl Batcher {
         let mut rows = std::mem::take(&mut g.rows);
         for (r, id) in rows.iter().enumerate() {
             if !keep.contains(&r) {
-                if let (Some(s), Some(c)) = (g.seqs.remove(id), cache.as_ref()) {
+                if let (Some(s), Some(c)) = (g.seqs.remove(id), cache.as_mut()) {
                     retire(&mut g.prefixes, c, r, &mask[r], s.fed);
                 }
             }
@@ -901,10 +902,10 @@ impl Drop for SharedSession<'_> {
                 .all(|id| g.seqs.get(id).is_none_or(|s| s.gone));
             if all_gone && g.waiting.is_empty() {
                 let rows = std::mem::take(&mut g.rows);
-                let cache = g.cache.take();
+                let mut cache = g.cache.take();
                 let mask = std::mem::take(&mut g.mask);
                 for (r, id) in rows.into_iter().enumerate() {
-                    if let (Some(s), Some(c)) = (g.seqs.remove(&id), cache.as_ref()) {
+                    if let (Some(s), Some(c)) = (g.seqs.remove(&id), cache.as_mut()) {
                         retire(&mut g.prefixes, c, r, &mask[r], s.fed);
                     }
                 }
@@ -936,25 +937,25 @@ mod tests {
     fn prefixes_are_kept_newest_first_within_limits() {
         let mut kept = Vec::new();
         let toks = |a: u32, n: usize| (a..a + n as u32).collect::<Vec<u32>>();
-        retire(&mut kept, &cache_of(12), 0, &[1; 12], toks(0, 12));
+        retire(&mut kept, &mut cache_of(12), 0, &[1; 12], toks(0, 12));
         assert_eq!(kept.len(), 1);
         // It extends the first: the first goes. Padding and a gap are left out.
         let mut m = vec![0u8; 3];
         m.extend([1; 10]);
         m.extend([0; 2]);
         m.extend([1; 10]);
-        retire(&mut kept, &cache_of(m.len()), 0, &m, toks(0, 20));
+        retire(&mut kept, &mut cache_of(m.len()), 0, &m, toks(0, 20));
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].cache.seq_len(), 20);
         // The same tokens again, or fewer of them: nothing new to keep (no copy; a cache of
         // another length shows it was not taken).
-        retire(&mut kept, &cache_of(20), 0, &[1; 20], toks(0, 20));
-        retire(&mut kept, &cache_of(16), 0, &[1; 16], toks(0, 16));
+        retire(&mut kept, &mut cache_of(20), 0, &[1; 20], toks(0, 20));
+        retire(&mut kept, &mut cache_of(16), 0, &[1; 16], toks(0, 16));
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].cache.seq_len(), 20);
         // Too short, or a mask that does not match the tokens: not kept.
-        retire(&mut kept, &cache_of(4), 0, &[1; 4], toks(100, 4));
-        retire(&mut kept, &cache_of(12), 0, &[1; 12], toks(100, 11));
+        retire(&mut kept, &mut cache_of(4), 0, &[1; 4], toks(100, 4));
+        retire(&mut kept, &mut cache_of(12), 0, &[1; 12], toks(100, 11));
         assert_eq!(kept.len(), 1);
         assert_eq!(best_prefix(&kept, &toks(0, 30)), Some((0, 20)));
         assert_eq!(best_prefix(&kept, &toks(0, 15)), Some((0, 14)));
@@ -964,7 +965,7 @@ mod tests {
         for i in 0..(PREFIX_TOKENS / 1000 + 2) as u32 {
             retire(
                 &mut kept,
-                &cache_of(1000),
+                &mut cache_of(1000),
                 0,
                 &[1; 1000],
                 toks(10_000 * (i + 1), 1000),

@@ -248,6 +248,24 @@ impl KvCache {
         })
     }
 
+    /// [`KvCache::extract_row`] for a row that is leaving the batch: on CPU its keys and
+    /// values are moved out ([`KvBuffer::take_row`]), not copied, and the row is left empty.
+    /// `positions` ascending.
+    pub fn take_row(&mut self, r: usize, positions: &[usize]) -> Result<KvCache> {
+        if self.cpu.is_empty() {
+            return self.extract_row(r, positions);
+        }
+        Ok(KvCache {
+            layers: vec![None; self.layers.len()],
+            cpu: self
+                .cpu
+                .iter_mut()
+                .map(|b| b.take_row(r, positions))
+                .collect(),
+            screen: None,
+        })
+    }
+
     /// Keep only the first `n` positions of every row.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
         for b in &mut self.cpu {

@@ -315,6 +315,53 @@ impl KvBuffer {
         b
     }
 
+    /// [`KvBuffer::extract_row`] for a row that is leaving: its vectors are moved out (and
+    /// their `positions` moved to the front in place) instead of copied, and the row is left
+    /// empty. `positions` must be ascending. A finished sequence's copy held up the batch's
+    /// step for ~5 ms on SmolLM2 (fresh pages faulted in for ~110 positions); a move costs
+    /// nothing but the in-place shift past its left padding.
+    pub fn take_row(&mut self, r: usize, positions: &[usize]) -> KvBuffer {
+        if !positions.is_sorted_by(|a, b| a < b) {
+            return self.extract_row(r, positions);
+        }
+        let (d, heads, len) = (self.dim, self.heads, self.len);
+        let mut slots = vec![Slot::default(); heads];
+        if r < self.rows() {
+            for (h, out) in slots.iter_mut().enumerate() {
+                let mut s = std::mem::take(&mut self.slots[r * heads + h]);
+                for x in [&mut s.k, &mut s.v] {
+                    if x.len() < len * d {
+                        x.resize(len * d, 0.0);
+                    }
+                    // Ascending positions: position i comes from p >= i, never overwritten
+                    // before it is read.
+                    let mut n = 0;
+                    for &p in positions.iter().filter(|&&p| p < len) {
+                        if p != n {
+                            x.copy_within(p * d..(p + 1) * d, n * d);
+                        }
+                        n += 1;
+                    }
+                    x.truncate(n * d);
+                    // Room reserved for far more tokens than the row came to generate is
+                    // given back (the kept prefixes' budget counts capacity).
+                    if x.capacity() > 2 * x.len() + 64 * d {
+                        x.shrink_to_fit();
+                    }
+                }
+                *out = s;
+            }
+        }
+        let mut b = KvBuffer {
+            heads,
+            dim: d,
+            len: 0,
+            slots,
+        };
+        b.set_len(positions.len());
+        b
+    }
+
     /// Keep only the first `n` positions.
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);
@@ -1951,6 +1998,54 @@ mod tests {
             a.put(0, 1, 7, &[1.0; 3], &[2.0; 3]);
             a.set_len(8);
             assert_eq!(a.get(0, 1, 8).0[21..], [1.0; 3]);
+        }
+    }
+
+    /// A leaving row's vectors moved out hold what a copy of its positions holds; the other
+    /// rows are untouched, and the row left behind is empty.
+    #[test]
+    fn taken_rows_equal_extracted_ones() {
+        let filled = || {
+            let mut b = KvBuffer::new(3, 2, 3);
+            for pos in 0..9 {
+                b.reserve(1);
+                for row in 0..3 {
+                    for h in 0..2 {
+                        let x = (row * 100 + h * 10 + pos) as f32;
+                        b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
+                    }
+                }
+                b.set_len(pos + 1);
+            }
+            b
+        };
+        for positions in [
+            (0..9).collect::<Vec<usize>>(),
+            vec![2, 3, 4, 7, 8],
+            vec![5],
+            vec![],
+            vec![4, 2, 6],
+        ] {
+            for r in 0..3 {
+                let want = filled().extract_row(r, &positions);
+                let mut b = filled();
+                let got = b.take_row(r, &positions);
+                assert_eq!(got.len(), want.len());
+                for h in 0..2 {
+                    assert_eq!(
+                        got.get(0, h, got.len()),
+                        want.get(0, h, want.len()),
+                        "{positions:?} row {r}"
+                    );
+                }
+                for other in (0..3).filter(|&o| o != r) {
+                    for h in 0..2 {
+                        assert_eq!(b.get(other, h, 9), filled().get(other, h, 9));
+                    }
+                }
+                let sorted = positions.is_sorted_by(|a, b| a < b);
+                assert_eq!(b.slots[r * 2].k.capacity() == 0, sorted, "moved out");
+            }
         }
     }
 
