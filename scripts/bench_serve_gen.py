@@ -7,6 +7,7 @@ on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
   pip install llama-cpp-python==0.3.36 uvicorn fastapi sse-starlette starlette-context \\
       pydantic-settings httpx
   python3 scripts/bench_serve_gen.py [--concurrency 1,4,16] [--requests 32] [--tokens 64] [--reps 3]
+      [--distinct]   (every request a different chat: prompts share only their start)
 
 The load comes from `examples/sse_load.rs` (`--client python`: httpx in asyncio, which on 2
 cores delays its own request starts by ~3 ms each). Each client sends the same chat (one user
@@ -40,6 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+# --distinct: every request its own chat (the Rust client puts the request's number for {i}),
+# so prompts share only their start and each runs its own rest; with `min_tokens` every answer
+# is --tokens long (llama-cpp-python ignores it and may stop earlier).
+DISTINCT = [{"role": "user", "content": "Write a short story about a lighthouse keeper called Keeper {i}."}]
 
 
 def gguf_path():
@@ -97,12 +102,14 @@ def summary(ttfts, toks, wall):
             "tokens": toks}
 
 
-def run_load_rust(client, url, model, conc, n, tokens):
+def run_load_rust(client, url, model, conc, n, tokens, distinct=False):
     """The same load from `examples/sse_load.rs` (blocking client threads, asleep on their sockets
     between events): the Python client needed ~3 ms of CPU per request start on these 2 cores,
     so a wave of 16 reached a server spread over ~40 ms, which its time to first token counted."""
-    body = {"model": model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0,
-            "stream_options": {"include_usage": True}}
+    body = {"model": model, "messages": DISTINCT if distinct else MESSAGES, "max_tokens": tokens,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    if distinct:
+        body["min_tokens"] = tokens
     out = subprocess.run([client, url, json.dumps(body), str(conc), str(n)], capture_output=True,
                          text=True)
     if out.returncode != 0:
@@ -130,6 +137,9 @@ def main():
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--distinct", action="store_true",
+                    help="every request a different chat (Rust client only): prompts share only "
+                         "their start, and each answer is --tokens long (min_tokens)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="ours,ours-solo,llama.cpp",
@@ -142,13 +152,15 @@ def main():
                                      "served beside --binary and measured in the same rounds")
     a = ap.parse_args()
     client = ROOT / "target/release/examples/sse_load"
+    if a.distinct and a.client != "rust":
+        sys.exit("--distinct needs the Rust client")
     if a.client == "rust" and not client.exists():
         sys.exit(f"{client} is missing: cargo build --release -p ferroformers-server --example "
                  "sse_load (or --client python)")
 
     def load(url, model, c, n, tokens):
         if a.client == "rust":
-            return run_load_rust(str(client), url, model, c, n, tokens)
+            return run_load_rust(str(client), url, model, c, n, tokens, a.distinct)
         return asyncio.run(run_load(url, model, c, n, tokens))
     gguf = gguf_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
@@ -197,7 +209,8 @@ def main():
         for _, proc, _, _ in servers.values():
             proc.terminate()
     load1 = os.getloadavg()
-    print(f"\nstreamed chat completions, SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
+    print(f"\nstreamed chat completions{' (a different chat each, min_tokens)' if a.distinct else ''}, "
+          f"SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
           f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}, {a.client} client; "
           f"CPU {cpu_model()}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")

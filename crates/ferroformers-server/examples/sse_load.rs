@@ -8,7 +8,8 @@
 //! cargo run --release -p ferroformers-server --example sse_load -- \
 //!     URL BODY_JSON CONCURRENCY REQUESTS
 //! ```
-//! BODY_JSON is the request body (`"stream": true` is set). Prints one JSON object: wall
+//! BODY_JSON is the request body (`"stream": true` is set); `{i}` in it becomes each request's
+//! number (0, 1, ...), for prompts that differ. Prints one JSON object: wall
 //! seconds, completion tokens (from the usage chunk when the server sends one, else content
 //! events), and every request's time to first content event in seconds.
 
@@ -63,11 +64,17 @@ fn main() {
         eprintln!("usage: sse_load URL BODY_JSON CONCURRENCY REQUESTS");
         std::process::exit(2);
     };
-    let mut body: Value = serde_json::from_str(body).unwrap_or_else(|e| {
-        eprintln!("BODY_JSON is not JSON: {e}");
-        std::process::exit(2)
-    });
-    body["stream"] = json!(true);
+    // Each request's body: `{i}` replaced by its number.
+    let body_of = |i: usize| -> Value {
+        let mut body: Value = serde_json::from_str(&body.replace("{i}", &i.to_string()))
+            .unwrap_or_else(|e| {
+                eprintln!("BODY_JSON is not JSON: {e}");
+                std::process::exit(2)
+            });
+        body["stream"] = json!(true);
+        body
+    };
+    body_of(0);
     let (Ok(conc), Ok(n)) = (conc.parse::<usize>(), n.parse::<usize>()) else {
         eprintln!("CONCURRENCY and REQUESTS must be whole numbers");
         std::process::exit(2)
@@ -79,8 +86,12 @@ fn main() {
         for _ in 0..conc.max(1) {
             s.spawn(|| {
                 let agent = ureq::AgentBuilder::new().build();
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let r = one(&agent, url, &body);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let r = one(&agent, url, &body_of(i));
                     results.lock().unwrap().push(r);
                 }
             });
