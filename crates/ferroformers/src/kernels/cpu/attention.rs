@@ -1966,24 +1966,28 @@ mod tests {
         );
     }
 
+    /// A buffer of `rows` rows, 2 heads of 3 values, `positions` positions, each value
+    /// telling its row, head and position.
+    fn numbered(rows: usize, positions: usize) -> KvBuffer {
+        let mut b = KvBuffer::new(rows, 2, 3);
+        for pos in 0..positions {
+            b.reserve(1);
+            for row in 0..rows {
+                for h in 0..2 {
+                    let x = (row * 100 + h * 10 + pos) as f32;
+                    b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
+                }
+            }
+            b.set_len(pos + 1);
+        }
+        b
+    }
+
     /// Rows leaving with the last rows moved into their slots (done in place) give the
     /// same buffer as the copying path, and the buffer keeps growing afterwards.
     #[test]
     fn rows_leave_in_place_like_a_copy() {
-        let filled = || {
-            let mut b = KvBuffer::new(5, 2, 3);
-            for pos in 0..7 {
-                b.reserve(1);
-                for row in 0..5 {
-                    for h in 0..2 {
-                        let x = (row * 100 + h * 10 + pos) as f32;
-                        b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
-                    }
-                }
-                b.set_len(pos + 1);
-            }
-            b
-        };
+        let filled = || numbered(5, 7);
         for keep in [&[0usize, 4, 2][..], &[3, 1], &[0, 1, 2, 3], &[4]] {
             let mut a = filled();
             a.select_rows(keep).unwrap();
@@ -2005,20 +2009,7 @@ mod tests {
     /// rows are untouched, and the row left behind is empty.
     #[test]
     fn taken_rows_equal_extracted_ones() {
-        let filled = || {
-            let mut b = KvBuffer::new(3, 2, 3);
-            for pos in 0..9 {
-                b.reserve(1);
-                for row in 0..3 {
-                    for h in 0..2 {
-                        let x = (row * 100 + h * 10 + pos) as f32;
-                        b.put(row, h, pos, &[x, x + 0.5, x + 0.25], &[-x, -x, -x]);
-                    }
-                }
-                b.set_len(pos + 1);
-            }
-            b
-        };
+        let filled = || numbered(3, 9);
         for positions in [
             (0..9).collect::<Vec<usize>>(),
             vec![2, 3, 4, 7, 8],
