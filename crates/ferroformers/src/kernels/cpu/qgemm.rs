@@ -13,8 +13,10 @@
 //! `-128 * sum(xq)`, so every group's integer sum is `sum(q * xq)` exactly. Per group of `G`
 //! inputs (32, or 16 for Q6_K/Q3_K/Q2_K, whose scales change every 16), the sum is scaled by
 //! the weight row's `d * sc` and the activation block's scale, and the minimum's term
-//! `dmin * mn * dx * sum(xq)` taken off. The integer sums are the decoding kernels'; only the
-//! f32 order of the scaled groups differs.
+//! `dmin * mn * dx * sum(xq)` taken off. K-quants multiply each group's sum by its integer
+//! `sc` and add in integers over the superblock, then scale by `d * dx` once (Q8_K has one
+//! activation scale per 256 inputs), as llama.cpp's K-quant dots do. The integer sums are the
+//! decoding kernels'; only the f32 order of the scaled groups differs.
 //!
 //! CPUs without AVX-512 VNNI (or with `FERROFORMERS_NO_VNNI=1`) keep the dequantized `gemm`
 //! tiles ([`super::quantized`]).
@@ -102,6 +104,13 @@ pub struct Panel {
     ws: Vec<f32>,
     /// Per scale group: 32 rows' `dmin * mn`.
     wm: Vec<f32>,
+    /// K-quants: per scale group, 32 rows' integer `sc` (`ws` is `wd * isc` exactly), and
+    /// per superblock of 256 inputs the rows' `d`. The kernel sums each group's integer sum
+    /// times `sc` in integers over the superblock and scales once per superblock, as
+    /// llama.cpp's K-quant dots do: one multiply-add in the FMA pipes per group where the
+    /// float scaling took two. Empty for the 32-value types.
+    isc: Vec<i8>,
+    wd: Vec<f32>,
     unpacked: Unpacked,
     /// Q2_K/Q3_K tiles: the rows unpacked to i8 values, `[rows, k]`.
     tq: Vec<i8>,
@@ -222,6 +231,7 @@ impl Panel {
                     k,
                 )
             };
+            self.int_scales(dtype, rows);
             return;
         }
         self.pack_portable(dtype, rows, k);
@@ -258,6 +268,10 @@ impl Panel {
         if !self.has_min {
             self.wm = Vec::new();
         }
+        if !self.isc.is_empty() {
+            // The kernel reads `isc` and `wd` instead.
+            self.ws = Vec::new();
+        }
         self.u.shrink_to_fit();
         self.ws.shrink_to_fit();
         self.wm.shrink_to_fit();
@@ -278,6 +292,13 @@ impl Panel {
         self.u.resize(k / 4 * 4 * PANEL, 128);
         self.ws.resize(groups * PANEL, 0.0);
         self.wm.resize(groups * PANEL, 0.0);
+        if block_shape(dtype).is_some_and(|(sb, _)| sb == 256) {
+            self.isc.resize(groups * PANEL, 0);
+            self.wd.resize(k / 256 * PANEL, 0.0);
+        } else {
+            self.isc = Vec::new();
+            self.wd = Vec::new();
+        }
         use GgmlDType as D;
         self.has_min = rows > 0 && matches!(dtype, D::Q4_1 | D::Q5_1 | D::Q2K | D::Q4K | D::Q5K);
         self.four_bit = match dtype {
@@ -296,6 +317,36 @@ impl Panel {
             self.ws[b * PANEL + j] = u.d[s] * u.sc[gr] as f32;
             if u.has_min {
                 self.wm[b * PANEL + j] = u.dmin[s] * u.mn[gr] as f32;
+            }
+        }
+    }
+
+    /// K-quants: each row's superblock `d` from its raw blocks, and each group's integer
+    /// `sc` as `ws / d` (exact: `ws` is the f16 `d` times a small integer, exactly in f32).
+    fn int_scales(&mut self, dtype: GgmlDType, rows: &[&[u8]]) {
+        if self.isc.is_empty() {
+            return;
+        }
+        use GgmlDType as D;
+        let at = match dtype {
+            D::Q4K | D::Q5K => 0,
+            D::Q6K => 208,
+            D::Q2K => 80,
+            D::Q3K => 108,
+            _ => unreachable!("int scales of a K-quant"),
+        };
+        let (_, bytes) = block_shape(dtype).expect("a GGUF block type");
+        let per = 256 / self.g;
+        for (j, row) in rows.iter().enumerate() {
+            for s in 0..self.k / 256 {
+                let b = &row[s * bytes + at..s * bytes + at + 2];
+                let d = super::blocks::f16_at(b, 0);
+                self.wd[s * PANEL + j] = d;
+                for g in s * per..(s + 1) * per {
+                    let w = self.ws[g * PANEL + j];
+                    self.isc[g * PANEL + j] = if d == 0.0 { 0 } else { (w / d) as i8 };
+                    debug_assert!(d == 0.0 || (w / d).fract() == 0.0, "ws is not d * sc");
+                }
             }
         }
     }
@@ -321,6 +372,7 @@ impl Panel {
             }
             self.scales_from_unpacked(j);
         }
+        self.int_scales(dtype, rows);
     }
 
     /// `out[i * ldo + j] = x_i . row_j` for every activation row `i` of `acts` and the panel's
@@ -358,7 +410,14 @@ impl Panel {
         };
         [
             (base.wrapping_add(c0 * per), (c1 - c0) * per),
-            scales(&self.ws),
+            if self.isc.is_empty() {
+                scales(&self.ws)
+            } else {
+                (
+                    self.isc.as_ptr().wrapping_add(c0 * PANEL) as *const u8,
+                    (c1 - c0) * PANEL,
+                )
+            },
             if self.has_min {
                 scales(&self.wm)
             } else {
@@ -392,6 +451,14 @@ impl Panel {
             let per_chunk = groups
                 .div_ceil(groups.div_ceil(CHUNK / self.g).max(1))
                 .max(1);
+            // K-quants' integer scales sum over whole superblocks: chunks hold whole ones
+            // (CHUNK / g is a multiple of a superblock's groups).
+            let ks = !self.isc.is_empty();
+            let per_chunk = if ks {
+                per_chunk.next_multiple_of(256 / self.g)
+            } else {
+                per_chunk
+            };
             // Nibbles only come with 32-value groups (the 4-bit types').
             let nib = !self.nib.is_empty();
             assert!(!nib || self.g == 32);
@@ -418,8 +485,8 @@ impl Panel {
                     // and out exist; groups c0..c1 lie in the panel and acts.
                     unsafe {
                         macro_rules! call {
-                            ($r:literal, $g:literal, $min:literal, $nib:literal) => {
-                                x86::rows::<$r, $g, $min, $nib>(
+                            ($r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal) => {
+                                x86::rows::<$r, $g, $min, $nib, $ks>(
                                     self,
                                     acts,
                                     i,
@@ -430,19 +497,29 @@ impl Panel {
                                 )
                             };
                         }
-                        match (r == x86::MR, self.g == 32, self.has_min, nib) {
-                            (true, true, false, false) => call!(4, 32, false, false),
-                            (true, true, true, false) => call!(4, 32, true, false),
-                            (true, true, false, true) => call!(4, 32, false, true),
-                            (true, true, true, true) => call!(4, 32, true, true),
-                            (true, false, false, _) => call!(4, 16, false, false),
-                            (true, false, true, _) => call!(4, 16, true, false),
-                            (false, true, false, false) => call!(1, 32, false, false),
-                            (false, true, true, false) => call!(1, 32, true, false),
-                            (false, true, false, true) => call!(1, 32, false, true),
-                            (false, true, true, true) => call!(1, 32, true, true),
-                            (false, false, false, _) => call!(1, 16, false, false),
-                            (false, false, true, _) => call!(1, 16, true, false),
+                        macro_rules! dispatch {
+                            ($r:literal) => {
+                                match (self.g == 32, self.has_min, nib, ks) {
+                                    (true, false, false, false) => {
+                                        call!($r, 32, false, false, false)
+                                    }
+                                    (true, true, false, false) => call!($r, 32, true, false, false),
+                                    (true, false, true, false) => call!($r, 32, false, true, false),
+                                    (true, true, true, false) => call!($r, 32, true, true, false),
+                                    (true, false, false, true) => call!($r, 32, false, false, true),
+                                    (true, true, false, true) => call!($r, 32, true, false, true),
+                                    (true, false, true, true) => call!($r, 32, false, true, true),
+                                    (true, true, true, true) => call!($r, 32, true, true, true),
+                                    // Every 16-input type is a K-quant.
+                                    (false, false, _, _) => call!($r, 16, false, false, true),
+                                    (false, true, _, _) => call!($r, 16, true, false, true),
+                                }
+                            };
+                        }
+                        if r == x86::MR {
+                            dispatch!(4)
+                        } else {
+                            dispatch!(1)
                         }
                     }
                     i += if r == x86::MR { r } else { 1 };
@@ -836,7 +913,13 @@ mod x86 {
     /// spans: the next chunk's weights, scales and minimums) are fetched into L2, a few lines
     /// per group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    pub unsafe fn rows<const R: usize, const G: usize, const MIN: bool, const NIB: bool>(
+    pub unsafe fn rows<
+        const R: usize,
+        const G: usize,
+        const MIN: bool,
+        const NIB: bool,
+        const KS: bool,
+    >(
         p: &Panel,
         acts: &Acts,
         i: usize,
@@ -864,6 +947,10 @@ mod x86 {
         let xo: [*const i32; R] = std::array::from_fn(|r| acts.off.as_ptr().add((i + r) * groups));
         let xs: [*const f32; R] = std::array::from_fn(|r| acts.s.as_ptr().add((i + r) * groups));
         let op: [*mut f32; R] = std::array::from_fn(|r| out.add((i + r) * ldo));
+        // K-quants (KS): groups per superblock, and the integer sums of `sc * group sum` over
+        // the current one.
+        let per_sb = 256 / G;
+        let mut ia = [[_mm512_setzero_si512(); 2]; R];
         let mut f = [[_mm512_setzero_ps(); 2]; R];
         if c0 > 0 {
             for r in 0..R {
@@ -904,7 +991,11 @@ mod x86 {
                 for l in 0..lines {
                     _mm_prefetch::<_MM_HINT_T0>(ub.wrapping_add(ahead + 64 * l) as *const i8);
                 }
-                let sa = wsp.wrapping_add((b + PF) * PANEL) as *const i8;
+                let sa = if KS {
+                    p.isc.as_ptr().wrapping_add((b + PF) * PANEL)
+                } else {
+                    wsp.wrapping_add((b + PF) * PANEL) as *const i8
+                };
                 _mm_prefetch::<_MM_HINT_T0>(sa);
                 _mm_prefetch::<_MM_HINT_T0>(sa.wrapping_add(64));
                 if MIN {
@@ -934,20 +1025,51 @@ mod x86 {
                     acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xv);
                 }
             }
-            let s0 = _mm512_loadu_ps(wsp.add(b * PANEL));
-            let s1 = _mm512_loadu_ps(wsp.add(b * PANEL + 16));
-            for r in 0..R {
-                let dx = _mm512_set1_ps(*xd[r].add(b));
-                f[r][0] = _mm512_fmadd_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0),
-                    dx,
-                    f[r][0],
-                );
-                f[r][1] = _mm512_fmadd_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1),
-                    dx,
-                    f[r][1],
-                );
+            if KS {
+                // `sc` in integers; the superblock's `d * dx` once at its end (below).
+                let sc = p.isc.as_ptr().add(b * PANEL) as *const __m128i;
+                let s0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc));
+                let s1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(1)));
+                for r in 0..R {
+                    ia[r][0] = _mm512_add_epi32(ia[r][0], _mm512_mullo_epi32(acc[r][0], s0));
+                    ia[r][1] = _mm512_add_epi32(ia[r][1], _mm512_mullo_epi32(acc[r][1], s1));
+                }
+            }
+            if KS && (b + 1) % per_sb == 0 {
+                let wd = p.wd.as_ptr().add(b / per_sb * PANEL);
+                let (d0, d1) = (_mm512_loadu_ps(wd), _mm512_loadu_ps(wd.add(16)));
+                for r in 0..R {
+                    // Q8_K: one activation scale per superblock.
+                    let dx = _mm512_set1_ps(*xd[r].add(b));
+                    f[r][0] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(ia[r][0]), d0),
+                        dx,
+                        f[r][0],
+                    );
+                    f[r][1] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(ia[r][1]), d1),
+                        dx,
+                        f[r][1],
+                    );
+                    ia[r] = [_mm512_setzero_si512(); 2];
+                }
+            }
+            if !KS {
+                let s0 = _mm512_loadu_ps(wsp.add(b * PANEL));
+                let s1 = _mm512_loadu_ps(wsp.add(b * PANEL + 16));
+                for r in 0..R {
+                    let dx = _mm512_set1_ps(*xd[r].add(b));
+                    f[r][0] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0),
+                        dx,
+                        f[r][0],
+                    );
+                    f[r][1] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1),
+                        dx,
+                        f[r][1],
+                    );
+                }
             }
             if MIN {
                 let n0 = _mm512_loadu_ps(wmp.add(b * PANEL));
@@ -1030,6 +1152,24 @@ mod tests {
                                 plain.u[at..at + 4],
                                 "{dt:?} k={k} rows={rows} planes={from_planes}: quad {t} of row {j}"
                             );
+                        }
+                    }
+                    // K-quants' integer scales: the same, and `ws` is exactly `wd * isc`.
+                    let k_quant = block_shape(dt).is_some_and(|(sb, _)| sb == 256);
+                    assert_eq!(!fast.isc.is_empty(), k_quant, "{dt:?}: integer scales");
+                    for s in 0..k / 256 {
+                        for j in (0..rows).filter(|_| k_quant) {
+                            let i = s * PANEL + j;
+                            assert_eq!(fast.wd[i].to_bits(), plain.wd[i].to_bits(), "{dt:?} wd");
+                            for b in s * 256 / group_of(dt)..(s + 1) * 256 / group_of(dt) {
+                                let i = b * PANEL + j;
+                                assert_eq!(fast.isc[i], plain.isc[i], "{dt:?} isc");
+                                assert_eq!(
+                                    fast.isc[i] as f32 * fast.wd[s * PANEL + j],
+                                    fast.ws[i],
+                                    "{dt:?}: ws = wd * isc"
+                                );
+                            }
                         }
                     }
                     for b in 0..k / group_of(dt) {
