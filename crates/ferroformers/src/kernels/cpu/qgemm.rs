@@ -908,6 +908,15 @@ mod x86 {
         }
     }
 
+    /// `f += v * s * dx` for a row's two halves of 32 columns (`v` integer sums).
+    #[inline(always)]
+    unsafe fn scaled_add(f: &mut [__m512; 2], v: &[__m512i; 2], s: [__m512; 2], dx: f32) {
+        let dx = _mm512_set1_ps(dx);
+        for h in 0..2 {
+            f[h] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v[h]), s[h]), dx, f[h]);
+        }
+    }
+
     /// Rows `i..i + R` of `acts` times the panel over scale `groups`; the first chunk (from
     /// group 0) writes `out`, later ones add to it. Meanwhile `ahead`'s bytes (up to three
     /// spans: the next chunk's weights, scales and minimums) are fetched into L2, a few lines
@@ -1040,17 +1049,7 @@ mod x86 {
                 let (d0, d1) = (_mm512_loadu_ps(wd), _mm512_loadu_ps(wd.add(16)));
                 for r in 0..R {
                     // Q8_K: one activation scale per superblock.
-                    let dx = _mm512_set1_ps(*xd[r].add(b));
-                    f[r][0] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(ia[r][0]), d0),
-                        dx,
-                        f[r][0],
-                    );
-                    f[r][1] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(ia[r][1]), d1),
-                        dx,
-                        f[r][1],
-                    );
+                    scaled_add(&mut f[r], &ia[r], [d0, d1], *xd[r].add(b));
                     ia[r] = [_mm512_setzero_si512(); 2];
                 }
             }
@@ -1058,17 +1057,7 @@ mod x86 {
                 let s0 = _mm512_loadu_ps(wsp.add(b * PANEL));
                 let s1 = _mm512_loadu_ps(wsp.add(b * PANEL + 16));
                 for r in 0..R {
-                    let dx = _mm512_set1_ps(*xd[r].add(b));
-                    f[r][0] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), s0),
-                        dx,
-                        f[r][0],
-                    );
-                    f[r][1] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), s1),
-                        dx,
-                        f[r][1],
-                    );
+                    scaled_add(&mut f[r], &acc[r], [s0, s1], *xd[r].add(b));
                 }
             }
             if MIN {
