@@ -169,16 +169,7 @@ impl Panel {
             let ptrs: Vec<*const u8> = first.iter().chain(second).map(|r| r.as_ptr()).collect();
             // SAFETY: the CPU has the features; each pair of planes holds k values (asserted);
             // the panel, ws and wm are sized by `prepare`.
-            unsafe {
-                x86::pack(
-                    x86::SPLIT,
-                    self.u.as_mut_ptr(),
-                    self.ws.as_mut_ptr(),
-                    self.wm.as_mut_ptr(),
-                    &ptrs,
-                    k,
-                )
-            };
+            unsafe { x86::pack(x86::SPLIT, self.u.as_mut_ptr(), self.scale_ptrs(), &ptrs, k) };
             return;
         }
         // Without the kernels: back to Q8_0 blocks.
@@ -225,13 +216,11 @@ impl Panel {
                 x86::pack(
                     code + if planes { x86::PLANES } else { 0 },
                     self.u.as_mut_ptr(),
-                    self.ws.as_mut_ptr(),
-                    self.wm.as_mut_ptr(),
+                    self.scale_ptrs(),
                     &ptrs[..rows.len()],
                     k,
                 )
             };
-            self.int_scales(dtype, rows);
             return;
         }
         self.pack_portable(dtype, rows, k);
@@ -318,36 +307,31 @@ impl Panel {
             if u.has_min {
                 self.wm[b * PANEL + j] = u.dmin[s] * u.mn[gr] as f32;
             }
+            if !self.isc.is_empty() {
+                // K-quants: the same in integers (superblocks of 256: `s` is the superblock).
+                self.isc[b * PANEL + j] = u.sc[gr];
+                self.wd[s * PANEL + j] = u.d[s];
+            }
         }
     }
 
-    /// K-quants: each row's superblock `d` from its raw blocks, and each group's integer
-    /// `sc` as `ws / d` (exact: `ws` is the f16 `d` times a small integer, exactly in f32).
-    fn int_scales(&mut self, dtype: GgmlDType, rows: &[&[u8]]) {
-        if self.isc.is_empty() {
-            return;
-        }
-        use GgmlDType as D;
-        let at = match dtype {
-            D::Q4K | D::Q5K => 0,
-            D::Q6K => 208,
-            D::Q2K => 80,
-            D::Q3K => 108,
-            _ => unreachable!("int scales of a K-quant"),
-        };
-        let (_, bytes) = block_shape(dtype).expect("a GGUF block type");
-        let per = 256 / self.g;
-        for (j, row) in rows.iter().enumerate() {
-            for s in 0..self.k / 256 {
-                let b = &row[s * bytes + at..s * bytes + at + 2];
-                let d = super::blocks::f16_at(b, 0);
-                self.wd[s * PANEL + j] = d;
-                for g in s * per..(s + 1) * per {
-                    let w = self.ws[g * PANEL + j];
-                    self.isc[g * PANEL + j] = if d == 0.0 { 0 } else { (w / d) as i8 };
-                    debug_assert!(d == 0.0 || (w / d).fract() == 0.0, "ws is not d * sc");
-                }
-            }
+    /// Where the fast packing writes the scales (K-quants' integer ones too, when kept).
+    #[cfg(target_arch = "x86_64")]
+    fn scale_ptrs(&mut self) -> x86::Scales {
+        let int = !self.isc.is_empty();
+        x86::Scales {
+            ws: self.ws.as_mut_ptr(),
+            wm: self.wm.as_mut_ptr(),
+            isc: if int {
+                self.isc.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
+            wd: if int {
+                self.wd.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
         }
     }
 
@@ -372,7 +356,6 @@ impl Panel {
             }
             self.scales_from_unpacked(j);
         }
-        self.int_scales(dtype, rows);
     }
 
     /// `out[i * ldo + j] = x_i . row_j` for every activation row `i` of `acts` and the panel's
@@ -398,28 +381,24 @@ impl Panel {
         } else {
             self.nib.as_ptr()
         };
-        let scales = |v: &Vec<f32>| {
+        // Groups c0..c1 of a per-group vector ([`PANEL`] values a group).
+        fn span<T>(v: &[T], c0: usize, c1: usize) -> (*const u8, usize) {
             if v.is_empty() {
-                (std::ptr::null(), 0)
-            } else {
-                (
-                    v.as_ptr().wrapping_add(c0 * PANEL) as *const u8,
-                    (c1 - c0) * PANEL * 4,
-                )
+                return (std::ptr::null(), 0);
             }
-        };
+            let at = v.as_ptr().wrapping_add(c0 * PANEL) as *const u8;
+            (at, (c1 - c0) * PANEL * std::mem::size_of::<T>())
+        }
         [
             (base.wrapping_add(c0 * per), (c1 - c0) * per),
+            // The scales the kernel reads (K-quants: the integer ones).
             if self.isc.is_empty() {
-                scales(&self.ws)
+                span(&self.ws, c0, c1)
             } else {
-                (
-                    self.isc.as_ptr().wrapping_add(c0 * PANEL) as *const u8,
-                    (c1 - c0) * PANEL,
-                )
+                span(&self.isc, c0, c1)
             },
             if self.has_min {
-                scales(&self.wm)
+                span(&self.wm, c0, c1)
             } else {
                 (std::ptr::null(), 0)
             },
@@ -696,33 +675,50 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL and F16C; each pointer holds `k` values of its kind; `dst`
-    /// holds `k / 4` quads of `4 * PANEL` bytes; `ws` and `wm` hold `k / g` groups of
-    /// [`PANEL`] ([`super::group_of`]: 16 for Q6_K, else 32).
+    /// holds `k / 4` quads of `4 * PANEL` bytes; `sc`'s `ws`, `wm` (and, when not null,
+    /// `isc`) hold `k / g` groups of [`PANEL`] ([`super::group_of`]: 16 for Q6_K, else 32),
+    /// its `wd` (when not null) `k / 256` superblocks of [`PANEL`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-    pub unsafe fn pack(
-        code: u8,
-        dst: *mut u8,
-        ws: *mut f32,
-        wm: *mut f32,
-        rows: &[*const u8],
-        k: usize,
-    ) {
+    pub unsafe fn pack(code: u8, dst: *mut u8, sc: Scales, rows: &[*const u8], k: usize) {
         match code {
-            0 => pack_kind::<0, false>(dst, ws, wm, rows, k),
-            1 => pack_kind::<1, false>(dst, ws, wm, rows, k),
-            2 => pack_kind::<2, false>(dst, ws, wm, rows, k),
-            3 => pack_kind::<3, false>(dst, ws, wm, rows, k),
-            4 => pack_kind::<4, false>(dst, ws, wm, rows, k),
-            5 => pack_kind::<5, false>(dst, ws, wm, rows, k),
-            6 => pack_kind::<6, false>(dst, ws, wm, rows, k),
-            7 => pack_kind::<7, false>(dst, ws, wm, rows, k),
-            16 => pack_kind::<0, true>(dst, ws, wm, rows, k),
-            17 => pack_kind::<1, true>(dst, ws, wm, rows, k),
-            18 => pack_kind::<2, true>(dst, ws, wm, rows, k),
-            19 => pack_kind::<3, true>(dst, ws, wm, rows, k),
-            20 => pack_kind::<4, true>(dst, ws, wm, rows, k),
-            SPLIT => pack_kind::<SPLIT, false>(dst, ws, wm, rows, k),
-            _ => pack_kind::<UNPACKED, false>(dst, ws, wm, rows, k),
+            0 => pack_kind::<0, false>(dst, sc, rows, k),
+            1 => pack_kind::<1, false>(dst, sc, rows, k),
+            2 => pack_kind::<2, false>(dst, sc, rows, k),
+            3 => pack_kind::<3, false>(dst, sc, rows, k),
+            4 => pack_kind::<4, false>(dst, sc, rows, k),
+            5 => pack_kind::<5, false>(dst, sc, rows, k),
+            6 => pack_kind::<6, false>(dst, sc, rows, k),
+            7 => pack_kind::<7, false>(dst, sc, rows, k),
+            16 => pack_kind::<0, true>(dst, sc, rows, k),
+            17 => pack_kind::<1, true>(dst, sc, rows, k),
+            18 => pack_kind::<2, true>(dst, sc, rows, k),
+            19 => pack_kind::<3, true>(dst, sc, rows, k),
+            20 => pack_kind::<4, true>(dst, sc, rows, k),
+            SPLIT => pack_kind::<SPLIT, false>(dst, sc, rows, k),
+            _ => pack_kind::<UNPACKED, false>(dst, sc, rows, k),
+        }
+    }
+
+    /// Where [`pack`] writes each scale group's scales, [`PANEL`] rows apart: `d * sc` (`ws`)
+    /// and `dmin * mn` (`wm`); for K-quants also the integer `sc` (`isc`) and each superblock's
+    /// `d` (`wd`), null for the other types.
+    #[derive(Clone, Copy)]
+    pub struct Scales {
+        pub ws: *mut f32,
+        pub wm: *mut f32,
+        pub isc: *mut i8,
+        pub wd: *mut f32,
+    }
+
+    impl Scales {
+        /// The same, from row `h` of the panel on.
+        fn at_row(self, h: usize) -> Scales {
+            Scales {
+                ws: self.ws.wrapping_add(h),
+                wm: self.wm.wrapping_add(h),
+                isc: self.isc.wrapping_add(h),
+                wd: self.wd.wrapping_add(h),
+            }
         }
     }
 
@@ -734,8 +730,20 @@ mod x86 {
     /// f32 products as the unpacking's, 16 rows per multiply. The small integer scales are
     /// read per row (Q4_K/Q5_K's 6-bit packing through `scale_min_k4`) into per-group columns.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-    unsafe fn k_scales<const T: u8>(r: &[*const u8; 16], s: usize, ws: *mut f32, wm: *mut f32) {
+    unsafe fn k_scales<const T: u8>(r: &[*const u8; 16], s: usize, out: Scales) {
         use crate::kernels::cpu::blocks::scale_min_k4;
+        let (ws, wm) = (out.ws, out.wm);
+        // The integer scales as they are, and the superblock's `d` (when wanted).
+        let int = |at: usize, col: &[u8; 16]| {
+            if !out.isc.is_null() {
+                std::ptr::copy_nonoverlapping(col.as_ptr() as *const i8, out.isc.add(at), 16);
+            }
+        };
+        let superblock_d = |d: __m512| {
+            if !out.wd.is_null() {
+                _mm512_storeu_ps(out.wd.add(s * PANEL), d);
+            }
+        };
         let bytes = [144usize, 176, 210][T as usize - 5];
         let halves = |off: usize| {
             let mut h = [0u16; 16];
@@ -755,6 +763,7 @@ mod x86 {
         };
         if T == 7 {
             let d = halves(208);
+            superblock_d(d);
             let mut sc = [[0u8; 16]; 16];
             for i in 0..16 {
                 let blk = r[i].add(s * bytes);
@@ -767,9 +776,11 @@ mod x86 {
                     ws.add((s * 16 + g) * PANEL),
                     _mm512_mul_ps(d, column(col, true)),
                 );
+                int((s * 16 + g) * PANEL, col);
             }
         } else {
             let (d, dmin) = (halves(0), halves(2));
+            superblock_d(d);
             let (mut sc, mut mn) = ([[0u8; 16]; 8], [[0u8; 16]; 8]);
             for i in 0..16 {
                 let q = std::slice::from_raw_parts(r[i].add(s * bytes + 4), 12);
@@ -781,6 +792,7 @@ mod x86 {
                 let at = (s * 8 + sub) * PANEL;
                 _mm512_storeu_ps(ws.add(at), _mm512_mul_ps(d, column(&sc[sub], false)));
                 _mm512_storeu_ps(wm.add(at), _mm512_mul_ps(dmin, column(&mn[sub], false)));
+                int(at, &sc[sub]);
             }
         }
     }
@@ -788,11 +800,11 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
     unsafe fn pack_kind<const T: u8, const P: bool>(
         dst: *mut u8,
-        ws: *mut f32,
-        wm: *mut f32,
+        sc: Scales,
         rows: &[*const u8],
         k: usize,
     ) {
+        let (ws, wm) = (sc.ws, sc.wm);
         let nb = k / 32;
         // Split rows come as first planes, then second planes.
         let (rows, lo_rows) = if T == SPLIT {
@@ -895,7 +907,7 @@ mod x86 {
                     }
                 } else if T < UNPACKED && c % 8 == 0 {
                     // A K-quant superblock starts: its 16 rows' scales and minimums.
-                    k_scales::<T>(&r, c / 8, ws.add(h * 16), wm.add(h * 16));
+                    k_scales::<T>(&r, c / 8, sc.at_row(h * 16));
                 }
                 let base = dst.add(c * 8 * 4 * PANEL + h * 64);
                 for e in 0..4 {
