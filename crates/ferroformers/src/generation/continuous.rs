@@ -924,7 +924,7 @@ mod tests {
     /// A one-row cache of `n` positions (one layer, one head of 8).
     fn cache_of(n: usize) -> KvCache {
         let mut c = KvCache::new(1);
-        let b = &mut c.buffers(1, 1, 8).unwrap()[0];
+        let b = &mut c.buffers(1, 1, 8, false).unwrap()[0];
         b.reserve(n);
         b.set_len(n);
         c

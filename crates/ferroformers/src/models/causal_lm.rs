@@ -73,14 +73,26 @@ impl KvCache {
         Ok(kv)
     }
 
-    /// The plain buffers of a CPU fast path: made empty (`rows` x `heads` x `dim` per layer)
-    /// on first use, an error if tensors were cached already.
-    pub fn buffers(&mut self, rows: usize, heads: usize, dim: usize) -> Result<&mut [KvBuffer]> {
+    /// The plain buffers of a CPU fast path: made empty (`rows` x `heads` x `dim` per layer,
+    /// values kept in f16 when `f16`: [`KvBuffer::new_f16`]) on first use, an error if tensors
+    /// were cached already.
+    pub fn buffers(
+        &mut self,
+        rows: usize,
+        heads: usize,
+        dim: usize,
+        f16: bool,
+    ) -> Result<&mut [KvBuffer]> {
         if self.cpu.is_empty() {
             if self.layers.iter().any(Option::is_some) {
                 candle_core::bail!("this KV cache already holds tensors");
             }
-            self.cpu = vec![KvBuffer::new(rows, heads, dim); self.layers.len()];
+            let b = if f16 {
+                KvBuffer::new_f16(rows, heads, dim)
+            } else {
+                KvBuffer::new(rows, heads, dim)
+            };
+            self.cpu = vec![b; self.layers.len()];
         }
         Ok(&mut self.cpu)
     }
@@ -711,7 +723,7 @@ mod tests {
         };
         let mut c = KvCache::new(1);
         if cpu {
-            let b = &mut c.buffers(rows, 2, 3).unwrap()[0];
+            let b = &mut c.buffers(rows, 2, 3, false).unwrap()[0];
             b.reserve(len);
             for (r, h, p) in
                 (0..rows).flat_map(|r| (0..2).flat_map(move |h| (0..len).map(move |p| (r, h, p))))

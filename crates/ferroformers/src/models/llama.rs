@@ -17,7 +17,7 @@ use super::causal_lm::{last_position, screen_logits, CausalLm, KvCache, Proj, Rm
 use super::layers::sdpa;
 use super::layers::Linear;
 use crate::kernels::cpu::attention::{attend_causal, rms_norm, rms_norm_rows};
-use crate::kernels::cpu::quantized::QuantLinear;
+use crate::kernels::cpu::quantized::{QuantLinear, QuantMath};
 use crate::kernels::cpu::rowops::{activate, mul_in_place, silu_mul, Activation};
 
 fn default_theta() -> f64 {
@@ -448,6 +448,10 @@ pub struct Llama {
     window: Option<usize>,
     embed_scale: Option<f32>,
     softcap: Option<f32>,
+    /// The CPU path keeps keys and values in f16, as llama.cpp does: GGUF weights in the int8
+    /// mode, whose numbers follow llama.cpp's rather than transformers' (f32 with
+    /// `FERROFORMERS_KV_F32=1`).
+    kv_f16: bool,
 }
 
 fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
@@ -531,6 +535,11 @@ impl Llama {
     ) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
         let sliding = cfg.sliding_layers();
+        let kv_f16 = device.is_cpu()
+            && p.layers.first().is_some_and(
+                |l| matches!(&l.q_proj, Proj::Blocks(q, _) if q.math() == QuantMath::Int8),
+            )
+            && !crate::kernels::cpu::switch_on("FERROFORMERS_KV_F32");
         let pair = |p: Option<(Tensor, Tensor)>| {
             p.map(|(a, b)| (RmsNorm::new(a, eps), RmsNorm::new(b, eps)))
         };
@@ -609,6 +618,7 @@ impl Llama {
             max_positions: cfg.max_position_embeddings,
             device: device.clone(),
             dtype,
+            kv_f16,
         })
     }
 }
@@ -682,7 +692,7 @@ impl Llama {
         if let Some(sc) = self.embed_scale {
             x.iter_mut().for_each(|v| *v *= sc);
         }
-        let bufs = cache.buffers(b, nkv, hd)?;
+        let bufs = cache.buffers(b, nkv, hd, self.kv_f16)?;
         if bufs
             .first()
             .is_some_and(|kv| kv.len() != past || kv.rows() != b)
@@ -1039,6 +1049,65 @@ mod tests {
             }
             assert_eq!(ca.seq_len(), 26);
             assert_eq!(cb.seq_len(), 26);
+        }
+    }
+
+    /// With an f16 KV cache (the int8 GGUF mode's) the logits stay within f16 rounding of the
+    /// f32 cache's, through a prompt and batched steps.
+    #[test]
+    fn f16_kv_cache_rounds_only_keys_and_values() {
+        let dev = Device::Cpu;
+        for name in ["llama", "gemma3"] {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/decoders/models")
+                .join(name);
+            let cfg: LlamaConfig = crate::config::ModelConfig::from_dir(&dir)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let load = |f16: bool| {
+                let vb = crate::weights::Weights::from_dir(&dir)
+                    .unwrap()
+                    .into_var_builder(DType::F32, &dev);
+                let mut m = Llama::load(&cfg, vb).unwrap();
+                assert!(!m.kv_f16, "safetensors weights keep an f32 cache");
+                m.kv_f16 = f16;
+                m
+            };
+            let (full, half) = (load(false), load(true));
+            let v = cfg.vocab_size as u32;
+            let mut mask = vec![vec![1u8; 6], vec![0, 0, 1, 1, 1, 1]];
+            let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % v).collect();
+            let ids = Tensor::from_vec(ids, (2, 6), &dev).unwrap();
+            let pos: Vec<u32> = [0, 1, 2, 3, 4, 5, 1, 1, 0, 1, 2, 3].to_vec();
+            let pos = Tensor::from_vec(pos, (2, 6), &dev).unwrap();
+            let bias = causal_bias(&mask, 6, &dev).unwrap();
+            let (mut ca, mut cb) = (
+                KvCache::new(full.num_layers()),
+                KvCache::new(half.num_layers()),
+            );
+            let mut logits = |ids: &Tensor, pos: &Tensor, bias: &Tensor, last: bool| {
+                let a = full.forward_cpu(ids, pos, bias, &mut ca, last).unwrap();
+                let b = half.forward_cpu(ids, pos, bias, &mut cb, last).unwrap();
+                crate::models::max_abs_diff(&a, &b)
+            };
+            let mut diffs = vec![logits(&ids, &pos, &bias, true)];
+            for step in 0..6u32 {
+                let mut pos = Vec::new();
+                for m in mask.iter_mut() {
+                    m.push(1);
+                    pos.push(m.iter().map(|&x| x as u32).sum::<u32>() - 1);
+                }
+                let ids = Tensor::from_vec(vec![step % v, (step * 7 + 3) % v], (2, 1), &dev);
+                let pos = Tensor::from_vec(pos, (2, 1), &dev).unwrap();
+                let bias = causal_bias(&mask, 1, &dev).unwrap();
+                diffs.push(logits(&ids.unwrap(), &pos, &bias, true));
+            }
+            assert!(
+                diffs.iter().all(|&d| d > 0.0 && d < 2e-2),
+                "{name}: logits apart by {diffs:?}"
+            );
+            assert_eq!(ca.seq_len(), cb.seq_len());
         }
     }
 

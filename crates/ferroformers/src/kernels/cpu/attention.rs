@@ -13,16 +13,23 @@ use super::threads::{in_worker, par_tasks, SendPtr};
 /// vectors (a continuous batch's new rows copy only themselves, a leaving row nothing), and a
 /// row grows by its vectors' own doubling instead of re-laying out the whole buffer (one
 /// `[rows, heads, cap, dim]` buffer copied ~160 MB at a time for a 16-row SmolLM2 batch).
+///
+/// [`KvBuffer::new_f16`] keeps the keys and values rounded to f16 (as llama.cpp's KV cache
+/// does), two to each word of the same vectors: half the bytes to read per step, to copy when
+/// rows join and to keep as prefixes. Readers then take [`KvBuffer::get_f16`].
 #[derive(Debug, Clone)]
 pub struct KvBuffer {
     heads: usize,
     dim: usize,
     len: usize,
+    /// Values rounded to f16, two per f32 word (`dim` even).
+    f16: bool,
     /// `rows * heads` slots, row-major.
     slots: Vec<Slot>,
 }
 
-/// One row's and head's keys and values, each `[positions, dim]`; its vectors go back to
+/// One row's and head's keys and values, each `[positions, dim]` (in f16 mode `dim / 2` words
+/// per position, each word two f16 values); its vectors go back to
 /// [`SPARE`] when it is dropped.
 #[derive(Debug, Clone, Default)]
 struct Slot {
@@ -108,6 +115,21 @@ impl Slot {
     }
 }
 
+/// `src` widened to f32 into `out` (exact), 16 values per instruction with AVX-512 (`half`'s
+/// slice conversion goes through a function pointer per 8 values).
+fn widen_f16(src: &[half::f16], out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(src.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if softmax16_available() {
+        // SAFETY: the CPU has AVX-512F; `out` holds `src.len()` values.
+        unsafe { x86::widen_f16(src, out) };
+        return;
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(out);
+}
+
 /// The parts of a join that have rows, each `n` at most its buffer's length.
 fn used_parts<'a>(parts: &[(&'a KvBuffer, usize)]) -> Vec<(&'a KvBuffer, usize)> {
     parts
@@ -127,7 +149,7 @@ fn padded_rows<'a>(
     parts.iter().flat_map(move |&(b, n)| {
         b.slots
             .iter()
-            .map(move |s| Slot::padded(s, len - n, n, room.max(1), b.dim))
+            .map(move |s| Slot::padded(s, len - n, n, room.max(1), b.words()))
     })
 }
 
@@ -137,7 +159,30 @@ impl KvBuffer {
             heads,
             dim,
             len: 0,
+            f16: false,
             slots: vec![Slot::default(); rows * heads],
+        }
+    }
+
+    /// [`KvBuffer::new`] whose keys and values are kept rounded to f16 (f32 when `dim` is odd).
+    pub fn new_f16(rows: usize, heads: usize, dim: usize) -> Self {
+        Self {
+            f16: dim.is_multiple_of(2),
+            ..Self::new(rows, heads, dim)
+        }
+    }
+
+    /// Whether it keeps f16 values ([`KvBuffer::get_f16`]).
+    pub fn is_f16(&self) -> bool {
+        self.f16
+    }
+
+    /// f32 words per position of a slot.
+    fn words(&self) -> usize {
+        if self.f16 {
+            self.dim / 2
+        } else {
+            self.dim
         }
     }
 
@@ -166,10 +211,11 @@ impl KvBuffer {
     /// Room for `extra` more positions (each row's vectors grow by doubling, so a decoding
     /// step rarely copies anything).
     pub fn reserve(&mut self, extra: usize) {
-        let want = (self.len + extra) * self.dim;
+        let w = self.words();
+        let want = (self.len + extra) * w;
         for s in &mut self.slots {
             for x in [&mut s.k, &mut s.v] {
-                x.truncate(self.len * self.dim);
+                x.truncate(self.len * w);
                 if x.capacity() == 0 {
                     *x = take_spare(want);
                 }
@@ -180,24 +226,30 @@ impl KvBuffer {
 
     /// Store the key and value of `row`, `head` at position `pos` (positions before it that
     /// were never stored read as zeros).
+    /// In f16 mode the values are rounded to the nearest f16 (ties to even).
     pub fn put(&mut self, row: usize, head: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let d = self.dim;
+        let (d, w, f16) = (self.dim, self.words(), self.f16);
         let s = &mut self.slots[row * self.heads + head];
         for (x, new) in [(&mut s.k, k), (&mut s.v, v)] {
-            if x.len() < pos * d {
-                x.resize(pos * d, 0.0);
+            if x.len() < (pos + 1) * w {
+                x.resize((pos + 1) * w, 0.0);
             }
-            if x.len() == pos * d {
-                x.extend_from_slice(&new[..d]);
+            let at = &mut x[pos * w..(pos + 1) * w];
+            if f16 {
+                use half::slice::HalfFloatSliceExt;
+                // SAFETY: `w` f32 words are `2 * w = d` f16 values (alignment 4 >= 2).
+                let h =
+                    unsafe { std::slice::from_raw_parts_mut(at.as_mut_ptr() as *mut half::f16, d) };
+                h.convert_from_f32_slice(&new[..d]);
             } else {
-                x[pos * d..(pos + 1) * d].copy_from_slice(&new[..d]);
+                at.copy_from_slice(&new[..d]);
             }
         }
     }
 
     /// Positions `0..len` now hold data (any never stored read as zeros).
     pub fn set_len(&mut self, len: usize) {
-        let n = len * self.dim;
+        let n = len * self.words();
         for s in &mut self.slots {
             for x in [&mut s.k, &mut s.v] {
                 if x.len() < n {
@@ -208,11 +260,43 @@ impl KvBuffer {
         self.len = len;
     }
 
-    /// Keys and values of `row`, `head` at positions `0..n`.
+    /// Keys and values of `row`, `head` at positions `0..n` (f32 mode).
     pub fn get(&self, row: usize, head: usize, n: usize) -> (&[f32], &[f32]) {
+        assert!(!self.f16, "an f16 KV buffer is read with get_f16");
         let s = &self.slots[row * self.heads + head];
         let n = n * self.dim;
         (&s.k[..n], &s.v[..n])
+    }
+
+    /// Keys and values of `row`, `head` at positions `0..n` (f16 mode).
+    pub fn get_f16(&self, row: usize, head: usize, n: usize) -> (&[half::f16], &[half::f16]) {
+        assert!(self.f16, "an f32 KV buffer is read with get");
+        let s = &self.slots[row * self.heads + head];
+        let w = n * self.words();
+        let h = |x: &[f32]| {
+            let x = &x[..w];
+            // SAFETY: `w` f32 words hold `n * dim` f16 values (alignment 4 >= 2).
+            unsafe { std::slice::from_raw_parts(x.as_ptr() as *const half::f16, 2 * w) }
+        };
+        (h(&s.k), h(&s.v))
+    }
+
+    /// Keys and values of `row`, `head` at positions `0..n` as f32: borrowed in f32 mode,
+    /// widened into `scratch` in f16 mode.
+    pub fn get_f32<'a>(
+        &'a self,
+        row: usize,
+        head: usize,
+        n: usize,
+        scratch: &'a mut (Vec<f32>, Vec<f32>),
+    ) -> (&'a [f32], &'a [f32]) {
+        if !self.f16 {
+            return self.get(row, head, n);
+        }
+        let (k, v) = self.get_f16(row, head, n);
+        widen_f16(k, &mut scratch.0);
+        widen_f16(v, &mut scratch.1);
+        (&scratch.0[..], &scratch.1[..])
     }
 
     /// Keep rows: row `i` afterwards is row `rows[i]` before. Rows are moved, not copied; a
@@ -250,12 +334,17 @@ impl KvBuffer {
         let Some(&(first, _)) = parts.first() else {
             candle_core::bail!("no KV buffer rows to join");
         };
-        let (heads, d) = (first.heads, first.dim);
-        if let Some((b, _)) = parts.iter().find(|(b, _)| (b.heads, b.dim) != (heads, d)) {
+        let (heads, d, f16) = (first.heads, first.dim, first.f16);
+        if let Some((b, _)) = parts
+            .iter()
+            .find(|(b, _)| (b.heads, b.dim, b.f16) != (heads, d, f16))
+        {
             candle_core::bail!(
-                "KV buffers of {heads}x{d} and {}x{} (heads x dim) cannot be joined",
+                "KV buffers of {heads}x{d} and {}x{} (heads x dim, f16 {f16} and {}) cannot be \
+                 joined",
                 b.heads,
-                b.dim
+                b.dim,
+                b.f16
             );
         }
         let len = parts.iter().map(|&(_, n)| n).max().unwrap_or(0);
@@ -264,6 +353,7 @@ impl KvBuffer {
             heads,
             dim: d,
             len,
+            f16,
             slots,
         })
     }
@@ -275,11 +365,11 @@ impl KvBuffer {
     /// it was.
     pub fn append_rows(&mut self, parts: &[(&KvBuffer, usize)], extra: usize) -> bool {
         let parts = used_parts(parts);
-        let (heads, d, len) = (self.heads, self.dim, self.len);
+        let (heads, d, len, f16) = (self.heads, self.dim, self.len, self.f16);
         if self.rows() == 0
             || parts
                 .iter()
-                .any(|&(b, n)| (b.heads, b.dim) != (heads, d) || n > len)
+                .any(|&(b, n)| (b.heads, b.dim, b.f16) != (heads, d, f16) || n > len)
         {
             return false;
         }
@@ -290,7 +380,7 @@ impl KvBuffer {
     /// Row `r`'s `positions` (each `< len`, in the order given) as a buffer of its own (one
     /// row).
     pub fn extract_row(&self, r: usize, positions: &[usize]) -> KvBuffer {
-        let (d, heads) = (self.dim, self.heads);
+        let (d, heads) = (self.words(), self.heads);
         let len = positions.len();
         let mut slots = vec![Slot::default(); heads];
         if r < self.rows() {
@@ -307,8 +397,9 @@ impl KvBuffer {
         }
         let mut b = KvBuffer {
             heads,
-            dim: d,
+            dim: self.dim,
             len: 0,
+            f16: self.f16,
             slots,
         };
         b.set_len(len);
@@ -324,7 +415,7 @@ impl KvBuffer {
         if !positions.is_sorted_by(|a, b| a < b) {
             return self.extract_row(r, positions);
         }
-        let (d, heads, len) = (self.dim, self.heads, self.len);
+        let (d, heads, len) = (self.words(), self.heads, self.len);
         let mut slots = vec![Slot::default(); heads];
         if r < self.rows() {
             for (h, out) in slots.iter_mut().enumerate() {
@@ -354,8 +445,9 @@ impl KvBuffer {
         }
         let mut b = KvBuffer {
             heads,
-            dim: d,
+            dim: self.dim,
             len: 0,
+            f16: self.f16,
             slots,
         };
         b.set_len(positions.len());
@@ -373,7 +465,7 @@ impl KvBuffer {
         if n == 0 {
             return;
         }
-        let d = self.dim;
+        let d = self.words();
         for s in &mut self.slots {
             for x in [&mut s.k, &mut s.v] {
                 x.truncate(self.len * d);
@@ -749,16 +841,62 @@ mod x86 {
         e(e0, e1)
     }
 
-    /// [`super::attend_heads`] with AVX-512: `D` vectors of 16 per head (head size `16 * D`).
+    /// [`super::widen_f16`]'s AVX-512 copy.
+    ///
+    /// # Safety
+    /// AVX-512F; `out.len() == src.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_f16(src: &[half::f16], out: &mut [f32]) {
+        let n = src.len();
+        debug_assert_eq!(out.len(), n);
+        let (s, o) = (src.as_ptr() as *const u16, out.as_mut_ptr());
+        let mut i = 0;
+        unsafe {
+            while i + 16 <= n {
+                let h = _mm256_loadu_si256(s.add(i) as *const __m256i);
+                _mm512_storeu_ps(o.add(i), _mm512_cvtph_ps(h));
+                i += 16;
+            }
+        }
+        for (x, h) in out[i..].iter_mut().zip(&src[i..]) {
+            *x = h.to_f32();
+        }
+    }
+
+    /// Cached keys and values as f32 (`heads` reads f32 and f16 caches alike).
+    pub trait Wide: Copy {
+        /// # Safety
+        /// AVX-512F; 16 values readable at `p`.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Wide for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    }
+
+    impl Wide for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+    }
+
+    /// [`super::attend_heads`] with AVX-512: `D` vectors of 16 per head (head size `16 * D`),
+    /// keys and values f32 or f16 (widened as they are read: the same products).
     ///
     /// # Safety
     /// AVX-512F; `q` and `out` hold `g * 16 * D` values, `k` and `v` `keys * 16 * D`, `bias`
     /// `keys`, `scores` `g * keys`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn heads<const D: usize>(
+    pub unsafe fn heads<const D: usize, E: Wide>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         scale: f32,
         bias: &[f32],
         scores: &mut [f32],
@@ -776,20 +914,33 @@ mod x86 {
                     std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(h * hd + 16 * c)));
                 let dot = |j: usize| {
                     let kr = kp.add(j * hd);
-                    let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+                    let mut acc = _mm512_mul_ps(qv[0], E::load16(kr));
                     for (c, qc) in qv.iter().enumerate().skip(1) {
-                        acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kr.add(16 * c)), acc);
+                        acc = _mm512_fmadd_ps(*qc, E::load16(kr.add(16 * c)), acc);
                     }
                     acc
                 };
                 let row = scores.as_mut_ptr().add(h * keys);
+                // The first head's pass over the keys also asks for the values (read after the
+                // softmax; a row's values are too few lines for the hardware prefetcher).
+                let row_bytes = hd * std::mem::size_of::<E>();
+                let fetch = |j0: usize, j1: usize| {
+                    if h == 0 {
+                        let base = vp.add(j0 * hd) as *const i8;
+                        for off in (0..(j1 - j0) * row_bytes).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off));
+                        }
+                    }
+                };
                 let mut j = 0;
                 while j + 16 <= keys {
+                    fetch(j, j + 16);
                     let a: [__m512; 16] = std::array::from_fn(|l| dot(j + l));
                     let b = _mm512_loadu_ps(bias.as_ptr().add(j));
                     _mm512_storeu_ps(row.add(j), _mm512_fmadd_ps(hsum16(&a), sc, b));
                     j += 16;
                 }
+                fetch(j, keys);
                 for (j, b) in bias.iter().enumerate().skip(j) {
                     *row.add(j) = _mm512_reduce_add_ps(dot(j)) * scale + b;
                 }
@@ -802,7 +953,7 @@ mod x86 {
                 let mut o = [[_mm512_setzero_ps(); D]; 4];
                 for j in 0..keys {
                     let vr = vp.add(j * hd);
-                    let vv: [__m512; D] = std::array::from_fn(|c| _mm512_loadu_ps(vr.add(16 * c)));
+                    let vv: [__m512; D] = std::array::from_fn(|c| E::load16(vr.add(16 * c)));
                     for (hh, oh) in o.iter_mut().enumerate().take(hn) {
                         let p = _mm512_set1_ps(*scores.get_unchecked((h0 + hh) * keys + j));
                         for c in 0..D {
@@ -1317,23 +1468,10 @@ pub fn attend_heads(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let (g, keys) = (q.len() / hd, bias.len());
-    assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * keys);
-    assert!(k.len() >= keys * hd && v.len() >= keys * hd);
-    #[cfg(target_arch = "x86_64")]
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if softmax16_available() && !super::switch_once(&OFF, "FERROFORMERS_NO_GROUPED_ATTENTION") {
-        // SAFETY: the CPU has AVX-512F; sizes checked above.
-        unsafe {
-            match hd {
-                16 => return x86::heads::<1>(q, k, v, scale, bias, scores, out),
-                32 => return x86::heads::<2>(q, k, v, scale, bias, scores, out),
-                64 => return x86::heads::<4>(q, k, v, scale, bias, scores, out),
-                128 => return x86::heads::<8>(q, k, v, scale, bias, scores, out),
-                _ => {}
-            }
-        }
+    if grouped_heads(q, (k, v), hd, scale, bias, scores, out) {
+        return;
     }
+    let (g, keys) = (q.len() / hd, bias.len());
     for h in 0..g {
         attend_one(
             &q[h * hd..(h + 1) * hd],
@@ -1347,6 +1485,52 @@ pub fn attend_heads(
         );
     }
 }
+
+/// [`attend_heads`]'s AVX-512 kernel, over f32 or f16 keys and values; `false` (nothing
+/// done) where it does not apply (no AVX-512, a head size other than 16, 32, 64 or 128,
+/// `FERROFORMERS_NO_GROUPED_ATTENTION=1`).
+#[allow(unused_variables)]
+fn grouped_heads<E: WideKv>(
+    q: &[f32],
+    (k, v): (&[E], &[E]),
+    hd: usize,
+    scale: f32,
+    bias: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+) -> bool {
+    let (g, keys) = (q.len() / hd, bias.len());
+    assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * keys);
+    assert!(k.len() >= keys * hd && v.len() >= keys * hd);
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if softmax16_available() && !super::switch_once(&OFF, "FERROFORMERS_NO_GROUPED_ATTENTION") {
+            // SAFETY: the CPU has AVX-512F; sizes checked above.
+            unsafe {
+                match hd {
+                    16 => x86::heads::<1, E>(q, k, v, scale, bias, scores, out),
+                    32 => x86::heads::<2, E>(q, k, v, scale, bias, scores, out),
+                    64 => x86::heads::<4, E>(q, k, v, scale, bias, scores, out),
+                    128 => x86::heads::<8, E>(q, k, v, scale, bias, scores, out),
+                    _ => return false,
+                }
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// Key and value types of a KV cache ([`grouped_heads`] reads both).
+#[cfg(target_arch = "x86_64")]
+pub trait WideKv: x86::Wide {}
+#[cfg(target_arch = "x86_64")]
+impl<E: x86::Wide> WideKv for E {}
+#[cfg(not(target_arch = "x86_64"))]
+pub trait WideKv: Copy {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<E: Copy> WideKv for E {}
 
 /// Causal self-attention of `n` query rows over the keys cached in `kv` (decoder prompts and
 /// steps): row `t` of `qkv` (row stride `width`, the `nh` query heads of `hd` values first) is
@@ -1385,7 +1569,8 @@ pub fn attend_causal(
             let (i0, i1) = (blk * QB, ((blk + 1) * QB).min(s));
             let t0 = r * s + i0;
             let keys = past + i1;
-            let (ks, vs) = kv.get(r, head / group, keys);
+            let mut wide = (Vec::new(), Vec::new());
+            let (ks, vs) = kv.get_f32(r, head / group, keys, &mut wide);
             let mut scores = Vec::new();
             // SAFETY: query rows t0..t0 + (i1 - i0) of qkv (row stride width), the head's
             // keys and values (contiguous, hd each), and rows t0.. of ctx, columns head*hd..
@@ -1416,6 +1601,7 @@ pub fn attend_causal(
     let rows = |items: std::ops::Range<usize>| {
         let out = ctx_ptr;
         let mut scores = vec![0f32; group * total];
+        let mut wide = (Vec::new(), Vec::new());
         for t in items {
             let (r, i) = (t / s, t % s);
             // Keys after this query's position are masked: skip them.
@@ -1426,27 +1612,44 @@ pub fn attend_causal(
             if n == 1 {
                 // One row alone (single-stream decoding): one head at a time, whose f32 order
                 // the int8 mode's greedy agreement with llama.cpp was measured with.
-                for head in 0..nh {
-                    let (ks, vs) = kv.get(r, head / group, keys);
-                    attend_one(
-                        &qkv[t * width + head * hd..t * width + (head + 1) * hd],
-                        ks,
-                        vs,
-                        scale,
-                        brow,
-                        &[],
-                        &mut scores[..keys],
-                        &mut crow[head * hd..(head + 1) * hd],
-                    );
+                for kvh in 0..nh / group {
+                    let (ks, vs) = kv.get_f32(r, kvh, keys, &mut wide);
+                    for head in kvh * group..(kvh + 1) * group {
+                        attend_one(
+                            &qkv[t * width + head * hd..t * width + (head + 1) * hd],
+                            ks,
+                            vs,
+                            scale,
+                            brow,
+                            &[],
+                            &mut scores[..keys],
+                            &mut crow[head * hd..(head + 1) * hd],
+                        );
+                    }
                 }
                 continue;
             }
             // Batched steps: the query heads of one kv head together (grouped-query attention).
             for kvh in 0..nh / group {
                 let (h0, h1) = (kvh * group * hd, (kvh + 1) * group * hd);
+                let q = &qkv[t * width + h0..t * width + h1];
+                // f16 keys and values widened as the kernel reads them, else into f32 first.
+                if kv.is_f16()
+                    && grouped_heads(
+                        q,
+                        kv.get_f16(r, kvh, keys),
+                        hd,
+                        scale,
+                        brow,
+                        &mut scores,
+                        &mut crow[h0..h1],
+                    )
+                {
+                    continue;
+                }
                 attend_heads(
-                    &qkv[t * width + h0..t * width + h1],
-                    kv.get(r, kvh, keys),
+                    q,
+                    kv.get_f32(r, kvh, keys, &mut wide),
                     hd,
                     scale,
                     brow,
@@ -2181,6 +2384,167 @@ mod tests {
                     assert!((g - w).abs() < 1e-5, "s={s} row {i}: {got:?} vs {want:?}");
                 }
             }
+        }
+    }
+
+    /// `x` rounded to the nearest f16 and back.
+    fn rounded(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+    }
+
+    /// Buffers of `rows` rows, 2 heads of 4 values (f16's pairs), `positions` positions of
+    /// values no f16 holds exactly: one in f16 mode, one in f32 holding the same values
+    /// rounded.
+    fn twin_buffers(rows: usize, positions: usize, seed: u64) -> (KvBuffer, KvBuffer) {
+        let (mut half, mut full) = (KvBuffer::new_f16(rows, 2, 4), KvBuffer::new(rows, 2, 4));
+        let vals = crate::kernels::cpu::test_values(rows * 2 * positions * 8, seed, 3.0);
+        for pos in 0..positions {
+            half.reserve(1);
+            full.reserve(1);
+            for row in 0..rows {
+                for h in 0..2 {
+                    let at = ((pos * rows + row) * 2 + h) * 8;
+                    let (k, v) = (&vals[at..at + 4], &vals[at + 4..at + 8]);
+                    half.put(row, h, pos, k, v);
+                    full.put(row, h, pos, &rounded(k), &rounded(v));
+                }
+            }
+            half.set_len(pos + 1);
+            full.set_len(pos + 1);
+        }
+        (half, full)
+    }
+
+    /// Every row and head of an f16 buffer widened equals the f32 buffer's.
+    fn assert_twins(half: &KvBuffer, full: &KvBuffer, what: &str) {
+        assert!(half.is_f16() && !full.is_f16());
+        assert_eq!(
+            (half.rows(), half.len()),
+            (full.rows(), full.len()),
+            "{what}"
+        );
+        let mut wide = (Vec::new(), Vec::new());
+        for r in 0..half.rows() {
+            for h in 0..2 {
+                let got = half.get_f32(r, h, half.len(), &mut wide);
+                assert_eq!(got, full.get(r, h, full.len()), "{what}: row {r} head {h}");
+            }
+        }
+    }
+
+    /// An f16 buffer holds each value rounded to f16 (ties to even, as llama.cpp's KV cache)
+    /// at half the bytes, and every way rows join, leave, move and shrink keeps it equal to an
+    /// f32 buffer of the rounded values.
+    #[test]
+    fn f16_buffers_move_like_f32_ones_of_rounded_values() {
+        let (mut half, mut full) = twin_buffers(4, 9, 21);
+        assert_twins(&half, &full, "filled");
+        assert_ne!(
+            full.get(0, 0, 1).0,
+            &crate::kernels::cpu::test_values(4 * 2 * 9 * 8, 21, 3.0)[..4],
+            "the values are not f16 values already"
+        );
+        let words = |b: &KvBuffer| b.slots.iter().map(|s| s.k.len() + s.v.len()).sum::<usize>();
+        assert_eq!(2 * words(&half), words(&full), "half the bytes");
+        let (h2, f2) = twin_buffers(2, 6, 22);
+        let joined = (
+            KvBuffer::join(&[(&half, 9), (&h2, 5)], 3).unwrap(),
+            KvBuffer::join(&[(&full, 9), (&f2, 5)], 3).unwrap(),
+        );
+        assert_twins(&joined.0, &joined.1, "joined");
+        assert!(KvBuffer::join(&[(&half, 9), (&f2, 5)], 3).is_err());
+        assert!(
+            !half.clone().append_rows(&[(&f2, 5)], 3),
+            "modes do not mix"
+        );
+        assert!(half.append_rows(&[(&h2, 5)], 3));
+        assert!(full.append_rows(&[(&f2, 5)], 3));
+        assert_twins(&half, &full, "appended");
+        half.select_rows(&[5, 0, 2, 2]).unwrap();
+        full.select_rows(&[5, 0, 2, 2]).unwrap();
+        assert_twins(&half, &full, "selected");
+        let positions = [1usize, 2, 5, 8];
+        assert_twins(
+            &half.extract_row(1, &positions),
+            &full.extract_row(1, &positions),
+            "extracted",
+        );
+        assert_twins(
+            &half.take_row(2, &positions),
+            &full.take_row(2, &positions),
+            "taken",
+        );
+        // The taken row is empty; it leaves, as a finished row does.
+        half.select_rows(&[0, 1, 3]).unwrap();
+        full.select_rows(&[0, 1, 3]).unwrap();
+        half.drop_front(3);
+        full.drop_front(3);
+        assert_twins(&half, &full, "front dropped");
+        half.reserve(1);
+        full.reserve(1);
+        for r in 0..3 {
+            half.put(r, 1, 6, &[0.1, 0.2, 0.3, 1e-9], &[7.0, 1e5, -2.5, 0.333]);
+            full.put(
+                r,
+                1,
+                6,
+                &rounded(&[0.1, 0.2, 0.3, 1e-9]),
+                &rounded(&[7.0, 1e5, -2.5, 0.333]),
+            );
+        }
+        half.set_len(7);
+        full.set_len(7);
+        assert_twins(&half, &full, "grown");
+    }
+
+    /// Attention over an f16 buffer (prompt blocks, one row decoding, a batched step) gives
+    /// the bits attention over the same values rounded in an f32 buffer gives.
+    #[test]
+    fn f16_buffers_attend_like_f32_ones_of_rounded_values() {
+        let (b, nh, group, hd) = (3usize, 6usize, 3usize, 64usize);
+        let nkv = nh / group;
+        for (rows, past, s) in [(b, 7usize, 40usize), (1, 50, 1), (b, 50, 1)] {
+            let total = past + s;
+            let (mut half, mut full) = (
+                KvBuffer::new_f16(rows, nkv, hd),
+                KvBuffer::new(rows, nkv, hd),
+            );
+            half.reserve(total);
+            full.reserve(total);
+            let vals = crate::kernels::cpu::test_values(rows * nkv * total * 2 * hd, 17, 2.0);
+            for r in 0..rows {
+                for g in 0..nkv {
+                    for pos in 0..total {
+                        let at = ((r * nkv + g) * total + pos) * 2 * hd;
+                        let (k, v) = (&vals[at..at + hd], &vals[at + hd..at + 2 * hd]);
+                        half.put(r, g, pos, k, v);
+                        full.put(r, g, pos, &rounded(k), &rounded(v));
+                    }
+                }
+            }
+            half.set_len(total);
+            full.set_len(total);
+            let width = nh * hd + 2 * nkv * hd;
+            let n = rows * s;
+            let qkv = crate::kernels::cpu::test_values(n * width, 18, 2.0);
+            let bias = vec![0f32; n * total];
+            let run = |kv: &KvBuffer| {
+                attend_causal(
+                    &qkv,
+                    (width, n, s, past),
+                    (nh, group, hd),
+                    kv,
+                    (&bias, total),
+                    0.2,
+                )
+            };
+            let (got, want) = (run(&half), run(&full));
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows {rows} past {past} s {s}"
+            );
         }
     }
 
