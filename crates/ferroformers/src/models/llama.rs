@@ -961,6 +961,18 @@ mod tests {
     use super::*;
     use crate::models::causal_lm::causal_bias;
 
+    /// A tiny random decoder of `tests/fixtures/decoders/models`: its folder and config.
+    fn fixture(name: &str) -> (std::path::PathBuf, LlamaConfig) {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/decoders/models")
+            .join(name);
+        let cfg = crate::config::ModelConfig::from_dir(&dir)
+            .unwrap()
+            .parse()
+            .unwrap();
+        (dir, cfg)
+    }
+
     /// Both paths over a left-padded batch of two prompts (the padded positions' own outputs
     /// are left out), then decoding steps past the KV buffers' first capacity with the rows
     /// reordered and repeated (beams) in between.
@@ -968,13 +980,7 @@ mod tests {
     fn cpu_path_matches_candle_path() {
         let dev = Device::Cpu;
         for name in ["llama", "llama3-rope", "qwen2", "gemma3"] {
-            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/decoders/models")
-                .join(name);
-            let cfg: LlamaConfig = crate::config::ModelConfig::from_dir(&dir)
-                .unwrap()
-                .parse()
-                .unwrap();
+            let (dir, cfg) = fixture(name);
             let vb = crate::weights::Weights::from_dir(&dir)
                 .unwrap()
                 .into_var_builder(DType::F32, &dev);
@@ -1058,13 +1064,7 @@ mod tests {
     fn f16_kv_cache_rounds_only_keys_and_values() {
         let dev = Device::Cpu;
         for name in ["llama", "gemma3"] {
-            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/decoders/models")
-                .join(name);
-            let cfg: LlamaConfig = crate::config::ModelConfig::from_dir(&dir)
-                .unwrap()
-                .parse()
-                .unwrap();
+            let (dir, cfg) = fixture(name);
             let load = |f16: bool| {
                 let vb = crate::weights::Weights::from_dir(&dir)
                     .unwrap()
