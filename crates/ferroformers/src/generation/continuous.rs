@@ -9,7 +9,8 @@
 //! next token to the [`Batcher`] and waits. When every sequence in the batch has handed in its
 //! token, the thread that handed in the last one runs the step for all of them:
 //! 1. rows whose request has gone (finished, failed, or its client left) are dropped, and with
-//!    them their KV cache; padding that no remaining row needs is cut off the front;
+//!    them their KV cache; padding that no remaining row needs is cut off the front once it
+//!    is a quarter of the cache;
 //! 2. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
 //!    sequence counts its prompt plus the most tokens it may generate) allows, and when
 //!    [`Admission`] (TGI's `--waiting-served-ratio` / `--max-waiting-tokens`) lets them;
@@ -421,7 +422,12 @@ impl Batcher {
             .map(|m| m.iter().take_while(|&&x| x == 0).count())
             .min()
             .unwrap_or(0);
-        if lead > 0 && fail.is_none() {
+        // Cutting the front moves every row's keys and values: only once the padding is a
+        // good part of the cache. (A wave of equal chats ends with its first request one
+        // token ahead of the rest; cutting that one position off 15 SmolLM2 rows held the
+        // batch up for ~4.7 ms.)
+        let len = mask.first().map_or(0, Vec::len);
+        if lead > 0 && lead * DROP_FRONT_SHARE >= len && fail.is_none() {
             if let Some(c) = cache.as_mut() {
                 match c.drop_front(lead) {
                     Ok(()) => mask.iter_mut().for_each(|m| {
@@ -730,6 +736,10 @@ impl Batcher {
         g
     }
 }
+
+/// Padding no row needs is cut off the cache's front once it is at least `1 /
+/// DROP_FRONT_SHARE` of its positions.
+const DROP_FRONT_SHARE: usize = 4;
 
 /// Most positions reserved ahead for a row joining the batch (see `room` in `step`).
 const MAX_ROOM: usize = 512;

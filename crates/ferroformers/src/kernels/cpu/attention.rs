@@ -1609,9 +1609,11 @@ pub fn attend_causal(
             let brow = &bias[t * total..t * total + keys];
             // SAFETY: row t of ctx belongs to this item only.
             let crow = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * q_w), q_w) };
-            if n == 1 {
+            if n == 1 && !kv.is_f16() {
                 // One row alone (single-stream decoding): one head at a time, whose f32 order
-                // the int8 mode's greedy agreement with llama.cpp was measured with.
+                // the int8 mode's greedy agreement with llama.cpp was measured with (an f16
+                // cache, the int8 mode's now, goes through the grouped kernel below, which
+                // reads f16 without widening it first).
                 for kvh in 0..nh / group {
                     let (ks, vs) = kv.get_f32(r, kvh, keys, &mut wide);
                     for head in kvh * group..(kvh + 1) * group {
@@ -2497,8 +2499,8 @@ mod tests {
         assert_twins(&half, &full, "grown");
     }
 
-    /// Attention over an f16 buffer (prompt blocks, one row decoding, a batched step) gives
-    /// the bits attention over the same values rounded in an f32 buffer gives.
+    /// Attention over an f16 buffer (prompt blocks, a batched step) gives the bits attention
+    /// over the same values rounded in an f32 buffer gives; one row decoding, within 1e-5.
     #[test]
     fn f16_buffers_attend_like_f32_ones_of_rounded_values() {
         let (b, nh, group, hd) = (3usize, 6usize, 3usize, 64usize);
@@ -2539,10 +2541,13 @@ mod tests {
                 )
             };
             let (got, want) = (run(&half), run(&full));
+            // One row alone over f32 runs one head at a time, over f16 the grouped kernel:
+            // the same sums in another order.
+            let tol = if n == 1 { 1e-5 } else { 0.0 };
             assert!(
                 got.iter()
                     .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    .all(|(a, b)| (a - b).abs() <= tol * (1.0 + b.abs())),
                 "rows {rows} past {past} s {s}"
             );
         }
