@@ -150,6 +150,7 @@ fn seconds_or_zero(v: &str) -> Result<f64, String> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), String> {
+    crate::keep_freed_memory();
     if let Some(n) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }

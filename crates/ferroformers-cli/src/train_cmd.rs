@@ -230,19 +230,6 @@ impl TrainArgs {
     }
 }
 
-/// mimalloc's `purge_delay` option (15 in its `mi_option_e`): -1 keeps freed pages instead of
-/// returning them to the kernel. Every training step allocates and frees each gradient and
-/// activation again; purged pages come back through page faults (~12% of a MiniLM step:
-/// 35.4-35.9 against 39.6-40.5 samples/s with `MIMALLOC_PURGE_DELAY=-1`, same run). An explicit
-/// `MIMALLOC_PURGE_DELAY` in the environment wins.
-fn keep_freed_memory() {
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: setting an option is thread-safe in mimalloc; 15 is purge_delay.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    }
-}
-
 /// candle's own worker threads (its barrier pool, for elementwise ops) spin after each op
 /// while rayon's threads run the products and attention: three busy threads on two cores
 /// (measured: 56-59 samples/s, 61-62 with `CANDLE_NUM_THREADS=1`, MiniLM token
@@ -270,7 +257,7 @@ pub fn train(a: TrainArgs) -> Result<(), String> {
     }
     let ta = a.training_arguments();
     let (model, output, resume) = (&a.model, &a.output, a.resume_from_checkpoint.clone());
-    keep_freed_memory();
+    crate::keep_freed_memory();
     one_candle_thread();
     let mut trainer = Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta)
         .map_err(|e| e.to_string())?;
