@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-# --distinct: every request its own chat (the Rust client puts the request's number for {i}),
-# so prompts share only their start and each runs its own rest; with `min_tokens` every answer
-# is --tokens long (llama-cpp-python ignores it and may stop earlier).
-DISTINCT = [{"role": "user", "content": "Write a short story about a lighthouse keeper called Keeper {i}."}]
+# --distinct: every request its own chat (the Rust client puts the request's number for {i};
+# {run} names the run, so no run repeats an earlier run's chats, which a server's prefix cache
+# would then answer from its kept keys and values), so prompts share only their start and each
+# runs its own rest; with `min_tokens` every answer is --tokens long (llama-cpp-python ignores
+# it and may stop earlier).
+DISTINCT = [{"role": "user", "content": "Write a short story about a lighthouse keeper called Keeper {run}-{i}."}]
 
 
 def gguf_path():
@@ -102,11 +104,12 @@ def summary(ttfts, toks, wall):
             "tokens": toks}
 
 
-def run_load_rust(client, url, model, conc, n, tokens, distinct=False):
+def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0"):
     """The same load from `examples/sse_load.rs` (blocking client threads, asleep on their sockets
     between events): the Python client needed ~3 ms of CPU per request start on these 2 cores,
     so a wave of 16 reached a server spread over ~40 ms, which its time to first token counted."""
-    body = {"model": model, "messages": DISTINCT if distinct else MESSAGES, "max_tokens": tokens,
+    messages = [dict(m, content=m["content"].replace("{run}", run)) for m in DISTINCT]
+    body = {"model": model, "messages": messages if distinct else MESSAGES, "max_tokens": tokens,
             "temperature": 0, "stream_options": {"include_usage": True}}
     if distinct:
         body["min_tokens"] = tokens
@@ -158,9 +161,9 @@ def main():
         sys.exit(f"{client} is missing: cargo build --release -p ferroformers-server --example "
                  "sse_load (or --client python)")
 
-    def load(url, model, c, n, tokens):
+    def load(url, model, c, n, tokens, run="warmup"):
         if a.client == "rust":
-            return run_load_rust(str(client), url, model, c, n, tokens, a.distinct)
+            return run_load_rust(str(client), url, model, c, n, tokens, a.distinct, run)
         return asyncio.run(run_load(url, model, c, n, tokens))
     gguf = gguf_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
@@ -201,7 +204,8 @@ def main():
             for c in conc:
                 for name in order:
                     base, _, model, _ = servers[name]
-                    r = load(base + "/v1/chat/completions", model, c, a.requests, a.tokens)
+                    r = load(base + "/v1/chat/completions", model, c, a.requests, a.tokens,
+                             f"{rep}.{c}")
                     res.setdefault((name, c), []).append(r)
                     print(f"rep {rep} c={c} {name}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms "
                           f"p99 {r['ttft_p99_ms']:.0f} ms, {r['tokens']} tokens", file=sys.stderr)
