@@ -1524,11 +1524,11 @@ fn grouped_heads<E: WideKv>(
 
 /// Key and value types of a KV cache ([`grouped_heads`] reads both).
 #[cfg(target_arch = "x86_64")]
-pub trait WideKv: x86::Wide {}
+trait WideKv: x86::Wide {}
 #[cfg(target_arch = "x86_64")]
 impl<E: x86::Wide> WideKv for E {}
 #[cfg(not(target_arch = "x86_64"))]
-pub trait WideKv: Copy {}
+trait WideKv: Copy {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<E: Copy> WideKv for E {}
 
@@ -1614,20 +1614,18 @@ pub fn attend_causal(
                 // the int8 mode's greedy agreement with llama.cpp was measured with (an f16
                 // cache, the int8 mode's now, goes through the grouped kernel below, which
                 // reads f16 without widening it first).
-                for kvh in 0..nh / group {
-                    let (ks, vs) = kv.get_f32(r, kvh, keys, &mut wide);
-                    for head in kvh * group..(kvh + 1) * group {
-                        attend_one(
-                            &qkv[t * width + head * hd..t * width + (head + 1) * hd],
-                            ks,
-                            vs,
-                            scale,
-                            brow,
-                            &[],
-                            &mut scores[..keys],
-                            &mut crow[head * hd..(head + 1) * hd],
-                        );
-                    }
+                for head in 0..nh {
+                    let (ks, vs) = kv.get(r, head / group, keys);
+                    attend_one(
+                        &qkv[t * width + head * hd..t * width + (head + 1) * hd],
+                        ks,
+                        vs,
+                        scale,
+                        brow,
+                        &[],
+                        &mut scores[..keys],
+                        &mut crow[head * hd..(head + 1) * hd],
+                    );
                 }
                 continue;
             }
