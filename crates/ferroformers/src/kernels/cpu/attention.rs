@@ -63,39 +63,48 @@ fn spare() -> std::sync::MutexGuard<'static, Spare> {
     SPARE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An empty vector with room for at least `n` values: the smallest kept one that fits, else
-/// a new one.
-fn take_spare(n: usize) -> Vec<f32> {
-    let mut s = spare();
-    let found = s
-        .by_capacity
-        .range_mut(n..)
-        .next()
-        .and_then(|(&c, vs)| Some((c, vs.pop()?)));
-    match found {
-        Some((c, mut v)) => {
-            if s.by_capacity.get(&c).is_some_and(Vec::is_empty) {
-                s.by_capacity.remove(&c);
+impl Spare {
+    /// An empty vector with room for at least `n` values: the smallest kept one that fits,
+    /// else a new one.
+    fn take(&mut self, n: usize) -> Vec<f32> {
+        let found = self
+            .by_capacity
+            .range_mut(n..)
+            .next()
+            .and_then(|(&c, vs)| Some((c, vs.pop()?)));
+        match found {
+            Some((c, mut v)) => {
+                if self.by_capacity.get(&c).is_some_and(Vec::is_empty) {
+                    self.by_capacity.remove(&c);
+                }
+                self.bytes -= c * std::mem::size_of::<f32>();
+                v.clear();
+                v
             }
-            s.bytes -= c * std::mem::size_of::<f32>();
-            v.clear();
-            v
+            None => Vec::with_capacity(n),
         }
-        None => Vec::with_capacity(n),
+    }
+
+    /// Keep `v` for [`Spare::take`] while `limit` bytes allow.
+    fn give(&mut self, v: Vec<f32>, limit: usize) {
+        let c = v.capacity();
+        let bytes = c * std::mem::size_of::<f32>();
+        if c > 0 && self.bytes + bytes <= limit {
+            self.bytes += bytes;
+            self.by_capacity.entry(c).or_default().push(v);
+        }
     }
 }
 
-/// Keep `v` for [`take_spare`] while [`SPARE_BYTES`] allow.
+/// [`Spare::take`] from the shared pool.
+fn take_spare(n: usize) -> Vec<f32> {
+    spare().take(n)
+}
+
+/// [`Spare::give`] to the shared pool, up to [`SPARE_BYTES`].
 fn give_spare(v: Vec<f32>) {
-    let c = v.capacity();
-    let bytes = c * std::mem::size_of::<f32>();
-    if c == 0 {
-        return;
-    }
-    let mut s = spare();
-    if s.bytes + bytes <= SPARE_BYTES {
-        s.bytes += bytes;
-        s.by_capacity.entry(c).or_default().push(v);
+    if v.capacity() > 0 {
+        spare().give(v, SPARE_BYTES);
     }
 }
 
@@ -2101,30 +2110,40 @@ mod tests {
         assert_eq!(got.rows(), 6);
     }
 
-    /// A dropped buffer's vectors are handed to the next one that needs room (their pages are
-    /// not faulted in again).
+    /// A freed vector is handed to the next one that needs room (its pages are not faulted
+    /// in again): the smallest kept one that fits, none past the byte limit. A pool of its
+    /// own: the shared one also serves the tests running beside this one, which may take the
+    /// vector first or have filled the pool (this test, on the shared pool through
+    /// `KvBuffer`, failed about one run in five that way), so that `KvBuffer` takes from and
+    /// gives to the shared pool is no longer asserted here.
     #[test]
     fn freed_vectors_are_taken_again() {
-        // A capacity no other test uses, so that the shared pool's answer is this one's.
-        let n = 1_234_567;
-        let mut a = KvBuffer::new(1, 1, 1);
-        a.reserve(n);
-        a.put(0, 0, 0, &[1.0], &[2.0]);
-        let (k, v) = (a.slots[0].k.as_ptr(), a.slots[0].v.as_ptr());
-        drop(a);
-        // Without the pool the allocator would hand the freed blocks to these.
-        let others = [vec![0f32; n], vec![0f32; n]];
-        let mut b = KvBuffer::new(1, 1, 1);
-        b.reserve(n - 5);
-        let got = [b.slots[0].k.as_ptr(), b.slots[0].v.as_ptr()];
-        assert!(
-            got.contains(&k) && got.contains(&v),
-            "the freed vectors are reused"
+        let mut pool = Spare {
+            by_capacity: Default::default(),
+            bytes: 0,
+        };
+        let (big, small) = (
+            Vec::<f32>::with_capacity(1000),
+            Vec::<f32>::with_capacity(100),
         );
-        assert!(others.iter().all(|o| !got.contains(&o.as_ptr())));
-        b.put(0, 0, 0, &[3.0], &[4.0]);
-        b.set_len(1);
-        assert_eq!(b.get(0, 0, 1), (&[3.0][..], &[4.0][..]));
+        let (pb, ps) = (big.as_ptr(), small.as_ptr());
+        pool.give(big, 8000);
+        pool.give(small, 8000);
+        assert_eq!(pool.bytes, 4400);
+        let mut over = Vec::<f32>::with_capacity(1000);
+        over.push(1.0);
+        pool.give(over, 8000);
+        assert_eq!(pool.bytes, 4400, "past the limit: not kept");
+        let a = pool.take(90);
+        assert_eq!((a.as_ptr(), a.len()), (ps, 0), "the smallest that fits");
+        let b = pool.take(500);
+        assert_eq!(b.as_ptr(), pb);
+        assert_eq!(pool.bytes, 0);
+        let c = pool.take(50);
+        assert!(
+            c.capacity() >= 50 && ![pb, ps].contains(&c.as_ptr()),
+            "a new one"
+        );
     }
 
     /// Rows that join, leave or stay are moved, never copied: a kept row's keys and values
