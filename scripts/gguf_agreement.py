@@ -11,6 +11,15 @@ N prompts (default 16): the first N-4 lines of scripts/corpus.txt longer than 20
 temperature 0, top_k 1, 2 threads; ours: the CLI, do_sample=false, return_full_text=false).
 Both texts are tokenized with llama.cpp's tokenizer and compared token by token: the report
 gives how many continuations are identical and, per prompt, how many leading tokens match.
+
+The reference is llama-cpp-python's default run (flash attention off). The same comparison
+between llama.cpp and itself gives the figure's floor (leave it out with --no-baseline):
+llama.cpp with flash attention on (`-fa`: what llama.cpp's own CLI and server run by default,
+their `auto` choosing it on CPUs) and with the prompt decoded one token at a time
+(`n_batch=1`) part from the reference run as early as another engine does; ours is compared
+with the `-fa` run too. An 8-bit activation that sits within an ulp of a rounding tie goes either way
+with the f32 summation order of the products before it, and a small model's greedy
+continuation then follows a different token at the next near-tie.
 """
 import glob
 import json
@@ -30,10 +39,34 @@ HUB = {
 BIN = os.environ.get("FERROFORMERS_BIN") or str(ROOT / "target/release/ferroformers")
 
 
+def agreement(outs, ref):
+    """Identical continuations (first 32 tokens) and matching leading tokens per prompt."""
+    same, lead = 0, []
+    for t, rt in zip(outs, ref):
+        k = 0
+        while k < min(len(t), len(rt)) and t[k] == rt[k]:
+            k += 1
+        lead.append(k)
+        same += t[:32] == rt[:32]
+    return same, lead
+
+
+def continue_all(model_path, prompts, **kw):
+    """llama.cpp's greedy 32-token continuation of each prompt, as token ids."""
+    llm = Llama(model_path=model_path, n_threads=2, n_ctx=1024, verbose=False, **kw)
+    out = []
+    for p in prompts:
+        text = llm(p, max_tokens=32, temperature=0.0, top_k=1)["choices"][0]["text"]
+        out.append(llm.tokenize(text.encode(), add_bos=False, special=True))
+    return llm, out
+
+
 def main():
-    model = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    modes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["int8", "exact"]
+    args = [a for a in sys.argv[1:] if a != "--no-baseline"]
+    baseline = len(args) == len(sys.argv) - 1
+    model = args[0] if len(args) > 0 else "smollm2"
+    n = int(args[1]) if len(args) > 1 else 16
+    modes = args[2].split(",") if len(args) > 2 else ["int8", "exact"]
     hub = HUB[model]
     cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
     files = glob.glob(str(cache / f"models--{hub.replace('/', '--')}" / "snapshots" / "*" / "*.gguf"))
@@ -46,11 +79,19 @@ def main():
         "Once upon a time, there was",
         "The best way to learn programming is",
     ]
-    llm = Llama(model_path=files[0], n_threads=2, n_ctx=1024, verbose=False)
-    ref = []
-    for p in prompts:
-        out = llm(p, max_tokens=32, temperature=0.0, top_k=1)
-        ref.append(llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True))
+    llm, ref = continue_all(files[0], prompts)
+    # llama.cpp's own default (its CLI and server: flash attention "auto", on for CPUs), and the
+    # prompt decoded one token at a time: the floor of the figure (see above).
+    others = []
+    if baseline:
+        others = [("llama.cpp -fa", continue_all(files[0], prompts, flash_attn=True)[1]),
+                  ("llama.cpp n_batch=1", continue_all(files[0], prompts, n_batch=1, n_ubatch=1)[1])]
+
+    def report(what, toks, against, name):
+        same, lead = agreement(toks, against)
+        print(f"{model} {what} vs {name}: {same}/{len(prompts)} identical 32-token continuations; "
+              f"matching leading tokens per prompt: {lead} ({sum(lead)} of {32 * len(prompts)})")
+
     lines = "\n".join(json.dumps(p) for p in prompts)
     for mode in modes:
         r = subprocess.run(
@@ -59,17 +100,12 @@ def main():
              "--param", "return_full_text=false", "--input", "-"],
             input=lines, capture_output=True, text=True, check=True)
         outs = [json.loads(l)[0]["generated_text"] for l in r.stdout.strip().split("\n")]
-        same, lead = 0, []
-        for o, rt in zip(outs, ref):
-            t = llm.tokenize(o.encode(), add_bos=False, special=True)
-            k = 0
-            while k < min(len(t), len(rt)) and t[k] == rt[k]:
-                k += 1
-            lead.append(k)
-            same += t[:32] == rt[:32]
-        print(f"{model} {mode}: {same}/{len(prompts)} identical 32-token continuations; "
-              f"matching leading tokens per prompt: {lead}")
-
+        toks = [llm.tokenize(o.encode(), add_bos=False, special=True) for o in outs]
+        report(f"ours {mode}", toks, ref, "llama.cpp")
+        for name, o in others[:1]:
+            report(f"ours {mode}", toks, o, name)
+    for name, o in others:
+        report(name, o, ref, "llama.cpp")
 
 if __name__ == "__main__":
     main()
