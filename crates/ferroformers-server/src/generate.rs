@@ -23,6 +23,22 @@ pub(crate) struct TokenLog {
     pub top: Vec<ferroformers::pipelines::text_generation::TopToken>,
 }
 
+/// Every check a streamed generation makes before its first token (parameters, the prompt,
+/// its length against the context window), on a blocking thread: a bad request gets its error
+/// status before any event is sent, as the same request without `stream` does.
+pub(crate) async fn check_stream(
+    state: &Arc<AppState>,
+    index: usize,
+    input: &Input,
+    params: &Params,
+) -> Result<(), ApiError> {
+    let (st, input, params) = (state.clone(), input.clone(), params.clone());
+    tokio::task::spawn_blocking(move || st.models[index].pipe.check_streaming(&input, &params))
+        .await
+        .map_err(ApiError::backend)?
+        .map_err(ApiError::from)
+}
+
 /// Generate on a blocking thread (stopped early if the handler is dropped): the output, its
 /// token counts, and each token with its log-probability (OpenAI's `logprobs`, TGI's
 /// `details`) and its `top` most likely alternatives (`top_logprobs`, `top_n_tokens`).

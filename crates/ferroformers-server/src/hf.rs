@@ -22,7 +22,7 @@ pub(crate) async fn inference(
         let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
         let (input, params, opts) = tgi_request_with(&v, true, state.max_best_of, stream)?;
         if stream {
-            return Ok(tgi_stream(&state, index, input, params, opts));
+            return tgi_stream(&state, index, input, params, opts).await;
         }
         let whole = tgi_whole(&state, index, input, params, opts).await?;
         return Ok(axum::Json(json!([whole])).into_response());

@@ -362,6 +362,8 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     if o.max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
     }
+    // A prompt plus max_new_tokens past the context window is a 422, as TGI and vLLM answer.
+    pipe.refuse_past_context();
     let task = pipe.task().to_string();
     let speech = (task == ASR).then(|| Speech::of_dir(&dir));
     // For token counts (`usage`, segments' `tokens`): the model's own tokenizer, when it has
@@ -690,8 +692,24 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Validation", message)
     }
 
+    /// In OpenAI's shape, with the generation parameters a message names called as the
+    /// request called them (`max_tokens`, `stop`, `min_tokens`), and `param` set to it.
     fn openai(mut self) -> Self {
         self.openai = true;
+        for (ours, theirs) in [
+            ("max_new_tokens", "max_tokens"),
+            ("stop_strings", "stop"),
+            ("min_new_tokens", "min_tokens"),
+        ] {
+            if self.param.as_deref() == Some(ours) {
+                self.param = Some(theirs.into());
+                self.message = self
+                    .message
+                    .replace(&format!("`{ours}`"), &format!("`{theirs}`"))
+                    .replace(&format!("{ours} "), &format!("{theirs} "))
+                    .replace(&format!("({ours} "), &format!("({theirs} "));
+            }
+        }
         self
     }
 
@@ -718,7 +736,15 @@ impl From<ferroformers::Error> for ApiError {
             E::Audio { .. } => (StatusCode::BAD_REQUEST, "BadRequest"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "Backend"),
         };
-        ApiError::new(status, kind, e.to_string())
+        let param = match &e {
+            E::InvalidParameter { name, .. } | E::UnknownParameter { name, .. } => {
+                Some(name.clone())
+            }
+            _ => None,
+        };
+        let mut out = ApiError::new(status, kind, e.to_string());
+        out.param = param;
+        out
     }
 }
 

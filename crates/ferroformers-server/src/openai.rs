@@ -48,6 +48,13 @@ pub(crate) async fn openai_embeddings(
                 )))
             }
         };
+        // Counted before anything is tokenized: too many is a 413, as on TEI's routes.
+        if texts.is_empty() {
+            return Err(ApiError::validation("`input` cannot be empty"));
+        }
+        if texts.len() > state.max_client_batch_size {
+            return Err(too_many(texts.len(), state.max_client_batch_size));
+        }
         let tokens: usize = match &m.tokenizer {
             Some(t) => texts
                 .iter()
@@ -56,12 +63,6 @@ pub(crate) async fn openai_embeddings(
             None => 0,
         };
         let inputs: Vec<Input> = texts.into_iter().map(Input::from).collect();
-        if inputs.is_empty() || inputs.len() > state.max_client_batch_size {
-            return Err(ApiError::validation(format!(
-                "between 1 and {} inputs per request",
-                state.max_client_batch_size
-            )));
-        }
         // As TEI's OpenAI route: over-long inputs follow `--auto-truncate`.
         check_lengths(&state, m, &Value::Null, &inputs)?;
         let mut params = Params::new();
@@ -101,7 +102,8 @@ pub(crate) async fn openai_models(State(state): State<Arc<AppState>>) -> Respons
 }
 
 /// OpenAI's sampling fields as generation parameters: `max_tokens` (or
-/// `max_completion_tokens`; default 256) -> `max_new_tokens`, `temperature` (default 1; 0 means
+/// `max_completion_tokens`; default 256, or what the context window has left) ->
+/// `max_new_tokens`, `temperature` (default 1; 0 means
 /// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`,
 /// `frequency_penalty`, `presence_penalty` and `logit_bias` as vLLM applies them, and vLLM's
 /// extra fields `top_k` (-1 or 0: all), `min_p`, `repetition_penalty` and `min_tokens`.
@@ -118,15 +120,15 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
                 .ok_or_else(|| ApiError::validation(format!("`{k}` must be a number"))),
         }
     };
-    let max = num("max_completion_tokens")?
-        .or(num("max_tokens")?)
-        .unwrap_or(256.0);
-    if max < 1.0 || max.fract() != 0.0 {
-        return Err(ApiError::validation(
-            "`max_tokens` must be a whole number >= 1",
-        ));
+    // Absent: the pipeline's default (256), cut to what the context window has left.
+    if let Some(max) = num("max_completion_tokens")?.or(num("max_tokens")?) {
+        if max < 1.0 || max.fract() != 0.0 {
+            return Err(ApiError::validation(
+                "`max_tokens` must be a whole number >= 1",
+            ));
+        }
+        p.insert("max_new_tokens".into(), json!(max as u64));
     }
-    p.insert("max_new_tokens".into(), json!(max as u64));
     let temperature = num("temperature")?.unwrap_or(1.0);
     if temperature < 0.0 {
         return Err(ApiError::validation("`temperature` must be >= 0"));
@@ -484,6 +486,7 @@ pub(crate) async fn openai_generate(
     // carrying its `index`; the parameters were checked above, so errors from here on are
     // generation errors, sent as an event. The last choice to end sends the usage (asked for)
     // and `[DONE]`.
+    check_stream(&state, index, &input, &choice_params(&params, 0, n, base)).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Choices still running, and the usage summed so far (prompt, completion).
     let left = Arc::new(std::sync::Mutex::new((n, 0usize, 0usize)));

@@ -78,6 +78,37 @@ pub(crate) fn tgi_request_with(
     if let Some(f) = params.remove("frequency_penalty") {
         params.insert("tgi_frequency_penalty".into(), f);
     }
+    // TGI's ranges, checked whether or not the request samples (a greedy request ignoring a
+    // bad value would hide the client's mistake); `top_p` 1 is taken as "all" here.
+    for (k, ok, range) in [
+        (
+            "top_p",
+            (|x: f64| x > 0.0 && x <= 1.0) as fn(f64) -> bool,
+            "> 0 and <= 1",
+        ),
+        ("typical_p", |x: f64| x > 0.0 && x <= 1.0, "> 0 and <= 1"),
+        ("temperature", |x: f64| x > 0.0, "> 0"),
+        ("repetition_penalty", |x: f64| x > 0.0, "> 0"),
+    ] {
+        match params.get(k) {
+            None | Some(Value::Null) => {}
+            Some(x) if x.as_f64().is_some_and(ok) => {}
+            Some(x) => {
+                return Err(
+                    ApiError::validation(format!("`{k}` must be {range}, got {x}")).with_param(k),
+                )
+            }
+        }
+    }
+    if let Some(d) = params
+        .get("do_sample")
+        .filter(|d| !d.is_null() && !d.is_boolean())
+    {
+        return Err(
+            ApiError::validation(format!("`do_sample` must be true or false, got {d}"))
+                .with_param("do_sample"),
+        );
+    }
     let num = |k: &str| params.get(k).and_then(Value::as_f64);
     let warped = num("temperature").is_some_and(|t| t != 1.0)
         || num("top_k").is_some_and(|k| k != 0.0)
@@ -165,7 +196,7 @@ pub(crate) async fn tgi_generate_stream(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (index, input, params, details) = tgi_call(&state, &headers, body, true)?;
-    Ok(tgi_stream(&state, index, input, params, details))
+    tgi_stream(&state, index, input, params, details).await
 }
 
 /// A TGI route's request: the served generation model's index, the input, the parameters and
@@ -183,13 +214,14 @@ fn tgi_call(
 }
 
 /// The token events of one generation as TGI streams them.
-pub(crate) fn tgi_stream(
+pub(crate) async fn tgi_stream(
     state: &Arc<AppState>,
     index: usize,
     input: Input,
     params: Params,
     opts: TgiOpts,
-) -> Response {
+) -> Result<Response, ApiError> {
+    check_stream(state, index, &input, &params).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
     let st = state.clone();
@@ -262,7 +294,7 @@ pub(crate) fn tgi_stream(
             }
         }
     });
-    sse_response(rx)
+    Ok(sse_response(rx))
 }
 
 /// TGI `/generate`: `{inputs, parameters}` (transformers' generation parameters, TGI's `stop`

@@ -1028,6 +1028,117 @@ fn bad_requests_get_status_codes_and_json_errors() {
     );
 }
 
+/// Generation requests that cannot run get their error status before any event is sent,
+/// streamed or not: a prompt plus max_new_tokens past the context window (64 positions for the
+/// fixture) is a 422 naming the window (OpenAI's routes call the field `max_tokens` and name it
+/// in `param`), as are bad sampling values and max_new_tokens 0 on the stream routes; too many
+/// inputs on `/v1/embeddings` is a 413 as on TEI's routes.
+#[test]
+fn generation_limits_are_refused_before_any_event() {
+    let base = start();
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post_json(&format!("{base}/v1/chat/completions"), body)
+    };
+    for stream in [false, true] {
+        for (what, (status, body)) in [
+            (
+                "/generate",
+                post_json(
+                    &format!(
+                        "{base}/{}",
+                        if stream {
+                            "generate_stream"
+                        } else {
+                            "generate"
+                        }
+                    ),
+                    json!({"inputs": "Hello there", "parameters": {"max_new_tokens": 100}}),
+                ),
+            ),
+            (
+                "overflowing max_new_tokens",
+                post_json(
+                    &format!(
+                        "{base}/{}",
+                        if stream {
+                            "generate_stream"
+                        } else {
+                            "generate"
+                        }
+                    ),
+                    json!({"inputs": "Hello there",
+                           "parameters": {"max_new_tokens": u64::MAX}}),
+                ),
+            ),
+        ] {
+            assert_eq!(status, 422, "{what} stream={stream}: {body}");
+            let msg = body["error"].as_str().unwrap();
+            assert!(
+                msg.contains("max_new_tokens") && msg.contains("context window of 64 tokens"),
+                "{what}: {msg}"
+            );
+        }
+        let (status, body) = chat(json!({"max_tokens": 100, "stream": stream}));
+        assert_eq!(status, 422, "chat stream={stream}: {body}");
+        assert_eq!(body["error"]["param"], "max_tokens", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("`max_tokens`") && !msg.contains("max_new_tokens"),
+            "{msg}"
+        );
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let (status, body) = chat(
+            json!({"max_tokens": 3, "stream": stream, "temperature": 0.5,
+                                         "top_p": 2}),
+        );
+        assert_eq!(status, 422, "top_p 2, stream={stream}: {body}");
+        assert_eq!(body["error"]["param"], "top_p", "{body}");
+    }
+    for body in [
+        json!({"inputs": "hi", "parameters": {"max_new_tokens": 3, "top_p": 2}}),
+        json!({"inputs": "hi", "parameters": {"max_new_tokens": 0}}),
+        json!({"inputs": "hi", "parameters": {"max_new_tokens": 3, "do_sample": true,
+                                               "top_p": 0}}),
+    ] {
+        let (status, err) = post_json(&format!("{base}/generate_stream"), body.clone());
+        assert_eq!(status, 422, "{body}: {err}");
+        assert!(err["error"].is_string(), "{err}");
+    }
+    // Without max_tokens the default (256) is cut to what the window has left (TGI's and
+    // vLLM's default), not refused.
+    let (status, body) = post_json(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": "Once upon a time", "temperature": 0, "min_tokens": 64}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let u = &body["usage"];
+    assert_eq!(
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap(),
+        64,
+        "{body}"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    // Within the window, the stream runs as before.
+    let (status, _) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Hello there", "parameters": {"max_new_tokens": 5}}),
+    );
+    assert_eq!(status, 200);
+    let (status, body) = post_json(
+        &format!("{base}/v1/embeddings"),
+        json!({"input": ["a", "b", "c", "d", "e"]}),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("batch size 5"));
+}
+
 /// `/metrics` as text, and a reader of one series' value for the model whose id holds
 /// `model`.
 fn metrics_of(base: &str, model: &str) -> (String, impl Fn(&str) -> f64) {
@@ -1550,7 +1661,7 @@ fn concurrent_generations_share_the_continuous_batch() {
     assert_eq!(info["waiting_served_ratio"], 0.0, "{info}");
     assert_eq!(info["max_concurrent_requests"], 64, "{info}");
     let prompts: Vec<String> = (0..8)
-        .map(|i| format!("Request {i}: {}", "tell me more ".repeat(i)))
+        .map(|i| format!("Request {i}: {}", "more ".repeat(i)))
         .collect();
     let handles: Vec<_> = prompts
         .iter()
@@ -1560,7 +1671,7 @@ fn concurrent_generations_share_the_continuous_batch() {
             std::thread::spawn(move || {
                 post_json(
                     &url,
-                    json!({"inputs": t, "parameters": {"max_new_tokens": 10 + 3 * i,
+                    json!({"inputs": t, "parameters": {"max_new_tokens": 10 + 2 * i,
                            "do_sample": false}}),
                 )
             })
@@ -1570,7 +1681,7 @@ fn concurrent_generations_share_the_continuous_batch() {
     for (i, (t, (status, got))) in prompts.iter().zip(&answers).enumerate() {
         assert_eq!(*status, 200, "{got}");
         let mut p = Params::new();
-        p.insert("max_new_tokens".into(), json!(10 + 3 * i));
+        p.insert("max_new_tokens".into(), json!(10 + 2 * i));
         p.insert("do_sample".into(), json!(false));
         p.insert("return_full_text".into(), json!(false));
         let want = pipeline_json("text-generation", &decoder(), &[Input::from(t.as_str())], p);
@@ -1587,7 +1698,7 @@ fn concurrent_generations_share_the_continuous_batch() {
     // Every request's tokens after its first came from a step of the batch (fewer where
     // a request met its end-of-sequence token first), and eight requests sent at once shared
     // steps.
-    let decoded: f64 = (0..8).map(|i| (9 + 3 * i) as f64).sum();
+    let decoded: f64 = (0..8).map(|i| (9 + 2 * i) as f64).sum();
     assert!(rows > 0.0 && rows <= decoded, "{metrics}");
     assert!(steps < rows, "no step ran two sequences: {metrics}");
     assert!(value("ferroformers_generation_batch_max_size") >= 2.0);
@@ -1760,7 +1871,7 @@ fn shutdown_lets_open_streams_finish() {
     let resp = ureq::post(&format!("{base}/v1/completions"))
         .set("Content-Type", "application/json")
         .send_string(
-            &json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0,
+            &json!({"prompt": "Once upon a time", "max_tokens": 50, "temperature": 0,
                     "stream": true, "stream_options": {"include_usage": true}})
             .to_string(),
         )

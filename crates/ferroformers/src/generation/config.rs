@@ -402,13 +402,19 @@ impl GenerationConfig {
     /// The total length limit for prompts of `prompt_len` tokens.
     pub fn max_total_length(&self, prompt_len: usize) -> usize {
         match self.max_new_tokens {
-            Some(n) => prompt_len + n,
+            Some(n) => prompt_len.saturating_add(n),
             None => self.max_length,
         }
     }
 
     /// Checks HF makes before generating, as typed errors.
     pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == Some(0) {
+            return Err(Error::param(
+                "max_new_tokens",
+                "must be greater than 0, but is 0",
+            ));
+        }
         if self.num_beams == 0 {
             return Err(Error::param("num_beams", "must be at least 1"));
         }

@@ -165,8 +165,19 @@ impl LogitsProcessor {
         }
         if let Some(w) = &self.sampling {
             if w.temperature != 1.0 {
+                let before: Option<Vec<f32>> = (w.temperature < 1e-20).then(|| scores.to_vec());
                 for s in scores.iter_mut() {
                     *s /= w.temperature;
+                }
+                // A temperature so small that a score over it overflows to infinity (1e-38 and
+                // below) would make the softmax NaN: the scores are then taken relative to the
+                // largest before dividing (the same distribution: all of it on the largest).
+                if let Some(before) = before.filter(|_| scores.iter().any(|&s| s == f32::INFINITY))
+                {
+                    let top = before.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    for (s, b) in scores.iter_mut().zip(before) {
+                        *s = (b - top) / w.temperature;
+                    }
                 }
             }
             if let Some(k) = w.top_k {
@@ -491,6 +502,44 @@ mod tests {
     use super::*;
 
     const NEG: f32 = f32::NEG_INFINITY;
+
+    /// A temperature so small that scores over it overflow (1e-45, 1e-38) leaves the largest
+    /// score finite and every other one -inf (no NaN in the softmax); a usual one divides as
+    /// before, bit for bit.
+    #[test]
+    fn tiny_temperatures_keep_the_softmax_finite() {
+        for t in [1e-45f32, 1e-38, 1e-37, 1e-30] {
+            let scale = if t < 1e-37 { 100.0 } else { 1.0 };
+            let mut cfg = GenerationConfig {
+                do_sample: true,
+                temperature: t,
+                top_k: None,
+                ..GenerationConfig::default()
+            };
+            cfg.suppress_tokens.clear();
+            let p = LogitsProcessor::new(&cfg);
+            let mut s: Vec<f32> = [1.0f32, 3.0, -2.5, NEG, 2.0]
+                .iter()
+                .map(|x| x * scale)
+                .collect();
+            p.process(&[], 0, &mut s);
+            assert!(s.iter().all(|x| !x.is_nan()), "{t}: {s:?}");
+            let best = s.iter().copied().fold(NEG, f32::max);
+            assert!(best.is_finite() && s[1] == best, "{t}: {s:?}");
+            let e: Vec<f32> = s.iter().map(|x| (x - best).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            assert_eq!(e[1] / sum, 1.0, "{t}: all of it on the largest: {s:?}");
+        }
+        let cfg = GenerationConfig {
+            do_sample: true,
+            temperature: 0.7,
+            top_k: None,
+            ..GenerationConfig::default()
+        };
+        let mut s = vec![1.0f32, 3.0, -2.5];
+        LogitsProcessor::new(&cfg).process(&[], 0, &mut s);
+        assert_eq!(s, vec![1.0 / 0.7, 3.0 / 0.7, -2.5 / 0.7]);
+    }
 
     #[test]
     fn top_k_keeps_k_best_and_ties() {

@@ -42,6 +42,10 @@ pub struct TextGenerator {
     pub path: PathBuf,
     /// Continuous batching of single-sequence requests (a server), when set.
     pub batcher: Option<Batcher>,
+    /// Keep requests within the model's context window, as a server does (TGI's
+    /// `--max-total-tokens`, vLLM's context check), instead of generating until the window ends
+    /// as transformers does (with a warning): see [`TextGenerator::fit_to_context`].
+    pub refuse_past_context: bool,
 }
 
 /// The `.gguf` file a path names: the file itself, or the only one in a folder without
@@ -191,6 +195,7 @@ impl TextGenerator {
             pad_token_id,
             path,
             batcher: None,
+            refuse_past_context: false,
         })
     }
 
@@ -249,6 +254,59 @@ impl TextGenerator {
             }
         }
         Ok(())
+    }
+
+    /// With [`TextGenerator::refuse_past_context`]: for prompts of at most `len` tokens, a
+    /// length limit the request set itself (`explicit`) that runs past the model's context
+    /// window is an error naming both numbers and the window; the default one is cut to the
+    /// window (TGI's and vLLM's default `max_new_tokens`: what the window has left).
+    pub fn fit_to_context(
+        &self,
+        len: usize,
+        cfg: &mut GenerationConfig,
+        explicit: bool,
+    ) -> Result<()> {
+        let Some(max) = self
+            .model
+            .max_positions()
+            .filter(|_| self.refuse_past_context)
+        else {
+            return Ok(());
+        };
+        let total = cfg.max_total_length(len);
+        if total <= max {
+            return Ok(());
+        }
+        if len >= max {
+            return Err(Error::input(
+                0,
+                format!(
+                    "the prompt is {len} tokens: it fills the model's context window of {max} \
+                     tokens, with no room for a new one"
+                ),
+            ));
+        }
+        if !explicit {
+            cfg.max_new_tokens = Some(max - len);
+            return Ok(());
+        }
+        let detail = match cfg.max_new_tokens {
+            Some(n) => format!(
+                "the prompt is {len} tokens and max_new_tokens is {n}: {} tokens in all, past \
+                 the model's context window of {max} tokens (max_new_tokens at most {})",
+                len.saturating_add(n),
+                max.saturating_sub(len)
+            ),
+            None => {
+                format!("max_length is {total}, past the model's context window of {max} tokens")
+            }
+        };
+        let field = if cfg.max_new_tokens.is_some() {
+            "max_new_tokens"
+        } else {
+            "max_length"
+        };
+        Err(Error::param(field, detail))
     }
 
     /// Generate from already tokenized prompts (left-padded together as one batch).

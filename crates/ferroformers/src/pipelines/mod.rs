@@ -324,6 +324,12 @@ pub(crate) trait Task: Send + Sync {
         None
     }
 
+    fn refuse_past_context(&mut self) {}
+
+    fn check_streaming(&self, _input: &Input, _params: &Params) -> Result<()> {
+        Ok(())
+    }
+
     /// The tokenizer the task reads its text with, where it is one the caller cannot load from
     /// the model folder (a GGUF file's own vocabulary); `None` otherwise.
     fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
@@ -396,6 +402,21 @@ impl Pipeline {
         admission: crate::generation::Admission,
     ) -> bool {
         self.inner.continuous_batching(max_total_tokens, admission)
+    }
+
+    /// Text generation: refuse a request whose prompt plus `max_new_tokens` would run past
+    /// the model's context window (an error naming the numbers, as a server answers 422),
+    /// instead of generating until the window ends; other tasks are unchanged.
+    pub fn refuse_past_context(&mut self) {
+        self.inner.refuse_past_context()
+    }
+
+    /// Text generation: every check [`Pipeline::run_streaming`] would make before its first
+    /// token (parameters, the prompt, its length), without generating, so that a server can
+    /// answer a bad request with an error status before it starts an event stream. Other
+    /// tasks: `Ok`.
+    pub fn check_streaming(&self, input: &Input, params: &Params) -> Result<()> {
+        self.inner.check_streaming(input, params)
     }
 
     /// What continuous batching has done so far (`None` when it is off).

@@ -128,6 +128,13 @@ pub struct TextGeneration {
     accepted: &'static [&'static str],
 }
 
+/// Whether the request set its own length limit (else the pipeline's default applies).
+fn limits_length(params: &Params) -> bool {
+    ["max_new_tokens", "max_length"]
+        .iter()
+        .any(|k| params.get(*k).is_some_and(|v| !v.is_null()))
+}
+
 fn accepted_params() -> &'static [&'static str] {
     static LIST: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
     LIST.get_or_init(|| {
@@ -297,15 +304,14 @@ impl TextGeneration {
         self.stream_tokens_top(input, params, 0, on_token_event)
     }
 
-    /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
-    /// alternatives in its event ([`TokenEvent::top`]).
-    pub fn stream_tokens_top(
+    /// A streamed generation's options, config and prompt ids, every check made that can be
+    /// made before the first token (parameters, the prompt, its length and `max_new_tokens`
+    /// against the context window).
+    fn prepare_stream(
         &self,
         input: &Input,
         params: &Params,
-        top_logprobs: usize,
-        on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
-    ) -> Result<(Output, Usage)> {
+    ) -> Result<(Options, GenerationConfig, Vec<u32>)> {
         for k in params.keys() {
             if !self.accepted.contains(&k.as_str()) {
                 return Err(Error::UnknownParameter {
@@ -321,14 +327,35 @@ impl TextGeneration {
         } else {
             self.generator.encode(&o.prefix, false)?.len()
         };
-        let cfg = self.config(params, prefix_len)?;
+        let mut cfg = self.config(params, prefix_len)?;
         if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
             return Err(Error::param(
-                "num_beams",
+                if cfg.num_beams > 1 {
+                    "num_beams"
+                } else {
+                    "num_return_sequences"
+                },
                 "streaming supports one sequence (greedy search or sampling)",
             ));
         }
+        cfg.validate()?;
         let prompt = self.encode(input, &o, 0)?;
+        self.generator.check_prompt_length(prompt.len())?;
+        self.generator
+            .fit_to_context(prompt.len(), &mut cfg, limits_length(params))?;
+        Ok((o, cfg, prompt))
+    }
+
+    /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
+    /// alternatives in its event ([`TokenEvent::top`]).
+    pub fn stream_tokens_top(
+        &self,
+        input: &Input,
+        params: &Params,
+        top_logprobs: usize,
+        on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<(Output, Usage)> {
+        let (o, cfg, prompt) = self.prepare_stream(input, params)?;
         let mut streamer = TextStreamer::new(&self.generator.tokenizer, o.skip_special_tokens);
         let mut err = None;
         let mut new_tokens = 0usize;
@@ -452,8 +479,16 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
+    fn refuse_past_context(&mut self) {
+        self.generator.refuse_past_context = true;
+    }
+
     fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
         Some(&self.generator.tokenizer)
+    }
+
+    fn check_streaming(&self, input: &Input, params: &Params) -> Result<()> {
+        self.prepare_stream(input, params).map(|_| ())
     }
 
     fn run_streaming(
@@ -473,13 +508,17 @@ impl Task for TextGeneration {
         } else {
             self.generator.encode(&o.prefix, false)?.len()
         };
-        let cfg = self.config(params, prefix_len)?;
+        let mut cfg = self.config(params, prefix_len)?;
         cfg.validate()?;
         let prompts = inputs
             .iter()
             .enumerate()
             .map(|(i, inp)| self.encode(inp, &o, i))
             .collect::<Result<Vec<_>>>()?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        self.generator.check_prompt_length(longest)?;
+        self.generator
+            .fit_to_context(longest, &mut cfg, limits_length(params))?;
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
         let mut outs = Vec::with_capacity(inputs.len());
         let mut start = 0;
