@@ -100,8 +100,8 @@ struct RunArgs {
     /// Inputs per batch (CPU default 1, as transformers' pipelines; on a GPU 32).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: Option<u64>,
-    /// Threads for the model's arithmetic.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Threads for the model's arithmetic (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = threads)]
     threads: Option<u64>,
     /// cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature, scripts/build-cuda.sh).
     #[arg(long, value_name = "DEVICE")]
@@ -161,6 +161,19 @@ fn names<T: Clone + Send + Sync + 'static>(
     clap::builder::PossibleValuesParser::new(names).try_map(move |s: String| {
         parse(&s).ok_or_else(|| format!("`{s}` is not one of {}", names.join(", ")))
     })
+}
+
+/// The most `--threads` a command takes: rayon starts every thread asked for up front, and
+/// far more than any machine's cores (100000, or 2^64-1) left the process starting threads
+/// for minutes instead of failing.
+const MAX_THREADS: u64 = 1024;
+
+/// `--threads N` (`run`, `train`, `serve`): 1 to [`MAX_THREADS`].
+fn threads(v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("takes a number of threads from 1 to {MAX_THREADS}, not `{v}`"))
 }
 
 /// `--param KEY=VALUE`.

@@ -114,8 +114,8 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
-    /// Threads for the arithmetic.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    /// Threads for the arithmetic (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = crate::threads, allow_negative_numbers = true)]
     threads: Option<u64>,
     /// The column of the texts (text-classification: text; token-classification: tokens;
     /// question-answering: question).

@@ -277,6 +277,83 @@ fn errors_go_to_stderr_with_nonzero_exit() {
     }
 }
 
+/// `ff`, killing the command if it has not ended within `secs` (then the test fails instead
+/// of hanging).
+fn ff_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("{args:?}: still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `--threads` above 1024 (or 0) is refused by every command that takes it, before anything
+/// loads: 100000 threads (or 2^64-1) had the process starting threads for minutes.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    let m = fixture("bert-seqcls");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-threads-{}", std::process::id()));
+    for n in ["100000", "18446744073709551615", "1025", "0"] {
+        for cmd in [
+            vec![
+                "run",
+                "text-classification",
+                "--model",
+                &m,
+                "--threads",
+                n,
+                "hi",
+            ],
+            vec!["serve", "--model", &m, "--port", "0", "--threads", n],
+            vec![
+                "train",
+                "text-classification",
+                "--model",
+                init.to_str().unwrap(),
+                "--train",
+                file.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--threads",
+                n,
+            ],
+        ] {
+            let o = ff_within(&cmd, 30);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && o.stdout.is_empty(), "{cmd:?}: {err}");
+            assert!(
+                err.contains("--threads") && err.contains("1024") && !err.contains("panicked"),
+                "{cmd:?}: {err}"
+            );
+        }
+    }
+    assert!(!out.exists(), "training ran");
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--threads",
+        "1024",
+        "hi",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]
