@@ -354,6 +354,54 @@ fn absurd_thread_counts_are_refused() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Every command that prints to stdout ends quietly with status 0 when stdout's reader has
+/// gone (`ferroformers tasks | head -1`): `tasks` panicked with "failed printing to stdout:
+/// Broken pipe" (status 101), `run` printed "error: Broken pipe" with status 1.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let m = fixture("bert-seqcls");
+    let gpt2 = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders/models/gpt2")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let cache = std::env::temp_dir().join(format!("ff-cli-pipe-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    for args in [
+        vec!["tasks"],
+        vec!["cache"],
+        vec!["completions", "bash"],
+        vec![],
+        vec!["run", "text-classification", "--model", &m, "Hi", "there"],
+        vec![
+            "run",
+            "text-generation",
+            "--model",
+            &gpt2,
+            "--stream",
+            "--param",
+            "max_new_tokens=3",
+            "Hi",
+        ],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+            .args(&args)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // No reader is left: every write to stdout fails with a broken pipe.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]
