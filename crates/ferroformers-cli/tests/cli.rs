@@ -402,6 +402,29 @@ fn closed_stdout_ends_quietly() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// An `--input` line whose `text_pair` is not a string is an error naming the line and
+/// `text_pair`, as a `text` that is not one is (the pair was dropped silently).
+#[test]
+fn jsonl_text_pair_that_is_not_a_string() {
+    let m = fixture("bert-seqcls");
+    for line in [
+        r#"{"text":"a","text_pair":5}"#,
+        r#"{"text":"a","text_pair":["b"]}"#,
+        r#"{"text":"a","text_pair":{"x":1}}"#,
+    ] {
+        let o = ff_stdin(
+            &["run", "text-classification", "--model", &m, "--input", "-"],
+            &format!("\"fine\"\n{line}"),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && o.stdout.is_empty(), "{line}: {err}");
+        assert!(
+            err.contains("line 2") && err.contains("`text_pair` must be a string"),
+            "{line}: {err}"
+        );
+    }
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]

@@ -146,6 +146,19 @@ fn bad_input_json() {
     assert!(matches!(err, Error::InvalidInput { index: 4, .. }), "{err}");
     let err = Input::from_json(&json!({"txt": "a"}), 0).unwrap_err();
     assert!(err.to_string().contains("txt"), "{err}");
+    // A pair that is not a string is an error, not dropped (the text ran alone).
+    for pair in [json!(5), json!(["b"]), json!({"t": "b"}), json!(true)] {
+        let err = Input::from_json(&json!({"text": "a", "text_pair": pair}), 2).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { index: 2, .. }), "{err}");
+        assert!(
+            err.to_string().contains("`text_pair` must be a string"),
+            "{pair}: {err}"
+        );
+    }
+    assert!(matches!(
+        Input::from_json(&json!({"text": "a", "text_pair": null}), 0).unwrap(),
+        Input::Text(t) if t == "a"
+    ));
 }
 
 #[test]
