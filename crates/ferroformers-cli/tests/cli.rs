@@ -655,6 +655,69 @@ fn train_then_run_the_saved_model() {
     assert!(err.contains("'fast' for '--learning-rate"), "{err}");
 }
 
+/// `--output` that cannot take the model (a file, a folder that cannot be made) is refused
+/// before training, naming `--output` (the whole training ran, then saving failed with
+/// "cannot read").
+#[test]
+fn train_output_is_checked_before_training() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let base = std::env::temp_dir().join(format!("ff-cli-train-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let a_file = base.join("a-file");
+    std::fs::write(&a_file, "not a folder").unwrap();
+    let mut cases = vec![
+        (a_file.clone(), "is a file"),
+        (a_file.join("below"), "cannot create the folder"),
+    ];
+    if cfg!(target_os = "linux") {
+        cases.push((
+            PathBuf::from("/proc/ff-no-such-folder"),
+            "cannot create the folder",
+        ));
+    }
+    for (out, want) in cases {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{out:?}: {err}");
+        assert!(
+            err.contains("--output") && err.contains(want) && !err.contains("training on"),
+            "{out:?}: {err}"
+        );
+    }
+    // A folder that does not exist yet is made; one that exists is used; a training that
+    // fails (bad data) leaves no empty folder behind.
+    let made = base.join("new/model");
+    let bad = base.join("bad.jsonl");
+    std::fs::write(&bad, "not json\n").unwrap();
+    let o = ff(&[
+        "train",
+        "text-classification",
+        "--model",
+        init.to_str().unwrap(),
+        "--train",
+        bad.to_str().unwrap(),
+        "--output",
+        made.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!made.exists(), "an empty folder was left");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// Every command answers `--help` (and `help COMMAND`) on stdout with its usage, and succeeds.
 #[test]
 fn every_command_has_help() {
