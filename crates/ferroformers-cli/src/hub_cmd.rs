@@ -1,7 +1,11 @@
 //! `ferroformers download` and `ferroformers cache`: the hub cache from the command line.
 
+use std::io::Write;
+
 use clap::Args;
 use ferroformers::hub::{self, HubOptions};
+
+use crate::stdout_error;
 
 /// `ferroformers download`.
 #[derive(Args)]
@@ -27,17 +31,17 @@ pub fn download(a: DownloadArgs) -> Result<(), String> {
         &HubOptions::from_env(),
     )
     .map_err(|e| e.to_string())?;
-    println!("{}", snap.display());
-    Ok(())
+    writeln!(std::io::stdout(), "{}", snap.display()).map_err(stdout_error)
 }
 
 /// `cache`: every cached model with its refs, size on disk and files.
 pub fn cache() -> Result<(), String> {
     let root = hub::cache_dir();
     let repos = hub::scan_cache(&root).map_err(|e| e.to_string())?;
-    println!("hub cache: {}", root.display());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "hub cache: {}", root.display()).map_err(stdout_error)?;
     if repos.is_empty() {
-        println!("(empty)");
+        writeln!(out, "(empty)").map_err(stdout_error)?;
     }
     for r in &repos {
         let refs = if r.refs.is_empty() {
@@ -54,19 +58,23 @@ pub fn cache() -> Result<(), String> {
         } else {
             String::new()
         };
-        println!(
+        writeln!(
+            out,
             "{}  {}  ({refs}{partial})",
             r.repo_id,
             human(r.size_on_disk)
-        );
+        )
+        .map_err(stdout_error)?;
         for s in &r.snapshots {
-            println!(
+            writeln!(
+                out,
                 "  {}  {} file{}: {}",
                 short(&s.commit),
                 s.files.len(),
                 if s.files.len() == 1 { "" } else { "s" },
                 s.files.join(" ")
-            );
+            )
+            .map_err(stdout_error)?;
         }
     }
     Ok(())

@@ -100,8 +100,8 @@ struct RunArgs {
     /// Inputs per batch (CPU default 1, as transformers' pipelines; on a GPU 32).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: Option<u64>,
-    /// Threads for the model's arithmetic.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Threads for the model's arithmetic (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = threads)]
     threads: Option<u64>,
     /// cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature, scripts/build-cuda.sh).
     #[arg(long, value_name = "DEVICE")]
@@ -163,6 +163,19 @@ fn names<T: Clone + Send + Sync + 'static>(
     })
 }
 
+/// The most `--threads` a command takes: rayon starts every thread asked for up front, and
+/// far more than any machine's cores (100000, or 2^64-1) left the process starting threads
+/// for minutes instead of failing.
+const MAX_THREADS: u64 = 1024;
+
+/// `--threads N` (`run`, `train`, `serve`): 1 to [`MAX_THREADS`].
+fn threads(v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("takes a number of threads from 1 to {MAX_THREADS}, not `{v}`"))
+}
+
 /// `--param KEY=VALUE`.
 fn parse_param(v: &str) -> Result<(String, Value), String> {
     let (k, raw) = v
@@ -186,6 +199,22 @@ struct Run {
 
 fn fail(msg: impl std::fmt::Display) -> String {
     msg.to_string()
+}
+
+/// What a command returns when its stdout's reader has gone: `main` ends quietly, with
+/// status 0.
+const STDOUT_CLOSED: &str = "(stdout closed)";
+
+/// A failed write to stdout. A closed pipe (`ferroformers tasks | head -1`) means the rest
+/// of the output is not wanted: the command stops there and ends quietly, as Unix tools that
+/// SIGPIPE ends (Rust ignores SIGPIPE, so the write reports it instead; `println!` panicked
+/// on it). Any other failure (a full disk) is an error.
+fn stdout_error(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        STDOUT_CLOSED.to_string()
+    } else {
+        format!("cannot write to stdout: {e}")
+    }
 }
 
 fn check_run(a: RunArgs) -> Result<Run, String> {
@@ -249,9 +278,9 @@ fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
         })
         .map_err(fail)?;
         if let Some(e) = io_err {
-            return Err(fail(e));
+            return Err(stdout_error(e));
         }
-        writeln!(out).map_err(fail)?;
+        writeln!(out).map_err(stdout_error)?;
     }
     Ok(())
 }
@@ -321,9 +350,9 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
         let results = pipe.run(chunk, &args.params).map_err(fail)?;
         for r in results {
             let line = serde_json::to_string(&r).map_err(fail)?;
-            writeln!(out, "{line}").map_err(fail)?;
+            writeln!(out, "{line}").map_err(stdout_error)?;
         }
-        out.flush().map_err(fail)?;
+        out.flush().map_err(stdout_error)?;
         bar.inc(chunk.len() as u64);
         first.get_or_insert(start.elapsed().as_secs_f64());
     }
@@ -360,22 +389,28 @@ fn progress_bar(args: &Run, inputs: usize) -> indicatif::ProgressBar {
     bar
 }
 
-fn tasks() {
-    println!(
+fn tasks() -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:<26} {:<22} {:<58} status",
         "task", "aliases", "default model"
-    );
+    )
+    .map_err(stdout_error)?;
     for t in ferroformers::TASKS {
         let cached = ferroformers::hub::resolve(t.default_model, Some(t.default_revision)).is_ok();
-        println!(
+        writeln!(
+            out,
             "{:<26} {:<22} {:<58} {}{}",
             t.name,
             t.aliases.join(","),
             t.default_model,
             if t.implemented { "ready" } else { "planned" },
             if cached { ", cached" } else { "" }
-        );
+        )
+        .map_err(stdout_error)?;
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -399,23 +434,18 @@ fn main() -> ExitCode {
         Some(Command::Serve(a)) => serve_cmd::serve(a),
         Some(Command::Download(a)) => hub_cmd::download(a),
         Some(Command::Cache) => hub_cmd::cache(),
-        Some(Command::Tasks) => {
-            tasks();
-            Ok(())
-        }
+        Some(Command::Tasks) => tasks(),
         Some(Command::Completions { shell }) => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "ferroformers",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            // clap_complete panics when its writer fails: it writes to memory here.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferroformers", &mut script);
+            std::io::stdout().write_all(&script).map_err(stdout_error)
         }
-        None => Cli::command().print_help().map_err(fail),
+        None => Cli::command().print_help().map_err(stdout_error),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e == STDOUT_CLOSED => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -110,8 +110,8 @@ pub struct ServeArgs {
     /// No per-request log lines.
     #[arg(long)]
     quiet: bool,
-    /// Threads for the models' arithmetic.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    /// Threads for the models' arithmetic (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = crate::threads, allow_negative_numbers = true)]
     threads: Option<u64>,
     /// Where the models run: cpu, cuda or cuda:N (cuda needs a build with the `cuda` feature,
     /// scripts/build-cuda.sh).

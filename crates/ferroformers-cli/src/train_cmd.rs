@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ferroformers::train::data::Columns;
 use ferroformers::train::optim::Schedule;
@@ -114,8 +114,8 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
-    /// Threads for the arithmetic.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    /// Threads for the arithmetic (1 to 1024).
+    #[arg(long, value_name = "N", value_parser = crate::threads, allow_negative_numbers = true)]
     threads: Option<u64>,
     /// The column of the texts (text-classification: text; token-classification: tokens;
     /// question-answering: question).
@@ -250,8 +250,46 @@ fn last_checkpoint(output: &std::path::Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no checkpoint-N folder in `{}`", output.display()))
 }
 
+/// Checks that `--output` can take the model before anything loads or trains (a file there,
+/// or a folder that cannot be made or written in, only failed when saving, after the whole
+/// training): it is an existing folder or is made now, and a file can be written in it.
+/// Returns whether the folder was made here.
+fn check_output(output: &Path) -> Result<bool, String> {
+    let name = output.display();
+    if output.exists() && !output.is_dir() {
+        return Err(format!(
+            "--output `{name}` is a file; it names the folder to save the model in"
+        ));
+    }
+    let made = !output.exists();
+    std::fs::create_dir_all(output)
+        .map_err(|e| format!("--output `{name}`: cannot create the folder: {e}"))?;
+    let probe = output.join(format!(".ferroformers-write-check-{}", std::process::id()));
+    if let Err(e) = std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe)) {
+        if made {
+            let _ = std::fs::remove_dir(output);
+        }
+        return Err(format!(
+            "--output `{name}`: cannot write in the folder: {e}"
+        ));
+    }
+    Ok(made)
+}
+
 /// Train, save; progress on stderr.
 pub fn train(a: TrainArgs) -> Result<(), String> {
+    let output = a.output.clone();
+    let made = check_output(&output)?;
+    let result = train_and_save(a);
+    if result.is_err() && made {
+        // The folder made by check_output, unless something was saved in it (remove_dir
+        // removes only an empty folder).
+        let _ = std::fs::remove_dir(&output);
+    }
+    result
+}
+
+fn train_and_save(a: TrainArgs) -> Result<(), String> {
     if let Some(n) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }

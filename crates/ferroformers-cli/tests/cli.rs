@@ -277,6 +277,154 @@ fn errors_go_to_stderr_with_nonzero_exit() {
     }
 }
 
+/// `ff`, killing the command if it has not ended within `secs` (then the test fails instead
+/// of hanging).
+fn ff_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() >= secs {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("{args:?}: still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `--threads` above 1024 (or 0) is refused by every command that takes it, before anything
+/// loads: 100000 threads (or 2^64-1) had the process starting threads for minutes.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    let m = fixture("bert-seqcls");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-threads-{}", std::process::id()));
+    for n in ["100000", "18446744073709551615", "1025", "0"] {
+        for cmd in [
+            vec![
+                "run",
+                "text-classification",
+                "--model",
+                &m,
+                "--threads",
+                n,
+                "hi",
+            ],
+            vec!["serve", "--model", &m, "--port", "0", "--threads", n],
+            vec![
+                "train",
+                "text-classification",
+                "--model",
+                init.to_str().unwrap(),
+                "--train",
+                file.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--threads",
+                n,
+            ],
+        ] {
+            let o = ff_within(&cmd, 30);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && o.stdout.is_empty(), "{cmd:?}: {err}");
+            assert!(
+                err.contains("--threads") && err.contains("1024") && !err.contains("panicked"),
+                "{cmd:?}: {err}"
+            );
+        }
+    }
+    assert!(!out.exists(), "training ran");
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--threads",
+        "1024",
+        "hi",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Every command that prints to stdout ends quietly with status 0 when stdout's reader has
+/// gone (`ferroformers tasks | head -1`): `tasks` panicked with "failed printing to stdout:
+/// Broken pipe" (status 101), `run` printed "error: Broken pipe" with status 1.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let m = fixture("bert-seqcls");
+    let gpt2 = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders/models/gpt2")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let cache = std::env::temp_dir().join(format!("ff-cli-pipe-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    for args in [
+        vec!["tasks"],
+        vec!["cache"],
+        vec!["completions", "bash"],
+        vec![],
+        vec!["run", "text-classification", "--model", &m, "Hi", "there"],
+        vec![
+            "run",
+            "text-generation",
+            "--model",
+            &gpt2,
+            "--stream",
+            "--param",
+            "max_new_tokens=3",
+            "Hi",
+        ],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferroformers"))
+            .args(&args)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // No reader is left: every write to stdout fails with a broken pipe.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// An `--input` line whose `text_pair` is not a string is an error naming the line and
+/// `text_pair`, as a `text` that is not one is (the pair was dropped silently).
+#[test]
+fn jsonl_text_pair_that_is_not_a_string() {
+    let m = fixture("bert-seqcls");
+    for line in [
+        r#"{"text":"a","text_pair":5}"#,
+        r#"{"text":"a","text_pair":["b"]}"#,
+        r#"{"text":"a","text_pair":{"x":1}}"#,
+    ] {
+        let o = ff_stdin(
+            &["run", "text-classification", "--model", &m, "--input", "-"],
+            &format!("\"fine\"\n{line}"),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && o.stdout.is_empty(), "{line}: {err}");
+        assert!(
+            err.contains("line 2") && err.contains("`text_pair` must be a string"),
+            "{line}: {err}"
+        );
+    }
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]
@@ -505,6 +653,69 @@ fn train_then_run_the_saved_model() {
     let o = ff(&["train", "text-classification", "--learning-rate", "fast"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("'fast' for '--learning-rate"), "{err}");
+}
+
+/// `--output` that cannot take the model (a file, a folder that cannot be made) is refused
+/// before training, naming `--output` (the whole training ran, then saving failed with
+/// "cannot read").
+#[test]
+fn train_output_is_checked_before_training() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let base = std::env::temp_dir().join(format!("ff-cli-train-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let a_file = base.join("a-file");
+    std::fs::write(&a_file, "not a folder").unwrap();
+    let mut cases = vec![
+        (a_file.clone(), "is a file"),
+        (a_file.join("below"), "cannot create the folder"),
+    ];
+    if cfg!(target_os = "linux") {
+        cases.push((
+            PathBuf::from("/proc/ff-no-such-folder"),
+            "cannot create the folder",
+        ));
+    }
+    for (out, want) in cases {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{out:?}: {err}");
+        assert!(
+            err.contains("--output") && err.contains(want) && !err.contains("training on"),
+            "{out:?}: {err}"
+        );
+    }
+    // A folder that does not exist yet is made; one that exists is used; a training that
+    // fails (bad data) leaves no empty folder behind.
+    let made = base.join("new/model");
+    let bad = base.join("bad.jsonl");
+    std::fs::write(&bad, "not json\n").unwrap();
+    let o = ff(&[
+        "train",
+        "text-classification",
+        "--model",
+        init.to_str().unwrap(),
+        "--train",
+        bad.to_str().unwrap(),
+        "--output",
+        made.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!made.exists(), "an empty folder was left");
+    let _ = std::fs::remove_dir_all(&base);
 }
 
 /// Every command answers `--help` (and `help COMMAND`) on stdout with its usage, and succeeds.

@@ -32,6 +32,7 @@ fn py_err(e: ferroformers::Error) -> PyErr {
         E::ModelNotFound { .. }
         | E::Download { .. }
         | E::Io { .. }
+        | E::Write { .. }
         | E::InvalidFile { .. }
         | E::Weights { .. } => PyOSError::new_err(msg),
         E::UnsupportedModel { .. }

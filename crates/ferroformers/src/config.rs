@@ -100,12 +100,50 @@ impl ModelConfig {
         serde_json::from_value(self.raw.clone()).map_err(|e| Error::invalid_file(&self.path, e))
     }
 
+    /// [`ModelConfig::parse`], then the architecture's own checks ([`CheckedConfig`]): sizes
+    /// the model code would divide by or reshape with are refused here, with an error naming
+    /// `config.json`, the field and its value, instead of a panic while loading or running.
+    pub fn parse_checked<T: serde::de::DeserializeOwned + CheckedConfig>(&self) -> Result<T> {
+        let cfg: T = self.parse()?;
+        cfg.check()
+            .map_err(|e| Error::invalid_file(&self.path, e))?;
+        Ok(cfg)
+    }
+
     pub fn get_usize(&self, key: &str) -> Option<usize> {
         self.raw
             .get(key)
             .and_then(Value::as_u64)
             .map(|v| v as usize)
     }
+}
+
+/// An architecture's config whose sizes the model code relies on (heads that split the hidden
+/// size, ...); `check` names the field that is wrong.
+pub trait CheckedConfig {
+    fn check(&self) -> std::result::Result<(), String>;
+}
+
+/// `heads` (the field `heads_name`) is at least 1 and splits `width` (the field `width_name`)
+/// into heads of equal size, as every attention's reshape assumes.
+pub(crate) fn check_heads(
+    width_name: &str,
+    width: usize,
+    heads_name: &str,
+    heads: usize,
+) -> std::result::Result<(), String> {
+    if heads == 0 {
+        return Err(format!(
+            "{heads_name} is 0; a model needs at least one head"
+        ));
+    }
+    if !width.is_multiple_of(heads) {
+        return Err(format!(
+            "{width_name} {width} does not split into {heads_name} {heads} heads \
+             ({width} is not a multiple of {heads})"
+        ));
+    }
+    Ok(())
 }
 
 /// What the pipelines need from `tokenizer_config.json` and `special_tokens_map.json`.

@@ -29,6 +29,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A file or folder that could not be written or made (saving a trained model).
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("invalid `{path}`: {detail}")]
     InvalidFile { path: PathBuf, detail: String },
 
@@ -71,6 +79,13 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Write {
             path: path.into(),
             source,
         }

@@ -146,6 +146,19 @@ fn bad_input_json() {
     assert!(matches!(err, Error::InvalidInput { index: 4, .. }), "{err}");
     let err = Input::from_json(&json!({"txt": "a"}), 0).unwrap_err();
     assert!(err.to_string().contains("txt"), "{err}");
+    // A pair that is not a string is an error, not dropped (the text ran alone).
+    for pair in [json!(5), json!(["b"]), json!({"t": "b"}), json!(true)] {
+        let err = Input::from_json(&json!({"text": "a", "text_pair": pair}), 2).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { index: 2, .. }), "{err}");
+        assert!(
+            err.to_string().contains("`text_pair` must be a string"),
+            "{pair}: {err}"
+        );
+    }
+    assert!(matches!(
+        Input::from_json(&json!({"text": "a", "text_pair": null}), 0).unwrap(),
+        Input::Text(t) if t == "a"
+    ));
 }
 
 #[test]
@@ -168,4 +181,115 @@ fn quantize_int8_where_there_is_no_int8_path() {
     o.dtype = ferroformers::DType::BF16;
     let err = ferroformers::pipeline_with("text-classification", o).unwrap_err();
     assert!(err.to_string().contains("f32"), "{err}");
+}
+
+/// A copy of the fixture folder `src` in a temporary folder of its own (`tag`), with
+/// `config.json`'s `key` set to `value`.
+fn with_config(src: &std::path::Path, tag: &str, key: &str, value: serde_json::Value) -> String {
+    let dir = std::env::temp_dir().join(format!("ff-badcfg-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c[key] = value;
+    std::fs::write(&path, c.to_string()).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+/// Head counts of 0, or that do not split the hidden size, are refused when the config is
+/// read, naming config.json, the field and the values (they divided by zero or failed a
+/// kernel's assertion: a panic).
+#[test]
+fn head_counts_that_do_not_split_the_hidden_size() {
+    let seq2seq = common::fixtures().join("seq2seq/models");
+    let cases = [
+        (
+            "bert-seqcls",
+            "num_attention_heads",
+            0,
+            "num_attention_heads is 0",
+        ),
+        (
+            "bert-seqcls",
+            "num_attention_heads",
+            7,
+            "hidden_size 32 does not split into num_attention_heads 7",
+        ),
+        (
+            "roberta-seqcls",
+            "num_attention_heads",
+            0,
+            "num_attention_heads is 0",
+        ),
+        (
+            "xlm-roberta-seqcls",
+            "num_attention_heads",
+            7,
+            "num_attention_heads 7",
+        ),
+        ("distilbert-seqcls", "n_heads", 0, "n_heads is 0"),
+        (
+            "distilbert-seqcls",
+            "n_heads",
+            3,
+            "does not split into n_heads 3",
+        ),
+        (
+            "bart",
+            "encoder_attention_heads",
+            0,
+            "encoder_attention_heads is 0",
+        ),
+        (
+            "bart",
+            "decoder_attention_heads",
+            3,
+            "d_model 32 does not split into decoder_attention_heads 3",
+        ),
+        (
+            "marian",
+            "encoder_attention_heads",
+            3,
+            "encoder_attention_heads 3",
+        ),
+        (
+            "marian",
+            "decoder_attention_heads",
+            0,
+            "decoder_attention_heads is 0",
+        ),
+        ("t5", "num_heads", 0, "num_heads is 0"),
+        ("t5", "d_kv", 0, "d_kv is 0"),
+    ];
+    for (i, (model, key, value, want)) in cases.into_iter().enumerate() {
+        let (src, task) = if model.contains("bert") {
+            (model_dir(model), "text-classification")
+        } else {
+            (seq2seq.join(model), "text2text-generation")
+        };
+        let dir = with_config(&src, &format!("{model}-{i}"), key, json!(value));
+        let o = PipelineOptions {
+            model: Some(dir.clone()),
+            ..Default::default()
+        };
+        let err = ferroformers::pipeline_with(task, o)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidFile { path, .. } if path.ends_with("config.json")),
+            "{model} {key}={value}: {err}"
+        );
+        assert!(
+            err.to_string().contains(want),
+            "{model} {key}={value}: {err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -48,6 +48,24 @@ pub struct BartConfig {
     pub model_type: String,
 }
 
+impl crate::config::CheckedConfig for BartConfig {
+    fn check(&self) -> std::result::Result<(), String> {
+        let d = self.d_model;
+        crate::config::check_heads(
+            "d_model",
+            d,
+            "encoder_attention_heads",
+            self.encoder_attention_heads,
+        )?;
+        crate::config::check_heads(
+            "d_model",
+            d,
+            "decoder_attention_heads",
+            self.decoder_attention_heads,
+        )
+    }
+}
+
 impl BartConfig {
     fn is_marian(&self) -> bool {
         self.model_type == "marian"

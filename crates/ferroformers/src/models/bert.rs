@@ -37,6 +37,17 @@ pub struct BertConfig {
     pub pad_token_id: Option<u32>,
 }
 
+impl crate::config::CheckedConfig for BertConfig {
+    fn check(&self) -> std::result::Result<(), String> {
+        crate::config::check_heads(
+            "hidden_size",
+            self.hidden_size,
+            "num_attention_heads",
+            self.num_attention_heads,
+        )
+    }
+}
+
 pub struct BertEmbeddings {
     word: Embedding,
     position: Embedding,

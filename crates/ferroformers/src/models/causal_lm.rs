@@ -614,7 +614,7 @@ pub fn load_causal_lm(
             Box::new(super::bloom::Bloom::load(&cfg, vb, has_transformer_prefix).map_err(wrap)?)
         }
         _ => {
-            let cfg: super::llama::LlamaConfig = config.parse()?;
+            let cfg: super::llama::LlamaConfig = config.parse_checked()?;
             Box::new(super::llama::Llama::load(&cfg, vb).map_err(wrap)?)
         }
     })

@@ -25,6 +25,12 @@ pub struct DistilBertConfig {
     pub max_position_embeddings: usize,
 }
 
+impl crate::config::CheckedConfig for DistilBertConfig {
+    fn check(&self) -> std::result::Result<(), String> {
+        crate::config::check_heads("dim", self.dim, "n_heads", self.n_heads)
+    }
+}
+
 const EPS: f64 = 1e-12;
 
 fn load_layer(cfg: &DistilBertConfig, vb: VarBuilder) -> Result<PostLnLayer> {

@@ -30,7 +30,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use super::causal_lm::Proj;
 use super::layers::Linear;
-use super::llama::{EmbedTable, Llama, LlamaConfig, LlamaLayerParts, LlamaParts, RopeScaling};
+use super::llama::{
+    EmbedTable, Llama, LlamaConfig, LlamaFieldNames, LlamaLayerParts, LlamaParts, RopeScaling,
+};
 use crate::config::TokenizerConfig;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::quantized::{QuantLinear, QuantMath};
@@ -218,7 +220,7 @@ impl GgufFile {
             }),
             _ => None,
         };
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             model_type: arch.clone(),
             vocab_size: vocab,
             hidden_size: hidden,
@@ -259,11 +261,71 @@ impl GgufFile {
             sliding_window_pattern: gemma.then_some(6),
             rope_local_base_freq: gemma.then_some(10000.0),
             final_logit_softcapping: self.get_f64(&k("final_logit_softcapping")),
+        };
+        // The fields' names in messages: the metadata keys they came from.
+        let head_dim_key = if self.has_meta(&k("attention.key_length")) {
+            k("attention.key_length")
+        } else {
+            k("rope.dimension_count")
+        };
+        let (hidden_key, heads_key, kv_key) = (
+            k("embedding_length"),
+            k("attention.head_count"),
+            k("attention.head_count_kv"),
+        );
+        cfg.check_named(&LlamaFieldNames {
+            hidden_size: &hidden_key,
+            num_attention_heads: &heads_key,
+            num_key_value_heads: &kv_key,
+            head_dim: &head_dim_key,
         })
+        .map_err(|e| werr(&self.path, e))?;
+        Ok(cfg)
+    }
+
+    fn has_meta(&self, key: &str) -> bool {
+        self.meta(key).is_some()
+    }
+
+    /// The attention projections of every layer have the shapes the head counts imply
+    /// (`[rows, columns]` as torch's): the metadata can be consistent by itself and still not
+    /// describe the tensors (9 heads of 64 stored, `head_count` 7 read), which the quantized
+    /// kernels would only notice by a panic.
+    fn check_attention_shapes(&self, cfg: &LlamaConfig) -> Result<()> {
+        let hd = cfg.head_dim();
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let h = cfg.hidden_size;
+        for i in 0..cfg.num_hidden_layers {
+            for (name, want) in [
+                ("attn_q", [q, h]),
+                ("attn_k", [kv, h]),
+                ("attn_v", [kv, h]),
+                ("attn_output", [h, q]),
+            ] {
+                let t = format!("blk.{i}.{name}.weight");
+                let Some(info) = self.content.tensor_infos.get(&t) else {
+                    continue; // Reported as missing when it is read.
+                };
+                if info.shape.dims() != want {
+                    return Err(werr(
+                        &self.path,
+                        format!(
+                            "tensor `{t}` has shape {:?}, but the metadata's head counts \
+                             ({} heads, {} key/value heads, of size {hd}) imply {want:?}",
+                            info.shape.dims(),
+                            cfg.num_attention_heads,
+                            cfg.kv_heads()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The model, with quantized projections.
     pub fn llama(&mut self, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+        self.check_attention_shapes(cfg)?;
         let embed = self.qtensor("token_embd.weight", device)?;
         let tied = !self.has("output.weight");
         // The output projection of greedy steps is screened where it is Q8_0 in the int8
@@ -639,4 +701,103 @@ pub fn load_text_parts(
         tokenizer,
         tokenizer_config,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device, Tensor};
+
+    use super::GgufFile;
+
+    /// A GGUF file of a tiny Llama: 32 wide, 4 heads and 2 key/value heads of 8 (`over`
+    /// replaces metadata values), with its one layer's attention projections (zeros, f32)
+    /// shaped for those counts.
+    fn tiny(tag: &str, over: &[(&str, u32)]) -> GgufFile {
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.embedding_length".into(), Value::U32(32)),
+            ("llama.feed_forward_length".into(), Value::U32(64)),
+            ("llama.block_count".into(), Value::U32(1)),
+            ("llama.attention.head_count".into(), Value::U32(4)),
+            ("llama.attention.head_count_kv".into(), Value::U32(2)),
+            ("llama.rope.dimension_count".into(), Value::U32(8)),
+        ];
+        for (k, v) in over {
+            meta.iter_mut().find(|(m, _)| m == k).unwrap().1 = Value::U32(*v);
+        }
+        let zeros = |r: usize, c: usize| {
+            let t = Tensor::zeros((r, c), DType::F32, &Device::Cpu).unwrap();
+            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        };
+        let tensors = [
+            ("blk.0.attn_q.weight", zeros(32, 32)),
+            ("blk.0.attn_k.weight", zeros(16, 32)),
+            ("blk.0.attn_v.weight", zeros(16, 32)),
+            ("blk.0.attn_output.weight", zeros(32, 32)),
+        ];
+        let path =
+            std::env::temp_dir().join(format!("ff-gguf-heads-{}-{tag}.gguf", std::process::id()));
+        let mut w = std::fs::File::create(&path).unwrap();
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
+        gguf_file::write(&mut w, &meta, &tensors).unwrap();
+        drop(w);
+        let f = GgufFile::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    /// Head counts of 0, KV heads that do not divide the heads, a head size of 0, and counts
+    /// that do not fit the stored tensors (they panicked, or ran and gave garbage) are errors
+    /// naming the metadata key.
+    #[test]
+    fn llama_head_counts_are_checked() {
+        let f = tiny("ok", &[]);
+        let cfg = f.llama_config().unwrap();
+        f.check_attention_shapes(&cfg).unwrap();
+        for (key, v, want) in [
+            (
+                "llama.attention.head_count",
+                0,
+                "llama.attention.head_count is 0",
+            ),
+            (
+                "llama.attention.head_count_kv",
+                0,
+                "llama.attention.head_count_kv is 0",
+            ),
+            (
+                "llama.attention.head_count",
+                3,
+                "llama.attention.head_count 3 is not a multiple of llama.attention.head_count_kv 2",
+            ),
+            (
+                "llama.rope.dimension_count",
+                0,
+                "llama.rope.dimension_count is 0",
+            ),
+        ] {
+            let err = tiny(&format!("{key}-{v}"), &[(key, v)])
+                .llama_config()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{key}={v}: {err}");
+        }
+        // Consistent by themselves, but 2 heads of 8 are not the 32 rows stored.
+        let mut f = tiny("two-heads", &[("llama.attention.head_count", 2)]);
+        let cfg = f.llama_config().unwrap();
+        let err = f.check_attention_shapes(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("blk.0.attn_q.weight") && err.contains("[16, 32]"),
+            "{err}"
+        );
+        let err = f
+            .llama(&cfg, &Device::Cpu)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("blk.0.attn_q.weight"), "{err}");
+    }
 }

@@ -99,10 +99,82 @@ pub struct LlamaConfig {
     pub final_logit_softcapping: Option<f64>,
 }
 
+/// The names [`LlamaConfig::check_named`] gives the fields in its messages: config.json's, or
+/// the GGUF metadata keys they were read from.
+pub struct LlamaFieldNames<'a> {
+    pub hidden_size: &'a str,
+    pub num_attention_heads: &'a str,
+    pub num_key_value_heads: &'a str,
+    pub head_dim: &'a str,
+}
+
+impl crate::config::CheckedConfig for LlamaConfig {
+    fn check(&self) -> std::result::Result<(), String> {
+        self.check_named(&LlamaFieldNames {
+            hidden_size: "hidden_size",
+            num_attention_heads: "num_attention_heads",
+            num_key_value_heads: "num_key_value_heads",
+            head_dim: "head_dim",
+        })
+    }
+}
+
 impl LlamaConfig {
+    /// What the attention code divides by and splits with: at least one head and one KV
+    /// head, heads a multiple of the KV heads (each KV head serves a whole group of query
+    /// heads), and a head size that is even (RoPE rotates pairs) and not 0, given or the
+    /// hidden size split evenly by the heads.
+    pub fn check_named(&self, n: &LlamaFieldNames) -> std::result::Result<(), String> {
+        let heads = self.num_attention_heads;
+        if heads == 0 {
+            return Err(format!(
+                "{} is 0; a model needs at least one head",
+                n.num_attention_heads
+            ));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 {
+            return Err(format!(
+                "{} is 0; a model needs at least one key/value head",
+                n.num_key_value_heads
+            ));
+        }
+        if !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "{} {heads} is not a multiple of {} {kv} (each key/value head serves a \
+                 group of query heads)",
+                n.num_attention_heads, n.num_key_value_heads
+            ));
+        }
+        match self.head_dim {
+            Some(d) if d == 0 || d % 2 == 1 => Err(format!(
+                "{} is {d}; the head size must be even and at least 2 (RoPE rotates pairs)",
+                n.head_dim
+            )),
+            Some(_) => Ok(()),
+            None => {
+                crate::config::check_heads(
+                    n.hidden_size,
+                    self.hidden_size,
+                    n.num_attention_heads,
+                    heads,
+                )?;
+                let d = self.hidden_size / heads;
+                if d == 0 || d % 2 == 1 {
+                    return Err(format!(
+                        "{} {} over {} {heads} gives heads of size {d}; the head size must \
+                         be even and at least 2 (RoPE rotates pairs)",
+                        n.hidden_size, self.hidden_size, n.num_attention_heads
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+            .unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -1119,6 +1191,56 @@ mod tests {
         window_bias(&mut bias, 2, 4, 2);
         let m = f32::MIN;
         assert_eq!(bias, [m, 0.0, 0.0, 0.0, m, m, 0.0, 0.0]);
+    }
+
+    /// Head counts the attention code would divide by zero with, split unevenly, or group
+    /// wrongly (9 heads over 2 KV heads ran and gave garbage) are refused by name.
+    #[test]
+    fn head_counts_are_checked() {
+        use crate::config::CheckedConfig;
+        let cfg = |over: serde_json::Value| -> LlamaConfig {
+            let mut v = serde_json::json!({
+                "vocab_size": 10, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2
+            });
+            for (k, x) in over.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        cfg(serde_json::json!({})).check().unwrap();
+        cfg(serde_json::json!({"head_dim": 16})).check().unwrap();
+        cfg(serde_json::json!({"num_key_value_heads": null}))
+            .check()
+            .unwrap();
+        for (over, want) in [
+            (
+                serde_json::json!({"num_attention_heads": 0}),
+                "num_attention_heads is 0",
+            ),
+            (
+                serde_json::json!({"num_attention_heads": 0, "head_dim": 8}),
+                "num_attention_heads is 0",
+            ),
+            (
+                serde_json::json!({"num_key_value_heads": 0}),
+                "num_key_value_heads is 0",
+            ),
+            (
+                serde_json::json!({"num_attention_heads": 9, "num_key_value_heads": 2, "head_dim": 8}),
+                "num_attention_heads 9 is not a multiple of num_key_value_heads 2",
+            ),
+            (
+                serde_json::json!({"num_attention_heads": 7, "num_key_value_heads": 7}),
+                "hidden_size 32 does not split into num_attention_heads 7",
+            ),
+            (serde_json::json!({"head_dim": 0}), "head_dim is 0"),
+            (serde_json::json!({"head_dim": 7}), "head_dim is 7"),
+        ] {
+            let c = cfg(over.clone());
+            let err = c.check().unwrap_err();
+            assert!(err.contains(want), "{over}: {err}");
+        }
     }
 
     #[test]

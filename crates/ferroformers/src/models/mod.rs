@@ -158,15 +158,19 @@ pub fn load_encoder(
         detail: e.to_string(),
     };
     let model: Box<dyn EncoderModel> = match model_type {
-        "bert" => Box::new(bert::Bert::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?),
-        "roberta" | "xlm-roberta" => {
-            Box::new(roberta::Roberta::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?)
+        "bert" => {
+            Box::new(bert::Bert::load(&config.parse_checked()?, vb, head, n, reduce).map_err(wrap)?)
         }
+        "roberta" | "xlm-roberta" => Box::new(
+            roberta::Roberta::load(&config.parse_checked()?, vb, head, n, reduce).map_err(wrap)?,
+        ),
         "distilbert" => Box::new(
-            distilbert::DistilBert::load(&config.parse()?, vb, head, n, reduce).map_err(wrap)?,
+            distilbert::DistilBert::load(&config.parse_checked()?, vb, head, n, reduce)
+                .map_err(wrap)?,
         ),
         "bart" => Box::new(
-            bart::BartForSequenceClassification::load(&config.parse()?, vb, n).map_err(wrap)?,
+            bart::BartForSequenceClassification::load(&config.parse_checked()?, vb, n)
+                .map_err(wrap)?,
         ),
         _ => unreachable!("checked against ENCODER_TYPES"),
     };

@@ -210,11 +210,11 @@ pub fn load_seq2seq(
     };
     let model: Box<dyn Seq2SeqLm> = match model_type {
         "bart" | "marian" => {
-            let cfg: BartConfig = config.parse()?;
+            let cfg: BartConfig = config.parse_checked()?;
             Box::new(BartForConditionalGeneration::load(&cfg, vb).map_err(wrap)?)
         }
         "t5" => {
-            let cfg: super::t5::T5Config = config.parse()?;
+            let cfg: super::t5::T5Config = config.parse_checked()?;
             Box::new(super::t5::T5ForConditionalGeneration::load(&cfg, vb).map_err(wrap)?)
         }
         _ => unreachable!("checked against SEQ2SEQ_TYPES"),

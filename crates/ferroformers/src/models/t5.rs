@@ -62,6 +62,19 @@ pub struct T5Config {
     pub n_positions: Option<usize>,
 }
 
+impl crate::config::CheckedConfig for T5Config {
+    /// T5's heads need not split `d_model` (its projections are `num_heads * d_kv` wide), but
+    /// neither may be 0.
+    fn check(&self) -> std::result::Result<(), String> {
+        for (name, v) in [("num_heads", self.num_heads), ("d_kv", self.d_kv)] {
+            if v == 0 {
+                return Err(format!("{name} is 0; it must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl T5Config {
     /// `(gated, activation)` from `feed_forward_proj` ("relu", "gated-gelu", "gated-silu", ...),
     /// as `T5Config.__init__` parses it ("gated-gelu" means the tanh GELU).

@@ -108,7 +108,18 @@ impl Input {
             }
             Value::Object(o) => {
                 let text = o.get("text").and_then(Value::as_str);
-                let pair = o.get("text_pair").and_then(Value::as_str);
+                // A `text_pair` that is there must be a string (null: none); a number or a
+                // list was dropped silently, running the text alone.
+                let pair = match o.get("text_pair") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(p)) => Some(p.as_str()),
+                    Some(other) => {
+                        return Err(Error::input(
+                            index,
+                            format!("`text_pair` must be a string, got `{other}`"),
+                        ))
+                    }
+                };
                 for k in o.keys() {
                     if k != "text" && k != "text_pair" {
                         return Err(Error::input(

@@ -1392,7 +1392,7 @@ impl Trainer {
     /// Write the model as `save_pretrained` does, plus `training_args.json` and
     /// `trainer_state.json`, into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
         let tensors = self
             .params
             .names

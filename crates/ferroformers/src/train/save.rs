@@ -54,7 +54,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    std::fs::write(path, out).map_err(|e| Error::write(path, e))
 }
 
 /// The base config with the trained head's class and labels: `architectures`, `id2label`,
@@ -102,7 +102,7 @@ pub fn config_json(cfg: &EncoderConfig, labels: &LabelSet, task: Task) -> Value 
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::invalid_file(path, e))?;
     s.push('\n');
-    std::fs::write(path, s).map_err(|e| Error::io(path, e))
+    std::fs::write(path, s).map_err(|e| Error::write(path, e))
 }
 
 /// Copy the tokenizer files of `from` into `to`.
@@ -110,8 +110,28 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
         let src = from.join(f);
         if src.is_file() {
-            std::fs::copy(&src, to.join(f)).map_err(|e| Error::io(&src, e))?;
+            let dst = to.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::write(&dst, e))?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A save that cannot write says so ("cannot read" it said, from the error for reads).
+    #[test]
+    fn a_failed_save_says_cannot_write() {
+        let file = std::env::temp_dir().join(format!("ff-save-verb-{}", std::process::id()));
+        std::fs::write(&file, "a file, not a folder").unwrap();
+        let inside = file.join("config.json");
+        let err = super::write_json(&inside, &serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            err.starts_with("cannot write `") && err.contains("config.json"),
+            "{err}"
+        );
+    }
 }
