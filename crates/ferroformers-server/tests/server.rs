@@ -1044,32 +1044,26 @@ fn generation_limits_are_refused_before_any_event() {
         post_json(&format!("{base}/v1/chat/completions"), body)
     };
     for stream in [false, true] {
+        let route = format!(
+            "{base}/{}",
+            if stream {
+                "generate_stream"
+            } else {
+                "generate"
+            }
+        );
         for (what, (status, body)) in [
             (
                 "/generate",
                 post_json(
-                    &format!(
-                        "{base}/{}",
-                        if stream {
-                            "generate_stream"
-                        } else {
-                            "generate"
-                        }
-                    ),
+                    &route,
                     json!({"inputs": "Hello there", "parameters": {"max_new_tokens": 100}}),
                 ),
             ),
             (
                 "overflowing max_new_tokens",
                 post_json(
-                    &format!(
-                        "{base}/{}",
-                        if stream {
-                            "generate_stream"
-                        } else {
-                            "generate"
-                        }
-                    ),
+                    &route,
                     json!({"inputs": "Hello there",
                            "parameters": {"max_new_tokens": u64::MAX}}),
                 ),

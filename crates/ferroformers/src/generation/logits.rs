@@ -172,8 +172,7 @@ impl LogitsProcessor {
                 // A temperature so small that a score over it overflows to infinity (1e-38 and
                 // below) would make the softmax NaN: the scores are then taken relative to the
                 // largest before dividing (the same distribution: all of it on the largest).
-                if let Some(before) = before.filter(|_| scores.iter().any(|&s| s == f32::INFINITY))
-                {
+                if let Some(before) = before.filter(|_| scores.contains(&f32::INFINITY)) {
                     let top = before.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     for (s, b) in scores.iter_mut().zip(before) {
                         *s = (b - top) / w.temperature;
