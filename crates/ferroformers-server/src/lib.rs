@@ -643,11 +643,28 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
         .route("/live", get(|| async { StatusCode::OK }))
         .route("/ready", get(ready))
         .fallback(|uri: Uri| async move {
-            ApiError::new(
+            let e = ApiError::new(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 format!("no route {}", uri.path()),
-            )
+            );
+            if uri.path().starts_with("/v1/") {
+                e.openai()
+            } else {
+                e
+            }
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
+            let e = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{} does not take {method} requests", uri.path()),
+            );
+            if uri.path().starts_with("/v1/") {
+                e.openai()
+            } else {
+                e
+            }
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
@@ -775,12 +792,14 @@ struct ErrorKind(&'static str);
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         let status = e.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "PayloadTooLarge"
-        } else {
-            "BadRequest"
-        };
-        ApiError::new(status, kind, e.body_text())
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(
+                status,
+                "PayloadTooLarge",
+                "the request body is larger than the server's limit (`--payload-limit` bytes)",
+            );
+        }
+        ApiError::new(status, "BadRequest", e.body_text())
     })
 }
 

@@ -39,14 +39,30 @@ pub(crate) async fn openai_embeddings(
             }
             None => return Err(ApiError::validation("missing field `input`")),
         };
-        let base64 = match v.get("encoding_format").and_then(Value::as_str) {
-            None | Some("float") => false,
-            Some("base64") => true,
+        let base64 = match v.get("encoding_format") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(f)) if f == "float" => false,
+            Some(Value::String(f)) if f == "base64" => true,
             Some(other) => {
                 return Err(ApiError::validation(format!(
-                    "`encoding_format` is float or base64, not `{other}`"
-                )))
+                    "`encoding_format` is float or base64, not {other}"
+                ))
+                .with_param("encoding_format"))
             }
+        };
+        // `dimensions` (OpenAI's shortened embeddings): only the model's own size is served,
+        // as vLLM answers for a model without Matryoshka training (checked once it is known).
+        let dimensions = match v.get("dimensions") {
+            None | Some(Value::Null) => None,
+            Some(d) => match d.as_u64().filter(|&d| d >= 1) {
+                Some(d) => Some(d as usize),
+                None => {
+                    return Err(ApiError::validation(format!(
+                        "`dimensions` must be a whole number >= 1, got {d}"
+                    ))
+                    .with_param("dimensions"))
+                }
+            },
         };
         // Counted before anything is tokenized: too many is a 413, as on TEI's routes.
         if texts.is_empty() {
@@ -68,6 +84,15 @@ pub(crate) async fn openai_embeddings(
         let mut params = Params::new();
         params.insert("normalize".into(), json!(true));
         let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;
+        if let (Some(d), Some(have)) = (dimensions, vecs.first().map(Vec::len)) {
+            if d != have {
+                return Err(ApiError::validation(format!(
+                    "`dimensions` {d} is not served: this model's embeddings have {have} \
+                     dimensions"
+                ))
+                .with_param("dimensions"));
+            }
+        }
         let data: Vec<Value> = vecs
             .iter()
             .enumerate()
@@ -144,8 +169,19 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
         // OpenAI samples from the whole vocabulary; transformers' default is top_k 50.
         p.insert("top_k".into(), json!(0));
     }
-    if let Some(seed) = num("seed")? {
-        p.insert("seed".into(), json!(seed as u64));
+    match v.get("seed") {
+        None | Some(Value::Null) => {}
+        Some(x) => match x.as_u64() {
+            Some(seed) => {
+                p.insert("seed".into(), json!(seed));
+            }
+            None => {
+                return Err(ApiError::validation(format!(
+                    "`seed` must be a whole number from 0 to 2^64 - 1, got {x}"
+                ))
+                .with_param("seed"))
+            }
+        },
     }
     match v.get("stop") {
         None | Some(Value::Null) => {}
@@ -393,7 +429,16 @@ pub(crate) async fn openai_generate(
     let best_of = best_of_of(&v, n)?;
     // As vLLM: with more candidates than choices (`best_of` > `n`), the answer comes whole
     // even when a stream was asked for (the ranking needs every candidate's end).
-    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false) && best_of == n;
+    let stream = match v.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(x) => {
+            return Err(
+                ApiError::validation(format!("`stream` must be true or false, got {x}"))
+                    .with_param("stream"),
+            )
+        }
+    } && best_of == n;
     // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
     let logprobs = match (kind, v.get("logprobs")) {
         (_, None | Some(Value::Null)) | (Kind::Chat, Some(Value::Bool(false))) => false,

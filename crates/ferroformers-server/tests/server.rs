@@ -1018,6 +1018,75 @@ fn bad_requests_get_status_codes_and_json_errors() {
     assert_eq!(status, 422);
     assert!(body["error"]["message"].as_str().unwrap().contains("input"));
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    // Values of the wrong type or range are refused, naming the field in `param`.
+    let chat = format!("{base}/v1/chat/completions");
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    for (url, body, field) in [
+        (
+            &chat,
+            json!({"messages": hi, "max_tokens": 2, "seed": -1}),
+            "seed",
+        ),
+        (
+            &chat,
+            json!({"messages": hi, "max_tokens": 2, "seed": 1.5}),
+            "seed",
+        ),
+        (
+            &chat,
+            json!({"messages": hi, "max_tokens": 2, "stream": "yes"}),
+            "stream",
+        ),
+        (
+            &format!("{base}/v1/embeddings"),
+            json!({"input": "a", "encoding_format": 5}),
+            "encoding_format",
+        ),
+        (
+            &format!("{base}/v1/embeddings"),
+            json!({"input": "a", "dimensions": 0}),
+            "dimensions",
+        ),
+        (
+            &format!("{base}/v1/embeddings"),
+            json!({"input": "a", "dimensions": 5}),
+            "dimensions",
+        ),
+    ] {
+        let (status, err) = post_json(url, body.clone());
+        assert_eq!(status, 422, "{body}: {err}");
+        assert_eq!(err["error"]["param"], field, "{body}: {err}");
+    }
+    // The model's own size is served.
+    let (status, _) = post_json(
+        &format!("{base}/v1/embeddings"),
+        json!({"input": "a", "dimensions": 32}),
+    );
+    assert_eq!(status, 200);
+    // An unknown /v1 route answers in OpenAI's shape; a route asked with another method gets
+    // a JSON 405.
+    let (status, body) = post_json(&format!("{base}/v1/nowhere"), json!({}));
+    assert_eq!(status, 404);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/nowhere"));
+    for (path, openai) in [("/embed", false), ("/v1/chat/completions", true)] {
+        let err = ureq::get(&format!("{base}{path}"))
+            .set("Authorization", &format!("Bearer {KEY}"))
+            .call()
+            .unwrap_err();
+        let ureq::Error::Status(405, resp) = err else {
+            panic!("{path}: {err:?}")
+        };
+        let body: Value = resp.into_json().unwrap();
+        let msg = if openai {
+            &body["error"]["message"]
+        } else {
+            &body["error"]
+        };
+        assert!(msg.as_str().unwrap().contains("GET"), "{path}: {body}");
+    }
     // Probes stay public.
     assert_eq!(
         ureq::get(&format!("{base}/health"))
