@@ -520,6 +520,7 @@ pub(crate) async fn openai_generate(
             prompt_tokens,
             completion_tokens,
             hit_limit: false,
+            stop_string: false,
         };
         return Ok(axum::Json(json!({
             "id": id, "object": object, "created": created, "model": name,
@@ -621,6 +622,7 @@ pub(crate) async fn openai_generate(
                         prompt_tokens: left.1,
                         completion_tokens: left.2,
                         hit_limit: false,
+                        stop_string: false,
                     };
                     let u = json!({"id": id, "object": chunk_object, "created": created,
                                    "model": name, "choices": [], "usage": usage_json(&total)});

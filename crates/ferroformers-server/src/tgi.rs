@@ -315,7 +315,13 @@ fn tgi_details(
     seed: Option<u64>,
 ) -> Value {
     json!({
-        "finish_reason": if usage.hit_limit { "length" } else { "eos_token" },
+        "finish_reason": if usage.hit_limit {
+            "length"
+        } else if usage.stop_string {
+            "stop_sequence"
+        } else {
+            "eos_token"
+        },
         "generated_tokens": usage.completion_tokens,
         "seed": seed,
     })

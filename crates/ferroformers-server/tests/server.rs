@@ -1171,6 +1171,22 @@ fn generation_limits_are_refused_before_any_event() {
         assert_eq!(status, 422, "{body}: {err}");
         assert!(err["error"].is_string(), "{err}");
     }
+    // TGI's finish reasons: its limit, one of its stop strings (the first tokens' own text).
+    let tgi = |params: Value| {
+        post_json(
+            &format!("{base}/generate"),
+            json!({"inputs": "Hello there", "parameters": params}),
+        )
+    };
+    let (_, first) = tgi(json!({"max_new_tokens": 3, "details": true}));
+    assert_eq!(first["details"]["finish_reason"], "length", "{first}");
+    let text = first["generated_text"].as_str().unwrap().to_string();
+    assert!(!text.trim().is_empty(), "{first}");
+    let (_, stopped) = tgi(json!({"max_new_tokens": 20, "details": true, "stop": [text]}));
+    assert_eq!(
+        stopped["details"]["finish_reason"], "stop_sequence",
+        "{stopped}"
+    );
     // Without max_tokens the default (256) is cut to what the window has left (TGI's and
     // vLLM's default), not refused.
     let (status, body) = post_json(

@@ -68,6 +68,9 @@ pub struct Usage {
     /// Generation stopped at its token limit (OpenAI's `finish_reason: "length"`), not at an
     /// end token or stop string.
     pub hit_limit: bool,
+    /// It stopped at one of the request's stop strings (TGI's `finish_reason:
+    /// "stop_sequence"`), not at an end token or its limit.
+    pub stop_string: bool,
 }
 
 /// Parse `{"messages": [{"role", "content"}, ..]}`.
@@ -452,6 +455,14 @@ impl TextGeneration {
                 prompt_tokens: prompt.len(),
                 completion_tokens: completion,
                 hit_limit: completion >= limit,
+                // Not its limit and not an end token: a stop string (or the caller's stop).
+                stop_string: completion < limit
+                    && !cfg.stop_strings.is_empty()
+                    && !cancelled.get()
+                    && seqs
+                        .first()
+                        .and_then(|s| s.last())
+                        .is_some_and(|t| !cfg.eos_token_id.contains(t)),
             },
         ))
     }
