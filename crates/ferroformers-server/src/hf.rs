@@ -110,7 +110,11 @@ pub(crate) async fn inference_model(
     if let Some(task) = task {
         let m = model(&state, Some(&id))?;
         let canonical = ferroformers::pipelines::registry::lookup(&task).map(|t| t.name);
-        if canonical.ok() != Some(m.task.as_str()) {
+        // A sentence-transformers model answers the Inference API's `feature-extraction` with
+        // its sentence embeddings, as the hosted API does for such models.
+        let embeds = m.task == "sentence-embeddings"
+            && canonical.as_deref().ok() == Some("feature-extraction");
+        if canonical.ok() != Some(m.task.as_str()) && !embeds {
             return Err(ApiError::validation(format!(
                 "`{id}` serves {}, not {task}",
                 m.task

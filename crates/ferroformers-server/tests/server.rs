@@ -1057,6 +1057,20 @@ fn bad_requests_get_status_codes_and_json_errors() {
         assert_eq!(status, 422, "{body}: {err}");
         assert_eq!(err["error"]["param"], field, "{body}: {err}");
     }
+    // A sentence-transformers model answers the Inference API's feature-extraction with its
+    // sentence embeddings (as the hosted API); another task stays a 422.
+    let st = fixture("minilm-st");
+    let (status, body) = post_json(
+        &format!("{base}/models/{st}/pipeline/feature-extraction"),
+        json!({"inputs": "a"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(floats(&body).len(), 32, "{body}");
+    let (status, _) = post_json(
+        &format!("{base}/models/{st}/pipeline/text-classification"),
+        json!({"inputs": "a"}),
+    );
+    assert_eq!(status, 422);
     // The model's own size is served.
     let (status, _) = post_json(
         &format!("{base}/v1/embeddings"),
