@@ -759,8 +759,14 @@ impl From<ferroformers::Error> for ApiError {
             }
             _ => None,
         };
-        let mut out = ApiError::new(status, kind, e.to_string());
-        out.param = param;
+        let mut message = e.to_string();
+        // TGI's `frequency_penalty` runs as the pipeline's `tgi_frequency_penalty`: errors
+        // name it as the request did.
+        if param.as_deref() == Some("tgi_frequency_penalty") {
+            message = message.replace("tgi_frequency_penalty", "frequency_penalty");
+        }
+        let mut out = ApiError::new(status, kind, message);
+        out.param = param.map(|p| p.replace("tgi_frequency_penalty", "frequency_penalty"));
         out
     }
 }

@@ -1185,6 +1185,17 @@ fn generation_limits_are_refused_before_any_event() {
         assert_eq!(status, 422, "{body}: {err}");
         assert!(err["error"].is_string(), "{err}");
     }
+    // TGI's frequency_penalty is named as the request named it.
+    let (status, body) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "hi", "parameters": {"max_new_tokens": 2, "frequency_penalty": 9}}),
+    );
+    assert_eq!(status, 422, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("`frequency_penalty`") && !msg.contains("tgi_"),
+        "{msg}"
+    );
     // TGI's finish reasons: its limit, one of its stop strings (the first tokens' own text).
     let tgi = |params: Value| {
         post_json(
