@@ -16,6 +16,17 @@ pub(crate) fn logprob_entry(
     json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top})
 }
 
+/// The body's `model`: absent or null (the default), else a string.
+fn model_name(v: &Value) -> Result<Option<&str>, ApiError> {
+    match v.get("model") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(x) => Err(
+            ApiError::validation(format!("`model` must be a string, got {x}")).with_param("model"),
+        ),
+    }
+}
+
 /// OpenAI `/v1/embeddings`: `{input, model, encoding_format}`.
 pub(crate) async fn openai_embeddings(
     State(state): State<Arc<AppState>>,
@@ -24,7 +35,7 @@ pub(crate) async fn openai_embeddings(
 ) -> Result<Response, ApiError> {
     let inner = async {
         let v = json_body(&headers, body)?;
-        let m = embedder(&state, v.get("model").and_then(Value::as_str))?;
+        let m = embedder(&state, model_name(&v)?)?;
         let index = index_of(&state, m);
         let texts: Vec<String> = match v.get("input") {
             Some(Value::String(s)) => vec![s.clone()],
@@ -361,11 +372,15 @@ pub(crate) fn chat_input(v: &Value) -> Result<Input, ApiError> {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => parts
                 .iter()
+                .enumerate()
                 .map(
-                    |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    |(j, p)| match (p.get("type").and_then(Value::as_str), p.get("text")) {
                         (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                        (Some("text"), _) => Err(ApiError::validation(format!(
+                            "messages[{i}].content[{j}] is a text part without a `text` string"
+                        ))),
                         _ => Err(ApiError::validation(format!(
-                            "messages[{i}]: only text content parts are supported"
+                            "messages[{i}].content[{j}]: only text content parts are supported"
                         ))),
                     },
                 )
@@ -403,7 +418,7 @@ pub(crate) async fn openai_generate(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let v = json_body(&headers, body)?;
-    let m = generator(&state, v.get("model").and_then(Value::as_str))?;
+    let m = generator(&state, model_name(&v)?)?;
     let index = index_of(&state, m);
     let name = m.id.clone();
     let input = match kind {

@@ -1038,6 +1038,16 @@ fn bad_requests_get_status_codes_and_json_errors() {
             "stream",
         ),
         (
+            &chat,
+            json!({"messages": hi, "max_tokens": 2, "model": 5}),
+            "model",
+        ),
+        (
+            &chat,
+            json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+            "",
+        ),
+        (
             &format!("{base}/v1/embeddings"),
             json!({"input": "a", "encoding_format": 5}),
             "encoding_format",
@@ -1055,7 +1065,15 @@ fn bad_requests_get_status_codes_and_json_errors() {
     ] {
         let (status, err) = post_json(url, body.clone());
         assert_eq!(status, 422, "{body}: {err}");
-        assert_eq!(err["error"]["param"], field, "{body}: {err}");
+        if field.is_empty() {
+            let msg = err["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.contains("content[0]") && msg.contains("`text`"),
+                "{msg}"
+            );
+        } else {
+            assert_eq!(err["error"]["param"], field, "{body}: {err}");
+        }
     }
     // A sentence-transformers model answers the Inference API's feature-extraction with its
     // sentence embeddings (as the hosted API); another task stays a 422.
