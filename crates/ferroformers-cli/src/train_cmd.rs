@@ -299,6 +299,9 @@ fn train_and_save(a: TrainArgs) -> Result<(), String> {
     one_candle_thread();
     let mut trainer = Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta)
         .map_err(|e| e.to_string())?;
+    for w in &trainer.warnings {
+        eprintln!("warning: {w}");
+    }
     // Hidden when stderr is not a terminal; log lines go through the bar so they do not
     // tear it.
     let bar = indicatif::ProgressBar::new(0);

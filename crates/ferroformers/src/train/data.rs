@@ -582,15 +582,148 @@ fn raw_label(v: &Value, from_text: bool) -> Option<RawLabel> {
     }
 }
 
+/// The label names a raw label holds (an integer as its digits; none for a float).
+fn label_names(l: &RawLabel) -> Vec<String> {
+    match l {
+        RawLabel::Name(n) => vec![n.clone()],
+        RawLabel::Int(i) => vec![i.to_string()],
+        RawLabel::Float(_) => Vec::new(),
+        RawLabel::List(v) => v.clone(),
+    }
+}
+
+/// A label as the file wrote it, as JSON (`"positive"`, `7`, `["a","b"]`).
+pub fn label_json(l: &RawLabel) -> String {
+    match l {
+        RawLabel::Name(n) => Value::String(n.clone()).to_string(),
+        RawLabel::Int(i) => i.to_string(),
+        RawLabel::Float(f) => json!(f).to_string(),
+        RawLabel::List(v) => json!(v).to_string(),
+    }
+}
+
+/// The error for training labels that do not fit the base model's classifier (`rows`
+/// classes, named `model_names` when the config names one per row): the labels the model
+/// lacks, each with the line it first appears on (or the model's labels the data lacks), both
+/// label sets, and the way out (`--ignore-mismatched-sizes`).
+pub fn head_mismatch_error(
+    path: &Path,
+    ex: &[(usize, &RawLabel)],
+    set: &LabelSet,
+    model_names: &[String],
+    rows: usize,
+) -> Error {
+    let model_names: Vec<String> = if model_names.len() == rows {
+        model_names.to_vec()
+    } else {
+        (0..rows).map(|i| format!("LABEL_{i}")).collect()
+    };
+    let ints = ex.iter().any(|(_, l)| matches!(l, RawLabel::Int(_)));
+    let has = |n: &str| {
+        if ints {
+            n.parse::<usize>().is_ok_and(|i| i < rows)
+        } else {
+            model_names.iter().any(|m| m == n)
+        }
+    };
+    let mut missing: Vec<(String, usize)> = Vec::new();
+    for &(line, l) in ex {
+        for n in label_names(l) {
+            if !has(&n) && !missing.iter().any(|(m, _)| *m == n) {
+                missing.push((n, line));
+            }
+        }
+    }
+    let model = if ints {
+        let named: Vec<String> = model_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i} {n}"))
+            .collect();
+        format!("{rows} classes (ids {})", named.join(", "))
+    } else {
+        format!("{rows} labels ({})", model_names.join(", "))
+    };
+    let data = if ints {
+        format!(
+            "{} classes (ids 0-{})",
+            set.names.len(),
+            set.names.len() - 1
+        )
+    } else {
+        format!("{} labels ({})", set.names.len(), set.names.join(", "))
+    };
+    let fix = "--ignore-mismatched-sizes trains a fresh head for the data's labels";
+    match missing.split_first() {
+        Some(((first, line), rest)) => {
+            let also = if rest.is_empty() {
+                String::new()
+            } else {
+                let more: Vec<String> = rest
+                    .iter()
+                    .take(5)
+                    .map(|(n, l)| format!("`{n}` on line {l}"))
+                    .collect();
+                let etc = if rest.len() > 5 { ", ..." } else { "" };
+                format!(" (also {}{etc})", more.join(", "))
+            };
+            err(
+                path,
+                *line,
+                format!(
+                    "label `{first}`{also} is not one of the model's labels: the model's \
+                     classifier has {model}, the data has {data}; {fix}"
+                ),
+            )
+        }
+        None => {
+            let absent: Vec<&str> = model_names
+                .iter()
+                .filter(|m| !set.names.contains(m))
+                .map(String::as_str)
+                .collect();
+            Error::invalid_file(
+                path,
+                format!(
+                    "the data has {data}, the model's classifier has {model} (never in the \
+                     data: {}); {fix}",
+                    absent.join(", ")
+                ),
+            )
+        }
+    }
+}
+
 impl LabelSet {
     /// The labels of the training examples: names sorted (as HF's `run_classification` and
     /// `run_ner`; the base model's order when it has exactly these names, so its head goes on
     /// meaning what it meant), integers as ids (names from `base_names` when it has one per id,
     /// else `LABEL_i`), floats as regression, lists as multi-label. Mixed kinds are an error
     /// naming the line.
+    /// Fewer than two distinct labels is an error, as in `run_classification` ("You need more
+    /// than one label to do classification").
     pub fn from_examples(path: &Path, ex: &[Example], base_names: &[String]) -> Result<Self> {
         let labels: Vec<(usize, &RawLabel)> = ex.iter().map(|e| (e.line, &e.label)).collect();
-        Self::from_labels(path, &labels, base_names)
+        let set = Self::from_labels(path, &labels, base_names)?;
+        if set.problem != Problem::Regression {
+            let distinct: BTreeSet<String> =
+                labels.iter().flat_map(|(_, l)| label_names(l)).collect();
+            if distinct.len() < 2 {
+                let only = distinct
+                    .iter()
+                    .next()
+                    .map_or("no label".to_string(), |l| format!("the label `{l}`"));
+                return Err(err(
+                    path,
+                    ex[0].line,
+                    format!(
+                        "every example has {only}: classification needs at least two \
+                         distinct labels"
+                    ),
+                ));
+            }
+        }
+        Ok(set)
     }
 
     /// The tag set of token-classification examples (as [`LabelSet::from_examples`]).
@@ -696,6 +829,42 @@ impl LabelSet {
                 })
             }
         }
+    }
+
+    /// The warning HF's `run_glue`/`run_ner` print when the base model names its labels and
+    /// they are not the data's: both label sets, and what training does with the model's
+    /// head (`fresh_head`: a new one; else its rows now stand for the data's labels).
+    pub fn base_mismatch_warning(&self, base_names: &[String], fresh_head: bool) -> Option<String> {
+        let base_is_named = base_names
+            .iter()
+            .enumerate()
+            .any(|(i, n)| *n != format!("LABEL_{i}"));
+        if self.problem == Problem::Regression || !base_is_named || self.names == base_names {
+            return None;
+        }
+        let done = if fresh_head {
+            "a fresh classifier head is trained for the data's labels".to_string()
+        } else {
+            let rows: Vec<String> = self
+                .names
+                .iter()
+                .zip(base_names)
+                .enumerate()
+                .map(|(i, (n, b))| format!("{i} {b} -> {n}"))
+                .collect();
+            format!(
+                "the classifier's {} rows are trained as the data's labels, in sorted order \
+                 ({}), and saved with those names",
+                self.names.len(),
+                rows.join(", ")
+            )
+        };
+        Some(format!(
+            "the model's labels ({}) don't match the data's ({}): the model's labels are \
+             ignored; {done}",
+            base_names.join(", "),
+            self.names.join(", ")
+        ))
     }
 
     /// The target of one example of `path` (training or evaluation file): a label the

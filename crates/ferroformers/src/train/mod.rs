@@ -449,6 +449,9 @@ pub struct Trainer {
     resume: Option<Resume>,
     /// The best evaluation so far: metric value, step, and its checkpoint once written.
     pub best: Option<(f64, usize, Option<PathBuf>)>,
+    /// What HF warns about when setting up the same run (the base model's labels are not the
+    /// data's); the CLI prints them on stderr.
+    pub warnings: Vec<String>,
 }
 
 fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
@@ -639,9 +642,13 @@ impl Trainer {
             tokenizer.set_max_length(max_length)?;
         }
         let cols = &args.columns;
+        // The training labels with their lines, for the error when they do not fit the base
+        // model's head.
+        let mut label_lines: Vec<(usize, data::RawLabel)> = Vec::new();
         let (labels, train, eval, qa_eval) = match task {
             Task::TextClassification => {
                 let train_ex = data::read_examples(train_file, cols)?;
+                label_lines = train_ex.iter().map(|e| (e.line, e.label.clone())).collect();
                 let eval_ex = match eval_file {
                     Some(p) => Some((p, data::read_examples(p, cols)?)),
                     None => None,
@@ -656,6 +663,10 @@ impl Trainer {
             }
             Task::TokenClassification => {
                 let train_ex = data::read_token_examples(train_file, cols)?;
+                label_lines = train_ex
+                    .iter()
+                    .flat_map(|e| e.tags.iter().map(|t| (e.line, t.clone())))
+                    .collect();
                 let eval_ex = match eval_file {
                     Some(p) => Some((p, data::read_token_examples(p, cols)?)),
                     None => None,
@@ -690,7 +701,7 @@ impl Trainer {
         };
         let mut rng = Rng::new(args.seed);
         let device = training_device(&args.device)?;
-        let params = Params::load(
+        let params = match Params::load(
             &model_dir,
             &cfg,
             task,
@@ -698,7 +709,27 @@ impl Trainer {
             args.ignore_mismatched_sizes,
             &mut rng,
             &device,
-        )?;
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // A head for another number of labels: say which labels do not fit.
+                return Err(match cfg.stored_head_labels(&model_dir, task) {
+                    Some(rows) if rows != labels.names.len() && !label_lines.is_empty() => {
+                        let lines: Vec<(usize, &data::RawLabel)> =
+                            label_lines.iter().map(|(l, x)| (*l, x)).collect();
+                        data::head_mismatch_error(train_file, &lines, &labels, &base_names, rows)
+                    }
+                    _ => e,
+                });
+            }
+        };
+        let mut warnings = Vec::new();
+        if task != Task::QuestionAnswering {
+            let fresh_head = cfg
+                .label_head(task)
+                .is_some_and(|h| params.fresh.contains(&h));
+            warnings.extend(labels.base_mismatch_warning(&base_names, fresh_head));
+        }
         let dropout = Dropout::new(rng.fork());
         Ok(Trainer {
             task,
@@ -718,6 +749,7 @@ impl Trainer {
             global_step: 0,
             resume: None,
             best: None,
+            warnings,
         })
     }
 
