@@ -751,7 +751,9 @@ impl LabelSet {
                     path,
                     line,
                     format!(
-                        "label {label:?} is of another kind than line {first_line}'s {first:?}"
+                        "label {} is of another kind than line {first_line}'s {}",
+                        label_json(label),
+                        label_json(first)
                     ),
                 ));
             }
@@ -877,7 +879,11 @@ impl LabelSet {
     pub fn tag_id(&self, path: &Path, line: usize, tag: &RawLabel) -> Result<u32> {
         match self.label_target(path, line, tag)? {
             Target::Class(c) => Ok(c),
-            _ => Err(err(path, line, format!("tag {tag:?} is not a class"))),
+            _ => Err(err(
+                path,
+                line,
+                format!("tag {} is not a class", label_json(tag)),
+            )),
         }
     }
 
@@ -919,13 +925,17 @@ impl LabelSet {
             (Problem::Regression, other) => Err(err(
                 path,
                 line,
-                format!("regression needs a number as label, not {other:?}"),
+                format!(
+                    "regression needs a number as label, not {}",
+                    label_json(other)
+                ),
             )),
             (p, other) => Err(err(
                 path,
                 line,
                 format!(
-                    "label {other:?} does not fit the training labels ({})",
+                    "label {} does not fit the training labels ({})",
+                    label_json(other),
                     p.name()
                 ),
             )),
@@ -1008,5 +1018,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2"), "{e}");
+        // Labels as JSON, not Rust's Debug (`List(["x"])`, `Name("positive")`).
+        let p = tmp(
+            "g.jsonl",
+            "{\"text\": \"a\", \"label\": \"positive\"}\n{\"text\": \"b\", \"label\": [\"x\"]}\n",
+        );
+        let ex = read_examples(&p, &Columns::default()).unwrap();
+        let e = LabelSet::from_examples(&p, &ex, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("label [\"x\"] is of another kind than line 1's \"positive\""),
+            "{e}"
+        );
+        let set = LabelSet {
+            problem: Problem::Regression,
+            names: vec!["LABEL_0".into()],
+        };
+        let e = set.target(&p, &ex[1]).unwrap_err().to_string();
+        assert!(e.contains("not [\"x\"]") && !e.contains("List"), "{e}");
     }
 }
