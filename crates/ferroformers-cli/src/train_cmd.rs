@@ -276,6 +276,24 @@ fn check_output(output: &Path) -> Result<bool, String> {
     Ok(made)
 }
 
+/// A library error as the command line says it: a `TrainingArguments` field that is one of
+/// `train`'s options is named by its option (`--per-device-eval-batch-size`, not
+/// `per_device_eval_batch_size`).
+fn cli_error(e: ferroformers::Error) -> String {
+    use clap::CommandFactory;
+    if let ferroformers::Error::InvalidParameter { name, detail } = &e {
+        let flag = name.replace('_', "-");
+        let cli = crate::Cli::command();
+        let is_option = cli
+            .find_subcommand("train")
+            .is_some_and(|t| t.get_arguments().any(|a| a.get_long() == Some(&flag)));
+        if is_option {
+            return format!("invalid value for --{flag}: {detail}");
+        }
+    }
+    e.to_string()
+}
+
 /// Train, save; progress on stderr.
 pub fn train(a: TrainArgs) -> Result<(), String> {
     let output = a.output.clone();
@@ -297,8 +315,8 @@ fn train_and_save(a: TrainArgs) -> Result<(), String> {
     let (model, output, resume) = (&a.model, &a.output, a.resume_from_checkpoint.clone());
     crate::keep_freed_memory();
     one_candle_thread();
-    let mut trainer = Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta)
-        .map_err(|e| e.to_string())?;
+    let mut trainer =
+        Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta).map_err(cli_error)?;
     for w in &trainer.warnings {
         eprintln!("warning: {w}");
     }
@@ -360,12 +378,10 @@ fn train_and_save(a: TrainArgs) -> Result<(), String> {
         } else {
             PathBuf::from(r)
         };
-        trainer
-            .resume_from_checkpoint(&dir)
-            .map_err(|e| e.to_string())?;
+        trainer.resume_from_checkpoint(&dir).map_err(cli_error)?;
         eprintln!("resuming from {}", dir.display());
     }
-    trainer.train(&mut on_event).map_err(|e| e.to_string())?;
+    trainer.train(&mut on_event).map_err(cli_error)?;
     bar.finish();
     trainer.save(output).map_err(|e| e.to_string())?;
     eprintln!("saved to {}", output.display());

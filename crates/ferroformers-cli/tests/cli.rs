@@ -655,6 +655,65 @@ fn train_then_run_the_saved_model() {
     assert!(err.contains("'fast' for '--learning-rate"), "{err}");
 }
 
+/// A bad option value names that option as the command line spells it (a zero eval batch
+/// size blamed --per-device-train-batch-size, a negative --max-grad-norm weight_decay), and
+/// `--stream` with num_return_sequences names num_return_sequences.
+#[test]
+fn bad_values_name_their_own_option() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-train-names-{}", std::process::id()));
+    for (flag, value, wrong) in [
+        (
+            "--per-device-eval-batch-size",
+            "0",
+            "per_device_train_batch_size",
+        ),
+        ("--per-device-train-batch-size", "0", "eval"),
+        ("--max-grad-norm", "-1", "weight_decay"),
+        ("--weight-decay", "-1", "max_grad_norm"),
+    ] {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag}: {err}");
+        assert!(
+            err.contains(&format!("invalid value for {flag}:")) && !err.contains(wrong),
+            "{flag}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let gpt2 =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/models/gpt2");
+    let o = ff(&[
+        "run",
+        "text-generation",
+        "--model",
+        gpt2.to_str().unwrap(),
+        "--stream",
+        "--param",
+        "num_return_sequences=2",
+        "Hi",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("`num_return_sequences`") && !err.contains("num_beams"),
+        "{err}"
+    );
+}
+
 /// `--output` that cannot take the model (a file, a folder that cannot be made) is refused
 /// before training, naming `--output` (the whole training ran, then saving failed with
 /// "cannot read").

@@ -208,11 +208,19 @@ impl TrainingArguments {
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps", "must be at least 1".into());
         }
-        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
-            return bad(
+        for (name, size) in [
+            (
                 "per_device_train_batch_size",
-                "batch sizes must be at least 1".into(),
-            );
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+        ] {
+            if size == 0 {
+                return bad(name, "must be at least 1, not 0".into());
+            }
         }
         if self.max_steps.is_none()
             && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
@@ -228,11 +236,13 @@ impl TrainingArguments {
                 format!("{} is not in [0, 1)", self.warmup_ratio),
             );
         }
-        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
-            return bad(
-                "weight_decay",
-                "weight decay and max_grad_norm must not be negative".into(),
-            );
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if v < 0.0 || v.is_nan() {
+                return bad(name, format!("{v} is not 0 or more"));
+            }
         }
         if self.load_best_model_at_end {
             let eval = self.eval_strategy.unwrap_or(EvalStrategy::Epoch);
