@@ -425,6 +425,60 @@ fn jsonl_text_pair_that_is_not_a_string() {
     }
 }
 
+/// An `--input` file's problems name the file and line: an input the pipeline refuses (an
+/// empty text on line 3 was `invalid input #0`, counted within its group of inputs), bytes
+/// that are not UTF-8, UTF-16 text; a UTF-8 byte-order mark is skipped (it was `not JSON`).
+#[test]
+fn jsonl_input_problems_name_the_line() {
+    let m = fixture("bert-seqcls");
+    let dir = std::env::temp_dir().join(format!("ff-cli-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, body: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        ff(&[
+            "run",
+            "text-classification",
+            "--model",
+            &m,
+            "--input",
+            p.to_str().unwrap(),
+        ])
+    };
+    let o = run(
+        "bom.jsonl",
+        b"\xef\xbb\xbf{\"text\":\"good\"}\n{\"text\":\"bad\"}\n",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o).len(), 2);
+    for (name, body, want) in [
+        (
+            "empty.jsonl",
+            &b"{\"text\":\"a\"}\n{\"text\":\"b\"}\n{\"text\":\"\"}\n"[..],
+            "empty.jsonl` line 3: the text is empty",
+        ),
+        (
+            "latin1.jsonl",
+            &b"{\"text\":\"a\"}\n{\"text\":\"caf\xe9\"}\n"[..],
+            "line 2: not UTF-8 text (an invalid byte at column 13)",
+        ),
+        (
+            "utf16.jsonl",
+            &b"\xff\xfe{\x00}\x00\n\x00"[..],
+            "is UTF-16 text",
+        ),
+    ] {
+        let o = run(name, body);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: {err}");
+        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+    }
+    let o = ff(&["run", "text-classification", "--model", &m, "a", "b", ""]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid input #2: the text is empty"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]
