@@ -170,9 +170,42 @@ pub fn read_examples(path: &Path, cols: &Columns) -> Result<Vec<Example>> {
         .collect()
 }
 
+/// A data file's text: a UTF-8 byte-order mark at its start is skipped (as HF datasets'
+/// readers skip it); UTF-16 or bytes that are not UTF-8 are an error naming the line.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => rest.to_vec(),
+        None => bytes,
+    };
+    if bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff") {
+        return Err(Error::invalid_file(
+            path,
+            "UTF-16 text (it starts with a UTF-16 byte-order mark): training data must be UTF-8",
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
+        err(
+            path,
+            line,
+            format!(
+                "not UTF-8 text (an invalid byte at column {column}): training data must be UTF-8"
+            ),
+        )
+    })
+}
+
 /// The rows of a data file with their line numbers; an empty file is an error.
 fn read_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -290,7 +323,7 @@ pub fn read_token_examples(path: &Path, cols: &Columns) -> Result<Vec<TokenExamp
 /// question in HF datasets' layout (`answers: {"text": [..], "answer_start": [..]}`). Answer
 /// starts count characters; an answer that is not the context's text at its start is an error.
 pub fn read_qa_examples(path: &Path, cols: &Columns) -> Result<Vec<QaExample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let context_col = cols.text_pair.as_deref().unwrap_or("context");
     let mut out = Vec::new();
     if text.trim_start().starts_with('{') {
@@ -1037,5 +1070,38 @@ mod tests {
         };
         let e = set.target(&p, &ex[1]).unwrap_err().to_string();
         assert!(e.contains("not [\"x\"]") && !e.contains("List"), "{e}");
+    }
+
+    #[test]
+    fn byte_order_marks_and_bad_bytes() {
+        // A UTF-8 BOM is skipped: JSONL line 1 and a CSV header's first column read as
+        // without it (they were `not JSON` and `no \`text\` column`).
+        let p = tmp(
+            "bom.jsonl",
+            "\u{feff}{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n",
+        );
+        assert_eq!(read_examples(&p, &Columns::default()).unwrap().len(), 2);
+        let p = tmp("bom.csv", "\u{feff}text,label\na,x\nb,y\n");
+        assert_eq!(read_examples(&p, &Columns::default()).unwrap()[0].text, "a");
+        let dir = p.parent().unwrap();
+        let bad = dir.join("latin1.jsonl");
+        std::fs::write(
+            &bad,
+            b"{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"caf\xe9\"}\n",
+        )
+        .unwrap();
+        let e = read_examples(&bad, &Columns::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("latin1.jsonl") && e.contains("line 2") && e.contains("column 14"),
+            "{e}"
+        );
+        let u16 = dir.join("utf16.jsonl");
+        std::fs::write(&u16, b"\xff\xfe{\x00}\x00").unwrap();
+        let e = read_examples(&u16, &Columns::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("UTF-16"), "{e}");
     }
 }
