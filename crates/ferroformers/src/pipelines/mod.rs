@@ -591,8 +591,19 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
 }
 
-pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
+pub fn load_common(opts: &PipelineOptions, model: &str, task: &str) -> Result<Loaded> {
     let model_dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
+    if let Some(gguf) = crate::generation::gguf_file(&model_dir) {
+        // A GGUF file (or a repo of them) is a text-generation model here; the other tasks
+        // read transformers' folders (config.json was "missing" for a GGUF repo).
+        return Err(Error::InvalidFile {
+            path: gguf,
+            detail: format!(
+                "a GGUF model: {task} does not load GGUF files (only text-generation does); \
+                 give a model folder with config.json and safetensors or PyTorch weights"
+            ),
+        });
+    }
     if !model_dir.is_dir() {
         return Err(Error::InvalidFile {
             path: model_dir,
@@ -685,7 +696,7 @@ pub struct EncoderRunner {
 
 impl EncoderRunner {
     pub fn load(opts: &PipelineOptions, model: &str, head: Head, task: &str) -> Result<Self> {
-        let loaded = load_common(opts, model)?;
+        let loaded = load_common(opts, model, task)?;
         let int8 = opts.quantize == Some(Quantize::Int8);
         let enc = models::load_encoder(
             &loaded.model_dir,

@@ -172,7 +172,7 @@ impl Text2Text {
                 })
             }
         };
-        let loaded = load_common(opts, model)?;
+        let loaded = load_common(opts, model, task)?;
         let resolved = resolve_task(task, &loaded.config)?;
         let lm = load_seq2seq(
             &loaded.model_dir,
