@@ -36,9 +36,10 @@ pub struct TrainArgs {
     /// [default: 3]
     #[arg(long, allow_negative_numbers = true)]
     num_train_epochs: Option<f64>,
-    /// Stop after this many optimizer steps (overrides the epochs).
+    /// Stop after this many optimizer steps (overrides the epochs); 0 or below (HF's default
+    /// -1) trains --num-train-epochs.
     #[arg(long, allow_negative_numbers = true)]
-    max_steps: Option<usize>,
+    max_steps: Option<i64>,
     /// [default: 8]
     #[arg(long, allow_negative_numbers = true)]
     per_device_train_batch_size: Option<usize>,
@@ -213,7 +214,10 @@ impl TrainArgs {
         set(&mut ta.device, &self.device);
         set(&mut ta.columns.text, &self.text_column);
         set(&mut ta.columns.label, &self.label_column);
-        ta.max_steps = self.max_steps.or(ta.max_steps);
+        if let Some(m) = self.max_steps {
+            // HF: max_steps <= 0 means "train num_train_epochs".
+            ta.max_steps = usize::try_from(m).ok().filter(|&m| m > 0);
+        }
         ta.max_length = self.max_length.or(ta.max_length);
         ta.eval_strategy = self.eval_strategy.or(ta.eval_strategy);
         ta.save_total_limit = self.save_total_limit.or(ta.save_total_limit);

@@ -768,6 +768,51 @@ fn bad_values_name_their_own_option() {
     );
 }
 
+/// `--max-steps 0` and `-1` (HF's default) train --num-train-epochs, as HF's `max_steps <= 0`
+/// does (0 trained no step and saved the untrained model; -1 was refused).
+#[test]
+fn max_steps_zero_or_below_trains_the_epochs() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-max-steps-{}", std::process::id()));
+    let mut seen = Vec::new();
+    for max_steps in ["0", "-1", "2"] {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--num-train-epochs",
+            "1",
+            "--save-strategy",
+            "no",
+            "--max-steps",
+            max_steps,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{max_steps}: {err}");
+        let steps: usize = err
+            .lines()
+            .find_map(|l| l.strip_prefix("training on ")?.split(", ").nth(1))
+            .and_then(|s| s.strip_suffix(" steps")?.parse().ok())
+            .unwrap_or_else(|| panic!("{max_steps}: {err}"));
+        seen.push(steps);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    // seqcls.jsonl: one epoch of 8-example batches.
+    assert!(
+        seen[0] > 0 && seen[0] == seen[1] && seen[2] == 2,
+        "{seen:?}"
+    );
+    let o = ff(&["train", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 or below (HF's default -1)"));
+}
+
 /// `--output` that cannot take the model (a file, a folder that cannot be made) is refused
 /// before training, naming `--output` (the whole training ran, then saving failed with
 /// "cannot read").

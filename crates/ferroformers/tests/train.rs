@@ -782,6 +782,29 @@ fn labels_that_do_not_fit_the_model_are_named() {
     }
 }
 
+/// `max_steps` 0 trains the epochs, as HF's `max_steps <= 0` does (it trained no step and
+/// saved the untrained model).
+#[test]
+fn max_steps_zero_trains_the_epochs() {
+    let init = train_dir().join("bert-seqcls-init");
+    let file = train_dir().join("seqcls.jsonl");
+    let steps = |max_steps| {
+        let args = TrainingArguments {
+            max_steps,
+            num_train_epochs: 2.0,
+            per_device_train_batch_size: 4,
+            ..TrainingArguments::default()
+        };
+        Trainer::new(init.to_str().unwrap(), &file, None, args)
+            .unwrap()
+            .total_steps()
+    };
+    let epochs = steps(None);
+    assert!(epochs > 0);
+    assert_eq!(steps(Some(0)), epochs);
+    assert_eq!(steps(Some(3)), 3);
+}
+
 /// Words through XLM-RoBERTa's SentencePiece tokenizer (`Metaspace`: each word starts a new
 /// piece) as HF's `tokenizer(words, is_split_into_words=True)` gives them (transformers 4.57.1 on
 /// the xlm-roberta-seqcls fixture): the ids and each token's word.

@@ -92,7 +92,8 @@ pub struct TrainingArguments {
     pub output_dir: PathBuf,
     pub learning_rate: f64,
     pub num_train_epochs: f64,
-    /// When set, the number of optimizer steps (overrides the epochs).
+    /// When set and above 0, the number of optimizer steps (overrides the epochs); `Some(0)`
+    /// trains `num_train_epochs`, as HF's `max_steps <= 0` does.
     pub max_steps: Option<usize>,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
@@ -222,7 +223,7 @@ impl TrainingArguments {
                 return bad(name, "must be at least 1, not 0".into());
             }
         }
-        if self.max_steps.is_none()
+        if self.max_steps.unwrap_or(0) == 0
             && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return bad(
@@ -967,8 +968,8 @@ impl Trainer {
     /// Optimizer steps in all (HF: `ceil(steps per epoch * epochs)`, or `max_steps`).
     pub fn total_steps(&self) -> usize {
         match self.args.max_steps {
-            Some(m) => m,
-            None => (self.steps_per_epoch() as f64 * self.args.num_train_epochs).ceil() as usize,
+            Some(m) if m > 0 => m,
+            _ => (self.steps_per_epoch() as f64 * self.args.num_train_epochs).ceil() as usize,
         }
     }
 
