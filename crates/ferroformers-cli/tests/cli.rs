@@ -479,6 +479,85 @@ fn jsonl_input_problems_name_the_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Where HF warns and the options are accepted, a warning on stderr, once, and stdout as
+/// without it: min_new_tokens above max_new_tokens, --gguf-math on a model that is not GGUF,
+/// and (when the SmolLM2 GGUF is in the HF cache) --tokenizer and --dtype bf16 with a GGUF
+/// model on CPU. They were silent.
+#[test]
+fn ignored_or_unfeasible_options_warn_once() {
+    let gpt2 =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/models/gpt2");
+    let gpt2 = gpt2.to_str().unwrap();
+    let warnings = |o: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let gen = [
+        "run",
+        "text-generation",
+        "--model",
+        gpt2,
+        "--param",
+        "do_sample=false",
+        "--param",
+        "max_new_tokens=2",
+    ];
+    let mut args = gen.to_vec();
+    args.extend(["--param", "min_new_tokens=5", "a", "b"]);
+    let o = ff(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o).len(), 2);
+    let w = warnings(&o);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("min_new_tokens (5) is larger than max_new_tokens (2)"),
+        "{w:?}"
+    );
+
+    let m = fixture("bert-seqcls");
+    let plain = ff(&["run", "text-classification", "--model", &m, "a"]);
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--gguf-math",
+        "exact",
+        "a",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, plain.stdout);
+    let w = warnings(&o);
+    assert!(
+        w.len() == 1 && w[0].contains("--gguf-math is ignored"),
+        "{w:?}"
+    );
+
+    const GGUF: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if ferroformers::hub::resolve(GGUF, None).is_err() {
+        eprintln!("skipped the GGUF part: {GGUF} is not in the HF cache");
+        return;
+    }
+    let mut args = gen.to_vec();
+    args[3] = GGUF;
+    args.push("Hi");
+    let plain = ff(&args);
+    args.extend(["--tokenizer", gpt2, "--dtype", "bf16"]);
+    let o = ff(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, plain.stdout);
+    let w = warnings(&o);
+    assert!(
+        w.len() == 2
+            && w.iter().any(|l| l.contains("--tokenizer"))
+            && w.iter().any(|l| l.contains("--dtype bf16 is ignored")),
+        "{w:?}"
+    );
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]

@@ -610,6 +610,7 @@ pub fn load_common(opts: &PipelineOptions, model: &str, task: &str) -> Result<Lo
             detail: "expected a model folder (with config.json)".into(),
         });
     }
+    crate::generation::warn_gguf_math_unused(opts.gguf_math);
     let config = ModelConfig::from_dir(&model_dir)?;
     let tok_dir = match &opts.tokenizer {
         Some(t) => crate::hub::resolve_or_download(t, opts.revision.as_deref())?,
