@@ -257,7 +257,7 @@ fn check_run(a: RunArgs) -> Result<Run, String> {
 }
 
 /// `--stream`: text-generation printing text deltas as they are generated, one line per input.
-fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
+fn run_stream(args: &Run, read: &Inputs) -> Result<(), String> {
     let info = ferroformers::pipelines::registry::lookup(&args.task).map_err(fail)?;
     if info.name != "text-generation" {
         return Err(fail("--stream is for the text-generation task"));
@@ -266,7 +266,7 @@ fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
     let pipe = ferroformers::pipelines::text_generation::TextGeneration::load(&args.opts, model)
         .map_err(fail)?;
     let stdout = std::io::stdout();
-    for input in inputs {
+    for (k, input) in read.inputs.iter().enumerate() {
         let mut out = stdout.lock();
         let mut io_err = None;
         pipe.stream(input, &args.params, &mut |delta| {
@@ -276,7 +276,7 @@ fn run_stream(args: &Run, inputs: &[Input]) -> Result<(), String> {
             }
             io_err.is_none()
         })
-        .map_err(fail)?;
+        .map_err(|e| read.error(args, k, e))?;
         if let Some(e) = io_err {
             return Err(stdout_error(e));
         }
@@ -289,47 +289,114 @@ fn parse_device(v: &str) -> Result<Device, String> {
     ferroformers::device(v).map_err(|e| fail(format!("--device: {e}")))
 }
 
-fn read_inputs(args: &Run) -> Result<Vec<Input>, String> {
-    let Some(file) = &args.input_file else {
-        return Ok(args.texts.iter().map(|t| Input::from(t.as_str())).collect());
+/// The inputs, and for `--input` each one's line in the file (1-based).
+struct Inputs {
+    inputs: Vec<Input>,
+    lines: Vec<usize>,
+}
+
+impl Inputs {
+    /// A pipeline's error for the inputs from `offset` on (a group of them, or one streamed):
+    /// an invalid input is named by its file and line (`--input`) or by its place among all
+    /// the inputs (the pipeline counts within what it was given).
+    fn error(&self, args: &Run, offset: usize, e: ferroformers::Error) -> String {
+        match e {
+            ferroformers::Error::InvalidInput { index, detail } => {
+                let at = offset + index;
+                match (&args.input_file, self.lines.get(at)) {
+                    (Some(file), Some(line)) => format!("`{file}` line {line}: {detail}"),
+                    _ => format!("invalid input #{at}: {detail}"),
+                }
+            }
+            e => e.to_string(),
+        }
+    }
+}
+
+/// One line of `file` as text: a UTF-8 byte-order mark at the start of the file is skipped
+/// (as Python's `utf-8-sig` and HF datasets' JSON reader do), a UTF-16 one or bytes that are
+/// not UTF-8 are an error naming the line.
+fn input_line(file: &str, n: usize, bytes: Vec<u8>) -> Result<String, String> {
+    let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) if n == 1 => rest.to_vec(),
+        _ => bytes,
     };
-    let reader: Box<dyn BufRead> = if file == "-" {
+    if n == 1 && (bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff")) {
+        return Err(fail(format!(
+            "`{file}` is UTF-16 text (it starts with a UTF-16 byte-order mark): JSONL input \
+             must be UTF-8"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let column = String::from_utf8_lossy(&e.as_bytes()[..at]).chars().count() + 1;
+        fail(format!(
+            "`{file}` line {n}: not UTF-8 text (an invalid byte at column {column}); JSONL \
+             input must be UTF-8"
+        ))
+    })
+}
+
+fn read_inputs(args: &Run) -> Result<Inputs, String> {
+    let Some(file) = &args.input_file else {
+        return Ok(Inputs {
+            inputs: args.texts.iter().map(|t| Input::from(t.as_str())).collect(),
+            lines: Vec::new(),
+        });
+    };
+    let mut reader: Box<dyn BufRead> = if file == "-" {
         Box::new(std::io::stdin().lock())
     } else {
         let f =
             std::fs::File::open(file).map_err(|e| fail(format!("cannot open `{file}`: {e}")))?;
         Box::new(std::io::BufReader::new(f))
     };
-    let mut inputs = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| fail(format!("reading `{file}`: {e}")))?;
+    let (mut inputs, mut lines) = (Vec::new(), Vec::new());
+    for n in 1.. {
+        let mut bytes = Vec::new();
+        let read = reader
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| fail(format!("reading `{file}`: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        let line = input_line(file, n, bytes)?;
         if line.trim().is_empty() {
             continue;
         }
         let v: Value = serde_json::from_str(&line)
-            .map_err(|e| fail(format!("`{file}` line {}: not JSON ({e})", n + 1)))?;
+            .map_err(|e| fail(format!("`{file}` line {n}: not JSON ({e})")))?;
         inputs.push(
             Input::from_json(&v, inputs.len())
-                .map_err(|e| fail(format!("`{file}` line {}: {e}", n + 1)))?,
+                .map_err(|e| fail(format!("`{file}` line {n}: {e}")))?,
         );
+        lines.push(n);
     }
     if inputs.is_empty() {
         return Err(fail(format!("`{file}` holds no inputs")));
     }
-    Ok(inputs)
+    Ok(Inputs { inputs, lines })
 }
 
 fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     let args = check_run(args)?;
-    let inputs = read_inputs(&args)?;
+    let read = read_inputs(&args)?;
     if args.stream {
-        return run_stream(&args, &inputs);
+        return run_stream(&args, &read);
     }
+    let inputs = &read.inputs;
     let batch = args.opts.batch_size;
     let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
     let loaded = start.elapsed().as_secs_f64();
     let warmup = if args.warmup {
-        pipe.run(&inputs, &args.params).map_err(fail)?;
+        pipe.run(inputs, &args.params)
+            .map_err(|e| read.error(&args, 0, e))?;
         Some(start.elapsed().as_secs_f64() - loaded)
     } else {
         None
@@ -346,8 +413,12 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     let (first_group, rest) = inputs.split_at(wave.min(inputs.len()));
     let group = (batch * ferroformers::batches_in_flight()).max(64);
     let bar = progress_bar(&args, inputs.len());
+    let mut offset = 0;
     for chunk in std::iter::once(first_group).chain(rest.chunks(group)) {
-        let results = pipe.run(chunk, &args.params).map_err(fail)?;
+        let results = pipe
+            .run(chunk, &args.params)
+            .map_err(|e| read.error(&args, offset, e))?;
+        offset += chunk.len();
         for r in results {
             let line = serde_json::to_string(&r).map_err(fail)?;
             writeln!(out, "{line}").map_err(stdout_error)?;

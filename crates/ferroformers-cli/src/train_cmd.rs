@@ -36,9 +36,10 @@ pub struct TrainArgs {
     /// [default: 3]
     #[arg(long, allow_negative_numbers = true)]
     num_train_epochs: Option<f64>,
-    /// Stop after this many optimizer steps (overrides the epochs).
+    /// Stop after this many optimizer steps (overrides the epochs); 0 or below (HF's default
+    /// -1) trains --num-train-epochs.
     #[arg(long, allow_negative_numbers = true)]
-    max_steps: Option<usize>,
+    max_steps: Option<i64>,
     /// [default: 8]
     #[arg(long, allow_negative_numbers = true)]
     per_device_train_batch_size: Option<usize>,
@@ -213,7 +214,10 @@ impl TrainArgs {
         set(&mut ta.device, &self.device);
         set(&mut ta.columns.text, &self.text_column);
         set(&mut ta.columns.label, &self.label_column);
-        ta.max_steps = self.max_steps.or(ta.max_steps);
+        if let Some(m) = self.max_steps {
+            // HF: max_steps <= 0 means "train num_train_epochs".
+            ta.max_steps = usize::try_from(m).ok().filter(|&m| m > 0);
+        }
         ta.max_length = self.max_length.or(ta.max_length);
         ta.eval_strategy = self.eval_strategy.or(ta.eval_strategy);
         ta.save_total_limit = self.save_total_limit.or(ta.save_total_limit);
@@ -276,6 +280,24 @@ fn check_output(output: &Path) -> Result<bool, String> {
     Ok(made)
 }
 
+/// A library error as the command line says it: a `TrainingArguments` field that is one of
+/// `train`'s options is named by its option (`--per-device-eval-batch-size`, not
+/// `per_device_eval_batch_size`).
+fn cli_error(e: ferroformers::Error) -> String {
+    use clap::CommandFactory;
+    if let ferroformers::Error::InvalidParameter { name, detail } = &e {
+        let flag = name.replace('_', "-");
+        let cli = crate::Cli::command();
+        let is_option = cli
+            .find_subcommand("train")
+            .is_some_and(|t| t.get_arguments().any(|a| a.get_long() == Some(&flag)));
+        if is_option {
+            return format!("invalid value for --{flag}: {detail}");
+        }
+    }
+    e.to_string()
+}
+
 /// Train, save; progress on stderr.
 pub fn train(a: TrainArgs) -> Result<(), String> {
     let output = a.output.clone();
@@ -297,8 +319,11 @@ fn train_and_save(a: TrainArgs) -> Result<(), String> {
     let (model, output, resume) = (&a.model, &a.output, a.resume_from_checkpoint.clone());
     crate::keep_freed_memory();
     one_candle_thread();
-    let mut trainer = Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta)
-        .map_err(|e| e.to_string())?;
+    let mut trainer =
+        Trainer::for_task(a.task, model, &a.train, a.eval.as_deref(), ta).map_err(cli_error)?;
+    for w in &trainer.warnings {
+        eprintln!("warning: {w}");
+    }
     // Hidden when stderr is not a terminal; log lines go through the bar so they do not
     // tear it.
     let bar = indicatif::ProgressBar::new(0);
@@ -357,12 +382,10 @@ fn train_and_save(a: TrainArgs) -> Result<(), String> {
         } else {
             PathBuf::from(r)
         };
-        trainer
-            .resume_from_checkpoint(&dir)
-            .map_err(|e| e.to_string())?;
+        trainer.resume_from_checkpoint(&dir).map_err(cli_error)?;
         eprintln!("resuming from {}", dir.display());
     }
-    trainer.train(&mut on_event).map_err(|e| e.to_string())?;
+    trainer.train(&mut on_event).map_err(cli_error)?;
     bar.finish();
     trainer.save(output).map_err(|e| e.to_string())?;
     eprintln!("saved to {}", output.display());

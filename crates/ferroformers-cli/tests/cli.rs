@@ -425,6 +425,139 @@ fn jsonl_text_pair_that_is_not_a_string() {
     }
 }
 
+/// An `--input` file's problems name the file and line: an input the pipeline refuses (an
+/// empty text on line 3 was `invalid input #0`, counted within its group of inputs), bytes
+/// that are not UTF-8, UTF-16 text; a UTF-8 byte-order mark is skipped (it was `not JSON`).
+#[test]
+fn jsonl_input_problems_name_the_line() {
+    let m = fixture("bert-seqcls");
+    let dir = std::env::temp_dir().join(format!("ff-cli-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |name: &str, body: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        ff(&[
+            "run",
+            "text-classification",
+            "--model",
+            &m,
+            "--input",
+            p.to_str().unwrap(),
+        ])
+    };
+    let o = run(
+        "bom.jsonl",
+        b"\xef\xbb\xbf{\"text\":\"good\"}\n{\"text\":\"bad\"}\n",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o).len(), 2);
+    for (name, body, want) in [
+        (
+            "empty.jsonl",
+            &b"{\"text\":\"a\"}\n{\"text\":\"b\"}\n{\"text\":\"\"}\n"[..],
+            "empty.jsonl` line 3: the text is empty",
+        ),
+        (
+            "latin1.jsonl",
+            &b"{\"text\":\"a\"}\n{\"text\":\"caf\xe9\"}\n"[..],
+            "line 2: not UTF-8 text (an invalid byte at column 13)",
+        ),
+        (
+            "utf16.jsonl",
+            &b"\xff\xfe{\x00}\x00\n\x00"[..],
+            "is UTF-16 text",
+        ),
+    ] {
+        let o = run(name, body);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: {err}");
+        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+    }
+    let o = ff(&["run", "text-classification", "--model", &m, "a", "b", ""]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid input #2: the text is empty"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where HF warns and the options are accepted, a warning on stderr, once, and stdout as
+/// without it: min_new_tokens above max_new_tokens, --gguf-math on a model that is not GGUF,
+/// and (when the SmolLM2 GGUF is in the HF cache) --tokenizer and --dtype bf16 with a GGUF
+/// model on CPU. They were silent.
+#[test]
+fn ignored_or_unfeasible_options_warn_once() {
+    let gpt2 =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/models/gpt2");
+    let gpt2 = gpt2.to_str().unwrap();
+    let warnings = |o: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let gen = [
+        "run",
+        "text-generation",
+        "--model",
+        gpt2,
+        "--param",
+        "do_sample=false",
+        "--param",
+        "max_new_tokens=2",
+    ];
+    let mut args = gen.to_vec();
+    args.extend(["--param", "min_new_tokens=5", "a", "b"]);
+    let o = ff(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o).len(), 2);
+    let w = warnings(&o);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("min_new_tokens (5) is larger than max_new_tokens (2)"),
+        "{w:?}"
+    );
+
+    let m = fixture("bert-seqcls");
+    let plain = ff(&["run", "text-classification", "--model", &m, "a"]);
+    let o = ff(&[
+        "run",
+        "text-classification",
+        "--model",
+        &m,
+        "--gguf-math",
+        "exact",
+        "a",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, plain.stdout);
+    let w = warnings(&o);
+    assert!(
+        w.len() == 1 && w[0].contains("--gguf-math is ignored"),
+        "{w:?}"
+    );
+
+    const GGUF: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if ferroformers::hub::resolve(GGUF, None).is_err() {
+        eprintln!("skipped the GGUF part: {GGUF} is not in the HF cache");
+        return;
+    }
+    let mut args = gen.to_vec();
+    args[3] = GGUF;
+    args.push("Hi");
+    let plain = ff(&args);
+    args.extend(["--tokenizer", gpt2, "--dtype", "bf16"]);
+    let o = ff(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, plain.stdout);
+    let w = warnings(&o);
+    assert!(
+        w.len() == 2
+            && w.iter().any(|l| l.contains("--tokenizer"))
+            && w.iter().any(|l| l.contains("--dtype bf16 is ignored")),
+        "{w:?}"
+    );
+}
+
 /// `--device cuda` on a build without the `cuda` feature: one line that says how to get one,
 /// and no output.
 #[cfg(not(feature = "cuda"))]
@@ -653,6 +786,110 @@ fn train_then_run_the_saved_model() {
     let o = ff(&["train", "text-classification", "--learning-rate", "fast"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("'fast' for '--learning-rate"), "{err}");
+}
+
+/// A bad option value names that option as the command line spells it (a zero eval batch
+/// size blamed --per-device-train-batch-size, a negative --max-grad-norm weight_decay), and
+/// `--stream` with num_return_sequences names num_return_sequences.
+#[test]
+fn bad_values_name_their_own_option() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-train-names-{}", std::process::id()));
+    for (flag, value, wrong) in [
+        (
+            "--per-device-eval-batch-size",
+            "0",
+            "per_device_train_batch_size",
+        ),
+        ("--per-device-train-batch-size", "0", "eval"),
+        ("--max-grad-norm", "-1", "weight_decay"),
+        ("--weight-decay", "-1", "max_grad_norm"),
+    ] {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flag}: {err}");
+        assert!(
+            err.contains(&format!("invalid value for {flag}:")) && !err.contains(wrong),
+            "{flag}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let gpt2 =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/models/gpt2");
+    let o = ff(&[
+        "run",
+        "text-generation",
+        "--model",
+        gpt2.to_str().unwrap(),
+        "--stream",
+        "--param",
+        "num_return_sequences=2",
+        "Hi",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("`num_return_sequences`") && !err.contains("num_beams"),
+        "{err}"
+    );
+}
+
+/// `--max-steps 0` and `-1` (HF's default) train --num-train-epochs, as HF's `max_steps <= 0`
+/// does (0 trained no step and saved the untrained model; -1 was refused).
+#[test]
+fn max_steps_zero_or_below_trains_the_epochs() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let init = data.join("bert-seqcls-init");
+    let file = data.join("seqcls.jsonl");
+    let out = std::env::temp_dir().join(format!("ff-cli-max-steps-{}", std::process::id()));
+    let mut seen = Vec::new();
+    for max_steps in ["0", "-1", "2"] {
+        let o = ff(&[
+            "train",
+            "text-classification",
+            "--model",
+            init.to_str().unwrap(),
+            "--train",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--num-train-epochs",
+            "1",
+            "--save-strategy",
+            "no",
+            "--max-steps",
+            max_steps,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{max_steps}: {err}");
+        let steps: usize = err
+            .lines()
+            .find_map(|l| l.strip_prefix("training on ")?.split(", ").nth(1))
+            .and_then(|s| s.strip_suffix(" steps")?.parse().ok())
+            .unwrap_or_else(|| panic!("{max_steps}: {err}"));
+        seen.push(steps);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    // seqcls.jsonl: one epoch of 8-example batches.
+    assert!(
+        seen[0] > 0 && seen[0] == seen[1] && seen[2] == 2,
+        "{seen:?}"
+    );
+    let o = ff(&["train", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 or below (HF's default -1)"));
 }
 
 /// `--output` that cannot take the model (a file, a folder that cannot be made) is refused

@@ -6,8 +6,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown task `{task}`; known tasks: {known}")]
-    UnknownTask { task: String, known: String },
+    /// `note`: why a task the registry knows is not available here (empty: the name is
+    /// unknown).
+    #[error("{}", unknown_task(.task, .note, .known))]
+    UnknownTask {
+        task: String,
+        note: String,
+        known: String,
+    },
 
     #[error("model `{model}` not found: looked for {looked_for}")]
     ModelNotFound { model: String, looked_for: String },
@@ -110,5 +116,14 @@ impl Error {
             index,
             detail: detail.to_string(),
         }
+    }
+}
+
+/// [`Error::UnknownTask`]'s message: the task's name alone in backticks, the reason after it.
+fn unknown_task(task: &str, note: &str, known: &str) -> String {
+    if note.is_empty() {
+        format!("unknown task `{task}`; known tasks: {known}")
+    } else {
+        format!("task `{task}` is not available: {note}; known tasks: {known}")
     }
 }

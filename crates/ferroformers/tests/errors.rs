@@ -77,6 +77,39 @@ fn folder_without_config() {
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 
+/// A GGUF file, or a folder of them, for a task that does not load GGUF: the error says so and
+/// names the task (it was "config.json is missing: every model folder needs a config.json").
+#[test]
+fn gguf_for_a_task_that_does_not_load_it() {
+    let dir = std::env::temp_dir().join(format!("ff-gguf-task-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.Q4_0.gguf");
+    std::fs::write(&file, b"GGUF").unwrap();
+    for model in [&dir, &file] {
+        for task in [
+            "text-classification",
+            "sentence-embeddings",
+            "summarization",
+        ] {
+            let o = PipelineOptions {
+                model: Some(model.to_str().unwrap().to_string()),
+                ..Default::default()
+            };
+            let err = ferroformers::pipeline_with(task, o)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("model.Q4_0.gguf")
+                    && err.contains(&format!("{task} does not load GGUF files"))
+                    && err.contains("text-generation")
+                    && !err.contains("every model folder needs"),
+                "{task}: {err}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn corrupt_safetensors() {
     let mut o = opts("corrupt");

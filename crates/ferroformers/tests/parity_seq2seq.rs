@@ -297,6 +297,13 @@ fn translation_to_unknown_languages_is_an_error() {
             matches!(err, ferroformers::Error::UnknownTask { .. }),
             "{name} {task}: {err}"
         );
+        // The task alone in backticks, the reason after it (it was inside them).
+        let (src, tgt) = (&task[12..14], &task[18..20]);
+        let want = format!(
+            "task `{task}` is not available: this model does not translate {src} to {tgt}; \
+             known tasks: translation"
+        );
+        assert!(err.to_string().contains(&want), "{err}");
     }
     // A pair the model knows resolves (Marian en-de, T5's task_specific_params).
     for (name, task) in [

@@ -696,6 +696,115 @@ fn bad_data_is_refused_before_training() {
     }
 }
 
+/// Labels that do not fit the base model: names other than the model's (same count) train
+/// with a warning naming both sets, as `run_glue`/`run_ner` warn; a single distinct label, an
+/// integer past the model's classes and a new NER tag are errors naming the label, the file
+/// and line where it first appears, and the model's labels (they were weight-shape errors).
+#[test]
+fn labels_that_do_not_fit_the_model_are_named() {
+    let dir = tmp("labels");
+    let write = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let seq = train_dir().join("bert-seqcls-init");
+    let seq = seq.to_str().unwrap();
+    let other = write(
+        "other.jsonl",
+        "{\"text\": \"good\", \"label\": \"positive\"}\n\
+         {\"text\": \"bad\", \"label\": \"negative\"}\n\
+         {\"text\": \"odd\", \"label\": \"weird\"}\n",
+    );
+    let t = Trainer::new(seq, &other, None, TrainingArguments::default()).unwrap();
+    assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+    let w = &t.warnings[0];
+    assert!(
+        w.contains("NEGATIVE, NEUTRAL, POSITIVE")
+            && w.contains("negative, positive, weird")
+            && w.contains("ignored"),
+        "{w}"
+    );
+    let same = write(
+        "same.jsonl",
+        "{\"text\": \"good\", \"label\": \"POSITIVE\"}\n\
+         {\"text\": \"bad\", \"label\": \"NEGATIVE\"}\n\
+         {\"text\": \"meh\", \"label\": \"NEUTRAL\"}\n",
+    );
+    let t = Trainer::new(seq, &same, None, TrainingArguments::default()).unwrap();
+    assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+
+    let single = write(
+        "single.jsonl",
+        "{\"text\": \"good\", \"label\": \"positive\"}\n\
+         {\"text\": \"fine\", \"label\": \"positive\"}\n",
+    );
+    let e = refused(seq, &single, None, TrainingArguments::default());
+    assert!(
+        e.contains("single.jsonl") && e.contains("`positive`") && e.contains("two"),
+        "{e}"
+    );
+    let seven = write(
+        "seven.jsonl",
+        "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1}\n\
+         {\"text\": \"c\", \"label\": 7}\n",
+    );
+    let e = refused(seq, &seven, None, TrainingArguments::default());
+    for part in ["seven.jsonl", "line 3", "`7`", "3 classes", "NEGATIVE"] {
+        assert!(e.contains(part), "{e}: expected {part}");
+    }
+    assert!(!e.contains("shape"), "{e}");
+
+    let tok = train_dir().join("bert-tokcls-init");
+    let new_tag = write(
+        "new-tag.jsonl",
+        "{\"tokens\": [\"John\", \"ran\"], \"ner_tags\": [\"B-PER\", \"O\"]}\n\
+         {\"tokens\": [\"Bonn\"], \"ner_tags\": [\"B-CITY\"]}\n",
+    );
+    let e = match Trainer::for_task(
+        Task::TokenClassification,
+        tok.to_str().unwrap(),
+        &new_tag,
+        None,
+        TrainingArguments::default(),
+    ) {
+        Ok(_) => panic!("a new tag was accepted"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        "new-tag.jsonl",
+        "line 2",
+        "`B-CITY`",
+        "B-MISC",
+        "--ignore-mismatched-sizes",
+    ] {
+        assert!(e.contains(part), "{e}: expected {part}");
+    }
+}
+
+/// `max_steps` 0 trains the epochs, as HF's `max_steps <= 0` does (it trained no step and
+/// saved the untrained model).
+#[test]
+fn max_steps_zero_trains_the_epochs() {
+    let init = train_dir().join("bert-seqcls-init");
+    let file = train_dir().join("seqcls.jsonl");
+    let steps = |max_steps| {
+        let args = TrainingArguments {
+            max_steps,
+            num_train_epochs: 2.0,
+            per_device_train_batch_size: 4,
+            ..TrainingArguments::default()
+        };
+        Trainer::new(init.to_str().unwrap(), &file, None, args)
+            .unwrap()
+            .total_steps()
+    };
+    let epochs = steps(None);
+    assert!(epochs > 0);
+    assert_eq!(steps(Some(0)), epochs);
+    assert_eq!(steps(Some(3)), 3);
+}
+
 /// Words through XLM-RoBERTa's SentencePiece tokenizer (`Metaspace`: each word starts a new
 /// piece) as HF's `tokenizer(words, is_split_into_words=True)` gives them (transformers 4.57.1 on
 /// the xlm-roberta-seqcls fixture): the ids and each token's word.

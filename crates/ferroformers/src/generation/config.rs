@@ -407,6 +407,59 @@ impl GenerationConfig {
         }
     }
 
+    /// HF's "Unfeasible length constraints" warnings (`_validate_generated_length`), on stderr
+    /// once per process each (Python shows a warning once per place): a `min_length` above
+    /// the length generation stops at (`max_length`, the prompt's `prompt_len` tokens plus
+    /// `max_new_tokens`), or `min_new_tokens` that, after the prompt, goes past it.
+    pub fn warn_unfeasible_lengths(&self, prompt_len: usize) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static MIN_LENGTH: AtomicBool = AtomicBool::new(false);
+        static MIN_NEW_TOKENS: AtomicBool = AtomicBool::new(false);
+        for (warned, message) in [
+            (&MIN_LENGTH, self.min_length_warning(prompt_len)),
+            (&MIN_NEW_TOKENS, self.min_new_tokens_warning(prompt_len)),
+        ] {
+            if let Some(m) = message {
+                if !warned.swap(true, Ordering::Relaxed) {
+                    eprintln!("warning: {m}");
+                }
+            }
+        }
+    }
+
+    const UNFEASIBLE: &'static str = "generation stops at the maximum length; decrease the \
+                                      minimum length or increase the maximum length";
+
+    fn min_length_warning(&self, prompt_len: usize) -> Option<String> {
+        let max = self.max_total_length(prompt_len);
+        (self.min_length > max).then(|| {
+            format!(
+                "unfeasible length constraints: min_length ({}) is larger than the maximum \
+                 possible length ({max}): {}",
+                self.min_length,
+                Self::UNFEASIBLE
+            )
+        })
+    }
+
+    fn min_new_tokens_warning(&self, prompt_len: usize) -> Option<String> {
+        let min_new = self.min_new_tokens?;
+        let max = self.max_total_length(prompt_len);
+        (prompt_len.saturating_add(min_new) > max).then(|| {
+            let limit = match self.max_new_tokens {
+                Some(n) => format!("max_new_tokens ({n})"),
+                None => format!(
+                    "the maximum possible length ({max}) after the prompt's {prompt_len} tokens"
+                ),
+            };
+            format!(
+                "unfeasible length constraints: min_new_tokens ({min_new}) is larger than \
+                 {limit}: {}",
+                Self::UNFEASIBLE
+            )
+        })
+    }
+
     /// Checks HF makes before generating, as typed errors.
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == Some(0) {
@@ -487,6 +540,36 @@ impl GenerationConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unfeasible_lengths_are_named() {
+        let c = GenerationConfig {
+            min_new_tokens: Some(5),
+            max_new_tokens: Some(2),
+            ..GenerationConfig::default()
+        };
+        let w = c.min_new_tokens_warning(3).unwrap();
+        assert!(
+            w.contains("min_new_tokens (5)") && w.contains("max_new_tokens (2)"),
+            "{w}"
+        );
+        assert!(c.min_length_warning(3).is_none());
+        let c = GenerationConfig {
+            min_length: 30,
+            max_length: 20,
+            max_new_tokens: None,
+            ..GenerationConfig::default()
+        };
+        let w = c.min_length_warning(3).unwrap();
+        assert!(w.contains("min_length (30)") && w.contains("(20)"), "{w}");
+        let fine = GenerationConfig {
+            min_new_tokens: Some(2),
+            max_new_tokens: Some(2),
+            min_length: 5,
+            ..GenerationConfig::default()
+        };
+        assert!(fine.min_new_tokens_warning(3).is_none() && fine.min_length_warning(3).is_none());
+    }
+
     use super::*;
     use serde_json::json;
 

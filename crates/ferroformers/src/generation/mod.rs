@@ -98,6 +98,13 @@ fn read_chat_template(dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// `--gguf-math` given for a model that is not GGUF: it sets nothing there.
+pub(crate) fn warn_gguf_math_unused(gguf_math: Option<QuantMath>) {
+    if gguf_math.is_some() {
+        eprintln!("warning: --gguf-math is ignored: the model is not a GGUF file");
+    }
+}
+
 impl TextGenerator {
     /// Load from a model folder (config.json, weights, tokenizer) or a GGUF file.
     pub fn load(
@@ -110,8 +117,15 @@ impl TextGenerator {
     ) -> Result<Self> {
         let path = crate::hub::resolve(model, revision)?;
         if let Some(file) = gguf_file(&path) {
+            if let Some(t) = tokenizer {
+                eprintln!(
+                    "warning: --tokenizer `{t}` is ignored: a GGUF model uses the tokenizer \
+                     stored in its file"
+                );
+            }
             return Self::from_gguf(&file, device, dtype, QuantMath::resolve(gguf_math));
         }
+        warn_gguf_math_unused(gguf_math);
         let config = ModelConfig::from_dir(&path)?;
         let lm = load_causal_lm(&path, Some(&config), device, dtype, "text-generation")?;
         let tok_dir = match tokenizer {

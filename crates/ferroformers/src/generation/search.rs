@@ -84,6 +84,7 @@ pub fn generate(
         ));
     }
     let max_length = cfg.max_total_length(prompt_len);
+    cfg.warn_unfeasible_lengths(prompt_len);
     if max_length <= prompt_len {
         return Err(Error::param(
             "max_length",

@@ -687,6 +687,12 @@ pub fn load_text_parts(
     // activations to 8 bits and are slower than cuBLAS at batch sizes above a few rows.
     if !device.is_cpu() || f.dense.is_some() {
         f.dense = Some(dtype);
+    } else if dtype != DType::F32 {
+        eprintln!(
+            "warning: --dtype {} is ignored: a GGUF model on CPU runs its quantized blocks with \
+             f32 activations (--gguf-math chooses their arithmetic)",
+            dtype.as_str()
+        );
     }
     let cfg = f.llama_config()?;
     let model = f.llama(&cfg, device)?;

@@ -179,7 +179,12 @@ pub(crate) struct FeatureExtraction {
 
 impl FeatureExtraction {
     pub fn load(opts: &PipelineOptions, model: &str, default_pooling: bool) -> Result<Self> {
-        let runner = EncoderRunner::load(opts, model, Head::Base, "feature-extraction")?;
+        let task = if default_pooling {
+            "sentence-embeddings"
+        } else {
+            "feature-extraction"
+        };
+        let runner = EncoderRunner::load(opts, model, Head::Base, task)?;
         let dir = runner.config.path.parent().unwrap_or(Path::new("."));
         let st = SentenceTransformerConfig::from_dir(dir)?;
         let st_tokenizer = match st.max_seq_length {

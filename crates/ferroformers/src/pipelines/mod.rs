@@ -591,14 +591,26 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
 }
 
-pub fn load_common(opts: &PipelineOptions, model: &str) -> Result<Loaded> {
+pub fn load_common(opts: &PipelineOptions, model: &str, task: &str) -> Result<Loaded> {
     let model_dir = crate::hub::resolve_or_download(model, opts.revision.as_deref())?;
+    if let Some(gguf) = crate::generation::gguf_file(&model_dir) {
+        // A GGUF file (or a repo of them) is a text-generation model here; the other tasks
+        // read transformers' folders (config.json was "missing" for a GGUF repo).
+        return Err(Error::InvalidFile {
+            path: gguf,
+            detail: format!(
+                "a GGUF model: {task} does not load GGUF files (only text-generation does); \
+                 give a model folder with config.json and safetensors or PyTorch weights"
+            ),
+        });
+    }
     if !model_dir.is_dir() {
         return Err(Error::InvalidFile {
             path: model_dir,
             detail: "expected a model folder (with config.json)".into(),
         });
     }
+    crate::generation::warn_gguf_math_unused(opts.gguf_math);
     let config = ModelConfig::from_dir(&model_dir)?;
     let tok_dir = match &opts.tokenizer {
         Some(t) => crate::hub::resolve_or_download(t, opts.revision.as_deref())?,
@@ -685,7 +697,7 @@ pub struct EncoderRunner {
 
 impl EncoderRunner {
     pub fn load(opts: &PipelineOptions, model: &str, head: Head, task: &str) -> Result<Self> {
-        let loaded = load_common(opts, model)?;
+        let loaded = load_common(opts, model, task)?;
         let int8 = opts.quantize == Some(Quantize::Int8);
         let enc = models::load_encoder(
             &loaded.model_dir,

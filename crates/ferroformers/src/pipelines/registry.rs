@@ -126,6 +126,7 @@ pub fn lookup(task: &str) -> Result<&'static TaskInfo> {
         .find(|t| t.name == task || t.aliases.contains(&task))
         .ok_or_else(|| Error::UnknownTask {
             task: task.to_string(),
+            note: String::new(),
             known: TASKS
                 .iter()
                 .filter(|t| t.implemented)
@@ -140,7 +141,8 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
     let info = lookup(task)?;
     if !info.implemented {
         return Err(Error::UnknownTask {
-            task: format!("{task} (known to HF, not implemented in ferroformers yet)"),
+            task: task.to_string(),
+            note: "known to HF, not implemented in ferroformers yet".into(),
             known: TASKS
                 .iter()
                 .filter(|t| t.implemented)

@@ -117,7 +117,7 @@ fn resolve_task(task: &str, config: &ModelConfig) -> Result<String> {
             let v = crate::config::read_json(&dir.join("tokenizer_config.json")).ok()?;
             v.get(k).and_then(Value::as_str).map(str::to_string)
         };
-        let cannot = format!("{task} (this model does not translate {src} to {tgt})");
+        let cannot = format!("this model does not translate {src} to {tgt}");
         if config.model_type == "marian" {
             let (s, t) = (langs("source_lang"), langs("target_lang"));
             let ok = s.as_deref().is_none_or(|s| s == src) && t.as_deref().is_none_or(|t| t == tgt);
@@ -125,7 +125,8 @@ fn resolve_task(task: &str, config: &ModelConfig) -> Result<String> {
                 return Ok(task.to_string());
             }
             return Err(Error::UnknownTask {
-                task: cannot,
+                task: task.to_string(),
+                note: cannot,
                 known: format!(
                     "translation, translation_{}_to_{}",
                     s.as_deref().unwrap_or("XX"),
@@ -142,7 +143,8 @@ fn resolve_task(task: &str, config: &ModelConfig) -> Result<String> {
             );
         }
         return Err(Error::UnknownTask {
-            task: cannot,
+            task: task.to_string(),
+            note: cannot,
             known: known.join(", "),
         });
     }
@@ -163,13 +165,14 @@ impl Text2Text {
             other => {
                 return Err(Error::UnknownTask {
                     task: other.to_string(),
+                    note: String::new(),
                     known: "text2text-generation, summarization, translation, \
                             translation_XX_to_YY"
                         .into(),
                 })
             }
         };
-        let loaded = load_common(opts, model)?;
+        let loaded = load_common(opts, model, task)?;
         let resolved = resolve_task(task, &loaded.config)?;
         let lm = load_seq2seq(
             &loaded.model_dir,

@@ -170,9 +170,42 @@ pub fn read_examples(path: &Path, cols: &Columns) -> Result<Vec<Example>> {
         .collect()
 }
 
+/// A data file's text: a UTF-8 byte-order mark at its start is skipped (as HF datasets'
+/// readers skip it); UTF-16 or bytes that are not UTF-8 are an error naming the line.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => rest.to_vec(),
+        None => bytes,
+    };
+    if bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff") {
+        return Err(Error::invalid_file(
+            path,
+            "UTF-16 text (it starts with a UTF-16 byte-order mark): training data must be UTF-8",
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
+        err(
+            path,
+            line,
+            format!(
+                "not UTF-8 text (an invalid byte at column {column}): training data must be UTF-8"
+            ),
+        )
+    })
+}
+
 /// The rows of a data file with their line numbers; an empty file is an error.
 fn read_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -290,7 +323,7 @@ pub fn read_token_examples(path: &Path, cols: &Columns) -> Result<Vec<TokenExamp
 /// question in HF datasets' layout (`answers: {"text": [..], "answer_start": [..]}`). Answer
 /// starts count characters; an answer that is not the context's text at its start is an error.
 pub fn read_qa_examples(path: &Path, cols: &Columns) -> Result<Vec<QaExample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path)?;
     let context_col = cols.text_pair.as_deref().unwrap_or("context");
     let mut out = Vec::new();
     if text.trim_start().starts_with('{') {
@@ -582,15 +615,148 @@ fn raw_label(v: &Value, from_text: bool) -> Option<RawLabel> {
     }
 }
 
+/// The label names a raw label holds (an integer as its digits; none for a float).
+fn label_names(l: &RawLabel) -> Vec<String> {
+    match l {
+        RawLabel::Name(n) => vec![n.clone()],
+        RawLabel::Int(i) => vec![i.to_string()],
+        RawLabel::Float(_) => Vec::new(),
+        RawLabel::List(v) => v.clone(),
+    }
+}
+
+/// A label as the file wrote it, as JSON (`"positive"`, `7`, `["a","b"]`).
+pub fn label_json(l: &RawLabel) -> String {
+    match l {
+        RawLabel::Name(n) => Value::String(n.clone()).to_string(),
+        RawLabel::Int(i) => i.to_string(),
+        RawLabel::Float(f) => json!(f).to_string(),
+        RawLabel::List(v) => json!(v).to_string(),
+    }
+}
+
+/// The error for training labels that do not fit the base model's classifier (`rows`
+/// classes, named `model_names` when the config names one per row): the labels the model
+/// lacks, each with the line it first appears on (or the model's labels the data lacks), both
+/// label sets, and the way out (`--ignore-mismatched-sizes`).
+pub fn head_mismatch_error(
+    path: &Path,
+    ex: &[(usize, &RawLabel)],
+    set: &LabelSet,
+    model_names: &[String],
+    rows: usize,
+) -> Error {
+    let model_names: Vec<String> = if model_names.len() == rows {
+        model_names.to_vec()
+    } else {
+        (0..rows).map(|i| format!("LABEL_{i}")).collect()
+    };
+    let ints = ex.iter().any(|(_, l)| matches!(l, RawLabel::Int(_)));
+    let has = |n: &str| {
+        if ints {
+            n.parse::<usize>().is_ok_and(|i| i < rows)
+        } else {
+            model_names.iter().any(|m| m == n)
+        }
+    };
+    let mut missing: Vec<(String, usize)> = Vec::new();
+    for &(line, l) in ex {
+        for n in label_names(l) {
+            if !has(&n) && !missing.iter().any(|(m, _)| *m == n) {
+                missing.push((n, line));
+            }
+        }
+    }
+    let model = if ints {
+        let named: Vec<String> = model_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i} {n}"))
+            .collect();
+        format!("{rows} classes (ids {})", named.join(", "))
+    } else {
+        format!("{rows} labels ({})", model_names.join(", "))
+    };
+    let data = if ints {
+        format!(
+            "{} classes (ids 0-{})",
+            set.names.len(),
+            set.names.len() - 1
+        )
+    } else {
+        format!("{} labels ({})", set.names.len(), set.names.join(", "))
+    };
+    let fix = "--ignore-mismatched-sizes trains a fresh head for the data's labels";
+    match missing.split_first() {
+        Some(((first, line), rest)) => {
+            let also = if rest.is_empty() {
+                String::new()
+            } else {
+                let more: Vec<String> = rest
+                    .iter()
+                    .take(5)
+                    .map(|(n, l)| format!("`{n}` on line {l}"))
+                    .collect();
+                let etc = if rest.len() > 5 { ", ..." } else { "" };
+                format!(" (also {}{etc})", more.join(", "))
+            };
+            err(
+                path,
+                *line,
+                format!(
+                    "label `{first}`{also} is not one of the model's labels: the model's \
+                     classifier has {model}, the data has {data}; {fix}"
+                ),
+            )
+        }
+        None => {
+            let absent: Vec<&str> = model_names
+                .iter()
+                .filter(|m| !set.names.contains(m))
+                .map(String::as_str)
+                .collect();
+            Error::invalid_file(
+                path,
+                format!(
+                    "the data has {data}, the model's classifier has {model} (never in the \
+                     data: {}); {fix}",
+                    absent.join(", ")
+                ),
+            )
+        }
+    }
+}
+
 impl LabelSet {
     /// The labels of the training examples: names sorted (as HF's `run_classification` and
     /// `run_ner`; the base model's order when it has exactly these names, so its head goes on
     /// meaning what it meant), integers as ids (names from `base_names` when it has one per id,
     /// else `LABEL_i`), floats as regression, lists as multi-label. Mixed kinds are an error
     /// naming the line.
+    /// Fewer than two distinct labels is an error, as in `run_classification` ("You need more
+    /// than one label to do classification").
     pub fn from_examples(path: &Path, ex: &[Example], base_names: &[String]) -> Result<Self> {
         let labels: Vec<(usize, &RawLabel)> = ex.iter().map(|e| (e.line, &e.label)).collect();
-        Self::from_labels(path, &labels, base_names)
+        let set = Self::from_labels(path, &labels, base_names)?;
+        if set.problem != Problem::Regression {
+            let distinct: BTreeSet<String> =
+                labels.iter().flat_map(|(_, l)| label_names(l)).collect();
+            if distinct.len() < 2 {
+                let only = distinct
+                    .iter()
+                    .next()
+                    .map_or("no label".to_string(), |l| format!("the label `{l}`"));
+                return Err(err(
+                    path,
+                    ex[0].line,
+                    format!(
+                        "every example has {only}: classification needs at least two \
+                         distinct labels"
+                    ),
+                ));
+            }
+        }
+        Ok(set)
     }
 
     /// The tag set of token-classification examples (as [`LabelSet::from_examples`]).
@@ -618,7 +784,9 @@ impl LabelSet {
                     path,
                     line,
                     format!(
-                        "label {label:?} is of another kind than line {first_line}'s {first:?}"
+                        "label {} is of another kind than line {first_line}'s {}",
+                        label_json(label),
+                        label_json(first)
                     ),
                 ));
             }
@@ -698,6 +866,42 @@ impl LabelSet {
         }
     }
 
+    /// The warning HF's `run_glue`/`run_ner` print when the base model names its labels and
+    /// they are not the data's: both label sets, and what training does with the model's
+    /// head (`fresh_head`: a new one; else its rows now stand for the data's labels).
+    pub fn base_mismatch_warning(&self, base_names: &[String], fresh_head: bool) -> Option<String> {
+        let base_is_named = base_names
+            .iter()
+            .enumerate()
+            .any(|(i, n)| *n != format!("LABEL_{i}"));
+        if self.problem == Problem::Regression || !base_is_named || self.names == base_names {
+            return None;
+        }
+        let done = if fresh_head {
+            "a fresh classifier head is trained for the data's labels".to_string()
+        } else {
+            let rows: Vec<String> = self
+                .names
+                .iter()
+                .zip(base_names)
+                .enumerate()
+                .map(|(i, (n, b))| format!("{i} {b} -> {n}"))
+                .collect();
+            format!(
+                "the classifier's {} rows are trained as the data's labels, in sorted order \
+                 ({}), and saved with those names",
+                self.names.len(),
+                rows.join(", ")
+            )
+        };
+        Some(format!(
+            "the model's labels ({}) don't match the data's ({}): the model's labels are \
+             ignored; {done}",
+            base_names.join(", "),
+            self.names.join(", ")
+        ))
+    }
+
     /// The target of one example of `path` (training or evaluation file): a label the
     /// training file did not have is an error naming the line.
     pub fn target(&self, path: &Path, e: &Example) -> Result<Target> {
@@ -708,7 +912,11 @@ impl LabelSet {
     pub fn tag_id(&self, path: &Path, line: usize, tag: &RawLabel) -> Result<u32> {
         match self.label_target(path, line, tag)? {
             Target::Class(c) => Ok(c),
-            _ => Err(err(path, line, format!("tag {tag:?} is not a class"))),
+            _ => Err(err(
+                path,
+                line,
+                format!("tag {} is not a class", label_json(tag)),
+            )),
         }
     }
 
@@ -750,13 +958,17 @@ impl LabelSet {
             (Problem::Regression, other) => Err(err(
                 path,
                 line,
-                format!("regression needs a number as label, not {other:?}"),
+                format!(
+                    "regression needs a number as label, not {}",
+                    label_json(other)
+                ),
             )),
             (p, other) => Err(err(
                 path,
                 line,
                 format!(
-                    "label {other:?} does not fit the training labels ({})",
+                    "label {} does not fit the training labels ({})",
+                    label_json(other),
                     p.name()
                 ),
             )),
@@ -839,5 +1051,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2"), "{e}");
+        // Labels as JSON, not Rust's Debug (`List(["x"])`, `Name("positive")`).
+        let p = tmp(
+            "g.jsonl",
+            "{\"text\": \"a\", \"label\": \"positive\"}\n{\"text\": \"b\", \"label\": [\"x\"]}\n",
+        );
+        let ex = read_examples(&p, &Columns::default()).unwrap();
+        let e = LabelSet::from_examples(&p, &ex, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("label [\"x\"] is of another kind than line 1's \"positive\""),
+            "{e}"
+        );
+        let set = LabelSet {
+            problem: Problem::Regression,
+            names: vec!["LABEL_0".into()],
+        };
+        let e = set.target(&p, &ex[1]).unwrap_err().to_string();
+        assert!(e.contains("not [\"x\"]") && !e.contains("List"), "{e}");
+    }
+
+    #[test]
+    fn byte_order_marks_and_bad_bytes() {
+        // A UTF-8 BOM is skipped: JSONL line 1 and a CSV header's first column read as
+        // without it (they were `not JSON` and `no \`text\` column`).
+        let p = tmp(
+            "bom.jsonl",
+            "\u{feff}{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n",
+        );
+        assert_eq!(read_examples(&p, &Columns::default()).unwrap().len(), 2);
+        let p = tmp("bom.csv", "\u{feff}text,label\na,x\nb,y\n");
+        assert_eq!(read_examples(&p, &Columns::default()).unwrap()[0].text, "a");
+        let dir = p.parent().unwrap();
+        let bad = dir.join("latin1.jsonl");
+        std::fs::write(
+            &bad,
+            b"{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"caf\xe9\"}\n",
+        )
+        .unwrap();
+        let e = read_examples(&bad, &Columns::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("latin1.jsonl") && e.contains("line 2") && e.contains("column 14"),
+            "{e}"
+        );
+        let u16 = dir.join("utf16.jsonl");
+        std::fs::write(&u16, b"\xff\xfe{\x00}\x00").unwrap();
+        let e = read_examples(&u16, &Columns::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("UTF-16"), "{e}");
     }
 }

@@ -92,7 +92,8 @@ pub struct TrainingArguments {
     pub output_dir: PathBuf,
     pub learning_rate: f64,
     pub num_train_epochs: f64,
-    /// When set, the number of optimizer steps (overrides the epochs).
+    /// When set and above 0, the number of optimizer steps (overrides the epochs); `Some(0)`
+    /// trains `num_train_epochs`, as HF's `max_steps <= 0` does.
     pub max_steps: Option<usize>,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
@@ -208,13 +209,21 @@ impl TrainingArguments {
         if self.gradient_accumulation_steps == 0 {
             return bad("gradient_accumulation_steps", "must be at least 1".into());
         }
-        if self.per_device_train_batch_size == 0 || self.per_device_eval_batch_size == 0 {
-            return bad(
+        for (name, size) in [
+            (
                 "per_device_train_batch_size",
-                "batch sizes must be at least 1".into(),
-            );
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+        ] {
+            if size == 0 {
+                return bad(name, "must be at least 1, not 0".into());
+            }
         }
-        if self.max_steps.is_none()
+        if self.max_steps.unwrap_or(0) == 0
             && self.num_train_epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return bad(
@@ -228,11 +237,13 @@ impl TrainingArguments {
                 format!("{} is not in [0, 1)", self.warmup_ratio),
             );
         }
-        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
-            return bad(
-                "weight_decay",
-                "weight decay and max_grad_norm must not be negative".into(),
-            );
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if v < 0.0 || v.is_nan() {
+                return bad(name, format!("{v} is not 0 or more"));
+            }
         }
         if self.load_best_model_at_end {
             let eval = self.eval_strategy.unwrap_or(EvalStrategy::Epoch);
@@ -449,6 +460,9 @@ pub struct Trainer {
     resume: Option<Resume>,
     /// The best evaluation so far: metric value, step, and its checkpoint once written.
     pub best: Option<(f64, usize, Option<PathBuf>)>,
+    /// What HF warns about when setting up the same run (the base model's labels are not the
+    /// data's); the CLI prints them on stderr.
+    pub warnings: Vec<String>,
 }
 
 fn tokenize(tok: &Tokenizer, path: &Path, ex: &[Example], labels: &LabelSet) -> Result<Vec<Item>> {
@@ -639,9 +653,13 @@ impl Trainer {
             tokenizer.set_max_length(max_length)?;
         }
         let cols = &args.columns;
+        // The training labels with their lines, for the error when they do not fit the base
+        // model's head.
+        let mut label_lines: Vec<(usize, data::RawLabel)> = Vec::new();
         let (labels, train, eval, qa_eval) = match task {
             Task::TextClassification => {
                 let train_ex = data::read_examples(train_file, cols)?;
+                label_lines = train_ex.iter().map(|e| (e.line, e.label.clone())).collect();
                 let eval_ex = match eval_file {
                     Some(p) => Some((p, data::read_examples(p, cols)?)),
                     None => None,
@@ -656,6 +674,10 @@ impl Trainer {
             }
             Task::TokenClassification => {
                 let train_ex = data::read_token_examples(train_file, cols)?;
+                label_lines = train_ex
+                    .iter()
+                    .flat_map(|e| e.tags.iter().map(|t| (e.line, t.clone())))
+                    .collect();
                 let eval_ex = match eval_file {
                     Some(p) => Some((p, data::read_token_examples(p, cols)?)),
                     None => None,
@@ -690,7 +712,7 @@ impl Trainer {
         };
         let mut rng = Rng::new(args.seed);
         let device = training_device(&args.device)?;
-        let params = Params::load(
+        let params = match Params::load(
             &model_dir,
             &cfg,
             task,
@@ -698,7 +720,27 @@ impl Trainer {
             args.ignore_mismatched_sizes,
             &mut rng,
             &device,
-        )?;
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // A head for another number of labels: say which labels do not fit.
+                return Err(match cfg.stored_head_labels(&model_dir, task) {
+                    Some(rows) if rows != labels.names.len() && !label_lines.is_empty() => {
+                        let lines: Vec<(usize, &data::RawLabel)> =
+                            label_lines.iter().map(|(l, x)| (*l, x)).collect();
+                        data::head_mismatch_error(train_file, &lines, &labels, &base_names, rows)
+                    }
+                    _ => e,
+                });
+            }
+        };
+        let mut warnings = Vec::new();
+        if task != Task::QuestionAnswering {
+            let fresh_head = cfg
+                .label_head(task)
+                .is_some_and(|h| params.fresh.contains(&h));
+            warnings.extend(labels.base_mismatch_warning(&base_names, fresh_head));
+        }
         let dropout = Dropout::new(rng.fork());
         Ok(Trainer {
             task,
@@ -718,6 +760,7 @@ impl Trainer {
             global_step: 0,
             resume: None,
             best: None,
+            warnings,
         })
     }
 
@@ -925,8 +968,8 @@ impl Trainer {
     /// Optimizer steps in all (HF: `ceil(steps per epoch * epochs)`, or `max_steps`).
     pub fn total_steps(&self) -> usize {
         match self.args.max_steps {
-            Some(m) => m,
-            None => (self.steps_per_epoch() as f64 * self.args.num_train_epochs).ceil() as usize,
+            Some(m) if m > 0 => m,
+            _ => (self.steps_per_epoch() as f64 * self.args.num_train_epochs).ceil() as usize,
         }
     }
 

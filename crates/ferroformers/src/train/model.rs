@@ -281,6 +281,29 @@ impl EncoderConfig {
     }
 }
 
+impl EncoderConfig {
+    /// The name of the head's output weight, one row per label (`classifier.weight`,
+    /// `classifier.out_proj.weight`); none for question answering.
+    pub fn label_head(&self, task: Task) -> Option<String> {
+        self.parameters(task, 1)
+            .into_iter()
+            .rev()
+            .find(|(n, s)| n.ends_with(".weight") && s.first() == Some(&1))
+            .map(|(n, _)| n)
+    }
+
+    /// How many labels the head stored in `dir`'s weights has, when it has one for `task`.
+    pub fn stored_head_labels(&self, dir: &Path, task: Task) -> Option<usize> {
+        let name = self.label_head(task)?;
+        let weights = Weights::from_dir(dir).ok()?;
+        if !weights.contains(&name) {
+            return None;
+        }
+        let t = weights.tensor(&name, &Device::Cpu).ok()?;
+        t.dims().first().copied()
+    }
+}
+
 /// The parameters, in [`EncoderConfig::parameters`] order.
 pub struct Params {
     pub names: Vec<String>,
