@@ -648,11 +648,7 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
                 "NotFound",
                 format!("no route {}", uri.path()),
             );
-            if uri.path().starts_with("/v1/") {
-                e.openai()
-            } else {
-                e
-            }
+            e.shaped_for(uri.path())
         })
         .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
             let e = ApiError::new(
@@ -660,11 +656,7 @@ fn router(state: Arc<AppState>, payload_limit: usize) -> Router {
                 "MethodNotAllowed",
                 format!("{} does not take {method} requests", uri.path()),
             );
-            if uri.path().starts_with("/v1/") {
-                e.openai()
-            } else {
-                e
-            }
+            e.shaped_for(uri.path())
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
@@ -728,6 +720,15 @@ impl ApiError {
             }
         }
         self
+    }
+
+    /// In OpenAI's shape on `/v1/*` paths, else as it is.
+    fn shaped_for(self, path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            self.openai()
+        } else {
+            self
+        }
     }
 
     /// A 400 naming the request field at fault (OpenAI's `param`).

@@ -255,12 +255,7 @@ pub(crate) async fn require_api_key(
                 "Unauthorized",
                 "a valid `Authorization: Bearer <api key>` header is required",
             );
-            let e = if req.uri().path().starts_with("/v1/") {
-                e.openai()
-            } else {
-                e
-            };
-            return e.into_response();
+            return e.shaped_for(req.uri().path()).into_response();
         }
     }
     next.run(req).await
