@@ -170,8 +170,14 @@ impl TextGeneration {
     }
 
     /// The generation config of one call: the pipeline's defaults over the model's, then the
-    /// call's parameters (HF's precedence), with `prefix`'s tokens added to a length limit.
-    fn config(&self, params: &Params, prefix_len: usize) -> Result<GenerationConfig> {
+    /// call's parameters (HF's precedence), with the tokens of `o`'s `prefix` added to a length
+    /// limit.
+    fn config(&self, params: &Params, o: &Options) -> Result<GenerationConfig> {
+        let prefix_len = if o.prefix.is_empty() {
+            0
+        } else {
+            self.generator.encode(&o.prefix, false)?.len()
+        };
         let mut cfg =
             GenerationConfig::for_text_generation_pipeline(&self.generator.generation_config);
         cfg.apply(params)?;
@@ -325,12 +331,7 @@ impl TextGeneration {
             }
         }
         let o = self.options(params)?;
-        let prefix_len = if o.prefix.is_empty() {
-            0
-        } else {
-            self.generator.encode(&o.prefix, false)?.len()
-        };
-        let mut cfg = self.config(params, prefix_len)?;
+        let mut cfg = self.config(params, &o)?;
         if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
             return Err(Error::param(
                 if cfg.num_beams > 1 {
@@ -514,12 +515,7 @@ impl Task for TextGeneration {
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
         let o = self.options(params)?;
-        let prefix_len = if o.prefix.is_empty() {
-            0
-        } else {
-            self.generator.encode(&o.prefix, false)?.len()
-        };
-        let mut cfg = self.config(params, prefix_len)?;
+        let mut cfg = self.config(params, &o)?;
         cfg.validate()?;
         let prompts = inputs
             .iter()
