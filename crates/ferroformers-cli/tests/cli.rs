@@ -1,6 +1,6 @@
 //! End-to-end: the `ferroformers` binary on fixture models.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -298,12 +298,36 @@ fn ff_within(args: &[&str], secs: u64) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// The training fixtures' folder.
+fn train_data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train")
+}
+
+/// `train text-classification` of the fixture's base model on `train` (the fixture's
+/// `seqcls.jsonl` when `None`) into `out`, with `extra` options.
+fn train_seqcls(train: Option<&Path>, out: &Path, extra: &[&str]) -> Output {
+    let data = train_data();
+    let (init, file) = (data.join("bert-seqcls-init"), data.join("seqcls.jsonl"));
+    let mut args = vec![
+        "train",
+        "text-classification",
+        "--model",
+        init.to_str().unwrap(),
+        "--train",
+        train.unwrap_or(&file).to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ff(&args)
+}
+
 /// `--threads` above 1024 (or 0) is refused by every command that takes it, before anything
 /// loads: 100000 threads (or 2^64-1) had the process starting threads for minutes.
 #[test]
 fn absurd_thread_counts_are_refused() {
     let m = fixture("bert-seqcls");
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let data = train_data();
     let init = data.join("bert-seqcls-init");
     let file = data.join("seqcls.jsonl");
     let out = std::env::temp_dir().join(format!("ff-cli-threads-{}", std::process::id()));
@@ -643,7 +667,7 @@ fn ferroformers_tasks() -> Vec<&'static str> {
 /// `run` serves what they wrote.
 #[test]
 fn train_ner_and_qa_then_run() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let data = train_data();
     let tmp = std::env::temp_dir().join(format!("ff-cli-train-tasks-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     for (task, init, file, extra, run_input) in [
@@ -724,7 +748,7 @@ fn train_ner_and_qa_then_run() {
 /// data are errors before any training.
 #[test]
 fn train_then_run_the_saved_model() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let data = train_data();
     let init = data.join("bert-seqcls-init");
     let file = data.join("seqcls.jsonl");
     let out = std::env::temp_dir().join(format!("ff-cli-train-{}", std::process::id()));
@@ -793,9 +817,6 @@ fn train_then_run_the_saved_model() {
 /// `--stream` with num_return_sequences names num_return_sequences.
 #[test]
 fn bad_values_name_their_own_option() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
-    let init = data.join("bert-seqcls-init");
-    let file = data.join("seqcls.jsonl");
     let out = std::env::temp_dir().join(format!("ff-cli-train-names-{}", std::process::id()));
     for (flag, value, wrong) in [
         (
@@ -807,18 +828,7 @@ fn bad_values_name_their_own_option() {
         ("--max-grad-norm", "-1", "weight_decay"),
         ("--weight-decay", "-1", "max_grad_norm"),
     ] {
-        let o = ff(&[
-            "train",
-            "text-classification",
-            "--model",
-            init.to_str().unwrap(),
-            "--train",
-            file.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            flag,
-            value,
-        ]);
+        let o = train_seqcls(None, &out, &[flag, value]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{flag}: {err}");
         assert!(
@@ -851,28 +861,21 @@ fn bad_values_name_their_own_option() {
 /// does (0 trained no step and saved the untrained model; -1 was refused).
 #[test]
 fn max_steps_zero_or_below_trains_the_epochs() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
-    let init = data.join("bert-seqcls-init");
-    let file = data.join("seqcls.jsonl");
     let out = std::env::temp_dir().join(format!("ff-cli-max-steps-{}", std::process::id()));
     let mut seen = Vec::new();
     for max_steps in ["0", "-1", "2"] {
-        let o = ff(&[
-            "train",
-            "text-classification",
-            "--model",
-            init.to_str().unwrap(),
-            "--train",
-            file.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--num-train-epochs",
-            "1",
-            "--save-strategy",
-            "no",
-            "--max-steps",
-            max_steps,
-        ]);
+        let o = train_seqcls(
+            None,
+            &out,
+            &[
+                "--num-train-epochs",
+                "1",
+                "--save-strategy",
+                "no",
+                "--max-steps",
+                max_steps,
+            ],
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{max_steps}: {err}");
         let steps: usize = err
@@ -897,9 +900,6 @@ fn max_steps_zero_or_below_trains_the_epochs() {
 /// "cannot read").
 #[test]
 fn train_output_is_checked_before_training() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
-    let init = data.join("bert-seqcls-init");
-    let file = data.join("seqcls.jsonl");
     let base = std::env::temp_dir().join(format!("ff-cli-train-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
@@ -916,18 +916,7 @@ fn train_output_is_checked_before_training() {
         ));
     }
     for (out, want) in cases {
-        let o = ff(&[
-            "train",
-            "text-classification",
-            "--model",
-            init.to_str().unwrap(),
-            "--train",
-            file.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "1",
-        ]);
+        let o = train_seqcls(None, &out, &["--max-steps", "1"]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{out:?}: {err}");
         assert!(
@@ -940,16 +929,7 @@ fn train_output_is_checked_before_training() {
     let made = base.join("new/model");
     let bad = base.join("bad.jsonl");
     std::fs::write(&bad, "not json\n").unwrap();
-    let o = ff(&[
-        "train",
-        "text-classification",
-        "--model",
-        init.to_str().unwrap(),
-        "--train",
-        bad.to_str().unwrap(),
-        "--output",
-        made.to_str().unwrap(),
-    ]);
+    let o = train_seqcls(Some(&bad), &made, &[]);
     assert!(!o.status.success());
     assert!(!made.exists(), "an empty folder was left");
     let _ = std::fs::remove_dir_all(&base);
