@@ -1613,9 +1613,14 @@ pub fn attend_causal(
         let mut wide = (Vec::new(), Vec::new());
         for t in items {
             let (r, i) = (t / s, t % s);
-            // Keys after this query's position are masked: skip them.
+            // Keys after this query's position are masked: skip them; and the row's left
+            // padding, in whole blocks of [`SKIP_BLOCK`] keys (the kernels' lanes see the
+            // same keys in the same order, and a masked key only ever adds an exact 0: the
+            // same bits). A row joined to a batch whose cache is much longer than its own
+            // (a long prompt among chats) no longer reads all of that padding every step.
             let keys = past + i + 1;
-            let brow = &bias[t * total..t * total + keys];
+            let lead = masked_lead(&bias[t * total..t * total + keys]);
+            let brow = &bias[t * total + lead..t * total + keys];
             // SAFETY: row t of ctx belongs to this item only.
             let crow = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * q_w), q_w) };
             if n == 1 && !kv.is_f16() {
@@ -1627,12 +1632,12 @@ pub fn attend_causal(
                     let (ks, vs) = kv.get(r, head / group, keys);
                     attend_one(
                         &qkv[t * width + head * hd..t * width + (head + 1) * hd],
-                        ks,
-                        vs,
+                        &ks[lead * hd..],
+                        &vs[lead * hd..],
                         scale,
                         brow,
                         &[],
-                        &mut scores[..keys],
+                        &mut scores[..keys - lead],
                         &mut crow[head * hd..(head + 1) * hd],
                     );
                 }
@@ -1646,7 +1651,10 @@ pub fn attend_causal(
                 if kv.is_f16()
                     && grouped_heads(
                         q,
-                        kv.get_f16(r, kvh, keys),
+                        {
+                            let (ks, vs) = kv.get_f16(r, kvh, keys);
+                            (&ks[lead * hd..], &vs[lead * hd..])
+                        },
                         hd,
                         scale,
                         brow,
@@ -1656,9 +1664,10 @@ pub fn attend_causal(
                 {
                     continue;
                 }
+                let (ks, vs) = kv.get_f32(r, kvh, keys, &mut wide);
                 attend_heads(
                     q,
-                    kv.get_f32(r, kvh, keys, &mut wide),
+                    (&ks[lead * hd..], &vs[lead * hd..]),
                     hd,
                     scale,
                     brow,
@@ -1675,6 +1684,18 @@ pub fn attend_causal(
     }
     ctx
 }
+
+/// Leading keys of a decoding row that attention may skip: its masked ones (left padding,
+/// `f32::MIN` in `bias`), in whole blocks of [`SKIP_BLOCK`].
+fn masked_lead(bias: &[f32]) -> usize {
+    let n = bias.iter().take_while(|&&b| b == f32::MIN).count();
+    // Its own position is never masked, so at least one key stays.
+    (n.min(bias.len().saturating_sub(1)) / SKIP_BLOCK) * SKIP_BLOCK
+}
+
+/// Masked keys are skipped in blocks of this many, a multiple of every attention kernel's
+/// lane and unroll width, so the keys that remain sit in the same lanes as before.
+const SKIP_BLOCK: usize = 64;
 
 /// Softmax attention of a few query rows (decoding steps, beams): `q` `[b, h, s, d]` over `k`,
 /// `v` `[b, kv_h, t, d]` (grouped-query when `kv_h < h`: query head `hh` reads kv head
@@ -2629,6 +2650,81 @@ mod tests {
                             "past {past} ({t}, {head}): {got:?} vs {want:?}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Decoding rows with long left padding (a chat row in a batch whose cache a long prompt
+    /// widened) skip the padding in whole blocks: the same bits as attending over every key,
+    /// over f32 and f16 caches.
+    #[test]
+    fn decoding_rows_skip_their_padding_with_the_same_bits() {
+        let (b, nh, group, hd) = (3usize, 6usize, 3usize, 64usize);
+        let nkv = nh / group;
+        let total = 300;
+        // Row 0 unpadded, row 1 padded 231 positions (three blocks skipped), row 2 padded 70.
+        let pads = [0usize, 231, 70];
+        for f16 in [false, true] {
+            let mut kv = if f16 {
+                KvBuffer::new_f16(b, nkv, hd)
+            } else {
+                KvBuffer::new(b, nkv, hd)
+            };
+            kv.reserve(total);
+            let vals = crate::kernels::cpu::test_values(b * nkv * total * 2 * hd, 17, 2.0);
+            for r in 0..b {
+                for g in 0..nkv {
+                    for pos in 0..total {
+                        let at = ((r * nkv + g) * total + pos) * 2 * hd;
+                        kv.put(r, g, pos, &vals[at..at + hd], &vals[at + hd..at + 2 * hd]);
+                    }
+                }
+            }
+            kv.set_len(total);
+            let width = nh * hd + 2 * nkv * hd;
+            let qkv = crate::kernels::cpu::test_values(b * width, 18, 2.0);
+            let mut bias = vec![0f32; b * total];
+            for (r, &p) in pads.iter().enumerate() {
+                bias[r * total..r * total + p].fill(f32::MIN);
+            }
+            let ctx = attend_causal(
+                &qkv,
+                (width, b, 1, total - 1),
+                (nh, group, hd),
+                &kv,
+                (&bias, total),
+                0.125,
+            );
+            let mut wide = (Vec::new(), Vec::new());
+            for r in 0..b {
+                let brow = &bias[r * total..(r + 1) * total];
+                for kvh in 0..nkv {
+                    let (h0, h1) = (kvh * group * hd, (kvh + 1) * group * hd);
+                    let q = &qkv[r * width + h0..r * width + h1];
+                    let mut scores = vec![0f32; group * total];
+                    let mut want = vec![0f32; h1 - h0];
+                    let done = f16
+                        && grouped_heads(
+                            q,
+                            kv.get_f16(r, kvh, total),
+                            hd,
+                            0.125,
+                            brow,
+                            &mut scores,
+                            &mut want,
+                        );
+                    if !done {
+                        let kvs = kv.get_f32(r, kvh, total, &mut wide);
+                        attend_heads(q, kvs, hd, 0.125, brow, &mut scores, &mut want);
+                    }
+                    let got = &ctx[r * nh * hd + h0..r * nh * hd + h1];
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, w)| a.to_bits() == w.to_bits()),
+                        "f16 {f16} row {r} kv head {kvh}"
+                    );
                 }
             }
         }
