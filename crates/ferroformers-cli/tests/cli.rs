@@ -256,6 +256,7 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         ],
         vec!["serve", "--model", &m, "--waiting-served-ratio", "-1"],
         vec!["serve", "--model", &m, "--max-waiting-tokens", "many"],
+        vec!["serve", "--model", &m, "--max-batch-prefill-tokens", "0"],
     ] {
         let o = ff(&args);
         assert!(!o.status.success(), "{args:?} should fail");
@@ -269,7 +270,11 @@ fn errors_go_to_stderr_with_nonzero_exit() {
                 "{err}"
             );
         }
-        for flag in ["--waiting-served-ratio", "--max-waiting-tokens"] {
+        for flag in [
+            "--waiting-served-ratio",
+            "--max-waiting-tokens",
+            "--max-batch-prefill-tokens",
+        ] {
             if args.contains(&flag) {
                 assert!(err.contains(flag), "{err}");
             }

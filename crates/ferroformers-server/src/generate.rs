@@ -3,13 +3,15 @@
 
 use super::*;
 
-/// Cleared when a request's handler is dropped (hyper drops it when the client goes), so the
-/// generation running for it stops at its next token.
-pub(crate) struct ClientAlive(Arc<std::sync::atomic::AtomicBool>);
+/// Cancels a request's generation when dropped with the request's handler or its event stream
+/// (hyper drops them when the client goes, and a request timeout drops the handler): the
+/// generation stops at its next token, a queued prompt never runs, and a long prompt stops
+/// between its chunks.
+pub(crate) struct ClientAlive(pub Cancel);
 
 impl Drop for ClientAlive {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.cancel();
     }
 }
 
@@ -50,34 +52,35 @@ pub(crate) async fn generate_with_tokens(
     top: usize,
 ) -> Result<Generated, ApiError> {
     use std::sync::atomic::Ordering::SeqCst;
-    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let _watch = ClientAlive(alive.clone());
+    let cancel = Cancel::new();
+    let _watch = ClientAlive(cancel.clone());
     let st = state.clone();
     let mut clock = TokenClock::new();
     tokio::task::spawn_blocking(move || {
         let mut tokens: Vec<TokenLog> = Vec::new();
         let mut cut = false;
-        let out = st.models[index]
-            .pipe
-            .run_streaming_top(&input, &params, top, &mut |t| {
-                if t.tail {
-                    if let Some(last) = tokens.last_mut() {
-                        last.text.push_str(t.text);
+        let out =
+            st.models[index]
+                .pipe
+                .run_streaming_until(&input, &params, top, &cancel, &mut |t| {
+                    if t.tail {
+                        if let Some(last) = tokens.last_mut() {
+                            last.text.push_str(t.text);
+                        }
+                    } else {
+                        clock.token();
+                        tokens.push(TokenLog {
+                            id: t.id,
+                            text: t.text.to_string(),
+                            logprob: t.logprob,
+                            special: t.special,
+                            top: t.top.to_vec(),
+                        });
                     }
-                } else {
-                    clock.token();
-                    tokens.push(TokenLog {
-                        id: t.id,
-                        text: t.text.to_string(),
-                        logprob: t.logprob,
-                        special: t.special,
-                        top: t.top.to_vec(),
-                    });
-                }
-                cut = cut_short(&st);
-                alive.load(SeqCst) && !cut
-            });
-        if !alive.load(SeqCst) {
+                    cut = cut_short(&st);
+                    !cancel.is_cancelled() && !cut
+                });
+        if cancel.is_cancelled() {
             st.cancelled.fetch_add(1, SeqCst);
         }
         clock.record(&st);
@@ -178,10 +181,17 @@ pub(crate) fn stream_ended(st: &AppState, clock: &TokenClock, gone: bool) -> boo
 /// Server-sent events, one per message from the generation's thread, with keep-alive
 /// comments while it is quiet. The channel is unbounded: a slow reader must not stall the
 /// generation thread, which shares its decoding steps with other requests (tokens are small,
-/// and a generation's length is bounded).
-pub(crate) fn sse_response(rx: tokio::sync::mpsc::UnboundedReceiver<String>) -> Response {
+/// and a generation's length is bounded). `cancel` is cancelled when the stream is dropped
+/// (the client has gone): before its first token the generation sends nothing that could
+/// fail, so this is how a queued or long prompt learns it.
+pub(crate) fn sse_response(
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    cancel: Cancel,
+) -> Response {
     use tokio_stream::StreamExt;
-    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|data| {
+    let watch = ClientAlive(cancel);
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |data| {
+        let _ = &watch;
         Ok::<_, std::convert::Infallible>(axum::response::sse::Event::default().data(data))
     });
     axum::response::sse::Sse::new(events)

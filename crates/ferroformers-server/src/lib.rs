@@ -37,6 +37,7 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ferroformers::generation::Cancel;
 use ferroformers::{Input, Output, Params, Pipeline, PipelineOptions};
 use serde_json::{json, Map, Value};
 
@@ -116,7 +117,9 @@ pub struct Config {
     /// request then generates on its own).
     pub max_batch_total_tokens: usize,
     /// Generation: when waiting requests join a running batch (`--max-waiting-tokens`,
-    /// `--waiting-served-ratio`, TGI's rule; see [`ferroformers::generation::Admission`]).
+    /// `--waiting-served-ratio`, TGI's rule) and the most prompt tokens one pass runs, longer
+    /// prompts running in chunks (`--max-batch-prefill-tokens`); see
+    /// [`ferroformers::generation::Admission`].
     pub admission: ferroformers::generation::Admission,
     /// Requests running or queued at once; more are answered 429 at once (TGI: 128).
     pub max_concurrent_requests: usize,
@@ -1017,6 +1020,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         o.insert(
             "waiting_served_ratio".into(),
             json!(state.admission.waiting_served_ratio),
+        );
+        o.insert(
+            "max_batch_prefill_tokens".into(),
+            json!(state.admission.max_prefill_tokens),
         );
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));

@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 5] = [
+    let gen: [GenSeries; 7] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -131,6 +131,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "gauge",
             "most sequences one step has run",
             |s| s.max_rows as u64,
+        ),
+        (
+            "ferroformers_generation_prefill_chunks_total",
+            "counter",
+            "chunks run of prompts longer than --max-batch-prefill-tokens",
+            |s| s.prefill_chunks,
+        ),
+        (
+            "ferroformers_generation_cancelled_prompts_total",
+            "counter",
+            "requests cancelled before their prompt had run whole (queued, or between chunks)",
+            |s| s.cancelled_prompts,
         ),
     ];
     for (name, kind, help, get) in gen {

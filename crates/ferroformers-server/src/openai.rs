@@ -551,8 +551,9 @@ pub(crate) async fn openai_generate(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Choices still running, and the usage summed so far (prompt, completion).
     let left = Arc::new(std::sync::Mutex::new((n, 0usize, 0usize)));
+    let cancel = Cancel::new();
     for i in 0..n {
-        let (st, tx, left) = (state.clone(), tx.clone(), left.clone());
+        let (st, tx, left, stop) = (state.clone(), tx.clone(), left.clone(), cancel.clone());
         let (id, name, input) = (id.clone(), name.clone(), input.clone());
         let params = choice_params(&params, i, n, base);
         let mut clock = TokenClock::new();
@@ -572,32 +573,33 @@ pub(crate) async fn openai_generate(
             // A send fails once the client has gone (the event stream was dropped): the
             // generation stops there.
             let (mut gone, mut cut) = (false, false);
-            let result = st.models[index]
-                .pipe
-                .run_streaming_top(&input, &params, top, &mut |t| {
-                    if !t.tail {
-                        clock.token();
-                    }
-                    if t.text.is_empty() && (t.tail || !logprobs) {
-                        return true;
-                    }
-                    let delta = t.text;
-                    let lp = if logprobs && !t.tail {
-                        json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
-                    } else {
-                        Value::Null
-                    };
-                    let choice = match kind {
-                        Kind::Chat => json!({"index": i, "delta": {"content": delta},
+            let result =
+                st.models[index]
+                    .pipe
+                    .run_streaming_until(&input, &params, top, &stop, &mut |t| {
+                        if !t.tail {
+                            clock.token();
+                        }
+                        if t.text.is_empty() && (t.tail || !logprobs) {
+                            return true;
+                        }
+                        let delta = t.text;
+                        let lp = if logprobs && !t.tail {
+                            json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
+                        } else {
+                            Value::Null
+                        };
+                        let choice = match kind {
+                            Kind::Chat => json!({"index": i, "delta": {"content": delta},
                                              "logprobs": lp, "finish_reason": null}),
-                        Kind::Completion => json!({"index": i, "text": delta, "logprobs": null,
+                            Kind::Completion => json!({"index": i, "text": delta, "logprobs": null,
                                                    "finish_reason": null}),
-                    };
-                    gone = tx.send(chunk(choice)).is_err();
-                    cut = cut_short(&st);
-                    !gone && !cut
-                });
-            if stream_ended(&st, &clock, gone) {
+                        };
+                        gone = tx.send(chunk(choice)).is_err();
+                        cut = cut_short(&st);
+                        !gone && !cut
+                    });
+            if stream_ended(&st, &clock, gone || stop.is_cancelled()) {
                 return;
             }
             let result = if cut {
@@ -647,7 +649,7 @@ pub(crate) async fn openai_generate(
             }
         });
     }
-    Ok(sse_response(rx))
+    Ok(sse_response(rx, cancel))
 }
 
 pub(crate) async fn openai_chat(

@@ -225,45 +225,50 @@ pub(crate) async fn tgi_stream(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
     let st = state.clone();
+    let cancel = Cancel::new();
+    let stop = cancel.clone();
     tokio::task::spawn_blocking(move || {
         // Each token's event waits for the next token, so that the last one can carry the
         // generated text.
         let mut pending: Option<Value> = None;
         let mut n = 0usize;
         let (mut gone, mut cut) = (false, false);
-        let result =
-            st.models[index]
-                .pipe
-                .run_streaming_top(&input, &params, opts.top_n, &mut |t| {
-                    if !t.tail {
-                        clock.token();
+        let result = st.models[index].pipe.run_streaming_until(
+            &input,
+            &params,
+            opts.top_n,
+            &stop,
+            &mut |t| {
+                if !t.tail {
+                    clock.token();
+                }
+                if t.tail {
+                    if let Some(p) = pending.as_mut() {
+                        let text =
+                            format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
+                        p["token"]["text"] = json!(text);
                     }
-                    if t.tail {
-                        if let Some(p) = pending.as_mut() {
-                            let text =
-                                format!("{}{}", p["token"]["text"].as_str().unwrap_or(""), t.text);
-                            p["token"]["text"] = json!(text);
-                        }
-                        return true;
-                    }
-                    n += 1;
-                    if let Some(p) = pending.take() {
-                        gone = tx.send(p.to_string()).is_err();
-                    }
-                    let top = if opts.top_n > 0 {
-                        tgi_top(t.top)
-                    } else {
-                        Value::Null
-                    };
-                    pending = Some(json!({
-                        "index": n,
-                        "token": tgi_token(t.id, t.text, t.logprob, t.special),
-                        "generated_text": null, "details": null, "top_tokens": top,
-                    }));
-                    cut = cut_short(&st);
-                    !gone && !cut
-                });
-        if stream_ended(&st, &clock, gone) {
+                    return true;
+                }
+                n += 1;
+                if let Some(p) = pending.take() {
+                    gone = tx.send(p.to_string()).is_err();
+                }
+                let top = if opts.top_n > 0 {
+                    tgi_top(t.top)
+                } else {
+                    Value::Null
+                };
+                pending = Some(json!({
+                    "index": n,
+                    "token": tgi_token(t.id, t.text, t.logprob, t.special),
+                    "generated_text": null, "details": null, "top_tokens": top,
+                }));
+                cut = cut_short(&st);
+                !gone && !cut
+            },
+        );
+        if stream_ended(&st, &clock, gone || stop.is_cancelled()) {
             return;
         }
         if cut {
@@ -294,7 +299,7 @@ pub(crate) async fn tgi_stream(
             }
         }
     });
-    Ok(sse_response(rx))
+    Ok(sse_response(rx, cancel))
 }
 
 /// TGI `/generate`: `{inputs, parameters}` (transformers' generation parameters, TGI's `stop`

@@ -1775,12 +1775,15 @@ fn concurrent_generations_share_the_continuous_batch() {
     let base = start_with(|c| {
         c.max_concurrent_requests = 64;
         c.admission.max_waiting_tokens = 7;
+        // The longer prompts run in chunks, between the others' steps.
+        c.admission.max_prefill_tokens = 6;
     });
     // `/info` reports the batch's limits under TGI's names.
     let info = get_info(&base);
     assert_eq!(info["max_batch_total_tokens"], 32_768, "{info}");
     assert_eq!(info["max_waiting_tokens"], 7, "{info}");
     assert_eq!(info["waiting_served_ratio"], 0.0, "{info}");
+    assert_eq!(info["max_batch_prefill_tokens"], 6, "{info}");
     assert_eq!(info["max_concurrent_requests"], 64, "{info}");
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("Request {i}: {}", "more ".repeat(i)))
@@ -1825,6 +1828,14 @@ fn concurrent_generations_share_the_continuous_batch() {
     assert!(steps < rows, "no step ran two sequences: {metrics}");
     assert!(value("ferroformers_generation_batch_max_size") >= 2.0);
     assert_eq!(value("ferroformers_generation_batch_current_size"), 0.0);
+    assert!(
+        value("ferroformers_generation_prefill_chunks_total") >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("ferroformers_generation_cancelled_prompts_total"),
+        0.0
+    );
     eprintln!(
         "continuous batch: {steps} steps for {decoded} tokens, at most {} sequences",
         value("ferroformers_generation_batch_max_size")

@@ -10,7 +10,9 @@ mod common;
 
 use common::decoder as load;
 
-use ferroformers::generation::{Batcher, GenerationConfig, Hooks, TextGenerator};
+use ferroformers::generation::{
+    Admission, Batcher, Cancel, GenerationConfig, Hooks, TextGenerator,
+};
 
 /// Request `i`'s parameters: its own length limit, sampling for the odd ones (own seed).
 fn cfg(g: &TextGenerator, i: usize) -> GenerationConfig {
@@ -309,7 +311,6 @@ fn continued_prompts_run_together_as_one_pass() {
 /// Both get their solo tokens.
 #[test]
 fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
-    use ferroformers::generation::Admission;
     let (mut g, first, mut c) = prefix_setup("llama", 24);
     let other = g.encode("Completely different words here", true).unwrap();
     let solo_first = solo_tokens(&g, &first, &c);
@@ -320,6 +321,7 @@ fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
             Admission {
                 max_waiting_tokens: 6,
                 waiting_served_ratio: 2.0,
+                ..Admission::default()
             },
             true,
         ),
@@ -445,5 +447,173 @@ fn a_repeated_prompt_rides_along_the_running_step() {
             );
         }
         assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+    }
+}
+
+/// A batcher whose prompt passes run at most `chunk` tokens.
+fn chunked(chunk: usize) -> Batcher {
+    Batcher::with_admission(
+        100_000,
+        Admission {
+            max_prefill_tokens: chunk,
+            ..Admission::default()
+        },
+    )
+}
+
+/// Generate `p` with `c`, each token's callback sleeping `ms`: the batch's steps wait for
+/// this request's tokens, so they are at least that long.
+fn slow_tokens(g: &TextGenerator, p: &[u32], c: &GenerationConfig, ms: u64) -> Vec<u32> {
+    let mut on_token = |_: usize, _: u32, _: f32| std::thread::sleep(Duration::from_millis(ms));
+    let mut hooks = Hooks {
+        on_token: Some(&mut on_token),
+        ..Hooks::default()
+    };
+    g.generate_one(p, c, &mut hooks).unwrap().sequences[0][0].clone()
+}
+
+/// A prompt longer than `max_prefill_tokens` runs in chunks, one per step, while a running
+/// request keeps decoding between them (it gets a token per chunk); from scratch and from a
+/// kept prefix, both requests get their solo tokens.
+#[test]
+fn long_prompts_run_in_chunks_between_decoding_steps() {
+    for name in ["gpt2", "llama", "qwen2", "bloom"] {
+        let (mut g, first, c) = prefix_setup(name, 8);
+        let other = g.encode("Completely different words here", true).unwrap();
+        let mut long = c.clone();
+        long.max_new_tokens = Some(40);
+        let want_first = solo_tokens(&g, &first, &c);
+        let want_other = solo_tokens(&g, &other, &long);
+        let mut next = first.clone();
+        next.extend_from_slice(&want_first);
+        next.extend(
+            g.encode(" and what came after that, and then", false)
+                .unwrap(),
+        );
+        let want_next = solo_tokens(&g, &next, &c);
+
+        let chunk = 3;
+        g.batcher = Some(chunked(chunk));
+        let g = &g;
+        let stats = || g.batcher.as_ref().unwrap().stats();
+        // Alone: the chunks follow one another.
+        assert_eq!(solo_tokens(g, &first, &c), want_first, "{name}: alone");
+        let chunks = first.len().div_ceil(chunk) as u64;
+        assert_eq!(stats().prefill_chunks, chunks, "{name}: {:?}", stats());
+
+        // While another request decodes, each chunk shares a step with its token.
+        let before = stats().steps;
+        let (a, (b, arrived, joined)) = std::thread::scope(|s| {
+            let a = s.spawn(|| slow_tokens(g, &other, &long, 5));
+            let b = s.spawn(|| {
+                let t = Instant::now();
+                while stats().steps < before + 2 && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let arrived = stats().steps;
+                let joined = std::cell::Cell::new(None);
+                let mut on_token = |_: usize, _: u32, _: f32| {
+                    if joined.get().is_none() {
+                        joined.set(Some(stats().steps));
+                    }
+                };
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                let out = g.generate_one(&next, &c, &mut hooks).unwrap().sequences[0][0].clone();
+                (out, arrived, joined.get().unwrap())
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(a, want_other, "{name}: the running request");
+        assert_eq!(
+            b, want_next,
+            "{name}: the chunked prompt after a kept prefix"
+        );
+        let st = stats();
+        assert!(st.prefix_hits >= 1, "{name}: {st:?}");
+        let rest = next.len() as u64 - 1 - (first.len() + want_first.len() - 1) as u64;
+        assert!(
+            st.prefill_chunks >= chunks + rest.div_ceil(chunk as u64).max(2),
+            "{name}: the continued prompt ran in chunks: {st:?}"
+        );
+        // Its chunks ran over several steps, each with the running request's token.
+        assert!(
+            joined - arrived >= 2,
+            "{name}: arrived after {arrived} steps, first token after {joined}: {st:?}"
+        );
+        assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+    }
+}
+
+/// A cancelled request stops within one chunk of its long prompt, and a cancelled request
+/// that waits to join never runs; the running request gets its solo tokens.
+#[test]
+fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
+    let (mut g, first, c) = prefix_setup("llama", 8);
+    let other = g.encode("Completely different words here", true).unwrap();
+    let mut long = c.clone();
+    long.max_new_tokens = Some(30);
+    let want_other = solo_tokens(&g, &other, &long);
+    for queued in [false, true] {
+        // One token per chunk; queued: a budget that holds only the running request.
+        let budget = if queued {
+            long.max_total_length(other.len())
+        } else {
+            100_000
+        };
+        g.batcher = Some(Batcher::with_admission(
+            budget,
+            Admission {
+                max_prefill_tokens: 1,
+                ..Admission::default()
+            },
+        ));
+        let g = &g;
+        let stats = || g.batcher.as_ref().unwrap().stats();
+        let cancel = Cancel::new();
+        // The running request's own prompt runs a chunk per token too.
+        let base = other.len() as u64;
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| slow_tokens(g, &other, &long, 10));
+            let b = s.spawn(|| {
+                while stats().steps < 2 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let mut hooks = Hooks {
+                    cancel: Some(cancel.clone()),
+                    ..Hooks::default()
+                };
+                g.generate_one(&first, &c, &mut hooks)
+            });
+            // Cancel once it has run two chunks, or waits to join.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(20) {
+                let st = stats();
+                if (!queued && st.prefill_chunks >= base + 2) || (queued && st.waiting == 1) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            cancel.cancel();
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(a, want_other, "queued {queued}: the running request");
+        let err = b.expect_err("the cancelled request fails").to_string();
+        assert!(err.contains("cancelled"), "{err}");
+        let st = stats();
+        assert_eq!(st.cancelled_prompts, 1, "queued {queued}: {st:?}");
+        if queued {
+            assert_eq!(st.prefill_chunks, base, "its prompt never ran: {st:?}");
+            assert_eq!(st.prefills, 1, "only the running request's: {st:?}");
+        } else {
+            // Cancelled after two chunks: at most one more ran.
+            assert!(
+                (base + 2..=base + 3).contains(&st.prefill_chunks) && first.len() > 4,
+                "stopped between chunks: {st:?}"
+            );
+        }
+        assert_eq!((st.running, st.waiting), (0, 0), "queued {queued}: {st:?}");
     }
 }

@@ -8,15 +8,21 @@
 //! over a [`SharedSession`] instead of a private [`DecoderSession`]. The session hands its
 //! next token to the [`Batcher`] and waits. When every sequence in the batch has handed in its
 //! token, the thread that handed in the last one runs the step for all of them:
-//! 1. rows whose request has gone (finished, failed, or its client left) are dropped, and with
-//!    them their KV cache; padding that no remaining row needs is cut off the front once it
-//!    is a quarter of the cache;
+//! 1. rows whose request has gone (finished, failed, cancelled: its client left) are dropped,
+//!    and with them their KV cache; padding that no remaining row needs is cut off the front
+//!    once it is a quarter of the cache; a long prompt (2c) whose request was cancelled stops;
 //! 2. waiting requests are admitted while the batch's token budget (`max_total_tokens`: each
 //!    sequence counts its prompt plus the most tokens it may generate) allows, and when
 //!    [`Admission`] (TGI's `--waiting-served-ratio` / `--max-waiting-tokens`) lets them;
 //!    their prompts run first (a new request's first token need not wait for a decoding
-//!    step), a few at a time as left-padded batches; a prompt that continues a kept prefix
-//!    (below) with one token left instead rides along in step 3 as one more row;
+//!    step), a few at a time as left-padded batches of at most
+//!    [`Admission::max_prefill_tokens`] tokens; a prompt that continues a kept prefix (below)
+//!    with one token left instead rides along in step 3 as one more row; a cancelled request
+//!    waiting to join is dropped unrun;
+//!
+//!    2c. a prompt longer than `max_prefill_tokens` runs one chunk of that many tokens per
+//!    step (the oldest such prompt's), its keys and values kept between steps, so the running
+//!    rows get a token per chunk instead of waiting for the whole prompt;
 //! 3. one forward pass over the running rows, one new token each (positions and the attention
 //!    bias from each row's own mask, as for any left-padded batch);
 //! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
@@ -36,7 +42,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
-use super::search::StepModel;
+use super::search::{Cancel, StepModel};
 use crate::error::{Error, Result};
 use crate::models::causal_lm::{CausalLm, KvCache};
 
@@ -58,10 +64,17 @@ pub struct Batcher {
 /// a steady batch). Ours: 20 and 0, so a new request joins at the next step (its first token
 /// within one step under load; a CPU prompt pass over a kept prefix is about one decoding
 /// step). `--waiting-served-ratio 1.2` gives TGI's behaviour.
+///
+/// `max_prefill_tokens` (TGI's `--max-batch-prefill-tokens`) bounds the padded prompt tokens
+/// one prompt pass runs: new prompts are run together in groups within it, and a longer prompt
+/// runs in chunks of that many tokens, one chunk per decoding step (vLLM's and TGI's chunked
+/// prefill), so the running sequences keep getting tokens while it runs, and a request whose
+/// client has gone stops within one chunk.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Admission {
     pub max_waiting_tokens: usize,
     pub waiting_served_ratio: f32,
+    pub max_prefill_tokens: usize,
 }
 
 impl Default for Admission {
@@ -69,6 +82,7 @@ impl Default for Admission {
         Admission {
             max_waiting_tokens: 20,
             waiting_served_ratio: 0.0,
+            max_prefill_tokens: 256,
         }
     }
 }
@@ -107,6 +121,11 @@ pub struct BatchStats {
     /// Continued prompts with one token left whose token ran in a decoding step with the
     /// running rows (no pass of their own).
     pub riders: u64,
+    /// Chunks run of prompts longer than [`Admission::max_prefill_tokens`] (one per step).
+    pub prefill_chunks: u64,
+    /// Requests cancelled (their [`Cancel`]) before their prompt had run whole: waiting, or
+    /// between the chunks of a long prompt.
+    pub cancelled_prompts: u64,
 }
 
 #[derive(Default)]
@@ -127,6 +146,10 @@ struct State {
     next_id: u64,
     stats: BatchStats,
     prefixes: Vec<Prefix>,
+    /// Admitted prompts longer than one prompt pass, run a chunk per step, oldest first.
+    partials: VecDeque<Partial>,
+    /// A partial prompt is out of `partials` for its chunk.
+    chunking: bool,
 }
 
 struct Seq {
@@ -142,6 +165,68 @@ struct Seq {
     reserve: usize,
     /// The tokens whose keys and values its row holds (prompt, then each stepped token).
     fed: Vec<u32>,
+    /// Its request's cancellation.
+    cancel: Option<Cancel>,
+}
+
+impl Seq {
+    /// Its request is over or cancelled.
+    fn dead(&self) -> bool {
+        self.gone || self.cancel.as_ref().is_some_and(Cancel::is_cancelled)
+    }
+}
+
+/// An admitted prompt longer than one prompt pass ([`Admission::max_prefill_tokens`]), run a
+/// chunk per step until it has run whole and its row joins the batch.
+struct Partial {
+    id: u64,
+    prompt: Vec<u32>,
+    /// Before its first chunk: the kept prefix it continues, and how many tokens of it.
+    start: Option<(Arc<KvCache>, usize)>,
+    /// After its first chunk: its keys and values and their 0/1 mask.
+    cache: Option<(KvCache, Vec<u8>)>,
+    /// The prompt's tokens whose keys and values are in `cache` (or the prefix's).
+    done: usize,
+    /// Positions to reserve when its cache is first laid out (see `room` in `step`).
+    room: usize,
+}
+
+/// Run `p`'s next chunk of at most `chunk` tokens: the last position's logits once the prompt
+/// has run whole.
+fn run_chunk(model: &dyn CausalLm, p: &mut Partial, chunk: usize) -> Result<Option<Vec<f32>>> {
+    let end = (p.done + chunk.max(1)).min(p.prompt.len());
+    let logits = match (p.cache.take(), p.start.take()) {
+        (Some((mut cache, mut mask)), _) => {
+            mask.extend(std::iter::repeat_n(1u8, end - p.done));
+            let ids = p.prompt[p.done..end].to_vec();
+            let masks = [mask];
+            let l = forward_masked(model, &mut cache, &masks, ids, end - p.done, true)?;
+            let [mask] = masks;
+            p.cache = Some((cache, mask));
+            l.squeeze(1)?.to_vec2()?
+        }
+        (None, Some((c, n))) => {
+            let start = vec![(c, n, p.prompt[..end].to_vec())];
+            let (l, cache, mut mask) = continue_group(model, start, p.room)?;
+            p.cache = Some((cache, mask.pop().unwrap_or_default()));
+            l
+        }
+        (None, None) => {
+            let rows = vec![p.prompt[..end].to_vec()];
+            let mut session = DecoderSession::new(model, rows, vec![vec![1u8; end]])?;
+            let l = session.step(None)?;
+            let (cache, mut mask) = session.into_parts();
+            p.cache = Some((cache, mask.pop().unwrap_or_default()));
+            l
+        }
+    };
+    p.done = end;
+    Ok((end == p.prompt.len()).then(|| logits.into_iter().next().unwrap_or_default()))
+}
+
+/// The error a cancelled request's thread gets.
+fn cancelled() -> Error {
+    Error::param("inputs", "the request was cancelled")
 }
 
 /// A finished sequence's tokens and its keys and values (one row), for later prompts that
@@ -289,19 +374,21 @@ impl Batcher {
     pub fn stats(&self) -> BatchStats {
         let g = lock(&self.state);
         BatchStats {
-            running: g.rows.len() + g.in_flight,
+            running: g.rows.len() + g.in_flight + g.partials.len() + usize::from(g.chunking),
             waiting: g.waiting.len(),
             ..g.stats
         }
     }
 
     /// A session for one prompt that may grow to `reserve` tokens, to pass to
-    /// [`generate`](super::generate) with one prompt row.
+    /// [`generate`](super::generate) with one prompt row; `cancel` stops it while it waits to
+    /// join and between its prompt's chunks (the search loop asks it after every token).
     pub fn session<'a>(
         &'a self,
         model: &'a dyn CausalLm,
         prompt: Vec<u32>,
         reserve: usize,
+        cancel: Option<Cancel>,
     ) -> SharedSession<'a> {
         trace("arrive", 1, std::time::Instant::now());
         let mut g = lock(&self.state);
@@ -317,6 +404,7 @@ impl Batcher {
                 gone: false,
                 reserve: reserve.max(len),
                 fed: Vec::new(),
+                cancel,
             },
         );
         SharedSession {
@@ -329,17 +417,17 @@ impl Batcher {
     }
 
     /// Every row's sequence has handed in its token (or is gone), and there is something to
-    /// do: a row to step or a request waiting.
+    /// do: a row to step, a request waiting or a long prompt's next chunk.
     fn ready(g: &State) -> bool {
         let all_in = g
             .rows
             .iter()
-            .all(|id| g.seqs.get(id).is_none_or(|s| s.gone || s.token.is_some()));
+            .all(|id| g.seqs.get(id).is_none_or(|s| s.dead() || s.token.is_some()));
         let waiting = g
             .waiting
             .iter()
             .any(|id| g.seqs.get(id).is_some_and(|s| s.prompt.is_some()));
-        all_in && (waiting || !g.rows.is_empty())
+        all_in && (waiting || !g.rows.is_empty() || !g.partials.is_empty())
     }
 
     /// Wait for sequence `id`'s next logits, running the batch's step when this thread is the
@@ -375,7 +463,7 @@ impl Batcher {
         let t_leave = std::time::Instant::now();
         // 1. Rows whose request is over leave, and the padding no row needs any more.
         let keep: Vec<usize> = (0..g.rows.len())
-            .filter(|&r| g.seqs.get(&g.rows[r]).is_some_and(|s| !s.gone))
+            .filter(|&r| g.seqs.get(&g.rows[r]).is_some_and(|s| !s.dead()))
             .collect();
         let mut cache = g.cache.take();
         let mut mask = std::mem::take(&mut g.mask);
@@ -437,6 +525,19 @@ impl Batcher {
                 }
             }
         }
+        // Long prompts whose requests were cancelled between their chunks stop here.
+        let partials = std::mem::take(&mut g.partials);
+        for p in partials {
+            match g.seqs.get_mut(&p.id) {
+                Some(s) if !s.dead() => g.partials.push_back(p),
+                Some(s) => {
+                    s.gone = true;
+                    s.result = Some(Err(cancelled()));
+                    g.stats.cancelled_prompts += 1;
+                }
+                None => {}
+            }
+        }
         trace("leave", rows.len(), t_leave);
         let mut tokens: Vec<u32> = rows
             .iter()
@@ -450,7 +551,11 @@ impl Batcher {
             .collect();
         // 2 (chosen now): the waiting requests the budget lets in, in arrival order; with an
         // empty batch the first always goes in. Fewer than the admission rule's minimum wait.
-        let mut used: usize = rows.iter().map(|id| g.seqs[id].reserve).sum();
+        let mut used: usize = rows
+            .iter()
+            .chain(g.partials.iter().map(|p| &p.id))
+            .map(|id| g.seqs[id].reserve)
+            .sum();
         let min_joining = self.admission.min_joining(rows.len(), g.idle_steps);
         let admit = min_joining == 0 || {
             let mut budget = used;
@@ -458,7 +563,7 @@ impl Batcher {
                 .waiting
                 .iter()
                 .filter_map(|id| g.seqs.get(id))
-                .filter(|s| !s.gone && s.prompt.is_some())
+                .filter(|s| !s.dead() && s.prompt.is_some())
                 .take_while(|s| {
                     budget += s.reserve;
                     budget <= self.max_total_tokens
@@ -467,17 +572,25 @@ impl Batcher {
             fits >= min_joining
         };
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
+        let no_partials = g.partials.is_empty();
         while let Some(&id) = g.waiting.front().filter(|_| admit) {
             let Some(s) = g.seqs.get_mut(&id) else {
                 g.waiting.pop_front();
                 continue;
             };
-            if s.gone || s.prompt.is_none() {
+            if s.dead() || s.prompt.is_none() {
+                // A cancelled request's prompt never runs; its thread gets the error.
+                if !s.gone && s.prompt.is_some() {
+                    s.gone = true;
+                    s.result = Some(Err(cancelled()));
+                    g.stats.cancelled_prompts += 1;
+                } else {
+                    g.seqs.remove(&id);
+                }
                 g.waiting.pop_front();
-                g.seqs.remove(&id);
                 continue;
             }
-            let alone = rows.is_empty() && admitted.is_empty();
+            let alone = rows.is_empty() && admitted.is_empty() && no_partials;
             if !alone && used + s.reserve > self.max_total_tokens {
                 break;
             }
@@ -505,22 +618,41 @@ impl Batcher {
             .unwrap_or(0)
             .min(MAX_ROOM);
         // Prompts that start like a finished sequence continue from its cache's first n
-        // positions.
+        // positions; prompts whose rest is longer than one pass run in chunks (2c).
+        let chunk = self.admission.max_prefill_tokens.max(1);
         let mut continued: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
         let mut fresh: Vec<(u64, Vec<u32>)> = Vec::new();
         for (id, prompt) in admitted {
-            match best_prefix(&g.prefixes, &prompt) {
-                Some((i, n)) => {
-                    let p = g.prefixes.remove(i);
-                    let c = Arc::clone(&p.cache);
-                    g.prefixes.insert(0, p);
-                    g.stats.prefix_hits += 1;
-                    g.stats.prefix_tokens += n as u64;
-                    continued.push((id, prompt, c, n));
-                }
+            let start = best_prefix(&g.prefixes, &prompt).map(|(i, n)| {
+                let p = g.prefixes.remove(i);
+                let c = Arc::clone(&p.cache);
+                g.prefixes.insert(0, p);
+                g.stats.prefix_hits += 1;
+                g.stats.prefix_tokens += n as u64;
+                let n = n.min(c.seq_len());
+                (c, n)
+            });
+            let past = start.as_ref().map_or(0, |s| s.1);
+            if prompt.len() - past > chunk {
+                let room = g.seqs.get(&id).map_or(0, |s| s.reserve).min(MAX_ROOM);
+                g.partials.push_back(Partial {
+                    id,
+                    prompt,
+                    start,
+                    cache: None,
+                    done: past,
+                    room,
+                });
+                continue;
+            }
+            match start {
+                Some((c, n)) => continued.push((id, prompt, c, n)),
                 None => fresh.push((id, prompt)),
             }
         }
+        // One long prompt's chunk runs in this step, the oldest's.
+        let partial = g.partials.pop_front();
+        g.chunking = partial.is_some();
 
         // Continued prompts with one token left, while rows run: that token rides along in
         // step 3 (the prefix's keys and values appended to the batch's cache as a new row)
@@ -542,11 +674,11 @@ impl Batcher {
         drop(g);
 
         // 2. The admitted prompts, a few at a time as one left-padded batch (up to
-        // PREFILL_TOKENS padded tokens), or from a kept prefix; each group's threads get their
+        // `max_prefill_tokens` padded tokens), or from a kept prefix; each group's threads get their
         // first logits at once, and the groups' caches join the batch's after step 3.
-        let groups = prefill_groups(fresh, |(_, p)| p.len());
+        let groups = prefill_groups(fresh, chunk, |(_, p)| p.len());
         // Continued prompts group the same way, by their rests' padded tokens.
-        let cgroups = prefill_groups(continued, |(_, p, _, n)| p.len() - n);
+        let cgroups = prefill_groups(continued, chunk, |(_, p, _, n)| p.len() - n);
         let jobs = cgroups
             .into_iter()
             .map(|gr| {
@@ -610,7 +742,7 @@ impl Batcher {
                 alone = riders;
             }
             trace("ride", n_riders - alone.len(), t);
-            for gr in prefill_groups(alone, |(_, p, _, n)| p.len() - n) {
+            for gr in prefill_groups(alone, chunk, |(_, p, _, n)| p.len() - n) {
                 let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
                 let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
                 let r = guarded(|| continue_group(model, starts, room));
@@ -622,6 +754,38 @@ impl Batcher {
                 drop(g);
                 self.wake.notify_all();
             }
+        }
+
+        // 2c. A long prompt's next chunk; once it has run whole, its thread gets its logits and
+        // its row joins with the new prompts'.
+        if let Some(mut p) = partial {
+            let t = std::time::Instant::now();
+            let r = guarded(|| run_chunk(model, &mut p, chunk));
+            trace("chunk", 1, t);
+            let mut g = lock(&self.state);
+            g.stats.prefill_chunks += 1;
+            g.chunking = false;
+            match r {
+                Ok(None) => g.partials.push_front(p),
+                Ok(Some(logits)) => {
+                    g.stats.prefills += 1;
+                    g.stats.prefill_passes += 1;
+                    let (c, m) = p.cache.take().unwrap_or_default();
+                    if settle(
+                        &mut g,
+                        &[p.id],
+                        Ok((vec![logits], c, vec![m])),
+                        &mut joining,
+                    ) {
+                        g.in_flight += 1;
+                    }
+                }
+                Err(e) => {
+                    settle(&mut g, &[p.id], Err(e), &mut joining);
+                }
+            }
+            drop(g);
+            self.wake.notify_all();
         }
 
         // 3. One forward pass over the running rows (and the riders); each row's thread gets
@@ -744,17 +908,14 @@ const DROP_FRONT_SHARE: usize = 4;
 /// Most positions reserved ahead for a row joining the batch (see `room` in `step`).
 const MAX_ROOM: usize = 512;
 
-/// Most padded prompt tokens one prefill batch holds.
-const PREFILL_TOKENS: usize = 512;
-
 /// `items` in arrival order, cut into groups whose padded size (most tokens to run, by `len`,
-/// times the group's size) stays within [`PREFILL_TOKENS`] (a longer one alone).
-fn prefill_groups<T>(items: Vec<T>, len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+/// times the group's size) stays within `budget` (a longer one alone).
+fn prefill_groups<T>(items: Vec<T>, budget: usize, len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut groups: Vec<Vec<T>> = Vec::new();
     for a in items {
         let fits = groups.last().is_some_and(|gr| {
             let longest = gr.iter().map(&len).max().unwrap_or(0);
-            longest.max(len(&a)) * (gr.len() + 1) <= PREFILL_TOKENS
+            longest.max(len(&a)) * (gr.len() + 1) <= budget
         });
         match groups.last_mut() {
             Some(gr) if fits => gr.push(a),
@@ -904,13 +1065,14 @@ impl Drop for SharedSession<'_> {
             if !in_batch {
                 g.seqs.remove(&self.id);
                 g.waiting.retain(|&id| id != self.id);
+                g.partials.retain(|p| p.id != self.id);
             }
             // The last request out frees the batch's memory now, not at the next request.
             let all_gone = g
                 .rows
                 .iter()
                 .all(|id| g.seqs.get(id).is_none_or(|s| s.gone));
-            if all_gone && g.waiting.is_empty() {
+            if all_gone && g.waiting.is_empty() && g.partials.is_empty() {
                 let rows = std::mem::take(&mut g.rows);
                 let mut cache = g.cache.take();
                 let mask = std::mem::take(&mut g.mask);

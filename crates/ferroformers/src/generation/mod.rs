@@ -19,7 +19,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
 pub use continuous::{Admission, BatchStats, Batcher};
 pub use decoder::{left_pad, DecoderSession};
-pub use search::{generate, Generated, Hooks, StepModel};
+pub use search::{generate, Cancel, Generated, Hooks, StepModel};
 pub use stream::TextStreamer;
 
 use crate::config::{ModelConfig, TokenizerConfig};
@@ -365,7 +365,8 @@ impl TextGenerator {
         };
         self.check_prompt_length(prompt.len())?;
         let reserve = cfg.max_total_length(prompt.len());
-        let mut session = batcher.session(self.model.as_ref(), prompt.to_vec(), reserve);
+        let cancel = hooks.cancel.clone();
+        let mut session = batcher.session(self.model.as_ref(), prompt.to_vec(), reserve, cancel);
         generate(&mut session, &[prompt.to_vec()], cfg, hooks)
     }
 

@@ -16,6 +16,28 @@ pub trait StepModel {
     fn select_rows(&mut self, rows: &[usize]) -> Result<()>;
 }
 
+/// A request's cancellation, shared between threads: set once (a server's client has gone, or
+/// its request timed out) and seen by the search loop after every step, and by a shared batch
+/// ([`Batcher`](super::Batcher)) before a queued prompt runs and between the passes of a long
+/// prompt, so that work for a request nobody waits for stops within one pass.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancel the request (every clone sees it).
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// `(input index, the most likely tokens with their log-probabilities)`.
 pub type TopHook<'a> = &'a mut dyn FnMut(usize, Vec<(u32, f32)>);
 
@@ -38,6 +60,9 @@ pub struct Hooks<'a> {
     /// Asked after every step of greedy search or sampling: `true` ends the generation there
     /// (a server's client has gone).
     pub stop: Option<&'a dyn Fn() -> bool>,
+    /// Asked as `stop` is; a shared batch also asks it while the request waits to join and
+    /// between the passes of its prompt.
+    pub cancel: Option<Cancel>,
     /// How many alternatives `on_top` gets per token (OpenAI's `top_logprobs`, TGI's
     /// `top_n_tokens`); 0: none.
     pub top_logprobs: usize,
@@ -51,6 +76,12 @@ pub struct Hooks<'a> {
     /// its step's processed scores softmaxed again (what Whisper's `_retrieve_avg_logprobs`
     /// reads from HF's `scores` along `beam_indices`).
     pub on_beam_logprobs: Option<BeamLogprobsHook<'a>>,
+}
+
+impl Hooks<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(Cancel::is_cancelled)
+    }
 }
 
 /// Per input, its returned sequences (new tokens only, an eos kept at the end), best first for
@@ -249,7 +280,7 @@ fn greedy_or_sample(
                 keep.push(slot);
             }
         }
-        if keep.is_empty() || hooks.stop.is_some_and(|f| f()) {
+        if keep.is_empty() || hooks.stop.is_some_and(|f| f()) || hooks.cancelled() {
             break;
         }
         if keep.len() != live.len() {

@@ -362,6 +362,7 @@ pub(crate) trait Task: Send + Sync {
         _input: &Input,
         _params: &Params,
         _top_logprobs: usize,
+        _cancel: Option<&crate::generation::Cancel>,
         _on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         Err(Error::param(
@@ -490,7 +491,7 @@ impl Pipeline {
         params: &Params,
         on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
-        self.inner.run_streaming(input, params, 0, on_token)
+        self.inner.run_streaming(input, params, 0, None, on_token)
     }
 
     /// [`Pipeline::run_streaming`] with each token's `top_logprobs` most likely alternatives
@@ -503,7 +504,22 @@ impl Pipeline {
         on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
     ) -> Result<(Output, text_generation::Usage)> {
         self.inner
-            .run_streaming(input, params, top_logprobs, on_token)
+            .run_streaming(input, params, top_logprobs, None, on_token)
+    }
+
+    /// [`Pipeline::run_streaming_top`] that `cancel` stops: after the next token, and when the
+    /// model runs a shared batch (a server), also before the prompt runs or between the chunks
+    /// of a long one (then with an error): a server cancels it when its client has gone.
+    pub fn run_streaming_until(
+        &self,
+        input: &Input,
+        params: &Params,
+        top_logprobs: usize,
+        cancel: &crate::generation::Cancel,
+        on_token: &mut dyn FnMut(&text_generation::TokenEvent) -> bool,
+    ) -> Result<(Output, text_generation::Usage)> {
+        self.inner
+            .run_streaming(input, params, top_logprobs, Some(cancel), on_token)
     }
 
     /// Run on one text with default parameters.

@@ -310,7 +310,7 @@ impl TextGeneration {
         params: &Params,
         on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
-        self.stream_tokens_top(input, params, 0, on_token_event)
+        self.stream_tokens_top(input, params, 0, None, on_token_event)
     }
 
     /// A streamed generation's options, config and prompt ids, every check made that can be
@@ -351,12 +351,15 @@ impl TextGeneration {
     }
 
     /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
-    /// alternatives in its event ([`TokenEvent::top`]).
+    /// alternatives in its event ([`TokenEvent::top`]); `cancel` set ends it after the next
+    /// token, and in a shared batch also before its prompt runs or between its prompt's chunks
+    /// (then with an error).
     pub fn stream_tokens_top(
         &self,
         input: &Input,
         params: &Params,
         top_logprobs: usize,
+        cancel: Option<&crate::generation::Cancel>,
         on_token_event: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
         let (o, cfg, prompt) = self.prepare_stream(input, params)?;
@@ -423,6 +426,7 @@ impl TextGeneration {
             on_top: Some(&mut on_top),
             unscaled_logprobs: false,
             on_beam_logprobs: None,
+            cancel: cancel.cloned(),
         };
         let out = self.generator.generate_one(&prompt, &cfg, &mut hooks)?;
         if let Some(e) = err {
@@ -508,9 +512,10 @@ impl Task for TextGeneration {
         input: &Input,
         params: &Params,
         top_logprobs: usize,
+        cancel: Option<&crate::generation::Cancel>,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
-        self.stream_tokens_top(input, params, top_logprobs, on_token)
+        self.stream_tokens_top(input, params, top_logprobs, cancel, on_token)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
