@@ -195,6 +195,9 @@ impl Tokenizer {
             .inner
             .encode_char_offsets(input, add_special_tokens)
             .map_err(tok_err)?;
+        if !enc.get_overflowing().is_empty() {
+            warn_truncated(self.max_length);
+        }
         Ok(to_encoded(&enc))
     }
 
@@ -485,6 +488,19 @@ impl Tokenizer {
         };
         Ok(self.whole().encode(input, true).map_err(tok_err)?.len())
     }
+}
+
+/// Once per process, on stderr: an input was longer than the model's maximum and was cut
+/// there (transformers' tokenizer warns as well, and its pipelines then fail; ours always
+/// truncate, so the answer covers the start only).
+fn warn_truncated(max_length: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "warning: an input was longer than the model's maximum of {max_length} tokens and was \
+             cut there (the answer covers its first {max_length} tokens only)"
+        )
+    });
 }
 
 fn to_encoded(enc: &tokenizers::Encoding) -> Encoded {
