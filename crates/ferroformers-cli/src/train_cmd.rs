@@ -288,14 +288,45 @@ fn cli_error(e: ferroformers::Error) -> String {
     if let ferroformers::Error::InvalidParameter { name, detail } = &e {
         let flag = name.replace('_', "-");
         let cli = crate::Cli::command();
-        let is_option = cli
+        let options: Vec<String> = cli
             .find_subcommand("train")
-            .is_some_and(|t| t.get_arguments().any(|a| a.get_long() == Some(&flag)));
-        if is_option {
+            .map(|t| {
+                t.get_arguments()
+                    .filter_map(|a| a.get_long().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if options.contains(&flag) {
+            // Other fields the message names are options too (`save_steps 100 must be a
+            // multiple of eval_steps 30`).
+            let mut detail = detail.clone();
+            for o in options.iter().filter(|o| o.contains('-')) {
+                detail = replace_word(&detail, &o.replace('-', "_"), &format!("--{o}"));
+            }
             return format!("invalid value for --{flag}: {detail}");
         }
     }
     e.to_string()
+}
+
+/// `text` with every whole-word `word` (not inside a longer name) replaced by `with`.
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(word) {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + word.len()..].chars().next();
+        out.push_str(&rest[..i]);
+        if before.is_some_and(is_name) || after.is_some_and(is_name) {
+            out.push_str(word);
+        } else {
+            out.push_str(with);
+        }
+        rest = &rest[i + word.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Train, save; progress on stderr.

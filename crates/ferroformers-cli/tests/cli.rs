@@ -841,6 +841,27 @@ fn bad_values_name_their_own_option() {
             "{flag}: {err}"
         );
     }
+    // Other options the message names are spelled as options too.
+    let o = train_seqcls(
+        None,
+        &out,
+        &[
+            "--load-best-model-at-end",
+            "--eval-strategy",
+            "steps",
+            "--save-strategy",
+            "steps",
+            "--eval-steps",
+            "3",
+            "--save-steps",
+            "4",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("invalid value for --load-best-model-at-end: --save-steps 4 must be a multiple of --eval-steps 3"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&out);
     let gpt2 =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/models/gpt2");

@@ -326,3 +326,33 @@ fn head_counts_that_do_not_split_the_hidden_size() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A tokenizer with more tokens than the model's embeddings (not the model's own): the error
+/// names the token, its id and the vocabulary size, instead of the embedding lookup's index
+/// error.
+#[test]
+fn tokens_outside_the_vocabulary_are_named() {
+    let dir = with_config(&model_dir("bert-seqcls"), "vocab", "vocab_size", json!(500));
+    let path = std::path::Path::new(&dir).join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    t["added_tokens"].as_array_mut().unwrap().push(json!({
+        "id": 600, "content": "zzzq", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": false
+    }));
+    std::fs::write(&path, t.to_string()).unwrap();
+    let o = PipelineOptions {
+        model: Some(dir),
+        ..Default::default()
+    };
+    let p = ferroformers::pipeline_with("text-classification", o).unwrap();
+    assert!(p.run(&["hello".into()], &Params::new()).is_ok());
+    let err = p
+        .run(&["hello zzzq".into()], &Params::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("outside the model's vocabulary of 500") && err.contains("zzzq"),
+        "{err}"
+    );
+}

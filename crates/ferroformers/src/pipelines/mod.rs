@@ -733,6 +733,24 @@ impl EncoderRunner {
     }
 
     /// Forward a padded batch; returns the head output `[b, ...]` as f32.
+    /// An error naming the first token id the model has no embedding for (a tokenizer that
+    /// is not the model's, with more tokens than its `vocab_size`), instead of the embedding
+    /// lookup's index error.
+    fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+        let Some(vocab) = self.config.raw.get("vocab_size").and_then(Value::as_u64) else {
+            return Ok(());
+        };
+        match ids.iter().find(|&&id| u64::from(id) >= vocab) {
+            Some(&id) => Err(Error::Tokenizer(format!(
+                "token id {id} ({:?}) is outside the model's vocabulary of {vocab} embeddings \
+                 (config.json `vocab_size`): the tokenizer has more tokens than the model, so \
+                 it is not this model's tokenizer",
+                self.tokenizer.id_to_token(id).unwrap_or_default()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn forward_padded(&self, encs: &[&Encoded]) -> Result<Tensor> {
         let max_len = encs.iter().map(|e| e.len()).max().unwrap_or(0);
         let b = encs.len();
@@ -748,6 +766,7 @@ impl EncoderRunner {
             mask.extend(std::iter::repeat_n(1f32, e.len()));
             mask.extend(std::iter::repeat_n(0f32, pad));
         }
+        self.check_vocab(&ids)?;
         let ids = Tensor::from_vec(ids, (b, max_len), &self.device)?;
         let types = Tensor::from_vec(types, (b, max_len), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, max_len), &self.device)?;
