@@ -1570,6 +1570,21 @@ pub fn attend_causal(
         let b = n / s;
         let blocks = s.div_ceil(QB);
         let jobs = b * nh * blocks;
+        // An f16 cache's keys and values, widened to f32 once per (row, kv head) for all the
+        // jobs that read them (each job widening its own copy cost `group x blocks` times as
+        // much: for a 2000-token prompt ~1G conversions and 4 GB of writes).
+        let nkv = nh / group;
+        let widened: Vec<(Vec<f32>, Vec<f32>)> = if kv.is_f16() {
+            (0..b * nkv)
+                .map(|i| {
+                    let mut w = (Vec::new(), Vec::new());
+                    let _ = kv.get_f32(i / nkv, i % nkv, past + s, &mut w);
+                    w
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let job = |item: usize| {
             let out = ctx_ptr;
             let item = jobs - 1 - item;
@@ -1578,8 +1593,10 @@ pub fn attend_causal(
             let (i0, i1) = (blk * QB, ((blk + 1) * QB).min(s));
             let t0 = r * s + i0;
             let keys = past + i1;
-            let mut wide = (Vec::new(), Vec::new());
-            let (ks, vs) = kv.get_f32(r, head / group, keys, &mut wide);
+            let (ks, vs) = match widened.get(r * nkv + head / group) {
+                Some((k, v)) => (&k[..keys * hd], &v[..keys * hd]),
+                None => kv.get(r, head / group, keys),
+            };
             let mut scores = Vec::new();
             // SAFETY: query rows t0..t0 + (i1 - i0) of qkv (row stride width), the head's
             // keys and values (contiguous, hd each), and rows t0.. of ctx, columns head*hd..
