@@ -1133,3 +1133,44 @@ fn serve_reads_the_environment() {
         );
     }
 }
+
+/// An input cut at the model's maximum length gives one warning on stderr (the answer covers
+/// its start only); a short one none, and question answering's windows (which keep the
+/// overflow) none.
+#[test]
+fn truncated_inputs_are_warned_about() {
+    let m = fixture("bert-seqcls");
+    let long = "good ".repeat(300);
+    let o = ff(&["run", "text-classification", "--model", &m, &long, &long]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("was cut there").count(), 1, "{err}");
+    let o = ff(&["run", "text-classification", "--model", &m, "good"]);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let qa = fixture("bert-qa");
+    let input = std::env::temp_dir().join(format!("ff-cli-qa-long-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &input,
+        serde_json::json!({"question": "what", "context": long}).to_string(),
+    )
+    .unwrap();
+    let o = ff(&[
+        "run",
+        "question-answering",
+        "--model",
+        &qa,
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&input);
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -32,6 +32,9 @@ pub struct Encoded {
     pub word_ids: Vec<Option<u32>>,
     /// Which input (0 = text, 1 = text_pair) each token came from; `None` for special tokens.
     pub sequence_ids: Vec<Option<usize>>,
+    /// Tokens were cut off at `max_length` ([`Tokenizer::encode`]; never for windows, which
+    /// keep the overflow).
+    pub truncated: bool,
 }
 
 impl Encoded {
@@ -195,10 +198,9 @@ impl Tokenizer {
             .inner
             .encode_char_offsets(input, add_special_tokens)
             .map_err(tok_err)?;
-        if !enc.get_overflowing().is_empty() {
-            warn_truncated(self.max_length);
-        }
-        Ok(to_encoded(&enc))
+        let mut e = to_encoded(&enc);
+        e.truncated = !enc.get_overflowing().is_empty();
+        Ok(e)
     }
 
     /// Tokenize a text already split into words (HF's `is_split_into_words=True`), with special
@@ -237,7 +239,9 @@ impl Tokenizer {
         let enc = tok
             .encode_char_offsets(EncodeInput::Single(input), true)
             .map_err(tok_err)?;
-        Ok(to_encoded(&enc))
+        let mut e = to_encoded(&enc);
+        e.truncated = !enc.get_overflowing().is_empty();
+        Ok(e)
     }
 
     /// Tokenize with special tokens into overlapping windows of at most `max_length` tokens, as
@@ -492,8 +496,9 @@ impl Tokenizer {
 
 /// Once per process, on stderr: an input was longer than the model's maximum and was cut
 /// there (transformers' tokenizer warns as well, and its pipelines then fail; ours always
-/// truncate, so the answer covers the start only).
-fn warn_truncated(max_length: usize) {
+/// truncate, so the answer covers the start only). Called by the pipelines that run such an
+/// input, not by the tokenizer (a server counting tokens, or refusing the input, is not).
+pub fn warn_truncated(max_length: usize) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         eprintln!(
@@ -511,6 +516,7 @@ fn to_encoded(enc: &tokenizers::Encoding) -> Encoded {
         special_tokens_mask: enc.get_special_tokens_mask().to_vec(),
         word_ids: enc.get_word_ids().to_vec(),
         sequence_ids: enc.get_sequence_ids(),
+        truncated: false,
     }
 }
 

@@ -803,6 +803,9 @@ impl EncoderRunner {
     where
         F: FnMut(usize, Tensor) -> Result<()>,
     {
+        if encs.iter().any(|e| e.truncated) {
+            crate::tokenizer::warn_truncated(self.tokenizer.max_length);
+        }
         let batch_size = batch_size.max(1);
         let window = batch_size * batches_in_flight();
         for (w, part) in encs.chunks(window).enumerate() {

@@ -459,6 +459,7 @@ mod tests {
                 Some(1),
                 None,
             ],
+            truncated: false,
         }
     }
 

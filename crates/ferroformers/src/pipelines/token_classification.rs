@@ -708,6 +708,7 @@ mod tests {
             special_tokens_mask: vec![1, 0, 0, 0, 1],
             word_ids: vec![None, Some(0), Some(0), Some(1), None],
             sequence_ids: vec![None, Some(0), Some(0), Some(0), None],
+            truncated: false,
         };
         let tokens: Vec<String> = ["[CLS]", "zur", "##ich", "[UNK]", "[SEP]"]
             .iter()
