@@ -2616,18 +2616,7 @@ mod tests {
         let nkv = nh / group;
         for (past, s) in [(0usize, 130usize), (5, 70), (135, 1)] {
             let total = past + s;
-            let mut kv = KvBuffer::new(b, nkv, hd);
-            kv.reserve(total);
-            let keys = crate::kernels::cpu::test_values(b * nkv * total * 2 * hd, 7, 2.0);
-            for r in 0..b {
-                for g in 0..nkv {
-                    for pos in 0..total {
-                        let at = ((r * nkv + g) * total + pos) * 2 * hd;
-                        kv.put(r, g, pos, &keys[at..at + hd], &keys[at + hd..at + 2 * hd]);
-                    }
-                }
-            }
-            kv.set_len(total);
+            let kv = filled_kv(KvBuffer::new(b, nkv, hd), total, 7);
             let width = nh * hd + 2 * nkv * hd;
             let n = b * s;
             let qkv = crate::kernels::cpu::test_values(n * width, 8, 2.0);
@@ -2672,6 +2661,24 @@ mod tests {
         }
     }
 
+    /// `kv` (empty) with `total` positions of test keys and values (`seed`) in every row and
+    /// head.
+    fn filled_kv(mut kv: KvBuffer, total: usize, seed: u64) -> KvBuffer {
+        let (b, nkv, hd) = (kv.rows(), kv.heads, kv.dim);
+        kv.reserve(total);
+        let vals = crate::kernels::cpu::test_values(b * nkv * total * 2 * hd, seed, 2.0);
+        for r in 0..b {
+            for g in 0..nkv {
+                for pos in 0..total {
+                    let at = ((r * nkv + g) * total + pos) * 2 * hd;
+                    kv.put(r, g, pos, &vals[at..at + hd], &vals[at + hd..at + 2 * hd]);
+                }
+            }
+        }
+        kv.set_len(total);
+        kv
+    }
+
     /// Decoding rows with long left padding (a chat row in a batch whose cache a long prompt
     /// widened) skip the padding in whole blocks: the same bits as attending over every key,
     /// over f32 and f16 caches.
@@ -2683,22 +2690,12 @@ mod tests {
         // Row 0 unpadded, row 1 padded 231 positions (three blocks skipped), row 2 padded 70.
         let pads = [0usize, 231, 70];
         for f16 in [false, true] {
-            let mut kv = if f16 {
+            let empty = if f16 {
                 KvBuffer::new_f16(b, nkv, hd)
             } else {
                 KvBuffer::new(b, nkv, hd)
             };
-            kv.reserve(total);
-            let vals = crate::kernels::cpu::test_values(b * nkv * total * 2 * hd, 17, 2.0);
-            for r in 0..b {
-                for g in 0..nkv {
-                    for pos in 0..total {
-                        let at = ((r * nkv + g) * total + pos) * 2 * hd;
-                        kv.put(r, g, pos, &vals[at..at + hd], &vals[at + hd..at + 2 * hd]);
-                    }
-                }
-            }
-            kv.set_len(total);
+            let kv = filled_kv(empty, total, 17);
             let width = nh * hd + 2 * nkv * hd;
             let qkv = crate::kernels::cpu::test_values(b * width, 18, 2.0);
             let mut bias = vec![0f32; b * total];
