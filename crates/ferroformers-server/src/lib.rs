@@ -198,6 +198,9 @@ struct Served {
     dtype: ferroformers::DType,
     /// Whether it runs on a GPU (`/info`'s `model_device_type`).
     cuda: bool,
+    /// Embedding models: the size of their embeddings, once one has been computed (a request
+    /// asking another `dimensions` is then refused before any work).
+    embedding_size: std::sync::OnceLock<usize>,
 }
 
 struct AppState {
@@ -415,6 +418,7 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         max_input,
         dtype,
         cuda,
+        embedding_size: std::sync::OnceLock::new(),
     })
 }
 

@@ -62,7 +62,8 @@ pub(crate) async fn openai_embeddings(
             }
         };
         // `dimensions` (OpenAI's shortened embeddings): only the model's own size is served,
-        // as vLLM answers for a model without Matryoshka training (checked once it is known).
+        // as vLLM answers for a model without Matryoshka training (checked before any work
+        // once the size is known, else after the first computation).
         let dimensions = match v.get("dimensions") {
             None | Some(Value::Null) => None,
             Some(d) => match d.as_u64().filter(|&d| d >= 1) {
@@ -75,6 +76,17 @@ pub(crate) async fn openai_embeddings(
                 }
             },
         };
+        let wrong_size = |d: usize, have: usize| {
+            ApiError::validation(format!(
+                "`dimensions` {d} is not served: this model's embeddings have {have} dimensions"
+            ))
+            .with_param("dimensions")
+        };
+        if let (Some(d), Some(&have)) = (dimensions, m.embedding_size.get()) {
+            if d != have {
+                return Err(wrong_size(d, have));
+            }
+        }
         // Counted before anything is tokenized: too many is a 413, as on TEI's routes.
         if texts.is_empty() {
             return Err(ApiError::validation("`input` cannot be empty"));
@@ -95,13 +107,10 @@ pub(crate) async fn openai_embeddings(
         let mut params = Params::new();
         params.insert("normalize".into(), json!(true));
         let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;
-        if let (Some(d), Some(have)) = (dimensions, vecs.first().map(Vec::len)) {
-            if d != have {
-                return Err(ApiError::validation(format!(
-                    "`dimensions` {d} is not served: this model's embeddings have {have} \
-                     dimensions"
-                ))
-                .with_param("dimensions"));
+        if let Some(&have) = vecs.first().map(Vec::len).as_ref() {
+            let _ = m.embedding_size.set(have);
+            if let Some(d) = dimensions.filter(|&d| d != have) {
+                return Err(wrong_size(d, have));
             }
         }
         let data: Vec<Value> = vecs

@@ -1095,6 +1095,20 @@ fn bad_requests_get_status_codes_and_json_errors() {
         json!({"input": "a", "dimensions": 32}),
     );
     assert_eq!(status, 200);
+    // Once the size is known, another `dimensions` is refused before any work.
+    let (_, value) = metrics_of(&base, "minilm-st");
+    let calls = value("ferroformers_inference_duration_seconds_count");
+    let (status, err) = post_json(
+        &format!("{base}/v1/embeddings"),
+        json!({"input": "a", "dimensions": 5}),
+    );
+    assert_eq!(status, 422, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("32"));
+    let (_, value) = metrics_of(&base, "minilm-st");
+    assert_eq!(
+        value("ferroformers_inference_duration_seconds_count"),
+        calls
+    );
     // An unknown /v1 route answers in OpenAI's shape; a route asked with another method gets
     // a JSON 405.
     let (status, body) = post_json(&format!("{base}/v1/nowhere"), json!({}));
