@@ -547,8 +547,9 @@ fn long_prompts_run_in_chunks_between_decoding_steps() {
     }
 }
 
-/// A cancelled request stops within one chunk of its long prompt, and a cancelled request
-/// that waits to join never runs; the running request gets its solo tokens.
+/// A cancelled request stops within one chunk of its long prompt (what ran is kept: the same
+/// prompt again continues from it), and a cancelled request that waits to join never runs;
+/// the running request gets its solo tokens.
 #[test]
 fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
     let (mut g, first, c) = prefix_setup("llama", 8);
@@ -556,6 +557,10 @@ fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
     let mut long = c.clone();
     long.max_new_tokens = Some(30);
     let want_other = solo_tokens(&g, &other, &long);
+    let want_first = solo_tokens(&g, &first, &c);
+    // Chunks of the long prompt that run before it is cancelled (enough to keep as a prefix).
+    let ran = 9;
+    assert!(first.len() > ran as usize + 2, "{}", first.len());
     for queued in [false, true] {
         // One token per chunk; queued: a budget that holds only the running request.
         let budget = if queued {
@@ -587,11 +592,11 @@ fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
                 };
                 g.generate_one(&first, &c, &mut hooks)
             });
-            // Cancel once it has run two chunks, or waits to join.
+            // Cancel once it has run `ran` chunks, or waits to join.
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(20) {
                 let st = stats();
-                if (!queued && st.prefill_chunks >= base + 2) || (queued && st.waiting == 1) {
+                if (!queued && st.prefill_chunks >= base + ran) || (queued && st.waiting == 1) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -608,10 +613,17 @@ fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
             assert_eq!(st.prefill_chunks, base, "its prompt never ran: {st:?}");
             assert_eq!(st.prefills, 1, "only the running request's: {st:?}");
         } else {
-            // Cancelled after two chunks: at most one more ran.
+            // Cancelled after `ran` chunks: at most one more ran.
             assert!(
-                (base + 2..=base + 3).contains(&st.prefill_chunks) && first.len() > 4,
+                (base + ran..=base + ran + 1).contains(&st.prefill_chunks),
                 "stopped between chunks: {st:?}"
+            );
+            // The same prompt again continues from what ran, with the tokens it gets alone.
+            assert_eq!(solo_tokens(g, &first, &c), want_first);
+            let after = stats();
+            assert!(
+                after.prefix_hits == st.prefix_hits + 1 && after.prefix_tokens >= ran,
+                "{after:?}"
             );
         }
         assert_eq!((st.running, st.waiting), (0, 0), "queued {queued}: {st:?}");

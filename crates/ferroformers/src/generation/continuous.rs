@@ -224,6 +224,15 @@ fn run_chunk(model: &dyn CausalLm, p: &mut Partial, chunk: usize) -> Result<Opti
     Ok((end == p.prompt.len()).then(|| logits.into_iter().next().unwrap_or_default()))
 }
 
+/// Keep the prompt tokens a stopped long prompt has run, with their keys and values, as a
+/// prefix for later prompts.
+fn retire_partial(prefixes: &mut Vec<Prefix>, p: Partial) {
+    if let Some((mut cache, mask)) = p.cache {
+        let fed = p.prompt[..p.done].to_vec();
+        retire(prefixes, &mut cache, 0, &mask, fed);
+    }
+}
+
 /// The error a cancelled request's thread gets.
 fn cancelled() -> Error {
     Error::param("inputs", "the request was cancelled")
@@ -525,7 +534,8 @@ impl Batcher {
                 }
             }
         }
-        // Long prompts whose requests were cancelled between their chunks stop here.
+        // Long prompts whose requests were cancelled between their chunks stop here; what
+        // they ran is kept as a prefix (a client that gave up may well send it again).
         let partials = std::mem::take(&mut g.partials);
         for p in partials {
             match g.seqs.get_mut(&p.id) {
@@ -534,8 +544,9 @@ impl Batcher {
                     s.gone = true;
                     s.result = Some(Err(cancelled()));
                     g.stats.cancelled_prompts += 1;
+                    retire_partial(&mut g.prefixes, p);
                 }
-                None => {}
+                None => retire_partial(&mut g.prefixes, p),
             }
         }
         trace("leave", rows.len(), t_leave);
@@ -1065,7 +1076,11 @@ impl Drop for SharedSession<'_> {
             if !in_batch {
                 g.seqs.remove(&self.id);
                 g.waiting.retain(|&id| id != self.id);
-                g.partials.retain(|p| p.id != self.id);
+                if let Some(i) = g.partials.iter().position(|p| p.id == self.id) {
+                    if let Some(p) = g.partials.remove(i) {
+                        retire_partial(&mut g.prefixes, p);
+                    }
+                }
             }
             // The last request out frees the batch's memory now, not at the next request.
             let all_gone = g
