@@ -629,3 +629,90 @@ fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
         assert_eq!((st.running, st.waiting), (0, 0), "queued {queued}: {st:?}");
     }
 }
+
+/// A prompt much longer than the running rows joins them: the short rows' left padding
+/// (whole blocks of 64 positions) is not stored, and later rows join and leave around it;
+/// every request gets its solo tokens (Llama family's CPU cache, RoPE positions past the
+/// fixture's 64).
+#[test]
+fn a_long_prompt_joining_short_rows_keeps_their_solo_tokens() {
+    for name in ["llama", "qwen2"] {
+        // The fixture with a context window of 512 (RoPE: the weights are the same).
+        let src = common::fixtures().join("decoders/models").join(name);
+        let dir = std::env::temp_dir().join(format!("ff-cb-wide-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let cfg = dir.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v["max_position_embeddings"] = 512.into();
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let mut g = TextGenerator::load(
+            &dir.to_string_lossy(),
+            None,
+            None,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+            None,
+        )
+        .unwrap();
+        let first = g
+            .encode("The history of the lighthouse keepers", true)
+            .unwrap();
+        let mut c = g.generation_config.clone();
+        c.eos_token_id.clear();
+        c.max_new_tokens = Some(6);
+        let other = g.encode("Completely different words here", true).unwrap();
+        let long_text = "the keeper climbed the stairs to light the lamp ".repeat(6);
+        let long_prompt = g.encode(&long_text, true).unwrap();
+        assert!(
+            long_prompt.len() > 100 && long_prompt.len() < 400,
+            "{}",
+            long_prompt.len()
+        );
+        let mut slow = c.clone();
+        slow.max_new_tokens = Some(24);
+        let mut lc = c.clone();
+        lc.max_new_tokens = Some(16);
+        let want = [
+            solo_tokens(&g, &other, &slow),
+            solo_tokens(&g, &long_prompt, &lc),
+            solo_tokens(&g, &first, &c),
+        ];
+        g.batcher = Some(Batcher::new(100_000));
+        let g = &g;
+        let stats = || g.batcher.as_ref().unwrap().stats();
+        let (c, lc) = (&c, &lc);
+        let (long_prompt, first) = (&long_prompt, &first);
+        let got: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let a = s.spawn(|| slow_tokens(g, &other, &slow, 5));
+            let wait_steps = |n: u64| {
+                let t = Instant::now();
+                while stats().steps < n && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            let b = s.spawn(move || {
+                wait_steps(2);
+                solo_tokens(g, long_prompt, lc)
+            });
+            // A third joins while the long one runs (its row padded to the long width).
+            let third = s.spawn(move || {
+                wait_steps(6);
+                solo_tokens(g, first, c)
+            });
+            vec![a.join().unwrap(), b.join().unwrap(), third.join().unwrap()]
+        });
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{name}: request {i}");
+        }
+        let st = stats();
+        assert!(st.max_rows >= 3, "{name}: {st:?}");
+        assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -31,10 +31,16 @@ pub struct KvBuffer {
 /// One row's and head's keys and values, each `[positions, dim]` (in f16 mode `dim / 2` words
 /// per position, each word two f16 values); its vectors go back to
 /// [`SPARE`] when it is dropped.
+///
+/// The first `pad` positions (a multiple of [`SKIP_BLOCK`]) are left padding that is not
+/// stored: the vectors hold positions `pad..`. A short row joined to a batch that a long
+/// prompt made wide takes no memory and no copy for most of its padding; readers start at
+/// `pad` (attention skips masked keys in whole blocks of `SKIP_BLOCK` anyway).
 #[derive(Debug, Clone, Default)]
 struct Slot {
     k: Vec<f32>,
     v: Vec<f32>,
+    pad: usize,
 }
 
 impl Drop for Slot {
@@ -109,17 +115,39 @@ fn give_spare(v: Vec<f32>) {
 }
 
 impl Slot {
-    /// `n` positions of `src` after `pad` positions of zeros, with room for `room` more.
+    /// Store the padding from the block holding position `pos` on, when `pos` falls in the
+    /// unstored padding (a write there, or a length shorter than it).
+    fn unpad_to(&mut self, pos: usize, w: usize) {
+        if pos >= self.pad {
+            return;
+        }
+        let new = pos / SKIP_BLOCK * SKIP_BLOCK;
+        let zeros = (self.pad - new) * w;
+        for x in [&mut self.k, &mut self.v] {
+            x.splice(0..0, std::iter::repeat_n(0.0, zeros));
+        }
+        self.pad = new;
+    }
+
+    /// The first `n` positions of `src` after `pad` positions of zeros, with room for `room`
+    /// more (the zeros in whole blocks of [`SKIP_BLOCK`] are not stored).
     fn padded(src: &Slot, pad: usize, n: usize, room: usize, d: usize) -> Slot {
+        let zeros = pad + src.pad.min(n);
+        let virt = zeros / SKIP_BLOCK * SKIP_BLOCK;
+        let stored = n.saturating_sub(src.pad);
         let part = |x: &[f32]| {
-            let mut out = take_spare((pad + n + room) * d);
-            out.resize(pad * d, 0.0);
-            out.extend_from_slice(&x[..n * d]);
+            let mut out = take_spare((zeros - virt + stored + room) * d);
+            out.resize((zeros - virt) * d, 0.0);
+            let have = (x.len() / d.max(1)).min(stored);
+            out.extend_from_slice(&x[..have * d]);
+            // Positions never stored read as zeros.
+            out.resize((zeros - virt + stored) * d, 0.0);
             out
         };
         Slot {
             k: part(&src.k),
             v: part(&src.v),
+            pad: virt,
         }
     }
 }
@@ -221,10 +249,11 @@ impl KvBuffer {
     /// step rarely copies anything).
     pub fn reserve(&mut self, extra: usize) {
         let w = self.words();
-        let want = (self.len + extra) * w;
         for s in &mut self.slots {
+            let have = self.len.saturating_sub(s.pad) * w;
+            let want = have + extra * w;
             for x in [&mut s.k, &mut s.v] {
-                x.truncate(self.len * w);
+                x.truncate(have);
                 if x.capacity() == 0 {
                     *x = take_spare(want);
                 }
@@ -239,6 +268,8 @@ impl KvBuffer {
     pub fn put(&mut self, row: usize, head: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (d, w, f16) = (self.dim, self.words(), self.f16);
         let s = &mut self.slots[row * self.heads + head];
+        s.unpad_to(pos, w);
+        let pos = pos - s.pad;
         for (x, new) in [(&mut s.k, k), (&mut s.v, v)] {
             if x.len() < (pos + 1) * w {
                 x.resize((pos + 1) * w, 0.0);
@@ -258,8 +289,10 @@ impl KvBuffer {
 
     /// Positions `0..len` now hold data (any never stored read as zeros).
     pub fn set_len(&mut self, len: usize) {
-        let n = len * self.words();
+        let w = self.words();
         for s in &mut self.slots {
+            s.unpad_to(len, w);
+            let n = (len - s.pad) * w;
             for x in [&mut s.k, &mut s.v] {
                 if x.len() < n {
                     x.resize(n, 0.0);
@@ -269,19 +302,26 @@ impl KvBuffer {
         self.len = len;
     }
 
-    /// Keys and values of `row`, `head` at positions `0..n` (f32 mode).
+    /// The leading positions of `row`, `head` that are padding and not stored: the getters
+    /// below start after them (a multiple of [`SKIP_BLOCK`]; 0 for a buffer whose rows were
+    /// never joined to longer ones).
+    pub fn pad(&self, row: usize, head: usize) -> usize {
+        self.slots[row * self.heads + head].pad
+    }
+
+    /// Keys and values of `row`, `head` at positions `pad..n` ([`KvBuffer::pad`]; f32 mode).
     pub fn get(&self, row: usize, head: usize, n: usize) -> (&[f32], &[f32]) {
         assert!(!self.f16, "an f16 KV buffer is read with get_f16");
         let s = &self.slots[row * self.heads + head];
-        let n = n * self.dim;
+        let n = n.saturating_sub(s.pad) * self.dim;
         (&s.k[..n], &s.v[..n])
     }
 
-    /// Keys and values of `row`, `head` at positions `0..n` (f16 mode).
+    /// Keys and values of `row`, `head` at positions `pad..n` ([`KvBuffer::pad`]; f16 mode).
     pub fn get_f16(&self, row: usize, head: usize, n: usize) -> (&[half::f16], &[half::f16]) {
         assert!(self.f16, "an f32 KV buffer is read with get");
         let s = &self.slots[row * self.heads + head];
-        let w = n * self.words();
+        let w = n.saturating_sub(s.pad) * self.words();
         let h = |x: &[f32]| {
             let x = &x[..w];
             // SAFETY: `w` f32 words hold `n * dim` f16 values (alignment 4 >= 2).
@@ -290,8 +330,8 @@ impl KvBuffer {
         (h(&s.k), h(&s.v))
     }
 
-    /// Keys and values of `row`, `head` at positions `0..n` as f32: borrowed in f32 mode,
-    /// widened into `scratch` in f16 mode.
+    /// Keys and values of `row`, `head` at positions `pad..n` as f32 ([`KvBuffer::pad`]):
+    /// borrowed in f32 mode, widened into `scratch` in f16 mode.
     pub fn get_f32<'a>(
         &'a self,
         row: usize,
@@ -399,8 +439,12 @@ impl KvBuffer {
                     *x = take_spare((len + 16) * d);
                 }
                 for &p in positions.iter().filter(|&&p| p < self.len) {
-                    out.k.extend_from_slice(&src.k[p * d..(p + 1) * d]);
-                    out.v.extend_from_slice(&src.v[p * d..(p + 1) * d]);
+                    for (o, x) in [(&mut out.k, &src.k), (&mut out.v, &src.v)] {
+                        match p.checked_sub(src.pad).filter(|&q| (q + 1) * d <= x.len()) {
+                            Some(q) => o.extend_from_slice(&x[q * d..(q + 1) * d]),
+                            None => o.resize(o.len() + d, 0.0),
+                        }
+                    }
                 }
             }
         }
@@ -429,14 +473,18 @@ impl KvBuffer {
         if r < self.rows() {
             for (h, out) in slots.iter_mut().enumerate() {
                 let mut s = std::mem::take(&mut self.slots[r * heads + h]);
+                // Every position taken is stored (the padding before the first one need not).
+                s.unpad_to(positions.first().copied().unwrap_or(len).min(len), d);
+                let pad = std::mem::take(&mut s.pad);
                 for x in [&mut s.k, &mut s.v] {
-                    if x.len() < len * d {
-                        x.resize(len * d, 0.0);
+                    if x.len() < (len - pad) * d {
+                        x.resize((len - pad) * d, 0.0);
                     }
                     // Ascending positions: position i comes from p >= i, never overwritten
                     // before it is read.
                     let mut n = 0;
                     for &p in positions.iter().filter(|&&p| p < len) {
+                        let p = p - pad;
                         if p != n {
                             x.copy_within(p * d..(p + 1) * d, n * d);
                         }
@@ -476,9 +524,21 @@ impl KvBuffer {
         }
         let d = self.words();
         for s in &mut self.slots {
+            // Unstored padding goes first, then stored positions.
+            let cut = n.min(s.pad);
             for x in [&mut s.k, &mut s.v] {
-                x.truncate(self.len * d);
-                x.drain(..n * d);
+                x.truncate(self.len.saturating_sub(s.pad) * d);
+                let drop = ((n - cut) * d).min(x.len());
+                x.drain(..drop);
+            }
+            s.pad -= cut;
+            // What stays unstored is a whole number of blocks.
+            let rest = s.pad % SKIP_BLOCK;
+            if rest > 0 {
+                for x in [&mut s.k, &mut s.v] {
+                    x.splice(0..0, std::iter::repeat_n(0.0, rest * d));
+                }
+                s.pad -= rest;
             }
         }
         self.len -= n;
@@ -1593,8 +1653,11 @@ pub fn attend_causal(
             let (i0, i1) = (blk * QB, ((blk + 1) * QB).min(s));
             let t0 = r * s + i0;
             let keys = past + i1;
+            // Keys before `pad` are unstored padding (masked; `pad <= past`): the block
+            // attends from there.
+            let pad = kv.pad(r, head / group).min(past);
             let (ks, vs) = match widened.get(r * nkv + head / group) {
-                Some((k, v)) => (&k[..keys * hd], &v[..keys * hd]),
+                Some((k, v)) => (&k[..(keys - pad) * hd], &v[..(keys - pad) * hd]),
                 None => kv.get(r, head / group, keys),
             };
             let mut scores = Vec::new();
@@ -1606,10 +1669,10 @@ pub fn attend_causal(
                     (qkv.as_ptr().add(t0 * width + head * hd), width),
                     (ks.as_ptr(), hd),
                     (vs.as_ptr(), hd),
-                    (i1 - i0, keys, hd),
+                    (i1 - i0, keys - pad, hd),
                     scale,
-                    |i| past + i0 + i + 1,
-                    |i| &bias[(t0 + i) * total..(t0 + i) * total + past + i0 + i + 1],
+                    |i| past + i0 + i + 1 - pad,
+                    |i| &bias[(t0 + i) * total + pad..(t0 + i) * total + past + i0 + i + 1],
                     &[],
                     (out.0.add(t0 * q_w + head * hd), q_w),
                     &mut scores,
@@ -1638,6 +1701,12 @@ pub fn attend_causal(
             let keys = past + i + 1;
             let lead = masked_lead(&bias[t * total..t * total + keys]);
             let brow = &bias[t * total + lead..t * total + keys];
+            // The cache's rows start at their unstored padding (all masked, whole blocks:
+            // within `lead`); `at` is where `lead` falls in what is stored.
+            let at = |head: usize| {
+                debug_assert!(kv.pad(r, head) <= lead, "unstored padding is masked");
+                lead - kv.pad(r, head).min(lead)
+            };
             // SAFETY: row t of ctx belongs to this item only.
             let crow = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * q_w), q_w) };
             if n == 1 && !kv.is_f16() {
@@ -1647,10 +1716,11 @@ pub fn attend_causal(
                 // reads f16 without widening it first).
                 for head in 0..nh {
                     let (ks, vs) = kv.get(r, head / group, keys);
+                    let o = at(head / group) * hd;
                     attend_one(
                         &qkv[t * width + head * hd..t * width + (head + 1) * hd],
-                        &ks[lead * hd..],
-                        &vs[lead * hd..],
+                        &ks[o..],
+                        &vs[o..],
                         scale,
                         brow,
                         &[],
@@ -1670,7 +1740,7 @@ pub fn attend_causal(
                         q,
                         {
                             let (ks, vs) = kv.get_f16(r, kvh, keys);
-                            (&ks[lead * hd..], &vs[lead * hd..])
+                            (&ks[at(kvh) * hd..], &vs[at(kvh) * hd..])
                         },
                         hd,
                         scale,
@@ -1682,9 +1752,10 @@ pub fn attend_causal(
                     continue;
                 }
                 let (ks, vs) = kv.get_f32(r, kvh, keys, &mut wide);
+                let o = at(kvh) * hd;
                 attend_heads(
                     q,
-                    (&ks[lead * hd..], &vs[lead * hd..]),
+                    (&ks[o..], &vs[o..]),
                     hd,
                     scale,
                     brow,
@@ -2740,6 +2811,135 @@ mod tests {
                         "f16 {f16} row {r} kv head {kvh}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Row `r`, head `h` of `kv` as all its positions (unstored padding as zeros).
+    fn dense(kv: &KvBuffer, r: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut wide = (Vec::new(), Vec::new());
+        let (k, v) = kv.get_f32(r, h, kv.len(), &mut wide);
+        let zeros = vec![0f32; kv.pad(r, h) * kv.dim];
+        (
+            zeros.iter().chain(k).copied().collect(),
+            zeros.iter().chain(v).copied().collect(),
+        )
+    }
+
+    /// A short row joined to a long one keeps most of its left padding unstored (whole blocks
+    /// of 64), and every operation reads it as zeros: the join's contents, writes into the
+    /// padding, cutting the front (into and past the padding), taking and extracting rows,
+    /// appending rows in place, and decoding attention over it (the same bits as over a
+    /// buffer that stores the zeros).
+    #[test]
+    fn unstored_padding_reads_as_zeros() {
+        let (heads, hd) = (2usize, 8usize);
+        for f16 in [false, true] {
+            let new = || {
+                if f16 {
+                    KvBuffer::new_f16(1, heads, hd)
+                } else {
+                    KvBuffer::new(1, heads, hd)
+                }
+            };
+            let long = filled_kv(new(), 200, 3);
+            let short = filled_kv(new(), 10, 4);
+            let mut kv = KvBuffer::join(&[(&long, 200), (&short, 10)], 8).unwrap();
+            assert_eq!((kv.pad(0, 0), kv.pad(1, 1)), (0, 128));
+            // The reference: the same rows with the zeros stored.
+            let mut want: Vec<Vec<(Vec<f32>, Vec<f32>)>> = (0..2)
+                .map(|r| (0..heads).map(|h| dense(&kv, r, h)).collect())
+                .collect();
+            for (h, (k, _)) in want[1].iter().enumerate() {
+                assert!(k[..190 * hd].iter().all(|&x| x == 0.0));
+                assert_eq!(&k[190 * hd..], &dense(&short, 0, h).0[..]);
+            }
+            // Decoding attention over it equals attention over the dense rows.
+            let nh = heads;
+            let width = nh * hd + 2 * heads * hd;
+            let qkv = crate::kernels::cpu::test_values(2 * width, 5, 1.0);
+            let mut bias = vec![0f32; 2 * 200];
+            bias[200..390].fill(f32::MIN);
+            let got = attend_causal(
+                &qkv,
+                (width, 2, 1, 199),
+                (nh, 1, hd),
+                &kv,
+                (&bias, 200),
+                0.3,
+            );
+            for r in 0..2 {
+                for h in 0..heads {
+                    let (k, v) = &want[r][h];
+                    let mut sc = vec![0f32; 200];
+                    let mut out = vec![0f32; hd];
+                    let q = &qkv[r * width + h * hd..r * width + (h + 1) * hd];
+                    let brow = &bias[r * 200..(r + 1) * 200];
+                    let lead = masked_lead(brow);
+                    attend_heads(
+                        q,
+                        (&k[lead * hd..], &v[lead * hd..]),
+                        hd,
+                        0.3,
+                        &brow[lead..],
+                        &mut sc,
+                        &mut out,
+                    );
+                    let g = &got[r * nh * hd + h * hd..][..hd];
+                    assert!(
+                        g.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "f16 {f16} row {r} head {h}"
+                    );
+                }
+            }
+            // A write into the padding stores it from that block on.
+            let (k, v) = (vec![1.5f32; hd], vec![-2.5f32; hd]);
+            kv.put(1, 0, 70, &k, &v);
+            assert_eq!(kv.pad(1, 0), 64);
+            want[1][0].0[70 * hd..71 * hd].copy_from_slice(&k);
+            want[1][0].1[70 * hd..71 * hd].copy_from_slice(&v);
+            let check = |kv: &KvBuffer, want: &[Vec<(Vec<f32>, Vec<f32>)>], what: &str| {
+                for (r, row) in want.iter().enumerate() {
+                    for (h, w) in row.iter().enumerate() {
+                        assert_eq!(&dense(kv, r, h), w, "f16 {f16} {what}: row {r} head {h}");
+                    }
+                }
+            };
+            check(&kv, &want, "put");
+            // Cutting 100 positions: into the stored padding of head 0, within the unstored
+            // padding of head 1 (128 -> 28: stored again, a part of a block).
+            kv.drop_front(100);
+            for row in want.iter_mut() {
+                for (k, v) in row.iter_mut() {
+                    k.drain(..100 * hd);
+                    v.drain(..100 * hd);
+                }
+            }
+            check(&kv, &want, "drop_front");
+            assert_eq!(kv.pad(1, 1), 0);
+            // Another cut past all padding.
+            let mut kv2 = KvBuffer::join(&[(&long, 200), (&short, 10)], 8).unwrap();
+            kv2.drop_front(195);
+            assert_eq!(
+                dense(&kv2, 1, 1).0,
+                dense(&short, 0, 1).0[5 * hd..].to_vec()
+            );
+            // Rows taken or extracted at their real positions.
+            let positions: Vec<usize> = (90..100).collect();
+            let e = kv.extract_row(1, &positions);
+            let t = kv.take_row(1, &positions);
+            for h in 0..heads {
+                let real = dense(&short, 0, h);
+                assert_eq!(dense(&e, 0, h).0, real.0, "f16 {f16} extract");
+                assert_eq!(dense(&t, 0, h), real, "f16 {f16} take");
+            }
+            // A short row appended in place to a long buffer leaves its padding unstored too.
+            let mut wide = filled_kv(new(), 200, 3);
+            assert!(wide.append_rows(&[(&short, 10)], 4));
+            assert_eq!(wide.pad(1, 0), 128);
+            for h in 0..heads {
+                let (k, _) = dense(&wide, 1, h);
+                assert_eq!(&k[190 * hd..], &dense(&short, 0, h).0[..]);
             }
         }
     }
