@@ -80,7 +80,11 @@ pub fn compare(ours: &Value, want: &Value, tol: f64, path: &str) -> Result<(), S
 
 /// A decoder fixture (tests/fixtures/decoders/models/NAME) as a generator, f32 on CPU.
 pub fn decoder(name: &str) -> ferroformers::generation::TextGenerator {
-    let p = fixtures().join("decoders/models").join(name);
+    decoder_at(&fixtures().join("decoders/models").join(name))
+}
+
+/// The decoder in folder `p` as a generator, f32 on CPU.
+pub fn decoder_at(p: &std::path::Path) -> ferroformers::generation::TextGenerator {
     ferroformers::generation::TextGenerator::load(
         &p.to_string_lossy(),
         None,

@@ -651,15 +651,7 @@ fn a_long_prompt_joining_short_rows_keeps_their_solo_tokens() {
             serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         v["max_position_embeddings"] = 512.into();
         std::fs::write(&cfg, v.to_string()).unwrap();
-        let mut g = TextGenerator::load(
-            &dir.to_string_lossy(),
-            None,
-            None,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-            None,
-        )
-        .unwrap();
+        let mut g = common::decoder_at(&dir);
         let first = g
             .encode("The history of the lighthouse keepers", true)
             .unwrap();
