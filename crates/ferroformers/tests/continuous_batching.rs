@@ -708,3 +708,57 @@ fn a_long_prompt_joining_short_rows_keeps_their_solo_tokens() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A cancelled request behind another in the queue (one that does not fit the budget yet)
+/// leaves the queue at the next step, not once it reaches the front; the one ahead of it
+/// runs when there is room, with its solo tokens.
+#[test]
+fn a_cancelled_request_leaves_the_queue_from_anywhere_in_it() {
+    let (mut g, first, c) = prefix_setup("llama", 8);
+    let other = g.encode("Completely different words here", true).unwrap();
+    let mut long = c.clone();
+    long.max_new_tokens = Some(30);
+    let want_other = solo_tokens(&g, &other, &long);
+    let want_first = solo_tokens(&g, &first, &c);
+    // A budget that holds only the running request: the others queue.
+    g.batcher = Some(Batcher::new(long.max_total_length(other.len())));
+    let g = &g;
+    let stats = || g.batcher.as_ref().unwrap().stats();
+    let until = |f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !f() && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let cancel = Cancel::new();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| slow_tokens(g, &other, &long, 10));
+        until(&|| stats().steps >= 2);
+        let ahead = s.spawn(|| solo_tokens(g, &first, &c));
+        until(&|| stats().waiting == 1);
+        let behind = s.spawn(|| {
+            let mut hooks = Hooks {
+                cancel: Some(cancel.clone()),
+                ..Hooks::default()
+            };
+            g.generate_one(&first, &c, &mut hooks)
+        });
+        until(&|| stats().waiting == 2);
+        cancel.cancel();
+        // Gone from the queue within a step or two, while the running request still runs.
+        until(&|| stats().waiting == 1);
+        let st = stats();
+        assert_eq!((st.waiting, st.cancelled_prompts), (1, 1), "{st:?}");
+        assert!(
+            st.running >= 1,
+            "the running request is still running: {st:?}"
+        );
+        let err = behind.join().unwrap().expect_err("cancelled").to_string();
+        assert!(err.contains("cancelled"), "{err}");
+        assert_eq!(a.join().unwrap(), want_other);
+        assert_eq!(ahead.join().unwrap(), want_first);
+    });
+    let st = stats();
+    assert_eq!(st.prefills, 2, "the cancelled prompt never ran: {st:?}");
+    assert_eq!((st.running, st.waiting), (0, 0), "{st:?}");
+}

@@ -549,6 +549,24 @@ impl Batcher {
                 None => retire_partial(&mut g.prefixes, p),
             }
         }
+        // Waiting requests cancelled anywhere in the queue leave it now (not only once they
+        // reach its front): their threads get the error and their places are free.
+        let waiting = std::mem::take(&mut g.waiting);
+        for id in waiting {
+            match g.seqs.get_mut(&id) {
+                Some(s) if s.prompt.is_some() && s.dead() => {
+                    if !s.gone {
+                        s.gone = true;
+                        s.result = Some(Err(cancelled()));
+                        g.stats.cancelled_prompts += 1;
+                    } else {
+                        g.seqs.remove(&id);
+                    }
+                }
+                Some(_) => g.waiting.push_back(id),
+                None => {}
+            }
+        }
         trace("leave", rows.len(), t_leave);
         let mut tokens: Vec<u32> = rows
             .iter()
