@@ -547,17 +547,34 @@ fn long_prompts_run_in_chunks_between_decoding_steps() {
     }
 }
 
-/// A cancelled request stops within one chunk of its long prompt (what ran is kept: the same
-/// prompt again continues from it), and a cancelled request that waits to join never runs;
-/// the running request gets its solo tokens.
-#[test]
-fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
-    let (mut g, first, c) = prefix_setup("llama", 8);
+/// The cancellation tests' setup: the Llama fixture, a short prompt (`first`, greedy `c`), a
+/// running request's prompt (`other`, 30 tokens with `long`) and their solo tokens.
+type Cancelling = (
+    TextGenerator,
+    Vec<u32>,
+    GenerationConfig,
+    Vec<u32>,
+    GenerationConfig,
+    Vec<u32>,
+    Vec<u32>,
+);
+
+fn cancelling() -> Cancelling {
+    let (g, first, c) = prefix_setup("llama", 8);
     let other = g.encode("Completely different words here", true).unwrap();
     let mut long = c.clone();
     long.max_new_tokens = Some(30);
     let want_other = solo_tokens(&g, &other, &long);
     let want_first = solo_tokens(&g, &first, &c);
+    (g, first, c, other, long, want_other, want_first)
+}
+
+/// A cancelled request stops within one chunk of its long prompt (what ran is kept: the same
+/// prompt again continues from it), and a cancelled request that waits to join never runs;
+/// the running request gets its solo tokens.
+#[test]
+fn cancelled_prompts_stop_between_chunks_and_in_the_queue() {
+    let (mut g, first, c, other, long, want_other, want_first) = cancelling();
     // Chunks of the long prompt that run before it is cancelled (enough to keep as a prefix).
     let ran = 9;
     assert!(first.len() > ran as usize + 2, "{}", first.len());
@@ -714,12 +731,7 @@ fn a_long_prompt_joining_short_rows_keeps_their_solo_tokens() {
 /// runs when there is room, with its solo tokens.
 #[test]
 fn a_cancelled_request_leaves_the_queue_from_anywhere_in_it() {
-    let (mut g, first, c) = prefix_setup("llama", 8);
-    let other = g.encode("Completely different words here", true).unwrap();
-    let mut long = c.clone();
-    long.max_new_tokens = Some(30);
-    let want_other = solo_tokens(&g, &other, &long);
-    let want_first = solo_tokens(&g, &first, &c);
+    let (mut g, first, c, other, long, want_other, want_first) = cancelling();
     // A budget that holds only the running request: the others queue.
     g.batcher = Some(Batcher::new(long.max_total_length(other.len())));
     let g = &g;
