@@ -313,18 +313,35 @@ fn train_data() -> PathBuf {
 fn train_seqcls(train: Option<&Path>, out: &Path, extra: &[&str]) -> Output {
     let data = train_data();
     let (init, file) = (data.join("bert-seqcls-init"), data.join("seqcls.jsonl"));
-    let mut args = vec![
+    let mut args = train_args("text-classification", &init, train.unwrap_or(&file), out);
+    args.extend_from_slice(extra);
+    ff(&args)
+}
+
+/// One epoch at a learning rate of 1e-3, evaluated on `file`.
+fn one_epoch_evaluated_on(file: &Path) -> [&str; 6] {
+    [
+        "--eval",
+        file.to_str().unwrap(),
+        "--num-train-epochs",
+        "1",
+        "--learning-rate",
+        "1e-3",
+    ]
+}
+
+/// `train TASK --model INIT --train FILE --output OUT`, before any further options.
+fn train_args<'a>(task: &'a str, init: &'a Path, file: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
         "train",
-        "text-classification",
+        task,
         "--model",
         init.to_str().unwrap(),
         "--train",
-        train.unwrap_or(&file).to_str().unwrap(),
+        file.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    ff(&args)
+    ]
 }
 
 /// `--threads` above 1024 (or 0) is refused by every command that takes it, before anything
@@ -348,18 +365,11 @@ fn absurd_thread_counts_are_refused() {
                 "hi",
             ],
             vec!["serve", "--model", &m, "--port", "0", "--threads", n],
-            vec![
-                "train",
-                "text-classification",
-                "--model",
-                init.to_str().unwrap(),
-                "--train",
-                file.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--threads",
-                n,
-            ],
+            [
+                train_args("text-classification", &init, &file, &out),
+                vec!["--threads", n],
+            ]
+            .concat(),
         ] {
             let o = ff_within(&cmd, 30);
             let err = String::from_utf8_lossy(&o.stderr);
@@ -693,22 +703,8 @@ fn train_ner_and_qa_then_run() {
     ] {
         let out = tmp.join(task);
         let (init, file) = (data.join(init), data.join(file));
-        let mut args = vec![
-            "train",
-            task,
-            "--model",
-            init.to_str().unwrap(),
-            "--train",
-            file.to_str().unwrap(),
-            "--eval",
-            file.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--num-train-epochs",
-            "1",
-            "--learning-rate",
-            "1e-3",
-        ];
+        let mut args = train_args(task, &init, &file, &out);
+        args.extend(one_epoch_evaluated_on(&file));
         args.extend(extra);
         let o = ff(&args);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -758,26 +754,12 @@ fn train_then_run_the_saved_model() {
     let file = data.join("seqcls.jsonl");
     let out = std::env::temp_dir().join(format!("ff-cli-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let o = ff(&[
-        "train",
-        "text-classification",
-        "--model",
-        init.to_str().unwrap(),
-        "--train",
-        file.to_str().unwrap(),
-        "--eval",
-        file.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--num-train-epochs",
-        "1",
-        "--learning-rate",
-        "1e-3",
-        "--lr-scheduler-type",
-        "cosine",
-        "--warmup-ratio",
-        "0.2",
-    ]);
+    let schedule = ["--lr-scheduler-type", "cosine", "--warmup-ratio", "0.2"];
+    let o = train_seqcls(
+        None,
+        &out,
+        &[&one_epoch_evaluated_on(&file)[..], &schedule].concat(),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
