@@ -174,6 +174,32 @@ impl Seq {
     fn dead(&self) -> bool {
         self.gone || self.cancel.as_ref().is_some_and(Cancel::is_cancelled)
     }
+
+    /// Its request was cancelled before its prompt had run whole: its thread gets the error.
+    fn end_cancelled(&mut self, stats: &mut BatchStats) {
+        self.gone = true;
+        self.result = Some(Err(cancelled()));
+        stats.cancelled_prompts += 1;
+    }
+}
+
+impl State {
+    /// Whether waiting request `id` leaves the queue unrun: it is over (removed), or
+    /// cancelled (its thread gets the error).
+    fn leaves_unrun(&mut self, id: u64) -> bool {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return true;
+        };
+        if s.prompt.is_some() && !s.dead() {
+            return false;
+        }
+        if s.prompt.is_some() && !s.gone {
+            s.end_cancelled(&mut self.stats);
+        } else {
+            self.seqs.remove(&id);
+        }
+        true
+    }
 }
 
 /// An admitted prompt longer than one prompt pass ([`Admission::max_prefill_tokens`]), run a
@@ -538,12 +564,11 @@ impl Batcher {
         // they ran is kept as a prefix (a client that gave up may well send it again).
         let partials = std::mem::take(&mut g.partials);
         for p in partials {
+            let g = &mut *g;
             match g.seqs.get_mut(&p.id) {
                 Some(s) if !s.dead() => g.partials.push_back(p),
                 Some(s) => {
-                    s.gone = true;
-                    s.result = Some(Err(cancelled()));
-                    g.stats.cancelled_prompts += 1;
+                    s.end_cancelled(&mut g.stats);
                     retire_partial(&mut g.prefixes, p);
                 }
                 None => retire_partial(&mut g.prefixes, p),
@@ -553,18 +578,8 @@ impl Batcher {
         // reach its front): their threads get the error and their places are free.
         let waiting = std::mem::take(&mut g.waiting);
         for id in waiting {
-            match g.seqs.get_mut(&id) {
-                Some(s) if s.prompt.is_some() && s.dead() => {
-                    if !s.gone {
-                        s.gone = true;
-                        s.result = Some(Err(cancelled()));
-                        g.stats.cancelled_prompts += 1;
-                    } else {
-                        g.seqs.remove(&id);
-                    }
-                }
-                Some(_) => g.waiting.push_back(id),
-                None => {}
+            if !g.leaves_unrun(id) {
+                g.waiting.push_back(id);
             }
         }
         trace("leave", rows.len(), t_leave);
@@ -603,22 +618,15 @@ impl Batcher {
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
         let no_partials = g.partials.is_empty();
         while let Some(&id) = g.waiting.front().filter(|_| admit) {
+            // One cancelled since the queue was swept above leaves unrun too.
+            if g.leaves_unrun(id) {
+                g.waiting.pop_front();
+                continue;
+            }
             let Some(s) = g.seqs.get_mut(&id) else {
                 g.waiting.pop_front();
                 continue;
             };
-            if s.dead() || s.prompt.is_none() {
-                // A cancelled request's prompt never runs; its thread gets the error.
-                if !s.gone && s.prompt.is_some() {
-                    s.gone = true;
-                    s.result = Some(Err(cancelled()));
-                    g.stats.cancelled_prompts += 1;
-                } else {
-                    g.seqs.remove(&id);
-                }
-                g.waiting.pop_front();
-                continue;
-            }
             let alone = rows.is_empty() && admitted.is_empty() && no_partials;
             if !alone && used + s.reserve > self.max_total_tokens {
                 break;
