@@ -85,9 +85,9 @@ pub struct ServeArgs {
     /// Generation: the most prompt tokens (padded) one prompt pass runs; a longer prompt runs
     /// in chunks of this many, one per decoding step, so running streams keep going and a
     /// client that leaves stops it within a chunk (TGI's flag; TGI's default is 4096).
-    #[arg(long, env, value_name = "TOKENS", value_parser = positive,
-          default_value_t = Config::default().admission.max_prefill_tokens, allow_negative_numbers = true)]
-    max_batch_prefill_tokens: usize,
+    #[arg(long, env, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..),
+          default_value_t = Config::default().admission.max_prefill_tokens as u64, allow_negative_numbers = true)]
+    max_batch_prefill_tokens: u64,
     /// Requests running or queued at once; more are answered 429 before any work.
     #[arg(long, env, value_name = "N", default_value_t = Config::default().max_concurrent_requests, allow_negative_numbers = true)]
     max_concurrent_requests: usize,
@@ -137,14 +137,6 @@ fn ratio(v: &str) -> Result<f32, String> {
         .ok()
         .filter(|r| *r >= 0.0 && r.is_finite())
         .ok_or_else(|| format!("takes a number >= 0, not `{v}`"))
-}
-
-/// `--max-batch-prefill-tokens`: a whole number >= 1.
-fn positive(v: &str) -> Result<usize, String> {
-    v.parse::<usize>()
-        .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| format!("takes a whole number >= 1, not `{v}`"))
 }
 
 /// `--request-timeout`: seconds > 0.
@@ -199,6 +191,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     };
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;
     cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
-    cfg.admission.max_prefill_tokens = a.max_batch_prefill_tokens;
+    cfg.admission.max_prefill_tokens =
+        usize::try_from(a.max_batch_prefill_tokens).unwrap_or(usize::MAX);
     ferroformers_server::serve_blocking(cfg)
 }

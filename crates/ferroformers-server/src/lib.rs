@@ -761,7 +761,7 @@ impl From<ferroformers::Error> for ApiError {
             E::Audio { .. } => (StatusCode::BAD_REQUEST, "BadRequest"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "Backend"),
         };
-        let param = match &e {
+        let mut param = match &e {
             E::InvalidParameter { name, .. } | E::UnknownParameter { name, .. } => {
                 Some(name.clone())
             }
@@ -772,9 +772,10 @@ impl From<ferroformers::Error> for ApiError {
         // name it as the request did.
         if param.as_deref() == Some("tgi_frequency_penalty") {
             message = message.replace("tgi_frequency_penalty", "frequency_penalty");
+            param = Some("frequency_penalty".into());
         }
         let mut out = ApiError::new(status, kind, message);
-        out.param = param.map(|p| p.replace("tgi_frequency_penalty", "frequency_penalty"));
+        out.param = param;
         out
     }
 }

@@ -304,23 +304,21 @@ impl TextGenerator {
             cfg.max_new_tokens = Some(max - len);
             return Ok(());
         }
-        let detail = match cfg.max_new_tokens {
-            Some(n) => format!(
-                "the prompt is {len} tokens and max_new_tokens is {n}: {} tokens in all, past \
-                 the model's context window of {max} tokens (max_new_tokens at most {})",
-                len.saturating_add(n),
-                max.saturating_sub(len)
+        Err(match cfg.max_new_tokens {
+            Some(n) => Error::param(
+                "max_new_tokens",
+                format!(
+                    "the prompt is {len} tokens and max_new_tokens is {n}: {} tokens in all, \
+                     past the model's context window of {max} tokens (max_new_tokens at most {})",
+                    len.saturating_add(n),
+                    max.saturating_sub(len)
+                ),
             ),
-            None => {
-                format!("max_length is {total}, past the model's context window of {max} tokens")
-            }
-        };
-        let field = if cfg.max_new_tokens.is_some() {
-            "max_new_tokens"
-        } else {
-            "max_length"
-        };
-        Err(Error::param(field, detail))
+            None => Error::param(
+                "max_length",
+                format!("max_length is {total}, past the model's context window of {max} tokens"),
+            ),
+        })
     }
 
     /// Generate from already tokenized prompts (left-padded together as one batch).
