@@ -198,9 +198,7 @@ impl Tokenizer {
             .inner
             .encode_char_offsets(input, add_special_tokens)
             .map_err(tok_err)?;
-        let mut e = to_encoded(&enc);
-        e.truncated = !enc.get_overflowing().is_empty();
-        Ok(e)
+        Ok(cut_encoded(&enc))
     }
 
     /// Tokenize a text already split into words (HF's `is_split_into_words=True`), with special
@@ -239,9 +237,7 @@ impl Tokenizer {
         let enc = tok
             .encode_char_offsets(EncodeInput::Single(input), true)
             .map_err(tok_err)?;
-        let mut e = to_encoded(&enc);
-        e.truncated = !enc.get_overflowing().is_empty();
-        Ok(e)
+        Ok(cut_encoded(&enc))
     }
 
     /// Tokenize with special tokens into overlapping windows of at most `max_length` tokens, as
@@ -506,6 +502,14 @@ pub fn warn_truncated(max_length: usize) {
              cut there (the answer covers its first {max_length} tokens only)"
         )
     });
+}
+
+/// [`to_encoded`] of a truncating encode: `truncated` when tokens overflowed `max_length`.
+fn cut_encoded(enc: &tokenizers::Encoding) -> Encoded {
+    Encoded {
+        truncated: !enc.get_overflowing().is_empty(),
+        ..to_encoded(enc)
+    }
 }
 
 fn to_encoded(enc: &tokenizers::Encoding) -> Encoded {
