@@ -885,11 +885,14 @@ fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiErr
     Ok((inputs, many))
 }
 
-/// The items of `inputs` (`true` when it was a list): present, not empty, at most `max`.
+/// The items of `inputs` (`true` when it was a list): present, not empty, at most `max`. A
+/// list of `{"role", "content"}` messages is one chat, as transformers' pipeline reads it.
 pub(crate) fn input_items(v: Option<&Value>, max: usize) -> Result<(Vec<&Value>, bool), ApiError> {
     let v = v.ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
     let (items, many) = match v {
-        Value::Array(a) => (a.iter().collect::<Vec<_>>(), true),
+        Value::Array(a) if !ferroformers::pipelines::text_generation::is_chat(a) => {
+            (a.iter().collect::<Vec<_>>(), true)
+        }
         other => (vec![other], false),
     };
     if items.is_empty() {

@@ -269,6 +269,37 @@ fn routes_answer_as_the_pipelines_do() {
     assert_eq!(models["data"].as_array().unwrap().len(), 4);
 }
 
+/// A list of `{"role", "content"}` messages as `inputs` is one chat on the Inference API's
+/// route (transformers' pipeline reads it so), and a list of such lists several chats.
+#[test]
+fn inference_api_reads_a_message_list_as_one_chat() {
+    let base = start();
+    let url = format!("{base}/models/{}", decoder());
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let parameters = json!({"max_new_tokens": 10, "do_sample": false, "return_full_text": false});
+    let want = decoder_text(hi_there(), 10, json!({}));
+    let (status, got) = post_json(&url, json!({"inputs": messages, "parameters": parameters}));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        got[0]["generated_text"].as_str(),
+        Some(want.as_str()),
+        "{got}"
+    );
+    let (status, got) = post_json(
+        &url,
+        json!({"inputs": [messages, messages], "parameters": parameters}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got.as_array().map(Vec::len), Some(2), "{got}");
+    for one in got.as_array().unwrap() {
+        assert_eq!(
+            one[0]["generated_text"].as_str(),
+            Some(want.as_str()),
+            "{got}"
+        );
+    }
+}
+
 /// OpenAI's and vLLM's sampling fields reach the pipeline under its names (penalties, bias,
 /// `min_tokens`), so the answers are the library's for the same parameters (the formulas are
 /// unit-tested there against vLLM's); fields the server does not implement are refused with

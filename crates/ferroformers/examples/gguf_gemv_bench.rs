@@ -9,6 +9,8 @@
 //!   ... -- REPS rows=16             (a batched decoding step of 16 rows: kept int8 panels)
 //!   ... -- REPS ladder              (every block type on one shape, a gate/up matrix of
 //!                                    scripts/make_quant_ladder.py's model: 2816 x 1024, 16 copies)
+//!   ... -- REPS smol               (SmolLM2-135M Q4_1's shapes: q/k/v and gate/up stacked as
+//!                                    the model stacks them, 30 copies; its Q8_0 output)
 //!   ... -- REPS exact               (the exact mode: f32 activations; default int8)
 //!   ... -- REPS only=Q4_1           (only the matrices of one block type)
 //!
@@ -47,8 +49,17 @@ fn main() {
     ];
     let ladder =
         ferroformers::kernels::cpu::blocks::BLOCK_TYPES.map(|dt| ("gate/up", 2816, 1024, dt, 16));
+    let smol = [
+        ("q/k/v", 960, 576, GgmlDType::Q4_1, 30),
+        ("o", 576, 576, GgmlDType::Q4_1, 30),
+        ("gate/up", 3072, 576, GgmlDType::Q4_1, 30),
+        ("down", 576, 1536, GgmlDType::Q4_1, 30),
+        ("output", 49152, 576, GgmlDType::Q8_0, 1),
+    ];
     let shapes = if std::env::args().any(|a| a == "ladder") {
         &ladder[..]
+    } else if std::env::args().any(|a| a == "smol") {
+        &smol[..]
     } else {
         &qwen[..]
     };

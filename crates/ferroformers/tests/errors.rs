@@ -192,6 +192,26 @@ fn bad_input_json() {
         Input::from_json(&json!({"text": "a", "text_pair": null}), 0).unwrap(),
         Input::Text(t) if t == "a"
     ));
+    // A list of messages is one chat, as `{"messages": [..]}` is (transformers' pipeline
+    // takes the list itself); other lists are named as what they are not.
+    let chat =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+    let want = Input::from_json(&json!({ "messages": chat }), 0).unwrap();
+    let got = Input::from_json(&chat, 0).unwrap();
+    assert!(matches!(&got, Input::Chat(m) if m.len() == 2), "{got:?}");
+    assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    for (bad, says) in [
+        (json!([1, 2]), "a chat (a list of"),
+        (json!([]), "a chat (a list of"),
+        (
+            json!([{"role": "user"}]),
+            "each message needs string `role` and `content`",
+        ),
+    ] {
+        let err = Input::from_json(&bad, 3).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { index: 3, .. }), "{err}");
+        assert!(err.to_string().contains(says), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -89,8 +89,9 @@ impl Input {
         }
     }
 
-    /// Parse a JSON input line: a string, or an object such as `{"text":..,"text_pair":..}` or
-    /// `{"question":..,"context":..}`.
+    /// Parse a JSON input line: a string, an object such as `{"text":..,"text_pair":..}` or
+    /// `{"question":..,"context":..}`, or a chat: `{"messages": [..]}` or the list of messages
+    /// itself (`[{"role": "user", "content": ".."}]`, as transformers' pipeline takes one).
     pub fn from_json(v: &Value, index: usize) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Input::Text(s.clone())),
@@ -102,6 +103,9 @@ impl Input {
             }
             Value::Object(o) if o.contains_key("messages") => {
                 text_generation::chat_from_json(o, index)
+            }
+            Value::Array(a) if text_generation::is_chat(a) => {
+                text_generation::chat_from_list(a, index)
             }
             Value::Object(o) if o.contains_key("question") || o.contains_key("context") => {
                 question_answering::input_from_json(o, index)
@@ -139,7 +143,10 @@ impl Input {
             }
             other => Err(Error::input(
                 index,
-                format!("expected a string or an object, got `{other}`"),
+                format!(
+                    "expected a string, an object or a chat (a list of {{\"role\", \"content\"}} \
+                     messages), got `{other}`"
+                ),
             )),
         }
     }

@@ -84,6 +84,20 @@ pub fn chat_from_json(o: &Map<String, Value>, index: usize) -> Result<Input> {
     let list = o["messages"]
         .as_array()
         .ok_or_else(|| Error::input(index, "`messages` must be a list"))?;
+    chat_from_list(list, index)
+}
+
+/// Whether `items` reads as one chat: a non-empty list of objects that each have a `role`
+/// (transformers' pipeline takes such a list as one conversation, a list of them as several).
+pub fn is_chat(items: &[Value]) -> bool {
+    !items.is_empty()
+        && items
+            .iter()
+            .all(|m| m.as_object().is_some_and(|o| o.contains_key("role")))
+}
+
+/// A chat input from its `{"role", "content"}` messages.
+pub fn chat_from_list(list: &[Value], index: usize) -> Result<Input> {
     let messages = list
         .iter()
         .map(|m| {
