@@ -91,7 +91,7 @@ def run(engine, model, beams, threads):
         sys.exit(f"{engine} failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     if engine == "ours":
-        return out["median_ms"] / 1000.0, out.get("text", ""), wall
+        return out["median_ms"] / 1000.0, out.get("text") or "", wall
     return out["seconds"], out["text"], wall
 
 
