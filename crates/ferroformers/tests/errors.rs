@@ -212,6 +212,14 @@ fn bad_input_json() {
         assert!(matches!(err, Error::InvalidInput { index: 3, .. }), "{err}");
         assert!(err.to_string().contains(says), "{bad}: {err}");
     }
+    // A chat given to another task is named as what it is.
+    let p = ferroformers::pipeline_with("text-classification", opts("bert-seqcls")).unwrap();
+    let err = p.run(&[got], &Params::new()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a chat input (`{messages}` or a list of messages) is for text-generation"),
+        "{err}"
+    );
 }
 
 #[test]

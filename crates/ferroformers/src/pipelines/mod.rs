@@ -165,7 +165,8 @@ impl Input {
             Input::Chat(_) => {
                 return Err(Error::input(
                     index,
-                    "a `{messages}` chat input is for text-generation, not this task",
+                    "a chat input (`{messages}` or a list of messages) is for text-generation, \
+                     not this task",
                 ))
             }
             Input::Similarity { .. } => return Err(Error::input(
