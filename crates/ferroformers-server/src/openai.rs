@@ -107,7 +107,7 @@ pub(crate) async fn openai_embeddings(
         let mut params = Params::new();
         params.insert("normalize".into(), json!(true));
         let vecs = embeddings_of(run(&state, index, inputs, params).await?)?;
-        if let Some(&have) = vecs.first().map(Vec::len).as_ref() {
+        if let Some(have) = vecs.first().map(Vec::len) {
             let _ = m.embedding_size.set(have);
             if let Some(d) = dimensions.filter(|&d| d != have) {
                 return Err(wrong_size(d, have));

@@ -740,7 +740,6 @@ impl EncoderRunner {
         })
     }
 
-    /// Forward a padded batch; returns the head output `[b, ...]` as f32.
     /// An error naming the first token id the model has no embedding for (a tokenizer that
     /// is not the model's, with more tokens than its `vocab_size`), instead of the embedding
     /// lookup's index error.
@@ -759,6 +758,7 @@ impl EncoderRunner {
         }
     }
 
+    /// Forward a padded batch; returns the head output `[b, ...]` as f32.
     pub fn forward_padded(&self, encs: &[&Encoded]) -> Result<Tensor> {
         let max_len = encs.iter().map(|e| e.len()).max().unwrap_or(0);
         let b = encs.len();
