@@ -14,19 +14,46 @@ use serde_json::Value;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `purge_delay` option (15 in its `mi_option_e`): -1 keeps freed pages instead of
-/// returning them to the kernel, so memory freed and taken again comes back without page
-/// faults. `train`: every step allocates and frees each gradient and activation again
-/// (~12% of a MiniLM step: 35.4-35.9 against 39.6-40.5 samples/s). `serve`: every decoding
-/// step's buffers and logits (SmolLM2 at concurrency 16: 44k page faults in 6 s, 31k with
-/// it; 831 against 892 tokens/s, 1-8% in four rounds). Memory then stays near its peak. An
-/// explicit `MIMALLOC_PURGE_DELAY` in the environment wins.
+/// mimalloc's `purge_delay` option (15 in its `mi_option_e`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// `train`: -1 for mimalloc's `purge_delay`: freed pages are kept instead of returned to the
+/// kernel, so memory freed and taken again comes back without page faults. Every step
+/// allocates and frees each gradient and activation again (~12% of a MiniLM step: 35.4-35.9
+/// against 39.6-40.5 samples/s). Memory then stays near its peak, which a training run
+/// reaches on its first steps anyway. An explicit `MIMALLOC_PURGE_DELAY` in the environment
+/// wins.
 fn keep_freed_memory() {
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: setting an option is thread-safe in mimalloc; 15 is purge_delay.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+}
+
+/// `serve`: mimalloc's `purge_delay` at 60 s instead of its 1 s. Freed pages stay for the
+/// next decoding steps instead of being handed back and page-faulted in again (SmolLM2 at
+/// concurrency 16, against keeping all: 2-9% fewer tokens/s at 1 s, 1-3% at 60 s, which the
+/// first steps after each idle spell account for), yet each is marked for purging, so that
+/// [`give_back_freed_memory`] can hand them all back once the server is idle. (-1, which
+/// `train` uses, marks nothing: memory then stayed at its peak, 1.1-1.3 GB after a few
+/// runs of 64 chats, for good.) An explicit `MIMALLOC_PURGE_DELAY` wins.
+fn purge_freed_memory_late() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: as in `keep_freed_memory`.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 60_000) };
+    }
+}
+
+/// `serve`, once idle: a forced collection on every thread of the compute pool and on this
+/// one hands back at once every freed page marked for purging (mimalloc only purges when some
+/// thread next allocates or frees, so an idle server kept its peak). The threads that ran
+/// requests have exited by then (the server's blocking threads live 1 s idle) and handed
+/// their pages to the shared arenas.
+fn give_back_freed_memory() {
+    // SAFETY: `mi_collect` touches the calling thread's heap and the shared arenas, which
+    // mimalloc guards.
+    rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(true) });
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// The `ferroformers` command line.

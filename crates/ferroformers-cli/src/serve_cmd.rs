@@ -156,7 +156,7 @@ fn seconds_or_zero(v: &str) -> Result<f64, String> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), String> {
-    crate::keep_freed_memory();
+    crate::purge_freed_memory_late();
     if let Some(n) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -187,6 +187,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         quiet: a.quiet,
         device,
         dtype: a.dtype,
+        on_idle: Some(crate::give_back_freed_memory),
         ..Config::default()
     };
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;

@@ -84,6 +84,7 @@ pub(crate) async fn admit(
         return r;
     }
     let guard = InFlight(state.clone());
+    state.admitted.fetch_add(1, SeqCst);
     let resp = match state.request_timeout {
         None => next.run(req).await,
         Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {

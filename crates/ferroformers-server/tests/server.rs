@@ -1369,6 +1369,52 @@ fn concurrent_requests_are_batched() {
     }
 }
 
+/// An idle server gives memory back: `on_idle` runs once the server has been idle for
+/// `idle_release_after`, once per idle spell (not again until new work has come and gone),
+/// and not while requests keep coming.
+#[test]
+fn idle_server_gives_memory_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    static IDLE: AtomicUsize = AtomicUsize::new(0);
+    fn on_idle() {
+        IDLE.fetch_add(1, SeqCst);
+    }
+    let after = std::time::Duration::from_millis(600);
+    let base = start_with(|c| {
+        c.on_idle = Some(on_idle);
+        c.idle_release_after = after;
+    });
+    let wait_for = |n: usize| {
+        let t = std::time::Instant::now();
+        while IDLE.load(SeqCst) < n {
+            assert!(t.elapsed().as_secs() < 20, "on_idle never ran a {n}th time");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // The first idle spell starts once the models are loaded.
+    wait_for(1);
+    std::thread::sleep(after * 3);
+    assert_eq!(IDLE.load(SeqCst), 1, "on_idle ran twice in one idle spell");
+    // Requests closer together than `after` keep the server busy.
+    let url = format!("{base}/generate");
+    let body = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 4}});
+    let start = std::time::Instant::now();
+    while start.elapsed() < after * 4 {
+        let (status, got) = post_json(&url, body.clone());
+        assert_eq!(status, 200, "{got}");
+        std::thread::sleep(after / 10);
+    }
+    assert_eq!(
+        IDLE.load(SeqCst),
+        1,
+        "on_idle ran while requests kept coming"
+    );
+    // After them, a new spell.
+    wait_for(2);
+    std::thread::sleep(after * 3);
+    assert_eq!(IDLE.load(SeqCst), 2);
+}
+
 /// TEI's `/tokenize` and `/decode`: tokens with byte offsets into the input (special tokens
 /// with their own text and no offsets), not truncated; ids back to text.
 /// A GGUF file has no tokenizer files beside it: `/tokenize` and `/decode` read the vocabulary

@@ -107,6 +107,14 @@ fn take_spare(n: usize) -> Vec<f32> {
     spare().take(n)
 }
 
+/// Empty the pool of freed key/value vectors (a server gone idle hands them back): the bytes
+/// it held. Rows that join later allocate afresh.
+pub fn drop_spare_buffers() -> usize {
+    let mut s = spare();
+    s.by_capacity.clear();
+    std::mem::take(&mut s.bytes)
+}
+
 /// [`Spare::give`] to the shared pool, up to [`SPARE_BYTES`].
 fn give_spare(v: Vec<f32>) {
     if v.capacity() > 0 {
