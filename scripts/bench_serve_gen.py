@@ -15,7 +15,8 @@ message) with `max_tokens` TOKENS, `temperature` 0 and `stream: true`, reads the
 `[DONE]`, and records the time to the first content event and the number of content events. Aggregate tokens/s = completion tokens of all requests
 / wall time of the run (completion tokens from the usage chunk, `stream_options.include_usage`;
 events when a server sends none). Engines alternate within each repetition; medians of the
-repetitions.
+repetitions. Then each server's resident memory: when ready, its peak, and IDLE_S seconds
+after the last run.
 
 Both servers get 2 threads: ours `--threads 2`; llama-cpp-python `--n_threads 2
 --n_threads_batch 2`, context 2048, `--interrupt_requests False` (by default a new request cuts
@@ -121,6 +122,16 @@ def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0"):
     return summary(d["ttft_s"], d["tokens"], d["wall_s"])
 
 
+def memory_mb(pid):
+    """The process's resident memory and its peak (VmRSS, VmHWM), MB."""
+    f = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            f[k] = int(v.split()[0]) / 1024
+    return f.get("VmRSS", float("nan")), f.get("VmHWM", float("nan"))
+
+
 def wait_ready(url, proc, timeout=180):
     t = time.time()
     while time.time() - t < timeout:
@@ -133,6 +144,10 @@ def wait_ready(url, proc, timeout=180):
             pass
         time.sleep(0.5)
     sys.exit(f"{url} not ready")
+
+
+# Seconds after the last run at which each server's resident memory is read.
+IDLE_S = 35
 
 
 def main():
@@ -196,6 +211,7 @@ def main():
     try:
         for base, proc, _, probe in servers.values():
             wait_ready(base + probe, proc)
+        mem = {name: {"ready": memory_mb(s[1].pid)[0]} for name, s in servers.items()}
         for name, (base, _, model, _) in servers.items():
             load(base + "/v1/chat/completions", model, 2, 2, 8)
         conc = [int(c) for c in a.concurrency.split(",")]
@@ -209,6 +225,12 @@ def main():
                     res.setdefault((name, c), []).append(r)
                     print(f"rep {rep} c={c} {name}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms "
                           f"p99 {r['ttft_p99_ms']:.0f} ms, {r['tokens']} tokens", file=sys.stderr)
+        for name, (_, proc, _, _) in servers.items():
+            mem[name]["peak"] = memory_mb(proc.pid)[1]
+        # Memory once the load has gone: ours gives back what it keeps after 30 s idle.
+        time.sleep(IDLE_S)
+        for name, (_, proc, _, _) in servers.items():
+            mem[name]["idle"] = memory_mb(proc.pid)[0]
     finally:
         for _, proc, _, _ in servers.values():
             proc.terminate()
@@ -233,6 +255,11 @@ def main():
             print(f"| {labels[name]} | {c} | {t:.1f} | {t / base:.2f}x | "
                   f"{statistics.median(r['ttft_p50_ms'] for r in rs):.0f} | "
                   f"{statistics.median(r['ttft_p99_ms'] for r in rs):.0f} |")
+    print(f"\n| server | RSS ready (MB) | peak RSS (MB) | RSS {IDLE_S} s after the last run (MB) |")
+    print("|---|---|---|---|")
+    for name in servers:
+        m = mem[name]
+        print(f"| {labels[name]} | {m['ready']:.0f} | {m['peak']:.0f} | {m['idle']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ fn purge_freed_memory_late() {
 /// `serve`, once idle: a forced collection on every thread of the compute pool and on this
 /// one hands back at once every freed page marked for purging (mimalloc only purges when some
 /// thread next allocates or frees, so an idle server kept its peak). The threads that ran
-/// requests have exited by then (the server's blocking threads live 1 s idle) and handed
+/// requests have exited by then (the server's idle blocking threads do before) and handed
 /// their pages to the shared arenas.
 fn give_back_freed_memory() {
     // SAFETY: `mi_collect` touches the calling thread's heap and the shared arenas, which

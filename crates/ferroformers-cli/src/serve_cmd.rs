@@ -106,6 +106,13 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "SECONDS", value_parser = seconds_or_zero,
           default_value_t = Config::default().graceful_shutdown_timeout.as_secs_f64(), allow_negative_numbers = true)]
     graceful_shutdown_timeout: f64,
+    /// Seconds without requests after which the server hands back the memory it keeps for
+    /// reuse (spare key/value buffers, the allocator's freed pages); 0: never. The first
+    /// requests after a release are a few milliseconds slower.
+    #[arg(long, env, value_name = "SECONDS", value_parser = seconds_or_zero,
+          default_value_t = Config::default().idle_release_after.map_or(0.0, |d| d.as_secs_f64()),
+          allow_negative_numbers = true)]
+    release_memory_after: f64,
     /// Origins (or `*`) whose browser pages may call the server (comma-separated in the
     /// environment).
     #[arg(long, env, value_name = "ORIGIN", value_delimiter = ',')]
@@ -187,6 +194,8 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         quiet: a.quiet,
         device,
         dtype: a.dtype,
+        idle_release_after: (a.release_memory_after > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(a.release_memory_after)),
         on_idle: Some(crate::give_back_freed_memory),
         ..Config::default()
     };

@@ -147,14 +147,16 @@ pub struct Config {
     /// The models' dtype (`--dtype`); `None`: f32 on CPU, on a GPU each checkpoint's own
     /// (transformers' `torch_dtype="auto"`, TGI's default).
     pub dtype: Option<ferroformers::DType>,
-    /// Called on a blocking thread once the server has been idle (no request in flight, none
-    /// admitted) for `idle_release_after`, once per idle spell, after the server has dropped
-    /// the key/value buffers it keeps for rows that join a batch: the place to hand memory
-    /// the allocator keeps back to the system (the `serve` command hands back mimalloc's
-    /// freed pages). `None`: only the buffers are dropped.
+    /// How long the server must be idle (no request in flight, none admitted) before it gives
+    /// memory back: it drops the key/value buffers it keeps for rows that join a batch, then
+    /// calls `on_idle`, once per idle spell. `None`: never. Default 30 s: the first requests
+    /// after a release page-fault their memory in again (16 chats arriving together: time to
+    /// first token p99 ~28 instead of ~20 ms), so a server busy in bursts keeps it.
+    pub idle_release_after: Option<std::time::Duration>,
+    /// Called on a blocking thread after the buffers are dropped: the place to hand memory
+    /// the allocator keeps back to the system (the `serve` command purges mimalloc's freed
+    /// pages).
     pub on_idle: Option<fn()>,
-    /// How long the server must be idle before it gives memory back (default 2 s).
-    pub idle_release_after: std::time::Duration,
 }
 
 impl Default for Config {
@@ -183,8 +185,8 @@ impl Default for Config {
             quiet: false,
             device: ferroformers::Device::Cpu,
             dtype: None,
+            idle_release_after: Some(std::time::Duration::from_secs(30)),
             on_idle: None,
-            idle_release_after: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -228,9 +230,9 @@ struct AppState {
     in_flight: std::sync::atomic::AtomicUsize,
     /// POST requests admitted since the start (the idle watcher's sign of activity).
     admitted: std::sync::atomic::AtomicU64,
-    /// `Config::on_idle`.
+    /// `Config::on_idle` and `Config::idle_release_after`.
     on_idle: Option<fn()>,
-    idle_release_after: std::time::Duration,
+    idle_release_after: Option<std::time::Duration>,
     max_concurrent_requests: usize,
     /// Set on SIGTERM: `/ready` answers 503 and new work is refused while work in flight ends.
     draining: std::sync::atomic::AtomicBool,
@@ -541,7 +543,9 @@ impl Server {
             })
             .into_future();
         tokio::pin!(serve);
-        let _idle = AbortOnDrop(tokio::spawn(when_idle(state.clone())));
+        let _idle = state
+            .idle_release_after
+            .map(|after| AbortOnDrop(tokio::spawn(when_idle(state.clone(), after))));
         tokio::select! {
             r = &mut serve => return r,
             _ = started.notified() => {}
@@ -580,15 +584,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Gives memory back each time the server has been idle for `idle_release_after` (no request
-/// in flight, none admitted meanwhile): drops the spare key/value buffers, then calls
-/// `on_idle`, on a blocking thread. Once per idle spell: the next waits for new work and a
-/// new idle spell. The first spell starts once the models are loaded. A SmolLM2 server at
-/// 16 concurrent chats went from 1.07 GB under load to 0.66 GB idle (0.32 GB at start).
-async fn when_idle(state: Arc<AppState>) {
+/// Gives memory back each time the server has been idle for `after` (no request in flight,
+/// none admitted meanwhile): drops the spare key/value buffers, then calls `on_idle`, on a
+/// blocking thread. Once per idle spell: the next waits for new work and a new idle spell.
+/// The first spell starts once the models are loaded. A SmolLM2 server at 16 concurrent
+/// chats went from 1.07 GB under load to 0.66-0.73 GB idle (0.32 GB at start).
+async fn when_idle(state: Arc<AppState>, after: std::time::Duration) {
     use std::sync::atomic::Ordering::SeqCst;
-    let (f, after) = (state.on_idle, state.idle_release_after);
-    let tick = (after / 4).max(std::time::Duration::from_millis(10));
+    let f = state.on_idle;
+    let tick = (after / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
     let mut seen = state.admitted.load(SeqCst);
     let mut quiet_since = tokio::time::Instant::now();
     let mut done = false;
@@ -643,17 +650,20 @@ pub fn init_logging(json: bool) {
 
 /// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls),
 /// logging through [`init_logging`].
-/// How long an idle blocking thread (each request's generation runs on one) lives: less than
-/// `Config::idle_release_after`, so that an idle server's request threads have exited, and
-/// handed their freed memory to the allocator's shared pool, before `on_idle` runs. Tokio's
-/// default, 10 s, kept ~200 MB of a SmolLM2 server's pages in idle threads.
-const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long an idle blocking thread (each request's generation runs on one) lives: tokio's
+/// 10 s, or half of `idle_release_after` when that is shorter, so that an idle server's
+/// request threads have exited, handing their freed pages (~200 MB of a SmolLM2 server's) to
+/// the allocator's shared arenas, before `on_idle` runs.
+fn blocking_keep_alive(idle_release_after: Option<std::time::Duration>) -> std::time::Duration {
+    let tokio_default = std::time::Duration::from_secs(10);
+    idle_release_after.map_or(tokio_default, |d| (d / 2).min(tokio_default))
+}
 
 pub fn serve_blocking(cfg: Config) -> Result<(), String> {
     init_logging(cfg.json_output);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .thread_keep_alive(blocking_keep_alive(cfg.idle_release_after))
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;

@@ -1382,7 +1382,7 @@ fn idle_server_gives_memory_back() {
     let after = std::time::Duration::from_millis(600);
     let base = start_with(|c| {
         c.on_idle = Some(on_idle);
-        c.idle_release_after = after;
+        c.idle_release_after = Some(after);
     });
     let wait_for = |n: usize| {
         let t = std::time::Instant::now();
