@@ -124,9 +124,25 @@ fn stopped() -> ApiError {
     )
 }
 
-/// What a batch's run gives each of its requests.
-fn ran(r: ferroformers::Result<Vec<Output>>) -> Answer {
-    r.map_err(ApiError::from)
+/// A pipeline call as its requests' answer: a panic in it (a bug) answers 500 naming it, and
+/// the worker goes on serving the model instead of stopping for every later request.
+fn guarded(f: impl FnOnce() -> ferroformers::Result<Vec<Output>>) -> Answer {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!("the pipeline panicked: {what}");
+            Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "Backend",
+                format!("the model failed on this request (a bug, please report it): {what}"),
+            ))
+        }
+    }
 }
 
 /// The tokens of one input as the model sees it (special tokens included, truncated to the
@@ -259,12 +275,12 @@ impl Worker<'_> {
         let pipe = self.pipe;
         if jobs.len() == 1 {
             let j = jobs.pop().expect("one job");
-            let r = timed(pipe.run(&j.inputs, &j.params));
-            let _ = j.reply.send(ran(r));
+            let r = timed(guarded(|| pipe.run(&j.inputs, &j.params)));
+            let _ = j.reply.send(r);
             return;
         }
         let all: Vec<Input> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
-        match timed(pipe.run(&all, &jobs[0].params)) {
+        match timed(guarded(|| pipe.run(&all, &jobs[0].params))) {
             Ok(outs) => {
                 let mut outs = outs.into_iter();
                 for j in jobs {
@@ -274,7 +290,7 @@ impl Worker<'_> {
             }
             Err(_) => {
                 for j in jobs {
-                    let _ = j.reply.send(ran(pipe.run(&j.inputs, &j.params)));
+                    let _ = j.reply.send(guarded(|| pipe.run(&j.inputs, &j.params)));
                 }
             }
         }

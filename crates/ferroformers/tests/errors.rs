@@ -384,3 +384,34 @@ fn tokens_outside_the_vocabulary_are_named() {
         "{err}"
     );
 }
+
+/// Generation sizes no machine could allocate are refused with the parameter named, on
+/// encoder-decoders and decoders alike (2^63 beams overflowed a vector's capacity in the
+/// seq2seq beam search: a panic that stopped the server's worker for the model).
+#[test]
+fn absurd_generation_sizes_are_refused() {
+    let fixtures = common::fixtures();
+    let cases = [
+        (fixtures.join("seq2seq/models/t5"), "text2text-generation"),
+        (fixtures.join("decoders/models/gpt2"), "text-generation"),
+    ];
+    for (dir, task) in cases {
+        let o = PipelineOptions {
+            model: Some(dir.to_str().unwrap().to_string()),
+            ..Default::default()
+        };
+        let p = ferroformers::pipeline_with(task, o).unwrap();
+        for bad in [
+            json!({"num_beams": 1u64 << 63, "max_new_tokens": 2}),
+            json!({"num_beams": 2000, "max_new_tokens": 2}),
+            json!({"do_sample": true, "num_return_sequences": 1u64 << 40, "max_new_tokens": 2}),
+        ] {
+            let err = p.run(&["Hello".into()], &params(bad.clone())).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidParameter { .. })
+                    && err.to_string().contains("at most 1024"),
+                "{task} {bad}: {err}"
+            );
+        }
+    }
+}

@@ -460,7 +460,12 @@ impl GenerationConfig {
         })
     }
 
-    /// Checks HF makes before generating, as typed errors.
+    /// The most beams, and sequences returned, one input may ask for. transformers sets no
+    /// limit (and runs out of memory); each beam holds its own scores and key/value cache, so
+    /// a number far beyond this one could only fail, and some overflowed a size.
+    pub const MAX_SEQUENCES: usize = 1024;
+
+    /// Checks HF makes before generating, as typed errors, and the size limit above.
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == Some(0) {
             return Err(Error::param(
@@ -473,6 +478,17 @@ impl GenerationConfig {
         }
         if self.num_return_sequences == 0 {
             return Err(Error::param("num_return_sequences", "must be at least 1"));
+        }
+        for (name, n) in [
+            ("num_beams", self.num_beams),
+            ("num_return_sequences", self.num_return_sequences),
+        ] {
+            if n > Self::MAX_SEQUENCES {
+                return Err(Error::param(
+                    name,
+                    format!("must be at most {}, got {n}", Self::MAX_SEQUENCES),
+                ));
+            }
         }
         if self.num_return_sequences > self.num_beams.max(1) && !self.do_sample {
             return Err(Error::param(
@@ -640,6 +656,19 @@ mod tests {
             .is_err());
         c.num_beams = 0;
         assert!(c.validate().is_err());
+        // Sizes past the limit are refused before anything is allocated (2^63 beams overflowed
+        // a vector's capacity in beam search, a panic).
+        for (n, r) in [(1 << 63, 1), (2048, 1), (1, 1 << 40)] {
+            c.num_beams = n;
+            c.num_return_sequences = r;
+            c.do_sample = r > 1;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("at most 1024"), "{e}");
+        }
+        c.num_beams = 1024;
+        c.num_return_sequences = 1024;
+        c.do_sample = false;
+        c.validate().unwrap();
         let c = GenerationConfig {
             do_sample: true,
             temperature: 0.0,
