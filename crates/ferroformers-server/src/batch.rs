@@ -3,7 +3,8 @@
 //! `max_batch_tokens` tokens) into one pipeline call, whose length-sorted batches then hold inputs of several requests. Answers
 //! are split back per request. A merged call that fails is redone request by request, so an
 //! error reaches only the request that caused it. A request whose client has gone is dropped
-//! before it runs. Once the graceful-shutdown timeout has passed, queued requests are refused
+//! before it runs, and a generation (summarization, translation, speech recognition) stops
+//! after its next token once every request in its call has gone. Once the graceful-shutdown timeout has passed, queued requests are refused
 //! (503) instead of run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,8 @@ struct Job {
     inputs: Vec<Input>,
     params: Params,
     reply: Reply,
+    /// Set once the request's handler is gone (its client hung up, or it timed out).
+    gone: ferroformers::generation::Cancel,
     /// The inputs' tokens (counted by the worker when the job reaches it).
     tokens: usize,
     queued_at: std::time::Instant,
@@ -102,10 +105,13 @@ impl Batcher {
     pub async fn run(&self, inputs: Vec<Input>, params: Params) -> Answer {
         let (reply, answer) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let gone = ferroformers::generation::Cancel::new();
+        let _when_dropped = CancelOnDrop(gone.clone());
         let job = Job {
             inputs,
             params,
             reply,
+            gone,
             tokens: 0,
             queued_at: std::time::Instant::now(),
         };
@@ -113,6 +119,16 @@ impl Batcher {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Cancels when dropped: with the request's future (its client gone, its timeout passed) or
+/// once it has its answer.
+struct CancelOnDrop(ferroformers::generation::Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
@@ -168,7 +184,7 @@ struct Worker<'a> {
     tokenizer: Option<&'a Tokenizer>,
     limits: Limits,
     wait: std::time::Duration,
-    aborting: &'a AtomicBool,
+    aborting: &'a Arc<AtomicBool>,
     stats: &'a Stats,
 }
 
@@ -273,14 +289,26 @@ impl Worker<'_> {
             r
         };
         let pipe = self.pipe;
+        // A generation in the call stops once every request in it is gone, or once the
+        // graceful shutdown's time is up.
+        let all_gone = |jobs: &[Job]| {
+            let gone: Vec<_> = jobs.iter().map(|j| j.gone.clone()).collect();
+            let aborting = self.aborting.clone();
+            move || gone.iter().all(|g| g.is_cancelled()) || aborting.load(Ordering::SeqCst)
+        };
+        let run = |jobs: &[Job], inputs: &[Input], params: &Params| {
+            ferroformers::generation::abandoned_when(all_gone(jobs), || {
+                guarded(|| pipe.run(inputs, params))
+            })
+        };
         if jobs.len() == 1 {
             let j = jobs.pop().expect("one job");
-            let r = timed(guarded(|| pipe.run(&j.inputs, &j.params)));
+            let r = timed(run(std::slice::from_ref(&j), &j.inputs, &j.params));
             let _ = j.reply.send(r);
             return;
         }
         let all: Vec<Input> = jobs.iter().flat_map(|j| j.inputs.clone()).collect();
-        match timed(guarded(|| pipe.run(&all, &jobs[0].params))) {
+        match timed(run(&jobs, &all, &jobs[0].params)) {
             Ok(outs) => {
                 let mut outs = outs.into_iter();
                 for j in jobs {
@@ -290,7 +318,8 @@ impl Worker<'_> {
             }
             Err(_) => {
                 for j in jobs {
-                    let _ = j.reply.send(guarded(|| pipe.run(&j.inputs, &j.params)));
+                    let r = run(std::slice::from_ref(&j), &j.inputs, &j.params);
+                    let _ = j.reply.send(r);
                 }
             }
         }

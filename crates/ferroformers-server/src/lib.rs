@@ -563,8 +563,8 @@ impl Server {
             grace.as_secs_f64()
         );
         state.aborting.store(true, SeqCst);
-        // Generations stop at their next token and send their last event; a pipeline call
-        // already running cannot be stopped, and is left behind.
+        // Generations stop at their next token and send their last event (batched ones too);
+        // an encoder's pipeline call already running cannot be stopped, and is left behind.
         match tokio::time::timeout(CUT_WAIT, &mut serve).await {
             Ok(r) => r,
             Err(_) => {

@@ -1369,6 +1369,59 @@ fn concurrent_requests_are_batched() {
     }
 }
 
+/// A batched generation (text2text here; summarization, translation and speech recognition
+/// run the same way) stops once its request has gone: a request that would generate for
+/// hours times out with 504, and the model's worker is free for the next request at once
+/// (before, it went on to its `max_new_tokens`, holding every later request of the model).
+#[test]
+fn abandoned_batched_generation_stops() {
+    let t5 = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/seq2seq/models/t5")
+        .canonicalize()
+        .unwrap();
+    let id = t5.to_str().unwrap().to_string();
+    let spec = format!("{id}=text2text-generation");
+    let base = start_with(|c| {
+        c.models = vec![ModelSpec::parse(&spec)];
+        c.request_timeout = Some(std::time::Duration::from_millis(500));
+    });
+    let url = format!("{base}/models/{id}");
+    // The random T5 never says its end token: a billion new tokens would run for days.
+    let (status, err) = post_json(
+        &url,
+        json!({"inputs": "translate English to German: hi", "parameters": {"max_new_tokens": 1_000_000_000, "num_beams": 1}}),
+    );
+    assert_eq!(status, 504, "{err}");
+    let t = std::time::Instant::now();
+    let (status, got) = post_json(
+        &url,
+        json!({"inputs": "translate English to German: hi", "parameters": {"max_new_tokens": 3}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "the next request waited {:?}",
+        t.elapsed()
+    );
+    // Beam search stops as well.
+    let (status, err) = post_json(
+        &url,
+        json!({"inputs": "translate English to German: hi", "parameters": {"max_new_tokens": 1_000_000_000, "num_beams": 2}}),
+    );
+    assert_eq!(status, 504, "{err}");
+    let t = std::time::Instant::now();
+    let (status, got) = post_json(
+        &url,
+        json!({"inputs": "translate English to German: hi", "parameters": {"max_new_tokens": 3}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
 /// An idle server gives memory back: `on_idle` runs once the server has been idle for
 /// `idle_release_after`, once per idle spell (not again until new work has come and gone),
 /// and not while requests keep coming.

@@ -19,7 +19,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
 pub use continuous::{Admission, BatchStats, Batcher};
 pub use decoder::{left_pad, DecoderSession};
-pub use search::{generate, Cancel, Generated, Hooks, StepModel};
+pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel};
 pub use stream::TextStreamer;
 
 use crate::config::{ModelConfig, TokenizerConfig};

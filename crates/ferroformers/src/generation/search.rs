@@ -38,6 +38,41 @@ impl Cancel {
     }
 }
 
+thread_local! {
+    /// [`abandoned_when`]'s check for the generations this thread runs.
+    static ABANDONED: std::cell::RefCell<Option<std::rc::Rc<dyn Fn() -> bool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` (a pipeline call) with every generation it runs on this thread stopping with an
+/// error after its next step once `abandoned` says so: greedy search, sampling and beam
+/// search, in every task (a server's batched summarization whose clients have all gone or
+/// timed out stops instead of running to its `max_new_tokens`).
+pub fn abandoned_when<T>(abandoned: impl Fn() -> bool + 'static, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<std::rc::Rc<dyn Fn() -> bool>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            ABANDONED.with(|a| *a.borrow_mut() = before);
+        }
+    }
+    let check: std::rc::Rc<dyn Fn() -> bool> = std::rc::Rc::new(abandoned);
+    let _restore = Restore(ABANDONED.with(|a| a.borrow_mut().replace(check)));
+    f()
+}
+
+/// The error of a generation [`abandoned_when`] stopped.
+fn check_abandoned() -> Result<()> {
+    let gone = ABANDONED.with(|a| a.borrow().as_ref().is_some_and(|f| f()));
+    if gone {
+        return Err(Error::param(
+            "inputs",
+            "the request was cancelled (its client has gone)",
+        ));
+    }
+    Ok(())
+}
+
 /// `(input index, the most likely tokens with their log-probabilities)`.
 pub type TopHook<'a> = &'a mut dyn FnMut(usize, Vec<(u32, f32)>);
 
@@ -283,6 +318,7 @@ fn greedy_or_sample(
         if keep.is_empty() || hooks.stop.is_some_and(|f| f()) || hooks.cancelled() {
             break;
         }
+        check_abandoned()?;
         if keep.len() != live.len() {
             model.select_rows(&keep)?;
             live = keep.iter().map(|&s| live[s]).collect();
@@ -468,6 +504,7 @@ fn beam_search(
         if still_active.is_empty() {
             break;
         }
+        check_abandoned()?;
         model.select_rows(&next_rows)?;
         active = still_active;
         logits = model.step(Some(&next_tokens))?;
