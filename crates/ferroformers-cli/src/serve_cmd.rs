@@ -88,6 +88,13 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..),
           default_value_t = Config::default().admission.max_prefill_tokens as u64, allow_negative_numbers = true)]
     max_batch_prefill_tokens: u64,
+    /// Generation: the most tokens the kept prefixes hold together (finished sequences' keys
+    /// and values, so a prompt that starts the same way, as the next turn of a chat or a shared
+    /// system prompt, runs only its rest; also at most 256 MB); 0 keeps none (llama.cpp's
+    /// server bounds its prompt cache with `--cache-ram`).
+    #[arg(long, env, value_name = "TOKENS",
+          default_value_t = Config::default().admission.prefix_cache_tokens, allow_negative_numbers = true)]
+    prefix_cache_tokens: usize,
     /// Requests running or queued at once; more are answered 429 before any work.
     #[arg(long, env, value_name = "N", default_value_t = Config::default().max_concurrent_requests, allow_negative_numbers = true)]
     max_concurrent_requests: usize,
@@ -201,6 +208,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     };
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;
     cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
+    cfg.admission.prefix_cache_tokens = a.prefix_cache_tokens;
     cfg.admission.max_prefill_tokens =
         usize::try_from(a.max_batch_prefill_tokens).unwrap_or(usize::MAX);
     ferroformers_server::serve_blocking(cfg)

@@ -774,3 +774,23 @@ fn a_cancelled_request_leaves_the_queue_from_anywhere_in_it() {
     assert_eq!(st.prefills, 2, "the cancelled prompt never ran: {st:?}");
     assert_eq!((st.running, st.waiting), (0, 0), "{st:?}");
 }
+
+/// `Admission::prefix_cache_tokens` 0 (`serve --prefix-cache-tokens 0`) keeps no prefix: the
+/// same prompt again runs whole and gives the same tokens; the default continues from it.
+#[test]
+fn a_prefix_budget_of_zero_keeps_none() {
+    let (mut g, first, c) = prefix_setup("llama", 6);
+    let want = solo_tokens(&g, &first, &c);
+    for (budget, hits) in [(0, 0), (Admission::default().prefix_cache_tokens, 2)] {
+        let admission = Admission {
+            prefix_cache_tokens: budget,
+            ..Admission::default()
+        };
+        g.batcher = Some(Batcher::with_admission(100_000, admission));
+        for _ in 0..3 {
+            assert_eq!(solo_tokens(&g, &first, &c), want, "budget {budget}");
+        }
+        let st = g.batcher.as_ref().unwrap().stats();
+        assert_eq!(st.prefix_hits, hits, "budget {budget}: {st:?}");
+    }
+}

@@ -70,11 +70,16 @@ pub struct Batcher {
 /// runs in chunks of that many tokens, one chunk per decoding step (vLLM's and TGI's chunked
 /// prefill), so the running sequences keep getting tokens while it runs, and a request whose
 /// client has gone stops within one chunk.
+///
+/// `prefix_cache_tokens`: the most tokens the kept prefixes (finished sequences' keys and
+/// values, for later prompts that start the same way) hold together, and at most 256 MB; 0
+/// keeps none. Default 8192 (~190 MB for SmolLM2's f16 cache, ~100 MB for Qwen2.5-0.5B's).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Admission {
     pub max_waiting_tokens: usize,
     pub waiting_served_ratio: f32,
     pub max_prefill_tokens: usize,
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for Admission {
@@ -83,6 +88,7 @@ impl Default for Admission {
             max_waiting_tokens: 20,
             waiting_served_ratio: 0.0,
             max_prefill_tokens: 256,
+            prefix_cache_tokens: PREFIX_TOKENS,
         }
     }
 }
@@ -252,10 +258,10 @@ fn run_chunk(model: &dyn CausalLm, p: &mut Partial, chunk: usize) -> Result<Opti
 
 /// Keep the prompt tokens a stopped long prompt has run, with their keys and values, as a
 /// prefix for later prompts.
-fn retire_partial(prefixes: &mut Vec<Prefix>, p: Partial) {
+fn retire_partial(prefixes: &mut Vec<Prefix>, p: Partial, limit: usize) {
     if let Some((mut cache, mask)) = p.cache {
         let fed = p.prompt[..p.done].to_vec();
-        retire(prefixes, &mut cache, 0, &mask, fed);
+        retire(prefixes, &mut cache, 0, &mask, fed, limit);
     }
 }
 
@@ -273,16 +279,28 @@ struct Prefix {
     cache: Arc<KvCache>,
 }
 
-/// Shortest shared start worth reusing, and the most tokens and bytes the kept prefixes hold
-/// together (whichever limit comes first: 8192 tokens of a 0.5B Qwen are ~200 MB).
+/// Shortest shared start worth reusing, and the most tokens (by default: see
+/// [`Admission::prefix_cache_tokens`]) and bytes the kept prefixes hold together (whichever
+/// limit comes first: 8192 tokens of a 0.5B Qwen are ~200 MB in f32).
 const MIN_PREFIX: usize = 8;
 const PREFIX_TOKENS: usize = 8192;
 const PREFIX_BYTES: usize = 256 << 20;
 
 /// Keep row `r` (its mask `m`, tokens `fed`) as a prefix: newest first, dropping kept ones it
-/// extends and the oldest beyond [`PREFIX_TOKENS`] or [`PREFIX_BYTES`]. The row is leaving:
-/// its keys and values are moved out of `cache`, not copied.
-fn retire(prefixes: &mut Vec<Prefix>, cache: &mut KvCache, r: usize, m: &[u8], fed: Vec<u32>) {
+/// extends and the oldest beyond `limit` tokens or [`PREFIX_BYTES`] (a limit of 0 keeps
+/// none). The row is leaving: its keys and values are moved out of `cache`, not copied.
+fn retire(
+    prefixes: &mut Vec<Prefix>,
+    cache: &mut KvCache,
+    r: usize,
+    m: &[u8],
+    fed: Vec<u32>,
+    limit: usize,
+) {
+    if limit == 0 {
+        prefixes.clear();
+        return;
+    }
     // Its real positions: left padding, and the gap a group of continued prompts leaves
     // between a prefix and its rest, are skipped.
     let positions: Vec<usize> = (0..m.len()).filter(|&p| m[p] != 0).collect();
@@ -312,7 +330,7 @@ fn retire(prefixes: &mut Vec<Prefix>, cache: &mut KvCache, r: usize, m: &[u8], f
     prefixes.retain(|p| {
         tokens += p.tokens.len();
         bytes += p.cache.bytes();
-        tokens <= PREFIX_TOKENS && bytes <= PREFIX_BYTES
+        tokens <= limit && bytes <= PREFIX_BYTES
     });
 }
 
@@ -495,6 +513,7 @@ impl Batcher {
         model: &dyn CausalLm,
     ) -> MutexGuard<'g, State> {
         g.busy = true;
+        let keep_tokens = self.admission.prefix_cache_tokens;
         let t_leave = std::time::Instant::now();
         // 1. Rows whose request is over leave, and the padding no row needs any more.
         let keep: Vec<usize> = (0..g.rows.len())
@@ -506,7 +525,7 @@ impl Batcher {
         for (r, id) in rows.iter().enumerate() {
             if !keep.contains(&r) {
                 if let (Some(s), Some(c)) = (g.seqs.remove(id), cache.as_mut()) {
-                    retire(&mut g.prefixes, c, r, &mask[r], s.fed);
+                    retire(&mut g.prefixes, c, r, &mask[r], s.fed, keep_tokens);
                 }
             }
         }
@@ -569,9 +588,9 @@ impl Batcher {
                 Some(s) if !s.dead() => g.partials.push_back(p),
                 Some(s) => {
                     s.end_cancelled(&mut g.stats);
-                    retire_partial(&mut g.prefixes, p);
+                    retire_partial(&mut g.prefixes, p, keep_tokens);
                 }
-                None => retire_partial(&mut g.prefixes, p),
+                None => retire_partial(&mut g.prefixes, p, keep_tokens),
             }
         }
         // Waiting requests cancelled anywhere in the queue leave it now (not only once they
@@ -1092,6 +1111,7 @@ impl StepModel for SharedSession<'_> {
 
 impl Drop for SharedSession<'_> {
     fn drop(&mut self) {
+        let keep_tokens = self.batcher.admission.prefix_cache_tokens;
         let mut g = lock(&self.batcher.state);
         let in_batch = g.rows.contains(&self.id);
         if let Some(s) = g.seqs.get_mut(&self.id) {
@@ -1104,7 +1124,7 @@ impl Drop for SharedSession<'_> {
                 g.waiting.retain(|&id| id != self.id);
                 if let Some(i) = g.partials.iter().position(|p| p.id == self.id) {
                     if let Some(p) = g.partials.remove(i) {
-                        retire_partial(&mut g.prefixes, p);
+                        retire_partial(&mut g.prefixes, p, keep_tokens);
                     }
                 }
             }
@@ -1119,7 +1139,7 @@ impl Drop for SharedSession<'_> {
                 let mask = std::mem::take(&mut g.mask);
                 for (r, id) in rows.into_iter().enumerate() {
                     if let (Some(s), Some(c)) = (g.seqs.remove(&id), cache.as_mut()) {
-                        retire(&mut g.prefixes, c, r, &mask[r], s.fed);
+                        retire(&mut g.prefixes, c, r, &mask[r], s.fed, keep_tokens);
                     }
                 }
             }
@@ -1150,25 +1170,67 @@ mod tests {
     fn prefixes_are_kept_newest_first_within_limits() {
         let mut kept = Vec::new();
         let toks = |a: u32, n: usize| (a..a + n as u32).collect::<Vec<u32>>();
-        retire(&mut kept, &mut cache_of(12), 0, &[1; 12], toks(0, 12));
+        retire(
+            &mut kept,
+            &mut cache_of(12),
+            0,
+            &[1; 12],
+            toks(0, 12),
+            PREFIX_TOKENS,
+        );
         assert_eq!(kept.len(), 1);
         // It extends the first: the first goes. Padding and a gap are left out.
         let mut m = vec![0u8; 3];
         m.extend([1; 10]);
         m.extend([0; 2]);
         m.extend([1; 10]);
-        retire(&mut kept, &mut cache_of(m.len()), 0, &m, toks(0, 20));
+        retire(
+            &mut kept,
+            &mut cache_of(m.len()),
+            0,
+            &m,
+            toks(0, 20),
+            PREFIX_TOKENS,
+        );
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].cache.seq_len(), 20);
         // The same tokens again, or fewer of them: nothing new to keep (no copy; a cache of
         // another length shows it was not taken).
-        retire(&mut kept, &mut cache_of(20), 0, &[1; 20], toks(0, 20));
-        retire(&mut kept, &mut cache_of(16), 0, &[1; 16], toks(0, 16));
+        retire(
+            &mut kept,
+            &mut cache_of(20),
+            0,
+            &[1; 20],
+            toks(0, 20),
+            PREFIX_TOKENS,
+        );
+        retire(
+            &mut kept,
+            &mut cache_of(16),
+            0,
+            &[1; 16],
+            toks(0, 16),
+            PREFIX_TOKENS,
+        );
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].cache.seq_len(), 20);
         // Too short, or a mask that does not match the tokens: not kept.
-        retire(&mut kept, &mut cache_of(4), 0, &[1; 4], toks(100, 4));
-        retire(&mut kept, &mut cache_of(12), 0, &[1; 12], toks(100, 11));
+        retire(
+            &mut kept,
+            &mut cache_of(4),
+            0,
+            &[1; 4],
+            toks(100, 4),
+            PREFIX_TOKENS,
+        );
+        retire(
+            &mut kept,
+            &mut cache_of(12),
+            0,
+            &[1; 12],
+            toks(100, 11),
+            PREFIX_TOKENS,
+        );
         assert_eq!(kept.len(), 1);
         assert_eq!(best_prefix(&kept, &toks(0, 30)), Some((0, 20)));
         assert_eq!(best_prefix(&kept, &toks(0, 15)), Some((0, 14)));
@@ -1182,6 +1244,7 @@ mod tests {
                 0,
                 &[1; 1000],
                 toks(10_000 * (i + 1), 1000),
+                PREFIX_TOKENS,
             );
         }
         let total: usize = kept.iter().map(|p| p.tokens.len()).sum();
