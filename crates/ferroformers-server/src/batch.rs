@@ -4,8 +4,9 @@
 //! are split back per request. A merged call that fails is redone request by request, so an
 //! error reaches only the request that caused it. A request whose client has gone is dropped
 //! before it runs, and a generation (summarization, translation, speech recognition) stops
-//! after its next token once every request in its call has gone. Once the graceful-shutdown timeout has passed, queued requests are refused
-//! (503) instead of run.
+//! after its next token once every request in its call has gone. Once the graceful-shutdown
+//! timeout has passed, queued requests are refused (503) instead of run, and a generation
+//! running stops the same way.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -146,11 +147,8 @@ fn guarded(f: impl FnOnce() -> ferroformers::Result<Vec<Output>>) -> Answer {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(ApiError::from),
         Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let what =
+                ferroformers::error::panic_message(&*p).unwrap_or_else(|| "no message".into());
             tracing::error!("the pipeline panicked: {what}");
             Err(ApiError::new(
                 axum::http::StatusCode::INTERNAL_SERVER_ERROR,

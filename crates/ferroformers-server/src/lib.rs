@@ -648,8 +648,6 @@ pub fn init_logging(json: bool) {
     };
 }
 
-/// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls),
-/// logging through [`init_logging`].
 /// How long an idle blocking thread (each request's generation runs on one) lives: tokio's
 /// 10 s, or half of `idle_release_after` when that is shorter, so that an idle server's
 /// request threads have exited, handing their freed pages (~200 MB of a SmolLM2 server's) to
@@ -659,6 +657,8 @@ fn blocking_keep_alive(idle_release_after: Option<std::time::Duration>) -> std::
     idle_release_after.map_or(tokio_default, |d| (d / 2).min(tokio_default))
 }
 
+/// Load, bind and serve on a runtime of its own until SIGTERM or Ctrl-C (what the CLI calls),
+/// logging through [`init_logging`].
 pub fn serve_blocking(cfg: Config) -> Result<(), String> {
     init_logging(cfg.json_output);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -127,3 +127,12 @@ fn unknown_task(task: &str, note: &str, known: &str) -> String {
         format!("task `{task}` is not available: {note}; known tasks: {known}")
     }
 }
+
+/// The message a caught panic carries (`panic!`'s text, whether a literal or formatted), if
+/// any: what a `catch_unwind` that turns a panic into an error names.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+}

@@ -75,11 +75,7 @@ fn decode(bytes: Vec<u8>, hint: Hint, what: &str) -> Result<Audio> {
         decode_stream(source, hint, what)
     }))
     .unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let reason = crate::error::panic_message(&*panic).unwrap_or_default();
         Err(error(
             what,
             format!("corrupt audio file (the decoder failed: {reason})"),

@@ -985,11 +985,7 @@ fn prefill_groups<T>(items: Vec<T>, budget: usize, len: impl Fn(&T) -> usize) ->
 /// waiting forever.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic".into());
+        let what = crate::error::panic_message(&*p).unwrap_or_else(|| "a panic".into());
         Err(Error::Tensor(candle_core::Error::Msg(format!(
             "the model failed: {what}"
         ))))
