@@ -27,14 +27,77 @@ pub(crate) async fn inference(
         let whole = tgi_whole(&state, index, input, params, opts).await?;
         return Ok(axum::Json(json!([whole])).into_response());
     }
+    if m.task == "sentence-embeddings"
+        && v.get("inputs")
+            .is_some_and(|i| i.get("source_sentence").is_some())
+    {
+        // The Inference API's sentence-similarity input on an embedding model (what
+        // `InferenceClient.sentence_similarity` sends): the scores, as TEI's `/similarity`.
+        let p = v.get("parameters").filter(|p| !p.is_null());
+        if p.is_some_and(|p| !p.is_object()) {
+            return Err(ApiError::validation("`parameters` must be an object"));
+        }
+        let scores = similarity_scores(&state, m, v.get("inputs"), p).await?;
+        return Ok(axum::Json(scores).into_response());
+    }
     let (inputs, many) = if m.speech.is_some() {
         speech_inputs(v.get("inputs"), state.max_client_batch_size)?
     } else {
         inputs_of(v.get("inputs"), state.max_client_batch_size)?
     };
-    let params = params_of(&v)?;
+    let mut params = params_of(&v)?;
+    // The Inference API's text-to-text tasks nest the generation options in
+    // `generate_parameters` (what `InferenceClient.summarization` and `.translation` send):
+    // they are the pipeline's own parameters.
+    match params.remove("generate_parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(g)) => {
+            for (k, x) in g {
+                if params.contains_key(&k) {
+                    return Err(ApiError::validation(format!(
+                        "`{k}` is in both `parameters` and `parameters.generate_parameters`"
+                    )));
+                }
+                params.insert(k, x);
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                "`parameters.generate_parameters` must be an object",
+            ))
+        }
+    }
     let out = run(&state, index, inputs, params).await?;
-    outputs_json(&out, many)
+    api_json(&m.task, &out, many)
+}
+
+/// The pipeline's outputs as the Inference API answers them (what `InferenceClient` parses):
+/// the pipeline's own JSON, except text-classification, a list of labels per input, nested in
+/// a list also for one input (`[[{label, score}]]`), and zero-shot-classification, a list of
+/// `{label, score}` per input, best first, in place of the pipeline's `{sequence, labels,
+/// scores}`.
+fn api_json(task: &str, out: &[Output], many: bool) -> Result<Response, ApiError> {
+    let each = |o: &Output| -> Result<Value, ApiError> {
+        let v = serde_json::to_value(o).map_err(ApiError::backend)?;
+        Ok(match task {
+            "text-classification" if v.is_object() => json!([v]),
+            "zero-shot-classification" => match (v.get("labels"), v.get("scores")) {
+                (Some(Value::Array(labels)), Some(Value::Array(scores))) => labels
+                    .iter()
+                    .zip(scores)
+                    .map(|(label, score)| json!({"label": label, "score": score}))
+                    .collect(),
+                _ => v,
+            },
+            _ => v,
+        })
+    };
+    let body = match (task, many) {
+        (_, true) => Value::Array(out.iter().map(each).collect::<Result<_, _>>()?),
+        ("text-classification", false) => json!([each(&out[0])?]),
+        (_, false) => each(&out[0])?,
+    };
+    Ok(axum::Json(body).into_response())
 }
 
 /// An audio file's bytes as the body (what `InferenceClient.automatic_speech_recognition`

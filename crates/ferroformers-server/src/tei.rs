@@ -234,8 +234,21 @@ pub(crate) async fn tei_similarity(
         unsupported_options(p)?;
     }
     let m = embedder(&state, None)?;
-    let index = index_of(&state, m);
-    let inputs = v.get("inputs").filter(|i| i.is_object()).ok_or_else(|| {
+    let scores = similarity_scores(&state, m, v.get("inputs"), p).await?;
+    Ok(axum::Json(scores).into_response())
+}
+
+/// The cosine similarity of `inputs.source_sentence`'s embedding (model `m`'s, normalized) to
+/// each of `inputs.sentences`' (TEI's `/similarity`, and the Inference API's
+/// sentence-similarity input on an embedding model).
+pub(crate) async fn similarity_scores(
+    state: &Arc<AppState>,
+    m: &Served,
+    inputs: Option<&Value>,
+    p: Option<&Value>,
+) -> Result<Vec<f32>, ApiError> {
+    let index = index_of(state, m);
+    let inputs = inputs.filter(|i| i.is_object()).ok_or_else(|| {
         ApiError::validation("`inputs` must be an object {source_sentence, sentences}")
     })?;
     let source = inputs
@@ -252,15 +265,14 @@ pub(crate) async fn tei_similarity(
         .chain(sentences)
         .map(Input::Text)
         .collect();
-    check_lengths(&state, m, p.unwrap_or(&Value::Null), &all)?;
+    check_lengths(state, m, p.unwrap_or(&Value::Null), &all)?;
     let mut params = Params::new();
     params.insert("normalize".into(), json!(true));
-    let vecs = embeddings_of(run(&state, index, all, params).await?)?;
-    let scores: Vec<f32> = vecs[1..]
+    let vecs = embeddings_of(run(state, index, all, params).await?)?;
+    Ok(vecs[1..]
         .iter()
         .map(|v| v.iter().zip(&vecs[0]).map(|(a, b)| a * b).sum())
-        .collect();
-    Ok(axum::Json(scores).into_response())
+        .collect())
 }
 
 /// The model `/rerank` uses: the first text-classification model with one label (a

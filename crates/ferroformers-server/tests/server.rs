@@ -2324,3 +2324,92 @@ fn openapi_document_matches_the_router() {
         .unwrap();
     assert!(page.contains("/v1/chat/completions") && page.contains("/api-doc/openapi.json"));
 }
+
+/// The Inference API's shapes where they differ from the pipelines' (what
+/// `huggingface_hub.InferenceClient` parses; crates/ferroformers-py/tests/test_clients.py runs
+/// the client itself): text-classification answers a list of labels per input, nested also
+/// for one input; zero-shot-classification a list of `{label, score}` per input; an embedding
+/// model given `{source_sentence, sentences}` the similarity scores, as TEI's `/similarity`.
+#[test]
+fn inference_api_shapes_for_inference_client() {
+    let nli = std::fs::canonicalize(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/seq2seq/models/bart-nli"),
+    )
+    .unwrap();
+    let nli = nli.to_str().unwrap().to_string();
+    let base = start_with(|c| {
+        c.models
+            .push(ModelSpec::parse(&format!("{nli}=zero-shot-classification")))
+    });
+    let text = "A quiet walk in the park.";
+    let url = |m: &str| format!("{base}/models/{m}");
+
+    let (status, got) = post_json(&url(&fixture("bert-seqcls")), json!({"inputs": text}));
+    assert_eq!(status, 200, "{got}");
+    let want = pipeline_json(
+        "text-classification",
+        &fixture("bert-seqcls"),
+        &[Input::from(text)],
+        Params::new(),
+    );
+    assert!(same(&got, &json!([[want[0]]])), "{got} vs [[{}]]", want[0]);
+    let (status, got) = post_json(
+        &url(&fixture("bert-seqcls")),
+        json!({"inputs": [text, text], "parameters": {"top_k": 2}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got.as_array().map(Vec::len), Some(2), "{got}");
+    assert_eq!(got[1].as_array().map(Vec::len), Some(2), "{got}");
+
+    let mut p = Params::new();
+    p.insert(
+        "candidate_labels".into(),
+        json!(["outdoors", "finance", "cooking"]),
+    );
+    let (status, got) = post_json(
+        &url(&nli),
+        json!({"inputs": text, "parameters": {"candidate_labels": ["outdoors", "finance", "cooking"]}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let want = pipeline_json("zero-shot-classification", &nli, &[Input::from(text)], p);
+    let pairs: Vec<Value> = (0..3)
+        .map(|i| json!({"label": want[0]["labels"][i], "score": want[0]["scores"][i]}))
+        .collect();
+    assert!(same(&got, &json!(pairs)), "{got} vs {want}");
+
+    let (status, got) = post_json(
+        &url(&fixture("minilm-st")),
+        json!({"inputs": {"source_sentence": text, "sentences": [text, "The market fell."]}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let (status, tei) = post_json(
+        &format!("{base}/similarity"),
+        json!({"inputs": {"source_sentence": text, "sentences": [text, "The market fell."]}}),
+    );
+    assert_eq!(status, 200, "{tei}");
+    assert_eq!(got, tei);
+    assert!((got[0].as_f64().unwrap() - 1.0).abs() < 1e-5, "{got}");
+
+    // `generate_parameters` are the pipeline's generation parameters; given twice, a 422.
+    let gen = json!({"max_new_tokens": 3, "do_sample": false});
+    let (status, got) = post_json(
+        &url(&decoder()),
+        json!({"inputs": ["Hello"], "parameters": {"generate_parameters": gen}}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let mut p = Params::new();
+    p.insert("max_new_tokens".into(), json!(3));
+    p.insert("do_sample".into(), json!(false));
+    let want = pipeline_json("text-generation", &decoder(), &[Input::from("Hello")], p);
+    assert_eq!(got, want);
+    let (status, got) = post_json(
+        &url(&decoder()),
+        json!({"inputs": ["Hello"], "parameters": {"max_new_tokens": 2, "generate_parameters": gen}}),
+    );
+    assert_eq!(status, 422, "{got}");
+    assert!(
+        got["error"].as_str().unwrap().contains("max_new_tokens"),
+        "{got}"
+    );
+}
