@@ -122,6 +122,15 @@ def test_openai_chat_completions(server):
     assert text == r.choices[0].message.content
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8
+    # A `developer` message (the SDK's system prompt for reasoning models) is a system message
+    # to a template that does not name the role.
+    r = c.chat.completions.create(
+        model=str(LLAMA), max_tokens=6, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    want = pipeline("text-generation", model=str(LLAMA))(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_new_tokens=6, do_sample=False)
+    assert r.choices[0].message.content == want[0]["generated_text"][-1]["content"]
     # Log-probabilities parse, and `n` choices come back.
     r = c.chat.completions.create(model=str(LLAMA), messages=msgs, max_tokens=3, temperature=0,
                                   logprobs=True, top_logprobs=2, n=2)

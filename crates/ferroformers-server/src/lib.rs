@@ -803,6 +803,20 @@ impl ApiError {
                     .replace(&format!("({ours} "), &format!("({theirs} "));
             }
         }
+        // Our messages about a request field name it first, in backticks: that is `param`.
+        if self.param.is_none() && self.status.is_client_error() {
+            self.param = self
+                .message
+                .strip_prefix('`')
+                .and_then(|m| m.split_once('`'))
+                .map(|(f, _)| f)
+                .filter(|f| {
+                    !f.is_empty()
+                        && f.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c))
+                })
+                .map(str::to_string);
+        }
         self
     }
 

@@ -332,22 +332,28 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
         v.get("echo"),
         None | Some(Value::Null) | Some(Value::Bool(false))
     ) {
-        return Err(ApiError::validation(
-            "`echo` is not supported by this server",
-        ));
+        return Err(
+            ApiError::validation("`echo` is not supported by this server").with_param("echo"),
+        );
     }
     if set("suffix") {
-        return Err(ApiError::validation(
-            "`suffix` is not supported by this server",
-        ));
+        return Err(
+            ApiError::validation("`suffix` is not supported by this server").with_param("suffix"),
+        );
     }
     if matches!(v.get("tools"), Some(Value::Array(a)) if !a.is_empty())
         || (set("tools") && !v["tools"].is_array())
         || set("functions")
     {
-        return Err(ApiError::validation(
-            "`tools` (function calling) is not supported by this server",
-        ));
+        let field = if set("functions") {
+            "functions"
+        } else {
+            "tools"
+        };
+        return Err(ApiError::validation(format!(
+            "`{field}` (function calling) is not supported by this server"
+        ))
+        .with_param(field));
     }
     match v.get("response_format") {
         None | Some(Value::Null) => {}
@@ -356,14 +362,16 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
             return Err(ApiError::validation(format!(
             "`response_format` {} is not supported by this server: only `{{\"type\": \"text\"}}`",
             f.get("type").unwrap_or(f)
-        )))
+        ))
+            .with_param("response_format"))
         }
     }
     Ok(())
 }
 
-/// A chat's messages: `content` a string or a list of `{type: "text", text}` parts.
-pub(crate) fn chat_input(v: &Value) -> Result<Input, ApiError> {
+/// A chat's messages: `content` a string or a list of `{type: "text", text}` parts;
+/// `developer_as_system` reads the role `developer` as `system`.
+pub(crate) fn chat_input(v: &Value, developer_as_system: bool) -> Result<Input, ApiError> {
     let list = v
         .get("messages")
         .and_then(Value::as_array)
@@ -377,6 +385,11 @@ pub(crate) fn chat_input(v: &Value) -> Result<Input, ApiError> {
             .get("role")
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::validation(format!("messages[{i}] has no `role`")))?;
+        let role = if developer_as_system && role == "developer" {
+            "system"
+        } else {
+            role
+        };
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => parts
@@ -431,7 +444,16 @@ pub(crate) async fn openai_generate(
     let index = index_of(&state, m);
     let name = m.id.clone();
     let input = match kind {
-        Kind::Chat => chat_input(&v)?,
+        Kind::Chat => {
+            // OpenAI's `developer` messages (what the SDKs send for reasoning models) are
+            // system messages to a template that does not name the role itself, as llama.cpp's
+            // server maps them.
+            let knows = m
+                .pipe
+                .chat_template()
+                .is_some_and(|t| t.knows_role("developer"));
+            chat_input(&v, !knows)?
+        }
         Kind::Completion => match v.get("prompt") {
             Some(Value::String(s)) => Input::Text(s.clone()),
             _ => return Err(ApiError::validation("`prompt` must be a string")),
@@ -446,7 +468,8 @@ pub(crate) async fn openai_generate(
         {
             return Err(ApiError::validation(format!(
                 "`logit_bias` names token {k}, outside the model's vocabulary of {vocab} tokens"
-            )));
+            ))
+            .with_param("logit_bias"));
         }
     }
     let n = choices_of(&v)?;

@@ -401,6 +401,11 @@ fn openai_penalties_bias_and_unsupported_fields() {
         assert!(status == 400 || status == 422, "{bad}: {status} {err}");
         let msg = err["error"]["message"].as_str().unwrap();
         assert!(msg.contains(field), "{bad}: {msg}");
+        // `param` names the field, as OpenAI's errors do.
+        let key = bad.as_object().unwrap().keys().next_back().unwrap().clone();
+        if field.trim_matches('`') == key {
+            assert_eq!(err["error"]["param"], json!(key), "{bad}: {err}");
+        }
     }
 }
 

@@ -98,6 +98,12 @@ impl ChatTemplate {
         Ok(env)
     }
 
+    /// Whether the template names `role` itself (compares a message's role with it): OpenAI's
+    /// `developer` role is one that most templates do not know.
+    pub fn knows_role(&self, role: &str) -> bool {
+        self.source.contains(&format!("'{role}'")) || self.source.contains(&format!("\"{role}\""))
+    }
+
     /// Render `messages`; `add_generation_prompt` opens the assistant's turn.
     /// `continue_final_message` cuts the text right after the last message's content, so the
     /// model continues it (HF's prefill).
@@ -149,6 +155,17 @@ impl ChatTemplate {
 
 #[cfg(test)]
 mod tests {
+    /// A template names the roles it compares with; OpenAI's `developer` is rarely one.
+    #[test]
+    fn knows_the_roles_its_source_names() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'system' %}S{% elif m.role == \"developer\" %}D{% endif %}{% endfor %}",
+        )
+        .unwrap();
+        assert!(t.knows_role("system") && t.knows_role("developer"));
+        assert!(!t.knows_role("tool"));
+    }
+
     use super::*;
 
     const CHATML: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

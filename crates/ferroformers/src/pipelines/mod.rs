@@ -355,6 +355,10 @@ pub(crate) trait Task: Send + Sync {
         None
     }
 
+    fn chat_template(&self) -> Option<&crate::generation::ChatTemplate> {
+        None
+    }
+
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>>;
 
     /// Speech recognition: the language each input is spoken in, by name (see
@@ -448,6 +452,12 @@ impl Pipeline {
     /// embedded one included); `None` for other tasks.
     pub fn tokenizer(&self) -> Option<&crate::tokenizer::Tokenizer> {
         self.inner.tokenizer()
+    }
+
+    /// A text-generation pipeline's chat template (the model's, or the one `chat_template`
+    /// set); `None` for other tasks and for models without one.
+    pub fn chat_template(&self) -> Option<&crate::generation::ChatTemplate> {
+        self.inner.chat_template()
     }
 
     /// The canonical task name.

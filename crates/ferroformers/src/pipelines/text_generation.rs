@@ -517,6 +517,10 @@ impl Task for TextGeneration {
         Some(&self.generator.tokenizer)
     }
 
+    fn chat_template(&self) -> Option<&crate::generation::ChatTemplate> {
+        self.generator.chat_template.as_ref()
+    }
+
     fn check_streaming(&self, input: &Input, params: &Params) -> Result<()> {
         self.prepare_stream(input, params).map(|_| ())
     }
