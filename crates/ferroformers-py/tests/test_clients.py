@@ -147,6 +147,11 @@ def test_openai_completions_models_and_errors(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0, stream=True) if ch.choices)
     assert streamed == r.choices[0].text
+    # A list of prompts: each prompt's choices in turn.
+    r = c.completions.create(model=str(LLAMA), prompt=["Hello", "Once upon"], max_tokens=6,
+                             temperature=0)
+    assert [(ch.index, ch.text) for ch in r.choices] == \
+        [(0, generated("Hello", 6)), (1, generated("Once upon", 6))]
     ids = [m.id for m in c.models.list()]
     assert str(LLAMA) in ids and str(MINILM) in ids
     # A field the server does not implement is refused by name, as the SDK's typed error.

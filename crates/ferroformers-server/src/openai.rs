@@ -369,6 +369,36 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `/v1/completions`' `prompt`: a string, or a list of up to `max` strings (each its own
+/// completion, as OpenAI and vLLM take them); token ids are refused by name.
+fn completion_prompts(v: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
+    let bad = || {
+        ApiError::validation(
+            "`prompt` must be a string or a list of strings (token ids are not supported)",
+        )
+        .with_param("prompt")
+    };
+    match v.get("prompt") {
+        Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
+        Some(Value::Array(list)) if !list.is_empty() => {
+            if list.len() > max {
+                return Err(too_many(list.len(), max).with_param("prompt"));
+            }
+            list.iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(|s| Input::Text(s.to_string()))
+                        .ok_or_else(bad)
+                })
+                .collect()
+        }
+        Some(Value::Array(_)) => {
+            Err(ApiError::validation("`prompt` cannot be an empty list").with_param("prompt"))
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// A chat's messages: `content` a string or a list of `{type: "text", text}` parts;
 /// `developer_as_system` reads the role `developer` as `system`.
 pub(crate) fn chat_input(v: &Value, developer_as_system: bool) -> Result<Input, ApiError> {
@@ -443,7 +473,7 @@ pub(crate) async fn openai_generate(
     let m = generator(&state, model_name(&v)?)?;
     let index = index_of(&state, m);
     let name = m.id.clone();
-    let input = match kind {
+    let inputs = match kind {
         Kind::Chat => {
             // OpenAI's `developer` messages (what the SDKs send for reasoning models) are
             // system messages to a template that does not name the role itself, as llama.cpp's
@@ -452,12 +482,9 @@ pub(crate) async fn openai_generate(
                 .pipe
                 .chat_template()
                 .is_some_and(|t| t.knows_role("developer"));
-            chat_input(&v, !knows)?
+            vec![chat_input(&v, !knows)?]
         }
-        Kind::Completion => match v.get("prompt") {
-            Some(Value::String(s)) => Input::Text(s.clone()),
-            _ => return Err(ApiError::validation("`prompt` must be a string")),
-        },
+        Kind::Completion => completion_prompts(&v, state.max_client_batch_size)?,
     };
     let params = openai_params(&v)?;
     if let (Some(Value::Object(bias)), Some(tok)) = (params.get("logit_bias"), &m.tokenizer) {
@@ -535,33 +562,53 @@ pub(crate) async fn openai_generate(
     if !stream {
         // The candidates join the continuous batch together; the `n` returned are numbered
         // from 0 in their rank's order, and only their tokens are counted (as vLLM).
-        let ps = (0..best_of)
+        let ps: Vec<Params> = (0..best_of)
             .map(|i| choice_params(&params, i, best_of, base))
             .collect();
-        let done = generate_many(&state, index, &input, ps, top).await?;
-        let mut choices = Vec::with_capacity(n);
+        // Several prompts (completions): each prompt's candidates, all in the batch at once;
+        // the choices prompt by prompt, `index` counting on over them (as vLLM).
+        let mut set = tokio::task::JoinSet::new();
+        for (p, input) in inputs.iter().enumerate() {
+            let (st, input, ps) = (state.clone(), input.clone(), ps.clone());
+            set.spawn(async move { (p, generate_many(&st, index, &input, ps, top).await) });
+        }
+        let mut per_prompt = Vec::with_capacity(inputs.len());
+        while let Some(r) = set.join_next().await {
+            let (p, r) = r.map_err(ApiError::backend)?;
+            per_prompt.push((p, r?));
+        }
+        per_prompt.sort_by_key(|d| d.0);
+        let mut choices = Vec::with_capacity(n * inputs.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        for (i, c) in ranked(&done, n).into_iter().enumerate() {
-            let (out, usage, tokens) = &done[c];
-            let text = generated_text(out);
-            let lp = if logprobs {
-                let content: Vec<Value> = tokens
-                    .iter()
-                    .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
-                    .collect();
-                json!({"content": content})
-            } else {
-                Value::Null
-            };
-            choices.push(match kind {
-                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
-                                     "logprobs": lp, "finish_reason": finish(usage)}),
-                Kind::Completion => json!({"index": i, "text": text, "logprobs": null,
+        for (p, done) in &per_prompt {
+            let mut prompt_counted = false;
+            for (i, c) in ranked(done, n).into_iter().enumerate() {
+                let i = p * n + i;
+                let (out, usage, tokens) = &done[c];
+                let text = generated_text(out);
+                let lp = if logprobs {
+                    let content: Vec<Value> = tokens
+                        .iter()
+                        .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
+                        .collect();
+                    json!({"content": content})
+                } else {
+                    Value::Null
+                };
+                choices.push(match kind {
+                    Kind::Chat => {
+                        json!({"index": i, "message": {"role": "assistant", "content": text},
+                                     "logprobs": lp, "finish_reason": finish(usage)})
+                    }
+                    Kind::Completion => json!({"index": i, "text": text, "logprobs": null,
                                            "finish_reason": finish(usage)}),
-            });
-            // OpenAI counts the prompt once and every choice's tokens.
-            prompt_tokens = usage.prompt_tokens;
-            completion_tokens += usage.completion_tokens;
+                });
+                // OpenAI counts each prompt once and every choice's tokens.
+                if !std::mem::replace(&mut prompt_counted, true) {
+                    prompt_tokens += usage.prompt_tokens;
+                }
+                completion_tokens += usage.completion_tokens;
+            }
         }
         let usage = ferroformers::pipelines::text_generation::Usage {
             prompt_tokens,
@@ -579,15 +626,19 @@ pub(crate) async fn openai_generate(
     // carrying its `index`; the parameters were checked above, so errors from here on are
     // generation errors, sent as an event. The last choice to end sends the usage (asked for)
     // and `[DONE]`.
-    check_stream(&state, index, &input, &choice_params(&params, 0, n, base)).await?;
+    for input in &inputs {
+        check_stream(&state, index, input, &choice_params(&params, 0, n, base)).await?;
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Choices still running, and the usage summed so far (prompt, completion).
-    let left = Arc::new(std::sync::Mutex::new((n, 0usize, 0usize)));
+    let left = Arc::new(std::sync::Mutex::new((n * inputs.len(), 0usize, 0usize)));
     let cancel = Cancel::new();
-    for i in 0..n {
+    for (p, c) in (0..inputs.len()).flat_map(|p| (0..n).map(move |c| (p, c))) {
         let (st, tx, left, stop) = (state.clone(), tx.clone(), left.clone(), cancel.clone());
-        let (id, name, input) = (id.clone(), name.clone(), input.clone());
-        let params = choice_params(&params, i, n, base);
+        let (id, name, input) = (id.clone(), name.clone(), inputs[p].clone());
+        let params = choice_params(&params, c, n, base);
+        // Its `index`: the choices of several prompts count on, prompt by prompt.
+        let i = p * n + c;
         let mut clock = TokenClock::new();
         tokio::task::spawn_blocking(move || {
             let chunk = |choice: Value| {
@@ -662,7 +713,10 @@ pub(crate) async fn openai_generate(
             let mut left = left.lock().unwrap_or_else(|e| e.into_inner());
             left.0 -= 1;
             if let Some(u) = usage {
-                left.1 = u.prompt_tokens;
+                // Each prompt counted once (by its first choice).
+                if c == 0 {
+                    left.1 += u.prompt_tokens;
+                }
                 left.2 += u.completion_tokens;
             }
             if left.0 == 0 {

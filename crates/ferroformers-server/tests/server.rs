@@ -2418,3 +2418,72 @@ fn inference_api_shapes_for_inference_client() {
         "{got}"
     );
 }
+
+/// `/v1/completions` with a list of prompts (OpenAI's and vLLM's batch form): each prompt's `n`
+/// choices in order, `index` counting on over the prompts, each equal to that prompt sent
+/// alone; `usage` counts every prompt once; streamed the same. More prompts than
+/// `--max-client-batch-size` is a 413; token ids are refused by name.
+#[test]
+fn completions_take_a_list_of_prompts() {
+    let base = start();
+    let url = format!("{base}/v1/completions");
+    let alone: Vec<(String, u64)> = ["Hello", "Once upon"]
+        .iter()
+        .map(|p| {
+            let (status, got) = post_json(
+                &url,
+                json!({"prompt": p, "max_tokens": 4, "temperature": 0}),
+            );
+            assert_eq!(status, 200, "{got}");
+            (
+                got["choices"][0]["text"].as_str().unwrap().to_string(),
+                got["usage"]["prompt_tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let body = json!({"prompt": ["Hello", "Once upon"], "max_tokens": 4, "temperature": 0, "n": 2});
+    let (status, got) = post_json(&url, body.clone());
+    assert_eq!(status, 200, "{got}");
+    let choices = got["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{got}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{got}");
+        assert_eq!(c["text"], alone[i / 2].0.as_str(), "choice {i}: {got}");
+    }
+    assert_eq!(
+        got["usage"]["prompt_tokens"].as_u64().unwrap(),
+        alone[0].1 + alone[1].1
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let resp = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(streamed)
+        .unwrap();
+    let chunks = sse_chunks(resp);
+    let mut texts = vec![String::new(); 4];
+    for c in &chunks {
+        for ch in c["choices"].as_array().unwrap() {
+            texts[ch["index"].as_u64().unwrap() as usize] += ch["text"].as_str().unwrap();
+        }
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(t, &alone[i / 2].0, "streamed choice {i}");
+    }
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap(),
+        alone[0].1 + alone[1].1
+    );
+    for (prompt, status) in [
+        (json!(["a", "b", "c", "d", "e"]), 413),
+        (json!([1, 2, 3]), 422),
+        (json!([]), 422),
+    ] {
+        let (got_status, err) = post_json(&url, json!({"prompt": prompt, "max_tokens": 2}));
+        assert_eq!(got_status, status, "{prompt}: {err}");
+        assert_eq!(err["error"]["param"], "prompt", "{err}");
+    }
+}
