@@ -147,6 +147,12 @@ def test_openai_completions_models_and_errors(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0, stream=True) if ch.choices)
     assert streamed == r.choices[0].text
+    # The legacy `logprobs: N`.
+    r = c.completions.create(model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0,
+                             logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 6 and "".join(lp.tokens) == r.choices[0].text
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs) and lp.text_offset[0] == 0
     # A list of prompts: each prompt's choices in turn.
     r = c.completions.create(model=str(LLAMA), prompt=["Hello", "Once upon"], max_tokens=6,
                              temperature=0)

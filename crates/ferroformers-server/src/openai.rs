@@ -16,6 +16,38 @@ pub(crate) fn logprob_entry(
     json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top})
 }
 
+/// A sampled token for [`legacy_logprobs`]: id, text, log-probability, alternatives.
+type Sampled<'a> = (
+    u32,
+    &'a str,
+    f32,
+    &'a [ferroformers::pipelines::text_generation::TopToken],
+);
+
+/// A completion's log-probabilities in OpenAI's legacy shape: per token its text, its
+/// log-probability, its most likely alternatives with the sampled token among them (`{text:
+/// logprob}`, as OpenAI: up to N + 1 entries), and where its text starts in the completion, in
+/// characters from `offset`.
+fn legacy_logprobs(tokens: &[Sampled], offset: usize) -> Value {
+    let mut at = offset;
+    let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for (id, text, lp, top) in tokens {
+        let mut alts = serde_json::Map::new();
+        for t in top.iter() {
+            alts.entry(t.text.clone()).or_insert(json!(t.logprob));
+        }
+        if !top.iter().any(|t| t.id == *id) {
+            alts.entry(text.to_string()).or_insert(json!(lp));
+        }
+        texts.push(json!(text));
+        lps.push(json!(lp));
+        tops.push(Value::Object(alts));
+        offsets.push(json!(at));
+        at += text.chars().count();
+    }
+    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
 /// The body's `model`: absent or null (the default), else a string.
 fn model_name(v: &Value) -> Result<Option<&str>, ApiError> {
     match v.get("model") {
@@ -513,26 +545,36 @@ pub(crate) async fn openai_generate(
             )
         }
     } && best_of == n;
-    // Chat's `logprobs: true`: each token's log-probability (no `top_logprobs` alternatives).
-    let logprobs = match (kind, v.get("logprobs")) {
-        (_, None | Some(Value::Null)) | (Kind::Chat, Some(Value::Bool(false))) => false,
-        (Kind::Chat, Some(Value::Bool(true))) => true,
-        (Kind::Chat, Some(_)) => {
-            return Err(ApiError::validation("`logprobs` must be true or false"))
+    // Chat's `logprobs: true`: each token's log-probability, with `top_logprobs` (0..=20)
+    // alternatives; a completion's legacy `logprobs: N` (0..=20, as vLLM; OpenAI's limit is 5):
+    // each token's and its N most likely alternatives'.
+    let (logprobs, top) = match kind {
+        Kind::Chat => {
+            let logprobs = match v.get("logprobs") {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => return Err(ApiError::validation("`logprobs` must be true or false")),
+            };
+            let top = count_at_most(v.get("top_logprobs"), "top_logprobs", 20)?;
+            if top > 0 && !logprobs {
+                return Err(ApiError::validation(
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            (logprobs, top)
         }
-        (Kind::Completion, Some(_)) => {
-            return Err(ApiError::validation(
-                "`logprobs` is supported on /v1/chat/completions only",
-            ))
+        Kind::Completion => {
+            if !matches!(v.get("top_logprobs"), None | Some(Value::Null)) {
+                return Err(ApiError::validation(
+                    "`top_logprobs` is for /v1/chat/completions: a completion takes `logprobs: N`",
+                ));
+            }
+            match v.get("logprobs") {
+                None | Some(Value::Null) => (false, 0),
+                x => (true, count_at_most(x, "logprobs", 20)?),
+            }
         }
     };
-    // `top_logprobs`: 0..=20 alternatives per token, with `logprobs: true` (as OpenAI).
-    let top = count_at_most(v.get("top_logprobs"), "top_logprobs", 20)?;
-    if top > 0 && !logprobs {
-        return Err(ApiError::validation(
-            "`top_logprobs` needs `logprobs: true`",
-        ));
-    }
     let include_usage = v
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
@@ -600,8 +642,19 @@ pub(crate) async fn openai_generate(
                         json!({"index": i, "message": {"role": "assistant", "content": text},
                                      "logprobs": lp, "finish_reason": finish(usage)})
                     }
-                    Kind::Completion => json!({"index": i, "text": text, "logprobs": null,
-                                           "finish_reason": finish(usage)}),
+                    Kind::Completion => {
+                        let lp = if logprobs {
+                            let toks: Vec<_> = tokens
+                                .iter()
+                                .map(|t| (t.id, t.text.as_str(), t.logprob, t.top.as_slice()))
+                                .collect();
+                            legacy_logprobs(&toks, 0)
+                        } else {
+                            Value::Null
+                        };
+                        json!({"index": i, "text": text, "logprobs": lp,
+                               "finish_reason": finish(usage)})
+                    }
                 });
                 // OpenAI counts each prompt once and every choice's tokens.
                 if !std::mem::replace(&mut prompt_counted, true) {
@@ -656,6 +709,8 @@ pub(crate) async fn openai_generate(
             // A send fails once the client has gone (the event stream was dropped): the
             // generation stops there.
             let (mut gone, mut cut) = (false, false);
+            // Characters of the completion sent so far (legacy logprobs' `text_offset`).
+            let mut offset = 0usize;
             let result =
                 st.models[index]
                     .pipe
@@ -675,8 +730,16 @@ pub(crate) async fn openai_generate(
                         let choice = match kind {
                             Kind::Chat => json!({"index": i, "delta": {"content": delta},
                                              "logprobs": lp, "finish_reason": null}),
-                            Kind::Completion => json!({"index": i, "text": delta, "logprobs": null,
-                                                   "finish_reason": null}),
+                            Kind::Completion => {
+                                let lp = if logprobs && !t.tail {
+                                    legacy_logprobs(&[(t.id, delta, t.logprob, t.top)], offset)
+                                } else {
+                                    Value::Null
+                                };
+                                offset += delta.chars().count();
+                                json!({"index": i, "text": delta, "logprobs": lp,
+                                       "finish_reason": null})
+                            }
                         };
                         gone = tx.send(chunk(choice)).is_err();
                         cut = cut_short(&st);

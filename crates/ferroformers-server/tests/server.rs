@@ -2487,3 +2487,94 @@ fn completions_take_a_list_of_prompts() {
         assert_eq!(err["error"]["param"], "prompt", "{err}");
     }
 }
+
+/// A completion's legacy `logprobs: N`: per token its text, log-probability (TGI's `details`
+/// give the same), at most N + 1 alternatives with the sampled token's, and its offset in the
+/// text; streamed, each event carries its token's. `top_logprobs` is chat's and refused here.
+#[test]
+fn completions_give_legacy_logprobs() {
+    let base = start();
+    let url = format!("{base}/v1/completions");
+    let (status, tgi) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 5, "details": true}}),
+    );
+    assert_eq!(status, 200, "{tgi}");
+    let want: Vec<f64> = tgi["details"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    let body = json!({"prompt": "Once upon", "max_tokens": 5, "temperature": 0, "logprobs": 2});
+    let (status, got) = post_json(&url, body.clone());
+    assert_eq!(status, 200, "{got}");
+    let lp = &got["choices"][0]["logprobs"];
+    let logprobs: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(logprobs.len(), 5, "{got}");
+    assert!(
+        logprobs
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a - b).abs() < 1e-5),
+        "{logprobs:?} vs {want:?}"
+    );
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), got["choices"][0]["text"].as_str().unwrap());
+    let mut at = 0;
+    for (i, (t, top)) in tokens
+        .iter()
+        .zip(lp["top_logprobs"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(lp["text_offset"][i], at, "{lp}");
+        at += t.chars().count();
+        let top = top.as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{lp}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        // Greedy: the sampled token is the most likely one.
+        assert!((best - logprobs[i]).abs() < 1e-5, "{lp}");
+    }
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let resp = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(streamed)
+        .unwrap();
+    let per_event: Vec<f64> = sse_chunks(resp)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(per_event, logprobs);
+    for bad in [
+        json!({"logprobs": 21}),
+        json!({"logprobs": true}),
+        json!({"top_logprobs": 2}),
+    ] {
+        let mut b = json!({"prompt": "Hi", "max_tokens": 2});
+        b.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, err) = post_json(&url, b);
+        assert_eq!(status, 422, "{bad}: {err}");
+    }
+}
