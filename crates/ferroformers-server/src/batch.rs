@@ -161,7 +161,7 @@ fn guarded(f: impl FnOnce() -> ferroformers::Result<Vec<Output>>) -> Answer {
 
 /// The tokens of one input as the model sees it (special tokens included, truncated to the
 /// model's limit): a text or pair; a similarity's source and sentences; a question with its
-/// context. Audio and chats count none.
+/// context; token ids themselves. Audio and chats count none.
 fn tokens_of(tok: &Tokenizer, input: &Input) -> usize {
     let len = |t: &str, p: Option<&str>| tok.encode(t, p).map_or(0, |e| e.len());
     match input {
@@ -172,6 +172,7 @@ fn tokens_of(tok: &Tokenizer, input: &Input) -> usize {
             source_sentence,
             sentences,
         } => len(source_sentence, None) + sentences.iter().map(|s| len(s, None)).sum::<usize>(),
+        Input::Tokens(ids) => ids.len(),
         Input::Chat(_) | Input::Audio { .. } | Input::AudioBytes(_) => 0,
     }
 }

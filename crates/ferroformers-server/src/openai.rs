@@ -401,26 +401,47 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `/v1/completions`' `prompt`: a string, or a list of up to `max` strings (each its own
-/// completion, as OpenAI and vLLM take them); token ids are refused by name.
+/// `/v1/completions`' `prompt`, as OpenAI and vLLM take it: a string, a list of token ids, or
+/// a list of up to `max` strings or lists of token ids (each its own completion). Ids run as
+/// given (no special tokens added).
 fn completion_prompts(v: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
     let bad = || {
         ApiError::validation(
-            "`prompt` must be a string or a list of strings (token ids are not supported)",
+            "`prompt` must be a string, a list of token ids, or a list of strings or of lists \
+             of token ids",
         )
         .with_param("prompt")
     };
+    let ids = |list: &[Value]| -> Result<Input, ApiError> {
+        if list.is_empty() {
+            return Err(
+                ApiError::validation("`prompt` has an empty list of token ids")
+                    .with_param("prompt"),
+            );
+        }
+        list.iter()
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Input::Tokens)
+    };
     match v.get("prompt") {
         Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
+        Some(Value::Array(list)) if list.first().is_some_and(Value::is_number) => {
+            Ok(vec![ids(list)?])
+        }
         Some(Value::Array(list)) if !list.is_empty() => {
             if list.len() > max {
                 return Err(too_many(list.len(), max).with_param("prompt"));
             }
             list.iter()
-                .map(|p| {
-                    p.as_str()
-                        .map(|s| Input::Text(s.to_string()))
-                        .ok_or_else(bad)
+                .map(|p| match p {
+                    Value::String(s) => Ok(Input::Text(s.clone())),
+                    Value::Array(l) => ids(l),
+                    _ => Err(bad()),
                 })
                 .collect()
         }
@@ -518,6 +539,19 @@ pub(crate) async fn openai_generate(
         }
         Kind::Completion => completion_prompts(&v, state.max_client_batch_size)?,
     };
+    if let Some(tok) = &m.tokenizer {
+        let vocab = tok.vocab_size();
+        for input in &inputs {
+            if let Input::Tokens(ids) = input {
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ApiError::validation(format!(
+                        "`prompt` has token id {id}, outside the model's vocabulary of {vocab} tokens"
+                    ))
+                    .with_param("prompt"));
+                }
+            }
+        }
+    }
     let params = openai_params(&v)?;
     if let (Some(Value::Object(bias)), Some(tok)) = (params.get("logit_bias"), &m.tokenizer) {
         let vocab = tok.vocab_size();

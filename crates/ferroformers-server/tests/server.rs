@@ -2477,9 +2477,44 @@ fn completions_take_a_list_of_prompts() {
             .unwrap(),
         alone[0].1 + alone[1].1
     );
+    // Token ids (the text's, as the pipeline encodes it) run as the text does, alone or in a
+    // list.
+    let pipe = ferroformers::pipeline_with(
+        "text-generation",
+        PipelineOptions {
+            model: Some(decoder()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids = pipe.tokenizer().unwrap().encode("Hello", None).unwrap().ids;
+    for prompt in [json!(ids), json!([ids, "Once upon"])] {
+        let (status, got) = post_json(
+            &url,
+            json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(
+            got["choices"][0]["text"],
+            alone[0].0.as_str(),
+            "{prompt}: {got}"
+        );
+        assert_eq!(
+            got["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+            ids.len()
+                + if prompt[1].is_string() {
+                    alone[1].1 as usize
+                } else {
+                    0
+                }
+        );
+    }
     for (prompt, status) in [
         (json!(["a", "b", "c", "d", "e"]), 413),
-        (json!([1, 2, 3]), 422),
+        (json!([1, -2, 3]), 422),
+        (json!([[]]), 422),
+        (json!([99_999_999]), 422),
+        (json!([1.5]), 422),
         (json!([]), 422),
     ] {
         let (got_status, err) = post_json(&url, json!({"prompt": prompt, "max_tokens": 2}));

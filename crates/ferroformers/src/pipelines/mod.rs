@@ -66,6 +66,9 @@ pub enum Input {
     },
     /// The bytes of an audio file (automatic-speech-recognition).
     AudioBytes(Vec<u8>),
+    /// A prompt already in token ids (text-generation: a server's OpenAI `prompt` given as
+    /// ids), run as given: no prefix, no special tokens added.
+    Tokens(Vec<u32>),
 }
 
 impl From<&str> for Input {
@@ -177,6 +180,12 @@ impl Input {
                 return Err(Error::input(
                     index,
                     "audio is for automatic-speech-recognition, not this task",
+                ))
+            }
+            Input::Tokens(_) => {
+                return Err(Error::input(
+                    index,
+                    "a prompt of token ids is for text-generation, not this task",
                 ))
             }
         };

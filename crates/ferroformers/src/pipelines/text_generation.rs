@@ -241,6 +241,16 @@ impl TextGeneration {
                     .unwrap_or_else(|| messages.last().is_some_and(|m| m.role == "assistant"));
                 self.generator.encode_chat(messages, cont)?
             }
+            Input::Tokens(ids) => {
+                let vocab = self.generator.tokenizer.vocab_size();
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(Error::input(
+                        index,
+                        format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+                    ));
+                }
+                ids.clone()
+            }
             _ => {
                 return Err(Error::input(
                     index,
