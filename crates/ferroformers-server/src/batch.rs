@@ -107,7 +107,9 @@ impl Batcher {
         let (reply, answer) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let gone = ferroformers::generation::Cancel::new();
-        let _when_dropped = CancelOnDrop(gone.clone());
+        // Cancels when dropped: with the request's future (its client gone, its timeout
+        // passed) or once it has its answer.
+        let _when_dropped = super::generate::ClientAlive(gone.clone());
         let job = Job {
             inputs,
             params,
@@ -120,16 +122,6 @@ impl Batcher {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
-    }
-}
-
-/// Cancels when dropped: with the request's future (its client gone, its timeout passed) or
-/// once it has its answer.
-struct CancelOnDrop(ferroformers::generation::Cancel);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
     }
 }
 

@@ -6,7 +6,8 @@ use super::*;
 /// Cancels a request's generation when dropped with the request's handler or its event stream
 /// (hyper drops them when the client goes, and a request timeout drops the handler): the
 /// generation stops at its next token, a queued prompt never runs, and a long prompt stops
-/// between its chunks.
+/// between its chunks; a batched pipeline call stops once every request in it is cancelled
+/// (`batch.rs`).
 pub(crate) struct ClientAlive(pub Cancel);
 
 impl Drop for ClientAlive {

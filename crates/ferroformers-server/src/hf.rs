@@ -77,25 +77,30 @@ pub(crate) async fn inference(
 /// `{label, score}` per input, best first, in place of the pipeline's `{sequence, labels,
 /// scores}`.
 fn api_json(task: &str, out: &[Output], many: bool) -> Result<Response, ApiError> {
+    let classification = task == "text-classification";
+    if !classification && task != "zero-shot-classification" {
+        return outputs_json(out, many);
+    }
     let each = |o: &Output| -> Result<Value, ApiError> {
         let v = serde_json::to_value(o).map_err(ApiError::backend)?;
-        Ok(match task {
-            "text-classification" if v.is_object() => json!([v]),
-            "zero-shot-classification" => match (v.get("labels"), v.get("scores")) {
-                (Some(Value::Array(labels)), Some(Value::Array(scores))) => labels
-                    .iter()
-                    .zip(scores)
-                    .map(|(label, score)| json!({"label": label, "score": score}))
-                    .collect(),
-                _ => v,
-            },
+        if classification {
+            return Ok(if v.is_object() { json!([v]) } else { v });
+        }
+        Ok(match (v.get("labels"), v.get("scores")) {
+            (Some(Value::Array(labels)), Some(Value::Array(scores))) => labels
+                .iter()
+                .zip(scores)
+                .map(|(label, score)| json!({"label": label, "score": score}))
+                .collect(),
             _ => v,
         })
     };
-    let body = match (task, many) {
-        (_, true) => Value::Array(out.iter().map(each).collect::<Result<_, _>>()?),
-        ("text-classification", false) => json!([each(&out[0])?]),
-        (_, false) => each(&out[0])?,
+    let body = if many {
+        Value::Array(out.iter().map(each).collect::<Result<_, _>>()?)
+    } else if classification {
+        json!([each(&out[0])?])
+    } else {
+        each(&out[0])?
     };
     Ok(axum::Json(body).into_response())
 }

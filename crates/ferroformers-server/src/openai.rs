@@ -539,6 +539,8 @@ pub(crate) async fn openai_generate(
         }
         Kind::Completion => completion_prompts(&v, state.max_client_batch_size)?,
     };
+    let params = openai_params(&v)?;
+    // Token ids the request names (prompts, `logit_bias`) must be in the vocabulary.
     if let Some(tok) = &m.tokenizer {
         let vocab = tok.vocab_size();
         for input in &inputs {
@@ -551,18 +553,16 @@ pub(crate) async fn openai_generate(
                 }
             }
         }
-    }
-    let params = openai_params(&v)?;
-    if let (Some(Value::Object(bias)), Some(tok)) = (params.get("logit_bias"), &m.tokenizer) {
-        let vocab = tok.vocab_size();
-        if let Some(k) = bias
-            .keys()
-            .find(|k| k.trim().parse::<usize>().is_ok_and(|id| id >= vocab))
-        {
-            return Err(ApiError::validation(format!(
+        if let Some(Value::Object(bias)) = params.get("logit_bias") {
+            if let Some(k) = bias
+                .keys()
+                .find(|k| k.trim().parse::<usize>().is_ok_and(|id| id >= vocab))
+            {
+                return Err(ApiError::validation(format!(
                 "`logit_bias` names token {k}, outside the model's vocabulary of {vocab} tokens"
             ))
-            .with_param("logit_bias"));
+                .with_param("logit_bias"));
+            }
         }
     }
     let n = choices_of(&v)?;
@@ -662,19 +662,19 @@ pub(crate) async fn openai_generate(
                 let i = p * n + i;
                 let (out, usage, tokens) = &done[c];
                 let text = generated_text(out);
-                let lp = if logprobs {
-                    let content: Vec<Value> = tokens
-                        .iter()
-                        .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
-                        .collect();
-                    json!({"content": content})
-                } else {
-                    Value::Null
-                };
                 choices.push(match kind {
                     Kind::Chat => {
+                        let lp = if logprobs {
+                            let content: Vec<Value> = tokens
+                                .iter()
+                                .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
+                                .collect();
+                            json!({"content": content})
+                        } else {
+                            Value::Null
+                        };
                         json!({"index": i, "message": {"role": "assistant", "content": text},
-                                     "logprobs": lp, "finish_reason": finish(usage)})
+                               "logprobs": lp, "finish_reason": finish(usage)})
                     }
                     Kind::Completion => {
                         let lp = if logprobs {
@@ -756,16 +756,19 @@ pub(crate) async fn openai_generate(
                             return true;
                         }
                         let delta = t.text;
-                        let lp = if logprobs && !t.tail {
-                            json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
-                        } else {
-                            Value::Null
-                        };
+                        let with_lp = logprobs && !t.tail;
                         let choice = match kind {
-                            Kind::Chat => json!({"index": i, "delta": {"content": delta},
-                                             "logprobs": lp, "finish_reason": null}),
+                            Kind::Chat => {
+                                let lp = if with_lp {
+                                    json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
+                                } else {
+                                    Value::Null
+                                };
+                                json!({"index": i, "delta": {"content": delta},
+                                       "logprobs": lp, "finish_reason": null})
+                            }
                             Kind::Completion => {
-                                let lp = if logprobs && !t.tail {
+                                let lp = if with_lp {
                                     legacy_logprobs(&[(t.id, delta, t.logprob, t.top)], offset)
                                 } else {
                                     Value::Null

@@ -97,15 +97,19 @@ fn post_json(url: &str, body: Value) -> (u16, Value) {
     post(url, &body.to_string(), Some("application/json"), Some(KEY))
 }
 
-fn pipeline_json(task: &str, model: &str, inputs: &[Input], params: Params) -> Value {
-    let pipe = ferroformers::pipeline_with(
+fn library_pipeline(task: &str, model: &str) -> ferroformers::Pipeline {
+    ferroformers::pipeline_with(
         task,
         PipelineOptions {
             model: Some(model.to_string()),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn pipeline_json(task: &str, model: &str, inputs: &[Input], params: Params) -> Value {
+    let pipe = library_pipeline(task, model);
     serde_json::to_value(pipe.run(inputs, &params).unwrap()).unwrap()
 }
 
@@ -2479,14 +2483,7 @@ fn completions_take_a_list_of_prompts() {
     );
     // Token ids (the text's, as the pipeline encodes it) run as the text does, alone or in a
     // list.
-    let pipe = ferroformers::pipeline_with(
-        "text-generation",
-        PipelineOptions {
-            model: Some(decoder()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let pipe = library_pipeline("text-generation", &decoder());
     let ids = pipe.tokenizer().unwrap().encode("Hello", None).unwrap().ids;
     for prompt in [json!(ids), json!([ids, "Once upon"])] {
         let (status, got) = post_json(
