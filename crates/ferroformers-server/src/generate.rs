@@ -94,6 +94,29 @@ pub(crate) async fn generate_with_tokens(
     .map_err(ApiError::backend)?
 }
 
+/// A prompt's tokens as a generation of it starts from, scored with `logprobs` alternatives
+/// per token when set (OpenAI's `echo`, TGI's `decoder_input_details`), on a blocking thread
+/// that stops between chunks of the prompt once the request is dropped (the client gone).
+pub(crate) async fn prompt_tokens(
+    state: &Arc<AppState>,
+    index: usize,
+    input: &Input,
+    params: &Params,
+    logprobs: Option<usize>,
+) -> Result<Vec<ferroformers::pipelines::text_generation::PromptToken>, ApiError> {
+    let cancel = Cancel::new();
+    let _watch = ClientAlive(cancel.clone());
+    let (st, input, params) = (state.clone(), input.clone(), params.clone());
+    tokio::task::spawn_blocking(move || {
+        st.models[index]
+            .pipe
+            .prompt_tokens(&input, &params, logprobs, Some(&cancel))
+    })
+    .await
+    .map_err(ApiError::backend)?
+    .map_err(ApiError::from)
+}
+
 /// One generation's answer ([`generate_with_tokens`]): its output, token counts and tokens.
 pub(crate) type Generated = (
     Output,

@@ -3,49 +3,102 @@
 
 use super::*;
 
-/// OpenAI's `logprobs.content` entry for one token, with its `top_logprobs` alternatives.
+/// OpenAI's `logprobs.content` entry for token `id`, with its `top_logprobs` alternatives;
+/// where the token is among them it has its own `text` there too.
 pub(crate) fn logprob_entry(
+    id: u32,
     text: &str,
     logprob: f32,
     top: &[ferroformers::pipelines::text_generation::TopToken],
 ) -> Value {
     let top: Vec<Value> = top
         .iter()
-        .map(|t| json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes()}))
+        .map(|t| {
+            let alt = if t.id == id { text } else { &t.text };
+            json!({"token": alt, "logprob": t.logprob, "bytes": alt.as_bytes()})
+        })
         .collect();
     json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": top})
 }
 
-/// A sampled token for [`legacy_logprobs`]: id, text, log-probability, alternatives.
-type Sampled<'a> = (
-    u32,
-    &'a str,
-    f32,
-    &'a [ferroformers::pipelines::text_generation::TopToken],
-);
+/// One token of a completion's legacy log-probabilities: its text, its log-probability and
+/// its alternatives (`{text: logprob}`); both `None` for an echoed prompt's first token, which
+/// follows nothing (vLLM's nulls).
+type LegacyToken = (String, Option<f32>, Option<Value>);
+
+/// A scored token as a [`LegacyToken`]: its most likely alternatives with the token itself
+/// among them (as OpenAI: up to N + 1 entries), the token keyed by its own `text`.
+fn legacy_token(
+    id: u32,
+    text: &str,
+    logprob: f32,
+    top: &[ferroformers::pipelines::text_generation::TopToken],
+) -> LegacyToken {
+    let mut alts = serde_json::Map::new();
+    for t in top {
+        let key = if t.id == id { text } else { &t.text };
+        alts.entry(key.to_string()).or_insert(json!(t.logprob));
+    }
+    if !top.iter().any(|t| t.id == id) {
+        alts.entry(text.to_string()).or_insert(json!(logprob));
+    }
+    (text.to_string(), Some(logprob), Some(Value::Object(alts)))
+}
+
+/// An echoed prompt's tokens as [`LegacyToken`]s: each with the text it adds to the prompt.
+fn prompt_legacy(
+    tokens: &[ferroformers::pipelines::text_generation::PromptToken],
+) -> Vec<LegacyToken> {
+    tokens
+        .iter()
+        .map(|t| match t.logprob {
+            Some(lp) => legacy_token(t.id, &t.piece, lp, &t.top),
+            None => (t.piece.clone(), None, None),
+        })
+        .collect()
+}
 
 /// A completion's log-probabilities in OpenAI's legacy shape: per token its text, its
-/// log-probability, its most likely alternatives with the sampled token among them (`{text:
-/// logprob}`, as OpenAI: up to N + 1 entries), and where its text starts in the completion, in
+/// log-probability, its alternatives, and where its text starts in the completion, in
 /// characters from `offset`.
-fn legacy_logprobs(tokens: &[Sampled], offset: usize) -> Value {
+fn legacy_logprobs(tokens: &[LegacyToken], offset: usize) -> Value {
     let mut at = offset;
     let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    for (id, text, lp, top) in tokens {
-        let mut alts = serde_json::Map::new();
-        for t in top.iter() {
-            alts.entry(t.text.clone()).or_insert(json!(t.logprob));
-        }
-        if !top.iter().any(|t| t.id == *id) {
-            alts.entry(text.to_string()).or_insert(json!(lp));
-        }
+    for (text, lp, top) in tokens {
         texts.push(json!(text));
         lps.push(json!(lp));
-        tops.push(Value::Object(alts));
+        tops.push(top.clone().unwrap_or(Value::Null));
         offsets.push(json!(at));
         at += text.chars().count();
     }
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// An echoed prompt (`echo`): its text (a text prompt as given; token ids decoded) and its
+/// tokens, scored when log-probabilities were asked for.
+struct Echo {
+    text: String,
+    tokens: Vec<ferroformers::pipelines::text_generation::PromptToken>,
+}
+
+/// The prompts to echo, scored with `top` alternatives per token when `logprobs` is set.
+async fn echo_prompts(
+    state: &Arc<AppState>,
+    index: usize,
+    inputs: &[Input],
+    params: &Params,
+    logprobs: Option<usize>,
+) -> Result<Vec<Echo>, ApiError> {
+    let mut echoes = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let tokens = prompt_tokens(state, index, input, params, logprobs).await?;
+        let text = match input {
+            Input::Text(s) => s.clone(),
+            _ => tokens.iter().map(|t| t.piece.as_str()).collect(),
+        };
+        echoes.push(Echo { text, tokens });
+    }
+    Ok(echoes)
 }
 
 /// The body's `model`: absent or null (the default), else a string.
@@ -184,7 +237,7 @@ pub(crate) async fn openai_models(State(state): State<Arc<AppState>>) -> Respons
 /// greedy), `top_p`, `seed`, `stop` (a string or a list) -> `stop_strings`,
 /// `frequency_penalty`, `presence_penalty` and `logit_bias` as vLLM applies them, and vLLM's
 /// extra fields `top_k` (-1 or 0: all), `min_p`, `repetition_penalty` and `min_tokens`.
-/// Fields whose meaning this server does not implement (`echo`, `suffix`, `tools`, a
+/// Fields whose meaning this server does not implement (`suffix`, `tools`, a
 /// `response_format` other than text) are refused, never ignored.
 pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     let mut p = Params::new();
@@ -198,13 +251,18 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
         }
     };
     // Absent: the pipeline's default (256), cut to what the context window has left.
+    // 0 with `echo` (vLLM): the prompt alone, nothing generated.
+    let echo = v.get("echo") == Some(&Value::Bool(true));
     if let Some(max) = num("max_completion_tokens")?.or(num("max_tokens")?) {
-        if max < 1.0 || max.fract() != 0.0 {
+        if max.fract() != 0.0 || max < 0.0 || (max == 0.0 && !echo) {
             return Err(ApiError::validation(
-                "`max_tokens` must be a whole number >= 1",
-            ));
+                "`max_tokens` must be a whole number >= 1 (0 only with `echo`)",
+            )
+            .with_param("max_tokens"));
         }
-        p.insert("max_new_tokens".into(), json!(max as u64));
+        if max > 0.0 {
+            p.insert("max_new_tokens".into(), json!(max as u64));
+        }
     }
     let temperature = num("temperature")?.unwrap_or(1.0);
     if temperature < 0.0 {
@@ -360,14 +418,6 @@ fn choice_params(params: &Params, i: usize, n: usize, base: u64) -> Params {
 /// call.
 fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     let set = |k: &str| !matches!(v.get(k), None | Some(Value::Null));
-    if !matches!(
-        v.get("echo"),
-        None | Some(Value::Null) | Some(Value::Bool(false))
-    ) {
-        return Err(
-            ApiError::validation("`echo` is not supported by this server").with_param("echo"),
-        );
-    }
     if set("suffix") {
         return Err(
             ApiError::validation("`suffix` is not supported by this server").with_param("suffix"),
@@ -540,6 +590,31 @@ pub(crate) async fn openai_generate(
         Kind::Completion => completion_prompts(&v, state.max_client_batch_size)?,
     };
     let params = openai_params(&v)?;
+    // `echo` (completions, as vLLM): the prompt comes back before the completion, with its
+    // tokens' log-probabilities when `logprobs` is set; with `max_tokens: 0`, the prompt alone
+    // (lm-evaluation-harness' log-likelihoods).
+    let echo = match v.get("echo") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if kind == Kind::Completion => true,
+        Some(Value::Bool(true)) => {
+            return Err(ApiError::validation(
+                "`echo` is for /v1/completions: a chat's answer is a new message",
+            )
+            .with_param("echo"))
+        }
+        Some(x) => {
+            return Err(
+                ApiError::validation(format!("`echo` must be true or false, got {x}"))
+                    .with_param("echo"),
+            )
+        }
+    };
+    let echo_only = echo
+        && ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| v.get(*k).filter(|x| !x.is_null()))
+            .and_then(Value::as_f64)
+            == Some(0.0);
     // Token ids the request names (prompts, `logit_bias`) must be in the vocabulary.
     if let Some(tok) = &m.tokenizer {
         let vocab = tok.vocab_size();
@@ -635,6 +710,11 @@ pub(crate) async fn openai_generate(
     };
     // The base seed of sampled choices when the request gives none.
     let base = random_seed();
+    let echoes = if echo {
+        echo_prompts(&state, index, &inputs, &params, logprobs.then_some(top)).await?
+    } else {
+        Vec::new()
+    };
     if !stream {
         // The candidates join the continuous batch together; the `n` returned are numbered
         // from 0 in their rank's order, and only their tokens are counted (as vLLM).
@@ -644,7 +724,7 @@ pub(crate) async fn openai_generate(
         // Several prompts (completions): each prompt's candidates, all in the batch at once;
         // the choices prompt by prompt, `index` counting on over them (as vLLM).
         let mut set = tokio::task::JoinSet::new();
-        for (p, input) in inputs.iter().enumerate() {
+        for (p, input) in inputs.iter().enumerate().filter(|_| !echo_only) {
             let (st, input, ps) = (state.clone(), input.clone(), ps.clone());
             set.spawn(async move { (p, generate_many(&st, index, &input, ps, top).await) });
         }
@@ -656,6 +736,20 @@ pub(crate) async fn openai_generate(
         per_prompt.sort_by_key(|d| d.0);
         let mut choices = Vec::with_capacity(n * inputs.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        if echo_only {
+            for (p, e) in echoes.iter().enumerate() {
+                let lp = if logprobs {
+                    legacy_logprobs(&prompt_legacy(&e.tokens), 0)
+                } else {
+                    Value::Null
+                };
+                for c in 0..n {
+                    choices.push(json!({"index": p * n + c, "text": e.text, "logprobs": lp,
+                                        "finish_reason": "length"}));
+                }
+                prompt_tokens += e.tokens.len();
+            }
+        }
         for (p, done) in &per_prompt {
             let mut prompt_counted = false;
             for (i, c) in ranked(done, n).into_iter().enumerate() {
@@ -667,7 +761,7 @@ pub(crate) async fn openai_generate(
                         let lp = if logprobs {
                             let content: Vec<Value> = tokens
                                 .iter()
-                                .map(|t| logprob_entry(&t.text, t.logprob, &t.top))
+                                .map(|t| logprob_entry(t.id, &t.text, t.logprob, &t.top))
                                 .collect();
                             json!({"content": content})
                         } else {
@@ -677,14 +771,21 @@ pub(crate) async fn openai_generate(
                                "logprobs": lp, "finish_reason": finish(usage)})
                     }
                     Kind::Completion => {
+                        let echoed = echoes.get(*p);
                         let lp = if logprobs {
-                            let toks: Vec<_> = tokens
-                                .iter()
-                                .map(|t| (t.id, t.text.as_str(), t.logprob, t.top.as_slice()))
-                                .collect();
+                            let mut toks = echoed.map_or(vec![], |e| prompt_legacy(&e.tokens));
+                            toks.extend(
+                                tokens
+                                    .iter()
+                                    .map(|t| legacy_token(t.id, &t.text, t.logprob, &t.top)),
+                            );
                             legacy_logprobs(&toks, 0)
                         } else {
                             Value::Null
+                        };
+                        let text = match echoed {
+                            Some(e) => format!("{}{text}", e.text),
+                            None => text,
                         };
                         json!({"index": i, "text": text, "logprobs": lp,
                                "finish_reason": finish(usage)})
@@ -713,9 +814,24 @@ pub(crate) async fn openai_generate(
     // carrying its `index`; the parameters were checked above, so errors from here on are
     // generation errors, sent as an event. The last choice to end sends the usage (asked for)
     // and `[DONE]`.
-    for input in &inputs {
+    for input in inputs.iter().filter(|_| !echo_only) {
         check_stream(&state, index, input, &choice_params(&params, 0, n, base)).await?;
     }
+    // Each choice's first event with `echo`: the prompt's text, its log-probabilities, and
+    // the characters they cover (where the completion's offsets start).
+    let echo_events: Vec<(String, Value, usize)> = echoes
+        .iter()
+        .map(|e| {
+            let toks = prompt_legacy(&e.tokens);
+            let chars = toks.iter().map(|t| t.0.chars().count()).sum();
+            let lp = if logprobs {
+                legacy_logprobs(&toks, 0)
+            } else {
+                Value::Null
+            };
+            (e.text.clone(), lp, chars)
+        })
+        .collect();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Choices still running, and the usage summed so far (prompt, completion).
     let left = Arc::new(std::sync::Mutex::new((n * inputs.len(), 0usize, 0usize)));
@@ -724,6 +840,8 @@ pub(crate) async fn openai_generate(
         let (st, tx, left, stop) = (state.clone(), tx.clone(), left.clone(), cancel.clone());
         let (id, name, input) = (id.clone(), name.clone(), inputs[p].clone());
         let params = choice_params(&params, c, n, base);
+        let echoed = echo_events.get(p).cloned();
+        let prompt_len = echoes.get(p).map_or(0, |e| e.tokens.len());
         // Its `index`: the choices of several prompts count on, prompt by prompt.
         let i = p * n + c;
         let mut clock = TokenClock::new();
@@ -745,7 +863,22 @@ pub(crate) async fn openai_generate(
             let (mut gone, mut cut) = (false, false);
             // Characters of the completion sent so far (legacy logprobs' `text_offset`).
             let mut offset = 0usize;
-            let result =
+            if let Some((text, lp, chars)) = echoed {
+                let _ = tx.send(chunk(json!({"index": i, "text": text, "logprobs": lp,
+                                             "finish_reason": null})));
+                offset = chars;
+            }
+            let result = if echo_only {
+                Ok((
+                    Output::Generated(Vec::new()),
+                    ferroformers::pipelines::text_generation::Usage {
+                        prompt_tokens: prompt_len,
+                        completion_tokens: 0,
+                        hit_limit: true,
+                        stop_string: false,
+                    },
+                ))
+            } else {
                 st.models[index]
                     .pipe
                     .run_streaming_until(&input, &params, top, &stop, &mut |t| {
@@ -760,7 +893,7 @@ pub(crate) async fn openai_generate(
                         let choice = match kind {
                             Kind::Chat => {
                                 let lp = if with_lp {
-                                    json!({"content": [logprob_entry(delta, t.logprob, t.top)]})
+                                    json!({"content": [logprob_entry(t.id, delta, t.logprob, t.top)]})
                                 } else {
                                     Value::Null
                                 };
@@ -769,7 +902,7 @@ pub(crate) async fn openai_generate(
                             }
                             Kind::Completion => {
                                 let lp = if with_lp {
-                                    legacy_logprobs(&[(t.id, delta, t.logprob, t.top)], offset)
+                                    legacy_logprobs(&[legacy_token(t.id, delta, t.logprob, t.top)], offset)
                                 } else {
                                     Value::Null
                                 };
@@ -781,7 +914,8 @@ pub(crate) async fn openai_generate(
                         gone = tx.send(chunk(choice)).is_err();
                         cut = cut_short(&st);
                         !gone && !cut
-                    });
+                    })
+            };
             if stream_ended(&st, &clock, gone || stop.is_cancelled()) {
                 return;
             }

@@ -23,6 +23,9 @@ pub(crate) struct TgiOpts {
     pub best_of: usize,
     /// The seed of a sampled generation (given, or drawn here), which `details` report.
     pub seed: Option<u64>,
+    /// `decoder_input_details`: the prompt's tokens with their log-probabilities in
+    /// `details.prefill`.
+    pub prefill: bool,
 }
 
 /// A token as TGI writes it.
@@ -55,8 +58,22 @@ pub(crate) fn tgi_request_with(
         _ => return Err(ApiError::validation("`inputs` must be a string")),
     };
     let mut params = params_of(v)?;
+    // As TGI: the prompt's log-probabilities come with a whole answer only.
+    let prefill = match params.remove("decoder_input_details") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if !stream => true,
+        Some(Value::Bool(true)) => {
+            return Err(ApiError::validation(
+                "`decoder_input_details` is not supported when streaming tokens",
+            ))
+        }
+        Some(x) => {
+            return Err(ApiError::validation(format!(
+                "`decoder_input_details` must be true or false, got {x}"
+            )))
+        }
+    };
     for (flag, neutral) in [
-        ("decoder_input_details", json!(false)),
         ("watermark", json!(false)),
         ("truncate", Value::Null),
         ("adapter_id", Value::Null),
@@ -183,6 +200,7 @@ pub(crate) fn tgi_request_with(
             top_n,
             best_of,
             seed,
+            prefill,
         },
     ))
 }
@@ -369,6 +387,21 @@ pub(crate) async fn tgi_whole(
     params: Params,
     opts: TgiOpts,
 ) -> Result<Value, ApiError> {
+    // `details.prefill`: each prompt token decoded alone, with its log-probability after the
+    // ones before it (null for the first), as TGI; empty unless asked for.
+    let prefill = if opts.details && opts.prefill {
+        let tokens = prompt_tokens(state, index, &input, &params, Some(0)).await?;
+        tokens
+            .iter()
+            .map(|t| json!({"id": t.id, "text": t.text, "logprob": t.logprob}))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let with_prefill = |mut d: Value| {
+        d["prefill"] = Value::Array(prefill.clone());
+        d
+    };
     if opts.best_of > 1 {
         // TGI's best_of: that many sampled candidates, each with a seed of its own, at once;
         // the most likely per token is the answer, the others its `best_of_sequences`.
@@ -385,11 +418,16 @@ pub(crate) async fn tgi_whole(
         let best = tgi_best(&done);
         let mut body = json!({"generated_text": generated_text(&done[best].0)});
         if opts.details {
-            let mut d = tgi_token_details(&done[best], Some(seeds[best]), opts.top_n);
+            let mut d = with_prefill(tgi_token_details(
+                &done[best],
+                Some(seeds[best]),
+                opts.top_n,
+            ));
             d["best_of_sequences"] = (0..done.len())
                 .filter(|&i| i != best)
                 .map(|i| {
-                    let mut s = tgi_token_details(&done[i], Some(seeds[i]), opts.top_n);
+                    let mut s =
+                        with_prefill(tgi_token_details(&done[i], Some(seeds[i]), opts.top_n));
                     s["generated_text"] = json!(generated_text(&done[i].0));
                     s
                 })
@@ -401,7 +439,7 @@ pub(crate) async fn tgi_whole(
     let g = generate_with_tokens(state, index, input, params, opts.top_n).await?;
     let mut body = json!({"generated_text": generated_text(&g.0)});
     if opts.details {
-        body["details"] = tgi_token_details(&g, opts.seed, opts.top_n);
+        body["details"] = with_prefill(tgi_token_details(&g, opts.seed, opts.top_n));
     }
     Ok(body)
 }

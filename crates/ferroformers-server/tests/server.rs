@@ -378,7 +378,7 @@ fn openai_penalties_bias_and_unsupported_fields() {
         (json!({"n": 3, "best_of": 2}), "best_of"),
         (json!({"best_of": 17}), "best_of"),
         (json!({"best_of": 1.5}), "best_of"),
-        (json!({"echo": true}), "echo"),
+        (json!({"echo": 1}), "echo"),
         (json!({"suffix": "end"}), "suffix"),
         (
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
@@ -747,10 +747,22 @@ fn generation_routes_match_the_pipeline() {
         .flatten()
         .collect();
     // (A token's text can differ: text held back until the end comes as its own chunk when
-    // streamed, appended to the last token when whole.)
-    let alternatives = |v: &[Value]| -> Vec<(Value, Value)> {
+    // streamed, appended to the last token when whole; so can the same token's text among its
+    // alternatives, which is its own.)
+    let alternatives = |v: &[Value]| -> Vec<(Value, Vec<(Value, Value)>)> {
         v.iter()
-            .map(|e| (e["logprob"].clone(), e["top_logprobs"].clone()))
+            .map(|e| {
+                let top = e["top_logprobs"].as_array().unwrap();
+                let top = top
+                    .iter()
+                    .map(|t| {
+                        let own = t["token"] == e["token"];
+                        let text = if own { Value::Null } else { t["token"].clone() };
+                        (text, t["logprob"].clone())
+                    })
+                    .collect();
+                (e["logprob"].clone(), top)
+            })
             .collect()
     };
     assert_eq!(alternatives(&streamed_entries), alternatives(&with_top));
@@ -2607,6 +2619,158 @@ fn completions_give_legacy_logprobs() {
             .unwrap()
             .extend(bad.as_object().unwrap().clone());
         let (status, err) = post_json(&url, b);
+        assert_eq!(status, 422, "{bad}: {err}");
+    }
+}
+
+/// `echo` on /v1/completions (lm-evaluation-harness' log-likelihood requests): the prompt
+/// comes back before the completion with its tokens' log-probabilities, first token null.
+/// Scoring a prompt in one pass gives what generating it one token at a time gave (TGI's
+/// `details`), and TGI's `decoder_input_details` gives the same prompt scores.
+#[test]
+fn completions_echo_the_prompt_with_its_logprobs() {
+    let base = start();
+    let url = format!("{base}/v1/completions");
+    let (status, tgi) = post_json(
+        &format!("{base}/generate"),
+        // The fixture's repetition penalty (1.3) would change the generated scores.
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 5, "details": true,
+                                                     "decoder_input_details": true,
+                                                     "repetition_penalty": 1.0}}),
+    );
+    assert_eq!(status, 200, "{tgi}");
+    let ids_of = |list: &Value| -> Vec<u64> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect()
+    };
+    let prefill = &tgi["details"]["prefill"];
+    let prompt_ids = ids_of(prefill);
+    assert!(prompt_ids.len() >= 2, "{tgi}");
+    assert!(prefill[0]["logprob"].is_null(), "{prefill}");
+    let generated = &tgi["details"]["tokens"];
+    let mut all = prompt_ids.clone();
+    all.extend(ids_of(generated));
+    // Every token after the first: its prompt score, then its generation score.
+    let want: Vec<f64> = prefill.as_array().unwrap()[1..]
+        .iter()
+        .chain(generated.as_array().unwrap())
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+
+    let body = json!({"prompt": all, "max_tokens": 0, "echo": true, "logprobs": 1,
+                      "temperature": 0});
+    let (status, got) = post_json(&url, body.clone());
+    assert_eq!(status, 200, "{got}");
+    let choice = &got["choices"][0];
+    assert_eq!(choice["finish_reason"], "length", "{got}");
+    assert_eq!(got["usage"]["prompt_tokens"], all.len(), "{got}");
+    assert_eq!(got["usage"]["completion_tokens"], 0, "{got}");
+    let lp = &choice["logprobs"];
+    assert!(
+        lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(),
+        "{lp}"
+    );
+    let scores: Vec<f64> = lp["token_logprobs"].as_array().unwrap()[1..]
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), want.len(), "{lp}");
+    for (i, (a, b)) in scores.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-4, "token {}: {a} vs {b}", i + 1);
+    }
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let text = choice["text"].as_str().unwrap();
+    assert_eq!(tokens.concat(), text);
+    // Token ids are decoded as given, the BOS token the tokenizer added among them.
+    assert_eq!(
+        text,
+        format!("<s>Once upon{}", tgi["generated_text"].as_str().unwrap())
+    );
+    let mut at = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][i], at, "{lp}");
+        at += t.chars().count();
+        if i > 0 {
+            // The token among its alternatives, under its own text (lm-eval's greedy check
+            // compares it with the best of them).
+            let top = lp["top_logprobs"][i].as_object().unwrap();
+            assert!((1..=2).contains(&top.len()), "{lp}");
+            assert_eq!(top[*t].as_f64().unwrap(), scores[i - 1], "{lp}");
+        }
+    }
+
+    // With a completion: the prompt, then what the same request without `echo` gives.
+    let plain = json!({"prompt": "Once upon", "max_tokens": 3, "temperature": 0, "logprobs": 0});
+    let (_, without) = post_json(&url, plain.clone());
+    let mut echoed = plain;
+    echoed["echo"] = json!(true);
+    let (status, with) = post_json(&url, echoed.clone());
+    assert_eq!(status, 200, "{with}");
+    let completion = without["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        with["choices"][0]["text"],
+        format!("Once upon{completion}"),
+        "{with}"
+    );
+    let n_tokens = with["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(n_tokens, prompt_ids.len() + 3, "{with}");
+    assert_eq!(with["usage"]["completion_tokens"], 3, "{with}");
+    // Streamed: the prompt first, then the completion's pieces.
+    echoed["stream"] = json!(true);
+    let resp = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(echoed)
+        .unwrap();
+    let chunks = sse_chunks(resp);
+    assert_eq!(chunks[0]["choices"][0]["text"], "Once upon", "{chunks:?}");
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, format!("Once upon{completion}"));
+    let streamed_lps: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        streamed_lps,
+        with["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+
+    // Refused: echo on a chat, a non-boolean echo, max_tokens 0 without echo, and the
+    // prompt's details on a TGI stream.
+    for (route, bad) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "echo": true}),
+        ),
+        ("/v1/completions", json!({"prompt": "Hi", "echo": "yes"})),
+        ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 0})),
+        (
+            "/generate_stream",
+            json!({"inputs": "Hi", "parameters": {"decoder_input_details": true}}),
+        ),
+    ] {
+        let (status, err) = post_json(&format!("{base}{route}"), bad.clone());
         assert_eq!(status, 422, "{bad}: {err}");
     }
 }

@@ -81,6 +81,59 @@ fn prompt_logits_match() {
     }
 }
 
+/// Prompt scoring (OpenAI's `echo` with `logprobs`): each token's log-probability after the
+/// ones before it, and the most likely tokens at its position, equal `log_softmax` of
+/// transformers' logits, in one pass or in chunks over the KV cache.
+#[test]
+fn prompt_logprobs_match() {
+    for name in MODELS {
+        let g = load(name);
+        let exp = &expected(name)["logits"];
+        let input = ids(&exp["input_ids"]);
+        let want: Vec<Vec<f64>> = exp["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let row: Vec<f64> = serde_json::from_value(row.clone()).unwrap();
+                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                row.iter().map(|x| x - lse).collect()
+            })
+            .collect();
+        assert!(input.len() > 3, "{name}: prompt too short to chunk");
+        for chunk in [1, 3, 64] {
+            let got = g.prompt_logprobs_chunked(&input, 4, None, chunk).unwrap();
+            assert_eq!(got.len(), input.len());
+            assert!(got[0].is_none(), "{name}: the first token follows nothing");
+            for (i, score) in got.iter().enumerate().skip(1) {
+                let (lp, top) = score.as_ref().unwrap();
+                let w = &want[i - 1];
+                let d = (*lp as f64 - w[input[i] as usize]).abs();
+                assert!(
+                    d < TOL as f64,
+                    "{name} chunk {chunk}: token {i} differs by {d}"
+                );
+                let mut order: Vec<usize> = (0..w.len()).collect();
+                order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+                assert_eq!(top.len(), 4);
+                for (k, (id, p)) in top.iter().enumerate() {
+                    // The same best tokens (up to near-ties), with their log-probabilities.
+                    let d = (*p as f64 - w[order[k]]).abs();
+                    assert!(d < TOL as f64, "{name}: top {k} differs by {d}");
+                    assert!((w[*id as usize] - w[order[k]]).abs() < TOL as f64);
+                }
+            }
+        }
+        // The default chunking, and an empty prompt refused.
+        assert_eq!(
+            g.prompt_logprobs(&input, 0, None).unwrap().len(),
+            input.len()
+        );
+        assert!(g.prompt_logprobs(&[], 0, None).is_err());
+    }
+}
+
 #[test]
 fn kv_cached_steps_match() {
     for name in MODELS {

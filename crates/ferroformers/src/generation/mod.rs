@@ -98,6 +98,14 @@ fn read_chat_template(dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// A prompt token's score ([`TextGenerator::prompt_logprobs`]): its log-probability after the
+/// tokens before it, and the most likely tokens at its position with theirs, best first.
+pub type TokenScore = (f32, Vec<(u32, f32)>);
+
+/// Positions per pass of [`TextGenerator::prompt_logprobs`]: a chunk's logits are
+/// `SCORE_CHUNK x vocab` floats (39 MB for Qwen2.5's 152k tokens).
+pub const SCORE_CHUNK: usize = 64;
+
 /// `--gguf-math` given for a model that is not GGUF: it sets nothing there.
 pub(crate) fn warn_gguf_math_unused(gguf_math: Option<QuantMath>) {
     if gguf_math.is_some() {
@@ -366,6 +374,70 @@ impl TextGenerator {
         let cancel = hooks.cancel.clone();
         let mut session = batcher.session(self.model.as_ref(), prompt.to_vec(), reserve, cancel);
         generate(&mut session, &[prompt.to_vec()], cfg, hooks)
+    }
+
+    /// How each token of `ids` scores after the tokens before it: its log-probability and the
+    /// `top` most likely tokens at its position (best first), `None` for the first token, which
+    /// follows nothing. OpenAI's `echo` with `logprobs` and TGI's `decoder_input_details` read
+    /// this (lm-evaluation-harness' log-likelihoods). The prompt runs in chunks of
+    /// [`SCORE_CHUNK`] positions over its KV cache, so only one chunk's logits are ever held
+    /// (not `[seq][vocab]`); `cancel` stops it between chunks with an error.
+    pub fn prompt_logprobs(
+        &self,
+        ids: &[u32],
+        top: usize,
+        cancel: Option<&Cancel>,
+    ) -> Result<Vec<Option<TokenScore>>> {
+        self.prompt_logprobs_chunked(ids, top, cancel, SCORE_CHUNK)
+    }
+
+    /// [`TextGenerator::prompt_logprobs`] in passes of `chunk` positions.
+    pub fn prompt_logprobs_chunked(
+        &self,
+        ids: &[u32],
+        top: usize,
+        cancel: Option<&Cancel>,
+        chunk: usize,
+    ) -> Result<Vec<Option<TokenScore>>> {
+        if ids.is_empty() {
+            return Err(Error::param("inputs", "the prompt is empty"));
+        }
+        self.check_prompt_length(ids.len())?;
+        let model = self.model.as_ref();
+        let mut out = Vec::with_capacity(ids.len());
+        out.push(None);
+        // Position i's logits score token i + 1: the last position's are not needed.
+        let need = ids.len() - 1;
+        let mut cache = crate::models::causal_lm::KvCache::new(model.num_layers());
+        let mut mask = Vec::with_capacity(need);
+        let mut done = 0;
+        while done < need {
+            if cancel.is_some_and(Cancel::is_cancelled) {
+                return Err(Error::param("inputs", "the request was cancelled"));
+            }
+            let end = (done + chunk.max(1)).min(need);
+            mask.extend(std::iter::repeat_n(1u8, end - done));
+            let masks = [mask];
+            let logits = decoder::forward_masked(
+                model,
+                &mut cache,
+                &masks,
+                ids[done..end].to_vec(),
+                end - done,
+                false,
+            )?;
+            [mask] = masks;
+            let rows = logits.squeeze(0)?.to_vec2::<f32>()?;
+            for (k, row) in rows.iter().enumerate() {
+                let next = ids[done + k + 1];
+                out.push(Some((
+                    search::log_softmax_at(row, next),
+                    search::top_logprobs(row, top),
+                )));
+            }
+            done = end;
+        }
+        Ok(out)
     }
 
     /// Full logits `[seq][vocab]` of one prompt.

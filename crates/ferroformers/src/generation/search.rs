@@ -199,7 +199,7 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
 }
 
 /// `log(softmax(scores)[tok])`, -inf where the token was masked out.
-fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
+pub(crate) fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return f32::NEG_INFINITY;

@@ -391,6 +391,21 @@ pub(crate) trait Task: Send + Sync {
             "streaming is for the text-generation task",
         ))
     }
+
+    /// The prompt's tokens as a generation would run them, each scored after the ones before
+    /// it when `logprobs` is given (text generation only).
+    fn prompt_tokens(
+        &self,
+        _input: &Input,
+        _params: &Params,
+        _logprobs: Option<usize>,
+        _cancel: Option<&crate::generation::Cancel>,
+    ) -> Result<Vec<text_generation::PromptToken>> {
+        Err(Error::param(
+            "echo",
+            "prompt log-probabilities are for the text-generation task",
+        ))
+    }
 }
 
 /// A loaded pipeline: `run` it on inputs with HF's parameters.
@@ -547,6 +562,21 @@ impl Pipeline {
     ) -> Result<(Output, text_generation::Usage)> {
         self.inner
             .run_streaming(input, params, top_logprobs, Some(cancel), on_token)
+    }
+
+    /// Text generation: the tokens `input` becomes under `params` (the ids a generation of it
+    /// starts from), each with its text decoded alone; with `logprobs: Some(n)`, also each
+    /// token's log-probability after the tokens before it (none for the first) and the `n`
+    /// most likely tokens at its position (OpenAI's `echo`, TGI's `decoder_input_details`).
+    /// `cancel` stops the scoring between chunks of the prompt. Other tasks: an error.
+    pub fn prompt_tokens(
+        &self,
+        input: &Input,
+        params: &Params,
+        logprobs: Option<usize>,
+        cancel: Option<&crate::generation::Cancel>,
+    ) -> Result<Vec<text_generation::PromptToken>> {
+        self.inner.prompt_tokens(input, params, logprobs, cancel)
     }
 
     /// Run on one text with default parameters.

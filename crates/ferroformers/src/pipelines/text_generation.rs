@@ -60,6 +60,21 @@ pub struct TopToken {
     pub special: bool,
 }
 
+/// One token of a prompt ([`crate::pipelines::Pipeline::prompt_tokens`]): its id, the token
+/// alone decoded, the text it adds to the decoded prompt (`piece`: as a stream gives it, empty
+/// while it holds part of a character; the pieces join to the prompt's text, special tokens
+/// kept), whether it is special, and when scored its log-probability after the tokens before
+/// it (`None` for the first) and the most likely tokens at its position, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptToken {
+    pub id: u32,
+    pub text: String,
+    pub piece: String,
+    pub special: bool,
+    pub logprob: Option<f32>,
+    pub top: Vec<TopToken>,
+}
+
 /// Token counts of one streamed generation (a server's `usage` and `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -345,15 +360,7 @@ impl TextGeneration {
         input: &Input,
         params: &Params,
     ) -> Result<(Options, GenerationConfig, Vec<u32>)> {
-        for k in params.keys() {
-            if !self.accepted.contains(&k.as_str()) {
-                return Err(Error::UnknownParameter {
-                    task: "text-generation".into(),
-                    name: k.clone(),
-                    accepted: self.accepted.join(", "),
-                });
-            }
-        }
+        self.check_params(params)?;
         let o = self.options(params)?;
         let mut cfg = self.config(params, &o)?;
         if cfg.num_beams > 1 || cfg.num_return_sequences > 1 {
@@ -374,6 +381,79 @@ impl TextGeneration {
         Ok((o, cfg, prompt))
     }
 
+    /// Every parameter must be one the task knows.
+    fn check_params(&self, params: &Params) -> Result<()> {
+        match params.keys().find(|k| !self.accepted.contains(&k.as_str())) {
+            Some(k) => Err(Error::UnknownParameter {
+                task: "text-generation".into(),
+                name: k.clone(),
+                accepted: self.accepted.join(", "),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `id` is one of the tokenizer's special tokens.
+    fn is_special(&self, id: u32) -> bool {
+        let added = self.generator.tokenizer.inner().get_added_vocabulary();
+        self.generator
+            .tokenizer
+            .id_to_token(id)
+            .is_some_and(|t| added.is_special_token(&t))
+    }
+
+    /// Scored tokens as [`TopToken`]s: each decoded alone.
+    fn top_tokens(&self, best: Vec<(u32, f32)>) -> Vec<TopToken> {
+        best.into_iter()
+            .map(|(id, logprob)| TopToken {
+                id,
+                text: self
+                    .generator
+                    .decode(&[id], false, false)
+                    .unwrap_or_default(),
+                logprob,
+                special: self.is_special(id),
+            })
+            .collect()
+    }
+
+    /// The tokens a generation of `input` under `params` starts from, scored with `logprobs`
+    /// (see [`crate::pipelines::Pipeline::prompt_tokens`]).
+    pub fn prompt_tokens(
+        &self,
+        input: &Input,
+        params: &Params,
+        logprobs: Option<usize>,
+        cancel: Option<&crate::generation::Cancel>,
+    ) -> Result<Vec<PromptToken>> {
+        self.check_params(params)?;
+        let ids = self.encode(input, &self.options(params)?, 0)?;
+        let scores = match logprobs {
+            Some(top) => self.generator.prompt_logprobs(&ids, top, cancel)?,
+            None => vec![None; ids.len()],
+        };
+        let mut streamer = TextStreamer::new(&self.generator.tokenizer, false);
+        let mut tokens = Vec::with_capacity(ids.len());
+        for (&id, score) in ids.iter().zip(scores) {
+            let (logprob, top) = match score {
+                Some((lp, top)) => (Some(lp), self.top_tokens(top)),
+                None => (None, Vec::new()),
+            };
+            tokens.push(PromptToken {
+                id,
+                text: self.generator.decode(&[id], false, false)?,
+                piece: streamer.push(id)?.unwrap_or_default(),
+                special: self.is_special(id),
+                logprob,
+                top,
+            });
+        }
+        if let (Some(rest), Some(last)) = (streamer.finish()?, tokens.last_mut()) {
+            last.piece.push_str(&rest);
+        }
+        Ok(tokens)
+    }
+
     /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
     /// alternatives in its event ([`TokenEvent::top`]); `cancel` set ends it after the next
     /// token, and in a shared batch also before its prompt runs or between its prompt's chunks
@@ -391,34 +471,14 @@ impl TextGeneration {
         let mut err = None;
         let mut new_tokens = 0usize;
         let cancelled = std::cell::Cell::new(false);
-        let added = self.generator.tokenizer.inner().get_added_vocabulary();
         let mut last = (0u32, 0f32, false);
         let top = std::cell::RefCell::new(Vec::new());
         let mut on_top = |_: usize, best: Vec<(u32, f32)>| {
-            *top.borrow_mut() = best
-                .into_iter()
-                .map(|(id, logprob)| TopToken {
-                    id,
-                    text: self
-                        .generator
-                        .decode(&[id], false, false)
-                        .unwrap_or_default(),
-                    logprob,
-                    special: self
-                        .generator
-                        .tokenizer
-                        .id_to_token(id)
-                        .is_some_and(|t| added.is_special_token(&t)),
-                })
-                .collect();
+            *top.borrow_mut() = self.top_tokens(best);
         };
         let mut on_token = |_: usize, tok: u32, logprob: f32| {
             new_tokens += 1;
-            let special = self
-                .generator
-                .tokenizer
-                .id_to_token(tok)
-                .is_some_and(|t| added.is_special_token(&t));
+            let special = self.is_special(tok);
             last = (tok, logprob, special);
             let delta = match streamer.push(tok) {
                 Ok(d) => d,
@@ -544,6 +604,16 @@ impl Task for TextGeneration {
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<(Output, Usage)> {
         self.stream_tokens_top(input, params, top_logprobs, cancel, on_token)
+    }
+
+    fn prompt_tokens(
+        &self,
+        input: &Input,
+        params: &Params,
+        logprobs: Option<usize>,
+        cancel: Option<&crate::generation::Cancel>,
+    ) -> Result<Vec<PromptToken>> {
+        TextGeneration::prompt_tokens(self, input, params, logprobs, cancel)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
