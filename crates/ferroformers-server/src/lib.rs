@@ -976,6 +976,63 @@ fn inputs_of(v: Option<&Value>, max: usize) -> Result<(Vec<Input>, bool), ApiErr
     Ok((inputs, many))
 }
 
+/// Texts that may come as token ids (OpenAI's completion `prompt` and embedding `input`, TEI's
+/// embedding `inputs`): a string, a list of token ids, or a list of up to `max` strings or
+/// lists of token ids (`field` names the field in errors).
+pub(crate) fn texts_or_ids(
+    v: Option<&Value>,
+    field: &str,
+    max: usize,
+) -> Result<Vec<Input>, ApiError> {
+    let bad = || {
+        ApiError::validation(format!(
+            "`{field}` must be a string, a list of token ids, or a list of strings or of lists \
+             of token ids"
+        ))
+        .with_param(field)
+    };
+    let ids = |list: &[Value]| -> Result<Input, ApiError> {
+        if list.is_empty() {
+            return Err(
+                ApiError::validation(format!("`{field}` has an empty list of token ids"))
+                    .with_param(field),
+            );
+        }
+        list.iter()
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Input::Tokens)
+    };
+    match v {
+        None => Err(ApiError::validation(format!("missing field `{field}`")).with_param(field)),
+        Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
+        Some(Value::Array(list)) if list.first().is_some_and(Value::is_number) => {
+            Ok(vec![ids(list)?])
+        }
+        Some(Value::Array(list)) if !list.is_empty() => {
+            if list.len() > max {
+                return Err(too_many(list.len(), max).with_param(field));
+            }
+            list.iter()
+                .map(|p| match p {
+                    Value::String(s) => Ok(Input::Text(s.clone())),
+                    Value::Array(l) => ids(l),
+                    _ => Err(bad()),
+                })
+                .collect()
+        }
+        Some(Value::Array(_)) => Err(ApiError::validation(format!(
+            "`{field}` cannot be an empty list"
+        ))
+        .with_param(field)),
+        _ => Err(bad()),
+    }
+}
+
 /// The items of `inputs` (`true` when it was a list): present, not empty, at most `max`. A
 /// list of `{"role", "content"}` messages is one chat, as transformers' pipeline reads it.
 pub(crate) fn input_items(v: Option<&Value>, max: usize) -> Result<(Vec<&Value>, bool), ApiError> {

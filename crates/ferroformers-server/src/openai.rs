@@ -122,19 +122,8 @@ pub(crate) async fn openai_embeddings(
         let v = json_body(&headers, body)?;
         let m = embedder(&state, model_name(&v)?)?;
         let index = index_of(&state, m);
-        let texts: Vec<String> = match v.get("input") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) if a.iter().all(Value::is_string) => a
-                .iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect(),
-            Some(_) => {
-                return Err(ApiError::validation(
-                    "`input` must be a string or a list of strings",
-                ))
-            }
-            None => return Err(ApiError::validation("missing field `input`")),
-        };
+        // Strings or token ids (run as given, as vLLM), at most `--max-client-batch-size`.
+        let inputs = texts_or_ids(v.get("input"), "input", state.max_client_batch_size)?;
         let base64 = match v.get("encoding_format") {
             None | Some(Value::Null) => false,
             Some(Value::String(f)) if f == "float" => false,
@@ -172,21 +161,14 @@ pub(crate) async fn openai_embeddings(
                 return Err(wrong_size(d, have));
             }
         }
-        // Counted before anything is tokenized: too many is a 413, as on TEI's routes.
-        if texts.is_empty() {
-            return Err(ApiError::validation("`input` cannot be empty"));
-        }
-        if texts.len() > state.max_client_batch_size {
-            return Err(too_many(texts.len(), state.max_client_batch_size));
-        }
-        let tokens: usize = match &m.tokenizer {
-            Some(t) => texts
-                .iter()
-                .map(|x| t.encode(x, None).map(|e| e.len()).unwrap_or(0))
-                .sum(),
-            None => 0,
-        };
-        let inputs: Vec<Input> = texts.into_iter().map(Input::from).collect();
+        let tokens: usize = inputs
+            .iter()
+            .map(|x| match (x, &m.tokenizer) {
+                (Input::Tokens(ids), _) => ids.len(),
+                (Input::Text(s), Some(t)) => t.encode(s, None).map(|e| e.len()).unwrap_or(0),
+                _ => 0,
+            })
+            .sum();
         // As TEI's OpenAI route: over-long inputs follow `--auto-truncate`.
         check_lengths(&state, m, &Value::Null, &inputs)?;
         let mut params = Params::new();
@@ -455,51 +437,7 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
 /// a list of up to `max` strings or lists of token ids (each its own completion). Ids run as
 /// given (no special tokens added).
 fn completion_prompts(v: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
-    let bad = || {
-        ApiError::validation(
-            "`prompt` must be a string, a list of token ids, or a list of strings or of lists \
-             of token ids",
-        )
-        .with_param("prompt")
-    };
-    let ids = |list: &[Value]| -> Result<Input, ApiError> {
-        if list.is_empty() {
-            return Err(
-                ApiError::validation("`prompt` has an empty list of token ids")
-                    .with_param("prompt"),
-            );
-        }
-        list.iter()
-            .map(|x| {
-                x.as_u64()
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(bad)
-            })
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Input::Tokens)
-    };
-    match v.get("prompt") {
-        Some(Value::String(s)) => Ok(vec![Input::Text(s.clone())]),
-        Some(Value::Array(list)) if list.first().is_some_and(Value::is_number) => {
-            Ok(vec![ids(list)?])
-        }
-        Some(Value::Array(list)) if !list.is_empty() => {
-            if list.len() > max {
-                return Err(too_many(list.len(), max).with_param("prompt"));
-            }
-            list.iter()
-                .map(|p| match p {
-                    Value::String(s) => Ok(Input::Text(s.clone())),
-                    Value::Array(l) => ids(l),
-                    _ => Err(bad()),
-                })
-                .collect()
-        }
-        Some(Value::Array(_)) => {
-            Err(ApiError::validation("`prompt` cannot be an empty list").with_param("prompt"))
-        }
-        _ => Err(bad()),
-    }
+    texts_or_ids(v.get("prompt"), "prompt", max)
 }
 
 /// A chat's messages: `content` a string or a list of `{type: "text", text}` parts;

@@ -43,7 +43,8 @@ pub(crate) async fn tei_embed(
     let v = json_body(&headers, body)?;
     let m = embedder(&state, None)?;
     let index = index_of(&state, m);
-    let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    // As TEI: texts or token ids.
+    let inputs = texts_or_ids(v.get("inputs"), "inputs", state.max_client_batch_size)?;
     unsupported_options(&v)?;
     check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
@@ -131,6 +132,7 @@ pub(crate) fn check_lengths(
         let n = match input {
             Input::Text(t) => tok.untruncated_len(t, None),
             Input::TextPair { text, text_pair } => tok.untruncated_len(text, Some(text_pair)),
+            Input::Tokens(ids) => Ok(ids.len()),
             _ => continue,
         }
         .map_err(|e| ApiError::validation(format!("tokenization failed: {e}")))?;
@@ -201,7 +203,7 @@ pub(crate) async fn tei_embed_all(
     unsupported_options(&v)?;
     let m = embedder(&state, None)?;
     let index = index_of(&state, m);
-    let (inputs, _) = inputs_of(v.get("inputs"), state.max_client_batch_size)?;
+    let inputs = texts_or_ids(v.get("inputs"), "inputs", state.max_client_batch_size)?;
     check_lengths(&state, m, &v, &inputs)?;
     let mut params = Params::new();
     params.insert("pooling".into(), json!("none"));

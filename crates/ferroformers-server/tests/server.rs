@@ -2774,3 +2774,73 @@ fn completions_echo_the_prompt_with_its_logprobs() {
         assert_eq!(status, 422, "{bad}: {err}");
     }
 }
+
+/// Embedding routes take token ids (OpenAI's `input`, TEI's `inputs`), run as given: a text's
+/// ids (special tokens included) embed as the text does; too many are cut at the model's limit;
+/// bad ids are refused with the field named.
+#[test]
+fn embeddings_take_token_ids() {
+    let base = start();
+    let text = "A short one.";
+    let (_, tokens) = post_json(&format!("{base}/tokenize"), json!({ "inputs": text }));
+    let ids: Vec<u64> = tokens[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.len() > 3, "{tokens}");
+    let url = format!("{base}/v1/embeddings");
+    let (status, by_text) = post_json(&url, json!({ "input": text }));
+    assert_eq!(status, 200, "{by_text}");
+    let (status, by_ids) = post_json(&url, json!({"input": [ids.clone(), text]}));
+    assert_eq!(status, 200, "{by_ids}");
+    let want = floats(&by_text["data"][0]["embedding"]);
+    for i in 0..2 {
+        let got = floats(&by_ids["data"][i]["embedding"]);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "input {i}: differs by {d}");
+    }
+    let (_, one) = post_json(&url, json!({ "input": ids }));
+    assert_eq!(
+        floats(&one["data"][0]["embedding"]),
+        floats(&by_ids["data"][0]["embedding"])
+    );
+    assert_eq!(one["usage"]["prompt_tokens"], ids.len(), "{one}");
+    // TEI's /embed and /embed_all.
+    let (status, tei) = post_json(&format!("{base}/embed"), json!({ "inputs": [ids] }));
+    assert_eq!(status, 200, "{tei}");
+    let (_, tei_text) = post_json(&format!("{base}/embed"), json!({ "inputs": text }));
+    assert_eq!(floats(&tei[0]), floats(&tei_text[0]));
+    let long: Vec<u64> = std::iter::repeat_n(ids[1], 100).collect();
+    let (status, all) = post_json(
+        &format!("{base}/embed_all"),
+        json!({"inputs": [ids.clone(), long]}),
+    );
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all[0].as_array().unwrap().len(), ids.len());
+    // Cut at sentence_bert_config.json's max_seq_length (48), as a long text is.
+    assert_eq!(all[1].as_array().unwrap().len(), 48);
+    for bad in [
+        json!([999_999]),
+        json!([[]]),
+        json!([]),
+        json!([1, "a"]),
+        json!([[1, -2]]),
+        json!({"ids": [1]}),
+    ] {
+        let (status, err) = post_json(&url, json!({ "input": bad }));
+        assert_eq!(status, 422, "{bad}: {err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains("input")
+                || err["error"]["param"] == "input",
+            "{bad}: {err}"
+        );
+    }
+    let (status, err) = post_json(&url, json!({"input": [[1], [2], [3], [4], [5]]}));
+    assert_eq!(status, 413, "{err}");
+}

@@ -201,6 +201,32 @@ impl Tokenizer {
         Ok(cut_encoded(&enc))
     }
 
+    /// Token ids as given (no special tokens added), cut to `max_length` like a text: an
+    /// input of `index` that is already tokenized (OpenAI's and TEI's embedding routes take
+    /// ids). Empty, or an id outside the vocabulary: an error naming the input.
+    pub fn encoded_ids(&self, ids: &[u32], index: usize) -> Result<Encoded> {
+        if ids.is_empty() {
+            return Err(Error::input(index, "the list of token ids is empty"));
+        }
+        let vocab = self.vocab_size();
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::input(
+                index,
+                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
+        let n = ids.len().min(self.max_length);
+        Ok(Encoded {
+            ids: ids[..n].to_vec(),
+            type_ids: vec![0; n],
+            offsets: vec![(0, 0); n],
+            special_tokens_mask: vec![0; n],
+            word_ids: vec![None; n],
+            sequence_ids: vec![Some(0); n],
+            truncated: n < ids.len(),
+        })
+    }
+
     /// Tokenize a text already split into words (HF's `is_split_into_words=True`), with special
     /// tokens, truncated to `max_length`; `word_ids` index `words`. Byte-level BPE tokenizers
     /// (RoBERTa, GPT-2) put a space before every word, as HF needs them loaded

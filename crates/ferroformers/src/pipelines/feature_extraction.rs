@@ -232,9 +232,12 @@ impl Task for FeatureExtraction {
             Some(t) if pooling.is_some() || self.default_pooling => t,
             _ => &self.runner.tokenizer,
         };
-        let encs = super::encode_each(inputs, |i, inp| {
-            let (t, p) = inp.text_and_pair(i)?;
-            tokenizer.encode(t, p)
+        let encs = super::encode_each(inputs, |i, inp| match inp {
+            Input::Tokens(ids) => tokenizer.encoded_ids(ids, i),
+            _ => {
+                let (t, p) = inp.text_and_pair(i)?;
+                tokenizer.encode(t, p)
+            }
         })?;
         let mut outs = Vec::with_capacity(inputs.len());
         // On a GPU the pooling runs there, on whole batches (`Pooling::apply_batch`).

@@ -66,8 +66,9 @@ pub enum Input {
     },
     /// The bytes of an audio file (automatic-speech-recognition).
     AudioBytes(Vec<u8>),
-    /// A prompt already in token ids (text-generation: a server's OpenAI `prompt` given as
-    /// ids), run as given: no prefix, no special tokens added.
+    /// A text already in token ids, run as given (no prefix, no special tokens added):
+    /// text-generation's prompt (a server's OpenAI `prompt` as ids), and feature-extraction's
+    /// and sentence-embeddings' input (OpenAI's and TEI's embedding routes take ids).
     Tokens(Vec<u32>),
 }
 
@@ -185,7 +186,8 @@ impl Input {
             Input::Tokens(_) => {
                 return Err(Error::input(
                     index,
-                    "a prompt of token ids is for text-generation, not this task",
+                    "token ids are for text-generation, feature-extraction and \
+                     sentence-embeddings, not this task",
                 ))
             }
         };
