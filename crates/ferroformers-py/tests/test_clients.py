@@ -9,6 +9,7 @@ builds the debug one). Without one these tests are skipped, unless
 FERROFORMERS_REQUIRE_BIN=1 (scripts/test-python.sh sets it), which makes that a failure.
 """
 import base64
+import json
 import math
 import os
 import struct
@@ -158,6 +159,23 @@ def test_openai_completions_models_and_errors(server):
                              temperature=0)
     assert [(ch.index, ch.text) for ch in r.choices] == \
         [(0, generated("Hello", 6)), (1, generated("Once upon", 6))]
+    # `echo` (lm-evaluation-harness' log-likelihood requests): the prompt before the
+    # completion, its first token unscored; with max_tokens 0 the prompt alone. (The fixture's
+    # repetition penalty is lifted: it changes generated scores, not prompt scores.)
+    plain = dict(model=str(LLAMA), prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
+                 extra_body={"repetition_penalty": 1.0})
+    g = c.completions.create(**plain)
+    e = c.completions.create(echo=True, **plain)
+    assert e.choices[0].text == "Hello" + g.choices[0].text
+    lp = e.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[-4:] == pytest.approx(g.choices[0].logprobs.token_logprobs, abs=TOL)
+    assert all(lp.top_logprobs[i][t] == lp.token_logprobs[i] for i, t in enumerate(lp.tokens) if i)
+    only = c.completions.create(**{**plain, "max_tokens": 0}, echo=True)
+    assert only.choices[0].text == "Hello" and only.choices[0].finish_reason == "length"
+    assert only.usage.completion_tokens == 0
+    assert len(only.choices[0].logprobs.tokens) == only.usage.prompt_tokens
+    assert only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:only.usage.prompt_tokens]
     ids = [m.id for m in c.models.list()]
     assert str(LLAMA) in ids and str(MINILM) in ids
     # A field the server does not implement is refused by name, as the SDK's typed error.
@@ -183,6 +201,14 @@ def test_openai_embeddings(server):
             assert len(d.embedding) == len(w)
             assert all(close(a, b) for a, b in zip(d.embedding, w)), fmt
         assert r.usage.prompt_tokens > 4
+    # Token ids (the text's, special tokens included) embed as the text does.
+    body = json.dumps({"inputs": texts[0], "model": str(MINILM)}).encode()
+    req = urllib.request.Request(server + "/tokenize", data=body,
+                                 headers={"Content-Type": "application/json"})
+    ids = [t["id"] for t in json.load(urllib.request.urlopen(req))[0]]
+    r = c.embeddings.create(model=str(MINILM), input=[ids], encoding_format="float")
+    assert r.usage.prompt_tokens == len(ids)
+    assert all(close(a, b) for a, b in zip(r.data[0].embedding, want[0]))
     # Asked for explicitly, base64 comes back as the string: little-endian f32s.
     r = c.embeddings.create(model=str(MINILM), input=texts, encoding_format="base64")
     raw = base64.b64decode(r.data[1].embedding)
