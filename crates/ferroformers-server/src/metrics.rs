@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 7] = [
+    let gen: [GenSeries; 9] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -137,6 +137,18 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "counter",
             "chunks run of prompts longer than --max-batch-prefill-tokens",
             |s| s.prefill_chunks,
+        ),
+        (
+            "ferroformers_generation_prefix_hits_total",
+            "counter",
+            "prompts that continued from kept keys and values (prefix caching)",
+            |s| s.prefix_hits,
+        ),
+        (
+            "ferroformers_generation_prefix_tokens_total",
+            "counter",
+            "prompt tokens taken from kept keys and values instead of being run",
+            |s| s.prefix_tokens,
         ),
         (
             "ferroformers_generation_cancelled_prompts_total",

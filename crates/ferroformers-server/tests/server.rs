@@ -2726,6 +2726,37 @@ fn completions_echo_the_prompt_with_its_logprobs() {
         .len();
     assert_eq!(n_tokens, prompt_ids.len() + 3, "{with}");
     assert_eq!(with["usage"]["completion_tokens"], 3, "{with}");
+    // A scored prompt's keys and values are kept: generating from it runs its last token only
+    // (metrics: prompt tokens taken from kept prefixes), and gives the same text.
+    let (metric, value) = metrics_of(&base, &decoder());
+    let before = value("ferroformers_generation_prefix_tokens_total");
+    assert!(
+        metric.contains("ferroformers_generation_prefix_hits_total"),
+        "{metric}"
+    );
+    let long = "Little house by the sea: a story in which nothing much happens, and";
+    let (status, scored) = post_json(
+        &url,
+        json!({"prompt": long, "max_tokens": 3, "temperature": 0, "echo": true, "logprobs": 0}),
+    );
+    assert_eq!(status, 200, "{scored}");
+    let prompt_len = scored["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    let (_, value) = metrics_of(&base, &decoder());
+    assert_eq!(
+        value("ferroformers_generation_prefix_tokens_total") - before,
+        prompt_len - 1.0
+    );
+    let (_, plain_long) = post_json(
+        &url,
+        json!({"prompt": long, "max_tokens": 3, "temperature": 0}),
+    );
+    assert_eq!(
+        scored["choices"][0]["text"],
+        format!(
+            "{long}{}",
+            plain_long["choices"][0]["text"].as_str().unwrap()
+        )
+    );
     // Streamed: the prompt first, then the completion's pieces.
     echoed["stream"] = json!(true);
     let resp = ureq::post(&url)

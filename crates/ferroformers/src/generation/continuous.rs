@@ -424,6 +424,17 @@ impl Batcher {
         }
     }
 
+    /// Keep the keys and values of `tokens` (one row, every position real), computed outside
+    /// the batch, as a prefix for later prompts that start with them: a scored prompt
+    /// ([`super::TextGenerator::prompt_logprobs`]) that is then generated from (OpenAI's
+    /// `echo` with `max_tokens`) runs only its last token.
+    pub fn keep_prefix(&self, tokens: Vec<u32>, mut cache: KvCache) {
+        let mask = vec![1u8; tokens.len()];
+        let limit = self.admission.prefix_cache_tokens;
+        let mut g = lock(&self.state);
+        retire(&mut g.prefixes, &mut cache, 0, &mask, tokens, limit);
+    }
+
     pub fn stats(&self) -> BatchStats {
         let g = lock(&self.state);
         BatchStats {

@@ -381,7 +381,9 @@ impl TextGenerator {
     /// follows nothing. OpenAI's `echo` with `logprobs` and TGI's `decoder_input_details` read
     /// this (lm-evaluation-harness' log-likelihoods). The prompt runs in chunks of
     /// [`SCORE_CHUNK`] positions over its KV cache, so only one chunk's logits are ever held
-    /// (not `[seq][vocab]`); `cancel` stops it between chunks with an error.
+    /// (not `[seq][vocab]`); `cancel` stops it between chunks with an error. With continuous
+    /// batching on, the prompt's keys and values are kept as a prefix of the batch (see
+    /// [`Batcher::keep_prefix`]).
     pub fn prompt_logprobs(
         &self,
         ids: &[u32],
@@ -428,14 +430,20 @@ impl TextGenerator {
             )?;
             [mask] = masks;
             let rows = logits.squeeze(0)?.to_vec2::<f32>()?;
-            for (k, row) in rows.iter().enumerate() {
-                let next = ids[done + k + 1];
-                out.push(Some((
-                    search::log_softmax_at(row, next),
-                    search::top_logprobs(row, top),
-                )));
-            }
+            // Each row's normaliser and best tokens, the rows spread over the threads.
+            use rayon::prelude::*;
+            let scored: Vec<TokenScore> = rows
+                .par_iter()
+                .enumerate()
+                .map(|(k, row)| search::score_row(row, ids[done + k + 1], top))
+                .collect();
+            out.extend(scored.into_iter().map(Some));
             done = end;
+        }
+        // A server generating from the prompt next (`echo` with `max_tokens`) continues from
+        // these keys and values instead of running the prompt again.
+        if let Some(b) = &self.batcher {
+            b.keep_prefix(ids[..need].to_vec(), cache);
         }
         Ok(out)
     }

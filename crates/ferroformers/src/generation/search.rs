@@ -199,7 +199,7 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
 }
 
 /// `log(softmax(scores)[tok])`, -inf where the token was masked out.
-pub(crate) fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
+fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return f32::NEG_INFINITY;
@@ -216,6 +216,37 @@ pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
         return Vec::new();
     }
     let lse = crate::kernels::cpu::rowops::exp_sum(scores, max).ln();
+    top_with(scores, n, max, lse)
+}
+
+/// `tok`'s log-probability under `softmax(scores)` and the `n` most likely tokens with
+/// theirs ([`top_logprobs`]), the row's maximum and normaliser computed once.
+pub fn score_row(scores: &[f32], tok: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return (f32::NEG_INFINITY, Vec::new());
+    }
+    let lse = crate::kernels::cpu::rowops::exp_sum(scores, max).ln();
+    let lp = ((scores[tok as usize] - max) as f64 - lse) as f32;
+    let top = if n == 0 {
+        Vec::new()
+    } else {
+        top_with(scores, n, max, lse)
+    };
+    (lp, top)
+}
+
+/// [`top_logprobs`] given the row's maximum and `ln(sum(exp(scores - max)))`. A few (the
+/// usual 1 to 20) are picked in one pass over the row; more by a partial sort of every id.
+fn top_with(scores: &[f32], n: usize, max: f32, lse: f64) -> Vec<(u32, f32)> {
+    let lp = |i: u32| ((scores[i as usize] - max) as f64 - lse) as f32;
+    if n <= 64 {
+        return top_k_desc(scores, n)
+            .into_iter()
+            .filter(|&(v, _)| v > f32::NEG_INFINITY)
+            .map(|(_, i)| (i, lp(i)))
+            .collect();
+    }
     let mut idx: Vec<u32> = (0..scores.len() as u32)
         .filter(|&i| scores[i as usize] > f32::NEG_INFINITY)
         .collect();
@@ -230,9 +261,7 @@ pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
         idx.truncate(n);
     }
     idx.sort_by(by);
-    idx.into_iter()
-        .map(|i| (i, ((scores[i as usize] - max) as f64 - lse) as f32))
-        .collect()
+    idx.into_iter().map(|i| (i, lp(i))).collect()
 }
 
 fn hits_stop_string(cfg: &GenerationConfig, hooks: &Hooks, new: &[u32]) -> bool {
@@ -554,5 +583,27 @@ mod tests {
         assert_eq!(top_logprobs(&scores, 10).len(), 4);
         assert!(top_logprobs(&[f32::NEG_INFINITY; 3], 2).is_empty());
         assert!(top_logprobs(&scores, 0).is_empty());
+    }
+
+    /// The one-pass pick of a few best tokens equals the partial sort's, ties included, and
+    /// `score_row` gives the token's log-probability as `log_softmax_at` does.
+    #[test]
+    fn few_best_tokens_in_one_pass_equal_the_sorted_ones() {
+        // 5000 scores with many ties (only 50 distinct values) and some masked.
+        let scores: Vec<f32> = (0..5000u32)
+            .map(|i| match i.wrapping_mul(2654435761) % 53 {
+                0 => f32::NEG_INFINITY,
+                v => (v % 50) as f32 * 0.25,
+            })
+            .collect();
+        let sorted = top_logprobs(&scores, 200);
+        for n in [1, 5, 20, 64] {
+            assert_eq!(top_logprobs(&scores, n), sorted[..n].to_vec(), "n = {n}");
+        }
+        for tok in [0, 7, 4999] {
+            let (lp, top) = score_row(&scores, tok, 3);
+            assert_eq!(lp, log_softmax_at(&scores, tok));
+            assert_eq!(top, sorted[..3].to_vec());
+        }
     }
 }
