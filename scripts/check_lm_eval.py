@@ -3,7 +3,8 @@
 model sends log-likelihood requests to /v1/completions (the prompt as token ids, `echo: true`,
 `logprobs: 1`, `max_tokens: 1`) and reads the prompt's own log-probabilities back. The same task
 then runs on lm-eval's `hf` model (transformers, the same GGUF dequantized to f32) in the same
-run. Printed: both accuracies, how often the two pick the same answer, how far apart their
+run, and a second task asks for the answer by greedy generation (lm-eval's generate_until:
+`stop`, `max_tokens`). Printed: both accuracies, how often the two pick the same answer, how far apart their
 log-likelihoods are, and each side's time.
 
 The task is built here from local data (the hub is unreachable): movie-review sentences
@@ -55,6 +56,32 @@ metric_list:
   - metric: acc
 """
 
+# The same sentences answered by generation (lm-eval's generate_until: greedy, stop at a
+# newline, at most 3 new tokens), the answer's first word checked against the label.
+GEN_TASK = """task: ff_movie_sentiment_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Review: {{{{text}}}}\\nSentiment (positive or negative):"
+doc_to_target: "{{{{label}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 3
+  do_sample: false
+filter_list:
+  - name: first_word
+    filter:
+      - function: regex
+        regex_pattern: "(positive|negative)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+"""
+TASKS = ["ff_movie_sentiment", "ff_movie_sentiment_gen"]
+
 
 def wait_ready(base, proc, seconds=300):
     deadline = time.time() + seconds
@@ -85,9 +112,11 @@ def main():
     ap.add_argument("--port", type=int, default=3961)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf-math", default="int8", choices=["int8", "exact"],
-                    help="the server's GGUF arithmetic (FERROFORMERS_GGUF_MATH): int8 rounds "
+                    help="the server's --gguf-math: int8 rounds "
                          "activations as llama.cpp does (the default), exact keeps f32 as "
                          "transformers does")
+    ap.add_argument("--show", type=int, default=3,
+                    help="print this many documents whose generated texts differ")
     a = ap.parse_args()
 
     import lm_eval
@@ -108,6 +137,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="ff-lmeval-"))
     (work / "tasks").mkdir()
     (work / "tasks" / "ff_movie_sentiment.yaml").write_text(TASK.format(data=data))
+    (work / "tasks" / "ff_movie_sentiment_gen.yaml").write_text(GEN_TASK.format(data=data))
     # lm-eval tokenizes the requests itself (then sends ids): the GGUF's tokenizer, saved as
     # transformers reads it.
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=FILE)
@@ -116,9 +146,8 @@ def main():
 
     base = f"http://127.0.0.1:{a.port}"
     proc = subprocess.Popen([a.binary, "serve", "--model", f"{REPO}=text-generation", "--port",
-                             str(a.port), "--threads", str(a.threads), "--quiet"],
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "FERROFORMERS_GGUF_MATH": a.gguf_math})
+                             str(a.port), "--threads", str(a.threads), "--quiet",
+                             "--gguf-math", a.gguf_math], stderr=subprocess.DEVNULL)
     try:
         wait_ready(base, proc)
         t = time.time()
@@ -127,7 +156,7 @@ def main():
             model_args={"model": REPO, "base_url": base + "/v1/completions",
                         "tokenizer": str(work / "tokenizer"), "tokenized_requests": True,
                         "num_concurrent": 1, "max_retries": 1},
-            tasks=["ff_movie_sentiment"], task_manager=tasks, limit=a.limit, log_samples=True,
+            tasks=TASKS, task_manager=tasks, limit=a.limit, log_samples=True,
             batch_size=1)
         ours_s = time.time() - t
     finally:
@@ -139,10 +168,15 @@ def main():
     t = time.time()
     ref = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tok, batch_size=1),
-        tasks=["ff_movie_sentiment"], task_manager=tasks, limit=a.limit, log_samples=True)
+        tasks=TASKS, task_manager=tasks, limit=a.limit, log_samples=True)
     ref_s = time.time() - t
 
     acc = lambda r: r["results"]["ff_movie_sentiment"]["acc,none"]  # noqa: E731
+    em = lambda r: r["results"]["ff_movie_sentiment_gen"]["exact_match,first_word"]  # noqa: E731
+    texts = lambda r: {s["doc_id"]: s["resps"][0][0]  # noqa: E731
+                       for s in r["samples"]["ff_movie_sentiment_gen"]}
+    go, gr = texts(ours), texts(ref)
+    same_text = sum(go[d] == gr.get(d) for d in go)
     lo, lr = loglikelihoods(ours), loglikelihoods(ref)
     keys = sorted(set(lo) & set(lr))
     diffs = [abs(lo[k] - lr[k]) for k in keys]
@@ -152,15 +186,19 @@ def main():
     print(f"cpu {cpu_model()}  load {os.getloadavg()[0]:.2f}  threads {a.threads}")
     print(f"task ff_movie_sentiment (movie-review test sentences), {len(docs)} documents, "
           f"{len(keys)} log-likelihood requests")
-    print("| engine | acc | seconds |")
-    print("|---|---|---|")
+    print("| engine | acc (log-likelihood) | exact_match (generated) | seconds, both tasks |")
+    print("|---|---|---|---|")
     print(f"| ferroformers serve (GGUF math {a.gguf_math}), lm-eval local-completions | "
-          f"{acc(ours):.4f} | {ours_s:.1f} |")
+          f"{acc(ours):.4f} | {em(ours):.4f} | {ours_s:.1f} |")
     print(f"| transformers {__import__('transformers').__version__} f32, lm-eval hf | "
-          f"{acc(ref):.4f} | {ref_s:.1f} |")
+          f"{acc(ref):.4f} | {em(ref):.4f} | {ref_s:.1f} |")
+    print(f"generated the same text for {same_text}/{len(go)} documents")
+    for d in [d for d in sorted(go) if go[d] != gr.get(d)][:a.show]:
+        print(f"  document {d}: ours {go[d]!r}, transformers {gr.get(d)!r}")
     print(f"same answer on {same}/{len(docs)} documents; |log-likelihood difference| median "
           f"{statistics.median(diffs):.4f}, max {max(diffs):.4f} (nats per continuation)")
     print(json.dumps({"ours_acc": acc(ours), "ref_acc": acc(ref), "same": same,
+                      "ours_em": em(ours), "ref_em": em(ref), "same_text": same_text,
                       "docs": len(docs), "median_diff": statistics.median(diffs),
                       "max_diff": max(diffs)}))
 

@@ -143,6 +143,12 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "DTYPE",
           value_parser = crate::names(crate::DTYPES, crate::parse_dtype))]
     dtype: Option<ferroformers::DType>,
+    /// GGUF models on CPU: round activations to 8 bits per block with integer products as
+    /// llama.cpp does (int8, the default), or keep them f32 for transformers' exact numbers
+    /// (exact: log-likelihoods as transformers gives them for the dequantized model, slower).
+    #[arg(long, env = "FERROFORMERS_GGUF_MATH", value_name = "MODE",
+          value_parser = crate::names(ferroformers::QuantMath::NAMES, ferroformers::QuantMath::parse))]
+    gguf_math: Option<ferroformers::QuantMath>,
 }
 
 /// `--waiting-served-ratio`: a finite number >= 0.
@@ -201,6 +207,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         quiet: a.quiet,
         device,
         dtype: a.dtype,
+        gguf_math: a.gguf_math,
         idle_release_after: (a.release_memory_after > 0.0)
             .then(|| std::time::Duration::from_secs_f64(a.release_memory_after)),
         on_idle: Some(crate::give_back_freed_memory),

@@ -148,6 +148,12 @@ def test_openai_completions_models_and_errors(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0, stream=True) if ch.choices)
     assert streamed == r.choices[0].text
+    # `stop`: the text ends before the stop string, as OpenAI's (the pipeline keeps it).
+    full = generated("Hello", 6)
+    stop = full[2:4]
+    r = c.completions.create(model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0,
+                             stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
     # The legacy `logprobs: N`.
     r = c.completions.create(model=str(LLAMA), prompt="Hello", max_tokens=6, temperature=0,
                              logprobs=2)

@@ -147,6 +147,9 @@ pub struct Config {
     /// The models' dtype (`--dtype`); `None`: f32 on CPU, on a GPU each checkpoint's own
     /// (transformers' `torch_dtype="auto"`, TGI's default).
     pub dtype: Option<ferroformers::DType>,
+    /// GGUF models' arithmetic on CPU (`--gguf-math`); `None`: the library's default (int8,
+    /// or `FERROFORMERS_GGUF_MATH`).
+    pub gguf_math: Option<ferroformers::QuantMath>,
     /// How long the server must be idle (no request in flight, none admitted) before it gives
     /// memory back: it drops the key/value buffers it keeps for rows that join a batch, then
     /// calls `on_idle`, once per idle spell. `None`: never. Default 30 s: the first requests
@@ -185,6 +188,7 @@ impl Default for Config {
             quiet: false,
             device: ferroformers::Device::Cpu,
             dtype: None,
+            gguf_math: None,
             idle_release_after: Some(std::time::Duration::from_secs(30)),
             on_idle: None,
         }
@@ -353,6 +357,7 @@ struct LoadOpts {
     aborting: Arc<std::sync::atomic::AtomicBool>,
     device: ferroformers::Device,
     dtype: Option<ferroformers::DType>,
+    gguf_math: Option<ferroformers::QuantMath>,
 }
 
 fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
@@ -372,6 +377,10 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     let mut opts = PipelineOptions {
         model: Some(spec.model.clone()),
         device: o.device.clone(),
+        // Only GGUF files have it (others would warn that it is ignored).
+        gguf_math: o
+            .gguf_math
+            .filter(|_| ferroformers::generation::gguf_file(&dir).is_some()),
         ..PipelineOptions::default()
     };
     // On a GPU: the checkpoint's dtype unless `--dtype` says, batches of 32 (as `run`).
@@ -464,6 +473,7 @@ impl Server {
             aborting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             device: cfg.device.clone(),
             dtype: cfg.dtype,
+            gguf_math: cfg.gguf_math,
         };
         let o = opts.clone();
         let mut models = tokio::task::spawn_blocking(move || {

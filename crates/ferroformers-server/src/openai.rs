@@ -74,6 +74,105 @@ fn legacy_logprobs(tokens: &[LegacyToken], offset: usize) -> Value {
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
+/// The stop strings of a request's parameters (`stop`).
+fn stops_of(params: &Params) -> Vec<String> {
+    params
+        .get("stop_strings")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().filter(|s| !s.is_empty()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where the first of `stops` starts in `text`, searched from byte `from`.
+fn first_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min()
+}
+
+/// The largest char boundary of `text` at or before `i`.
+fn floor_boundary(text: &str, mut i: usize) -> usize {
+    i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// A generation's text as OpenAI returns it: cut before the first stop string that ended it
+/// (the pipeline, as transformers' `stop_strings`, keeps it; OpenAI and vLLM do not).
+fn without_stop(text: String, stops: &[String], stopped: bool) -> String {
+    match first_stop(&text, 0, stops).filter(|_| stopped) {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// A streamed generation's text as OpenAI streams it: text that may be the start of a stop
+/// string is held back until the next pieces show it is not (vLLM's stop buffer), and nothing
+/// from a stop string on is sent.
+struct StopHold<'a> {
+    stops: &'a [String],
+    /// Bytes held back: the longest stop string's, less one.
+    hold: usize,
+    text: String,
+    sent: usize,
+    stopped: bool,
+}
+
+impl<'a> StopHold<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
+        StopHold {
+            stops,
+            hold,
+            text: String::new(),
+            sent: 0,
+            stopped: false,
+        }
+    }
+
+    /// Add a piece; the text that can go out now.
+    fn push(&mut self, piece: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.text.push_str(piece);
+        if self.stops.is_empty() {
+            self.sent = self.text.len();
+            return piece.to_string();
+        }
+        // A stop string that ends in the new piece starts at most `hold` bytes before it.
+        let from = floor_boundary(&self.text, self.sent.saturating_sub(self.hold));
+        let end = match first_stop(&self.text, from, self.stops) {
+            Some(i) => {
+                self.stopped = true;
+                i.max(self.sent)
+            }
+            None => floor_boundary(&self.text, self.text.len() - self.hold).max(self.sent),
+        };
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
+
+    /// What is still held back once the generation has ended.
+    fn finish(&mut self) -> String {
+        let rest = if self.stopped {
+            String::new()
+        } else {
+            self.text[self.sent..].to_string()
+        };
+        self.sent = self.text.len();
+        rest
+    }
+}
+
 /// An echoed prompt (`echo`): its text (a text prompt as given; token ids decoded) and its
 /// tokens, scored when log-probabilities were asked for.
 struct Echo {
@@ -648,6 +747,7 @@ pub(crate) async fn openai_generate(
     };
     // The base seed of sampled choices when the request gives none.
     let base = random_seed();
+    let stops = stops_of(&params);
     let echoes = if echo {
         echo_prompts(&state, index, &inputs, &params, logprobs.then_some(top)).await?
     } else {
@@ -693,7 +793,7 @@ pub(crate) async fn openai_generate(
             for (i, c) in ranked(done, n).into_iter().enumerate() {
                 let i = p * n + i;
                 let (out, usage, tokens) = &done[c];
-                let text = generated_text(out);
+                let text = without_stop(generated_text(out), &stops, usage.stop_string);
                 choices.push(match kind {
                     Kind::Chat => {
                         let lp = if logprobs {
@@ -779,6 +879,7 @@ pub(crate) async fn openai_generate(
         let (id, name, input) = (id.clone(), name.clone(), inputs[p].clone());
         let params = choice_params(&params, c, n, base);
         let echoed = echo_events.get(p).cloned();
+        let stops = stops.clone();
         let prompt_len = echoes.get(p).map_or(0, |e| e.tokens.len());
         // Its `index`: the choices of several prompts count on, prompt by prompt.
         let i = p * n + c;
@@ -801,6 +902,7 @@ pub(crate) async fn openai_generate(
             let (mut gone, mut cut) = (false, false);
             // Characters of the completion sent so far (legacy logprobs' `text_offset`).
             let mut offset = 0usize;
+            let mut held = StopHold::new(&stops);
             if let Some((text, lp, chars)) = echoed {
                 let _ = tx.send(chunk(json!({"index": i, "text": text, "logprobs": lp,
                                              "finish_reason": null})));
@@ -823,15 +925,17 @@ pub(crate) async fn openai_generate(
                         if !t.tail {
                             clock.token();
                         }
-                        if t.text.is_empty() && (t.tail || !logprobs) {
+                        // The text released (stop strings held back and cut); the
+                        // log-probabilities are the token's own, with its own piece.
+                        let delta = held.push(t.text);
+                        let with_lp = logprobs && !t.tail;
+                        if delta.is_empty() && !with_lp {
                             return true;
                         }
-                        let delta = t.text;
-                        let with_lp = logprobs && !t.tail;
                         let choice = match kind {
                             Kind::Chat => {
                                 let lp = if with_lp {
-                                    json!({"content": [logprob_entry(t.id, delta, t.logprob, t.top)]})
+                                    json!({"content": [logprob_entry(t.id, t.text, t.logprob, t.top)]})
                                 } else {
                                     Value::Null
                                 };
@@ -840,11 +944,11 @@ pub(crate) async fn openai_generate(
                             }
                             Kind::Completion => {
                                 let lp = if with_lp {
-                                    legacy_logprobs(&[legacy_token(t.id, delta, t.logprob, t.top)], offset)
+                                    legacy_logprobs(&[legacy_token(t.id, t.text, t.logprob, t.top)], offset)
                                 } else {
                                     Value::Null
                                 };
-                                offset += delta.chars().count();
+                                offset += t.text.chars().count();
                                 json!({"index": i, "text": delta, "logprobs": lp,
                                        "finish_reason": null})
                             }
@@ -865,6 +969,16 @@ pub(crate) async fn openai_generate(
             let mut usage = None;
             match result {
                 Ok((_, u)) => {
+                    // Text held back for a stop string that did not come.
+                    let rest = held.finish();
+                    if !rest.is_empty() {
+                        let _ = tx.send(chunk(match kind {
+                            Kind::Chat => json!({"index": i, "delta": {"content": rest},
+                                                 "logprobs": null, "finish_reason": null}),
+                            Kind::Completion => json!({"index": i, "text": rest,
+                                                       "logprobs": null, "finish_reason": null}),
+                        }));
+                    }
                     let choice = match kind {
                         Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null,
                                              "finish_reason": finish(&u)}),
@@ -952,4 +1066,49 @@ pub(crate) fn base64_encode(bytes: &[u8]) -> String {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streamed(pieces: &[&str], stops: &[&str]) -> (Vec<String>, String) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut held = StopHold::new(&stops);
+        let out: Vec<String> = pieces.iter().map(|p| held.push(p)).collect();
+        (out, held.finish())
+    }
+
+    /// Streamed text is what the whole answer gives: cut before the first stop string, the
+    /// start of a possible stop string held back until the next piece shows it is not one.
+    #[test]
+    fn stop_strings_are_cut_and_held_back() {
+        let (out, rest) = streamed(&["Hel", "lo W", "orld"], &["o W"]);
+        assert_eq!((out.concat(), rest.as_str()), ("Hell".to_string(), ""));
+        assert_eq!(out[0], "H", "two bytes held: they may start `o W`");
+        // No stop string comes: everything, the held part at the end.
+        let (out, rest) = streamed(&["Hel", "lo ", "there"], &["xyz", "o W"]);
+        assert_eq!(out.concat() + &rest, "Hello there");
+        // Several stop strings: the first in the text wins; one at the very start gives "".
+        let (out, _) = streamed(&["a-b", "-c."], &[".", "-c"]);
+        assert_eq!(out.concat(), "a-b");
+        let (out, _) = streamed(&[" A", " mix"], &[" "]);
+        assert_eq!(out.concat(), "");
+        // Multi-byte characters are never split.
+        let (out, rest) = streamed(&["caf\u{e9}", "\u{e9}s"], &["\u{e9}\u{e9}x"]);
+        assert!(out.iter().all(|o| o.is_char_boundary(o.len())));
+        assert_eq!(out.concat() + &rest, "caf\u{e9}\u{e9}s");
+        // Without stop strings nothing is held.
+        let (out, rest) = streamed(&["a", "b"], &[]);
+        assert_eq!(
+            (out, rest.as_str()),
+            (vec!["a".to_string(), "b".to_string()], "")
+        );
+        for (text, stopped, want) in [
+            ("Hello World", true, "Hell"),
+            ("Hello World", false, "Hello World"),
+        ] {
+            assert_eq!(without_stop(text.into(), &["o W".into()], stopped), want);
+        }
+    }
 }

@@ -2875,3 +2875,128 @@ fn embeddings_take_token_ids() {
     let (status, err) = post_json(&url, json!({"input": [[1], [2], [3], [4], [5]]}));
     assert_eq!(status, 413, "{err}");
 }
+
+/// `--gguf-math` reaches a served GGUF model: `exact` scores a prompt as the library does with
+/// f32 activations; the default (int8 activations, as llama.cpp) differs from that by its
+/// rounding. Skipped without SmolLM2 in the HF cache.
+#[test]
+fn gguf_math_reaches_served_models() {
+    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+        || ferroformers::hub::resolve(ID, None).is_err()
+    {
+        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+        return;
+    }
+    let text = "The capital of France is Paris, and the capital of Italy is Rome.";
+    let scores = |math: Option<ferroformers::QuantMath>| -> Vec<f64> {
+        let base = start_with(|c| {
+            c.models = vec![ModelSpec::parse(&format!("{ID}=text-generation"))];
+            c.gguf_math = math;
+        });
+        let (status, got) = post_json(
+            &format!("{base}/v1/completions"),
+            json!({"prompt": text, "max_tokens": 0, "echo": true, "logprobs": 0}),
+        );
+        assert_eq!(status, 200, "{got}");
+        got["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()[1..]
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let exact = ferroformers::pipeline_with(
+        "text-generation",
+        PipelineOptions {
+            model: Some(ID.to_string()),
+            gguf_math: Some(ferroformers::QuantMath::Exact),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let want: Vec<f64> = exact
+        .prompt_tokens(&Input::from(text), &Params::new(), Some(0), None)
+        .unwrap()[1..]
+        .iter()
+        .map(|t| t.logprob.unwrap() as f64)
+        .collect();
+    let diff = |a: &[f64]| {
+        assert_eq!(a.len(), want.len());
+        a.iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(diff(&scores(Some(ferroformers::QuantMath::Exact))) < 1e-4);
+    assert!(diff(&scores(None)) > 1e-3, "int8 activations round");
+}
+
+/// OpenAI's `stop`: the text ends before the first stop string (OpenAI and vLLM leave it out;
+/// TGI, like transformers, keeps it), streamed or not, and `finish_reason` is `stop`.
+#[test]
+fn openai_stop_strings_are_left_out() {
+    let base = start();
+    let url = format!("{base}/v1/completions");
+    let body = json!({"prompt": "Once upon", "max_tokens": 12, "temperature": 0});
+    let (_, free) = post_json(&url, body.clone());
+    let full = free["choices"][0]["text"].as_str().unwrap().to_string();
+    // A stop string from the middle of the free text.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 6, "{full}");
+    let stop: String = chars[4..6].iter().collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    let mut stopped = body.clone();
+    stopped["stop"] = json!(["never-there", stop]);
+    let (status, got) = post_json(&url, stopped.clone());
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], want, "stop {stop:?} in {full:?}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
+    stopped["stream"] = json!(true);
+    let resp = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(stopped)
+        .unwrap();
+    let chunks = sse_chunks(resp);
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, want);
+    // TGI keeps the stop sequence, as TGI does.
+    let (_, tgi) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 12, "stop": [stop],
+                                                     "repetition_penalty": 1.3}}),
+    );
+    assert!(
+        tgi["generated_text"].as_str().unwrap().contains(&stop),
+        "{tgi}"
+    );
+    // Chat, streamed and not.
+    let chat_url = format!("{base}/v1/chat/completions");
+    let chat = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12,
+                      "temperature": 0});
+    let (_, free) = post_json(&chat_url, chat.clone());
+    let full = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[3..5].iter().collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    let mut stopped = chat;
+    stopped["stop"] = json!(stop);
+    let (_, got) = post_json(&chat_url, stopped.clone());
+    assert_eq!(got["choices"][0]["message"]["content"], want, "{got}");
+    stopped["stream"] = json!(true);
+    let resp = ureq::post(&chat_url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(stopped)
+        .unwrap();
+    let joined: String = sse_chunks(resp)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, want);
+}
