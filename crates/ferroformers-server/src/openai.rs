@@ -104,12 +104,14 @@ fn floor_boundary(text: &str, mut i: usize) -> usize {
     i
 }
 
-/// A generation's text as OpenAI returns it: cut before the first stop string that ended it
-/// (the pipeline, as transformers' `stop_strings`, keeps it; OpenAI and vLLM do not).
-fn without_stop(text: String, stops: &[String], stopped: bool) -> String {
-    match first_stop(&text, 0, stops).filter(|_| stopped) {
-        Some(i) => text[..i].to_string(),
-        None => text,
+/// A generation's text as OpenAI returns it: cut before its first stop string (the pipeline,
+/// as transformers' `stop_strings`, keeps it; OpenAI and vLLM do not), and whether one was
+/// there (then `finish_reason` is `stop`, as vLLM says even when it came with the last token
+/// allowed; TGI says `length` then).
+fn without_stop(text: String, stops: &[String]) -> (String, bool) {
+    match first_stop(&text, 0, stops) {
+        Some(i) => (text[..i].to_string(), true),
+        None => (text, false),
     }
 }
 
@@ -793,7 +795,8 @@ pub(crate) async fn openai_generate(
             for (i, c) in ranked(done, n).into_iter().enumerate() {
                 let i = p * n + i;
                 let (out, usage, tokens) = &done[c];
-                let text = without_stop(generated_text(out), &stops, usage.stop_string);
+                let (text, stopped) = without_stop(generated_text(out), &stops);
+                let finish_reason = if stopped { "stop" } else { finish(usage) };
                 choices.push(match kind {
                     Kind::Chat => {
                         let lp = if logprobs {
@@ -806,7 +809,7 @@ pub(crate) async fn openai_generate(
                             Value::Null
                         };
                         json!({"index": i, "message": {"role": "assistant", "content": text},
-                               "logprobs": lp, "finish_reason": finish(usage)})
+                               "logprobs": lp, "finish_reason": finish_reason})
                     }
                     Kind::Completion => {
                         let echoed = echoes.get(*p);
@@ -826,7 +829,7 @@ pub(crate) async fn openai_generate(
                             None => text,
                         };
                         json!({"index": i, "text": text, "logprobs": lp,
-                               "finish_reason": finish(usage)})
+                               "finish_reason": finish_reason})
                     }
                 });
                 // OpenAI counts each prompt once and every choice's tokens.
@@ -979,11 +982,12 @@ pub(crate) async fn openai_generate(
                                                        "logprobs": null, "finish_reason": null}),
                         }));
                     }
+                    let reason = if held.stopped { "stop" } else { finish(&u) };
                     let choice = match kind {
                         Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null,
-                                             "finish_reason": finish(&u)}),
+                                             "finish_reason": reason}),
                         Kind::Completion => json!({"index": i, "text": "", "logprobs": null,
-                                                   "finish_reason": finish(&u)}),
+                                                   "finish_reason": reason}),
                     };
                     let _ = tx.send(chunk(choice));
                     usage = Some(u);
@@ -1104,11 +1108,9 @@ mod tests {
             (out, rest.as_str()),
             (vec!["a".to_string(), "b".to_string()], "")
         );
-        for (text, stopped, want) in [
-            ("Hello World", true, "Hell"),
-            ("Hello World", false, "Hello World"),
-        ] {
-            assert_eq!(without_stop(text.into(), &["o W".into()], stopped), want);
+        for (stop, want) in [("o W", ("Hell", true)), ("xy", ("Hello World", false))] {
+            let (text, stopped) = without_stop("Hello World".into(), &[stop.into()]);
+            assert_eq!((text.as_str(), stopped), want);
         }
     }
 }

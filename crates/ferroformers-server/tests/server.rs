@@ -2963,6 +2963,14 @@ fn openai_stop_strings_are_left_out() {
         .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(joined, want);
+    // A stop string that comes with the last token allowed: still left out, and `stop`.
+    let n_tokens = got["usage"]["completion_tokens"].clone();
+    let mut at_limit = body.clone();
+    at_limit["max_tokens"] = n_tokens;
+    at_limit["stop"] = json!(stop);
+    let (_, last) = post_json(&url, at_limit);
+    assert_eq!(last["choices"][0]["text"], want, "{last}");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
     // TGI keeps the stop sequence, as TGI does.
     let (_, tgi) = post_json(
         &format!("{base}/generate"),
