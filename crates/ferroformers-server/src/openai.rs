@@ -74,6 +74,17 @@ fn legacy_logprobs(tokens: &[LegacyToken], offset: usize) -> Value {
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
+/// A boolean field of the body (absent or null: false).
+fn bool_field(v: &Value, k: &str) -> Result<bool, ApiError> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(x) => {
+            Err(ApiError::validation(format!("`{k}` must be true or false, got {x}")).with_param(k))
+        }
+    }
+}
+
 /// The stop strings of a request's parameters (`stop`).
 fn stops_of(params: &Params) -> Vec<String> {
     params
@@ -87,11 +98,15 @@ fn stops_of(params: &Params) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Where the first of `stops` starts in `text`, searched from byte `from`.
-fn first_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+/// Where the first of `stops` starts in `text` (searched from byte `from`), and where it ends.
+fn first_stop(text: &str, from: usize, stops: &[String]) -> Option<(usize, usize)> {
     stops
         .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .filter_map(|s| {
+            text[from..]
+                .find(s.as_str())
+                .map(|i| (from + i, from + i + s.len()))
+        })
         .min()
 }
 
@@ -108,9 +123,10 @@ fn floor_boundary(text: &str, mut i: usize) -> usize {
 /// as transformers' `stop_strings`, keeps it; OpenAI and vLLM do not), and whether one was
 /// there (then `finish_reason` is `stop`, as vLLM says even when it came with the last token
 /// allowed; TGI says `length` then).
-fn without_stop(text: String, stops: &[String]) -> (String, bool) {
+/// With `keep` (vLLM's `include_stop_str_in_output`) the text is cut after it instead.
+fn without_stop(text: String, stops: &[String], keep: bool) -> (String, bool) {
     match first_stop(&text, 0, stops) {
-        Some(i) => (text[..i].to_string(), true),
+        Some((i, end)) => (text[..if keep { end } else { i }].to_string(), true),
         None => (text, false),
     }
 }
@@ -120,6 +136,8 @@ fn without_stop(text: String, stops: &[String]) -> (String, bool) {
 /// from a stop string on is sent.
 struct StopHold<'a> {
     stops: &'a [String],
+    /// The stop string itself goes out (`include_stop_str_in_output`).
+    keep: bool,
     /// Bytes held back: the longest stop string's, less one.
     hold: usize,
     text: String,
@@ -128,10 +146,11 @@ struct StopHold<'a> {
 }
 
 impl<'a> StopHold<'a> {
-    fn new(stops: &'a [String]) -> Self {
+    fn new(stops: &'a [String], keep: bool) -> Self {
         let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
         StopHold {
             stops,
+            keep,
             hold,
             text: String::new(),
             sent: 0,
@@ -152,11 +171,13 @@ impl<'a> StopHold<'a> {
         // A stop string that ends in the new piece starts at most `hold` bytes before it.
         let from = floor_boundary(&self.text, self.sent.saturating_sub(self.hold));
         let end = match first_stop(&self.text, from, self.stops) {
-            Some(i) => {
+            Some((i, end)) => {
                 self.stopped = true;
-                i.max(self.sent)
+                (if self.keep { end } else { i }).max(self.sent)
             }
-            None => floor_boundary(&self.text, self.text.len() - self.hold).max(self.sent),
+            None => {
+                floor_boundary(&self.text, self.text.len().saturating_sub(self.hold)).max(self.sent)
+            }
         };
         let out = self.text[self.sent..end].to_string();
         self.sent = end;
@@ -432,6 +453,44 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
         }
     }
     refuse_unsupported(v)?;
+    // vLLM's extra sampling fields.
+    match v.get("stop_token_ids") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a))
+            if a.iter()
+                .all(|x| x.as_u64().is_some_and(|i| i <= u32::MAX as u64)) =>
+        {
+            if !a.is_empty() {
+                p.insert("stop_token_ids".into(), Value::Array(a.clone()));
+            }
+        }
+        Some(_) => {
+            return Err(
+                ApiError::validation("`stop_token_ids` must be a list of token ids")
+                    .with_param("stop_token_ids"),
+            )
+        }
+    }
+    if bool_field(v, "ignore_eos")? {
+        // vLLM keeps generating past an end token; here none is generated before
+        // `max_tokens` (transformers' `min_new_tokens`): the same length, as benchmarks want.
+        match p.get("max_new_tokens").cloned() {
+            Some(max) => {
+                p.insert("min_new_tokens".into(), max);
+            }
+            None => {
+                return Err(ApiError::validation("`ignore_eos` needs `max_tokens`")
+                    .with_param("ignore_eos"))
+            }
+        }
+    }
+    if let Some(skip) = v.get("skip_special_tokens").filter(|x| !x.is_null()) {
+        let skip = skip.as_bool().ok_or_else(|| {
+            ApiError::validation("`skip_special_tokens` must be true or false")
+                .with_param("skip_special_tokens")
+        })?;
+        p.insert("skip_special_tokens".into(), json!(skip));
+    }
     p.insert("return_full_text".into(), json!(false));
     Ok(p)
 }
@@ -501,6 +560,56 @@ fn choice_params(params: &Params, i: usize, n: usize, base: u64) -> Params {
 /// call.
 fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
     let set = |k: &str| !matches!(v.get(k), None | Some(Value::Null));
+    // vLLM's extras this server does not implement, when they ask for something.
+    for k in [
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
+        "prompt_logprobs",
+        "truncate_prompt_tokens",
+        "allowed_token_ids",
+        "chat_template",
+    ] {
+        if set(k) {
+            return Err(
+                ApiError::validation(format!("`{k}` is not supported by this server"))
+                    .with_param(k),
+            );
+        }
+    }
+    for (k, neutral) in [
+        ("use_beam_search", json!(false)),
+        ("length_penalty", json!(1.0)),
+        ("spaces_between_special_tokens", json!(true)),
+        ("return_tokens_as_token_ids", json!(false)),
+    ] {
+        match v.get(k) {
+            None | Some(Value::Null) => {}
+            Some(x) if x == &neutral || x.as_f64().is_some() && x.as_f64() == neutral.as_f64() => {}
+            Some(x) => {
+                return Err(ApiError::validation(format!(
+                    "`{k}` {x} is not supported by this server (only {neutral})"
+                ))
+                .with_param(k))
+            }
+        }
+    }
+    for k in ["bad_words", "chat_template_kwargs"] {
+        let empty = match v.get(k) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
+        if !empty {
+            return Err(
+                ApiError::validation(format!("`{k}` is not supported by this server"))
+                    .with_param(k),
+            );
+        }
+    }
     if set("suffix") {
         return Err(
             ApiError::validation("`suffix` is not supported by this server").with_param("suffix"),
@@ -628,7 +737,38 @@ pub(crate) async fn openai_generate(
         }
         Kind::Completion => completion_prompts(&v, state.max_client_batch_size)?,
     };
-    let params = openai_params(&v)?;
+    let mut params = openai_params(&v)?;
+    // vLLM's chat fields: `continue_final_message` continues the last (assistant) message
+    // instead of starting a new one, which needs `add_generation_prompt: false`; the template
+    // always adds the generation prompt otherwise.
+    if kind == Kind::Chat {
+        let cont = bool_field(&v, "continue_final_message")?;
+        let gen_prompt = match v.get("add_generation_prompt") {
+            None | Some(Value::Null) => !cont,
+            _ => bool_field(&v, "add_generation_prompt")?,
+        };
+        match (cont, gen_prompt) {
+            (true, true) => {
+                return Err(ApiError::validation(
+                    "`continue_final_message` and `add_generation_prompt` cannot both be true",
+                )
+                .with_param("continue_final_message"))
+            }
+            (false, false) => {
+                return Err(ApiError::validation(
+                    "`add_generation_prompt: false` is supported only with \
+                     `continue_final_message: true`",
+                )
+                .with_param("add_generation_prompt"))
+            }
+            (true, false) => {
+                params.insert("continue_final_message".into(), json!(true));
+            }
+            (false, true) => {
+                params.insert("continue_final_message".into(), json!(false));
+            }
+        }
+    }
     // `echo` (completions, as vLLM): the prompt comes back before the completion, with its
     // tokens' log-probabilities when `logprobs` is set; with `max_tokens: 0`, the prompt alone
     // (lm-evaluation-harness' log-likelihoods).
@@ -666,6 +806,20 @@ pub(crate) async fn openai_generate(
                     .with_param("prompt"));
                 }
             }
+        }
+        if let Some(id) = params
+            .get("stop_token_ids")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .find(|&i| i as usize >= vocab)
+            })
+        {
+            return Err(ApiError::validation(format!(
+                "`stop_token_ids` has token id {id}, outside the model's vocabulary of {vocab} tokens"
+            ))
+            .with_param("stop_token_ids"));
         }
         if let Some(Value::Object(bias)) = params.get("logit_bias") {
             if let Some(k) = bias
@@ -749,6 +903,8 @@ pub(crate) async fn openai_generate(
     };
     // The base seed of sampled choices when the request gives none.
     let base = random_seed();
+    // vLLM's `include_stop_str_in_output`: the text keeps the stop string.
+    let keep_stop = bool_field(&v, "include_stop_str_in_output")?;
     let stops = stops_of(&params);
     let echoes = if echo {
         echo_prompts(&state, index, &inputs, &params, logprobs.then_some(top)).await?
@@ -795,7 +951,7 @@ pub(crate) async fn openai_generate(
             for (i, c) in ranked(done, n).into_iter().enumerate() {
                 let i = p * n + i;
                 let (out, usage, tokens) = &done[c];
-                let (text, stopped) = without_stop(generated_text(out), &stops);
+                let (text, stopped) = without_stop(generated_text(out), &stops, keep_stop);
                 let finish_reason = if stopped { "stop" } else { finish(usage) };
                 choices.push(match kind {
                     Kind::Chat => {
@@ -905,7 +1061,7 @@ pub(crate) async fn openai_generate(
             let (mut gone, mut cut) = (false, false);
             // Characters of the completion sent so far (legacy logprobs' `text_offset`).
             let mut offset = 0usize;
-            let mut held = StopHold::new(&stops);
+            let mut held = StopHold::new(&stops, keep_stop);
             if let Some((text, lp, chars)) = echoed {
                 let _ = tx.send(chunk(json!({"index": i, "text": text, "logprobs": lp,
                                              "finish_reason": null})));
@@ -1078,7 +1234,7 @@ mod tests {
 
     fn streamed(pieces: &[&str], stops: &[&str]) -> (Vec<String>, String) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut held = StopHold::new(&stops);
+        let mut held = StopHold::new(&stops, false);
         let out: Vec<String> = pieces.iter().map(|p| held.push(p)).collect();
         (out, held.finish())
     }
@@ -1102,6 +1258,9 @@ mod tests {
         let (out, rest) = streamed(&["caf\u{e9}", "\u{e9}s"], &["\u{e9}\u{e9}x"]);
         assert!(out.iter().all(|o| o.is_char_boundary(o.len())));
         assert_eq!(out.concat() + &rest, "caf\u{e9}\u{e9}s");
+        // Pieces shorter than the part held back.
+        let (out, rest) = streamed(&["a", "b", "cdefgh"], &["xyzw1"]);
+        assert_eq!((out.concat(), rest.as_str()), ("abcd".to_string(), "efgh"));
         // Without stop strings nothing is held.
         let (out, rest) = streamed(&["a", "b"], &[]);
         assert_eq!(
@@ -1109,8 +1268,17 @@ mod tests {
             (vec!["a".to_string(), "b".to_string()], "")
         );
         for (stop, want) in [("o W", ("Hell", true)), ("xy", ("Hello World", false))] {
-            let (text, stopped) = without_stop("Hello World".into(), &[stop.into()]);
+            let (text, stopped) = without_stop("Hello World".into(), &[stop.into()], false);
             assert_eq!((text.as_str(), stopped), want);
         }
+        let kept = without_stop("Hello World".into(), &["o W".into()], true);
+        assert_eq!(kept, ("Hello W".to_string(), true));
+        let stops = ["o W".to_string()];
+        let mut held = StopHold::new(&stops, true);
+        let out: String = ["Hel", "lo Wor", "ld"]
+            .iter()
+            .map(|p| held.push(p))
+            .collect();
+        assert_eq!(out + &held.finish(), "Hello W");
     }
 }

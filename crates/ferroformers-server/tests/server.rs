@@ -3008,3 +3008,148 @@ fn openai_stop_strings_are_left_out() {
         .collect();
     assert_eq!(joined, want);
 }
+
+/// vLLM's extra request fields: `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`,
+/// `skip_special_tokens`, `continue_final_message`; the ones not implemented (guided decoding,
+/// beam search, ...) are refused by name instead of being ignored.
+#[test]
+fn vllm_extra_fields() {
+    let base = start();
+    let url = format!("{base}/v1/completions");
+    let (_, tgi) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 8, "details": true}}),
+    );
+    let ids: Vec<u64> = tgi["details"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    // The first generated token that has not come before ends it.
+    let k = (1..ids.len())
+        .find(|&k| !ids[..k].contains(&ids[k]))
+        .unwrap();
+    let body = json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0,
+                      "stop_token_ids": [ids[k]]});
+    let (status, got) = post_json(&url, body);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["usage"]["completion_tokens"], k + 1, "{got}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
+    // ignore_eos: exactly max_tokens tokens (more than the fixture's 7 by default).
+    let (_, got) = post_json(
+        &url,
+        json!({"prompt": "Once upon", "max_tokens": 20, "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(got["usage"]["completion_tokens"], 20, "{got}");
+    // include_stop_str_in_output keeps the stop string that `stop` leaves out.
+    let (_, free) = post_json(
+        &url,
+        json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0}),
+    );
+    let full = free["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = full.chars().skip(3).take(2).collect();
+    let upto = full.find(&stop).unwrap() + stop.len();
+    let (_, kept) = post_json(
+        &url,
+        json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0, "stop": stop,
+               "include_stop_str_in_output": true}),
+    );
+    assert_eq!(kept["choices"][0]["text"], full[..upto], "{kept}");
+    let resp = ureq::post(&url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(
+            json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0,
+                          "stop": stop, "include_stop_str_in_output": true, "stream": true}),
+        )
+        .unwrap();
+    let joined: String = sse_chunks(resp)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, full[..upto]);
+    let (status, _) = post_json(
+        &url,
+        json!({"prompt": "Once upon", "max_tokens": 2, "skip_special_tokens": false}),
+    );
+    assert_eq!(status, 200);
+    // continue_final_message: the last (assistant) message goes on, as the pipeline's.
+    let chat = vec![
+        ferroformers::generation::Message::new("user", "Hi there"),
+        ferroformers::generation::Message::new("assistant", "Well"),
+    ];
+    let want = decoder_text(
+        Input::Chat(chat),
+        4,
+        json!({"continue_final_message": true}),
+    );
+    let (status, got) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Hi there"},
+                            {"role": "assistant", "content": "Well"}],
+               "max_tokens": 4, "temperature": 0, "continue_final_message": true,
+               "add_generation_prompt": false}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["message"]["content"], want, "{got}");
+    for (route, bad, field) in [
+        (
+            "/v1/completions",
+            json!({"guided_json": {"type": "object"}}),
+            "guided_json",
+        ),
+        (
+            "/v1/completions",
+            json!({"use_beam_search": true}),
+            "use_beam_search",
+        ),
+        (
+            "/v1/completions",
+            json!({"length_penalty": 2.0}),
+            "length_penalty",
+        ),
+        ("/v1/completions", json!({"bad_words": ["x"]}), "bad_words"),
+        (
+            "/v1/completions",
+            json!({"stop_token_ids": [999_999]}),
+            "stop_token_ids",
+        ),
+        (
+            "/v1/completions",
+            json!({"stop_token_ids": "x"}),
+            "stop_token_ids",
+        ),
+        ("/v1/completions", json!({"ignore_eos": true}), "ignore_eos"),
+        (
+            "/v1/completions",
+            json!({"prompt_logprobs": 1}),
+            "prompt_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"chat_template_kwargs": {"enable_thinking": true}}),
+            "chat_template_kwargs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"add_generation_prompt": false}),
+            "add_generation_prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"continue_final_message": true, "add_generation_prompt": true}),
+            "continue_final_message",
+        ),
+    ] {
+        let mut body = json!({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]});
+        if bad.get("ignore_eos").is_none() {
+            body["max_tokens"] = json!(2);
+        }
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (status, err) = post_json(&format!("{base}{route}"), body);
+        assert_eq!(status, 422, "{bad}: {err}");
+        assert_eq!(err["error"]["param"], field, "{bad}: {err}");
+    }
+}

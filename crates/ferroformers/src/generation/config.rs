@@ -139,6 +139,7 @@ pub const GENERATION_PARAMS: &[&str] = &[
     "presence_penalty",
     "tgi_frequency_penalty",
     "logit_bias",
+    "stop_token_ids",
 ];
 
 fn bad(name: &str, v: &Value, want: &str) -> Error {
@@ -287,6 +288,14 @@ impl GenerationConfig {
                 }
                 "num_return_sequences" => self.num_return_sequences = as_usize(name, v)?,
                 "eos_token_id" => self.eos_token_id = as_ids(name, v)?,
+                // vLLM's: more tokens that end the generation, besides the end tokens.
+                "stop_token_ids" => {
+                    for id in as_ids(name, v)? {
+                        if !self.eos_token_id.contains(&id) {
+                            self.eos_token_id.push(id);
+                        }
+                    }
+                }
                 "pad_token_id" => self.pad_token_id = opt_usize(v)?.map(|n| n as u32),
                 "bos_token_id" => self.bos_token_id = opt_usize(v)?.map(|n| n as u32),
                 "stop_strings" => {
