@@ -31,6 +31,19 @@ fn decoder() -> String {
 
 const KEY: &str = "test-key";
 
+/// The real SmolLM2 GGUF's hub id, when it is in the HF cache (scripts/fetch-models.sh smollm2)
+/// and FERROFORMERS_SKIP_REAL_MODELS is not 1; else `None`, the test saying it is skipped.
+fn smollm2() -> Option<&'static str> {
+    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+        || ferroformers::hub::resolve(ID, None).is_err()
+    {
+        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+        return None;
+    }
+    Some(ID)
+}
+
 /// Start a server (port 0) on a runtime of its own; its base URL.
 fn start() -> String {
     start_with(|_| {})
@@ -1486,14 +1499,10 @@ fn idle_server_gives_memory_back() {
 /// `add_bos_token=false` and llama.cpp do not).
 #[test]
 fn gguf_tokenize_and_decode() {
-    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
-    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
-        || ferroformers::hub::resolve(ID, None).is_err()
-    {
-        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+    let Some(id) = smollm2() else {
         return;
-    }
-    let base = start_with(|c| c.models = vec![ModelSpec::parse(&format!("{ID}=text-generation"))]);
+    };
+    let base = start_with(|c| c.models = vec![ModelSpec::parse(&format!("{id}=text-generation"))]);
     let text = "H\u{e9}llo w\u{f6}rld, na\u{ef}ve caf\u{e9}!";
     for (input, want) in [
         ("The capital of France is", vec![504, 3575, 282, 4649, 314]),
@@ -2881,17 +2890,13 @@ fn embeddings_take_token_ids() {
 /// rounding. Skipped without SmolLM2 in the HF cache.
 #[test]
 fn gguf_math_reaches_served_models() {
-    const ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
-    if std::env::var("FERROFORMERS_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
-        || ferroformers::hub::resolve(ID, None).is_err()
-    {
-        eprintln!("skipped: {ID} is not in the HF cache (scripts/fetch-models.sh smollm2)");
+    let Some(id) = smollm2() else {
         return;
-    }
+    };
     let text = "The capital of France is Paris, and the capital of Italy is Rome.";
     let scores = |math: Option<ferroformers::QuantMath>| -> Vec<f64> {
         let base = start_with(|c| {
-            c.models = vec![ModelSpec::parse(&format!("{ID}=text-generation"))];
+            c.models = vec![ModelSpec::parse(&format!("{id}=text-generation"))];
             c.gguf_math = math;
         });
         let (status, got) = post_json(
@@ -2909,7 +2914,7 @@ fn gguf_math_reaches_served_models() {
     let exact = ferroformers::pipeline_with(
         "text-generation",
         PipelineOptions {
-            model: Some(ID.to_string()),
+            model: Some(id.to_string()),
             gguf_math: Some(ferroformers::QuantMath::Exact),
             ..Default::default()
         },

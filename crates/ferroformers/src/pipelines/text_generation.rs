@@ -417,43 +417,6 @@ impl TextGeneration {
             .collect()
     }
 
-    /// The tokens a generation of `input` under `params` starts from, scored with `logprobs`
-    /// (see [`crate::pipelines::Pipeline::prompt_tokens`]).
-    pub fn prompt_tokens(
-        &self,
-        input: &Input,
-        params: &Params,
-        logprobs: Option<usize>,
-        cancel: Option<&crate::generation::Cancel>,
-    ) -> Result<Vec<PromptToken>> {
-        self.check_params(params)?;
-        let ids = self.encode(input, &self.options(params)?, 0)?;
-        let scores = match logprobs {
-            Some(top) => self.generator.prompt_logprobs(&ids, top, cancel)?,
-            None => vec![None; ids.len()],
-        };
-        let mut streamer = TextStreamer::new(&self.generator.tokenizer, false);
-        let mut tokens = Vec::with_capacity(ids.len());
-        for (&id, score) in ids.iter().zip(scores) {
-            let (logprob, top) = match score {
-                Some((lp, top)) => (Some(lp), self.top_tokens(top)),
-                None => (None, Vec::new()),
-            };
-            tokens.push(PromptToken {
-                id,
-                text: self.generator.decode(&[id], false, false)?,
-                piece: streamer.push(id)?.unwrap_or_default(),
-                special: self.is_special(id),
-                logprob,
-                top,
-            });
-        }
-        if let (Some(rest), Some(last)) = (streamer.finish()?, tokens.last_mut()) {
-            last.piece.push_str(&rest);
-        }
-        Ok(tokens)
-    }
-
     /// [`TextGeneration::stream_tokens`] with each token's `top_logprobs` most likely
     /// alternatives in its event ([`TokenEvent::top`]); `cancel` set ends it after the next
     /// token, and in a shared batch also before its prompt runs or between its prompt's chunks
@@ -613,7 +576,32 @@ impl Task for TextGeneration {
         logprobs: Option<usize>,
         cancel: Option<&crate::generation::Cancel>,
     ) -> Result<Vec<PromptToken>> {
-        TextGeneration::prompt_tokens(self, input, params, logprobs, cancel)
+        self.check_params(params)?;
+        let ids = self.encode(input, &self.options(params)?, 0)?;
+        let scores = match logprobs {
+            Some(top) => self.generator.prompt_logprobs(&ids, top, cancel)?,
+            None => vec![None; ids.len()],
+        };
+        let mut streamer = TextStreamer::new(&self.generator.tokenizer, false);
+        let mut tokens = Vec::with_capacity(ids.len());
+        for (&id, score) in ids.iter().zip(scores) {
+            let (logprob, top) = match score {
+                Some((lp, top)) => (Some(lp), self.top_tokens(top)),
+                None => (None, Vec::new()),
+            };
+            tokens.push(PromptToken {
+                id,
+                text: self.generator.decode(&[id], false, false)?,
+                piece: streamer.push(id)?.unwrap_or_default(),
+                special: self.is_special(id),
+                logprob,
+                top,
+            });
+        }
+        if let (Some(rest), Some(last)) = (streamer.finish()?, tokens.last_mut()) {
+            last.piece.push_str(&rest);
+        }
+        Ok(tokens)
     }
 
     fn run(&self, inputs: &[Input], params: &Params, batch_size: usize) -> Result<Vec<Output>> {
