@@ -76,6 +76,35 @@ fn start_with(change: impl FnOnce(&mut Config)) -> String {
     format!("http://{}", rx.recv().unwrap())
 }
 
+/// POST `body` with the key, for a streamed answer (read it with [`sse_chunks`]).
+fn post_stream(url: &str, body: Value) -> ureq::Response {
+    ureq::post(url)
+        .set("Authorization", &format!("Bearer {KEY}"))
+        .send_json(body)
+        .unwrap()
+}
+
+/// The text of a stream's events at `pointer` (`/choices/0/text`), joined.
+fn chunk_texts(chunks: &[Value], pointer: &str) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c.pointer(pointer).and_then(Value::as_str))
+        .collect()
+}
+
+/// A completion stream's `token_logprobs`, event after event.
+fn chunk_logprobs(chunks: &[Value]) -> Vec<Value> {
+    chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect()
+}
+
 /// `GET /info` with the key.
 fn get_info(base: &str) -> Value {
     ureq::get(&format!("{base}/info"))
@@ -808,10 +837,7 @@ fn generation_routes_match_the_pipeline() {
         .unwrap();
     let chunks = sse_chunks(resp);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text: String = chunk_texts(&chunks, "/choices/0/delta/content");
     assert_eq!(text, want);
     let finish: Vec<&Value> = chunks
         .iter()
@@ -2482,10 +2508,7 @@ fn completions_take_a_list_of_prompts() {
     let mut streamed = body;
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let resp = ureq::post(&url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(streamed)
-        .unwrap();
+    let resp = post_stream(&url, streamed);
     let chunks = sse_chunks(resp);
     let mut texts = vec![String::new(); 4];
     for c in &chunks {
@@ -2603,18 +2626,9 @@ fn completions_give_legacy_logprobs() {
     }
     let mut streamed = body;
     streamed["stream"] = json!(true);
-    let resp = ureq::post(&url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(streamed)
-        .unwrap();
-    let per_event: Vec<f64> = sse_chunks(resp)
+    let resp = post_stream(&url, streamed);
+    let per_event: Vec<f64> = chunk_logprobs(&sse_chunks(resp))
         .iter()
-        .filter_map(|c| {
-            c["choices"][0]["logprobs"]["token_logprobs"]
-                .as_array()
-                .cloned()
-        })
-        .flatten()
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert_eq!(per_event, logprobs);
@@ -2768,26 +2782,12 @@ fn completions_echo_the_prompt_with_its_logprobs() {
     );
     // Streamed: the prompt first, then the completion's pieces.
     echoed["stream"] = json!(true);
-    let resp = ureq::post(&url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(echoed)
-        .unwrap();
+    let resp = post_stream(&url, echoed);
     let chunks = sse_chunks(resp);
     assert_eq!(chunks[0]["choices"][0]["text"], "Once upon", "{chunks:?}");
-    let joined: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
+    let joined: String = chunk_texts(&chunks, "/choices/0/text");
     assert_eq!(joined, format!("Once upon{completion}"));
-    let streamed_lps: Vec<Value> = chunks
-        .iter()
-        .filter_map(|c| {
-            c["choices"][0]["logprobs"]["token_logprobs"]
-                .as_array()
-                .cloned()
-        })
-        .flatten()
-        .collect();
+    let streamed_lps = chunk_logprobs(&chunks);
     assert_eq!(
         streamed_lps,
         with["choices"][0]["logprobs"]["token_logprobs"]
@@ -2958,15 +2958,9 @@ fn openai_stop_strings_are_left_out() {
     assert_eq!(got["choices"][0]["text"], want, "stop {stop:?} in {full:?}");
     assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
     stopped["stream"] = json!(true);
-    let resp = ureq::post(&url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(stopped)
-        .unwrap();
+    let resp = post_stream(&url, stopped);
     let chunks = sse_chunks(resp);
-    let joined: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
+    let joined: String = chunk_texts(&chunks, "/choices/0/text");
     assert_eq!(joined, want);
     // A stop string that comes with the last token allowed: still left out, and `stop`.
     let n_tokens = got["usage"]["completion_tokens"].clone();
@@ -3003,14 +2997,8 @@ fn openai_stop_strings_are_left_out() {
     let (_, got) = post_json(&chat_url, stopped.clone());
     assert_eq!(got["choices"][0]["message"]["content"], want, "{got}");
     stopped["stream"] = json!(true);
-    let resp = ureq::post(&chat_url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(stopped)
-        .unwrap();
-    let joined: String = sse_chunks(resp)
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let resp = post_stream(&chat_url, stopped);
+    let joined: String = chunk_texts(&sse_chunks(resp), "/choices/0/delta/content");
     assert_eq!(joined, want);
 }
 
@@ -3061,17 +3049,12 @@ fn vllm_extra_fields() {
                "include_stop_str_in_output": true}),
     );
     assert_eq!(kept["choices"][0]["text"], full[..upto], "{kept}");
-    let resp = ureq::post(&url)
-        .set("Authorization", &format!("Bearer {KEY}"))
-        .send_json(
-            json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0,
+    let resp = post_stream(
+        &url,
+        json!({"prompt": "Once upon", "max_tokens": 8, "temperature": 0,
                           "stop": stop, "include_stop_str_in_output": true, "stream": true}),
-        )
-        .unwrap();
-    let joined: String = sse_chunks(resp)
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
+    );
+    let joined: String = chunk_texts(&sse_chunks(resp), "/choices/0/text");
     assert_eq!(joined, full[..upto]);
     let (status, _) = post_json(
         &url,
