@@ -46,14 +46,43 @@ fn legacy_token(
 }
 
 /// An echoed prompt's tokens as [`LegacyToken`]s: each with the text it adds to the prompt.
+/// `n`: the alternatives asked for (the tokens may hold more, scored for `prompt_logprobs`).
 fn prompt_legacy(
     tokens: &[ferroformers::pipelines::text_generation::PromptToken],
+    n: usize,
 ) -> Vec<LegacyToken> {
     tokens
         .iter()
         .map(|t| match t.logprob {
-            Some(lp) => legacy_token(t.id, &t.piece, lp, &t.top),
+            Some(lp) => legacy_token(t.id, &t.piece, lp, &t.top[..n.min(t.top.len())]),
             None => (t.piece.clone(), None, None),
+        })
+        .collect()
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token `null` for the first, then `{id: {logprob, rank,
+/// decoded_token}}` for the token and its `n` most likely alternatives there.
+fn vllm_prompt_logprobs(
+    tokens: &[ferroformers::pipelines::text_generation::PromptToken],
+    n: usize,
+) -> Value {
+    tokens
+        .iter()
+        .map(|t| match (t.logprob, t.rank) {
+            (Some(lp), Some(rank)) => {
+                let mut m = serde_json::Map::new();
+                m.insert(
+                    t.id.to_string(),
+                    json!({"logprob": lp, "rank": rank, "decoded_token": t.text}),
+                );
+                for (k, alt) in t.top.iter().take(n).enumerate() {
+                    m.entry(alt.id.to_string()).or_insert(
+                        json!({"logprob": alt.logprob, "rank": k + 1, "decoded_token": alt.text}),
+                    );
+                }
+                Value::Object(m)
+            }
+            _ => Value::Null,
         })
         .collect()
 }
@@ -567,7 +596,6 @@ fn refuse_unsupported(v: &Value) -> Result<(), ApiError> {
         "guided_choice",
         "guided_grammar",
         "structured_outputs",
-        "prompt_logprobs",
         "truncate_prompt_tokens",
         "allowed_token_ids",
         "chat_template",
@@ -906,10 +934,33 @@ pub(crate) async fn openai_generate(
     // vLLM's `include_stop_str_in_output`: the text keeps the stop string.
     let keep_stop = bool_field(&v, "include_stop_str_in_output")?;
     let stops = stops_of(&params);
-    let echoes = if echo {
-        echo_prompts(&state, index, &inputs, &params, logprobs.then_some(top)).await?
+    // vLLM's `prompt_logprobs: N` (0 to 20; not streamed): each prompt token's
+    // log-probability and rank, and its N most likely alternatives.
+    let prompt_lp = match v.get("prompt_logprobs") {
+        None | Some(Value::Null) => None,
+        Some(x) => {
+            if stream {
+                return Err(ApiError::validation(
+                    "`prompt_logprobs` is not supported with `stream`",
+                )
+                .with_param("prompt_logprobs"));
+            }
+            Some(count_at_most(Some(x), "prompt_logprobs", 20)?)
+        }
+    };
+    let echoes = if echo || prompt_lp.is_some() {
+        let scored = (echo && logprobs) || prompt_lp.is_some();
+        let n = top.max(prompt_lp.unwrap_or(0));
+        echo_prompts(&state, index, &inputs, &params, scored.then_some(n)).await?
     } else {
         Vec::new()
+    };
+    let prompt_lps: Vec<Value> = match prompt_lp {
+        Some(n) => echoes
+            .iter()
+            .map(|e| vllm_prompt_logprobs(&e.tokens, n))
+            .collect(),
+        None => Vec::new(),
     };
     if !stream {
         // The candidates join the continuous batch together; the `n` returned are numbered
@@ -935,13 +986,17 @@ pub(crate) async fn openai_generate(
         if echo_only {
             for (p, e) in echoes.iter().enumerate() {
                 let lp = if logprobs {
-                    legacy_logprobs(&prompt_legacy(&e.tokens), 0)
+                    legacy_logprobs(&prompt_legacy(&e.tokens, top), 0)
                 } else {
                     Value::Null
                 };
                 for c in 0..n {
-                    choices.push(json!({"index": p * n + c, "text": e.text, "logprobs": lp,
-                                        "finish_reason": "length"}));
+                    let mut choice = json!({"index": p * n + c, "text": e.text, "logprobs": lp,
+                                            "finish_reason": "length"});
+                    if let Some(plp) = prompt_lps.get(p) {
+                        choice["prompt_logprobs"] = plp.clone();
+                    }
+                    choices.push(choice);
                 }
                 prompt_tokens += e.tokens.len();
             }
@@ -968,9 +1023,9 @@ pub(crate) async fn openai_generate(
                                "logprobs": lp, "finish_reason": finish_reason})
                     }
                     Kind::Completion => {
-                        let echoed = echoes.get(*p);
+                        let echoed = echoes.get(*p).filter(|_| echo);
                         let lp = if logprobs {
-                            let mut toks = echoed.map_or(vec![], |e| prompt_legacy(&e.tokens));
+                            let mut toks = echoed.map_or(vec![], |e| prompt_legacy(&e.tokens, top));
                             toks.extend(
                                 tokens
                                     .iter()
@@ -984,8 +1039,12 @@ pub(crate) async fn openai_generate(
                             Some(e) => format!("{}{text}", e.text),
                             None => text,
                         };
-                        json!({"index": i, "text": text, "logprobs": lp,
-                               "finish_reason": finish_reason})
+                        let mut choice = json!({"index": i, "text": text, "logprobs": lp,
+                                                "finish_reason": finish_reason});
+                        if let Some(plp) = prompt_lps.get(*p) {
+                            choice["prompt_logprobs"] = plp.clone();
+                        }
+                        choice
                     }
                 });
                 // OpenAI counts each prompt once and every choice's tokens.
@@ -1001,11 +1060,15 @@ pub(crate) async fn openai_generate(
             hit_limit: false,
             stop_string: false,
         };
-        return Ok(axum::Json(json!({
+        let mut body = json!({
             "id": id, "object": object, "created": created, "model": name,
             "choices": choices, "usage": usage_json(&usage),
-        }))
-        .into_response());
+        });
+        // A chat's prompt scores go beside its choices (vLLM's place for them).
+        if let (Kind::Chat, Some(plp)) = (kind, prompt_lps.first()) {
+            body["prompt_logprobs"] = plp.clone();
+        }
+        return Ok(axum::Json(body).into_response());
     }
     // Streamed: each choice runs on a blocking thread and sends each piece of text as an event
     // carrying its `index`; the parameters were checked above, so errors from here on are
@@ -1019,7 +1082,7 @@ pub(crate) async fn openai_generate(
     let echo_events: Vec<(String, Value, usize)> = echoes
         .iter()
         .map(|e| {
-            let toks = prompt_legacy(&e.tokens);
+            let toks = prompt_legacy(&e.tokens, top);
             let chars = toks.iter().map(|t| t.0.chars().count()).sum();
             let lp = if logprobs {
                 legacy_logprobs(&toks, 0)

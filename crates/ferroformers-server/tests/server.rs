@@ -3061,6 +3061,49 @@ fn vllm_extra_fields() {
         json!({"prompt": "Once upon", "max_tokens": 2, "skip_special_tokens": false}),
     );
     assert_eq!(status, 200);
+    // prompt_logprobs: each prompt token's score (TGI's prefill gives the same), its rank, and
+    // its 2 most likely alternatives; a chat's beside its choices.
+    let (_, tgi) = post_json(
+        &format!("{base}/generate"),
+        json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1,
+               "details": true, "decoder_input_details": true}}),
+    );
+    let prefill = tgi["details"]["prefill"].as_array().unwrap().clone();
+    let (status, got) = post_json(
+        &url,
+        json!({"prompt": "Once upon a time", "max_tokens": 1, "prompt_logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let plp = got["choices"][0]["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plp.len(), prefill.len(), "{got}");
+    assert!(plp[0].is_null());
+    for (entry, want) in plp.iter().zip(&prefill).skip(1) {
+        let own = &entry[want["id"].to_string()];
+        let lp = own["logprob"].as_f64().unwrap();
+        assert!(
+            (lp - want["logprob"].as_f64().unwrap()).abs() < 1e-5,
+            "{entry}"
+        );
+        assert!(own["rank"].as_u64().unwrap() >= 1, "{entry}");
+        let entries = entry.as_object().unwrap();
+        assert!((2..=3).contains(&entries.len()), "{entry}");
+        // The best alternative is rank 1, and no entry is more likely than it.
+        let best = entries.values().find(|e| e["rank"] == 1).unwrap();
+        assert!(entries
+            .values()
+            .all(|e| e["logprob"].as_f64() <= best["logprob"].as_f64()));
+    }
+    let (status, got) = post_json(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+               "prompt_logprobs": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        got["prompt_logprobs"].as_array().unwrap().len(),
+        got["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        "{got}"
+    );
     // continue_final_message: the last (assistant) message goes on, as the pipeline's.
     let chat = vec![
         ferroformers::generation::Message::new("user", "Hi there"),
@@ -3110,7 +3153,12 @@ fn vllm_extra_fields() {
         ("/v1/completions", json!({"ignore_eos": true}), "ignore_eos"),
         (
             "/v1/completions",
-            json!({"prompt_logprobs": 1}),
+            json!({"prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt_logprobs": 21}),
             "prompt_logprobs",
         ),
         (

@@ -107,9 +107,23 @@ fn prompt_logprobs_match() {
             assert_eq!(got.len(), input.len());
             assert!(got[0].is_none(), "{name}: the first token follows nothing");
             for (i, score) in got.iter().enumerate().skip(1) {
-                let (lp, top) = score.as_ref().unwrap();
+                let score = score.as_ref().unwrap();
+                let (lp, top) = (score.logprob, &score.top);
                 let w = &want[i - 1];
-                let d = (*lp as f64 - w[input[i] as usize]).abs();
+                let d = (lp as f64 - w[input[i] as usize]).abs();
+                // Its rank: 1 + the tokens more likely (up to near-ties).
+                let better = w
+                    .iter()
+                    .filter(|&&x| x > w[input[i] as usize] + 1e-4)
+                    .count();
+                let close = w
+                    .iter()
+                    .filter(|&&x| (x - w[input[i] as usize]).abs() <= 1e-4)
+                    .count();
+                assert!(
+                    (better + 1..=better + close).contains(&score.rank),
+                    "{name}: rank"
+                );
                 assert!(
                     d < TOL as f64,
                     "{name} chunk {chunk}: token {i} differs by {d}"

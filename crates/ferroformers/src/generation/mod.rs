@@ -19,7 +19,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
 pub use continuous::{Admission, BatchStats, Batcher};
 pub use decoder::{left_pad, DecoderSession};
-pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel};
+pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel, TokenScore};
 pub use stream::TextStreamer;
 
 use crate::config::{ModelConfig, TokenizerConfig};
@@ -97,10 +97,6 @@ fn read_chat_template(dir: &Path) -> Result<Option<String>> {
     }
     Ok(None)
 }
-
-/// A prompt token's score ([`TextGenerator::prompt_logprobs`]): its log-probability after the
-/// tokens before it, and the most likely tokens at its position with theirs, best first.
-pub type TokenScore = (f32, Vec<(u32, f32)>);
 
 /// Positions per pass of [`TextGenerator::prompt_logprobs`]: a chunk's logits are
 /// `SCORE_CHUNK x vocab` floats (39 MB for Qwen2.5's 152k tokens).

@@ -219,21 +219,40 @@ pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
     top_with(scores, n, max, lse)
 }
 
-/// `tok`'s log-probability under `softmax(scores)` and the `n` most likely tokens with
-/// theirs ([`top_logprobs`]), the row's maximum and normaliser computed once.
-pub fn score_row(scores: &[f32], tok: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+/// A token scored at one position ([`score_row`]): its log-probability, its rank (1 for the
+/// most likely token; 1 + how many tokens are more likely, as vLLM counts it), and the most
+/// likely tokens there with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    pub logprob: f32,
+    pub rank: usize,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `tok`'s log-probability under `softmax(scores)`, its rank, and the `n` most likely tokens
+/// with theirs ([`top_logprobs`]), the row's maximum and normaliser computed once.
+pub fn score_row(scores: &[f32], tok: u32, n: usize) -> TokenScore {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let own = scores[tok as usize];
+    let rank = 1 + scores.iter().filter(|&&x| x > own).count();
     if !max.is_finite() {
-        return (f32::NEG_INFINITY, Vec::new());
+        return TokenScore {
+            logprob: f32::NEG_INFINITY,
+            rank,
+            top: Vec::new(),
+        };
     }
     let lse = crate::kernels::cpu::rowops::exp_sum(scores, max).ln();
-    let lp = ((scores[tok as usize] - max) as f64 - lse) as f32;
     let top = if n == 0 {
         Vec::new()
     } else {
         top_with(scores, n, max, lse)
     };
-    (lp, top)
+    TokenScore {
+        logprob: ((own - max) as f64 - lse) as f32,
+        rank,
+        top,
+    }
 }
 
 /// [`top_logprobs`] given the row's maximum and `ln(sum(exp(scores - max)))`. A few (the
@@ -601,9 +620,11 @@ mod tests {
             assert_eq!(top_logprobs(&scores, n), sorted[..n].to_vec(), "n = {n}");
         }
         for tok in [0, 7, 4999] {
-            let (lp, top) = score_row(&scores, tok, 3);
-            assert_eq!(lp, log_softmax_at(&scores, tok));
-            assert_eq!(top, sorted[..3].to_vec());
+            let got = score_row(&scores, tok, 3);
+            assert_eq!(got.logprob, log_softmax_at(&scores, tok));
+            assert_eq!(got.top, sorted[..3].to_vec());
+            let better = scores.iter().filter(|&&x| x > scores[tok as usize]).count();
+            assert_eq!(got.rank, better + 1);
         }
     }
 }

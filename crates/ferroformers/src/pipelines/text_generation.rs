@@ -72,6 +72,8 @@ pub struct PromptToken {
     pub piece: String,
     pub special: bool,
     pub logprob: Option<f32>,
+    /// Its rank at its position when scored: 1 for the most likely token.
+    pub rank: Option<usize>,
     pub top: Vec<TopToken>,
 }
 
@@ -585,9 +587,9 @@ impl Task for TextGeneration {
         let mut streamer = TextStreamer::new(&self.generator.tokenizer, false);
         let mut tokens = Vec::with_capacity(ids.len());
         for (&id, score) in ids.iter().zip(scores) {
-            let (logprob, top) = match score {
-                Some((lp, top)) => (Some(lp), self.top_tokens(top)),
-                None => (None, Vec::new()),
+            let (logprob, rank, top) = match score {
+                Some(sc) => (Some(sc.logprob), Some(sc.rank), self.top_tokens(sc.top)),
+                None => (None, None, Vec::new()),
             };
             tokens.push(PromptToken {
                 id,
@@ -595,6 +597,7 @@ impl Task for TextGeneration {
                 piece: streamer.push(id)?.unwrap_or_default(),
                 special: self.is_special(id),
                 logprob,
+                rank,
                 top,
             });
         }
