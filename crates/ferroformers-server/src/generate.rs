@@ -106,8 +106,22 @@ pub(crate) async fn prompt_tokens(
 ) -> Result<Vec<ferroformers::pipelines::text_generation::PromptToken>, ApiError> {
     let cancel = Cancel::new();
     let _watch = ClientAlive(cancel.clone());
+    // Only scoring waits its turn (the tokens alone cost no model pass); the pass keeps its
+    // turn until it ends, also when the request is dropped meanwhile.
+    let turn = match logprobs {
+        Some(_) => Some(
+            state
+                .scoring
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(ApiError::backend)?,
+        ),
+        None => None,
+    };
     let (st, input, params) = (state.clone(), input.clone(), params.clone());
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         st.models[index]
             .pipe
             .prompt_tokens(&input, &params, logprobs, Some(&cancel))

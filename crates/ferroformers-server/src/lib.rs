@@ -255,7 +255,15 @@ struct AppState {
     /// One `tracing` event per request (not with `--quiet`).
     log_requests: bool,
     requests: std::sync::Mutex<RequestStats>,
+    /// Prompt scoring (`echo`, `prompt_logprobs`, `decoder_input_details`) runs outside the
+    /// batch, each pass holding a chunk's logits and its own KV cache: at most
+    /// [`SCORING_AT_ONCE`] at a time, the others wait their turn (more would not run faster
+    /// on the CPU's threads, and would hold that memory each).
+    scoring: Arc<tokio::sync::Semaphore>,
 }
+
+/// Prompt-scoring passes run at once (see `AppState::scoring`).
+const SCORING_AT_ONCE: usize = 2;
 
 /// Upper bounds (seconds) of the request-duration histogram's buckets.
 const BUCKETS: [f64; 11] = [
@@ -511,6 +519,7 @@ impl Server {
             request_timeout: cfg.request_timeout,
             log_requests: !cfg.quiet,
             requests: std::sync::Mutex::new(RequestStats::default()),
+            scoring: Arc::new(tokio::sync::Semaphore::new(SCORING_AT_ONCE)),
         });
         let app = router(state.clone(), cfg.payload_limit);
         let addr = format!("{}:{}", cfg.hostname, cfg.port);

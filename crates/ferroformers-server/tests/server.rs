@@ -2780,6 +2780,28 @@ fn completions_echo_the_prompt_with_its_logprobs() {
             plain_long["choices"][0]["text"].as_str().unwrap()
         )
     );
+    // Many at once: scoring passes take turns, and each answer is the one alone.
+    let alone = post_json(
+        &url,
+        json!({"prompt": long, "max_tokens": 0, "echo": true, "logprobs": 1}),
+    )
+    .1;
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                post_json(
+                    &url,
+                    json!({"prompt": long, "max_tokens": 0, "echo": true, "logprobs": 1}),
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        let (status, got) = t.join().unwrap();
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"], alone["choices"]);
+    }
     // Streamed: the prompt first, then the completion's pieces.
     echoed["stream"] = json!(true);
     let resp = post_stream(&url, echoed);
