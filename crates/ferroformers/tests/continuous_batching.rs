@@ -794,3 +794,54 @@ fn a_prefix_budget_of_zero_keeps_none() {
         assert_eq!(st.prefix_hits, hits, "budget {budget}: {st:?}");
     }
 }
+
+/// Prompts scored one after another that start the same way (lm-evaluation-harness' choices
+/// after one context): the later ones start from the kept scored prompt's keys, values and
+/// scores (the batch's prefix hits say so), and score as they do alone, with fewer alternatives
+/// asked for too. A prompt that is a start of a kept one needs no pass at all.
+#[test]
+fn scored_prompts_reuse_a_shared_start() {
+    for name in ["llama", "gpt2"] {
+        let alone = load(name);
+        let mut g = load(name);
+        g.batcher = Some(Batcher::new(100_000));
+        let context = g
+            .encode("Once upon a time, in a land far away, there lived", true)
+            .unwrap();
+        let choices = [" a king", " three bears and a cat", " nobody"];
+        for (k, choice) in choices.iter().enumerate() {
+            let mut ids = context.clone();
+            ids.extend(g.encode(choice, false).unwrap());
+            let top = if k == 2 { 1 } else { 3 };
+            let hits = g.batcher.as_ref().unwrap().stats().prefix_hits;
+            let got = g.prompt_logprobs_chunked(&ids, top, None, 4).unwrap();
+            let want = alone.prompt_logprobs(&ids, top, None).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert!(
+                    (a.logprob - b.logprob).abs() < 1e-4,
+                    "{name} {k}: token {i}"
+                );
+                assert_eq!(a.rank, b.rank, "{name} {k}: token {i}");
+                let ids_of = |s: &ferroformers::generation::TokenScore| -> Vec<u32> {
+                    s.top.iter().map(|t| t.0).collect()
+                };
+                assert_eq!(ids_of(a), ids_of(b), "{name} {k}: token {i}");
+            }
+            let reused = g.batcher.as_ref().unwrap().stats().prefix_hits - hits;
+            assert_eq!(reused, u64::from(k > 0), "{name}: choice {k}");
+            // A generation from the scored prompt (`echo` with `max_tokens`) leaves its scores
+            // kept for the next choice.
+            let mut c = g.generation_config.clone();
+            c.max_new_tokens = Some(1);
+            g.generate_one(&ids, &c, &mut Hooks::default()).unwrap();
+        }
+        // The context alone: a start of the kept prompts, scored from them whole.
+        let got = g.prompt_logprobs(&context, 1, None).unwrap();
+        let want = alone.prompt_logprobs(&context, 1, None).unwrap();
+        for (a, b) in got.iter().zip(&want).skip(1) {
+            assert!((a.as_ref().unwrap().logprob - b.as_ref().unwrap().logprob).abs() < 1e-4);
+        }
+    }
+}

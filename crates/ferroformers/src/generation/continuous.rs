@@ -277,6 +277,18 @@ struct Prefix {
     /// Shared, so that a prompt taking it needs no copy while the batch's lock is held: the
     /// prompt's group copies the positions it uses once, into the group's joined cache.
     cache: Arc<KvCache>,
+    /// A scored prompt's scores ([`Batcher::keep_prefix`]), for later prompts to score that
+    /// start the same way (lm-evaluation-harness' choices after one context).
+    scored: Option<Arc<Scored>>,
+}
+
+/// A scored prompt's token scores, kept with its keys and values: `ids` the whole prompt,
+/// `scores[i]` token i's ([`super::TextGenerator::prompt_logprobs`]), each with `top`
+/// alternatives.
+pub struct Scored {
+    pub ids: Vec<u32>,
+    pub top: usize,
+    pub scores: Vec<Option<super::TokenScore>>,
 }
 
 /// Shortest shared start worth reusing, and the most tokens (by default: see
@@ -318,14 +330,22 @@ fn retire(
     let Ok(c) = cache.take_row(r, &positions) else {
         return;
     };
-    prefixes.retain(|p| !fed.starts_with(&p.tokens));
+    // A scored prompt stays (its scores serve later prompts to score; a generation from it
+    // extends it).
+    prefixes.retain(|p| p.scored.is_some() || !fed.starts_with(&p.tokens));
     prefixes.insert(
         0,
         Prefix {
             tokens: fed,
             cache: Arc::new(c),
+            scored: None,
         },
     );
+    evict(prefixes, limit);
+}
+
+/// Drop the oldest kept prefixes beyond `limit` tokens or [`PREFIX_BYTES`].
+fn evict(prefixes: &mut Vec<Prefix>, limit: usize) {
     let (mut tokens, mut bytes) = (0, 0);
     prefixes.retain(|p| {
         tokens += p.tokens.len();
@@ -428,11 +448,79 @@ impl Batcher {
     /// the batch, as a prefix for later prompts that start with them: a scored prompt
     /// ([`super::TextGenerator::prompt_logprobs`]) that is then generated from (OpenAI's
     /// `echo` with `max_tokens`) runs only its last token.
-    pub fn keep_prefix(&self, tokens: Vec<u32>, mut cache: KvCache) {
-        let mask = vec![1u8; tokens.len()];
+    ///
+    /// With `scored`, its scores are kept too ([`Batcher::scored_start`]); it then replaces
+    /// the kept prefixes it extends or that extend it.
+    pub fn keep_prefix(&self, tokens: Vec<u32>, mut cache: KvCache, scored: Option<Scored>) {
         let limit = self.admission.prefix_cache_tokens;
         let mut g = lock(&self.state);
-        retire(&mut g.prefixes, &mut cache, 0, &mask, tokens, limit);
+        match scored {
+            None => {
+                let mask = vec![1u8; tokens.len()];
+                retire(&mut g.prefixes, &mut cache, 0, &mask, tokens, limit);
+            }
+            Some(_) if limit == 0 || tokens.len() < MIN_PREFIX => {}
+            Some(sc) => {
+                g.prefixes
+                    .retain(|p| !(p.tokens.starts_with(&tokens) || tokens.starts_with(&p.tokens)));
+                g.prefixes.insert(
+                    0,
+                    Prefix {
+                        tokens,
+                        cache: Arc::new(cache),
+                        scored: Some(Arc::new(sc)),
+                    },
+                );
+                evict(&mut g.prefixes, limit);
+            }
+        }
+    }
+
+    /// Where a prompt to score (`ids`, `top` alternatives per token) can start from a kept
+    /// scored prompt that begins the same way: the first `n` positions' keys and values
+    /// (copied) and the scores of tokens `0..=n` (position n - 1's logits scored token n);
+    /// the rest must run from position `n`. `None` when no kept prompt shares at least
+    /// [`MIN_PREFIX`] tokens, or none has as many alternatives.
+    pub fn scored_start(
+        &self,
+        ids: &[u32],
+        top: usize,
+    ) -> Option<(usize, KvCache, Vec<Option<super::TokenScore>>)> {
+        let (cache, scored, n) = {
+            let mut g = lock(&self.state);
+            let (i, c) = g
+                .prefixes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    let s = p.scored.as_ref().filter(|s| s.top >= top)?;
+                    let c = s.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+                    Some((i, c))
+                })
+                .max_by_key(|&(_, c)| c)?;
+            let p = &g.prefixes[i];
+            // Position n's logits are needed (they score token n + 1): it runs again.
+            let n = c.saturating_sub(1).min(p.tokens.len()).min(ids.len() - 1);
+            if n < MIN_PREFIX {
+                return None;
+            }
+            let (cache, scored) = (Arc::clone(&p.cache), p.scored.clone()?);
+            g.stats.prefix_hits += 1;
+            g.stats.prefix_tokens += n as u64;
+            (cache, scored, n)
+        };
+        let positions: Vec<usize> = (0..n).collect();
+        let kv = cache.extract_row(0, &positions).ok()?;
+        let scores = scored.scores[..=n]
+            .iter()
+            .map(|s| {
+                s.clone().map(|mut s| {
+                    s.top.truncate(top);
+                    s
+                })
+            })
+            .collect();
+        Some((n, kv, scores))
     }
 
     pub fn stats(&self) -> BatchStats {

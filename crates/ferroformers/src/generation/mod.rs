@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
-pub use continuous::{Admission, BatchStats, Batcher};
+pub use continuous::{Admission, BatchStats, Batcher, Scored};
 pub use decoder::{left_pad, DecoderSession};
 pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel, TokenScore};
 pub use stream::TextStreamer;
@@ -402,13 +402,21 @@ impl TextGenerator {
         }
         self.check_prompt_length(ids.len())?;
         let model = self.model.as_ref();
-        let mut out = Vec::with_capacity(ids.len());
-        out.push(None);
         // Position i's logits score token i + 1: the last position's are not needed.
         let need = ids.len() - 1;
-        let mut cache = crate::models::causal_lm::KvCache::new(model.num_layers());
-        let mut mask = Vec::with_capacity(need);
-        let mut done = 0;
+        // A kept scored prompt that starts the same way (a server: lm-evaluation-harness'
+        // choices after one context) gives its first positions' keys, values and scores.
+        let start = self.batcher.as_ref().and_then(|b| b.scored_start(ids, top));
+        let (mut out, mut cache, mut done) = match start {
+            Some((n, kv, scores)) => (scores, kv, n),
+            None => (
+                vec![None],
+                crate::models::causal_lm::KvCache::new(model.num_layers()),
+                0,
+            ),
+        };
+        out.reserve(ids.len() - out.len());
+        let mut mask = vec![1u8; done];
         while done < need {
             if cancel.is_some_and(Cancel::is_cancelled) {
                 return Err(Error::param("inputs", "the request was cancelled"));
@@ -439,7 +447,12 @@ impl TextGenerator {
         // A server generating from the prompt next (`echo` with `max_tokens`) continues from
         // these keys and values instead of running the prompt again.
         if let Some(b) = &self.batcher {
-            b.keep_prefix(ids[..need].to_vec(), cache);
+            let scored = continuous::Scored {
+                ids: ids.to_vec(),
+                top,
+                scores: out.clone(),
+            };
+            b.keep_prefix(ids[..need].to_vec(), cache, Some(scored));
         }
         Ok(out)
     }
