@@ -182,6 +182,15 @@ def test_openai_completions_models_and_errors(server):
     assert only.usage.completion_tokens == 0
     assert len(only.choices[0].logprobs.tokens) == only.usage.prompt_tokens
     assert only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:only.usage.prompt_tokens]
+    # vLLM's `prompt_logprobs` (an extra field to the SDK): each prompt token's score and
+    # rank, the first null, the same scores as `echo` gives.
+    r = c.completions.create(model=str(LLAMA), prompt="Hello", max_tokens=1, temperature=0,
+                             extra_body={"prompt_logprobs": 1})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == only.usage.prompt_tokens
+    for entry, lp in zip(plp[1:], only.choices[0].logprobs.token_logprobs[1:]):
+        assert any(abs(v["logprob"] - lp) <= TOL for v in entry.values()), entry
+        assert all(v["rank"] >= 1 for v in entry.values()) and 1 <= len(entry) <= 2
     ids = [m.id for m in c.models.list()]
     assert str(LLAMA) in ids and str(MINILM) in ids
     # A field the server does not implement is refused by name, as the SDK's typed error.
