@@ -513,11 +513,8 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
             }
         }
     }
-    if let Some(skip) = v.get("skip_special_tokens").filter(|x| !x.is_null()) {
-        let skip = skip.as_bool().ok_or_else(|| {
-            ApiError::validation("`skip_special_tokens` must be true or false")
-                .with_param("skip_special_tokens")
-        })?;
+    if v.get("skip_special_tokens").is_some_and(|x| !x.is_null()) {
+        let skip = bool_field(v, "skip_special_tokens")?;
         p.insert("skip_special_tokens".into(), json!(skip));
     }
     p.insert("return_full_text".into(), json!(false));
@@ -800,22 +797,13 @@ pub(crate) async fn openai_generate(
     // `echo` (completions, as vLLM): the prompt comes back before the completion, with its
     // tokens' log-probabilities when `logprobs` is set; with `max_tokens: 0`, the prompt alone
     // (lm-evaluation-harness' log-likelihoods).
-    let echo = match v.get("echo") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) if kind == Kind::Completion => true,
-        Some(Value::Bool(true)) => {
-            return Err(ApiError::validation(
-                "`echo` is for /v1/completions: a chat's answer is a new message",
-            )
-            .with_param("echo"))
-        }
-        Some(x) => {
-            return Err(
-                ApiError::validation(format!("`echo` must be true or false, got {x}"))
-                    .with_param("echo"),
-            )
-        }
-    };
+    let echo = bool_field(&v, "echo")?;
+    if echo && kind == Kind::Chat {
+        return Err(ApiError::validation(
+            "`echo` is for /v1/completions: a chat's answer is a new message",
+        )
+        .with_param("echo"));
+    }
     let echo_only = echo
         && ["max_completion_tokens", "max_tokens"]
             .iter()
@@ -825,29 +813,30 @@ pub(crate) async fn openai_generate(
     // Token ids the request names (prompts, `logit_bias`) must be in the vocabulary.
     if let Some(tok) = &m.tokenizer {
         let vocab = tok.vocab_size();
-        for input in &inputs {
-            if let Input::Tokens(ids) = input {
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(ApiError::validation(format!(
-                        "`prompt` has token id {id}, outside the model's vocabulary of {vocab} tokens"
-                    ))
-                    .with_param("prompt"));
-                }
-            }
-        }
-        if let Some(id) = params
+        let stop_ids: Vec<u32> = params
             .get("stop_token_ids")
             .and_then(Value::as_array)
-            .and_then(|a| {
+            .map(|a| {
                 a.iter()
-                    .filter_map(Value::as_u64)
-                    .find(|&i| i as usize >= vocab)
+                    .filter_map(|x| x.as_u64())
+                    .map(|i| i as u32)
+                    .collect()
             })
-        {
-            return Err(ApiError::validation(format!(
-                "`stop_token_ids` has token id {id}, outside the model's vocabulary of {vocab} tokens"
-            ))
-            .with_param("stop_token_ids"));
+            .unwrap_or_default();
+        let named = inputs
+            .iter()
+            .filter_map(|input| match input {
+                Input::Tokens(ids) => Some(("prompt", ids.as_slice())),
+                _ => None,
+            })
+            .chain([("stop_token_ids", stop_ids.as_slice())]);
+        for (field, ids) in named {
+            if let Some(id) = tok.unknown_id(ids) {
+                return Err(ApiError::validation(format!(
+                    "`{field}` has token id {id}, outside the model's vocabulary of {vocab} tokens"
+                ))
+                .with_param(field));
+            }
         }
         if let Some(Value::Object(bias)) = params.get("logit_bias") {
             if let Some(k) = bias

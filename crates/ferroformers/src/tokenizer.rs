@@ -208,13 +208,7 @@ impl Tokenizer {
         if ids.is_empty() {
             return Err(Error::input(index, "the list of token ids is empty"));
         }
-        let vocab = self.vocab_size();
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::input(
-                index,
-                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
-            ));
-        }
+        self.check_ids(ids, index)?;
         let n = ids.len().min(self.max_length);
         Ok(Encoded {
             ids: ids[..n].to_vec(),
@@ -456,6 +450,27 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The first of `ids` outside the vocabulary, if any.
+    pub fn unknown_id(&self, ids: &[u32]) -> Option<u32> {
+        let vocab = self.vocab_size();
+        ids.iter().copied().find(|&id| id as usize >= vocab)
+    }
+
+    /// Token ids given for input `index` must be in the vocabulary: else an error naming the
+    /// first one outside it.
+    pub fn check_ids(&self, ids: &[u32], index: usize) -> Result<()> {
+        match self.unknown_id(ids) {
+            Some(id) => Err(Error::input(
+                index,
+                format!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    self.vocab_size()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

@@ -259,13 +259,7 @@ impl TextGeneration {
                 self.generator.encode_chat(messages, cont)?
             }
             Input::Tokens(ids) => {
-                let vocab = self.generator.tokenizer.vocab_size();
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(Error::input(
-                        index,
-                        format!("token id {id} is outside the vocabulary of {vocab} tokens"),
-                    ));
-                }
+                self.generator.tokenizer.check_ids(ids, index)?;
                 ids.clone()
             }
             _ => {
