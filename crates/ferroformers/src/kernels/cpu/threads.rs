@@ -118,11 +118,15 @@ const CLOSED: usize = 1 << (usize::BITS - 1);
 ///   SmolLM2 fell from ~180 to 15-19 tokens/s);
 /// - waiting turns to `yield_now` after a short spin, so a waiting thread gives its core to the
 ///   one it waits for;
-/// - no thread is pinned to a core;
+/// - no thread is pinned to a core, but a parked worker is woken away from the caller's
+///   core ([`steer`]): Linux wakes a thread on its waker's core when the machine is busy on
+///   average (the idle-core search is cut short), and the worker then waited there, behind
+///   the caller, while the other core idled: 14% of wake-ups took 1-5 ms, so one decoding step
+///   in seven of a 16-row SmolLM2 batch ran on one core;
 /// - a second caller while a job runs (two requests at once) runs its job alone, instead of
 ///   queueing behind the first.
 struct Pool {
-    threads: Vec<std::thread::Thread>,
+    threads: Vec<Worker>,
     /// Bumped for each job: workers wake on a change.
     generation: AtomicUsize,
     /// [`CLOSED`] | the number of workers inside the current job.
@@ -130,6 +134,18 @@ struct Pool {
     /// The current job, valid while `state` is open or counts a worker that entered it open.
     job: AtomicPtr<Job<'static>>,
     busy: Mutex<()>,
+}
+
+/// One of the pool's threads, and what a caller needs to wake it away from its own core.
+struct Worker {
+    thread: std::thread::Thread,
+    /// Set while the worker is parked (or about to be).
+    parked: std::sync::atomic::AtomicBool,
+    /// The caller narrowed the worker's cores for its wake-up ([`steer`]): the worker widens
+    /// them again once awake.
+    steered: std::sync::atomic::AtomicBool,
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    home: std::sync::OnceLock<steer::Home>,
 }
 
 /// Spins of a waiting thread before it yields, and yields before a worker sleeps.
@@ -142,15 +158,21 @@ impl Pool {
         for i in 0..workers {
             let spawned = std::thread::Builder::new()
                 .name(format!("ferroformers-{i}"))
-                .spawn(|| {
+                .spawn(move || {
                     IN_TASKS.with(|t| t.set(true));
                     // Blocks until the pool below is in place (`pool()` builds it once).
                     if let Some(p) = pool() {
-                        p.serve();
+                        p.serve(i);
                     }
                 });
             match spawned {
-                Ok(h) => threads.push(h.thread().clone()),
+                Ok(h) => threads.push(Worker {
+                    thread: h.thread().clone(),
+                    parked: std::sync::atomic::AtomicBool::new(false),
+                    steered: std::sync::atomic::AtomicBool::new(false),
+                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                    home: std::sync::OnceLock::new(),
+                }),
                 Err(_) => break,
             }
         }
@@ -164,7 +186,12 @@ impl Pool {
     }
 
     /// A worker's loop: wait for a new job, enter it if it is still open, help, leave.
-    fn serve(&self) {
+    fn serve(&self, i: usize) {
+        let me = &self.threads[i];
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if let Some(h) = steer::Home::here() {
+            let _ = me.home.set(h);
+        }
         let mut seen = self.generation.load(Ordering::Acquire);
         loop {
             let mut waited = 0u32;
@@ -181,7 +208,11 @@ impl Pool {
                     std::thread::yield_now();
                 } else {
                     // A token left by `unpark` since the last check makes this return at once.
-                    std::thread::park();
+                    me.parked.store(true, Ordering::SeqCst);
+                    if self.generation.load(Ordering::Acquire) == seen {
+                        std::thread::park();
+                    }
+                    me.parked.store(false, Ordering::SeqCst);
                     waited = 0;
                 }
             }
@@ -193,6 +224,12 @@ impl Pool {
                 job.work();
             }
             self.state.fetch_sub(1, Ordering::AcqRel);
+            if me.steered.swap(false, Ordering::AcqRel) {
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                if let Some(h) = me.home.get() {
+                    h.restore();
+                }
+            }
         }
     }
 
@@ -218,8 +255,18 @@ impl Pool {
         // without touching any job).
         self.state.fetch_and(!CLOSED, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::Release);
-        for t in &self.threads {
-            t.unpark();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        let here = steer::current_cpu();
+        for w in &self.threads {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            if w.parked.load(Ordering::SeqCst) {
+                if let (Some(cpu), Some(h)) = (here, w.home.get()) {
+                    if h.avoid(cpu) {
+                        w.steered.store(true, Ordering::Release);
+                    }
+                }
+            }
+            w.thread.unpark();
         }
         job.work();
         self.state.fetch_or(CLOSED, Ordering::AcqRel);
@@ -236,6 +283,72 @@ impl Pool {
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
+    }
+}
+
+/// Waking a parked worker on another core than the caller's: its allowed cores narrowed to
+/// the others just before the wake-up (`sched_setaffinity` on its thread id), and widened back
+/// to what it had (the process's mask: `taskset`, cgroups) by the worker once it runs.
+/// `FERROFORMERS_NO_STEER=1` turns it off.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod steer {
+    /// A worker's thread id and the cores it may run on.
+    pub(super) struct Home {
+        pub(super) tid: libc::pid_t,
+        pub(super) cores: libc::cpu_set_t,
+    }
+
+    impl Home {
+        /// The calling thread's; `None` when the switch is off or the mask cannot be read, or
+        /// it allows one core only.
+        pub(super) fn here() -> Option<Home> {
+            if super::super::switch_on("FERROFORMERS_NO_STEER") {
+                return None;
+            }
+            // SAFETY: plain system calls on this thread; the set is written by the kernel.
+            unsafe {
+                let mut cores: libc::cpu_set_t = std::mem::zeroed();
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                if libc::sched_getaffinity(0, size, &mut cores) != 0 || libc::CPU_COUNT(&cores) < 2
+                {
+                    return None;
+                }
+                Some(Home {
+                    tid: libc::gettid(),
+                    cores,
+                })
+            }
+        }
+
+        /// Let the worker run anywhere it may but on `cpu` (its next wake-up lands elsewhere);
+        /// false when that leaves no core.
+        pub(super) fn avoid(&self, cpu: usize) -> bool {
+            let mut set = self.cores;
+            // SAFETY: a set of the kernel's size; `cpu` is checked against it.
+            unsafe {
+                if cpu >= libc::CPU_SETSIZE as usize || !libc::CPU_ISSET(cpu, &set) {
+                    return false;
+                }
+                libc::CPU_CLR(cpu, &mut set);
+                libc::CPU_COUNT(&set) > 0
+                    && libc::sched_setaffinity(self.tid, std::mem::size_of_val(&set), &set) == 0
+            }
+        }
+
+        /// The worker's own cores again (called on the worker).
+        pub(super) fn restore(&self) {
+            // SAFETY: the mask read when the worker started.
+            unsafe {
+                libc::sched_setaffinity(0, std::mem::size_of_val(&self.cores), &self.cores);
+            }
+        }
+    }
+
+    /// The core the calling thread runs on.
+    pub(super) fn current_cpu() -> Option<usize> {
+        // SAFETY: no arguments; -1 on failure.
+        let c = unsafe { libc::sched_getcpu() };
+        usize::try_from(c).ok()
     }
 }
 
@@ -303,5 +416,66 @@ mod tests {
             sum.fetch_add(i, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+
+    /// A parked worker woken for a job is steered off the caller's core for its wake-up, and
+    /// gets all its cores back once it runs.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn steered_workers_get_their_cores_back() {
+        use std::time::{Duration, Instant};
+        let Some(pool) = super::pool() else { return };
+        let Some(w) = pool.threads.first() else {
+            return;
+        };
+        let Some(home) = (0..200).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            w.home.get()
+        }) else {
+            return; // one core, or steering switched off
+        };
+        // The cores a thread may run on, as a list.
+        let cores = |set: &libc::cpu_set_t| -> Vec<usize> {
+            // SAFETY: reads a set of the kernel's size.
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+                .collect()
+        };
+        let mask = |tid| {
+            // SAFETY: the kernel writes the set.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                assert_eq!(
+                    libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set),
+                    0
+                );
+                cores(&set)
+            }
+        };
+        let mut steered = 0;
+        for _ in 0..20 {
+            // Long enough for the worker to spin, yield and park.
+            std::thread::sleep(Duration::from_millis(30));
+            let parked = w.parked.load(Ordering::SeqCst);
+            let hits: Vec<AtomicUsize> = (0..256).map(|_| AtomicUsize::new(0)).collect();
+            super::par_ranges(256, |r| {
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            steered += usize::from(parked);
+            // Once awake the worker widens its cores again (other tests may steer it too:
+            // wait for a moment when it is home).
+            let t0 = Instant::now();
+            while mask(home.tid) != cores(&home.cores) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "the worker kept the narrowed cores"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert!(steered > 0, "the worker never parked between jobs");
     }
 }
