@@ -11,7 +11,8 @@
 //! BODY_JSON is the request body (`"stream": true` is set); `{i}` in it becomes each request's
 //! number (0, 1, ...), for prompts that differ. Prints one JSON object: wall
 //! seconds, completion tokens (from the usage chunk when the server sends one, else content
-//! events), and every request's time to first content event in seconds.
+//! events), and every request's time to first content event in seconds (`ttft_s`) with
+//! when it was sent, in seconds from the start (`start_s`, in the same order).
 
 use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,20 +92,22 @@ fn main() {
                     if i >= n {
                         break;
                     }
+                    let start = t0.elapsed().as_secs_f64();
                     let r = one(&agent, url, &body_of(i));
-                    results.lock().unwrap().push(r);
+                    results.lock().unwrap().push((start, r));
                 }
             });
         }
     });
     let wall = t0.elapsed().as_secs_f64();
     let results = results.into_inner().unwrap();
-    let mut ttfts = Vec::new();
+    let (mut ttfts, mut starts) = (Vec::new(), Vec::new());
     let mut tokens = 0;
-    for r in results {
+    for (start, r) in results {
         match r {
             Ok((t, k)) => {
                 ttfts.push(t);
+                starts.push(start);
                 tokens += k;
             }
             Err(e) => {
@@ -115,6 +118,6 @@ fn main() {
     }
     println!(
         "{}",
-        json!({"wall_s": wall, "tokens": tokens, "ttft_s": ttfts})
+        json!({"wall_s": wall, "tokens": tokens, "ttft_s": ttfts, "start_s": starts})
     );
 }

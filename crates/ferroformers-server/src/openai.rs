@@ -501,17 +501,12 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
         }
     }
     if bool_field(v, "ignore_eos")? {
-        // vLLM keeps generating past an end token; here none is generated before
-        // `max_tokens` (transformers' `min_new_tokens`): the same length, as benchmarks want.
-        match p.get("max_new_tokens").cloned() {
-            Some(max) => {
-                p.insert("min_new_tokens".into(), max);
-            }
-            None => {
-                return Err(ApiError::validation("`ignore_eos` needs `max_tokens`")
-                    .with_param("ignore_eos"))
-            }
-        }
+        // vLLM's: an end token does not end the generation; it is generated like any other
+        // token (and, being special, left out of the text unless `skip_special_tokens` is
+        // false) and the generation goes on, to `max_tokens` or the context window's end.
+        // `stop_token_ids` still end it.
+        let stop_ids = p.remove("stop_token_ids").unwrap_or_else(|| json!([]));
+        p.insert("eos_token_id".into(), stop_ids);
     }
     if v.get("skip_special_tokens").is_some_and(|x| !x.is_null()) {
         let skip = bool_field(v, "skip_special_tokens")?;

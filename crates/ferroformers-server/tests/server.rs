@@ -3051,12 +3051,32 @@ fn vllm_extra_fields() {
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["usage"]["completion_tokens"], k + 1, "{got}");
     assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
-    // ignore_eos: exactly max_tokens tokens (more than the fixture's 7 by default).
+    // ignore_eos (vLLM's): an end token is generated like any other and the text goes on to
+    // max_tokens. The fixture's end token (`</s>`, id 1) forced with logit_bias: without
+    // ignore_eos it ends the text at once; with it, it comes 20 times, left out of the
+    // text unless skip_special_tokens is false.
+    let forced = json!({"prompt": "Once upon", "max_tokens": 20, "temperature": 0,
+                        "logit_bias": {"1": 100}});
+    let (_, got) = post_json(&url, forced.clone());
+    assert_eq!(got["usage"]["completion_tokens"], 1, "{got}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
+    let mut body = forced.clone();
+    body["ignore_eos"] = json!(true);
+    let (_, got) = post_json(&url, body.clone());
+    assert_eq!(got["usage"]["completion_tokens"], 20, "{got}");
+    assert_eq!(got["choices"][0]["finish_reason"], "length", "{got}");
+    assert_eq!(got["choices"][0]["text"], "", "{got}");
+    body["skip_special_tokens"] = json!(false);
+    let (_, got) = post_json(&url, body);
+    assert_eq!(got["choices"][0]["text"], "</s>".repeat(20), "{got}");
+    // A stop token id still ends it.
     let (_, got) = post_json(
         &url,
-        json!({"prompt": "Once upon", "max_tokens": 20, "temperature": 0, "ignore_eos": true}),
+        json!({"prompt": "Once upon", "max_tokens": 20, "temperature": 0, "ignore_eos": true,
+               "stop_token_ids": [ids[k]]}),
     );
-    assert_eq!(got["usage"]["completion_tokens"], 20, "{got}");
+    assert_eq!(got["usage"]["completion_tokens"], k + 1, "{got}");
+    assert_eq!(got["choices"][0]["finish_reason"], "stop", "{got}");
     // include_stop_str_in_output keeps the stop string that `stop` leaves out.
     let (_, free) = post_json(
         &url,
@@ -3172,7 +3192,11 @@ fn vllm_extra_fields() {
             json!({"stop_token_ids": "x"}),
             "stop_token_ids",
         ),
-        ("/v1/completions", json!({"ignore_eos": true}), "ignore_eos"),
+        (
+            "/v1/completions",
+            json!({"ignore_eos": "yes"}),
+            "ignore_eos",
+        ),
         (
             "/v1/completions",
             json!({"prompt_logprobs": 1, "stream": true}),
@@ -3199,10 +3223,8 @@ fn vllm_extra_fields() {
             "continue_final_message",
         ),
     ] {
-        let mut body = json!({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]});
-        if bad.get("ignore_eos").is_none() {
-            body["max_tokens"] = json!(2);
-        }
+        let mut body = json!({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 2});
         body.as_object_mut()
             .unwrap()
             .extend(bad.as_object().unwrap().clone());
