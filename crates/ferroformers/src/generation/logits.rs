@@ -258,7 +258,7 @@ impl TimestampRules {
         }
         // log-softmax is a shift of the scores: compare in score space, f64 sums as torch's
         // float32 logsumexp would be within rounding of.
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = crate::kernels::cpu::rowops::max_value(scores);
         if !max.is_finite() {
             return;
         }
@@ -338,7 +338,7 @@ pub fn top_k_filter(scores: &mut [f32], k: usize) {
 }
 
 fn softmax(scores: &[f32]) -> Vec<f32> {
-    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     if max == f32::NEG_INFINITY {
         return vec![0.0; scores.len()];
     }
@@ -401,18 +401,12 @@ pub fn min_p_filter(scores: &mut [f32], min_p: f32, min_keep: usize) {
 
 /// The first index of the maximum (as `torch.argmax`).
 pub fn argmax(scores: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, s) in scores.iter().enumerate() {
-        if *s > scores[best] {
-            best = i;
-        }
-    }
-    best as u32
+    crate::kernels::cpu::rowops::argmax(scores) as u32
 }
 
 /// `log_softmax` in f32.
 pub fn log_softmax(scores: &[f32]) -> Vec<f32> {
-    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
     let lse = max + sum.ln();
     scores.iter().map(|s| s - lse).collect()

@@ -190,7 +190,7 @@ fn top_k_desc(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
 
 /// `log(sum(exp(scores)))` (-inf when every score is).
 fn log_sum_exp(scores: &[f32]) -> f32 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     if max == f32::NEG_INFINITY {
         return max;
     }
@@ -200,7 +200,7 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
 
 /// `log(softmax(scores)[tok])`, -inf where the token was masked out.
 fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     if !max.is_finite() {
         return f32::NEG_INFINITY;
     }
@@ -211,7 +211,7 @@ fn log_softmax_at(scores: &[f32], tok: u32) -> f32 {
 /// The `n` most likely tokens of `softmax(scores)` with their log-probabilities, best first
 /// (ties: lower id first); tokens masked to -inf are left out.
 pub fn top_logprobs(scores: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     if !max.is_finite() || n == 0 {
         return Vec::new();
     }
@@ -232,7 +232,7 @@ pub struct TokenScore {
 /// `tok`'s log-probability under `softmax(scores)`, its rank, and the `n` most likely tokens
 /// with theirs ([`top_logprobs`]), the row's maximum and normaliser computed once.
 pub fn score_row(scores: &[f32], tok: u32, n: usize) -> TokenScore {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::kernels::cpu::rowops::max_value(scores);
     let own = scores[tok as usize];
     let rank = 1 + scores.iter().filter(|&&x| x > own).count();
     if !max.is_finite() {

@@ -191,6 +191,44 @@ fn softmax_rows_g(rows: &mut [f32], width: usize, keep: &[f32]) {
 }
 dispatch!(pub fn softmax_rows(rows: &mut [f32], width: usize, keep: &[f32]); via softmax_rows_g);
 
+/// The largest value of `row`, NaN ignored (`-inf` when empty or all NaN): what
+/// `fold(f32::NEG_INFINITY, f32::max)` gives, in sixteen independent lanes instead of one
+/// chain of dependent comparisons (a vocabulary of 49152 logits: ~50 us -> a few).
+#[inline(always)]
+fn max_value_g(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut it = row.chunks_exact(16);
+    for c in &mut it {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &x in lanes.iter().chain(it.remainder()) {
+        m = if x > m { x } else { m };
+    }
+    m
+}
+dispatch!(pub fn max_value(row: &[f32]) -> f32; via max_value_g);
+
+/// The position of the first of the largest values of `row` (0 when it is empty, or when its
+/// first value is NaN and so never beaten): a serial scan's answer, from [`max_value`] and a
+/// search for its first position sixteen values at a time.
+#[inline(always)]
+fn argmax_g(row: &[f32]) -> usize {
+    if row.first().is_none_or(|x| x.is_nan()) {
+        return 0;
+    }
+    let m = max_value_g(row);
+    for (i, c) in row.chunks(16).enumerate() {
+        if c.iter().fold(false, |hit, &x| hit | (x == m)) {
+            return 16 * i + c.iter().position(|&x| x == m).unwrap_or(0);
+        }
+    }
+    0
+}
+dispatch!(pub fn argmax(row: &[f32]) -> usize; via argmax_g);
+
 /// `gate = silu(gate) * up`, in place.
 #[inline(always)]
 fn silu_mul_g(gate: &mut [f32], up: &[f32]) {
@@ -375,6 +413,47 @@ dispatch!(pub fn layer_norm_grad_rows(x: &[f32], w: &[f32], g: &[f32], eps: f32,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorized maximum and first argmax give a serial scan's answers, NaNs, ties and
+    /// signed zeros included.
+    #[test]
+    fn max_and_argmax_match_a_serial_scan() {
+        let serial_max = |r: &[f32]| r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let serial_argmax = |r: &[f32]| {
+            let mut best = 0;
+            for (i, s) in r.iter().enumerate() {
+                if *s > r[best] {
+                    best = i;
+                }
+            }
+            best
+        };
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![f32::NAN, 1.0, 2.0],
+            vec![1.0, f32::NAN, 3.0, f32::NAN],
+            vec![f32::NEG_INFINITY; 40],
+            vec![0.0, -0.0, 0.0],
+            vec![f32::NAN; 5],
+        ];
+        // Ties at the top in different lanes and runs, and lengths around the lane width.
+        for len in [1usize, 15, 16, 17, 33, 1000, 49152] {
+            let r: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 1009) as f32 * 0.5 - 200.0)
+                .collect();
+            rows.push(r);
+        }
+        let mut tie = vec![0f32; 100];
+        tie[37] = 5.0;
+        tie[70] = 5.0;
+        tie[99] = 5.0;
+        rows.push(tie);
+        for r in &rows {
+            assert_eq!(argmax(r), serial_argmax(r), "{:?}", &r[..r.len().min(8)]);
+            let (a, b) = (max_value(r), serial_max(r));
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} {b}");
+        }
+    }
 
     /// A vocabulary-sized row (odd length, masked tokens): the f64 sum of libm's exp.
     #[test]
