@@ -503,8 +503,8 @@ pub(crate) fn openai_params(v: &Value) -> Result<Params, ApiError> {
     if bool_field(v, "ignore_eos")? {
         // vLLM's: an end token does not end the generation; it is generated like any other
         // token (and, being special, left out of the text unless `skip_special_tokens` is
-        // false) and the generation goes on, to `max_tokens` or the context window's end.
-        // `stop_token_ids` still end it.
+        // false) and the generation goes on, to `max_tokens` (256 when not given) or the
+        // context window's end. `stop_token_ids` still end it.
         let stop_ids = p.remove("stop_token_ids").unwrap_or_else(|| json!([]));
         p.insert("eos_token_id".into(), stop_ids);
     }
