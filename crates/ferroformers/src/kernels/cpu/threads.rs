@@ -134,6 +134,8 @@ struct Pool {
     /// The current job, valid while `state` is open or counts a worker that entered it open.
     job: AtomicPtr<Job<'static>>,
     busy: Mutex<()>,
+    /// Wake-ups steered off the caller's core so far.
+    steered: AtomicUsize,
 }
 
 /// One of the pool's threads, and what a caller needs to wake it away from its own core.
@@ -182,6 +184,7 @@ impl Pool {
             state: AtomicUsize::new(CLOSED),
             job: AtomicPtr::new(std::ptr::null_mut()),
             busy: Mutex::new(()),
+            steered: AtomicUsize::new(0),
         }
     }
 
@@ -234,9 +237,16 @@ impl Pool {
     }
 
     fn run(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        let Ok(_busy) = self.busy.try_lock() else {
-            f(0..n);
-            return;
+        // A job that panicked (the panic goes on to its caller) poisoned the lock: it guards
+        // nothing but the pool's use, so the pool goes on. (Before, every later job ran on its
+        // caller's thread alone: one panic made the process single-threaded.)
+        let _busy = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                f(0..n);
+                return;
+            }
         };
         let threads = self.threads.len() + 1;
         let job = Job {
@@ -263,6 +273,7 @@ impl Pool {
                 if let (Some(cpu), Some(h)) = (here, w.home.get()) {
                     if h.avoid(cpu) {
                         w.steered.store(true, Ordering::Release);
+                        self.steered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -293,6 +304,7 @@ impl Pool {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod steer {
     /// A worker's thread id and the cores it may run on.
+    #[derive(Clone)]
     pub(super) struct Home {
         pub(super) tid: libc::pid_t,
         pub(super) cores: libc::cpu_set_t,
@@ -368,6 +380,7 @@ unsafe impl Sync for SendPtr {}
 mod tests {
     use super::par_tasks;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     /// Every task runs once, and a task that splits again runs its split inline instead of
     /// waiting on the pool it is part of.
@@ -416,13 +429,94 @@ mod tests {
             sum.fetch_add(i, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 4950);
+        // And still in parallel: the workers take part again (other tests' jobs may hold the
+        // pool for a while, so it is tried until they do). A panic used to leave the pool's
+        // lock poisoned and every later job on its caller's thread alone.
+        if super::pool().is_some_and(|p| !p.threads.is_empty()) {
+            let t0 = std::time::Instant::now();
+            loop {
+                let ids = Mutex::new(std::collections::HashSet::new());
+                par_tasks(64, |_| {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    ids.lock().unwrap().insert(std::thread::current().id());
+                });
+                if ids.lock().unwrap().len() > 1 {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(60),
+                    "no job ran on more than one thread after a panic"
+                );
+            }
+        }
     }
 
-    /// A parked worker woken for a job is steered off the caller's core for its wake-up, and
-    /// gets all its cores back once it runs.
+    /// The cores a thread may run on (`0`: the calling one), as a list.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn cores_of(tid: libc::pid_t) -> Vec<usize> {
+        // SAFETY: the kernel writes a set of its size, which is then only read.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set),
+                0
+            );
+            listed(&set)
+        }
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn listed(set: &libc::cpu_set_t) -> Vec<usize> {
+        // SAFETY: reads a set of the kernel's size.
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+            .collect()
+    }
+
+    /// Steering itself: another thread narrows a thread's cores to all but one ([`Home::avoid`],
+    /// as a caller does before waking a worker), and the thread widens them back to what it
+    /// had ([`Home::restore`], as the worker does once awake).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
-    fn steered_workers_get_their_cores_back() {
+    fn steering_narrows_then_restores_a_threads_cores() {
+        use std::sync::mpsc::channel;
+        let (to_main, from_thread) = channel();
+        let (to_thread, from_main) = channel::<()>();
+        let t = std::thread::spawn(move || {
+            let home = super::steer::Home::here();
+            to_main.send((home.clone(), cores_of(0))).unwrap();
+            from_main.recv().unwrap();
+            if let Some(h) = &home {
+                h.restore();
+            }
+            to_main.send((None, cores_of(0))).unwrap();
+        });
+        let (home, before) = from_thread.recv().unwrap();
+        if let Some(h) = home {
+            assert_eq!(listed(&h.cores), before);
+            let avoid = before[0];
+            assert!(h.avoid(avoid));
+            let narrowed = cores_of(h.tid);
+            assert!(
+                !narrowed.contains(&avoid) && !narrowed.is_empty(),
+                "{narrowed:?}"
+            );
+            assert_eq!(narrowed.len() + 1, before.len());
+            // A core it may not run on anyway is no way to steer it.
+            assert!(!h.avoid(libc::CPU_SETSIZE as usize));
+        } // else one core, or steering switched off: nothing to steer.
+        to_thread.send(()).unwrap();
+        let (_, after) = from_thread.recv().unwrap();
+        t.join().unwrap();
+        assert_eq!(after, before);
+    }
+
+    /// Through the pool: a parked worker woken for a job is steered (other tests' jobs may hold
+    /// the pool, so it is tried until it happens), every item runs once, and the worker is
+    /// back on all its cores afterwards.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn parked_workers_woken_for_jobs_end_on_all_their_cores() {
         use std::time::{Duration, Instant};
         let Some(pool) = super::pool() else { return };
         let Some(w) = pool.threads.first() else {
@@ -434,29 +528,18 @@ mod tests {
         }) else {
             return; // one core, or steering switched off
         };
-        // The cores a thread may run on, as a list.
-        let cores = |set: &libc::cpu_set_t| -> Vec<usize> {
-            // SAFETY: reads a set of the kernel's size.
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
-                .collect()
-        };
-        let mask = |tid| {
-            // SAFETY: the kernel writes the set.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                assert_eq!(
-                    libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set),
-                    0
-                );
-                cores(&set)
+        let t0 = Instant::now();
+        let mut seen = 0;
+        while seen < 3 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no job woke the parked worker through the pool in a minute"
+            );
+            // Until the worker has spun, yielded and parked.
+            while !w.parked.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
             }
-        };
-        let mut steered = 0;
-        for _ in 0..20 {
-            // Long enough for the worker to spin, yield and park.
-            std::thread::sleep(Duration::from_millis(30));
-            let parked = w.parked.load(Ordering::SeqCst);
+            let before = pool.steered.load(Ordering::Relaxed);
             let hits: Vec<AtomicUsize> = (0..256).map(|_| AtomicUsize::new(0)).collect();
             super::par_ranges(256, |r| {
                 for i in r {
@@ -464,18 +547,19 @@ mod tests {
                 }
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
-            steered += usize::from(parked);
+            if pool.steered.load(Ordering::Relaxed) > before {
+                seen += 1;
+            }
             // Once awake the worker widens its cores again (other tests may steer it too:
             // wait for a moment when it is home).
-            let t0 = Instant::now();
-            while mask(home.tid) != cores(&home.cores) {
+            let t1 = Instant::now();
+            while cores_of(home.tid) != listed(&home.cores) {
                 assert!(
-                    t0.elapsed() < Duration::from_secs(5),
+                    t1.elapsed() < Duration::from_secs(10),
                     "the worker kept the narrowed cores"
                 );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        assert!(steered > 0, "the worker never parked between jobs");
     }
 }
