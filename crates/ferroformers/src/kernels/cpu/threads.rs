@@ -265,12 +265,14 @@ impl Pool {
         // without touching any job).
         self.state.fetch_and(!CLOSED, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::Release);
+        // The caller's core, asked only when a worker is asleep.
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        let here = steer::current_cpu();
+        let here = std::cell::OnceCell::new();
         for w in &self.threads {
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             if w.parked.load(Ordering::SeqCst) {
-                if let (Some(cpu), Some(h)) = (here, w.home.get()) {
+                let cpu = *here.get_or_init(steer::current_cpu);
+                if let (Some(cpu), Some(h)) = (cpu, w.home.get()) {
                     if h.avoid(cpu) {
                         w.steered.store(true, Ordering::Release);
                         self.steered.fetch_add(1, Ordering::Relaxed);
