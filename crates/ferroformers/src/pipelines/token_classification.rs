@@ -90,13 +90,7 @@ fn slice_chars(s: &[char], a: usize, b: usize) -> String {
 
 /// numpy's `argmax`: the first of equal maxima.
 fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in xs.iter().enumerate() {
-        if *x > xs[best] {
-            best = i;
-        }
-    }
-    best
+    crate::kernels::cpu::rowops::argmax(xs)
 }
 
 /// `np.nanmean` in f32.
