@@ -8,6 +8,8 @@ on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
       pydantic-settings httpx
   python3 scripts/bench_serve_gen.py [--concurrency 1,4,16] [--requests 32] [--tokens 64] [--reps 3]
       [--distinct]   (every request a different chat: prompts share only their start)
+      [--before BINARY [--before-env KEY=VALUE]...]   (another build, or the same one with a
+                     switch, served beside ours and alternating with it in every round)
 
 The load comes from `examples/sse_load.rs` (`--client python`: httpx in asyncio, which on 2
 cores delays its own request starts by ~3 ms each). Each client sends the same chat (one user
@@ -168,6 +170,10 @@ def main():
                          "--example sse_load), the same for every server; python: httpx in asyncio")
     ap.add_argument("--before", help="another ferroformers binary (e.g. an earlier commit's), "
                                      "served beside --binary and measured in the same rounds")
+    ap.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the --before server only (repeatable), e.g. "
+                         "--before target/release/ferroformers --before-env FERROFORMERS_NO_STEER=1 "
+                         "to measure a switch on one binary")
     a = ap.parse_args()
     client = ROOT / "target/release/examples/sse_load"
     if a.distinct and a.client != "rust":
@@ -192,7 +198,13 @@ def main():
         servers["ours"] = ("http://127.0.0.1:3941", p, REPO, "/health")
     if a.before:
         # Another build of ours (an earlier commit), alternating with this one in the same run.
-        p = subprocess.Popen([a.before] + ours_cmd[1:] + ["--port", "3944"], env=env,
+        before_env = dict(env)
+        for kv in a.before_env:
+            k, sep, v = kv.partition("=")
+            if not sep or not k:
+                sys.exit(f"--before-env wants KEY=VALUE, got {kv!r}")
+            before_env[k] = v
+        p = subprocess.Popen([a.before] + ours_cmd[1:] + ["--port", "3944"], env=before_env,
                              stderr=subprocess.DEVNULL)
         servers["before"] = ("http://127.0.0.1:3944", p, REPO, "/health")
     if "ours-solo" in ap_engines:
