@@ -8,6 +8,8 @@ on the same GGUF file, streaming `POST /v1/chat/completions`, side by side.
       pydantic-settings httpx
   python3 scripts/bench_serve_gen.py [--concurrency 1,4,16] [--requests 32] [--tokens 64] [--reps 3]
       [--distinct]   (every request a different chat: prompts share only their start)
+      [--spread 32-96]   (each request's max_tokens from the range: requests end and arrive one
+                     by one, not in waves of equal requests)
       [--before BINARY [--before-env KEY=VALUE]...]   (another build, or the same one with a
                      switch, served beside ours and alternating with it in every round)
 
@@ -107,7 +109,7 @@ def summary(ttfts, toks, wall):
             "tokens": toks}
 
 
-def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0"):
+def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0", spread=None):
     """The same load from `examples/sse_load.rs` (blocking client threads, asleep on their sockets
     between events): the Python client needed ~3 ms of CPU per request start on these 2 cores,
     so a wave of 16 reached a server spread over ~40 ms, which its time to first token counted."""
@@ -116,7 +118,12 @@ def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0"):
             "temperature": 0, "stream_options": {"include_usage": True}}
     if distinct:
         body["min_tokens"] = tokens
-    out = subprocess.run([client, url, json.dumps(body), str(conc), str(n)], capture_output=True,
+    text = json.dumps(body)
+    if spread:
+        # Each request's own max_tokens from the range (sse_load's `{r:A-B}`, fixed per request
+        # number, so every server gets the same requests).
+        text = text.replace(f'"max_tokens": {tokens}', f'"max_tokens": {{r:{spread}}}')
+    out = subprocess.run([client, url, text, str(conc), str(n)], capture_output=True,
                          text=True)
     if out.returncode != 0:
         sys.exit(f"sse_load against {url} failed: {out.stderr.strip()}")
@@ -160,6 +167,10 @@ def main():
     ap.add_argument("--distinct", action="store_true",
                     help="every request a different chat (Rust client only): prompts share only "
                          "their start, and each answer is --tokens long (min_tokens)")
+    ap.add_argument("--spread", metavar="A-B",
+                    help="each request's max_tokens from A to B instead of --tokens (Rust client "
+                         "only): answers of mixed lengths end at different steps, so requests "
+                         "arrive one by one instead of in waves of equal requests")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="ours,ours-solo,llama.cpp",
@@ -176,15 +187,16 @@ def main():
                          "to measure a switch on one binary")
     a = ap.parse_args()
     client = ROOT / "target/release/examples/sse_load"
-    if a.distinct and a.client != "rust":
-        sys.exit("--distinct needs the Rust client")
+    if (a.distinct or a.spread) and a.client != "rust":
+        sys.exit("--distinct and --spread need the Rust client")
     if a.client == "rust" and not client.exists():
         sys.exit(f"{client} is missing: cargo build --release -p ferroformers-server --example "
                  "sse_load (or --client python)")
 
     def load(url, model, c, n, tokens, run="warmup"):
         if a.client == "rust":
-            return run_load_rust(str(client), url, model, c, n, tokens, a.distinct, run)
+            return run_load_rust(str(client), url, model, c, n, tokens, a.distinct, run,
+                                 a.spread if run != "warmup" else None)
         return asyncio.run(run_load(url, model, c, n, tokens))
     gguf = gguf_path()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads),
@@ -249,7 +261,7 @@ def main():
     load1 = os.getloadavg()
     print(f"\nstreamed chat completions{' (a different chat each, min_tokens)' if a.distinct else ''}, "
           f"SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
-          f"{a.tokens} tokens per run, {a.threads} threads, median of {a.reps}, {a.client} client; "
+          f"{a.spread + ' (max_tokens per request)' if a.spread else a.tokens} tokens per run, {a.threads} threads, median of {a.reps}, {a.client} client; "
           f"CPU {cpu_model()}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
     labels = {"ours": "ferroformers serve (continuous batching)",

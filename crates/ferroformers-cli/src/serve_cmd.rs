@@ -82,6 +82,13 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "RATIO", value_parser = ratio,
           default_value_t = Config::default().admission.waiting_served_ratio, allow_negative_numbers = true)]
     waiting_served_ratio: f32,
+    /// Generation: a new request's prompt runs as soon as it arrives, between two layers of
+    /// a running decoding step (its first token waits for one prompt pass, not for the
+    /// step); false: at the next step, a repeated prompt riding along in it (more tokens/s,
+    /// later first tokens under load).
+    #[arg(long, env, value_name = "BOOL",
+          default_value_t = Config::default().admission.prefill_priority, action = clap::ArgAction::Set)]
+    prefill_priority: bool,
     /// Generation: the most prompt tokens (padded) one prompt pass runs; a longer prompt runs
     /// in chunks of this many, one per decoding step, so running streams keep going and a
     /// client that leaves stops it within a chunk (TGI's flag; TGI's default is 4096).
@@ -215,6 +222,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     };
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;
     cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
+    cfg.admission.prefill_priority = a.prefill_priority;
     cfg.admission.prefix_cache_tokens = a.prefix_cache_tokens;
     cfg.admission.max_prefill_tokens =
         usize::try_from(a.max_batch_prefill_tokens).unwrap_or(usize::MAX);

@@ -9,7 +9,8 @@
 //!     URL BODY_JSON CONCURRENCY REQUESTS
 //! ```
 //! BODY_JSON is the request body (`"stream": true` is set); `{i}` in it becomes each request's
-//! number (0, 1, ...), for prompts that differ. Prints one JSON object: wall
+//! number (0, 1, ...), for prompts that differ, and `{r:A-B}` a number from A to B fixed per
+//! request number (`"max_tokens": {r:32-96}`: answers of mixed lengths). Prints one JSON object: wall
 //! seconds, completion tokens (from the usage chunk when the server sends one, else content
 //! events), and every request's time to first content event in seconds (`ttft_s`) with
 //! when it was sent, in seconds from the start (`start_s`, in the same order).
@@ -59,6 +60,42 @@ fn one(agent: &ureq::Agent, url: &str, body: &Value) -> Result<(f64, u64), Strin
     Ok((ttft.unwrap_or(f64::NAN), usage.unwrap_or(events)))
 }
 
+/// `text` with each `{r:A-B}` replaced by a number from A to B, the same for the same request
+/// number `i` in every run (a fixed hash of `i` and the field's place): answers of mixed
+/// lengths (`"max_tokens": {r:32-96}`), so requests end and arrive at different steps.
+fn spread(text: &str, i: usize) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut field = 0u64;
+    while let Some(at) = rest.find("{r:") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 3..];
+        let range = tail.find('}').and_then(|end| {
+            let (a, b) = tail[..end].split_once('-')?;
+            Some((
+                a.trim().parse::<u64>().ok()?,
+                b.trim().parse::<u64>().ok()?,
+                end,
+            ))
+        });
+        let Some((a, b, end)) = range.filter(|(a, b, _)| a <= b) else {
+            eprintln!("BODY_JSON: `{{r:A-B}}` needs whole numbers A <= B");
+            std::process::exit(2)
+        };
+        // splitmix64 of (request, field)
+        let mut z = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ field.wrapping_add(0x632B_E59B_D9B4_E019);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        out.push_str(&(a + z % (b - a + 1)).to_string());
+        field += 1;
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, body, conc, n] = args.as_slice() else {
@@ -67,11 +104,11 @@ fn main() {
     };
     // Each request's body: `{i}` replaced by its number.
     let body_of = |i: usize| -> Value {
-        let mut body: Value = serde_json::from_str(&body.replace("{i}", &i.to_string()))
-            .unwrap_or_else(|e| {
-                eprintln!("BODY_JSON is not JSON: {e}");
-                std::process::exit(2)
-            });
+        let text = spread(&body.replace("{i}", &i.to_string()), i);
+        let mut body: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            eprintln!("BODY_JSON is not JSON: {e}");
+            std::process::exit(2)
+        });
         body["stream"] = json!(true);
         body
     };

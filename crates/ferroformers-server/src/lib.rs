@@ -1200,6 +1200,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
             "max_batch_prefill_tokens".into(),
             json!(state.admission.max_prefill_tokens),
         );
+        o.insert(
+            "prefill_priority".into(),
+            json!(state.admission.prefill_priority),
+        );
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     axum::Json(Value::Object(o)).into_response()

@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 9] = [
+    let gen: [GenSeries; 10] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -155,6 +155,12 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "counter",
             "requests cancelled before their prompt had run whole (queued, or between chunks)",
             |s| s.cancelled_prompts,
+        ),
+        (
+            "ferroformers_generation_mid_step_prompts_total",
+            "counter",
+            "prompts run between the layers of a decoding step (--prefill-priority)",
+            |s| s.mid_step_joins,
         ),
     ];
     for (name, kind, help, get) in gen {

@@ -1971,6 +1971,7 @@ fn concurrent_generations_share_the_continuous_batch() {
     assert_eq!(info["max_waiting_tokens"], 7, "{info}");
     assert_eq!(info["waiting_served_ratio"], 0.0, "{info}");
     assert_eq!(info["max_batch_prefill_tokens"], 6, "{info}");
+    assert_eq!(info["prefill_priority"], true, "{info}");
     assert_eq!(info["max_concurrent_requests"], 64, "{info}");
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("Request {i}: {}", "more ".repeat(i)))

@@ -10,9 +10,14 @@ mod common;
 
 use common::decoder as load;
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
 use ferroformers::generation::{
     Admission, Batcher, Cancel, GenerationConfig, Hooks, TextGenerator,
 };
+use ferroformers::models::causal_lm::{CausalLm, KvCache};
 
 /// Request `i`'s parameters: its own length limit, sampling for the odd ones (own seed).
 fn cfg(g: &TextGenerator, i: usize) -> GenerationConfig {
@@ -392,7 +397,7 @@ fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
 }
 
 /// A prompt seen before (the same request again) arrives while another request generates:
-/// with the Llama family's CPU cache its one remaining token runs inside the running rows'
+/// without prefill priority, with the Llama family's CPU cache its one remaining token runs inside the running rows'
 /// decoding step (a rider: no pass of its own, no join after it; its prefix fits inside the
 /// running rows' positions); with tensor caches it runs its own pass. Either way both get
 /// their solo tokens.
@@ -414,7 +419,15 @@ fn a_repeated_prompt_rides_along_the_running_step() {
         long.max_new_tokens = Some(20);
         let want_other = solo_tokens(&g, &other, &long);
 
-        g.batcher = Some(Batcher::new(100_000));
+        // Riding is for a batch without prefill priority (with it, a repeated prompt runs its
+        // own pass at once: `new_prompts_run_between_a_running_steps_layers`).
+        g.batcher = Some(Batcher::with_admission(
+            100_000,
+            Admission {
+                prefill_priority: false,
+                ..Admission::default()
+            },
+        ));
         assert_eq!(solo(&g, &first), want, "{name}: first request");
         let before = g.batcher.as_ref().unwrap().stats();
         let g = &g;
@@ -843,5 +856,159 @@ fn scored_prompts_reuse_a_shared_start() {
         for (a, b) in got.iter().zip(&want).skip(1) {
             assert!((a.as_ref().unwrap().logprob - b.as_ref().unwrap().logprob).abs() < 1e-4);
         }
+    }
+}
+
+/// A model that holds one forward pass at its start while the test arranges what happens
+/// during it: `phase` 1 = hold the next pass (the phase becomes 2) until the phase is 3;
+/// with `until`, that pass then also waits at its end until `until` is set.
+struct Held {
+    inner: Box<dyn CausalLm>,
+    phase: Arc<AtomicU8>,
+    until: Option<Arc<AtomicBool>>,
+}
+
+/// Wait (up to 20 s) until `f` says so.
+fn wait_until(f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl CausalLm for Held {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> candle_core::Result<Tensor> {
+        let held = self
+            .phase
+            .compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if held {
+            wait_until(|| self.phase.load(Ordering::SeqCst) == 3);
+        }
+        let out = self
+            .inner
+            .forward(input_ids, position_ids, bias, cache, last_only);
+        if let (true, Some(until)) = (held, &self.until) {
+            wait_until(|| until.load(Ordering::SeqCst));
+        }
+        out
+    }
+
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        self.inner.max_positions()
+    }
+
+    fn hard_position_limit(&self) -> bool {
+        self.inner.hard_position_limit()
+    }
+
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+
+    fn prepare_batched_steps(&self) {
+        self.inner.prepare_batched_steps()
+    }
+}
+
+/// Prefill priority: a request that arrives while a decoding step runs has its prompt run
+/// between the step's layers (Llama-family CPU passes), and its first token comes out before
+/// that step has ended; without it, or with a model whose pass has no layer hook (GPT-2), it
+/// waits for the step. Both requests get their solo tokens either way.
+#[test]
+fn new_prompts_run_between_a_running_steps_layers() {
+    for (name, priority, between) in [
+        ("llama", true, true),
+        ("qwen2", true, true),
+        ("llama", false, false),
+        ("gpt2", true, false),
+    ] {
+        let (mut g, first, c) = prefix_setup(name, 12);
+        let other = g.encode("Completely different words", true).unwrap();
+        let want_first = solo_tokens(&g, &first, &c);
+        let want_other = solo_tokens(&g, &other, &c);
+        let phase = Arc::new(AtomicU8::new(0));
+        // Set at the newcomer's first token; where it can come while the step runs, the step
+        // waits for it at its end (its thread may otherwise only look after the step).
+        let seen = Arc::new(AtomicBool::new(false));
+        g.model = Box::new(Held {
+            inner: load(name).model,
+            phase: phase.clone(),
+            until: between.then(|| seen.clone()),
+        });
+        g.batcher = Some(Batcher::with_admission(
+            100_000,
+            Admission {
+                prefill_priority: priority,
+                ..Admission::default()
+            },
+        ));
+        let (g, first, other, c) = (&g, &first, &other, &c);
+        let stats = || g.batcher.as_ref().unwrap().stats();
+        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+            let t = Instant::now();
+            while !f() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "{name}: no {what} in 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        std::thread::scope(|s| {
+            let running = s.spawn(|| solo_tokens(g, first, c));
+            // Its first decoding step has run: the next pass is a decoding step; hold it.
+            wait_for("decoding step", &|| stats().steps >= 1);
+            phase.store(1, Ordering::SeqCst);
+            wait_for("held step", &|| phase.load(Ordering::SeqCst) == 2);
+            let held_at = stats().steps;
+            let newcomer = s.spawn(move || {
+                // The batch's steps when this request's first token came.
+                let mut first_at = None;
+                let mut on_token = |_: usize, _: u32, _: f32| {
+                    first_at.get_or_insert_with(|| stats().steps);
+                    seen.store(true, Ordering::SeqCst);
+                };
+                let mut hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..Hooks::default()
+                };
+                let t = g.generate_one(other, c, &mut hooks).unwrap().sequences[0][0].clone();
+                (t, first_at)
+            });
+            wait_for("waiting newcomer", &|| stats().waiting == 1);
+            phase.store(3, Ordering::SeqCst);
+            let (got, first_at) = newcomer.join().unwrap();
+            assert_eq!(got, want_other, "{name}: the newcomer");
+            assert_eq!(
+                running.join().unwrap(),
+                want_first,
+                "{name}: the running request"
+            );
+            let st = stats();
+            if between {
+                assert_eq!(st.mid_step_joins, 1, "{name}: {st:?}");
+                assert_eq!(
+                    first_at,
+                    Some(held_at),
+                    "{name}: first token before the step ended"
+                );
+            } else {
+                assert_eq!(st.mid_step_joins, 0, "{name}: {st:?}");
+                assert!(first_at > Some(held_at), "{name}: {first_at:?} {held_at}");
+            }
+            assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+        });
     }
 }

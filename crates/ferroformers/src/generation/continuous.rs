@@ -16,8 +16,9 @@
 //!    [`Admission`] (TGI's `--waiting-served-ratio` / `--max-waiting-tokens`) lets them;
 //!    their prompts run first (a new request's first token need not wait for a decoding
 //!    step), a few at a time as left-padded batches of at most
-//!    [`Admission::max_prefill_tokens`] tokens; a prompt that continues a kept prefix (below)
-//!    with one token left instead rides along in step 3 as one more row; a cancelled request
+//!    [`Admission::max_prefill_tokens`] tokens; without prefill priority (3a), a prompt that
+//!    continues a kept prefix (below) with one token left instead rides along in step 3 as one
+//!    more row; a cancelled request
 //!    waiting to join is dropped unrun;
 //!
 //!    2c. a prompt longer than `max_prefill_tokens` runs one chunk of that many tokens per
@@ -25,6 +26,11 @@
 //!    rows get a token per chunk instead of waiting for the whole prompt;
 //! 3. one forward pass over the running rows, one new token each (positions and the attention
 //!    bias from each row's own mask, as for any left-padded batch);
+//!
+//!    3a. with [`Admission::prefill_priority`], requests that join the queue while it runs
+//!    have their prompts run between two of its layers (the pass's thread runs them, nested,
+//!    through [`with_layer_hook`]; each gets its first logits at once), and join with step
+//!    2's;
 //! 4. the new prompts' KV caches join the running one (right-aligned, left-padded).
 //!
 //! A sequence that leaves keeps its keys and values for a while (the newest, up to 8192 tokens
@@ -39,16 +45,19 @@
 //! products over more rows (the padding is masked to exact zeros).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
 use super::search::{Cancel, StepModel};
 use crate::error::{Error, Result};
-use crate::models::causal_lm::{CausalLm, KvCache};
+use crate::models::causal_lm::{with_layer_hook, CausalLm, KvCache};
 
 /// The shared batch of one model: its sequences, their KV caches joined, the waiting queue.
 pub struct Batcher {
     state: Mutex<State>,
+    /// A request has joined the queue since a running step last looked.
+    arrived: AtomicBool,
     wake: Condvar,
     max_total_tokens: usize,
     admission: Admission,
@@ -71,6 +80,16 @@ pub struct Batcher {
 /// prefill), so the running sequences keep getting tokens while it runs, and a request whose
 /// client has gone stops within one chunk.
 ///
+/// `prefill_priority` (with a `waiting_served_ratio` of 0): a new request's prompt runs as
+/// soon as it is in the queue, also while a decoding step runs: between two of the step's
+/// layers (CPU Llama-family models; other models at the step's start), its first logits
+/// out before the step goes on (vLLM's scheduler also runs prompts before decoding steps, but
+/// only between steps). So a new request's first token waits for one prompt pass, not for
+/// the rest of the running step and then a step with it in. A repeated prompt with one
+/// token left then runs its own pass too, instead of riding along in the next decoding step
+/// (cheaper, but its first token comes only with that step). Off: both wait for the step's
+/// end, and repeated prompts ride along.
+///
 /// `prefix_cache_tokens`: the most tokens the kept prefixes (finished sequences' keys and
 /// values, for later prompts that start the same way) hold together, and at most 256 MB; 0
 /// keeps none. Default 8192 (~190 MB for SmolLM2's f16 cache, ~100 MB for Qwen2.5-0.5B's).
@@ -80,6 +99,7 @@ pub struct Admission {
     pub waiting_served_ratio: f32,
     pub max_prefill_tokens: usize,
     pub prefix_cache_tokens: usize,
+    pub prefill_priority: bool,
 }
 
 impl Default for Admission {
@@ -89,6 +109,7 @@ impl Default for Admission {
             waiting_served_ratio: 0.0,
             max_prefill_tokens: 256,
             prefix_cache_tokens: PREFIX_TOKENS,
+            prefill_priority: true,
         }
     }
 }
@@ -132,6 +153,8 @@ pub struct BatchStats {
     /// Requests cancelled (their [`Cancel`]) before their prompt had run whole: waiting, or
     /// between the chunks of a long prompt.
     pub cancelled_prompts: u64,
+    /// Prompts run between the layers of a decoding step (they arrived while it ran).
+    pub mid_step_joins: u64,
 }
 
 #[derive(Default)]
@@ -189,7 +212,50 @@ impl Seq {
     }
 }
 
+/// Admitted prompts that run whole: `(id, prompt)`.
+type Fresh = Vec<(u64, Vec<u32>)>;
+
+/// Admitted prompts that continue a kept prefix: `(id, prompt, its cache, tokens of it)`.
+type Continued = Vec<(u64, Vec<u32>, Arc<KvCache>, usize)>;
+
 impl State {
+    /// Where admitted prompts start: prompts that start like a finished sequence continue
+    /// from its cache's first n positions; prompts whose rest is longer than one pass
+    /// (`chunk` tokens) go to `partials`, to run in chunks (2c).
+    fn starts(&mut self, admitted: Vec<(u64, Vec<u32>)>, chunk: usize) -> (Fresh, Continued) {
+        let mut continued: Continued = Vec::new();
+        let mut fresh: Fresh = Vec::new();
+        for (id, prompt) in admitted {
+            let start = best_prefix(&self.prefixes, &prompt).map(|(i, n)| {
+                let p = self.prefixes.remove(i);
+                let c = Arc::clone(&p.cache);
+                self.prefixes.insert(0, p);
+                self.stats.prefix_hits += 1;
+                self.stats.prefix_tokens += n as u64;
+                let n = n.min(c.seq_len());
+                (c, n)
+            });
+            let past = start.as_ref().map_or(0, |s| s.1);
+            if prompt.len() - past > chunk {
+                let room = self.seqs.get(&id).map_or(0, |s| s.reserve).min(MAX_ROOM);
+                self.partials.push_back(Partial {
+                    id,
+                    prompt,
+                    start,
+                    cache: None,
+                    done: past,
+                    room,
+                });
+                continue;
+            }
+            match start {
+                Some((c, n)) => continued.push((id, prompt, c, n)),
+                None => fresh.push((id, prompt)),
+            }
+        }
+        (fresh, continued)
+    }
+
     /// Whether waiting request `id` leaves the queue unrun: it is over (removed), or
     /// cancelled (its thread gets the error).
     fn leaves_unrun(&mut self, id: u64) -> bool {
@@ -438,6 +504,7 @@ impl Batcher {
     pub fn with_admission(max_total_tokens: usize, admission: Admission) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            arrived: AtomicBool::new(false),
             wake: Condvar::new(),
             max_total_tokens: max_total_tokens.max(1),
             admission,
@@ -566,6 +633,115 @@ impl Batcher {
             len,
             started: false,
         }
+    }
+
+    /// New prompts' passes (step 2): a few at a time as one left-padded batch (up to
+    /// `max_prefill_tokens` padded tokens), or from a kept prefix; each group's threads get
+    /// their first logits at once, and the groups' caches wait in `joining`.
+    fn run_prompts(
+        &self,
+        model: &dyn CausalLm,
+        fresh: Fresh,
+        continued: Continued,
+        room: usize,
+        joining: &mut Vec<Joining>,
+    ) {
+        let chunk = self.admission.max_prefill_tokens.max(1);
+        let groups = prefill_groups(fresh, chunk, |(_, p)| p.len());
+        // Continued prompts group the same way, by their rests' padded tokens.
+        let cgroups = prefill_groups(continued, chunk, |(_, p, _, n)| p.len() - n);
+        let jobs = cgroups
+            .into_iter()
+            .map(|gr| {
+                let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
+                let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
+                (ids, Vec::new(), Some(starts))
+            })
+            .chain(groups.into_iter().map(|gr| {
+                let (ids, prompts) = gr.into_iter().unzip();
+                (ids, prompts, None)
+            }));
+        for (ids, prompts, starts) in jobs {
+            let t = std::time::Instant::now();
+            let continued = starts.is_some();
+            let r = guarded(|| match starts {
+                Some(starts) => continue_group(model, starts, room),
+                None => {
+                    let (padded, m) = left_pad(&prompts, 0);
+                    let mut session = DecoderSession::new(model, padded, m)?;
+                    let logits = session.step(None)?;
+                    let (c, m) = session.into_parts();
+                    Ok((logits, c, m))
+                }
+            });
+            trace(if continued { "prefix" } else { "prompt" }, ids.len(), t);
+            let mut g = lock(&self.state);
+            g.stats.prefills += ids.len() as u64;
+            g.stats.prefill_passes += 1;
+            if settle(&mut g, &ids, r, joining) {
+                g.in_flight += ids.len();
+            }
+            drop(g);
+            self.wake.notify_all();
+        }
+    }
+
+    /// New prompts run between a decoding step's layers (see [`Admission`]).
+    fn joins_mid_step(&self) -> bool {
+        self.admission.prefill_priority && self.admission.waiting_served_ratio <= 0.0
+    }
+
+    /// Requests that arrived while a decoding step runs, called between its layers: those
+    /// at the queue's front that fit the budget (`used`) and run in one pass each (no
+    /// chunks) run their prompts now, so their first tokens need not wait for the step's end;
+    /// their caches join with the step's new rows. `room` grows to theirs.
+    fn join_mid_step(
+        &self,
+        model: &dyn CausalLm,
+        used: &mut usize,
+        room: &mut usize,
+        joining: &mut Vec<Joining>,
+    ) {
+        if !self.arrived.load(Ordering::Acquire) {
+            return;
+        }
+        let chunk = self.admission.max_prefill_tokens.max(1);
+        let mut g = lock(&self.state);
+        self.arrived.store(false, Ordering::Release);
+        let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
+        while let Some(&id) = g.waiting.front() {
+            if g.leaves_unrun(id) {
+                g.waiting.pop_front();
+                continue;
+            }
+            let Some(s) = g.seqs.get(&id) else {
+                g.waiting.pop_front();
+                continue;
+            };
+            let prompt = s.prompt.as_deref().unwrap_or_default();
+            let past = best_prefix(&g.prefixes, prompt)
+                .map_or(0, |(i, n)| n.min(g.prefixes[i].cache.seq_len()));
+            if *used + s.reserve > self.max_total_tokens || prompt.len() - past > chunk {
+                break;
+            }
+            *used += s.reserve;
+            *room = (*room).max(s.reserve.min(MAX_ROOM));
+            let Some(s) = g.seqs.get_mut(&id) else {
+                break;
+            };
+            let prompt = s.prompt.take().unwrap_or_default();
+            s.fed = prompt.clone();
+            admitted.push((id, prompt));
+            g.waiting.pop_front();
+        }
+        if admitted.is_empty() {
+            return;
+        }
+        g.idle_steps = 0;
+        g.stats.mid_step_joins += admitted.len() as u64;
+        let (fresh, continued) = g.starts(admitted, chunk);
+        drop(g);
+        self.run_prompts(model, fresh, continued, *room, joining);
     }
 
     /// Every row's sequence has handed in its token (or is gone), and there is something to
@@ -755,6 +931,10 @@ impl Batcher {
             admitted.push((id, prompt));
             g.waiting.pop_front();
         }
+        if admit {
+            // The queue has been looked at: what is left waits for room in the budget.
+            self.arrived.store(false, Ordering::Release);
+        }
         if admitted.is_empty() {
             if !rows.is_empty() {
                 g.idle_steps += 1;
@@ -765,7 +945,7 @@ impl Batcher {
         // Room for the positions the new rows may still add (their prompts plus their most new
         // tokens; at most MAX_ROOM, beyond which rows grow by doubling), reserved when
         // their keys and values are copied into the batch: no later step re-lays them out.
-        let room = admitted
+        let mut room = admitted
             .iter()
             .filter_map(|(id, _)| g.seqs.get(id))
             .map(|s| s.reserve)
@@ -775,36 +955,7 @@ impl Batcher {
         // Prompts that start like a finished sequence continue from its cache's first n
         // positions; prompts whose rest is longer than one pass run in chunks (2c).
         let chunk = self.admission.max_prefill_tokens.max(1);
-        let mut continued: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
-        let mut fresh: Vec<(u64, Vec<u32>)> = Vec::new();
-        for (id, prompt) in admitted {
-            let start = best_prefix(&g.prefixes, &prompt).map(|(i, n)| {
-                let p = g.prefixes.remove(i);
-                let c = Arc::clone(&p.cache);
-                g.prefixes.insert(0, p);
-                g.stats.prefix_hits += 1;
-                g.stats.prefix_tokens += n as u64;
-                let n = n.min(c.seq_len());
-                (c, n)
-            });
-            let past = start.as_ref().map_or(0, |s| s.1);
-            if prompt.len() - past > chunk {
-                let room = g.seqs.get(&id).map_or(0, |s| s.reserve).min(MAX_ROOM);
-                g.partials.push_back(Partial {
-                    id,
-                    prompt,
-                    start,
-                    cache: None,
-                    done: past,
-                    room,
-                });
-                continue;
-            }
-            match start {
-                Some((c, n)) => continued.push((id, prompt, c, n)),
-                None => fresh.push((id, prompt)),
-            }
-        }
+        let (fresh, mut continued) = g.starts(admitted, chunk);
         // One long prompt's chunk runs in this step, the oldest's.
         let partial = g.partials.pop_front();
         g.chunking = partial.is_some();
@@ -812,9 +963,14 @@ impl Batcher {
         // Continued prompts with one token left, while rows run: that token rides along in
         // step 3 (the prefix's keys and values appended to the batch's cache as a new row)
         // instead of a pass of its own before it and a join after it.
-        let mut riders: Vec<(u64, Vec<u32>, Arc<KvCache>, usize)> = Vec::new();
+        let mut riders: Continued = Vec::new();
         let in_place = cache.as_ref().is_some_and(KvCache::appends_in_place);
-        if !rows.is_empty() && fail.is_none() && !continued.is_empty() && in_place {
+        if !self.admission.prefill_priority
+            && !rows.is_empty()
+            && fail.is_none()
+            && !continued.is_empty()
+            && in_place
+        {
             let len = cache.as_ref().map_or(0, KvCache::seq_len);
             let (ride, rest): (Vec<_>, Vec<_>) = continued.into_iter().partition(|(_, p, c, n)| {
                 let n = (*n).min(c.seq_len());
@@ -831,44 +987,8 @@ impl Batcher {
         // 2. The admitted prompts, a few at a time as one left-padded batch (up to
         // `max_prefill_tokens` padded tokens), or from a kept prefix; each group's threads get their
         // first logits at once, and the groups' caches join the batch's after step 3.
-        let groups = prefill_groups(fresh, chunk, |(_, p)| p.len());
-        // Continued prompts group the same way, by their rests' padded tokens.
-        let cgroups = prefill_groups(continued, chunk, |(_, p, _, n)| p.len() - n);
-        let jobs = cgroups
-            .into_iter()
-            .map(|gr| {
-                let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
-                let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
-                (ids, Vec::new(), Some(starts))
-            })
-            .chain(groups.into_iter().map(|gr| {
-                let (ids, prompts) = gr.into_iter().unzip();
-                (ids, prompts, None)
-            }));
         let mut joining: Vec<Joining> = Vec::new();
-        for (ids, prompts, starts) in jobs {
-            let t = std::time::Instant::now();
-            let continued = starts.is_some();
-            let r = guarded(|| match starts {
-                Some(starts) => continue_group(model, starts, room),
-                None => {
-                    let (padded, m) = left_pad(&prompts, 0);
-                    let mut session = DecoderSession::new(model, padded, m)?;
-                    let logits = session.step(None)?;
-                    let (c, m) = session.into_parts();
-                    Ok((logits, c, m))
-                }
-            });
-            trace(if continued { "prefix" } else { "prompt" }, ids.len(), t);
-            let mut g = lock(&self.state);
-            g.stats.prefills += ids.len() as u64;
-            g.stats.prefill_passes += 1;
-            if settle(&mut g, &ids, r, &mut joining) {
-                g.in_flight += ids.len();
-            }
-            drop(g);
-            self.wake.notify_all();
-        }
+        self.run_prompts(model, fresh, continued, room, &mut joining);
 
         // 2b. The riders join the running rows (only their prefixes are copied); one whose
         // prefix cannot be appended runs its own pass like the other continued prompts.
@@ -951,7 +1071,15 @@ impl Batcher {
                 None => {
                     let c = cache.get_or_insert_with(|| KvCache::new(model.num_layers()));
                     let t = std::time::Instant::now();
-                    let r = guarded(|| decode_step(model, c, &mut mask, &tokens));
+                    let mut step = || guarded(|| decode_step(model, c, &mut mask, &tokens));
+                    // 3a: new requests' prompts between the step's layers.
+                    let r = if self.joins_mid_step() {
+                        let mut hook =
+                            || self.join_mid_step(model, &mut used, &mut room, &mut joining);
+                        with_layer_hook(&mut hook, step)
+                    } else {
+                        step()
+                    };
                     trace("step", rows.len(), t);
                     r
                 }
@@ -1171,6 +1299,7 @@ impl StepModel for SharedSession<'_> {
                     }
                     self.started = true;
                     g.waiting.push_back(self.id);
+                    self.batcher.arrived.store(true, Ordering::Release);
                 }
                 Some(t) => {
                     if !self.started || t.len() != 1 {

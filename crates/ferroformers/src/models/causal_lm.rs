@@ -311,6 +311,51 @@ impl KvCache {
     }
 }
 
+thread_local! {
+    /// [`with_layer_hook`]'s hook while its pass runs on this thread.
+    static LAYER_HOOK: std::cell::Cell<Option<*mut (dyn FnMut() + 'static)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with `hook` called between the layers of every decoder forward pass `f` runs on
+/// this thread (at [`layer_boundary`]; the CPU Llama-family pass calls it before each
+/// layer). The hook may run forward passes of its own (on other caches): they do not call
+/// it again. A continuous batch uses it to run a new request's prompt while a decoding step
+/// is under way, so that its first token need not wait for the step's end.
+pub fn with_layer_hook<R>(hook: &mut dyn FnMut(), f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<*mut (dyn FnMut() + 'static)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LAYER_HOOK.with(|h| h.set(self.0.take()));
+        }
+    }
+    let p: *mut (dyn FnMut() + '_) = hook;
+    // SAFETY: only the lifetime bound is erased. The pointer lives in this thread's slot
+    // only while `f` runs (`Restore` puts the previous one back when this function returns
+    // or unwinds), `hook` is borrowed mutably for all that time (nothing else reaches it),
+    // and `layer_boundary` calls it on this thread only.
+    let p: *mut (dyn FnMut() + 'static) = unsafe { std::mem::transmute(p) };
+    let _restore = Restore(LAYER_HOOK.with(|h| h.replace(Some(p))));
+    f()
+}
+
+/// Between two layers of a forward pass: the hook [`with_layer_hook`] set on this thread,
+/// if any (taken out of the slot while it runs, so the passes it runs do not call it).
+pub fn layer_boundary() {
+    struct PutBack(*mut (dyn FnMut() + 'static));
+    impl Drop for PutBack {
+        fn drop(&mut self) {
+            LAYER_HOOK.with(|h| h.set(Some(self.0)));
+        }
+    }
+    if let Some(p) = LAYER_HOOK.with(std::cell::Cell::take) {
+        let back = PutBack(p);
+        // SAFETY: see `with_layer_hook`: the hook is alive and reached only from here, and
+        // not re-entered (the slot is empty while it runs).
+        unsafe { (*back.0)() };
+    }
+}
+
 /// A decoder-only language model with a KV cache.
 pub trait CausalLm: Send + Sync {
     /// `input_ids`, `position_ids`: `[b, s]` (u32); `bias`: `[b, 1, s, cached + s]` additive
@@ -623,6 +668,39 @@ pub fn load_causal_lm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hook runs at each boundary inside `with_layer_hook` and nowhere else: not for
+    /// boundaries its own work reaches (nested passes), not after the scope, also not after
+    /// a panic inside it; an inner scope's hook holds only inside it.
+    #[test]
+    fn layer_hooks_are_scoped_and_not_reentered() {
+        let calls = std::cell::Cell::new(0);
+        let inner_calls = std::cell::Cell::new(0);
+        layer_boundary();
+        let mut hook = || {
+            calls.set(calls.get() + 1);
+            // A pass the hook runs: its boundaries do not call the hook again.
+            layer_boundary();
+            layer_boundary();
+        };
+        with_layer_hook(&mut hook, || {
+            layer_boundary();
+            layer_boundary();
+            let mut inner = || inner_calls.set(inner_calls.get() + 1);
+            with_layer_hook(&mut inner, layer_boundary);
+            layer_boundary();
+        });
+        assert_eq!((calls.get(), inner_calls.get()), (3, 1));
+        layer_boundary();
+        assert_eq!(calls.get(), 3);
+        let mut boom = || panic!("hook failed");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_layer_hook(&mut boom, layer_boundary)
+        }));
+        assert!(r.is_err());
+        layer_boundary();
+        assert_eq!(calls.get(), 3);
+    }
 
     /// Screened rows pick what the whole rows pick, with or without `always` tokens, ties
     /// going to the first index; the `always` values are exact.
