@@ -256,6 +256,29 @@ impl State {
         (fresh, continued)
     }
 
+    /// The queue's first request that may run; those over or cancelled leave it on the way.
+    fn front_waiting(&mut self) -> Option<u64> {
+        while let Some(&id) = self.waiting.front() {
+            if !self.leaves_unrun(id) {
+                return Some(id);
+            }
+            self.waiting.pop_front();
+        }
+        None
+    }
+
+    /// The queue's first request joins `admitted` with its prompt (which its row will hold).
+    fn admit_front(&mut self, admitted: &mut Vec<(u64, Vec<u32>)>) {
+        let Some(id) = self.waiting.pop_front() else {
+            return;
+        };
+        if let Some(s) = self.seqs.get_mut(&id) {
+            let prompt = s.prompt.take().unwrap_or_default();
+            s.fed = prompt.clone();
+            admitted.push((id, prompt));
+        }
+    }
+
     /// Whether waiting request `id` leaves the queue unrun: it is over (removed), or
     /// cancelled (its thread gets the error).
     fn leaves_unrun(&mut self, id: u64) -> bool {
@@ -709,15 +732,7 @@ impl Batcher {
         let mut g = lock(&self.state);
         self.arrived.store(false, Ordering::Release);
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
-        while let Some(&id) = g.waiting.front() {
-            if g.leaves_unrun(id) {
-                g.waiting.pop_front();
-                continue;
-            }
-            let Some(s) = g.seqs.get(&id) else {
-                g.waiting.pop_front();
-                continue;
-            };
+        while let Some(s) = g.front_waiting().and_then(|id| g.seqs.get(&id)) {
             let prompt = s.prompt.as_deref().unwrap_or_default();
             let past = best_prefix(&g.prefixes, prompt)
                 .map_or(0, |(i, n)| n.min(g.prefixes[i].cache.seq_len()));
@@ -726,13 +741,7 @@ impl Batcher {
             }
             *used += s.reserve;
             *room = (*room).max(s.reserve.min(MAX_ROOM));
-            let Some(s) = g.seqs.get_mut(&id) else {
-                break;
-            };
-            let prompt = s.prompt.take().unwrap_or_default();
-            s.fed = prompt.clone();
-            admitted.push((id, prompt));
-            g.waiting.pop_front();
+            g.admit_front(&mut admitted);
         }
         if admitted.is_empty() {
             return;
@@ -911,25 +920,18 @@ impl Batcher {
         };
         let mut admitted: Vec<(u64, Vec<u32>)> = Vec::new();
         let no_partials = g.partials.is_empty();
-        while let Some(&id) = g.waiting.front().filter(|_| admit) {
-            // One cancelled since the queue was swept above leaves unrun too.
-            if g.leaves_unrun(id) {
-                g.waiting.pop_front();
-                continue;
-            }
-            let Some(s) = g.seqs.get_mut(&id) else {
-                g.waiting.pop_front();
-                continue;
-            };
+        // (One cancelled since the queue was swept above leaves unrun too.)
+        while let Some(s) = admit
+            .then(|| g.front_waiting())
+            .flatten()
+            .and_then(|id| g.seqs.get(&id))
+        {
             let alone = rows.is_empty() && admitted.is_empty() && no_partials;
             if !alone && used + s.reserve > self.max_total_tokens {
                 break;
             }
             used += s.reserve;
-            let prompt = s.prompt.take().unwrap_or_default();
-            s.fed = prompt.clone();
-            admitted.push((id, prompt));
-            g.waiting.pop_front();
+            g.admit_front(&mut admitted);
         }
         if admit {
             // The queue has been looked at: what is left waits for room in the budget.
