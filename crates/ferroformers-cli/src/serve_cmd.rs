@@ -85,7 +85,7 @@ pub struct ServeArgs {
     /// Generation: a new request's prompt runs as soon as it arrives, between two layers of
     /// a running decoding step (its first token waits for one prompt pass, not for the
     /// step); false: at the next step, a repeated prompt riding along in it (more tokens/s,
-    /// later first tokens under load).
+    /// later first tokens under load). A waiting-served ratio above 0 turns it off.
     #[arg(long, env, value_name = "BOOL",
           default_value_t = Config::default().admission.prefill_priority, action = clap::ArgAction::Set)]
     prefill_priority: bool,

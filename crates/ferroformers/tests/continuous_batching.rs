@@ -403,7 +403,23 @@ fn admission_rule_holds_a_lone_newcomer_for_max_waiting_tokens_steps() {
 /// their solo tokens.
 #[test]
 fn a_repeated_prompt_rides_along_the_running_step() {
-    for (name, rides) in [("llama", true), ("qwen2", true), ("gpt2", false)] {
+    // Riding is for a batch without prefill priority (with it, a repeated prompt runs its own
+    // pass at once: `new_prompts_run_between_a_running_steps_layers`), which TGI's admission
+    // rule (a waiting-served ratio above 0) also turns off.
+    let off = Admission {
+        prefill_priority: false,
+        ..Admission::default()
+    };
+    let tgi = Admission {
+        waiting_served_ratio: 0.5,
+        ..Admission::default()
+    };
+    for (name, rides, admission) in [
+        ("llama", true, off),
+        ("qwen2", true, off),
+        ("gpt2", false, off),
+        ("llama", true, tgi),
+    ] {
         let (mut g, first, c) = prefix_setup(name, 8);
         let solo = |g: &TextGenerator, p: &[u32]| solo_tokens(g, p, &c);
         let want = solo(&g, &first);
@@ -419,15 +435,7 @@ fn a_repeated_prompt_rides_along_the_running_step() {
         long.max_new_tokens = Some(20);
         let want_other = solo_tokens(&g, &other, &long);
 
-        // Riding is for a batch without prefill priority (with it, a repeated prompt runs its
-        // own pass at once: `new_prompts_run_between_a_running_steps_layers`).
-        g.batcher = Some(Batcher::with_admission(
-            100_000,
-            Admission {
-                prefill_priority: false,
-                ..Admission::default()
-            },
-        ));
+        g.batcher = Some(Batcher::with_admission(100_000, admission));
         assert_eq!(solo(&g, &first), want, "{name}: first request");
         let before = g.batcher.as_ref().unwrap().stats();
         let g = &g;

@@ -709,8 +709,9 @@ impl Batcher {
         }
     }
 
-    /// New prompts run between a decoding step's layers (see [`Admission`]).
-    fn joins_mid_step(&self) -> bool {
+    /// Prefill priority is in effect (see [`Admission`]): new prompts run between a decoding
+    /// step's layers, and none rides along in a step.
+    fn prefill_first(&self) -> bool {
         self.admission.prefill_priority && self.admission.waiting_served_ratio <= 0.0
     }
 
@@ -967,7 +968,7 @@ impl Batcher {
         // instead of a pass of its own before it and a join after it.
         let mut riders: Continued = Vec::new();
         let in_place = cache.as_ref().is_some_and(KvCache::appends_in_place);
-        if !self.admission.prefill_priority
+        if !self.prefill_first()
             && !rows.is_empty()
             && fail.is_none()
             && !continued.is_empty()
@@ -1075,7 +1076,7 @@ impl Batcher {
                     let t = std::time::Instant::now();
                     let mut step = || guarded(|| decode_step(model, c, &mut mask, &tokens));
                     // 3a: new requests' prompts between the step's layers.
-                    let r = if self.joins_mid_step() {
+                    let r = if self.prefill_first() {
                         let mut hook =
                             || self.join_mid_step(model, &mut used, &mut room, &mut joining);
                         with_layer_hook(&mut hook, step)
