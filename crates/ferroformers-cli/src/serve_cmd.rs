@@ -156,6 +156,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FERROFORMERS_GGUF_MATH", value_name = "MODE",
           value_parser = crate::names(ferroformers::QuantMath::NAMES, ferroformers::QuantMath::parse))]
     gguf_math: Option<ferroformers::QuantMath>,
+    /// Generation: batch-invariant arithmetic, so that a request's tokens are the ones it gets
+    /// alone, bit for bit, whatever else runs beside it (other requests' rows, its prompt's
+    /// chunks, a kept prefix). GGUF models of the Llama family in the int8 mode on CPUs with
+    /// AVX-512 VNNI; a model without it fails to load, saying why. Costs decoding speed on
+    /// 5-, 6- and 8-bit block types and memory for the kept int8 panels.
+    #[arg(long, env, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    batch_invariant: bool,
 }
 
 /// `--waiting-served-ratio`: a finite number >= 0.
@@ -215,6 +222,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         device,
         dtype: a.dtype,
         gguf_math: a.gguf_math,
+        batch_invariant: a.batch_invariant,
         idle_release_after: (a.release_memory_after > 0.0)
             .then(|| std::time::Duration::from_secs_f64(a.release_memory_after)),
         on_idle: Some(crate::give_back_freed_memory),

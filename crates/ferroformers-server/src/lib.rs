@@ -150,6 +150,12 @@ pub struct Config {
     /// GGUF models' arithmetic on CPU (`--gguf-math`); `None`: the library's default (int8,
     /// or `FERROFORMERS_GGUF_MATH`).
     pub gguf_math: Option<ferroformers::QuantMath>,
+    /// Text generation models run batch-invariant arithmetic
+    /// ([`ferroformers::Pipeline::make_batch_invariant`]): a request's tokens are the ones it
+    /// gets alone, whatever else the server is running. Loading fails, naming the reason, for
+    /// a generation model without it. Default off (it costs decoding speed on some block
+    /// types).
+    pub batch_invariant: bool,
     /// How long the server must be idle (no request in flight, none admitted) before it gives
     /// memory back: it drops the key/value buffers it keeps for rows that join a batch, then
     /// calls `on_idle`, once per idle spell. `None`: never. Default 30 s: the first requests
@@ -189,6 +195,7 @@ impl Default for Config {
             device: ferroformers::Device::Cpu,
             dtype: None,
             gguf_math: None,
+            batch_invariant: false,
             idle_release_after: Some(std::time::Duration::from_secs(30)),
             on_idle: None,
         }
@@ -251,6 +258,8 @@ struct AppState {
     /// Continuous batching's limits, reported by `/info` as TGI does.
     max_batch_total_tokens: usize,
     admission: ferroformers::generation::Admission,
+    /// `--batch-invariant`, reported by `/info`.
+    batch_invariant: bool,
     request_timeout: Option<std::time::Duration>,
     /// One `tracing` event per request (not with `--quiet`).
     log_requests: bool,
@@ -366,6 +375,7 @@ struct LoadOpts {
     device: ferroformers::Device,
     dtype: Option<ferroformers::DType>,
     gguf_math: Option<ferroformers::QuantMath>,
+    batch_invariant: bool,
 }
 
 fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
@@ -401,6 +411,10 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     device.synchronize().map_err(|e| e.to_string())?;
     if o.max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
+    }
+    if o.batch_invariant && pipe.task() == "text-generation" {
+        pipe.make_batch_invariant()
+            .map_err(|e| format!("--batch-invariant: model `{}`: {e}", spec.model))?;
     }
     // A prompt plus max_new_tokens past the context window is a 422, as TGI and vLLM answer.
     pipe.refuse_past_context();
@@ -482,6 +496,7 @@ impl Server {
             device: cfg.device.clone(),
             dtype: cfg.dtype,
             gguf_math: cfg.gguf_math,
+            batch_invariant: cfg.batch_invariant,
         };
         let o = opts.clone();
         let mut models = tokio::task::spawn_blocking(move || {
@@ -516,6 +531,7 @@ impl Server {
             max_queue_size: cfg.max_queue_size.max(1),
             max_batch_total_tokens: cfg.max_batch_total_tokens,
             admission: cfg.admission,
+            batch_invariant: cfg.batch_invariant,
             request_timeout: cfg.request_timeout,
             log_requests: !cfg.quiet,
             requests: std::sync::Mutex::new(RequestStats::default()),
@@ -1204,6 +1220,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
             "prefill_priority".into(),
             json!(state.admission.prefill_priority),
         );
+        o.insert("batch_invariant".into(), json!(state.batch_invariant));
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     axum::Json(Value::Object(o)).into_response()

@@ -64,6 +64,7 @@ fn main() {
                         kv,
                         (&bias, total),
                         scale,
+                        false,
                     );
                     sink += ctx[0];
                 }

@@ -386,6 +386,18 @@ pub trait CausalLm: Send + Sync {
     /// Get ready for batched decoding steps (continuous batching): GGUF matrices make the
     /// int8 panels those steps keep now rather than at the first one.
     fn prepare_batched_steps(&self) {}
+
+    /// Make every later forward pass batch-invariant: a sequence's logits the same bits
+    /// whatever other sequences share its passes, however its prompt is cut into chunks and
+    /// whatever its padding, so that a server's answers never depend on the load. An error
+    /// says why a model cannot (then nothing changed).
+    fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+        Err(
+            "only GGUF models of the Llama family (Llama, Mistral, Qwen2, Gemma 3) in the \
+             int8 mode have batch-invariant arithmetic"
+                .into(),
+        )
+    }
 }
 
 /// A projection `y = x W^T (+ b)`: dense (transposed, contiguous) or a quantized GGUF block
@@ -452,6 +464,26 @@ impl Proj {
     pub fn keep_panels(&self) {
         if let Proj::Blocks(q, _) = self {
             q.keep_panels();
+        }
+    }
+
+    /// [`QuantLinear::batch_invariance_problem`] for GGUF blocks; other kinds have no
+    /// batch-invariant product.
+    pub fn batch_invariance_problem(&self) -> Option<String> {
+        match self {
+            Proj::Blocks(q, _) => q.batch_invariance_problem(),
+            Proj::Dense(_) => Some("dense weights have no batch-invariant product".into()),
+            Proj::Quantized(..) => {
+                Some("candle's quantized products have no batch-invariant order".into())
+            }
+        }
+    }
+
+    /// [`QuantLinear::make_batch_invariant`] for GGUF blocks; an error for the other kinds.
+    pub fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+        match self {
+            Proj::Blocks(q, _) => q.make_batch_invariant(),
+            _ => Err(self.batch_invariance_problem().unwrap_or_default()),
         }
     }
 

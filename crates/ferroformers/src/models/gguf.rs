@@ -716,6 +716,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::GgufFile;
+    use crate::models::causal_lm::{causal_bias, CausalLm, KvCache};
 
     /// A GGUF file of a tiny Llama: 32 wide, 4 heads and 2 key/value heads of 8 (`over`
     /// replaces metadata values), with its one layer's attention projections (zeros, f32)
@@ -805,5 +806,223 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("blk.0.attn_q.weight"), "{err}");
+    }
+
+    /// A 2-layer Llama 256 wide (4 heads of 64, 2 key/value heads), 512 in its MLP, 96
+    /// tokens, random weights: its projections in every block type a GGUF file brings (the
+    /// Q4_K_M mix's Q4_K, Q5_0, Q6_K and Q8_0 among them), the output one untied Q8_0 (split
+    /// for greedy screening). Opened in the int8 mode.
+    fn mixed_llama() -> GgufFile {
+        use crate::kernels::cpu::test_values;
+        let meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.embedding_length".into(), Value::U32(256)),
+            ("llama.feed_forward_length".into(), Value::U32(512)),
+            ("llama.block_count".into(), Value::U32(2)),
+            ("llama.attention.head_count".into(), Value::U32(4)),
+            ("llama.attention.head_count_kv".into(), Value::U32(2)),
+            ("llama.rope.dimension_count".into(), Value::U32(64)),
+            ("llama.vocab_size".into(), Value::U32(96)),
+        ];
+        let mut seed = 7u64;
+        let mut q = |r: usize, c: usize, dt: GgmlDType| {
+            seed += 1;
+            let t = Tensor::from_vec(test_values(r * c, seed, 0.3), (r, c), &Device::Cpu);
+            QTensor::quantize(&t.unwrap(), dt).unwrap()
+        };
+        use GgmlDType as D;
+        let mut tensors: Vec<(String, QTensor)> = vec![
+            ("token_embd.weight".into(), q(96, 256, D::Q8_0)),
+            ("output.weight".into(), q(96, 256, D::Q8_0)),
+        ];
+        let types = [
+            [D::Q4K, D::Q5_0, D::Q6K, D::Q8_0, D::Q4_1, D::Q4K, D::Q6K],
+            [D::Q5K, D::Q4_0, D::Q8_0, D::Q2K, D::Q6K, D::Q5_1, D::Q3K],
+        ];
+        let shapes = [
+            (256, 256),
+            (128, 256),
+            (128, 256),
+            (256, 256),
+            (512, 256),
+            (512, 256),
+            (256, 512),
+        ];
+        let names = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        for (i, types) in types.iter().enumerate() {
+            for ((name, &(r, c)), &dt) in names.iter().zip(&shapes).zip(types) {
+                tensors.push((format!("blk.{i}.{name}.weight"), q(r, c, dt)));
+            }
+        }
+        let ones = |n: usize| {
+            let t = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        };
+        tensors.push(("output_norm.weight".into(), ones(256)));
+        for i in 0..2 {
+            tensors.push((format!("blk.{i}.attn_norm.weight"), ones(256)));
+            tensors.push((format!("blk.{i}.ffn_norm.weight"), ones(256)));
+        }
+        let path = std::env::temp_dir().join(format!("ff-gguf-mixed-{}.gguf", std::process::id()));
+        let mut w = std::fs::File::create(&path).unwrap();
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut w, &meta, &tensors).unwrap();
+        drop(w);
+        let mut f = GgufFile::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.math = crate::kernels::cpu::quantized::QuantMath::Int8;
+        f
+    }
+
+    /// One forward pass of `rows` (each `s` ids, left padding masked in `mask`, which covers
+    /// the cached positions and these) at `positions`: every position's logits, `[row][pos]`
+    /// (the last one's only for a decoding step, `s == 1`, as the generator asks).
+    fn pass(
+        lm: &dyn CausalLm,
+        cache: &mut KvCache,
+        rows: &[Vec<u32>],
+        positions: &[Vec<u32>],
+        mask: &[Vec<u8>],
+    ) -> Vec<Vec<Vec<f32>>> {
+        let (b, s) = (rows.len(), rows[0].len());
+        let cpu = Device::Cpu;
+        let ids = Tensor::from_vec(rows.concat(), (b, s), &cpu).unwrap();
+        let pos = Tensor::from_vec(positions.concat(), (b, s), &cpu).unwrap();
+        let bias = causal_bias(mask, s, &cpu).unwrap();
+        let logits = lm.forward(&ids, &pos, &bias, cache, s == 1).unwrap();
+        logits.to_vec3::<f32>().unwrap()
+    }
+
+    /// Greedy decoding alone: the prompt in passes of `chunk` positions, then `steps` tokens
+    /// (screened, as the generator's greedy steps are). Returns every prompt position's
+    /// logits, then each step's, and the tokens.
+    fn alone(
+        lm: &dyn CausalLm,
+        prompt: &[u32],
+        chunk: usize,
+        steps: usize,
+    ) -> (Vec<Vec<f32>>, Vec<u32>) {
+        let mut cache = KvCache::new(lm.num_layers());
+        let mut logits = Vec::new();
+        let mut done = 0;
+        while done < prompt.len() {
+            let end = (done + chunk).min(prompt.len());
+            let pos: Vec<u32> = (done as u32..end as u32).collect();
+            let out = pass(
+                lm,
+                &mut cache,
+                &[prompt[done..end].to_vec()],
+                &[pos],
+                &[vec![1; end]],
+            );
+            logits.extend(out.into_iter().next().unwrap());
+            done = end;
+        }
+        let argmax =
+            |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32;
+        let mut tokens = vec![argmax(logits.last().unwrap())];
+        // Greedy steps alone screen the output product where they may (estimates for most
+        // tokens): batch invariance turns that off, so these logits are all exact too.
+        cache.set_screen(Some(std::sync::Arc::new(Vec::new())));
+        for j in 0..steps {
+            let at = (prompt.len() + j) as u32;
+            let mask = vec![1u8; prompt.len() + j + 1];
+            let out = pass(lm, &mut cache, &[vec![tokens[j]]], &[vec![at]], &[mask]);
+            let l = out[0][0].clone();
+            tokens.push(argmax(&l));
+            logits.push(l);
+        }
+        (logits, tokens)
+    }
+
+    /// Batch invariance ([`CausalLm::make_batch_invariant`]): a sequence's logits are the same
+    /// bits alone in one pass, alone with its prompt in chunks of 1, 3 and 8 positions, and in
+    /// a batch with two others of other lengths (left padding, prompt rows and decoding rows
+    /// of 3), over every block type. Without it the chunked and batched logits differ (int8
+    /// products of 1-4 rows and of more sum in other f32 orders, as does prompt attention).
+    #[test]
+    fn batch_invariant_logits_do_not_depend_on_the_pass() {
+        let mut f = mixed_llama();
+        let cfg = f.llama_config().unwrap();
+        let lm = f.llama(&cfg, &Device::Cpu).unwrap();
+        if !crate::kernels::cpu::qgemm::available() {
+            let err = lm.make_batch_invariant().unwrap_err();
+            assert!(err.contains("AVX-512 VNNI"), "{err}");
+            return;
+        }
+        lm.make_batch_invariant().unwrap();
+        let prompts: Vec<Vec<u32>> = [9usize, 37, 90]
+            .iter()
+            .map(|&n| {
+                (0..n as u32)
+                    .map(|i| (i * 37 + n as u32 * 11) % 96)
+                    .collect()
+            })
+            .collect();
+        let steps = 6;
+        let solo: Vec<(Vec<Vec<f32>>, Vec<u32>)> = prompts
+            .iter()
+            .map(|p| alone(&lm, p, p.len(), steps))
+            .collect();
+        for (p, (logits, tokens)) in prompts.iter().zip(&solo) {
+            for chunk in [1, 3, 8] {
+                let (l, t) = alone(&lm, p, chunk, steps);
+                assert_eq!(&t, tokens, "prompt of {} in chunks of {chunk}", p.len());
+                for (i, (a, b)) in l.iter().zip(logits).enumerate() {
+                    assert!(
+                        a == b,
+                        "prompt of {} in chunks of {chunk}: position {i}",
+                        p.len()
+                    );
+                }
+            }
+        }
+        // All three together, left-padded to the longest, then decoding side by side.
+        let s = prompts.iter().map(Vec::len).max().unwrap();
+        let pad = |p: &Vec<u32>| s - p.len();
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| [vec![0; pad(p)], p.clone()].concat())
+            .collect();
+        let positions: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| [vec![0; pad(p)], (0..p.len() as u32).collect()].concat())
+            .collect();
+        let mut mask: Vec<Vec<u8>> = prompts
+            .iter()
+            .map(|p| [vec![0; pad(p)], vec![1; p.len()]].concat())
+            .collect();
+        let mut cache = KvCache::new(lm.num_layers());
+        let out = pass(&lm, &mut cache, &rows, &positions, &mask);
+        for (r, p) in prompts.iter().enumerate() {
+            for i in 0..p.len() {
+                assert!(
+                    out[r][pad(p) + i] == solo[r].0[i],
+                    "batched prompt {r}, position {i}"
+                );
+            }
+        }
+        for j in 0..steps {
+            mask.iter_mut().for_each(|m| m.push(1));
+            let rows: Vec<Vec<u32>> = solo.iter().map(|(_, t)| vec![t[j]]).collect();
+            let positions: Vec<Vec<u32>> =
+                prompts.iter().map(|p| vec![(p.len() + j) as u32]).collect();
+            let out = pass(&lm, &mut cache, &rows, &positions, &mask);
+            for (r, p) in prompts.iter().enumerate() {
+                assert!(
+                    out[r][0] == solo[r].0[p.len() + j],
+                    "batched row {r}, step {j}"
+                );
+            }
+        }
     }
 }

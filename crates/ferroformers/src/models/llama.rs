@@ -524,6 +524,9 @@ pub struct Llama {
     /// mode, whose numbers follow llama.cpp's rather than transformers' (f32 with
     /// `FERROFORMERS_KV_F32=1`).
     kv_f16: bool,
+    /// [`CausalLm::make_batch_invariant`] was called: attention takes one f32 order per query
+    /// row, whatever the pass (the projections' panels see to theirs).
+    batch_invariant: std::sync::atomic::AtomicBool,
 }
 
 fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
@@ -691,7 +694,28 @@ impl Llama {
             device: device.clone(),
             dtype,
             kv_f16,
+            batch_invariant: Default::default(),
         })
+    }
+
+    /// Every projection of the model, the output one last.
+    fn projections(&self) -> Vec<&Proj> {
+        let mut all = Vec::new();
+        for l in &self.layers {
+            let (at, mlp) = (&l.self_attn, &l.mlp);
+            match &at.qkv_proj {
+                Some(p) => all.push(p),
+                None => all.extend([&at.q_proj, &at.k_proj, &at.v_proj]),
+            }
+            all.push(&at.o_proj);
+            match &mlp.gate_up_proj {
+                Some(p) => all.push(p),
+                None => all.extend([&mlp.gate_proj, &mlp.up_proj]),
+            }
+            all.push(&mlp.down_proj);
+        }
+        all.push(&self.lm_head);
+        all
     }
 }
 
@@ -825,6 +849,8 @@ impl Llama {
                 kv,
                 (bias, total),
                 scale,
+                self.batch_invariant
+                    .load(std::sync::atomic::Ordering::Relaxed),
             );
             let mut o = at.o_proj.forward_rows(&ctx, n, step)?;
             if let Some((on, _)) = &layer.norms.out {
@@ -920,24 +946,32 @@ impl CausalLm for Llama {
         if !(self.device.is_cpu() && self.dtype == DType::F32) {
             return;
         }
-        for l in &self.layers {
-            let (at, mlp) = (&l.self_attn, &l.mlp);
-            match &at.qkv_proj {
-                Some(p) => p.keep_panels(),
-                None => [&at.q_proj, &at.k_proj, &at.v_proj]
-                    .iter()
-                    .for_each(|p| p.keep_panels()),
-            }
-            at.o_proj.keep_panels();
-            match &mlp.gate_up_proj {
-                Some(p) => p.keep_panels(),
-                None => [&mlp.gate_proj, &mlp.up_proj]
-                    .iter()
-                    .for_each(|p| p.keep_panels()),
-            }
-            mlp.down_proj.keep_panels();
+        self.projections().iter().for_each(|p| p.keep_panels());
+    }
+
+    /// On CPU in f32 with every projection in GGUF blocks of the int8 mode (VNNI panels):
+    /// the projections multiply their kept panels at any number of rows
+    /// ([`QuantLinear::make_batch_invariant`]), and attention runs every query row, prompts
+    /// included, through the decoding kernel from the row's first unmasked key (so a key's
+    /// lane never depends on another row's padding). Norms, rotations and the rest are per row
+    /// already.
+    fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+        if !(self.device.is_cpu() && self.dtype == DType::F32) {
+            return Err("batch-invariant arithmetic runs on the CPU in f32 only".into());
         }
-        self.lm_head.keep_panels();
+        let projections = self.projections();
+        if let Some(why) = projections
+            .iter()
+            .find_map(|p| p.batch_invariance_problem())
+        {
+            return Err(why);
+        }
+        for p in projections {
+            p.make_batch_invariant()?;
+        }
+        self.batch_invariant
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn device(&self) -> &Device {

@@ -354,6 +354,14 @@ pub(crate) trait Task: Send + Sync {
         None
     }
 
+    /// Batch-invariant arithmetic (text generation's models that have it).
+    fn make_batch_invariant(&self) -> Result<()> {
+        Err(Error::InvalidParameter {
+            name: "batch_invariant".into(),
+            detail: "only text generation has batch-invariant arithmetic".into(),
+        })
+    }
+
     fn refuse_past_context(&mut self) {}
 
     fn check_streaming(&self, _input: &Input, _params: &Params) -> Result<()> {
@@ -467,6 +475,17 @@ impl Pipeline {
     /// tasks: `Ok`.
     pub fn check_streaming(&self, input: &Input, params: &Params) -> Result<()> {
         self.inner.check_streaming(input, params)
+    }
+
+    /// Text generation: make every later forward pass batch-invariant, so that a request's
+    /// tokens are the ones it gets alone whatever runs beside it (continuous batching's other
+    /// rows, its prompt's chunking, a kept prefix), bit for bit. GGUF models of the Llama
+    /// family in the int8 mode on CPUs with AVX-512 VNNI have it; an error says why others
+    /// do not (nothing changed then). It costs speed where the int8 panels are larger than
+    /// the weights (8-bit and 5/6-bit block types: Qwen2.5-Coder-0.5B Q4_K_M decodes ~25%
+    /// slower alone) and memory for the kept panels; see BENCHMARKS.md.
+    pub fn make_batch_invariant(&self) -> Result<()> {
+        self.inner.make_batch_invariant()
     }
 
     /// What continuous batching has done so far (`None` when it is off).

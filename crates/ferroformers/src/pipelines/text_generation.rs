@@ -538,6 +538,16 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
+    fn make_batch_invariant(&self) -> Result<()> {
+        self.generator
+            .model
+            .make_batch_invariant()
+            .map_err(|detail| Error::InvalidParameter {
+                name: "batch_invariant".into(),
+                detail,
+            })
+    }
+
     fn refuse_past_context(&mut self) {
         self.generator.refuse_past_context = true;
     }

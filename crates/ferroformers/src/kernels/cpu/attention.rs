@@ -1615,6 +1615,12 @@ impl<E: Copy> WideKv for E {}
 /// head `head / group`, with `bias[t * total..]` added (padding masks). Returns `[n, nh * hd]`.
 /// Prompts (more than 4 rows per batch row) run in blocks of query rows through `gemm`, the
 /// blocks spread over the threads, latest first; decoding steps run [`attend_one`] per row.
+///
+/// `invariant` (batch invariance): every row, prompts' included, takes the decoding steps'
+/// grouped kernel from its first unmasked key, so its result is the same bits whatever the
+/// pass: one row or many, any chunk of a prompt, any left padding (the keys sit in the same
+/// lanes as when the sequence runs alone). Prompts then cost more: each row reads its keys
+/// itself instead of `gemm` tiles sharing them.
 pub fn attend_causal(
     qkv: &[f32],
     (width, n, s, past): (usize, usize, usize, usize),
@@ -1622,6 +1628,7 @@ pub fn attend_causal(
     kv: &KvBuffer,
     (bias, total): (&[f32], usize),
     scale: f32,
+    invariant: bool,
 ) -> Vec<f32> {
     let q_w = nh * hd;
     assert!(qkv.len() >= n * width && width >= q_w && bias.len() >= n * total);
@@ -1633,7 +1640,7 @@ pub fn attend_causal(
     // the pool's workers wait spinning, so a split costs microseconds (16 SmolLM2 rows at 100
     // positions, ~0.9M products per layer, ran on one core: 12% of a step, the other idle).
     let par = work >= if s > 4 { 1 << 20 } else { 1 << 16 } && !in_worker();
-    if s > 4 {
+    if s > 4 && !invariant {
         // Prompts: blocks of query rows per (batch row, head), the latest (longest) first.
         let b = n / s;
         let blocks = s.div_ceil(QB);
@@ -1707,7 +1714,7 @@ pub fn attend_causal(
             // same bits). A row joined to a batch whose cache is much longer than its own
             // (a long prompt among chats) no longer reads all of that padding every step.
             let keys = past + i + 1;
-            let lead = masked_lead(&bias[t * total..t * total + keys]);
+            let lead = masked_lead(&bias[t * total..t * total + keys], invariant);
             let brow = &bias[t * total + lead..t * total + keys];
             // The cache's rows start at their unstored padding (all masked, whole blocks:
             // within `lead`); `at` is where `lead` falls in what is stored.
@@ -1717,7 +1724,7 @@ pub fn attend_causal(
             };
             // SAFETY: row t of ctx belongs to this item only.
             let crow = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * q_w), q_w) };
-            if n == 1 && !kv.is_f16() {
+            if n == 1 && !kv.is_f16() && !invariant {
                 // One row alone (single-stream decoding): one head at a time, whose f32 order
                 // the int8 mode's greedy agreement with llama.cpp was measured with (an f16
                 // cache, the int8 mode's now, goes through the grouped kernel below, which
@@ -1782,11 +1789,16 @@ pub fn attend_causal(
 }
 
 /// Leading keys of a decoding row that attention may skip: its masked ones (left padding,
-/// `f32::MIN` in `bias`), in whole blocks of [`SKIP_BLOCK`].
-fn masked_lead(bias: &[f32]) -> usize {
+/// `f32::MIN` in `bias`), in whole blocks of [`SKIP_BLOCK`], or all of them when `exact` (batch
+/// invariance: the first unmasked key then sits in lane 0, as when the row has no padding).
+fn masked_lead(bias: &[f32], exact: bool) -> usize {
     let n = bias.iter().take_while(|&&b| b == f32::MIN).count();
     // Its own position is never masked, so at least one key stays.
-    (n.min(bias.len().saturating_sub(1)) / SKIP_BLOCK) * SKIP_BLOCK
+    let n = n.min(bias.len().saturating_sub(1));
+    if exact {
+        return n;
+    }
+    (n / SKIP_BLOCK) * SKIP_BLOCK
 }
 
 /// Masked keys are skipped in blocks of this many, a multiple of every attention kernel's
@@ -2672,6 +2684,7 @@ mod tests {
                     kv,
                     (&bias, total),
                     0.2,
+                    false,
                 )
             };
             let (got, want) = (run(&half), run(&full));
@@ -2683,6 +2696,117 @@ mod tests {
                     .zip(&want)
                     .all(|(a, b)| (a - b).abs() <= tol * (1.0 + b.abs())),
                 "rows {rows} past {past} s {s}"
+            );
+        }
+    }
+
+    /// Batch invariance (`invariant`): a query row's output is the same bits in a prompt pass
+    /// of the whole sequence, in chunks of 1, 7 and 33 rows after the cached rest, as a
+    /// decoding step beside another sequence, and left-padded by 70 positions in a batch of
+    /// two (prompt rows and a decoding step), over f16 and f32 buffers.
+    #[test]
+    fn invariant_rows_do_not_depend_on_the_pass() {
+        let (nh, group, hd, len, pad) = (6usize, 3usize, 64usize, 100usize, 70usize);
+        let nkv = nh / group;
+        let width = nh * hd + 2 * nkv * hd;
+        let qkv = crate::kernels::cpu::test_values(len * width, 31, 2.0);
+        let kvv = crate::kernels::cpu::test_values(nkv * len * 2 * hd, 32, 2.0);
+        let other = crate::kernels::cpu::test_values((pad + len) * width, 33, 2.0);
+        for f16 in [false, true] {
+            let new = |rows| {
+                if f16 {
+                    KvBuffer::new_f16(rows, nkv, hd)
+                } else {
+                    KvBuffer::new(rows, nkv, hd)
+                }
+            };
+            // Row `r` of `kv` holds the sequence's keys and values from position `at`, the
+            // positions before it other values (masked).
+            let fill = |kv: &mut KvBuffer, r: usize, at: usize| {
+                for g in 0..nkv {
+                    for pos in 0..at + len {
+                        let o = if pos < at {
+                            ((pos * nkv + g) % len) * 2 * hd
+                        } else {
+                            ((g * len) + pos - at) * 2 * hd
+                        };
+                        let src = if pos < at { &other } else { &kvv };
+                        kv.put(r, g, pos, &src[o..o + hd], &src[o + hd..o + 2 * hd]);
+                    }
+                }
+            };
+            let mut alone = new(1);
+            alone.reserve(len);
+            fill(&mut alone, 0, 0);
+            alone.set_len(len);
+            let attend =
+                |q: &[f32], kv: &KvBuffer, n: usize, s: usize, past: usize, bias: &[f32]| {
+                    let total = bias.len() / n;
+                    attend_causal(
+                        q,
+                        (width, n, s, past),
+                        (nh, group, hd),
+                        kv,
+                        (bias, total),
+                        0.2,
+                        true,
+                    )
+                };
+            let want = attend(&qkv, &alone, len, len, 0, &vec![0f32; len * len]);
+            let row = |v: &[f32], t: usize| v[t * nh * hd..(t + 1) * nh * hd].to_vec();
+            for chunk in [1usize, 7, 33] {
+                for p0 in (0..len).step_by(chunk) {
+                    let c = chunk.min(len - p0);
+                    let q = &qkv[p0 * width..(p0 + c) * width];
+                    let got = attend(q, &alone, c, c, p0, &vec![0f32; c * (p0 + c)]);
+                    for i in 0..c {
+                        assert!(
+                            row(&got, i) == row(&want, p0 + i),
+                            "f16 {f16}: chunks of {chunk}, position {}",
+                            p0 + i
+                        );
+                    }
+                }
+            }
+            // Batch row 0: the sequence after `pad` masked positions; row 1: other values.
+            let total = pad + len;
+            let mut batch = new(2);
+            batch.reserve(total);
+            fill(&mut batch, 0, pad);
+            for g in 0..nkv {
+                for pos in 0..total {
+                    let o = (pos * width) % (other.len() - 2 * hd);
+                    batch.put(1, g, pos, &other[o..o + hd], &other[o + hd..o + 2 * hd]);
+                }
+            }
+            batch.set_len(total);
+            let mut bias = vec![0f32; total];
+            bias[..pad].fill(f32::MIN);
+            // Prompt rows, both batch rows.
+            let mut q = vec![0f32; pad * width];
+            q.extend_from_slice(&qkv);
+            q.extend_from_slice(&other[..total * width]);
+            let biases = [bias.repeat(total), vec![0f32; total * total]].concat();
+            let got = attend(&q, &batch, 2 * total, total, 0, &biases);
+            for t in 0..len {
+                assert!(
+                    row(&got, pad + t) == row(&want, t),
+                    "f16 {f16}: padded prompt row {t}"
+                );
+            }
+            // The last position as a decoding step of two rows.
+            let q = [&qkv[(len - 1) * width..len * width], &other[..width]].concat();
+            let got = attend(
+                &q,
+                &batch,
+                2,
+                1,
+                total - 1,
+                &[bias.clone(), vec![0f32; total]].concat(),
+            );
+            assert!(
+                row(&got, 0) == row(&want, len - 1),
+                "f16 {f16}: padded step"
             );
         }
     }
@@ -2711,6 +2835,7 @@ mod tests {
                 &kv,
                 (&bias, total),
                 0.35,
+                false,
             );
             for t in 0..n {
                 let (r, i) = (t / s, t % s);
@@ -2788,6 +2913,7 @@ mod tests {
                 &kv,
                 (&bias, total),
                 0.125,
+                false,
             );
             let mut wide = (Vec::new(), Vec::new());
             for r in 0..b {
@@ -2875,6 +3001,7 @@ mod tests {
                 &kv,
                 (&bias, 200),
                 0.3,
+                false,
             );
             for r in 0..2 {
                 for h in 0..heads {
@@ -2883,7 +3010,7 @@ mod tests {
                     let mut out = vec![0f32; hd];
                     let q = &qkv[r * width + h * hd..r * width + (h + 1) * hd];
                     let brow = &bias[r * 200..(r + 1) * 200];
-                    let lead = masked_lead(brow);
+                    let lead = masked_lead(brow, false);
                     attend_heads(
                         q,
                         (&k[lead * hd..], &v[lead * hd..]),

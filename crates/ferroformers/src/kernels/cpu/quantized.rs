@@ -106,6 +106,10 @@ pub struct QuantLinear {
     /// The int8 panels of every tile, made at the first batched decoding step
     /// ([`Self::matmul_step`]) and kept: later steps skip the unpacking.
     kept: std::sync::Arc<std::sync::OnceLock<Vec<super::qgemm::Panel>>>,
+    /// Batch invariance ([`Self::make_batch_invariant`]): every product, whatever its number
+    /// of rows, multiplies the kept panels, so that a row's result never depends on the rows
+    /// beside it.
+    invariant: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -156,6 +160,7 @@ impl QuantLinear {
             packed: false,
             split: None,
             kept: Default::default(),
+            invariant: Default::default(),
         }))
     }
 
@@ -163,6 +168,7 @@ impl QuantLinear {
     /// the VNNI kernels where they run ([`super::packed`]; the same bytes, rearranged).
     pub fn with_math(mut self, math: QuantMath) -> Self {
         self.kept = Default::default();
+        self.invariant = Default::default();
         if self.split.is_some() {
             // Split planes serve the int8 mode only: back to raw blocks first.
             let mut raw = vec![0u8; self.n * self.row_bytes];
@@ -226,6 +232,7 @@ impl QuantLinear {
             packed: first.packed,
             split: None,
             kept: Default::default(),
+            invariant: Default::default(),
         })
     }
 
@@ -249,6 +256,7 @@ impl QuantLinear {
         self.packed = false;
         self.split = Some(std::sync::Arc::new(split));
         self.kept = Default::default();
+        self.invariant = Default::default();
         self
     }
 
@@ -260,7 +268,7 @@ impl QuantLinear {
     /// rows x 64 tokens: 2.23-2.35 s screened against 1.93-2.16 s in full).
     pub fn matmul_screened(&self, x: &[f32], m: usize, always: &[u32]) -> Option<Vec<f32>> {
         let s = self.split.as_ref()?;
-        if m != 1 || !s.worth_screening() {
+        if m != 1 || !s.worth_screening() || self.batch_invariant() {
             return None;
         }
         let xq = blocks::QuantizedRows::quantize(x, self.k, 32);
@@ -314,6 +322,11 @@ impl QuantLinear {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
         let mut out = vec![0f32; m * n];
+        if self.batch_invariant() {
+            // SAFETY: out holds m * n values.
+            unsafe { self.matmul_panels(x, m, out.as_mut_ptr(), true) };
+            return out;
+        }
         if let Some(s) = &self.split {
             if m > FEW_ROWS && super::qgemm::available() {
                 // Batches and prompts: panels packed from the planes, as for the other
@@ -526,6 +539,49 @@ impl QuantLinear {
         if self.keeps_panels() {
             self.kept.get_or_init(|| self.pack_all());
         }
+    }
+
+    /// Make every later product of this matrix (and of its clones) batch-invariant: each
+    /// activation row's result the same bits whatever other rows share the call, so that a
+    /// request generates the same tokens alone and in any batch, at any prompt chunking. All
+    /// products, decoding rows included, then multiply the kept panels ([`Self::keep_panels`],
+    /// made now), whose sums run in one f32 order per output (scale group after scale group)
+    /// for any number of rows; greedy steps' screened output products
+    /// ([`Self::matmul_screened`]) are off. Only the int8 mode with the VNNI panels has such
+    /// an order: elsewhere an error says why.
+    pub fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+        if let Some(why) = self.batch_invariance_problem() {
+            return Err(why);
+        }
+        self.keep_panels();
+        self.invariant
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Why [`Self::make_batch_invariant`] would fail here; `None` where it works.
+    pub fn batch_invariance_problem(&self) -> Option<String> {
+        if self.keeps_panels() {
+            return None;
+        }
+        let why = if block_shape(self.dtype).is_none() {
+            format!("{:?} weights are not GGUF blocks", self.dtype)
+        } else if self.math != QuantMath::Int8 && self.split.is_none() {
+            "it runs in the exact mode (--gguf-math exact); the int8 mode has it".into()
+        } else if !super::qgemm::available() {
+            "the CPU has no AVX-512 VNNI (or FERROFORMERS_NO_VNNI/NO_SIMD is set)".into()
+        } else {
+            "FERROFORMERS_NO_KEPT_PANELS is set".into()
+        };
+        Some(format!(
+            "a {:?} [{}, {}] matrix has no batch-invariant product: {why}",
+            self.dtype, self.n, self.k
+        ))
+    }
+
+    /// Whether [`Self::make_batch_invariant`] has been called on this matrix.
+    pub fn batch_invariant(&self) -> bool {
+        self.invariant.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this matrix keeps its panels now (tests).
