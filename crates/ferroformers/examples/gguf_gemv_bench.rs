@@ -13,6 +13,7 @@
 //!                                    the model stacks them, 30 copies; its Q8_0 output)
 //!   ... -- REPS exact               (the exact mode: f32 activations; default int8)
 //!   ... -- REPS only=Q4_1           (only the matrices of one block type)
+//!   ... -- REPS invariant           (batch-invariant products: kept int8 panels at any rows)
 //!
 //! Prints microseconds per product, GB/s of GGUF weights and multiply-adds per second; the median of REPS passes
 //! (default 15) over all copies.
@@ -86,6 +87,11 @@ fn main() {
         let mats: Vec<QuantLinear> = (0..copies)
             .map(|_| QuantLinear::stack(&[&base]).unwrap().with_math(math))
             .collect();
+        if std::env::args().any(|a| a == "invariant") {
+            for m in &mats {
+                m.make_batch_invariant().unwrap();
+            }
+        }
         let x = values(rows * k, 7);
         let mut sink = 0f32;
         let mut times = Vec::new();

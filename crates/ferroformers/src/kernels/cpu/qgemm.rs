@@ -117,9 +117,16 @@ pub struct Panel {
     /// 4-bit types (Q4_0, Q4_1, Q4_K): what their `q` plus this is, 0..16 (8 for Q4_0's
     /// -8..8, 0 for the others' 0..16); `None` for the other types.
     four_bit: Option<u8>,
+    /// 5-bit types (Q5_0, Q5_1): what their `q` plus this is, 0..32 (16 for Q5_0's -16..16, 0
+    /// for Q5_1's 0..32); `None` for the other types.
+    five_bit: Option<u8>,
     /// A kept panel of a 4-bit type ([`Panel::kept`]): per group of 4 inputs, 64 bytes whose
     /// low nibbles are rows 0..16's `q + four_bit` and high nibbles rows 16..32's, in `u`'s
-    /// order (`u` is then empty): half the bytes a batched step streams.
+    /// order (`u` is then empty): half the bytes a batched step streams. A 5-bit type's
+    /// (`q + five_bit`): per scale group of 32 inputs, its 8 such blocks of 64 bytes (the
+    /// values' low 4 bits), then 8 x 16 bytes of their fifth bits (per group of 4 inputs, a
+    /// bit per byte of the first 64 bytes' low nibbles, then of their high nibbles): 5.5 bits
+    /// per weight where the bytes took 8.
     nib: Vec<u8>,
 }
 
@@ -227,8 +234,9 @@ impl Panel {
     }
 
     /// This panel without its packing buffers (unpacked rows; minimums of a type without
-    /// them), to be kept and multiplied again. A 4-bit type's values are kept as nibbles
-    /// ([`Panel::nib`]; the same products) unless `FERROFORMERS_NO_NIBBLE_PANELS=1`.
+    /// them), to be kept and multiplied again. A 4-bit type's values are kept as nibbles, a
+    /// 5-bit type's as nibbles and fifth bits ([`Panel::nib`]; the same products) unless
+    /// `FERROFORMERS_NO_NIBBLE_PANELS=1`.
     pub fn kept(mut self) -> Panel {
         self.unpacked = Unpacked::default();
         self.tq = Vec::new();
@@ -248,6 +256,41 @@ impl Panel {
                             "a 4-bit value out of range"
                         );
                         *o = (a & 15) | (b << 4);
+                    }
+                }
+                self.nib = nib;
+                self.u = Vec::new();
+            }
+        } else if let Some(bias) = self.five_bit {
+            if !super::switch_once(&OFF, "FERROFORMERS_NO_NIBBLE_PANELS") {
+                // Per scale group of 32 inputs: 8 x 64 bytes of low bits, then 8 x 16 of fifth
+                // bits (two u64 masks per group of 4 inputs).
+                let groups = self.k / 32;
+                let mut nib = vec![0u8; groups * 8 * 80];
+                for (gi, out) in nib.chunks_exact_mut(8 * 80).enumerate() {
+                    let (low, high) = out.split_at_mut(8 * 64);
+                    for q in 0..8 {
+                        let t = gi * 8 + q;
+                        let (lo, hi) = self.u[t * 4 * PANEL..(t + 1) * 4 * PANEL].split_at(64);
+                        let (mut m0, mut m1) = (0u64, 0u64);
+                        for (i, (&a, &b)) in lo.iter().zip(hi).enumerate() {
+                            // `u` is q + 128; rows past `rows` hold leftovers, cut to 5 bits.
+                            let (a, b) =
+                                ((a ^ 0x80).wrapping_add(bias), (b ^ 0x80).wrapping_add(bias));
+                            debug_assert!(
+                                i / 4 >= self.rows || a < 32,
+                                "a 5-bit value out of range"
+                            );
+                            debug_assert!(
+                                16 + i / 4 >= self.rows || b < 32,
+                                "a 5-bit value out of range"
+                            );
+                            low[q * 64 + i] = (a & 15) | (b << 4);
+                            m0 |= u64::from((a >> 4) & 1) << i;
+                            m1 |= u64::from((b >> 4) & 1) << i;
+                        }
+                        high[q * 16..q * 16 + 8].copy_from_slice(&m0.to_le_bytes());
+                        high[q * 16 + 8..q * 16 + 16].copy_from_slice(&m1.to_le_bytes());
                     }
                 }
                 self.nib = nib;
@@ -293,6 +336,11 @@ impl Panel {
         self.four_bit = match dtype {
             D::Q4_0 => Some(8),
             D::Q4_1 | D::Q4K => Some(0),
+            _ => None,
+        };
+        self.five_bit = match dtype {
+            D::Q5_0 => Some(16),
+            D::Q5_1 => Some(0),
             _ => None,
         };
         self.nib = Vec::new();
@@ -373,6 +421,8 @@ impl Panel {
     fn chunk_bytes(&self, c0: usize, c1: usize) -> [(*const u8, usize); 3] {
         let per = if self.nib.is_empty() {
             self.g / 4 * 4 * PANEL
+        } else if self.five_bit.is_some() {
+            self.g / 4 * 80
         } else {
             self.g / 4 * 64
         };
@@ -441,6 +491,8 @@ impl Panel {
             // Nibbles only come with 32-value groups (the 4-bit types').
             let nib = !self.nib.is_empty();
             assert!(!nib || self.g == 32);
+            // Fifth bits after each group's nibbles (5-bit types).
+            let hb = nib && self.five_bit.is_some();
             for c0 in (0..groups).step_by(per_chunk) {
                 let c1 = (c0 + per_chunk).min(groups);
                 let ahead = if c1 < groups {
@@ -465,7 +517,10 @@ impl Panel {
                     unsafe {
                         macro_rules! call {
                             ($r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal) => {
-                                x86::rows::<$r, $g, $min, $nib, $ks>(
+                                call!($r, $g, $min, $nib, $ks, false)
+                            };
+                            ($r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal, $hb:literal) => {
+                                x86::rows::<$r, $g, $min, $nib, $ks, $hb>(
                                     self,
                                     acts,
                                     i,
@@ -479,6 +534,12 @@ impl Panel {
                         macro_rules! dispatch {
                             ($r:literal) => {
                                 match (self.g == 32, self.has_min, nib, ks) {
+                                    (true, false, true, false) if hb => {
+                                        call!($r, 32, false, true, false, true)
+                                    }
+                                    (true, true, true, false) if hb => {
+                                        call!($r, 32, true, true, false, true)
+                                    }
                                     (true, false, false, false) => {
                                         call!($r, 32, false, false, false)
                                     }
@@ -940,6 +1001,7 @@ mod x86 {
         const MIN: bool,
         const NIB: bool,
         const KS: bool,
+        const HB: bool,
     >(
         p: &Panel,
         acts: &Acts,
@@ -960,7 +1022,10 @@ mod x86 {
         let up = if NIB { p.nib.as_ptr() } else { p.u.as_ptr() };
         // Nibble panels: values `q + bias`, so each group's sum starts `bias * sum(xq)`
         // lower (`off` is `-128 * sum(xq)`).
-        let bias = p.four_bit.unwrap_or(0) as i32;
+        let bias = p.four_bit.or(p.five_bit).unwrap_or(0) as i32;
+        // Bytes per group of 4 inputs in `nib` (5-bit types: 16 more, of fifth bits).
+        let nib_quad = if HB { 80 } else { 64 };
+        let sixteen = _mm512_set1_epi8(16);
         let low = _mm512_set1_epi8(0x0F);
         let (wsp, wmp) = (p.ws.as_ptr(), p.wm.as_ptr());
         let xq: [*const i8; R] = std::array::from_fn(|r| acts.rows.q.as_ptr().add((i + r) * k));
@@ -1000,15 +1065,19 @@ mod x86 {
                 acc[r] = [o, o];
             }
             let ub = if NIB {
-                up.add(b * G / 4 * 64)
+                up.add(b * G / 4 * nib_quad)
             } else {
                 up.add(b * G / 4 * 4 * PANEL)
             };
             if i == 0 {
                 // The first rows' pass streams the panel from memory: fetch a few groups ahead
                 // (the weights, then the scales and minimums).
-                let ahead = if NIB { G / 4 * 64 } else { G / 4 * 4 * PANEL } * PF;
-                let lines = if NIB { G / 4 } else { G / 2 };
+                let ahead = if NIB {
+                    G / 4 * nib_quad
+                } else {
+                    G / 4 * 4 * PANEL
+                } * PF;
+                let lines = if NIB { G / 4 * nib_quad / 64 } else { G / 2 };
                 for l in 0..lines {
                     _mm_prefetch::<_MM_HINT_T0>(ub.wrapping_add(ahead + 64 * l) as *const i8);
                 }
@@ -1028,10 +1097,20 @@ mod x86 {
             for t in 0..G / 4 {
                 let (w0, w1) = if NIB {
                     let v = _mm512_loadu_si512(ub.add(t * 64) as *const __m512i);
-                    (
+                    let (w0, w1) = (
                         _mm512_and_si512(v, low),
                         _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
-                    )
+                    );
+                    if HB {
+                        // The fifth bits: 16 more where set.
+                        let hb = ub.add(G / 4 * 64 + t * 16) as *const u64;
+                        (
+                            _mm512_mask_add_epi8(w0, hb.read_unaligned(), w0, sixteen),
+                            _mm512_mask_add_epi8(w1, hb.add(1).read_unaligned(), w1, sixteen),
+                        )
+                    } else {
+                        (w0, w1)
+                    }
                 } else {
                     (
                         _mm512_loadu_si512(ub.add(t * 4 * PANEL) as *const __m512i),
@@ -1248,7 +1327,14 @@ mod tests {
                 // SAFETY: fresh is m x n and the panel holds n rows.
                 unsafe { panel.product(&acts, fresh.as_mut_ptr(), n) };
                 let kept = panel.kept();
-                let four_bit = matches!(dt, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K);
+                let four_bit = matches!(
+                    dt,
+                    GgmlDType::Q4_0
+                        | GgmlDType::Q4_1
+                        | GgmlDType::Q4K
+                        | GgmlDType::Q5_0
+                        | GgmlDType::Q5_1
+                );
                 assert_eq!(!kept.nib.is_empty(), four_bit, "{dt:?}: nibbles kept");
                 assert_eq!(kept.u.is_empty(), four_bit, "{dt:?}: bytes dropped");
                 let mut again = vec![f32::NAN; m * n];
