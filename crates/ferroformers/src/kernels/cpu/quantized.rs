@@ -268,15 +268,15 @@ impl QuantLinear {
     /// rows x 64 tokens: 2.23-2.35 s screened against 1.93-2.16 s in full).
     pub fn matmul_screened(&self, x: &[f32], m: usize, always: &[u32]) -> Option<Vec<f32>> {
         let s = self.split.as_ref()?;
-        if m != 1
-            || !s.worth_screening()
-            || (self.batch_invariant() && std::env::var_os("FF_SCREEN").is_none())
-        {
+        if m != 1 || !s.worth_screening() {
             return None;
         }
         let xq = blocks::QuantizedRows::quantize(x, self.k, 32);
         let mut out = vec![0f32; m * self.n];
-        let computed = s.screened(&xq, m, always, &mut out, !in_worker());
+        // Batch invariance: the candidates' values in the panels' f32 order, the bits a batched
+        // step gives them.
+        let invariant = self.batch_invariant();
+        let computed = s.screened(&xq, m, always, &mut out, !in_worker(), invariant);
         if super::switch_on("FERROFORMERS_SCREEN_TRACE") {
             eprintln!("[screen] rows {m} exact {computed} of {}", m * self.n);
         }
@@ -549,9 +549,10 @@ impl QuantLinear {
     /// request generates the same tokens alone and in any batch, at any prompt chunking. All
     /// products, decoding rows included, then multiply the kept panels ([`Self::keep_panels`],
     /// made now), whose sums run in one f32 order per output (scale group after scale group)
-    /// for any number of rows; greedy steps' screened output products
-    /// ([`Self::matmul_screened`]) are off. Only the int8 mode with the VNNI panels has such
-    /// an order: elsewhere an error says why.
+    /// for any number of rows; a greedy step's screened output product
+    /// ([`Self::matmul_screened`]) computes its candidate tokens in that order too (their
+    /// values, the argmax among them, are a batch's bits). Only the int8 mode with the VNNI
+    /// panels has such an order: elsewhere an error says why.
     pub fn make_batch_invariant(&self) -> std::result::Result<(), String> {
         if let Some(why) = self.batch_invariance_problem() {
             return Err(why);
@@ -1131,6 +1132,60 @@ mod tests {
             let exact = QuantLinear::new(&q).unwrap().unwrap();
             exact.keep_panels();
             assert!(!exact.panels_kept(), "{dt:?}: the exact mode keeps none");
+        }
+    }
+
+    /// Batch-invariant matrices (every block type, and a split Q8_0 one): each activation row
+    /// of a product of 1, 2, 3, 5 or 8 rows is the bits of that row alone, and a screened
+    /// greedy step's computed values are those bits too (its argmax the full product's); the
+    /// exact mode has no such product, and says so.
+    #[test]
+    fn batch_invariant_rows_are_the_bits_of_each_row_alone() {
+        let (n, k) = (70usize, 512usize);
+        let (w, x) = weights_and_inputs(n, k, 11);
+        for dt in ALL.into_iter().filter(|d| block_shape(*d).is_some()) {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let exact = QuantLinear::new(&q).unwrap().unwrap();
+            let err = exact.make_batch_invariant().unwrap_err();
+            assert!(err.contains("exact mode"), "{dt:?}: {err}");
+            if !super::super::qgemm::available() {
+                assert!(
+                    err.contains("AVX-512 VNNI") || err.contains("exact"),
+                    "{err}"
+                );
+                continue;
+            }
+            let int8 = exact.with_math(QuantMath::Int8);
+            let mut mats = vec![int8.clone()];
+            if dt == GgmlDType::Q8_0 {
+                mats.push(int8.clone().split_for_screening());
+            }
+            for ql in mats {
+                ql.make_batch_invariant().unwrap();
+                let alone: Vec<Vec<f32>> = (0..8)
+                    .map(|i| ql.matmul(&x[i * k..(i + 1) * k], 1))
+                    .collect();
+                for m in [1usize, 2, 3, 5, 8] {
+                    let all = ql.matmul(&x[..m * k], m);
+                    let step = ql.matmul_step(&x[..m * k], m);
+                    for i in 0..m {
+                        assert!(
+                            all[i * n..(i + 1) * n] == alone[i][..],
+                            "{dt:?} m={m} row {i}"
+                        );
+                        assert!(
+                            step[i * n..(i + 1) * n] == alone[i][..],
+                            "{dt:?} step m={m}"
+                        );
+                    }
+                }
+                if let Some(scr) = ql.matmul_screened(&x[..k], 1, &[]) {
+                    let best = |v: &[f32]| (0..n).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+                    let top = best(&alone[0]);
+                    assert_eq!(best(&scr), top, "{dt:?}: screened argmax");
+                    assert_eq!(scr[top].to_bits(), alone[0][top].to_bits());
+                }
+            }
         }
     }
 

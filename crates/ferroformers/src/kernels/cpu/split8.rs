@@ -224,6 +224,7 @@ impl SplitQ8 {
         always: &[u32],
         out: &mut [f32],
         par: bool,
+        panel_order: bool,
     ) -> usize {
         let n = self.n;
         assert!(out.len() >= m * n);
@@ -282,7 +283,11 @@ impl SplitQ8 {
                     let r = r as usize;
                     // SAFETY: entry r (< n) is written by this call only.
                     let dst = unsafe { std::slice::from_raw_parts_mut(ep.0.add(r), 1) };
-                    self.exact_rows(r, r + 1, std::slice::from_ref(&act), dst, 1);
+                    if panel_order {
+                        dst[0] = self.exact_in_panel_order(r, &act);
+                    } else {
+                        self.exact_rows(r, r + 1, std::slice::from_ref(&act), dst, 1);
+                    }
                 }
             };
             if par && ids.len() >= 256 {
@@ -317,6 +322,38 @@ impl SplitQ8 {
         for (i, act) in acts.iter().enumerate() {
             portable_exact(a, b, nb, act, &mut out[i * ld..i * ld + r1 - r0]);
         }
+    }
+
+    /// Row `r`'s exact value in the f32 order of the int8 panels ([`super::qgemm`], the
+    /// products of batch-invariant matrices): block after block, `f = fma(isum_b * d_b, dx_b,
+    /// f)`, the block integers the Q8_0 kernels'. A screened step of a batch-invariant matrix
+    /// computes its candidates so: their values are then the bits the same row gets in any
+    /// batch.
+    fn exact_in_panel_order(&self, r: usize, act: &Act<'_>) -> f32 {
+        let nb = self.nb();
+        let a = &self.a[r * nb * A_BLOCK..(r + 1) * nb * A_BLOCK];
+        let b = &self.b[r * nb * 16..(r + 1) * nb * 16];
+        #[cfg(target_arch = "x86_64")]
+        if super::vnni::available() && act.lanes.len() >= 8 * nb {
+            // SAFETY: the CPU has the features; the kernel asserts the lengths.
+            return unsafe { x86::exact_in_panel_order(a, b, nb, act) };
+        }
+        let mut f = 0f32;
+        for j in 0..nb {
+            let d = half::f16::from_le_bytes([a[2 * j], a[2 * j + 1]]).to_f32();
+            let mut isum = 0i32;
+            for i in 0..32 {
+                let (h, l) = (a[3 * nb + 16 * j + i % 16], b[16 * j + i % 16]);
+                let (h, l) = if i < 16 {
+                    (h & 15, l & 15)
+                } else {
+                    (h >> 4, l >> 4)
+                };
+                isum += (16 * h as i32 + l as i32 - 128) * act.q[32 * j + i] as i32;
+            }
+            f = (isum as f32 * d).mul_add(act.d[j], f);
+        }
+        f
     }
 
     fn estimate(&self, r0: usize, r1: usize, act: &Act<'_>, est: &mut [f32], bound: &mut [f32]) {
@@ -451,6 +488,51 @@ mod x86 {
                 out[i * ld + r] = _mm512_reduce_add_ps(*acc);
             }
         }
+    }
+
+    /// [`super::SplitQ8::exact_in_panel_order`] of one row (planes `a`, `b`): each pair of
+    /// blocks' integers from one `vpdpbusd`, summed per block, then the f32 steps one block
+    /// at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, F16C, FMA; `nb` even, one row's planes, the activation row with
+    /// lanes (asserted).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn exact_in_panel_order(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>) -> f32 {
+        assert!(
+            nb.is_multiple_of(2)
+                && a.len() >= nb * A_BLOCK
+                && b.len() >= nb * 16
+                && act.q.len() >= nb * 32
+                && act.d.len() >= nb
+                && act.lanes.len() >= nb * 8
+        );
+        let seven = _mm_cvtsi32_si128(7);
+        let (ar, br) = (a.as_ptr(), b.as_ptr());
+        let mut f = 0f32;
+        for j in (0..nb).step_by(2) {
+            // As in `exact`: lanes 0..8 hold block j's sums, 8..16 block j + 1's.
+            let u = _mm512_or_si512(
+                _mm512_slli_epi16::<4>(nibbles(ar.add(3 * nb + 16 * j))),
+                nibbles(br.add(16 * j)),
+            );
+            let xv = _mm512_loadu_si512(act.q.as_ptr().add(32 * j) as *const _);
+            let init = _mm512_sll_epi32(
+                _mm512_loadu_si512(act.lanes.as_ptr().add(8 * j) as *const _),
+                seven,
+            );
+            let isum = _mm512_dpbusd_epi32(init, u, xv);
+            let sums = [
+                _mm512_mask_reduce_add_epi32(0x00FF, isum),
+                _mm512_mask_reduce_add_epi32(0xFF00, isum),
+            ];
+            for (h, s) in sums.into_iter().enumerate() {
+                let bits = (ar.add(2 * (j + h)) as *const u16).read_unaligned();
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+                f = (s as f32 * d).mul_add(act.d[j + h], f);
+            }
+        }
+        f
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -595,7 +677,7 @@ mod tests {
         s.matmul(&xq, 1, &mut full, false);
         let mut scr = vec![0f32; n];
         let always = [3u32, 250];
-        let computed = s.screened(&xq, 1, &always, &mut scr, false);
+        let computed = s.screened(&xq, 1, &always, &mut scr, false, false);
         let act = Act::new(&xq, 0);
         let (mut est, mut bound) = (vec![0f32; n], vec![0f32; n]);
         s.estimate(0, n, &act, &mut est, &mut bound);
