@@ -43,8 +43,15 @@ import httpx
 from benchlib import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
-FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --model: the hub repository, its GGUF file and a name for the tables
+# (scripts/fetch-models.sh smollm2 / qwen25coder).
+MODELS = {
+    "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "SmolLM2-135M-Instruct"),
+    "qwen25coder": ("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+                   "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "Qwen2.5-Coder-0.5B-Instruct"),
+}
+REPO, FILE, NAME = MODELS["smollm2"]
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 # --distinct: every request its own chat (the Rust client puts the request's number for {i};
 # {run} names the run, so no run repeats an earlier run's chats, which a server's prefix cache
@@ -171,6 +178,8 @@ def main():
                     help="each request's max_tokens from A to B instead of --tokens (Rust client "
                          "only): answers of mixed lengths end at different steps, so requests "
                          "arrive one by one instead of in waves of equal requests")
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS),
+                    help="the GGUF model every server runs")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="ours,ours-solo,llama.cpp",
@@ -186,6 +195,8 @@ def main():
                          "--before target/release/ferroformers --before-env FERROFORMERS_NO_STEER=1 "
                          "to measure a switch on one binary")
     a = ap.parse_args()
+    global REPO, FILE, NAME
+    REPO, FILE, NAME = MODELS[a.model]
     client = ROOT / "target/release/examples/sse_load"
     if (a.distinct or a.spread) and a.client != "rust":
         sys.exit("--distinct and --spread need the Rust client")
@@ -260,7 +271,7 @@ def main():
             proc.terminate()
     load1 = os.getloadavg()
     print(f"\nstreamed chat completions{' (a different chat each, min_tokens)' if a.distinct else ''}, "
-          f"SmolLM2-135M-Instruct {FILE}, {a.requests} requests x "
+          f"{NAME} {FILE}, {a.requests} requests x "
           f"{a.spread + ' (max_tokens per request)' if a.spread else a.tokens} tokens per run, {a.threads} threads, median of {a.reps}, {a.client} client; "
           f"CPU {cpu_model()}; "
           f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
