@@ -84,11 +84,11 @@ fn main() {
         let q = QTensor::quantize(&w, dt).unwrap();
         let bytes = q.storage_size_in_bytes();
         let base = QuantLinear::new(&q).unwrap().unwrap();
-        let mats: Vec<QuantLinear> = (0..copies)
+        let mut mats: Vec<QuantLinear> = (0..copies)
             .map(|_| QuantLinear::stack(&[&base]).unwrap().with_math(math))
             .collect();
         if std::env::args().any(|a| a == "invariant") {
-            for m in &mats {
+            for m in &mut mats {
                 m.make_batch_invariant().unwrap();
             }
         }

@@ -391,7 +391,7 @@ pub trait CausalLm: Send + Sync {
     /// whatever other sequences share its passes, however its prompt is cut into chunks and
     /// whatever its padding, so that a server's answers never depend on the load. An error
     /// says why a model cannot (then nothing changed).
-    fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+    fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         Err(
             "only GGUF models of the Llama family (Llama, Mistral, Qwen2, Gemma 3) in the \
              int8 mode have batch-invariant arithmetic"
@@ -480,7 +480,7 @@ impl Proj {
     }
 
     /// [`QuantLinear::make_batch_invariant`] for GGUF blocks; an error for the other kinds.
-    pub fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+    pub fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         match self {
             Proj::Blocks(q, _) => q.make_batch_invariant(),
             _ => Err(self.batch_invariance_problem().unwrap_or_default()),

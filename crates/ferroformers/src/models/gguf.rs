@@ -956,7 +956,7 @@ mod tests {
     fn batch_invariant_logits_do_not_depend_on_the_pass() {
         let mut f = mixed_llama();
         let cfg = f.llama_config().unwrap();
-        let lm = f.llama(&cfg, &Device::Cpu).unwrap();
+        let mut lm = f.llama(&cfg, &Device::Cpu).unwrap();
         if !crate::kernels::cpu::qgemm::available() {
             let err = lm.make_batch_invariant().unwrap_err();
             assert!(err.contains("AVX-512 VNNI"), "{err}");

@@ -698,6 +698,26 @@ impl Llama {
         })
     }
 
+    /// [`Self::projections`], to change.
+    fn projections_mut(&mut self) -> Vec<&mut Proj> {
+        let mut all = Vec::new();
+        for l in &mut self.layers {
+            let (at, mlp) = (&mut l.self_attn, &mut l.mlp);
+            match &mut at.qkv_proj {
+                Some(p) => all.push(p),
+                None => all.extend([&mut at.q_proj, &mut at.k_proj, &mut at.v_proj]),
+            }
+            all.push(&mut at.o_proj);
+            match &mut mlp.gate_up_proj {
+                Some(p) => all.push(p),
+                None => all.extend([&mut mlp.gate_proj, &mut mlp.up_proj]),
+            }
+            all.push(&mut mlp.down_proj);
+        }
+        all.push(&mut self.lm_head);
+        all
+    }
+
     /// Every projection of the model, the output one last.
     fn projections(&self) -> Vec<&Proj> {
         let mut all = Vec::new();
@@ -955,7 +975,7 @@ impl CausalLm for Llama {
     /// included, through the decoding kernel from the row's first unmasked key (so a key's
     /// lane never depends on another row's padding). Norms, rotations and the rest are per row
     /// already.
-    fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+    fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         if !(self.device.is_cpu() && self.dtype == DType::F32) {
             return Err("batch-invariant arithmetic runs on the CPU in f32 only".into());
         }
@@ -966,7 +986,7 @@ impl CausalLm for Llama {
         {
             return Err(why);
         }
-        for p in projections {
+        for p in self.projections_mut() {
             p.make_batch_invariant()?;
         }
         self.batch_invariant

@@ -355,7 +355,7 @@ pub(crate) trait Task: Send + Sync {
     }
 
     /// Batch-invariant arithmetic (text generation's models that have it).
-    fn make_batch_invariant(&self) -> Result<()> {
+    fn make_batch_invariant(&mut self) -> Result<()> {
         Err(Error::InvalidParameter {
             name: "batch_invariant".into(),
             detail: "only text generation has batch-invariant arithmetic".into(),
@@ -484,7 +484,7 @@ impl Pipeline {
     /// do not (nothing changed then). It costs speed where the int8 panels are larger than
     /// the weights (8-bit and 5/6-bit block types: Qwen2.5-Coder-0.5B Q4_K_M decodes ~25%
     /// slower alone) and memory for the kept panels; see BENCHMARKS.md.
-    pub fn make_batch_invariant(&self) -> Result<()> {
+    pub fn make_batch_invariant(&mut self) -> Result<()> {
         self.inner.make_batch_invariant()
     }
 

@@ -538,7 +538,7 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
-    fn make_batch_invariant(&self) -> Result<()> {
+    fn make_batch_invariant(&mut self) -> Result<()> {
         self.generator
             .model
             .make_batch_invariant()

@@ -285,7 +285,11 @@ impl QuantLinear {
 
     /// All rows' blocks.
     fn bytes(&self) -> &[u8] {
-        // SAFETY: data holds n * row_bytes initialised bytes.
+        assert!(
+            self.data.len() * 8 >= self.n * self.row_bytes,
+            "the blocks of a batch-invariant matrix are dropped: its panels serve its products"
+        );
+        // SAFETY: data holds n * row_bytes initialised bytes (checked above).
         unsafe {
             std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.n * self.row_bytes)
         }
@@ -553,11 +557,16 @@ impl QuantLinear {
     /// ([`Self::matmul_screened`]) computes its candidate tokens in that order too (their
     /// values, the argmax among them, are a batch's bits). Only the int8 mode with the VNNI
     /// panels has such an order: elsewhere an error says why.
-    pub fn make_batch_invariant(&self) -> std::result::Result<(), String> {
+    ///
+    /// The blocks themselves are dropped then (no product reads them again; a clone that
+    /// still does, as a tied embedding table, keeps its own reference): a batch-invariant
+    /// model holds its panels instead of panels and blocks.
+    pub fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         if let Some(why) = self.batch_invariance_problem() {
             return Err(why);
         }
         self.keep_panels();
+        self.data = std::sync::Arc::new(Vec::new());
         self.invariant
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -1145,7 +1154,7 @@ mod tests {
         let (w, x) = weights_and_inputs(n, k, 11);
         for dt in ALL.into_iter().filter(|d| block_shape(*d).is_some()) {
             let q = QTensor::quantize(&w, dt).unwrap();
-            let exact = QuantLinear::new(&q).unwrap().unwrap();
+            let mut exact = QuantLinear::new(&q).unwrap().unwrap();
             let err = exact.make_batch_invariant().unwrap_err();
             assert!(err.contains("exact mode"), "{dt:?}: {err}");
             if !super::super::qgemm::available() {
@@ -1160,8 +1169,12 @@ mod tests {
             if dt == GgmlDType::Q8_0 {
                 mats.push(int8.clone().split_for_screening());
             }
-            for ql in mats {
+            for mut ql in mats {
                 ql.make_batch_invariant().unwrap();
+                assert!(
+                    ql.data.is_empty(),
+                    "{dt:?}: the panels serve, the blocks are dropped"
+                );
                 let alone: Vec<Vec<f32>> = (0..8)
                     .map(|i| ql.matmul(&x[i * k..(i + 1) * k], 1))
                     .collect();
