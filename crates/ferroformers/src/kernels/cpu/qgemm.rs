@@ -117,6 +117,11 @@ pub struct Panel {
     /// 4-bit types (Q4_0, Q4_1, Q4_K): what their `q` plus this is, 0..16 (8 for Q4_0's
     /// -8..8, 0 for the others' 0..16); `None` for the other types.
     four_bit: Option<u8>,
+    /// A kept panel of a 32-value type ([`Panel::kept`]): `ws` and `wm` as the f16 values
+    /// they were widened from (a block's `d`, `-m`), half their bytes; then `ws`, `wm` are
+    /// empty.
+    wsh: Vec<u16>,
+    wmh: Vec<u16>,
     /// 5-bit types (Q5_0, Q5_1): what their `q` plus this is, 0..32 (16 for Q5_0's -16..16, 0
     /// for Q5_1's 0..32); `None` for the other types.
     five_bit: Option<u8>,
@@ -304,6 +309,23 @@ impl Panel {
             // The kernel reads `isc` and `wd` instead.
             self.ws = Vec::new();
         }
+        static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if self.isc.is_empty() && !super::switch_once(&F32, "FERROFORMERS_F32_PANEL_SCALES") {
+            // The 32-value types' scales and minimums are f16 values widened: kept as f16
+            // (the same f32 values once widened again), where every one comes back exactly.
+            let half = |v: &[f32]| -> Option<Vec<u16>> {
+                v.iter()
+                    .map(|&x| {
+                        let h = half::f16::from_f32(x);
+                        (h.to_f32().to_bits() == x.to_bits()).then_some(h.to_bits())
+                    })
+                    .collect()
+            };
+            if let (Some(wsh), Some(wmh)) = (half(&self.ws), half(&self.wm)) {
+                (self.wsh, self.wmh) = (wsh, wmh);
+                (self.ws, self.wm) = (Vec::new(), Vec::new());
+            }
+        }
         self.u.shrink_to_fit();
         self.ws.shrink_to_fit();
         self.wm.shrink_to_fit();
@@ -344,6 +366,8 @@ impl Panel {
             _ => None,
         };
         self.nib = Vec::new();
+        self.wsh = Vec::new();
+        self.wmh = Vec::new();
     }
 
     /// Row `j`'s group scales `d * sc` and minimums `dmin * mn` from [`Panel::unpacked`].
@@ -442,15 +466,19 @@ impl Panel {
         [
             (base.wrapping_add(c0 * per), (c1 - c0) * per),
             // The scales the kernel reads (K-quants: the integer ones).
-            if self.isc.is_empty() {
-                span(&self.ws, c0, c1)
-            } else {
+            if !self.isc.is_empty() {
                 span(&self.isc, c0, c1)
-            },
-            if self.has_min {
-                span(&self.wm, c0, c1)
+            } else if !self.wsh.is_empty() {
+                span(&self.wsh, c0, c1)
             } else {
+                span(&self.ws, c0, c1)
+            },
+            if !self.has_min {
                 (std::ptr::null(), 0)
+            } else if !self.wmh.is_empty() {
+                span(&self.wmh, c0, c1)
+            } else {
+                span(&self.wm, c0, c1)
             },
         ]
     }
@@ -493,6 +521,8 @@ impl Panel {
             assert!(!nib || self.g == 32);
             // Fifth bits after each group's nibbles (5-bit types).
             let hb = nib && self.five_bit.is_some();
+            // Scales (and minimums) kept as f16.
+            let h16 = !self.wsh.is_empty();
             for c0 in (0..groups).step_by(per_chunk) {
                 let c1 = (c0 + per_chunk).min(groups);
                 let ahead = if c1 < groups {
@@ -516,11 +546,22 @@ impl Panel {
                     // and out exist; groups c0..c1 lie in the panel and acts.
                     unsafe {
                         macro_rules! call {
-                            ($r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal) => {
-                                call!($r, $g, $min, $nib, $ks, false)
+                            // K-quants keep f32 scales.
+                            ($r:literal, $g:literal, $min:literal, $nib:literal, true) => {
+                                call!(@ $r, $g, $min, $nib, true, false, false)
                             };
-                            ($r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal, $hb:literal) => {
-                                x86::rows::<$r, $g, $min, $nib, $ks, $hb>(
+                            ($r:literal, $g:literal, $min:literal, $nib:literal, false) => {
+                                call!($r, $g, $min, $nib, false, false)
+                            };
+                            ($r:literal, $g:literal, $min:literal, $nib:literal, false, $hb:literal) => {
+                                if h16 {
+                                    call!(@ $r, $g, $min, $nib, false, $hb, true)
+                                } else {
+                                    call!(@ $r, $g, $min, $nib, false, $hb, false)
+                                }
+                            };
+                            (@ $r:literal, $g:literal, $min:literal, $nib:literal, $ks:literal, $hb:literal, $h:literal) => {
+                                x86::rows::<$r, $g, $min, $nib, $ks, $hb, $h>(
                                     self,
                                     acts,
                                     i,
@@ -1002,6 +1043,7 @@ mod x86 {
         const NIB: bool,
         const KS: bool,
         const HB: bool,
+        const H: bool,
     >(
         p: &Panel,
         acts: &Acts,
@@ -1028,6 +1070,15 @@ mod x86 {
         let sixteen = _mm512_set1_epi8(16);
         let low = _mm512_set1_epi8(0x0F);
         let (wsp, wmp) = (p.ws.as_ptr(), p.wm.as_ptr());
+        let (wsh, wmh) = (p.wsh.as_ptr(), p.wmh.as_ptr());
+        // 16 scales (or minimums) at `at`: f32, or kept f16 widened (`H`).
+        let sixteen_of = |f: *const f32, h: *const u16, at: usize| {
+            if H {
+                _mm512_cvtph_ps(_mm256_loadu_si256(h.add(at) as *const __m256i))
+            } else {
+                _mm512_loadu_ps(f.add(at))
+            }
+        };
         let xq: [*const i8; R] = std::array::from_fn(|r| acts.rows.q.as_ptr().add((i + r) * k));
         let xd: [*const f32; R] = std::array::from_fn(|r| acts.d.as_ptr().add((i + r) * groups));
         let xo: [*const i32; R] = std::array::from_fn(|r| acts.off.as_ptr().add((i + r) * groups));
@@ -1084,12 +1135,20 @@ mod x86 {
                 let sa = if KS {
                     p.isc.as_ptr().wrapping_add((b + PF) * PANEL)
                 } else {
-                    wsp.wrapping_add((b + PF) * PANEL) as *const i8
+                    if H {
+                        wsh.wrapping_add((b + PF) * PANEL) as *const i8
+                    } else {
+                        wsp.wrapping_add((b + PF) * PANEL) as *const i8
+                    }
                 };
                 _mm_prefetch::<_MM_HINT_T0>(sa);
                 _mm_prefetch::<_MM_HINT_T0>(sa.wrapping_add(64));
                 if MIN {
-                    let ma = wmp.wrapping_add((b + PF) * PANEL) as *const i8;
+                    let ma = if H {
+                        wmh.wrapping_add((b + PF) * PANEL) as *const i8
+                    } else {
+                        wmp.wrapping_add((b + PF) * PANEL) as *const i8
+                    };
                     _mm_prefetch::<_MM_HINT_T0>(ma);
                     _mm_prefetch::<_MM_HINT_T0>(ma.wrapping_add(64));
                 }
@@ -1145,15 +1204,15 @@ mod x86 {
                 }
             }
             if !KS {
-                let s0 = _mm512_loadu_ps(wsp.add(b * PANEL));
-                let s1 = _mm512_loadu_ps(wsp.add(b * PANEL + 16));
+                let s0 = sixteen_of(wsp, wsh, b * PANEL);
+                let s1 = sixteen_of(wsp, wsh, b * PANEL + 16);
                 for r in 0..R {
                     scaled_add(&mut f[r], &acc[r], [s0, s1], *xd[r].add(b));
                 }
             }
             if MIN {
-                let n0 = _mm512_loadu_ps(wmp.add(b * PANEL));
-                let n1 = _mm512_loadu_ps(wmp.add(b * PANEL + 16));
+                let n0 = sixteen_of(wmp, wmh, b * PANEL);
+                let n1 = sixteen_of(wmp, wmh, b * PANEL + 16);
                 for r in 0..R {
                     let sx = _mm512_set1_ps(*xs[r].add(b));
                     f[r][0] = _mm512_fnmadd_ps(n0, sx, f[r][0]);
@@ -1337,6 +1396,10 @@ mod tests {
                 );
                 assert_eq!(!kept.nib.is_empty(), four_bit, "{dt:?}: nibbles kept");
                 assert_eq!(kept.u.is_empty(), four_bit, "{dt:?}: bytes dropped");
+                // The 32-value types' scales kept as the f16 values they are.
+                let thirty_two = block_shape(dt).is_some_and(|(sb, _)| sb == 32);
+                assert_eq!(!kept.wsh.is_empty(), thirty_two, "{dt:?}: f16 scales");
+                assert!(!thirty_two || kept.ws.is_empty(), "{dt:?}: f32 scales dropped");
                 let mut again = vec![f32::NAN; m * n];
                 // SAFETY: as above. With a next panel to fetch ahead (fetching changes no
                 // value).
