@@ -1399,7 +1399,10 @@ mod tests {
                 // The 32-value types' scales kept as the f16 values they are.
                 let thirty_two = block_shape(dt).is_some_and(|(sb, _)| sb == 32);
                 assert_eq!(!kept.wsh.is_empty(), thirty_two, "{dt:?}: f16 scales");
-                assert!(!thirty_two || kept.ws.is_empty(), "{dt:?}: f32 scales dropped");
+                assert!(
+                    !thirty_two || kept.ws.is_empty(),
+                    "{dt:?}: f32 scales dropped"
+                );
                 let mut again = vec![f32::NAN; m * n];
                 // SAFETY: as above. With a next panel to fetch ahead (fetching changes no
                 // value).

@@ -340,17 +340,7 @@ impl SplitQ8 {
         }
         let mut f = 0f32;
         for j in 0..nb {
-            let d = half::f16::from_le_bytes([a[2 * j], a[2 * j + 1]]).to_f32();
-            let mut isum = 0i32;
-            for i in 0..32 {
-                let (h, l) = (a[3 * nb + 16 * j + i % 16], b[16 * j + i % 16]);
-                let (h, l) = if i < 16 {
-                    (h & 15, l & 15)
-                } else {
-                    (h >> 4, l >> 4)
-                };
-                isum += (16 * h as i32 + l as i32 - 128) * act.q[32 * j + i] as i32;
-            }
+            let (d, isum) = block_of(a, b, nb, j, act.q);
             f = (isum as f32 * d).mul_add(act.d[j], f);
         }
         f
@@ -392,6 +382,23 @@ pub fn raw_from_planes(ar: &[u8], br: &[u8], k: usize) -> Vec<u8> {
     out
 }
 
+/// Block `j` of one row's planes `ar`, `br` (`nb` blocks): its scale, and its integer sum
+/// `sum(q * xq)` with the activation values `xq`.
+fn block_of(ar: &[u8], br: &[u8], nb: usize, j: usize, xq: &[i8]) -> (f32, i32) {
+    let d = half::f16::from_le_bytes([ar[2 * j], ar[2 * j + 1]]).to_f32();
+    let mut isum = 0i32;
+    for i in 0..32 {
+        let (h, l) = (ar[3 * nb + 16 * j + i % 16], br[16 * j + i % 16]);
+        let (h, l) = if i < 16 {
+            (h & 15, l & 15)
+        } else {
+            (h >> 4, l >> 4)
+        };
+        isum += (16 * h as i32 + l as i32 - 128) * xq[32 * j + i] as i32;
+    }
+    (d, isum)
+}
+
 /// The exact product without SIMD (same integers; another f32 order).
 fn portable_exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32]) {
     for ((ar, br), o) in a
@@ -401,18 +408,7 @@ fn portable_exact(a: &[u8], b: &[u8], nb: usize, act: &Act<'_>, out: &mut [f32])
     {
         let mut acc = 0f32;
         for j in 0..nb {
-            let d = half::f16::from_le_bytes([ar[2 * j], ar[2 * j + 1]]).to_f32();
-            let mut isum = 0i32;
-            for i in 0..32 {
-                let (h, l) = (ar[3 * nb + 16 * j + i % 16], br[16 * j + i % 16]);
-                let (h, l) = if i < 16 {
-                    (h & 15, l & 15)
-                } else {
-                    (h >> 4, l >> 4)
-                };
-                let q = (16 * h as i32 + l as i32) - 128;
-                isum += q * act.q[32 * j + i] as i32;
-            }
+            let (d, isum) = block_of(ar, br, nb, j, act.q);
             acc += d * act.d[j] * isum as f32;
         }
         *o = acc;
