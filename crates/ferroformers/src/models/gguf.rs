@@ -718,19 +718,25 @@ mod tests {
     use super::GgufFile;
     use crate::models::causal_lm::{causal_bias, CausalLm, KvCache};
 
+    /// A Llama's metadata: `width` wide, `ffn` in its MLP, `layers` layers, 4 heads and 2
+    /// key/value heads, `rope` dimensions rotated.
+    fn llama_meta(width: u32, ffn: u32, layers: u32, rope: u32) -> Vec<(String, Value)> {
+        vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.embedding_length".into(), Value::U32(width)),
+            ("llama.feed_forward_length".into(), Value::U32(ffn)),
+            ("llama.block_count".into(), Value::U32(layers)),
+            ("llama.attention.head_count".into(), Value::U32(4)),
+            ("llama.attention.head_count_kv".into(), Value::U32(2)),
+            ("llama.rope.dimension_count".into(), Value::U32(rope)),
+        ]
+    }
+
     /// A GGUF file of a tiny Llama: 32 wide, 4 heads and 2 key/value heads of 8 (`over`
     /// replaces metadata values), with its one layer's attention projections (zeros, f32)
     /// shaped for those counts.
     fn tiny(tag: &str, over: &[(&str, u32)]) -> GgufFile {
-        let mut meta: Vec<(String, Value)> = vec![
-            ("general.architecture".into(), Value::String("llama".into())),
-            ("llama.embedding_length".into(), Value::U32(32)),
-            ("llama.feed_forward_length".into(), Value::U32(64)),
-            ("llama.block_count".into(), Value::U32(1)),
-            ("llama.attention.head_count".into(), Value::U32(4)),
-            ("llama.attention.head_count_kv".into(), Value::U32(2)),
-            ("llama.rope.dimension_count".into(), Value::U32(8)),
-        ];
+        let mut meta = llama_meta(32, 64, 1, 8);
         for (k, v) in over {
             meta.iter_mut().find(|(m, _)| m == k).unwrap().1 = Value::U32(*v);
         }
@@ -814,16 +820,8 @@ mod tests {
     /// for greedy screening). Opened in the int8 mode.
     fn mixed_llama() -> GgufFile {
         use crate::kernels::cpu::test_values;
-        let meta: Vec<(String, Value)> = vec![
-            ("general.architecture".into(), Value::String("llama".into())),
-            ("llama.embedding_length".into(), Value::U32(256)),
-            ("llama.feed_forward_length".into(), Value::U32(512)),
-            ("llama.block_count".into(), Value::U32(2)),
-            ("llama.attention.head_count".into(), Value::U32(4)),
-            ("llama.attention.head_count_kv".into(), Value::U32(2)),
-            ("llama.rope.dimension_count".into(), Value::U32(64)),
-            ("llama.vocab_size".into(), Value::U32(96)),
-        ];
+        let mut meta = llama_meta(256, 512, 2, 64);
+        meta.push(("llama.vocab_size".into(), Value::U32(96)));
         let mut seed = 7u64;
         let mut q = |r: usize, c: usize, dt: GgmlDType| {
             seed += 1;
