@@ -526,7 +526,7 @@ pub struct Llama {
     kv_f16: bool,
     /// [`CausalLm::make_batch_invariant`] was called: attention takes one f32 order per query
     /// row, whatever the pass (the projections' panels see to theirs).
-    batch_invariant: std::sync::atomic::AtomicBool,
+    batch_invariant: bool,
 }
 
 fn dense(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Proj> {
@@ -694,7 +694,7 @@ impl Llama {
             device: device.clone(),
             dtype,
             kv_f16,
-            batch_invariant: Default::default(),
+            batch_invariant: false,
         })
     }
 
@@ -869,8 +869,7 @@ impl Llama {
                 kv,
                 (bias, total),
                 scale,
-                self.batch_invariant
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                self.batch_invariant,
             );
             let mut o = at.o_proj.forward_rows(&ctx, n, step)?;
             if let Some((on, _)) = &layer.norms.out {
@@ -989,8 +988,7 @@ impl CausalLm for Llama {
         for p in self.projections_mut() {
             p.make_batch_invariant()?;
         }
-        self.batch_invariant
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.batch_invariant = true;
         Ok(())
     }
 

@@ -313,7 +313,7 @@ impl Panel {
         if self.isc.is_empty() && !super::switch_once(&F32, "FERROFORMERS_F32_PANEL_SCALES") {
             // The 32-value types' scales and minimums are f16 values widened: kept as f16
             // (the same f32 values once widened again), where every one comes back exactly.
-            let half = |v: &[f32]| -> Option<Vec<u16>> {
+            let as_f16 = |v: &[f32]| -> Option<Vec<u16>> {
                 v.iter()
                     .map(|&x| {
                         let h = half::f16::from_f32(x);
@@ -321,7 +321,7 @@ impl Panel {
                     })
                     .collect()
             };
-            if let (Some(wsh), Some(wmh)) = (half(&self.ws), half(&self.wm)) {
+            if let (Some(wsh), Some(wmh)) = (as_f16(&self.ws), as_f16(&self.wm)) {
                 (self.wsh, self.wmh) = (wsh, wmh);
                 (self.ws, self.wm) = (Vec::new(), Vec::new());
             }

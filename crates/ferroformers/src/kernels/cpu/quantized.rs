@@ -109,7 +109,7 @@ pub struct QuantLinear {
     /// Batch invariance ([`Self::make_batch_invariant`]): every product, whatever its number
     /// of rows, multiplies the kept panels, so that a row's result never depends on the rows
     /// beside it.
-    invariant: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    invariant: bool,
 }
 
 impl std::fmt::Debug for QuantLinear {
@@ -160,7 +160,7 @@ impl QuantLinear {
             packed: false,
             split: None,
             kept: Default::default(),
-            invariant: Default::default(),
+            invariant: false,
         }))
     }
 
@@ -168,7 +168,7 @@ impl QuantLinear {
     /// the VNNI kernels where they run ([`super::packed`]; the same bytes, rearranged).
     pub fn with_math(mut self, math: QuantMath) -> Self {
         self.kept = Default::default();
-        self.invariant = Default::default();
+        self.invariant = false;
         if self.split.is_some() {
             // Split planes serve the int8 mode only: back to raw blocks first.
             let mut raw = vec![0u8; self.n * self.row_bytes];
@@ -232,7 +232,7 @@ impl QuantLinear {
             packed: first.packed,
             split: None,
             kept: Default::default(),
-            invariant: Default::default(),
+            invariant: false,
         })
     }
 
@@ -256,7 +256,7 @@ impl QuantLinear {
         self.packed = false;
         self.split = Some(std::sync::Arc::new(split));
         self.kept = Default::default();
-        self.invariant = Default::default();
+        self.invariant = false;
         self
     }
 
@@ -548,9 +548,9 @@ impl QuantLinear {
         }
     }
 
-    /// Make every later product of this matrix (and of its clones) batch-invariant: each
-    /// activation row's result the same bits whatever other rows share the call, so that a
-    /// request generates the same tokens alone and in any batch, at any prompt chunking. All
+    /// Make every later product of this matrix (and of clones made from it later)
+    /// batch-invariant: each activation row's result the same bits whatever other rows share
+    /// the call, so that a request generates the same tokens alone and in any batch, at any prompt chunking. All
     /// products, decoding rows included, then multiply the kept panels ([`Self::keep_panels`],
     /// made now), whose sums run in one f32 order per output (scale group after scale group)
     /// for any number of rows; a greedy step's screened output product
@@ -567,8 +567,7 @@ impl QuantLinear {
         }
         self.keep_panels();
         self.data = std::sync::Arc::new(Vec::new());
-        self.invariant
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.invariant = true;
         Ok(())
     }
 
@@ -594,7 +593,7 @@ impl QuantLinear {
 
     /// Whether [`Self::make_batch_invariant`] has been called on this matrix.
     pub fn batch_invariant(&self) -> bool {
-        self.invariant.load(std::sync::atomic::Ordering::Relaxed)
+        self.invariant
     }
 
     /// Whether this matrix keeps its panels now (tests).
