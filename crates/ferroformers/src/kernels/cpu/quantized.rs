@@ -552,8 +552,8 @@ impl QuantLinear {
     /// batch-invariant: each activation row's result the same bits whatever other rows share
     /// the call, so that a request generates the same tokens alone and in any batch, at any
     /// prompt chunking. All products, decoding rows included, then multiply the kept panels
-    /// ([`Self::keep_panels`], made now), whose sums run in one f32 order per output (scale group after scale group)
-    /// for any number of rows; a greedy step's screened output product
+    /// ([`Self::keep_panels`], made now), whose sums run in one f32 order per output (scale
+    /// group after scale group) for any number of rows; a greedy step's screened output product
     /// ([`Self::matmul_screened`]) computes its candidate tokens in that order too (their
     /// values, the argmax among them, are a batch's bits). Only the int8 mode with the VNNI
     /// panels has such an order: elsewhere an error says why.
