@@ -89,6 +89,14 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "BOOL",
           default_value_t = Config::default().admission.prefill_priority, action = clap::ArgAction::Set)]
     prefill_priority: bool,
+    /// Generation: decoding steps and prompt passes run at the idle scheduling priority
+    /// (Linux SCHED_IDLE), so the threads that stream tokens to clients and read new requests
+    /// take a core from them at once: earlier tokens under load. Other busy processes in the
+    /// same cgroup then come first too. Needs CAP_SYS_NICE or RLIMIT_NICE >= 20 (a thread
+    /// must come back from it).
+    #[arg(long, env, value_name = "BOOL",
+          default_value_t = Config::default().admission.idle_priority, action = clap::ArgAction::Set)]
+    idle_priority: bool,
     /// Generation: the most prompt tokens (padded) one prompt pass runs; a longer prompt runs
     /// in chunks of this many, one per decoding step, so running streams keep going and a
     /// client that leaves stops it within a chunk (TGI's flag; TGI's default is 4096).
@@ -231,6 +239,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     cfg.admission.max_waiting_tokens = a.max_waiting_tokens;
     cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
     cfg.admission.prefill_priority = a.prefill_priority;
+    cfg.admission.idle_priority = a.idle_priority;
     cfg.admission.prefix_cache_tokens = a.prefix_cache_tokens;
     cfg.admission.max_prefill_tokens =
         usize::try_from(a.max_batch_prefill_tokens).unwrap_or(usize::MAX);

@@ -483,6 +483,16 @@ impl Server {
         if cfg.models.is_empty() {
             return Err("`serve` needs at least one --model".into());
         }
+        if cfg.admission.idle_priority
+            && !ferroformers::kernels::cpu::threads::idle_priority_available()
+        {
+            return Err(
+                "--idle-priority: this process may not bring a thread back from the idle \
+                        scheduling priority (it needs CAP_SYS_NICE or an RLIMIT_NICE of 20), \
+                        or the system has none"
+                    .into(),
+            );
+        }
         let specs = cfg.models.clone();
         let opts = LoadOpts {
             limits: batch::Limits {
@@ -1220,6 +1230,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
             "prefill_priority".into(),
             json!(state.admission.prefill_priority),
         );
+        o.insert("idle_priority".into(), json!(state.admission.idle_priority));
         o.insert("batch_invariant".into(), json!(state.batch_invariant));
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));

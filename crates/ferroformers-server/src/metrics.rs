@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 10] = [
+    let gen: [GenSeries; 11] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -161,6 +161,13 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "counter",
             "prompts run between the layers of a decoding step (--prefill-priority)",
             |s| s.mid_step_joins,
+        ),
+        (
+            "ferroformers_generation_restarted_prompt_passes_total",
+            "counter",
+            "prompt passes of an idle batch stopped early to run again with requests that \
+             arrived during them",
+            |s| s.restarted_passes,
         ),
     ];
     for (name, kind, help, get) in gen {

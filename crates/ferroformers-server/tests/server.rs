@@ -2993,7 +2993,6 @@ fn batch_invariant_answers_equal_the_answers_alone() {
         c.admission.max_prefill_tokens = 8;
     });
     assert_eq!(get_info(&base)["batch_invariant"], true);
-    let url = format!("{base}/v1/completions");
     let prompts: Vec<String> = (0..12)
         .map(|i| {
             format!(
@@ -3002,10 +3001,17 @@ fn batch_invariant_answers_equal_the_answers_alone() {
             )
         })
         .collect();
+    greedy_answers_equal_the_answers_alone(&base, &prompts, 24);
+}
+
+/// Each of `prompts` asked alone (greedy, `max_tokens`), then all of them twice at once: the
+/// answers under load equal the answers alone.
+fn greedy_answers_equal_the_answers_alone(base: &str, prompts: &[String], max_tokens: usize) {
+    let url = format!("{base}/v1/completions");
     let ask = |p: &str| {
         let (status, got) = post_json(
             &url,
-            json!({"prompt": p, "max_tokens": 24, "temperature": 0}),
+            json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0}),
         );
         assert_eq!(status, 200, "{got}");
         got["choices"][0]["text"].as_str().unwrap().to_string()
@@ -3014,7 +3020,7 @@ fn batch_invariant_answers_equal_the_answers_alone() {
     std::thread::scope(|s| {
         let handles: Vec<_> = prompts
             .iter()
-            .chain(&prompts)
+            .chain(prompts)
             .map(|p| s.spawn(move || (p, ask(p))))
             .collect();
         for h in handles {
@@ -3023,6 +3029,44 @@ fn batch_invariant_answers_equal_the_answers_alone() {
             assert_eq!(got, alone[i], "{p:?} under load");
         }
     });
+}
+
+/// `--idle-priority`: where a thread may come back from the idle scheduling priority, the
+/// server says so in `/info`, and 16 greedy requests at once (their prompt passes and steps
+/// at that priority) get the answers they get alone; `/metrics` counts the prompt passes that
+/// stopped for requests arriving during them. Where it may not, the server refuses the flag.
+#[test]
+fn idle_priority_steps_answer_as_requests_alone() {
+    let spec = ModelSpec::parse(&format!("{}=text-generation", decoder()));
+    if !ferroformers::kernels::cpu::threads::idle_priority_available() {
+        let cfg = Config {
+            models: vec![spec],
+            port: 0,
+            admission: ferroformers::generation::Admission {
+                idle_priority: true,
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        match rt.block_on(Server::bind(cfg)) {
+            Ok(_) => panic!("the flag was taken where it cannot work"),
+            Err(e) => assert!(e.contains("--idle-priority"), "{e}"),
+        }
+        return;
+    }
+    let base = start_with(|c| {
+        c.models = vec![spec];
+        c.admission.idle_priority = true;
+        c.max_concurrent_requests = 64;
+    });
+    assert_eq!(get_info(&base)["idle_priority"], true);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Story {i}: once upon a time"))
+        .collect();
+    greedy_answers_equal_the_answers_alone(&base, &prompts, 12);
+    let (_, value) = metrics_of(&base, "");
+    assert!(value("ferroformers_generation_restarted_prompt_passes_total") >= 0.0);
 }
 
 /// OpenAI's `stop`: the text ends before the first stop string (OpenAI and vLLM leave it out;

@@ -1020,3 +1020,69 @@ fn new_prompts_run_between_a_running_steps_layers() {
         });
     }
 }
+
+/// A burst at an empty batch: a request that joins the queue early in the first one's prompt
+/// pass stops that pass (Llama-family CPU passes stop between layers), and both prompts run
+/// again at once: in one pass when both are new, in two when the first continues a kept
+/// prefix (counted once as a prefix hit); a model whose pass has no layer hook (GPT-2) runs
+/// them one after the other. Each request gets its solo tokens either way.
+#[test]
+fn an_empty_batchs_prompt_pass_restarts_with_requests_that_arrive_during_it() {
+    for (name, kept, restarts) in [
+        ("llama", false, true),
+        ("llama", true, true),
+        ("qwen2", false, true),
+        ("gpt2", false, false),
+    ] {
+        let (mut g, first, c) = prefix_setup(name, 6);
+        let other = g.encode("Completely different words", true).unwrap();
+        let want_first = solo_tokens(&g, &first, &c);
+        let want_other = solo_tokens(&g, &other, &c);
+        let phase = Arc::new(AtomicU8::new(0));
+        g.model = Box::new(Held {
+            inner: load(name).model,
+            phase: phase.clone(),
+            until: None,
+        });
+        g.batcher = Some(Batcher::with_admission(100_000, Admission::default()));
+        let (g, first, other, c) = (&g, &first, &other, &c);
+        let stats = || g.batcher.as_ref().unwrap().stats();
+        if kept {
+            // The first prompt's keys and values are kept: it continues from them.
+            assert_eq!(solo_tokens(g, first, c), want_first, "{name}: kept");
+        }
+        let before = stats();
+        // The first pass is held at its start until the second request waits.
+        phase.store(1, Ordering::SeqCst);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| solo_tokens(g, first, c));
+            wait_until(|| phase.load(Ordering::SeqCst) == 2);
+            let b = s.spawn(|| solo_tokens(g, other, c));
+            wait_until(|| stats().waiting == 1);
+            assert_eq!(
+                stats().waiting,
+                1,
+                "{name}: the second request did not queue"
+            );
+            phase.store(3, Ordering::SeqCst);
+            assert_eq!(a.join().unwrap(), want_first, "{name}: the first request");
+            assert_eq!(b.join().unwrap(), want_other, "{name}: the second request");
+        });
+        let st = stats();
+        let passes = st.prefill_passes - before.prefill_passes;
+        let hits = st.prefix_hits - before.prefix_hits;
+        assert_eq!(st.prefills - before.prefills, 2, "{name}: {st:?}");
+        assert_eq!(hits, u64::from(kept), "{name} kept {kept}: {st:?}");
+        let want = match (restarts, kept) {
+            (true, false) => (1, 1),
+            (true, true) => (1, 2),
+            (false, _) => (0, 2),
+        };
+        assert_eq!(
+            (st.restarted_passes, passes),
+            want,
+            "{name} kept {kept}: {st:?}"
+        );
+        assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
+    }
+}

@@ -19,7 +19,9 @@
 //!    [`Admission::max_prefill_tokens`] tokens; without prefill priority (3a), a prompt that
 //!    continues a kept prefix (below) with one token left instead rides along in step 3 as one
 //!    more row; a cancelled request
-//!    waiting to join is dropped unrun;
+//!    waiting to join is dropped unrun; an empty batch's prompt pass that more requests join
+//!    the queue during, early in it, stops between two layers and runs again with them (a
+//!    burst of requests gets its first tokens from one pass);
 //!
 //!    2c. a prompt longer than `max_prefill_tokens` runs one chunk of that many tokens per
 //!    step (the oldest such prompt's), its keys and values kept between steps, so the running
@@ -45,12 +47,13 @@
 //! products over more rows (the padding is masked to exact zeros).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
 use super::search::{Cancel, StepModel};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::threads::at_idle_priority;
 use crate::models::causal_lm::{with_layer_hook, CausalLm, KvCache};
 
 /// The shared batch of one model: its sequences, their KV caches joined, the waiting queue.
@@ -58,6 +61,8 @@ pub struct Batcher {
     state: Mutex<State>,
     /// A request has joined the queue since a running step last looked.
     arrived: AtomicBool,
+    /// Prompt passes stopped in a row to run again with new arrivals (see `run_prompts`).
+    restarts: AtomicUsize,
     wake: Condvar,
     max_total_tokens: usize,
     admission: Admission,
@@ -93,6 +98,11 @@ pub struct Batcher {
 /// `prefix_cache_tokens`: the most tokens the kept prefixes (finished sequences' keys and
 /// values, for later prompts that start the same way) hold together, and at most 256 MB; 0
 /// keeps none. Default 8192 (~190 MB for SmolLM2's f16 cache, ~100 MB for Qwen2.5-0.5B's).
+///
+/// `idle_priority`: the batch's steps (its prompt passes and decoding steps) run at the idle
+/// scheduling priority ([`at_idle_priority`]), so the requests' threads that pick and stream
+/// tokens, and a server's network threads, take a core from them whenever they need one. Off
+/// by default: other processes' work (in the same cgroup) then also comes first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Admission {
     pub max_waiting_tokens: usize,
@@ -100,6 +110,7 @@ pub struct Admission {
     pub max_prefill_tokens: usize,
     pub prefix_cache_tokens: usize,
     pub prefill_priority: bool,
+    pub idle_priority: bool,
 }
 
 impl Default for Admission {
@@ -110,6 +121,7 @@ impl Default for Admission {
             max_prefill_tokens: 256,
             prefix_cache_tokens: PREFIX_TOKENS,
             prefill_priority: true,
+            idle_priority: false,
         }
     }
 }
@@ -155,6 +167,9 @@ pub struct BatchStats {
     pub cancelled_prompts: u64,
     /// Prompts run between the layers of a decoding step (they arrived while it ran).
     pub mid_step_joins: u64,
+    /// Prompt passes of an empty batch stopped early to run again with requests that
+    /// arrived meanwhile.
+    pub restarted_passes: u64,
 }
 
 #[derive(Default)]
@@ -528,6 +543,7 @@ impl Batcher {
         Self {
             state: Mutex::new(State::default()),
             arrived: AtomicBool::new(false),
+            restarts: AtomicUsize::new(0),
             wake: Condvar::new(),
             max_total_tokens: max_total_tokens.max(1),
             admission,
@@ -661,6 +677,14 @@ impl Batcher {
     /// New prompts' passes (step 2): a few at a time as one left-padded batch (up to
     /// `max_prefill_tokens` padded tokens), or from a kept prefix; each group's threads get
     /// their first logits at once, and the groups' caches wait in `joining`.
+    ///
+    /// `restart`: a pass that more requests join the queue during, early enough in it (while
+    /// it has done less than a one-token pass's work), stops there, and its prompts go back
+    /// to the queue's front to run again with the new ones (for the waiting requests of an
+    /// empty batch, which no running row waits for: a burst of requests then gets its first
+    /// tokens from one pass, not from the first arrival's and then the rest's). At most
+    /// [`MAX_RESTARTS`] in a row. Returns the sequences put back in the queue (none when
+    /// every pass ran whole).
     fn run_prompts(
         &self,
         model: &dyn CausalLm,
@@ -668,12 +692,13 @@ impl Batcher {
         continued: Continued,
         room: usize,
         joining: &mut Vec<Joining>,
-    ) {
+        restart: bool,
+    ) -> Vec<u64> {
         let chunk = self.admission.max_prefill_tokens.max(1);
         let groups = prefill_groups(fresh, chunk, |(_, p)| p.len());
         // Continued prompts group the same way, by their rests' padded tokens.
         let cgroups = prefill_groups(continued, chunk, |(_, p, _, n)| p.len() - n);
-        let jobs = cgroups
+        let jobs: Vec<Job> = cgroups
             .into_iter()
             .map(|gr| {
                 let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
@@ -683,22 +708,107 @@ impl Batcher {
             .chain(groups.into_iter().map(|gr| {
                 let (ids, prompts) = gr.into_iter().unzip();
                 (ids, prompts, None)
-            }));
-        for (ids, prompts, starts) in jobs {
+            }))
+            .collect();
+        let mut jobs = jobs.into_iter();
+        while let Some((ids, prompts, starts)) = jobs.next() {
             let t = std::time::Instant::now();
             let continued = starts.is_some();
-            let r = guarded(|| match starts {
-                Some(starts) => continue_group(model, starts, room),
-                None => {
-                    let (padded, m) = left_pad(&prompts, 0);
-                    let mut session = DecoderSession::new(model, padded, m)?;
-                    let logits = session.step(None)?;
-                    let (c, m) = session.into_parts();
-                    Ok((logits, c, m))
+            // What goes back to the queue if the pass stops: each prompt and the kept
+            // prefix's tokens it continued from.
+            let again: Vec<(Vec<u32>, usize)> = if restart {
+                match &starts {
+                    Some(st) => st
+                        .iter()
+                        .map(|(c, n, p)| (p.clone(), (*n).min(c.seq_len())))
+                        .collect(),
+                    None => prompts.iter().map(|p| (p.clone(), 0)).collect(),
                 }
-            });
+            } else {
+                Vec::new()
+            };
+            // How far into the pass a stop still pays: the layers whose work is less than a
+            // one-token pass's, counting a pass's work as 3 + its padded tokens (a pass
+            // streams the weights once; each token adds about a third of that).
+            let tokens = match &starts {
+                Some(st) => st
+                    .iter()
+                    .map(|(c, n, p)| p.len() - (*n).min(c.seq_len()))
+                    .max(),
+                None => prompts.iter().map(Vec::len).max(),
+            };
+            let tokens = tokens.unwrap_or(0) * ids.len();
+            let stop_before =
+                model.num_layers() * RESTART_WORK / (RESTART_WORK - 1 + tokens).max(1);
+            let mut layers = 0;
+            let mut stopped = false;
+            let mut stop = || {
+                layers += 1;
+                stopped = layers <= stop_before.max(1)
+                    && self.arrived.load(Ordering::Acquire)
+                    && self.restarts.load(Ordering::Relaxed) < MAX_RESTARTS;
+                stopped
+            };
+            let pass = || {
+                guarded(|| match starts {
+                    Some(starts) => continue_group(model, starts, room),
+                    None => {
+                        let (padded, m) = left_pad(&prompts, 0);
+                        let mut session = DecoderSession::new(model, padded, m)?;
+                        let logits = session.step(None)?;
+                        let (c, m) = session.into_parts();
+                        Ok((logits, c, m))
+                    }
+                })
+            };
+            let r = if restart {
+                with_layer_hook(&mut stop, pass)
+            } else {
+                pass()
+            };
             trace(if continued { "prefix" } else { "prompt" }, ids.len(), t);
             let mut g = lock(&self.state);
+            if restart && stopped && r.is_err() {
+                // Back to the queue's front in their order, with the passes not run yet.
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                g.stats.restarted_passes += 1;
+                let ours = ids
+                    .iter()
+                    .copied()
+                    .zip(again)
+                    .map(|(id, (p, n))| (id, p, n, continued));
+                let later = jobs.flat_map(|(ids, prompts, starts)| match starts {
+                    Some(st) => ids
+                        .into_iter()
+                        .zip(st)
+                        .map(|(id, (c, n, p))| (id, p, n.min(c.seq_len()), true))
+                        .collect::<Vec<_>>(),
+                    None => ids
+                        .into_iter()
+                        .zip(prompts)
+                        .map(|(id, p)| (id, p, 0, false))
+                        .collect(),
+                });
+                let back: Vec<_> = ours.chain(later).collect();
+                let requeued = back.iter().map(|b| b.0).collect();
+                let st = &mut *g;
+                for (id, prompt, n, continued) in back.into_iter().rev() {
+                    let Some(s) = st.seqs.get_mut(&id) else {
+                        continue;
+                    };
+                    s.prompt = Some(prompt);
+                    if continued {
+                        st.stats.prefix_hits -= 1;
+                        st.stats.prefix_tokens -= n as u64;
+                    }
+                    st.waiting.push_front(id);
+                }
+                drop(g);
+                return requeued;
+            }
+            if restart {
+                self.restarts.store(0, Ordering::Relaxed);
+            }
             g.stats.prefills += ids.len() as u64;
             g.stats.prefill_passes += 1;
             if settle(&mut g, &ids, r, joining) {
@@ -707,6 +817,7 @@ impl Batcher {
             drop(g);
             self.wake.notify_all();
         }
+        Vec::new()
     }
 
     /// Prefill priority is in effect (see [`Admission`]): new prompts run between a decoding
@@ -751,7 +862,7 @@ impl Batcher {
         g.stats.mid_step_joins += admitted.len() as u64;
         let (fresh, continued) = g.starts(admitted, chunk);
         drop(g);
-        self.run_prompts(model, fresh, continued, *room, joining);
+        self.run_prompts(model, fresh, continued, *room, joining, false);
     }
 
     /// Every row's sequence has handed in its token (or is gone), and there is something to
@@ -782,7 +893,11 @@ impl Batcher {
                 None => return Err(Error::param("inputs", "the sequence left the batch")),
             }
             if !g.busy && Self::ready(&g) {
-                g = self.step(g, model);
+                g = if self.admission.idle_priority {
+                    at_idle_priority(|| self.step(g, model))
+                } else {
+                    self.step(g, model)
+                };
                 self.wake.notify_all();
                 continue;
             }
@@ -991,7 +1106,16 @@ impl Batcher {
         // `max_prefill_tokens` padded tokens), or from a kept prefix; each group's threads get their
         // first logits at once, and the groups' caches join the batch's after step 3.
         let mut joining: Vec<Joining> = Vec::new();
-        self.run_prompts(model, fresh, continued, room, &mut joining);
+        let restart = rows.is_empty() && no_partials && self.prefill_first();
+        let requeued = self.run_prompts(model, fresh, continued, room, &mut joining, restart);
+        if !requeued.is_empty() {
+            let g = lock(&self.state);
+            used -= requeued
+                .iter()
+                .filter_map(|id| g.seqs.get(id))
+                .map(|s| s.reserve)
+                .sum::<usize>();
+        }
 
         // 2b. The riders join the running rows (only their prefixes are copied); one whose
         // prefix cannot be appended runs its own pass like the other continued prompts.
@@ -1077,8 +1201,10 @@ impl Batcher {
                     let mut step = || guarded(|| decode_step(model, c, &mut mask, &tokens));
                     // 3a: new requests' prompts between the step's layers.
                     let r = if self.prefill_first() {
-                        let mut hook =
-                            || self.join_mid_step(model, &mut used, &mut room, &mut joining);
+                        let mut hook = || {
+                            self.join_mid_step(model, &mut used, &mut room, &mut joining);
+                            false
+                        };
                         with_layer_hook(&mut hook, step)
                     } else {
                         step()
@@ -1190,6 +1316,21 @@ impl Batcher {
 /// Padding no row needs is cut off the cache's front once it is at least `1 /
 /// DROP_FRONT_SHARE` of its positions.
 const DROP_FRONT_SHARE: usize = 4;
+
+/// A restartable prompt pass (see [`Batcher::run_prompts`]) counts its work as `RESTART_WORK -
+/// 1` plus its padded tokens, a one-token pass's as `RESTART_WORK`, and stops for new
+/// arrivals only while it has done less than the latter; at most `MAX_RESTARTS` times in a
+/// row.
+const RESTART_WORK: usize = 4;
+const MAX_RESTARTS: usize = 32;
+
+/// One prompt pass of [`Batcher::run_prompts`]: its sequences, and their prompts (fresh) or
+/// kept prefixes and prompts (continued).
+type Job = (
+    Vec<u64>,
+    Vec<Vec<u32>>,
+    Option<Vec<(Arc<KvCache>, usize, Vec<u32>)>>,
+);
 
 /// Most positions reserved ahead for a row joining the batch (see `room` in `step`).
 const MAX_ROOM: usize = 512;

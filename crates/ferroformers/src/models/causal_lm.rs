@@ -313,7 +313,7 @@ impl KvCache {
 
 thread_local! {
     /// [`with_layer_hook`]'s hook while its pass runs on this thread.
-    static LAYER_HOOK: std::cell::Cell<Option<*mut (dyn FnMut() + 'static)>> =
+    static LAYER_HOOK: std::cell::Cell<Option<*mut (dyn FnMut() -> bool + 'static)>> =
         const { std::cell::Cell::new(None) };
 }
 
@@ -321,38 +321,44 @@ thread_local! {
 /// this thread (at [`layer_boundary`]; the CPU Llama-family pass calls it before each
 /// layer). The hook may run forward passes of its own (on other caches): they do not call
 /// it again. A continuous batch uses it to run a new request's prompt while a decoding step
-/// is under way, so that its first token need not wait for the step's end.
-pub fn with_layer_hook<R>(hook: &mut dyn FnMut(), f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<*mut (dyn FnMut() + 'static)>);
+/// is under way, so that its first token need not wait for the step's end. The hook answers
+/// whether the pass should stop there (see [`layer_boundary`]).
+pub fn with_layer_hook<R>(hook: &mut dyn FnMut() -> bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<*mut (dyn FnMut() -> bool + 'static)>);
     impl Drop for Restore {
         fn drop(&mut self) {
             LAYER_HOOK.with(|h| h.set(self.0.take()));
         }
     }
-    let p: *mut (dyn FnMut() + '_) = hook;
+    let p: *mut (dyn FnMut() -> bool + '_) = hook;
     // SAFETY: only the lifetime bound is erased. The pointer lives in this thread's slot
     // only while `f` runs (`Restore` puts the previous one back when this function returns
     // or unwinds), `hook` is borrowed mutably for all that time (nothing else reaches it),
     // and `layer_boundary` calls it on this thread only.
-    let p: *mut (dyn FnMut() + 'static) = unsafe { std::mem::transmute(p) };
+    let p: *mut (dyn FnMut() -> bool + 'static) = unsafe { std::mem::transmute(p) };
     let _restore = Restore(LAYER_HOOK.with(|h| h.replace(Some(p))));
     f()
 }
 
 /// Between two layers of a forward pass: the hook [`with_layer_hook`] set on this thread,
 /// if any (taken out of the slot while it runs, so the passes it runs do not call it).
-pub fn layer_boundary() {
-    struct PutBack(*mut (dyn FnMut() + 'static));
+/// True when the hook asks the pass to stop here: the pass then fails, leaving its cache
+/// half-written (only a pass over a cache of its own may be stopped).
+pub fn layer_boundary() -> bool {
+    struct PutBack(*mut (dyn FnMut() -> bool + 'static));
     impl Drop for PutBack {
         fn drop(&mut self) {
             LAYER_HOOK.with(|h| h.set(Some(self.0)));
         }
     }
-    if let Some(p) = LAYER_HOOK.with(std::cell::Cell::take) {
-        let back = PutBack(p);
-        // SAFETY: see `with_layer_hook`: the hook is alive and reached only from here, and
-        // not re-entered (the slot is empty while it runs).
-        unsafe { (*back.0)() };
+    match LAYER_HOOK.with(std::cell::Cell::take) {
+        Some(p) => {
+            let back = PutBack(p);
+            // SAFETY: see `with_layer_hook`: the hook is alive and reached only from here,
+            // and not re-entered (the slot is empty while it runs).
+            unsafe { (*back.0)() }
+        }
+        None => false,
     }
 }
 
@@ -703,34 +709,40 @@ mod tests {
 
     /// The hook runs at each boundary inside `with_layer_hook` and nowhere else: not for
     /// boundaries its own work reaches (nested passes), not after the scope, also not after
-    /// a panic inside it; an inner scope's hook holds only inside it.
+    /// a panic inside it; an inner scope's hook holds only inside it; its answer is the
+    /// boundary's.
     #[test]
     fn layer_hooks_are_scoped_and_not_reentered() {
         let calls = std::cell::Cell::new(0);
         let inner_calls = std::cell::Cell::new(0);
-        layer_boundary();
+        assert!(!layer_boundary());
         let mut hook = || {
             calls.set(calls.get() + 1);
             // A pass the hook runs: its boundaries do not call the hook again.
-            layer_boundary();
-            layer_boundary();
+            assert!(!layer_boundary());
+            assert!(!layer_boundary());
+            calls.get() == 2
         };
-        with_layer_hook(&mut hook, || {
-            layer_boundary();
-            layer_boundary();
-            let mut inner = || inner_calls.set(inner_calls.get() + 1);
-            with_layer_hook(&mut inner, layer_boundary);
-            layer_boundary();
+        let stops = with_layer_hook(&mut hook, || {
+            let mut stops = vec![layer_boundary(), layer_boundary()];
+            let mut inner = || {
+                inner_calls.set(inner_calls.get() + 1);
+                true
+            };
+            stops.push(with_layer_hook(&mut inner, layer_boundary));
+            stops.push(layer_boundary());
+            stops
         });
+        assert_eq!(stops, [false, true, true, false]);
         assert_eq!((calls.get(), inner_calls.get()), (3, 1));
-        layer_boundary();
+        assert!(!layer_boundary());
         assert_eq!(calls.get(), 3);
         let mut boom = || panic!("hook failed");
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             with_layer_hook(&mut boom, layer_boundary)
         }));
         assert!(r.is_err());
-        layer_boundary();
+        assert!(!layer_boundary());
         assert_eq!(calls.get(), 3);
     }
 

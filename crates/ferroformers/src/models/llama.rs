@@ -816,7 +816,9 @@ impl Llama {
             candle_core::bail!("the KV cache does not match the attention bias");
         }
         for (layer, kv) in self.layers.iter().zip(bufs.iter_mut()) {
-            super::causal_lm::layer_boundary();
+            if super::causal_lm::layer_boundary() {
+                candle_core::bail!("the pass was stopped between two layers");
+            }
             let at = &layer.self_attn;
             let (rotary, (cos, sin), bias) = match (&local, &local_bias) {
                 (Some((r, (c, sn))), Some(b)) if at.sliding => (*r, (c, sn), b),

@@ -7,6 +7,71 @@ use std::sync::Mutex;
 
 thread_local! {
     static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread runs at the idle scheduling priority ([`at_idle_priority`]).
+    static IDLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with this thread at the idle scheduling priority (Linux `SCHED_IDLE`), and the
+/// pool's workers too while they help with its jobs: any other thread of the machine (a
+/// server's network and streaming threads, other processes in its cgroup) that wakes up
+/// takes a core from them at once, and they get the cores nobody else wants. A server's
+/// decoding steps run so, so that a request's tokens reach its client while the next step
+/// computes instead of after it. Where a thread could not come back from the idle priority
+/// ([`idle_priority_available`]), and elsewhere than Linux, `f` runs as it is.
+pub fn at_idle_priority<R>(f: impl FnOnce() -> R) -> R {
+    if IDLE.with(|i| i.get()) || !idle_priority_available() || !set_idle(true) {
+        return f();
+    }
+    /// Back to the normal priority when `f` is done, panicking or not.
+    struct Normal;
+    impl Drop for Normal {
+        fn drop(&mut self) {
+            set_idle(false);
+        }
+    }
+    let _normal = Normal;
+    f()
+}
+
+/// Whether [`at_idle_priority`] can work here: a thread may go to the idle priority and
+/// come back. Coming back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of at least 20 - nice
+/// (Docker's default capabilities lack the former): without them a thread that went idle
+/// would stay so. Tried once, on a thread of its own.
+pub fn idle_priority_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::thread::spawn(|| set_idle(true) && set_idle(false))
+            .join()
+            .unwrap_or(false)
+    })
+}
+
+/// Whether the calling thread runs at the idle scheduling priority ([`at_idle_priority`]).
+pub fn idle_priority() -> bool {
+    IDLE.with(|i| i.get())
+}
+
+/// The calling thread to `SCHED_IDLE` (`idle`) or back to `SCHED_OTHER` (its nice value
+/// stays); whether it now runs so.
+fn set_idle(idle: bool) -> bool {
+    if IDLE.with(|i| i.get()) == idle {
+        return true;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let policy = if idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+            IDLE.with(|i| i.set(idle));
+            return true;
+        }
+    }
+    false
 }
 
 /// True inside [`as_worker`]: kernels run on the calling thread only.
@@ -78,6 +143,8 @@ fn pool() -> Option<&'static Pool> {
 /// One split job: the caller's closure, a shared cursor over its items, the chunk size.
 struct Job<'a> {
     f: &'a (dyn Fn(std::ops::Range<usize>) + Sync),
+    /// The caller runs at the idle priority: so do the workers that help it.
+    idle: bool,
     n: usize,
     chunk: usize,
     next: AtomicUsize,
@@ -224,6 +291,7 @@ impl Pool {
                 // SAFETY: the job is open and counts this worker: its caller waits for the
                 // count to drop before the job goes out of scope.
                 let job = unsafe { &*self.job.load(Ordering::Acquire) };
+                set_idle(job.idle);
                 job.work();
             }
             self.state.fetch_sub(1, Ordering::AcqRel);
@@ -251,6 +319,7 @@ impl Pool {
         let threads = self.threads.len() + 1;
         let job = Job {
             f,
+            idle: idle_priority(),
             n,
             // ~8 grabs per thread: little cursor traffic, a small tail.
             chunk: n.div_ceil(threads * 8).max(1),
@@ -395,6 +464,56 @@ mod tests {
             })
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    /// Inside `at_idle_priority` the caller and the workers that take part in its jobs run at
+    /// `SCHED_IDLE`; after it (also after a panic) the caller is back at `SCHED_OTHER`, and
+    /// so are the workers of a normal caller's jobs.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn idle_priority_travels_with_jobs_and_ends_with_them() {
+        use super::{at_idle_priority, idle_priority, idle_priority_available, par_ranges};
+        if !idle_priority_available() {
+            eprintln!("skipped: this process may not come back from SCHED_IDLE");
+            return;
+        }
+        // SAFETY: no arguments; the calling thread's policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let policies = || {
+            let seen = Mutex::new(Vec::new());
+            for _ in 0..50 {
+                par_ranges(64, |r| {
+                    // Long enough for a worker to join in.
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(20 * r.len() as u64) {
+                        std::hint::spin_loop();
+                    }
+                    let id = std::thread::current().id();
+                    seen.lock().unwrap().push((id, policy()));
+                });
+            }
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort_by_key(|s| format!("{s:?}"));
+            seen.dedup();
+            seen
+        };
+        assert_eq!(policy(), libc::SCHED_OTHER);
+        let idle = at_idle_priority(|| {
+            assert!(idle_priority());
+            assert_eq!(policy(), libc::SCHED_IDLE);
+            policies()
+        });
+        assert!(!idle_priority());
+        assert_eq!(policy(), libc::SCHED_OTHER);
+        assert!(idle.iter().all(|&(_, p)| p == libc::SCHED_IDLE), "{idle:?}");
+        let normal = policies();
+        assert!(
+            normal.iter().all(|&(_, p)| p == libc::SCHED_OTHER),
+            "{normal:?}"
+        );
+        let r = std::panic::catch_unwind(|| at_idle_priority(|| panic!("step failed")));
+        assert!(r.is_err());
+        assert_eq!(policy(), libc::SCHED_OTHER);
     }
 
     /// Many jobs back to back from several threads at once (a second caller runs alone while
