@@ -61,8 +61,9 @@ pub struct Batcher {
     state: Mutex<State>,
     /// A request has joined the queue since a running step last looked.
     arrived: AtomicBool,
-    /// Prompt passes stopped in a row to run again with new arrivals (see `run_prompts`).
-    restarts: AtomicUsize,
+    /// The work of the prompt passes stopped to run again with new arrivals since one last
+    /// ran whole (see `run_prompts`).
+    wasted: AtomicUsize,
     wake: Condvar,
     max_total_tokens: usize,
     admission: Admission,
@@ -543,7 +544,7 @@ impl Batcher {
         Self {
             state: Mutex::new(State::default()),
             arrived: AtomicBool::new(false),
-            restarts: AtomicUsize::new(0),
+            wasted: AtomicUsize::new(0),
             wake: Condvar::new(),
             max_total_tokens: max_total_tokens.max(1),
             admission,
@@ -682,9 +683,9 @@ impl Batcher {
     /// it has done less than a one-token pass's work), stops there, and its prompts go back
     /// to the queue's front to run again with the new ones (for the waiting requests of an
     /// empty batch, which no running row waits for: a burst of requests then gets its first
-    /// tokens from one pass, not from the first arrival's and then the rest's). At most
-    /// [`MAX_RESTARTS`] in a row. Returns the sequences put back in the queue (none when
-    /// every pass ran whole).
+    /// tokens from one pass, not from the first arrival's and then the rest's). The passes
+    /// stopped in a row waste at most two one-token passes' work. Returns the sequences put
+    /// back in the queue (none when every pass ran whole).
     fn run_prompts(
         &self,
         model: &dyn CausalLm,
@@ -742,11 +743,21 @@ impl Batcher {
                 model.num_layers() * RESTART_WORK / (RESTART_WORK - 1 + tokens).max(1);
             let mut layers = 0;
             let mut stopped = false;
+            // The work of the passes stopped since one last ran whole, in layers times
+            // tokens-plus-3, stays within two one-token passes' (a steady trickle of
+            // arrivals cannot hold the first one back for long).
+            let work = RESTART_WORK - 1 + tokens;
+            let budget = model.num_layers() * RESTART_WORK * 2;
             let mut stop = || {
                 layers += 1;
+                // (A stop before the first layer wastes nothing, but counts one.)
+                let waste = (layers - 1) * work + 1;
                 stopped = layers <= stop_before.max(1)
                     && self.arrived.load(Ordering::Acquire)
-                    && self.restarts.load(Ordering::Relaxed) < MAX_RESTARTS;
+                    && self.wasted.load(Ordering::Relaxed) + waste <= budget;
+                if stopped {
+                    self.wasted.fetch_add(waste, Ordering::Relaxed);
+                }
                 stopped
             };
             let pass = || {
@@ -770,7 +781,6 @@ impl Batcher {
             let mut g = lock(&self.state);
             if restart && stopped && r.is_err() {
                 // Back to the queue's front in their order, with the passes not run yet.
-                self.restarts.fetch_add(1, Ordering::Relaxed);
                 g.stats.restarted_passes += 1;
                 let ours = ids
                     .iter()
@@ -807,7 +817,7 @@ impl Batcher {
                 return requeued;
             }
             if restart {
-                self.restarts.store(0, Ordering::Relaxed);
+                self.wasted.store(0, Ordering::Relaxed);
             }
             g.stats.prefills += ids.len() as u64;
             g.stats.prefill_passes += 1;
@@ -1319,10 +1329,8 @@ const DROP_FRONT_SHARE: usize = 4;
 
 /// A restartable prompt pass (see [`Batcher::run_prompts`]) counts its work as `RESTART_WORK -
 /// 1` plus its padded tokens, a one-token pass's as `RESTART_WORK`, and stops for new
-/// arrivals only while it has done less than the latter; at most `MAX_RESTARTS` times in a
-/// row.
+/// arrivals only while it has done less than the latter.
 const RESTART_WORK: usize = 4;
-const MAX_RESTARTS: usize = 32;
 
 /// One prompt pass of [`Batcher::run_prompts`]: its sequences, and their prompts (fresh) or
 /// kept prefixes and prompts (continued).
