@@ -344,7 +344,7 @@ fn run_chunk(model: &dyn CausalLm, p: &mut Partial, chunk: usize) -> Result<Opti
         }
         (None, Some((c, n))) => {
             let start = vec![(c, n, p.prompt[..end].to_vec())];
-            let (l, cache, mut mask) = continue_group(model, start, p.room)?;
+            let (l, cache, mut mask) = continue_group(model, &start, p.room)?;
             p.cache = Some((cache, mask.pop().unwrap_or_default()));
             l
         }
@@ -684,8 +684,7 @@ impl Batcher {
     /// to the queue's front to run again with the new ones (for the waiting requests of an
     /// empty batch, which no running row waits for: a burst of requests then gets its first
     /// tokens from one pass, not from the first arrival's and then the rest's). The passes
-    /// stopped in a row waste at most two one-token passes' work. Returns the sequences put
-    /// back in the queue (none when every pass ran whole).
+    /// stopped in a row waste at most two one-token passes' work.
     fn run_prompts(
         &self,
         model: &dyn CausalLm,
@@ -694,7 +693,7 @@ impl Batcher {
         room: usize,
         joining: &mut Vec<Joining>,
         restart: bool,
-    ) -> Vec<u64> {
+    ) {
         let chunk = self.admission.max_prefill_tokens.max(1);
         let groups = prefill_groups(fresh, chunk, |(_, p)| p.len());
         // Continued prompts group the same way, by their rests' padded tokens.
@@ -715,27 +714,11 @@ impl Batcher {
         while let Some((ids, prompts, starts)) = jobs.next() {
             let t = std::time::Instant::now();
             let continued = starts.is_some();
-            // What goes back to the queue if the pass stops: each prompt and the kept
-            // prefix's tokens it continued from.
-            let again: Vec<(Vec<u32>, usize)> = if restart {
-                match &starts {
-                    Some(st) => st
-                        .iter()
-                        .map(|(c, n, p)| (p.clone(), (*n).min(c.seq_len())))
-                        .collect(),
-                    None => prompts.iter().map(|p| (p.clone(), 0)).collect(),
-                }
-            } else {
-                Vec::new()
-            };
             // How far into the pass a stop still pays: the layers whose work is less than a
             // one-token pass's, counting a pass's work as 3 + its padded tokens (a pass
             // streams the weights once; each token adds about a third of that).
             let tokens = match &starts {
-                Some(st) => st
-                    .iter()
-                    .map(|(c, n, p)| p.len() - (*n).min(c.seq_len()))
-                    .max(),
+                Some(st) => st.iter().map(|s| s.2.len() - kept_tokens(s)).max(),
                 None => prompts.iter().map(Vec::len).max(),
             };
             let tokens = tokens.unwrap_or(0) * ids.len();
@@ -761,7 +744,7 @@ impl Batcher {
                 stopped
             };
             let pass = || {
-                guarded(|| match starts {
+                guarded(|| match &starts {
                     Some(starts) => continue_group(model, starts, room),
                     None => {
                         let (padded, m) = left_pad(&prompts, 0);
@@ -782,39 +765,37 @@ impl Batcher {
             if restart && stopped && r.is_err() {
                 // Back to the queue's front in their order, with the passes not run yet.
                 g.stats.restarted_passes += 1;
-                let ours = ids
-                    .iter()
-                    .copied()
-                    .zip(again)
-                    .map(|(id, (p, n))| (id, p, n, continued));
-                let later = jobs.flat_map(|(ids, prompts, starts)| match starts {
-                    Some(st) => ids
-                        .into_iter()
-                        .zip(st)
-                        .map(|(id, (c, n, p))| (id, p, n.min(c.seq_len()), true))
-                        .collect::<Vec<_>>(),
-                    None => ids
-                        .into_iter()
-                        .zip(prompts)
-                        .map(|(id, p)| (id, p, 0, false))
-                        .collect(),
-                });
-                let back: Vec<_> = ours.chain(later).collect();
-                let requeued = back.iter().map(|b| b.0).collect();
-                let st = &mut *g;
-                for (id, prompt, n, continued) in back.into_iter().rev() {
-                    let Some(s) = st.seqs.get_mut(&id) else {
+                let state = &mut *g;
+                let back = std::iter::once((ids, prompts, starts)).chain(jobs);
+                let back: Vec<(u64, Vec<u32>, Option<usize>)> = back
+                    .flat_map(|(ids, prompts, starts)| match starts {
+                        Some(starts) => ids
+                            .into_iter()
+                            .zip(starts)
+                            .map(|(id, s)| {
+                                let n = kept_tokens(&s);
+                                (id, s.2, Some(n))
+                            })
+                            .collect::<Vec<_>>(),
+                        None => ids
+                            .into_iter()
+                            .zip(prompts)
+                            .map(|(id, p)| (id, p, None))
+                            .collect(),
+                    })
+                    .collect();
+                for (id, prompt, kept) in back.into_iter().rev() {
+                    let Some(s) = state.seqs.get_mut(&id) else {
                         continue;
                     };
                     s.prompt = Some(prompt);
-                    if continued {
-                        st.stats.prefix_hits -= 1;
-                        st.stats.prefix_tokens -= n as u64;
+                    if let Some(n) = kept {
+                        state.stats.prefix_hits -= 1;
+                        state.stats.prefix_tokens -= n as u64;
                     }
-                    st.waiting.push_front(id);
+                    state.waiting.push_front(id);
                 }
-                drop(g);
-                return requeued;
+                return;
             }
             if restart {
                 self.wasted.store(0, Ordering::Relaxed);
@@ -827,7 +808,6 @@ impl Batcher {
             drop(g);
             self.wake.notify_all();
         }
-        Vec::new()
     }
 
     /// Prefill priority is in effect (see [`Admission`]): new prompts run between a decoding
@@ -1117,15 +1097,9 @@ impl Batcher {
         // first logits at once, and the groups' caches join the batch's after step 3.
         let mut joining: Vec<Joining> = Vec::new();
         let restart = rows.is_empty() && no_partials && self.prefill_first();
-        let requeued = self.run_prompts(model, fresh, continued, room, &mut joining, restart);
-        if !requeued.is_empty() {
-            let g = lock(&self.state);
-            used -= requeued
-                .iter()
-                .filter_map(|id| g.seqs.get(id))
-                .map(|s| s.reserve)
-                .sum::<usize>();
-        }
+        // (Prompts put back in the queue keep their shares in `used`: with no rows running,
+        // nothing below reads it.)
+        self.run_prompts(model, fresh, continued, room, &mut joining, restart);
 
         // 2b. The riders join the running rows (only their prefixes are copied); one whose
         // prefix cannot be appended runs its own pass like the other continued prompts.
@@ -1156,8 +1130,9 @@ impl Batcher {
             trace("ride", n_riders - alone.len(), t);
             for gr in prefill_groups(alone, chunk, |(_, p, _, n)| p.len() - n) {
                 let ids: Vec<u64> = gr.iter().map(|x| x.0).collect();
-                let starts = gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
-                let r = guarded(|| continue_group(model, starts, room));
+                let starts: Vec<ContinuedStart> =
+                    gr.into_iter().map(|(_, p, c, n)| (c, n, p)).collect();
+                let r = guarded(|| continue_group(model, &starts, room));
                 let mut g = lock(&self.state);
                 g.stats.prefill_passes += 1;
                 if !settle(&mut g, &ids, r, &mut joining) {
@@ -1334,11 +1309,15 @@ const RESTART_WORK: usize = 4;
 
 /// One prompt pass of [`Batcher::run_prompts`]: its sequences, and their prompts (fresh) or
 /// kept prefixes and prompts (continued).
-type Job = (
-    Vec<u64>,
-    Vec<Vec<u32>>,
-    Option<Vec<(Arc<KvCache>, usize, Vec<u32>)>>,
-);
+type Job = (Vec<u64>, Vec<Vec<u32>>, Option<Vec<ContinuedStart>>);
+
+/// A prompt that continues a kept prefix: its cache, the tokens of it to take, the prompt.
+type ContinuedStart = (Arc<KvCache>, usize, Vec<u32>);
+
+/// The kept prefix's tokens a continued prompt takes (at most what its cache holds).
+fn kept_tokens((c, n, _): &ContinuedStart) -> usize {
+    (*n).min(c.seq_len())
+}
 
 /// Most positions reserved ahead for a row joining the batch (see `room` in `step`).
 const MAX_ROOM: usize = 512;
@@ -1396,7 +1375,7 @@ type Joining = (Vec<u64>, KvCache, Vec<Vec<u8>>);
 /// prompt's last logits, the joined cache and the masks.
 fn continue_group(
     model: &dyn CausalLm,
-    group: Vec<(Arc<KvCache>, usize, Vec<u32>)>,
+    group: &[ContinuedStart],
     room: usize,
 ) -> Result<Prefilled> {
     if group.is_empty() {
@@ -1404,10 +1383,7 @@ fn continue_group(
     }
     let parts: Vec<(&KvCache, usize)> = group.iter().map(|(c, n, _)| (&**c, *n)).collect();
     let mut cache = KvCache::join(&parts, room)?;
-    let past: Vec<usize> = group
-        .iter()
-        .map(|(c, n, _)| (*n).min(c.seq_len()))
-        .collect();
+    let past: Vec<usize> = group.iter().map(kept_tokens).collect();
     let rests: Vec<Vec<u32>> = group
         .iter()
         .zip(&past)

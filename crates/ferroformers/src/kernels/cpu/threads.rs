@@ -19,7 +19,7 @@ thread_local! {
 /// computes instead of after it. Where a thread could not come back from the idle priority
 /// ([`idle_priority_available`]), and elsewhere than Linux, `f` runs as it is.
 pub fn at_idle_priority<R>(f: impl FnOnce() -> R) -> R {
-    if IDLE.with(|i| i.get()) || !idle_priority_available() || !set_idle(true) {
+    if idle_priority() || !idle_priority_available() || !set_idle(true) {
         return f();
     }
     /// Back to the normal priority when `f` is done, panicking or not.
@@ -54,7 +54,7 @@ pub fn idle_priority() -> bool {
 /// The calling thread to `SCHED_IDLE` (`idle`) or back to `SCHED_OTHER` (its nice value
 /// stays); whether it now runs so.
 fn set_idle(idle: bool) -> bool {
-    if IDLE.with(|i| i.get()) == idle {
+    if idle_priority() == idle {
         return true;
     }
     #[cfg(target_os = "linux")]
