@@ -484,7 +484,7 @@ impl Server {
             return Err("`serve` needs at least one --model".into());
         }
         if cfg.admission.idle_priority
-            && !ferroformers::kernels::cpu::threads::idle_priority_available()
+            && !ferroformers::generation::Admission::idle_priority_available()
         {
             return Err(
                 "--idle-priority: this process may not bring a thread back from the idle \

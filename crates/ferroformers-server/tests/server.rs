@@ -3038,7 +3038,7 @@ fn greedy_answers_equal_the_answers_alone(base: &str, prompts: &[String], max_to
 #[test]
 fn idle_priority_steps_answer_as_requests_alone() {
     let spec = ModelSpec::parse(&format!("{}=text-generation", decoder()));
-    if !ferroformers::kernels::cpu::threads::idle_priority_available() {
+    if !ferroformers::generation::Admission::idle_priority_available() {
         let cfg = Config {
             models: vec![spec],
             port: 0,

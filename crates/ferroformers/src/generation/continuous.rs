@@ -128,6 +128,12 @@ impl Default for Admission {
 }
 
 impl Admission {
+    /// Whether `idle_priority` can take effect here: a thread may go to the idle scheduling
+    /// priority and come back ([`crate::kernels::cpu::threads::idle_priority_available`]).
+    pub fn idle_priority_available() -> bool {
+        crate::kernels::cpu::threads::idle_priority_available()
+    }
+
     /// The fewest waiting requests that may join a batch of `running` sequences when none
     /// has joined for `idle_steps` steps (0: any number).
     pub fn min_joining(&self, running: usize, idle_steps: usize) -> usize {
