@@ -97,6 +97,14 @@ pub struct ServeArgs {
     #[arg(long, env, value_name = "BOOL",
           default_value_t = Config::default().admission.idle_priority, action = clap::ArgAction::Set)]
     idle_priority: bool,
+    /// Generation: how long an idle model's first request waits for the requests the server
+    /// has begun to read and tokenize meanwhile, so that a burst shares one prompt pass. It
+    /// waits only while such requests are on their way (a lone request does not wait); 0
+    /// never waits.
+    #[arg(long, env, value_name = "MS",
+          default_value_t = Config::default().admission.arrival_wait.as_secs_f64() * 1e3,
+          value_parser = arrival_wait_ms, allow_negative_numbers = true)]
+    arrival_wait_ms: f64,
     /// Generation: the most prompt tokens (padded) one prompt pass runs; a longer prompt runs
     /// in chunks of this many, one per decoding step, so running streams keep going and a
     /// client that leaves stops it within a chunk (TGI's flag; TGI's default is 4096).
@@ -181,6 +189,14 @@ fn ratio(v: &str) -> Result<f32, String> {
         .ok_or_else(|| format!("takes a number >= 0, not `{v}`"))
 }
 
+/// `--arrival-wait-ms`: milliseconds from 0 to 1000 (a wait that long would be a stall).
+fn arrival_wait_ms(v: &str) -> Result<f64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|ms| (0.0..=1000.0).contains(ms))
+        .ok_or_else(|| format!("takes milliseconds from 0 to 1000, not `{v}`"))
+}
+
 /// `--request-timeout`: seconds > 0.
 fn seconds(v: &str) -> Result<f64, String> {
     v.parse::<f64>()
@@ -240,6 +256,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
     cfg.admission.waiting_served_ratio = a.waiting_served_ratio;
     cfg.admission.prefill_priority = a.prefill_priority;
     cfg.admission.idle_priority = a.idle_priority;
+    cfg.admission.arrival_wait = std::time::Duration::from_secs_f64(a.arrival_wait_ms / 1e3);
     cfg.admission.prefix_cache_tokens = a.prefix_cache_tokens;
     cfg.admission.max_prefill_tokens =
         usize::try_from(a.max_batch_prefill_tokens).unwrap_or(usize::MAX);

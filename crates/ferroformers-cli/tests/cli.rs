@@ -257,6 +257,8 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         vec!["serve", "--model", &m, "--waiting-served-ratio", "-1"],
         vec!["serve", "--model", &m, "--max-waiting-tokens", "many"],
         vec!["serve", "--model", &m, "--max-batch-prefill-tokens", "0"],
+        vec!["serve", "--model", &m, "--arrival-wait-ms", "-1"],
+        vec!["serve", "--model", &m, "--arrival-wait-ms", "5000"],
     ] {
         let o = ff(&args);
         assert!(!o.status.success(), "{args:?} should fail");
@@ -274,6 +276,7 @@ fn errors_go_to_stderr_with_nonzero_exit() {
             "--waiting-served-ratio",
             "--max-waiting-tokens",
             "--max-batch-prefill-tokens",
+            "--arrival-wait-ms",
         ] {
             if args.contains(&flag) {
                 assert!(err.contains(flag), "{err}");

@@ -57,30 +57,32 @@ pub(crate) async fn generate_with_tokens(
     let _watch = ClientAlive(cancel.clone());
     let st = state.clone();
     let mut clock = TokenClock::new();
+    // An idle batch waits for it while its thread starts and tokenizes it.
+    let arrival = state.models[index].pipe.announce();
     tokio::task::spawn_blocking(move || {
         let mut tokens: Vec<TokenLog> = Vec::new();
         let mut cut = false;
-        let out =
-            st.models[index]
-                .pipe
-                .run_streaming_until(&input, &params, top, &cancel, &mut |t| {
-                    if t.tail {
-                        if let Some(last) = tokens.last_mut() {
-                            last.text.push_str(t.text);
-                        }
-                    } else {
-                        clock.token();
-                        tokens.push(TokenLog {
-                            id: t.id,
-                            text: t.text.to_string(),
-                            logprob: t.logprob,
-                            special: t.special,
-                            top: t.top.to_vec(),
-                        });
+        let pipe = &st.models[index].pipe;
+        let out = ferroformers::generation::arriving(arrival, || {
+            pipe.run_streaming_until(&input, &params, top, &cancel, &mut |t| {
+                if t.tail {
+                    if let Some(last) = tokens.last_mut() {
+                        last.text.push_str(t.text);
                     }
-                    cut = cut_short(&st);
-                    !cancel.is_cancelled() && !cut
-                });
+                } else {
+                    clock.token();
+                    tokens.push(TokenLog {
+                        id: t.id,
+                        text: t.text.to_string(),
+                        logprob: t.logprob,
+                        special: t.special,
+                        top: t.top.to_vec(),
+                    });
+                }
+                cut = cut_short(&st);
+                !cancel.is_cancelled() && !cut
+            })
+        });
         if cancel.is_cancelled() {
             st.cancelled.fetch_add(1, SeqCst);
         }

@@ -1231,6 +1231,10 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
             json!(state.admission.prefill_priority),
         );
         o.insert("idle_priority".into(), json!(state.admission.idle_priority));
+        o.insert(
+            "arrival_wait_ms".into(),
+            json!(state.admission.arrival_wait.as_secs_f64() * 1e3),
+        );
         o.insert("batch_invariant".into(), json!(state.batch_invariant));
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));

@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 11] = [
+    let gen: [GenSeries; 12] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -168,6 +168,13 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "prompt passes of an idle batch stopped early to run again with requests that \
              arrived during them",
             |s| s.restarted_passes,
+        ),
+        (
+            "ferroformers_generation_arrival_waits_total",
+            "counter",
+            "times an idle batch's first prompt waited for requests the server was still \
+             reading and tokenizing (--arrival-wait-ms)",
+            |s| s.arrival_waits,
         ),
     ];
     for (name, kind, help, get) in gen {

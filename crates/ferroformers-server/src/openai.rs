@@ -1057,7 +1057,15 @@ pub(crate) async fn openai_generate(
     // Streamed: each choice runs on a blocking thread and sends each piece of text as an event
     // carrying its `index`; the parameters were checked above, so errors from here on are
     // generation errors, sent as an event. The last choice to end sends the usage (asked for)
-    // and `[DONE]`.
+    // and `[DONE]`. Each choice is announced to the model's batch first, so that an idle batch
+    // waits for it while it is checked and tokenized.
+    let mut arrivals: Vec<_> = (0..inputs.len() * n)
+        .map(|_| {
+            (!echo_only)
+                .then(|| state.models[index].pipe.announce())
+                .flatten()
+        })
+        .collect();
     for input in inputs.iter().filter(|_| !echo_only) {
         check_stream(&state, index, input, &choice_params(&params, 0, n, base)).await?;
     }
@@ -1090,6 +1098,7 @@ pub(crate) async fn openai_generate(
         // Its `index`: the choices of several prompts count on, prompt by prompt.
         let i = p * n + c;
         let mut clock = TokenClock::new();
+        let arrival = arrivals[i].take();
         tokio::task::spawn_blocking(move || {
             let chunk = |choice: Value| {
                 json!({"id": id, "object": chunk_object, "created": created, "model": name,
@@ -1125,9 +1134,9 @@ pub(crate) async fn openai_generate(
                     },
                 ))
             } else {
-                st.models[index]
-                    .pipe
-                    .run_streaming_until(&input, &params, top, &stop, &mut |t| {
+                let pipe = &st.models[index].pipe;
+                ferroformers::generation::arriving(arrival, || {
+                    pipe.run_streaming_until(&input, &params, top, &stop, &mut |t| {
                         if !t.tail {
                             clock.token();
                         }
@@ -1163,6 +1172,7 @@ pub(crate) async fn openai_generate(
                         cut = cut_short(&st);
                         !gone && !cut
                     })
+                })
             };
             if stream_ended(&st, &clock, gone || stop.is_cancelled()) {
                 return;

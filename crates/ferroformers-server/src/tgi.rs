@@ -239,6 +239,8 @@ pub(crate) async fn tgi_stream(
     params: Params,
     opts: TgiOpts,
 ) -> Result<Response, ApiError> {
+    // An idle batch waits for it while it is checked and tokenized.
+    let arrival = state.models[index].pipe.announce();
     check_stream(state, index, &input, &params).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut clock = TokenClock::new();
@@ -251,12 +253,9 @@ pub(crate) async fn tgi_stream(
         let mut pending: Option<Value> = None;
         let mut n = 0usize;
         let (mut gone, mut cut) = (false, false);
-        let result = st.models[index].pipe.run_streaming_until(
-            &input,
-            &params,
-            opts.top_n,
-            &stop,
-            &mut |t| {
+        let pipe = &st.models[index].pipe;
+        let result = ferroformers::generation::arriving(arrival, || {
+            pipe.run_streaming_until(&input, &params, opts.top_n, &stop, &mut |t| {
                 if !t.tail {
                     clock.token();
                 }
@@ -284,8 +283,8 @@ pub(crate) async fn tgi_stream(
                 }));
                 cut = cut_short(&st);
                 !gone && !cut
-            },
-        );
+            })
+        });
         if stream_ended(&st, &clock, gone || stop.is_cancelled()) {
             return;
         }

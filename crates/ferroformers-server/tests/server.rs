@@ -3069,6 +3069,66 @@ fn idle_priority_steps_answer_as_requests_alone() {
     assert!(value("ferroformers_generation_restarted_prompt_passes_total") >= 0.0);
 }
 
+/// `--arrival-wait-ms`: every generation route announces its request to the batch and the
+/// request arrives when its prompt joins the queue (or when it fails first), so requests one
+/// at a time never wait for one another, nor for themselves: with a 3 s wait, a streamed and
+/// a plain chat, TGI's streamed and plain routes and a streamed chat refused by its checks
+/// each end at once, and `/metrics` counts no wait. Two streamed choices wait at most until
+/// the second arrives. Concurrent greedy requests get the answers they get alone.
+#[test]
+fn announced_requests_arrive_and_lone_ones_never_wait() {
+    let spec = ModelSpec::parse(&format!("{}=text-generation", decoder()));
+    let base = start_with(|c| {
+        c.models = vec![spec];
+        c.admission.arrival_wait = std::time::Duration::from_secs(3);
+        c.max_concurrent_requests = 64;
+    });
+    assert_eq!(get_info(&base)["arrival_wait_ms"], 3000.0);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                              "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let openai = format!("{base}/v1/chat/completions");
+    let t = std::time::Instant::now();
+    let chunks = sse_chunks(post_stream(&openai, chat(json!({"stream": true}))));
+    assert!(!chunk_texts(&chunks, "/choices/0/delta/content").is_empty());
+    let (status, body) = post_json(&openai, chat(json!({})));
+    assert_eq!(status, 200, "{body}");
+    let tgi = json!({"inputs": "Hello there", "parameters": {"max_new_tokens": 4}});
+    let (status, body) = post_json(&format!("{base}/generate"), tgi.clone());
+    assert_eq!(status, 200, "{body}");
+    let events = post_stream(&format!("{base}/generate_stream"), tgi)
+        .into_string()
+        .unwrap();
+    assert!(events.contains("\"generated_text\":\""), "{events}");
+    let (status, body) = post_json(&openai, chat(json!({"stream": true, "max_tokens": 100})));
+    assert_eq!(status, 422, "{body}");
+    let chunks = sse_chunks(post_stream(&openai, chat(json!({"stream": true}))));
+    assert!(!chunk_texts(&chunks, "/choices/0/delta/content").is_empty());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "a lone request waited for an announced one: {:?}",
+        t.elapsed()
+    );
+    let waits = || metrics_of(&base, "").1("ferroformers_generation_arrival_waits_total");
+    assert_eq!(waits(), 0.0);
+    // Two choices are two requests: the first may wait for the second, until it arrives.
+    let t = std::time::Instant::now();
+    let two = sse_chunks(post_stream(
+        &openai,
+        chat(json!({"stream": true, "n": 2, "temperature": 1.0, "seed": 3})),
+    ));
+    assert!(two.iter().any(|c| c["choices"][0]["index"] == 1), "{two:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(3));
+    assert!(waits() <= 1.0);
+    let prompts: Vec<String> = (0..6).map(|i| format!("Tale {i}: there was")).collect();
+    greedy_answers_equal_the_answers_alone(&base, &prompts, 8);
+}
+
 /// OpenAI's `stop`: the text ends before the first stop string (OpenAI and vLLM leave it out;
 /// TGI, like transformers, keeps it), streamed or not, and `finish_reason` is `stop`.
 #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use ferroformers::generation::{
-    Admission, Batcher, Cancel, GenerationConfig, Hooks, TextGenerator,
+    arriving, Admission, Batcher, Cancel, GenerationConfig, Hooks, TextGenerator,
 };
 use ferroformers::models::causal_lm::{CausalLm, KvCache};
 
@@ -1085,4 +1085,69 @@ fn an_empty_batchs_prompt_pass_restarts_with_requests_that_arrive_during_it() {
         );
         assert_eq!((st.running, st.waiting), (0, 0), "{name}: {st:?}");
     }
+}
+
+/// `Admission::arrival_wait`: the first prompt of an idle batch waits in the queue while
+/// announced requests are on their way, and the second one's arrival ends the wait: one
+/// prompt pass for both, each with its solo tokens, long before the wait's end. An
+/// announcement dropped, or whose generation returned without a prompt, leaves nothing to
+/// wait for; one that never arrives holds the first prompt up to the wait's end, no longer.
+#[test]
+fn an_idle_batch_waits_for_announced_requests() {
+    let (mut g, first, c) = prefix_setup("llama", 6);
+    let other = g.encode("Completely different words", true).unwrap();
+    let want_first = solo_tokens(&g, &first, &c);
+    let want_other = solo_tokens(&g, &other, &c);
+    let waiting_for = |wait: Duration| {
+        Batcher::with_admission(
+            100_000,
+            Admission {
+                arrival_wait: wait,
+                ..Admission::default()
+            },
+        )
+    };
+    g.batcher = Some(waiting_for(Duration::from_secs(20)));
+    let (gr, first, other, c) = (&g, &first, &other, &c);
+    let b = gr.batcher.as_ref().unwrap();
+    let (a1, a2) = (b.announce(), b.announce());
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let x = s.spawn(move || arriving(Some(a1), || solo_tokens(gr, first, c)));
+        wait_until(|| b.stats().waiting == 1);
+        std::thread::sleep(Duration::from_millis(100));
+        let st = b.stats();
+        assert_eq!(
+            (st.waiting, st.prefill_passes, st.arrival_waits),
+            (1, 0, 1),
+            "the first prompt did not wait: {st:?}"
+        );
+        let y = s.spawn(move || arriving(Some(a2), || solo_tokens(gr, other, c)));
+        assert_eq!(x.join().unwrap(), want_first);
+        assert_eq!(y.join().unwrap(), want_other);
+    });
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let st = b.stats();
+    assert_eq!(
+        (st.prefills, st.prefill_passes, st.restarted_passes),
+        (2, 1, 0),
+        "{st:?}"
+    );
+    drop(b.announce());
+    arriving(Some(b.announce()), || ());
+    assert_eq!(solo_tokens(gr, first, c), want_first);
+    assert_eq!(b.stats().arrival_waits, 1, "{:?}", b.stats());
+
+    g.batcher = Some(waiting_for(Duration::from_millis(300)));
+    let b = g.batcher.as_ref().unwrap();
+    let never = b.announce();
+    let t = Instant::now();
+    assert_eq!(solo_tokens(&g, other, c), want_other);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert_eq!(b.stats().arrival_waits, 1);
+    drop(never);
 }

@@ -21,7 +21,10 @@
 //!    more row; a cancelled request
 //!    waiting to join is dropped unrun; an empty batch's prompt pass that more requests join
 //!    the queue during, early in it, stops between two layers and runs again with them (a
-//!    burst of requests gets its first tokens from one pass);
+//!    burst of requests gets its first tokens from one pass); an empty batch's first prompt
+//!    waits a little ([`Admission::arrival_wait`]) for requests a server has announced
+//!    ([`Batcher::announce`]: it is reading, checking and tokenizing them) to reach the
+//!    queue, so that they share its pass;
 //!
 //!    2c. a prompt longer than `max_prefill_tokens` runs one chunk of that many tokens per
 //!    step (the oldest such prompt's), its keys and values kept between steps, so the running
@@ -49,6 +52,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::decoder::{check_position, forward_masked, left_pad, DecoderSession};
 use super::search::{Cancel, StepModel};
@@ -64,7 +68,9 @@ pub struct Batcher {
     /// The work of the prompt passes stopped to run again with new arrivals since one last
     /// ran whole (see `run_prompts`).
     wasted: AtomicUsize,
-    wake: Condvar,
+    /// Requests announced ([`Batcher::announce`]) that have not reached the queue yet.
+    coming: Arc<AtomicUsize>,
+    wake: Arc<Condvar>,
     max_total_tokens: usize,
     admission: Admission,
 }
@@ -100,6 +106,14 @@ pub struct Batcher {
 /// values, for later prompts that start the same way) hold together, and at most 256 MB; 0
 /// keeps none. Default 8192 (~190 MB for SmolLM2's f16 cache, ~100 MB for Qwen2.5-0.5B's).
 ///
+/// `arrival_wait`: how long the first waiting prompt of an empty batch may wait for the
+/// requests a server has announced ([`Batcher::announce`]: it has begun to read, check and
+/// tokenize them) to reach the queue, so that a burst of requests shares one prompt pass
+/// instead of the first one's pass running alone while it slows the others' way in (on 2
+/// cores it held a burst of 16 up by 1-2 ms at its slowest; BENCHMARKS.md, session 43). It
+/// waits only while announced requests are still on their way, and for none when nothing was
+/// announced (a lone request, the CLI, a library caller). Default 5 ms; zero never waits.
+///
 /// `idle_priority`: the batch's steps (its prompt passes and decoding steps) run at the idle
 /// scheduling priority ([`at_idle_priority`]), so the requests' threads that pick and stream
 /// tokens, and a server's network threads, take a core from them whenever they need one. Off
@@ -112,6 +126,7 @@ pub struct Admission {
     pub prefix_cache_tokens: usize,
     pub prefill_priority: bool,
     pub idle_priority: bool,
+    pub arrival_wait: Duration,
 }
 
 impl Default for Admission {
@@ -123,6 +138,7 @@ impl Default for Admission {
             prefix_cache_tokens: PREFIX_TOKENS,
             prefill_priority: true,
             idle_priority: false,
+            arrival_wait: ARRIVAL_WAIT,
         }
     }
 }
@@ -177,6 +193,9 @@ pub struct BatchStats {
     /// Prompt passes of an empty batch stopped early to run again with requests that
     /// arrived meanwhile.
     pub restarted_passes: u64,
+    /// Times an empty batch's first prompt waited for announced requests to arrive
+    /// ([`Admission::arrival_wait`]).
+    pub arrival_waits: u64,
 }
 
 #[derive(Default)]
@@ -201,6 +220,8 @@ struct State {
     partials: VecDeque<Partial>,
     /// A partial prompt is out of `partials` for its chunk.
     chunking: bool,
+    /// Until when an empty batch's first prompt waits for announced requests.
+    arrival_wait_until: Option<Instant>,
 }
 
 struct Seq {
@@ -551,7 +572,8 @@ impl Batcher {
             state: Mutex::new(State::default()),
             arrived: AtomicBool::new(false),
             wasted: AtomicUsize::new(0),
-            wake: Condvar::new(),
+            coming: Arc::new(AtomicUsize::new(0)),
+            wake: Arc::new(Condvar::new()),
             max_total_tokens: max_total_tokens.max(1),
             admission,
         }
@@ -643,6 +665,35 @@ impl Batcher {
             waiting: g.waiting.len(),
             ..g.stats
         }
+    }
+
+    /// A request for this batch is on its way: its caller (a server) has begun to read,
+    /// check and tokenize it. Until the request's prompt joins the queue (the first
+    /// generation that [`arriving`] runs with the returned [`Arrival`] on its thread), or the
+    /// `Arrival` is dropped, an empty batch's first prompt waits for it (at most
+    /// [`Admission::arrival_wait`]).
+    pub fn announce(&self) -> Arrival {
+        self.coming.fetch_add(1, Ordering::SeqCst);
+        Arrival(Some((Arc::clone(&self.coming), Arc::clone(&self.wake))))
+    }
+
+    /// How much longer the waiting prompts of an empty batch wait for announced requests
+    /// (`None`: run them now); the wait's end is set when it begins.
+    fn arrival_wait(&self, g: &mut State) -> Option<Duration> {
+        let wait = self.admission.arrival_wait;
+        if wait.is_zero()
+            || !g.rows.is_empty()
+            || !g.partials.is_empty()
+            || self.coming.load(Ordering::SeqCst) == 0
+        {
+            return None;
+        }
+        let now = Instant::now();
+        let until = *g.arrival_wait_until.get_or_insert_with(|| {
+            g.stats.arrival_waits += 1;
+            now + wait
+        });
+        until.checked_duration_since(now).filter(|d| !d.is_zero())
     }
 
     /// A session for one prompt that may grow to `reserve` tokens, to pass to
@@ -889,6 +940,16 @@ impl Batcher {
                 None => return Err(Error::param("inputs", "the sequence left the batch")),
             }
             if !g.busy && Self::ready(&g) {
+                if let Some(left) = self.arrival_wait(&mut g) {
+                    // The last announced request to arrive runs the step itself (below);
+                    // otherwise the wait ends here.
+                    g = match self.wake.wait_timeout(g, left) {
+                        Ok((g, _)) => g,
+                        Err(e) => e.into_inner().0,
+                    };
+                    continue;
+                }
+                g.arrival_wait_until = None;
                 g = if self.admission.idle_priority {
                     at_idle_priority(|| self.step(g, model))
                 } else {
@@ -1313,6 +1374,47 @@ const DROP_FRONT_SHARE: usize = 4;
 /// arrivals only while it has done less than the latter.
 const RESTART_WORK: usize = 4;
 
+/// [`Admission::arrival_wait`]'s default.
+const ARRIVAL_WAIT: Duration = Duration::from_millis(5);
+
+/// A request on its way to a batch ([`Batcher::announce`]); it has arrived when the prompt
+/// of a generation run by [`arriving`] with it joins a queue, or when it is dropped. The last
+/// one to arrive wakes the batch's waiting threads (one that arrives without joining the
+/// queue, a request that failed its checks, may miss a thread about to wait: that one waits
+/// to the end of its [`Admission::arrival_wait`]).
+#[derive(Debug)]
+pub struct Arrival(Option<(Arc<AtomicUsize>, Arc<Condvar>)>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        if let Some((coming, wake)) = self.0.take() {
+            if coming.fetch_sub(1, Ordering::SeqCst) == 1 {
+                wake.notify_all();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The announced request whose generation runs on this thread ([`arriving`]).
+    static ARRIVING: std::cell::RefCell<Option<Arrival>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` (a generation, or a pipeline call that runs one) with `arrival` arriving when the
+/// first prompt `f` puts in a batch's queue gets there, or when `f` returns.
+pub fn arriving<T>(arrival: Option<Arrival>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arrival>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // What is still there did not arrive: it ends now.
+            let before = self.0.take();
+            drop(ARRIVING.with(|a| std::mem::replace(&mut *a.borrow_mut(), before)));
+        }
+    }
+    let _restore = Restore(ARRIVING.with(|a| std::mem::replace(&mut *a.borrow_mut(), arrival)));
+    f()
+}
+
 /// One prompt pass of [`Batcher::run_prompts`]: its sequences, and their prompts (fresh) or
 /// kept prefixes and prompts (continued).
 type Job = (Vec<u64>, Vec<Vec<u32>>, Option<Vec<ContinuedStart>>);
@@ -1433,6 +1535,8 @@ impl StepModel for SharedSession<'_> {
                     }
                     self.started = true;
                     g.waiting.push_back(self.id);
+                    // This thread's announced request has arrived.
+                    drop(ARRIVING.with(|a| a.borrow_mut().take()));
                     self.batcher.arrived.store(true, Ordering::Release);
                 }
                 Some(t) => {

@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
-pub use continuous::{Admission, BatchStats, Batcher, Scored};
+pub use continuous::{arriving, Admission, Arrival, BatchStats, Batcher, Scored};
 pub use decoder::{left_pad, DecoderSession};
 pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel, TokenScore};
 pub use stream::TextStreamer;

@@ -354,6 +354,11 @@ pub(crate) trait Task: Send + Sync {
         None
     }
 
+    /// A request for continuous batching on its way (text generation with a batch).
+    fn announce(&self) -> Option<crate::generation::Arrival> {
+        None
+    }
+
     /// Batch-invariant arithmetic (text generation's models that have it).
     fn make_batch_invariant(&mut self) -> Result<()> {
         Err(Error::InvalidParameter {
@@ -491,6 +496,16 @@ impl Pipeline {
     /// What continuous batching has done so far (`None` when it is off).
     pub fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
         self.inner.batch_stats()
+    }
+
+    /// Text generation with continuous batching: a request is on its way (a server has begun
+    /// to read, check and tokenize it), so that an idle batch's first prompt waits a little for
+    /// it ([`crate::generation::Admission::arrival_wait`]) instead of running alone while it
+    /// comes. It has arrived when a generation run inside
+    /// [`arriving`](crate::generation::arriving) with it puts its prompt in the queue, or when
+    /// the `Arrival` is dropped. `None` for other tasks and without a batch.
+    pub fn announce(&self) -> Option<crate::generation::Arrival> {
+        self.inner.announce()
     }
 
     /// The tokenizer a text-generation pipeline reads and writes text with (a GGUF file's

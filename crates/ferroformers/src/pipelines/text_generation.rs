@@ -538,6 +538,10 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.stats())
     }
 
+    fn announce(&self) -> Option<crate::generation::Arrival> {
+        self.generator.batcher.as_ref().map(|b| b.announce())
+    }
+
     fn make_batch_invariant(&mut self) -> Result<()> {
         self.generator
             .model
