@@ -255,9 +255,16 @@ def main():
         for base, proc, _, probe in servers.values():
             wait_ready(base + probe, proc)
         mem = {name: {"ready": memory_mb(s[1].pid)[0]} for name, s in servers.items()}
-        for name, (base, _, model, _) in servers.items():
-            load(base + "/v1/chat/completions", model, 2, 2, 8)
         conc = [int(c) for c in a.concurrency.split(",")]
+        # Warm-up, every server alike: one request per client at each concurrency measured,
+        # as long as the longest measured one. A server's first burst at a new concurrency
+        # and length pays one-time costs (ours: the pages of 16 rows' keys and values, a
+        # 16-row prompt pass of ~23 ms instead of ~11), which otherwise land in the first
+        # repetition's p99.
+        longest = int(a.spread.split("-")[1]) if a.spread else a.tokens
+        for name, (base, _, model, _) in servers.items():
+            for c in [2] + conc:
+                load(base + "/v1/chat/completions", model, c, c, longest)
         for rep in range(a.reps):
             order = list(servers) if rep % 2 == 0 else list(reversed(servers))
             for c in conc:
