@@ -398,7 +398,7 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         // Only GGUF files have it (others would warn that it is ignored).
         gguf_math: o
             .gguf_math
-            .filter(|_| ferroformers::generation::gguf_file(&dir).is_some()),
+            .filter(|_| ferroformers::pipelines::registry::is_gguf(&dir)),
         ..PipelineOptions::default()
     };
     // On a GPU: the checkpoint's dtype unless `--dtype` says, batches of 32 (as `run`).

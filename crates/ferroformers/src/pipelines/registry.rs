@@ -193,6 +193,12 @@ pub fn build(task: &str, opts: &PipelineOptions) -> Result<Pipeline> {
     Ok(Pipeline::new(info.name, opts.batch_size, inner))
 }
 
+/// Whether the model at `path` is a GGUF file (the file itself, or the only one in a folder
+/// without config.json): the models `PipelineOptions::gguf_math` applies to.
+pub fn is_gguf(path: &std::path::Path) -> bool {
+    crate::generation::gguf_file(path).is_some()
+}
+
 /// The task a model folder was made for: its config's `architectures`, a sentence-transformers
 /// folder, a GGUF file.
 pub fn infer_task(dir: &std::path::Path) -> Option<&'static str> {
