@@ -3073,8 +3073,9 @@ fn idle_priority_steps_answer_as_requests_alone() {
 /// request arrives when its prompt joins the queue (or when it fails first), so requests one
 /// at a time never wait for one another, nor for themselves: with a 3 s wait, a streamed and
 /// a plain chat, TGI's streamed and plain routes and a streamed chat refused by its checks
-/// each end at once, and `/metrics` counts no wait. Two streamed choices wait at most until
-/// the second arrives. Concurrent greedy requests get the answers they get alone.
+/// each end at once, and `/metrics` counts no wait. A streamed request refused for one of its
+/// prompts is refused whole, before any event. Two streamed choices wait at most until the
+/// second arrives. Concurrent greedy requests get the answers they get alone.
 #[test]
 fn announced_requests_arrive_and_lone_ones_never_wait() {
     let spec = ModelSpec::parse(&format!("{}=text-generation", decoder()));
@@ -3116,6 +3117,21 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
     );
     let waits = || metrics_of(&base, "").1("ferroformers_generation_arrival_waits_total");
     assert_eq!(waits(), 0.0);
+    // One prompt of two refused (past the 64-token context): 422 before any event, nothing
+    // counted as a cancelled stream, and both announcements end (the first prompt's may wait
+    // for the second's until it is refused).
+    let (status, body) = post_json(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": ["Hello", "word ".repeat(60)], "max_tokens": 20, "stream": true}),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(waits() <= 1.0);
+    let (metrics, value) = metrics_of(&base, "");
+    assert_eq!(
+        value("ferroformers_generations_cancelled_total"),
+        0.0,
+        "{metrics}"
+    );
     // Two choices are two requests: the first may wait for the second, until it arrives.
     let t = std::time::Instant::now();
     let two = sse_chunks(post_stream(
@@ -3124,7 +3140,7 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
     ));
     assert!(two.iter().any(|c| c["choices"][0]["index"] == 1), "{two:?}");
     assert!(t.elapsed() < std::time::Duration::from_secs(3));
-    assert!(waits() <= 1.0);
+    assert!(waits() <= 2.0);
     let prompts: Vec<String> = (0..6).map(|i| format!("Tale {i}: there was")).collect();
     greedy_answers_equal_the_answers_alone(&base, &prompts, 8);
 }
