@@ -1140,10 +1140,19 @@ async fn run(
         return b.run(inputs, params).await;
     }
     let state = state.clone();
-    tokio::task::spawn_blocking(move || state.models[index].pipe.run(&inputs, &params))
-        .await
-        .map_err(ApiError::backend)?
-        .map_err(ApiError::from)
+    // A generation of one prompt joins its model's continuous batch: announced, so that an
+    // idle batch waits for it while it is tokenized.
+    let arrival = (inputs.len() == 1)
+        .then(|| state.models[index].pipe.announce())
+        .flatten();
+    tokio::task::spawn_blocking(move || {
+        ferroformers::generation::arriving(arrival, || {
+            state.models[index].pipe.run(&inputs, &params)
+        })
+    })
+    .await
+    .map_err(ApiError::backend)?
+    .map_err(ApiError::from)
 }
 
 /// A pipeline's outputs as JSON: the list for a list of inputs, else the one output.

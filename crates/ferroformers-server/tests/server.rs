@@ -3072,8 +3072,8 @@ fn idle_priority_steps_answer_as_requests_alone() {
 /// `--arrival-wait-ms`: every generation route announces its request to the batch and the
 /// request arrives when its prompt joins the queue (or when it fails first), so requests one
 /// at a time never wait for one another, nor for themselves: with a 3 s wait, a streamed and
-/// a plain chat, TGI's streamed and plain routes and a streamed chat refused by its checks
-/// each end at once, and `/metrics` counts no wait. A streamed request refused for one of its
+/// a plain chat, TGI's streamed and plain routes, the Inference API's route (greedy, and beam
+/// search outside the batch) and a streamed chat refused by its checks each end at once, and `/metrics` counts no wait. A streamed request refused for one of its
 /// prompts is refused whole, before any event. Two streamed choices wait at most until the
 /// second arrives. Concurrent greedy requests get the answers they get alone.
 #[test]
@@ -3106,6 +3106,20 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
         .into_string()
         .unwrap();
     assert!(events.contains("\"generated_text\":\""), "{events}");
+    // The Inference API's route with a chat (a pipeline call): one through the batch, and one
+    // by beam search (outside it). (Its text prompts take TGI's way, above.)
+    for extra in [json!({}), json!({"num_beams": 2, "do_sample": false})] {
+        let mut parameters = json!({"max_new_tokens": 4});
+        parameters
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, body) = post_json(
+            &format!("{base}/"),
+            json!({"inputs": [{"role": "user", "content": "hi"}], "parameters": parameters}),
+        );
+        assert_eq!(status, 200, "{extra}: {body}");
+    }
     let (status, body) = post_json(&openai, chat(json!({"stream": true, "max_tokens": 100})));
     assert_eq!(status, 422, "{body}");
     let chunks = sse_chunks(post_stream(&openai, chat(json!({"stream": true}))));

@@ -1400,6 +1400,12 @@ thread_local! {
     static ARRIVING: std::cell::RefCell<Option<Arrival>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The announced request whose generation runs on this thread ([`arriving`]) has arrived:
+/// its prompt has joined a queue, or it runs outside the batch (beam search).
+pub(super) fn arrived_here() {
+    drop(ARRIVING.with(|a| a.borrow_mut().take()));
+}
+
 /// Run `f` (a generation, or a pipeline call that runs one) with `arrival` arriving when the
 /// first prompt `f` puts in a batch's queue gets there, or when `f` returns.
 pub fn arriving<T>(arrival: Option<Arrival>, f: impl FnOnce() -> T) -> T {
@@ -1535,8 +1541,7 @@ impl StepModel for SharedSession<'_> {
                     }
                     self.started = true;
                     g.waiting.push_back(self.id);
-                    // This thread's announced request has arrived.
-                    drop(ARRIVING.with(|a| a.borrow_mut().take()));
+                    arrived_here();
                     self.batcher.arrived.store(true, Ordering::Release);
                 }
                 Some(t) => {

@@ -363,7 +363,11 @@ impl TextGenerator {
     ) -> Result<Generated> {
         let batcher = match &self.batcher {
             Some(b) if cfg.num_beams == 1 && cfg.num_return_sequences == 1 => b,
-            _ => return self.generate_ids(&[prompt.to_vec()], cfg, hooks),
+            _ => {
+                // An announced request that runs outside the batch is no longer on its way.
+                continuous::arrived_here();
+                return self.generate_ids(&[prompt.to_vec()], cfg, hooks);
+            }
         };
         self.check_prompt_length(prompt.len())?;
         let reserve = cfg.max_total_length(prompt.len());
