@@ -1091,7 +1091,8 @@ fn an_empty_batchs_prompt_pass_restarts_with_requests_that_arrive_during_it() {
 /// announced requests are on their way, and the second one's arrival ends the wait: one
 /// prompt pass for both, each with its solo tokens, long before the wait's end. An
 /// announcement dropped, or whose generation returned without a prompt, leaves nothing to
-/// wait for; one that never arrives holds the first prompt up to the wait's end, no longer.
+/// wait for; one that never arrives holds the first prompt up to the wait's end, no longer;
+/// one run by beam search (outside the batch) has arrived once it runs.
 #[test]
 fn an_idle_batch_waits_for_announced_requests() {
     let (mut g, first, c) = prefix_setup("llama", 6);
@@ -1149,5 +1150,28 @@ fn an_idle_batch_waits_for_announced_requests() {
         "{took:?}"
     );
     assert_eq!(b.stats().arrival_waits, 1);
+    assert_eq!(b.stats().announced, 1);
     drop(never);
+    assert_eq!(b.stats().announced, 0);
+
+    // A request announced and then run by beam search, outside the batch, has arrived while
+    // it runs (its first forward pass is held here to look).
+    let phase = Arc::new(AtomicU8::new(1));
+    g.model = Box::new(Held {
+        inner: load("llama").model,
+        phase: phase.clone(),
+        until: None,
+    });
+    let mut beams = c.clone();
+    beams.num_beams = 2;
+    let (gr, beams) = (&g, &beams);
+    let b = gr.batcher.as_ref().unwrap();
+    std::thread::scope(|s| {
+        let a = b.announce();
+        let x = s.spawn(move || arriving(Some(a), || solo_tokens(gr, other, beams)));
+        wait_until(|| phase.load(Ordering::SeqCst) == 2);
+        assert_eq!(b.stats().announced, 0, "{:?}", b.stats());
+        phase.store(3, Ordering::SeqCst);
+        assert_eq!(x.join().unwrap().len(), 6);
+    });
 }

@@ -196,6 +196,8 @@ pub struct BatchStats {
     /// Times an empty batch's first prompt waited for announced requests to arrive
     /// ([`Admission::arrival_wait`]).
     pub arrival_waits: u64,
+    /// Requests announced ([`Batcher::announce`]) that have not arrived yet.
+    pub announced: usize,
 }
 
 #[derive(Default)]
@@ -663,6 +665,7 @@ impl Batcher {
         BatchStats {
             running: g.rows.len() + g.in_flight + g.partials.len() + usize::from(g.chunking),
             waiting: g.waiting.len(),
+            announced: self.coming.load(Ordering::SeqCst),
             ..g.stats
         }
     }
