@@ -1153,6 +1153,13 @@ fn an_idle_batch_waits_for_announced_requests() {
     assert_eq!(b.stats().announced, 1);
     drop(never);
     assert_eq!(b.stats().announced, 0);
+    // A wait no Instant can hold: the prompt runs at once.
+    g.batcher = Some(waiting_for(Duration::MAX));
+    let b = g.batcher.as_ref().unwrap();
+    let pending = b.announce();
+    assert_eq!(solo_tokens(&g, other, c), want_other);
+    assert_eq!(b.stats().arrival_waits, 0);
+    drop(pending);
 
     // A request announced and then run by beam search, outside the batch, has arrived while
     // it runs (its first forward pass is held here to look).

@@ -692,9 +692,11 @@ impl Batcher {
             return None;
         }
         let now = Instant::now();
+        // (A wait past what an Instant can hold is no wait, not a panic.)
+        let end = now.checked_add(wait)?;
         let until = *g.arrival_wait_until.get_or_insert_with(|| {
             g.stats.arrival_waits += 1;
-            now + wait
+            end
         });
         until.checked_duration_since(now).filter(|d| !d.is_zero())
     }
