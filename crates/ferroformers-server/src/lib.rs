@@ -1140,11 +1140,10 @@ async fn run(
         return b.run(inputs, params).await;
     }
     let state = state.clone();
-    // A generation of one prompt joins its model's continuous batch: announced, so that an
+    // A generation joins its model's continuous batch (several prompts: the first, then the
+    // next when it is done, or a batch of their own with `batch_size`): announced, so that an
     // idle batch waits for it while it is tokenized.
-    let arrival = (inputs.len() == 1)
-        .then(|| state.models[index].pipe.announce())
-        .flatten();
+    let arrival = state.models[index].pipe.announce();
     tokio::task::spawn_blocking(move || {
         ferroformers::generation::arriving(arrival, || {
             state.models[index].pipe.run(&inputs, &params)

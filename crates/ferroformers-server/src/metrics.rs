@@ -101,7 +101,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &'static str,
         fn(&ferroformers::generation::BatchStats) -> u64,
     );
-    let gen: [GenSeries; 12] = [
+    let gen: [GenSeries; 13] = [
         (
             "ferroformers_generation_batch_current_size",
             "gauge",
@@ -175,6 +175,13 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "times an idle batch's first prompt waited for requests the server was still \
              reading and tokenizing (--arrival-wait-ms)",
             |s| s.arrival_waits,
+        ),
+        (
+            "ferroformers_generation_announced_requests_total",
+            "counter",
+            "generation requests announced to the continuous batch as they came in (each an \
+             idle batch may wait for)",
+            |s| s.announcements,
         ),
     ];
     for (name, kind, help, get) in gen {

@@ -3094,36 +3094,55 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
         body
     };
     let openai = format!("{base}/v1/chat/completions");
+    // Every route announces each generation it runs, once per prompt or choice.
+    let announced = || metrics_of(&base, "").1("ferroformers_generation_announced_requests_total");
+    let mut seen = 0.0;
+    let mut announced_since = |n: f64, what: &str| {
+        let now = announced();
+        assert_eq!(now - seen, n, "announcements by {what}");
+        seen = now;
+    };
     let t = std::time::Instant::now();
     let chunks = sse_chunks(post_stream(&openai, chat(json!({"stream": true}))));
     assert!(!chunk_texts(&chunks, "/choices/0/delta/content").is_empty());
+    announced_since(1.0, "a streamed chat");
     let (status, body) = post_json(&openai, chat(json!({})));
     assert_eq!(status, 200, "{body}");
+    announced_since(1.0, "a chat");
     let tgi = json!({"inputs": "Hello there", "parameters": {"max_new_tokens": 4}});
     let (status, body) = post_json(&format!("{base}/generate"), tgi.clone());
     assert_eq!(status, 200, "{body}");
+    announced_since(1.0, "TGI's /generate");
     let events = post_stream(&format!("{base}/generate_stream"), tgi)
         .into_string()
         .unwrap();
     assert!(events.contains("\"generated_text\":\""), "{events}");
+    announced_since(1.0, "TGI's /generate_stream");
     // The Inference API's route with a chat (a pipeline call): one through the batch, and one
     // by beam search (outside it). (Its text prompts take TGI's way, above.)
-    for extra in [json!({}), json!({"num_beams": 2, "do_sample": false})] {
+    // `inputs` with `extra` parameters on the Inference API's route.
+    let inference = |inputs: Value, extra: &Value| {
         let mut parameters = json!({"max_new_tokens": 4});
         parameters
             .as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        let (status, body) = post_json(
+        post_json(
             &format!("{base}/"),
-            json!({"inputs": [{"role": "user", "content": "hi"}], "parameters": parameters}),
-        );
+            json!({"inputs": inputs, "parameters": parameters}),
+        )
+    };
+    for extra in [json!({}), json!({"num_beams": 2, "do_sample": false})] {
+        let (status, body) = inference(json!([{"role": "user", "content": "hi"}]), &extra);
         assert_eq!(status, 200, "{extra}: {body}");
+        announced_since(1.0, "the Inference API's chat");
     }
     let (status, body) = post_json(&openai, chat(json!({"stream": true, "max_tokens": 100})));
     assert_eq!(status, 422, "{body}");
+    announced_since(1.0, "a refused streamed chat");
     let chunks = sse_chunks(post_stream(&openai, chat(json!({"stream": true}))));
     assert!(!chunk_texts(&chunks, "/choices/0/delta/content").is_empty());
+    announced_since(1.0, "a streamed chat");
     assert!(
         t.elapsed() < std::time::Duration::from_secs(3),
         "a lone request waited for an announced one: {:?}",
@@ -3140,6 +3159,7 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
     );
     assert_eq!(status, 422, "{body}");
     assert!(waits() <= 1.0);
+    announced_since(2.0, "a streamed completion of two prompts");
     let (metrics, value) = metrics_of(&base, "");
     assert_eq!(
         value("ferroformers_generations_cancelled_total"),
@@ -3155,6 +3175,28 @@ fn announced_requests_arrive_and_lone_ones_never_wait() {
     assert!(two.iter().any(|c| c["choices"][0]["index"] == 1), "{two:?}");
     assert!(t.elapsed() < std::time::Duration::from_secs(3));
     assert!(waits() <= 2.0);
+    announced_since(2.0, "a streamed chat of two choices");
+    // Several prompts in one request: each is announced (the first may wait for the second);
+    // the Inference API's, a pipeline call, once for the call (its prompts run one after
+    // another through the batch, or in parallel, or with `batch_size` in a batch of their own).
+    let t = std::time::Instant::now();
+    let (status, body) = post_json(
+        &format!("{base}/v1/completions"),
+        json!({"prompt": ["Hello", "Hi"], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    announced_since(2.0, "a completion of two prompts");
+    for extra in [json!({}), json!({"batch_size": 2})] {
+        let (status, body) = inference(json!(["Hello", "Hi there"]), &extra);
+        assert_eq!(status, 200, "{extra}: {body}");
+        announced_since(1.0, "the Inference API's two prompts");
+    }
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "an announcement outlived its arrival: {:?}",
+        t.elapsed()
+    );
+    assert!(waits() <= 5.0);
     let prompts: Vec<String> = (0..6).map(|i| format!("Tale {i}: there was")).collect();
     greedy_answers_equal_the_answers_alone(&base, &prompts, 8);
 }

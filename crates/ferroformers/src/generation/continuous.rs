@@ -50,7 +50,7 @@
 //! products over more rows (the padding is masked to exact zeros).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub struct Batcher {
     wasted: AtomicUsize,
     /// Requests announced ([`Batcher::announce`]) that have not reached the queue yet.
     coming: Arc<AtomicUsize>,
+    /// Requests announced so far.
+    announcements: AtomicU64,
     wake: Arc<Condvar>,
     max_total_tokens: usize,
     admission: Admission,
@@ -198,6 +200,8 @@ pub struct BatchStats {
     pub arrival_waits: u64,
     /// Requests announced ([`Batcher::announce`]) that have not arrived yet.
     pub announced: usize,
+    /// Requests announced so far, arrived or not.
+    pub announcements: u64,
 }
 
 #[derive(Default)]
@@ -575,6 +579,7 @@ impl Batcher {
             arrived: AtomicBool::new(false),
             wasted: AtomicUsize::new(0),
             coming: Arc::new(AtomicUsize::new(0)),
+            announcements: AtomicU64::new(0),
             wake: Arc::new(Condvar::new()),
             max_total_tokens: max_total_tokens.max(1),
             admission,
@@ -666,6 +671,7 @@ impl Batcher {
             running: g.rows.len() + g.in_flight + g.partials.len() + usize::from(g.chunking),
             waiting: g.waiting.len(),
             announced: self.coming.load(Ordering::SeqCst),
+            announcements: self.announcements.load(Ordering::Relaxed),
             ..g.stats
         }
     }
@@ -677,6 +683,7 @@ impl Batcher {
     /// [`Admission::arrival_wait`]).
     pub fn announce(&self) -> Arrival {
         self.coming.fetch_add(1, Ordering::SeqCst);
+        self.announcements.fetch_add(1, Ordering::Relaxed);
         Arrival(Some((Arc::clone(&self.coming), Arc::clone(&self.wake))))
     }
 
@@ -1409,6 +1416,12 @@ thread_local! {
 /// its prompt has joined a queue, or it runs outside the batch (beam search).
 pub(super) fn arrived_here() {
     drop(ARRIVING.with(|a| a.borrow_mut().take()));
+}
+
+/// The announced request whose generation runs on this thread ([`arriving`]), taken off it: a
+/// pipeline call that runs its prompts on other threads hands it on to one of them.
+pub(crate) fn take_arriving() -> Option<Arrival> {
+    ARRIVING.with(|a| a.borrow_mut().take())
 }
 
 /// Run `f` (a generation, or a pipeline call that runs one) with `arrival` arriving when the

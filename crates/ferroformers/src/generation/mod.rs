@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{EarlyStopping, GenerationConfig};
+pub(crate) use continuous::take_arriving;
 pub use continuous::{arriving, Admission, Arrival, BatchStats, Batcher, Scored};
 pub use decoder::{left_pad, DecoderSession};
 pub use search::{abandoned_when, generate, Cancel, Generated, Hooks, StepModel, TokenScore};
@@ -348,6 +349,9 @@ impl TextGenerator {
         cfg: &GenerationConfig,
         hooks: &mut Hooks,
     ) -> Result<Generated> {
+        // An announced request that runs outside the shared batch (beam search, several
+        // prompts in one batch of their own) is no longer on its way to it.
+        continuous::arrived_here();
         let mut session = DecoderSession::new(self.model.as_ref(), rows.clone(), mask)?;
         session.screen_if_greedy(cfg, hooks);
         generate(&mut session, &rows, cfg, hooks)
@@ -363,11 +367,7 @@ impl TextGenerator {
     ) -> Result<Generated> {
         let batcher = match &self.batcher {
             Some(b) if cfg.num_beams == 1 && cfg.num_return_sequences == 1 => b,
-            _ => {
-                // An announced request that runs outside the batch is no longer on its way.
-                continuous::arrived_here();
-                return self.generate_ids(&[prompt.to_vec()], cfg, hooks);
-            }
+            _ => return self.generate_ids(&[prompt.to_vec()], cfg, hooks),
         };
         self.check_prompt_length(prompt.len())?;
         let reserve = cfg.max_total_length(prompt.len());
@@ -405,6 +405,8 @@ impl TextGenerator {
             return Err(Error::param("inputs", "the prompt is empty"));
         }
         self.check_prompt_length(ids.len())?;
+        // Scoring runs outside the shared batch: an announced request doing so has arrived.
+        continuous::arrived_here();
         let model = self.model.as_ref();
         // Position i's logits score token i + 1: the last position's are not needed.
         let need = ids.len() - 1;

@@ -631,17 +631,21 @@ impl Task for TextGeneration {
         let decode = |ids: &[u32]| self.generator.decode(ids, false, false).unwrap_or_default();
         let mut outs = Vec::with_capacity(inputs.len());
         let mut start = 0;
+        // A server's announcement of this call ([`crate::generation::arriving`]) goes with the
+        // first batch of prompts to start, on whichever thread runs it.
+        let arrival = std::sync::Mutex::new(crate::generation::take_arriving());
         let compute = |chunk: &[Vec<u32>]| {
             let mut hooks = Hooks {
                 decode: Some(&decode),
                 ..Hooks::default()
             };
-            match chunk {
+            let mine = arrival.lock().ok().and_then(|mut a| a.take());
+            crate::generation::arriving(mine, || match chunk {
                 // One prompt joins the shared batch when continuous batching is on (other
                 // threads' calls generating at the same time).
                 [one] => self.generator.generate_one(one, &cfg, &mut hooks),
                 _ => self.generator.generate_ids(chunk, &cfg, &mut hooks),
-            }
+            })
         };
         let cpu = self.generator.model.device().is_cpu();
         super::for_each_batch(&prompts, batch_size, cpu, compute, |chunk, gen| {
