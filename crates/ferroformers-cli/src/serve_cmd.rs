@@ -175,10 +175,26 @@ pub struct ServeArgs {
     /// Generation: batch-invariant arithmetic, so that a request's tokens are the ones it gets
     /// alone, bit for bit, whatever else runs beside it (other requests' rows, its prompt's
     /// chunks, a kept prefix). GGUF models of the Llama family in the int8 mode on CPUs with
-    /// AVX-512 VNNI; a model without it fails to load, saying why. Costs decoding speed on
-    /// 5-, 6- and 8-bit block types and memory for the kept int8 panels.
-    #[arg(long, env, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
-    batch_invariant: bool,
+    /// AVX-512 VNNI have it. true: a model without it fails to load, saying why; auto (the
+    /// default): on where it costs no speed (every matrix Q4_0, Q4_1, Q4_K or Q8_0, as
+    /// SmolLM2's Q4_1 file), off where it would (5- and 6-bit matrices, as Qwen2.5's Q4_K_M).
+    #[arg(long, env, value_name = "auto|true|false", default_value = "auto",
+          value_parser = auto_bool)]
+    batch_invariant: AutoBool,
+}
+
+/// A flag that is `auto` (`None`), `true` or `false`.
+#[derive(Clone, Copy, Debug)]
+struct AutoBool(Option<bool>);
+
+/// `--batch-invariant`'s values.
+fn auto_bool(v: &str) -> Result<AutoBool, String> {
+    match v {
+        "auto" => Ok(AutoBool(None)),
+        "true" => Ok(AutoBool(Some(true))),
+        "false" => Ok(AutoBool(Some(false))),
+        _ => Err(format!("`{v}` is not auto, true or false")),
+    }
 }
 
 /// `--waiting-served-ratio`: a finite number >= 0.
@@ -246,7 +262,7 @@ pub fn serve(a: ServeArgs) -> Result<(), String> {
         device,
         dtype: a.dtype,
         gguf_math: a.gguf_math,
-        batch_invariant: a.batch_invariant,
+        batch_invariant: a.batch_invariant.0,
         idle_release_after: (a.release_memory_after > 0.0)
             .then(|| std::time::Duration::from_secs_f64(a.release_memory_after)),
         on_idle: Some(crate::give_back_freed_memory),

@@ -259,6 +259,7 @@ fn errors_go_to_stderr_with_nonzero_exit() {
         vec!["serve", "--model", &m, "--max-batch-prefill-tokens", "0"],
         vec!["serve", "--model", &m, "--arrival-wait-ms", "-1"],
         vec!["serve", "--model", &m, "--arrival-wait-ms", "5000"],
+        vec!["serve", "--model", &m, "--batch-invariant", "maybe"],
     ] {
         let o = ff(&args);
         assert!(!o.status.success(), "{args:?} should fail");
@@ -277,6 +278,7 @@ fn errors_go_to_stderr_with_nonzero_exit() {
             "--max-waiting-tokens",
             "--max-batch-prefill-tokens",
             "--arrival-wait-ms",
+            "--batch-invariant",
         ] {
             if args.contains(&flag) {
                 assert!(err.contains(flag), "{err}");

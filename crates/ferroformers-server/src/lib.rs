@@ -152,10 +152,12 @@ pub struct Config {
     pub gguf_math: Option<ferroformers::QuantMath>,
     /// Text generation models run batch-invariant arithmetic
     /// ([`ferroformers::Pipeline::make_batch_invariant`]): a request's tokens are the ones it
-    /// gets alone, whatever else the server is running. Loading fails, naming the reason, for
-    /// a generation model without it. Default off (it costs decoding speed on some block
-    /// types).
-    pub batch_invariant: bool,
+    /// gets alone, whatever else the server is running. `Some(true)`: loading fails, naming
+    /// the reason, for a generation model without it; `Some(false)`: never; `None` (the
+    /// default): where it costs nothing
+    /// ([`ferroformers::Pipeline::batch_invariance_costs_nothing`]: GGUF files whose matrices
+    /// are all Q4_0, Q4_1, Q4_K or Q8_0), not where it costs decoding speed.
+    pub batch_invariant: Option<bool>,
     /// How long the server must be idle (no request in flight, none admitted) before it gives
     /// memory back: it drops the key/value buffers it keeps for rows that join a batch, then
     /// calls `on_idle`, once per idle spell. `None`: never. Default 30 s: the first requests
@@ -195,7 +197,7 @@ impl Default for Config {
             device: ferroformers::Device::Cpu,
             dtype: None,
             gguf_math: None,
-            batch_invariant: false,
+            batch_invariant: None,
             idle_release_after: Some(std::time::Duration::from_secs(30)),
             on_idle: None,
         }
@@ -221,6 +223,8 @@ struct Served {
     dtype: ferroformers::DType,
     /// Whether it runs on a GPU (`/info`'s `model_device_type`).
     cuda: bool,
+    /// Text generation: whether its arithmetic is batch-invariant (`/info`).
+    batch_invariant: bool,
     /// Embedding models: the size of their embeddings, once one has been computed (a request
     /// asking another `dimensions` is then refused before any work).
     embedding_size: std::sync::OnceLock<usize>,
@@ -258,8 +262,6 @@ struct AppState {
     /// Continuous batching's limits, reported by `/info` as TGI does.
     max_batch_total_tokens: usize,
     admission: ferroformers::generation::Admission,
-    /// `--batch-invariant`, reported by `/info`.
-    batch_invariant: bool,
     request_timeout: Option<std::time::Duration>,
     /// One `tracing` event per request (not with `--quiet`).
     log_requests: bool,
@@ -375,7 +377,7 @@ struct LoadOpts {
     device: ferroformers::Device,
     dtype: Option<ferroformers::DType>,
     gguf_math: Option<ferroformers::QuantMath>,
-    batch_invariant: bool,
+    batch_invariant: Option<bool>,
 }
 
 fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
@@ -412,10 +414,17 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     if o.max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
     }
-    if o.batch_invariant && pipe.task() == "text-generation" {
-        pipe.make_batch_invariant()
-            .map_err(|e| format!("--batch-invariant: model `{}`: {e}", spec.model))?;
-    }
+    let batch_invariant = pipe.task() == "text-generation"
+        && match o.batch_invariant {
+            Some(false) => false,
+            Some(true) => {
+                pipe.make_batch_invariant()
+                    .map_err(|e| format!("--batch-invariant: model `{}`: {e}", spec.model))?;
+                true
+            }
+            // Where it costs no speed, a request's answer never depends on the load.
+            None => pipe.batch_invariance_costs_nothing() && pipe.make_batch_invariant().is_ok(),
+        };
     // A prompt plus max_new_tokens past the context window is a 422, as TGI and vLLM answer.
     pipe.refuse_past_context();
     let task = pipe.task().to_string();
@@ -466,6 +475,7 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
         max_input,
         dtype,
         cuda,
+        batch_invariant,
         embedding_size: std::sync::OnceLock::new(),
     })
 }
@@ -541,7 +551,6 @@ impl Server {
             max_queue_size: cfg.max_queue_size.max(1),
             max_batch_total_tokens: cfg.max_batch_total_tokens,
             admission: cfg.admission,
-            batch_invariant: cfg.batch_invariant,
             request_timeout: cfg.request_timeout,
             log_requests: !cfg.quiet,
             requests: std::sync::Mutex::new(RequestStats::default()),
@@ -1186,7 +1195,13 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
     let models: Vec<Value> = state
         .models
         .iter()
-        .map(|m| json!({"model_id": m.id, "task": m.task}))
+        .map(|m| {
+            let mut o = json!({"model_id": m.id, "task": m.task});
+            if m.task == "text-generation" {
+                o["batch_invariant"] = json!(m.batch_invariant);
+            }
+            o
+        })
         .collect();
     let first = &state.models[0];
     let mut o = Map::new();
@@ -1243,7 +1258,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
             "arrival_wait_ms".into(),
             json!(state.admission.arrival_wait.as_secs_f64() * 1e3),
         );
-        o.insert("batch_invariant".into(), json!(state.batch_invariant));
+        o.insert("batch_invariant".into(), json!(first.batch_invariant));
     }
     o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     axum::Json(Value::Object(o)).into_response()

@@ -2960,8 +2960,9 @@ fn gguf_math_reaches_served_models() {
     assert!(diff(&scores(None)) > 1e-3, "int8 activations round");
 }
 
-/// `--batch-invariant`: a model without batch-invariant arithmetic (the f32 decoder fixture)
-/// fails to load, saying why; SmolLM2's GGUF in the int8 mode has it, and answers 24 greedy
+/// `--batch-invariant`: with `true` a model without batch-invariant arithmetic (the f32
+/// decoder fixture) fails to load, saying why; by default (`auto`) it loads without. SmolLM2's
+/// GGUF (Q4_1 and Q8_0, where it costs nothing) has it by default, and answers 24 greedy
 /// requests at once (two rounds, prompts chunked between steps, the second round's from kept
 /// prefixes) exactly as it answers each alone. Without it the int8 products of a batch, of a
 /// chunk and of one row sum in other orders, and some answers under load differ. The SmolLM2
@@ -2971,7 +2972,7 @@ fn batch_invariant_answers_equal_the_answers_alone() {
     let cfg = Config {
         models: vec![ModelSpec::parse(&format!("{}=text-generation", decoder()))],
         port: 0,
-        batch_invariant: true,
+        batch_invariant: Some(true),
         ..Config::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -2983,16 +2984,25 @@ fn batch_invariant_answers_equal_the_answers_alone() {
         err.contains("--batch-invariant") && err.contains("dense weights"),
         "{err}"
     );
+    let generation = |id: &str| vec![ModelSpec::parse(&format!("{id}=text-generation"))];
+    let base = start_with(|c| c.models = generation(&decoder()));
+    assert_eq!(get_info(&base)["batch_invariant"], false);
     let Some(id) = smollm2() else {
         return;
     };
+    let off = start_with(|c| {
+        c.models = generation(id);
+        c.batch_invariant = Some(false);
+    });
+    assert_eq!(get_info(&off)["batch_invariant"], false);
     let base = start_with(|c| {
-        c.models = vec![ModelSpec::parse(&format!("{id}=text-generation"))];
-        c.batch_invariant = true;
+        c.models = generation(id);
         c.max_concurrent_requests = 64;
         c.admission.max_prefill_tokens = 8;
     });
-    assert_eq!(get_info(&base)["batch_invariant"], true);
+    let info = get_info(&base);
+    assert_eq!(info["batch_invariant"], true, "{info}");
+    assert_eq!(info["models"][0]["batch_invariant"], true, "{info}");
     let prompts: Vec<String> = (0..12)
         .map(|i| {
             format!(

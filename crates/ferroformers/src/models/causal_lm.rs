@@ -393,6 +393,13 @@ pub trait CausalLm: Send + Sync {
     /// int8 panels those steps keep now rather than at the first one.
     fn prepare_batched_steps(&self) {}
 
+    /// Whether [`CausalLm::make_batch_invariant`] would succeed and cost no speed: every
+    /// product's kept panels no larger than its weights
+    /// ([`crate::kernels::cpu::quantized::QuantLinear::batch_invariance_costs_nothing`]).
+    fn batch_invariance_costs_nothing(&self) -> bool {
+        false
+    }
+
     /// Make every later forward pass batch-invariant: a sequence's logits the same bits
     /// whatever other sequences share its passes, however its prompt is cut into chunks and
     /// whatever its padding, so that a server's answers never depend on the load. An error
@@ -483,6 +490,12 @@ impl Proj {
                 Some("candle's quantized products have no batch-invariant order".into())
             }
         }
+    }
+
+    /// [`QuantLinear::batch_invariance_costs_nothing`] for GGUF blocks; false for the other
+    /// kinds.
+    pub fn batch_invariance_costs_nothing(&self) -> bool {
+        matches!(self, Proj::Blocks(q, _) if q.batch_invariance_costs_nothing())
     }
 
     /// [`QuantLinear::make_batch_invariant`] for GGUF blocks; an error for the other kinds.

@@ -819,6 +819,15 @@ mod tests {
     /// Q4_K_M mix's Q4_K, Q5_0, Q6_K and Q8_0 among them), the output one untied Q8_0 (split
     /// for greedy screening). Opened in the int8 mode.
     fn mixed_llama() -> GgufFile {
+        use GgmlDType as D;
+        llama_of_types(&[
+            [D::Q4K, D::Q5_0, D::Q6K, D::Q8_0, D::Q4_1, D::Q4K, D::Q6K],
+            [D::Q5K, D::Q4_0, D::Q8_0, D::Q2K, D::Q6K, D::Q5_1, D::Q3K],
+        ])
+    }
+
+    /// [`mixed_llama`] with its layers' projections (q, k, v, o, gate, up, down) in `types`.
+    fn llama_of_types(types: &[[GgmlDType; 7]; 2]) -> GgufFile {
         use crate::kernels::cpu::test_values;
         let mut meta = llama_meta(256, 512, 2, 64);
         meta.push(("llama.vocab_size".into(), Value::U32(96)));
@@ -832,10 +841,6 @@ mod tests {
         let mut tensors: Vec<(String, QTensor)> = vec![
             ("token_embd.weight".into(), q(96, 256, D::Q8_0)),
             ("output.weight".into(), q(96, 256, D::Q8_0)),
-        ];
-        let types = [
-            [D::Q4K, D::Q5_0, D::Q6K, D::Q8_0, D::Q4_1, D::Q4K, D::Q6K],
-            [D::Q5K, D::Q4_0, D::Q8_0, D::Q2K, D::Q6K, D::Q5_1, D::Q3K],
         ];
         let shapes = [
             (256, 256),
@@ -869,7 +874,11 @@ mod tests {
             tensors.push((format!("blk.{i}.attn_norm.weight"), ones(256)));
             tensors.push((format!("blk.{i}.ffn_norm.weight"), ones(256)));
         }
-        let path = std::env::temp_dir().join(format!("ff-gguf-mixed-{}.gguf", std::process::id()));
+        // (Tests run in parallel threads: one file per call.)
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("ff-gguf-mixed-{}-{call}.gguf", std::process::id()));
         let mut w = std::fs::File::create(&path).unwrap();
         let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
@@ -942,6 +951,31 @@ mod tests {
             logits.push(l);
         }
         (logits, tokens)
+    }
+
+    /// [`CausalLm::batch_invariance_costs_nothing`]: a Llama whose projections are all Q4_0,
+    /// Q4_1, Q4_K or Q8_0 (their panels no larger than their blocks) has it; one with any 5-,
+    /// 6-, 2- or 3-bit matrix, the exact mode, or a CPU without the VNNI panels, not.
+    #[test]
+    fn batch_invariance_costs_nothing_for_4_and_8_bit_blocks() {
+        use GgmlDType as D;
+        let vnni = crate::kernels::cpu::qgemm::available();
+        let free = [D::Q4_0, D::Q4_1, D::Q4K, D::Q8_0, D::Q4_1, D::Q4K, D::Q4_0];
+        let mut f = llama_of_types(&[free, free]);
+        let cfg = f.llama_config().unwrap();
+        let lm = f.llama(&cfg, &Device::Cpu).unwrap();
+        assert_eq!(lm.batch_invariance_costs_nothing(), vnni);
+        for slow in [D::Q5_0, D::Q6K, D::Q5K, D::Q2K] {
+            let mut one = free;
+            one[4] = slow;
+            let mut f = llama_of_types(&[free, one]);
+            let lm = f.llama(&cfg, &Device::Cpu).unwrap();
+            assert!(!lm.batch_invariance_costs_nothing(), "{slow:?}");
+        }
+        let mut f = llama_of_types(&[free, free]);
+        f.math = crate::kernels::cpu::quantized::QuantMath::Exact;
+        let lm = f.llama(&cfg, &Device::Cpu).unwrap();
+        assert!(!lm.batch_invariance_costs_nothing(), "the exact mode");
     }
 
     /// Batch invariance ([`CausalLm::make_batch_invariant`]): a sequence's logits are the same

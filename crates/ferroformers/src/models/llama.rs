@@ -976,6 +976,15 @@ impl CausalLm for Llama {
     /// included, through the decoding kernel from the row's first unmasked key (so a key's
     /// lane never depends on another row's padding). Norms, rotations and the rest are per row
     /// already.
+    fn batch_invariance_costs_nothing(&self) -> bool {
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self
+                .projections()
+                .iter()
+                .all(|p| p.batch_invariance_costs_nothing())
+    }
+
     fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         if !(self.device.is_cpu() && self.dtype == DType::F32) {
             return Err("batch-invariant arithmetic runs on the CPU in f32 only".into());

@@ -359,6 +359,11 @@ pub(crate) trait Task: Send + Sync {
         None
     }
 
+    /// Whether batch-invariant arithmetic would cost this pipeline no speed.
+    fn batch_invariance_costs_nothing(&self) -> bool {
+        false
+    }
+
     /// Batch-invariant arithmetic (text generation's models that have it).
     fn make_batch_invariant(&mut self) -> Result<()> {
         Err(Error::InvalidParameter {
@@ -491,6 +496,14 @@ impl Pipeline {
     /// slower alone) and memory for the kept panels; see BENCHMARKS.md.
     pub fn make_batch_invariant(&mut self) -> Result<()> {
         self.inner.make_batch_invariant()
+    }
+
+    /// Text generation: whether [`Pipeline::make_batch_invariant`] would succeed and cost no
+    /// speed, because every product's kept int8 panels are no larger than its GGUF blocks
+    /// (Q4_0, Q4_1, Q4_K, Q8_0; SmolLM2's Q4_1 file, not Qwen2.5's Q4_K_M with its 5- and
+    /// 6-bit matrices). A server turns it on then by default.
+    pub fn batch_invariance_costs_nothing(&self) -> bool {
+        self.inner.batch_invariance_costs_nothing()
     }
 
     /// What continuous batching has done so far (`None` when it is off).

@@ -542,6 +542,10 @@ impl Task for TextGeneration {
         self.generator.batcher.as_ref().map(|b| b.announce())
     }
 
+    fn batch_invariance_costs_nothing(&self) -> bool {
+        self.generator.model.batch_invariance_costs_nothing()
+    }
+
     fn make_batch_invariant(&mut self) -> Result<()> {
         self.generator
             .model
