@@ -3,15 +3,18 @@
 //! `FERROFORMERS_BATCH_TRACE=1` the batch prints each pass's time on stderr, to set beside a
 //! server's under the same load (what HTTP, streaming and the clients add).
 //!
-//!   cargo run --release -p ferroformers --example shared_batch -- [MODEL [N [TOKENS [ROUNDS]]]]
+//!   cargo run --release -p ferroformers --example shared_batch -- [MODEL [N [TOKENS [ROUNDS]]]] [invariant]
 //!
-//! Defaults: SmolLM2-135M-Instruct's GGUF, 16 threads, 24 new tokens, 3 rounds. Prints each
+//! Defaults: SmolLM2-135M-Instruct's GGUF, 16 threads, 24 new tokens, 3 rounds; `invariant`:
+//! batch-invariant arithmetic ([`ferroformers::Pipeline::make_batch_invariant`]). Prints each
 //! round's wall time.
 
 use ferroformers::{Input, Params, PipelineOptions};
 
 fn main() -> ferroformers::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let invariant = args.iter().any(|a| a == "invariant");
+    args.retain(|a| a != "invariant");
     let model = args
         .first()
         .cloned()
@@ -24,6 +27,9 @@ fn main() -> ferroformers::Result<()> {
         ..Default::default()
     };
     let mut pipe = ferroformers::pipeline_with("text-generation", opts)?;
+    if invariant {
+        pipe.make_batch_invariant()?;
+    }
     if !pipe.enable_continuous_batching(16384) {
         eprintln!("this model does not batch continuously");
         std::process::exit(1);
