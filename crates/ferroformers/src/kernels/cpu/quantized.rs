@@ -592,15 +592,24 @@ impl QuantLinear {
     }
 
     /// Whether batch-invariant products cost this matrix nothing: it has them
-    /// ([`Self::batch_invariance_problem`]) and its kept int8 panels are no larger than its
-    /// blocks (Q4_0, Q4_1, Q4_K and Q8_0: 4.5, 5, 4.4 and 8.5 bits a weight either way), so
-    /// that a decoding row reads no more from memory through them. Measured on AMD Zen 5
-    /// (`gguf_gemv_bench`, one row): the panels as fast or faster for those four types, 10-30%
-    /// slower for Q5_1, Q5_K and Q2_K, mixed for Q5_0 and Q6_K.
+    /// ([`Self::batch_invariance_problem`]), its kept int8 panels are no larger than its
+    /// blocks (Q4_0, Q4_1, Q4_K and Q8_0: 4.5, 5, 4.4 and 8.5 bits a weight either way), and a
+    /// decoding row through them is as fast. Measured on AMD Zen 5 (`gguf_gemv_bench`, one
+    /// row, 3 alternations): the 4-bit types' panels as fast or faster up to ~2.5 MB of
+    /// blocks (SmolLM2-135M's matrices, Qwen2.5-0.5B's Q4_K down), 15-25% slower for a
+    /// 5.5 MB Q4_1 one (9728 x 896), which streams from memory, as its blocks do faster; Q8_0
+    /// the same at any size (SmolLM2's 30 MB output); Q5_0, Q6_K, Q5_1, Q5_K and Q2_K
+    /// 10-100% slower.
     pub fn batch_invariance_costs_nothing(&self) -> bool {
         use GgmlDType as D;
-        matches!(self.dtype, D::Q4_0 | D::Q4_1 | D::Q4K | D::Q8_0)
-            && self.batch_invariance_problem().is_none()
+        /// The largest 4-bit matrix (bytes of blocks) measured as fast through its panels.
+        const FOUR_BIT_MAX: usize = 2 << 20;
+        let fits = match self.dtype {
+            D::Q8_0 => true,
+            D::Q4_0 | D::Q4_1 | D::Q4K => self.n * self.row_bytes <= FOUR_BIT_MAX,
+            _ => false,
+        };
+        fits && self.batch_invariance_problem().is_none()
     }
 
     /// Whether [`Self::make_batch_invariant`] has been called on this matrix.
@@ -1159,6 +1168,32 @@ mod tests {
     /// of a product of 1, 2, 3, 5 or 8 rows is the bits of that row alone, and a screened
     /// greedy step's computed values are those bits too (its argmax the full product's); the
     /// exact mode has no such product, and says so.
+    /// [`QuantLinear::batch_invariance_costs_nothing`]: a Q4_0 matrix of up to 2 MiB of
+    /// blocks and a Q8_0 one of any size (with the VNNI panels, in the int8 mode), not a
+    /// larger Q4_0 one, a Q5_0 one, or any in the exact mode.
+    #[test]
+    fn batch_invariance_costs_nothing_for_small_4_bit_and_any_8_bit_matrices() {
+        let vnni = super::super::qgemm::available();
+        // Q4_0: 576 bytes a row of 1024; 3648 rows are 2.0 MiB, 3712 past it.
+        for (dt, n, free) in [
+            (GgmlDType::Q4_0, 1024, vnni),
+            (GgmlDType::Q4_0, 3712, false),
+            (GgmlDType::Q8_0, 3712, vnni),
+            (GgmlDType::Q5_0, 1024, false),
+        ] {
+            let (w, _) = weights_and_inputs(n, 1024, 5);
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let exact = QuantLinear::new(&q).unwrap().unwrap();
+            assert!(!exact.batch_invariance_costs_nothing(), "{dt:?} exact");
+            let int8 = exact.with_math(QuantMath::Int8);
+            assert_eq!(
+                int8.batch_invariance_costs_nothing(),
+                free,
+                "{dt:?} [{n}, 1024]"
+            );
+        }
+    }
+
     #[test]
     fn batch_invariant_rows_are_the_bits_of_each_row_alone() {
         let (n, k) = (70usize, 512usize);
