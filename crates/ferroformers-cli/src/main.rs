@@ -164,6 +164,45 @@ struct RunArgs {
     /// text-generation: print text as it is generated.
     #[arg(long)]
     stream: bool,
+    /// text-generation: batch-invariant arithmetic, as `serve` runs it, so that the tokens are
+    /// the ones a server gives the same request under any load. auto (the default): where it
+    /// costs no speed (GGUF matrices all Q8_0, or Q4_0, Q4_1 or Q4_K of at most 2 MiB, as
+    /// SmolLM2-135M's Q4_1 file, in the int8 mode on CPUs with AVX-512 VNNI); true: a model
+    /// without it fails, saying why; false: never.
+    #[arg(long, value_name = "auto|true|false", default_value = "auto",
+          value_parser = auto_bool)]
+    batch_invariant: AutoBool,
+}
+
+/// A flag that is `auto` (`None`), `true` or `false` (`--batch-invariant`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AutoBool(pub(crate) Option<bool>);
+
+/// `--batch-invariant`'s values.
+pub(crate) fn auto_bool(v: &str) -> Result<AutoBool, String> {
+    match v {
+        "auto" => Ok(AutoBool(None)),
+        "true" => Ok(AutoBool(Some(true))),
+        "false" => Ok(AutoBool(Some(false))),
+        _ => Err(format!("`{v}` is not auto, true or false")),
+    }
+}
+
+/// `--batch-invariant` for a text-generation model: on with `Some(true)` (an error names the
+/// flag where the model lacks it), and with `None` (`auto`) where it costs nothing (`free`);
+/// whether it is on.
+fn batch_invariance(
+    want: Option<bool>,
+    free: bool,
+    make: impl FnOnce() -> ferroformers::Result<()>,
+) -> Result<bool, String> {
+    match want {
+        Some(false) => Ok(false),
+        Some(true) => make()
+            .map(|()| true)
+            .map_err(|e| fail(format!("--batch-invariant: {e}"))),
+        None => Ok(free && make().is_ok()),
+    }
 }
 
 /// `--dtype`'s spellings, as [`parse_dtype`] reads them.
@@ -222,6 +261,7 @@ struct Run {
     timing: bool,
     warmup: bool,
     stream: bool,
+    batch_invariant: Option<bool>,
 }
 
 fn fail(msg: impl std::fmt::Display) -> String {
@@ -280,6 +320,7 @@ fn check_run(a: RunArgs) -> Result<Run, String> {
         timing: a.timing,
         warmup: a.warmup,
         stream: a.stream,
+        batch_invariant: a.batch_invariant.0,
     })
 }
 
@@ -290,8 +331,11 @@ fn run_stream(args: &Run, read: &Inputs) -> Result<(), String> {
         return Err(fail("--stream is for the text-generation task"));
     }
     let model = args.opts.model.as_deref().unwrap_or(info.default_model);
-    let pipe = ferroformers::pipelines::text_generation::TextGeneration::load(&args.opts, model)
-        .map_err(fail)?;
+    let mut pipe =
+        ferroformers::pipelines::text_generation::TextGeneration::load(&args.opts, model)
+            .map_err(fail)?;
+    let free = pipe.batch_invariance_costs_nothing();
+    batch_invariance(args.batch_invariant, free, || pipe.make_batch_invariant())?;
     let stdout = std::io::stdout();
     for (k, input) in read.inputs.iter().enumerate() {
         let mut out = stdout.lock();
@@ -419,7 +463,13 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     }
     let inputs = &read.inputs;
     let batch = args.opts.batch_size;
-    let pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
+    let mut pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
+    let invariant = if pipe.task() == "text-generation" || args.batch_invariant == Some(true) {
+        let free = pipe.batch_invariance_costs_nothing();
+        batch_invariance(args.batch_invariant, free, || pipe.make_batch_invariant())?
+    } else {
+        false
+    };
     let loaded = start.elapsed().as_secs_f64();
     let warmup = if args.warmup {
         pipe.run(inputs, &args.params)
@@ -465,6 +515,7 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
                 "run_s": end - timed,
                 "first_result_s": first,
                 "inputs": inputs.len(),
+                "batch_invariant": invariant,
             })
         );
     }

@@ -180,22 +180,8 @@ pub struct ServeArgs {
     /// most 2 MiB, as SmolLM2-135M's Q4_1 file), off where it would (5- and 6-bit matrices, as
     /// Qwen2.5's Q4_K_M; larger 4-bit ones).
     #[arg(long, env, value_name = "auto|true|false", default_value = "auto",
-          value_parser = auto_bool)]
-    batch_invariant: AutoBool,
-}
-
-/// A flag that is `auto` (`None`), `true` or `false`.
-#[derive(Clone, Copy, Debug)]
-struct AutoBool(Option<bool>);
-
-/// `--batch-invariant`'s values.
-fn auto_bool(v: &str) -> Result<AutoBool, String> {
-    match v {
-        "auto" => Ok(AutoBool(None)),
-        "true" => Ok(AutoBool(Some(true))),
-        "false" => Ok(AutoBool(Some(false))),
-        _ => Err(format!("`{v}` is not auto, true or false")),
-    }
+          value_parser = crate::auto_bool)]
+    batch_invariant: crate::AutoBool,
 }
 
 /// `--waiting-served-ratio`: a finite number >= 0.

@@ -1161,3 +1161,112 @@ fn truncated_inputs_are_warned_about() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `run --batch-invariant`: `true` on a model without batch-invariant arithmetic (the f32
+/// Llama fixture, a fill-mask model) fails naming the flag and why; by default (`auto`) the
+/// fixture runs without it (`--timing` says so). SmolLM2's Q4_1 GGUF (when in the HF cache)
+/// runs with it by default, as `serve` does, streamed or not, with the tokens of
+/// `--batch-invariant true`; `false` turns it off.
+#[test]
+fn run_batch_invariant_as_serve_does() {
+    let llama = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders/models/llama")
+        .to_string_lossy()
+        .into_owned();
+    let mlm = fixture("bert-mlm");
+    for (args, why) in [
+        (
+            vec!["run", "text-generation", "--model", &llama, "Hi"],
+            "dense weights",
+        ),
+        (
+            vec!["run", "fill-mask", "--model", &mlm, "a [MASK]"],
+            "only text generation",
+        ),
+    ] {
+        let o = ff(&[&args[..], &["--batch-invariant", "true"]].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && o.stdout.is_empty(),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("--batch-invariant") && err.contains(why) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    // `--timing`'s line on stderr: whether the arithmetic was batch-invariant.
+    let invariant = |o: &Output| -> bool {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let line = err
+            .lines()
+            .rfind(|l| l.contains("batch_invariant"))
+            .unwrap();
+        let v: Value = serde_json::from_str(line).unwrap();
+        v["batch_invariant"].as_bool().unwrap()
+    };
+    let o = ff(&[
+        "run",
+        "text-generation",
+        "--model",
+        &llama,
+        "--timing",
+        "--param",
+        "max_new_tokens=3",
+        "Hi",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!invariant(&o));
+    const GGUF: &str = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    if ferroformers::hub::resolve(GGUF, None).is_err() {
+        eprintln!("skipped the GGUF part: {GGUF} is not in the HF cache");
+        return;
+    }
+    let gen = [
+        "run",
+        "text-generation",
+        "--model",
+        GGUF,
+        "--timing",
+        "--param",
+        "max_new_tokens=12",
+        "--param",
+        "do_sample=false",
+        "Once upon a time",
+    ];
+    let auto = ff(&gen);
+    assert!(
+        auto.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
+    assert!(invariant(&auto));
+    let on = ff(&[&gen[..], &["--batch-invariant", "true"]].concat());
+    assert!(invariant(&on));
+    assert_eq!(on.stdout, auto.stdout);
+    let off = ff(&[&gen[..], &["--batch-invariant", "false"]].concat());
+    assert!(off.status.success() && !invariant(&off));
+    // Streamed: the same text (the prompt not repeated).
+    let streamed = ff(&[
+        "run",
+        "text-generation",
+        "--model",
+        GGUF,
+        "--param",
+        "max_new_tokens=12",
+        "--param",
+        "do_sample=false",
+        "--stream",
+        "Once upon a time",
+    ]);
+    assert!(streamed.status.success());
+    let whole: Value = serde_json::from_slice(&auto.stdout).unwrap();
+    let text = whole[0]["generated_text"].as_str().unwrap();
+    assert_eq!(
+        format!(
+            "Once upon a time{}",
+            String::from_utf8_lossy(&streamed.stdout).trim_end()
+        ),
+        text
+    );
+}

@@ -179,6 +179,22 @@ fn accepted_params() -> &'static [&'static str] {
 }
 
 impl TextGeneration {
+    /// [`crate::Pipeline::batch_invariance_costs_nothing`].
+    pub fn batch_invariance_costs_nothing(&self) -> bool {
+        self.generator.model.batch_invariance_costs_nothing()
+    }
+
+    /// [`crate::Pipeline::make_batch_invariant`].
+    pub fn make_batch_invariant(&mut self) -> Result<()> {
+        self.generator
+            .model
+            .make_batch_invariant()
+            .map_err(|detail| Error::InvalidParameter {
+                name: "batch_invariant".into(),
+                detail,
+            })
+    }
+
     pub fn load(opts: &PipelineOptions, model: &str) -> Result<Self> {
         if let Some(q) = opts.quantize {
             return Err(q.unsupported(
@@ -543,17 +559,11 @@ impl Task for TextGeneration {
     }
 
     fn batch_invariance_costs_nothing(&self) -> bool {
-        self.generator.model.batch_invariance_costs_nothing()
+        TextGeneration::batch_invariance_costs_nothing(self)
     }
 
     fn make_batch_invariant(&mut self) -> Result<()> {
-        self.generator
-            .model
-            .make_batch_invariant()
-            .map_err(|detail| Error::InvalidParameter {
-                name: "batch_invariant".into(),
-                detail,
-            })
+        TextGeneration::make_batch_invariant(self)
     }
 
     fn refuse_past_context(&mut self) {
