@@ -188,21 +188,9 @@ pub(crate) fn auto_bool(v: &str) -> Result<AutoBool, String> {
     }
 }
 
-/// `--batch-invariant` for a text-generation model: on with `Some(true)` (an error names the
-/// flag where the model lacks it), and with `None` (`auto`) where it costs nothing (`free`);
-/// whether it is on.
-fn batch_invariance(
-    want: Option<bool>,
-    free: bool,
-    make: impl FnOnce() -> ferroformers::Result<()>,
-) -> Result<bool, String> {
-    match want {
-        Some(false) => Ok(false),
-        Some(true) => make()
-            .map(|()| true)
-            .map_err(|e| fail(format!("--batch-invariant: {e}"))),
-        None => Ok(free && make().is_ok()),
-    }
+/// An error of `--batch-invariant`, naming the flag.
+fn invariance_error(e: ferroformers::Error) -> String {
+    fail(format!("--batch-invariant: {e}"))
 }
 
 /// `--dtype`'s spellings, as [`parse_dtype`] reads them.
@@ -334,8 +322,8 @@ fn run_stream(args: &Run, read: &Inputs) -> Result<(), String> {
     let mut pipe =
         ferroformers::pipelines::text_generation::TextGeneration::load(&args.opts, model)
             .map_err(fail)?;
-    let free = pipe.batch_invariance_costs_nothing();
-    batch_invariance(args.batch_invariant, free, || pipe.make_batch_invariant())?;
+    pipe.set_batch_invariance(args.batch_invariant)
+        .map_err(invariance_error)?;
     let stdout = std::io::stdout();
     for (k, input) in read.inputs.iter().enumerate() {
         let mut out = stdout.lock();
@@ -464,12 +452,10 @@ fn run(args: RunArgs, start: std::time::Instant) -> Result<(), String> {
     let inputs = &read.inputs;
     let batch = args.opts.batch_size;
     let mut pipe = ferroformers::pipeline_with(&args.task, args.opts.clone()).map_err(fail)?;
-    let invariant = if pipe.task() == "text-generation" || args.batch_invariant == Some(true) {
-        let free = pipe.batch_invariance_costs_nothing();
-        batch_invariance(args.batch_invariant, free, || pipe.make_batch_invariant())?
-    } else {
-        false
-    };
+    // (Other tasks: never under auto; `true` fails, saying only text generation has it.)
+    let invariant = pipe
+        .set_batch_invariance(args.batch_invariant)
+        .map_err(invariance_error)?;
     let loaded = start.elapsed().as_secs_f64();
     let warmup = if args.warmup {
         pipe.run(inputs, &args.params)

@@ -414,17 +414,11 @@ fn load(spec: &ModelSpec, o: &LoadOpts) -> Result<Served, String> {
     if o.max_batch_total_tokens > 0 {
         pipe.enable_continuous_batching_with(o.max_batch_total_tokens, o.admission);
     }
+    // By default where it costs no speed: a request's answer then never depends on the load.
     let batch_invariant = pipe.task() == "text-generation"
-        && match o.batch_invariant {
-            Some(false) => false,
-            Some(true) => {
-                pipe.make_batch_invariant()
-                    .map_err(|e| format!("--batch-invariant: model `{}`: {e}", spec.model))?;
-                true
-            }
-            // Where it costs no speed, a request's answer never depends on the load.
-            None => pipe.batch_invariance_costs_nothing() && pipe.make_batch_invariant().is_ok(),
-        };
+        && pipe
+            .set_batch_invariance(o.batch_invariant)
+            .map_err(|e| format!("--batch-invariant: model `{}`: {e}", spec.model))?;
     // A prompt plus max_new_tokens past the context window is a 422, as TGI and vLLM answer.
     pipe.refuse_past_context();
     let task = pipe.task().to_string();

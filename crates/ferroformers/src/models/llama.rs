@@ -970,12 +970,6 @@ impl CausalLm for Llama {
         self.projections().iter().for_each(|p| p.keep_panels());
     }
 
-    /// On CPU in f32 with every projection in GGUF blocks of the int8 mode (VNNI panels):
-    /// the projections multiply their kept panels at any number of rows
-    /// ([`QuantLinear::make_batch_invariant`]), and attention runs every query row, prompts
-    /// included, through the decoding kernel from the row's first unmasked key (so a key's
-    /// lane never depends on another row's padding). Norms, rotations and the rest are per row
-    /// already.
     fn batch_invariance_costs_nothing(&self) -> bool {
         self.device.is_cpu()
             && self.dtype == DType::F32
@@ -985,6 +979,12 @@ impl CausalLm for Llama {
                 .all(|p| p.batch_invariance_costs_nothing())
     }
 
+    /// On CPU in f32 with every projection in GGUF blocks of the int8 mode (VNNI panels):
+    /// the projections multiply their kept panels at any number of rows
+    /// ([`QuantLinear::make_batch_invariant`]), and attention runs every query row, prompts
+    /// included, through the decoding kernel from the row's first unmasked key (so a key's
+    /// lane never depends on another row's padding). Norms, rotations and the rest are per row
+    /// already.
     fn make_batch_invariant(&mut self) -> std::result::Result<(), String> {
         if !(self.device.is_cpu() && self.dtype == DType::F32) {
             return Err("batch-invariant arithmetic runs on the CPU in f32 only".into());

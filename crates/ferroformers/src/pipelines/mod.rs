@@ -508,6 +508,15 @@ impl Pipeline {
         self.inner.batch_invariance_costs_nothing()
     }
 
+    /// `--batch-invariant`'s rule, the same for `serve` and `run`: `Some(true)` makes the
+    /// arithmetic batch-invariant or fails saying why; `None` (auto) makes it so where it costs
+    /// nothing ([`Pipeline::batch_invariance_costs_nothing`]); `Some(false)` never. Whether the
+    /// arithmetic is batch-invariant now.
+    pub fn set_batch_invariance(&mut self, want: Option<bool>) -> Result<bool> {
+        let free = self.batch_invariance_costs_nothing();
+        choose_batch_invariance(want, free, || self.make_batch_invariant())
+    }
+
     /// What continuous batching has done so far (`None` when it is off).
     pub fn batch_stats(&self) -> Option<crate::generation::BatchStats> {
         self.inner.batch_stats()
@@ -762,6 +771,22 @@ pub fn batches_in_flight() -> usize {
 /// is in flight at a time (rayon balances them, so one long batch does not idle the other
 /// threads), which keeps memory bounded. A batch that would be left to run alone at the end
 /// of a window runs last with its products split over all threads.
+/// `--batch-invariant`'s rule, the same for `serve` and `run`: `Some(true)` makes the
+/// arithmetic batch-invariant (`make`) or fails saying why; `None` (auto) makes it so where it
+/// costs nothing (`free`), and leaves it off where `make` fails; `Some(false)` never. Whether it
+/// is on.
+pub(crate) fn choose_batch_invariance(
+    want: Option<bool>,
+    free: bool,
+    make: impl FnOnce() -> Result<()>,
+) -> Result<bool> {
+    match want {
+        Some(false) => Ok(false),
+        Some(true) => make().map(|()| true),
+        None => Ok(free && make().is_ok()),
+    }
+}
+
 pub(crate) fn for_each_batch<T, R, C, F>(
     items: &[T],
     batch_size: usize,

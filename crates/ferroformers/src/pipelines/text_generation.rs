@@ -184,6 +184,12 @@ impl TextGeneration {
         self.generator.model.batch_invariance_costs_nothing()
     }
 
+    /// [`crate::Pipeline::set_batch_invariance`].
+    pub fn set_batch_invariance(&mut self, want: Option<bool>) -> Result<bool> {
+        let free = TextGeneration::batch_invariance_costs_nothing(self);
+        super::choose_batch_invariance(want, free, || TextGeneration::make_batch_invariant(self))
+    }
+
     /// [`crate::Pipeline::make_batch_invariant`].
     pub fn make_batch_invariant(&mut self) -> Result<()> {
         self.generator

@@ -1164,10 +1164,6 @@ mod tests {
         }
     }
 
-    /// Batch-invariant matrices (every block type, and a split Q8_0 one): each activation row
-    /// of a product of 1, 2, 3, 5 or 8 rows is the bits of that row alone, and a screened
-    /// greedy step's computed values are those bits too (its argmax the full product's); the
-    /// exact mode has no such product, and says so.
     /// [`QuantLinear::batch_invariance_costs_nothing`]: a Q4_0 matrix of up to 2 MiB of
     /// blocks and a Q8_0 one of any size (with the VNNI panels, in the int8 mode), not a
     /// larger Q4_0 one, a Q5_0 one, or any in the exact mode.
@@ -1194,6 +1190,10 @@ mod tests {
         }
     }
 
+    /// Batch-invariant matrices (every block type, and a split Q8_0 one): each activation row
+    /// of a product of 1, 2, 3, 5 or 8 rows is the bits of that row alone, and a screened
+    /// greedy step's computed values are those bits too (its argmax the full product's); the
+    /// exact mode has no such product, and says so.
     #[test]
     fn batch_invariant_rows_are_the_bits_of_each_row_alone() {
         let (n, k) = (70usize, 512usize);
