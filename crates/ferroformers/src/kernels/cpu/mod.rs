@@ -58,6 +58,27 @@ pub(crate) fn switch_on(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
+/// Whether the CPU is Intel's (CPUID vendor "GenuineIntel"), read once. Its cores run 512-bit
+/// vector work on two ports only, so which kernel is fastest differs from AMD's Zen, which
+/// has four: see [`quantized::QuantLinear::batch_invariance_costs_nothing`].
+pub fn intel_cores() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *INTEL.get_or_init(|| {
+            // CPUID leaf 0: the vendor string in EBX, EDX, ECX.
+            let r = std::arch::x86_64::__cpuid(0);
+            let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            vendor == b"GenuineIntel"
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// [`switch_on`] read once per process into `cell`: for switches asked on hot paths (every
 /// product or attention call of a step), which no test toggles while running.
 pub(crate) fn switch_once(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
@@ -103,4 +124,23 @@ pub(crate) fn rerun_with(name: &str, var: &str, marker: &str) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(marker), "{text}");
+}
+
+#[cfg(test)]
+mod tests {
+    /// [`super::intel_cores`] names the vendor that Linux names (`vendor_id` in
+    /// `/proc/cpuinfo`).
+    #[test]
+    fn intel_cores_names_the_vendor_linux_names() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let Some(vendor) = info.lines().find_map(|l| {
+            l.strip_prefix("vendor_id")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']))
+        }) else {
+            return;
+        };
+        assert_eq!(super::intel_cores(), vendor == "GenuineIntel", "{vendor}");
+    }
 }

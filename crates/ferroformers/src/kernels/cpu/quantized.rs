@@ -592,24 +592,11 @@ impl QuantLinear {
     }
 
     /// Whether batch-invariant products cost this matrix nothing: it has them
-    /// ([`Self::batch_invariance_problem`]), its kept int8 panels are no larger than its
-    /// blocks (Q4_0, Q4_1, Q4_K and Q8_0: 4.5, 5, 4.4 and 8.5 bits a weight either way), and a
-    /// decoding row through them is as fast. Measured on AMD Zen 5 (`gguf_gemv_bench`, one
-    /// row, 3 alternations): the 4-bit types' panels as fast or faster up to ~2.5 MB of
-    /// blocks (SmolLM2-135M's matrices, Qwen2.5-0.5B's Q4_K down), 15-25% slower for a
-    /// 5.5 MB Q4_1 one (9728 x 896), which streams from memory, as its blocks do faster; Q8_0
-    /// the same at any size (SmolLM2's 30 MB output); Q5_0, Q6_K, Q5_1, Q5_K and Q2_K
-    /// 10-100% slower.
+    /// ([`Self::batch_invariance_problem`]), and a decoding row through its kept int8 panels
+    /// is as fast as through its blocks on this CPU ([`panels_cost_nothing`]).
     pub fn batch_invariance_costs_nothing(&self) -> bool {
-        use GgmlDType as D;
-        /// The largest 4-bit matrix (bytes of blocks) measured as fast through its panels.
-        const FOUR_BIT_MAX: usize = 2 << 20;
-        let fits = match self.dtype {
-            D::Q8_0 => true,
-            D::Q4_0 | D::Q4_1 | D::Q4K => self.n * self.row_bytes <= FOUR_BIT_MAX,
-            _ => false,
-        };
-        fits && self.batch_invariance_problem().is_none()
+        panels_cost_nothing(self.dtype, self.n * self.row_bytes, super::intel_cores())
+            && self.batch_invariance_problem().is_none()
     }
 
     /// Whether [`Self::make_batch_invariant`] has been called on this matrix.
@@ -992,6 +979,30 @@ fn expand_g(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
 
 dispatch!(fn expand_row(dtype: GgmlDType, row: &[u8], out: &mut [f32]); via expand_g);
 
+/// Whether one decoding row runs as fast through kept int8 panels as through the raw blocks,
+/// for a matrix of `bytes` bytes of `dtype` blocks, on Intel's cores (`intel`) or AMD's.
+/// Measured with `gguf_gemv_bench` (one row, 5-8 alternations, medians):
+/// - AMD Zen 5 (session 44): the 4-bit types' panels (4.5, 5 and 4.4 bits a weight, as their
+///   blocks) as fast or faster up to ~2.5 MB of blocks (SmolLM2-135M's matrices, Qwen2.5-0.5B's
+///   Q4_K down), 15-25% slower for a 5.5 MB Q4_1 one (9728 x 896), which its blocks stream
+///   from memory faster; Q8_0 the same at any size (SmolLM2's 30 MB output); Q5_0, Q6_K,
+///   Q5_1, Q5_K and Q2_K 10-100% slower.
+/// - Intel Ice Lake (session 45): every type's panels faster at every size measured (Q4_0,
+///   Q4_1, Q4_K 25-40%, Q5_0, Q5_1 15-25%, Q6_K and Q8_0 5-20%, the 5.5 MB Q4_1 17%) but
+///   Q5_K (level) and Q2_K, Q3_K (40-60% slower: their panels hold a byte a weight); served
+///   Qwen2.5-Coder Q4_K_M decoded 43.0 against 32.4 tokens/s through its panels.
+fn panels_cost_nothing(dtype: GgmlDType, bytes: usize, intel: bool) -> bool {
+    use GgmlDType as D;
+    /// The largest 4-bit matrix (bytes of blocks) measured as fast through its panels on Zen.
+    const FOUR_BIT_MAX: usize = 2 << 20;
+    match dtype {
+        D::Q8_0 => true,
+        D::Q4_0 | D::Q4_1 | D::Q4K | D::Q5_0 | D::Q5_1 | D::Q5K | D::Q6K if intel => true,
+        D::Q4_0 | D::Q4_1 | D::Q4K => bytes <= FOUR_BIT_MAX,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::max_abs_diff;
@@ -1164,18 +1175,49 @@ mod tests {
         }
     }
 
-    /// [`QuantLinear::batch_invariance_costs_nothing`]: a Q4_0 matrix of up to 2 MiB of
-    /// blocks and a Q8_0 one of any size (with the VNNI panels, in the int8 mode), not a
-    /// larger Q4_0 one, a Q5_0 one, or any in the exact mode.
+    /// [`QuantLinear::batch_invariance_costs_nothing`] (with the VNNI panels, in the int8
+    /// mode): on AMD's cores a Q4_0 matrix of up to 2 MiB of blocks and a Q8_0 one of any
+    /// size, not a larger Q4_0 one or a Q5_0 one; on Intel's also those; never Q2_K or any
+    /// matrix in the exact mode. The rule itself is checked for both vendors, whichever CPU
+    /// runs the test.
     #[test]
     fn batch_invariance_costs_nothing_for_small_4_bit_and_any_8_bit_matrices() {
+        use GgmlDType as D;
+        let (mib, big) = (1 << 20, 64 << 20);
+        for (dt, bytes, amd, intel) in [
+            (D::Q4_0, 2 * mib, true, true),
+            (D::Q4_0, 2 * mib + 1, false, true),
+            (D::Q4_1, big, false, true),
+            (D::Q4K, mib, true, true),
+            (D::Q8_0, big, true, true),
+            (D::Q5_0, mib, false, true),
+            (D::Q5_1, mib, false, true),
+            (D::Q5K, mib, false, true),
+            (D::Q6K, big, false, true),
+            (D::Q2K, mib, false, false),
+            (D::Q3K, mib, false, false),
+            (D::F16, mib, false, false),
+        ] {
+            assert_eq!(
+                panels_cost_nothing(dt, bytes, false),
+                amd,
+                "{dt:?} {bytes} AMD"
+            );
+            assert_eq!(
+                panels_cost_nothing(dt, bytes, true),
+                intel,
+                "{dt:?} {bytes} Intel"
+            );
+        }
         let vnni = super::super::qgemm::available();
+        let intel = super::super::intel_cores();
         // Q4_0: 576 bytes a row of 1024; 3648 rows are 2.0 MiB, 3712 past it.
         for (dt, n, free) in [
             (GgmlDType::Q4_0, 1024, vnni),
-            (GgmlDType::Q4_0, 3712, false),
+            (GgmlDType::Q4_0, 3712, vnni && intel),
             (GgmlDType::Q8_0, 3712, vnni),
-            (GgmlDType::Q5_0, 1024, false),
+            (GgmlDType::Q5_0, 1024, vnni && intel),
+            (GgmlDType::Q2K, 1024, false),
         ] {
             let (w, _) = weights_and_inputs(n, 1024, 5);
             let q = QTensor::quantize(&w, dt).unwrap();
