@@ -959,6 +959,7 @@ mod tests {
         .to_string();
         assert!(err.contains("different kinds"), "{err}");
     }
+
     /// A join large enough to copy its layers on every core gives each layer its own rows,
     /// as the one-core join does.
     #[test]

@@ -1177,8 +1177,8 @@ mod tests {
 
     /// [`QuantLinear::batch_invariance_costs_nothing`] (with the VNNI panels, in the int8
     /// mode): on AMD's cores a Q4_0 matrix of up to 2 MiB of blocks and a Q8_0 one of any
-    /// size, not a larger Q4_0 one or a Q5_0 one; on Intel's also those; never Q2_K or any
-    /// matrix in the exact mode. The rule itself is checked for both vendors, whichever CPU
+    /// size, not a larger Q4_0 one or a Q5_0 one; on Intel's cores all four; never a Q2_K one
+    /// or any matrix in the exact mode. The rule itself is checked for both vendors, whichever CPU
     /// runs the test.
     #[test]
     fn batch_invariance_costs_nothing_for_small_4_bit_and_any_8_bit_matrices() {
