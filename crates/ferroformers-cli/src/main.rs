@@ -166,9 +166,10 @@ struct RunArgs {
     stream: bool,
     /// text-generation: batch-invariant arithmetic, as `serve` runs it, so that the tokens are
     /// the ones a server gives the same request under any load. auto (the default): where it
-    /// costs no speed (GGUF matrices all Q8_0, or Q4_0, Q4_1 or Q4_K of at most 2 MiB, as
-    /// SmolLM2-135M's Q4_1 file, in the int8 mode on CPUs with AVX-512 VNNI); true: a model
-    /// without it fails, saying why; false: never.
+    /// costs no speed, in the int8 mode on CPUs with AVX-512 VNNI (on AMD's cores GGUF
+    /// matrices all Q8_0, or Q4_0, Q4_1 or Q4_K of at most 2 MiB, as SmolLM2-135M's Q4_1 file;
+    /// on Intel's every type but Q2_K and Q3_K); true: a model without it fails, saying why;
+    /// false: never.
     #[arg(long, value_name = "auto|true|false", default_value = "auto",
           value_parser = auto_bool)]
     batch_invariant: AutoBool,

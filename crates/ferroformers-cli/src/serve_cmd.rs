@@ -176,9 +176,10 @@ pub struct ServeArgs {
     /// alone, bit for bit, whatever else runs beside it (other requests' rows, its prompt's
     /// chunks, a kept prefix). GGUF models of the Llama family in the int8 mode on CPUs with
     /// AVX-512 VNNI have it. true: a model without it fails to load, saying why; auto (the
-    /// default): on where it costs no speed (every matrix Q8_0, or Q4_0, Q4_1 or Q4_K of at
-    /// most 2 MiB, as SmolLM2-135M's Q4_1 file), off where it would (5- and 6-bit matrices, as
-    /// Qwen2.5's Q4_K_M; larger 4-bit ones).
+    /// default): on where it costs no speed, off where it would. On AMD's cores: on for every
+    /// matrix Q8_0, or Q4_0, Q4_1 or Q4_K of at most 2 MiB (SmolLM2-135M's Q4_1 file), off
+    /// for 5- and 6-bit matrices (Qwen2.5's Q4_K_M) and larger 4-bit ones. On Intel's: on for
+    /// every type but Q2_K and Q3_K.
     #[arg(long, env, value_name = "auto|true|false", default_value = "auto",
           value_parser = crate::auto_bool)]
     batch_invariant: crate::AutoBool,

@@ -155,8 +155,8 @@ pub struct Config {
     /// gets alone, whatever else the server is running. `Some(true)`: loading fails, naming
     /// the reason, for a generation model without it; `Some(false)`: never; `None` (the
     /// default): where it costs nothing
-    /// ([`ferroformers::Pipeline::batch_invariance_costs_nothing`]: GGUF files whose matrices
-    /// are all Q8_0, or Q4_0, Q4_1, Q4_K of at most 2 MiB), not where it costs decoding speed.
+    /// ([`ferroformers::Pipeline::batch_invariance_costs_nothing`], which depends on the CPU),
+    /// not where it costs decoding speed.
     pub batch_invariant: Option<bool>,
     /// How long the server must be idle (no request in flight, none admitted) before it gives
     /// memory back: it drops the key/value buffers it keeps for rows that join a batch, then

@@ -415,7 +415,7 @@ pub trait CausalLm: Send + Sync {
     fn prepare_batched_steps(&self) {}
 
     /// Whether [`CausalLm::make_batch_invariant`] would succeed and cost no speed: every
-    /// product's kept panels no larger than its weights
+    /// product decodes as fast through its kept panels on this CPU
     /// ([`crate::kernels::cpu::quantized::QuantLinear::batch_invariance_costs_nothing`]).
     fn batch_invariance_costs_nothing(&self) -> bool {
         false

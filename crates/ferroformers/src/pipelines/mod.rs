@@ -499,9 +499,10 @@ impl Pipeline {
     }
 
     /// Text generation: whether [`Pipeline::make_batch_invariant`] would succeed and cost no
-    /// speed, because every product's kept int8 panels are no larger than its GGUF blocks and
-    /// as fast for a decoding row (Q8_0, and Q4_0, Q4_1, Q4_K up to 2 MiB a matrix:
-    /// SmolLM2-135M's Q4_1 file, not Qwen2.5's Q4_K_M with its 5- and 6-bit matrices; see
+    /// speed, because on this CPU a decoding row is as fast through every product's kept int8
+    /// panels as through its GGUF blocks (on AMD's cores Q8_0, and Q4_0, Q4_1, Q4_K up to
+    /// 2 MiB a matrix: SmolLM2-135M's Q4_1 file, not Qwen2.5's Q4_K_M; on Intel's every type
+    /// but Q2_K and Q3_K; see
     /// [`crate::kernels::cpu::quantized::QuantLinear::batch_invariance_costs_nothing`]). A
     /// server turns it on then by default.
     pub fn batch_invariance_costs_nothing(&self) -> bool {
