@@ -597,13 +597,16 @@ impl Panel {
                                 }
                             };
                         }
-                        if r == x86::MR {
-                            dispatch!(4)
-                        } else {
-                            dispatch!(1)
+                        // A tail of 2 or 3 rows in one call: each call unpacks the
+                        // panel's nibbles and widens its scales once for all its rows.
+                        match r {
+                            4 => dispatch!(4),
+                            3 => dispatch!(3),
+                            2 => dispatch!(2),
+                            _ => dispatch!(1),
                         }
                     }
-                    i += if r == x86::MR { r } else { 1 };
+                    i += r;
                 }
             }
         }
@@ -1418,10 +1421,11 @@ mod tests {
         }
     }
 
-    /// Every block type, prompt lengths that leave 1-3 rows over, a partial panel, inputs
-    /// over several chunks: the panel product equals the decoding kernels' integer dot
-    /// (the same integer sums, in another f32 order) and the f64 product of the dequantized
-    /// weights and rounded activations.
+    /// Every block type, prompt lengths that leave 1, 2 or 3 rows after the calls of four
+    /// (kernel calls of 1, 2 and 3 rows), a partial panel, inputs over several chunks: the
+    /// panel product equals the decoding kernels' integer dot (the same integer sums, in
+    /// another f32 order) and the f64 product of the dequantized weights and rounded
+    /// activations.
     #[test]
     fn panel_product_matches_integer_dots() {
         if !available() {
@@ -1429,7 +1433,12 @@ mod tests {
             return;
         }
         for (ti, dt) in TYPES.into_iter().enumerate() {
-            for (m, n, k) in [(7usize, 19usize, 256usize), (5, 32, 1280), (9, 3, 768)] {
+            for (m, n, k) in [
+                (7usize, 19usize, 256usize),
+                (5, 32, 1280),
+                (9, 3, 768),
+                (6, 21, 512),
+            ] {
                 let x: Vec<f32> = test_values(m * k, 5 + ti as u64, 3.0)
                     .iter()
                     .map(|v| v + 0.2)
