@@ -22,35 +22,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from benchlib import cpu_model
+from benchlib import cpu_model, sse_load, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-
-
-def wait_ready(port, proc):
-    for _ in range(300):
-        if proc.poll() is not None:
-            sys.exit(f"the server on port {port} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"the server on port {port} was not ready after 60 s")
-
-
-def run(client, port, body, conc, n):
-    out = subprocess.run([str(client), f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                          str(conc), str(n)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
 
 
 def quantile(v, q):
@@ -68,8 +46,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    if a.requests % a.concurrency:
-        sys.exit("--requests must be a multiple of --concurrency (whole waves)")
+    if a.rounds < 1 or a.concurrency < 1 or a.threads < 1:
+        sys.exit("--rounds, --concurrency and --threads must be at least 1")
+    if a.requests < 2 * a.concurrency or a.requests % a.concurrency:
+        sys.exit("--requests must be a multiple of --concurrency, at least two waves (the "
+                 "first waves are reported apart)")
     client = ROOT / "target/release/examples/sse_load"
     if not client.exists():
         sys.exit(f"{client} is missing: cargo build --release -p ferroformers-server --example sse_load")
@@ -78,25 +59,26 @@ def main():
         builds["before"] = a.before
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAYON_NUM_THREADS=str(a.threads))
     body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": a.tokens, "temperature": 0})
-    procs, ports = {}, {}
+    ports = {name: 3951 + i for i, name in enumerate(builds)}
+    urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
+    procs = {}
     load0 = os.getloadavg()
     try:
-        for i, (name, binary) in enumerate(builds.items()):
-            ports[name] = 3951 + i
+        for name, binary in builds.items():
             procs[name] = subprocess.Popen(
                 [binary, "serve", "--model", f"{MODEL}=text-generation", "--port", str(ports[name]),
                  "--threads", str(a.threads), "--quiet"], env=env, stderr=subprocess.DEVNULL)
         for name in builds:
-            wait_ready(ports[name], procs[name])
+            wait_ready(f"http://127.0.0.1:{ports[name]}/ready", procs[name])
         # Warm-up: a burst at this concurrency, and one request alone.
         for name in builds:
-            run(client, ports[name], body, a.concurrency, 2 * a.concurrency)
-            run(client, ports[name], body, 1, 2)
+            sse_load(client, urls[name], body, a.concurrency, 2 * a.concurrency)
+            sse_load(client, urls[name], body, 1, 2)
         waves = {name: ([], []) for name in builds}
         for r in range(a.rounds):
             order = list(builds) if r % 2 == 0 else list(reversed(builds))
             for name in order:
-                d = run(client, ports[name], body, a.concurrency, a.requests)
+                d = sse_load(client, urls[name], body, a.concurrency, a.requests)
                 sent = sorted(zip(d["start_s"], d["ttft_s"]))
                 for w in range(0, len(sent), a.concurrency):
                     slowest = max(t for _, t in sent[w:w + a.concurrency]) * 1e3

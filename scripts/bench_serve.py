@@ -27,11 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from benchlib import cpu_model
+from benchlib import cpu_model, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -66,19 +64,6 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer.daemon_threads = True
 ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
-
-
-def wait_ready(url, proc, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.3)
-    sys.exit(f"{url} not ready after {timeout}s")
 
 
 def peak_rss_mb(pid):
@@ -123,7 +108,7 @@ def main():
     load0 = os.getloadavg()
     try:
         for name, (base, proc) in servers.items():
-            wait_ready(base + "/health", proc)
+            wait_ready(base + "/health", proc, timeout=120)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"inputs": SENTENCE}, f)
             body = f.name

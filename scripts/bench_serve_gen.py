@@ -43,7 +43,7 @@ from pathlib import Path
 
 import httpx
 
-from benchlib import cpu_model
+from benchlib import cpu_model, sse_load, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 # --model: the hub repository, its GGUF file and a name for the tables
@@ -140,11 +140,7 @@ def run_load_rust(client, url, model, conc, n, tokens, distinct=False, run="0", 
         # Each request's own max_tokens from the range (sse_load's `{r:A-B}`, fixed per request
         # number, so every server gets the same requests).
         text = text.replace(f'"max_tokens": {tokens}', f'"max_tokens": {{r:{spread}}}')
-    out = subprocess.run([client, url, text, str(conc), str(n)], capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        sys.exit(f"sse_load against {url} failed: {out.stderr.strip()}")
-    d = json.loads(out.stdout)
+    d = sse_load(client, url, text, conc, n)
     return summary(d["ttft_s"], d["tokens"], d["wall_s"])
 
 
@@ -156,20 +152,6 @@ def memory_mb(pid):
         if k in ("VmRSS", "VmHWM"):
             f[k] = int(v.split()[0]) / 1024
     return f.get("VmRSS", float("nan")), f.get("VmHWM", float("nan"))
-
-
-def wait_ready(url, proc, timeout=180):
-    t = time.time()
-    while time.time() - t < timeout:
-        if proc.poll() is not None:
-            sys.exit(f"server exited ({url})")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"{url} not ready")
 
 
 # Seconds after the last run at which each server's resident memory is read.

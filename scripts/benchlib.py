@@ -1,6 +1,9 @@
 """Helpers shared by the benchmark scripts."""
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 
 
 def timed(cmd, env):
@@ -15,7 +18,6 @@ def timed(cmd, env):
 
 def timing_line(stderr):
     """The JSON that `ferroformers run --timing` prints last on stderr."""
-    import json
     return json.loads([l for l in stderr.splitlines() if l.startswith("{")][-1])
 
 
@@ -26,6 +28,32 @@ def cpu_model():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def wait_ready(url, proc, timeout=180):
+    """Wait until `url` answers 2xx (a server's health or readiness probe); exit if the server
+    process `proc` ends first or `timeout` seconds pass."""
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited with {proc.returncode} ({url})")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.3)
+    sys.exit(f"{url} not ready after {timeout} s")
+
+
+def sse_load(client, url, body, conc, n):
+    """One run of `examples/sse_load` (the binary `client`): `conc` clients send `n` streamed
+    requests of JSON text `body` to `url`; its JSON answer (`wall_s`, `tokens`, `ttft_s`,
+    `start_s`). Exits with its error if it fails."""
+    out = subprocess.run([str(client), url, body, str(conc), str(n)], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        sys.exit(f"sse_load against {url} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
 
 
 # Our engines' extra CLI flags: f32, int8 (`--quantize int8`), bf16 (`--dtype bf16`).
